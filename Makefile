@@ -1,0 +1,45 @@
+# The two commands: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+DATA   ?= var
+
+.PHONY: run test lint typecheck unit sysdeps bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+# First run initialises $(DATA) (SQLite + software CA keys), then serves on 127.0.0.1:8080.
+run: $(VENV)/.installed
+	$(BIN)/sekisho --data-dir $(DATA) run
+
+sysdeps:
+	tools/sysdeps.sh
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed-test
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test: sysdeps lint typecheck unit
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.issuance
+	$(BIN)/python -m bench.crl
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The audit journal: append-only, hash-chained, signed checkpoints, search, export, verify."""

@@ -1,0 +1,60 @@
+"""Store tables of the audit journal."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from sekisho.db import Base, UTCDateTime
+
+_BIGINT = BigInteger().with_variant(Integer, "sqlite")
+
+
+class JournalRecord(Base):
+    """One journal entry. ``hash`` = SHA-256(previous hash || canonical(record))."""
+
+    __tablename__ = "audit_records"
+
+    seq: Mapped[int] = mapped_column(_BIGINT, primary_key=True, autoincrement=False)
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    category: Mapped[str] = mapped_column(String(16), index=True)  # ca, system, auth
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # success, failure, denied
+    actor_account: Mapped[str | None] = mapped_column(String(256), index=True)
+    actor_serial: Mapped[str | None] = mapped_column(String(42), index=True)
+    client_ip: Mapped[str | None] = mapped_column(String(64), index=True)
+    object_dn: Mapped[str | None] = mapped_column(Text)
+    object_serial: Mapped[str | None] = mapped_column(String(42), index=True)
+    device_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    device_mac: Mapped[str | None] = mapped_column(String(32), index=True)
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # canonical JSON object
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class JournalHead(Base):
+    """Single row (id=1): the chain head. Appenders lock it to serialise the chain."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+    checkpoint_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    checkpoint_time: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class Checkpoint(Base):
+    """A signed statement of the chain head at ``seq`` (C2SP tlog-checkpoint style body)."""
+
+    __tablename__ = "audit_checkpoints"
+
+    seq: Mapped[int] = mapped_column(_BIGINT, primary_key=True, autoincrement=False)
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    key_ref: Mapped[str] = mapped_column(Text)
+    public_key_der: Mapped[bytes] = mapped_column(LargeBinary)

@@ -1,0 +1,1 @@
+"""Key backends. Every CA signature goes through ``KeyBackend.signing_key()``."""

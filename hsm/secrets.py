@@ -1,0 +1,46 @@
+"""Where secrets come from: a file (mode 0600 or stricter) or a named environment variable.
+
+Never argv, never logs: callers get bytes and must not print them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from sekisho.errors import ConfigError
+
+
+def read_secret(path: Path | None, env_name: str = "",
+                env: Mapping[str, str] | None = None) -> bytes:
+    env = os.environ if env is None else env
+    if env_name:
+        value = env.get(env_name)
+        if not value:
+            raise ConfigError(f"environment variable {env_name} (named as the key passphrase) "
+                              "is not set or empty")
+        return value.encode()
+    if path is None:
+        raise ConfigError("no key passphrase source configured")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"key passphrase file {path} does not exist") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"key passphrase file {path} is readable by others; chmod 600 it")
+    value = path.read_bytes().rstrip(b"\r\n")
+    if len(value) < 16:
+        raise ConfigError(f"key passphrase in {path} is shorter than 16 bytes")
+    return value
+
+
+def create_secret_file(path: Path) -> None:
+    """Write a fresh random passphrase (256 bits, URL-safe text) readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")

@@ -1,0 +1,148 @@
+"""Software key backend: keys generated in-process, stored as strong PBES2 PKCS#8 files.
+
+Files are ``<keys_dir>/<label>.key`` (PEM ``ENCRYPTED PRIVATE KEY``, mode 0600). References
+look like ``file:<label>``. Decrypted keys are cached per process (loading costs ~0.2 s by
+design of the KDF).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import threading
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificateIssuerPublicKeyTypes,
+)
+
+from hsm.base import KeyType
+from hsm.pbes2 import decrypt_private_key, encrypt_private_key
+from sekisho.errors import Conflict, KeyBackendError, NotFound
+
+_LABEL = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+PEM_LABEL = "ENCRYPTED PRIVATE KEY"
+
+
+def generate_private_key(key_type: KeyType) -> CertificateIssuerPrivateKeyTypes:
+    if key_type is KeyType.EC_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type is KeyType.EC_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type is KeyType.ED25519:
+        return ed25519.Ed25519PrivateKey.generate()
+    bits = key_type.rsa_bits
+    assert bits is not None
+    return rsa.generate_private_key(65537, bits)
+
+
+def pem_wrap(der: bytes, label: str) -> bytes:
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return (f"-----BEGIN {label}-----\n".encode() + b"\n".join(lines)
+            + f"\n-----END {label}-----\n".encode())
+
+
+def pem_unwrap(pem: bytes, label: str) -> bytes:
+    text = pem.decode("ascii", "replace")
+    begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
+    if begin not in text or end not in text:
+        raise KeyBackendError(f"not a PEM {label}")
+    body = text.split(begin, 1)[1].split(end, 1)[0]
+    return base64.b64decode("".join(body.split()))
+
+
+class SoftwareBackend:
+    name = "software"
+
+    def __init__(self, keys_dir: Path, passphrase: bytes) -> None:
+        self.keys_dir = keys_dir
+        self._passphrase = passphrase
+        self._cache: dict[str, CertificateIssuerPrivateKeyTypes] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never show the passphrase
+        return f"SoftwareBackend({str(self.keys_dir)!r})"
+
+    def _path(self, ref: str) -> Path:
+        if not ref.startswith("file:"):
+            raise KeyBackendError(f"software backend cannot use key reference {ref!r}")
+        label = ref[5:]
+        if not _LABEL.match(label):
+            raise KeyBackendError(f"bad key label {label!r}")
+        return self.keys_dir / f"{label}.key"
+
+    def generate(self, label: str, key_type: KeyType) -> str:
+        ref = f"file:{label}"
+        key = generate_private_key(key_type)
+        self.store(ref, encrypt_private_key(key, self._passphrase))
+        with self._lock:
+            self._cache[ref] = key
+        return ref
+
+    def store(self, ref: str, encrypted_der: bytes) -> None:
+        """Write an encrypted key file (0600); refuse to overwrite an existing key."""
+        path = self._path(ref)
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.keys_dir, 0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise Conflict(f"key {ref} already exists") from None
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem_wrap(encrypted_der, PEM_LABEL))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def export_encrypted(self, ref: str) -> bytes:
+        """The key file's PEM, still encrypted under the backend passphrase."""
+        path = self._path(ref)
+        if not path.exists():
+            raise NotFound(f"key {ref} is not in the online store")
+        return path.read_bytes()
+
+    def remove(self, ref: str) -> None:
+        path = self._path(ref)
+        with self._lock:
+            self._cache.pop(ref, None)
+        if path.exists():
+            # Overwrite before unlinking; best effort on journaling file systems.
+            size = path.stat().st_size
+            with path.open("r+b") as fh:
+                fh.write(os.urandom(size))
+                fh.flush()
+                os.fsync(fh.fileno())
+            path.unlink()
+
+    def has_key(self, ref: str) -> bool:
+        return self._path(ref).exists()
+
+    def signing_key(self, ref: str) -> CertificateIssuerPrivateKeyTypes:
+        with self._lock:
+            cached = self._cache.get(ref)
+        if cached is not None:
+            return cached
+        path = self._path(ref)
+        try:
+            pem = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyBackendError(f"key {ref} is not in the online store (offline?)") from None
+        except OSError as exc:
+            raise KeyBackendError(f"cannot read key {ref}: {exc.strerror}") from None
+        key = decrypt_private_key(pem_unwrap(pem, PEM_LABEL), self._passphrase)
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+                          | ed25519.Ed25519PrivateKey):
+            raise KeyBackendError(f"key {ref} has an unsupported type")
+        with self._lock:
+            self._cache[ref] = key
+        return key
+
+    def public_key(self, ref: str) -> CertificateIssuerPublicKeyTypes:
+        return self.signing_key(ref).public_key()
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()

@@ -1,0 +1,17 @@
+"""The one place that reads the wall clock. Core code takes ``now`` as an argument."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+
+def utcnow() -> dt.datetime:
+    """Current UTC time, whole seconds (certificates, CRLs and OCSP carry no fractions)."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """Databases may hand back naive datetimes (SQLite); they are UTC by our convention."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)

@@ -1,0 +1,136 @@
+"""The error tree, drawn once.
+
+Every domain error carries a stable ``code`` (used in problem documents and the journal), an
+HTTP status for ``web/errors.py`` and an exit code for the CLI::
+
+    SekishoError                      500 / exit 1
+    ├── ConfigError                   500 / exit 78   settings invalid, data dir unusable
+    ├── InputError                    400 / exit 65   the caller sent something we refuse
+    │   ├── MalformedInput            400             bad DER/PEM, truncated, bad base64
+    │   ├── BadSignature              400             CSR proof of possession failed
+    │   ├── TooLarge                  413             body or CSR over the size limit
+    │   ├── UnsupportedMediaType      415
+    │   └── PolicyViolation(rule)     422             a profile rule refused the request
+    ├── NotFound                      404 / exit 66   unknown CA, profile, serial
+    ├── Conflict                      409 / exit 75   state forbids it (re-revoke, release)
+    ├── KeyBackendError               503 / exit 69   key store unreadable, token away
+    │   └── WrongPassphrase           503 / exit 77
+    ├── StoreError                    503 / exit 74   database write or read failed
+    └── AuditError                    503 / exit 74   the journal could not be written
+        └── AuditChainBroken(seq)     exit 2          verification found tampering
+
+A check whose result must not be ignored raises one of these; it never returns a bool.
+"""
+
+from __future__ import annotations
+
+
+class SekishoError(Exception):
+    code = "internal"
+    http_status = 500
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def as_problem(self) -> dict[str, object]:
+        """RFC 9457 style problem document body (without ``instance``)."""
+        return {
+            "type": f"urn:sekisho:error:{self.code}",
+            "title": self.code.replace("-", " "),
+            "status": self.http_status,
+            "detail": self.message,
+        }
+
+
+class ConfigError(SekishoError):
+    code = "config"
+    exit_code = 78
+
+
+class InputError(SekishoError):
+    code = "bad-input"
+    http_status = 400
+    exit_code = 65
+
+
+class MalformedInput(InputError):
+    code = "malformed"
+
+
+class BadSignature(InputError):
+    code = "bad-signature"
+
+
+class TooLarge(InputError):
+    code = "too-large"
+    http_status = 413
+
+
+class UnsupportedMediaType(InputError):
+    code = "unsupported-media-type"
+    http_status = 415
+
+
+class PolicyViolation(InputError):
+    """A profile or CA rule refused the request; ``rule`` names the rule."""
+
+    code = "policy-violation"
+    http_status = 422
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"{rule}: {message}")
+        self.rule = rule
+
+    def as_problem(self) -> dict[str, object]:
+        doc = super().as_problem()
+        doc["rule"] = self.rule
+        return doc
+
+
+class NotFound(SekishoError):
+    code = "not-found"
+    http_status = 404
+    exit_code = 66
+
+
+class Conflict(SekishoError):
+    code = "conflict"
+    http_status = 409
+    exit_code = 75
+
+
+class KeyBackendError(SekishoError):
+    code = "key-backend"
+    http_status = 503
+    exit_code = 69
+
+
+class WrongPassphrase(KeyBackendError):
+    code = "wrong-passphrase"
+    exit_code = 77
+
+
+class StoreError(SekishoError):
+    code = "store"
+    http_status = 503
+    exit_code = 74
+
+
+class AuditError(SekishoError):
+    code = "audit-unavailable"
+    http_status = 503
+    exit_code = 74
+
+
+class AuditChainBroken(AuditError):
+    """The journal failed verification; ``seq`` is the first bad sequence number."""
+
+    code = "audit-chain-broken"
+    http_status = 500
+    exit_code = 2
+
+    def __init__(self, seq: int, message: str) -> None:
+        super().__init__(f"journal broken at seq {seq}: {message}")
+        self.seq = seq

@@ -1,0 +1,170 @@
+"""Settings: a TOML file, then ``SEKISHO_*`` environment overrides, validated at start.
+
+Precedence (last wins): built-in defaults < ``<data_dir>/sekisho.toml`` (or the file named by
+``--config`` / ``SEKISHO_CONFIG``) < ``SEKISHO_<FIELD>`` environment variables < explicit
+overrides from the command line. Secrets are never values here: settings name a *file* or an
+*environment variable* that holds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sekisho.errors import ConfigError
+
+ENV_PREFIX = "SEKISHO_"
+CONFIG_NAME = "sekisho.toml"
+# Service terms, item 4: customer data may be stored in Japan only.
+ALLOWED_DATA_LOCATIONS = frozenset({"JP"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("var")
+    base_url: str = "http://127.0.0.1:8080"
+    database_url: str = ""
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 8080
+    workers: int = 2
+    key_backend: str = "software"
+    key_passphrase_file: str = ""
+    key_passphrase_env: str = ""
+    crl_next_update_days: float = 7.0
+    delta_crl_next_update_hours: float = 24.0
+    crl_debounce_seconds: float = 2.0
+    audit_checkpoint_every: int = 1000
+    audit_checkpoint_minutes: float = 5.0
+    audit_origin: str = ""
+    data_location: str = "JP"
+    max_request_bytes: int = 65536
+    log_level: str = "INFO"
+
+    # Derived values -------------------------------------------------------------------
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'sekisho.db').resolve()}"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def passphrase_path(self) -> Path | None:
+        if self.key_passphrase_env:
+            return None
+        if self.key_passphrase_file:
+            return Path(self.key_passphrase_file)
+        return self.data_dir / "secrets" / "ca-passphrase"
+
+    @property
+    def crl_next_update(self) -> dt.timedelta:
+        return dt.timedelta(days=self.crl_next_update_days)
+
+    @property
+    def delta_crl_next_update(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.delta_crl_next_update_hours)
+
+    @property
+    def journal_origin(self) -> str:
+        return self.audit_origin or f"{urlsplit(self.base_url).hostname}/sekisho/audit"
+
+    def public_url(self, path: str) -> str:
+        return self.base_url.rstrip("/") + "/" + path.lstrip("/")
+
+    def validate(self) -> Settings:
+        """Raise ConfigError with a message naming the setting at fault."""
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ConfigError(f"base_url must be an http(s) URL with a host, got {self.base_url!r}")
+        if parts.query or parts.fragment:
+            raise ConfigError("base_url must not carry a query or fragment")
+        if self.data_location.upper() not in ALLOWED_DATA_LOCATIONS:
+            raise ConfigError(
+                f"data_location {self.data_location!r} is not allowed: the service terms keep "
+                "customer data in Japan (JP)"
+            )
+        if not 1 <= self.bind_port <= 65535:
+            raise ConfigError(f"bind_port out of range: {self.bind_port}")
+        if self.key_backend not in {"software", "pkcs11"}:
+            raise ConfigError(f"key_backend must be 'software' or 'pkcs11', not {self.key_backend!r}")
+        if not 0.04 <= self.crl_next_update_days <= 10:
+            # BR 4.9.7 / 7.2: nextUpdate at most 10 days; an hour is the sane floor.
+            raise ConfigError("crl_next_update_days must be between 0.04 (1 h) and 10")
+        if not 1 <= self.delta_crl_next_update_hours <= 24 * self.crl_next_update_days:
+            raise ConfigError("delta_crl_next_update_hours must be between 1 and the full CRL's")
+        if not 0 <= self.crl_debounce_seconds <= 60:
+            raise ConfigError("crl_debounce_seconds must be between 0 and 60")
+        if self.audit_checkpoint_every < 1 or self.audit_checkpoint_minutes <= 0:
+            raise ConfigError("audit checkpoint interval must be positive")
+        if not 1024 <= self.max_request_bytes <= 16 * 1024 * 1024:
+            raise ConfigError("max_request_bytes must be between 1 KiB and 16 MiB")
+        if self.workers < 1 or self.workers > 64:
+            raise ConfigError("workers must be between 1 and 64")
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    target = _FIELDS[name].type
+    try:
+        if target in ("Path", Path):
+            return Path(str(raw))
+        if target in ("int", int):
+            if isinstance(raw, bool):
+                raise ValueError("boolean")
+            return int(raw)
+        if target in ("float", float):
+            if isinstance(raw, bool):
+                raise ValueError("boolean")
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: cannot use {raw!r} ({exc})") from None
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings. Unknown keys are errors: a typo must not pass silently."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    data_dir = (overrides or {}).get("data_dir") or env.get(ENV_PREFIX + "DATA_DIR") or "var"
+    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG")
+                           else Path(data_dir) / CONFIG_NAME)
+    if path.exists():
+        try:
+            with path.open("rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from None
+        section = doc.get("sekisho", doc)
+        for key, raw in section.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"unknown setting {key!r} in {path}")
+            values[key] = _coerce(key, raw)
+    elif config_file is not None:
+        raise ConfigError(f"settings file {config_file} does not exist")
+    for name in _FIELDS:
+        raw_env = env.get(ENV_PREFIX + name.upper())
+        if raw_env is not None and name != "data_dir":
+            values[name] = _coerce(name, raw_env)
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            if key not in _FIELDS:
+                raise ConfigError(f"unknown setting {key!r}")
+            values[key] = _coerce(key, raw)
+    values.setdefault("data_dir", Path(data_dir))
+    return Settings(**values).validate()
