@@ -61,14 +61,13 @@ class Certificate(Base):
     __tablename__ = "certificates"
     __table_args__ = (UniqueConstraint("issuer_id", "serial", name="uq_cert_issuer_serial"),)
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
-                                    primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     issuer_id: Mapped[int] = mapped_column(ForeignKey("ca_authorities.id"), index=True)
     # Zero-padded lowercase hex (40 digits): text order equals numeric order.
     serial: Mapped[str] = mapped_column(String(42))
-    status: Mapped[CertStatus] = mapped_column(
-        str_enum(CertStatus, 16), index=True
-    )
+    status: Mapped[CertStatus] = mapped_column(str_enum(CertStatus, 16), index=True)
     profile: Mapped[str] = mapped_column(String(64))
     subject_dn: Mapped[str] = mapped_column(Text)
     sans: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of "type:value"

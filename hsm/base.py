@@ -34,8 +34,13 @@ class KeyType(enum.StrEnum):
         return int(self.value.split("-")[1]) if self.value.startswith("rsa-") else None
 
 
-CA_KEY_TYPES = (KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_3072, KeyType.RSA_4096,
-                KeyType.ED25519)
+CA_KEY_TYPES = (
+    KeyType.EC_P256,
+    KeyType.EC_P384,
+    KeyType.RSA_3072,
+    KeyType.RSA_4096,
+    KeyType.ED25519,
+)
 
 
 def key_type_of(key: PublicKeyTypes) -> KeyType:

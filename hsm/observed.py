@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
 
 SignHook = Callable[[bytes], None]
 
@@ -27,8 +27,11 @@ class _ObservedEC(ec.EllipticCurvePrivateKey):
     def __init__(self, inner: ec.EllipticCurvePrivateKey, hook: SignHook) -> None:
         self._inner, self._hook = inner, hook
 
-    def sign(self, data: bytes | bytearray | memoryview,
-             signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(
+        self,
+        data: bytes | bytearray | memoryview,
+        signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
+    ) -> bytes:
         self._hook(bytes(data))
         return self._inner.sign(data, signature_algorithm)
 
@@ -56,8 +59,12 @@ class _ObservedRSA(rsa.RSAPrivateKey):
     def __init__(self, inner: rsa.RSAPrivateKey, hook: SignHook) -> None:
         self._inner, self._hook = inner, hook
 
-    def sign(self, data: bytes | bytearray | memoryview, padding: AsymmetricPadding,
-             algorithm: Prehashed | hashes.HashAlgorithm) -> bytes:
+    def sign(
+        self,
+        data: bytes,
+        padding: AsymmetricPadding,
+        algorithm: Prehashed | hashes.HashAlgorithm | NoDigestInfo,
+    ) -> bytes:
         self._hook(bytes(data))
         return self._inner.sign(data, padding, algorithm)
 
@@ -97,7 +104,9 @@ class _ObservedEd25519(ed25519.Ed25519PrivateKey):
         return self
 
 
-def observed(key: CertificateIssuerPrivateKeyTypes, hook: SignHook) -> CertificateIssuerPrivateKeyTypes:
+def observed(
+    key: CertificateIssuerPrivateKeyTypes, hook: SignHook
+) -> CertificateIssuerPrivateKeyTypes:
     """Return ``key`` wrapped so ``hook(data)`` runs before each signature."""
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return _ObservedEC(key, hook)

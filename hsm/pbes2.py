@@ -22,8 +22,9 @@ PBKDF2_ITERATIONS = 600_000
 MIN_ITERATIONS = 600_000
 
 
-def encrypt_private_key(key: PrivateKeyTypes, passphrase: bytes,
-                        iterations: int = PBKDF2_ITERATIONS) -> bytes:
+def encrypt_private_key(
+    key: PrivateKeyTypes, passphrase: bytes, iterations: int = PBKDF2_ITERATIONS
+) -> bytes:
     """DER EncryptedPrivateKeyInfo of ``key`` under ``passphrase``."""
     if iterations < MIN_ITERATIONS:
         raise ValueError(f"refusing PBKDF2 with fewer than {MIN_ITERATIONS} iterations")
@@ -31,32 +32,46 @@ def encrypt_private_key(key: PrivateKeyTypes, passphrase: bytes,
         raise ValueError("empty passphrase")
     salt, iv = os.urandom(16), os.urandom(16)
     kek = PBKDF2HMAC(hashes.SHA256(), 32, salt, iterations).derive(passphrase)
-    plain = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
+    plain = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     padder = padding.PKCS7(128).padder()
     padded = padder.update(plain) + padder.finalize()
     encryptor = Cipher(algorithms.AES256(kek), modes.CBC(iv)).encryptor()
     ciphertext = encryptor.update(padded) + encryptor.finalize()
-    scheme = algos.EncryptionAlgorithm({
-        "algorithm": "pbes2",
-        "parameters": algos.Pbes2Params({
-            "key_derivation_func": algos.KdfAlgorithm({
-                "algorithm": "pbkdf2",
-                "parameters": algos.Pbkdf2Params({
-                    "salt": algos.Pbkdf2Salt(name="specified", value=salt),
-                    "iteration_count": iterations,
-                    "key_length": 32,
-                    "prf": algos.HmacAlgorithm({"algorithm": "sha256", "parameters": None}),
-                }),
-            }),
-            "encryption_scheme": algos.EncryptionAlgorithm({
-                "algorithm": "aes256_cbc",
-                "parameters": iv,
-            }),
-        }),
-    })
-    info = keys.EncryptedPrivateKeyInfo({"encryption_algorithm": scheme,
-                                         "encrypted_data": ciphertext})
+    scheme = algos.EncryptionAlgorithm(
+        {
+            "algorithm": "pbes2",
+            "parameters": algos.Pbes2Params(
+                {
+                    "key_derivation_func": algos.KdfAlgorithm(
+                        {
+                            "algorithm": "pbkdf2",
+                            "parameters": algos.Pbkdf2Params(
+                                {
+                                    "salt": algos.Pbkdf2Salt(name="specified", value=salt),
+                                    "iteration_count": iterations,
+                                    "key_length": 32,
+                                    "prf": algos.HmacAlgorithm(
+                                        {"algorithm": "sha256", "parameters": None}
+                                    ),
+                                }
+                            ),
+                        }
+                    ),
+                    "encryption_scheme": algos.EncryptionAlgorithm(
+                        {
+                            "algorithm": "aes256_cbc",
+                            "parameters": iv,
+                        }
+                    ),
+                }
+            ),
+        }
+    )
+    info = keys.EncryptedPrivateKeyInfo(
+        {"encryption_algorithm": scheme, "encrypted_data": ciphertext}
+    )
     return bytes(info.dump())
 
 
@@ -70,9 +85,12 @@ def describe(der: bytes) -> tuple[str, str, int, str]:
     kdf = params["key_derivation_func"]
     kdf_params = kdf["parameters"]
     prf = kdf_params["prf"]["algorithm"].native if kdf.native["algorithm"] == "pbkdf2" else ""
-    return ("pbes2", f"{kdf['algorithm'].native}-{prf}",
-            int(kdf_params["iteration_count"].native or 0),
-            params["encryption_scheme"]["algorithm"].native)
+    return (
+        "pbes2",
+        f"{kdf['algorithm'].native}-{prf}",
+        int(kdf_params["iteration_count"].native or 0),
+        params["encryption_scheme"]["algorithm"].native,
+    )
 
 
 def decrypt_private_key(der: bytes, passphrase: bytes) -> PrivateKeyTypes:
@@ -88,4 +106,6 @@ def decrypt_private_key(der: bytes, passphrase: bytes) -> PrivateKeyTypes:
     try:
         return serialization.load_der_private_key(der, passphrase)
     except ValueError:
-        raise WrongPassphrase("cannot decrypt the key: wrong passphrase or corrupt key file") from None
+        raise WrongPassphrase(
+            "cannot decrypt the key: wrong passphrase or corrupt key file"
+        ) from None

@@ -14,15 +14,17 @@ from pathlib import Path
 from sekisho.errors import ConfigError
 
 
-def read_secret(path: Path | None, env_name: str = "",
-                env: Mapping[str, str] | None = None) -> bytes:
+def read_secret(
+    path: Path | None, env_name: str = "", env: Mapping[str, str] | None = None
+) -> bytes:
     env = os.environ if env is None else env
     if env_name:
-        value = env.get(env_name)
-        if not value:
-            raise ConfigError(f"environment variable {env_name} (named as the key passphrase) "
-                              "is not set or empty")
-        return value.encode()
+        text = env.get(env_name)
+        if not text:
+            raise ConfigError(
+                f"environment variable {env_name} (named as the key passphrase) is not set or empty"
+            )
+        return text.encode()
     if path is None:
         raise ConfigError("no key passphrase source configured")
     try:

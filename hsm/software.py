@@ -41,9 +41,12 @@ def generate_private_key(key_type: KeyType) -> CertificateIssuerPrivateKeyTypes:
 
 def pem_wrap(der: bytes, label: str) -> bytes:
     body = base64.encodebytes(der).replace(b"\n", b"")
-    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
-    return (f"-----BEGIN {label}-----\n".encode() + b"\n".join(lines)
-            + f"\n-----END {label}-----\n".encode())
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return (
+        f"-----BEGIN {label}-----\n".encode()
+        + b"\n".join(lines)
+        + f"\n-----END {label}-----\n".encode()
+    )
 
 
 def pem_unwrap(pem: bytes, label: str) -> bytes:
@@ -97,6 +100,15 @@ class SoftwareBackend:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def decrypt(self, encrypted_der: bytes) -> CertificateIssuerPrivateKeyTypes:
+        """Decrypt an exported key under this backend's passphrase (to check it first)."""
+        key = decrypt_private_key(encrypted_der, self._passphrase)
+        if not isinstance(
+            key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+        ):
+            raise KeyBackendError("unsupported key type")
+        return key
+
     def export_encrypted(self, ref: str) -> bytes:
         """The key file's PEM, still encrypted under the backend passphrase."""
         path = self._path(ref)
@@ -132,10 +144,7 @@ class SoftwareBackend:
             raise KeyBackendError(f"key {ref} is not in the online store (offline?)") from None
         except OSError as exc:
             raise KeyBackendError(f"cannot read key {ref}: {exc.strerror}") from None
-        key = decrypt_private_key(pem_unwrap(pem, PEM_LABEL), self._passphrase)
-        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-                          | ed25519.Ed25519PrivateKey):
-            raise KeyBackendError(f"key {ref} has an unsupported type")
+        key = self.decrypt(pem_unwrap(pem, PEM_LABEL))
         with self._lock:
             self._cache[ref] = key
         return key

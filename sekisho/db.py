@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import enum
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import enum
 
 from sqlalchemy import DateTime, Engine, Enum, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
@@ -50,7 +49,9 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 def str_enum(cls: type[enum.StrEnum], length: int) -> Enum:
     """A portable enum column storing the members' *values* (readable in SQL)."""
-    return Enum(cls, native_enum=False, length=length, values_callable=lambda e: [m.value for m in e])
+    return Enum(
+        cls, native_enum=False, length=length, values_callable=lambda e: [m.value for m in e]
+    )
 
 
 class Base(DeclarativeBase):

@@ -95,7 +95,9 @@ class Settings:
         if not 1 <= self.bind_port <= 65535:
             raise ConfigError(f"bind_port out of range: {self.bind_port}")
         if self.key_backend not in {"software", "pkcs11"}:
-            raise ConfigError(f"key_backend must be 'software' or 'pkcs11', not {self.key_backend!r}")
+            raise ConfigError(
+                f"key_backend must be 'software' or 'pkcs11', not {self.key_backend!r}"
+            )
         if not 0.04 <= self.crl_next_update_days <= 10:
             # BR 4.9.7 / 7.2: nextUpdate at most 10 days; an hour is the sane floor.
             raise ConfigError("crl_next_update_days must be between 0.04 (1 h) and 10")
@@ -142,8 +144,11 @@ def load_settings(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     data_dir = (overrides or {}).get("data_dir") or env.get(ENV_PREFIX + "DATA_DIR") or "var"
-    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG")
-                           else Path(data_dir) / CONFIG_NAME)
+    path = config_file or (
+        Path(env[ENV_PREFIX + "CONFIG"])
+        if env.get(ENV_PREFIX + "CONFIG")
+        else Path(data_dir) / CONFIG_NAME
+    )
     if path.exists():
         try:
             with path.open("rb") as fh:

@@ -1,0 +1,184 @@
+"""``sekisho audit``: verify, search, export, checkpoint."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from audit.journal import checkpoint_document
+from audit.models import Checkpoint
+from audit.query import Filter, as_document, render_line, search, write_csv, write_jsonl
+from audit.verify import claims_from_documents, verify
+from sekisho.cli import State, pass_state
+from sekisho.errors import InputError, SekishoError
+
+
+def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter("use ISO 8601, e.g. 2026-11-01 or 2026-11-01T09:00Z") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)
+
+
+def _filter_options(fn: Any) -> Any:
+    options = [
+        click.option("--since", callback=_when, help="From this time (UTC, inclusive)."),
+        click.option("--until", callback=_when, help="Up to this time (UTC, exclusive)."),
+        click.option(
+            "--category", type=click.Choice(["ca", "system", "auth"]), help="Event category."
+        ),
+        click.option("--action", help="Action, e.g. ca.issue, ca.revoke."),
+        click.option("--outcome", type=click.Choice(["success", "failure", "denied"])),
+        click.option("--actor", help="Actor account or actor certificate serial."),
+        click.option("--serial", help="Certificate serial (object or actor), hex."),
+        click.option("--dn", help="Substring of the certificate subject DN."),
+        click.option("--ip", help="Client IP address."),
+        click.option("--mac", help="Device MAC address (any common notation)."),
+        click.option("--device", help="Device ID."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _filter(kwargs: dict[str, Any]) -> Filter:
+    return Filter(**{k: v for k, v in kwargs.items() if k in Filter.__dataclass_fields__})
+
+
+@click.group()
+def audit() -> None:
+    """The tamper-evident audit journal."""
+
+
+@audit.command("verify")
+@click.option(
+    "--checkpoints",
+    "checkpoint_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Checkpoints exported earlier (JSONL); detects truncation and rewrites behind them.",
+)
+@pass_state
+def verify_cmd(state: State, checkpoint_files: tuple[Path, ...]) -> None:
+    """Check the hash chain, the head and every signed checkpoint.
+
+    Exits 0 when intact; exits 2 and names the first bad sequence number otherwise.
+    """
+    services = state.services()
+    external = []
+    for path in checkpoint_files:
+        try:
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            external.extend(claims_from_documents(lines, path.name))
+        except ValueError as exc:
+            raise InputError(f"{path}: {exc}") from None
+    trusted = None
+    if services.journal.signer is not None:
+        trusted = {services.journal.signer.public_key_der}
+    with services.db.scope() as session:
+        result = verify(session, services.journal.origin, external=external, trusted_keys=trusted)
+    doc = {"ok": True, **result.as_dict()}
+    state.emit(
+        doc,
+        lambda: (
+            f"journal intact: {result.records} records, head {result.head_hash[:16]}..., "
+            f"{result.checkpoints} signed checkpoints verified"
+        ),
+    )
+
+
+@audit.command("search")
+@_filter_options
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
+@pass_state
+def search_cmd(state: State, /, limit: int, **kwargs: Any) -> None:
+    """Find journal records (newest last)."""
+    services = state.services()
+    with services.db.scope() as session:
+        for row in search(session, _filter(kwargs), limit=limit):
+            if state.as_json:
+                click.echo(json.dumps(as_document(row), sort_keys=True, ensure_ascii=True))
+            else:
+                click.echo(render_line(row))
+
+
+@audit.command("export")
+@_filter_options
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default stdout).",
+)
+@pass_state
+def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) -> None:
+    """Export matching records as JSONL or CSV (control characters escaped)."""
+    services = state.services()
+    writer = write_csv if fmt == "csv" else write_jsonl
+    with services.db.scope() as session:
+        rows = search(session, _filter(kwargs))
+        if output is None:
+            count = writer(rows, sys.stdout)
+        else:
+            tmp = output.with_name(output.name + ".part")
+            with tmp.open("w", encoding="utf-8", newline="") as fh:
+                count = writer(rows, fh)
+            tmp.replace(output)
+    click.echo(f"exported {count} records", err=True)
+
+
+@audit.command("checkpoint")
+@pass_state
+def checkpoint_cmd(state: State) -> None:
+    """Sign the current head now."""
+    services = state.services()
+    with services.db.scope() as session:
+        row = services.journal.checkpoint(session, services.clock())
+        doc = checkpoint_document(row) if row is not None else None
+    state.emit(
+        {"checkpoint": doc},
+        lambda: f"checkpoint at seq {doc['seq']}" if doc else "head already checkpointed",
+    )
+
+
+@audit.group("checkpoints")
+def checkpoints() -> None:
+    """Signed checkpoints (export them off the box)."""
+
+
+@checkpoints.command("export")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--after", type=int, default=0, help="Only checkpoints after this seq.")
+@pass_state
+def checkpoints_export(state: State, output: Path | None, after: int) -> None:
+    """Write signed checkpoints as JSONL (each verifiable with its public key)."""
+    from sqlalchemy import select
+
+    services = state.services()
+    with services.db.scope() as session:
+        docs = [
+            checkpoint_document(c)
+            for c in session.scalars(
+                select(Checkpoint).where(Checkpoint.seq > after).order_by(Checkpoint.seq)
+            )
+        ]
+    text = "".join(json.dumps(d, sort_keys=True) + "\n" for d in docs)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+    click.echo(f"exported {len(docs)} checkpoints", err=True)
+
+
+__all__ = ["SekishoError", "audit"]

@@ -1,0 +1,48 @@
+"""What the journal records: one ``Event`` per CA, system or authentication action."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class Category(enum.StrEnum):
+    CA = "ca"
+    SYSTEM = "system"
+    AUTH = "auth"
+
+
+class Outcome(enum.StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    DENIED = "denied"
+
+
+def normalise_mac(value: str | None) -> str | None:
+    """``00-1A-2b-...`` / ``001a.2b..`` / ``001A2B...`` -> ``00:1a:2b:...`` (search and store)."""
+    if value is None:
+        return None
+    bare = "".join(ch for ch in value.strip().lower() if ch not in ":-. ")
+    if len(bare) == 12 and all(ch in "0123456789abcdef" for ch in bare):
+        return ":".join(bare[i : i + 2] for i in range(0, 12, 2))
+    return value.strip().lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """An auditable action. ``detail`` must be JSON-serialisable (str, int, bool, None, lists,
+    dicts); it is stored as canonical JSON and covered by the hash chain."""
+
+    category: Category
+    action: str
+    outcome: Outcome
+    actor_account: str | None = None
+    actor_serial: str | None = None
+    client_ip: str | None = None
+    object_dn: str | None = None
+    object_serial: str | None = None
+    device_id: str | None = None
+    device_mac: str | None = None
+    request_id: str | None = None
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,204 @@
+"""Appending to the journal, inside the caller's transaction.
+
+``Journal.append`` is called with the session of the operation it records: the entry and the
+operation commit together or not at all, so nothing is issued or revoked unrecorded. Appenders
+lock the single head row (``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` already serialises
+writers), so the chain has one order even with many processes on one PostgreSQL.
+
+Every ``every`` records, or when ``interval`` has passed since the last checkpoint, the head is
+signed through the key backend (a ``CheckpointSigner``) in the same transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from audit.chain import canonical_json, chain_hash, checkpoint_body, format_time
+from audit.events import Event, normalise_mac
+from audit.models import Checkpoint, JournalHead, JournalRecord
+from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
+from sekisho.errors import AuditError, SekishoError
+
+MAX_FIELD = {
+    "action": 64,
+    "actor_account": 256,
+    "actor_serial": 42,
+    "client_ip": 64,
+    "object_serial": 42,
+    "device_id": 128,
+    "device_mac": 32,
+    "request_id": 64,
+}
+
+
+class CheckpointSigner:
+    """Signs checkpoint bodies with the audit key, through the key backend."""
+
+    def __init__(self, backend: KeyBackend, key_ref: str, key_type: KeyType) -> None:
+        self.backend = backend
+        self.key_ref = key_ref
+        self.key_type = key_type
+        self.public_key_der = backend.public_key(key_ref).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, body: bytes) -> bytes:
+        return sign_bytes(self.backend.signing_key(self.key_ref), self.key_type, body)
+
+
+def verify_signature(public_key_der: bytes, signature: bytes, body: bytes) -> bool:
+    """Check a checkpoint signature with the public key stored beside it (or pinned)."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        key = serialization.load_der_public_key(public_key_der)
+    except ValueError:
+        return False
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, body)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            kt = KeyType.EC_P384 if key.curve.name == "secp384r1" else KeyType.EC_P256
+            algorithm = signature_hash(kt)
+            assert algorithm is not None
+            key.verify(signature, body, ec.ECDSA(algorithm))
+        elif isinstance(key, rsa.RSAPublicKey):
+            kt = KeyType.RSA_4096 if key.key_size >= 4096 else KeyType.RSA_3072
+            algorithm = signature_hash(kt)
+            assert algorithm is not None
+            key.verify(signature, body, padding.PKCS1v15(), algorithm)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Appended:
+    seq: int
+    hash: str
+
+
+class Journal:
+    def __init__(
+        self,
+        origin: str,
+        signer: CheckpointSigner | None,
+        *,
+        every: int = 1000,
+        interval: dt.timedelta = dt.timedelta(minutes=5),
+    ) -> None:
+        self.origin = origin
+        self.signer = signer
+        self.every = max(1, every)
+        self.interval = interval
+
+    def append(self, session: Session, event: Event, now: dt.datetime) -> Appended:
+        """Chain ``event`` onto the journal in ``session``'s transaction."""
+        try:
+            head = self._lock_head(session)
+            seq = head.seq + 1
+            fields = self._fields(event, seq, now)
+            digest = chain_hash(head.hash, fields)
+            session.add(JournalRecord(hash=digest, **fields))
+            head.seq = seq
+            head.hash = digest
+            if self.signer is not None and self._checkpoint_due(head, now):
+                self._checkpoint(session, head, now)
+            session.flush()
+        except SekishoError:
+            raise
+        except Exception as exc:  # any failure here must stop the operation it records
+            raise AuditError(
+                f"the audit journal could not be written ({type(exc).__name__})"
+            ) from exc
+        return Appended(seq, digest)
+
+    def checkpoint(self, session: Session, now: dt.datetime) -> Checkpoint | None:
+        """Sign the current head now (no-op when it is already checkpointed or empty)."""
+        if self.signer is None:
+            raise AuditError("no audit checkpoint key is configured")
+        head = self._lock_head(session)
+        if head.seq == 0 or head.seq == head.checkpoint_seq:
+            return None
+        return self._checkpoint(session, head, now)
+
+    # -- internals ----------------------------------------------------------------------------
+    @staticmethod
+    def _lock_head(session: Session) -> JournalHead:
+        head = session.scalars(
+            select(JournalHead).where(JournalHead.id == 1).with_for_update()
+        ).one_or_none()
+        if head is None:
+            raise AuditError("the journal head row is missing: the store was not migrated")
+        return head
+
+    def _checkpoint_due(self, head: JournalHead, now: dt.datetime) -> bool:
+        if head.seq - head.checkpoint_seq >= self.every:
+            return True
+        last = head.checkpoint_time
+        return last is None or now - last >= self.interval
+
+    def _checkpoint(self, session: Session, head: JournalHead, now: dt.datetime) -> Checkpoint:
+        assert self.signer is not None
+        body = checkpoint_body(self.origin, head.seq, head.hash)
+        signature = self.signer.sign(body.encode("utf-8"))
+        row = Checkpoint(
+            seq=head.seq,
+            time=now,
+            head_hash=head.hash,
+            body=body,
+            signature=signature,
+            key_ref=self.signer.key_ref,
+            public_key_der=self.signer.public_key_der,
+        )
+        session.add(row)
+        head.checkpoint_seq = head.seq
+        head.checkpoint_time = now
+        return row
+
+    @staticmethod
+    def _fields(event: Event, seq: int, now: dt.datetime) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "seq": seq,
+            "time": now.astimezone(dt.UTC),
+            "category": event.category.value,
+            "action": event.action,
+            "outcome": event.outcome.value,
+            "actor_account": event.actor_account,
+            "actor_serial": event.actor_serial,
+            "client_ip": event.client_ip,
+            "object_dn": event.object_dn,
+            "object_serial": event.object_serial,
+            "device_id": event.device_id,
+            "device_mac": normalise_mac(event.device_mac),
+            "request_id": event.request_id,
+            "detail": canonical_json(event.detail),
+        }
+        for name, limit in MAX_FIELD.items():
+            value = fields[name]
+            if value is not None and len(value) > limit:
+                fields[name] = value[: limit - 1] + "\u2026"
+        return fields
+
+
+def checkpoint_document(row: Checkpoint) -> dict[str, Any]:
+    """A self-contained, exportable checkpoint (verifiable off the box)."""
+    return {
+        "seq": row.seq,
+        "time": format_time(row.time),
+        "head_hash": row.head_hash,
+        "body": row.body,
+        "signature": base64.b64encode(row.signature).decode("ascii"),
+        "key_ref": row.key_ref,
+        "public_key": base64.b64encode(row.public_key_der).decode("ascii"),
+    }

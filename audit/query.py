@@ -1,0 +1,192 @@
+"""Searching and exporting the journal for security officers.
+
+Exports escape every control character (C0, DEL, C1, and the Unicode line/paragraph
+separators) as ``\\xNN`` / ``\\uNNNN`` so a crafted DN or account name cannot forge lines in
+a log viewer, and CSV cells that a spreadsheet would run as a formula get a leading quote.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import io
+import json
+from collections.abc import Iterator
+from typing import IO, Any
+
+from sqlalchemy import Select, or_, select
+from sqlalchemy.orm import Session
+
+from audit.chain import FIELDS, format_time
+from audit.events import normalise_mac
+from audit.models import JournalRecord
+
+PAGE = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    category: str | None = None
+    action: str | None = None
+    outcome: str | None = None
+    actor: str | None = None  # account, or certificate serial of the actor
+    serial: str | None = None  # object or actor certificate serial (hex)
+    dn: str | None = None  # substring of the object DN
+    ip: str | None = None
+    mac: str | None = None
+    device: str | None = None
+
+
+def _statement(f: Filter) -> Select[JournalRecord]:
+    stmt = select(JournalRecord)
+    R = JournalRecord
+    if f.since is not None:
+        stmt = stmt.where(R.time >= f.since)
+    if f.until is not None:
+        stmt = stmt.where(R.time < f.until)
+    if f.category:
+        stmt = stmt.where(R.category == f.category)
+    if f.action:
+        stmt = stmt.where(R.action == f.action)
+    if f.outcome:
+        stmt = stmt.where(R.outcome == f.outcome)
+    if f.actor:
+        stmt = stmt.where(or_(R.actor_account == f.actor, R.actor_serial == _serial(f.actor)))
+    if f.serial:
+        s = _serial(f.serial)
+        stmt = stmt.where(or_(R.object_serial == s, R.actor_serial == s))
+    if f.dn:
+        escaped = f.dn.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(R.object_dn.like(f"%{escaped}%", escape="\\"))
+    if f.ip:
+        stmt = stmt.where(R.client_ip == f.ip)
+    if f.mac:
+        stmt = stmt.where(R.device_mac == normalise_mac(f.mac))
+    if f.device:
+        stmt = stmt.where(R.device_id == f.device)
+    return stmt
+
+
+def _serial(text: str) -> str:
+    """Serials are stored as 40 lower-case hex digits; accept any case, ':' and short forms."""
+    bare = text.strip().lower().replace(":", "")
+    if bare.startswith("0x"):
+        bare = bare[2:]
+    if bare and all(c in "0123456789abcdef" for c in bare) and len(bare) <= 40:
+        return bare.rjust(40, "0")
+    return text
+
+
+def search(session: Session, f: Filter, *, limit: int | None = None) -> Iterator[JournalRecord]:
+    """Matching records in sequence order, paged (bounded memory for large exports)."""
+    after = 0
+    remaining = limit
+    while remaining is None or remaining > 0:
+        page = PAGE if remaining is None else min(PAGE, remaining)
+        rows = list(
+            session.scalars(
+                _statement(f)
+                .where(JournalRecord.seq > after)
+                .order_by(JournalRecord.seq)
+                .limit(page)
+            )
+        )
+        if not rows:
+            return
+        yield from rows
+        after = rows[-1].seq
+        if remaining is not None:
+            remaining -= len(rows)
+        session.expunge_all()
+
+
+def as_document(row: JournalRecord) -> dict[str, Any]:
+    doc: dict[str, Any] = {name: getattr(row, name) for name in FIELDS}
+    doc["time"] = format_time(row.time)
+    try:
+        doc["detail"] = json.loads(row.detail)
+    except ValueError:
+        doc["detail"] = row.detail
+    doc["hash"] = row.hash
+    return doc
+
+
+def escape_controls(text: str) -> str:
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif code in (0x2028, 0x2029, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E):
+            out.append(f"\\u{code:04x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        value = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = escape_controls(value)
+    if text[:1] in ("=", "+", "-", "@"):
+        text = "'" + text
+    return text
+
+
+def write_jsonl(rows: Iterator[JournalRecord], out: IO[str]) -> int:
+    """One JSON object per line; JSON escapes all C0 controls and we force ASCII for the rest."""
+    n = 0
+    for row in rows:
+        out.write(json.dumps(as_document(row), sort_keys=True, ensure_ascii=True) + "\n")
+        n += 1
+    return n
+
+
+CSV_COLUMNS = (*FIELDS, "hash")
+
+
+def write_csv(rows: Iterator[JournalRecord], out: IO[str]) -> int:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    n = 0
+    for row in rows:
+        doc = as_document(row)
+        writer.writerow([_csv_cell(doc[c]) for c in CSV_COLUMNS])
+        n += 1
+    return n
+
+
+def render_line(row: JournalRecord) -> str:
+    """A one-line human view for ``audit search`` (escaped like the exports)."""
+    parts = [
+        f"{row.seq:>8}",
+        format_time(row.time),
+        row.category,
+        row.action,
+        row.outcome,
+    ]
+    for label, value in (
+        ("actor", row.actor_account),
+        ("actor_serial", row.actor_serial),
+        ("ip", row.client_ip),
+        ("dn", row.object_dn),
+        ("serial", row.object_serial),
+        ("device", row.device_id),
+        ("mac", row.device_mac),
+    ):
+        if value:
+            parts.append(f"{label}={value}")
+    return escape_controls(" ".join(parts))
+
+
+def to_string(rows: Iterator[JournalRecord], fmt: str) -> str:
+    buf = io.StringIO()
+    (write_csv if fmt == "csv" else write_jsonl)(rows, buf)
+    return buf.getvalue()

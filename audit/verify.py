@@ -1,0 +1,206 @@
+"""Verifying the journal: the chain, the head, and the signed checkpoints.
+
+What is detected, and where it is located (the first bad sequence number):
+- a changed byte in a record: that record's hash no longer matches;
+- a deleted record: the gap in the sequence;
+- an inserted or reordered record: the first record whose chained hash breaks;
+- hashes recomputed after a change: the chain is consistent again, but a signed checkpoint
+  no longer matches; located as the first record after the last matching checkpoint;
+- truncation: records missing behind the head row or behind a checkpoint (stored, or exported
+  off the box and passed in with ``external``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from audit.chain import GENESIS, chain_hash, parse_checkpoint_body
+from audit.journal import verify_signature
+from audit.models import Checkpoint, JournalHead, JournalRecord
+from sekisho.errors import AuditChainBroken
+
+BATCH = 5000
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointClaim:
+    seq: int
+    head_hash: str
+    body: str
+    signature: bytes
+    public_key_der: bytes
+    source: str  # "store" or the export file
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    records: int
+    head_seq: int
+    head_hash: str
+    checkpoints: int
+    first_time: dt.datetime | None
+    last_time: dt.datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _record_fields(row: JournalRecord) -> Mapping[str, Any]:
+    return {
+        "seq": row.seq,
+        "time": row.time,
+        "category": row.category,
+        "action": row.action,
+        "outcome": row.outcome,
+        "actor_account": row.actor_account,
+        "actor_serial": row.actor_serial,
+        "client_ip": row.client_ip,
+        "object_dn": row.object_dn,
+        "object_serial": row.object_serial,
+        "device_id": row.device_id,
+        "device_mac": row.device_mac,
+        "request_id": row.request_id,
+        "detail": row.detail,
+    }
+
+
+def _check_claim(claim: CheckpointClaim, origin: str, trusted_keys: set[bytes] | None) -> None:
+    try:
+        claimed_origin, seq, head_hash = parse_checkpoint_body(claim.body)
+    except ValueError as exc:
+        raise AuditChainBroken(claim.seq, f"checkpoint from {claim.source}: {exc}") from None
+    if claimed_origin != origin or seq != claim.seq or head_hash != claim.head_hash:
+        raise AuditChainBroken(
+            claim.seq, f"checkpoint from {claim.source} does not match its own body"
+        )
+    if trusted_keys is not None and claim.public_key_der not in trusted_keys:
+        raise AuditChainBroken(
+            claim.seq, f"checkpoint from {claim.source} is signed by an unknown key"
+        )
+    if not verify_signature(claim.public_key_der, claim.signature, claim.body.encode("utf-8")):
+        raise AuditChainBroken(claim.seq, f"checkpoint from {claim.source}: bad signature")
+
+
+def verify(
+    session: Session,
+    origin: str,
+    *,
+    external: Iterable[CheckpointClaim] = (),
+    trusted_keys: set[bytes] | None = None,
+) -> VerifyResult:
+    """Walk the whole journal; raise ``AuditChainBroken`` at the first bad sequence number."""
+    stored = [
+        CheckpointClaim(
+            seq=c.seq,
+            head_hash=c.head_hash,
+            body=c.body,
+            signature=c.signature,
+            public_key_der=c.public_key_der,
+            source="store",
+        )
+        for c in session.scalars(select(Checkpoint).order_by(Checkpoint.seq))
+    ]
+    claims: dict[int, list[CheckpointClaim]] = {}
+    for claim in [*stored, *external]:
+        _check_claim(claim, origin, trusted_keys)
+        claims.setdefault(claim.seq, []).append(claim)
+
+    head = session.get(JournalHead, 1)
+    if head is None:
+        raise AuditChainBroken(1, "the journal head row is missing")
+    max_seq = session.scalar(select(func.max(JournalRecord.seq))) or 0
+
+    previous = GENESIS
+    expected = 1
+    last_good_checkpoint = 0
+    first_time: dt.datetime | None = None
+    last_time: dt.datetime | None = None
+    after = 0
+    while True:
+        rows = list(
+            session.scalars(
+                select(JournalRecord)
+                .where(JournalRecord.seq > after)
+                .order_by(JournalRecord.seq)
+                .limit(BATCH)
+            )
+        )
+        if not rows:
+            break
+        for row in rows:
+            if row.seq != expected:
+                raise AuditChainBroken(
+                    expected, f"record {expected} is missing (next is {row.seq})"
+                )
+            digest = chain_hash(previous, _record_fields(row))
+            if digest != row.hash:
+                raise AuditChainBroken(row.seq, "record content does not match its chain hash")
+            for claim in claims.get(row.seq, ()):
+                if claim.head_hash != digest:
+                    raise AuditChainBroken(
+                        last_good_checkpoint + 1,
+                        f"records after {last_good_checkpoint} differ from the signed "
+                        f"checkpoint at {row.seq} ({claim.source})",
+                    )
+            if row.seq in claims:
+                last_good_checkpoint = row.seq
+            first_time = first_time or row.time
+            last_time = row.time
+            previous = digest
+            expected += 1
+        after = rows[-1].seq
+        session.expunge_all()
+
+    last_seq = expected - 1
+    beyond = [seq for seq in claims if seq > last_seq]
+    if beyond:
+        raise AuditChainBroken(
+            last_seq + 1,
+            f"journal truncated: a signed checkpoint covers seq {max(beyond)}, "
+            f"the last record is {last_seq}",
+        )
+    if head.seq > last_seq:
+        raise AuditChainBroken(
+            last_seq + 1, f"journal truncated: the head is at {head.seq}, last record {last_seq}"
+        )
+    if head.seq < last_seq or head.hash != previous:
+        raise AuditChainBroken(
+            head.seq + 1 if head.seq < last_seq else last_seq,
+            f"the head (seq {head.seq}) does not match the records (last {max_seq})",
+        )
+    return VerifyResult(
+        records=last_seq,
+        head_seq=head.seq,
+        head_hash=head.hash,
+        checkpoints=len(claims),
+        first_time=first_time,
+        last_time=last_time,
+    )
+
+
+def claims_from_documents(docs: Iterable[Mapping[str, Any]], source: str) -> list[CheckpointClaim]:
+    """Parse exported checkpoint documents (``checkpoint_document``); ValueError if malformed."""
+    import base64
+
+    out = []
+    for n, doc in enumerate(docs, 1):
+        try:
+            out.append(
+                CheckpointClaim(
+                    seq=int(doc["seq"]),
+                    head_hash=str(doc["head_hash"]),
+                    body=str(doc["body"]),
+                    signature=base64.b64decode(doc["signature"], validate=True),
+                    public_key_der=base64.b64decode(doc["public_key"], validate=True),
+                    source=f"{source}:{n}",
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{source} line {n}: not a checkpoint document ({exc})") from None
+    return out

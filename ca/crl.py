@@ -1,0 +1,323 @@
+"""CRL building (RFC 5280 section 5): full and delta CRLs, encoded by hand, signed through
+the key backend.
+
+Numbers: full and delta CRLs share one strictly increasing sequence per CA (5.2.3), allocated
+in the same transaction that reads the revocation state, so a higher number never carries
+older information. Signing happens outside the transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from audit.events import Category, Event, Outcome
+from audit.journal import Journal
+from ca import der
+from ca.models import Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
+from ca.revocation import Reason
+from hsm.base import KeyBackend, KeyType, sign_bytes
+from sekisho.context import SYSTEM, Actor
+from sekisho.db import Database
+from sekisho.errors import Conflict, NotFound
+
+# AlgorithmIdentifier DER per CA key type (RFC 5758 3.2, RFC 4055/8017, RFC 8410 3).
+SIGNATURE_ALGORITHM: dict[KeyType, bytes] = {
+    KeyType.EC_P256: der.sequence(der.oid("1.2.840.10045.4.3.2")),
+    KeyType.EC_P384: der.sequence(der.oid("1.2.840.10045.4.3.3")),
+    KeyType.RSA_2048: der.sequence(der.oid("1.2.840.113549.1.1.11"), b"\x05\x00"),
+    KeyType.RSA_3072: der.sequence(der.oid("1.2.840.113549.1.1.11"), b"\x05\x00"),
+    KeyType.RSA_4096: der.sequence(der.oid("1.2.840.113549.1.1.12"), b"\x05\x00"),
+    KeyType.ED25519: der.sequence(der.oid("1.3.101.112")),
+}
+OID_AKI = "2.5.29.35"
+OID_CRL_NUMBER = "2.5.29.20"
+OID_DELTA_INDICATOR = "2.5.29.27"
+OID_FRESHEST_CRL = "2.5.29.46"
+OID_REASON = "2.5.29.21"
+OID_INVALIDITY = "2.5.29.24"
+REMOVE_FROM_CRL = 8
+
+_REASON_CODE = {
+    Reason.KEY_COMPROMISE: 1,
+    Reason.CA_COMPROMISE: 2,
+    Reason.AFFILIATION_CHANGED: 3,
+    Reason.SUPERSEDED: 4,
+    Reason.CESSATION_OF_OPERATION: 5,
+    Reason.CERTIFICATE_HOLD: 6,
+    Reason.PRIVILEGE_WITHDRAWN: 9,
+    Reason.AA_COMPROMISE: 10,
+}
+
+
+def _reason_ext(code: int) -> bytes:
+    return der.extension(OID_REASON, der.tlv(0x0A, bytes((code,))))
+
+
+_REASON_EXT = {code: _reason_ext(code) for code in (*_REASON_CODE.values(), REMOVE_FROM_CRL)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    serial: int
+    revoked_at: dt.datetime
+    reason_code: int | None  # None for unspecified (RFC 5280 5.3.1: omit the extension)
+    invalidity_date: dt.datetime | None = None
+
+
+def entry_der(entry: Entry) -> bytes:
+    exts: list[bytes] = []
+    if entry.reason_code is not None:
+        exts.append(_REASON_EXT[entry.reason_code])
+    if entry.invalidity_date is not None:
+        exts.append(der.extension(OID_INVALIDITY, der.generalized_time(entry.invalidity_date)))
+    parts = [der.integer(entry.serial), der.time(entry.revoked_at)]
+    if exts:
+        parts.append(der.sequence(*exts))
+    return der.sequence(*parts)
+
+
+def encode_entries(entries: Iterable[Entry]) -> bytes:
+    return b"".join(map(entry_der, entries))
+
+
+@dataclasses.dataclass(frozen=True)
+class CrlParams:
+    issuer_name_der: bytes
+    issuer_ski: bytes
+    key_type: KeyType
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    base_number: int | None = None  # set for a delta CRL
+    freshest_url: str | None = None  # full CRLs point at their delta (5.2.6)
+
+
+def build_crl(
+    params: CrlParams, entries_der: bytes, key: CertificateIssuerPrivateKeyTypes
+) -> bytes:
+    """Encode TBSCertList, sign it with ``key`` (through the backend), return the CRL DER."""
+    if not 0 < params.number < 1 << 159:
+        raise ValueError("CRL number out of range (RFC 5280 5.2.3: at most 20 octets)")
+    aki = der.sequence(der.tlv(0x80, params.issuer_ski))
+    exts = [der.extension(OID_AKI, aki), der.extension(OID_CRL_NUMBER, der.integer(params.number))]
+    if params.base_number is not None:
+        exts.append(
+            der.extension(OID_DELTA_INDICATOR, der.integer(params.base_number), critical=True)
+        )
+    elif params.freshest_url:
+        uri = der.tlv(0x86, params.freshest_url.encode("ascii"))
+        # DistributionPoint { distributionPoint [0] { fullName [0] GeneralNames } }
+        dp = der.sequence(der.explicit(0, der.tlv(0xA0, uri)))
+        exts.append(der.extension(OID_FRESHEST_CRL, der.sequence(dp)))
+    parts = [
+        der.integer(1),  # v2
+        SIGNATURE_ALGORITHM[params.key_type],
+        params.issuer_name_der,
+        der.time(params.this_update),
+        der.time(params.next_update),
+    ]
+    if entries_der:
+        parts.append(der.tlv(0x30, entries_der))
+    parts.append(der.explicit(0, der.sequence(*exts)))
+    tbs = der.sequence(*parts)
+    signature = sign_bytes(key, params.key_type, tbs)
+    return der.sequence(tbs, SIGNATURE_ALGORITHM[params.key_type], der.bit_string(signature))
+
+
+def _entry_for(cert: Certificate) -> Entry:
+    reason = Reason(cert.revocation_reason) if cert.revocation_reason else Reason.UNSPECIFIED
+    assert cert.revoked_at is not None
+    return Entry(
+        int(cert.serial, 16), cert.revoked_at, _REASON_CODE.get(reason), cert.invalidity_date
+    )
+
+
+class CrlPublisher:
+    """Generates and stores CRLs for one deployment; safe across processes."""
+
+    def __init__(
+        self,
+        db: Database,
+        backend: KeyBackend,
+        journal: Journal,
+        next_update: dt.timedelta,
+        delta_next_update: dt.timedelta,
+        delta_url_for: Callable[[str], str],
+    ) -> None:
+        self.db = db
+        self.backend = backend
+        self.journal = journal
+        self.next_update = next_update
+        self.delta_next_update = delta_next_update
+        self.delta_url_for = delta_url_for
+
+    def _allocate(self, session: Session, ca_id: int) -> tuple[CertificateAuthority, int]:
+        session.execute(
+            update(CertificateAuthority)
+            .where(CertificateAuthority.id == ca_id)
+            .values(crl_number=CertificateAuthority.crl_number + 1)
+        )
+        ca = session.scalars(
+            select(CertificateAuthority).where(CertificateAuthority.id == ca_id)
+        ).one()
+        session.refresh(ca)
+        return ca, int(ca.crl_number)
+
+    def generate(
+        self, ca_name: str, now: dt.datetime, *, delta: bool = False, actor: Actor = SYSTEM
+    ) -> Crl:
+        """Build, sign and store a full (or delta) CRL for ``ca_name``."""
+        with self.db.scope() as session:
+            ca_id = session.scalars(
+                select(CertificateAuthority.id).where(CertificateAuthority.name == ca_name)
+            ).one_or_none()
+            if ca_id is None:
+                raise NotFound(f"unknown certificate authority {ca_name!r}")
+            base: Crl | None = None
+            if delta:
+                base = latest(session, ca_id, CrlKind.FULL)
+                if base is None:
+                    raise Conflict(f"CA {ca_name} has no full CRL yet to base a delta on")
+            ca, number = self._allocate(session, ca_id)
+            if not ca.key_online:
+                raise Conflict(f"the key of CA {ca_name} is offline; bring it online to sign")
+            epoch = int(ca.revocation_epoch)
+            cert = x509.load_der_x509_certificate(ca.certificate_der)
+            next_update = now + (self.delta_next_update if delta else self.next_update)
+            next_update = min(next_update, cert.not_valid_after_utc)
+            if base is not None:
+                rows = session.execute(
+                    select(
+                        Certificate.serial,
+                        Certificate.status,
+                        Certificate.revocation_reason,
+                        Certificate.revoked_at,
+                        Certificate.invalidity_date,
+                    )
+                    .where(Certificate.issuer_id == ca_id, Certificate.status_epoch > base.epoch)
+                    .order_by(Certificate.serial)
+                )
+                entries = []
+                for serial, status, reason, revoked_at, invalidity in rows:
+                    if status is CertStatus.REVOKED:
+                        r = Reason(reason) if reason else Reason.UNSPECIFIED
+                        entries.append(
+                            Entry(
+                                int(serial, 16), revoked_at or now, _REASON_CODE.get(r), invalidity
+                            )
+                        )
+                    else:  # released from hold since the base CRL
+                        entries.append(Entry(int(serial, 16), base.this_update, REMOVE_FROM_CRL))
+            else:
+                # RFC 5280 3.3: an entry stays until it has appeared on one CRL after expiry.
+                horizon = now - self.next_update
+                full_rows = session.execute(
+                    select(
+                        Certificate.serial,
+                        Certificate.revocation_reason,
+                        Certificate.revoked_at,
+                        Certificate.invalidity_date,
+                    )
+                    .where(
+                        Certificate.issuer_id == ca_id,
+                        Certificate.status == CertStatus.REVOKED,
+                        Certificate.not_after >= horizon,
+                    )
+                    .order_by(Certificate.serial)
+                )
+                entries = [
+                    Entry(
+                        int(serial, 16),
+                        revoked_at or now,
+                        _REASON_CODE.get(Reason(reason) if reason else Reason.UNSPECIFIED),
+                        invalidity,
+                    )
+                    for serial, reason, revoked_at, invalidity in full_rows
+                ]
+            key_ref, key_type = ca.key_ref, KeyType(ca.key_type)
+            base_number = base.number if base is not None else None
+        params = CrlParams(
+            issuer_name_der=cert.subject.public_bytes(),
+            issuer_ski=cert.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value.digest,
+            key_type=key_type,
+            number=number,
+            this_update=now,
+            next_update=next_update,
+            base_number=base_number,
+            freshest_url=None if delta else self.delta_url_for(ca_name),
+        )
+        crl_der = build_crl(params, encode_entries(entries), self.backend.signing_key(key_ref))
+        with self.db.scope() as session:
+            row = Crl(
+                issuer_id=ca_id,
+                number=number,
+                kind=CrlKind.DELTA if delta else CrlKind.FULL,
+                base_number=base_number,
+                this_update=now,
+                next_update=next_update,
+                epoch=epoch,
+                entries=len(entries),
+                sha256=hashlib.sha256(crl_der).hexdigest(),
+                der=crl_der,
+            )
+            session.add(row)
+            self.journal.append(
+                session,
+                Event(
+                    category=Category.CA,
+                    action="ca.crl",
+                    outcome=Outcome.SUCCESS,
+                    actor_account=actor.account,
+                    actor_serial=actor.serial,
+                    client_ip=actor.client_ip,
+                    request_id=actor.request_id,
+                    object_dn=cert.subject.rfc4514_string(),
+                    detail={
+                        "ca": ca_name,
+                        "number": number,
+                        "kind": row.kind.value,
+                        "entries": len(entries),
+                        "base": base_number,
+                        "next_update": next_update.isoformat(),
+                    },
+                ),
+                now,
+            )
+        return row
+
+
+def latest(session: Session, ca_id: int, kind: CrlKind) -> Crl | None:
+    return session.scalars(
+        select(Crl)
+        .where(Crl.issuer_id == ca_id, Crl.kind == kind)
+        .order_by(Crl.number.desc())
+        .limit(1)
+    ).first()
+
+
+def latest_by_name(session: Session, ca_name: str, kind: CrlKind) -> Crl | None:
+    ca_id = session.scalar(
+        select(CertificateAuthority.id).where(CertificateAuthority.name == ca_name)
+    )
+    return None if ca_id is None else latest(session, ca_id, kind)
+
+
+def due(crl: Crl | None, epoch: int, now: dt.datetime) -> bool:
+    """A CRL is due when missing, stale (revocations since), or half its validity has passed."""
+    if crl is None or epoch > crl.epoch:
+        return True
+    half = crl.this_update + (crl.next_update - crl.this_update) / 2
+    return now >= half
+
+
+__all__: Sequence[str] = ("CrlPublisher", "Entry", "build_crl", "due", "latest")

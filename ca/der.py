@@ -1,0 +1,76 @@
+"""A minimal DER writer for the structures we emit in bulk (CRL entries).
+
+``cryptography``'s CRL builder copies its entry list on every ``add_revoked_certificate`` call
+(quadratic), and even its list constructor costs ~15 s at 10^6 entries. Encoding the entries
+ourselves is a few lines and runs in about a third of that.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+
+def length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(raw),)) + raw
+
+
+def tlv(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + length(len(content)) + content
+
+
+def integer(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("negative integers are not used here")
+    return tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def sequence(*items: bytes) -> bytes:
+    return tlv(0x30, b"".join(items))
+
+
+def octet_string(value: bytes) -> bytes:
+    return tlv(0x04, value)
+
+
+def bit_string(value: bytes) -> bytes:
+    return tlv(0x03, b"\x00" + value)
+
+
+def explicit(tag_number: int, content: bytes) -> bytes:
+    return tlv(0xA0 | tag_number, content)
+
+
+def time(value: dt.datetime) -> bytes:
+    """RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050; Zulu, seconds."""
+    value = value.astimezone(dt.UTC)
+    if value.year < 2050:
+        return tlv(0x17, value.strftime("%y%m%d%H%M%SZ").encode())
+    return generalized_time(value)
+
+
+def generalized_time(value: dt.datetime) -> bytes:
+    return tlv(0x18, value.astimezone(dt.UTC).strftime("%Y%m%d%H%M%SZ").encode())
+
+
+def oid(dotted: str) -> bytes:
+    parts = [int(p) for p in dotted.split(".")]
+    body = bytearray((40 * parts[0] + parts[1],))
+    for part in parts[2:]:
+        chunk = [part & 0x7F]
+        part >>= 7
+        while part:
+            chunk.append(0x80 | (part & 0x7F))
+            part >>= 7
+        body.extend(reversed(chunk))
+    return tlv(0x06, bytes(body))
+
+
+def extension(oid_dotted: str, value_der: bytes, critical: bool = False) -> bytes:
+    parts = [oid(oid_dotted)]
+    if critical:
+        parts.append(b"\x01\x01\xff")
+    parts.append(octet_string(value_der))
+    return sequence(*parts)

@@ -1,0 +1,288 @@
+"""The CA hierarchy: a self-signed root, issuing CAs under it, and the offline root.
+
+Issuing CAs are issued through the normal issuance path (profile ``sub-ca``), so their
+certificates get a store row, rules, and a journal entry like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from sqlalchemy import select
+
+from audit.events import Category, Event, Outcome
+from ca.issuance import CaService, IssueRequest
+from ca.models import CaKind, CertificateAuthority
+from ca.registry import ca_row
+from ca.tbs import new_serial, serial_hex
+from hsm.base import KeyType, signature_hash
+from hsm.software import SoftwareBackend, pem_unwrap
+from sekisho.context import Actor
+from sekisho.errors import Conflict, InputError, KeyBackendError, PolicyViolation
+
+ROOT_VALIDITY = dt.timedelta(days=20 * 365)
+ISSUING_VALIDITY = dt.timedelta(days=10 * 365)
+
+
+@dataclasses.dataclass(frozen=True)
+class NameConstraintSpec:
+    permitted_dns: tuple[str, ...] = ()
+    permitted_email: tuple[str, ...] = ()
+    excluded_dns: tuple[str, ...] = ()
+
+    def extension(self) -> x509.NameConstraints | None:
+        permitted: list[x509.GeneralName] = [x509.DNSName(d) for d in self.permitted_dns]
+        permitted += [x509.RFC822Name(e) for e in self.permitted_email]
+        excluded: list[x509.GeneralName] = [x509.DNSName(d) for d in self.excluded_dns]
+        if not permitted and not excluded:
+            return None
+        return x509.NameConstraints(
+            permitted_subtrees=permitted or None, excluded_subtrees=excluded or None
+        )
+
+
+def _name(common_name: str, organization: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _label(name: str) -> str:
+    return f"ca-{name}"
+
+
+def create_root(
+    service: CaService,
+    name: str,
+    organization: str,
+    key_type: KeyType,
+    actor: Actor,
+    validity: dt.timedelta = ROOT_VALIDITY,
+) -> CertificateAuthority:
+    if key_type not in (
+        KeyType.EC_P256,
+        KeyType.EC_P384,
+        KeyType.RSA_3072,
+        KeyType.RSA_4096,
+        KeyType.ED25519,
+    ):
+        raise PolicyViolation("key-type", f"{key_type.value} is not allowed for a CA")
+    now = service.clock()
+    with service.db.scope() as session:
+        if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
+            raise Conflict(f"a CA named {name!r} already exists")
+    ref = service.backend.generate(_label(name), key_type)
+    key = service.backend.signing_key(ref)
+    subject = _name(f"{organization} Root CA", organization)
+    public_key = key.public_key()
+    cert = (
+        x509.CertificateBuilder(
+            issuer_name=subject,
+            subject_name=subject,
+            public_key=public_key,
+            serial_number=new_serial(),
+            not_valid_before=now,
+            not_valid_after=now + validity,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .sign(key, signature_hash(key_type))  # type: ignore[arg-type]
+    )
+    with service.db.scope() as session:
+        row = CertificateAuthority(
+            name=name,
+            kind=CaKind.ROOT,
+            parent_id=None,
+            subject_dn=subject.rfc4514_string(),
+            key_ref=ref,
+            key_type=key_type.value,
+            serial=serial_hex(cert.serial_number),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            certificate_der=cert.public_bytes(serialization.Encoding.DER),
+            active=True,
+            key_online=True,
+            crl_number=0,
+            revocation_epoch=0,
+            created_at=now,
+        )
+        session.add(row)
+        service.journal.append(
+            session,
+            _ca_event(
+                "ca.create",
+                actor,
+                cert,
+                name,
+                {"kind": "root", "key_type": key_type.value, "key_ref": ref},
+            ),
+            now,
+        )
+    return row
+
+
+def create_issuing(
+    service: CaService,
+    name: str,
+    parent: str,
+    organization: str,
+    key_type: KeyType,
+    actor: Actor,
+    constraints: NameConstraintSpec = NameConstraintSpec(),
+    validity: dt.timedelta | None = None,
+) -> CertificateAuthority:
+    with service.db.scope() as session:
+        if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
+            raise Conflict(f"a CA named {name!r} already exists")
+        parent_row = ca_row(session, parent)
+        if not parent_row.key_online:
+            raise Conflict(f"the key of CA {parent} is offline; bring it online first")
+        parent_id = parent_row.id
+    ref = service.backend.generate(_label(name), key_type)
+    public_key = service.backend.public_key(ref)
+    subject = _name(f"{organization} {name.capitalize()} Issuing CA", organization)
+    cert = service.issue(
+        IssueRequest(
+            ca=parent,
+            profile="sub-ca",
+            subject=subject,
+            public_key=public_key,
+            validity=validity or ISSUING_VALIDITY,
+            owner_kind="ca",
+            owner_id=name,
+            name_constraints=constraints.extension(),
+        ),
+        actor,
+    )
+    now = service.clock()
+    with service.db.scope() as session:
+        row = CertificateAuthority(
+            name=name,
+            kind=CaKind.ISSUING,
+            parent_id=parent_id,
+            subject_dn=subject.rfc4514_string(),
+            key_ref=ref,
+            key_type=key_type.value,
+            serial=serial_hex(cert.serial_number),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            certificate_der=cert.public_bytes(serialization.Encoding.DER),
+            active=True,
+            key_online=True,
+            crl_number=0,
+            revocation_epoch=0,
+            created_at=now,
+        )
+        session.add(row)
+        service.journal.append(
+            session,
+            _ca_event(
+                "ca.create",
+                actor,
+                cert,
+                name,
+                {"kind": "issuing", "parent": parent, "key_type": key_type.value, "key_ref": ref},
+            ),
+            now,
+        )
+    return row
+
+
+def _ca_event(
+    action: str, actor: Actor, cert: x509.Certificate | None, name: str, detail: dict[str, object]
+) -> Event:
+    return Event(
+        category=Category.CA,
+        action=action,
+        outcome=Outcome.SUCCESS,
+        actor_account=actor.account,
+        actor_serial=actor.serial,
+        client_ip=actor.client_ip,
+        request_id=actor.request_id,
+        object_dn=cert.subject.rfc4514_string() if cert is not None else None,
+        object_serial=serial_hex(cert.serial_number) if cert is not None else None,
+        detail={"ca": name, **detail},
+    )
+
+
+def _software(service: CaService) -> SoftwareBackend:
+    if not isinstance(service.backend, SoftwareBackend):
+        raise KeyBackendError("offline export/import applies to the software key backend")
+    return service.backend
+
+
+def export_key(service: CaService, name: str, actor: Actor) -> bytes:
+    """The CA key as encrypted PKCS#8 PEM (PBES2, under the backend passphrase)."""
+    backend = _software(service)
+    with service.db.scope() as session:
+        row = ca_row(session, name)
+        pem = backend.export_encrypted(row.key_ref)
+        service.journal.append(
+            session,
+            _ca_event("ca.key.export", actor, None, name, {"key_ref": row.key_ref}),
+            service.clock(),
+        )
+    return pem
+
+
+def take_offline(service: CaService, name: str, actor: Actor) -> None:
+    """Remove the CA key from the online store (export it first: this cannot be undone
+    without the exported file)."""
+    backend = _software(service)
+    with service.db.scope() as session:
+        row = ca_row(session, name)
+        if not row.key_online:
+            raise Conflict(f"the key of CA {name} is already offline")
+        row.key_online = False
+        service.journal.append(
+            session,
+            _ca_event("ca.key.offline", actor, None, name, {"key_ref": row.key_ref}),
+            service.clock(),
+        )
+        backend.remove(row.key_ref)
+
+
+def bring_online(service: CaService, name: str, pem: bytes, actor: Actor) -> None:
+    """Re-import an exported CA key; it must match the CA certificate's public key."""
+    backend = _software(service)
+    with service.db.scope() as session:
+        row = ca_row(session, name)
+        if row.key_online:
+            raise Conflict(f"the key of CA {name} is already online")
+        try:
+            encrypted = pem_unwrap(pem, "ENCRYPTED PRIVATE KEY")
+        except KeyBackendError as exc:
+            raise InputError(str(exc)) from None
+        key = backend.decrypt(encrypted)
+        cert = x509.load_der_x509_certificate(row.certificate_der)
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+            raise InputError(f"that key does not belong to CA {name}")
+        backend.store(row.key_ref, encrypted)
+        row.key_online = True
+        service.journal.append(
+            session,
+            _ca_event("ca.key.online", actor, None, name, {"key_ref": row.key_ref}),
+            service.clock(),
+        )

@@ -1,0 +1,309 @@
+"""Issuance: authorised request in, certificate out, with the intent recorded before signing.
+
+The cycle (after Boulder's "store what you plan to sign, then sign, then store"):
+
+1. Build the to-be-signed value (``Tbs``) and run every rule on it. A rule break is refused
+   with the rule's name and journalled as a rejection; nothing is signed.
+2. Sign through the key backend, wrapped so that a hook sees the exact TBS bytes first. The
+   hook commits the intent: a ``reserved`` row with the serial and SHA-256 of the TBS. The
+   unique constraint (issuer, serial) catches a collision; we draw a new serial and retry.
+3. Commit the issued row (DER, fingerprint) and its ``ca.issue`` journal entry together.
+
+If step 3 fails (store or journal down, process killed), the certificate is not handed out and
+the ``reserved`` row stays: it is revocable and lands on the CRL when revoked. If signing
+itself fails (token away), the row is marked ``failed``: nothing was signed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificateIssuerPublicKeyTypes,
+)
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
+from audit.events import Category, Event, Outcome
+from audit.journal import Journal
+from ca import rules
+from ca.csr import parse_csr
+from ca.models import Certificate, CertStatus
+from ca.profiles import ProfileSet
+from ca.registry import CaRegistry
+from ca.tbs import SanEntry, Tbs, new_serial, serial_hex, tbs_sha256
+from hsm.base import KeyBackend, KeyType, key_type_of, signature_hash
+from hsm.observed import observed
+from hsm.software import generate_private_key
+from sekisho.context import Actor
+from sekisho.db import Database
+from sekisho.errors import (
+    InputError,
+    KeyBackendError,
+    NotFound,
+    SekishoError,
+    StoreError,
+)
+
+Clock = Callable[[], dt.datetime]
+MAX_SERIAL_ATTEMPTS = 5
+# notBefore is backdated slightly so relying parties with a skewed clock accept a fresh cert.
+BACKDATE = dt.timedelta(minutes=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class IssueRequest:
+    """An *authorised* request: subject and SANs are what the caller decided to certify."""
+
+    ca: str
+    profile: str
+    subject: x509.Name
+    public_key: CertificateIssuerPublicKeyTypes
+    sans: tuple[SanEntry, ...] = ()
+    validity: dt.timedelta | None = None
+    owner_kind: str | None = None
+    owner_id: str | None = None
+    tenant: str | None = None
+    name_constraints: x509.NameConstraints | None = None
+
+
+class _SerialTaken(Exception):
+    """Raised from inside the signing hook when the serial is already used."""
+
+
+class CaService:
+    def __init__(
+        self,
+        db: Database,
+        backend: KeyBackend,
+        journal: Journal,
+        registry: CaRegistry,
+        profiles: ProfileSet,
+        clock: Clock,
+    ) -> None:
+        self.db = db
+        self.backend = backend
+        self.journal = journal
+        self.registry = registry
+        self.profiles = profiles
+        self.clock = clock
+
+    # -- public API -----------------------------------------------------------------------
+    def issue(self, request: IssueRequest, actor: Actor) -> x509.Certificate:
+        try:
+            tbs = self.prepare(request)
+        except (InputError, NotFound) as exc:
+            self._journal_rejection(request.ca, request.profile, request.subject, exc, actor)
+            raise
+        return self._sign_and_store(tbs, request, actor)
+
+    def issue_from_csr(
+        self,
+        csr_data: bytes,
+        *,
+        ca: str,
+        profile: str,
+        actor: Actor,
+        subject: x509.Name | None = None,
+        sans: tuple[SanEntry, ...] | None = None,
+        validity: dt.timedelta | None = None,
+        owner_kind: str | None = None,
+        owner_id: str | None = None,
+        tenant: str | None = None,
+    ) -> x509.Certificate:
+        """Issue from a CSR. ``subject``/``sans`` given by the caller override the CSR's;
+        otherwise the CSR's are used only after the profile rules accept them."""
+        try:
+            parsed = parse_csr(csr_data)
+        except InputError as exc:
+            self._journal_rejection(ca, profile, subject, exc, actor)
+            raise
+        request = IssueRequest(
+            ca=ca,
+            profile=profile,
+            subject=subject if subject is not None else parsed.subject,
+            public_key=parsed.public_key,
+            sans=sans if sans is not None else parsed.sans,
+            validity=validity,
+            owner_kind=owner_kind,
+            owner_id=owner_id,
+            tenant=tenant,
+        )
+        return self.issue(request, actor)
+
+    def issue_with_new_key(
+        self, request_without_key: IssueRequest, key_type: KeyType, actor: Actor
+    ) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
+        """Server-side key generation: the key is returned to the caller and never stored."""
+        key = generate_private_key(key_type)
+        request = dataclasses.replace(request_without_key, public_key=key.public_key())
+        return self.issue(request, actor), key
+
+    # -- steps ----------------------------------------------------------------------------
+    def prepare(self, request: IssueRequest) -> Tbs:
+        profile = self.profiles.get(request.profile)
+        with self.db.scope() as session:
+            issuer = self.registry.get(session, request.ca)
+        now = self.clock()
+        # Backdated for clock skew, but never before the issuer's own start.
+        not_before = max(now - BACKDATE, issuer.not_before)
+        not_after = rules.clamp_validity(
+            not_before, request.validity, profile.default_validity, issuer.not_after
+        )
+        tbs = Tbs(
+            serial=new_serial(),
+            issuer=issuer,
+            profile=profile,
+            subject=request.subject,
+            public_key=request.public_key,
+            key_type=key_type_of(request.public_key),
+            not_before=not_before,
+            not_after=not_after,
+            sans=request.sans,
+            name_constraints=request.name_constraints,
+        )
+        rules.check(tbs)
+        return tbs
+
+    def _sign_and_store(self, tbs: Tbs, request: IssueRequest, actor: Actor) -> x509.Certificate:
+        key = self.backend.signing_key(tbs.issuer.key_ref)
+        algorithm = signature_hash(tbs.issuer.key_type)
+        for _attempt in range(MAX_SERIAL_ATTEMPTS):
+            reserved: list[int] = []
+            hook = self._intent_hook(tbs, request, reserved)
+            try:
+                cert = tbs.builder().sign(observed(key, hook), algorithm)  # type: ignore[arg-type]
+            except _SerialTaken:
+                tbs = dataclasses.replace(tbs, serial=new_serial())
+                continue
+            except SekishoError:
+                if reserved:
+                    self._mark_failed(reserved[0], "signing failed")
+                raise
+            except Exception as exc:
+                if reserved:
+                    self._mark_failed(reserved[0], f"signing failed: {exc.__class__.__name__}")
+                raise KeyBackendError(f"signing failed: {exc.__class__.__name__}") from exc
+            self._store_issued(reserved[0], tbs, cert, actor)
+            return cert
+        raise StoreError("could not find a free serial number after several attempts")
+
+    def _intent_hook(
+        self, tbs: Tbs, request: IssueRequest, reserved: list[int]
+    ) -> Callable[[bytes], None]:
+        def commit_intent(tbs_bytes: bytes) -> None:
+            if reserved:
+                raise RuntimeError("the certificate builder signed twice")
+            row = Certificate(
+                issuer_id=tbs.issuer.id,
+                serial=serial_hex(tbs.serial),
+                status=CertStatus.RESERVED,
+                profile=tbs.profile.name,
+                subject_dn=tbs.subject.rfc4514_string(),
+                sans=json.dumps([str(s) for s in tbs.sans]),
+                not_before=tbs.not_before,
+                not_after=tbs.not_after,
+                tbs_sha256=tbs_sha256(tbs_bytes),
+                key_type=tbs.key_type.value,
+                owner_kind=request.owner_kind,
+                owner_id=request.owner_id,
+                tenant=request.tenant,
+                created_at=self.clock(),
+                status_epoch=0,
+            )
+            try:
+                with self.db.scope() as session:
+                    session.add(row)
+                    session.flush()
+                    reserved.append(row.id)
+            except IntegrityError:
+                raise _SerialTaken() from None
+            except StoreError as exc:
+                if isinstance(exc.__cause__, IntegrityError):
+                    raise _SerialTaken() from None
+                raise
+
+        return commit_intent
+
+    def _store_issued(self, row_id: int, tbs: Tbs, cert: x509.Certificate, actor: Actor) -> None:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        fingerprint = hashlib.sha256(der).hexdigest()
+        now = self.clock()
+        with self.db.scope() as session:
+            session.execute(
+                update(Certificate)
+                .where(Certificate.id == row_id)
+                .values(der=der, fingerprint_sha256=fingerprint, status=CertStatus.ISSUED)
+                .where(Certificate.status == CertStatus.RESERVED)
+            )
+            self.journal.append(
+                session,
+                Event(
+                    category=Category.CA,
+                    action="ca.issue",
+                    outcome=Outcome.SUCCESS,
+                    actor_account=actor.account,
+                    actor_serial=actor.serial,
+                    client_ip=actor.client_ip,
+                    request_id=actor.request_id,
+                    object_dn=tbs.subject.rfc4514_string(),
+                    object_serial=serial_hex(tbs.serial),
+                    detail={
+                        "ca": tbs.issuer.name,
+                        "profile": tbs.profile.name,
+                        "not_after": tbs.not_after.isoformat(),
+                        "sans": [str(s) for s in tbs.sans],
+                        "sha256": fingerprint,
+                    },
+                ),
+                now,
+            )
+
+    def _mark_failed(self, row_id: int, why: str) -> None:
+        try:
+            with self.db.scope() as session:
+                session.execute(
+                    update(Certificate)
+                    .where(Certificate.id == row_id)
+                    .where(Certificate.status == CertStatus.RESERVED)
+                    .values(status=CertStatus.FAILED, failure=why)
+                )
+        except SekishoError:
+            # The row stays reserved: revocable, and the reconciler reports it.
+            pass
+
+    def _journal_rejection(
+        self, ca: str, profile: str, subject: x509.Name | None, exc: SekishoError, actor: Actor
+    ) -> None:
+        detail: dict[str, object] = {
+            "ca": ca,
+            "profile": profile,
+            "code": exc.code,
+            "reason": exc.message[:500],
+        }
+        rule = getattr(exc, "rule", None)
+        if rule:
+            detail["rule"] = rule
+        with self.db.scope() as session:
+            self.journal.append(
+                session,
+                Event(
+                    category=Category.CA,
+                    action="ca.issue",
+                    outcome=Outcome.FAILURE,
+                    actor_account=actor.account,
+                    actor_serial=actor.serial,
+                    client_ip=actor.client_ip,
+                    request_id=actor.request_id,
+                    object_dn=subject.rfc4514_string() if subject is not None else None,
+                    detail=detail,
+                ),
+                self.clock(),
+            )

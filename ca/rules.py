@@ -1,0 +1,232 @@
+"""Issuance rules: one small function per rule, composed per profile.
+
+Each rule inspects the to-be-signed certificate (``Tbs``) and raises
+``PolicyViolation(rule_name, why)``; none returns a bool. ``check(tbs)`` runs them all before
+anything is signed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ca.tbs import SanEntry, Tbs, subject_attr_names
+from sekisho.errors import PolicyViolation
+
+Rule = Callable[[Tbs], None]
+
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}$")
+MAX_SUBJECT_VALUE = 64  # RFC 5280 upper bounds (ub-common-name etc.)
+
+
+def serial_in_range(tbs: Tbs) -> None:
+    # RFC 5280 4.1.2.2: positive, at most 20 octets (159 bits keeps the sign bit clear).
+    if not 0 < tbs.serial < 1 << 159:
+        raise PolicyViolation("serial", "serial must be positive and fit in 20 octets")
+
+
+def key_type_allowed(tbs: Tbs) -> None:
+    if tbs.key_type not in tbs.profile.key_types:
+        allowed = ", ".join(sorted(k.value for k in tbs.profile.key_types))
+        raise PolicyViolation(
+            "key-type",
+            f"{tbs.key_type.value} keys are not allowed for {tbs.profile.name}"
+            f" (allowed: {allowed})",
+        )
+
+
+def rsa_key_not_weak(tbs: Tbs) -> None:
+    """Exponent 65537, and no Fermat factorisation within 100 rounds (BR 6.1.1.3)."""
+    key = tbs.public_key
+    if not isinstance(key, rsa.RSAPublicKey):
+        return
+    numbers = key.public_numbers()
+    if numbers.e != 65537:
+        raise PolicyViolation("weak-key", f"RSA public exponent must be 65537, not {numbers.e}")
+    n = numbers.n
+    a = math.isqrt(n)
+    if a * a < n:
+        a += 1
+    for _ in range(100):
+        b2 = a * a - n
+        b = math.isqrt(b2)
+        if b * b == b2:
+            raise PolicyViolation("weak-key", "RSA modulus factors by Fermat's method")
+        a += 1
+
+
+def validity_sane(tbs: Tbs) -> None:
+    if tbs.not_after <= tbs.not_before:
+        raise PolicyViolation("validity", "notAfter must be after notBefore")
+    if tbs.not_before.microsecond or tbs.not_after.microsecond:
+        raise PolicyViolation("validity", "validity times carry no fractions of a second")
+
+
+def validity_within_profile(tbs: Tbs) -> None:
+    length = tbs.not_after - tbs.not_before
+    if length > tbs.profile.max_validity:
+        raise PolicyViolation(
+            "max-validity",
+            f"{length.days} days exceeds the {tbs.profile.name} maximum of "
+            f"{tbs.profile.max_validity.days} days",
+        )
+
+
+def validity_within_issuer(tbs: Tbs) -> None:
+    if tbs.not_before < tbs.issuer.not_before or tbs.not_after > tbs.issuer.not_after:
+        raise PolicyViolation(
+            "validity-within-issuer",
+            f"validity must lie within the issuing CA's ({tbs.issuer.not_after:%Y-%m-%d})",
+        )
+
+
+def subject_attributes(tbs: Tbs) -> None:
+    names = subject_attr_names(tbs.subject)
+    present = set(names)
+    missing = tbs.profile.subject_required - present
+    if missing:
+        raise PolicyViolation("subject-required", f"subject lacks {sorted(missing)}")
+    extra = present - tbs.profile.subject_allowed
+    if extra:
+        raise PolicyViolation("subject-allowed", f"subject attributes {sorted(extra)} not allowed")
+    if len(names) != len(present):
+        raise PolicyViolation("subject-allowed", "subject repeats an attribute")
+    for attr in tbs.subject:
+        value = attr.value if isinstance(attr.value, str) else ""
+        if not value or len(value) > MAX_SUBJECT_VALUE or any(ord(c) < 32 for c in value):
+            raise PolicyViolation(
+                "subject-value",
+                f"subject value for {attr.oid._name} is empty, too long or has control characters",
+            )
+        if attr.oid == x509.NameOID.COUNTRY_NAME and not re.fullmatch(r"[A-Z]{2}", value):
+            raise PolicyViolation("subject-value", "C must be a two-letter country code")
+
+
+def _check_dns(value: str) -> None:
+    if len(value) > 253 or value != value.lower():
+        raise PolicyViolation("san-dns-syntax", f"DNS name {value!r} must be lower case, <= 253")
+    labels = value.split(".")
+    if len(labels) < 2:
+        raise PolicyViolation("san-dns-syntax", f"DNS name {value!r} is not fully qualified")
+    for i, label in enumerate(labels):
+        if i == 0 and label == "*":
+            continue
+        if not _DNS_LABEL.match(label):
+            raise PolicyViolation("san-dns-syntax", f"DNS name {value!r} has a bad label")
+
+
+def _check_san(entry: SanEntry) -> None:
+    if entry.kind == "dns":
+        _check_dns(entry.value)
+    elif entry.kind == "email":
+        if not _EMAIL.match(entry.value):
+            raise PolicyViolation("san-email-syntax", f"{entry.value!r} is not an email address")
+        _check_dns(entry.value.rsplit("@", 1)[1].lower())
+    elif entry.kind == "ip":
+        try:
+            ipaddress.ip_address(entry.value)
+        except ValueError:
+            raise PolicyViolation(
+                "san-ip-syntax", f"{entry.value!r} is not an IP address"
+            ) from None
+    elif entry.kind == "uri" and (":" not in entry.value or len(entry.value) > 1024):
+        raise PolicyViolation("san-uri-syntax", f"{entry.value!r} is not an absolute URI")
+
+
+def subject_alt_names(tbs: Tbs) -> None:
+    if tbs.profile.san_required and not tbs.sans:
+        raise PolicyViolation("san-required", f"{tbs.profile.name} needs a subjectAltName")
+    if len(tbs.sans) > 100:
+        raise PolicyViolation("san-count", "at most 100 subjectAltNames")
+    if len(set(tbs.sans)) != len(tbs.sans):
+        raise PolicyViolation("san-duplicate", "a subjectAltName appears twice")
+    for entry in tbs.sans:
+        if entry.kind not in tbs.profile.san_types:
+            raise PolicyViolation(
+                "san-type", f"{entry.kind} names are not allowed for {tbs.profile.name}"
+            )
+        _check_san(entry)
+
+
+def _dns_within(name: str, base: str) -> bool:
+    name, base = name.lower().rstrip("."), base.lower().rstrip(".").lstrip(".")
+    return name == base or name.endswith("." + base)
+
+
+def _matches(entry: SanEntry, subtree: x509.GeneralName) -> bool | None:
+    """True/False if the subtree speaks to this name type, None if it does not apply."""
+    if entry.kind == "dns" and isinstance(subtree, x509.DNSName):
+        return _dns_within(entry.value, subtree.value)
+    if entry.kind == "email" and isinstance(subtree, x509.RFC822Name):
+        domain = entry.value.rsplit("@", 1)[1]
+        if "@" in subtree.value:
+            return entry.value.lower() == subtree.value.lower()
+        return _dns_within(domain, subtree.value)
+    if entry.kind == "ip" and isinstance(subtree, x509.IPAddress):
+        net = subtree.value
+        return (
+            isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network)
+            and ipaddress.ip_address(entry.value) in net
+        )
+    return None
+
+
+def within_name_constraints(tbs: Tbs) -> None:
+    """RFC 5280 4.2.1.10 for the SAN types we issue, enforced before signing."""
+    nc = tbs.issuer.name_constraints
+    if nc is None:
+        return
+    for entry in tbs.sans:
+        for subtree in nc.excluded_subtrees or ():
+            if _matches(entry, subtree) is True:
+                raise PolicyViolation("name-constraints", f"{entry} is excluded by the CA")
+        permitted = [_matches(entry, s) for s in nc.permitted_subtrees or ()]
+        relevant = [m for m in permitted if m is not None]
+        if relevant and not any(relevant):
+            raise PolicyViolation(
+                "name-constraints", f"{entry} is outside the CA's permitted names"
+            )
+
+
+def ca_path_length(tbs: Tbs) -> None:
+    if tbs.profile.ca and tbs.issuer.path_length == 0:
+        raise PolicyViolation("path-length", f"CA {tbs.issuer.name} may not issue CA certificates")
+
+
+RULES: Sequence[Rule] = (
+    serial_in_range,
+    key_type_allowed,
+    rsa_key_not_weak,
+    validity_sane,
+    validity_within_profile,
+    validity_within_issuer,
+    subject_attributes,
+    subject_alt_names,
+    within_name_constraints,
+    ca_path_length,
+)
+
+
+def check(tbs: Tbs, rules: Sequence[Rule] = RULES) -> None:
+    for rule in rules:
+        rule(tbs)
+
+
+def clamp_validity(
+    not_before: dt.datetime,
+    requested: dt.timedelta | None,
+    tbs_default: dt.timedelta,
+    issuer_not_after: dt.datetime,
+) -> dt.datetime:
+    """Default validity is clamped to the issuer's end; an explicit request is not (a rule
+    refuses it instead, so the caller learns why)."""
+    if requested is not None:
+        return not_before + requested
+    return min(not_before + tbs_default, issuer_not_after)

@@ -1,0 +1,93 @@
+"""First-run initialisation: audit key, root CA, issuing CAs, first CRLs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select
+
+from audit.events import Category, Event, Outcome
+from ca.hierarchy import NameConstraintSpec, create_issuing, create_root
+from ca.models import CaKind, CertificateAuthority
+from hsm.base import KeyType
+from sekisho.context import Actor
+from sekisho.errors import Conflict
+from sekisho.services import Services, enable_checkpoints
+
+DEFAULT_ISSUING = ("admin", "device")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitPlan:
+    organization: str = "Sekisho"
+    root_name: str = "root"
+    key_type: KeyType = KeyType.EC_P256
+    issuing: tuple[str, ...] = DEFAULT_ISSUING
+    constraints: NameConstraintSpec = dataclasses.field(default_factory=NameConstraintSpec)
+
+
+def is_initialised(services: Services) -> bool:
+    with services.db.scope() as session:
+        return (
+            session.scalar(
+                select(CertificateAuthority.id).where(CertificateAuthority.kind == CaKind.ROOT)
+            )
+            is not None
+        )
+
+
+def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[CertificateAuthority]:
+    if is_initialised(services):
+        raise Conflict("this deployment is already initialised")
+    if len(set(plan.issuing)) < 2 or plan.root_name in plan.issuing:
+        raise Conflict("need at least two distinct issuing CAs (administrators, devices)")
+    enable_checkpoints(services)
+    with services.db.scope() as session:
+        services.journal.append(
+            session,
+            Event(
+                category=Category.SYSTEM,
+                action="system.init",
+                outcome=Outcome.SUCCESS,
+                actor_account=actor.account,
+                client_ip=actor.client_ip,
+                request_id=actor.request_id,
+                detail={
+                    "organization": plan.organization,
+                    "key_type": plan.key_type.value,
+                    "issuing": list(plan.issuing),
+                },
+            ),
+            services.clock(),
+        )
+    created = [create_root(services.ca, plan.root_name, plan.organization, plan.key_type, actor)]
+    for name in plan.issuing:
+        created.append(
+            create_issuing(
+                services.ca,
+                name,
+                plan.root_name,
+                plan.organization,
+                plan.key_type,
+                actor,
+                plan.constraints,
+            )
+        )
+    now = services.clock()
+    for row in created:
+        services.crls.generate(row.name, now, actor=actor)
+        services.crls.generate(row.name, now, delta=True, actor=actor)
+    publish_ca_files(services)
+    return created
+
+
+def publish_ca_files(services: Services) -> None:
+    """Write each CA certificate as PEM under <data_dir>/public/ for operators to pick up."""
+    out = services.settings.data_dir / "public"
+    out.mkdir(parents=True, exist_ok=True)
+    with services.db.scope() as session:
+        for row in session.scalars(select(CertificateAuthority)):
+            cert = x509.load_der_x509_certificate(row.certificate_der)
+            (out / f"{row.name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -1,0 +1,750 @@
+"""The ``sekisho`` command line.
+
+Exit codes come from the error classes (``sekisho/errors.py``); usage errors exit 64
+(EX_USAGE). ``--json`` makes every command print machine-readable output on stdout.
+Secrets (passwords, passphrases) are read from files or named environment variables, never
+from argv.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select
+
+from ca.hierarchy import NameConstraintSpec
+from ca.issuance import IssueRequest
+from ca.models import Certificate, CertificateAuthority, CertStatus
+from ca.revocation import Reason
+from ca.tbs import SanEntry, parse_serial, parse_subject
+from hsm.base import CA_KEY_TYPES, KeyType
+from sekisho import __version__
+from sekisho.context import Actor
+from sekisho.errors import ConfigError, InputError, NotFound, SekishoError
+from sekisho.logs import setup_logging
+from sekisho.services import Services, build_services, ensure_data_dir
+from sekisho.settings import Settings, load_settings
+
+EX_USAGE = 64
+
+
+class State:
+    """Lazily built settings and services, shared by the commands of one invocation."""
+
+    def __init__(self, overrides: dict[str, Any], config: Path | None, as_json: bool) -> None:
+        self.overrides = overrides
+        self.config = config
+        self.as_json = as_json
+        self._settings: Settings | None = None
+        self._services: Services | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config, overrides=self.overrides)
+        return self._settings
+
+    def services(self) -> Services:
+        if self._services is None:
+            ensure_data_dir(self.settings)
+            self._services = build_services(self.settings)
+        return self._services
+
+    def actor(self) -> Actor:
+        user = os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
+        return Actor(account=f"cli:{user}")
+
+    def emit(self, doc: Any, text: str | Callable[[], str]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(doc, indent=None, default=str))
+        else:
+            click.echo(text() if callable(text) else text)
+
+    def close(self) -> None:
+        if self._services is not None:
+            self._services.close()
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sekisho")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    envvar="SEKISHO_DATA_DIR",
+    help="Data directory (default ./var).",
+)
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Settings file (default <data-dir>/sekisho.toml).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR.")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    data_dir: Path | None,
+    config: Path | None,
+    as_json: bool,
+    log_level: str | None,
+) -> None:
+    """Sekisho: private PKI, certificate lifecycle and mTLS access gateway."""
+    overrides: dict[str, Any] = {"data_dir": data_dir, "log_level": log_level}
+    state = State(overrides, config, as_json)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+    setup_logging(log_level or os.environ.get("SEKISHO_LOG_LEVEL", "WARNING"))
+
+
+# -- init -------------------------------------------------------------------------------------
+def _key_type(_ctx: click.Context, _param: click.Parameter, value: str | None) -> KeyType | None:
+    if value is None:
+        return None
+    try:
+        return KeyType(value)
+    except ValueError:
+        raise click.BadParameter(f"one of {', '.join(k.value for k in KeyType)}") from None
+
+
+KEY_TYPE_HELP = "Key type: " + ", ".join(k.value for k in CA_KEY_TYPES)
+
+
+@cli.command()
+@click.option("--org", default="Sekisho", show_default=True, help="Organisation name in CA DNs.")
+@click.option("--key-type", default="ec-p256", callback=_key_type, help=KEY_TYPE_HELP)
+@click.option("--issuing", multiple=True, help="Issuing CA names (default: admin, device).")
+@click.option("--permit-dns", multiple=True, help="Name constraint on issuing CAs.")
+@click.option("--permit-email", multiple=True, help="Name constraint on issuing CAs.")
+@click.option("--exclude-dns", multiple=True, help="Name constraint on issuing CAs.")
+@pass_state
+def init(
+    state: State,
+    org: str,
+    key_type: KeyType,
+    issuing: tuple[str, ...],
+    permit_dns: tuple[str, ...],
+    permit_email: tuple[str, ...],
+    exclude_dns: tuple[str, ...],
+) -> None:
+    """Create the data directory, the root CA, the issuing CAs and their first CRLs."""
+    from sekisho.bootstrap import DEFAULT_ISSUING, InitPlan, initialise
+
+    services = state.services()
+    plan = InitPlan(
+        organization=org,
+        key_type=key_type,
+        issuing=issuing or DEFAULT_ISSUING,
+        constraints=NameConstraintSpec(permit_dns, permit_email, exclude_dns),
+    )
+    created = initialise(services, plan, state.actor())
+    _print_init(state, services, [c.name for c in created])
+
+
+def _print_init(state: State, services: Services, names: list[str]) -> None:
+    settings = services.settings
+    public = (settings.data_dir / "public").resolve()
+    doc = {
+        "data_dir": str(settings.data_dir.resolve()),
+        "cas": names,
+        "certificates": {n: str(public / f"{n}.crt") for n in names},
+        "crl_urls": {n: services.registry.urls.crl(n) for n in names},
+    }
+
+    def text() -> str:
+        lines = [f"Initialised Sekisho in {doc['data_dir']}", "CA certificates:"]
+        lines += [f"  {n:<8} {public / f'{n}.crt'}" for n in names]
+        lines.append("CRLs:")
+        lines += [f"  {n:<8} {services.registry.urls.crl(n)}" for n in names]
+        return "\n".join(lines)
+
+    state.emit(doc, text)
+
+
+# -- ca ---------------------------------------------------------------------------------------
+@cli.group()
+def ca() -> None:
+    """Certificate authorities: list, show, export, offline root, new issuing CAs."""
+
+
+def _ca_doc(row: CertificateAuthority) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "kind": row.kind.value,
+        "subject": row.subject_dn,
+        "serial": row.serial,
+        "key_type": row.key_type,
+        "key_ref": row.key_ref,
+        "key_online": row.key_online,
+        "not_before": row.not_before.isoformat(),
+        "not_after": row.not_after.isoformat(),
+        "crl_number": row.crl_number,
+    }
+
+
+@ca.command("list")
+@pass_state
+def ca_list(state: State) -> None:
+    """List the CAs of this deployment."""
+    from ca.registry import all_cas
+
+    with state.services().db.scope() as session:
+        docs = [_ca_doc(r) for r in all_cas(session)]
+    state.emit(
+        docs,
+        lambda: "\n".join(
+            f"{d['name']:<10} {d['kind']:<8} {d['key_type']:<9} "
+            f"{'online' if d['key_online'] else 'OFFLINE':<8} {d['subject']}"
+            for d in docs
+        ),
+    )
+
+
+@ca.command("show")
+@click.argument("name")
+@pass_state
+def ca_show(state: State, name: str) -> None:
+    """Show one CA."""
+    from ca.registry import ca_row
+
+    with state.services().db.scope() as session:
+        doc = _ca_doc(ca_row(session, name))
+    state.emit(doc, lambda: "\n".join(f"{k:<11} {v}" for k, v in doc.items()))
+
+
+@ca.command("export")
+@click.argument("name")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write here instead of stdout.",
+)
+@click.option(
+    "--key",
+    "with_key",
+    is_flag=True,
+    help="Export the CA private key (encrypted PKCS#8 PEM) instead of its certificate.",
+)
+@pass_state
+def ca_export(state: State, name: str, output: Path | None, with_key: bool) -> None:
+    """Export a CA certificate (PEM), or with --key its encrypted private key."""
+    from ca.hierarchy import export_key
+    from ca.registry import ca_row
+
+    services = state.services()
+    if with_key:
+        if output is None:
+            raise click.UsageError("--key needs --output (keys are never printed)")
+        data = export_key(services.ca, name, state.actor())
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        state.emit({"ca": name, "key_file": str(output)}, f"wrote encrypted key to {output}")
+        return
+    with services.db.scope() as session:
+        der = ca_row(session, name).certificate_der
+    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    if output:
+        output.write_bytes(pem)
+        state.emit({"ca": name, "file": str(output)}, f"wrote {output}")
+    else:
+        click.echo(pem.decode(), nl=False)
+
+
+@ca.command("offline")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Confirm that an exported copy of the key exists.")
+@pass_state
+def ca_offline(state: State, name: str, yes: bool) -> None:
+    """Remove a CA key (typically the root's) from the online store."""
+    from ca.hierarchy import take_offline
+
+    if not yes:
+        raise click.UsageError("export the key first (ca export --key), then pass --yes")
+    take_offline(state.services().ca, name, state.actor())
+    state.emit({"ca": name, "key_online": False}, f"key of CA {name} removed from the store")
+
+
+@ca.command("online")
+@click.argument("name")
+@click.option(
+    "--key-file", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False)
+)
+@pass_state
+def ca_online(state: State, name: str, key_file: Path) -> None:
+    """Bring an exported CA key back into the store (to sign a new CA or the root CRL)."""
+    from ca.hierarchy import bring_online
+
+    bring_online(state.services().ca, name, key_file.read_bytes(), state.actor())
+    state.emit({"ca": name, "key_online": True}, f"key of CA {name} is online")
+
+
+@ca.command("create-issuing")
+@click.argument("name")
+@click.option("--parent", default="root", show_default=True)
+@click.option("--org", default="Sekisho", show_default=True)
+@click.option("--key-type", default="ec-p256", callback=_key_type, help=KEY_TYPE_HELP)
+@click.option("--permit-dns", multiple=True)
+@click.option("--permit-email", multiple=True)
+@click.option("--exclude-dns", multiple=True)
+@pass_state
+def ca_create_issuing(
+    state: State,
+    name: str,
+    parent: str,
+    org: str,
+    key_type: KeyType,
+    permit_dns: tuple[str, ...],
+    permit_email: tuple[str, ...],
+    exclude_dns: tuple[str, ...],
+) -> None:
+    """Create another issuing CA under the root (the root key must be online)."""
+    from ca.hierarchy import create_issuing
+    from sekisho.bootstrap import publish_ca_files
+
+    services = state.services()
+    row = create_issuing(
+        services.ca,
+        name,
+        parent,
+        org,
+        key_type,
+        state.actor(),
+        NameConstraintSpec(permit_dns, permit_email, exclude_dns),
+    )
+    now = services.clock()
+    services.crls.generate(name, now, actor=state.actor())
+    services.crls.generate(name, now, delta=True, actor=state.actor())
+    publish_ca_files(services)
+    state.emit(_ca_doc(row), f"created issuing CA {name} ({row.subject_dn})")
+
+
+# -- issue / revoke ---------------------------------------------------------------------------
+def _read_secret_option(file: Path | None, env_name: str | None) -> bytes | None:
+    if file is not None:
+        return file.read_bytes().rstrip(b"\r\n")
+    if env_name:
+        value = os.environ.get(env_name)
+        if not value:
+            raise ConfigError(f"environment variable {env_name} is not set")
+        return value.encode()
+    return None
+
+
+@cli.command()
+@click.option("--ca", "ca_name", required=True, help="Issuing CA name.")
+@click.option("--profile", required=True, help="Certificate profile.")
+@click.option(
+    "--csr",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="CSR file (PEM or DER).",
+)
+@click.option("--keygen", callback=_key_type, help="Generate the key here (server-side keygen).")
+@click.option("--subject", help="Subject DN (RFC 4514); default: the CSR's, checked by the rules.")
+@click.option("--san", multiple=True, help="dns:NAME, email:ADDR, ip:ADDR, uri:URI (repeat).")
+@click.option("--days", type=click.IntRange(1, 20000), help="Validity in days.")
+@click.option("--owner", help="Owner (account, device or service ID).")
+@click.option("--tenant", help="Tenant the certificate belongs to.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Certificate PEM.")
+@click.option(
+    "--key-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --keygen: private key PEM (mode 0600, unencrypted).",
+)
+@click.option(
+    "--p12",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --keygen: password-protected PKCS#12 file.",
+)
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="PKCS#12 password from this file.",
+)
+@click.option("--password-env", help="PKCS#12 password from this environment variable.")
+@click.option("--legacy-p12", is_flag=True, help="3DES/SHA-1 PKCS#12 for old importers.")
+@pass_state
+def issue(
+    state: State,
+    ca_name: str,
+    profile: str,
+    csr: Path | None,
+    keygen: KeyType | None,
+    subject: str | None,
+    san: tuple[str, ...],
+    days: int | None,
+    owner: str | None,
+    tenant: str | None,
+    out: Path | None,
+    key_out: Path | None,
+    p12: Path | None,
+    password_file: Path | None,
+    password_env: str | None,
+    legacy_p12: bool,
+) -> None:
+    """Issue a certificate from a CSR, or with a key generated here."""
+    from enrollment.pkcs12 import pkcs12_bundle
+
+    if (csr is None) == (keygen is None):
+        raise click.UsageError("give exactly one of --csr and --keygen")
+    if keygen is None and (key_out or p12):
+        raise click.UsageError("--key-out and --p12 go with --keygen")
+    services = state.services()
+    sans = tuple(SanEntry.parse(s) for s in san) if san else None
+    subject_name = parse_subject(subject) if subject else None
+    validity = dt.timedelta(days=days) if days else None
+    actor = state.actor()
+    key = None
+    if csr is not None:
+        cert = services.ca.issue_from_csr(
+            csr.read_bytes(),
+            ca=ca_name,
+            profile=profile,
+            actor=actor,
+            subject=subject_name,
+            sans=sans,
+            validity=validity,
+            owner_kind="cli" if owner else None,
+            owner_id=owner,
+            tenant=tenant,
+        )
+    else:
+        if subject_name is None:
+            raise click.UsageError("--keygen needs --subject")
+        assert keygen is not None
+        placeholder = IssueRequest(
+            ca=ca_name,
+            profile=profile,
+            subject=subject_name,
+            public_key=None,  # type: ignore[arg-type]
+            sans=sans or (),
+            validity=validity,
+            owner_id=owner,
+            owner_kind="cli" if owner else None,
+            tenant=tenant,
+        )
+        cert, key = services.ca.issue_with_new_key(placeholder, keygen, actor)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    doc: dict[str, Any] = {
+        "serial": f"{cert.serial_number:040x}",
+        "subject": cert.subject.rfc4514_string(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
+    if out:
+        out.write_bytes(pem)
+        doc["certificate_file"] = str(out)
+    if key is not None and key_out:
+        fd = os.open(key_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        doc["key_file"] = str(key_out)
+    if key is not None and p12:
+        password = _read_secret_option(password_file, password_env)
+        generated = password is None
+        if password is None:
+            password = secrets.token_urlsafe(18).encode()  # 144 bits
+        with services.db.scope() as session:
+            chain = _chain_for(session, ca_name)
+        data = pkcs12_bundle(key, cert, chain, password, legacy=legacy_p12)
+        fd = os.open(p12, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        doc["p12_file"] = str(p12)
+        if generated:
+            # Shown exactly once, on the terminal of the operator who asked for it.
+            doc["p12_password"] = password.decode()
+    if not out and not state.as_json:
+        click.echo(pem.decode(), nl=False)
+    state.emit(doc, lambda: "\n".join(f"{k}: {v}" for k, v in doc.items()))
+
+
+def _chain_for(session: Any, ca_name: str) -> list[x509.Certificate]:
+    chain = []
+    row = session.scalar(select(CertificateAuthority).where(CertificateAuthority.name == ca_name))
+    while row is not None:
+        chain.append(x509.load_der_x509_certificate(row.certificate_der))
+        row = session.get(CertificateAuthority, row.parent_id) if row.parent_id else None
+    return chain
+
+
+def _serial(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    try:
+        return parse_serial(value)
+    except InputError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+@cli.command()
+@click.option("--ca", "ca_name", required=True)
+@click.argument("serial", callback=_serial)
+@click.option(
+    "--reason",
+    default="unspecified",
+    show_default=True,
+    help="RFC 5280 reason: " + ", ".join(r.value for r in Reason),
+)
+@click.option(
+    "--invalidity-date",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"]),
+    help="When the key is believed compromised (UTC).",
+)
+@pass_state
+def revoke(
+    state: State, ca_name: str, serial: int, reason: str, invalidity_date: dt.datetime | None
+) -> None:
+    """Revoke a certificate (certificate_hold suspends it; see `release`)."""
+    services = state.services()
+    when = invalidity_date.replace(tzinfo=dt.UTC) if invalidity_date else None
+    cert = services.revoker.revoke(ca_name, serial, Reason.parse(reason), state.actor(), when)
+    state.emit(
+        {"serial": cert.serial, "status": cert.status.value, "reason": cert.revocation_reason},
+        f"revoked {cert.serial} ({cert.revocation_reason})",
+    )
+
+
+@cli.command()
+@click.option("--ca", "ca_name", required=True)
+@click.argument("serial", callback=_serial)
+@pass_state
+def release(state: State, ca_name: str, serial: int) -> None:
+    """Release a certificate from hold."""
+    cert = state.services().revoker.release(ca_name, serial, state.actor())
+    state.emit(
+        {"serial": cert.serial, "status": cert.status.value}, f"released {cert.serial} from hold"
+    )
+
+
+# -- cert -------------------------------------------------------------------------------------
+@cli.group()
+def cert() -> None:
+    """Certificates in the store."""
+
+
+def _cert_doc(row: Certificate, ca_name: str) -> dict[str, Any]:
+    return {
+        "ca": ca_name,
+        "serial": row.serial,
+        "status": row.status.value,
+        "profile": row.profile,
+        "subject": row.subject_dn,
+        "sans": json.loads(row.sans),
+        "not_before": row.not_before.isoformat(),
+        "not_after": row.not_after.isoformat(),
+        "reason": row.revocation_reason,
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+        "owner": row.owner_id,
+        "tenant": row.tenant,
+    }
+
+
+@cert.command("list")
+@click.option("--status", type=click.Choice([s.value for s in CertStatus]))
+@click.option("--ca", "ca_name", help="Issuing CA name.")
+@click.option(
+    "--expiring-within",
+    type=click.IntRange(0, 100000),
+    metavar="DAYS",
+    help="Only unexpired certificates that expire within DAYS days.",
+)
+@click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
+@pass_state
+def cert_list(
+    state: State, status: str | None, ca_name: str | None, expiring_within: int | None, limit: int
+) -> None:
+    """List certificates (newest first)."""
+    services = state.services()
+    stmt = (
+        select(Certificate, CertificateAuthority.name)
+        .join(CertificateAuthority, Certificate.issuer_id == CertificateAuthority.id)
+        .order_by(Certificate.id.desc())
+        .limit(limit)
+    )
+    if status:
+        stmt = stmt.where(Certificate.status == CertStatus(status))
+    if ca_name:
+        stmt = stmt.where(CertificateAuthority.name == ca_name)
+    if expiring_within is not None:
+        now = services.clock()
+        stmt = stmt.where(
+            Certificate.not_after >= now,
+            Certificate.not_after <= now + dt.timedelta(days=expiring_within),
+        )
+    with services.db.scope() as session:
+        docs = [_cert_doc(row, name) for row, name in session.execute(stmt)]
+    state.emit(
+        docs,
+        lambda: (
+            "\n".join(
+                f"{d['ca']:<8} {d['serial']} {d['status']:<8} {d['not_after'][:10]} {d['subject']}"
+                for d in docs
+            )
+            or "no certificates"
+        ),
+    )
+
+
+@cert.command("show")
+@click.option("--ca", "ca_name", required=True)
+@click.argument("serial", callback=_serial)
+@click.option("--pem", is_flag=True, help="Print the certificate PEM.")
+@pass_state
+def cert_show(state: State, ca_name: str, serial: int, pem: bool) -> None:
+    """Show one certificate."""
+    from ca.registry import ca_row
+
+    with state.services().db.scope() as session:
+        ca_id = ca_row(session, ca_name).id
+        row = session.scalar(
+            select(Certificate).where(
+                Certificate.issuer_id == ca_id, Certificate.serial == f"{serial:040x}"
+            )
+        )
+        if row is None:
+            raise NotFound(f"CA {ca_name} has no certificate with serial {serial:x}")
+        doc = _cert_doc(row, ca_name)
+        der = row.der
+    if pem:
+        if der is None:
+            raise NotFound("this serial has no signed certificate stored")
+        click.echo(
+            x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode(),
+            nl=False,
+        )
+        return
+    state.emit(doc, lambda: "\n".join(f"{k:<11} {v}" for k, v in doc.items()))
+
+
+# -- crl --------------------------------------------------------------------------------------
+@cli.group()
+def crl() -> None:
+    """Certificate revocation lists."""
+
+
+@crl.command("generate")
+@click.option("--ca", "ca_names", multiple=True, help="CA name (repeat); default: every online CA.")
+@click.option("--delta", is_flag=True, help="Generate a delta CRL against the latest full CRL.")
+@pass_state
+def crl_generate(state: State, ca_names: tuple[str, ...], delta: bool) -> None:
+    """Generate CRLs now."""
+    from ca.registry import all_cas
+
+    services = state.services()
+    if not ca_names:
+        with services.db.scope() as session:
+            ca_names = tuple(r.name for r in all_cas(session) if r.key_online and r.active)
+    docs = []
+    for name in ca_names:
+        row = services.crls.generate(name, services.clock(), delta=delta, actor=state.actor())
+        docs.append(
+            {
+                "ca": name,
+                "number": row.number,
+                "kind": row.kind.value,
+                "entries": row.entries,
+                "next_update": row.next_update.isoformat(),
+            }
+        )
+    state.emit(
+        docs,
+        lambda: "\n".join(
+            f"{d['ca']:<8} {d['kind']:<5} #{d['number']} entries={d['entries']} "
+            f"next_update={d['next_update']}"
+            for d in docs
+        ),
+    )
+
+
+# -- serve ------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--host", help="Bind address (default from settings: 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default 8080).")
+@click.option("--workers", type=click.IntRange(1, 64), help="Worker processes.")
+@pass_state
+def serve(state: State, host: str | None, port: int | None, workers: int | None) -> None:
+    """Serve the web app (CRLs, CA certificates, health) under gunicorn."""
+    from web.server import serve as run_server
+
+    settings = state.settings
+    ensure_data_dir(settings)
+    run_server(
+        settings,
+        host or settings.bind_host,
+        port or settings.bind_port,
+        workers or settings.workers,
+    )
+
+
+@cli.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Initialise on first run, then serve (what `make run` does)."""
+    from sekisho.bootstrap import InitPlan, initialise, is_initialised
+
+    state: State = ctx.obj
+    services = state.services()
+    if not is_initialised(services):
+        created = initialise(services, InitPlan(), state.actor())
+        _print_init(state, services, [c.name for c in created])
+    else:
+        click.echo(f"Sekisho data in {services.settings.data_dir.resolve()}", err=True)
+    click.echo(
+        f"Serving on http://{services.settings.bind_host}:{services.settings.bind_port}/", err=True
+    )
+    state.close()
+    state._services = None
+    ctx.invoke(serve)
+
+
+def _register_audit() -> None:
+    from audit.cli import audit
+
+    cli.add_command(audit)
+
+
+_register_audit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: map errors to exit codes once."""
+    try:
+        cli.main(args=argv, prog_name="sekisho", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code or 0)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.UsageError as exc:
+        exc.show()
+        return EX_USAGE
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code if exc.exit_code != 2 else EX_USAGE
+    except SekishoError as exc:
+        click.echo(f"error: {exc.code}: {exc.message}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Structured logs: one JSON object per line on stderr.
+
+Secrets never reach a log call; as a second line of defence, values of keys that look secret
+are masked by the formatter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from typing import Any
+
+_SECRET_WORDS = ("password", "passphrase", "pin", "secret", "token", "private")
+_STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key in _STD_ATTRS or key.startswith("_"):
+                continue
+            if any(word in key.lower() for word in _SECRET_WORDS):
+                value = "***"
+            doc[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exc_type"] = record.exc_info[0].__name__
+        return json.dumps(doc, ensure_ascii=True)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Third-party chatter stays at WARNING unless asked.
+    for name in ("alembic", "sqlalchemy", "gunicorn.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,130 @@
+"""Composition root: builds every service once from settings and hands them out.
+
+The CLI, the web app and the background workers all get their collaborators from here;
+nothing else constructs a database, a key backend or a journal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from audit.journal import CheckpointSigner, Journal
+from ca.crl import CrlPublisher
+from ca.issuance import CaService
+from ca.profiles import ProfileSet, load_profiles
+from ca.registry import CaRegistry, Urls
+from ca.revocation import Revoker
+from hsm.base import KeyBackend, KeyType
+from hsm.secrets import create_secret_file, read_secret
+from hsm.software import SoftwareBackend
+from sekisho.clock import utcnow
+from sekisho.db import Database
+from sekisho.errors import ConfigError
+from sekisho.settings import Settings
+
+AUDIT_KEY_REF = "file:audit"
+AUDIT_KEY_TYPE = KeyType.EC_P256
+
+
+@dataclasses.dataclass
+class Services:
+    settings: Settings
+    db: Database
+    backend: KeyBackend
+    journal: Journal
+    registry: CaRegistry
+    profiles: ProfileSet
+    ca: CaService
+    revoker: Revoker
+    crls: CrlPublisher
+    clock: Callable[[], dt.datetime]
+
+    def close(self) -> None:
+        self.backend.close()
+        self.db.dispose()
+
+
+def ensure_data_dir(settings: Settings) -> None:
+    """Create the data directory (0700) and, for the embedded default, a random passphrase."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.data_dir, 0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use data directory {settings.data_dir}: {exc.strerror}"
+        ) from None
+    path = settings.passphrase_path
+    if path is not None and not settings.key_passphrase_file and not path.exists():
+        create_secret_file(path)
+
+
+def open_backend(settings: Settings) -> KeyBackend:
+    if settings.key_backend != "software":
+        raise ConfigError("the pkcs11 key backend is not available in this build yet")
+    passphrase = read_secret(settings.passphrase_path, settings.key_passphrase_env)
+    return SoftwareBackend(settings.keys_dir, passphrase)
+
+
+def build_services(
+    settings: Settings,
+    *,
+    backend: KeyBackend | None = None,
+    clock: Callable[[], dt.datetime] = utcnow,
+    migrate: bool = True,
+) -> Services:
+    db = Database(settings.db_url)
+    if migrate:
+        db.upgrade()
+    backend = backend or open_backend(settings)
+    signer = (
+        CheckpointSigner(backend, AUDIT_KEY_REF, AUDIT_KEY_TYPE)
+        if backend.has_key(AUDIT_KEY_REF)
+        else None
+    )
+    journal = Journal(
+        settings.journal_origin,
+        signer,
+        every=settings.audit_checkpoint_every,
+        interval=dt.timedelta(minutes=settings.audit_checkpoint_minutes),
+    )
+    urls = Urls(settings.base_url)
+    registry = CaRegistry(urls)
+    extra_profiles = settings.data_dir / "profiles.toml"
+    profiles = load_profiles(extra_profiles if extra_profiles.exists() else None)
+    ca = CaService(db, backend, journal, registry, profiles, clock)
+    revoker = Revoker(db, journal, clock)
+    crls = CrlPublisher(
+        db,
+        backend,
+        journal,
+        settings.crl_next_update,
+        settings.delta_crl_next_update,
+        urls.delta_crl,
+    )
+    return Services(
+        settings=settings,
+        db=db,
+        backend=backend,
+        journal=journal,
+        registry=registry,
+        profiles=profiles,
+        ca=ca,
+        revoker=revoker,
+        crls=crls,
+        clock=clock,
+    )
+
+
+def enable_checkpoints(services: Services) -> None:
+    """Create the audit checkpoint key (first run) and attach it to the journal."""
+    if not services.backend.has_key(AUDIT_KEY_REF):
+        services.backend.generate(AUDIT_KEY_REF.split(":", 1)[1], AUDIT_KEY_TYPE)
+    services.journal.signer = CheckpointSigner(services.backend, AUDIT_KEY_REF, AUDIT_KEY_TYPE)
+
+
+def data_file(settings: Settings, *parts: str) -> Path:
+    return settings.data_dir.joinpath(*parts)

@@ -1,0 +1,118 @@
+"""Background work of the serving process: keeping CRLs fresh.
+
+The refresher polls each online CA's revocation epoch (cheap: one row) once per tick. After
+a change it waits until revocations have been quiet for ``debounce`` seconds (or at most five
+times that since the first change), then publishes one delta CRL against the current base and
+one new full CRL: a burst of revocations yields one new CRL within seconds. CRLs are also
+re-issued once half their validity has passed. Changes made by other processes (the CLI, other
+web workers) are seen the same way, through the database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import threading
+
+from sqlalchemy import select
+
+from ca.crl import due, latest
+from ca.models import CertificateAuthority, CrlKind
+from sekisho.errors import SekishoError
+from sekisho.services import Services
+
+log = logging.getLogger("sekisho.crl")
+
+
+@dataclasses.dataclass
+class _Pending:
+    first_seen: dt.datetime
+    last_change: dt.datetime
+    epoch: int
+
+
+class CrlRefresher:
+    def __init__(
+        self, services: Services, *, debounce: float | None = None, tick: float = 1.0
+    ) -> None:
+        self.services = services
+        self.debounce = dt.timedelta(
+            seconds=services.settings.crl_debounce_seconds if debounce is None else debounce
+        )
+        self.tick = tick
+        self._pending: dict[str, _Pending] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.published = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="crl-refresher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def poke(self, _ca_id: int | None = None) -> None:
+        """Revocation listener: look now instead of at the next tick."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once(self.services.clock())
+            except SekishoError as exc:
+                log.warning("crl refresh failed", extra={"code": exc.code, "detail": exc.message})
+            except Exception as exc:
+                log.error("crl refresh crashed", exc_info=exc)
+            self._wake.wait(self.tick)
+            self._wake.clear()
+
+    def run_once(self, now: dt.datetime) -> list[str]:
+        """One pass over every online CA; returns the names whose CRLs were published."""
+        with self.services.db.scope() as session:
+            cas = [
+                (ca.name, ca.id, int(ca.revocation_epoch))
+                for ca in session.scalars(
+                    select(CertificateAuthority).where(
+                        CertificateAuthority.active.is_(True),
+                        CertificateAuthority.key_online.is_(True),
+                    )
+                )
+            ]
+            state = {
+                name: (latest(session, ca_id, CrlKind.FULL), latest(session, ca_id, CrlKind.DELTA))
+                for name, ca_id, _ in cas
+            }
+        published = []
+        for name, _ca_id, epoch in cas:
+            full, delta = state[name]
+            stale = full is None or epoch > full.epoch
+            if stale and full is not None:
+                pending = self._pending.get(name)
+                if pending is None:
+                    self._pending[name] = _Pending(now, now, epoch)
+                    continue
+                if epoch != pending.epoch:
+                    pending.epoch, pending.last_change = epoch, now
+                quiet = now - pending.last_change >= self.debounce
+                overdue = now - pending.first_seen >= self.debounce * 5
+                if not (quiet or overdue):
+                    continue
+            if stale or due(full, epoch, now):
+                if full is not None:
+                    self.services.crls.generate(name, now, delta=True)
+                self.services.crls.generate(name, now)
+                self._pending.pop(name, None)
+                published.append(name)
+            elif delta is None or due(delta, epoch, now):
+                self.services.crls.generate(name, now, delta=True)
+                published.append(name)
+        self.published += len(published)
+        if published:
+            log.info("published CRLs", extra={"cas": ",".join(published)})
+        return published

@@ -1,0 +1,44 @@
+"""Flask app factory and thin blueprints. Services are built once and injected."""
+
+from __future__ import annotations
+
+import secrets
+
+from flask import Flask, Response, g, request
+
+from sekisho.services import Services
+
+
+def create_app(services: Services) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = services.settings.max_request_bytes
+    app.config["SEKISHO"] = services
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    from web.errors import register_error_handlers
+    from web.pki import bp as pki_bp
+
+    register_error_handlers(app)
+    app.register_blueprint(pki_bp)
+
+    @app.before_request
+    def _request_id() -> None:
+        g.request_id = secrets.token_hex(8)
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("Content-Security-Policy", "default-src 'none'")
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        if request.is_secure:
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        return response
+
+    return app
+
+
+def services_of(app: Flask) -> Services:
+    services: Services = app.config["SEKISHO"]
+    return services

@@ -1,0 +1,56 @@
+"""Errors mapped once: domain errors and HTTP errors become RFC 9457 problem documents.
+
+Nothing reaches the client as a traceback; unexpected exceptions are logged with the request
+ID and answered with a bare 500 problem.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+from sekisho.errors import SekishoError
+
+log = logging.getLogger("sekisho.web")
+
+
+def problem(status: int, code: str, detail: str) -> Response:
+    response = jsonify(
+        {
+            "type": f"urn:sekisho:error:{code}",
+            "title": code.replace("-", " "),
+            "status": status,
+            "detail": detail,
+            "request_id": g.get("request_id"),
+        }
+    )
+    response.status_code = status
+    response.mimetype = "application/problem+json"
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(SekishoError)
+    def _domain(exc: SekishoError) -> Response:
+        if exc.http_status >= 500:
+            log.warning(
+                "request failed",
+                extra={"code": exc.code, "detail": exc.message, "request_id": g.get("request_id")},
+            )
+        response = jsonify({**exc.as_problem(), "request_id": g.get("request_id")})
+        response.status_code = exc.http_status
+        response.mimetype = "application/problem+json"
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = (exc.name or "error").lower().replace(" ", "-")
+        return problem(status, code, exc.description or exc.name or "error")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.error("unexpected error", exc_info=exc, extra={"request_id": g.get("request_id")})
+        return problem(500, "internal", "internal error; quote the request ID to the operator")

@@ -1,0 +1,112 @@
+"""Public PKI endpoints: /healthz, /crl/<ca>.crl, /crl/<ca>-delta.crl, /ca/<ca>.crt.
+
+CRLs are served with ETag (SHA-256 of the DER), Last-Modified (thisUpdate), Expires
+(nextUpdate) and a short max-age so caches pick up a new CRL within minutes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+
+from flask import Blueprint, Response, abort, current_app, request
+from sqlalchemy import select, text
+
+from ca.crl import latest_by_name
+from ca.models import CertificateAuthority, CrlKind
+from web import services_of
+
+bp = Blueprint("pki", __name__)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CRL_MAX_AGE = 300
+_cache_lock = threading.Lock()
+_crl_cache: dict[tuple[str, str], tuple[int, bytes]] = {}
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[dict[str, str], int]:
+    services = services_of(current_app)
+    try:
+        with services.db.scope() as session:
+            session.execute(text("SELECT 1"))
+    except Exception:  # noqa: BLE001  (health must answer, whatever broke)
+        return {"status": "unavailable", "database": "down"}, 503
+    return {"status": "ok", "database": "ok"}, 200
+
+
+def _http_date(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def _cached_response(
+    body: bytes,
+    mimetype: str,
+    etag: str,
+    last_modified: dt.datetime,
+    expires: dt.datetime | None,
+    max_age: int,
+) -> Response:
+    response = Response(body, mimetype=mimetype)
+    response.set_etag(etag)
+    response.headers["Last-Modified"] = _http_date(last_modified)
+    if expires is not None:
+        response.headers["Expires"] = _http_date(expires)
+    response.headers["Cache-Control"] = f"public, max-age={max_age}, no-transform"
+    response.make_conditional(request)
+    return response
+
+
+@bp.get("/crl/<string:filename>")
+def crl(filename: str) -> Response:
+    if not filename.endswith(".crl"):
+        abort(404)
+    stem = filename[:-4]
+    kind = CrlKind.FULL
+    if stem.endswith("-delta"):
+        stem, kind = stem[:-6], CrlKind.DELTA
+    if not _NAME.match(stem):
+        abort(404)
+    services = services_of(current_app)
+    with services.db.scope() as session:
+        row = latest_by_name(session, stem, kind)
+        if row is None:
+            abort(404)
+        number, sha, this_update, next_update = (
+            row.number,
+            row.sha256,
+            row.this_update,
+            row.next_update,
+        )
+        with _cache_lock:
+            hit = _crl_cache.get((stem, kind.value))
+        if hit is not None and hit[0] == number:
+            der = hit[1]
+        else:
+            der = row.der
+            with _cache_lock:
+                _crl_cache[(stem, kind.value)] = (number, der)
+    now = services.clock()
+    remaining = max(0, int((next_update - now).total_seconds()))
+    return _cached_response(
+        der, "application/pkix-crl", sha, this_update, next_update, min(CRL_MAX_AGE, remaining)
+    )
+
+
+@bp.get("/ca/<string:filename>")
+def ca_certificate(filename: str) -> Response:
+    if not filename.endswith(".crt") or not _NAME.match(filename[:-4]):
+        abort(404)
+    services = services_of(current_app)
+    with services.db.scope() as session:
+        row = session.scalar(
+            select(CertificateAuthority).where(CertificateAuthority.name == filename[:-4])
+        )
+        if row is None:
+            abort(404)
+        der, created = row.certificate_der, row.not_before
+    import hashlib
+
+    return _cached_response(
+        der, "application/pkix-cert", hashlib.sha256(der).hexdigest(), created, None, 86400
+    )
