@@ -45,6 +45,7 @@ from hsm.software import generate_private_key
 from sekisho.context import Actor
 from sekisho.db import Database
 from sekisho.errors import (
+    Conflict,
     InputError,
     KeyBackendError,
     NotFound,
@@ -237,12 +238,15 @@ class CaService:
         fingerprint = hashlib.sha256(der).hexdigest()
         now = self.clock()
         with self.db.scope() as session:
-            session.execute(
+            result = session.execute(
                 update(Certificate)
                 .where(Certificate.id == row_id)
                 .values(der=der, fingerprint_sha256=fingerprint, status=CertStatus.ISSUED)
                 .where(Certificate.status == CertStatus.RESERVED)
             )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                # Revoked (or marked failed) between intent and store: never hand it out.
+                raise Conflict(f"serial {serial_hex(tbs.serial)} changed state during issuance")
             self.journal.append(
                 session,
                 Event(

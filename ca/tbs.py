@@ -14,6 +14,7 @@ import secrets
 from functools import cached_property
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
@@ -176,7 +177,14 @@ def _ext(value: x509.ExtensionType, critical: bool = False) -> x509.Extension[x5
     return x509.Extension(value.oid, critical, value)
 
 
-def key_usage(names: frozenset[str]) -> x509.KeyUsage:
+# Key usages that only make sense for RSA keys (RFC 8813 2, RFC 8410 5): a profile may list
+# them for RSA subjects; for EC and EdDSA keys they are dropped, never asserted.
+RSA_ONLY_USAGES = frozenset({"key_encipherment", "data_encipherment"})
+
+
+def key_usage(names: frozenset[str], public_key: object = None) -> x509.KeyUsage:
+    if public_key is not None and not isinstance(public_key, rsa.RSAPublicKey):
+        names = names - RSA_ONLY_USAGES
     return x509.KeyUsage(
         digital_signature="digital_signature" in names,
         content_commitment="content_commitment" in names,
@@ -200,7 +208,7 @@ def build_extensions(tbs: Tbs) -> list[x509.Extension[x509.ExtensionType]]:
             ),
             critical=True,
         ),
-        _ext(key_usage(profile.key_usage), critical=True),
+        _ext(key_usage(profile.key_usage, tbs.public_key), critical=True),
     ]
     if profile.extended_key_usage:
         exts.append(_ext(x509.ExtendedKeyUsage(list(profile.extended_key_usage))))

@@ -1,0 +1,237 @@
+"""Revocation and CRLs: reasons, hold/release, full and delta CRLs, numbering, debounce."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pytest
+from cryptography import x509
+from sqlalchemy import select
+
+from ca.crl import latest_by_name
+from ca.models import Crl, CrlKind
+from ca.revocation import Reason
+from sekisho.errors import Conflict, InputError, NotFound
+from sekisho.services import Services, build_services
+from sekisho.settings import Settings
+from sekisho.workers import CrlRefresher
+from tests.ca.helpers import ca_cert, der, issue
+from tests.conftest import TEST_ACTOR, FakeClock
+from tests.support import checkers
+
+
+def _chain(services: Services, ca: str) -> list[bytes]:
+    return [der(ca_cert(services, "root")), der(ca_cert(services, ca))]
+
+
+def test_full_and_delta_crls_pass_checkers_and_revoke(services: Services) -> None:
+    now = services.clock()
+    good = issue(services, "admin-client")
+    revoked = {reason: issue(services, "admin-client") for reason in Reason}
+    base = services.crls.generate("admin", now)
+    for reason, cert in revoked.items():
+        services.revoker.revoke("admin", cert.serial_number, reason, TEST_ACTOR)
+    late = issue(services, "admin-client")
+    services.revoker.revoke(
+        "admin",
+        late.serial_number,
+        Reason.KEY_COMPROMISE,
+        TEST_ACTOR,
+        invalidity_date=now - dt.timedelta(days=2),
+    )
+    delta_row = services.crls.generate("admin", now, delta=True)
+    full_row = services.crls.generate("admin", now)
+    issuer = der(ca_cert(services, "admin"))
+    chain = _chain(services, "admin")
+
+    for row in (full_row, delta_row):
+        checkers.pkilint_crl(row.der, delta=row.kind is CrlKind.DELTA)
+        checkers.openssl_crl_verify(row.der, issuer)
+
+    full = x509.load_der_x509_crl(full_row.der)
+    delta = x509.load_der_x509_crl(delta_row.der)
+    assert full.is_signature_valid(ca_cert(services, "admin").public_key())  # type: ignore[arg-type]
+    number = full.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert (
+        number
+        > x509.load_der_x509_crl(base.der)
+        .extensions.get_extension_for_class(x509.CRLNumber)
+        .value.crl_number
+    )
+    assert full.extensions.get_extension_for_class(x509.FreshestCRL)
+    indicator = delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    assert indicator.critical
+    assert indicator.value.crl_number == base.number
+    assert full.next_update_utc - full.last_update_utc == dt.timedelta(days=7)
+
+    for reason, cert in revoked.items():
+        entry = full.get_revoked_certificate_by_serial_number(cert.serial_number)
+        assert entry is not None
+        assert delta.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+        reason_ext = [e for e in entry.extensions if isinstance(e.value, x509.CRLReason)]
+        if reason is Reason.UNSPECIFIED:
+            assert reason_ext == []  # RFC 5280 5.3.1: no reasonCode for unspecified
+        else:
+            assert reason_ext[0].value.reason == reason.flag
+    entry = full.get_revoked_certificate_by_serial_number(late.serial_number)
+    assert entry is not None
+    inv = entry.extensions.get_extension_for_class(x509.InvalidityDate).value
+    assert inv.invalidity_date_utc == now - dt.timedelta(days=2)
+    assert full.get_revoked_certificate_by_serial_number(good.serial_number) is None
+
+    # Real clients: openssl and gnutls see the revoked certificate as revoked, the good one ok.
+    target = revoked[Reason.KEY_COMPROMISE]
+    checkers.openssl_verify(der(good), chain, crl_ders=[full_row.der])
+    checkers.openssl_verify_revoked(der(target), chain, crl_ders=[full_row.der])
+    assert checkers.gnutls_verify(der(target), chain, crl_ders=[full_row.der]) == "revoked"
+    assert checkers.gnutls_verify(der(good), chain, crl_ders=[full_row.der]) == "ok"
+
+
+def test_hold_release_and_re_revocation_rules(services: Services) -> None:
+    cert = issue(services, "device")
+    serial = cert.serial_number
+    base = services.crls.generate("device", services.clock())
+    services.revoker.revoke("device", serial, Reason.CERTIFICATE_HOLD, TEST_ACTOR)
+    held = x509.load_der_x509_crl(services.crls.generate("device", services.clock()).der)
+    assert held.get_revoked_certificate_by_serial_number(serial) is not None
+    services.revoker.release("device", serial, TEST_ACTOR)
+    delta_row = services.crls.generate("device", services.clock(), delta=True)
+    delta = x509.load_der_x509_crl(delta_row.der)
+    entry = delta.get_revoked_certificate_by_serial_number(serial)
+    assert entry is not None  # removeFromCRL tells delta users the hold is over
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+        x509.ReasonFlags.remove_from_crl
+    )
+    checkers.pkilint_crl(delta_row.der, delta=True)
+    full = x509.load_der_x509_crl(services.crls.generate("device", services.clock()).der)
+    assert full.get_revoked_certificate_by_serial_number(serial) is None
+    assert base.number < delta_row.number
+
+    # Revoked for a real reason: only keyCompromise may replace it; no release.
+    services.revoker.revoke("device", serial, Reason.SUPERSEDED, TEST_ACTOR)
+    with pytest.raises(Conflict):
+        services.revoker.revoke("device", serial, Reason.CESSATION_OF_OPERATION, TEST_ACTOR)
+    with pytest.raises(Conflict):
+        services.revoker.release("device", serial, TEST_ACTOR)
+    services.revoker.revoke("device", serial, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    full = x509.load_der_x509_crl(services.crls.generate("device", services.clock()).der)
+    entry = full.get_revoked_certificate_by_serial_number(serial)
+    assert entry is not None
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+        x509.ReasonFlags.key_compromise
+    )
+
+
+def test_revocation_input_errors(services: Services) -> None:
+    with pytest.raises(NotFound):
+        services.revoker.revoke("device", 12345, Reason.SUPERSEDED, TEST_ACTOR)
+    with pytest.raises(NotFound):
+        services.revoker.revoke("nope", 12345, Reason.SUPERSEDED, TEST_ACTOR)
+    cert = issue(services, "device")
+    with pytest.raises(InputError):
+        services.revoker.revoke(
+            "device",
+            cert.serial_number,
+            Reason.KEY_COMPROMISE,
+            TEST_ACTOR,
+            invalidity_date=services.clock() + dt.timedelta(days=1),
+        )
+    with pytest.raises(NotFound):  # a serial of another CA is not this CA's
+        services.revoker.revoke("admin", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+
+
+def test_crl_numbers_increase_across_concurrent_generators_and_restarts(
+    services: Services, settings: Settings
+) -> None:
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                row = services.crls.generate("device", services.clock())
+                with lock:
+                    numbers.append(row.number)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(numbers) == 30 and len(set(numbers)) == 30
+    services.close()
+    again = build_services(settings, backend=services.backend)
+    row = again.crls.generate("device", again.clock())
+    assert row.number > max(numbers)
+    with again.db.scope() as session:
+        stored = session.scalars(select(Crl.number).where(Crl.issuer_id == row.issuer_id)).all()
+    assert sorted(stored) == sorted(set(stored))
+    # Each stored DER carries its own number.
+    with again.db.scope() as session:
+        for crl in session.scalars(select(Crl).where(Crl.issuer_id == row.issuer_id)):
+            parsed = x509.load_der_x509_crl(crl.der)
+            ext = parsed.extensions.get_extension_for_class(x509.CRLNumber)
+            assert ext.value.crl_number == crl.number
+
+
+def test_refresher_debounces_a_burst_into_one_crl(settings: Settings, services: Services) -> None:
+    clock = FakeClock(services.clock())
+    svc = build_services(settings, backend=services.backend, clock=clock)
+    refresher = CrlRefresher(svc, debounce=2.0)
+    refresher.run_once(clock())  # brings every CA up to date
+    with svc.db.scope() as session:
+        before = latest_by_name(session, "admin", CrlKind.FULL)
+        assert before is not None
+        before_number = before.number
+    certs = [issue(svc, "admin-client") for _ in range(10)]
+    published_full = []
+    for i, cert in enumerate(certs):  # a burst: one revocation every 0.5 s
+        svc.revoker.revoke("admin", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+        if i % 2:
+            clock.advance(seconds=1)
+        refresher.run_once(clock())
+        with svc.db.scope() as session:
+            row = latest_by_name(session, "admin", CrlKind.FULL)
+            assert row is not None
+            published_full.append(row.number)
+    assert set(published_full) == {before_number}  # nothing yet: still in the burst
+    clock.advance(seconds=3)
+    assert "admin" in refresher.run_once(clock())
+    with svc.db.scope() as session:
+        row = latest_by_name(session, "admin", CrlKind.FULL)
+        assert row is not None
+        crl = x509.load_der_x509_crl(row.der)
+    assert all(crl.get_revoked_certificate_by_serial_number(c.serial_number) for c in certs)
+    assert refresher.run_once(clock()) == []  # quiet: nothing more to do
+    # Half of the validity passed: re-issued without any revocation.
+    clock.advance(days=3, hours=13)
+    assert "admin" in refresher.run_once(clock())
+
+
+def test_refresher_thread_publishes_within_seconds(settings: Settings, services: Services) -> None:
+    import time
+
+    svc = build_services(settings, backend=services.backend)
+    refresher = CrlRefresher(svc, debounce=0.5, tick=0.2)
+    refresher.run_once(svc.clock())
+    cert = issue(svc, "device")
+    refresher.start()
+    try:
+        svc.revoker.revoke("device", cert.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+        deadline = time.monotonic() + 10
+        found = False
+        while time.monotonic() < deadline and not found:
+            with svc.db.scope() as session:
+                row = latest_by_name(session, "device", CrlKind.FULL)
+                assert row is not None
+                crl = x509.load_der_x509_crl(row.der)
+            found = crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+            time.sleep(0.1)
+        assert found
+    finally:
+        refresher.stop()

@@ -1,0 +1,218 @@
+"""Issuance of every profile, checked by other people's code (pkilint, openssl, gnutls)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+from sqlalchemy import select
+
+from ca.hierarchy import NameConstraintSpec, create_issuing, create_root
+from ca.issuance import IssueRequest
+from ca.models import Certificate, CertStatus
+from ca.tbs import SanEntry, serial_hex
+from hsm.base import KeyType
+from sekisho.services import Services
+from tests.ca.helpers import PROFILE_REQUESTS, ca_cert, der, issue, make_csr, name
+from tests.conftest import BASE_URL, TEST_ACTOR, RecordingBackend
+from tests.support import checkers
+
+PROFILES = sorted(PROFILE_REQUESTS)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_passes_independent_checkers(services: Services, profile: str) -> None:
+    cert = issue(services, profile)
+    ca = PROFILE_REQUESTS[profile][0]
+    issuer, root = ca_cert(services, ca), ca_cert(services, "root")
+    checkers.pkilint_cert(der(cert))
+    checkers.pkilint_chain(der(issuer), der(cert))
+    checkers.openssl_verify(der(cert), [der(root), der(issuer)])
+    assert checkers.gnutls_verify(der(cert), [der(root), der(issuer)]) == "ok"
+
+
+def test_ca_certificates_pass_independent_checkers(services: Services) -> None:
+    root = ca_cert(services, "root")
+    checkers.pkilint_cert(der(root))
+    for name_ in ("admin", "device"):
+        issuing = ca_cert(services, name_)
+        checkers.pkilint_cert(der(issuing))
+        checkers.pkilint_chain(der(root), der(issuing))
+        checkers.openssl_verify(der(issuing), [der(root)])
+
+
+def test_admin_client_profile_contents(services: Services) -> None:
+    cert = issue(services, "admin-client")
+    ext = cert.extensions
+    assert ext.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    ku = ext.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.digital_signature and not ku.value.key_encipherment
+    bc = ext.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca is False
+    san = ext.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.RFC822Name) == ["alice@tenant1.example.com"]
+    cdp = ext.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert cdp[0].full_name == [x509.UniformResourceIdentifier(f"{BASE_URL}/crl/admin.crl")]
+    aia = ext.get_extension_for_class(x509.AuthorityInformationAccess).value
+    urls = {d.access_method.dotted_string: d.access_location.value for d in aia}
+    assert urls == {
+        "1.3.6.1.5.5.7.48.1": f"{BASE_URL}/ocsp",
+        "1.3.6.1.5.5.7.48.2": f"{BASE_URL}/ca/admin.crt",
+    }
+    issuer = ca_cert(services, "admin")
+    aki = ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    assert cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)[0].value == (
+        "Tenant One"
+    )
+
+
+def test_ocsp_signer_profile(services: Services) -> None:
+    cert = issue(services, "ocsp-signer")
+    ext = cert.extensions
+    assert ext.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.OCSP_SIGNING]
+    )
+    ext.get_extension_for_oid(ExtensionOID.OCSP_NO_CHECK)
+    with pytest.raises(x509.ExtensionNotFound):
+        ext.get_extension_for_class(x509.CRLDistributionPoints)
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= dt.timedelta(days=30, hours=2)
+
+
+def test_device_profile_has_both_ekus(services: Services) -> None:
+    cert = issue(services, "device")
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
+
+
+def test_serial_numbers_are_large_positive_and_recorded(services: Services) -> None:
+    certs = [issue(services, "device") for _ in range(20)]
+    serials = {c.serial_number for c in certs}
+    assert len(serials) == 20
+    for s in serials:
+        assert 2**127 <= s < 2**159  # >= 128 random bits, positive, at most 20 octets in DER
+    with services.db.scope() as session:
+        rows = session.scalars(select(Certificate).where(Certificate.profile == "device")).all()
+        by_serial = {r.serial: r for r in rows}
+        for c in certs:
+            row = by_serial[serial_hex(c.serial_number)]
+            assert row.status is CertStatus.ISSUED
+            assert row.der == der(c)
+
+
+@pytest.mark.parametrize("key_type", list(KeyType))
+def test_subject_key_types(services: Services, key_type: KeyType) -> None:
+    profile = "device" if key_type is not KeyType.RSA_2048 else "tls-server"
+    cert = issue(services, profile, key_type)
+    checkers.pkilint_cert(der(cert))
+    checkers.openssl_verify(
+        der(cert), [der(ca_cert(services, "root")), der(ca_cert(services, "device"))]
+    )
+
+
+@pytest.mark.parametrize(
+    "key_type", [KeyType.EC_P384, KeyType.RSA_3072, KeyType.RSA_4096, KeyType.ED25519]
+)
+def test_ca_key_type_options(services: Services, key_type: KeyType) -> None:
+    tag = key_type.value.replace("-", "")
+    root_row = create_root(services.ca, f"root{tag}", "Example Corp", key_type, TEST_ACTOR)
+    create_issuing(services.ca, f"issuing{tag}", f"root{tag}", "Example Corp", key_type, TEST_ACTOR)
+    services.registry.invalidate()
+    cert = services.ca.issue(
+        IssueRequest(
+            ca=f"issuing{tag}",
+            profile="device",
+            subject=name(CN="dev.example.com"),
+            public_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
+            sans=(SanEntry("dns", "dev.example.com"),),
+        ),
+        TEST_ACTOR,
+    )
+    root = x509.load_der_x509_certificate(root_row.certificate_der)
+    issuing = ca_cert(services, f"issuing{tag}")
+    key = issuing.public_key()
+    expected = {
+        KeyType.EC_P384: ec.EllipticCurvePublicKey,
+        KeyType.RSA_3072: rsa.RSAPublicKey,
+        KeyType.RSA_4096: rsa.RSAPublicKey,
+        KeyType.ED25519: ed25519.Ed25519PublicKey,
+    }[key_type]
+    assert isinstance(key, expected)
+    for c in (root, issuing, cert):
+        checkers.pkilint_cert(der(c))
+    checkers.pkilint_chain(der(issuing), der(cert))
+    checkers.openssl_verify(der(cert), [der(root), der(issuing)])
+    crl = services.crls.generate(f"issuing{tag}", services.clock())
+    checkers.pkilint_crl(crl.der)
+    checkers.openssl_crl_verify(crl.der, der(issuing))
+
+
+def test_name_constraints_on_issuing_ca(services: Services) -> None:
+    spec = NameConstraintSpec(permitted_dns=("tenant1.example.com",))
+    create_issuing(
+        services.ca, "t1", "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR, constraints=spec
+    )
+    services.registry.invalidate()
+    issuing = ca_cert(services, "t1")
+    nc = issuing.extensions.get_extension_for_class(x509.NameConstraints)
+    assert nc.critical
+    checkers.pkilint_cert(der(issuing))
+    inside = IssueRequest(
+        ca="t1",
+        profile="device",
+        subject=name(CN="a.tenant1.example.com"),
+        public_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
+        sans=(SanEntry("dns", "a.tenant1.example.com"),),
+    )
+    cert = services.ca.issue(inside, TEST_ACTOR)
+    checkers.openssl_verify(der(cert), [der(ca_cert(services, "root")), der(issuing)])
+    from sekisho.errors import PolicyViolation
+
+    outside = dataclasses.replace(inside, sans=(SanEntry("dns", "evil.example"),))
+    with pytest.raises(PolicyViolation) as info:
+        services.ca.issue(outside, TEST_ACTOR)
+    assert info.value.rule == "name-constraints"
+
+
+def test_csr_subject_and_sans_come_from_the_authorised_request(services: Services) -> None:
+    csr = make_csr(
+        name(CN="attacker-chosen.example"),
+        [x509.DNSName("attacker-chosen.example"), x509.DNSName("www.bank.example")],
+    )
+    cert = services.ca.issue_from_csr(
+        csr,
+        ca="device",
+        profile="device",
+        actor=TEST_ACTOR,
+        subject=name(CN="dev-7.tenant1.example.com"),
+        sans=(SanEntry("dns", "dev-7.tenant1.example.com"),),
+    )
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["dev-7.tenant1.example.com"]
+    assert "attacker" not in cert.subject.rfc4514_string()
+
+
+def test_every_signature_goes_through_the_backend(services: Services) -> None:
+    backend = services.backend
+    assert isinstance(backend, RecordingBackend)
+    backend.calls.clear()
+    cert = issue(services, "device")
+    crl_row = services.crls.generate("device", services.clock())
+    crl = x509.load_der_x509_crl(crl_row.der)
+    signed = [data for _ref, data in backend.calls]
+    assert cert.tbs_certificate_bytes in signed
+    assert crl.tbs_certlist_bytes in signed
+    with services.db.scope() as session:
+        checkpoint = services.journal.checkpoint(session, services.clock())
+        assert checkpoint is not None
+        body = checkpoint.body.encode()
+    assert body in [data for _ref, data in backend.calls]
+    refs = {ref for ref, _ in backend.calls}
+    assert refs == {"file:ca-device", "file:audit"}
