@@ -1,0 +1,350 @@
+"""Bad input to issuance: a clear error naming what is wrong, no certificate, no issued row,
+and a rejection entry in the journal."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import random
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import func, select
+
+from audit.models import JournalRecord
+from ca.hierarchy import create_issuing
+from ca.models import Certificate
+from ca.tbs import SanEntry
+from hsm.base import KeyType
+from sekisho.errors import (
+    BadSignature,
+    InputError,
+    MalformedInput,
+    NotFound,
+    PolicyViolation,
+    SekishoError,
+    TooLarge,
+)
+from sekisho.services import Services
+from tests.ca.helpers import make_csr, name, request_for
+from tests.conftest import TEST_ACTOR
+
+ADMIN = name(O="Tenant One", UID="bob", CN="Bob Admin")
+ADMIN_SANS = (SanEntry("email", "bob@tenant1.example.com"),)
+
+
+def _cert_rows(services: Services) -> int:
+    with services.db.scope() as session:
+        return int(session.scalar(select(func.count()).select_from(Certificate)) or 0)
+
+
+def _rejections(services: Services) -> list[JournalRecord]:
+    with services.db.scope() as session:
+        return list(
+            session.scalars(
+                select(JournalRecord)
+                .where(JournalRecord.action == "ca.issue", JournalRecord.outcome == "failure")
+                .order_by(JournalRecord.seq)
+            )
+        )
+
+
+def _assert_refused(
+    services: Services, call: object, error: type[SekishoError], rule: str | None = None
+) -> SekishoError:
+    """``call`` must raise ``error`` (with ``rule``), leave no row, journal one rejection."""
+    rows_before, rejections_before = _cert_rows(services), len(_rejections(services))
+    assert callable(call)
+    with pytest.raises(error) as info:
+        call()
+    exc = info.value
+    assert exc.message and "Traceback" not in exc.message
+    if rule is not None:
+        assert isinstance(exc, PolicyViolation) and exc.rule == rule, exc.message
+    assert _cert_rows(services) == rows_before, "a refused request left a certificate row"
+    rejections = _rejections(services)
+    assert len(rejections) == rejections_before + 1
+    detail = json.loads(rejections[-1].detail)
+    assert detail["code"] == exc.code
+    assert detail["reason"]
+    if rule is not None:
+        assert detail["rule"] == rule
+    assert rejections[-1].actor_account == TEST_ACTOR.account
+    assert rejections[-1].client_ip == TEST_ACTOR.client_ip
+    return exc
+
+
+def _from_csr(services: Services, data: bytes, **kwargs: object):  # type: ignore[no-untyped-def]
+    return lambda: services.ca.issue_from_csr(
+        data,
+        ca="admin",
+        profile="admin-client",
+        actor=TEST_ACTOR,
+        subject=ADMIN,
+        sans=ADMIN_SANS,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _good_csr_der() -> bytes:
+    pem = make_csr(ADMIN, [x509.RFC822Name("bob@tenant1.example.com")])
+    return x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+
+
+def test_good_csr_is_accepted_pem_and_der(services: Services) -> None:
+    """The control: the same request shape the failure cases start from does issue."""
+    der = _good_csr_der()
+    pem = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM)
+    for data in (der, pem):
+        cert = _from_csr(services, data)()
+        assert cert.subject == ADMIN
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        pytest.param(lambda d: b"", id="empty"),
+        pytest.param(lambda d: b"   \n", id="blank"),
+        pytest.param(lambda d: d[: len(d) // 2], id="truncated-der"),
+        pytest.param(lambda d: d[:-1], id="one-byte-short"),
+        pytest.param(lambda d: d + b"\x00\x00", id="trailing-garbage"),
+        pytest.param(lambda d: b"\x30\x82\xff\xff" + d[4:], id="bad-length"),
+        pytest.param(lambda d: bytes(random.Random(7).randbytes(len(d))), id="random-bytes"),
+        pytest.param(
+            lambda d: (
+                b"-----BEGIN CERTIFICATE REQUEST-----\nnot base64!\n"
+                b"-----END CERTIFICATE REQUEST-----\n"
+            ),
+            id="bad-pem",
+        ),
+        pytest.param(lambda d: b"\x30" * 4000, id="nested-sequences"),
+    ],
+)
+def test_malformed_csr(services: Services, mangle) -> None:  # type: ignore[no-untyped-def]
+    exc = _assert_refused(services, _from_csr(services, mangle(_good_csr_der())), MalformedInput)
+    assert exc.code == "malformed"
+
+
+def test_csr_with_bad_signature(services: Services) -> None:
+    der = bytearray(_good_csr_der())
+    # The signature BIT STRING is the last element: flip a bit inside it.
+    der[-5] ^= 0x01
+    exc = _assert_refused(services, _from_csr(services, bytes(der)), BadSignature)
+    assert "proof of possession" in exc.message
+
+
+def test_csr_signed_by_another_key(services: Services) -> None:
+    """A CSR carrying one public key and signed with another fails proof of possession."""
+    good = x509.load_der_x509_csr(_good_csr_der())
+    other = x509.load_pem_x509_csr(make_csr(ADMIN))
+    # Splice: the first CSR's certificationRequestInfo with the second's signature.
+    from asn1crypto import csr as asn1_csr
+
+    spliced = asn1_csr.CertificationRequest.load(good.public_bytes(serialization.Encoding.DER))
+    donor = asn1_csr.CertificationRequest.load(other.public_bytes(serialization.Encoding.DER))
+    forged = asn1_csr.CertificationRequest(
+        {
+            "certification_request_info": spliced["certification_request_info"],
+            "signature_algorithm": donor["signature_algorithm"],
+            "signature": donor["signature"],
+        }
+    ).dump()
+    _assert_refused(services, _from_csr(services, forged), BadSignature)
+
+
+def test_oversized_csr(services: Services) -> None:
+    # A syntactically valid PEM CSR padded past the 16 KiB limit with PEM-legal preamble text.
+    pem = make_csr(ADMIN)
+    data = b"# padding\n" * 1700 + pem
+    assert len(data) > 16 * 1024
+    exc = _assert_refused(services, _from_csr(services, data), TooLarge)
+    assert "16384" in exc.message
+
+
+def _csr_with_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(ADMIN)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+
+
+def test_rsa_1024_refused(services: Services) -> None:
+    key = rsa.generate_private_key(65537, 1024)  # noqa: S505  (the point of the test)
+    _assert_refused(services, _from_csr(services, _csr_with_key(key)), PolicyViolation, "key-size")
+
+
+def test_rsa_exponent_3_refused(services: Services) -> None:
+    key = rsa.generate_private_key(3, 2048)
+    exc = _assert_refused(
+        services, _from_csr(services, _csr_with_key(key)), PolicyViolation, "weak-key"
+    )
+    assert "65537" in exc.message
+
+
+def _is_probable_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41):
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _next_prime(n: int) -> int:
+    n |= 1
+    for _ in range(100_000):
+        if _is_probable_prime(n):
+            return n
+        n += 2
+    raise AssertionError("no prime found")
+
+
+def test_rsa_close_primes_refused(services: Services) -> None:
+    """A 2048-bit modulus whose primes are neighbours: Fermat's method factors it at once."""
+    p = _next_prime((1 << 1023) + (1 << 1022) + 12345)
+    q = _next_prime(p + 2)
+    n = p * q
+    assert n.bit_length() == 2048
+    public = rsa.RSAPublicNumbers(65537, n).public_key()
+    request = dataclasses.replace(request_for("admin-client"), public_key=public)
+    exc = _assert_refused(
+        services, lambda: services.ca.issue(request, TEST_ACTOR), PolicyViolation, "weak-key"
+    )
+    assert "Fermat" in exc.message
+
+
+def test_disallowed_curve_refused(services: Services) -> None:
+    key = ec.generate_private_key(ec.SECP521R1())
+    _assert_refused(services, _from_csr(services, _csr_with_key(key)), PolicyViolation, "key-type")
+
+
+def test_key_type_not_in_profile(services: Services) -> None:
+    """connector does not allow RSA-2048 (its list starts at RSA-3072)."""
+    request = request_for("connector", KeyType.RSA_2048)
+    _assert_refused(
+        services, lambda: services.ca.issue(request, TEST_ACTOR), PolicyViolation, "key-type"
+    )
+
+
+def test_unknown_profile(services: Services) -> None:
+    request = dataclasses.replace(request_for("admin-client"), profile="no-such-profile")
+    exc = _assert_refused(services, lambda: services.ca.issue(request, TEST_ACTOR), NotFound)
+    assert "no-such-profile" in exc.message and "admin-client" in exc.message
+
+
+def test_unknown_ca(services: Services) -> None:
+    request = dataclasses.replace(request_for("admin-client"), ca="nope")
+    _assert_refused(services, lambda: services.ca.issue(request, TEST_ACTOR), NotFound)
+
+
+def test_validity_beyond_profile_maximum(services: Services) -> None:
+    request = dataclasses.replace(request_for("admin-client"), validity=dt.timedelta(days=398))
+    _assert_refused(
+        services, lambda: services.ca.issue(request, TEST_ACTOR), PolicyViolation, "max-validity"
+    )
+
+
+def test_validity_beyond_issuer(services: Services) -> None:
+    """An issuing CA that ends in 30 days: asking for 60 days is refused by name; the default
+    validity is clamped to the issuer's end instead."""
+    create_issuing(
+        services.ca,
+        "short",
+        "root",
+        "Example Corp",
+        KeyType.EC_P256,
+        TEST_ACTOR,
+        validity=dt.timedelta(days=30),
+    )
+    services.registry.invalidate()
+    request = dataclasses.replace(
+        request_for("admin-client"), ca="short", validity=dt.timedelta(days=60)
+    )
+    exc = _assert_refused(
+        services,
+        lambda: services.ca.issue(request, TEST_ACTOR),
+        PolicyViolation,
+        "validity-within-issuer",
+    )
+    assert "issuing CA" in exc.message
+    clamped = services.ca.issue(dataclasses.replace(request, validity=None), TEST_ACTOR)
+    with services.db.scope() as session:
+        from ca.registry import ca_row
+
+        issuer_end = ca_row(session, "short").not_after
+    assert clamped.not_valid_after_utc == issuer_end
+
+
+@pytest.mark.parametrize(
+    ("sans", "rule"),
+    [
+        ((SanEntry("dns", "bob.example.com"),), "san-type"),
+        ((SanEntry("email", "not-an-address"),), "san-email-syntax"),
+        ((), "san-required"),
+        (ADMIN_SANS + ADMIN_SANS, "san-duplicate"),
+    ],
+)
+def test_san_rules(services: Services, sans: tuple[SanEntry, ...], rule: str) -> None:
+    request = dataclasses.replace(request_for("admin-client"), subject=ADMIN, sans=sans)
+    _assert_refused(services, lambda: services.ca.issue(request, TEST_ACTOR), PolicyViolation, rule)
+
+
+def test_subject_rules(services: Services) -> None:
+    no_org = dataclasses.replace(request_for("admin-client"), subject=name(CN="Bob"))
+    _assert_refused(
+        services, lambda: services.ca.issue(no_org, TEST_ACTOR), PolicyViolation, "subject-required"
+    )
+    control = dataclasses.replace(
+        request_for("admin-client"), subject=name(O="Tenant One", CN="Bob\x1b[31m")
+    )
+    _assert_refused(
+        services, lambda: services.ca.issue(control, TEST_ACTOR), PolicyViolation, "subject-value"
+    )
+
+
+def test_csr_subject_is_not_taken_blindly(services: Services) -> None:
+    """Without an authorised subject, the CSR's own subject must still pass the profile: a CSR
+    asking for extra attributes is refused, not signed."""
+    csr = make_csr(
+        x509.Name(
+            [
+                x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Tenant One"),
+                x509.NameAttribute(x509.NameOID.COMMON_NAME, "mallory"),
+                x509.NameAttribute(x509.NameOID.DOMAIN_COMPONENT, "evil"),
+            ]
+        ),
+        [x509.RFC822Name("mallory@tenant1.example.com")],
+    )
+    _assert_refused(
+        services,
+        lambda: services.ca.issue_from_csr(
+            csr, ca="admin", profile="admin-client", actor=TEST_ACTOR
+        ),
+        PolicyViolation,
+        "subject-allowed",
+    )
+
+
+def test_every_error_is_an_input_error_with_exit_code(services: Services) -> None:
+    """Callers map these to HTTP 4xx / CLI exit 65 (NotFound: 404 / 66)."""
+    for cls in (MalformedInput, BadSignature, TooLarge, PolicyViolation):
+        assert issubclass(cls, InputError)
+    assert InputError.exit_code == 65 and NotFound.exit_code == 66
