@@ -60,5 +60,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         "when_ready": when_ready,
         "on_exit": on_exit,
         "proc_name": "sekisho",
+        # No runtime control socket in $HOME: the service is managed by its PID and signals.
+        "control_socket_disable": True,
     }
     _Gunicorn(settings, options).run()
