@@ -14,12 +14,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from audit.chain import canonical_json, chain_hash, checkpoint_body, format_time
 from audit.events import Event, normalise_mac
@@ -37,6 +38,8 @@ MAX_FIELD = {
     "device_mac": 32,
     "request_id": 64,
 }
+
+TEXT_FIELDS = (*MAX_FIELD, "object_dn")
 
 
 class CheckpointSigner:
@@ -83,6 +86,28 @@ def verify_signature(public_key_der: bytes, signature: bytes, body: bytes) -> bo
 
 
 @dataclasses.dataclass(frozen=True)
+class _HeadState:
+    """The head as read by the hot path (no ORM object)."""
+
+    seq: int
+    hash: str
+    checkpoint_seq: int
+    checkpoint_time: dt.datetime | None
+
+
+_HEAD = cast(Table, JournalHead.__table__)
+_HEAD_KEY = identity_key(JournalHead, 1)
+_SELECT_HEAD = (
+    select(_HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq, _HEAD.c.checkpoint_time)
+    .where(_HEAD.c.id == 1)
+    .with_for_update()
+)
+_UPDATE_HEAD = update(_HEAD).where(_HEAD.c.id == 1)
+_INSERT_RECORD = insert(cast(Table, JournalRecord.__table__))
+_INSERT_CHECKPOINT = insert(cast(Table, Checkpoint.__table__))
+
+
+@dataclasses.dataclass(frozen=True)
 class Appended:
     seq: int
     hash: str
@@ -105,22 +130,48 @@ class Journal:
     def append(self, session: Session, event: Event, now: dt.datetime) -> Appended:
         """Chain ``event`` onto the journal in ``session``'s transaction."""
         try:
-            head = self._lock_head(session)
+            if session.identity_map.get(_HEAD_KEY) is not None:
+                # The caller holds the head as an ORM object: update it through the ORM so
+                # that object stays true.
+                return self._append_orm(session, event, now)
+            # Hot path: plain statements on the tables in the session's transaction. Flush
+            # first, as the ORM query used to (autoflush), so the caller's pending rows are
+            # written before the head is locked and their failures surface here too.
+            session.flush()
+            conn = session.connection()
+            head = conn.execute(_SELECT_HEAD).one_or_none()
+            if head is None:
+                raise AuditError("the journal head row is missing: the store was not migrated")
             seq = head.seq + 1
             fields = self._fields(event, seq, now)
             digest = chain_hash(head.hash, fields)
-            session.add(JournalRecord(hash=digest, **fields))
-            head.seq = seq
-            head.hash = digest
-            if self.signer is not None and self._checkpoint_due(head, now):
-                self._checkpoint(session, head, now)
-            session.flush()
+            conn.execute(_INSERT_RECORD, {"hash": digest, **fields})
+            values: dict[str, Any] = {"seq": seq, "hash": digest}
+            if self.signer is not None and self._checkpoint_due(
+                _HeadState(seq, digest, head.checkpoint_seq, head.checkpoint_time), now
+            ):
+                conn.execute(_INSERT_CHECKPOINT, self._checkpoint_values(seq, digest, now))
+                values.update(checkpoint_seq=seq, checkpoint_time=now)
+            conn.execute(_UPDATE_HEAD, values)
         except SekishoError:
             raise
         except Exception as exc:  # any failure here must stop the operation it records
             raise AuditError(
                 f"the audit journal could not be written ({type(exc).__name__})"
             ) from exc
+        return Appended(seq, digest)
+
+    def _append_orm(self, session: Session, event: Event, now: dt.datetime) -> Appended:
+        head = self._lock_head(session)
+        seq = head.seq + 1
+        fields = self._fields(event, seq, now)
+        digest = chain_hash(head.hash, fields)
+        session.add(JournalRecord(hash=digest, **fields))
+        head.seq = seq
+        head.hash = digest
+        if self.signer is not None and self._checkpoint_due(head, now):
+            self._checkpoint(session, head, now)
+        session.flush()
         return Appended(seq, digest)
 
     def checkpoint(self, session: Session, now: dt.datetime) -> Checkpoint | None:
@@ -142,25 +193,28 @@ class Journal:
             raise AuditError("the journal head row is missing: the store was not migrated")
         return head
 
-    def _checkpoint_due(self, head: JournalHead, now: dt.datetime) -> bool:
+    def _checkpoint_due(self, head: JournalHead | _HeadState, now: dt.datetime) -> bool:
         if head.seq - head.checkpoint_seq >= self.every:
             return True
         last = head.checkpoint_time
         return last is None or now - last >= self.interval
 
-    def _checkpoint(self, session: Session, head: JournalHead, now: dt.datetime) -> Checkpoint:
+    def _checkpoint_values(self, seq: int, head_hash: str, now: dt.datetime) -> dict[str, Any]:
         assert self.signer is not None
-        body = checkpoint_body(self.origin, head.seq, head.hash)
+        body = checkpoint_body(self.origin, seq, head_hash)
         signature = self.signer.sign(body.encode("utf-8"))
-        row = Checkpoint(
-            seq=head.seq,
-            time=now,
-            head_hash=head.hash,
-            body=body,
-            signature=signature,
-            key_ref=self.signer.key_ref,
-            public_key_der=self.signer.public_key_der,
-        )
+        return {
+            "seq": seq,
+            "time": now,
+            "head_hash": head_hash,
+            "body": body,
+            "signature": signature,
+            "key_ref": self.signer.key_ref,
+            "public_key_der": self.signer.public_key_der,
+        }
+
+    def _checkpoint(self, session: Session, head: JournalHead, now: dt.datetime) -> Checkpoint:
+        row = Checkpoint(**self._checkpoint_values(head.seq, head.hash, now))
         session.add(row)
         head.checkpoint_seq = head.seq
         head.checkpoint_time = now
@@ -184,6 +238,12 @@ class Journal:
             "request_id": event.request_id,
             "detail": canonical_json(event.detail),
         }
+        for name in TEXT_FIELDS:
+            value = fields[name]
+            if value is not None and "\x00" in value:
+                # PostgreSQL text cannot hold NUL: the insert would fail and take the operation
+                # with it. Replaced on every backend so the chain is the same everywhere.
+                fields[name] = value.replace("\x00", "\ufffd")
         for name, limit in MAX_FIELD.items():
             value = fields[name]
             if value is not None and len(value) > limit:

@@ -2,7 +2,9 @@
 
 Exports escape every control character (C0, DEL, C1, and the Unicode line/paragraph
 separators) as ``\\xNN`` / ``\\uNNNN`` so a crafted DN or account name cannot forge lines in
-a log viewer, and CSV cells that a spreadsheet would run as a formula get a leading quote.
+a log viewer, and CSV cells that a spreadsheet would run as a formula get a leading quote
+(as do cells that already start with one, so removing one leading quote always restores the
+value).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def _csv_cell(value: Any) -> str:
     if not isinstance(value, str):
         value = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     text = escape_controls(value)
-    if text[:1] in ("=", "+", "-", "@"):
+    # A leading quote is also quoted, so a reader strips exactly one to get the value back.
+    if text[:1] in ("=", "+", "-", "@", "'"):
         text = "'" + text
     return text
 

@@ -260,7 +260,10 @@ def take_offline(service: CaService, name: str, actor: Actor) -> None:
             _ca_event("ca.key.offline", actor, None, name, {"key_ref": row.key_ref}),
             service.clock(),
         )
-        backend.remove(row.key_ref)
+        key_ref = row.key_ref
+    # Only once the store says "offline" is the key removed: a failed commit leaves the key in
+    # place and the CA online, never a CA that claims a key it no longer has.
+    backend.remove(key_ref)
 
 
 def bring_online(service: CaService, name: str, pem: bytes, actor: Actor) -> None:

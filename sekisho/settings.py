@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ ENV_PREFIX = "SEKISHO_"
 CONFIG_NAME = "sekisho.toml"
 # Service terms, item 4: customer data may be stored in Japan only.
 ALLOWED_DATA_LOCATIONS = frozenset({"JP"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,15 @@ class Settings:
             raise ConfigError(f"base_url must be an http(s) URL with a host, got {self.base_url!r}")
         if parts.query or parts.fragment:
             raise ConfigError("base_url must not carry a query or fragment")
+        try:
+            parts.port  # noqa: B018  (property that validates the port)
+        except ValueError:
+            raise ConfigError(f"base_url has a bad port: {self.base_url!r}") from None
+        if any(ch.isspace() or ord(ch) < 0x21 for ch in self.base_url):
+            # It ends up in CRL distribution points and AIA of every certificate.
+            raise ConfigError(
+                f"base_url must not contain spaces or control characters: {self.base_url!r}"
+            )
         if self.data_location.upper() not in ALLOWED_DATA_LOCATIONS:
             raise ConfigError(
                 f"data_location {self.data_location!r} is not allowed: the service terms keep "
@@ -105,13 +116,37 @@ class Settings:
             raise ConfigError("delta_crl_next_update_hours must be between 1 and the full CRL's")
         if not 0 <= self.crl_debounce_seconds <= 60:
             raise ConfigError("crl_debounce_seconds must be between 0 and 60")
-        if self.audit_checkpoint_every < 1 or self.audit_checkpoint_minutes <= 0:
-            raise ConfigError("audit checkpoint interval must be positive")
+        if self.audit_checkpoint_every < 1:
+            raise ConfigError("audit_checkpoint_every must be a positive number of records")
+        # NaN compares false with everything: test finiteness first (timedelta refuses it).
+        if not math.isfinite(self.audit_checkpoint_minutes) or not (
+            0 < self.audit_checkpoint_minutes <= 24 * 60
+        ):
+            raise ConfigError("audit_checkpoint_minutes must be between 0 and 1440 (one day)")
         if not 1024 <= self.max_request_bytes <= 16 * 1024 * 1024:
             raise ConfigError("max_request_bytes must be between 1 KiB and 16 MiB")
         if self.workers < 1 or self.workers > 64:
             raise ConfigError("workers must be between 1 and 64")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.database_url:
+            _check_database_url(self.database_url)
         return self
+
+
+def _check_database_url(url: str) -> None:
+    # Caught here, a bad URL names its setting; caught by SQLAlchemy later, it is a traceback.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        driver = make_url(url).drivername
+    except ArgumentError:
+        raise ConfigError(
+            "database_url is not a database URL (sqlite:/// or postgresql://)"
+        ) from None
+    if driver.split("+", 1)[0] not in {"sqlite", "postgresql"}:
+        raise ConfigError(f"database_url: unsupported database {driver!r} (sqlite or postgresql)")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -121,16 +156,22 @@ def _coerce(name: str, raw: Any) -> Any:
     target = _FIELDS[name].type
     try:
         if target in ("Path", Path):
-            return Path(str(raw))
+            if not isinstance(raw, str | os.PathLike):
+                raise ValueError(f"expected a path, not {type(raw).__name__}")
+            return Path(raw)
         if target in ("int", int):
-            if isinstance(raw, bool):
-                raise ValueError("boolean")
+            # int(2.5) would silently drop the fraction; bool is an int subclass.
+            if isinstance(raw, bool) or not isinstance(raw, int | str):
+                raise ValueError(f"expected an integer, not {type(raw).__name__}")
             return int(raw)
         if target in ("float", float):
-            if isinstance(raw, bool):
-                raise ValueError("boolean")
+            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+                raise ValueError(f"expected a number, not {type(raw).__name__}")
             return float(raw)
-        return str(raw)
+        if not isinstance(raw, str):
+            # str(["x"]) would turn a TOML list or table into a plausible-looking string.
+            raise ValueError(f"expected a string, not {type(raw).__name__}")
+        return raw
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"setting {name!r}: cannot use {raw!r} ({exc})") from None
 
@@ -156,6 +197,8 @@ def load_settings(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read settings file {path}: {exc}") from None
         section = doc.get("sekisho", doc)
+        if not isinstance(section, dict):
+            raise ConfigError(f"[sekisho] in {path} must be a table of settings")
         for key, raw in section.items():
             if key not in _FIELDS:
                 raise ConfigError(f"unknown setting {key!r} in {path}")
@@ -164,7 +207,7 @@ def load_settings(
         raise ConfigError(f"settings file {config_file} does not exist")
     for name in _FIELDS:
         raw_env = env.get(ENV_PREFIX + name.upper())
-        if raw_env is not None and name != "data_dir":
+        if raw_env is not None:
             values[name] = _coerce(name, raw_env)
     for key, raw in (overrides or {}).items():
         if raw is not None:

@@ -1,13 +1,24 @@
-"""Shared fixtures: a real initialised deployment per test (SQLite file, software keys),
-optionally on a real PostgreSQL, and a key backend that records every signature.
+"""Shared fixtures: a real initialised deployment per test (software keys; the store on SQLite
+and on a real PostgreSQL), and a key backend that records every signature.
 
-An initialised data directory is built once per session and copied for each test: key
-derivation at 600,000 PBKDF2 iterations is deliberately slow, tests should not pay it each time.
+An initialised deployment is built once per session per database and copied for each test:
+key derivation at 600,000 PBKDF2 iterations is deliberately slow, tests should not pay it each
+time. SQLite: the data directory (keys + ``sekisho.db``) is copied. PostgreSQL: the data
+directory (keys) is copied and the database is cloned with ``CREATE DATABASE ... TEMPLATE``;
+the copy's ``sekisho.toml`` names that database, so anything that loads settings from the data
+directory (CLI, web app) uses it too.
+
+Every test that uses ``settings`` / ``services`` / ``data_dir`` runs once per database
+(ids ``[sqlite]`` and ``[postgres]``; the latter is marked ``postgres``). A missing PostgreSQL
+fails those tests; set ``SEKISHO_SKIP_PG=1`` to skip them instead (or ``-m "not postgres"``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import itertools
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +32,7 @@ from sekisho.bootstrap import InitPlan, initialise
 from sekisho.context import Actor
 from sekisho.services import Services, build_services, ensure_data_dir, open_backend
 from sekisho.settings import Settings, load_settings
+from tests.support import pg
 
 BASE_URL = "http://pki.example.com"
 TEST_ACTOR = Actor(account="test:operator", client_ip="127.0.0.1")
@@ -64,27 +76,99 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     return load_settings(env={}, overrides=values)
 
 
-@pytest.fixture(scope="session")
-def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data_dir = tmp_path_factory.mktemp("template") / "data"
-    settings = make_settings(data_dir)
+def _initialise(settings: Settings) -> None:
     ensure_data_dir(settings)
     services = build_services(settings)
-    initialise(services, InitPlan(organization="Example Corp"), TEST_ACTOR)
-    services.close()
+    try:
+        initialise(services, InitPlan(organization="Example Corp"), TEST_ACTOR)
+    finally:
+        services.close()
+
+
+@pytest.fixture(scope="session")
+def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised SQLite deployment (data directory with keys and ``sekisho.db``)."""
+    data_dir = tmp_path_factory.mktemp("template") / "data"
+    _initialise(make_settings(data_dir))
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg.PgCluster]:
+    """One throwaway PostgreSQL server for the session, stopped (by PID) at the end."""
+    if os.environ.get("SEKISHO_SKIP_PG") == "1":
+        pytest.skip("PostgreSQL tests skipped (SEKISHO_SKIP_PG=1)")
+    reason = pg.available()
+    if reason is not None:
+        pytest.fail(f"{reason}; set SEKISHO_SKIP_PG=1 to skip the PostgreSQL tests", pytrace=False)
+    with pg.PgCluster() as cluster:
+        yield cluster
+
+
+PG_TEMPLATE_DB = "sekisho_template"
+
+
+@pytest.fixture(scope="session")
+def pg_template(
+    pg_cluster: pg.PgCluster, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """An initialised PostgreSQL deployment: (data directory with the keys, template db)."""
+    data_dir = tmp_path_factory.mktemp("pg-template") / "data"
+    url = pg_cluster.create_database(PG_TEMPLATE_DB)
+    # All connections are closed again by _initialise: a template must have none.
+    _initialise(make_settings(data_dir, database_url=url))
+    return data_dir, PG_TEMPLATE_DB
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    backend: str  # "sqlite" or "postgres"
+    data_dir: Path
+    database_url: str  # "" for the embedded SQLite default
+
+
+_DB_NUMBERS = itertools.count(1)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
 @pytest.fixture
-def data_dir(template_dir: Path, tmp_path: Path) -> Path:
+def deployment(
+    db_backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Deployment]:
+    """A fresh copy of the initialised deployment for this test, on ``db_backend``."""
     target = tmp_path / "data"
-    shutil.copytree(template_dir, target)
-    return target
+    if db_backend == "sqlite":
+        shutil.copytree(request.getfixturevalue("template_dir"), target)
+        yield Deployment("sqlite", target, "")
+        return
+    cluster: pg.PgCluster = request.getfixturevalue("pg_cluster")
+    template_data, template_db = request.getfixturevalue("pg_template")
+    shutil.copytree(template_data, target)
+    name = f"t{os.getpid()}_{next(_DB_NUMBERS)}"
+    url = cluster.create_database(name, template=template_db)
+    (target / "sekisho.toml").write_text(f'[sekisho]\ndatabase_url = "{url}"\n')
+    try:
+        yield Deployment("postgres", target, url)
+    finally:
+        # FORCE ends sessions a test left open (services it built and never closed).
+        cluster.drop_database(name)
 
 
 @pytest.fixture
-def settings(data_dir: Path) -> Settings:
-    return make_settings(data_dir)
+def data_dir(deployment: Deployment) -> Path:
+    return deployment.data_dir
+
+
+@pytest.fixture
+def settings(deployment: Deployment) -> Settings:
+    if deployment.database_url:
+        return make_settings(deployment.data_dir, database_url=deployment.database_url)
+    return make_settings(deployment.data_dir)
 
 
 @pytest.fixture

@@ -48,7 +48,13 @@ def register_error_handlers(app: Flask) -> None:
     def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
         code = (exc.name or "error").lower().replace(" ", "-")
-        return problem(status, code, exc.description or exc.name or "error")
+        response = problem(status, code, exc.description or exc.name or "error")
+        # Keep the headers the exception carries: Allow on 405 (RFC 9110 15.5.6),
+        # Content-Range on 416, WWW-Authenticate on 401.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

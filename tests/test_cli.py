@@ -1,0 +1,585 @@
+"""The ``sekisho`` command line, driven through ``sekisho.cli.main(argv)``: help on every
+command, init, CA hierarchy (offline root), issuance from CSRs and with server-side keygen,
+revocation, listing, CRLs, ``--json`` output, and exit codes taken from the error classes.
+
+Every certificate and CRL the CLI produces goes through pkilint and OpenSSL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from ca.crl import latest_by_name
+from ca.models import CrlKind
+from hsm.pbes2 import describe
+from hsm.software import PEM_LABEL, pem_unwrap
+from sekisho.cli import cli as cli_group
+from sekisho.cli import main
+from sekisho.services import build_services
+from sekisho.settings import Settings
+from tests.ca.helpers import make_csr, name
+from tests.support.checkers import (
+    openssl_crl_verify,
+    openssl_verify,
+    openssl_verify_revoked,
+    pkilint_cert,
+    pkilint_chain,
+    pkilint_crl,
+)
+
+TIMEOUT = 30
+
+
+@dataclasses.dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+Runner = Callable[..., Result]
+
+
+def _runner(capsys: pytest.CaptureFixture[str], data_dir: Path) -> Runner:
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = main(["--data-dir", str(data_dir), *args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err, out + err
+        return Result(code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str], data_dir: Path) -> Runner:
+    """The CLI against a copy of the initialised deployment (SQLite and PostgreSQL)."""
+    return _runner(capsys, data_dir)
+
+
+def ok(result: Result) -> Result:
+    assert result.code == 0, f"exit {result.code}\nstdout: {result.out}\nstderr: {result.err}"
+    return result
+
+
+def der_of_pem(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def ca_der(run: Runner, ca: str) -> bytes:
+    return der_of_pem(ok(run("ca", "export", ca)).out.encode())
+
+
+def latest_crl(settings: Settings, ca: str, delta: bool = False) -> tuple[int, bytes]:
+    services = build_services(settings, migrate=False)
+    try:
+        with services.db.scope() as session:
+            row = latest_by_name(session, ca, CrlKind.DELTA if delta else CrlKind.FULL)
+            assert row is not None
+            return row.number, row.der
+    finally:
+        services.close()
+
+
+# -- help -------------------------------------------------------------------------------------
+def _walk(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    yield prefix
+    for cmd_name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from _walk(command, (*prefix, cmd_name))
+        else:
+            yield (*prefix, cmd_name)
+
+
+COMMAND_PATHS = list(_walk(cli_group))
+
+
+def test_command_tree_is_what_the_docs_promise() -> None:
+    expected = {
+        ("init",), ("ca",), ("ca", "list"), ("ca", "show"), ("ca", "export"),
+        ("ca", "offline"), ("ca", "online"), ("ca", "create-issuing"), ("issue",),
+        ("revoke",), ("release",), ("cert",), ("cert", "list"), ("cert", "show"),
+        ("crl",), ("crl", "generate"), ("serve",), ("run",),
+    }  # fmt: skip
+    assert expected <= set(COMMAND_PATHS)
+
+
+@pytest.mark.parametrize(
+    "path", COMMAND_PATHS, ids=[" ".join(p) or "sekisho" for p in COMMAND_PATHS]
+)
+def test_help_on_every_command_exits_zero(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for flag in ("--help", "-h"):
+        code = main(["--data-dir", str(tmp_path / "never"), *path, flag])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert out.startswith("Usage: sekisho"), out
+    # Help must not create or touch a data directory.
+    assert not (tmp_path / "never").exists()
+
+
+def test_version_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert re.match(r"sekisho, version \d+\.\d+", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--no-such-option"],
+        ["no-such-command"],
+        ["ca", "show"],  # missing argument
+        ["issue", "--ca", "admin"],  # missing --profile
+        ["cert", "list", "--status", "lost"],
+        ["cert", "list", "--expiring-within", "-3"],
+        ["revoke", "--ca", "admin", "not-hex"],
+        ["init", "--key-type", "dsa-1024"],
+        ["ca", "offline", "root"],  # needs --yes
+        ["ca", "export", "root", "--key"],  # needs --output
+        ["issue", "--ca", "admin", "--profile", "admin-client"],  # neither --csr nor --keygen
+    ],
+)
+def test_usage_errors_exit_64(run: Runner, argv: list[str]) -> None:
+    result = run(*argv)
+    assert result.code == 64, result
+    assert result.err.strip(), "a usage error must say what is wrong"
+
+
+# -- init -------------------------------------------------------------------------------------
+def test_init_on_a_fresh_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "fresh"
+    run = _runner(capsys, data)
+    doc = ok(run("--json", "init", "--org", "Fresh Corp", "--key-type", "ec-p384")).json()
+    assert doc["cas"] == ["root", "admin", "device"]
+    assert doc["data_dir"] == str(data.resolve())
+    assert (data / "sekisho.db").exists()
+    assert (data / "secrets" / "ca-passphrase").stat().st_mode & 0o077 == 0
+    assert data.stat().st_mode & 0o077 == 0
+    root = der_of_pem((data / "public" / "root.crt").read_bytes())
+    pkilint_cert(root)
+    for issuing in ("admin", "device"):
+        sub = der_of_pem(Path(doc["certificates"][issuing]).read_bytes())
+        pkilint_cert(sub)
+        pkilint_chain(root, sub)
+        openssl_verify(sub, [root])
+        assert doc["crl_urls"][issuing].endswith(f"/crl/{issuing}.crl")
+    listed = ok(run("--json", "ca", "list")).json()
+    assert {c["name"]: c["key_type"] for c in listed} == {
+        "root": "ec-p384", "admin": "ec-p384", "device": "ec-p384",
+    }  # fmt: skip
+    assert "O=Fresh Corp" in ok(run("ca", "show", "root")).out
+    # A second init refuses: the deployment exists (Conflict -> 75).
+    again = run("init")
+    assert again.code == 75 and "already initialised" in again.err
+
+
+def test_init_text_output_names_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _runner(capsys, tmp_path / "d")
+    out = ok(run("init", "--issuing", "ops", "--issuing", "iot")).out
+    assert "Initialised Sekisho in" in out
+    assert re.search(r"ops\s+\S+/public/ops\.crt", out)
+    assert "http://127.0.0.1:8080/crl/iot.crl" in out
+
+
+def test_init_in_an_unusable_directory_exits_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = _runner(capsys, blocker / "sub")("init")
+    assert result.code == 78 and "data directory" in result.err
+
+
+# -- ca ---------------------------------------------------------------------------------------
+def test_ca_list_show_export(run: Runner, tmp_path: Path) -> None:
+    cas = ok(run("--json", "ca", "list")).json()
+    assert [c["name"] for c in cas] == ["root", "admin", "device"]
+    assert all(c["key_online"] for c in cas)
+    text = ok(run("ca", "list")).out
+    assert re.search(r"^root\s+root\s+ec-p256\s+online\s+.*CN=", text, re.M), text
+    shown = ok(run("--json", "ca", "show", "admin")).json()
+    assert shown["kind"] == "issuing" and shown["name"] == "admin"
+    dt.datetime.fromisoformat(shown["not_after"])
+    pem_out = ok(run("ca", "export", "admin")).out
+    admin = der_of_pem(pem_out.encode())
+    assert f"{x509.load_der_x509_certificate(admin).serial_number:x}" in shown["serial"].lstrip("0")
+    target = tmp_path / "admin.pem"
+    assert ok(run("--json", "ca", "export", "admin", "-o", str(target))).json()["file"] == str(
+        target
+    )
+    assert der_of_pem(target.read_bytes()) == admin
+    root = ca_der(run, "root")
+    pkilint_chain(root, admin)
+    openssl_verify(admin, [root])
+
+
+def test_unknown_ca_exits_66(run: Runner) -> None:
+    for argv in (
+        ["ca", "show", "nope"],
+        ["ca", "export", "nope"],
+        ["crl", "generate", "--ca", "nope"],
+    ):
+        result = run(*argv)
+        assert result.code == 66, result
+        assert "error: not-found:" in result.err and "nope" in result.err
+
+
+def test_offline_root_blocks_root_signing_until_brought_back(
+    run: Runner, tmp_path: Path, settings: Settings
+) -> None:
+    key_file = tmp_path / "root-key.pem"
+    doc = ok(run("--json", "ca", "export", "root", "--key", "--output", str(key_file))).json()
+    assert doc == {"ca": "root", "key_file": str(key_file)}
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert describe(pem_unwrap(key_file.read_bytes(), PEM_LABEL))[:3] == (
+        "pbes2", "pbkdf2-sha256", 600_000,
+    )  # fmt: skip
+    ok(run("ca", "offline", "root", "--yes"))
+    assert not (settings.keys_dir / "ca-root.key").exists()
+    listed = {c["name"]: c["key_online"] for c in ok(run("--json", "ca", "list")).json()}
+    assert listed == {"root": False, "admin": True, "device": True}
+    assert "OFFLINE" in ok(run("ca", "list")).out
+    # While offline: no new issuing CA, no root CRL; both fail cleanly as conflicts.
+    refused = run("ca", "create-issuing", "ops")
+    assert refused.code == 75 and "offline" in refused.err, refused
+    refused = run("crl", "generate", "--ca", "root")
+    assert refused.code == 75 and "offline" in refused.err, refused
+    assert run("ca", "offline", "root", "--yes").code == 75  # already offline
+    # Without --ca, CRLs are generated for the online CAs only.
+    docs = ok(run("--json", "crl", "generate")).json()
+    assert sorted(d["ca"] for d in docs) == ["admin", "device"]
+    # The issuing CAs keep working.
+    ok(run("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
+           "--subject", "CN=d1.example.com", "--san", "dns:d1.example.com"))  # fmt: skip
+    # A wrong key file is refused by name; the right one brings the root back.
+    wrong = tmp_path / "admin-key.pem"
+    ok(run("ca", "export", "admin", "--key", "-o", str(wrong)))
+    result = run("ca", "online", "root", "--key-file", str(wrong))
+    assert result.code == 65 and "does not belong" in result.err
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("hello")
+    assert run("ca", "online", "root", "--key-file", str(garbage)).code == 65
+    assert run("ca", "online", "root", "--key-file", str(tmp_path / "missing.pem")).code == 64
+    ok(run("ca", "online", "root", "--key-file", str(key_file)))
+    assert run("ca", "online", "root", "--key-file", str(key_file)).code == 75
+    new_ca = ok(run("--json", "ca", "create-issuing", "ops", "--org", "Example Corp")).json()
+    assert new_ca["name"] == "ops" and new_ca["kind"] == "issuing"
+    root = ca_der(run, "root")
+    ops = ca_der(run, "ops")
+    pkilint_cert(ops)
+    pkilint_chain(root, ops)
+    openssl_verify(ops, [root])
+    root_crl = ok(run("--json", "crl", "generate", "--ca", "root")).json()[0]
+    number, crl_der = latest_crl(settings, "root")
+    assert number == root_crl["number"]
+    pkilint_crl(crl_der)
+    openssl_crl_verify(crl_der, root)
+    # The new CA has CRLs too (create-issuing makes them) and can issue at once.
+    _, ops_crl = latest_crl(settings, "ops")
+    openssl_crl_verify(ops_crl, ops)
+    csr = tmp_path / "ops.csr"
+    csr.write_bytes(make_csr(name(CN="ops-1.example.com")))
+    leaf_pem = ok(run("issue", "--ca", "ops", "--profile", "tls-server", "--csr", str(csr),
+                      "--san", "dns:ops-1.example.com")).out  # fmt: skip
+    leaf = der_of_pem(leaf_pem.encode())
+    pkilint_cert(leaf)
+    openssl_verify(leaf, [root, ops], [crl_der, ops_crl], purpose="sslserver")
+
+
+def test_create_issuing_refuses_duplicates_and_bad_key_types(run: Runner) -> None:
+    assert run("ca", "create-issuing", "admin").code == 75
+    result = run("ca", "create-issuing", "x1", "--key-type", "rsa-2048")
+    assert result.code == 65 and "key" in result.err, result
+    assert run("ca", "create-issuing", "x2", "--parent", "nope").code == 66
+
+
+# -- issue ------------------------------------------------------------------------------------
+def test_issue_from_csr_file(run: Runner, tmp_path: Path, settings: Settings) -> None:
+    csr = tmp_path / "alice.csr"
+    csr.write_bytes(make_csr(name(O="Tenant One", UID="alice", CN="Alice Admin")))
+    out = tmp_path / "alice.pem"
+    doc = ok(
+        run("--json", "issue", "--ca", "admin", "--profile", "admin-client", "--csr", str(csr),
+            "--san", "email:alice@tenant1.example.com", "--days", "30", "--owner", "acct-1",
+            "--tenant", "tenant1", "--out", str(out))
+    ).json()  # fmt: skip
+    cert = x509.load_pem_x509_certificate(out.read_bytes())
+    assert doc["serial"] == f"{cert.serial_number:040x}"
+    assert doc["certificate_file"] == str(out)
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= dt.timedelta(days=30, minutes=10)
+    leaf = cert.public_bytes(serialization.Encoding.DER)
+    chain = [ca_der(run, "root"), ca_der(run, "admin")]
+    pkilint_cert(leaf)
+    pkilint_chain(chain[1], leaf)
+    _, crl_der = latest_crl(settings, "admin")
+    openssl_verify(leaf, chain, [latest_crl(settings, "root")[1], crl_der], purpose="sslclient")
+    shown = ok(run("--json", "cert", "show", "--ca", "admin", doc["serial"])).json()
+    assert shown["owner"] == "acct-1" and shown["tenant"] == "tenant1"
+    assert shown["status"] == "issued" and shown["profile"] == "admin-client"
+    assert shown["sans"]
+    pem = ok(run("cert", "show", "--ca", "admin", doc["serial"], "--pem")).out
+    assert x509.load_pem_x509_certificate(pem.encode()) == cert
+
+
+def test_issue_der_csr_prints_pem_on_stdout(run: Runner, tmp_path: Path) -> None:
+    pem_csr = make_csr(name(CN="dev-7.example.com"))
+    csr = tmp_path / "dev.der"
+    csr.write_bytes(x509.load_pem_x509_csr(pem_csr).public_bytes(serialization.Encoding.DER))
+    out = ok(run("issue", "--ca", "device", "--profile", "device", "--csr", str(csr),
+                 "--san", "dns:dev-7.example.com", "--san", "ip:10.1.2.3")).out  # fmt: skip
+    assert out.startswith("-----BEGIN CERTIFICATE-----")
+    pkilint_cert(der_of_pem(out.split("-----END CERTIFICATE-----")[0].encode()
+                            + b"-----END CERTIFICATE-----\n"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (
+            b"-----BEGIN CERTIFICATE REQUEST-----\nnot base64!!\n"
+            b"-----END CERTIFICATE REQUEST-----\n",
+            65,
+        ),
+        (b"\x30\x82\x01\x00garbage", 65),
+        (b"", 65),
+    ],
+    ids=["bad-pem", "truncated-der", "empty"],
+)
+def test_malformed_csr_file_exits_65(
+    run: Runner, tmp_path: Path, content: bytes, code: int
+) -> None:
+    csr = tmp_path / "bad.csr"
+    csr.write_bytes(content)
+    before = ok(run("--json", "cert", "list")).json()
+    result = run("issue", "--ca", "admin", "--profile", "admin-client", "--csr", str(csr))
+    assert result.code == code, result
+    assert result.err.startswith("error: "), result.err
+    assert ok(run("--json", "cert", "list")).json() == before  # nothing reserved or issued
+
+
+def test_issue_input_errors(run: Runner, tmp_path: Path) -> None:
+    csr = tmp_path / "c.csr"
+    csr.write_bytes(make_csr(name(CN="x.example.com")))
+    missing = run(
+        "issue", "--ca", "admin", "--profile", "admin-client", "--csr", str(tmp_path / "no.csr")
+    )
+    assert missing.code == 64 and "does not exist" in missing.err
+    assert run("issue", "--ca", "nope", "--profile", "device", "--csr", str(csr),
+               "--san", "dns:x.example.com").code == 66  # fmt: skip
+    assert run("issue", "--ca", "device", "--profile", "nope", "--csr", str(csr)).code == 66
+    # Policy: an admin-client certificate needs an email SAN and O.
+    policy = run("issue", "--ca", "admin", "--profile", "admin-client", "--csr", str(csr))
+    assert policy.code == 65 and "policy-violation" in policy.err, policy
+    bad_san = run(
+        "issue", "--ca", "device", "--profile", "device", "--csr", str(csr), "--san", "dns"
+    )
+    assert bad_san.code == 65 and "SAN" in bad_san.err
+    bad_subject = run("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
+                      "--subject", "not a dn", "--san", "dns:x.example.com")  # fmt: skip
+    assert bad_subject.code == 65 and "subject" in bad_subject.err
+    no_subject = run("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256")
+    assert no_subject.code == 64
+    assert run("issue", "--ca", "device", "--profile", "device", "--csr", str(csr),
+               "--p12", str(tmp_path / "x.p12")).code == 64  # fmt: skip
+    assert run("issue", "--ca", "device", "--profile", "device", "--csr", str(csr),
+               "--days", "0").code == 64  # fmt: skip
+
+
+def test_issue_with_keygen_writes_pem_and_pkcs12(
+    run: Runner, tmp_path: Path, settings: Settings
+) -> None:
+    pw = tmp_path / "p12.pw"
+    pw.write_text("a-strong-p12-password\n")
+    cert_out, key_out, p12 = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "c.p12"
+    doc = ok(
+        run("--json", "issue", "--ca", "admin", "--profile", "admin-client", "--keygen",
+            "rsa-3072", "--subject", "CN=Carol,O=Tenant Two,UID=carol", "--san",
+            "email:carol@tenant2.example.com", "--out", str(cert_out), "--key-out",
+            str(key_out), "--p12", str(p12), "--password-file", str(pw))
+    ).json()  # fmt: skip
+    assert "p12_password" not in doc  # it came from the file; nothing to show
+    assert {doc["key_file"], doc["p12_file"]} == {str(key_out), str(p12)}
+    assert key_out.stat().st_mode & 0o777 == 0o600 and p12.stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate(cert_out.read_bytes())
+    key = serialization.load_pem_private_key(key_out.read_bytes(), None)
+    assert key.public_key() == cert.public_key()
+    info = subprocess.run(
+        ["openssl", "pkcs12", "-info", "-in", str(p12), "-passin", f"file:{pw}", "-noout"],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    text = info.stdout + info.stderr
+    assert info.returncode == 0, text
+    assert "MAC: sha256" in text and "AES-256-CBC" in text and "Iteration 600000" in text
+    bundle = pkcs12.load_pkcs12(p12.read_bytes(), b"a-strong-p12-password")
+    assert bundle.cert is not None and bundle.cert.certificate == cert
+    assert bundle.key is not None and bundle.key.public_key() == cert.public_key()
+    chain = [
+        c.certificate.public_bytes(serialization.Encoding.DER) for c in bundle.additional_certs
+    ]
+    assert chain == [ca_der(run, "admin"), ca_der(run, "root")]
+    leaf = cert.public_bytes(serialization.Encoding.DER)
+    pkilint_cert(leaf)
+    openssl_verify(leaf, list(reversed(chain)), purpose="sslclient")
+
+
+def test_keygen_pkcs12_password_from_env_or_generated(
+    run: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = ["--json", "issue", "--ca", "device", "--profile", "connector", "--keygen",
+            "ed25519", "--subject", "CN=conn-1", "--san", "dns:conn-1.example.com"]  # fmt: skip
+    monkeypatch.setenv("TEST_P12_PW", "env-supplied-password")
+    ok(run(*base, "--p12", str(tmp_path / "env.p12"), "--password-env", "TEST_P12_PW"))
+    pkcs12.load_pkcs12((tmp_path / "env.p12").read_bytes(), b"env-supplied-password")
+    missing = run(*base, "--p12", str(tmp_path / "x.p12"), "--password-env", "UNSET_VAR_XYZ")
+    assert missing.code == 78 and "UNSET_VAR_XYZ" in missing.err
+    short = tmp_path / "short"
+    short.write_text("short\n")
+    assert run(*base, "--p12", str(tmp_path / "y.p12"), "--password-file", str(short)).code == 65
+    doc = ok(run(*base, "--p12", str(tmp_path / "gen.p12"))).json()
+    generated = doc["p12_password"]
+    assert len(generated) >= 16
+    bundle = pkcs12.load_pkcs12((tmp_path / "gen.p12").read_bytes(), generated.encode())
+    assert bundle.cert is not None
+
+
+# -- revoke / release / cert list -------------------------------------------------------------
+def _issue_device(run: Runner, host: str, *extra: str) -> str:
+    argv = ["--json", "issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
+            "--subject", f"CN={host}", "--san", f"dns:{host}", *extra]  # fmt: skip
+    doc = ok(run(*argv)).json()
+    serial: str = doc["serial"]
+    return serial
+
+
+def test_revoke_release_and_crls(run: Runner, settings: Settings) -> None:
+    s1 = _issue_device(run, "r1.example.com")
+    s2 = _issue_device(run, "r2.example.com")
+    leaf1 = der_of_pem(ok(run("cert", "show", "--ca", "device", s1, "--pem")).out.encode())
+    doc = ok(run("--json", "revoke", "--ca", "device", s1, "--reason", "key_compromise",
+                 "--invalidity-date", "2020-01-02")).json()  # fmt: skip
+    assert doc["status"] == "revoked" and doc["reason"] == "key_compromise"
+    assert run("revoke", "--ca", "device", s1).code == 75  # already revoked
+    ok(run("revoke", "--ca", "device", s2, "--reason", "certificate_hold"))
+    assert run("release", "--ca", "device", s1).code == 75  # not on hold
+    full = ok(run("--json", "crl", "generate", "--ca", "device")).json()[0]
+    assert full["kind"] == "full" and full["entries"] == 2
+    number, crl_der = latest_crl(settings, "device")
+    assert number == full["number"]
+    crl = x509.load_der_x509_crl(crl_der)
+    assert {r.serial_number for r in crl} == {int(s1, 16), int(s2, 16)}
+    root, device = ca_der(run, "root"), ca_der(run, "device")
+    pkilint_crl(crl_der)
+    openssl_crl_verify(crl_der, device)
+    root_crl = latest_crl(settings, "root")[1]
+    openssl_verify_revoked(leaf1, [root, device], [root_crl, crl_der])
+    released = ok(run("--json", "release", "--ca", "device", s2)).json()
+    assert released["status"] == "issued"
+    delta = ok(run("--json", "crl", "generate", "--ca", "device", "--delta")).json()[0]
+    assert delta["kind"] == "delta" and delta["number"] > full["number"]
+    _, delta_der = latest_crl(settings, "device", delta=True)
+    pkilint_crl(delta_der, delta=True)
+    openssl_crl_verify(delta_der, device)
+    parsed = x509.load_der_x509_crl(delta_der)
+    indicator = parsed.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value
+    assert indicator.crl_number == full["number"]
+    # The released hold appears as removeFromCRL in the delta (RFC 5280 5.3.1).
+    entry = parsed.get_revoked_certificate_by_serial_number(int(s2, 16))
+    assert entry is not None
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+        x509.ReasonFlags.remove_from_crl
+    )
+    text = ok(run("crl", "generate", "--ca", "admin", "--ca", "device")).out
+    assert re.search(r"^admin\s+full\s+#\d+ entries=0", text, re.M), text
+    assert re.search(r"^device\s+full\s+#\d+ entries=1", text, re.M), text
+
+
+def test_unknown_serial_exits_66(run: Runner) -> None:
+    for argv in (
+        ["revoke", "--ca", "admin", "0x1234abcd"],
+        ["release", "--ca", "admin", "1234abcd"],
+        ["cert", "show", "--ca", "admin", "12:34:ab:cd"],
+    ):
+        result = run(*argv)
+        assert result.code == 66, (argv, result)
+        assert "1234abcd" in result.err.replace(":", "")
+
+
+def test_revoke_with_a_future_invalidity_date_exits_65(run: Runner) -> None:
+    serial = _issue_device(run, "future.example.com")
+    result = run("revoke", "--ca", "device", serial, "--invalidity-date", "2999-01-01")
+    assert result.code == 65 and "future" in result.err
+    assert run("revoke", "--ca", "device", serial, "--reason", "because").code == 65
+
+
+def test_cert_list_filters(run: Runner) -> None:
+    assert ok(run("cert", "list", "--ca", "device")).out.strip() == "no certificates"
+    # The issuing CAs' own certificates (profile sub-ca, issued by the root) are listed too.
+    sub_cas = [d["serial"] for d in ok(run("--json", "cert", "list")).json()]
+    assert len(sub_cas) == 2
+    short = _issue_device(run, "short.example.com", "--days", "10")
+    long = _issue_device(run, "long.example.com", "--days", "300")
+    revoked = _issue_device(run, "gone.example.com")
+    ok(run("revoke", "--ca", "device", revoked))
+    csr_serial = ok(run("--json", "issue", "--ca", "admin", "--profile", "admin-client",
+                        "--keygen", "ec-p256", "--subject", "CN=Dan,O=T",
+                        "--san", "email:dan@example.com")).json()["serial"]  # fmt: skip
+
+    def serials(*argv: str) -> list[str]:
+        return [d["serial"] for d in ok(run("--json", "cert", "list", *argv)).json()]
+
+    assert serials() == [csr_serial, revoked, long, short, *sub_cas]  # newest first
+    assert serials("--status", "revoked") == [revoked]
+    assert set(serials("--status", "issued")) == {short, long, csr_serial, *sub_cas}
+    assert serials("--ca", "root") == sub_cas
+    assert serials("--ca", "admin") == [csr_serial]
+    assert serials("--ca", "device", "--status", "issued") == [long, short]
+    assert serials("--expiring-within", "30") == [short]
+    assert set(serials("--expiring-within", "400")) == {short, long, revoked, csr_serial}
+    assert serials("--limit", "1") == [csr_serial]
+    assert serials("--ca", "nope") == []
+    text = ok(run("cert", "list", "--status", "revoked")).out
+    assert re.search(rf"^device\s+{revoked}\s+revoked\s+\d{{4}}-\d\d-\d\d CN=gone", text, re.M)
+
+
+def test_json_output_of_every_read_command_parses(run: Runner, tmp_path: Path) -> None:
+    serial = _issue_device(run, "j.example.com")
+    for argv in (
+        ["ca", "list"], ["ca", "show", "root"], ["cert", "list"],
+        ["cert", "show", "--ca", "device", serial], ["crl", "generate"],
+        ["crl", "generate", "--delta"], ["revoke", "--ca", "device", serial],
+        ["ca", "export", "root", "-o", str(tmp_path / "r.pem")],
+    ):  # fmt: skip
+        doc = ok(run("--json", *argv)).json()
+        assert isinstance(doc, dict | list) and doc, argv
+
+
+def test_wrong_key_passphrase_exits_77(run: Runner, data_dir: Path) -> None:
+    secret = data_dir / "secrets" / "ca-passphrase"
+    secret.write_text("an-entirely-different-passphrase\n")
+    result = run("crl", "generate", "--ca", "admin")
+    assert result.code == 77, result
+    assert "error: wrong-passphrase:" in result.err
+    assert "an-entirely-different-passphrase" not in result.err
+
+
+def test_passphrase_file_readable_by_others_exits_78(run: Runner, data_dir: Path) -> None:
+    (data_dir / "secrets" / "ca-passphrase").chmod(0o644)
+    result = run("ca", "list")
+    assert result.code == 78 and "chmod 600" in result.err

@@ -1,0 +1,203 @@
+"""``sekisho serve`` for real: gunicorn on 127.0.0.1, probed with curl, CRLs checked with
+OpenSSL, and the server stopped by its PID with no worker left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.checkers import pkilint_crl
+
+VENV_BIN = Path(sys.executable).parent
+STARTUP_SECONDS = 30
+STOP_SECONDS = 15
+TIMEOUT = 30
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 (after the parenthesised command name) is the parent PID.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "5", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+class Server:
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._log_fh = log.open("wb")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "sekisho"), "--data-dir", str(data_dir), "serve",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "SEKISHO_BASE_URL": self.base},
+        )  # fmt: skip
+        self.workers: set[int] = set()
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
+            res = curl("-o", "/dev/null", "-w", "%{http_code}", f"{self.base}/healthz")
+            if res.stdout == "200":
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"no healthy server within {STARTUP_SECONDS}s:\n{self.output()}")
+
+    def output(self) -> str:
+        if not self._log_fh.closed:
+            self._log_fh.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM the arbiter by PID, wait (bounded), SIGKILL if it will not go."""
+        self.workers |= children_of(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_SECONDS)
+        deadline = time.monotonic() + STOP_SECONDS
+        while time.monotonic() < deadline and any(alive(p) for p in self.workers):
+            time.sleep(0.1)
+        for pid in self.workers:  # last resort, still by PID: never leave a worker behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._log_fh.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server(data_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    srv = Server(data_dir, tmp_path / "server.log")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def openssl_crl_check(crl_file: Path, ca_pem: Path) -> str:
+    res = subprocess.run(
+        ["openssl", "crl", "-inform", "DER", "-in", str(crl_file), "-CAfile", str(ca_pem),
+         "-noout"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )  # fmt: skip
+    return res.stdout + res.stderr if res.returncode == 0 else f"FAILED: {res.stderr}"
+
+
+def test_gunicorn_serves_crls_and_stops_cleanly(
+    server: Server, data_dir: Path, tmp_path: Path
+) -> None:
+    server.wait_healthy()
+    workers = children_of(server.proc.pid)
+    server.workers |= workers
+    assert len(workers) >= 2, f"expected 2 gunicorn workers, found {workers}"
+    health = curl("-i", f"{server.base}/healthz")
+    assert health.returncode == 0, health.stderr
+    assert "HTTP/1.1 200" in health.stdout
+    assert '"status":"ok"' in health.stdout.replace(" ", "")
+    # A production server, not Flask's development server.
+    assert "werkzeug" not in health.stdout.lower()
+    for ca in ("root", "admin", "device"):
+        crl_file = tmp_path / f"{ca}.crl"
+        res = curl("-o", str(crl_file), "-D", str(tmp_path / f"{ca}.hdr"), "-w",
+                   "%{http_code} %{content_type}", f"{server.base}/crl/{ca}.crl")  # fmt: skip
+        assert res.stdout == "200 application/pkix-crl", res.stdout + res.stderr
+        headers = (tmp_path / f"{ca}.hdr").read_text().lower()
+        assert "etag:" in headers and "last-modified:" in headers and "cache-control:" in headers
+        assert "verify ok" in openssl_crl_check(crl_file, data_dir / "public" / f"{ca}.crt").lower()
+        pkilint_crl(crl_file.read_bytes())
+    delta_file = tmp_path / "admin-delta.crl"
+    res = curl("-o", str(delta_file), "-w", "%{http_code}", f"{server.base}/crl/admin-delta.crl")
+    assert res.stdout == "200"
+    assert "verify ok" in openssl_crl_check(delta_file, data_dir / "public" / "admin.crt").lower()
+    # A conditional GET through the real server.
+    etag = next(
+        line.split(":", 1)[1].strip()
+        for line in (tmp_path / "admin.hdr").read_text().splitlines()
+        if line.lower().startswith("etag:")
+    )
+    res = curl("-o", "/dev/null", "-D", "-", "-w", "%{http_code}", "-H",
+               f"If-None-Match: {etag}", f"{server.base}/crl/admin.crl")  # fmt: skip
+    # 304, unless the arbiter's CRL refresher published a newer CRL in between (new ETag).
+    assert res.stdout.endswith("304") or (
+        res.stdout.endswith("200") and f"etag: {etag}".lower() not in res.stdout.lower()
+    ), res.stdout
+    ca_file = tmp_path / "root.der"
+    res = curl("-o", str(ca_file), "-w", "%{content_type}", f"{server.base}/ca/root.crt")
+    assert res.stdout == "application/pkix-cert"
+    res = curl("-w", "\n%{http_code} %{content_type}", f"{server.base}/crl/nope.crl")
+    assert res.stdout.endswith("404 application/problem+json"), res.stdout
+    res = curl("-X", "DELETE", "-o", "/dev/null", "-w", "%{http_code}", f"{server.base}/healthz")
+    assert res.stdout == "405"
+    # Stop by PID: the arbiter exits cleanly on SIGTERM and takes its workers with it.
+    code = server.stop()
+    assert code == 0, server.output()
+    assert not [p for p in server.workers if alive(p)]
+    assert "Traceback" not in server.output()
+    refused = curl(f"{server.base}/healthz")
+    assert refused.returncode != 0
+
+
+def test_serve_with_a_bad_setting_exits_78_without_starting(data_dir: Path, tmp_path: Path) -> None:
+    res = subprocess.run(
+        [str(VENV_BIN / "sekisho"), "--data-dir", str(data_dir), "serve", "--host", "127.0.0.1",
+         "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        env={**os.environ, "SEKISHO_WORKERS": "0"},
+    )  # fmt: skip
+    assert res.returncode == 78
+    assert "workers" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,304 @@
+"""Public PKI endpoints through Flask's test client: /healthz, /ca/<ca>.crt, /crl/<ca>.crl and
+the delta CRL; caching headers and conditional GETs; RFC 9457 problems for anything unknown;
+security headers everywhere; never a 500.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from ca.revocation import Reason
+from sekisho.services import Services, build_services
+from sekisho.settings import Settings
+from tests.ca.helpers import ca_cert, der, issue
+from tests.conftest import TEST_ACTOR, make_settings
+from tests.support.checkers import (
+    openssl_crl_verify,
+    openssl_verify_revoked,
+    pkilint_cert,
+    pkilint_crl,
+)
+from web import create_app
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'",
+}
+
+
+@pytest.fixture
+def app(services: Services) -> Flask:
+    app = create_app(services)
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def assert_security_headers(response: TestResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers.get(name) == value, (name, dict(response.headers))
+    assert len(response.headers["X-Request-Id"]) == 16
+
+
+def assert_problem(response: TestResponse, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    doc = response.get_json(force=True)
+    assert isinstance(doc, dict)
+    assert doc["status"] == status
+    assert str(doc["type"]).startswith("urn:sekisho:error:")
+    assert doc["detail"] and doc["title"]
+    assert doc["request_id"] == response.headers["X-Request-Id"]
+    assert "Traceback" not in response.get_data(as_text=True)
+    return doc
+
+
+def test_healthz(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "database": "ok"}
+    assert_security_headers(response)
+
+
+def test_healthz_reports_a_broken_database(services: Services, app: Flask) -> None:
+    broken = build_services(
+        make_settings(services.settings.data_dir, database_url="sqlite:////nonexistent/dir/x.db"),
+        backend=services.backend,
+        migrate=False,
+    )
+    try:
+        response = create_app(broken).test_client().get("/healthz")
+    finally:
+        broken.db.dispose()
+    assert response.status_code == 503
+    assert response.get_json() == {"status": "unavailable", "database": "down"}
+
+
+@pytest.mark.parametrize("ca", ["root", "admin", "device"])
+def test_ca_certificate_is_der(client: FlaskClient, services: Services, ca: str) -> None:
+    response = client.get(f"/ca/{ca}.crt")
+    assert response.status_code == 200
+    assert response.mimetype == "application/pkix-cert"
+    cert = x509.load_der_x509_certificate(response.data)
+    assert cert == ca_cert(services, ca)
+    assert response.headers["ETag"] == f'"{hashlib.sha256(response.data).hexdigest()}"'
+    assert "max-age=86400" in response.headers["Cache-Control"]
+    assert_security_headers(response)
+    pkilint_cert(response.data)
+    again = client.get(f"/ca/{ca}.crt", headers={"If-None-Match": response.headers["ETag"]})
+    assert again.status_code == 304 and again.data == b""
+
+
+def _crl_headers_ok(response: TestResponse, now: dt.datetime) -> x509.CertificateRevocationList:
+    assert response.status_code == 200
+    assert response.mimetype == "application/pkix-crl"
+    crl = x509.load_der_x509_crl(response.data)
+    assert response.headers["ETag"] == f'"{hashlib.sha256(response.data).hexdigest()}"'
+    last_modified = email.utils.parsedate_to_datetime(response.headers["Last-Modified"])
+    assert last_modified == crl.last_update_utc.replace(microsecond=0)
+    expires = email.utils.parsedate_to_datetime(response.headers["Expires"])
+    assert crl.next_update_utc is not None
+    assert expires == crl.next_update_utc.replace(microsecond=0)
+    cache = response.headers["Cache-Control"]
+    assert cache.startswith("public, max-age=") and "no-transform" in cache
+    max_age = int(cache.split("max-age=")[1].split(",")[0])
+    assert 0 < max_age <= 300
+    assert expires > now
+    assert_security_headers(response)
+    return crl
+
+
+def test_full_crl_with_caching_headers_and_conditional_get(
+    client: FlaskClient, services: Services
+) -> None:
+    response = client.get("/crl/admin.crl")
+    crl = _crl_headers_ok(response, services.clock())
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number >= 1
+    pkilint_crl(response.data)
+    openssl_crl_verify(response.data, der(ca_cert(services, "admin")))
+    etag = response.headers["ETag"]
+    cached = client.get("/crl/admin.crl", headers={"If-None-Match": etag})
+    assert cached.status_code == 304 and cached.data == b""
+    assert cached.headers["ETag"] == etag
+    since = client.get(
+        "/crl/admin.crl", headers={"If-Modified-Since": response.headers["Last-Modified"]}
+    )
+    assert since.status_code == 304
+    stale = client.get("/crl/admin.crl", headers={"If-None-Match": '"0000"'})
+    assert stale.status_code == 200 and stale.data == response.data
+    head = client.head("/crl/admin.crl")
+    assert head.status_code == 200 and head.data == b""
+    assert head.headers["ETag"] == etag
+
+
+def test_new_crl_after_revocation_is_served_with_a_new_etag(
+    client: FlaskClient, services: Services
+) -> None:
+    first = client.get("/crl/device.crl")
+    leaf = issue(services, "device")
+    services.revoker.revoke("device", leaf.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    services.crls.generate("device", services.clock(), actor=TEST_ACTOR)
+    second = client.get("/crl/device.crl", headers={"If-None-Match": first.headers["ETag"]})
+    crl = _crl_headers_ok(second, services.clock())
+    assert second.headers["ETag"] != first.headers["ETag"]
+    assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+    root_crl = client.get("/crl/root.crl").data
+    chain = [der(ca_cert(services, "root")), der(ca_cert(services, "device"))]
+    openssl_verify_revoked(der(leaf), chain, [root_crl, second.data])
+
+
+def test_delta_crl_endpoint(client: FlaskClient, services: Services) -> None:
+    leaf = issue(services, "admin-client")
+    services.revoker.revoke("admin", leaf.serial_number, Reason.CERTIFICATE_HOLD, TEST_ACTOR)
+    services.crls.generate("admin", services.clock(), delta=True, actor=TEST_ACTOR)
+    full = x509.load_der_x509_crl(client.get("/crl/admin.crl").data)
+    response = client.get("/crl/admin-delta.crl")
+    delta = _crl_headers_ok(response, services.clock())
+    indicator = delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value
+    base_number = full.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert indicator.crl_number == base_number
+    assert delta.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+    # The full CRL points at the delta (RFC 5280 5.2.6 Freshest CRL).
+    freshest = full.extensions.get_extension_for_class(x509.FreshestCRL).value
+    assert any(
+        n.value.endswith("/crl/admin-delta.crl") for dp in freshest for n in dp.full_name or []
+    )
+    pkilint_crl(response.data, delta=True)
+    openssl_crl_verify(response.data, der(ca_cert(services, "admin")))
+    assert response.headers["ETag"] != client.get("/crl/admin.crl").headers["ETag"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/crl/nope.crl",
+        "/crl/nope-delta.crl",
+        "/ca/nope.crt",
+        "/crl/admin.crt",
+        "/ca/admin.crl",
+        "/crl/admin",
+        "/crl/.crl",
+        "/crl/-delta.crl",
+        "/crl/ADMIN.crl",
+        "/crl/..%2f..%2fetc%2fpasswd.crl",
+        "/crl/%00.crl",
+        "/crl/admin%00.crl",
+        "/crl/" + "a" * 500 + ".crl",
+        "/crl/%C3%A9.crl",
+        "/crl/admin.crl/extra",
+        "/crl/",
+        "/ca/",
+        "/",
+        "/favicon.ico",
+        "/healthz/",
+        "/ca/admin.crt.crt",
+        "/crl/admin-delta-delta.crl",
+    ],
+)
+def test_unknown_paths_are_404_problems(client: FlaskClient, path: str) -> None:
+    response = client.get(path)
+    assert_problem(response, 404)
+    assert_security_headers(response)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("path", ["/healthz", "/crl/admin.crl", "/ca/root.crt"])
+def test_other_methods_are_405_problems(client: FlaskClient, method: str, path: str) -> None:
+    response = client.open(path, method=method, data=b"x" * 10)
+    doc = assert_problem(response, 405)
+    assert doc["title"] == "method not allowed"
+    assert "GET" in response.headers["Allow"]
+    assert_security_headers(response)
+
+
+def test_options_and_odd_requests_never_500(client: FlaskClient) -> None:
+    odd = [
+        client.options("/crl/admin.crl"),
+        client.get("/crl/admin.crl", headers={"If-None-Match": 'garbage, *, ""'}),
+        client.get("/crl/admin.crl", headers={"If-Modified-Since": "yesterday-ish"}),
+        client.get("/crl/admin.crl", headers={"Range": "bytes=0-10"}),
+        client.get("/crl/admin.crl", headers={"Range": "bytes=999999-"}),
+        client.get("/crl/admin.crl?x=" + "y" * 2000),
+        client.post("/crl/admin.crl", data=b"z" * (1024 * 1024)),  # over MAX_CONTENT_LENGTH
+        client.open("/crl/admin.crl", method="TRACE"),
+        client.open("/crl/admin.crl", method="BREW"),
+    ]
+    for response in odd:
+        assert response.status_code < 500, (response.status_code, response.data[:200])
+        assert_security_headers(response)
+        if response.status_code >= 400:
+            assert_problem(response, response.status_code)
+
+
+def test_unexpected_exception_is_a_bare_500_problem(app: Flask) -> None:
+    @app.get("/boom-for-test")
+    def boom() -> str:
+        raise RuntimeError("secret internals /etc/shadow")
+
+    response = app.test_client().get("/boom-for-test")
+    doc = assert_problem(response, 500)
+    assert "secret internals" not in response.get_data(as_text=True)
+    assert "request ID" in str(doc["detail"])
+
+
+def test_request_ids_differ(client: FlaskClient) -> None:
+    ids = {client.get("/healthz").headers["X-Request-Id"] for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_hsts_only_over_https(client: FlaskClient) -> None:
+    assert "Strict-Transport-Security" not in client.get("/healthz").headers
+    secure = client.get("/healthz", base_url="https://pki.example.com")
+    assert secure.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+@pytest.fixture
+def second_deployment(settings: Settings, tmp_path: Path) -> Iterator[Services]:
+    """A copy of this deployment as another app in the same process (SQLite only)."""
+    if settings.database_url:
+        pytest.skip("the copy is made at the file level: SQLite only")
+    other = tmp_path / "other"
+    shutil.copytree(settings.data_dir, other)
+    services = build_services(make_settings(other))
+    yield services
+    services.close()
+
+
+def test_two_apps_in_one_process_serve_their_own_crls(
+    services: Services, second_deployment: Services
+) -> None:
+    """Both deployments publish CRL number N+1 for "admin"; each app must serve its own."""
+    clients = [create_app(s).test_client() for s in (services, second_deployment)]
+    for svc in (services, second_deployment):
+        svc.crls.generate("admin", svc.clock(), actor=TEST_ACTOR)
+    bodies = []
+    for client, svc in zip(clients, (services, second_deployment), strict=True):
+        response = client.get("/crl/admin.crl")
+        assert response.headers["ETag"] == f'"{hashlib.sha256(response.data).hexdigest()}"'
+        openssl_crl_verify(response.data, der(ca_cert(svc, "admin")))
+        bodies.append(response.data)
+    numbers = {
+        x509.load_der_x509_crl(b)
+        .extensions.get_extension_for_class(x509.CRLNumber)
+        .value.crl_number
+        for b in bodies
+    }
+    assert len(numbers) == 1  # same number on both sides: the case a number-keyed cache gets wrong
+    assert bodies[0] != bodies[1]
