@@ -14,7 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from ca.revocation import Reason
+from sekisho.services import Services
+from tests.ca.helpers import issue
+from tests.conftest import TEST_ACTOR
 from tests.support.checkers import pkilint_crl
 
 VENV_BIN = Path(sys.executable).parent
@@ -201,3 +206,36 @@ def test_serve_with_a_bad_setting_exits_78_without_starting(data_dir: Path, tmp_
     )  # fmt: skip
     assert res.returncode == 78
     assert "workers" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_many_requests_none_hang_and_revocation_reaches_the_served_crl(
+    server: Server, services: Services, tmp_path: Path
+) -> None:
+    """Regression: a worker forked while the arbiter held a SQLite transaction waited forever
+    for a lock nobody held. Now no connection crosses a fork and the CRL refresher runs in its
+    own process; a revocation shows up in the CRL served by gunicorn within seconds."""
+    server.wait_healthy()
+    for _ in range(10):
+        for ca in ("root", "admin", "device"):
+            res = curl("-o", "/dev/null", "-w", "%{http_code}", f"{server.base}/crl/{ca}.crl")
+            assert res.stdout == "200", res.stdout + res.stderr
+    cert = issue(services, "admin-client")
+    services.revoker.revoke("admin", cert.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    crl_file = tmp_path / "admin-now.crl"
+    deadline = time.monotonic() + 20
+    entry = None
+    while time.monotonic() < deadline:
+        res = curl("-o", str(crl_file), "-w", "%{http_code}", f"{server.base}/crl/admin.crl")
+        if res.stdout == "200":
+            crl = x509.load_der_x509_crl(crl_file.read_bytes())
+            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if entry is not None:
+                break
+        time.sleep(0.25)
+    assert entry is not None, "revocation not published by the serving process\n" + server.output()
+    pkilint_crl(crl_file.read_bytes())
+    # The refresher is a child of the arbiter and goes with it.
+    server.workers |= children_of(server.proc.pid)
+    assert len(server.workers) >= 3  # two workers + the refresher
+    assert server.stop() == 0
+    assert not [p for p in server.workers if alive(p)]
