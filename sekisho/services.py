@@ -12,7 +12,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from audit.chain import parse_checkpoint_body
 from audit.journal import CheckpointSigner, Journal
+from audit.models import Checkpoint
 from ca.crl import CrlPublisher
 from ca.issuance import CaService
 from ca.profiles import ProfileSet, load_profiles
@@ -23,7 +28,7 @@ from hsm.secrets import create_secret_file, read_secret
 from hsm.software import SoftwareBackend
 from sekisho.clock import utcnow
 from sekisho.db import Database
-from sekisho.errors import ConfigError
+from sekisho.errors import ConfigError, SekishoError
 from sekisho.settings import Settings
 
 AUDIT_KEY_REF = "file:audit"
@@ -69,6 +74,26 @@ def open_backend(settings: Settings) -> KeyBackend:
     return SoftwareBackend(settings.keys_dir, passphrase)
 
 
+def journal_origin(db: Database, settings: Settings) -> str:
+    """The journal's origin line: ``audit_origin`` when set; otherwise the one the journal's
+    first checkpoint already carries, so changing ``base_url`` later does not split the
+    journal into two origins (every old checkpoint would fail to verify); for a new journal,
+    derived from ``base_url``."""
+    if settings.audit_origin:
+        return settings.audit_origin
+    try:
+        with db.scope() as session:
+            body = session.scalar(select(Checkpoint.body).order_by(Checkpoint.seq).limit(1))
+    except (SekishoError, SQLAlchemyError):
+        body = None  # no schema yet (first start): nothing to stay consistent with
+    if body:
+        try:
+            return parse_checkpoint_body(body)[0]
+        except ValueError:
+            pass  # a damaged checkpoint: `audit verify` reports it
+    return settings.journal_origin
+
+
 def build_services(
     settings: Settings,
     *,
@@ -86,7 +111,7 @@ def build_services(
         else None
     )
     journal = Journal(
-        settings.journal_origin,
+        journal_origin(db, settings),
         signer,
         every=settings.audit_checkpoint_every,
         interval=dt.timedelta(minutes=settings.audit_checkpoint_minutes),
