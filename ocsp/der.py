@@ -1,0 +1,126 @@
+"""A small, strict DER reader for OCSP requests and certificates.
+
+It runs *before* asn1crypto sees a request: one iterative pass over the whole TLV tree that
+refuses anything outside DER's shape (indefinite lengths, non-minimal lengths, high tag
+numbers, constructed forms of primitive universal types, trailing bytes) and trees deeper than
+``max_depth``. asn1crypto is lazy and recursive; with this gate in front, 10^4 nested
+SEQUENCEs cost one linear scan and a refusal, never a deep recursion.
+
+Writing DER for responses uses :mod:`ca.der`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+MAX_LENGTH_OCTETS = 4  # 4 GiB: more than any request we accept
+
+
+class DerError(ValueError):
+    """The input is not well-formed DER (or exceeds a limit)."""
+
+
+class Tlv(NamedTuple):
+    tag: int
+    start: int  # offset of the identifier octet
+    content_start: int
+    end: int  # one past the last content octet
+
+    def content(self, data: bytes) -> bytes:
+        return data[self.content_start : self.end]
+
+    def encoding(self, data: bytes) -> bytes:
+        return data[self.start : self.end]
+
+
+def read_tlv(data: bytes, pos: int, end: int) -> Tlv:
+    """The TLV starting at ``pos``; it must end at or before ``end``."""
+    start = pos
+    if pos >= end:
+        raise DerError("truncated: expected a tag")
+    tag = data[pos]
+    pos += 1
+    if tag & 0x1F == 0x1F:
+        raise DerError("high tag numbers are not used in OCSP")
+    if pos >= end:
+        raise DerError("truncated: expected a length")
+    first = data[pos]
+    pos += 1
+    if first < 0x80:
+        length = first
+    elif first == 0x80:
+        raise DerError("indefinite length is not DER")
+    else:
+        count = first & 0x7F
+        if count > MAX_LENGTH_OCTETS:
+            raise DerError("length field too long")
+        if pos + count > end:
+            raise DerError("truncated: length field")
+        raw = data[pos : pos + count]
+        pos += count
+        if raw[0] == 0:
+            raise DerError("non-minimal length encoding")
+        length = int.from_bytes(raw, "big")
+        if length < 0x80:
+            raise DerError("non-minimal length encoding")
+    if length > end - pos:
+        raise DerError("truncated: content shorter than its length")
+    return Tlv(tag, start, pos, pos + length)
+
+
+def is_constructed(tag: int) -> bool:
+    return bool(tag & 0x20)
+
+
+def children(data: bytes, parent: Tlv) -> list[Tlv]:
+    """The TLVs directly inside a constructed ``parent``."""
+    out = []
+    pos = parent.content_start
+    while pos < parent.end:
+        item = read_tlv(data, pos, parent.end)
+        out.append(item)
+        pos = item.end
+    return out
+
+
+def check_structure(data: bytes, max_depth: int) -> Tlv:
+    """Validate the whole TLV tree of ``data`` (exactly one top-level element, nothing after
+    it, nesting at most ``max_depth``) without recursion; return the top-level TLV."""
+    top = read_tlv(data, 0, len(data))
+    if top.end != len(data):
+        raise DerError(f"{len(data) - top.end} trailing octets after the outer element")
+    pending: list[tuple[int, int, int]] = []  # (pos, end, depth of the items in it)
+    _check_tag(top.tag)
+    if is_constructed(top.tag):
+        pending.append((top.content_start, top.end, 2))
+    while pending:
+        pos, end, depth = pending.pop()
+        while pos < end:
+            item = read_tlv(data, pos, end)
+            _check_tag(item.tag)
+            if is_constructed(item.tag):
+                if depth >= max_depth:
+                    raise DerError(f"nesting deeper than {max_depth}")
+                pending.append((item.content_start, item.end, depth + 1))
+            pos = item.end
+    return top
+
+
+def _check_tag(tag: int) -> None:
+    # Universal class, constructed: only SEQUENCE and SET exist in DER.
+    if tag & 0xC0 == 0 and is_constructed(tag) and tag not in (0x30, 0x31):
+        raise DerError(f"constructed encoding of primitive type (tag 0x{tag:02x})")
+
+
+def expect(data: bytes, item: Tlv, tag: int, what: str) -> Tlv:
+    if item.tag != tag:
+        raise DerError(f"{what}: expected tag 0x{tag:02x}, found 0x{item.tag:02x}")
+    return item
+
+
+def only(data: bytes, tag: int, what: str) -> bytes:
+    """The content of ``data``, which must be exactly one TLV with ``tag``."""
+    item = read_tlv(data, 0, len(data))
+    if item.end != len(data):
+        raise DerError(f"{what}: trailing octets")
+    return expect(data, item, tag, what).content(data)
