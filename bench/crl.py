@@ -31,11 +31,10 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import Table, func, select, update
 
 from bench.common import (
-    PgUnavailable,
-    databases,
     deployment,
     peak_rss_mib,
     progress,
+    run_each_database,
     write_result,
 )
 from ca.models import Certificate, CertificateAuthority, CertStatus
@@ -282,14 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reference must be between 1 and 50,000 (the builder is superlinear)")
 
     reference = reference_build(args.reference)
-    results: list[dict[str, Any]] = []
-    skipped: dict[str, str] = {}
-    for database in databases(args.database):
-        try:
-            results.append(bench_database(database, args))
-        except PgUnavailable as exc:
-            print(f"postgres: skipped, PostgreSQL could not be started: {exc}")
-            skipped[database] = str(exc)
+    results, skipped = run_each_database(
+        args.database, lambda database: bench_database(database, args)
+    )
 
     print("\nfull CRL build, one issuing CA (P-256), entries with reason codes")
     print(

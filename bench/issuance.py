@@ -31,11 +31,10 @@ from audit.models import JournalRecord
 from bench.common import (
     BASE_URL,
     BENCH_ACTOR,
-    PgUnavailable,
-    databases,
     deployment,
     peak_rss_mib,
     progress,
+    run_each_database,
     write_result,
 )
 from ca.models import Certificate, CertStatus
@@ -261,14 +260,9 @@ def main(argv: list[str] | None = None) -> int:
 
     progress(f"generating {args.pool} CSRs (not measured)")
     csrs = make_csrs(args.pool)
-    results: list[dict[str, Any]] = []
-    skipped: dict[str, str] = {}
-    for database in databases(args.database):
-        try:
-            results.append(bench_database(database, args, csrs))
-        except PgUnavailable as exc:
-            print(f"postgres: skipped, PostgreSQL could not be started: {exc}")
-            skipped[database] = str(exc)
+    results, skipped = run_each_database(
+        args.database, lambda database: bench_database(database, args, csrs)
+    )
     ok = True
     print(f"\nissuance, CSR PEM -> certificate PEM, one process, P-256 CA, profile {PROFILE}")
     print(f"{'database':<10}{'Sekisho/s':>12}{'raw/s':>10}{'ratio':>8}  target >= {TARGET_RATIO}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
+from typing import Any
 
 from cryptography import x509
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, object_session
 
 from ca.models import CertificateAuthority
 from ca.tbs import IssuerContext
@@ -50,12 +52,23 @@ def context_for(row: CertificateAuthority, urls: Urls) -> IssuerContext:
 
 
 class CaRegistry:
-    """CA contexts cached per process; CA rows change only through ``ca.hierarchy``."""
+    """CA contexts cached per process; CA rows change only through ``ca.hierarchy``.
+
+    Any ORM insert, update or delete of a CA row in this process drops every registry's cache
+    (at flush, and again once that transaction commits), so the next ``get`` re-reads the row
+    and sees ``active`` (and the certificate, key reference) as committed.
+    """
 
     def __init__(self, urls: Urls) -> None:
         self.urls = urls
         self._cache: dict[str, IssuerContext] = {}
         self._lock = threading.Lock()
+        _REGISTRIES.add(self)
+
+    def cached(self, name: str) -> IssuerContext | None:
+        """The cached context of ``name``, or None (then call ``get`` in a transaction)."""
+        with self._lock:
+            return self._cache.get(name)
 
     def get(self, session: Session, name: str) -> IssuerContext:
         with self._lock:
@@ -73,6 +86,32 @@ class CaRegistry:
     def invalidate(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+_REGISTRIES: weakref.WeakSet[CaRegistry] = weakref.WeakSet()
+_CA_CHANGED = "sekisho.ca_rows_changed"
+
+
+def _invalidate_all() -> None:
+    for registry in list(_REGISTRIES):
+        registry.invalidate()
+
+
+@event.listens_for(CertificateAuthority, "after_insert")
+@event.listens_for(CertificateAuthority, "after_update")
+@event.listens_for(CertificateAuthority, "after_delete")
+def _ca_row_flushed(_mapper: Any, _connection: Any, target: CertificateAuthority) -> None:
+    session = object_session(target)
+    if session is not None:
+        session.info[_CA_CHANGED] = True
+    _invalidate_all()
+
+
+@event.listens_for(Session, "after_commit")
+def _ca_rows_committed(session: Session) -> None:
+    # A context re-read between the flush and the commit saw the old row: drop it again.
+    if session.info.pop(_CA_CHANGED, False):
+        _invalidate_all()
 
 
 def all_cas(session: Session) -> list[CertificateAuthority]:

@@ -12,18 +12,22 @@ import contextlib
 import datetime as dt
 import enum
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, Enum, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy import Connection, DateTime, Engine, Enum, create_engine, event
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from sekisho.errors import StoreError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+READ_ONLY = "sekisho_read_only"  # execution option set by Database.read_scope()
+# A pooled PostgreSQL connection idle this long (seconds) is pinged before it is handed out.
+IDLE_PING = 5.0
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -87,10 +91,35 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Readers (read_scope) take no write lock: in WAL mode they never wait for writers.
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # Not pool_pre_ping: it costs a round trip on every checkout (three per issuance). A
+    # connection is pinged only when it sat idle in the pool for IDLE_PING seconds, the case
+    # where a server restart or a firewall may have dropped it; a dead one is replaced before
+    # the caller sees it. A connection that dies while busy fails that one operation with
+    # StoreError, and SQLAlchemy then invalidates the rest of the pool.
+    engine = create_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_recycle=1800)
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING:
+            return
+        try:
+            with contextlib.closing(dbapi_conn.cursor()) as cur:
+                cur.execute("SELECT 1")
+        except Exception as exc:  # the driver's own error classes: any failure means dead
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError(f"idle connection dropped: {type(exc).__name__}") from exc
+
+    return engine
 
 
 class Database:
@@ -99,6 +128,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self._sqlite = is_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
 
@@ -121,6 +151,52 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextlib.contextmanager
+    def read_scope(self) -> Iterator[Session]:
+        """A transaction that only reads; it is never committed (closing the session ends it
+        with a rollback, and the objects read stay loaded, detached). On SQLite it opens with a
+        plain (deferred) ``BEGIN`` instead of ``BEGIN IMMEDIATE``: readers see a consistent
+        snapshot and never queue behind writers (WAL). Driver errors become StoreError."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(**{READ_ONLY: True})
+                with self._sessions(bind=conn) as session:
+                    yield session
+        except (OperationalError, DBAPIError) as exc:
+            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+
+    @contextlib.contextmanager
+    def connection_scope(self) -> Iterator[Connection]:
+        """One transaction on a bare Core connection, for hot paths that run plain statements.
+
+        Same contract as ``scope()`` (commit on success, roll back on any error, driver errors
+        become StoreError, domain errors pass through) without a Session's bookkeeping.
+        """
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, DBAPIError) as exc:
+            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+
+    @contextlib.contextmanager
+    def statement_scope(self) -> Iterator[Connection]:
+        """A connection for exactly ONE write statement, which commits by itself.
+
+        On PostgreSQL the statement runs in autocommit mode: it is its own transaction, as
+        durable as an explicit one, without the separate BEGIN and COMMIT round trips. On
+        SQLite this is ``connection_scope()`` (``BEGIN IMMEDIATE`` ... ``COMMIT``). Errors are
+        mapped as in ``scope()``.
+        """
+        if self._sqlite:
+            with self.connection_scope() as conn:
+                yield conn
+            return
+        try:
+            with self.engine.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        except (OperationalError, DBAPIError) as exc:
+            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
 
     def upgrade(self) -> None:
         upgrade(self.engine)

@@ -1,6 +1,7 @@
 """A throwaway PostgreSQL cluster for tests: initdb into a temporary directory, one
 ``postgres`` process whose PID we own, trust authentication on 127.0.0.1 only, durability
-switched off (tests do not survive power cuts), removed again on ``stop()``.
+switched off (tests do not survive power cuts; ``fast=False`` keeps PostgreSQL's defaults,
+as the benchmarks want), removed again on ``stop()``.
 
 PostgreSQL refuses to run as root: when the tests run as root (CI does) the directory is
 handed to the ``postgres`` user and ``initdb`` / ``postgres`` are started as that user
@@ -38,14 +39,13 @@ INITDB_TIMEOUT = 120.0
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 SERVER_SETTINGS = {
     "listen_addresses": "127.0.0.1",
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
     "max_connections": "200",
     "shared_buffers": "32MB",
     "log_min_messages": "warning",
     "log_min_error_statement": "panic",  # tests provoke errors on purpose; keep the log short
 }
+# With ``fast`` (the default): no fsync, commits acknowledged before they reach the WAL on disk.
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
 def _version_key(path: Path) -> tuple[int, ...]:
@@ -101,11 +101,12 @@ class PgError(RuntimeError):
 class PgCluster:
     """One temporary cluster. ``start()`` / ``stop()``, or use it as a context manager."""
 
-    def __init__(self, bin_dir: Path | None = None) -> None:
+    def __init__(self, bin_dir: Path | None = None, *, fast: bool = True) -> None:
         found = bin_dir or find_bin_dir()
         if found is None:
             raise PgError(available() or "PostgreSQL binaries not found")
         self.bin_dir = found
+        self.fast = fast
         self.base: Path | None = None
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -212,6 +213,8 @@ class PgCluster:
     def _launch(self) -> bool:
         cmd = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
         settings = {**SERVER_SETTINGS, "unix_socket_directories": str(self.socket_dir)}
+        if self.fast:
+            settings.update(FAST_SETTINGS)
         for key, value in settings.items():
             cmd += ["-c", f"{key}={value}"]
         self._log = open(self.log_path, "ab")  # closed in _stop_process()
