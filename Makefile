@@ -40,6 +40,7 @@ test: sysdeps lint typecheck unit
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.issuance
 	$(BIN)/python -m bench.crl
+	$(BIN)/python -m bench.ocsp
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -6,6 +6,8 @@ import dataclasses
 import enum
 from typing import Any
 
+from sekisho.context import Actor
+
 
 class Category(enum.StrEnum):
     CA = "ca"
@@ -46,3 +48,33 @@ class Event:
     device_mac: str | None = None
     request_id: str | None = None
     detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def by_actor(
+    actor: Actor,
+    category: Category,
+    action: str,
+    outcome: Outcome = Outcome.SUCCESS,
+    *,
+    object_dn: str | None = None,
+    object_serial: str | None = None,
+    device_id: str | None = None,
+    device_mac: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Event:
+    """The event of ``action`` done by ``actor`` (account, certificate serial, client IP and
+    request ID carried over)."""
+    return Event(
+        category=category,
+        action=action,
+        outcome=outcome,
+        actor_account=actor.account,
+        actor_serial=actor.serial,
+        client_ip=actor.client_ip,
+        request_id=actor.request_id,
+        object_dn=object_dn,
+        object_serial=object_serial,
+        device_id=device_id,
+        device_mac=device_mac,
+        detail=detail if detail is not None else {},
+    )

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from sqlalchemy import Table, select, update
 from sqlalchemy.orm import Session
 
-from audit.events import Category, Event, Outcome
+from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
 from ca import der
 from ca.models import Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
@@ -340,14 +340,11 @@ class CrlPublisher:
             session.add(row)
             self.journal.append(
                 session,
-                Event(
-                    category=Category.CA,
-                    action="ca.crl",
-                    outcome=Outcome.SUCCESS,
-                    actor_account=actor.account,
-                    actor_serial=actor.serial,
-                    client_ip=actor.client_ip,
-                    request_id=actor.request_id,
+                by_actor(
+                    actor,
+                    Category.CA,
+                    "ca.crl",
+                    Outcome.SUCCESS,
                     object_dn=cert.subject.rfc4514_string(),
                     detail={
                         "ca": ca_name,

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
-from audit.events import Category, Event, Outcome
+from audit.events import Category, Event, Outcome, by_actor
 from ca.issuance import CaService, IssueRequest
 from ca.models import CaKind, CertificateAuthority
 from ca.registry import ca_row
@@ -212,14 +212,11 @@ def create_issuing(
 def _ca_event(
     action: str, actor: Actor, cert: x509.Certificate | None, name: str, detail: dict[str, object]
 ) -> Event:
-    return Event(
-        category=Category.CA,
-        action=action,
-        outcome=Outcome.SUCCESS,
-        actor_account=actor.account,
-        actor_serial=actor.serial,
-        client_ip=actor.client_ip,
-        request_id=actor.request_id,
+    return by_actor(
+        actor,
+        Category.CA,
+        action,
+        Outcome.SUCCESS,
         object_dn=cert.subject.rfc4514_string() if cert is not None else None,
         object_serial=serial_hex(cert.serial_number) if cert is not None else None,
         detail={"ca": name, **detail},

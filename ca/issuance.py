@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy.exc import IntegrityError
 
-from audit.events import Category, Event, Outcome
+from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
 from ca import rules
 from ca.csr import parse_csr
@@ -68,6 +68,12 @@ _STORE_ISSUED = (
         status=CertStatus.ISSUED,
     )
     .where(_CERTIFICATES.c.status == CertStatus.RESERVED)
+)
+_MARK_FAILED = (
+    update(_CERTIFICATES)
+    .where(_CERTIFICATES.c.id == bindparam("row_id"))
+    .where(_CERTIFICATES.c.status == CertStatus.RESERVED)
+    .values(status=CertStatus.FAILED, failure=bindparam("why"))
 )
 # notBefore is backdated slightly so relying parties with a skewed clock accept a fresh cert.
 BACKDATE = dt.timedelta(minutes=1)
@@ -109,6 +115,8 @@ class CaService:
         self.registry = registry
         self.profiles = profiles
         self.clock = clock
+        # Called with (issuer_id, serial) after an issued row committed (the OCSP pre-signer).
+        self.issued_listeners: list[Callable[[int, int], None]] = []
 
     # -- public API -----------------------------------------------------------------------
     def issue(self, request: IssueRequest, actor: Actor) -> x509.Certificate:
@@ -164,8 +172,12 @@ class CaService:
     # -- steps ----------------------------------------------------------------------------
     def prepare(self, request: IssueRequest) -> Tbs:
         profile = self.profiles.get(request.profile)
-        with self.db.scope() as session:
-            issuer = self.registry.get(session, request.ca)
+        # The registry caches CA contexts (and drops them when a CA row changes): no
+        # transaction at all when the issuer is already known.
+        issuer = self.registry.cached(request.ca)
+        if issuer is None:
+            with self.db.scope() as session:
+                issuer = self.registry.get(session, request.ca)
         now = self.clock()
         # Backdated for clock skew, but never before the issuer's own start.
         not_before = max(now - BACKDATE, issuer.not_before)
@@ -207,6 +219,8 @@ class CaService:
                     self._mark_failed(reserved[0], f"signing failed: {exc.__class__.__name__}")
                 raise KeyBackendError(f"signing failed: {exc.__class__.__name__}") from exc
             self._store_issued(reserved[0], tbs, cert, actor)
+            for listener in list(self.issued_listeners):
+                listener(tbs.issuer.id, tbs.serial)  # must not raise (the cert is committed)
             return cert
         raise StoreError("could not find a free serial number after several attempts")
 
@@ -234,10 +248,11 @@ class CaService:
                 "status_epoch": 0,
             }
             try:
-                with self.db.scope() as session:
+                # One statement, committed before this returns (autocommit on PostgreSQL).
+                with self.db.statement_scope() as conn:
                     # Core insert on the table: the same row the ORM would write, without the
-                    # unit-of-work machinery on the hot path (it dominated issuance time).
-                    result = session.connection().execute(_INSERT_CERTIFICATE, values)
+                    # Session / unit-of-work machinery on the hot path (it dominated issuance).
+                    result = conn.execute(_INSERT_CERTIFICATE, values)
                     key = result.inserted_primary_key
                     assert key is not None
                     reserved.append(int(key[0]))
@@ -254,23 +269,20 @@ class CaService:
         der = cert.public_bytes(serialization.Encoding.DER)
         fingerprint = hashlib.sha256(der).hexdigest()
         now = self.clock()
-        with self.db.scope() as session:
-            result = session.connection().execute(
+        with self.db.connection_scope() as conn:
+            result = conn.execute(
                 _STORE_ISSUED, {"row_id": row_id, "new_der": der, "new_fingerprint": fingerprint}
             )
             if result.rowcount != 1:
                 # Revoked (or marked failed) between intent and store: never hand it out.
                 raise Conflict(f"serial {serial_hex(tbs.serial)} changed state during issuance")
             self.journal.append(
-                session,
-                Event(
-                    category=Category.CA,
-                    action="ca.issue",
-                    outcome=Outcome.SUCCESS,
-                    actor_account=actor.account,
-                    actor_serial=actor.serial,
-                    client_ip=actor.client_ip,
-                    request_id=actor.request_id,
+                conn,
+                by_actor(
+                    actor,
+                    Category.CA,
+                    "ca.issue",
+                    Outcome.SUCCESS,
                     object_dn=tbs.subject.rfc4514_string(),
                     object_serial=serial_hex(tbs.serial),
                     detail={
@@ -286,13 +298,8 @@ class CaService:
 
     def _mark_failed(self, row_id: int, why: str) -> None:
         try:
-            with self.db.scope() as session:
-                session.execute(
-                    update(Certificate)
-                    .where(Certificate.id == row_id)
-                    .where(Certificate.status == CertStatus.RESERVED)
-                    .values(status=CertStatus.FAILED, failure=why)
-                )
+            with self.db.connection_scope() as conn:
+                conn.execute(_MARK_FAILED, {"row_id": row_id, "why": why})
         except SekishoError:
             # The row stays reserved: revocable, and the reconciler reports it.
             pass
@@ -309,17 +316,14 @@ class CaService:
         rule = getattr(exc, "rule", None)
         if rule:
             detail["rule"] = rule
-        with self.db.scope() as session:
+        with self.db.connection_scope() as conn:
             self.journal.append(
-                session,
-                Event(
-                    category=Category.CA,
-                    action="ca.issue",
-                    outcome=Outcome.FAILURE,
-                    actor_account=actor.account,
-                    actor_serial=actor.serial,
-                    client_ip=actor.client_ip,
-                    request_id=actor.request_id,
+                conn,
+                by_actor(
+                    actor,
+                    Category.CA,
+                    "ca.issue",
+                    Outcome.FAILURE,
                     object_dn=subject.rfc4514_string() if subject is not None else None,
                     detail=detail,
                 ),

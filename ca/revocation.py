@@ -15,7 +15,7 @@ from cryptography import x509
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from audit.events import Category, Event, Outcome
+from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
 from ca.models import Certificate, CertificateAuthority, CertStatus
 from ca.registry import ca_row
@@ -160,14 +160,11 @@ class Revoker:
             cert.status_epoch = self._bump_epoch(session, ca)
             self.journal.append(
                 session,
-                Event(
-                    category=Category.CA,
-                    action="ca.revoke",
-                    outcome=Outcome.SUCCESS,
-                    actor_account=actor.account,
-                    actor_serial=actor.serial,
-                    client_ip=actor.client_ip,
-                    request_id=actor.request_id,
+                by_actor(
+                    actor,
+                    Category.CA,
+                    "ca.revoke",
+                    Outcome.SUCCESS,
                     object_dn=cert.subject_dn,
                     object_serial=cert.serial,
                     detail={
@@ -203,14 +200,11 @@ class Revoker:
             cert.status_epoch = self._bump_epoch(session, ca)
             self.journal.append(
                 session,
-                Event(
-                    category=Category.CA,
-                    action="ca.release",
-                    outcome=Outcome.SUCCESS,
-                    actor_account=actor.account,
-                    actor_serial=actor.serial,
-                    client_ip=actor.client_ip,
-                    request_id=actor.request_id,
+                by_actor(
+                    actor,
+                    Category.CA,
+                    "ca.release",
+                    Outcome.SUCCESS,
                     object_dn=cert.subject_dn,
                     object_serial=cert.serial,
                     detail={"ca": ca.name},

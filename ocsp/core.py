@@ -530,9 +530,12 @@ def answer(
     lookup: Lookup,
     *,
     now: dt.datetime,
-    validity: dt.timedelta,
+    validity: dt.timedelta | Callable[[], dt.timedelta],
 ) -> bytes:
-    """Answer a parsed request signed online: thisUpdate = producedAt = ``now``."""
+    """Answer a parsed request signed online: thisUpdate = producedAt = ``now``. ``validity``
+    may be a callable, asked after the lookups (a caller that answered a lookup from a status
+    it holds until some time shortens the validity to that time); below ``MIN_VALIDITY`` the
+    answer is ``tryLater``."""
     issuer = select_issuer(request, issuers)
     if issuer is None:
         return UNAUTHORIZED
@@ -541,13 +544,16 @@ def answer(
     except StoreError:
         return TRY_LATER
     this_update = _utc_seconds(now, "now")
+    lifetime = validity() if callable(validity) else validity
+    if lifetime < MIN_VALIDITY:
+        return TRY_LATER  # we cannot vouch for the status long enough (a held status ending)
     try:
         return build_response(
             issuer,
             answers,
             produced_at=this_update,
             this_update=this_update,
-            next_update=this_update + validity,
+            next_update=this_update + lifetime,
             nonce=request.nonce,
         )
     except KeyBackendError:

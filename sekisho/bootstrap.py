@@ -1,4 +1,4 @@
-"""First-run initialisation: audit key, root CA, issuing CAs, first CRLs."""
+"""First-run initialisation: audit key, root CA, issuing CAs, first CRLs, OCSP responders."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from audit.events import Category, Event, Outcome
 from ca.hierarchy import NameConstraintSpec, create_issuing, create_root
 from ca.models import CaKind, CertificateAuthority
 from hsm.base import KeyType
+from ocsp.signers import ensure_responders
 from sekisho.context import Actor
 from sekisho.errors import Conflict
 from sekisho.services import Services, enable_checkpoints
@@ -79,6 +80,8 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
     for row in created:
         services.crls.generate(row.name, now, actor=actor)
         services.crls.generate(row.name, now, delta=True, actor=actor)
+    # A delegated OCSP responder per issuing CA (its certificate is pre-signed on issuance).
+    ensure_responders(services, now, actor)
     publish_ca_files(services)
     return created
 

@@ -8,6 +8,7 @@ from argv.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -670,6 +671,176 @@ def crl_generate(state: State, ca_names: tuple[str, ...], delta: bool) -> None:
             f"next_update={d['next_update']}"
             for d in docs
         ),
+    )
+
+
+# -- ocsp -------------------------------------------------------------------------------------
+@cli.group("ocsp")
+def ocsp_group() -> None:
+    """OCSP responder: the standalone server and the static (CDN) export."""
+
+
+def _ocsp_services(state: State) -> Services:
+    # No migrations and no writes: several responders may share one database.
+    if state._services is None:
+        state._services = build_services(state.settings, migrate=False)
+    return state._services
+
+
+@ocsp_group.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8081,
+    show_default=True,
+    help="Port (0: pick a free one; the bound port is printed).",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(0.05, 60.0),
+    default=0.5,
+    show_default=True,
+    help="Seconds between reads of the store's changes.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0.1, 300.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send one whole request (then 408 and close).",
+)
+@click.option("--no-uvloop", is_flag=True, help="Use asyncio's default event loop.")
+@pass_state
+def ocsp_serve(
+    state: State, host: str, port: int, poll: float, request_timeout: float, no_uvloop: bool
+) -> None:
+    """Serve OCSP (GET /ocsp/<base64>, POST /ocsp, GET /healthz) from pre-signed responses
+    held in memory; follows the store's changes; never writes to the database."""
+    from ocsp import store
+    from ocsp.index import ResponseIndex
+    from ocsp.server import Responder, Server
+    from ocsp.server import run as run_server
+
+    services = _ocsp_services(state)
+    issuers = store.load_issuers(services)
+    responses, cursor = store.snapshot(services.db)
+    index = ResponseIndex(issuers)
+    index.apply(responses)
+    responder = Responder(index, store.lookup(services.db), validity=state.settings.ocsp_validity)
+    db = services.db
+
+    def changes(since: object) -> tuple[list[Any], object]:
+        batch, new_cursor = store.changes_since(db, since)  # type: ignore[arg-type]
+        return list(batch), new_cursor
+
+    server = Server(
+        responder,
+        changes_since=changes,
+        cursor=cursor,
+        poll=poll,
+        request_timeout=request_timeout,
+    )
+
+    def ready(bound: int) -> None:
+        url = f"http://{host}:{bound}/ocsp"
+        doc = {"url": url, "host": host, "port": bound, "responses": len(index), "pid": os.getpid()}
+        state.emit(doc, f"OCSP responder on {url} ({len(index)} responses, pid {os.getpid()})")
+        sys.stdout.flush()
+
+    try:
+        run_server(server, host, port, ready=ready, use_uvloop=not no_uvloop)
+    except OSError as exc:  # address in use, not ours to bind
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+@ocsp_group.command("export")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@pass_state
+def ocsp_export(state: State, directory: Path) -> None:
+    """Write the pre-signed responses under DIRECTORY/ocsp/<base64 request> for a static
+    server or CDN (see docs/ocsp-nginx.md)."""
+    from ocsp import store
+    from ocsp.export import export_responses
+
+    services = _ocsp_services(state)
+    issuers = store.load_issuers(services)
+    responses, _ = store.snapshot(services.db)
+    result = export_responses(issuers, responses, directory, services.clock())
+    doc = result.as_dict()
+    state.emit(
+        doc,
+        lambda: (
+            f"exported {result.written} responses to {directory}/ocsp "
+            f"(expired {result.expired}, unknown issuer {result.unknown_issuer}, "
+            f"unrepresentable paths {result.skipped_paths}); earliest nextUpdate "
+            f"{doc.get('earliest_next_update')}"
+        ),
+    )
+
+
+@ocsp_group.command("responders")
+@click.option(
+    "--rotate",
+    is_flag=True,
+    help="Replace every active responder now (new key and certificate); journalled.",
+)
+@pass_state
+def ocsp_responders(state: State, rotate: bool) -> None:
+    """List the delegated OCSP responders; provision missing ones and rotate those due (all of
+    them with --rotate). The serving process does the same every hour by itself."""
+    from ca.registry import all_cas
+    from ocsp.models import OcspResponder
+    from ocsp.signers import ensure_responders
+
+    services = state.services()
+    changes = ensure_responders(services, services.clock(), state.actor(), rotate=rotate)
+    with services.db.read_scope() as session:
+        names = {ca.id: ca.name for ca in all_cas(session)}
+        rows = list(
+            session.scalars(
+                select(OcspResponder).order_by(OcspResponder.issuer_id, OcspResponder.id)
+            )
+        )
+    docs: list[dict[str, Any]] = [
+        {
+            "ca": names.get(row.issuer_id, str(row.issuer_id)),
+            "serial": row.serial,
+            "active": row.active,
+            "key_ref": row.key_ref,
+            "key_type": row.key_type,
+            "not_before": row.not_before.isoformat(),
+            "not_after": row.not_after.isoformat(),
+        }
+        for row in rows
+    ]
+    changed = [dataclasses.asdict(c) for c in changes]
+
+    def text() -> str:
+        lines = [f"{c['action']}: {c['ca']} responder {c['serial']}" for c in changed]
+        lines += [
+            f"{d['ca']:<10} {d['serial']} {'active  ' if d['active'] else 'inactive'} "
+            f"until {d['not_after'][:19]} {d['key_ref']}"
+            for d in docs
+        ]
+        return "\n".join(lines)
+
+    state.emit({"changes": changed, "responders": docs}, text)
+
+
+@ocsp_group.command("resign")
+@pass_state
+def ocsp_resign(state: State) -> None:
+    """Re-sign the pre-signed response of every certificate of every served CA now (after a
+    responder change, or on demand); journalled as one ``ocsp.resign`` entry."""
+    from ocsp import store
+
+    services = state.services()
+    counts = store.resign_all(services, services.clock(), state.actor())
+    state.emit(
+        counts,
+        f"re-signed {sum(counts.values())} responses "
+        f"({counts['good']} good, {counts['revoked']} revoked, {counts['unknown']} unknown)",
     )
 
 

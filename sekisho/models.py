@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import audit.models
 import ca.models
+import ocsp.models
 from sekisho.db import Base
 
-__all__ = ["Base", "audit", "ca"]
+__all__ = ["Base", "audit", "ca", "ocsp"]

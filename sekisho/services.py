@@ -26,6 +26,7 @@ from ca.revocation import Revoker
 from hsm.base import KeyBackend, KeyType
 from hsm.secrets import create_secret_file, read_secret
 from hsm.software import SoftwareBackend
+from ocsp.store import OcspService
 from sekisho.clock import utcnow
 from sekisho.db import Database
 from sekisho.errors import ConfigError, SekishoError
@@ -47,6 +48,7 @@ class Services:
     revoker: Revoker
     crls: CrlPublisher
     clock: Callable[[], dt.datetime]
+    ocsp: OcspService
 
     def close(self) -> None:
         self.backend.close()
@@ -130,7 +132,12 @@ def build_services(
         settings.delta_crl_next_update,
         urls.delta_crl,
     )
+    # Pre-signed OCSP responses: signed at issuance, re-signed before revoke()/release() return.
+    ocsp = OcspService(db, backend, settings, clock)
+    ca.issued_listeners.append(ocsp.on_issued)
+    revoker.listeners.append(ocsp.on_revocation)
     return Services(
+        ocsp=ocsp,
         settings=settings,
         db=db,
         backend=backend,

@@ -47,6 +47,11 @@ class Settings:
     data_location: str = "JP"
     max_request_bytes: int = 65536
     log_level: str = "INFO"
+    # OCSP: validity of each response (BR 4.9.10: 8 h .. 10 d), the share of it after which
+    # a pre-signed response is re-signed, and whether the CA key signs instead of a delegate.
+    ocsp_validity_hours: float = 72.0
+    ocsp_refresh_fraction: float = 0.5
+    ocsp_sign_with_ca: bool = False
 
     # Derived values -------------------------------------------------------------------
     @property
@@ -66,6 +71,10 @@ class Settings:
         if self.key_passphrase_file:
             return Path(self.key_passphrase_file)
         return self.data_dir / "secrets" / "ca-passphrase"
+
+    @property
+    def ocsp_validity(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.ocsp_validity_hours)
 
     @property
     def crl_next_update(self) -> dt.timedelta:
@@ -123,6 +132,14 @@ class Settings:
             0 < self.audit_checkpoint_minutes <= 24 * 60
         ):
             raise ConfigError("audit_checkpoint_minutes must be between 0 and 1440 (one day)")
+        if not math.isfinite(self.ocsp_validity_hours) or not (
+            8 <= self.ocsp_validity_hours <= 240
+        ):
+            raise ConfigError("ocsp_validity_hours must be between 8 and 240 (10 days)")
+        if not math.isfinite(self.ocsp_refresh_fraction) or not (
+            0.1 <= self.ocsp_refresh_fraction <= 0.9
+        ):
+            raise ConfigError("ocsp_refresh_fraction must be between 0.1 and 0.9")
         if not 1024 <= self.max_request_bytes <= 16 * 1024 * 1024:
             raise ConfigError("max_request_bytes must be between 1 KiB and 16 MiB")
         if self.workers < 1 or self.workers > 64:
@@ -164,6 +181,15 @@ def _coerce(name: str, raw: Any) -> Any:
             if isinstance(raw, bool) or not isinstance(raw, int | str):
                 raise ValueError(f"expected an integer, not {type(raw).__name__}")
             return int(raw)
+        if target in ("bool", bool):
+            if isinstance(raw, bool):
+                return raw
+            text = raw.strip().lower() if isinstance(raw, str) else None
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
         if target in ("float", float):
             if isinstance(raw, bool) or not isinstance(raw, int | float | str):
                 raise ValueError(f"expected a number, not {type(raw).__name__}")

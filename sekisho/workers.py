@@ -1,4 +1,4 @@
-"""Background work of the serving process: keeping CRLs fresh.
+"""Background work of the serving process: keeping CRLs and pre-signed OCSP responses fresh.
 
 The refresher polls each online CA's revocation epoch (cheap: one row) once per tick. After
 a change it waits until revocations have been quiet for ``debounce`` seconds (or at most five
@@ -17,8 +17,11 @@ import threading
 
 from sqlalchemy import select
 
+from audit.events import Category, by_actor
 from ca.crl import due, latest
 from ca.models import CertificateAuthority, CrlKind
+from ocsp.signers import ensure_responders
+from sekisho.context import Actor
 from sekisho.errors import SekishoError
 from sekisho.services import Services
 
@@ -30,6 +33,64 @@ class _Pending:
     first_seen: dt.datetime
     last_change: dt.datetime
     epoch: int
+
+
+class OcspRefresher:
+    """The OCSP step of the refresher loop: re-sign pre-signed responses past their refresh
+    point (and repair missing or stale ones) every tick, in batches; check the delegated
+    responders (provision, rotate) every ``responder_every``."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        batch: int = 500,
+        responder_every: dt.timedelta = dt.timedelta(hours=1),
+        journal_every: dt.timedelta = dt.timedelta(hours=1),
+    ) -> None:
+        self.services = services
+        self.batch = batch
+        self.responder_every = responder_every
+        self.journal_every = journal_every
+        self._responders_checked: dt.datetime | None = None
+        self.signed = 0
+        # Re-signing is journalled as runs, not per tick: one ``ocsp.refresh`` entry with the
+        # count signed since the last one, at most every ``journal_every``.
+        self._unjournalled = 0
+        self._run_started: dt.datetime | None = None
+
+    def run_once(self, now: dt.datetime) -> int:
+        checked = self._responders_checked
+        if checked is None or now - checked >= self.responder_every:
+            ensure_responders(self.services, now)
+            self._responders_checked = now
+        signed = self.services.ocsp.refresh_due(now, self.batch)
+        self.signed += signed
+        if signed:
+            log.info("re-signed OCSP responses", extra={"count": signed})
+            if self._run_started is None:
+                self._run_started = now
+            self._unjournalled += signed
+        started = self._run_started
+        if started is not None and (signed == 0 or now - started >= self.journal_every):
+            # The run is over (nothing was due this tick) or has lasted long enough.
+            self._journal_run(started, now)
+        return signed
+
+    def _journal_run(self, started: dt.datetime, now: dt.datetime) -> None:
+        with self.services.db.scope() as session:
+            self.services.journal.append(
+                session,
+                by_actor(
+                    Actor(account="system:ocsp"),
+                    Category.CA,
+                    "ocsp.refresh",
+                    detail={"signed": self._unjournalled, "started": started.isoformat()},
+                ),
+                now,
+            )
+        self._unjournalled = 0
+        self._run_started = None
 
 
 class CrlRefresher:
@@ -46,6 +107,7 @@ class CrlRefresher:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.published = 0
+        self.ocsp = OcspRefresher(services)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="crl-refresher", daemon=True)
@@ -69,6 +131,12 @@ class CrlRefresher:
                 log.warning("crl refresh failed", extra={"code": exc.code, "detail": exc.message})
             except Exception as exc:
                 log.error("crl refresh crashed", exc_info=exc)
+            try:
+                self.ocsp.run_once(self.services.clock())
+            except SekishoError as exc:
+                log.warning("ocsp refresh failed", extra={"code": exc.code, "detail": exc.message})
+            except Exception as exc:
+                log.error("ocsp refresh crashed", exc_info=exc)
             self._wake.wait(self.tick)
             self._wake.clear()
 

@@ -529,10 +529,14 @@ def test_revoke_with_a_future_invalidity_date_exits_65(run: Runner) -> None:
 
 
 def test_cert_list_filters(run: Runner) -> None:
-    assert ok(run("cert", "list", "--ca", "device")).out.strip() == "no certificates"
-    # The issuing CAs' own certificates (profile sub-ca, issued by the root) are listed too.
-    sub_cas = [d["serial"] for d in ok(run("--json", "cert", "list")).json()]
-    assert len(sub_cas) == 2
+    # What init issued: the issuing CAs' own certificates (profile sub-ca, issued by the root)
+    # and one delegated OCSP responder per issuing CA.
+    initial = ok(run("--json", "cert", "list")).json()
+    sub_cas = [d["serial"] for d in initial if d["profile"] == "sub-ca"]
+    responders = {d["ca"]: d["serial"] for d in initial if d["profile"] == "ocsp-signer"}
+    assert len(sub_cas) == 2 and len(initial) == 4 and set(responders) == {"admin", "device"}
+    listed = ok(run("cert", "list", "--ca", "device")).out.splitlines()
+    assert len(listed) == 1 and responders["device"] in listed[0]
     short = _issue_device(run, "short.example.com", "--days", "10")
     long = _issue_device(run, "long.example.com", "--days", "300")
     revoked = _issue_device(run, "gone.example.com")
@@ -544,14 +548,21 @@ def test_cert_list_filters(run: Runner) -> None:
     def serials(*argv: str) -> list[str]:
         return [d["serial"] for d in ok(run("--json", "cert", "list", *argv)).json()]
 
-    assert serials() == [csr_serial, revoked, long, short, *sub_cas]  # newest first
+    def issued_here(found: list[str]) -> list[str]:
+        return [s for s in found if s not in responders.values()]
+
+    initial_serials = [d["serial"] for d in initial]
+    assert serials() == [csr_serial, revoked, long, short, *initial_serials]  # newest first
     assert serials("--status", "revoked") == [revoked]
-    assert set(serials("--status", "issued")) == {short, long, csr_serial, *sub_cas}
+    assert set(serials("--status", "issued")) == {short, long, csr_serial, *initial_serials}
     assert serials("--ca", "root") == sub_cas
-    assert serials("--ca", "admin") == [csr_serial]
-    assert serials("--ca", "device", "--status", "issued") == [long, short]
-    assert serials("--expiring-within", "30") == [short]
-    assert set(serials("--expiring-within", "400")) == {short, long, revoked, csr_serial}
+    assert issued_here(serials("--ca", "admin")) == [csr_serial]
+    assert issued_here(serials("--ca", "device", "--status", "issued")) == [long, short]
+    # The responders live 30 days at most: within the 400-day window, maybe in the 30-day one.
+    assert issued_here(serials("--expiring-within", "30")) == [short]
+    assert set(serials("--expiring-within", "400")) == {
+        short, long, revoked, csr_serial, *responders.values()
+    }  # fmt: skip
     assert serials("--limit", "1") == [csr_serial]
     assert serials("--ca", "nope") == []
     text = ok(run("cert", "list", "--status", "revoked")).out
@@ -583,3 +594,41 @@ def test_passphrase_file_readable_by_others_exits_78(run: Runner, data_dir: Path
     (data_dir / "secrets" / "ca-passphrase").chmod(0o644)
     result = run("ca", "list")
     assert result.code == 78 and "chmod 600" in result.err
+
+
+def test_ocsp_responders_and_resign(run: Runner) -> None:
+    listed = ok(run("--json", "ocsp", "responders")).json()
+    assert listed["changes"] == []  # init provisioned them: nothing due
+    active = {d["ca"]: d["serial"] for d in listed["responders"] if d["active"]}
+    assert set(active) == {"admin", "device"}
+    rotated = ok(run("--json", "ocsp", "responders", "--rotate")).json()
+    assert sorted((c["ca"], c["action"]) for c in rotated["changes"]) == [
+        ("admin", "rotate"),
+        ("device", "rotate"),
+    ]
+    now_active = {d["ca"]: d["serial"] for d in rotated["responders"] if d["active"]}
+    assert set(now_active) == set(active) and not set(now_active.values()) & set(active.values())
+    assert len(rotated["responders"]) == 4  # the old ones stay listed, inactive
+    text = ok(run("ocsp", "responders")).out
+    assert re.search(rf"^admin\s+{now_active['admin']} active", text, re.M)
+
+    _issue_device(run, "ocsp.example.com")
+    counts = ok(run("--json", "ocsp", "resign")).json()
+    # the device leaf + four responder certificates (two per CA, under their CA)
+    assert counts == {"good": 5, "revoked": 0, "unknown": 0}
+    assert "re-signed 5 responses" in ok(run("ocsp", "resign")).out
+
+    def journal(action: str) -> list[dict[str, Any]]:
+        out = ok(run("--json", "audit", "search", "--action", action)).out
+        return [json.loads(line) for line in out.splitlines()]
+
+    found = journal("ocsp.resign")
+    assert len(found) == 2 and all(r["actor_account"].startswith("cli:") for r in found)
+    assert len(journal("ocsp.signer.rotate")) == 2
+
+
+def test_ocsp_commands_have_help(run: Runner) -> None:
+    for argv in (("ocsp",), ("ocsp", "serve"), ("ocsp", "export"), ("ocsp", "responders"),
+                 ("ocsp", "resign")):  # fmt: skip
+        result = ok(run(*argv, "--help"))
+        assert "Usage:" in result.out

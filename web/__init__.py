@@ -16,10 +16,12 @@ def create_app(services: Services) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     from web.errors import register_error_handlers
+    from web.ocsp import bp as ocsp_bp
     from web.pki import bp as pki_bp
 
     register_error_handlers(app)
     app.register_blueprint(pki_bp)
+    app.register_blueprint(ocsp_bp)
 
     @app.before_request
     def _request_id() -> None:

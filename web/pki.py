@@ -7,6 +7,7 @@ CRLs are served with ETag (SHA-256 of the DER), Last-Modified (thisUpdate), Expi
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 
 from flask import Blueprint, Response, abort, current_app, request
@@ -25,7 +26,7 @@ CRL_MAX_AGE = 300
 def healthz() -> tuple[dict[str, str], int]:
     services = services_of(current_app)
     try:
-        with services.db.scope() as session:
+        with services.db.read_scope() as session:
             session.execute(text("SELECT 1"))
     except Exception:  # noqa: BLE001  (health must answer, whatever broke)
         return {"status": "unavailable", "database": "down"}, 503
@@ -65,7 +66,7 @@ def crl(filename: str) -> Response:
     if not _NAME.match(stem):
         abort(404)
     services = services_of(current_app)
-    with services.db.scope() as session:
+    with services.db.read_scope() as session:
         row = latest_by_name(session, stem, kind)
         if row is None:
             abort(404)
@@ -84,15 +85,13 @@ def ca_certificate(filename: str) -> Response:
     if not filename.endswith(".crt") or not _NAME.match(filename[:-4]):
         abort(404)
     services = services_of(current_app)
-    with services.db.scope() as session:
+    with services.db.read_scope() as session:
         row = session.scalar(
             select(CertificateAuthority).where(CertificateAuthority.name == filename[:-4])
         )
         if row is None:
             abort(404)
         der, created = row.certificate_der, row.not_before
-    import hashlib
-
     return _cached_response(
         der, "application/pkix-cert", hashlib.sha256(der).hexdigest(), created, None, 86400
     )

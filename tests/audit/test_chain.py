@@ -23,7 +23,7 @@ from ca.revocation import Reason
 from sekisho.context import Actor
 from sekisho.services import AUDIT_KEY_REF, Services, build_services
 from sekisho.settings import Settings
-from tests.audit.conftest import append, run_cli
+from tests.audit.conftest import append, run_cli, template_seq
 from tests.ca.helpers import request_for
 from tests.conftest import FakeClock, RecordingBackend
 
@@ -124,10 +124,9 @@ def test_hash_chain_recomputed_independently_matches_the_store(
 def test_checkpoint_every_n_records_is_signed_through_the_backend(
     journal_services: Services, clock: FakeClock, recording_backend: RecordingBackend
 ) -> None:
-    start = head(journal_services)
-    assert start.checkpoint_seq == 1 and start.seq == 12  # the template: init, 12 records
+    start = template_seq(journal_services)
     recording_backend.calls.clear()
-    append(journal_services, clock, 95)  # seqs 13..107
+    append(journal_services, clock, 107 - start)  # seqs start+1..107
 
     checkpoints = stored_checkpoints(journal_services)
     assert [c.seq for c in checkpoints] == [1, 51, 101]
@@ -158,12 +157,13 @@ def test_checkpoint_after_the_interval_even_without_n_records(
     journal_services: Services, clock: FakeClock, recording_backend: RecordingBackend
 ) -> None:
     recording_backend.calls.clear()
+    start = template_seq(journal_services)
     clock.advance(minutes=4, seconds=57)
     append(journal_services, clock, 1)  # 4:59 after the last checkpoint
     assert [c.seq for c in stored_checkpoints(journal_services)] == [1]
     append(journal_services, clock, 1)  # 5:00
     checkpoints = stored_checkpoints(journal_services)
-    assert [c.seq for c in checkpoints] == [1, 14]
+    assert [c.seq for c in checkpoints] == [1, start + 2]
     assert checkpoints[-1].time == clock.now
     assert recording_backend.calls == [(AUDIT_KEY_REF, checkpoints[-1].body.encode())]
 
@@ -171,21 +171,22 @@ def test_checkpoint_after_the_interval_even_without_n_records(
 def test_checkpoint_interval_comes_from_settings(
     settings: Settings, recording_backend: RecordingBackend, clock: FakeClock
 ) -> None:
-    tuned = dataclasses.replace(settings, audit_checkpoint_minutes=1.0, audit_checkpoint_every=20)
+    tuned = dataclasses.replace(settings, audit_checkpoint_minutes=1.0, audit_checkpoint_every=40)
     svc = build_services(tuned, backend=recording_backend, clock=clock)
     try:
         with svc.db.scope() as session:
             row = session.get(JournalHead, 1)
             assert row is not None and row.checkpoint_time is not None
             clock.now = row.checkpoint_time.replace(microsecond=0)
-        append(svc, clock, 3)  # 13..15 at +1s..+3s: fewer than N=20 since seq 1
+        s = template_seq(svc)
+        append(svc, clock, 3)  # s+1..s+3 at +1s..+3s: fewer than N=40 since seq 1
         assert [c.seq for c in stored_checkpoints(svc)] == [1]
         clock.advance(seconds=57)
-        append(svc, clock, 1)  # 16 at +61s: the interval
-        append(svc, clock, 19)  # 17..35: fewer than N since 16, and 19 s < 1 minute
-        assert [c.seq for c in stored_checkpoints(svc)] == [1, 16]
-        append(svc, clock, 1)  # 36: N records after 16
-        assert [c.seq for c in stored_checkpoints(svc)] == [1, 16, 36]
+        append(svc, clock, 1)  # s+4 at +61s: the interval
+        append(svc, clock, 39)  # s+5..s+43: fewer than N since s+4, and 39 s < 1 minute
+        assert [c.seq for c in stored_checkpoints(svc)] == [1, s + 4]
+        append(svc, clock, 1)  # s+44: N records after s+4
+        assert [c.seq for c in stored_checkpoints(svc)] == [1, s + 4, s + 44]
     finally:
         svc.close()
 
@@ -197,7 +198,7 @@ def test_exported_checkpoints_verify_off_the_box(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    append(journal_services, clock, 45)  # up to 57: checkpoints 1 and 51
+    append(journal_services, clock, 45)  # past 51, short of 101: checkpoints 1 and 51
     out_file = tmp_path / "checkpoints.jsonl"
     code, _out, err = run_cli(
         capsys, cli_data_dir, "audit", "checkpoints", "export", "-o", str(out_file)
@@ -236,15 +237,16 @@ def test_checkpoint_command_signs_the_current_head(
     cli_data_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    append(journal_services, clock, 3)  # head at 15
+    start = template_seq(journal_services)
+    append(journal_services, clock, 3)  # head at start+3
     code, out, err = run_cli(capsys, cli_data_dir, "--json", "audit", "checkpoint")
     assert code == 0, err
     doc = json.loads(out)["checkpoint"]
-    assert doc["seq"] == 15
+    assert doc["seq"] == start + 3
     assert doc["head_hash"] == stored_records(journal_services)[-1].hash
     code, out, err = run_cli(capsys, cli_data_dir, "audit", "checkpoint")
     assert code == 0 and "already checkpointed" in out
-    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, 15]
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start + 3]
 
 
 def test_intact_journal_verifies(
@@ -253,13 +255,14 @@ def test_intact_journal_verifies(
     cli_data_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    total = template_seq(journal_services) + 60
     append(journal_services, clock, 60)
     with journal_services.db.scope() as session:
         result = verify(session, journal_services.settings.journal_origin)
-    assert result.records == result.head_seq == 72
+    assert result.records == result.head_seq == total
     assert result.checkpoints == 2  # seqs 1 and 51
     code, out, err = run_cli(capsys, cli_data_dir, "--json", "audit", "verify")
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["ok"] is True and doc["records"] == 72
+    assert doc["ok"] is True and doc["records"] == total
     assert doc["head_hash"] == stored_records(journal_services)[-1].hash

@@ -14,7 +14,7 @@ from ca.models import Certificate, CertificateAuthority, CertStatus
 from ca.revocation import Reason
 from sekisho.errors import AuditError
 from sekisho.services import Services
-from tests.audit.conftest import append, rows, run_cli, sql
+from tests.audit.conftest import append, rows, run_cli, sql, template_seq
 from tests.ca.helpers import issue, request_for
 from tests.conftest import TEST_ACTOR, FakeClock
 
@@ -149,7 +149,7 @@ def test_revocation_through_the_cli_fails_cleanly_when_the_journal_is_down(
 def test_operation_fails_when_the_due_checkpoint_cannot_be_stored(
     journal_services: Services, clock: FakeClock
 ) -> None:
-    append(journal_services, clock, 38)  # head at 50: record 51 is due a checkpoint
+    append(journal_services, clock, 50 - template_seq(journal_services))  # 51 is due one
     head_before = journal_head(journal_services)
     refuse_inserts(journal_services, "audit_checkpoints")
     with pytest.raises(AuditError):

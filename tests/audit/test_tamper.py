@@ -19,17 +19,17 @@ from audit.models import Checkpoint, JournalRecord
 from audit.verify import claims_from_documents, verify
 from sekisho.errors import AuditChainBroken
 from sekisho.services import Services
-from tests.audit.conftest import append, rows, run_cli, run_cli_process, sql
+from tests.audit.conftest import append, rows, run_cli, run_cli_process, sql, template_seq
 from tests.conftest import FakeClock
 
-# The scenario: the template's 12 records plus 95 appended = 107 records; with a checkpoint
+# The scenario: the template's records (``init``) topped up to 107 records; with a checkpoint
 # every 50 records the store holds signed checkpoints at 1, 51 and 101.
 LAST = 107
 
 
 @pytest.fixture
 def journal(journal_services: Services, clock: FakeClock) -> Services:
-    append(journal_services, clock, LAST - 12)
+    append(journal_services, clock, LAST - template_seq(journal_services))
     with journal_services.db.scope() as session:
         assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, 51, 101]
         assert verify(session, journal_services.settings.journal_origin).records == LAST

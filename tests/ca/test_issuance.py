@@ -8,14 +8,17 @@ import datetime as dt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from sqlalchemy import select
 
 from ca.hierarchy import NameConstraintSpec, create_issuing, create_root
 from ca.issuance import IssueRequest
-from ca.models import Certificate, CertStatus
+from ca.models import Certificate, CertificateAuthority, CertStatus
 from ca.tbs import SanEntry, serial_hex
 from hsm.base import KeyType
+from ocsp.models import OcspResponse
+from ocsp.signers import active_responders
 from sekisho.services import Services
 from tests.ca.helpers import PROFILE_REQUESTS, ca_cert, der, issue, make_csr, name
 from tests.conftest import BASE_URL, TEST_ACTOR, RecordingBackend
@@ -214,5 +217,18 @@ def test_every_signature_goes_through_the_backend(services: Services) -> None:
         assert checkpoint is not None
         body = checkpoint.body.encode()
     assert body in [data for _ref, data in backend.calls]
+    # The certificate's pre-signed OCSP response is signed by the CA's delegated responder,
+    # whose key lives in the same backend.
+    with services.db.scope() as session:
+        stored = session.scalars(
+            select(OcspResponse.der).where(OcspResponse.serial == serial_hex(cert.serial_number))
+        ).one()
+        device_ca = session.scalars(
+            select(CertificateAuthority.id).where(CertificateAuthority.name == "device")
+        ).one()
+    response = ocsp.load_der_ocsp_response(stored)
+    assert response.serial_number == cert.serial_number
+    assert response.tbs_response_bytes in signed
+    responder = active_responders(services)[device_ca]
     refs = {ref for ref, _ in backend.calls}
-    assert refs == {"file:ca-device", "file:audit"}
+    assert refs == {"file:ca-device", "file:audit", responder.key_ref}

@@ -1,0 +1,664 @@
+"""The standalone OCSP responder: a lean asyncio ``Protocol`` HTTP/1.1 server.
+
+Answers ``GET /ocsp/<base64>`` (RFC 5019 / RFC 6960 A.1: standard or URL-safe alphabet,
+percent-encoded or not) and ``POST /ocsp`` (``application/ocsp-request``) from an in-memory
+index of pre-signed responses (:mod:`ocsp.index`), plus ``GET /healthz``.
+
+Decisions
+---------
+* **Hot path = one dict lookup.** A request whose DER equals the RFC 5019 request for a stored
+  response is answered with the stored bytes, no ASN.1 parsing. Anything else is parsed by
+  :func:`ocsp.core.parse_request`; if every CertID's status is in memory the response is
+  signed on the event loop with that status (nonces, SHA-256 CertIDs, several CertIDs, a
+  stored response past its nextUpdate); otherwise the statuses come from the database
+  through ``lookup`` in a thread pool and the response is signed there. A database error
+  there answers ``tryLater`` (``StoreError``, through :func:`ocsp.core.answer`). Nothing is
+  ever answered "good" without a stored status or a database answer.
+* **Store unreachable.** A status held in memory is current while the follower keeps up
+  (synced within the last few polls). When it does not, a held status is vouched for only
+  until the nextUpdate of the stored response it came from: answers signed from it carry no
+  later nextUpdate, and once less than the minimum validity (8 h) is left they go to the
+  database, which answers ``tryLater`` while it is down. Stored bytes are served until their
+  own nextUpdate.
+* **Following the store.** A daemon thread calls ``changes_since`` every ``poll`` seconds
+  (0.5 s) and hands the batch to the loop (``call_soon_threadsafe``); the server never writes
+  to the database, so several can run side by side against one PostgreSQL.
+* **HTTP limits.** Request line + headers <= 8 KiB (else 431, close); body <= 64 KiB, judged
+  from Content-Length before reading (else 413, close); POST without Content-Length 411;
+  Transfer-Encoding 501 (no chunked bodies, no smuggling); wrong Content-Type 415; a request
+  not complete 10 s after its first byte gets 408 and the connection is closed; idle
+  keep-alive connections are closed after 30 s; at most 1,024 connections. Errors that
+  leave unread bytes behind close the connection. Pipelined requests are answered in order.
+* **Caching (RFC 5019 6.2).** Pre-signed answers carry ``Cache-Control: public,
+  max-age=<seconds to nextUpdate>, no-transform, must-revalidate``, ``ETag`` (SHA-256 of the
+  DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate); ``If-None-Match`` gives
+  304. Answers with a nonce and OCSP error answers are ``no-store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import concurrent.futures
+import datetime as dt
+import email.utils
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
+from urllib.parse import unquote_to_bytes
+
+from ocsp import core
+from ocsp.index import Entry, ResponseIndex, StoredLike, simple_request
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 8 * 1024
+MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT = 10.0
+IDLE_TIMEOUT = 30.0
+MAX_CONNECTIONS = 1024
+POLL_INTERVAL = 0.5
+DEFAULT_VALIDITY = dt.timedelta(hours=24)
+OCSP_REQUEST_TYPE = b"application/ocsp-request"
+FRESH_POLLS = 4  # the index is "following the store" if it synced within this many polls
+FRESH_MIN = 5.0  # ... or this many seconds, whichever is longer
+
+ChangesFn = Callable[[object], tuple[list[StoredLike], object]]
+
+_REASONS = {
+    200: "OK",
+    304: "Not Modified",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+class _Date:
+    """The ``Date`` header value, formatted at most once per second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = b""
+
+    def now(self, now: float) -> bytes:
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.value = email.utils.formatdate(second, usegmt=True).encode()
+        return self.value
+
+
+def decode_get_path(segment: str) -> bytes | None:
+    """Base64 (standard or URL-safe, padded or not, percent-encoded or not) -> DER, or None."""
+    raw = unquote_to_bytes(segment).strip()
+    if not raw or len(raw) > MAX_HEAD:
+        return None
+    raw = raw.replace(b"-", b"+").replace(b"_", b"/")
+    raw += b"=" * (-len(raw) % 4)
+    try:
+        return binascii.a2b_base64(raw, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class Responder:
+    """OCSP decisions over the index; no HTTP, no threads (the server schedules)."""
+
+    def __init__(
+        self,
+        index: ResponseIndex,
+        lookup: core.Lookup | None,
+        *,
+        validity: dt.timedelta = DEFAULT_VALIDITY,
+    ) -> None:
+        self.index = index
+        self.db_lookup = lookup
+        self.validity = validity
+        self.issuers: Sequence[core.Issuer] = list(index.issuers.values())
+        # True while the index follows the store (the server sets it); until then, and while
+        # the store is unreachable, a status held in memory is vouched for only until the
+        # nextUpdate of the stored response it came from.
+        self.store_fresh: Callable[[], bool] = lambda: False
+
+    def cached(self, request_der: bytes, now: float) -> Entry | None:
+        entry = self.index.by_request.get(request_der)
+        if entry is not None and entry.next_update_ts > now:
+            return entry
+        return None
+
+    def held_validity(self, entries: Sequence[Entry], now: float) -> dt.timedelta | None:
+        """How long an answer signed now from the statuses of ``entries`` may be valid: the
+        configured validity while the index follows the store; otherwise no later than the
+        earliest of their nextUpdates, and None (not usable) when that is less than the
+        minimum validity away."""
+        if self.store_fresh():
+            return self.validity
+        left = min(e.next_update_ts for e in entries) - now
+        if left < core.MIN_VALIDITY.total_seconds():
+            return None
+        return min(self.validity, dt.timedelta(seconds=int(left)))
+
+    def prepare(self, request_der: bytes) -> bytes | Callable[[], bytes]:
+        """The response now, or a function to run off the loop (it consults the database)."""
+        now = time.time()
+        simple = simple_request(request_der)
+        if simple is not None:
+            hit = self.index.by_cert_id.get(simple[0])
+            if hit is not None:
+                cert_id, entry = hit
+                validity = self.held_validity([entry], now)
+                if validity is not None:
+                    request = core.OcspRequest((cert_id,), simple[1])
+                    status = entry.status
+                    return self._answer(request, lambda _i, _s: status, validity)
+        try:
+            request = core.parse_request(request_der)
+        except core.MalformedRequest:
+            return core.MALFORMED_REQUEST
+        issuer = core.select_issuer(request, self.issuers)
+        if issuer is None:
+            return core.UNAUTHORIZED
+        entries = [self.index.entry(issuer, c.serial) for c in request.cert_ids]
+        held = [e for e in entries if e is not None]
+        if len(held) == len(entries):
+            validity = self.held_validity(held, now)
+            if validity is not None:
+                known = {e.serial: e.status for e in held}
+                return self._answer(request, lambda _i, serial: known[serial], validity)
+        if self.db_lookup is None:
+            return core.TRY_LATER
+        # Not all in memory, or not vouched for any more: every status from the database (a
+        # database error answers tryLater).
+        db_lookup = self.db_lookup
+        return lambda: self._answer(request, db_lookup, self.validity)
+
+    def _answer(
+        self, request: core.OcspRequest, lookup: core.Lookup, validity: dt.timedelta
+    ) -> bytes:
+        try:
+            return core.answer(
+                request,
+                self.issuers,
+                lookup,
+                now=dt.datetime.now(dt.UTC),
+                validity=validity,
+            )
+        except Exception:  # a bug must not kill the connection handler: internalError
+            log.exception("OCSP answer failed")
+            return core.INTERNAL_ERROR
+
+
+class Server:
+    """Shared state of one listening server: index, responder, connections, follower."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        *,
+        changes_since: ChangesFn | None = None,
+        cursor: object = None,
+        poll: float = POLL_INTERVAL,
+        executor_workers: int = 4,
+        request_timeout: float = REQUEST_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.responder = responder
+        self.index = responder.index
+        self.changes_since = changes_since
+        self.cursor = cursor
+        self.poll = poll
+        self.date = _Date()
+        self.connections: set[HttpProtocol] = set()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=executor_workers, thread_name_prefix="ocsp-lookup"
+        )
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_event = threading.Event()
+        self.last_sync = time.time()
+        self.store_ok = True
+        self.follower: threading.Thread | None = None
+        responder.store_fresh = self.store_fresh
+
+    # -- store following --------------------------------------------------------------------
+    def start_follower(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        if self.changes_since is None:
+            return
+        self.follower = threading.Thread(target=self._follow, name="ocsp-follow", daemon=True)
+        self.follower.start()
+
+    def _follow(self) -> None:
+        assert self.changes_since is not None and self.loop is not None
+        while not self.stop_event.wait(self.poll):
+            try:
+                batch, cursor = self.changes_since(self.cursor)
+            except Exception:  # the store is away: keep serving what we have
+                if self.store_ok:
+                    log.warning("following the OCSP store failed", exc_info=True)
+                self.store_ok = False
+                continue
+            self.store_ok = True
+            self.cursor = cursor
+            self.last_sync = time.time()
+            if batch:
+                self.loop.call_soon_threadsafe(self.index.apply, batch)
+
+    def apply(self, batch: Iterable[StoredLike]) -> int:
+        return self.index.apply(batch)
+
+    def store_fresh(self) -> bool:
+        """The index followed the store successfully within the last few polls."""
+        if self.changes_since is None or not self.store_ok:
+            return False
+        return time.time() - self.last_sync <= max(FRESH_MIN, FRESH_POLLS * self.poll)
+
+    def health(self) -> bytes:
+        doc = {
+            "status": "ok",
+            "responses": len(self.index),
+            "store": "ok" if self.store_ok else "unreachable",
+            "last_sync_age": round(time.time() - self.last_sync, 3),
+        }
+        return json.dumps(doc).encode()
+
+    # -- timeouts ---------------------------------------------------------------------------
+    async def sweep(self) -> None:
+        """Close connections past their deadline; once a second (no per-request timers)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_deadline(now)
+
+    def close(self) -> None:
+        self.stop_event.set()
+        for conn in list(self.connections):
+            conn.abort()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "body_len",
+        "buf",
+        "busy",
+        "closing",
+        "deadline",
+        "head",
+        "server",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.busy = False
+        self.closing = False
+        self.deadline = 0.0
+        self.head: tuple[bytes, bytes, bool, bytes | None] | None = None  # method, target, ...
+        self.body_len = 0
+        self.write_paused = False
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = transport
+        if len(self.server.connections) >= MAX_CONNECTIONS:
+            transport.abort()
+            return
+        self.server.connections.add(self)
+        self.deadline = time.monotonic() + self.server.idle_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if not self.buf and self.head is None:
+            self.deadline = time.monotonic() + self.server.request_timeout
+        self.buf += data
+        if not self.busy:
+            self._process()
+        elif len(self.buf) > MAX_HEAD + MAX_BODY and self.transport is not None:
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests until it does.
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def check_deadline(self, now: float) -> None:
+        if self.closing or self.busy or now < self.deadline:
+            return
+        if self.write_paused and self.transport is not None:
+            self.closing = True
+            self.transport.abort()  # it does not read: close() would wait for it forever
+            return
+        if self.buf or self.head is not None:
+            self._error(408, b"request not complete in time\n")
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- parsing ----------------------------------------------------------------------------
+    def _process(self) -> None:
+        buf = self.buf
+        while not self.closing and not self.busy:
+            if self.head is None:
+                if not buf:
+                    return
+                end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        self._error(431, b"request head over 8 KiB\n")
+                    return
+                raw = bytes(buf[:end])
+                del buf[: end + 4]
+                if not self._parse_head(raw):
+                    return
+                if self.head is None:  # answered from the head alone
+                    continue
+            if len(buf) < self.body_len:
+                return
+            method, target, keep_alive, if_none_match = self.head
+            body = bytes(buf[: self.body_len])
+            del buf[: self.body_len]
+            self.head = None
+            self._dispatch(method, target, keep_alive, body, if_none_match)
+            if not self.closing and not self.busy:
+                self.deadline = time.monotonic() + (
+                    self.server.request_timeout if buf else self.server.idle_timeout
+                )
+
+    def _parse_head(self, raw: bytes) -> bool:
+        """Validate the head; set ``self.head`` (and the body length) or answer an error."""
+        lines = raw.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            self._error(400, b"bad request line\n")
+            return False
+        method, target, version = parts
+        if version == b"HTTP/1.1":
+            keep_alive = True
+        elif version == b"HTTP/1.0":
+            keep_alive = False
+        else:
+            self._error(505 if version.startswith(b"HTTP/") else 400, b"HTTP/1.x only\n")
+            return False
+        length: bytes | None = None
+        content_type = b""
+        if_none_match: bytes | None = None
+        expect = False
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip():
+                self._error(400, b"bad header line\n")
+                return False
+            name = name.lower()
+            value = value.strip()
+            if name == b"content-length":
+                if length is not None and length != value:
+                    self._error(400, b"conflicting Content-Length\n")
+                    return False
+                length = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"connection":
+                tokens = value.lower()
+                if b"close" in tokens:
+                    keep_alive = False
+                elif b"keep-alive" in tokens:
+                    keep_alive = True
+            elif name == b"transfer-encoding":
+                self._error(501, b"Transfer-Encoding is not supported\n")
+                return False
+            elif name == b"if-none-match":
+                if_none_match = value
+            elif name == b"expect":
+                if value.lower() != b"100-continue":
+                    self._error(400, b"unsupported Expect\n")  # RFC 9110 wants 417; rare
+                    return False
+                expect = True
+        body_len = 0
+        if length is not None:
+            if not length.isdigit() or len(length) > 12:
+                self._error(400, b"bad Content-Length\n")
+                return False
+            body_len = int(length)
+        if method == b"POST":
+            if length is None:
+                self._error(411, b"Content-Length required\n")
+                return False
+            if body_len > MAX_BODY:
+                self._error(413, b"body over 64 KiB\n")
+                return False
+            media = content_type.split(b";", 1)[0].strip().lower()
+            if target.split(b"?", 1)[0] not in (b"/ocsp", b"/ocsp/", b"/"):
+                self._error(404, b"not found\n")
+                return False
+            if media != OCSP_REQUEST_TYPE:
+                self._error(415, b"Content-Type must be application/ocsp-request\n")
+                return False
+            if expect and self.transport is not None and len(self.buf) < body_len:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif method in (b"GET", b"HEAD"):
+            if body_len:
+                self._error(400, b"GET with a body\n")
+                return False
+        else:
+            self._error(405, b"GET or POST\n", extra=b"Allow: GET, HEAD, POST\r\n")
+            return False
+        self.head = (method, target, keep_alive, if_none_match)
+        self.body_len = body_len
+        return True
+
+    # -- answering --------------------------------------------------------------------------
+    def _dispatch(
+        self,
+        method: bytes,
+        target: bytes,
+        keep_alive: bool,
+        body: bytes,
+        if_none_match: bytes | None,
+    ) -> None:
+        server = self.server
+        now = time.time()
+        if method == b"POST":
+            request_der = body
+        else:
+            path = target.split(b"?", 1)[0]
+            if path.startswith(b"/ocsp/"):
+                decoded = decode_get_path(path[6:].decode("latin-1"))
+                if decoded is None:
+                    self._ocsp(core.MALFORMED_REQUEST, None, keep_alive, method, now)
+                    return
+                request_der = decoded
+            elif path == b"/healthz":
+                self._send(200, server.health(), b"application/json", keep_alive, method, now)
+                return
+            else:
+                self._send(404, b"not found\n", b"text/plain", keep_alive, method, now)
+                return
+        entry = server.responder.cached(request_der, now)
+        if entry is not None:
+            if (
+                if_none_match is not None
+                and method != b"POST"
+                and entry.etag.encode()
+                in (
+                    if_none_match.split(b",")[0].strip(),
+                    if_none_match,
+                )
+            ):
+                self._send(304, b"", b"application/ocsp-response", keep_alive, b"HEAD", now)
+                return
+            self._ocsp(entry.der, entry, keep_alive, method, now)
+            return
+        result = server.responder.prepare(request_der)
+        if isinstance(result, bytes):
+            self._ocsp(result, None, keep_alive, method, now)
+            return
+        loop = server.loop or asyncio.get_running_loop()
+        self.busy = True
+        future = loop.run_in_executor(server.executor, result)
+
+        def done(fut: asyncio.Future[bytes]) -> None:
+            self.busy = False
+            if self.closing:
+                return
+            try:
+                der = fut.result()
+            except Exception:
+                log.exception("OCSP lookup failed")
+                der = core.INTERNAL_ERROR
+            self._ocsp(der, None, keep_alive, method, time.time())
+            if not self.closing:
+                if self.transport is not None and not self.write_paused:
+                    self.transport.resume_reading()
+                self.deadline = time.monotonic() + (
+                    self.server.request_timeout if self.buf else self.server.idle_timeout
+                )
+                self._process()
+
+        future.add_done_callback(done)
+
+    def _ocsp(
+        self,
+        der: bytes,
+        entry: Entry | None,
+        keep_alive: bool,
+        method: bytes,
+        now: float,
+    ) -> None:
+        if entry is not None:
+            max_age = max(0, int(entry.next_update_ts - now))
+            extra = (
+                f"Cache-Control: public, max-age={max_age}, no-transform, must-revalidate\r\n"
+                f"ETag: {entry.etag}\r\nLast-Modified: {entry.last_modified}\r\n"
+                f"Expires: {entry.expires}\r\n"
+            ).encode()
+        else:
+            extra = b"Cache-Control: no-store\r\n"
+        self._send(200, der, b"application/ocsp-response", keep_alive, method, now, extra)
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes,
+        keep_alive: bool,
+        method: bytes,
+        now: float,
+        extra: bytes = b"",
+    ) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        head = (
+            b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n"
+            % (
+                status,
+                _REASONS[status].encode(),
+                self.server.date.now(now),
+                content_type,
+                len(body),
+                extra,
+                b"" if keep_alive else b"Connection: close\r\n",
+            )
+        )
+        transport.write(head if method == b"HEAD" else head + body)
+        if not keep_alive:
+            self.closing = True
+            transport.close()
+
+    def _error(self, status: int, message: bytes, extra: bytes = b"") -> None:
+        """An HTTP-level error; the connection is closed (unread bytes may follow)."""
+        self.head = None
+        self._send(status, message, b"text/plain", False, b"GET", time.time(), extra)
+        self.abort()
+
+
+async def serve(
+    server: Server,
+    host: str,
+    port: int,
+    *,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Listen on (host, port) until ``stop`` is set (or forever); ``ready(port)`` once bound."""
+    loop = asyncio.get_running_loop()
+    server.start_follower(loop)
+    listener = await loop.create_server(
+        lambda: HttpProtocol(server), host, port, backlog=1024, reuse_address=True
+    )
+    sweeper = asyncio.create_task(server.sweep())
+    try:
+        bound = listener.sockets[0].getsockname()[1]
+        if ready is not None:
+            ready(bound)
+        if stop is None:
+            await asyncio.Event().wait()
+        else:
+            await stop.wait()
+    finally:
+        sweeper.cancel()
+        listener.close()
+        server.close()
+
+
+def run(
+    server: Server,
+    host: str,
+    port: int,
+    *,
+    ready: Callable[[int], None] | None = None,
+    use_uvloop: bool = True,
+) -> None:
+    """Run until SIGINT/SIGTERM (the caller's process)."""
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(server, host, port, ready=ready, stop=stop)
+
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            use_uvloop = False
+    if use_uvloop:
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

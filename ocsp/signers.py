@@ -1,0 +1,196 @@
+"""Delegated OCSP responders (RFC 6960 4.2.2.2): one per issuing CA, rotated before expiry.
+
+Each issuing CA (active, key online) gets a responder: a new key in the CA's key backend (same
+key type as the CA) and a certificate under that CA with the ``ocsp-signer`` profile (issued
+through the normal issuance path, so it has a store row and a ``ca.issue`` journal entry). The
+responder is recorded in ``ocsp_responders`` with a ``ocsp.signer.provision`` journal entry in
+the same transaction. When less than a third of its validity remains, a new key and
+certificate replace it (``ocsp.signer.rotate``); the old one is deactivated, responses it
+already signed stay valid (its certificate outlives them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from sqlalchemy import select, update
+
+from audit.events import Category, Outcome, by_actor
+from ca.issuance import IssueRequest
+from ca.models import CaKind, Certificate, CertificateAuthority
+from ca.tbs import serial_hex
+from hsm.base import KeyType
+from ocsp.models import OcspResponder
+from sekisho.context import Actor
+
+if TYPE_CHECKING:
+    from sekisho.services import Services
+
+log = logging.getLogger("sekisho.ocsp")
+
+PROFILE = "ocsp-signer"
+ROTATE_REMAINING = 1 / 3  # rotate when less than this share of the validity remains
+SYSTEM_ACTOR = Actor(account="system:ocsp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponderChange:
+    ca: str
+    action: str  # "provision" or "rotate"
+    serial: str
+    key_ref: str
+    not_after: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ca:
+    id: int
+    name: str
+    key_type: str
+    subject: x509.Name
+
+
+def served_cas(services: Services) -> list[CertificateAuthority]:
+    """The issuing CAs we answer for: active, key online."""
+    with services.db.read_scope() as session:
+        return list(
+            session.scalars(
+                select(CertificateAuthority)
+                .where(
+                    CertificateAuthority.kind == CaKind.ISSUING,
+                    CertificateAuthority.active.is_(True),
+                    CertificateAuthority.key_online.is_(True),
+                )
+                .order_by(CertificateAuthority.id)
+            )
+        )
+
+
+def active_responders(services: Services) -> dict[int, OcspResponder]:
+    """issuer_id -> the active responder with the latest notAfter."""
+    out: dict[int, OcspResponder] = {}
+    with services.db.read_scope() as session:
+        for row in session.scalars(
+            select(OcspResponder)
+            .where(OcspResponder.active.is_(True))
+            .order_by(OcspResponder.not_after)
+        ):
+            out[row.issuer_id] = row
+    return out
+
+
+def needs_rotation(responder: OcspResponder, now: dt.datetime) -> bool:
+    lifetime = responder.not_after - responder.not_before
+    return responder.not_after - now < lifetime * ROTATE_REMAINING
+
+
+def ensure_responders(
+    services: Services, now: dt.datetime, actor: Actor = SYSTEM_ACTOR, *, rotate: bool = False
+) -> list[ResponderChange]:
+    """Provision a responder for every served CA lacking one; rotate those past 2/3 of their
+    validity (every one with ``rotate``: an operator's key roll). Returns what changed
+    (nothing when all is in order)."""
+    changes: list[ResponderChange] = []
+    current = active_responders(services)
+    for ca in served_cas(services):
+        info = _Ca(
+            ca.id,
+            ca.name,
+            ca.key_type,
+            x509.load_der_x509_certificate(ca.certificate_der).subject,
+        )
+        old = current.get(ca.id)
+        if old is not None and not rotate and not needs_rotation(old, now):
+            continue
+        changes.append(_provision(services, info, old, now, actor))
+    if changes:
+        services.ocsp.invalidate_issuers()
+    return changes
+
+
+def _subject(ca: _Ca) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, f"{ca.name.capitalize()} OCSP Responder")]
+    org = ca.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if org:
+        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, str(org[0].value)))
+    return x509.Name(attrs)
+
+
+def _provision(
+    services: Services, ca: _Ca, old: OcspResponder | None, now: dt.datetime, actor: Actor
+) -> ResponderChange:
+    key_type = KeyType(ca.key_type)
+    stamp = now.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S")
+    label = f"ocsp-{ca.name}-{stamp}-{secrets.token_hex(3)}"
+    ref = services.backend.generate(label, key_type)
+    cert = services.ca.issue(
+        IssueRequest(
+            ca=ca.name,
+            profile=PROFILE,
+            subject=_subject(ca),
+            public_key=services.backend.public_key(ref),
+            owner_kind="ocsp",
+            owner_id=ca.name,
+        ),
+        actor,
+    )
+    serial = serial_hex(cert.serial_number)
+    action = "ocsp.signer.rotate" if old is not None else "ocsp.signer.provision"
+    with services.db.scope() as session:
+        cert_id = session.scalar(
+            select(Certificate.id).where(
+                Certificate.issuer_id == ca.id, Certificate.serial == serial
+            )
+        )
+        assert cert_id is not None
+        if old is not None:
+            session.execute(
+                update(OcspResponder)
+                .where(OcspResponder.id == old.id)
+                .values(active=False, deactivated_at=now)
+            )
+        session.add(
+            OcspResponder(
+                issuer_id=ca.id,
+                certificate_id=cert_id,
+                serial=serial,
+                key_ref=ref,
+                key_type=key_type.value,
+                certificate_der=cert.public_bytes(serialization.Encoding.DER),
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                active=True,
+                created_at=now,
+            )
+        )
+        detail: dict[str, object] = {
+            "ca": ca.name,
+            "key_ref": ref,
+            "key_type": key_type.value,
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        }
+        if old is not None:
+            detail["previous_serial"] = old.serial
+            detail["previous_key_ref"] = old.key_ref
+        services.journal.append(
+            session,
+            by_actor(
+                actor,
+                Category.CA,
+                action,
+                Outcome.SUCCESS,
+                object_dn=cert.subject.rfc4514_string(),
+                object_serial=serial,
+                detail=detail,
+            ),
+            now,
+        )
+    log.info("ocsp responder %s", action, extra={"ca": ca.name, "serial": serial})
+    return ResponderChange(ca.name, action.rsplit(".", 1)[1], serial, ref, cert.not_valid_after_utc)

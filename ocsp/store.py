@@ -1,0 +1,721 @@
+"""The pre-signed OCSP store and the responder service built on it.
+
+Every certificate of every served (issuing, active, key online) CA has one stored response:
+a SHA-1 CertID, no nonce, ``producedAt = thisUpdate``, valid ``ocsp_validity`` (RFC 5019).
+Status: ``issued`` and ``reserved`` rows are good (a reserved serial may have been signed),
+``revoked`` rows are revoked with their time and reason (certificateHold included), ``failed``
+rows (never signed) are unknown. A serial the CA never assigned has no row: answered live,
+``unknown``, never good.
+
+When responses are (re)signed:
+
+* at issuance: :meth:`OcspService.on_issued`, a hook ``CaService`` calls after the issued row
+  committed;
+* on revocation and release: :meth:`OcspService.on_revocation` is a ``Revoker`` listener,
+  called after the commit and before ``revoke()`` returns. It re-signs every certificate of
+  that CA whose ``status_epoch`` is newer than its stored response's;
+* when due: :func:`refresh_due` re-signs responses past ``ocsp_refresh_fraction`` of their
+  validity and repairs rows that are missing or disagree with the certificates table (a
+  revocation made by a process whose listener did not run, an issuance hook that failed);
+* on demand: :func:`resign_all` (journalled ``ocsp.resign``).
+
+A write never replaces a response that reflects a newer ``status_epoch`` of the certificate,
+so a refresh racing a revocation cannot bring back "good".
+
+Serving (:meth:`OcspService.answer`): a request without nonce and with exactly one CertID
+equal to the SHA-1 CertID we pre-signed gets the stored DER byte for byte while it is within
+its validity; everything else (nonce, SHA-256 CertID, several CertIDs, no stored row) is
+signed on the fly from the certificates table. Stored responses served are held in memory:
+while the database is unreachable they are served until their nextUpdate, then ``tryLater``;
+an answer signed afresh from a held status (a nonce, a SHA-256 CertID) carries a nextUpdate no
+later than the held one, and is refused (``tryLater``) once less than 8 h of it is left.
+
+The read API (:class:`StoredResponse`, :func:`load_issuers`, :func:`snapshot`,
+:func:`changes_since`, :func:`lookup`) is what the standalone OCSP server and the static
+export build on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import Table, and_, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from audit.events import Category, Outcome, by_actor
+from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus
+from ca.revocation import Reason
+from ca.tbs import serial_hex
+from hsm.base import KeyBackend
+from ocsp import core
+from ocsp.models import OcspResponder, OcspResponse
+from sekisho.context import Actor
+from sekisho.db import Database
+from sekisho.errors import SekishoError, StoreError
+
+if TYPE_CHECKING:
+    from sekisho.services import Services
+    from sekisho.settings import Settings
+
+log = logging.getLogger("sekisho.ocsp")
+
+CHANGES_OVERLAP = dt.timedelta(seconds=5)
+ISSUERS_TTL = 60.0  # seconds between reloads of the served issuers (responder rotation)
+MISS_RELOAD = 5.0  # a request for an issuer we do not know reloads at most this often
+HELD_MAX = 200_000  # stored responses held in memory for serving while the database is down
+MAX_SERIAL = 1 << 160
+IN_FLIGHT = dt.timedelta(minutes=5)  # a reserved row younger than this may still be signing
+DEFAULT_BATCH = 500
+
+GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
+_DER = Encoding.DER
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredResponse:
+    issuer_id: int
+    serial: int
+    der: bytes
+    this_update: dt.datetime
+    next_update: dt.datetime
+    updated_at: dt.datetime
+
+
+# -- certificate status -----------------------------------------------------------------------
+def status_of(
+    status: CertStatus | str, reason: str | None, revoked_at: dt.datetime | None
+) -> core.Status:
+    """The OCSP status of a certificates row."""
+    status = CertStatus(status)
+    if status in (CertStatus.ISSUED, CertStatus.RESERVED):
+        return core.GOOD
+    if status is CertStatus.REVOKED and revoked_at is not None:
+        flag = Reason(reason).flag if reason else None
+        return core.Revoked(revoked_at, flag)
+    return core.UNKNOWN
+
+
+def _label(status: core.Status) -> str:
+    if isinstance(status, core.Good):
+        return GOOD
+    if isinstance(status, core.Revoked):
+        return REVOKED
+    return UNKNOWN
+
+
+def _fingerprint(der: bytes) -> bytes:
+    return hashlib.sha256(der).digest()
+
+
+class _IssuerIds:
+    """Issuer -> ca_authorities.id, by the SHA-256 of the CA certificate (reloaded on a miss)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._ids: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, issuer: core.Issuer) -> int | None:
+        key = _fingerprint(issuer.certificate.public_bytes(_DER))
+        found = self._ids.get(key)
+        if found is None:
+            with self.db.read_scope() as session:
+                rows = session.execute(
+                    select(CertificateAuthority.id, CertificateAuthority.certificate_der)
+                ).all()
+            with self._lock:
+                self._ids = {_fingerprint(bytes(der)): int(ca_id) for ca_id, der in rows}
+            found = self._ids.get(key)
+        return found
+
+
+def lookup(db: Database) -> core.Lookup:
+    """A status lookup on the certificates table: issued/reserved -> good, revoked -> revoked
+    (time, reason), failed or never assigned -> unknown. Store errors propagate as
+    :class:`StoreError` (the core answers tryLater)."""
+    issuer_ids = _IssuerIds(db)
+
+    def _lookup(issuer: core.Issuer, serial: int) -> core.Status:
+        if not 0 < serial < MAX_SERIAL:
+            return core.UNKNOWN
+        issuer_id = issuer_ids(issuer)
+        if issuer_id is None:
+            return core.UNKNOWN
+        with db.read_scope() as session:
+            row = session.execute(
+                select(
+                    Certificate.status, Certificate.revocation_reason, Certificate.revoked_at
+                ).where(
+                    Certificate.issuer_id == issuer_id, Certificate.serial == serial_hex(serial)
+                )
+            ).first()
+        if row is None:
+            return core.UNKNOWN
+        return status_of(row[0], row[1], row[2])
+
+    return _lookup
+
+
+# -- issuers ----------------------------------------------------------------------------------
+def _load_issuers(db: Database, backend: KeyBackend, sign_with_ca: bool) -> dict[int, core.Issuer]:
+    with db.read_scope() as session:
+        cas = session.execute(
+            select(
+                CertificateAuthority.id,
+                CertificateAuthority.name,
+                CertificateAuthority.key_ref,
+                CertificateAuthority.certificate_der,
+            ).where(
+                CertificateAuthority.kind == CaKind.ISSUING,
+                CertificateAuthority.active.is_(True),
+                CertificateAuthority.key_online.is_(True),
+            )
+        ).all()
+        responders: dict[int, tuple[str, bytes]] = {}
+        for row in session.execute(
+            select(OcspResponder.issuer_id, OcspResponder.key_ref, OcspResponder.certificate_der)
+            .where(OcspResponder.active.is_(True))
+            .order_by(OcspResponder.not_after)
+        ):
+            responders[int(row[0])] = (str(row[1]), bytes(row[2]))
+    out: dict[int, core.Issuer] = {}
+    for ca_id, name, key_ref, cert_der in cas:
+        ca_cert = x509.load_der_x509_certificate(bytes(cert_der))
+        responder = None if sign_with_ca else responders.get(int(ca_id))
+        if responder is None:
+            if not sign_with_ca:
+                log.info("no OCSP responder for CA %s (yet); the CA key signs", name)
+            out[int(ca_id)] = core.Issuer.create(ca_cert, backend.signing_key(key_ref))
+            continue
+        ref, der = responder
+        out[int(ca_id)] = core.Issuer.create(
+            ca_cert, backend.signing_key(ref), x509.load_der_x509_certificate(der)
+        )
+    return out
+
+
+def load_issuers(services: Services) -> dict[int, core.Issuer]:
+    """issuer_id -> Issuer for every served CA: the active delegated responder's certificate
+    and key, or the CA's own key when ``ocsp_sign_with_ca`` is set (or no responder exists)."""
+    return _load_issuers(services.db, services.backend, services.settings.ocsp_sign_with_ca)
+
+
+# -- read API ---------------------------------------------------------------------------------
+_STORED_COLUMNS = (
+    OcspResponse.issuer_id,
+    OcspResponse.serial,
+    OcspResponse.der,
+    OcspResponse.this_update,
+    OcspResponse.next_update,
+    OcspResponse.updated_at,
+)
+
+
+def _stored(row: Sequence[Any]) -> StoredResponse:
+    return StoredResponse(
+        issuer_id=int(row[0]),
+        serial=int(row[1], 16),
+        der=bytes(row[2]),
+        this_update=row[3],
+        next_update=row[4],
+        updated_at=row[5],
+    )
+
+
+def _cursor_of(rows: Iterable[StoredResponse], floor: dt.datetime) -> dt.datetime:
+    cursor = floor
+    for row in rows:
+        if row.updated_at > cursor:
+            cursor = row.updated_at
+    return cursor
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def snapshot(db: Database) -> tuple[list[StoredResponse], dt.datetime]:
+    """Every stored response, and the cursor to pass to :func:`changes_since` next."""
+    with db.read_scope() as session:
+        rows = [_stored(r) for r in session.execute(select(*_STORED_COLUMNS))]
+    return rows, _cursor_of(rows, _EPOCH)
+
+
+def changes_since(db: Database, cursor: dt.datetime) -> tuple[list[StoredResponse], dt.datetime]:
+    """Responses written at or after ``cursor`` minus a 5 s overlap (writers commit out of
+    order); the caller may see a response twice. Returns them and the next cursor."""
+    with db.read_scope() as session:
+        rows = [
+            _stored(r)
+            for r in session.execute(
+                select(*_STORED_COLUMNS).where(OcspResponse.updated_at >= cursor - CHANGES_OVERLAP)
+            )
+        ]
+    return rows, _cursor_of(rows, cursor)
+
+
+# -- the service ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    der: bytes
+    status: core.Status
+    next_update: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """What a certificates row says, ready to sign."""
+
+    issuer_id: int
+    serial: str
+    status: core.Status
+    epoch: int
+
+
+_CERT_COLUMNS = (
+    Certificate.issuer_id,
+    Certificate.serial,
+    Certificate.status,
+    Certificate.revocation_reason,
+    Certificate.revoked_at,
+    Certificate.status_epoch,
+)
+
+
+# A certificate and its stored response (if any).
+_SAME_CERT = and_(
+    OcspResponse.issuer_id == Certificate.issuer_id, OcspResponse.serial == Certificate.serial
+)
+
+
+def _cert_rows(db: Database, *where: Any, limit: int) -> list[_Row]:
+    """Certificates rows matching ``where``, joined to their stored response if any."""
+    with db.read_scope() as session:
+        return [
+            _row(r)
+            for r in session.execute(
+                select(*_CERT_COLUMNS)
+                .outerjoin(OcspResponse, _SAME_CERT)
+                .where(*where)
+                .limit(limit)
+            )
+        ]
+
+
+def _row(values: Sequence[Any]) -> _Row:
+    return _Row(
+        int(values[0]), str(values[1]), status_of(values[2], values[3], values[4]), int(values[5])
+    )
+
+
+class OcspService:
+    def __init__(
+        self,
+        db: Database,
+        backend: KeyBackend,
+        settings: Settings,
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self.db = db
+        self.backend = backend
+        self.validity = settings.ocsp_validity
+        self.refresh_fraction = settings.ocsp_refresh_fraction
+        self.sign_with_ca = settings.ocsp_sign_with_ca
+        self.clock = clock
+        self.lookup = lookup(db)
+        self._issuers: dict[int, core.Issuer] | None = None
+        self._issuers_at = 0.0
+        self._held: dict[tuple[int, int], _Held] = {}
+        self._lock = threading.Lock()
+
+    # -- issuers ------------------------------------------------------------------------------
+    def issuers(self) -> dict[int, core.Issuer]:
+        """The served issuers, reloaded every ``ISSUERS_TTL`` seconds; while the database is
+        down the last ones loaded are kept."""
+        current = self._issuers
+        if current is not None and time.monotonic() - self._issuers_at < ISSUERS_TTL:
+            return current
+        try:
+            loaded = _load_issuers(self.db, self.backend, self.sign_with_ca)
+        except (StoreError, SQLAlchemyError):
+            if current is None:
+                raise
+            return current
+        with self._lock:
+            self._issuers, self._issuers_at = loaded, time.monotonic()
+        return loaded
+
+    def _reload_on_miss(self) -> dict[int, core.Issuer]:
+        """A CA we do not know yet (created by another process): reload, at most every few
+        seconds (misses are cheap to cause)."""
+        if time.monotonic() - self._issuers_at >= MISS_RELOAD:
+            self.invalidate_issuers()
+        return self.issuers()
+
+    def invalidate_issuers(self) -> None:
+        with self._lock:
+            self._issuers_at = 0.0
+
+    # -- serving ------------------------------------------------------------------------------
+    def answer(self, request_der: bytes, now: dt.datetime) -> bytes:
+        """Bytes in, OCSPResponse bytes out; never raises for client input or a store outage."""
+        try:
+            request = core.parse_request(request_der)
+        except core.MalformedRequest:
+            return core.MALFORMED_REQUEST
+        try:
+            issuers = self.issuers()
+        except (StoreError, SQLAlchemyError):
+            return core.TRY_LATER
+        issuer = core.select_issuer(request, list(issuers.values()))
+        if issuer is None:
+            try:
+                issuers = self._reload_on_miss()
+            except (StoreError, SQLAlchemyError):
+                return core.UNAUTHORIZED
+            issuer = core.select_issuer(request, list(issuers.values()))
+            if issuer is None:
+                return core.UNAUTHORIZED
+        issuer_id = next(i for i, v in issuers.items() if v is issuer)
+        single = request.cert_ids[0] if len(request.cert_ids) == 1 else None
+        if single is not None:
+            presigned = single.hash_algorithm == "sha1" and 0 < single.serial < MAX_SERIAL
+            if presigned and issuer.cert_id(single.serial).der != single.der:
+                presigned = False  # same CertID fields, other encoding: echo theirs, sign live
+            if presigned:
+                found = self._stored_answer(issuer, issuer_id, single.serial, request, now)
+                if found is not None:
+                    return found
+
+        held_until: list[dt.datetime] = []
+
+        def live(chosen: core.Issuer, serial: int) -> core.Status:
+            try:
+                return self.lookup(chosen, serial)
+            except (StoreError, SQLAlchemyError) as exc:
+                # Database down: a status we hold (from a stored response) until its nextUpdate.
+                held = self._held.get((issuer_id, serial))
+                if held is not None and now < held.next_update:
+                    held_until.append(held.next_update)
+                    return held.status
+                raise StoreError(f"database unavailable: {exc.__class__.__name__}") from exc
+
+        def validity() -> dt.timedelta:
+            # A status answered from memory is vouched for no longer than its stored response.
+            if held_until:
+                return min(self.validity, min(held_until) - now)
+            return self.validity
+
+        return core.answer(request, [issuer], live, now=now, validity=validity)
+
+    def _stored_answer(
+        self,
+        issuer: core.Issuer,
+        issuer_id: int,
+        serial: int,
+        request: core.OcspRequest,
+        now: dt.datetime,
+    ) -> bytes | None:
+        key = (issuer_id, serial)
+        try:
+            with self.db.read_scope() as session:
+                row = session.execute(
+                    select(
+                        OcspResponse.der,
+                        OcspResponse.next_update,
+                        OcspResponse.this_update,
+                        Certificate.status,
+                        Certificate.revocation_reason,
+                        Certificate.revoked_at,
+                    )
+                    .join(
+                        Certificate,
+                        _SAME_CERT,
+                    )
+                    .where(
+                        OcspResponse.issuer_id == issuer_id,
+                        OcspResponse.serial == serial_hex(serial),
+                    )
+                ).first()
+        except (StoreError, SQLAlchemyError):
+            return self._held_answer(issuer, key, request, now)
+        if row is None:
+            return None  # a miss: signed live from the certificates table
+        der, next_update, this_update = bytes(row[0]), row[1], row[2]
+        status = status_of(row[3], row[4], row[5])
+        if this_update > now or now >= next_update:
+            return None
+        self._hold(key, _Held(der, status, next_update))
+        if request.nonce is not None:
+            return None
+        return der
+
+    def _hold(self, key: tuple[int, int], held: _Held) -> None:
+        with self._lock:
+            if len(self._held) >= HELD_MAX and key not in self._held:
+                self._held.pop(next(iter(self._held)))
+            self._held[key] = held
+
+    def _held_answer(
+        self,
+        issuer: core.Issuer,
+        key: tuple[int, int],
+        request: core.OcspRequest,
+        now: dt.datetime,
+    ) -> bytes:
+        held = self._held.get(key)
+        if held is None or now >= held.next_update:
+            return core.TRY_LATER
+        if request.nonce is None:
+            return held.der
+        # A nonce asks for a fresh signature: sign the status we last saw stored.
+        return core.answer(
+            request,
+            [issuer],
+            lambda _i, _s: held.status,
+            now=now,
+            validity=min(self.validity, held.next_update - now),
+        )
+
+    def warm(self) -> int:
+        """Hold every stored response in memory (for serving through an outage)."""
+        rows, _ = snapshot(self.db)
+        with self.db.read_scope() as session:
+            statuses = {
+                (int(r[0]), str(r[1])): status_of(r[2], r[3], r[4])
+                for r in session.execute(
+                    select(*_CERT_COLUMNS[:5]).join(
+                        OcspResponse,
+                        _SAME_CERT,
+                    )
+                )
+            }
+        for r in rows:
+            status = statuses.get((r.issuer_id, serial_hex(r.serial)), core.UNKNOWN)
+            self._hold((r.issuer_id, r.serial), _Held(r.der, status, r.next_update))
+        return len(rows)
+
+    # -- signing ------------------------------------------------------------------------------
+    def sign_rows(self, rows: Sequence[_Row], now: dt.datetime) -> int:
+        """Pre-sign and store a response for each row; rows of CAs we do not serve are
+        skipped. Returns how many were written."""
+        if not rows:
+            return 0
+        issuers = self.issuers()
+        if any(row.issuer_id not in issuers for row in rows):
+            self.invalidate_issuers()  # a CA created since (sign_rows is not client-driven)
+            issuers = self.issuers()
+        this_update = now.astimezone(dt.UTC).replace(microsecond=0)
+        next_update = this_update + self.validity
+        values = []
+        for row in rows:
+            issuer = issuers.get(row.issuer_id)
+            if issuer is None:
+                continue
+            der = core.precompute(issuer, int(row.serial, 16), row.status, this_update, next_update)
+            values.append(
+                {
+                    "issuer_id": row.issuer_id,
+                    "serial": row.serial,
+                    "der": der,
+                    "cert_status": _label(row.status),
+                    "status_epoch": row.epoch,
+                    "this_update": this_update,
+                    "next_update": next_update,
+                    "updated_at": now,
+                }
+            )
+        if not values:
+            return 0
+        self._upsert(values)
+        return len(values)
+
+    def _upsert(self, values: list[dict[str, Any]]) -> None:
+        table = cast(Table, OcspResponse.__table__)
+        dialect = self.db.engine.dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = insert(table)
+        excluded = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["issuer_id", "serial"],
+            set_={
+                name: excluded[name]
+                for name in (
+                    "der",
+                    "cert_status",
+                    "status_epoch",
+                    "this_update",
+                    "next_update",
+                    "updated_at",
+                )
+            },
+            # Never replace an answer reflecting a newer state of the certificate.
+            where=table.c.status_epoch <= excluded.status_epoch,
+        )
+        with self.db.connection_scope() as conn:
+            conn.execute(stmt, values)
+
+    def sign_serials(self, issuer_id: int, serials: Sequence[str], now: dt.datetime) -> int:
+        """(Re-)sign the given serials (40-hex) of one CA from their certificates rows."""
+        if not serials:
+            return 0
+        with self.db.read_scope() as session:
+            rows = [
+                _row(r)
+                for r in session.execute(
+                    select(*_CERT_COLUMNS).where(
+                        Certificate.issuer_id == issuer_id, Certificate.serial.in_(list(serials))
+                    )
+                )
+            ]
+        return self.sign_rows(rows, now)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def on_issued(self, issuer_id: int, serial: int) -> None:
+        """Issuance hook (after the issued row committed)."""
+        try:
+            self.sign_serials(issuer_id, [serial_hex(serial)], self.clock())
+        except SekishoError as exc:
+            log.warning(
+                "ocsp pre-sign at issuance failed (the refresher retries)",
+                extra={"code": exc.code, "detail": exc.message},
+            )
+
+    def on_revocation(self, ca_id: int) -> None:
+        """Revoker listener: re-sign what changed, before revoke()/release() returns."""
+        self.resign_changed(ca_id, self.clock())
+
+    def resign_changed(self, ca_id: int, now: dt.datetime, batch: int = 10_000) -> int:
+        """Re-sign the certificates of one CA whose status changed since they were signed."""
+        total = 0
+        while True:
+            rows = _cert_rows(
+                self.db,
+                Certificate.issuer_id == ca_id,
+                Certificate.status_epoch > 0,
+                or_(
+                    OcspResponse.id.is_(None),
+                    OcspResponse.status_epoch < Certificate.status_epoch,
+                ),
+                limit=batch,
+            )
+            written = self.sign_rows(rows, now)
+            total += written
+            if len(rows) < batch or written == 0:
+                return total
+
+    def repair(self, now: dt.datetime, batch: int = DEFAULT_BATCH) -> int:
+        """Sign what is missing or disagrees with the certificates table (status or epoch)."""
+        served = list(self.issuers())
+        if not served:
+            return 0
+        good_statuses = (CertStatus.ISSUED, CertStatus.RESERVED)
+        expected_mismatch = or_(
+            and_(Certificate.status.in_(good_statuses), OcspResponse.cert_status != GOOD),
+            and_(Certificate.status == CertStatus.REVOKED, OcspResponse.cert_status != REVOKED),
+            and_(Certificate.status == CertStatus.FAILED, OcspResponse.cert_status != UNKNOWN),
+            OcspResponse.status_epoch < Certificate.status_epoch,
+        )
+        missing = and_(
+            OcspResponse.id.is_(None),
+            Certificate.status != CertStatus.FAILED,
+            # A young reserved row is an issuance in flight: its hook signs it.
+            or_(
+                Certificate.status != CertStatus.RESERVED, Certificate.created_at < now - IN_FLIGHT
+            ),
+        )
+        rows = _cert_rows(
+            self.db, Certificate.issuer_id.in_(served), or_(missing, expected_mismatch), limit=batch
+        )
+        return self.sign_rows(rows, now)
+
+    def refresh_due(self, now: dt.datetime, batch: int = DEFAULT_BATCH) -> int:
+        """Re-sign up to ``batch`` stored responses past the refresh point (the configured
+        share of their validity), oldest first; then repair up to ``batch`` rows."""
+        remaining = self.validity * (1 - self.refresh_fraction)
+        with self.db.read_scope() as session:
+            due = session.execute(
+                select(OcspResponse.issuer_id, OcspResponse.serial)
+                .where(OcspResponse.next_update <= now + remaining)
+                .order_by(OcspResponse.next_update)
+                .limit(batch)
+            ).all()
+        by_issuer: dict[int, list[str]] = {}
+        for issuer_id, serial in due:
+            by_issuer.setdefault(int(issuer_id), []).append(str(serial))
+        written = sum(self.sign_serials(i, s, now) for i, s in by_issuer.items())
+        return written + self.repair(now, batch)
+
+    def resign_all(self, now: dt.datetime, batch: int = 2000) -> dict[str, int]:
+        """Re-sign every certificate of every served CA. Returns counts by status."""
+        counts = {GOOD: 0, REVOKED: 0, UNKNOWN: 0}
+        issuers = self.issuers()
+        for issuer_id in sorted(issuers):
+            after = ""
+            while True:
+                with self.db.read_scope() as session:
+                    rows = [
+                        _row(r)
+                        for r in session.execute(
+                            select(*_CERT_COLUMNS)
+                            .where(
+                                Certificate.issuer_id == issuer_id,
+                                Certificate.serial > after,
+                                or_(
+                                    Certificate.status != CertStatus.FAILED,
+                                    Certificate.serial.in_(
+                                        select(OcspResponse.serial).where(
+                                            OcspResponse.issuer_id == issuer_id
+                                        )
+                                    ),
+                                ),
+                            )
+                            .order_by(Certificate.serial)
+                            .limit(batch)
+                        )
+                    ]
+                if not rows:
+                    break
+                self.sign_rows(rows, now)
+                for row in rows:
+                    counts[_label(row.status)] += 1
+                after = rows[-1].serial
+        return counts
+
+    def stored_count(self) -> int:
+        with self.db.read_scope() as session:
+            return int(session.scalar(select(func.count()).select_from(OcspResponse)) or 0)
+
+
+# -- entry points on Services -----------------------------------------------------------------
+def refresh_due(services: Services, now: dt.datetime, batch: int = DEFAULT_BATCH) -> int:
+    return services.ocsp.refresh_due(now, batch)
+
+
+def resign_all(services: Services, now: dt.datetime, actor: Actor | None = None) -> dict[str, int]:
+    """Re-sign everything (after a responder change, or on demand); journalled ``ocsp.resign``."""
+    actor = actor or Actor(account="system:ocsp")
+    services.ocsp.invalidate_issuers()
+    counts = services.ocsp.resign_all(now)
+    with services.db.scope() as session:
+        services.journal.append(
+            session,
+            by_actor(
+                actor,
+                Category.CA,
+                "ocsp.resign",
+                Outcome.SUCCESS,
+                detail={**counts, "total": sum(counts.values())},
+            ),
+            now,
+        )
+    return counts

@@ -1,0 +1,590 @@
+"""``sekisho ocsp serve`` as a real process on loopback: real clients (openssl), caching
+headers, the store followed within one second, several servers on one database, and hostile
+input answered quickly with the right error while ``/healthz`` keeps answering.
+
+Each test runs on SQLite and PostgreSQL (the ``services`` fixture); the server is started as
+a subprocess on a port it picks itself (``--port 0``, reported on stdout) and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime as dt
+import http.client
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp as x509_ocsp
+
+from ca.revocation import Reason
+from ocsp import core, store
+from ocsp.index import ResponseIndex, rfc5019_request
+from ocsp.server import Responder
+from sekisho.errors import StoreError
+from sekisho.services import Services
+from tests.ca.helpers import ca_cert, issue
+from tests.conftest import TEST_ACTOR
+
+MALFORMED = bytes.fromhex("3003 0a01 01")
+TRY_LATER = bytes.fromhex("3003 0a01 03")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- a server process -------------------------------------------------------------------------
+@dataclasses.dataclass
+class ServerProc:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/ocsp"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_server(data_dir: Path, log: Path, *extra: str, port: int = 0) -> ServerProc:
+    cmd = [
+        sys.executable, "-c", "import sys; from sekisho.cli import main; sys.exit(main())",
+        "--data-dir", str(data_dir), "--json",
+        "ocsp", "serve", "--host", "127.0.0.1", "--port", str(port), *extra,
+    ]  # fmt: skip
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + 60
+    line = b""
+    try:
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or proc.poll() is not None:
+                raise AssertionError(f"server did not start: {log.read_text()[-2000:]}")
+            if sel.select(timeout=min(remaining, 0.5)):
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise AssertionError(f"server exited: {log.read_text()[-2000:]}")
+                line += chunk
+    except BaseException:
+        ServerProc(proc, 0, log).stop()
+        raise
+    finally:
+        sel.close()
+    doc = json.loads(line.decode())
+    assert doc["pid"] == proc.pid
+    return ServerProc(proc, int(doc["port"]), log)
+
+
+@contextlib.contextmanager
+def running(data_dir: Path, tmp_path: Path, *extra: str, port: int = 0) -> Iterator[ServerProc]:
+    server = start_server(
+        data_dir, tmp_path / f"server-{time.monotonic_ns()}.log", *extra, port=port
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the PKI ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Pki:
+    dir: Path
+    services: Services
+    ca: x509.Certificate
+    good: x509.Certificate
+    revoked: x509.Certificate
+
+    def pem(self, name: str, cert: x509.Certificate) -> Path:
+        path = self.dir / f"{name}.pem"
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    def issuer(self) -> core.Issuer:
+        return store.load_issuers(self.services)[self.ca_id()]
+
+    def ca_id(self) -> int:
+        for ca_id, issuer in store.load_issuers(self.services).items():
+            if issuer.certificate == self.ca:
+                return ca_id
+        raise AssertionError("admin CA not served")
+
+    def get_path(self, cert: x509.Certificate) -> str:
+        return base64.b64encode(rfc5019_request(self.issuer(), cert.serial_number)).decode()
+
+
+def make_pki(services: Services, tmp_path: Path) -> Pki:
+    pki = Pki(
+        dir=tmp_path,
+        services=services,
+        ca=ca_cert(services, "admin"),
+        good=issue(services, "admin-client"),
+        revoked=issue(services, "admin-client"),
+    )
+    services.revoker.revoke("admin", pki.revoked.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    pki.pem("root", ca_cert(services, "root"))
+    pki.pem("ca", pki.ca)
+    pki.pem("good", pki.good)
+    pki.pem("revoked", pki.revoked)
+    return pki
+
+
+@pytest.fixture
+def pki(services: Services, tmp_path: Path) -> Pki:
+    return make_pki(services, tmp_path)
+
+
+# -- clients ----------------------------------------------------------------------------------
+def run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def openssl_ask(pki: Pki, server: ServerProc, *args: str) -> str:
+    res = run(
+        [
+            "openssl", "ocsp", "-issuer", str(pki.dir / "ca.pem"), *args, "-url", server.url,
+            "-CAfile", str(pki.dir / "root.pem"), "-verify_other", str(pki.dir / "ca.pem"),
+            "-timeout", "10",
+        ]
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Response verify OK" in res.stderr, res.stdout + res.stderr
+    return res.stdout
+
+
+def fetch(
+    server: ServerProc,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def healthy(server: ServerProc) -> None:
+    status, _, body = fetch(server, "GET", "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def status_of(der: bytes) -> x509_ocsp.OCSPCertStatus:
+    loaded = x509_ocsp.load_der_ocsp_response(der)
+    assert loaded.response_status is x509_ocsp.OCSPResponseStatus.SUCCESSFUL
+    return loaded.certificate_status
+
+
+# -- tests ------------------------------------------------------------------------------------
+def test_openssl_good_revoked_unknown_and_two_certs(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    with running(data_dir, tmp_path) as server:
+        # With a nonce (openssl's default): signed on the fly from the in-memory status.
+        out = openssl_ask(pki, server, "-cert", str(pki.dir / "good.pem"))
+        assert f"{pki.dir / 'good.pem'}: good" in out
+        out = openssl_ask(pki, server, "-cert", str(pki.dir / "revoked.pem"))
+        assert f"{pki.dir / 'revoked.pem'}: revoked" in out and "Reason: keyCompromise" in out
+        # Without a nonce: the pre-signed response, byte for byte.
+        resp_file = pki.dir / "resp.der"
+        out = openssl_ask(
+            pki, server, "-cert", str(pki.dir / "revoked.pem"), "-no_nonce",
+            "-respout", str(resp_file),
+        )  # fmt: skip
+        assert "Reason: keyCompromise" in out
+        stored = {(r.issuer_id, r.serial): r for r in store.snapshot(pki.services.db)[0]}
+        assert resp_file.read_bytes() == stored[(pki.ca_id(), pki.revoked.serial_number)].der
+        # SHA-256 CertIDs, two certificates in one request.
+        out = openssl_ask(
+            pki, server, "-sha256", "-cert", str(pki.dir / "good.pem"),
+            "-cert", str(pki.dir / "revoked.pem"),
+        )  # fmt: skip
+        assert f"{pki.dir / 'good.pem'}: good" in out
+        assert f"{pki.dir / 'revoked.pem'}: revoked" in out
+        # A serial the CA never issued: unknown (from the database, off the event loop).
+        out = openssl_ask(pki, server, "-serial", "0x1234567890abcdef")
+        assert "unknown" in out and ": good" not in out
+        healthy(server)
+
+
+def test_get_forms_and_caching_headers(pki: Pki, data_dir: Path, tmp_path: Path) -> None:
+    stored = {(r.issuer_id, r.serial): r for r in store.snapshot(pki.services.db)[0]}
+    want = stored[(pki.ca_id(), pki.good.serial_number)]
+    b64 = pki.get_path(pki.good)
+    forms = {
+        b64,
+        urllib.parse.quote(b64, safe=""),  # percent-encoded (Firefox)
+        b64.replace("+", "-").replace("/", "_"),  # URL-safe alphabet
+        b64.rstrip("="),  # padding dropped
+    }
+    with running(data_dir, tmp_path) as server:
+        for form in forms:
+            status, headers, body = fetch(server, "GET", f"/ocsp/{form}")
+            assert status == 200, form
+            assert body == want.der, form
+            assert headers["content-type"] == "application/ocsp-response"
+        # RFC 5019 6.2 caching headers on the pre-signed answer.
+        now = dt.datetime.now(dt.UTC)
+        cache = headers["cache-control"]
+        assert "public" in cache and "no-transform" in cache
+        max_age = int(cache.split("max-age=")[1].split(",")[0])
+        assert 0 < max_age <= (want.next_update - now).total_seconds() + 1
+        assert headers["expires"] == want.next_update.strftime("%a, %d %b %Y %H:%M:%S GMT")
+        assert headers["last-modified"] == want.this_update.strftime("%a, %d %b %Y %H:%M:%S GMT")
+        etag = headers["etag"]
+        status, _, body = fetch(server, "GET", f"/ocsp/{b64}", headers={"If-None-Match": etag})
+        assert status == 304 and body == b""
+        # POST of the same request: same bytes.
+        request = base64.b64decode(b64)
+        status, headers, body = fetch(
+            server, "POST", "/ocsp", request, {"Content-Type": "application/ocsp-request"}
+        )
+        assert status == 200 and body == want.der
+        # Keep-alive: several requests on one connection, pipelined.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            one = f"GET /ocsp/{b64} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            sock.sendall(one * 3 + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert data.count(b"HTTP/1.1 200 OK") == 4 and data.count(want.der) == 3
+
+
+def test_changes_visible_within_one_second(
+    pki: Pki, data_dir: Path, tmp_path: Path, db_backend: str
+) -> None:
+    extra_servers = 1 if db_backend == "postgres" else 0  # side by side on one PostgreSQL
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(running(data_dir, tmp_path)) for _ in range(1 + extra_servers)
+        ]
+        b64 = pki.get_path(pki.good)
+        for server in servers:
+            assert (
+                status_of(fetch(server, "GET", f"/ocsp/{b64}")[2]) is x509_ocsp.OCSPCertStatus.GOOD
+            )
+        pki.services.revoker.revoke("admin", pki.good.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+        revoked_at = time.monotonic()
+        for server in servers:
+            while True:
+                der = fetch(server, "GET", f"/ocsp/{b64}")[2]
+                if status_of(der) is x509_ocsp.OCSPCertStatus.REVOKED:
+                    break
+                assert time.monotonic() - revoked_at < 1.0, "revocation not visible within 1 s"
+                time.sleep(0.02)
+            assert time.monotonic() - revoked_at < 1.0
+            loaded = x509_ocsp.load_der_ocsp_response(der)
+            assert loaded.revocation_reason is x509.ReasonFlags.superseded
+        # A certificate issued while the servers run is answered from memory soon after.
+        fresh = issue(pki.services, "admin-client")
+        issued_at = time.monotonic()
+        path = pki.get_path(fresh)
+        for server in servers:
+            while True:
+                _, headers, der = fetch(server, "GET", f"/ocsp/{path}")
+                if "public" in headers.get("cache-control", ""):
+                    break  # the pre-signed answer (before: signed live, no-store)
+                assert time.monotonic() - issued_at < 1.0
+                time.sleep(0.02)
+            assert status_of(der) is x509_ocsp.OCSPCertStatus.GOOD
+
+
+def _raw(server: ServerProc, data: bytes, *, wait: float = 5.0) -> tuple[bytes, float, bool]:
+    """Send ``data``, read until the server closes or ``wait`` passes:
+    (bytes received, seconds taken, whether the server closed)."""
+    start = time.monotonic()
+    received = b""
+    closed = False
+    with socket.create_connection(("127.0.0.1", server.port), timeout=wait) as sock:
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            sock.sendall(data)
+        sock.settimeout(wait)
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                received += chunk
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            closed = True
+    return received, time.monotonic() - start, closed
+
+
+def _post(body: bytes, content_type: str = "application/ocsp-request", close: bool = True) -> bytes:
+    head = (
+        f"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{'Connection: close' if close else ''}\r\n\r\n"
+    )
+    return head.replace("\r\n\r\n\r\n", "\r\n\r\n").encode() + body
+
+
+def _nested(depth: int) -> bytes:
+    """``depth`` SEQUENCEs inside one another, proper DER (minimal lengths)."""
+    data = b""
+    for _ in range(depth):
+        n = len(data)
+        length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)])
+        if n >= 0x80:
+            length += n.to_bytes((n.bit_length() + 7) // 8, "big")
+        data = b"\x30" + length + data
+    return data
+
+
+def _body(reply: bytes) -> bytes:
+    return reply.split(b"\r\n\r\n", 1)[1]
+
+
+def test_hostile_input(pki: Pki, data_dir: Path, tmp_path: Path) -> None:
+    good_request = base64.b64decode(pki.get_path(pki.good))
+    nested = {depth: _nested(depth) for depth in (1_000, 10_000)}
+    with running(data_dir, tmp_path, "--request-timeout", "1.5") as server:
+        # Malformed OCSP in a well-formed HTTP request: HTTP 200 + malformedRequest, fast.
+        for body in (b"", good_request[:-3], *nested.values(), b"\x30\x03\x02\x01"):
+            reply, took, _ = _raw(server, _post(body))
+            assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+            assert _body(reply) == MALFORMED and took < 2.0
+            healthy(server)
+        # Bad base64 in GET.
+        for path in ("/ocsp/%%%", "/ocsp/abc$", "/ocsp/", "/ocsp/" + "A" * 5):
+            status, headers, body = fetch(server, "GET", path)
+            assert status == 200 and body == MALFORMED, path
+            assert headers["cache-control"] == "no-store"
+        # 10 MB body: 413 from Content-Length alone, without reading it, connection closed.
+        head = b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
+        reply, took, closed = _raw(
+            server, head + b"Content-Length: 10485760\r\n\r\n" + b"0" * 65536
+        )
+        assert reply.startswith(b"HTTP/1.1 413 ") and closed and took < 2.0, reply[:200]
+        healthy(server)
+        # Wrong content type: 415; no Content-Length: 411; chunked: 501; other method: 405.
+        reply, _, closed = _raw(server, _post(good_request, "application/octet-stream"))
+        assert reply.startswith(b"HTTP/1.1 415 ") and closed
+        reply, _, _ = _raw(server, head + b"\r\n")
+        assert reply.startswith(b"HTTP/1.1 411 ")
+        reply, _, _ = _raw(server, head + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 501 ")
+        reply, _, _ = _raw(server, b"DELETE /ocsp HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 405 ")
+        # Unknown path: 404; garbage request line: 400; head over 8 KiB: 431.
+        assert fetch(server, "GET", "/nope")[0] == 404
+        reply, _, closed = _raw(server, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400 ") and closed
+        reply, took, closed = _raw(server, b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000)
+        assert reply.startswith(b"HTTP/1.1 431 ") and closed and took < 2.0
+        healthy(server)
+        # Slow sender: half a request, then silence: 408 and closed after the timeout.
+        reply, took, closed = _raw(server, head + b"Content-Length: 100\r\n\r\nabc", wait=8.0)
+        assert reply.startswith(b"HTTP/1.1 408 ") and closed and 1.0 < took < 4.0
+        reply, took, closed = _raw(server, b"GET /ocsp/MEIw", wait=8.0)
+        assert reply.startswith(b"HTTP/1.1 408 ") and closed and took < 4.0
+        healthy(server)
+        # Still answering real clients.
+        out = openssl_ask(pki, server, "-cert", str(pki.dir / "revoked.pem"))
+        assert "Reason: keyCompromise" in out
+
+
+def test_store_outage_answers_try_later(pki: Pki) -> None:
+    """A serial not in memory needs the database; when that fails: tryLater, never good."""
+    issuers = store.load_issuers(pki.services)
+    index = ResponseIndex(issuers)
+
+    def down(_issuer: core.Issuer, _serial: int) -> core.Status:
+        raise StoreError("database unreachable")
+
+    responder = Responder(index, down, validity=dt.timedelta(hours=24))
+    request = rfc5019_request(pki.issuer(), pki.good.serial_number)
+    assert responder.cached(request, time.time()) is None
+    job = responder.prepare(request)
+    assert callable(job) and job() == TRY_LATER
+    # With the stored responses in memory the same request is answered from them.
+    index.apply(store.snapshot(pki.services.db)[0])
+    entry = responder.cached(request, time.time())
+    assert entry is not None and status_of(entry.der) is x509_ocsp.OCSPCertStatus.GOOD
+    # An expired stored response is not served as is: re-signed from the stored status.
+    assert responder.cached(request, entry.next_update_ts + 1) is None
+    nonce_request = (
+        x509_ocsp.OCSPRequestBuilder()
+        .add_certificate(pki.revoked, pki.ca, hashes.SHA1())  # noqa: S303
+        .add_extension(x509.OCSPNonce(b"n" * 16), critical=False)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    answer = responder.prepare(nonce_request)
+    assert isinstance(answer, bytes)  # no database needed: status in memory
+    assert status_of(answer) is x509_ocsp.OCSPCertStatus.REVOKED
+    # Not following the store: the held status is vouched for until its stored nextUpdate.
+    (held,) = [e for e in index.by_serial.values() if e.serial == pki.revoked.serial_number]
+    parsed = x509_ocsp.load_der_ocsp_response(answer)
+    assert parsed.next_update_utc is not None and parsed.next_update_utc <= held.next_update
+    # Less than the minimum validity (8 h) left: the database must answer, and it is down.
+    held.next_update_ts = time.time() + 3600
+    job = responder.prepare(nonce_request)
+    assert callable(job) and job() == TRY_LATER
+    # While the index follows the store, its statuses are current: the full validity.
+    responder.store_fresh = lambda: True
+    answer = responder.prepare(nonce_request)
+    assert isinstance(answer, bytes)
+    parsed = x509_ocsp.load_der_ocsp_response(answer)
+    assert parsed.next_update_utc is not None and parsed.this_update_utc is not None
+    assert parsed.next_update_utc - parsed.this_update_utc == dt.timedelta(hours=24)
+
+
+def test_simple_request_shape_agrees_with_core(pki: Pki) -> None:
+    """The fast matcher takes only what ``core.parse_request`` accepts, with the same CertID
+    and nonce; mutated requests either fall back (None) or still agree."""
+    import random
+
+    from ocsp.index import simple_request
+
+    issuer = pki.issuer()
+    builder = x509_ocsp.OCSPRequestBuilder().add_certificate(pki.good, pki.ca, hashes.SHA256())
+    with_nonce = (
+        builder.add_extension(x509.OCSPNonce(b"\x07" * 20), critical=False)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    plain = rfc5019_request(issuer, pki.good.serial_number)
+    for request in (with_nonce, plain):
+        cert_id, nonce = simple_request(request) or (b"", b"")
+        parsed = core.parse_request(request)
+        assert cert_id == parsed.cert_ids[0].der and nonce == parsed.nonce
+    critical = (
+        x509_ocsp.OCSPRequestBuilder()
+        .add_certificate(pki.good, pki.ca, hashes.SHA256())
+        .add_extension(x509.OCSPNonce(b"\x07" * 20), critical=True)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    assert simple_request(critical) is None  # not the simple shape: the core decides
+    rng = random.Random(5019)
+    for _ in range(3000):
+        data = bytearray(with_nonce)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        simple = simple_request(bytes(data))
+        if simple is None:
+            continue
+        try:
+            parsed = core.parse_request(bytes(data))
+        except core.MalformedRequest:
+            # Only acceptable when the CertID is not one we would look up (then the fast
+            # path never uses it and the general path answers malformedRequest).
+            assert simple[0] not in {
+                issuer.cert_id(pki.good.serial_number, h).der for h in ("sha1", "sha256")
+            }
+            continue
+        assert parsed.cert_ids[0].der == simple[0] and parsed.nonce == simple[1]
+
+
+def test_follower_failure_marks_the_index_stale() -> None:
+    """The server's follower thread: while ``changes_since`` fails the index is not "fresh"
+    (held statuses fall back to their stored nextUpdate); once it works again it is."""
+    import asyncio
+
+    from ocsp.server import Server
+
+    outage = {"down": True}
+
+    def changes(cursor: object) -> tuple[list[store.StoredResponse], object]:
+        if outage["down"]:
+            raise StoreError("database unreachable")
+        return [], cursor
+
+    server = Server(Responder(ResponseIndex({}), None), changes_since=changes, poll=0.05)
+    loop = asyncio.new_event_loop()
+    try:
+        server.start_follower(loop)
+        deadline = time.monotonic() + 5
+        while server.store_ok and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server.store_ok and not server.responder.store_fresh()
+        assert json.loads(server.health())["store"] == "unreachable"
+        outage["down"] = False
+        deadline = time.monotonic() + 5
+        while not server.responder.store_fresh() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.responder.store_fresh()
+    finally:
+        server.close()
+        if server.follower is not None:
+            server.follower.join(timeout=5)
+        loop.close()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_is_throttled(pki: Pki, data_dir: Path, tmp_path: Path) -> None:
+    """Pipelined requests from a client that never reads its answers: the server stops reading
+    from it (back-pressure) instead of buffering answers without bound, and keeps serving
+    everyone else."""
+    request = f"GET /ocsp/{pki.get_path(pki.good)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with running(data_dir, tmp_path) as server:
+        healthy(server)
+        before = _rss_kib(server.proc.pid)
+        sent = 0
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            chunk = request * 256
+            deadline = time.monotonic() + 20
+            stalled_since: float | None = None
+            # Push until the server stops taking requests for a second (or 200 MB: a fail).
+            while time.monotonic() < deadline and sent < 200 * 1024 * 1024:
+                try:
+                    sent += sock.send(chunk)
+                    stalled_since = None
+                except BlockingIOError:
+                    now = time.monotonic()
+                    stalled_since = stalled_since or now
+                    if now - stalled_since > 1.0:
+                        break
+                    time.sleep(0.01)
+            assert stalled_since is not None, f"the server kept reading ({sent} bytes)"
+            # Answers to what it read are at most ~10x the requests; it stopped well short.
+            grown = _rss_kib(server.proc.pid) - before
+            assert grown < 64 * 1024, f"server grew {grown} KiB for {sent} bytes sent"
+            healthy(server)  # others are still served while that client hangs
+        healthy(server)

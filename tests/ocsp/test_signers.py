@@ -1,0 +1,150 @@
+"""Delegated OCSP responders: provisioned at init, rotated with a third of their validity
+left, journalled, linted and chained; the CA key signs when ``ocsp_sign_with_ca`` is set."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from sqlalchemy import select
+
+from audit.models import JournalRecord
+from ocsp import store
+from ocsp.models import OcspResponder
+from ocsp.signers import ensure_responders
+from sekisho.services import Services, build_services
+from sekisho.settings import Settings
+from tests.ca.helpers import ca_cert
+from tests.conftest import FakeClock, RecordingBackend
+from tests.support.checkers import openssl_verify, pkilint_cert, pkilint_chain
+
+
+def responders(services: Services) -> list[OcspResponder]:
+    with services.db.scope() as session:
+        return list(session.scalars(select(OcspResponder).order_by(OcspResponder.id)))
+
+
+def journal(services: Services, action: str) -> list[JournalRecord]:
+    with services.db.scope() as session:
+        return list(session.scalars(select(JournalRecord).where(JournalRecord.action == action)))
+
+
+def test_init_provisions_one_responder_per_issuing_ca(services: Services) -> None:
+    rows = responders(services)
+    assert sorted(r.issuer_id for r in rows) == sorted({r.issuer_id for r in rows})
+    assert len(rows) == 2 and all(r.active for r in rows)
+    root = ca_cert(services, "root")
+    for row, ca in zip(rows, ("admin", "device"), strict=True):
+        assert services.backend.has_key(row.key_ref)
+        cert = x509.load_der_x509_certificate(row.certificate_der)
+        issuer = ca_cert(services, ca)
+        assert cert.issuer == issuer.subject
+        assert cert.not_valid_after_utc - cert.not_valid_before_utc <= dt.timedelta(days=30)
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert ExtendedKeyUsageOID.OCSP_SIGNING in eku
+        cert.extensions.get_extension_for_oid(x509.oid.ExtensionOID.OCSP_NO_CHECK)
+        pkilint_cert(row.certificate_der)
+        pkilint_chain(issuer.public_bytes(_DER), row.certificate_der)
+        openssl_verify(row.certificate_der, [_der(root), _der(issuer)])
+    provisioned = journal(services, "ocsp.signer.provision")
+    assert len(provisioned) == 2 and all(r.category == "ca" for r in provisioned)
+    # load_issuers answers with the delegated responders
+    issuers = store.load_issuers(services)
+    assert set(issuers) == {r.issuer_id for r in rows}
+    assert all(i.delegated for i in issuers.values())
+
+
+def test_ensure_is_idempotent_then_rotates(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        before = responders(services)
+        assert ensure_responders(services, clock()) == []
+        clock.advance(days=15)  # half the 30 days: still fine
+        assert ensure_responders(services, clock()) == []
+        clock.advance(days=6)  # 9 days left < 10: rotate
+        changes = ensure_responders(services, clock())
+        assert sorted(c.ca for c in changes) == ["admin", "device"]
+        assert {c.action for c in changes} == {"rotate"}
+        after = responders(services)
+        assert len(after) == 4
+        old = {r.id: r for r in after if r.id in {b.id for b in before}}
+        assert all(not r.active and r.deactivated_at == clock() for r in old.values())
+        new = [r for r in after if r.active]
+        assert len(new) == 2
+        assert {r.key_ref for r in new}.isdisjoint({r.key_ref for r in before})
+        rotated = journal(services, "ocsp.signer.rotate")
+        assert len(rotated) == 2
+        assert {r.object_serial for r in rotated} == {r.serial for r in new}
+        issuers = store.load_issuers(services)
+        serials = {i.responder_certificate.serial_number for i in issuers.values()}
+        assert serials == {int(r.serial, 16) for r in new}
+    finally:
+        services.close()
+
+
+def test_sign_with_ca_uses_the_ca_key(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    services = build_services(
+        dataclasses.replace(settings, ocsp_sign_with_ca=True), backend=recording_backend
+    )
+    try:
+        issuers = store.load_issuers(services)
+        assert issuers and not any(i.delegated for i in issuers.values())
+        for issuer in issuers.values():
+            assert issuer.responder_certificate == issuer.certificate
+    finally:
+        services.close()
+
+
+_DER = Encoding.DER
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(_DER)
+
+
+def test_refresher_step_provisions_and_refreshes(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    from sekisho.workers import OcspRefresher
+
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        step = OcspRefresher(services, batch=1000)
+        clock.advance(days=21)  # responders due for rotation, every response past its refresh
+        step.run_once(clock())
+        assert len(journal(services, "ocsp.signer.rotate")) == 2
+        rows, _ = store.snapshot(services.db)
+        assert rows and all(r.this_update == clock().replace(microsecond=0) for r in rows)
+        # The run is journalled once it is over (a tick with nothing due), as one entry.
+        assert journal(services, "ocsp.refresh") == []
+        clock.advance(seconds=1)
+        assert step.run_once(clock()) == 0
+        (run,) = journal(services, "ocsp.refresh")
+        assert run.category == "ca" and f'"signed":{step.signed}' in run.detail
+        clock.advance(seconds=1)
+        step.run_once(clock())
+        assert len(journal(services, "ocsp.refresh")) == 1  # nothing signed: nothing more
+    finally:
+        services.close()
+
+
+def test_forced_rotation_replaces_every_responder(services: Services) -> None:
+    before = {r.issuer_id: r.serial for r in responders(services) if r.active}
+    changes = ensure_responders(services, services.clock(), rotate=True)
+    assert sorted(c.action for c in changes) == ["rotate", "rotate"]
+    after = {r.issuer_id: r.serial for r in responders(services) if r.active}
+    assert set(after) == set(before) and not set(after.values()) & set(before.values())
+    assert len(journal(services, "ocsp.signer.rotate")) == 2
+    issuers = store.load_issuers(services)
+    assert {i.responder_certificate.serial_number for i in issuers.values()} == {
+        int(s, 16) for s in after.values()
+    }

@@ -1,0 +1,286 @@
+"""The pre-signed OCSP store and the responder service, on SQLite and PostgreSQL: responses
+signed at issuance, re-signed before revoke()/release() return, refreshed when due, served
+byte for byte, nonce requests signed fresh, and served from memory while the database is down.
+Every response is checked by pkilint and by ``openssl ocsp``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import ocsp as x509_ocsp
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from audit.models import JournalRecord
+from ca import der as w
+from ca.registry import ca_row
+from ca.revocation import Reason
+from ocsp import core, store
+from sekisho.db import make_engine
+from sekisho.services import Services, build_services
+from sekisho.settings import Settings
+from tests.ca.helpers import ca_cert, issue
+from tests.conftest import TEST_ACTOR, FakeClock, RecordingBackend
+from tests.support.checkers import pkilint_ocsp_response
+
+
+# -- helpers (also used by test_http) ---------------------------------------------------------
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+def issuer_for(services: Services, ca: str = "admin") -> tuple[int, core.Issuer]:
+    with services.db.scope() as session:
+        ca_id = ca_row(session, ca).id
+    return ca_id, services.ocsp.issuers()[ca_id]
+
+
+def request_der(
+    issuer: core.Issuer,
+    serials: list[int],
+    *,
+    nonce: bytes | None = None,
+    hash_algorithm: str = "sha1",
+) -> bytes:
+    singles = [w.sequence(issuer.cert_id(s, hash_algorithm).der) for s in serials]
+    parts = [w.sequence(*singles)]
+    if nonce is not None:
+        ext = w.extension(core.OID_NONCE, w.octet_string(nonce))
+        parts.append(w.explicit(2, w.sequence(ext)))
+    return w.sequence(w.sequence(*parts))
+
+
+def stored(services: Services, ca_id: int, serial: int) -> store.StoredResponse:
+    rows, _ = store.snapshot(services.db)
+    found = [r for r in rows if r.issuer_id == ca_id and r.serial == serial]
+    assert len(found) == 1, f"no stored response for {serial:x}"
+    return found[0]
+
+
+def openssl_status(
+    tmp: Path, services: Services, resp: bytes, leaf: x509.Certificate, ca: str = "admin"
+) -> str:
+    """``openssl ocsp -respin`` with the chain: verifies the signature and the responder and
+    prints the status of ``leaf``. Returns openssl's output."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "resp.der").write_bytes(resp)
+    (tmp / "root.pem").write_bytes(ca_cert(services, "root").public_bytes(Encoding.PEM))
+    (tmp / "ca.pem").write_bytes(ca_cert(services, ca).public_bytes(Encoding.PEM))
+    (tmp / "leaf.pem").write_bytes(leaf.public_bytes(Encoding.PEM))
+    res = subprocess.run(
+        [
+            "openssl", "ocsp", "-respin", str(tmp / "resp.der"), "-issuer", str(tmp / "ca.pem"),
+            "-CAfile", str(tmp / "root.pem"), "-verify_other", str(tmp / "ca.pem"),
+            "-cert", str(tmp / "leaf.pem"), "-no_nonce",
+        ],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "Response verify OK" in out, out
+    return out
+
+
+def single(resp: bytes) -> x509_ocsp.OCSPResponse:
+    parsed = x509_ocsp.load_der_ocsp_response(resp)
+    assert parsed.response_status is x509_ocsp.OCSPResponseStatus.SUCCESSFUL
+    return parsed
+
+
+# -- tests ------------------------------------------------------------------------------------
+def test_issuance_presigns_a_good_response(services: Services, tmp_path: Path) -> None:
+    leaf = issue(services, "admin-client")
+    ca_id, issuer = issuer_for(services)
+    row = stored(services, ca_id, leaf.serial_number)
+    assert row.next_update - row.this_update == dt.timedelta(hours=72)
+    pkilint_ocsp_response(row.der)
+    out = openssl_status(tmp_path, services, row.der, leaf)
+    assert ": good" in out
+    assert issuer.delegated
+    # no nonce, one SHA-1 CertID: the stored bytes, exactly
+    assert services.ocsp.answer(request_der(issuer, [leaf.serial_number]), services.clock()) == (
+        row.der
+    )
+
+
+def test_revocation_visible_when_revoke_returns(services: Services, tmp_path: Path) -> None:
+    leaf = issue(services, "admin-client")
+    ca_id, issuer = issuer_for(services)
+    before = stored(services, ca_id, leaf.serial_number)
+    services.revoker.revoke("admin", leaf.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    after = stored(services, ca_id, leaf.serial_number)
+    assert after.der != before.der
+    resp = services.ocsp.answer(request_der(issuer, [leaf.serial_number]), services.clock())
+    assert resp == after.der
+    pkilint_ocsp_response(resp)
+    out = openssl_status(tmp_path, services, resp, leaf)
+    assert ": revoked" in out and "Reason: keyCompromise" in out
+    parsed = single(resp)
+    assert parsed.certificate_status is x509_ocsp.OCSPCertStatus.REVOKED
+    assert parsed.revocation_reason is x509.ReasonFlags.key_compromise
+
+
+def test_hold_and_release(services: Services, tmp_path: Path) -> None:
+    leaf = issue(services, "admin-client")
+    _, issuer = issuer_for(services)
+    req = request_der(issuer, [leaf.serial_number])
+    services.revoker.revoke("admin", leaf.serial_number, Reason.CERTIFICATE_HOLD, TEST_ACTOR)
+    out = openssl_status(tmp_path, services, services.ocsp.answer(req, services.clock()), leaf)
+    assert ": revoked" in out and "Reason: certificateHold" in out
+    services.revoker.release("admin", leaf.serial_number, TEST_ACTOR)
+    resp = services.ocsp.answer(req, services.clock())
+    pkilint_ocsp_response(resp)
+    assert ": good" in openssl_status(tmp_path, services, resp, leaf)
+
+
+def test_unknown_serial_and_live_paths(services: Services, tmp_path: Path) -> None:
+    leaf = issue(services, "admin-client")
+    ca_id, issuer = issuer_for(services)
+    now = services.clock()
+    never = secrets.randbits(150) | 1
+    resp = services.ocsp.answer(request_der(issuer, [never]), now)
+    assert single(resp).certificate_status is x509_ocsp.OCSPCertStatus.UNKNOWN
+    pkilint_ocsp_response(resp)
+    # SHA-256 CertID: signed live, still good
+    resp = services.ocsp.answer(
+        request_der(issuer, [leaf.serial_number], hash_algorithm="sha256"), now
+    )
+    assert single(resp).certificate_status is x509_ocsp.OCSPCertStatus.GOOD
+    assert resp != stored(services, ca_id, leaf.serial_number).der
+    # several CertIDs: answered in order
+    resp = services.ocsp.answer(request_der(issuer, [leaf.serial_number, never]), now)
+    statuses = [r.certificate_status for r in single(resp).responses]
+    assert statuses == [x509_ocsp.OCSPCertStatus.GOOD, x509_ocsp.OCSPCertStatus.UNKNOWN]
+    # another CA's serial under this issuer: unknown, never good
+    other = issue(services, "device")
+    resp = services.ocsp.answer(request_der(issuer, [other.serial_number]), now)
+    assert single(resp).certificate_status is x509_ocsp.OCSPCertStatus.UNKNOWN
+    assert services.ocsp.answer(b"\x30\x00", now) == core.MALFORMED_REQUEST
+
+
+def test_nonce_signed_fresh_and_echoed(services: Services, tmp_path: Path) -> None:
+    leaf = issue(services, "admin-client")
+    ca_id, issuer = issuer_for(services)
+    nonce = secrets.token_bytes(32)
+    resp = services.ocsp.answer(
+        request_der(issuer, [leaf.serial_number], nonce=nonce), services.clock()
+    )
+    assert resp != stored(services, ca_id, leaf.serial_number).der
+    parsed = single(resp)
+    ext = parsed.extensions.get_extension_for_class(x509.OCSPNonce).value
+    assert ext.nonce == nonce
+    pkilint_ocsp_response(resp)
+    assert ": good" in openssl_status(tmp_path, services, resp, leaf)
+
+
+def test_refresh_when_due(settings: Settings, recording_backend: RecordingBackend) -> None:
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        leaf = issue(services, "admin-client")
+        ca_id, _ = issuer_for(services)
+        first = stored(services, ca_id, leaf.serial_number)
+        clock.advance(hours=35)
+        store.refresh_due(services, clock(), 1000)
+        assert stored(services, ca_id, leaf.serial_number).der == first.der  # not yet due
+        clock.advance(hours=2)  # past half of 72 h
+        assert store.refresh_due(services, clock(), 1000) >= 1
+        second = stored(services, ca_id, leaf.serial_number)
+        assert second.this_update == clock().replace(microsecond=0)
+        assert second.updated_at > first.updated_at
+        pkilint_ocsp_response(second.der)
+        # changes_since sees it (and, with the overlap, what was written just before)
+        changed, cursor = store.changes_since(services.db, first.updated_at + dt.timedelta(hours=1))
+        assert any(r.serial == leaf.serial_number for r in changed)
+        assert cursor >= second.updated_at
+        assert store.changes_since(services.db, cursor + dt.timedelta(seconds=10))[0] == []
+    finally:
+        services.close()
+
+
+def test_refresh_repairs_missing_and_stale_rows(services: Services) -> None:
+    leaf = issue(services, "admin-client")
+    ca_id, _ = issuer_for(services)
+    # a revocation made by a process whose listener did not run
+    services.revoker.listeners.clear()
+    services.revoker.revoke("admin", leaf.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    assert single(stored(services, ca_id, leaf.serial_number).der).certificate_status is (
+        x509_ocsp.OCSPCertStatus.GOOD
+    )
+    assert store.refresh_due(services, services.clock(), 100) >= 1
+    resp = single(stored(services, ca_id, leaf.serial_number).der)
+    assert resp.certificate_status is x509_ocsp.OCSPCertStatus.REVOKED
+    assert resp.revocation_reason is x509.ReasonFlags.superseded
+
+
+def test_resign_all_journalled(services: Services) -> None:
+    issue(services, "admin-client")
+    revoked = issue(services, "device")
+    services.revoker.revoke("device", revoked.serial_number, Reason.UNSPECIFIED, TEST_ACTOR)
+    counts = store.resign_all(services, services.clock())
+    assert counts == {"good": 3, "revoked": 1, "unknown": 0}  # admin leaf + two responders
+    rows, _ = store.snapshot(services.db)
+    assert len(rows) == sum(counts.values())
+    with services.db.scope() as session:
+        entry = session.scalars(
+            select(JournalRecord).where(JournalRecord.action == "ocsp.resign")
+        ).one()
+    assert entry.category == "ca" and '"revoked":1' in entry.detail
+    for row in rows:
+        pkilint_ocsp_response(row.der)
+        break
+
+
+def _break_database(services: Services, tmp_path: Path) -> None:
+    services.db.dispose()
+    services.db.engine = make_engine(f"sqlite:///{tmp_path / 'missing' / 'gone.db'}")
+    services.db._sessions = sessionmaker(services.db.engine, expire_on_commit=False)
+
+
+def test_database_down_serves_held_until_next_update(services: Services, tmp_path: Path) -> None:
+    leaf = issue(services, "admin-client")
+    unseen = issue(services, "admin-client")
+    ca_id, issuer = issuer_for(services)
+    now = services.clock()
+    req = request_der(issuer, [leaf.serial_number])
+    held = services.ocsp.answer(req, now)
+    row = stored(services, ca_id, leaf.serial_number)
+    assert held == row.der
+    _break_database(services, tmp_path)
+    assert services.ocsp.answer(req, now + dt.timedelta(hours=1)) == held
+    # a nonce request is signed fresh from the held status, vouched for no longer than the
+    # stored response it came from
+    resp = services.ocsp.answer(
+        request_der(issuer, [leaf.serial_number], nonce=b"n" * 16), now + dt.timedelta(hours=1)
+    )
+    assert single(resp).certificate_status is x509_ocsp.OCSPCertStatus.GOOD
+    assert single(resp).next_update_utc is not None
+    assert single(resp).next_update_utc <= row.next_update
+    # so is a live-signed answer (SHA-256 CertID) whose lookup fell back on the held status
+    sha256_req = request_der(issuer, [leaf.serial_number], hash_algorithm="sha256")
+    answer = single(services.ocsp.answer(sha256_req, now + dt.timedelta(hours=2)))
+    assert answer.certificate_status is x509_ocsp.OCSPCertStatus.GOOD
+    assert answer.next_update_utc is not None and answer.next_update_utc <= row.next_update
+    # and once less than the minimum validity (8 h) of the held status is left, a fresh
+    # signature is refused (tryLater); the stored bytes are still served as they are
+    near_end = row.next_update - dt.timedelta(hours=7)
+    assert services.ocsp.answer(sha256_req, near_end) == core.TRY_LATER
+    assert services.ocsp.answer(req, near_end) == held
+    # nothing held for this one; and past nextUpdate the held one is gone too
+    assert services.ocsp.answer(request_der(issuer, [unseen.serial_number]), now) == core.TRY_LATER
+    late = row.next_update + dt.timedelta(seconds=1)
+    assert services.ocsp.answer(req, late) == core.TRY_LATER
+
+
+@pytest.mark.parametrize("ca", ["admin", "device"])
+def test_every_issuing_ca_has_presigned_responder_rows(services: Services, ca: str) -> None:
+    ca_id, issuer = issuer_for(services, ca)
+    rows, _ = store.snapshot(services.db)
+    assert any(r.issuer_id == ca_id for r in rows)  # the responder certificate itself
+    assert issuer.responder_certificate.serial_number in {r.serial for r in rows}

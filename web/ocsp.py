@@ -1,0 +1,131 @@
+"""OCSP over HTTP (RFC 6960 appendix A, RFC 5019 section 5) as a Flask blueprint.
+
+* ``POST /ocsp`` with ``Content-Type: application/ocsp-request``; anything else is 415, a body
+  over 64 KiB is 413 before it is read (Content-Length) or as soon as it is (chunked).
+* ``GET /ocsp/<base64>``: standard or URL-safe alphabet, percent-encoded or not, padding
+  optional. Text that is not base64 is 400 with the malformedRequest OCSP response.
+* Every answer is an ``application/ocsp-response`` (OCSP errors are OCSP responses, not
+  problem documents); a crash is answered with internalError, never a 500. Successful GET
+  answers carry ``Cache-Control: max-age`` (until nextUpdate, capped), ``ETag``,
+  ``Last-Modified`` (thisUpdate) and ``Expires`` (nextUpdate).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import logging
+import re
+from urllib.parse import unquote
+
+from asn1crypto import ocsp as asn1_ocsp
+from flask import Blueprint, Response, current_app, request
+
+from ocsp import core
+from web import services_of
+from web.errors import problem
+
+log = logging.getLogger("sekisho.ocsp")
+
+bp = Blueprint("ocsp", __name__)
+MIME_REQUEST = "application/ocsp-request"
+MIME_RESPONSE = "application/ocsp-response"
+MAX_BODY = 64 * 1024
+MAX_AGE_CAP = 300  # seconds: caches re-check at least this often (revocations show quickly)
+_B64 = re.compile(r"^[A-Za-z0-9+/\-_]*={0,2}$")
+
+
+def _ocsp(body: bytes, status: int = 200) -> Response:
+    response = Response(body, status=status, mimetype=MIME_RESPONSE)
+    return response
+
+
+def _answer(der: bytes) -> bytes:
+    services = services_of(current_app)
+    try:
+        return services.ocsp.answer(der, services.clock())
+    except Exception as exc:  # an OCSP client gets an OCSP answer, never a 500
+        log.error("ocsp answer crashed", exc_info=exc)
+        return core.INTERNAL_ERROR
+
+
+def decode_path(text: str) -> bytes | None:
+    """The request DER from the GET path, or None when it is not base64."""
+    value = unquote(text).strip()
+    if "%" in value:  # clients that percent-encode twice
+        value = unquote(value)
+    value = value.replace(" ", "+")  # a '+' turned into a space by form decoding
+    if not value or not _B64.match(value):
+        return None
+    value = value.replace("-", "+").replace("_", "/").rstrip("=")
+    if len(value) % 4 == 1:
+        return None
+    try:
+        return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def response_times(der: bytes) -> tuple[dt.datetime, dt.datetime] | None:
+    """(thisUpdate, nextUpdate) of a successful single-response answer, else None."""
+    if len(der) <= 5:
+        return None
+    try:
+        parsed = asn1_ocsp.OCSPResponse.load(der)
+        if parsed["response_status"].native != "successful":
+            return None
+        basic = parsed["response_bytes"]["response"].parsed
+        singles = basic["tbs_response_data"]["responses"]
+        this = min(s["this_update"].native for s in singles)
+        nexts = [s["next_update"].native for s in singles]
+        if any(n is None for n in nexts):
+            return None
+        return this, min(nexts)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _http_date(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+@bp.post("/ocsp")
+@bp.post("/ocsp/")
+def post() -> Response:
+    if request.mimetype != MIME_REQUEST:
+        return problem(415, "unsupported-media-type", f"send the request as {MIME_REQUEST}")
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        return problem(413, "request-too-large", f"an OCSP request is at most {MAX_BODY} octets")
+    body = request.stream.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        return problem(413, "request-too-large", f"an OCSP request is at most {MAX_BODY} octets")
+    response = _ocsp(_answer(body))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/ocsp/<path:encoded>")
+def get(encoded: str) -> Response:
+    der = decode_path(encoded)
+    if der is None:
+        response = _ocsp(core.MALFORMED_REQUEST, 400)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+    body = _answer(der)
+    response = _ocsp(body)
+    times = response_times(body)
+    if times is None:
+        response.headers["Cache-Control"] = "no-store"
+        return response
+    this_update, next_update = times
+    now = services_of(current_app).clock()
+    max_age = max(0, min(int((next_update - now).total_seconds()), MAX_AGE_CAP))
+    response.headers["Cache-Control"] = f"max-age={max_age}, public, no-transform, must-revalidate"
+    response.set_etag(hashlib.sha256(body).hexdigest())
+    response.headers["Last-Modified"] = _http_date(this_update)
+    response.headers["Expires"] = _http_date(next_update)
+    response.make_conditional(request)
+    return response
