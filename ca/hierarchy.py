@@ -19,10 +19,10 @@ from ca.issuance import CaService, IssueRequest
 from ca.models import CaKind, CertificateAuthority
 from ca.registry import ca_row
 from ca.tbs import new_serial, serial_hex
-from hsm.base import KeyType, signature_hash
+from hsm.base import CA_KEY_TYPES, KeyType, key_type_of, signature_hash
 from hsm.software import SoftwareBackend, pem_unwrap
 from sekisho.context import Actor
-from sekisho.errors import Conflict, InputError, KeyBackendError, PolicyViolation
+from sekisho.errors import ConfigError, Conflict, InputError, KeyBackendError, PolicyViolation
 
 ROOT_VALIDITY = dt.timedelta(days=20 * 365)
 ISSUING_VALIDITY = dt.timedelta(days=10 * 365)
@@ -54,6 +54,27 @@ def _name(common_name: str, organization: str) -> x509.Name:
     )
 
 
+def _check_ca_key_type(key_type: KeyType) -> None:
+    if key_type not in CA_KEY_TYPES:
+        raise PolicyViolation("key-type", f"{key_type.value} is not allowed for a CA")
+
+
+def _ca_key(
+    service: CaService, name: str, key_type: KeyType, adopt: str | None
+) -> tuple[str, KeyType]:
+    """A new key in the backend, or an existing one adopted by reference (PKCS#11 URI): its
+    reference and key type (an adopted key's type is read from its public key)."""
+    if adopt is None:
+        return service.backend.generate(_label(name), key_type), key_type
+    adopter = getattr(service.backend, "adopt", None)
+    if adopter is None:
+        raise ConfigError(f"the {service.backend.name} key backend cannot adopt existing keys")
+    ref = str(adopter(adopt))
+    adopted_type = key_type_of(service.backend.public_key(ref))
+    _check_ca_key_type(adopted_type)
+    return ref, adopted_type
+
+
 def _label(name: str) -> str:
     return f"ca-{name}"
 
@@ -65,20 +86,16 @@ def create_root(
     key_type: KeyType,
     actor: Actor,
     validity: dt.timedelta = ROOT_VALIDITY,
+    *,
+    key_ref: str | None = None,
 ) -> CertificateAuthority:
-    if key_type not in (
-        KeyType.EC_P256,
-        KeyType.EC_P384,
-        KeyType.RSA_3072,
-        KeyType.RSA_4096,
-        KeyType.ED25519,
-    ):
-        raise PolicyViolation("key-type", f"{key_type.value} is not allowed for a CA")
+    """The root CA, self-signed, with a new key (or the existing token key ``key_ref``)."""
+    _check_ca_key_type(key_type)
     now = service.clock()
     with service.db.scope() as session:
         if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
             raise Conflict(f"a CA named {name!r} already exists")
-    ref = service.backend.generate(_label(name), key_type)
+    ref, key_type = _ca_key(service, name, key_type, key_ref)
     key = service.backend.signing_key(ref)
     subject = _name(f"{organization} Root CA", organization)
     public_key = key.public_key()
@@ -151,7 +168,11 @@ def create_issuing(
     actor: Actor,
     constraints: NameConstraintSpec = NameConstraintSpec(),
     validity: dt.timedelta | None = None,
+    *,
+    key_ref: str | None = None,
 ) -> CertificateAuthority:
+    """An issuing CA under ``parent``, with a new key (or the existing token key
+    ``key_ref``)."""
     with service.db.scope() as session:
         if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
             raise Conflict(f"a CA named {name!r} already exists")
@@ -159,7 +180,7 @@ def create_issuing(
         if not parent_row.key_online:
             raise Conflict(f"the key of CA {parent} is offline; bring it online first")
         parent_id = parent_row.id
-    ref = service.backend.generate(_label(name), key_type)
+    ref, key_type = _ca_key(service, name, key_type, key_ref)
     public_key = service.backend.public_key(ref)
     subject = _name(f"{organization} {name.capitalize()} Issuing CA", organization)
     cert = service.issue(

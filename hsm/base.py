@@ -90,6 +90,9 @@ class KeyBackend(Protocol):
     def generate(self, label: str, key_type: KeyType) -> str:
         """Create a key; return its reference (``file:<label>`` or a PKCS#11 URI)."""
 
+    def reference(self, label: str) -> str:
+        """A reference that finds the key ``generate(label, ...)`` made, by its label."""
+
     def public_key(self, ref: str) -> CertificateIssuerPublicKeyTypes:
         """The public half of the referenced key."""
 

@@ -15,27 +15,34 @@ from sekisho.errors import ConfigError
 
 
 def read_secret(
-    path: Path | None, env_name: str = "", env: Mapping[str, str] | None = None
+    path: Path | None,
+    env_name: str = "",
+    env: Mapping[str, str] | None = None,
+    *,
+    what: str = "key passphrase",
+    min_length: int = 16,
 ) -> bytes:
+    """The secret from the named environment variable, else from ``path`` (which must not be
+    readable by group or others). ``what`` names it in errors; the value never appears."""
     env = os.environ if env is None else env
     if env_name:
         text = env.get(env_name)
         if not text:
             raise ConfigError(
-                f"environment variable {env_name} (named as the key passphrase) is not set or empty"
+                f"environment variable {env_name} (named as the {what}) is not set or empty"
             )
         return text.encode()
     if path is None:
-        raise ConfigError("no key passphrase source configured")
+        raise ConfigError(f"no {what} source configured")
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ConfigError(f"key passphrase file {path} does not exist") from None
+        raise ConfigError(f"{what} file {path} does not exist") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"key passphrase file {path} is readable by others; chmod 600 it")
+        raise ConfigError(f"{what} file {path} is readable by others; chmod 600 it")
     value = path.read_bytes().rstrip(b"\r\n")
-    if len(value) < 16:
-        raise ConfigError(f"key passphrase in {path} is shorter than 16 bytes")
+    if len(value) < min_length:
+        raise ConfigError(f"{what} in {path} is shorter than {min_length} bytes")
     return value
 
 

@@ -78,8 +78,11 @@ class SoftwareBackend:
             raise KeyBackendError(f"bad key label {label!r}")
         return self.keys_dir / f"{label}.key"
 
+    def reference(self, label: str) -> str:
+        return f"file:{label}"
+
     def generate(self, label: str, key_type: KeyType) -> str:
-        ref = f"file:{label}"
+        ref = self.reference(label)
         key = generate_private_key(key_type)
         self.store(ref, encrypt_private_key(key, self._passphrase))
         with self._lock:

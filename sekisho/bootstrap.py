@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -14,7 +15,7 @@ from ca.models import CaKind, CertificateAuthority
 from hsm.base import KeyType
 from ocsp.signers import ensure_responders
 from sekisho.context import Actor
-from sekisho.errors import Conflict
+from sekisho.errors import Conflict, InputError
 from sekisho.services import Services, enable_checkpoints
 
 DEFAULT_ISSUING = ("admin", "device")
@@ -27,6 +28,8 @@ class InitPlan:
     key_type: KeyType = KeyType.EC_P256
     issuing: tuple[str, ...] = DEFAULT_ISSUING
     constraints: NameConstraintSpec = dataclasses.field(default_factory=NameConstraintSpec)
+    # CA name -> reference of an existing key to use (PKCS#11 URI) instead of a new one.
+    adopt: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def is_initialised(services: Services) -> bool:
@@ -63,7 +66,19 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
             ),
             services.clock(),
         )
-    created = [create_root(services.ca, plan.root_name, plan.organization, plan.key_type, actor)]
+    unknown = set(plan.adopt) - {plan.root_name, *plan.issuing}
+    if unknown:
+        raise InputError(f"--adopt-key names no CA of this plan: {', '.join(sorted(unknown))}")
+    created = [
+        create_root(
+            services.ca,
+            plan.root_name,
+            plan.organization,
+            plan.key_type,
+            actor,
+            key_ref=plan.adopt.get(plan.root_name),
+        )
+    ]
     for name in plan.issuing:
         created.append(
             create_issuing(
@@ -74,6 +89,7 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
                 plan.key_type,
                 actor,
                 plan.constraints,
+                key_ref=plan.adopt.get(name),
             )
         )
     now = services.clock()

@@ -16,7 +16,7 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography import x509
@@ -33,8 +33,11 @@ from sekisho import __version__
 from sekisho.context import Actor
 from sekisho.errors import ConfigError, InputError, NotFound, SekishoError
 from sekisho.logs import setup_logging
-from sekisho.services import Services, build_services, ensure_data_dir
+from sekisho.services import Services, build_services, ensure_data_dir, open_backend
 from sekisho.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from hsm.pkcs11 import Pkcs11Backend
 
 EX_USAGE = 64
 
@@ -130,6 +133,26 @@ KEY_TYPE_HELP = "Key type: " + ", ".join(k.value for k in CA_KEY_TYPES)
 @click.option("--permit-dns", multiple=True, help="Name constraint on issuing CAs.")
 @click.option("--permit-email", multiple=True, help="Name constraint on issuing CAs.")
 @click.option("--exclude-dns", multiple=True, help="Name constraint on issuing CAs.")
+@click.option(
+    "--key-backend",
+    type=click.Choice(["software", "pkcs11"]),
+    help="Where the CA keys live (recorded in <data-dir>/sekisho.toml; default software).",
+)
+@click.option("--pkcs11-module", help="PKCS#11 library path (pkcs11 backend).")
+@click.option("--pkcs11-token", help="Token label (pkcs11 backend).")
+@click.option(
+    "--pkcs11-pin-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File (mode 0600) holding the user PIN; or set pkcs11_pin_env in the settings.",
+)
+@click.option("--pkcs11-label-prefix", help="Prefix of the token objects created (sekisho-).")
+@click.option(
+    "--adopt-key",
+    "adopt",
+    multiple=True,
+    metavar="CA=URI",
+    help="Use an existing token key (RFC 7512 pkcs11: URI) for that CA instead of a new one.",
+)
 @pass_state
 def init(
     state: State,
@@ -139,18 +162,52 @@ def init(
     permit_dns: tuple[str, ...],
     permit_email: tuple[str, ...],
     exclude_dns: tuple[str, ...],
+    key_backend: str | None,
+    pkcs11_module: str | None,
+    pkcs11_token: str | None,
+    pkcs11_pin_file: Path | None,
+    pkcs11_label_prefix: str | None,
+    adopt: tuple[str, ...],
 ) -> None:
-    """Create the data directory, the root CA, the issuing CAs and their first CRLs."""
-    from sekisho.bootstrap import DEFAULT_ISSUING, InitPlan, initialise
+    """Create the data directory, the root CA, the issuing CAs and their first CRLs.
 
+    With --key-backend pkcs11 every key (CAs, OCSP responders, audit checkpoints) is generated
+    on the token; the backend settings (never the PIN) are written to <data-dir>/sekisho.toml
+    so that later commands use them."""
+    from sekisho.bootstrap import DEFAULT_ISSUING, InitPlan, initialise
+    from sekisho.settings import CONFIG_NAME, persist_settings
+
+    backend_settings = {
+        key: value
+        for key, value in (
+            ("key_backend", key_backend),
+            ("pkcs11_module", pkcs11_module),
+            ("pkcs11_token", pkcs11_token),
+            ("pkcs11_pin_file", str(pkcs11_pin_file.resolve()) if pkcs11_pin_file else None),
+            ("pkcs11_label_prefix", pkcs11_label_prefix),
+        )
+        if value is not None
+    }
+    adopted: dict[str, str] = {}
+    for item in adopt:
+        name, sep, uri = item.partition("=")
+        if not sep or not name or not uri:
+            raise InputError(f"--adopt-key wants CA=URI, not {item!r}")
+        adopted[name] = uri
+    state.overrides.update(backend_settings)
+    settings = state.settings  # validated with the new options
     services = state.services()
     plan = InitPlan(
         organization=org,
         key_type=key_type,
         issuing=issuing or DEFAULT_ISSUING,
         constraints=NameConstraintSpec(permit_dns, permit_email, exclude_dns),
+        adopt=adopted,
     )
     created = initialise(services, plan, state.actor())
+    if backend_settings:
+        # Only once the deployment exists: a refused init leaves the settings file alone.
+        persist_settings(state.config or settings.data_dir / CONFIG_NAME, backend_settings)
     _print_init(state, services, [c.name for c in created])
 
 
@@ -841,6 +898,73 @@ def ocsp_resign(state: State) -> None:
         counts,
         f"re-signed {sum(counts.values())} responses "
         f"({counts['good']} good, {counts['revoked']} revoked, {counts['unknown']} unknown)",
+    )
+
+
+# -- hsm --------------------------------------------------------------------------------------
+@cli.group("hsm")
+def hsm_group() -> None:
+    """The PKCS#11 key backend: token status and the keys on it."""
+
+
+def _token_backend(state: State) -> Pkcs11Backend:
+    from hsm.pkcs11 import Pkcs11Backend
+
+    if state.settings.key_backend != "pkcs11":
+        raise ConfigError("key_backend is not pkcs11: there is no token to look at")
+    backend = open_backend(state.settings)
+    assert isinstance(backend, Pkcs11Backend)
+    return backend
+
+
+@hsm_group.command("status")
+@pass_state
+def hsm_status(state: State) -> None:
+    """Module, token, signing mechanisms available and how many private keys it holds."""
+    backend = _token_backend(state)
+    try:
+        doc = backend.status()
+    finally:
+        backend.close()
+    token = doc["token"]
+    state.emit(
+        doc,
+        lambda: "\n".join(
+            [
+                f"module     {doc['module']} ({doc['library']['description']}, "
+                f"{doc['library']['manufacturer']} {doc['library']['version']})",
+                f"token      {token['label']} ({token['manufacturer']} {token['model']}, "
+                f"serial {token['serial']})",
+                f"keys       {doc['keys']} private keys",
+                f"mechanisms {', '.join(doc['mechanisms'])}",
+            ]
+        ),
+    )
+
+
+@hsm_group.command("keys")
+@pass_state
+def hsm_keys(state: State) -> None:
+    """The private keys on the token: label, id, type, URI and their protection attributes."""
+    backend = _token_backend(state)
+    try:
+        keys = backend.keys()
+    finally:
+        backend.close()
+    docs = [dataclasses.asdict(k) for k in keys]
+
+    def flags(attrs: dict[str, bool | None]) -> str:
+        return ",".join(f"{k}={'?' if v is None else str(v).lower()}" for k, v in attrs.items())
+
+    state.emit(
+        docs,
+        lambda: (
+            "\n".join(
+                f"{k.label:<40} {k.key_type:<9} id={k.id} {flags(k.attributes)}\n  {k.uri}"
+                for k in keys
+            )
+            or "no private keys on the token"
+        ),
     )
 
 

@@ -29,10 +29,11 @@ from hsm.software import SoftwareBackend
 from ocsp.store import OcspService
 from sekisho.clock import utcnow
 from sekisho.db import Database
-from sekisho.errors import ConfigError, SekishoError
+from sekisho.errors import ConfigError, KeyBackendError, SekishoError
 from sekisho.settings import Settings
 
-AUDIT_KEY_REF = "file:audit"
+AUDIT_KEY_LABEL = "audit"
+AUDIT_KEY_REF = "file:audit"  # the software backend's reference for it
 AUDIT_KEY_TYPE = KeyType.EC_P256
 
 
@@ -65,15 +66,35 @@ def ensure_data_dir(settings: Settings) -> None:
             f"cannot use data directory {settings.data_dir}: {exc.strerror}"
         ) from None
     path = settings.passphrase_path
+    if settings.key_backend != "software":
+        return  # the PKCS#11 PIN is the operator's to provide
     if path is not None and not settings.key_passphrase_file and not path.exists():
         create_secret_file(path)
 
 
 def open_backend(settings: Settings) -> KeyBackend:
-    if settings.key_backend != "software":
-        raise ConfigError("the pkcs11 key backend is not available in this build yet")
+    if settings.key_backend == "pkcs11":
+        from hsm.pkcs11 import Pkcs11Backend
+
+        pin = read_secret(
+            Path(settings.pkcs11_pin_file) if settings.pkcs11_pin_file else None,
+            settings.pkcs11_pin_env,
+            what="PKCS#11 PIN",
+            min_length=4,
+        )
+        return Pkcs11Backend(
+            settings.pkcs11_module,
+            settings.pkcs11_token,
+            pin.decode("utf-8", "strict"),
+            label_prefix=settings.pkcs11_label_prefix,
+        )
     passphrase = read_secret(settings.passphrase_path, settings.key_passphrase_env)
     return SoftwareBackend(settings.keys_dir, passphrase)
+
+
+def audit_key_ref(backend: KeyBackend) -> str:
+    """Where the audit checkpoint key lives in this backend."""
+    return backend.reference(AUDIT_KEY_LABEL)
 
 
 def journal_origin(db: Database, settings: Settings) -> str:
@@ -107,10 +128,9 @@ def build_services(
     if migrate:
         db.upgrade()
     backend = backend or open_backend(settings)
+    audit_ref = audit_key_ref(backend)
     signer = (
-        CheckpointSigner(backend, AUDIT_KEY_REF, AUDIT_KEY_TYPE)
-        if backend.has_key(AUDIT_KEY_REF)
-        else None
+        CheckpointSigner(backend, audit_ref, AUDIT_KEY_TYPE) if backend.has_key(audit_ref) else None
     )
     journal = Journal(
         journal_origin(db, settings),
@@ -153,9 +173,13 @@ def build_services(
 
 def enable_checkpoints(services: Services) -> None:
     """Create the audit checkpoint key (first run) and attach it to the journal."""
-    if not services.backend.has_key(AUDIT_KEY_REF):
-        services.backend.generate(AUDIT_KEY_REF.split(":", 1)[1], AUDIT_KEY_TYPE)
-    services.journal.signer = CheckpointSigner(services.backend, AUDIT_KEY_REF, AUDIT_KEY_TYPE)
+    ref = audit_key_ref(services.backend)
+    if not services.backend.has_key(ref):
+        generated = services.backend.generate(AUDIT_KEY_LABEL, AUDIT_KEY_TYPE)
+        # The backend finds it by its label as well (a token key's reference adds an id).
+        if not services.backend.has_key(ref):
+            raise KeyBackendError(f"the audit key {generated} cannot be found as {ref}")
+    services.journal.signer = CheckpointSigner(services.backend, ref, AUDIT_KEY_TYPE)
 
 
 def data_file(settings: Settings, *parts: str) -> Path:

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,14 @@ class Settings:
     ocsp_validity_hours: float = 72.0
     ocsp_refresh_fraction: float = 0.5
     ocsp_sign_with_ca: bool = False
+    # PKCS#11 key backend (key_backend = "pkcs11"): the module (shared library), the token's
+    # label, where the user PIN comes from (a 0600 file or a named environment variable), and
+    # the label prefix of the objects we create.
+    pkcs11_module: str = ""
+    pkcs11_token: str = ""
+    pkcs11_pin_file: str = ""
+    pkcs11_pin_env: str = ""
+    pkcs11_label_prefix: str = "sekisho-"
 
     # Derived values -------------------------------------------------------------------
     @property
@@ -118,6 +127,18 @@ class Settings:
             raise ConfigError(
                 f"key_backend must be 'software' or 'pkcs11', not {self.key_backend!r}"
             )
+        if self.key_backend == "pkcs11":
+            if not self.pkcs11_module:
+                raise ConfigError("key_backend = pkcs11 needs pkcs11_module (the library path)")
+            if not self.pkcs11_token:
+                raise ConfigError("key_backend = pkcs11 needs pkcs11_token (the token label)")
+            if not (self.pkcs11_pin_file or self.pkcs11_pin_env):
+                raise ConfigError(
+                    "key_backend = pkcs11 needs pkcs11_pin_file or pkcs11_pin_env (the PIN "
+                    "never goes on the command line)"
+                )
+        if not re.fullmatch(r"[A-Za-z0-9._-]{0,32}", self.pkcs11_label_prefix):
+            raise ConfigError("pkcs11_label_prefix: at most 32 of A-Z a-z 0-9 . _ -")
         if not 0.04 <= self.crl_next_update_days <= 10:
             # BR 4.9.7 / 7.2: nextUpdate at most 10 days; an hour is the sane floor.
             raise ConfigError("crl_next_update_days must be between 0.04 (1 h) and 10")
@@ -242,3 +263,55 @@ def load_settings(
             values[key] = _coerce(key, raw)
     values.setdefault("data_dir", Path(data_dir))
     return Settings(**values).validate()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    if any(ord(ch) < 0x20 for ch in escaped):
+        raise ConfigError("a setting value must not contain control characters")
+    return f'"{escaped}"'
+
+
+def persist_settings(path: Path, values: Mapping[str, Any]) -> list[str]:
+    """Record ``values`` in the settings file ``path`` (its ``[sekisho]`` table), so later
+    commands find them without repeating options. A key already set there to another value is
+    a ConfigError (the operator decides); returns the keys written."""
+    existing: dict[str, Any] = {}
+    text = ""
+    if path.exists():
+        text = path.read_text()
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from None
+        if set(doc) - {"sekisho"}:
+            raise ConfigError(f"{path} has tables other than [sekisho]: add the settings by hand")
+        existing = dict(doc.get("sekisho", {}))
+    written = []
+    lines = []
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        if key in existing:
+            if _coerce(key, existing[key]) != _coerce(key, value):
+                raise ConfigError(f"{path} already sets {key} to another value")
+            continue
+        lines.append(f"{key} = {_toml_value(value)}\n")
+        written.append(key)
+    if lines:
+        if not text:
+            text = "[sekisho]\n"
+        elif "[sekisho]" not in text:
+            raise ConfigError(f"{path} has no [sekisho] table: add the settings by hand")
+        if not text.endswith("\n"):
+            text += "\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "".join(lines))
+        os.replace(tmp, path)
+    return written

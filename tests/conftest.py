@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from sekisho.context import Actor
 from sekisho.services import Services, build_services, ensure_data_dir, open_backend
 from sekisho.settings import Settings, load_settings
 from tests.support import pg
+from tests.support import softhsm as softhsm_support
 
 BASE_URL = "http://pki.example.com"
 TEST_ACTOR = Actor(account="test:operator", client_ip="127.0.0.1")
@@ -49,6 +51,9 @@ class RecordingBackend:
 
     def generate(self, label: str, key_type: KeyType) -> str:
         return self.inner.generate(label, key_type)
+
+    def reference(self, label: str) -> str:
+        return self.inner.reference(label)
 
     def public_key(self, ref: str):  # type: ignore[no-untyped-def]
         return self.inner.public_key(ref)
@@ -130,18 +135,84 @@ class Deployment:
 _DB_NUMBERS = itertools.count(1)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture
 def db_backend(request: pytest.FixtureRequest) -> str:
-    backend: str = request.param
-    return backend
+    """``sqlite`` or ``postgres`` (parametrized below)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def key_backend(request: pytest.FixtureRequest) -> str:
+    """``software``, unless the test module opts in to the PKCS#11 runs (see below)."""
+    return str(getattr(request, "param", "software"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on a deployment runs on SQLite and on PostgreSQL with software keys (ids
+    ``[sqlite]``, ``[postgres]``). A module that sets ``KEY_BACKENDS = ("software",
+    "pkcs11")`` runs each once more on SQLite with every key on a SoftHSM2 token
+    (``[sqlite-pkcs11]``)."""
+    if "db_backend" not in metafunc.fixturenames:
+        return
+    params = [
+        pytest.param("sqlite", "software", id="sqlite"),
+        pytest.param("postgres", "software", id="postgres", marks=pytest.mark.postgres),
+    ]
+    if "pkcs11" in getattr(metafunc.module, "KEY_BACKENDS", ("software",)):
+        params.append(
+            pytest.param("sqlite", "pkcs11", id="sqlite-pkcs11", marks=pytest.mark.pkcs11)
+        )
+    if "key_backend" in metafunc.fixturenames:
+        metafunc.parametrize(("db_backend", "key_backend"), params, indirect=True)
+    else:
+        metafunc.parametrize(
+            "db_backend",
+            [pytest.param(*p.values[:1], id=p.id, marks=p.marks) for p in params[:2]],
+            indirect=True,
+        )
+
+
+TEST_TOKEN = "sekisho-test"  # the keys of the pkcs11 template deployment
+FAULT_TOKEN = "sekisho-fault"  # a token the fault-injection tests take away and bring back
+
+
+@pytest.fixture(scope="session")
+def softhsm() -> Iterator[softhsm_support.SoftHsm]:
+    """A SoftHSM2 token directory for the session, with the tokens the tests use."""
+    reason = softhsm_support.available()
+    if reason is not None:
+        pytest.fail(f"{reason}; `make test` installs it", pytrace=False)
+    hsm = softhsm_support.start((TEST_TOKEN, FAULT_TOKEN))
+    yield hsm
+    hsm.remove()
+
+
+@pytest.fixture(scope="session")
+def pkcs11_template_dir(
+    softhsm: softhsm_support.SoftHsm, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """An initialised SQLite deployment whose keys (CAs, OCSP responders, audit) are on the
+    SoftHSM token; its ``sekisho.toml`` carries the backend settings (PIN file, not the PIN)."""
+    data_dir = tmp_path_factory.mktemp("pkcs11-template") / "data"
+    data_dir.mkdir(parents=True)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in softhsm.settings(TEST_TOKEN, "t-").items()]
+    (data_dir / "sekisho.toml").write_text("[sekisho]\n" + "\n".join(lines) + "\n")
+    _initialise(make_settings(data_dir))
+    return data_dir
 
 
 @pytest.fixture
 def deployment(
-    db_backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    db_backend: str, key_backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Deployment]:
-    """A fresh copy of the initialised deployment for this test, on ``db_backend``."""
+    """A fresh copy of the initialised deployment for this test, on ``db_backend`` (keys in
+    software, or on the SoftHSM token for ``key_backend == "pkcs11"``)."""
     target = tmp_path / "data"
+    if key_backend == "pkcs11":
+        assert db_backend == "sqlite"
+        shutil.copytree(request.getfixturevalue("pkcs11_template_dir"), target)
+        yield Deployment("sqlite", target, "")
+        return
     if db_backend == "sqlite":
         shutil.copytree(request.getfixturevalue("template_dir"), target)
         yield Deployment("sqlite", target, "")

@@ -8,6 +8,7 @@ have openssl          || need+=(openssl)
 have certtool         || need+=(gnutls-bin)
 have softhsm2-util    || need+=(softhsm2)
 have pkcs11-tool      || need+=(opensc)
+ls /usr/lib/*/pkcs11-spy.so >/dev/null 2>&1 || need+=(opensc-pkcs11)  # counts C_Login in tests
 have wrk              || need+=(wrk)
 have nginx            || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)

@@ -21,11 +21,14 @@ from audit.models import Checkpoint, JournalHead, JournalRecord
 from audit.verify import verify
 from ca.revocation import Reason
 from sekisho.context import Actor
-from sekisho.services import AUDIT_KEY_REF, Services, build_services
+from sekisho.services import Services, audit_key_ref, build_services
 from sekisho.settings import Settings
 from tests.audit.conftest import append, run_cli, template_seq
 from tests.ca.helpers import request_for
 from tests.conftest import FakeClock, RecordingBackend
+
+# The foundation tests also run with every key on a SoftHSM2 token (tests/conftest.py).
+KEY_BACKENDS = ("software", "pkcs11")
 
 
 def stored_records(services: Services) -> list[JournalRecord]:
@@ -50,7 +53,7 @@ def as_fields(row: JournalRecord) -> dict[str, object]:
 
 
 def audit_public_key(services: Services) -> ec.EllipticCurvePublicKey:
-    key = services.backend.public_key(AUDIT_KEY_REF)
+    key = services.backend.public_key(audit_key_ref(services.backend))
     assert isinstance(key, ec.EllipticCurvePublicKey)
     return key
 
@@ -130,7 +133,11 @@ def test_checkpoint_every_n_records_is_signed_through_the_backend(
 
     checkpoints = stored_checkpoints(journal_services)
     assert [c.seq for c in checkpoints] == [1, 51, 101]
-    audit_calls = [data for ref, data in recording_backend.calls if ref == AUDIT_KEY_REF]
+    audit_calls = [
+        data
+        for ref, data in recording_backend.calls
+        if ref == audit_key_ref(journal_services.backend)
+    ]
     assert audit_calls == [checkpoints[1].body.encode(), checkpoints[2].body.encode()]
     assert len(recording_backend.calls) == 2  # nothing else signed
 
@@ -142,7 +149,7 @@ def test_checkpoint_every_n_records_is_signed_through_the_backend(
         assert cp.body == f"{origin}\n{cp.seq}\n{b64}\n"
         assert cp.head_hash == records[cp.seq].hash
         key.verify(cp.signature, cp.body.encode(), ec.ECDSA(hashes.SHA256()))
-        assert cp.key_ref == AUDIT_KEY_REF
+        assert cp.key_ref == audit_key_ref(journal_services.backend)
         assert cp.public_key_der == key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -165,7 +172,9 @@ def test_checkpoint_after_the_interval_even_without_n_records(
     checkpoints = stored_checkpoints(journal_services)
     assert [c.seq for c in checkpoints] == [1, start + 2]
     assert checkpoints[-1].time == clock.now
-    assert recording_backend.calls == [(AUDIT_KEY_REF, checkpoints[-1].body.encode())]
+    assert recording_backend.calls == [
+        (audit_key_ref(journal_services.backend), checkpoints[-1].body.encode())
+    ]
 
 
 def test_checkpoint_interval_comes_from_settings(

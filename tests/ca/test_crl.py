@@ -20,6 +20,9 @@ from tests.ca.helpers import ca_cert, der, issue
 from tests.conftest import TEST_ACTOR, FakeClock
 from tests.support import checkers
 
+# The foundation tests also run with every key on a SoftHSM2 token (tests/conftest.py).
+KEY_BACKENDS = ("software", "pkcs11")
+
 
 def _chain(services: Services, ca: str) -> list[bytes]:
     return [der(ca_cert(services, "root")), der(ca_cert(services, ca))]

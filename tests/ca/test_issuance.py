@@ -19,10 +19,14 @@ from ca.tbs import SanEntry, serial_hex
 from hsm.base import KeyType
 from ocsp.models import OcspResponse
 from ocsp.signers import active_responders
-from sekisho.services import Services
+from sekisho.errors import ConfigError
+from sekisho.services import Services, audit_key_ref
 from tests.ca.helpers import PROFILE_REQUESTS, ca_cert, der, issue, make_csr, name
 from tests.conftest import BASE_URL, TEST_ACTOR, RecordingBackend
 from tests.support import checkers
+
+# The foundation tests also run with every key on a SoftHSM2 token (tests/conftest.py).
+KEY_BACKENDS = ("software", "pkcs11")
 
 PROFILES = sorted(PROFILE_REQUESTS)
 
@@ -123,8 +127,13 @@ def test_subject_key_types(services: Services, key_type: KeyType) -> None:
 @pytest.mark.parametrize(
     "key_type", [KeyType.EC_P384, KeyType.RSA_3072, KeyType.RSA_4096, KeyType.ED25519]
 )
-def test_ca_key_type_options(services: Services, key_type: KeyType) -> None:
+def test_ca_key_type_options(services: Services, key_type: KeyType, key_backend: str) -> None:
     tag = key_type.value.replace("-", "")
+    if key_backend == "pkcs11" and key_type is KeyType.ED25519:
+        # Not offered on tokens (PKCS#11 3.0 EdDSA is not widespread): a clear refusal.
+        with pytest.raises(ConfigError, match="EC P-256/P-384 and RSA"):
+            create_root(services.ca, f"root{tag}", "Example Corp", key_type, TEST_ACTOR)
+        return
     root_row = create_root(services.ca, f"root{tag}", "Example Corp", key_type, TEST_ACTOR)
     create_issuing(services.ca, f"issuing{tag}", f"root{tag}", "Example Corp", key_type, TEST_ACTOR)
     services.registry.invalidate()
@@ -231,4 +240,8 @@ def test_every_signature_goes_through_the_backend(services: Services) -> None:
     assert response.tbs_response_bytes in signed
     responder = active_responders(services)[device_ca]
     refs = {ref for ref, _ in backend.calls}
-    assert refs == {"file:ca-device", "file:audit", responder.key_ref}
+    with services.db.scope() as session:
+        ca_key = session.scalars(
+            select(CertificateAuthority.key_ref).where(CertificateAuthority.name == "device")
+        ).one()
+    assert refs == {ca_key, audit_key_ref(services.backend), responder.key_ref}

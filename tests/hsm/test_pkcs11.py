@@ -1,0 +1,391 @@
+"""The PKCS#11 key backend on a real SoftHSM2 token: key attributes read back from the token,
+concurrent signing, the token going away and coming back during issuance, lost sessions and
+logins, a wrong PIN (one C_Login, counted by OpenSC's pkcs11-spy), RFC 7512 references, key
+adoption, and the operator commands. The issuance, CRL and checkpoint suites also run on the
+token (``KEY_BACKENDS`` in those modules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from pkcs11 import Attribute
+from pkcs11 import exceptions as p11e
+from sqlalchemy import select
+
+from ca.models import Certificate, CertificateAuthority, CertStatus
+from hsm.base import KeyType
+from hsm.pkcs11 import Pkcs11Backend
+from hsm.uri import Pkcs11Uri, parse
+from sekisho.bootstrap import InitPlan, initialise
+from sekisho.cli import main as cli_main
+from sekisho.errors import ConfigError, KeyBackendError
+from sekisho.services import Services, build_services
+from tests.ca.helpers import issue, request_for
+from tests.conftest import FAULT_TOKEN, TEST_ACTOR, TEST_TOKEN, make_settings
+from tests.support import checkers
+from tests.support import softhsm as softhsm_support
+
+pytestmark = pytest.mark.pkcs11
+TIMEOUT = 60
+
+
+@pytest.fixture
+def backend(softhsm: softhsm_support.SoftHsm) -> Iterator[Pkcs11Backend]:
+    b = Pkcs11Backend(
+        softhsm.module,
+        TEST_TOKEN,
+        softhsm_support.USER_PIN,
+        label_prefix=f"u{secrets.token_hex(3)}-",
+    )
+    yield b
+    b.close()
+
+
+def _deployment(softhsm: softhsm_support.SoftHsm, tmp_path: Path, token: str) -> Path:
+    """A new deployment whose keys are generated on ``token`` (its own label prefix)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    values = softhsm.settings(token, f"d{secrets.token_hex(3)}-")
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    (data_dir / "sekisho.toml").write_text("[sekisho]\n" + "\n".join(lines) + "\n")
+    return data_dir
+
+
+@pytest.fixture
+def token_services(softhsm: softhsm_support.SoftHsm, tmp_path: Path) -> Iterator[Services]:
+    """An initialised deployment with every key on the fault token."""
+    data_dir = _deployment(softhsm, tmp_path, FAULT_TOKEN)
+    services = build_services(make_settings(data_dir))
+    initialise(services, InitPlan(organization="Token Corp"), TEST_ACTOR)
+    yield services
+    services.close()
+
+
+# -- references -------------------------------------------------------------------------------
+def test_rfc7512_references_round_trip_and_refuse_what_they_should() -> None:
+    uri = Pkcs11Uri(token="Sekisho CA", object="sekisho-ca-admin", id=b"\x01\xab")
+    text = str(uri)
+    assert text == "pkcs11:token=Sekisho%20CA;object=sekisho-ca-admin;id=%01%ab"
+    assert parse(text) == uri
+    assert parse("pkcs11:object=a%3Bb;type=private").object == "a;b"
+    for bad in (
+        "file:ca-admin",
+        "pkcs11:token=x",  # neither object nor id
+        "pkcs11:object=a?pin-value=1234",  # never a PIN in a reference
+        "pkcs11:object=a;object=b",
+        "pkcs11:object=a;slot-id=3",
+        "pkcs11:object=a;type=banana",
+        "pkcs11:id=",
+    ):
+        with pytest.raises(ConfigError):
+            parse(bad)
+
+
+# -- keys on the token ------------------------------------------------------------------------
+def test_generated_keys_never_leave_the_token(backend: Pkcs11Backend) -> None:
+    refs = {
+        kt: backend.generate(f"attr-{kt.value}", kt) for kt in (KeyType.EC_P256, KeyType.RSA_3072)
+    }
+    by_uri = {k.uri: k for k in backend.keys()}
+    for key_type, ref in refs.items():
+        info = by_uri[ref]
+        assert info.key_type == key_type.value
+        attrs = info.attributes
+        assert attrs["sensitive"] is True and attrs["always_sensitive"] is True
+        assert attrs["never_extractable"] is True and attrs["extractable"] is False
+        assert attrs["token"] is True and attrs["private"] is True and attrs["sign"] is True
+        # The private value cannot be read: the token refuses (CKR_ATTRIBUTE_SENSITIVE).
+        with pytest.raises(KeyBackendError, match="AttributeSensitive"):
+            backend.private_attribute(
+                ref, Attribute.VALUE if key_type.rsa_bits is None else Attribute.PRIVATE_EXPONENT
+            )
+        with pytest.raises(TypeError):
+            backend.signing_key(ref).private_bytes(  # type: ignore[call-arg]
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+
+
+def test_rsa_pkcs1_and_pss_and_ecdsa_signatures_verify(backend: Pkcs11Backend) -> None:
+    data = b"to be signed" * 50
+    rsa_key = backend.signing_key(backend.generate("sig-rsa", KeyType.RSA_2048))
+    assert isinstance(rsa_key, rsa.RSAPrivateKey)
+    for algorithm in (hashes.SHA256(), hashes.SHA384()):
+        pkcs1 = padding.PKCS1v15()
+        rsa_key.public_key().verify(rsa_key.sign(data, pkcs1, algorithm), data, pkcs1, algorithm)
+        pss = padding.PSS(padding.MGF1(algorithm), padding.PSS.DIGEST_LENGTH)
+        rsa_key.public_key().verify(rsa_key.sign(data, pss, algorithm), data, pss, algorithm)
+    ec_key = backend.signing_key(backend.generate("sig-ec", KeyType.EC_P384))
+    assert isinstance(ec_key, ec.EllipticCurvePrivateKey)
+    for algorithm in (hashes.SHA256(), hashes.SHA384(), hashes.SHA512()):
+        signature = ec_key.sign(data, ec.ECDSA(algorithm))
+        ec_key.public_key().verify(signature, data, ec.ECDSA(algorithm))
+    with pytest.raises(ConfigError, match="EC P-256/P-384 and RSA"):
+        backend.generate("sig-ed", KeyType.ED25519)
+
+
+def test_sixteen_threads_times_two_hundred_signatures(backend: Pkcs11Backend) -> None:
+    key = backend.signing_key(backend.generate("threads", KeyType.EC_P256))
+    public = key.public_key()
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(
+        public, ec.EllipticCurvePublicKey
+    )
+    errors: list[BaseException] = []
+    signed: list[tuple[bytes, bytes]] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        for i in range(200):
+            data = f"thread {n} signature {i}".encode()
+            try:
+                signature = key.sign(data, ec.ECDSA(hashes.SHA256()))
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            with lock:
+                signed.append((data, signature))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors and len(signed) == 16 * 200
+    for data, signature in signed:
+        public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+
+
+# -- failures and recovery --------------------------------------------------------------------
+class _FlakyKey:
+    """Stands in for the cached token key object and raises a PKCS#11 error on sign()."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def sign(self, *_args: object, **_kwargs: object) -> bytes:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [p11e.SessionHandleInvalid, p11e.UserNotLoggedIn, p11e.DeviceError, p11e.SessionClosed],
+)
+def test_lost_session_or_device_is_renewed_transparently(
+    backend: Pkcs11Backend, error: type[Exception]
+) -> None:
+    ref = backend.generate("flaky", KeyType.EC_P256)
+    key = backend.signing_key(ref)
+    key.sign(b"warm", ec.ECDSA(hashes.SHA256()))  # the token key object is cached now
+    logins = backend.logins
+    backend._keys[ref] = _FlakyKey(error())
+    signature = key.sign(b"after", ec.ECDSA(hashes.SHA256()))
+    key.public_key().verify(signature, b"after", ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    assert backend.logins == logins + 1  # one new session, logged in with the PIN
+
+
+def test_session_logged_out_behind_our_back(backend: Pkcs11Backend) -> None:
+    key = backend.signing_key(backend.generate("logout", KeyType.EC_P256))
+    key.sign(b"one", ec.ECDSA(hashes.SHA256()))
+    backend._session.close()  # C_Logout + C_CloseSession by someone else
+    signature = key.sign(b"two", ec.ECDSA(hashes.SHA256()))
+    key.public_key().verify(signature, b"two", ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+
+
+def _rows(services: Services) -> list[Certificate]:
+    with services.db.scope() as session:
+        return list(session.scalars(select(Certificate).order_by(Certificate.id)))
+
+
+def test_token_away_during_issuance_fails_cleanly_and_recovers(
+    token_services: Services, softhsm: softhsm_support.SoftHsm, tmp_path: Path
+) -> None:
+    services = token_services
+    issue(services, "device")  # warm: the CA key handle is cached
+    before = {r.id for r in _rows(services)}
+    token_dir = softhsm.token_dir(FAULT_TOKEN)
+    away = tmp_path / "token-away"
+    shutil.move(token_dir, away)
+    token_dir.mkdir()  # an empty token directory: the token is gone
+    try:
+        with pytest.raises(KeyBackendError, match="unavailable"):
+            services.ca.issue(request_for("device"), TEST_ACTOR)
+        # Not half-issued: the reserved row was marked failed, no issued row lacks its DER.
+        new = [r for r in _rows(services) if r.id not in before]
+        assert [r.status for r in new] == [CertStatus.FAILED]
+        assert new[0].der is None and "signing failed" in (new[0].failure or "")
+        assert all(r.der is not None for r in _rows(services) if r.status is CertStatus.ISSUED)
+    finally:
+        shutil.rmtree(token_dir)  # whatever the module wrote into the empty directory
+        shutil.move(away, token_dir)
+    # The token is back: the same services sign again, no restart.
+    cert = issue(services, "device")
+    device = x509.load_der_x509_certificate(_ca_der(services, "device"))
+    cert.verify_directly_issued_by(device)
+    checkers.pkilint_cert(cert.public_bytes(serialization.Encoding.DER))
+
+
+def _ca_der(services: Services, name: str) -> bytes:
+    with services.db.scope() as session:
+        return bytes(
+            session.scalars(
+                select(CertificateAuthority.certificate_der).where(
+                    CertificateAuthority.name == name
+                )
+            ).one()
+        )
+
+
+def test_cli_exits_69_while_the_token_is_away(
+    softhsm: softhsm_support.SoftHsm,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data_dir = _deployment(softhsm, tmp_path, FAULT_TOKEN)
+    assert cli_main(["--data-dir", str(data_dir), "init", "--org", "Away Corp"]) == 0
+    token_dir = softhsm.token_dir(FAULT_TOKEN)
+    away = tmp_path / "token-away"
+    shutil.move(token_dir, away)
+    token_dir.mkdir()
+    args = ["--data-dir", str(data_dir), "issue", "--ca", "device", "--profile", "device",
+            "--keygen", "ec-p256", "--subject", "CN=away.example.com",
+            "--san", "dns:away.example.com"]  # fmt: skip
+    try:
+        capsys.readouterr()
+        code = cli_main(args)
+        _out, err = capsys.readouterr()
+        assert code in (69, 78), err  # token gone: key backend error (or not found at start)
+        assert "Traceback" not in err and softhsm_support.USER_PIN not in err
+    finally:
+        shutil.rmtree(token_dir)  # whatever the module wrote into the empty directory
+        shutil.move(away, token_dir)
+    assert cli_main(args) == 0
+
+
+# -- the PIN ----------------------------------------------------------------------------------
+def test_wrong_pin_is_one_login_attempt_and_a_clear_error(
+    softhsm: softhsm_support.SoftHsm, tmp_path: Path
+) -> None:
+    spy = softhsm_support.spy_module()
+    assert spy is not None, "OpenSC's pkcs11-spy.so is missing (make test installs opensc-pkcs11)"
+    data_dir = _deployment(softhsm, tmp_path, TEST_TOKEN)
+    bad_pin = tmp_path / "bad-pin"
+    bad_pin.write_text("not-the-pin-0000\n")
+    bad_pin.chmod(0o600)
+    log = tmp_path / "spy.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SEKISHO_")},
+        **softhsm.env(),
+        "PKCS11SPY": softhsm.module,
+        "PKCS11SPY_OUTPUT": str(log),
+        "SEKISHO_PKCS11_MODULE": spy,
+        "SEKISHO_PKCS11_PIN_FILE": str(bad_pin),
+    }
+    exe = Path(sys.executable).with_name("sekisho")
+    proc = subprocess.run(
+        [str(exe), "--data-dir", str(data_dir), "hsm", "status"],
+        capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 78, proc.stderr
+    assert "PIN was refused" in proc.stderr and "no further login attempt" in proc.stderr
+    assert "not-the-pin" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    calls = log.read_text(errors="replace")
+    assert calls.count("C_Login") == 1, calls[-2000:]
+    assert "CKR_PIN_INCORRECT" in calls
+
+
+# -- operator commands and adoption -----------------------------------------------------------
+def test_hsm_status_and_keys(deployment_pkcs11: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert cli_main(["--data-dir", str(deployment_pkcs11), "--json", "hsm", "status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["token"]["label"] == TEST_TOKEN and status["token"]["model"] == "SoftHSM v2"
+    assert "ECDSA" in status["mechanisms"] and status["keys"] >= 6
+    assert cli_main(["--data-dir", str(deployment_pkcs11), "--json", "hsm", "keys"]) == 0
+    keys = json.loads(capsys.readouterr().out)
+    labels = {k["label"] for k in keys}
+    assert {"t-audit", "t-ca-root", "t-ca-admin", "t-ca-device"} <= labels
+    for key in keys:
+        assert key["attributes"]["extractable"] is False and key["uri"].startswith("pkcs11:")
+    assert cli_main(["--data-dir", str(deployment_pkcs11), "hsm", "keys"]) == 0
+    assert "t-ca-root" in capsys.readouterr().out
+
+
+@pytest.fixture
+def deployment_pkcs11(pkcs11_template_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "data"
+    shutil.copytree(pkcs11_template_dir, target)
+    return target
+
+
+def test_hsm_commands_refuse_a_software_deployment(
+    template_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "data"
+    shutil.copytree(template_dir, target)
+    assert cli_main(["--data-dir", str(target), "hsm", "status"]) == 78
+    assert "not pkcs11" in capsys.readouterr().err
+
+
+def test_init_on_the_token_and_adopting_an_existing_key(
+    softhsm: softhsm_support.SoftHsm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An existing key made by another tool (OpenSC's pkcs11-tool), adopted as the root's.
+    label = f"adopted-{secrets.token_hex(3)}"
+    subprocess.run(
+        ["pkcs11-tool", "--module", softhsm.module, "--token-label", FAULT_TOKEN, "--login",
+         "--pin", softhsm_support.USER_PIN, "--keypairgen", "--key-type", "EC:secp384r1",
+         "--label", label, "--id", secrets.token_hex(8), "--sensitive", "--private"],
+        env={**os.environ, **softhsm.env()}, check=True, capture_output=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    data_dir = tmp_path / "data"
+    prefix = f"i{secrets.token_hex(3)}-"
+    args = ["--data-dir", str(data_dir), "--json", "init", "--org", "Adopt Corp",
+            "--key-backend", "pkcs11", "--pkcs11-module", softhsm.module,
+            "--pkcs11-token", FAULT_TOKEN, "--pkcs11-pin-file", str(softhsm.pin_file),
+            "--pkcs11-label-prefix", prefix,
+            "--adopt-key", f"root=pkcs11:token={FAULT_TOKEN};object={label}"]  # fmt: skip
+    capsys.readouterr()
+    code = cli_main(args)
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["cas"] == ["root", "admin", "device"]
+    toml = (data_dir / "sekisho.toml").read_text()
+    assert 'key_backend = "pkcs11"' in toml and softhsm_support.USER_PIN not in toml
+    # Later commands need no backend options: the settings were recorded.
+    assert cli_main(["--data-dir", str(data_dir), "--json", "ca", "show", "root"]) == 0
+    root = json.loads(capsys.readouterr().out)
+    assert root["key_type"] == "ec-p384" and f"object={label}" in root["key_ref"]
+    assert cli_main(["--data-dir", str(data_dir), "--json", "ca", "show", "admin"]) == 0
+    admin = json.loads(capsys.readouterr().out)
+    assert admin["key_ref"].startswith(f"pkcs11:token={FAULT_TOKEN};object={prefix}ca-admin;id=")
+    public = data_dir / "public"
+    checkers.openssl_verify(
+        x509.load_pem_x509_certificate((public / "admin.crt").read_bytes()).public_bytes(
+            serialization.Encoding.DER
+        ),
+        [
+            x509.load_pem_x509_certificate((public / "root.crt").read_bytes()).public_bytes(
+                serialization.Encoding.DER
+            )
+        ],
+    )
+    # Adopting a key that does not exist, or with the software backend: clear errors.
+    other = tmp_path / "other"
+    bad = ["--data-dir", str(other), "init", "--key-backend", "pkcs11",
+           "--pkcs11-module", softhsm.module, "--pkcs11-token", FAULT_TOKEN,
+           "--pkcs11-pin-file", str(softhsm.pin_file), "--pkcs11-label-prefix", "x-",
+           "--adopt-key", f"root=pkcs11:token={FAULT_TOKEN};object=no-such-key"]  # fmt: skip
+    assert cli_main(bad) == 66
+    assert not (other / "sekisho.toml").exists()  # a refused init records nothing
