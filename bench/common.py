@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +78,15 @@ def run_each_database(
 
 @contextlib.contextmanager
 def deployment(
-    database: str, *, pg_fast: bool = False, checkpoint_every: int | None = None
+    database: str,
+    *,
+    pg_fast: bool = False,
+    checkpoint_every: int | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Iterator[Services]:
     """An initialised Sekisho deployment (root + issuing CAs ``admin`` and ``device``) in a
-    temporary data directory, on SQLite or on a throwaway PostgreSQL; removed afterwards."""
+    temporary data directory, on SQLite or on a throwaway PostgreSQL; removed afterwards.
+    ``settings`` adds setting overrides (e.g. the pkcs11 key backend)."""
     tmp = Path(tempfile.mkdtemp(prefix="sekisho-bench-"))
     server: pg.PgCluster | None = None
     services: Services | None = None
@@ -89,6 +94,7 @@ def deployment(
         overrides: dict[str, Any] = {"data_dir": tmp / "data", "base_url": BASE_URL}
         if checkpoint_every is not None:
             overrides["audit_checkpoint_every"] = checkpoint_every
+        overrides.update(settings or {})
         if database == "postgres":
             why = pg.available()
             if why is not None:
@@ -102,10 +108,10 @@ def deployment(
             except (OSError, pg.PgError, subprocess.SubprocessError) as exc:
                 raise PgUnavailable(str(exc)) from exc
             overrides["database_url"] = server.create_database("sekisho_bench")
-        settings = load_settings(env={}, overrides=overrides)
+        loaded = load_settings(env={}, overrides=overrides)
         progress(f"initialising a deployment on {database} (keys, root, issuing CAs)")
-        ensure_data_dir(settings)
-        services = build_services(settings)
+        ensure_data_dir(loaded)
+        services = build_services(loaded)
         initialise(services, InitPlan(organization="Bench Corp"), BENCH_ACTOR)
         yield services
     finally:

@@ -66,13 +66,18 @@ def _ca_key(
     reference and key type (an adopted key's type is read from its public key)."""
     if adopt is None:
         return service.backend.generate(_label(name), key_type), key_type
+    return check_adoptable(service, adopt)
+
+
+def check_adoptable(service: CaService, ref: str) -> tuple[str, KeyType]:
+    """An existing key (PKCS#11 URI) fit to be a CA key: its reference and key type."""
     adopter = getattr(service.backend, "adopt", None)
     if adopter is None:
         raise ConfigError(f"the {service.backend.name} key backend cannot adopt existing keys")
-    ref = str(adopter(adopt))
-    adopted_type = key_type_of(service.backend.public_key(ref))
+    adopted = str(adopter(ref))
+    adopted_type = key_type_of(service.backend.public_key(adopted))
     _check_ca_key_type(adopted_type)
-    return ref, adopted_type
+    return adopted, adopted_type
 
 
 def _label(name: str) -> str:

@@ -20,7 +20,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from cryptography import x509
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificateIssuerPublicKeyTypes,
 )
-from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy import Connection, Table, bindparam, insert, update
 from sqlalchemy.exc import IntegrityError
 
 from audit.events import Category, Outcome, by_actor
@@ -54,7 +55,10 @@ from sekisho.errors import (
     StoreError,
 )
 
+log = logging.getLogger("sekisho.ca")
 Clock = Callable[[], dt.datetime]
+# (issuer_id, serial) -> work for the store transaction, or None.
+IssuedHook = Callable[[int, int], Callable[[Connection], None] | None]
 MAX_SERIAL_ATTEMPTS = 5
 # Hot-path statements run on the table (Core), not through the ORM unit of work.
 _CERTIFICATES = cast(Table, Certificate.__table__)
@@ -115,8 +119,11 @@ class CaService:
         self.registry = registry
         self.profiles = profiles
         self.clock = clock
-        # Called with (issuer_id, serial) after an issued row committed (the OCSP pre-signer).
-        self.issued_listeners: list[Callable[[int, int], None]] = []
+        # Called with (issuer_id, serial) once a certificate is signed, before it is stored;
+        # each may return work to run on the connection in the store transaction, inside a
+        # savepoint (the OCSP pre-signer writes the first response there: it commits with
+        # the certificate, and its failure never fails the issuance).
+        self.issued_hooks: list[IssuedHook] = []
 
     # -- public API -----------------------------------------------------------------------
     def issue(self, request: IssueRequest, actor: Actor) -> x509.Certificate:
@@ -218,9 +225,8 @@ class CaService:
                 if reserved:
                     self._mark_failed(reserved[0], f"signing failed: {exc.__class__.__name__}")
                 raise KeyBackendError(f"signing failed: {exc.__class__.__name__}") from exc
-            self._store_issued(reserved[0], tbs, cert, actor)
-            for listener in list(self.issued_listeners):
-                listener(tbs.issuer.id, tbs.serial)  # must not raise (the cert is committed)
+            extras = [hook(tbs.issuer.id, tbs.serial) for hook in self.issued_hooks]
+            self._store_issued(reserved[0], tbs, cert, actor, [e for e in extras if e])
             return cert
         raise StoreError("could not find a free serial number after several attempts")
 
@@ -265,7 +271,14 @@ class CaService:
 
         return commit_intent
 
-    def _store_issued(self, row_id: int, tbs: Tbs, cert: x509.Certificate, actor: Actor) -> None:
+    def _store_issued(
+        self,
+        row_id: int,
+        tbs: Tbs,
+        cert: x509.Certificate,
+        actor: Actor,
+        extras: Sequence[Callable[[Connection], None]] = (),
+    ) -> None:
         der = cert.public_bytes(serialization.Encoding.DER)
         fingerprint = hashlib.sha256(der).hexdigest()
         now = self.clock()
@@ -295,6 +308,12 @@ class CaService:
                 ),
                 now,
             )
+            for extra in extras:
+                try:
+                    with conn.begin_nested():
+                        extra(conn)
+                except Exception:
+                    log.warning("issuance side work failed", exc_info=True)
 
     def _mark_failed(self, row_id: int, why: str) -> None:
         try:

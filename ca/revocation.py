@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import logging
 from collections.abc import Callable
 
 from cryptography import x509
@@ -23,6 +24,8 @@ from ca.tbs import serial_hex
 from sekisho.context import Actor
 from sekisho.db import Database
 from sekisho.errors import Conflict, InputError, NotFound
+
+log = logging.getLogger("sekisho.ca")
 
 
 class Reason(enum.StrEnum):
@@ -219,5 +222,6 @@ class Revoker:
         for listener in list(self.listeners):
             try:
                 listener(ca_id)
-            except Exception:  # noqa: BLE001, S110  (a listener must not undo a revocation)
-                pass
+            except Exception:
+                # The OCSP refresher repairs what a failed listener left behind.
+                log.warning("revocation listener failed", exc_info=True, extra={"ca_id": ca_id})

@@ -78,6 +78,9 @@ from sekisho.errors import ConfigError, KeyBackendError, NotFound
 log = logging.getLogger("sekisho.hsm")
 
 T = TypeVar("T")
+# Larger documents (a CRL with many entries) are hashed here and only the digest goes to the
+# token: HSMs, network ones above all, cap single-part input.
+ON_TOKEN_HASH_LIMIT = 64 * 1024
 
 # Errors after which the session (or the whole library state) is renewed and the operation
 # tried once more.
@@ -173,6 +176,8 @@ SIGN_MECHANISMS = (
     Mechanism.SHA512_RSA_PKCS,
     Mechanism.SHA256_RSA_PKCS_PSS,
     Mechanism.SHA384_RSA_PKCS_PSS,
+    Mechanism.SHA512_RSA_PKCS_PSS,
+    Mechanism.RSA_PKCS_PSS,
     Mechanism.EC_KEY_PAIR_GEN,
     Mechanism.RSA_PKCS_KEY_PAIR_GEN,
 )
@@ -219,7 +224,7 @@ class Pkcs11EcKey(ec.EllipticCurvePrivateKey):
             mechanism, payload = Mechanism.ECDSA, raw
         else:
             name = _hash_name(algorithm)
-            if self._backend.has_mechanism(_ECDSA[name]):
+            if len(raw) <= ON_TOKEN_HASH_LIMIT and self._backend.has_mechanism(_ECDSA[name]):
                 mechanism, payload = _ECDSA[name], raw
             else:
                 mechanism, payload = Mechanism.ECDSA, _HASHES[name](raw).digest()
@@ -268,7 +273,8 @@ class Pkcs11RsaKey(rsa.RSAPrivateKey):
         hash_algorithm = algorithm._algorithm if isinstance(algorithm, Prehashed) else algorithm
         name = _hash_name(hash_algorithm)
         if isinstance(padding, rsa_padding.PKCS1v15):
-            if not prehashed and self._backend.has_mechanism(_RSA_PKCS[name]):
+            on_token = not prehashed and len(raw) <= ON_TOKEN_HASH_LIMIT
+            if on_token and self._backend.has_mechanism(_RSA_PKCS[name]):
                 return self._backend.sign(self._ref, raw, _RSA_PKCS[name], None)
             digest = raw if prehashed else _HASHES[name](raw).digest()
             return self._backend.sign(
@@ -279,7 +285,12 @@ class Pkcs11RsaKey(rsa.RSAPrivateKey):
                 raise KeyBackendError("pre-hashed RSA-PSS is not offered")
             mechanism, hash_mech, mgf = _RSA_PSS[name]
             salt = _pss_salt_length(padding, self._public, hash_algorithm)
-            return self._backend.sign(self._ref, raw, mechanism, (hash_mech, mgf, salt))
+            params = (hash_mech, mgf, salt)
+            if len(raw) <= ON_TOKEN_HASH_LIMIT and self._backend.has_mechanism(mechanism):
+                return self._backend.sign(self._ref, raw, mechanism, params)
+            # CKM_RSA_PKCS_PSS signs a digest computed here.
+            digest = _HASHES[name](raw).digest()
+            return self._backend.sign(self._ref, digest, Mechanism.RSA_PKCS_PSS, params)
         raise KeyBackendError(f"RSA padding {padding.name} is not offered")
 
     def public_key(self) -> rsa.RSAPublicKey:
@@ -349,40 +360,57 @@ class Pkcs11Backend:
         self._login_refused: ConfigError | None = None
         self._public_cache: dict[str, CertificateIssuerPublicKeyTypes] = {}
         self.logins = 0  # C_Login calls made (status, tests)
+        self._token: Any = None
+        self._mechanisms: frozenset[Any] = frozenset()
         with self._lock:
             try:
                 self._lib = pkcs11.lib(module)
             except (RuntimeError, OSError) as exc:
                 raise ConfigError(f"cannot load PKCS#11 module {module}: {exc}") from None
             try:
-                self._token = self._find_token(starting=True)
-            except (KeyBackendError, ConfigError):
-                # The module may hold a stale view (a token that went away and came back in
-                # this process): look again once with fresh slots.
-                with contextlib.suppress(p11e.PKCS11Error):
-                    self._lib.reinitialize()
-                self._token = self._find_token(starting=True)
-            self._open_session()  # the one login attempt at start: a wrong PIN stops here
-            self._mechanisms = frozenset(self._token.slot.get_mechanisms())
+                # The one login attempt at start: a wrong PIN stops here (ConfigError).
+                self._open_session()
+            except KeyBackendError as exc:
+                # The token is away (or its label is wrong): this process still starts, every
+                # key operation fails with KeyBackendError and tries the token again, and
+                # check() (run by `serve` and `init`) refuses to start without it.
+                log.warning("pkcs11 token unavailable at start", extra={"error": exc.message})
+
+    def check(self) -> None:
+        """Start-up check: the token is there and we are logged in (KeyBackendError if not)."""
+        self._run(lambda _session: None)
 
     def __repr__(self) -> str:  # never the PIN
         return f"Pkcs11Backend(module={self.module!r}, token={self.token_label!r})"
 
     # -- token, login, session (all under the module lock) --------------------------------
-    def _find_token(self, *, starting: bool = False) -> Any:
-        try:
-            return self._lib.get_token(token_label=self.token_label)
-        except p11e.NoSuchToken:
-            message = f"no PKCS#11 token labelled {self.token_label!r} in {self.module}"
-            if starting:
-                raise ConfigError(message) from None
-            raise KeyBackendError(message) from None  # it was there: unavailable for now
-        except p11e.MultipleTokensReturned:
-            raise ConfigError(f"several tokens are labelled {self.token_label!r}") from None
-        except p11e.PKCS11Error as exc:
-            raise KeyBackendError(
-                f"token {self.token_label!r} unavailable ({type(exc).__name__})"
-            ) from None
+    def _find_token(self) -> Any:
+        """The token by its label; the module's slots are re-read once when it is not seen
+        (a token that went away and came back in this process)."""
+        for attempt in range(2):
+            try:
+                token = self._lib.get_token(token_label=self.token_label)
+            except (p11e.NoSuchToken, p11e.GeneralError, p11e.SlotIDInvalid) as exc:
+                if attempt == 0:
+                    with contextlib.suppress(p11e.PKCS11Error):
+                        self._lib.reinitialize()
+                    continue
+                if isinstance(exc, p11e.NoSuchToken):
+                    raise KeyBackendError(
+                        f"no PKCS#11 token labelled {self.token_label!r} in {self.module}"
+                    ) from None
+                raise KeyBackendError(
+                    f"token {self.token_label!r} unavailable ({type(exc).__name__})"
+                ) from None
+            except p11e.MultipleTokensReturned:
+                raise ConfigError(f"several tokens are labelled {self.token_label!r}") from None
+            except p11e.PKCS11Error as exc:
+                raise KeyBackendError(
+                    f"token {self.token_label!r} unavailable ({type(exc).__name__})"
+                ) from None
+            self._mechanisms = frozenset(token.slot.get_mechanisms())
+            return token
+        raise AssertionError("unreachable")
 
     def _open_session(self) -> Any:
         """The read/write session we sign in, logged in with the PIN. A refused PIN is
@@ -391,6 +419,8 @@ class Pkcs11Backend:
             return self._session
         if self._login_refused is not None:
             raise self._login_refused
+        if self._token is None:
+            self._token = self._find_token()
         try:
             self.logins += 1
             session = self._token.open(rw=True, user_pin=self._pin)
@@ -428,28 +458,39 @@ class Pkcs11Backend:
         if isinstance(exc, _DEVICE_LOST):
             with contextlib.suppress(p11e.PKCS11Error):
                 self._lib.reinitialize()  # C_Finalize + C_Initialize: rescans the slots
+            self._token = None
             self._token = self._find_token()
 
-    def _run(self, operation: Callable[[Any], T]) -> T:
+    def _run(self, operation: Callable[[Any], T], *, missing_is_outage: bool = False) -> T:
         """``operation(session)`` under the module lock; on a lost session or device, recover
-        and try once more; then KeyBackendError (HTTP 503, exit 69)."""
+        and try once more; then KeyBackendError (HTTP 503, exit 69). A key not found is looked
+        for once more after re-reading the token (its store may have been away); still
+        missing, it is NotFound, or KeyBackendError with ``missing_is_outage`` (a key that
+        signed before)."""
         last: Exception | None = None
         with self._lock:
-            for _attempt in range(2):
+            for attempt in range(2):
                 try:
                     return operation(self._open_session())
-                except RECOVERABLE as exc:
+                except NotFound as exc:
+                    if attempt == 1:
+                        if missing_is_outage:
+                            message = f"signing key unavailable: {exc.message}"
+                            raise KeyBackendError(message) from None
+                        raise
                     last = exc
-                    try:
-                        self._recover(exc)
-                    except KeyBackendError as again:
-                        last = again
-                        break
-                    except p11e.PKCS11Error as again:
-                        last = again
-                        break
+                    failure: Exception = KeyVanished(exc.message)
+                except RECOVERABLE as exc:
+                    last = failure = exc
                 except p11e.PKCS11Error as exc:
                     raise KeyBackendError(f"the token refused: {type(exc).__name__}") from None
+                try:
+                    self._recover(failure)
+                except (KeyBackendError, p11e.PKCS11Error) as again:
+                    last = again
+                    break
+        if isinstance(last, KeyBackendError):
+            raise KeyBackendError(last.message)
         name = type(last).__name__ if last is not None else "unknown"
         raise KeyBackendError(f"token {self.token_label!r} unavailable ({name})")
 
@@ -473,6 +514,15 @@ class Pkcs11Backend:
 
     def _find(self, session: Any, ref: str, object_class: ObjectClass) -> Any:
         uri = self._uri(ref)
+        token = self._token
+        for name, have in (
+            ("serial", _text(token.serial)),
+            ("manufacturer", token.manufacturer_id),
+            ("model", token.model),
+        ):
+            wanted = getattr(uri, name)
+            if wanted is not None and wanted != have:
+                raise KeyBackendError(f"key {ref}: this token's {name} is {have!r}")
         attrs: dict[Attribute, Any] = {Attribute.CLASS: object_class}
         if uri.object is not None:
             attrs[Attribute.LABEL] = uri.object
@@ -495,7 +545,6 @@ class Pkcs11Backend:
         object_label = self.label_prefix + label
 
         def make(session: Any) -> None:
-            session = session
             private = {**PRIVATE_TEMPLATE}
             public = {**PUBLIC_TEMPLATE}
             if key_type in _CURVES:
@@ -593,20 +642,17 @@ class Pkcs11Backend:
         def op(session: Any) -> bytes:
             key = self._keys.get(ref)
             if key is None:
-                try:
-                    key = self._find(session, ref, ObjectClass.PRIVATE_KEY)
-                except NotFound as exc:
-                    # It was found before (we hold its public key): the token lost it for now.
-                    raise KeyVanished(exc.message) from None
+                key = self._find(session, ref, ObjectClass.PRIVATE_KEY)
                 self._keys[ref] = key
             return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
 
-        return self._run(op)
+        # It was found before (we hold its public key): missing now means the token is away.
+        return self._run(op, missing_is_outage=True)
 
     # -- operator views -------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        keys = self.keys()  # connects first when the token was away at start
         token = self._token
-        keys = self.keys()
         return {
             "module": self.module,
             "library": {

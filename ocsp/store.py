@@ -9,8 +9,9 @@ rows (never signed) are unknown. A serial the CA never assigned has no row: answ
 
 When responses are (re)signed:
 
-* at issuance: :meth:`OcspService.on_issued`, a hook ``CaService`` calls after the issued row
-  committed;
+* at issuance: :meth:`OcspService.on_issued`, a hook ``CaService`` calls once the certificate
+  is signed; the response is written in the certificate's own store transaction (in a
+  savepoint: its failure never fails the issuance, the refresher repairs it);
 * on revocation and release: :meth:`OcspService.on_revocation` is a ``Revoker`` listener,
   called after the commit and before ``revoke()`` returns. It re-signs every certificate of
   that CA whose ``status_epoch`` is newer than its stored response's;
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Table, and_, func, or_, select
+from sqlalchemy import Connection, Table, and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -317,6 +318,39 @@ def _row(values: Sequence[Any]) -> _Row:
     )
 
 
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert_statement(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT DO UPDATE for stored responses, built once per dialect (building
+    it, ``excluded`` above all, cost more than running it)."""
+    found = _UPSERTS.get(dialect)
+    if found is not None:
+        return found
+    table = cast(Table, OcspResponse.__table__)
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    excluded = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["issuer_id", "serial"],
+        set_={
+            name: excluded[name]
+            for name in (
+                "der",
+                "cert_status",
+                "status_epoch",
+                "this_update",
+                "next_update",
+                "updated_at",
+            )
+        },
+        # Never replace an answer reflecting a newer state of the certificate.
+        where=table.c.status_epoch <= excluded.status_epoch,
+    )
+    _UPSERTS[dialect] = stmt
+    return stmt
+
+
 class OcspService:
     def __init__(
         self,
@@ -508,8 +542,14 @@ class OcspService:
     def sign_rows(self, rows: Sequence[_Row], now: dt.datetime) -> int:
         """Pre-sign and store a response for each row; rows of CAs we do not serve are
         skipped. Returns how many were written."""
+        values = self._signed_values(rows, now)
+        if values:
+            self._upsert(values)
+        return len(values)
+
+    def _signed_values(self, rows: Sequence[_Row], now: dt.datetime) -> list[dict[str, Any]]:
         if not rows:
-            return 0
+            return []
         issuers = self.issuers()
         if any(row.issuer_id not in issuers for row in rows):
             self.invalidate_issuers()  # a CA created since (sign_rows is not client-driven)
@@ -534,35 +574,11 @@ class OcspService:
                     "updated_at": now,
                 }
             )
-        if not values:
-            return 0
-        self._upsert(values)
-        return len(values)
+        return values
 
     def _upsert(self, values: list[dict[str, Any]]) -> None:
-        table = cast(Table, OcspResponse.__table__)
-        dialect = self.db.engine.dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        stmt = insert(table)
-        excluded = stmt.excluded
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["issuer_id", "serial"],
-            set_={
-                name: excluded[name]
-                for name in (
-                    "der",
-                    "cert_status",
-                    "status_epoch",
-                    "this_update",
-                    "next_update",
-                    "updated_at",
-                )
-            },
-            # Never replace an answer reflecting a newer state of the certificate.
-            where=table.c.status_epoch <= excluded.status_epoch,
-        )
         with self.db.connection_scope() as conn:
-            conn.execute(stmt, values)
+            conn.execute(_upsert_statement(conn.dialect.name), values)
 
     def sign_serials(self, issuer_id: int, serials: Sequence[str], now: dt.datetime) -> int:
         """(Re-)sign the given serials (40-hex) of one CA from their certificates rows."""
@@ -580,15 +596,28 @@ class OcspService:
         return self.sign_rows(rows, now)
 
     # -- hooks --------------------------------------------------------------------------------
-    def on_issued(self, issuer_id: int, serial: int) -> None:
-        """Issuance hook (after the issued row committed)."""
+    def on_issued(self, issuer_id: int, serial: int) -> Callable[[Connection], None] | None:
+        """Issuance hook, called once the certificate is signed: the first response ("good",
+        status epoch 0, the row's state at issuance), signed now and written in the
+        certificate's own store transaction. A revocation that gets in later has a higher
+        epoch, and the upsert never replaces a newer epoch's answer. Any failure leaves the
+        response to the refresher's repair; the issuance goes on."""
         try:
-            self.sign_serials(issuer_id, [serial_hex(serial)], self.clock())
-        except SekishoError as exc:
-            log.warning(
-                "ocsp pre-sign at issuance failed (the refresher retries)",
-                extra={"code": exc.code, "detail": exc.message},
+            values = self._signed_values(
+                [_Row(issuer_id, serial_hex(serial), core.GOOD, 0)], self.clock()
             )
+        except (SekishoError, ValueError) as exc:
+            log.warning("ocsp pre-sign at issuance failed (the refresher repairs it)",
+                        extra={"detail": str(exc)})  # fmt: skip
+            return None
+        if not values:
+            return None
+        statement = _upsert_statement(self.db.engine.dialect.name)
+
+        def write(conn: Connection) -> None:
+            conn.execute(statement, values)
+
+        return write
 
     def on_revocation(self, ca_id: int) -> None:
         """Revoker listener: re-sign what changed, before revoke()/release() returns."""

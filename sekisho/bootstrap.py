@@ -10,13 +10,13 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
 from audit.events import Category, Event, Outcome
-from ca.hierarchy import NameConstraintSpec, create_issuing, create_root
+from ca.hierarchy import NameConstraintSpec, check_adoptable, create_issuing, create_root
 from ca.models import CaKind, CertificateAuthority
 from hsm.base import KeyType
 from ocsp.signers import ensure_responders
 from sekisho.context import Actor
 from sekisho.errors import Conflict, InputError
-from sekisho.services import Services, enable_checkpoints
+from sekisho.services import Services, audit_key_ref, enable_checkpoints
 
 DEFAULT_ISSUING = ("admin", "device")
 
@@ -47,6 +47,19 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
         raise Conflict("this deployment is already initialised")
     if len(set(plan.issuing)) < 2 or plan.root_name in plan.issuing:
         raise Conflict("need at least two distinct issuing CAs (administrators, devices)")
+    unknown = set(plan.adopt) - {plan.root_name, *plan.issuing}
+    if unknown:
+        raise InputError(f"--adopt-key names no CA of this plan: {', '.join(sorted(unknown))}")
+    # Before anything is created: adopted keys must be usable, and a token must not already
+    # hold an audit key under our label (another deployment with the same label prefix).
+    for ref in plan.adopt.values():
+        check_adoptable(services.ca, ref)
+    audit_ref = audit_key_ref(services.backend)
+    if services.settings.key_backend == "pkcs11" and services.backend.has_key(audit_ref):
+        raise Conflict(
+            f"the token already holds an audit key {audit_ref}: another deployment uses this "
+            "label prefix; set a distinct pkcs11_label_prefix (or delete that key)"
+        )
     enable_checkpoints(services)
     with services.db.scope() as session:
         services.journal.append(
@@ -66,9 +79,6 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
             ),
             services.clock(),
         )
-    unknown = set(plan.adopt) - {plan.root_name, *plan.issuing}
-    if unknown:
-        raise InputError(f"--adopt-key names no CA of this plan: {', '.join(sorted(unknown))}")
     created = [
         create_root(
             services.ca,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from sekisho.db import Database
 from sekisho.errors import ConfigError, KeyBackendError, SekishoError
 from sekisho.settings import Settings
 
+log = logging.getLogger("sekisho")
 AUDIT_KEY_LABEL = "audit"
 AUDIT_KEY_REF = "file:audit"  # the software backend's reference for it
 AUDIT_KEY_TYPE = KeyType.EC_P256
@@ -117,6 +119,14 @@ def journal_origin(db: Database, settings: Settings) -> str:
     return settings.journal_origin
 
 
+def _has_checkpoints(db: Database) -> bool:
+    try:
+        with db.read_scope() as session:
+            return session.scalar(select(Checkpoint.seq).limit(1)) is not None
+    except (SekishoError, SQLAlchemyError):
+        return False
+
+
 def build_services(
     settings: Settings,
     *,
@@ -129,9 +139,17 @@ def build_services(
         db.upgrade()
     backend = backend or open_backend(settings)
     audit_ref = audit_key_ref(backend)
-    signer = (
-        CheckpointSigner(backend, audit_ref, AUDIT_KEY_TYPE) if backend.has_key(audit_ref) else None
-    )
+    try:
+        has_audit_key = backend.has_key(audit_ref)
+    except KeyBackendError as exc:
+        log.error("audit key unavailable", extra={"key_ref": audit_ref, "detail": exc.message})
+        has_audit_key = False
+    signer = CheckpointSigner(backend, audit_ref, AUDIT_KEY_TYPE) if has_audit_key else None
+    if signer is None and _has_checkpoints(db):
+        # The journal was checkpointed before: appending without checkpoints would weaken
+        # its tamper evidence unnoticed. Say so loudly (`audit verify` still works).
+        log.error("the audit checkpoint key is missing: no new checkpoints will be signed",
+                  extra={"key_ref": audit_ref})  # fmt: skip
     journal = Journal(
         journal_origin(db, settings),
         signer,
@@ -154,7 +172,7 @@ def build_services(
     )
     # Pre-signed OCSP responses: signed at issuance, re-signed before revoke()/release() return.
     ocsp = OcspService(db, backend, settings, clock)
-    ca.issued_listeners.append(ocsp.on_issued)
+    ca.issued_hooks.append(ocsp.on_issued)
     revoker.listeners.append(ocsp.on_revocation)
     return Services(
         ocsp=ocsp,

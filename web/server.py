@@ -2,11 +2,13 @@
 
 No database connection may cross a fork: SQLite keeps per-process lock state for each open
 file (a worker forked while the parent was inside a transaction waits for a lock nobody holds)
-and a PostgreSQL socket shared by two processes corrupts both sessions. So the arbiter only
-migrates the schema, then closes every connection before gunicorn forks; workers build their
-own services after the fork; and the CRL refresher runs in a separate process, a fresh
-interpreter (``python -m web.server``, settings as JSON on stdin), stopped by its PID when the
-server stops and exiting by itself if its parent disappears.
+and a PostgreSQL socket shared by two processes corrupts both sessions; a PKCS#11 module must
+be initialised in the process that uses it. So the arbiter opens nothing: a child interpreter
+(``python -m web.server check``) migrates the schema and checks the key backend (token there,
+PIN accepted) before gunicorn starts; workers build their own services after the fork; and
+the CRL refresher runs in a separate process, a fresh interpreter (``python -m web.server
+PARENT_PID``, settings as JSON on stdin), stopped by its PID when the server stops and exiting
+by itself if its parent disappears.
 """
 
 from __future__ import annotations
@@ -23,10 +25,24 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
+from sekisho.errors import (
+    ConfigError,
+    KeyBackendError,
+    SekishoError,
+    StoreError,
+    WrongPassphrase,
+)
 from sekisho.services import build_services
 from sekisho.settings import Settings, load_settings
 
 REFRESHER_STOP_TIMEOUT = 10.0
+STARTUP_CHECK_TIMEOUT = 300.0
+ERRORS_BY_EXIT: dict[int, type[SekishoError]] = {
+    KeyBackendError.exit_code: KeyBackendError,
+    WrongPassphrase.exit_code: WrongPassphrase,
+    StoreError.exit_code: StoreError,
+    ConfigError.exit_code: ConfigError,
+}
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -75,9 +91,48 @@ def _settings_json(settings: Settings) -> str:
     )
 
 
+def check_main(settings: Settings) -> int:
+    """Start-up check, in a child process: migrate the store, open the key backend (a PKCS#11
+    token must be there and accept the PIN). Prints the error and returns its exit code."""
+    try:
+        services = build_services(settings)
+        try:
+            check = getattr(services.backend, "check", None)
+            if check is not None:
+                check()
+        finally:
+            services.close()
+    except SekishoError as exc:
+        sys.stderr.write(json.dumps({"code": exc.code, "message": exc.message}) + "\n")
+        return exc.exit_code
+    return 0
+
+
+def _startup_check(settings: Settings) -> None:
+    """Run :func:`check_main` in a fresh interpreter: neither a database connection nor an
+    initialised PKCS#11 module may cross gunicorn's fork (modules must be initialised in the
+    process that uses them)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "web.server", "check"],
+        input=_settings_json(settings).encode(),
+        capture_output=True,
+        timeout=STARTUP_CHECK_TIMEOUT,
+        check=False,
+    )
+    if proc.returncode == 0:
+        return
+    try:
+        doc = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+        message = str(doc["message"])
+    except (ValueError, KeyError, IndexError):
+        message = f"start-up check failed (exit {proc.returncode})"
+    error = ERRORS_BY_EXIT.get(proc.returncode, ConfigError)
+    raise error(message)
+
+
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
-    # Migrate once, before any worker starts; then drop every connection before forking.
-    build_services(settings).close()
+    # Migrate once and check the key backend before any worker starts, in a child process.
+    _startup_check(settings)
     refresher: list[subprocess.Popen[bytes]] = []
 
     def when_ready(_server: Any) -> None:
@@ -121,10 +176,12 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
 
 
 def main() -> None:
-    """``python -m web.server PARENT_PID`` with the settings as JSON on stdin."""
-    parent_pid = int(sys.argv[1])
+    """``python -m web.server PARENT_PID`` (the refresher) or ``python -m web.server check``
+    (the start-up check), with the settings as JSON on stdin."""
     settings = load_settings(env={}, overrides=json.loads(sys.stdin.read()))
-    refresher_main(settings, parent_pid)
+    if sys.argv[1] == "check":
+        raise SystemExit(check_main(settings))
+    refresher_main(settings, int(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from sqlalchemy import select, text
 
-from ca.models import Certificate, CertStatus, CrlKind
+from ca.models import Certificate, CertificateAuthority, CertStatus, CrlKind
 from ca.revocation import Reason
 from ca.tbs import serial_hex
 from sekisho.errors import KeyBackendError, SekishoError, StoreError
@@ -50,6 +50,15 @@ def _heal(services: Services) -> None:
             conn.execute(text("DROP FUNCTION fail_issue()"))
 
 
+def _ca_key_ref(services: Services, name: str) -> str:
+    with services.db.scope() as session:
+        return str(
+            session.scalars(
+                select(CertificateAuthority.key_ref).where(CertificateAuthority.name == name)
+            ).one()
+        )
+
+
 def _is_sqlite(services: Services) -> bool:
     return services.db.engine.dialect.name == "sqlite"
 
@@ -62,13 +71,15 @@ def _rows(services: Services, status: CertStatus) -> list[Certificate]:
 def test_store_fails_after_signing(services: Services, recording_backend: RecordingBackend) -> None:
     issued_before = len(_rows(services, CertStatus.ISSUED))
     _inject(services)
-    signed_before = len(recording_backend.calls)
+    ca_key = _ca_key_ref(services, "admin")
+    signed_before = [data for ref, data in recording_backend.calls if ref == ca_key]
     with pytest.raises(StoreError) as info:
         issue(services, "admin-client")
     assert "Traceback" not in info.value.message
-    # The certificate was signed (the fault is after the signature) ...
-    assert len(recording_backend.calls) == signed_before + 1
-    tbs_signed = recording_backend.calls[-1][1]
+    # The certificate was signed by the CA (the fault is after the signature) ...
+    signed = [data for ref, data in recording_backend.calls if ref == ca_key]
+    assert len(signed) == len(signed_before) + 1
+    tbs_signed = signed[-1]
     # ... but only the intent row exists: reserved, with the hash of exactly what was signed.
     reserved = _rows(services, CertStatus.RESERVED)
     assert len(reserved) == 1
@@ -147,9 +158,9 @@ def test_revoked_while_signing_is_not_handed_out(services: Services) -> None:
     request = request_for("admin-client")
     original = services.ca._store_issued
 
-    def revoke_first(row_id: int, tbs, cert, actor):  # type: ignore[no-untyped-def]
+    def revoke_first(row_id: int, tbs, cert, actor, extras=()):  # type: ignore[no-untyped-def]
         services.revoker.revoke("admin", cert.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
-        return original(row_id, tbs, cert, actor)
+        return original(row_id, tbs, cert, actor, extras)
 
     services.ca._store_issued = revoke_first  # type: ignore[method-assign]
     with pytest.raises(Conflict):

@@ -284,3 +284,43 @@ def test_every_issuing_ca_has_presigned_responder_rows(services: Services, ca: s
     rows, _ = store.snapshot(services.db)
     assert any(r.issuer_id == ca_id for r in rows)  # the responder certificate itself
     assert issuer.responder_certificate.serial_number in {r.serial for r in rows}
+
+
+_FAIL_SQLITE = """
+CREATE TRIGGER fail_ocsp BEFORE INSERT ON ocsp_responses
+BEGIN SELECT RAISE(ABORT, 'injected ocsp store fault'); END
+"""
+_FAIL_PG = [
+    """CREATE FUNCTION fail_ocsp() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN RAISE EXCEPTION 'injected ocsp store fault'; END $$""",
+    """CREATE TRIGGER fail_ocsp BEFORE INSERT ON ocsp_responses
+       FOR EACH ROW EXECUTE FUNCTION fail_ocsp()""",
+]
+
+
+def test_first_response_commits_with_the_certificate_and_never_fails_issuance(
+    services: Services,
+) -> None:
+    """The response signed at issuance is written in the certificate's own transaction (so an
+    issued certificate has it at once); if writing it fails, the issuance still succeeds and
+    the refresher's repair signs it later."""
+    from sqlalchemy import text
+
+    ca_id, _issuer = issuer_for(services)
+    leaf = issue(services, "admin-client")
+    assert stored(services, ca_id, leaf.serial_number).serial == leaf.serial_number
+
+    sqlite = services.db.engine.dialect.name == "sqlite"
+    with services.db.engine.begin() as conn:
+        for statement in [_FAIL_SQLITE] if sqlite else _FAIL_PG:
+            conn.execute(text(statement))
+    unlucky = issue(services, "admin-client")  # no exception: the savepoint took the fault
+    rows, _ = store.snapshot(services.db)
+    assert unlucky.serial_number not in {r.serial for r in rows if r.issuer_id == ca_id}
+    with services.db.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER fail_ocsp" + ("" if sqlite else " ON ocsp_responses")))
+        if not sqlite:
+            conn.execute(text("DROP FUNCTION fail_ocsp()"))
+    assert services.ocsp.refresh_due(services.clock()) >= 1
+    repaired = stored(services, ca_id, unlucky.serial_number)
+    assert single(repaired.der).certificate_status is x509_ocsp.OCSPCertStatus.GOOD
