@@ -370,11 +370,12 @@ class Pkcs11Backend:
             try:
                 # The one login attempt at start: a wrong PIN stops here (ConfigError).
                 self._open_session()
-            except KeyBackendError as exc:
+            except (KeyBackendError, p11e.PKCS11Error) as exc:
                 # The token is away (or its label is wrong): this process still starts, every
                 # key operation fails with KeyBackendError and tries the token again, and
-                # check() (run by `serve` and `init`) refuses to start without it.
-                log.warning("pkcs11 token unavailable at start", extra={"error": exc.message})
+                # check() (run by `serve` before gunicorn starts) refuses to go on without it.
+                detail = exc.message if isinstance(exc, KeyBackendError) else type(exc).__name__
+                log.warning("pkcs11 token unavailable at start", extra={"error": detail})
 
     def check(self) -> None:
         """Start-up check: the token is there and we are logged in (KeyBackendError if not)."""
