@@ -35,7 +35,6 @@ from sekisho.settings import Settings
 
 log = logging.getLogger("sekisho")
 AUDIT_KEY_LABEL = "audit"
-AUDIT_KEY_REF = "file:audit"  # the software backend's reference for it
 AUDIT_KEY_TYPE = KeyType.EC_P256
 
 
