@@ -16,7 +16,7 @@ from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, select, text, update
 from sqlalchemy.orm import Session
 
 from audit.events import Category, Outcome, by_actor
@@ -46,6 +46,7 @@ OID_REASON = "2.5.29.21"
 OID_INVALIDITY = "2.5.29.24"
 REMOVE_FROM_CRL = 8
 STREAM_BATCH = 10_000  # rows fetched per round trip when streaming revocations
+SORT_WORK_MEM = "256MB"  # PostgreSQL work_mem for sorting a full CRL's serials in memory
 _CERTS = cast(Table, Certificate.__table__)
 
 _REASON_CODE = {
@@ -286,6 +287,12 @@ class CrlPublisher:
                 horizon = now - self.next_update
                 # Streamed (server-side cursor on PostgreSQL) and encoded straight to DER: no
                 # per-entry objects, so 10^6 entries take seconds and little memory.
+                if session.get_bind().dialect.name == "postgresql":
+                    # Serials are random: walking the (issuer, serial) index reads the heap
+                    # in random order, a page per row (2.4 s at 10^6). A sequential scan and
+                    # an in-memory sort of the serials take 1.1 s. This transaction only.
+                    session.execute(text("SET LOCAL enable_indexscan = off"))
+                    session.execute(text(f"SET LOCAL work_mem = '{SORT_WORK_MEM}'"))
                 full_rows = (
                     session.connection()
                     .execution_options(yield_per=STREAM_BATCH)
