@@ -65,6 +65,7 @@ from ocsp import der as r
 from sekisho.errors import ConfigError, KeyBackendError, MalformedInput, StoreError
 
 MAX_REQUEST_SIZE = 32 * 1024
+HTTP_MAX_BODY = 64 * 1024  # larger HTTP bodies are refused (413) before being read
 MAX_DEPTH = 24
 MAX_CERT_IDS = 32
 MIN_NONCE = 1

@@ -56,7 +56,7 @@ from ocsp.index import Entry, ResponseIndex, StoredLike, simple_request
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 8 * 1024
-MAX_BODY = 64 * 1024
+MAX_BODY = core.HTTP_MAX_BODY
 REQUEST_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 1024

@@ -122,6 +122,15 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return engine
 
 
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Driver errors (connection lost, lock timeout, constraint) become StoreError."""
+    try:
+        yield
+    except (OperationalError, DBAPIError) as exc:
+        raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+
+
 class Database:
     """An engine plus a session factory; ``scope()`` is one transaction."""
 
@@ -141,14 +150,13 @@ class Database:
         """
         session = self._sessions()
         try:
-            yield session
-            session.commit()
-        except (OperationalError, DBAPIError) as exc:
-            session.rollback()
-            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
-        except BaseException:
-            session.rollback()
-            raise
+            with _store_errors():
+                try:
+                    yield session
+                    session.commit()
+                except BaseException:
+                    session.rollback()
+                    raise
         finally:
             session.close()
 
@@ -158,13 +166,10 @@ class Database:
         with a rollback, and the objects read stay loaded, detached). On SQLite it opens with a
         plain (deferred) ``BEGIN`` instead of ``BEGIN IMMEDIATE``: readers see a consistent
         snapshot and never queue behind writers (WAL). Driver errors become StoreError."""
-        try:
-            with self.engine.connect() as conn:
-                conn.execution_options(**{READ_ONLY: True})
-                with self._sessions(bind=conn) as session:
-                    yield session
-        except (OperationalError, DBAPIError) as exc:
-            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+        with _store_errors(), self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            with self._sessions(bind=conn) as session:
+                yield session
 
     @contextlib.contextmanager
     def connection_scope(self) -> Iterator[Connection]:
@@ -173,11 +178,8 @@ class Database:
         Same contract as ``scope()`` (commit on success, roll back on any error, driver errors
         become StoreError, domain errors pass through) without a Session's bookkeeping.
         """
-        try:
-            with self.engine.begin() as conn:
-                yield conn
-        except (OperationalError, DBAPIError) as exc:
-            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+        with _store_errors(), self.engine.begin() as conn:
+            yield conn
 
     @contextlib.contextmanager
     def statement_scope(self) -> Iterator[Connection]:
@@ -192,11 +194,8 @@ class Database:
             with self.connection_scope() as conn:
                 yield conn
             return
-        try:
-            with self.engine.connect() as conn:
-                yield conn.execution_options(isolation_level="AUTOCOMMIT")
-        except (OperationalError, DBAPIError) as exc:
-            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+        with _store_errors(), self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def upgrade(self) -> None:
         upgrade(self.engine)

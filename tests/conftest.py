@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -194,9 +193,7 @@ def pkcs11_template_dir(
     """An initialised SQLite deployment whose keys (CAs, OCSP responders, audit) are on the
     SoftHSM token; its ``sekisho.toml`` carries the backend settings (PIN file, not the PIN)."""
     data_dir = tmp_path_factory.mktemp("pkcs11-template") / "data"
-    data_dir.mkdir(parents=True)
-    lines = [f"{k} = {json.dumps(v)}" for k, v in softhsm.settings(TEST_TOKEN, "t-").items()]
-    (data_dir / "sekisho.toml").write_text("[sekisho]\n" + "\n".join(lines) + "\n")
+    softhsm.write_settings(data_dir, TEST_TOKEN, "t-")
     _initialise(make_settings(data_dir))
     return data_dir
 

@@ -32,7 +32,7 @@ log = logging.getLogger("sekisho.ocsp")
 bp = Blueprint("ocsp", __name__)
 MIME_REQUEST = "application/ocsp-request"
 MIME_RESPONSE = "application/ocsp-response"
-MAX_BODY = 64 * 1024
+MAX_BODY = core.HTTP_MAX_BODY
 MAX_AGE_CAP = 300  # seconds: caches re-check at least this often (revocations show quickly)
 _B64 = re.compile(r"^[A-Za-z0-9+/\-_]*={0,2}$")
 

@@ -56,10 +56,7 @@ def backend(softhsm: softhsm_support.SoftHsm) -> Iterator[Pkcs11Backend]:
 def _deployment(softhsm: softhsm_support.SoftHsm, tmp_path: Path, token: str) -> Path:
     """A new deployment whose keys are generated on ``token`` (its own label prefix)."""
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    values = softhsm.settings(token, f"d{secrets.token_hex(3)}-")
-    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    (data_dir / "sekisho.toml").write_text("[sekisho]\n" + "\n".join(lines) + "\n")
+    softhsm.write_settings(data_dir, token, f"d{secrets.token_hex(3)}-")
     return data_dir
 
 
@@ -243,11 +240,7 @@ def test_token_away_during_issuance_fails_cleanly_and_recovers(
     services = token_services
     issue(services, "device")  # warm: the CA key handle is cached
     before = {r.id for r in _rows(services)}
-    token_dir = softhsm.token_dir(FAULT_TOKEN)
-    away = tmp_path / "token-away"
-    shutil.move(token_dir, away)
-    token_dir.mkdir()  # an empty token directory: the token is gone
-    try:
+    with softhsm.token_away(FAULT_TOKEN):
         with pytest.raises(KeyBackendError, match=r"unavailable|no PKCS#11 token"):
             services.ca.issue(request_for("device"), TEST_ACTOR)
         # Not half-issued: the reserved row was marked failed, no issued row lacks its DER.
@@ -255,9 +248,6 @@ def test_token_away_during_issuance_fails_cleanly_and_recovers(
         assert [r.status for r in new] == [CertStatus.FAILED]
         assert new[0].der is None and "signing failed" in (new[0].failure or "")
         assert all(r.der is not None for r in _rows(services) if r.status is CertStatus.ISSUED)
-    finally:
-        shutil.rmtree(token_dir)  # whatever the module wrote into the empty directory
-        shutil.move(away, token_dir)
     # The token is back: the same services sign again, no restart.
     cert = issue(services, "device")
     device = x509.load_der_x509_certificate(_ca_der(services, "device"))
@@ -283,22 +273,15 @@ def test_cli_exits_69_while_the_token_is_away(
 ) -> None:
     data_dir = _deployment(softhsm, tmp_path, FAULT_TOKEN)
     assert cli_main(["--data-dir", str(data_dir), "init", "--org", "Away Corp"]) == 0
-    token_dir = softhsm.token_dir(FAULT_TOKEN)
-    away = tmp_path / "token-away"
-    shutil.move(token_dir, away)
-    token_dir.mkdir()
     args = ["--data-dir", str(data_dir), "issue", "--ca", "device", "--profile", "device",
             "--keygen", "ec-p256", "--subject", "CN=away.example.com",
             "--san", "dns:away.example.com"]  # fmt: skip
-    try:
+    with softhsm.token_away(FAULT_TOKEN):
         capsys.readouterr()
         code = cli_main(args)
         _out, err = capsys.readouterr()
         assert code == 69, err  # the process starts; signing fails: key backend error
         assert "Traceback" not in err and softhsm_support.USER_PIN not in err
-    finally:
-        shutil.rmtree(token_dir)  # whatever the module wrote into the empty directory
-        shutil.move(away, token_dir)
     assert cli_main(args) == 0
 
 
@@ -420,19 +403,6 @@ def test_init_on_the_token_and_adopting_an_existing_key(
 
 
 # -- start-up and outages seen from a fresh backend -------------------------------------------
-def _take_away(softhsm: softhsm_support.SoftHsm, tmp_path: Path) -> tuple[Path, Path]:
-    token_dir = softhsm.token_dir(FAULT_TOKEN)
-    away = tmp_path / f"away-{secrets.token_hex(3)}"
-    shutil.move(token_dir, away)
-    token_dir.mkdir()
-    return token_dir, away
-
-
-def _bring_back(token_dir: Path, away: Path) -> None:
-    shutil.rmtree(token_dir)
-    shutil.move(away, token_dir)
-
-
 def test_keys_are_found_again_after_the_token_came_back(
     softhsm: softhsm_support.SoftHsm, tmp_path: Path
 ) -> None:
@@ -441,12 +411,8 @@ def test_keys_are_found_again_after_the_token_came_back(
     try:
         ref = backend.generate(f"lookup-{secrets.token_hex(3)}", KeyType.EC_P256)
         backend._public_cache.clear()
-        token_dir, away = _take_away(softhsm, tmp_path)
-        try:
-            with pytest.raises(KeyBackendError):
-                backend.public_key(ref)
-        finally:
-            _bring_back(token_dir, away)
+        with softhsm.token_away(FAULT_TOKEN), pytest.raises(KeyBackendError):
+            backend.public_key(ref)
         key = backend.signing_key(ref)  # reads the public key again: found
         assert backend.has_key(ref) and not backend.has_key(backend.reference("no-such-key"))
         signature = key.sign(b"back", ec.ECDSA(hashes.SHA256()))
@@ -460,15 +426,12 @@ def test_a_backend_started_while_the_token_is_away_works_once_it_is_back(
 ) -> None:
     """A process (a gunicorn worker restarted during an outage) starts; its key operations
     fail with KeyBackendError and the start-up check refuses, until the token is back."""
-    token_dir, away = _take_away(softhsm, tmp_path)
-    try:
+    with softhsm.token_away(FAULT_TOKEN):
         backend = Pkcs11Backend(softhsm.module, FAULT_TOKEN, softhsm_support.USER_PIN)
         with pytest.raises(KeyBackendError):
             backend.check()
         with pytest.raises(KeyBackendError):
             backend.generate("while-away", KeyType.EC_P256)
-    finally:
-        _bring_back(token_dir, away)
     try:
         backend.check()
         ref = backend.generate(f"after-{secrets.token_hex(3)}", KeyType.EC_P256)

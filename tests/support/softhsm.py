@@ -8,12 +8,15 @@ needs before any test loads the module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
@@ -81,6 +84,27 @@ class SoftHsm:
             "pkcs11_pin_file": str(self.pin_file),
             "pkcs11_label_prefix": prefix,
         }
+
+    def write_settings(self, data_dir: Path, token: str, prefix: str) -> None:
+        """``data_dir/sekisho.toml`` with the pkcs11 backend on ``token`` (the PIN file's path,
+        never the PIN)."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lines = [f"{k} = {json.dumps(v)}" for k, v in self.settings(token, prefix).items()]
+        (data_dir / "sekisho.toml").write_text("[sekisho]\n" + "\n".join(lines) + "\n")
+
+    @contextlib.contextmanager
+    def token_away(self, label: str) -> Iterator[None]:
+        """The token's directory replaced by an empty one (the token is gone) inside the
+        block; put back afterwards, dropping whatever the module wrote meanwhile."""
+        token_dir = self.token_dir(label)
+        away = self.base / f"away-{token_dir.name}"
+        shutil.move(token_dir, away)
+        token_dir.mkdir()
+        try:
+            yield
+        finally:
+            shutil.rmtree(token_dir)
+            shutil.move(away, token_dir)
 
     def remove(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
