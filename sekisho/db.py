@@ -13,16 +13,17 @@ import datetime as dt
 import enum
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, DateTime, Engine, Enum, create_engine, event
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from sekisho.errors import StoreError
+from sekisho.errors import DuplicateKey, StoreError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 READ_ONLY = "sekisho_read_only"  # execution option set by Database.read_scope()
@@ -139,7 +140,9 @@ class Database:
         self.engine = make_engine(url)
         self._sqlite = is_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._lock = threading.Lock()
+        # In-process writers on SQLite queue here rather than in SQLite's busy handler, which
+        # sleeps in steps of up to 100 ms (write_tx only; other processes still use it).
+        self._writer = threading.Lock() if self._sqlite else None
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[Session]:
@@ -197,11 +200,214 @@ class Database:
         with _store_errors(), self.engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
+    @contextlib.contextmanager
+    def write_tx(self) -> Iterator[WriteTx]:
+        """One write transaction run on the driver's connection with ``Prepared`` statements:
+        the hot paths (issuance), where SQLAlchemy's per-statement work cost more than the
+        database's. Same contract as ``connection_scope()``: commit on success, roll back on
+        any error, driver errors become StoreError (a unique-constraint violation becomes
+        DuplicateKey), domain errors pass through; a dead connection is dropped from the pool.
+        """
+        with self._writer or contextlib.nullcontext():
+            with _store_errors():
+                fairy = self.engine.raw_connection()  # pool checkout; checkout events run
+            tx = None
+            try:
+                tx = WriteTx(fairy, self.engine.dialect)
+                if self._sqlite:
+                    tx.cursor.execute("BEGIN IMMEDIATE")
+                yield tx
+                fairy.commit()
+            except BaseException as exc:
+                tx_rollback(fairy)
+                dialect = self.engine.dialect
+                if isinstance(exc, dialect.loaded_dbapi.Error):
+                    cursor = tx.cursor if tx is not None else None
+                    if dialect.is_disconnect(exc, fairy, cursor):
+                        fairy.invalidate(exc)
+                    duplicate = isinstance(exc, dialect.loaded_dbapi.IntegrityError)
+                    kind = DuplicateKey if duplicate else StoreError
+                    raise kind(f"database error: {exc.__class__.__name__}") from exc
+                raise
+            finally:
+                if tx is not None:
+                    tx.close()
+                fairy.close()  # back to the pool, which resets it
+
     def upgrade(self) -> None:
         upgrade(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def tx_rollback(fairy: Any) -> None:
+    """Roll back, ignoring a failure (a dead connection is invalidated by the caller)."""
+    with contextlib.suppress(Exception):
+        fairy.rollback()
+
+
+class Prepared:
+    """A Core statement compiled once per dialect and run on the driver's cursor by
+    ``WriteTx``. ``keys`` are the parameters a caller passes; every other bound value in the
+    statement (literals such as ``status == 'reserved'``) is fixed at compile time. Values go
+    through the column types' bind processors, so rows read back through the ORM are the
+    same as if SQLAlchemy had written them."""
+
+    def __init__(
+        self,
+        statement: Any,
+        keys: Sequence[str],
+        *,
+        columns: bool = False,
+        by_dialect: Callable[[str], Any] | None = None,
+    ) -> None:
+        """``columns``: ``statement`` is a bare ``insert(table)`` / ``update(table)`` and
+        ``keys`` are the columns it sets (compiled with only those columns). ``by_dialect``
+        builds the statement for a dialect name instead (upserts differ per dialect)."""
+        self.statement = statement
+        self.by_dialect = by_dialect
+        self.keys = tuple(keys)
+        self.columns = columns
+        self._plans: dict[str, _Plan] = {}
+
+    def plan(self, dialect: Dialect) -> _Plan:
+        found = self._plans.get(dialect.name)
+        if found is None:
+            found = self._plans[dialect.name] = _Plan.compile(self, dialect)
+        return found
+
+
+class _Plan:
+    """What one dialect runs for a ``Prepared``: SQL text, how to build its parameters, and
+    how to convert the columns it returns."""
+
+    def __init__(
+        self,
+        sql: str,
+        positional: bool,
+        binds: Sequence[tuple[str, str | None, Any, Callable[[Any], Any] | None]],
+        results: Sequence[Callable[[Any], Any] | None],
+    ) -> None:
+        self.sql = sql
+        self.positional = positional
+        self.binds = tuple(binds)  # (bind name, caller's key or None, fixed value, processor)
+        self.results = tuple(results)
+
+    @classmethod
+    def compile(cls, prepared: Prepared, dialect: Dialect) -> _Plan:
+        statement = prepared.by_dialect(dialect.name) if prepared.by_dialect else prepared.statement
+        kwargs: dict[str, Any] = {"column_keys": list(prepared.keys)} if prepared.columns else {}
+        compiled = statement.compile(dialect=dialect, **kwargs)
+        names = list(compiled.positiontup or []) if compiled.positional else list(compiled.binds)
+        if getattr(compiled, "escaped_bind_names", None):
+            raise ValueError("Prepared statements need plain bind names")
+        binds = []
+        for name in names:
+            bind = compiled.binds[name]
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if name in prepared.keys:
+                binds.append((name, name, None, processor))
+            elif bind.callable is None and not bind.required:
+                value = bind.value
+                binds.append((name, None, processor(value) if processor else value, None))
+            else:
+                raise ValueError(f"statement parameter {name!r} is not among the keys")
+        missing = set(prepared.keys) - set(names)
+        if missing:
+            raise ValueError(f"keys not used by the statement: {sorted(missing)}")
+        results = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in getattr(statement, "selected_columns", ())
+        ]
+        if getattr(statement, "_returning", None):
+            results = [
+                column.type.dialect_impl(dialect).result_processor(dialect, None)
+                for column in statement._returning
+            ]
+        return cls(str(compiled), compiled.positional, binds, results)
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        out = [
+            (
+                name,
+                fixed
+                if key is None
+                else (processor(values[key]) if processor is not None else values[key]),
+            )
+            for name, key, fixed, processor in self.binds
+        ]
+        if self.positional:
+            return tuple(value for _, value in out)
+        return dict(out)
+
+    def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(
+            fn(value) if fn is not None else value
+            for fn, value in zip(self.results, raw, strict=True)
+        )
+
+
+class WriteTx:
+    """The transaction ``Database.write_tx()`` hands out: ``Prepared`` statements on one
+    driver cursor."""
+
+    def __init__(self, fairy: Any, dialect: Dialect) -> None:
+        """``fairy``: a pooled DBAPI connection, already in a transaction (``write_tx``) or
+        the one under a SQLAlchemy ``Connection`` (see ``on()``)."""
+        self.dialect = dialect
+        self.cursor = fairy.cursor()
+        self._savepoints = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def on(cls, conn: Connection) -> Iterator[WriteTx]:
+        """Prepared statements inside a SQLAlchemy connection's own transaction."""
+        tx = cls(conn.connection, conn.dialect)
+        try:
+            yield tx
+        finally:
+            tx.close()
+
+    def execute(self, prepared: Prepared, values: Mapping[str, Any] | None = None) -> int:
+        """Run a statement; returns the number of rows it changed."""
+        plan = prepared.plan(self.dialect)
+        self.cursor.execute(plan.sql, plan.parameters(values or {}))
+        if self.cursor.description is not None:
+            # Rows it returns (RETURNING) are read: SQLite cannot commit a statement in progress.
+            self.cursor.fetchall()
+        return int(self.cursor.rowcount)
+
+    def first(
+        self, prepared: Prepared, values: Mapping[str, Any] | None = None
+    ) -> tuple[Any, ...] | None:
+        """Run a statement that returns rows (SELECT, RETURNING); the first row, converted."""
+        plan = prepared.plan(self.dialect)
+        self.cursor.execute(plan.sql, plan.parameters(values or {}))
+        raw = self.cursor.fetchone()
+        if raw is None:
+            return None
+        # Drain (PostgreSQL may hold further rows; SQLite steps to the end of the statement).
+        self.cursor.fetchall()
+        return plan.row(raw)
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Work that may fail without failing the transaction: rolled back alone."""
+        self._savepoints += 1
+        name = f"sk_{self._savepoints}"
+        self.cursor.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            self.cursor.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        self.cursor.execute(f"RELEASE SAVEPOINT {name}")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cursor.close()
 
 
 def alembic_config(engine: Engine) -> Any:

@@ -118,6 +118,10 @@ class StoreError(SekishoError):
     exit_code = 74
 
 
+class DuplicateKey(StoreError):
+    """A unique constraint refused a row (the caller may retry with another key)."""
+
+
 class AuditError(SekishoError):
     code = "audit-unavailable"
     http_status = 503

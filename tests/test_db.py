@@ -1,5 +1,8 @@
 """The store's transaction scopes and connection handling.
 
+* ``write_tx`` with ``Prepared`` statements (the hot paths) writes what SQLAlchemy reads back,
+  maps a unique violation to DuplicateKey, rolls back whole, and keeps savepoints apart.
+
 * SQLite: a read-only scope does not queue behind a writer holding the database lock.
 * PostgreSQL: pooled connections that the server dropped (restart, idle timeout, firewall) are
   replaced before the caller sees them when they sat idle; one dropped while in use fails that
@@ -7,17 +10,37 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import (
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    insert,
+    select,
+    text,
+    update,
+)
 
+from ca.models import CertStatus
 from sekisho import db as db_module
-from sekisho.db import Database
-from sekisho.errors import StoreError
+from sekisho.db import Database, Prepared, UTCDateTime, str_enum
+from sekisho.errors import Conflict, DuplicateKey, StoreError
 from tests.support import pg
+
+# What a failed statement inside a savepoint raises: the driver's own error (the savepoint
+# is rolled back; the caller decides).
+DuplicateKeyDriver = (sqlite3.IntegrityError, psycopg.IntegrityError)
 
 
 def _terminate_others(cluster: pg.PgCluster, database: str) -> None:
@@ -97,3 +120,131 @@ def test_sqlite_reader_does_not_wait_for_a_writer(tmp_path: Path) -> None:
             assert reader.execute(text("SELECT count(*) FROM t")).scalar_one() == 2
     finally:
         store.engine.dispose()
+
+
+# -- write_tx and Prepared: the hot-path statements, on both stores ---------------------------
+_META = MetaData()
+_ITEMS = Table(
+    "fast_items",
+    _META,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(32), unique=True, nullable=False),
+    Column("status", str_enum(CertStatus, 16), nullable=False),
+    Column("at", UTCDateTime, nullable=True),
+    Column("blob", LargeBinary, nullable=True),
+)
+_INSERT = Prepared(
+    insert(_ITEMS).returning(_ITEMS.c.id), ("name", "status", "at", "blob"), columns=True
+)
+_RENAME = Prepared(
+    update(_ITEMS)
+    .where(_ITEMS.c.name == bindparam("old"))
+    .where(_ITEMS.c.status == CertStatus.RESERVED)
+    .values(name=bindparam("new"), status=CertStatus.ISSUED),
+    ("old", "new"),
+)
+_SELECT = Prepared(
+    select(_ITEMS.c.status, _ITEMS.c.at).where(_ITEMS.c.name == bindparam("name")), ("name",)
+)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        store = Database(f"sqlite:///{tmp_path / 'store.db'}")
+    else:
+        cluster: pg.PgCluster = request.getfixturevalue("pg_cluster")
+        cluster.drop_database("t_db_fast")
+        store = Database(cluster.create_database("t_db_fast"))
+    _META.create_all(store.engine)
+    yield store
+    store.engine.dispose()
+    if request.param == "postgres":
+        cluster.drop_database("t_db_fast")
+
+
+def _names(store: Database) -> list[str]:
+    with store.read_scope() as session:
+        return sorted(session.scalars(select(_ITEMS.c.name)))
+
+
+def test_prepared_rows_read_back_as_the_orm_wrote_them(any_store: Database) -> None:
+    at = dt.datetime(2026, 11, 25, 12, 30, 1, 123456, tzinfo=dt.timezone(dt.timedelta(hours=9)))
+    with any_store.write_tx() as tx:
+        row = tx.first(
+            _INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": at, "blob": b"\0x"}
+        )
+        assert row is not None and row[0] >= 1
+        tx.execute(_INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        assert tx.execute(_RENAME, {"old": "a", "new": "a2"}) == 1
+        assert tx.execute(_RENAME, {"old": "a2", "new": "a3"}) == 0  # no longer reserved
+        assert tx.first(_SELECT, {"name": "a2"}) == (CertStatus.ISSUED, at.astimezone(dt.UTC))
+    # Through SQLAlchemy (ORM types), as any other reader sees them.
+    with any_store.read_scope() as session:
+        rows = session.execute(select(_ITEMS).order_by(_ITEMS.c.name)).all()
+    assert [(r.name, r.status, r.at, r.blob) for r in rows] == [
+        ("a2", CertStatus.ISSUED, at.astimezone(dt.UTC), b"\0x"),
+        ("b", CertStatus.RESERVED, None, None),
+    ]
+    assert rows[0].at.tzinfo is not None
+
+
+def test_write_tx_duplicate_key_rolls_back_everything(any_store: Database) -> None:
+    with any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    with pytest.raises(DuplicateKey) as info, any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    assert isinstance(info.value, StoreError) and "Traceback" not in info.value.message
+    assert _names(any_store) == ["a"]  # "b" went with the failed transaction
+    with any_store.write_tx() as tx:  # the pooled connection is usable again
+        tx.execute(_INSERT, {"name": "c", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    assert _names(any_store) == ["a", "c"]
+
+
+def test_write_tx_domain_error_passes_through_after_rollback(any_store: Database) -> None:
+    with pytest.raises(Conflict), any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        raise Conflict("changed state")
+    assert _names(any_store) == []
+
+
+def test_write_tx_savepoint_rolls_back_alone(any_store: Database) -> None:
+    with any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        with pytest.raises(DuplicateKeyDriver), tx.savepoint():
+            tx.execute(
+                _INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None}
+            )
+            tx.execute(
+                _INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None}
+            )
+        tx.execute(_INSERT, {"name": "c", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    assert _names(any_store) == ["a", "c"]
+
+
+def test_prepared_refuses_keys_that_do_not_match(any_store: Database) -> None:
+    wrong = Prepared(update(_ITEMS).values(name=bindparam("new")), ("new", "extra"))
+    unbound = Prepared(update(_ITEMS).values(name=bindparam("new")), ())
+    with pytest.raises(ValueError, match="extra"), any_store.write_tx() as tx:
+        tx.execute(wrong, {"new": "x", "extra": 1})
+    with pytest.raises(ValueError, match="new"), any_store.write_tx() as tx:
+        tx.execute(unbound, {})
+
+
+@pytest.mark.postgres
+def test_write_tx_on_a_dropped_connection_fails_once_then_recovers(
+    pg_store: tuple[pg.PgCluster, Database, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster, store, name = pg_store
+    _META.create_all(store.engine)
+    values = {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None}
+    with store.write_tx() as tx:
+        tx.execute(_INSERT, values)
+    _terminate_others(cluster, name)
+    monkeypatch.setattr(db_module, "IDLE_PING", 3600.0)  # not pinged
+    with pytest.raises(StoreError, match="database error"), store.write_tx() as tx:
+        tx.execute(_INSERT, {**values, "name": "b"})
+    with store.write_tx() as tx:  # the dead connection left the pool
+        tx.execute(_INSERT, {**values, "name": "c"})
+    assert _names(store) == ["a", "c"]
