@@ -27,6 +27,7 @@ from audit.chain import canonical_json, chain_hash, checkpoint_body, format_time
 from audit.events import Event, normalise_mac
 from audit.models import Checkpoint, JournalHead, JournalRecord
 from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
+from sekisho.db import Prepared, WriteTx
 from sekisho.errors import AuditError, SekishoError
 
 MAX_FIELD = {
@@ -98,28 +99,42 @@ class _HeadState:
 
 _HEAD = cast(Table, JournalHead.__table__)
 _HEAD_KEY = identity_key(JournalHead, 1)
-_SELECT_HEAD = (
+_SELECT_HEAD = Prepared(
     select(_HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq, _HEAD.c.checkpoint_time)
     .where(_HEAD.c.id == 1)
-    .with_for_update()
+    .with_for_update(),
+    (),
 )
-_UPDATE_HEAD = update(_HEAD).where(_HEAD.c.id == 1)
+_HEAD_KEYS = ("seq", "hash")
+_UPDATE_HEAD = Prepared(update(_HEAD).where(_HEAD.c.id == 1), _HEAD_KEYS, columns=True)
+_UPDATE_HEAD_CHECKPOINT = Prepared(
+    update(_HEAD).where(_HEAD.c.id == 1),
+    (*_HEAD_KEYS, "checkpoint_seq", "checkpoint_time"),
+    columns=True,
+)
 _RECORDS = cast(Table, JournalRecord.__table__)
-_INSERT_RECORD = insert(_RECORDS)
+_RECORD_KEYS = tuple(c.name for c in _RECORDS.columns)
+_INSERT_RECORD = Prepared(insert(_RECORDS), _RECORD_KEYS, columns=True)
 # PostgreSQL: the record insert and the head update as ONE statement (a data-modifying CTE,
 # always executed to completion): one round trip less per append. Bind names are prefixed so
 # the record's seq/hash and the head's do not collide.
-_INSERT_RECORD_ADVANCE_HEAD = (
+_INSERT_RECORD_ADVANCE_HEAD = Prepared(
     update(_HEAD)
     .where(_HEAD.c.id == 1)
     .values(seq=bindparam("head_seq"), hash=bindparam("head_hash"))
     .add_cte(
         insert(_RECORDS)
-        .values({c.name: bindparam(f"rec_{c.name}") for c in _RECORDS.columns})
+        .values({name: bindparam(f"rec_{name}") for name in _RECORD_KEYS})
         .cte("appended")
-    )
+    ),
+    ("head_seq", "head_hash", *(f"rec_{name}" for name in _RECORD_KEYS)),
 )
-_INSERT_CHECKPOINT = insert(cast(Table, Checkpoint.__table__))
+_CHECKPOINTS = cast(Table, Checkpoint.__table__)
+_INSERT_CHECKPOINT = Prepared(
+    insert(_CHECKPOINTS),
+    ("seq", "time", "head_hash", "body", "signature", "key_ref", "public_key_der"),
+    columns=True,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +157,14 @@ class Journal:
         self.every = max(1, every)
         self.interval = interval
 
-    def append(self, session: Session | Connection, event: Event, now: dt.datetime) -> Appended:
+    def append(
+        self, session: Session | Connection | WriteTx, event: Event, now: dt.datetime
+    ) -> Appended:
         """Chain ``event`` onto the journal in the transaction of ``session`` (an ORM Session,
-        or a Core Connection inside a transaction on the hot paths)."""
+        a Core Connection inside a transaction, or the ``WriteTx`` of a hot path)."""
         try:
+            if isinstance(session, WriteTx):
+                return self._append_core(session, event, now)
             if isinstance(session, Connection):
                 conn = session
             elif session.identity_map.get(_HEAD_KEY) is not None:
@@ -158,7 +177,8 @@ class Journal:
                 # before the head is locked and their failures surface here too.
                 session.flush()
                 conn = session.connection()
-            return self._append_core(conn, event, now)
+            with WriteTx.on(conn) as tx:
+                return self._append_core(tx, event, now)
         except SekishoError:
             raise
         except Exception as exc:  # any failure here must stop the operation it records
@@ -166,29 +186,33 @@ class Journal:
                 f"the audit journal could not be written ({type(exc).__name__})"
             ) from exc
 
-    def _append_core(self, conn: Connection, event: Event, now: dt.datetime) -> Appended:
-        head = conn.execute(_SELECT_HEAD).one_or_none()
+    def _append_core(self, tx: WriteTx, event: Event, now: dt.datetime) -> Appended:
+        head = tx.first(_SELECT_HEAD)
         if head is None:
             raise AuditError("the journal head row is missing: the store was not migrated")
-        seq = head.seq + 1
+        head_seq, head_hash, checkpoint_seq, checkpoint_time = head
+        seq = head_seq + 1
         fields = self._fields(event, seq, now)
-        digest = chain_hash(head.hash, fields)
+        digest = chain_hash(head_hash, fields)
         record = {"hash": digest, **fields}
         due = self.signer is not None and self._checkpoint_due(
-            _HeadState(seq, digest, head.checkpoint_seq, head.checkpoint_time), now
+            _HeadState(seq, digest, checkpoint_seq, checkpoint_time), now
         )
-        if not due and conn.dialect.name == "postgresql":
+        if not due and tx.dialect.name == "postgresql":
             params = {f"rec_{name}": value for name, value in record.items()}
-            conn.execute(
+            tx.execute(
                 _INSERT_RECORD_ADVANCE_HEAD, {**params, "head_seq": seq, "head_hash": digest}
             )
             return Appended(seq, digest)
-        conn.execute(_INSERT_RECORD, record)
-        values: dict[str, Any] = {"seq": seq, "hash": digest}
+        tx.execute(_INSERT_RECORD, record)
         if due:
-            conn.execute(_INSERT_CHECKPOINT, self._checkpoint_values(seq, digest, now))
-            values.update(checkpoint_seq=seq, checkpoint_time=now)
-        conn.execute(_UPDATE_HEAD, values)
+            tx.execute(_INSERT_CHECKPOINT, self._checkpoint_values(seq, digest, now))
+            tx.execute(
+                _UPDATE_HEAD_CHECKPOINT,
+                {"seq": seq, "hash": digest, "checkpoint_seq": seq, "checkpoint_time": now},
+            )
+        else:
+            tx.execute(_UPDATE_HEAD, {"seq": seq, "hash": digest})
         return Appended(seq, digest)
 
     def _append_orm(self, session: Session, event: Event, now: dt.datetime) -> Appended:
