@@ -30,8 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificateIssuerPublicKeyTypes,
 )
-from sqlalchemy import Connection, Table, bindparam, insert, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, bindparam, insert, update
 
 from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
@@ -45,9 +44,10 @@ from hsm.base import KeyBackend, KeyType, key_type_of, signature_hash
 from hsm.observed import observed
 from hsm.software import generate_private_key
 from sekisho.context import Actor
-from sekisho.db import Database
+from sekisho.db import Database, Prepared, WriteTx
 from sekisho.errors import (
     Conflict,
+    DuplicateKey,
     InputError,
     KeyBackendError,
     NotFound,
@@ -58,12 +58,33 @@ from sekisho.errors import (
 log = logging.getLogger("sekisho.ca")
 Clock = Callable[[], dt.datetime]
 # (issuer_id, serial) -> work for the store transaction, or None.
-IssuedHook = Callable[[int, int], Callable[[Connection], None] | None]
+IssuedHook = Callable[[int, int], Callable[[WriteTx], None] | None]
 MAX_SERIAL_ATTEMPTS = 5
-# Hot-path statements run on the table (Core), not through the ORM unit of work.
+# Hot-path statements, prepared once and run on the driver's cursor (``Database.write_tx``):
+# the ORM unit of work, then Core's per-execution work, each cost more than the database.
 _CERTIFICATES = cast(Table, Certificate.__table__)
-_INSERT_CERTIFICATE = insert(_CERTIFICATES)
-_STORE_ISSUED = (
+_INSERT_INTENT = Prepared(
+    insert(_CERTIFICATES).returning(_CERTIFICATES.c.id),
+    (
+        "issuer_id",
+        "serial",
+        "status",
+        "profile",
+        "subject_dn",
+        "sans",
+        "not_before",
+        "not_after",
+        "tbs_sha256",
+        "key_type",
+        "owner_kind",
+        "owner_id",
+        "tenant",
+        "created_at",
+        "status_epoch",
+    ),
+    columns=True,
+)
+_STORE_ISSUED = Prepared(
     update(_CERTIFICATES)
     .where(_CERTIFICATES.c.id == bindparam("row_id"))
     .values(
@@ -71,7 +92,8 @@ _STORE_ISSUED = (
         fingerprint_sha256=bindparam("new_fingerprint"),
         status=CertStatus.ISSUED,
     )
-    .where(_CERTIFICATES.c.status == CertStatus.RESERVED)
+    .where(_CERTIFICATES.c.status == CertStatus.RESERVED),
+    ("row_id", "new_der", "new_fingerprint"),
 )
 _MARK_FAILED = (
     update(_CERTIFICATES)
@@ -254,20 +276,13 @@ class CaService:
                 "status_epoch": 0,
             }
             try:
-                # One statement, committed before this returns (autocommit on PostgreSQL).
-                with self.db.statement_scope() as conn:
-                    # Core insert on the table: the same row the ORM would write, without the
-                    # Session / unit-of-work machinery on the hot path (it dominated issuance).
-                    result = conn.execute(_INSERT_CERTIFICATE, values)
-                    key = result.inserted_primary_key
-                    assert key is not None
-                    reserved.append(int(key[0]))
-            except IntegrityError:
+                # Committed before this returns, so before the signature exists.
+                with self.db.write_tx() as tx:
+                    row = tx.first(_INSERT_INTENT, values)
+                    assert row is not None
+                    reserved.append(int(row[0]))
+            except DuplicateKey:
                 raise _SerialTaken() from None
-            except StoreError as exc:
-                if isinstance(exc.__cause__, IntegrityError):
-                    raise _SerialTaken() from None
-                raise
 
         return commit_intent
 
@@ -277,20 +292,20 @@ class CaService:
         tbs: Tbs,
         cert: x509.Certificate,
         actor: Actor,
-        extras: Sequence[Callable[[Connection], None]] = (),
+        extras: Sequence[Callable[[WriteTx], None]] = (),
     ) -> None:
         der = cert.public_bytes(serialization.Encoding.DER)
         fingerprint = hashlib.sha256(der).hexdigest()
         now = self.clock()
-        with self.db.connection_scope() as conn:
-            result = conn.execute(
+        with self.db.write_tx() as tx:
+            changed = tx.execute(
                 _STORE_ISSUED, {"row_id": row_id, "new_der": der, "new_fingerprint": fingerprint}
             )
-            if result.rowcount != 1:
+            if changed != 1:
                 # Revoked (or marked failed) between intent and store: never hand it out.
                 raise Conflict(f"serial {serial_hex(tbs.serial)} changed state during issuance")
             self.journal.append(
-                conn,
+                tx,
                 by_actor(
                     actor,
                     Category.CA,
@@ -310,8 +325,8 @@ class CaService:
             )
             for extra in extras:
                 try:
-                    with conn.begin_nested():
-                        extra(conn)
+                    with tx.savepoint():
+                        extra(tx)
                 except Exception:
                     log.warning("issuance side work failed", exc_info=True)
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Connection, Table, and_, func, or_, select
+from sqlalchemy import Table, and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -61,7 +61,7 @@ from hsm.base import KeyBackend
 from ocsp import core
 from ocsp.models import OcspResponder, OcspResponse
 from sekisho.context import Actor
-from sekisho.db import Database
+from sekisho.db import Database, Prepared, WriteTx
 from sekisho.errors import SekishoError, StoreError
 
 if TYPE_CHECKING:
@@ -319,6 +319,8 @@ def _row(values: Sequence[Any]) -> _Row:
 
 
 _UPSERTS: dict[str, Any] = {}
+# Columns a newer answer replaces (the key is issuer_id, serial).
+_REPLACED = ("der", "cert_status", "status_epoch", "this_update", "next_update", "updated_at")
 
 
 def _upsert_statement(dialect: str) -> Any:
@@ -333,22 +335,20 @@ def _upsert_statement(dialect: str) -> Any:
     excluded = stmt.excluded
     stmt = stmt.on_conflict_do_update(
         index_elements=["issuer_id", "serial"],
-        set_={
-            name: excluded[name]
-            for name in (
-                "der",
-                "cert_status",
-                "status_epoch",
-                "this_update",
-                "next_update",
-                "updated_at",
-            )
-        },
+        set_={name: excluded[name] for name in _REPLACED},
         # Never replace an answer reflecting a newer state of the certificate.
         where=table.c.status_epoch <= excluded.status_epoch,
     )
     _UPSERTS[dialect] = stmt
     return stmt
+
+
+_UPSERT = Prepared(
+    None,
+    ("issuer_id", "serial", *_REPLACED),
+    columns=True,
+    by_dialect=_upsert_statement,
+)
 
 
 class OcspService:
@@ -596,7 +596,7 @@ class OcspService:
         return self.sign_rows(rows, now)
 
     # -- hooks --------------------------------------------------------------------------------
-    def on_issued(self, issuer_id: int, serial: int) -> Callable[[Connection], None] | None:
+    def on_issued(self, issuer_id: int, serial: int) -> Callable[[WriteTx], None] | None:
         """Issuance hook, called once the certificate is signed: the first response ("good",
         status epoch 0, the row's state at issuance), signed now and written in the
         certificate's own store transaction. A revocation that gets in later has a higher
@@ -612,10 +612,9 @@ class OcspService:
             return None
         if not values:
             return None
-        statement = _upsert_statement(self.db.engine.dialect.name)
 
-        def write(conn: Connection) -> None:
-            conn.execute(statement, values)
+        def write(tx: WriteTx) -> None:
+            tx.execute(_UPSERT, values[0])
 
         return write
 

@@ -19,7 +19,7 @@ from ca.tbs import SanEntry, serial_hex
 from hsm.base import KeyType
 from ocsp.models import OcspResponse
 from ocsp.signers import active_responders
-from sekisho.errors import ConfigError
+from sekisho.errors import ConfigError, StoreError
 from sekisho.services import Services, audit_key_ref
 from tests.ca.helpers import PROFILE_REQUESTS, ca_cert, der, issue, make_csr, name
 from tests.conftest import BASE_URL, TEST_ACTOR, RecordingBackend
@@ -112,6 +112,63 @@ def test_serial_numbers_are_large_positive_and_recorded(services: Services) -> N
             row = by_serial[serial_hex(c.serial_number)]
             assert row.status is CertStatus.ISSUED
             assert row.der == der(c)
+
+
+def test_serial_collision_draws_a_new_serial(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The (issuer, serial) constraint refuses a serial already used by that CA; issuance
+    draws another and goes on. Nothing of the refused attempt stays, and the journal has one
+    ca.issue entry, for the certificate handed out."""
+    import ca.issuance
+    from ca.tbs import new_serial
+
+    taken = issue(services, "admin-client").serial_number
+    drawn: list[int] = []
+
+    def colliding() -> int:
+        value = taken if len(drawn) < 2 else new_serial()
+        drawn.append(value)
+        return value
+
+    monkeypatch.setattr(ca.issuance, "new_serial", colliding)
+    before = _issue_entries(services)
+    rows_before = _admin_serials(services)
+    cert = issue(services, "admin-client")
+    assert drawn[:2] == [taken, taken] and len(drawn) == 3
+    assert cert.serial_number == drawn[2] != taken
+    assert _admin_serials(services) - rows_before == {serial_hex(cert.serial_number)}
+    assert _issue_entries(services) == before + 1
+
+    # A generator that only ever repeats itself: a clear store error, nothing issued.
+    monkeypatch.setattr(ca.issuance, "new_serial", lambda: taken)
+    with pytest.raises(StoreError, match="free serial"):
+        issue(services, "admin-client")
+    assert _issue_entries(services) == before + 1
+
+
+def _admin_serials(services: Services) -> set[str]:
+    with services.db.read_scope() as session:
+        return set(
+            session.scalars(
+                select(Certificate.serial)
+                .join(CertificateAuthority, CertificateAuthority.id == Certificate.issuer_id)
+                .where(CertificateAuthority.name == "admin")
+            )
+        )
+
+
+def _issue_entries(services: Services) -> int:
+    from audit.models import JournalRecord
+
+    with services.db.read_scope() as session:
+        return len(
+            session.scalars(
+                select(JournalRecord.seq).where(
+                    JournalRecord.action == "ca.issue", JournalRecord.outcome == "success"
+                )
+            ).all()
+        )
 
 
 @pytest.mark.parametrize("key_type", list(KeyType))
