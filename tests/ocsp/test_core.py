@@ -22,14 +22,16 @@ import pytest
 from asn1crypto import ocsp as asn1_ocsp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509 import ocsp as x509_ocsp
 
 from ca import der as w
 from ca.registry import ca_row
 from hsm.base import KeyType
+from hsm.observed import _ObservedEC
 from ocsp import core, der
-from sekisho.errors import ConfigError, StoreError
+from sekisho.errors import ConfigError, KeyBackendError, StoreError
 from sekisho.services import Services, build_services
 from tests.ca.helpers import ca_cert, issue, request_for
 from tests.conftest import TEST_ACTOR, make_settings
@@ -668,3 +670,32 @@ def test_unknown_non_critical_extension_ignored(pki: Pki) -> None:
     resp = respond(pki, req)
     assert basic_of(resp)["tbs_response_data"]["response_extensions"].native is None
     openssl_check(pki, req, resp)
+
+
+class _WrongSignature(_ObservedEC):
+    """A key object standing for a faulty token: well-formed signatures over other bytes."""
+
+    def __init__(self, inner: ec.EllipticCurvePrivateKey) -> None:
+        super().__init__(inner, lambda _data: None)
+
+    def sign(
+        self, data: bytes | bytearray | memoryview, algorithm: ec.EllipticCurveSignatureAlgorithm
+    ) -> bytes:
+        return self._inner.sign(bytes(data) + b"fault", algorithm)
+
+
+def test_signatures_made_outside_openssl_are_checked_before_they_leave(pki: Pki) -> None:
+    """Keys of cryptography's own (OpenSSL in this process) are matched with the responder
+    certificate once, at ``create``; any other key object (a PKCS#11 token, a wrapper) has each
+    signature verified, and a bad one never reaches a client: tryLater instead."""
+    assert not pki.issuer().verify_each
+    responder_key = pki.responder_key
+    assert isinstance(responder_key, ec.EllipticCurvePrivateKey)
+    faulty = core.Issuer.create(pki.ca, _WrongSignature(responder_key), pki.responder)
+    assert faulty.verify_each
+    req = openssl_request(pki, ["good"])
+    assert respond(pki, req, [faulty]) == bytes.fromhex("3003 0a01 03")  # tryLater
+    with pytest.raises(KeyBackendError, match="does not verify"):
+        core.precompute(faulty, pki.good.serial_number, core.GOOD, NOW, NOW + VALIDITY)
+    # The same request answered by the sound key verifies with openssl.
+    openssl_check(pki, req, respond(pki, req))
