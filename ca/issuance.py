@@ -276,8 +276,9 @@ class CaService:
                 "status_epoch": 0,
             }
             try:
-                # Committed before this returns, so before the signature exists.
-                with self.db.write_tx() as tx:
+                # Committed before this returns, so before the signature exists (one
+                # statement: autocommit on PostgreSQL).
+                with self.db.write_tx(single=True) as tx:
                     row = tx.first(_INSERT_INTENT, values)
                     assert row is not None
                     reserved.append(int(row[0]))

@@ -201,23 +201,30 @@ class Database:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextlib.contextmanager
-    def write_tx(self) -> Iterator[WriteTx]:
+    def write_tx(self, *, single: bool = False) -> Iterator[WriteTx]:
         """One write transaction run on the driver's connection with ``Prepared`` statements:
         the hot paths (issuance), where SQLAlchemy's per-statement work cost more than the
         database's. Same contract as ``connection_scope()``: commit on success, roll back on
         any error, driver errors become StoreError (a unique-constraint violation becomes
         DuplicateKey), domain errors pass through; a dead connection is dropped from the pool.
+
+        ``single``: the transaction is one statement, which PostgreSQL then runs in autocommit
+        (one round trip instead of BEGIN, statement, COMMIT); a second statement is refused.
         """
         with self._writer or contextlib.nullcontext():
             with _store_errors():
                 fairy = self.engine.raw_connection()  # pool checkout; checkout events run
+            autocommit = single and not self._sqlite
             tx = None
             try:
-                tx = WriteTx(fairy, self.engine.dialect)
+                if autocommit:
+                    _set_autocommit(fairy, True)
+                tx = WriteTx(fairy, self.engine.dialect, single=single)
                 if self._sqlite:
                     tx.cursor.execute("BEGIN IMMEDIATE")
                 yield tx
-                fairy.commit()
+                if not autocommit:
+                    fairy.commit()
             except BaseException as exc:
                 tx_rollback(fairy)
                 dialect = self.engine.dialect
@@ -232,6 +239,9 @@ class Database:
             finally:
                 if tx is not None:
                     tx.close()
+                if autocommit:
+                    with contextlib.suppress(Exception):  # a dead connection is invalidated
+                        _set_autocommit(fairy, False)
                 fairy.close()  # back to the pool, which resets it
 
     def upgrade(self) -> None:
@@ -239,6 +249,13 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _set_autocommit(fairy: Any, on: bool) -> None:
+    driver = fairy.driver_connection
+    if driver is None:
+        raise StoreError("database error: the connection is closed")
+    driver.autocommit = on
 
 
 def tx_rollback(fairy: Any) -> None:
@@ -352,12 +369,22 @@ class WriteTx:
     """The transaction ``Database.write_tx()`` hands out: ``Prepared`` statements on one
     driver cursor."""
 
-    def __init__(self, fairy: Any, dialect: Dialect) -> None:
+    def __init__(self, fairy: Any, dialect: Dialect, *, single: bool = False) -> None:
         """``fairy``: a pooled DBAPI connection, already in a transaction (``write_tx``) or
-        the one under a SQLAlchemy ``Connection`` (see ``on()``)."""
+        the one under a SQLAlchemy ``Connection`` (see ``on()``). ``single``: at most one
+        statement (it may run in autocommit)."""
         self.dialect = dialect
         self.cursor = fairy.cursor()
         self._savepoints = 0
+        self._statements_left = 1 if single else -1
+
+    def _run(self, prepared: Prepared, values: Mapping[str, Any] | None) -> _Plan:
+        if self._statements_left == 0:
+            raise RuntimeError("a single-statement transaction cannot run a second statement")
+        self._statements_left -= 1
+        plan = prepared.plan(self.dialect)
+        self.cursor.execute(plan.sql, plan.parameters(values or {}))
+        return plan
 
     @classmethod
     @contextlib.contextmanager
@@ -371,8 +398,7 @@ class WriteTx:
 
     def execute(self, prepared: Prepared, values: Mapping[str, Any] | None = None) -> int:
         """Run a statement; returns the number of rows it changed."""
-        plan = prepared.plan(self.dialect)
-        self.cursor.execute(plan.sql, plan.parameters(values or {}))
+        self._run(prepared, values)
         if self.cursor.description is not None:
             # Rows it returns (RETURNING) are read: SQLite cannot commit a statement in progress.
             self.cursor.fetchall()
@@ -382,8 +408,7 @@ class WriteTx:
         self, prepared: Prepared, values: Mapping[str, Any] | None = None
     ) -> tuple[Any, ...] | None:
         """Run a statement that returns rows (SELECT, RETURNING); the first row, converted."""
-        plan = prepared.plan(self.dialect)
-        self.cursor.execute(plan.sql, plan.parameters(values or {}))
+        plan = self._run(prepared, values)
         raw = self.cursor.fetchone()
         if raw is None:
             return None
@@ -394,6 +419,8 @@ class WriteTx:
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         """Work that may fail without failing the transaction: rolled back alone."""
+        if self._statements_left >= 0:
+            raise RuntimeError("a single-statement transaction has no savepoints")
         self._savepoints += 1
         name = f"sk_{self._savepoints}"
         self.cursor.execute(f"SAVEPOINT {name}")

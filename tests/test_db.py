@@ -223,6 +223,32 @@ def test_write_tx_savepoint_rolls_back_alone(any_store: Database) -> None:
     assert _names(any_store) == ["a", "c"]
 
 
+def test_single_statement_transactions(any_store: Database) -> None:
+    """``write_tx(single=True)``: one statement, committed (autocommit on PostgreSQL); a second
+    statement or a savepoint is refused; the pooled connection goes back transactional."""
+    with any_store.write_tx(single=True) as tx:
+        row = tx.first(
+            _INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None}
+        )
+        assert row is not None
+    assert _names(any_store) == ["a"]
+    with pytest.raises(DuplicateKey), any_store.write_tx(single=True) as tx:
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    with pytest.raises(RuntimeError, match="second statement"):
+        with any_store.write_tx(single=True) as tx:
+            tx.execute(_SELECT, {"name": "a"})
+            tx.execute(_SELECT, {"name": "a"})
+    with pytest.raises(RuntimeError, match="savepoints"), any_store.write_tx(single=True) as tx:
+        with tx.savepoint():
+            pass
+    # The same pooled connection (pool of one in use at a time here) is transactional again:
+    # a failure in the second statement takes the first one with it.
+    with pytest.raises(DuplicateKey), any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    assert _names(any_store) == ["a"]
+
+
 def test_prepared_refuses_keys_that_do_not_match(any_store: Database) -> None:
     wrong = Prepared(update(_ITEMS).values(name=bindparam("new")), ("new", "extra"))
     unbound = Prepared(update(_ITEMS).values(name=bindparam("new")), ())
