@@ -116,6 +116,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         try:
             with contextlib.closing(dbapi_conn.cursor()) as cur:
                 cur.execute("SELECT 1")
+            # The driver opened a transaction for the ping: end it, so the caller gets the
+            # connection idle (autocommit cannot be switched on inside a transaction).
+            dbapi_conn.rollback()
         except Exception as exc:  # the driver's own error classes: any failure means dead
             # The pool discards this connection and checks out (or opens) another.
             raise DisconnectionError(f"idle connection dropped: {type(exc).__name__}") from exc

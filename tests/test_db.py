@@ -249,6 +249,23 @@ def test_single_statement_transactions(any_store: Database) -> None:
     assert _names(any_store) == ["a"]
 
 
+@pytest.mark.postgres
+def test_single_statement_after_an_idle_ping(
+    pg_store: tuple[pg.PgCluster, Database, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ping of a connection that sat idle must not leave it inside a transaction, where
+    autocommit cannot be switched on (found by the issuance benchmark)."""
+    _cluster, store, _name = pg_store
+    _META.create_all(store.engine)
+    monkeypatch.setattr(db_module, "IDLE_PING", 0.0)  # every checkout pings
+    for name in ("a", "b"):
+        with store.write_tx(single=True) as tx:
+            tx.execute(
+                _INSERT, {"name": name, "status": CertStatus.RESERVED, "at": None, "blob": None}
+            )
+    assert _names(store) == ["a", "b"]
+
+
 def test_prepared_refuses_keys_that_do_not_match(any_store: Database) -> None:
     wrong = Prepared(update(_ITEMS).values(name=bindparam("new")), ("new", "extra"))
     unbound = Prepared(update(_ITEMS).values(name=bindparam("new")), ())
