@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -135,6 +137,42 @@ def _store_errors() -> Iterator[None]:
         raise StoreError(f"database error: {exc.__class__.__name__}") from exc
 
 
+class _WriterQueue:
+    """Mutual exclusion for SQLite writers: a thread lock, plus ``flock`` on ``<db>-writer``
+    across processes (the kernel wakes the next waiter at once). Only an ordering aid: SQLite's
+    own locks still guarantee correctness, and writers that do not queue here (ORM scopes,
+    other tools) fall back to the busy handler."""
+
+    def __init__(self, database: str | None) -> None:
+        self._thread = threading.Lock()
+        self._fd: int | None = None
+        if database and database != ":memory:" and not database.startswith("file:"):
+            try:
+                self._fd = os.open(f"{database}-writer", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                self._fd = None  # read-only directory: threads still queue
+
+    def __enter__(self) -> None:
+        self._thread.acquire()
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # the busy handler still serialises writers
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
 class Database:
     """An engine plus a session factory; ``scope()`` is one transaction."""
 
@@ -143,9 +181,9 @@ class Database:
         self.engine = make_engine(url)
         self._sqlite = is_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # In-process writers on SQLite queue here rather than in SQLite's busy handler, which
-        # sleeps in steps of up to 100 ms (write_tx only; other processes still use it).
-        self._writer = threading.Lock() if self._sqlite else None
+        # Hot-path writers on SQLite queue here rather than in SQLite's busy handler, which
+        # polls with sleeps of up to 100 ms: threads on a lock, processes on a lock file.
+        self._writer = _WriterQueue(self.engine.url.database) if self._sqlite else None
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[Session]:
@@ -186,22 +224,6 @@ class Database:
         """
         with _store_errors(), self.engine.begin() as conn:
             yield conn
-
-    @contextlib.contextmanager
-    def statement_scope(self) -> Iterator[Connection]:
-        """A connection for exactly ONE write statement, which commits by itself.
-
-        On PostgreSQL the statement runs in autocommit mode: it is its own transaction, as
-        durable as an explicit one, without the separate BEGIN and COMMIT round trips. On
-        SQLite this is ``connection_scope()`` (``BEGIN IMMEDIATE`` ... ``COMMIT``). Errors are
-        mapped as in ``scope()``.
-        """
-        if self._sqlite:
-            with self.connection_scope() as conn:
-                yield conn
-            return
-        with _store_errors(), self.engine.connect() as conn:
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextlib.contextmanager
     def write_tx(self, *, single: bool = False) -> Iterator[WriteTx]:
@@ -252,6 +274,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _set_autocommit(fairy: Any, on: bool) -> None:

@@ -11,7 +11,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import multiprocessing
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,6 +268,58 @@ def test_single_statement_after_an_idle_ping(
                 _INSERT, {"name": name, "status": CertStatus.RESERVED, "at": None, "blob": None}
             )
     assert _names(store) == ["a", "b"]
+
+
+def _hold_write_tx(
+    path: str, entered: multiprocessing.synchronize.Event, go: multiprocessing.synchronize.Event
+) -> None:
+    store = Database(f"sqlite:///{path}")
+    with store.write_tx() as tx:
+        tx.execute(
+            _INSERT, {"name": "held", "status": CertStatus.RESERVED, "at": None, "blob": None}
+        )
+        entered.set()
+        go.wait(30)
+    store.dispose()
+
+
+def test_sqlite_writers_in_other_processes_queue_on_a_lock_file(tmp_path: Path) -> None:
+    """A process inside ``write_tx`` holds ``<db>-writer`` (flock): another process's writer
+    sleeps in the kernel until it is released, not in SQLite's polling busy handler."""
+    path = tmp_path / "store.db"
+    store = Database(f"sqlite:///{path}")
+    _META.create_all(store.engine)
+    lock_file = Path(f"{path}-writer")
+    ctx = multiprocessing.get_context("spawn")
+    entered, go = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_write_tx, args=(str(path), entered, go))
+    child.start()
+    try:
+        assert entered.wait(60), "the child never entered write_tx"
+        assert stat.S_IMODE(lock_file.stat().st_mode) == 0o600
+        fd = os.open(lock_file, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            go.set()
+            child.join(60)
+            assert child.exitcode == 0
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the transaction
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    finally:
+        go.set()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+    with store.write_tx() as tx:
+        tx.execute(
+            _INSERT, {"name": "after", "status": CertStatus.RESERVED, "at": None, "blob": None}
+        )
+    assert _names(store) == ["after", "held"]
+    store.dispose()
 
 
 def test_prepared_refuses_keys_that_do_not_match(any_store: Database) -> None:
