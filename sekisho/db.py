@@ -253,10 +253,15 @@ class Database:
             except BaseException as exc:
                 tx_rollback(fairy)
                 dialect = self.engine.dialect
-                if isinstance(exc, dialect.loaded_dbapi.Error):
+                driver_error = dialect.loaded_dbapi.Error
+                # The driver's error, raised as is or wrapped by a domain error (the journal
+                # turns any failure into AuditError): a dead connection leaves the pool.
+                cause = exc if isinstance(exc, driver_error) else exc.__cause__
+                if isinstance(cause, driver_error):
                     cursor = tx.cursor if tx is not None else None
-                    if dialect.is_disconnect(exc, fairy, cursor):
-                        fairy.invalidate(exc)
+                    if dialect.is_disconnect(cause, fairy, cursor):
+                        fairy.invalidate(cause)
+                if isinstance(exc, driver_error):
                     duplicate = isinstance(exc, dialect.loaded_dbapi.IntegrityError)
                     kind = DuplicateKey if duplicate else StoreError
                     raise kind(f"database error: {exc.__class__.__name__}") from exc

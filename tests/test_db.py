@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import logging
 import multiprocessing
 import os
 import sqlite3
@@ -39,7 +40,7 @@ from sqlalchemy import (
 from ca.models import CertStatus
 from sekisho import db as db_module
 from sekisho.db import Database, Prepared, UTCDateTime, str_enum
-from sekisho.errors import Conflict, DuplicateKey, StoreError
+from sekisho.errors import AuditError, Conflict, DuplicateKey, StoreError
 from tests.support import pg
 
 # What a failed statement inside a savepoint raises: the driver's own error (the savepoint
@@ -345,5 +346,32 @@ def test_write_tx_on_a_dropped_connection_fails_once_then_recovers(
     with pytest.raises(StoreError, match="database error"), store.write_tx() as tx:
         tx.execute(_INSERT, {**values, "name": "b"})
     with store.write_tx() as tx:  # the dead connection left the pool
+        tx.execute(_INSERT, {**values, "name": "c"})
+    assert _names(store) == ["a", "c"]
+
+
+@pytest.mark.postgres
+def test_write_tx_drops_a_dead_connection_behind_a_domain_error(
+    pg_store: tuple[pg.PgCluster, Database, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The journal wraps driver errors in AuditError: write_tx still sees the dead connection
+    behind it and invalidates it, rather than handing it back to the pool to fail its reset."""
+    cluster, store, name = pg_store
+    _META.create_all(store.engine)
+    values = {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None}
+    with store.write_tx() as tx:
+        tx.execute(_INSERT, values)
+    _terminate_others(cluster, name)
+    monkeypatch.setattr(db_module, "IDLE_PING", 3600.0)  # not pinged
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy.pool")
+    with pytest.raises(AuditError, match="journal"), store.write_tx() as tx:
+        try:
+            tx.execute(_INSERT, {**values, "name": "b"})
+        except psycopg.OperationalError as exc:
+            raise AuditError("the audit journal could not be written") from exc
+    assert not [r for r in caplog.records if "reset" in r.getMessage().lower()]
+    with store.write_tx() as tx:
         tx.execute(_INSERT, {**values, "name": "c"})
     assert _names(store) == ["a", "c"]
