@@ -12,7 +12,9 @@ import contextlib
 import datetime as dt
 import enum
 import fcntl
+import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +33,7 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 READ_ONLY = "sekisho_read_only"  # execution option set by Database.read_scope()
 # A pooled PostgreSQL connection idle this long (seconds) is pinged before it is handed out.
 IDLE_PING = 5.0
+log = logging.getLogger("sekisho.db")
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -137,33 +140,72 @@ def _store_errors() -> Iterator[None]:
         raise StoreError(f"database error: {exc.__class__.__name__}") from exc
 
 
+WRITER_WAIT = 60.0  # seconds a hot-path writer queues before "database busy" (busy_timeout)
+
+
 class _WriterQueue:
-    """Mutual exclusion for SQLite writers: a thread lock, plus ``flock`` on ``<db>-writer``
-    across processes (the kernel wakes the next waiter at once). Only an ordering aid: SQLite's
-    own locks still guarantee correctness, and writers that do not queue here (ORM scopes,
-    other tools) fall back to the busy handler."""
+    """Mutual exclusion for SQLite hot-path writers: a thread lock, plus ``flock`` on
+    ``<db>-writer`` across processes. Only an ordering aid: SQLite's own locks still guarantee
+    correctness, and writers that do not queue here (ORM scopes, other tools) fall back to the
+    busy handler. A writer that cannot get its turn within WRITER_WAIT fails with StoreError,
+    as it would in SQLite's busy handler."""
 
     def __init__(self, database: str | None) -> None:
         self._thread = threading.Lock()
+        usable = database and database != ":memory:" and not database.startswith("file:")
+        self._path: str | None = f"{database}-writer" if usable else None
         self._fd: int | None = None
-        if database and database != ":memory:" and not database.startswith("file:"):
-            try:
-                self._fd = os.open(f"{database}-writer", os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError:
-                self._fd = None  # read-only directory: threads still queue
+        self._pid = 0
+        self._held: int | None = None
+
+    def _open(self) -> int | None:
+        if self._path is None:
+            return None
+        if self._fd is not None and self._pid == os.getpid():
+            return self._fd
+        if self._fd is not None:
+            # Inherited across fork: a lock on it would be shared with the parent.
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self._path, flags, 0o600)
+        except OSError as exc:
+            self._give_up(f"cannot open it ({exc.__class__.__name__})")
+            return None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            os.close(fd)
+            self._give_up("it is not a regular file of this user")
+            return None
+        self._fd, self._pid = fd, os.getpid()
+        return fd
+
+    def _give_up(self, why: str) -> None:
+        log.warning(
+            "SQLite writer lock file not used; writers queue in SQLite's busy handler",
+            extra={"path": self._path, "reason": why},
+        )
+        self._path = None
 
     def __enter__(self) -> None:
-        self._thread.acquire()
-        if self._fd is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            except OSError:
-                pass  # the busy handler still serialises writers
+        if not self._thread.acquire(timeout=WRITER_WAIT):
+            raise StoreError("database busy: another writer in this process did not finish")
+        try:
+            fd = self._open()
+            if fd is not None:
+                _flock_within(fd, WRITER_WAIT)
+                self._held = fd
+        except BaseException:
+            self._thread.release()
+            raise
 
     def __exit__(self, *_exc: object) -> None:
-        if self._fd is not None:
+        if self._held is not None:
             with contextlib.suppress(OSError):
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(self._held, fcntl.LOCK_UN)
+            self._held = None
         self._thread.release()
 
     def close(self) -> None:
@@ -171,6 +213,23 @@ class _WriterQueue:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+def _flock_within(fd: int, seconds: float) -> None:
+    """``flock(LOCK_EX)`` with a deadline (the blocking call has none): short sleeps, 50 µs
+    doubling to 2 ms, so the next writer starts soon after the holder lets go."""
+    deadline = time.monotonic() + seconds
+    delay = 0.00005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            raise StoreError("database busy: another process held the writer lock too long")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
 
 
 class Database:
@@ -235,6 +294,9 @@ class Database:
 
         ``single``: the transaction is one statement, which PostgreSQL then runs in autocommit
         (one round trip instead of BEGIN, statement, COMMIT); a second statement is refused.
+        There the statement is durable as soon as it ran: an error raised after it in the
+        block does not undo it (on SQLite it does). Use it where that is the point (the
+        issuance intent).
         """
         with self._writer or contextlib.nullcontext():
             with _store_errors():
@@ -249,21 +311,23 @@ class Database:
                     tx.cursor.execute("BEGIN IMMEDIATE")
                 yield tx
                 if not autocommit:
+                    self._check_still_open(fairy, tx)
                     fairy.commit()
             except BaseException as exc:
                 tx_rollback(fairy)
                 dialect = self.engine.dialect
                 driver_error = dialect.loaded_dbapi.Error
                 # The driver's error, raised as is or wrapped by a domain error (the journal
-                # turns any failure into AuditError): a dead connection leaves the pool.
+                # turns any failure into AuditError): a dead connection leaves the pool, and
+                # the pool's other connections are checked before their next use.
                 cause = exc if isinstance(exc, driver_error) else exc.__cause__
                 if isinstance(cause, driver_error):
                     cursor = tx.cursor if tx is not None else None
                     if dialect.is_disconnect(cause, fairy, cursor):
-                        fairy.invalidate(cause)
+                        # (What SQLAlchemy's own Connection does on a disconnect.)
+                        self.engine.pool._invalidate(fairy, cause)
                 if isinstance(exc, driver_error):
-                    duplicate = isinstance(exc, dialect.loaded_dbapi.IntegrityError)
-                    kind = DuplicateKey if duplicate else StoreError
+                    kind = DuplicateKey if _unique_violation(exc) else StoreError
                     raise kind(f"database error: {exc.__class__.__name__}") from exc
                 raise
             finally:
@@ -274,6 +338,22 @@ class Database:
                         _set_autocommit(fairy, False)
                 fairy.close()  # back to the pool, which resets it
 
+    def _check_still_open(self, fairy: Any, tx: WriteTx) -> None:
+        """Refuse to "commit" a transaction the database already ended: a COMMIT there would
+        silently do nothing (SQLite) or roll back (PostgreSQL), and the caller would believe
+        its writes were stored."""
+        if tx.lost is not None:
+            raise StoreError("database error: the transaction was lost") from tx.lost
+        if not tx.executed:
+            return
+        driver = fairy.driver_connection
+        if self._sqlite:
+            open_ = bool(driver.in_transaction)
+        else:
+            open_ = driver.info.transaction_status.name == "INTRANS"
+        if not open_:
+            raise StoreError("database error: the transaction was lost")
+
     def upgrade(self) -> None:
         upgrade(self.engine)
 
@@ -281,6 +361,17 @@ class Database:
         self.engine.dispose()
         if self._writer is not None:
             self._writer.close()
+
+
+_SQLITE_UNIQUE = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
+
+
+def _unique_violation(exc: BaseException) -> bool:
+    """A unique or primary-key violation (not any integrity error: a foreign key or NOT NULL
+    failure is a bug or a vanished row, and must not look like a key collision)."""
+    if getattr(exc, "sqlstate", None) == "23505":  # psycopg: unique_violation
+        return True
+    return getattr(exc, "sqlite_errorname", None) in _SQLITE_UNIQUE
 
 
 def _set_autocommit(fairy: Any, on: bool) -> None:
@@ -348,6 +439,9 @@ class _Plan:
         statement = prepared.by_dialect(dialect.name) if prepared.by_dialect else prepared.statement
         kwargs: dict[str, Any] = {"column_keys": list(prepared.keys)} if prepared.columns else {}
         compiled = statement.compile(dialect=dialect, **kwargs)
+        if getattr(compiled, "insert_prefetch", None) or getattr(compiled, "update_prefetch", None):
+            # SQLAlchemy computes those per execution; a plan would freeze them (as NULL).
+            raise ValueError("Prepared statements take Python-side column defaults as keys")
         names = list(compiled.positiontup or []) if compiled.positional else list(compiled.binds)
         if getattr(compiled, "escaped_bind_names", None):
             raise ValueError("Prepared statements need plain bind names")
@@ -409,12 +503,15 @@ class WriteTx:
         self.cursor = fairy.cursor()
         self._savepoints = 0
         self._statements_left = 1 if single else -1
+        self.executed = 0  # statements sent
+        self.lost: BaseException | None = None  # why the transaction is gone, if it is
 
     def _run(self, prepared: Prepared, values: Mapping[str, Any] | None) -> _Plan:
         if self._statements_left == 0:
             raise RuntimeError("a single-statement transaction cannot run a second statement")
         self._statements_left -= 1
         plan = prepared.plan(self.dialect)
+        self.executed += 1
         self.cursor.execute(plan.sql, plan.parameters(values or {}))
         return plan
 
@@ -456,13 +553,23 @@ class WriteTx:
         self._savepoints += 1
         name = f"sk_{self._savepoints}"
         self.cursor.execute(f"SAVEPOINT {name}")
+        self.executed += 1
         try:
             yield
         except BaseException:
-            self.cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
-            self.cursor.execute(f"RELEASE SAVEPOINT {name}")
+            try:
+                self.cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                self.cursor.execute(f"RELEASE SAVEPOINT {name}")
+            except self.dialect.loaded_dbapi.Error as undo:
+                # The database dropped the whole transaction (SQLite does on SQLITE_FULL or an
+                # I/O error): nothing of it may be committed, whatever the caller catches.
+                self.lost = undo
             raise
-        self.cursor.execute(f"RELEASE SAVEPOINT {name}")
+        try:
+            self.cursor.execute(f"RELEASE SAVEPOINT {name}")
+        except self.dialect.loaded_dbapi.Error as exc:
+            self.lost = exc
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

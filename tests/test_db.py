@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import logging
@@ -18,6 +19,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -375,3 +377,154 @@ def test_write_tx_drops_a_dead_connection_behind_a_domain_error(
     with store.write_tx() as tx:
         tx.execute(_INSERT, {**values, "name": "c"})
     assert _names(store) == ["a", "c"]
+
+
+def test_write_tx_never_commits_a_transaction_the_database_ended(any_store: Database) -> None:
+    """Side work in a savepoint fails in a way that ends the whole transaction (SQLite does
+    that on SQLITE_FULL or an I/O error; here a ROLLBACK does it) and the caller swallows the
+    error, as issuance does for its side work: write_tx must fail, not report a commit that
+    stored nothing."""
+    with pytest.raises(StoreError, match="lost"), any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        with contextlib.suppress(Exception), tx.savepoint():
+            tx.cursor.execute("ROLLBACK")
+    assert _names(any_store) == []
+    with any_store.write_tx() as tx:  # the connection is usable again
+        tx.execute(_INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    assert _names(any_store) == ["b"]
+
+
+def test_only_unique_violations_are_duplicate_keys(any_store: Database) -> None:
+    """A NOT NULL (or foreign key) failure is a store error, never a key collision that a
+    caller would retry with another key."""
+    with pytest.raises(StoreError) as info, any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": None, "status": CertStatus.RESERVED, "at": None, "blob": None})
+    assert not isinstance(info.value, DuplicateKey)
+    with any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    with pytest.raises(DuplicateKey), any_store.write_tx() as tx:
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+
+
+def test_prepared_refuses_python_side_defaults(any_store: Database) -> None:
+    """SQLAlchemy computes a Python-side column default per execution; a compiled plan would
+    freeze it (as NULL), so such a statement is refused unless the value is passed."""
+    table = Table(
+        "fast_defaults",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("label", String(8), default="dflt"),
+    )
+    missing = Prepared(insert(table), ("id",), columns=True)
+    given = Prepared(insert(table), ("id", "label"), columns=True)
+    with pytest.raises(ValueError, match="defaults"), any_store.write_tx() as tx:
+        tx.execute(missing, {"id": 1})
+    table.create(any_store.engine)
+    with any_store.write_tx() as tx:
+        tx.execute(given, {"id": 1, "label": "x"})
+
+
+@pytest.mark.postgres
+def test_a_disconnect_in_write_tx_renews_the_whole_pool(
+    pg_store: tuple[pg.PgCluster, Database, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a server restart every pooled connection is dead: the first write fails, and the
+    pool checks the others before their next use instead of failing one write each."""
+    cluster, store, name = pg_store
+    _META.create_all(store.engine)
+    held = [store.engine.raw_connection() for _ in range(3)]  # three connections in the pool
+    for conn in held:
+        conn.close()
+    _terminate_others(cluster, name)
+    monkeypatch.setattr(db_module, "IDLE_PING", 3600.0)  # not pinged
+    outcomes = []
+    for label in ("a", "b", "c"):
+        try:
+            with store.write_tx() as tx:
+                tx.execute(
+                    _INSERT,
+                    {"name": label, "status": CertStatus.RESERVED, "at": None, "blob": None},
+                )
+            outcomes.append("ok")
+        except StoreError:
+            outcomes.append("failed")
+    assert outcomes == ["failed", "ok", "ok"]
+    assert _names(store) == ["b", "c"]
+
+
+# -- the SQLite writer queue ------------------------------------------------------------------
+def test_a_writer_that_waits_too_long_gets_database_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "store.db"
+    store = Database(f"sqlite:///{path}")
+    _META.create_all(store.engine)
+    with store.write_tx() as tx:  # creates the lock file
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    monkeypatch.setattr(db_module, "WRITER_WAIT", 0.3)
+    fd = os.open(f"{path}-writer", os.O_RDWR)  # another process's turn, held and not released
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="busy"), store.write_tx() as tx:
+            tx.execute(
+                _INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None}
+            )
+        assert 0.25 <= time.monotonic() - started < 5
+    finally:
+        os.close(fd)
+    with store.write_tx() as tx:  # the thread lock was released with the failure
+        tx.execute(_INSERT, {"name": "c", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    assert _names(store) == ["a", "c"]
+    store.dispose()
+
+
+def test_the_writer_lock_file_is_never_followed_through_a_symlink(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sekisho.db")
+    path = tmp_path / "store.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not ours")
+    Path(f"{path}-writer").symlink_to(elsewhere)
+    store = Database(f"sqlite:///{path}")
+    _META.create_all(store.engine)
+    with store.write_tx() as tx:  # no lock file: writers queue in SQLite's busy handler
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+    assert elsewhere.read_text() == "not ours"
+    assert _names(store) == ["a"]
+    assert [r for r in caplog.records if "lock file not used" in r.getMessage()]
+    store.dispose()
+
+
+def _enter_writer_queue(store: Database, result: multiprocessing.Queue[str]) -> None:
+    db_module.WRITER_WAIT = 0.3
+    assert store._writer is not None
+    # The thread lock was copied locked (held by a parent thread that does not exist here);
+    # what this checks is the lock file.
+    store._writer._thread = threading.Lock()
+    try:
+        with store._writer or contextlib.nullcontext():
+            result.put("entered")
+    except StoreError:
+        result.put("busy")
+
+
+def test_a_forked_process_reopens_the_lock_file(tmp_path: Path) -> None:
+    """flock belongs to the open file: a descriptor inherited across fork would share the
+    parent's lock, so a child reopens the file and really waits for its turn."""
+    path = tmp_path / "store.db"
+    store = Database(f"sqlite:///{path}")
+    _META.create_all(store.engine)
+    ctx = multiprocessing.get_context("fork")
+    result: multiprocessing.Queue[str] = ctx.Queue()
+    with store.write_tx() as tx:  # the parent holds its turn while the child tries
+        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        child = ctx.Process(target=_enter_writer_queue, args=(store, result))
+        child.start()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+    assert result.get(timeout=10) == "busy"
+    store.dispose()

@@ -167,3 +167,31 @@ def test_revoked_while_signing_is_not_handed_out(services: Services) -> None:
         services.ca.issue(request, TEST_ACTOR)
     revoked = _rows(services, CertStatus.REVOKED)
     assert len(revoked) == 1 and revoked[0].der is None
+
+
+SQLITE_ENDS_TRANSACTION = """
+CREATE TRIGGER drop_tx BEFORE INSERT ON ocsp_responses
+BEGIN SELECT RAISE(ROLLBACK, 'injected: the database ends the transaction'); END
+"""
+
+
+def test_side_work_that_ends_the_transaction_fails_the_issuance(services: Services) -> None:
+    """The pre-signed OCSP answer is written in a savepoint so that its failure alone does not
+    fail the issuance. When the database ends the whole transaction instead (SQLite does on
+    SQLITE_FULL or an I/O error; RAISE(ROLLBACK) here), the issued row and its journal entry
+    are gone too: the certificate must not be handed out, and the serial stays reserved."""
+    if not _is_sqlite(services):
+        pytest.skip("PostgreSQL ends no transaction on a statement error: the savepoint recovers")
+    issued_before = len(_rows(services, CertStatus.ISSUED))
+    with services.db.engine.begin() as conn:
+        conn.execute(text(SQLITE_ENDS_TRANSACTION))
+    with pytest.raises(StoreError) as info:
+        issue(services, "admin-client")
+    assert "Traceback" not in info.value.message
+    reserved = _rows(services, CertStatus.RESERVED)
+    assert len(reserved) == 1 and reserved[0].der is None
+    assert len(_rows(services, CertStatus.ISSUED)) == issued_before
+    with services.db.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER drop_tx"))
+    cert = issue(services, "admin-client")  # and issuance works again
+    assert serial_hex(cert.serial_number) in {r.serial for r in _rows(services, CertStatus.ISSUED)}
