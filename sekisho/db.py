@@ -333,9 +333,11 @@ class Database:
             finally:
                 if tx is not None:
                     tx.close()
-                if autocommit:
-                    with contextlib.suppress(Exception):  # a dead connection is invalidated
+                if autocommit and fairy.is_valid:
+                    try:
                         _set_autocommit(fairy, False)
+                    except (self.engine.dialect.loaded_dbapi.Error, StoreError) as exc:
+                        fairy.invalidate(exc)  # never pool a connection left in autocommit
                 fairy.close()  # back to the pool, which resets it
 
     def _check_still_open(self, fairy: Any, tx: WriteTx) -> None:
