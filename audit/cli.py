@@ -41,7 +41,7 @@ def _filter_options(fn: Any) -> Any:
         click.option("--outcome", type=click.Choice(["success", "failure", "denied"])),
         click.option("--actor", help="Actor account or actor certificate serial."),
         click.option("--serial", help="Certificate serial (object or actor), hex."),
-        click.option("--dn", help="Substring of the certificate subject DN."),
+        click.option("--dn", help="Substring of the certificate subject DN (any case)."),
         click.option("--ip", help="Client IP address."),
         click.option("--mac", help="Device MAC address (any common notation)."),
         click.option("--device", help="Device ID."),

@@ -36,7 +36,7 @@ class Filter:
     outcome: str | None = None
     actor: str | None = None  # account, or certificate serial of the actor
     serial: str | None = None  # object or actor certificate serial (hex)
-    dn: str | None = None  # substring of the object DN
+    dn: str | None = None  # substring of the object DN, any case
     ip: str | None = None
     mac: str | None = None
     device: str | None = None
@@ -62,7 +62,9 @@ def _statement(f: Filter) -> Select[JournalRecord]:
         stmt = stmt.where(or_(R.object_serial == s, R.actor_serial == s))
     if f.dn:
         escaped = f.dn.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        stmt = stmt.where(R.object_dn.like(f"%{escaped}%", escape="\\"))
+        # Case-insensitive on both stores (DN attributes compare ignoring case, RFC 4517
+        # caseIgnoreMatch): ILIKE on PostgreSQL, lower() LIKE lower() on SQLite.
+        stmt = stmt.where(R.object_dn.ilike(f"%{escaped}%", escape="\\"))
     if f.ip:
         stmt = stmt.where(R.client_ip == f.ip)
     if f.mac:

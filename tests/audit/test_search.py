@@ -61,6 +61,9 @@ def test_dn_wildcards_are_matched_literally(journal_services: Services, seeded: 
     assert found(journal_services, Filter(dn="a_b")) == [s["underscore"]]
     assert found(journal_services, Filter(dn="_")) == [s["percent"], s["underscore"]]
     assert found(journal_services, Filter(dn="back\\slash")) == [s["backslash"]]
+    # Any case, the same on SQLite and PostgreSQL.
+    assert found(journal_services, Filter(dn="cn=100%_SURE")) == [s["percent"]]
+    assert found(journal_services, Filter(dn="BACK\\SLASH")) == [s["backslash"]]
     assert found(journal_services, Filter(dn="O=Lit")) == [
         s["percent"],
         s["percent-lookalike"],
