@@ -151,7 +151,7 @@ class CaService:
     def issue(self, request: IssueRequest, actor: Actor) -> x509.Certificate:
         try:
             tbs = self.prepare(request)
-        except (InputError, NotFound) as exc:
+        except (InputError, NotFound, Conflict) as exc:
             self._journal_rejection(request.ca, request.profile, request.subject, exc, actor)
             raise
         return self._sign_and_store(tbs, request, actor)
@@ -201,12 +201,14 @@ class CaService:
     # -- steps ----------------------------------------------------------------------------
     def prepare(self, request: IssueRequest) -> Tbs:
         profile = self.profiles.get(request.profile)
-        # The registry caches CA contexts (and drops them when a CA row changes): no
-        # transaction at all when the issuer is already known.
+        # The registry caches CA contexts (dropped when a CA row changes here, re-read every
+        # few seconds for changes made elsewhere): usually no transaction at all.
         issuer = self.registry.cached(request.ca)
         if issuer is None:
-            with self.db.scope() as session:
+            with self.db.read_scope() as session:
                 issuer = self.registry.get(session, request.ca)
+        if not issuer.key_online:
+            raise Conflict(f"the key of CA {issuer.name} is offline: bring it online first")
         now = self.clock()
         # Backdated for clock skew, but never before the issuer's own start.
         not_before = max(now - BACKDATE, issuer.not_before)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -48,7 +49,14 @@ def context_for(row: CertificateAuthority, urls: Urls) -> IssuerContext:
         delta_crl_url=urls.delta_crl(row.name),
         ocsp_url=urls.ocsp(),
         ca_issuers_url=urls.ca_cert(row.name),
+        key_online=row.key_online,
     )
+
+
+# How long a cached CA context is used before the row is read again: the bound on how late a
+# process sees a change another process made (a CA key taken offline with the CLI while
+# `serve` runs). Changes made in this process are seen at once (the ORM events below).
+REFRESH_SECONDS = 2.0
 
 
 class CaRegistry:
@@ -56,31 +64,38 @@ class CaRegistry:
 
     Any ORM insert, update or delete of a CA row in this process drops every registry's cache
     (at flush, and again once that transaction commits), so the next ``get`` re-reads the row
-    and sees ``active`` (and the certificate, key reference) as committed.
+    and sees ``active`` (and the certificate, key reference, key_online) as committed. A
+    context older than REFRESH_SECONDS is read again, for changes made by other processes.
     """
 
     def __init__(self, urls: Urls) -> None:
         self.urls = urls
-        self._cache: dict[str, IssuerContext] = {}
+        self._cache: dict[str, tuple[float, IssuerContext]] = {}
         self._lock = threading.Lock()
         _REGISTRIES.add(self)
 
     def cached(self, name: str) -> IssuerContext | None:
-        """The cached context of ``name``, or None (then call ``get`` in a transaction)."""
+        """The cached context of ``name`` while it is fresh, or None (then call ``get`` in a
+        transaction)."""
         with self._lock:
-            return self._cache.get(name)
+            entry = self._cache.get(name)
+        if entry is None or time.monotonic() - entry[0] >= REFRESH_SECONDS:
+            return None
+        return entry[1]
 
     def get(self, session: Session, name: str) -> IssuerContext:
-        with self._lock:
-            ctx = self._cache.get(name)
+        ctx = self.cached(name)
         if ctx is not None:
             return ctx
+        loaded = time.monotonic()
         row = session.scalar(select(CertificateAuthority).where(CertificateAuthority.name == name))
         if row is None or not row.active:
+            with self._lock:
+                self._cache.pop(name, None)
             raise NotFound(f"unknown certificate authority {name!r}")
         ctx = context_for(row, self.urls)
         with self._lock:
-            self._cache[name] = ctx
+            self._cache[name] = (loaded, ctx)
         return ctx
 
     def invalidate(self) -> None:

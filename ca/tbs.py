@@ -96,7 +96,7 @@ class SanEntry:
 
 @dataclasses.dataclass(frozen=True)
 class IssuerContext:
-    """What issuance needs to know about a CA, loaded once per process."""
+    """What issuance needs to know about a CA (cached per process by ``CaRegistry``)."""
 
     id: int
     name: str
@@ -107,6 +107,7 @@ class IssuerContext:
     delta_crl_url: str
     ocsp_url: str
     ca_issuers_url: str
+    key_online: bool = True
 
     @cached_property
     def subject(self) -> x509.Name:

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from ca.hierarchy import NameConstraintSpec, create_issuing, create_root
 from ca.issuance import IssueRequest
@@ -19,7 +19,7 @@ from ca.tbs import SanEntry, serial_hex
 from hsm.base import KeyType
 from ocsp.models import OcspResponse
 from ocsp.signers import active_responders
-from sekisho.errors import ConfigError, StoreError
+from sekisho.errors import ConfigError, Conflict, StoreError
 from sekisho.services import Services, audit_key_ref
 from tests.ca.helpers import PROFILE_REQUESTS, ca_cert, der, issue, make_csr, name
 from tests.conftest import BASE_URL, TEST_ACTOR, RecordingBackend
@@ -145,6 +145,45 @@ def test_serial_collision_draws_a_new_serial(
     with pytest.raises(StoreError, match="free serial"):
         issue(services, "admin-client")
     assert _issue_entries(services) == before + 1
+
+
+def test_a_ca_key_taken_offline_by_another_process_stops_issuance(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry caches CA contexts per process; another process (``sekisho ca offline``
+    while ``serve`` runs) changes the row without this process's ORM events. Within the
+    refresh window the change is seen, issuance from that CA is refused and journalled, and
+    it resumes once the key is back."""
+    from audit.models import JournalRecord
+    from ca import registry
+
+    issue(services, "admin-client")  # the admin CA's context is now cached
+    assert services.ca.registry.cached("admin") is not None
+
+    def set_online(online: bool) -> None:  # Core statement: no ORM event in this process
+        with services.db.engine.begin() as conn:
+            conn.execute(
+                update(CertificateAuthority)
+                .where(CertificateAuthority.name == "admin")
+                .values(key_online=online)
+            )
+
+    set_online(False)
+    monkeypatch.setattr(registry, "REFRESH_SECONDS", 0.0)  # the window has passed
+    serials = _admin_serials(services)
+    with pytest.raises(Conflict, match="offline") as info:
+        issue(services, "admin-client")
+    assert info.value.exit_code == 75
+    assert _admin_serials(services) == serials  # not even a reserved row
+    with services.db.read_scope() as session:
+        last = session.scalars(
+            select(JournalRecord).order_by(JournalRecord.seq.desc()).limit(1)
+        ).one()
+    assert (last.action, last.outcome) == ("ca.issue", "failure")
+    assert "offline" in last.detail
+    set_online(True)
+    cert = issue(services, "admin-client")
+    assert serial_hex(cert.serial_number) in _admin_serials(services)
 
 
 def _admin_serials(services: Services) -> set[str]:
