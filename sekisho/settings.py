@@ -47,6 +47,7 @@ class Settings:
     audit_origin: str = ""
     data_location: str = "JP"
     max_request_bytes: int = 65536
+    request_body_seconds: float = 10.0  # a request body must arrive within this (else 408)
     log_level: str = "INFO"
     # OCSP: validity of each response (BR 4.9.10: 8 h .. 10 d), the share of it after which
     # a pre-signed response is re-signed, and whether the CA key signs instead of a delegate.
@@ -163,6 +164,8 @@ class Settings:
             raise ConfigError("ocsp_refresh_fraction must be between 0.1 and 0.9")
         if not 1024 <= self.max_request_bytes <= 16 * 1024 * 1024:
             raise ConfigError("max_request_bytes must be between 1 KiB and 16 MiB")
+        if not 1.0 <= self.request_body_seconds <= 300.0:
+            raise ConfigError("request_body_seconds must be between 1 and 300")
         if self.workers < 1 or self.workers > 64:
             raise ConfigError("workers must be between 1 and 64")
         if self.log_level.upper() not in LOG_LEVELS:

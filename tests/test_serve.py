@@ -4,6 +4,7 @@ OpenSSL, and the server stopped by its PID with no worker left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -69,7 +70,7 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 class Server:
-    def __init__(self, data_dir: Path, log: Path) -> None:
+    def __init__(self, data_dir: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -79,7 +80,7 @@ class Server:
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
             stdout=self._log_fh,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "SEKISHO_BASE_URL": self.base},
+            env={**os.environ, "SEKISHO_BASE_URL": self.base, **(env or {})},
         )  # fmt: skip
         self.workers: set[int] = set()
 
@@ -239,3 +240,99 @@ def test_many_requests_none_hang_and_revocation_reaches_the_served_crl(
     assert len(server.workers) >= 3  # two workers + the refresher
     assert server.stop() == 0
     assert not [p for p in server.workers if alive(p)]
+
+
+# -- request bodies over real sockets: framing, size, clients that stall ----------------------
+BODY_SECONDS = 1.5
+OCSP_HEAD = b"POST /ocsp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/ocsp-request\r\n"
+
+
+@pytest.fixture
+def body_server(data_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    srv = Server(
+        data_dir, tmp_path / "server.log", {"SEKISHO_REQUEST_BODY_SECONDS": str(BODY_SECONDS)}
+    )
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _exchange(port: int, data: bytes, seconds: float = 10.0) -> bytes:
+    """Send raw bytes, read until the server closes (bounded)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as sock:
+        sock.sendall(data)
+        out = b""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_bad_chunked_framing_is_a_400_never_a_500(body_server: Server) -> None:
+    head = OCSP_HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    bodies = {
+        "size not hex": b"zz\r\nabc\r\n0\r\n\r\n",
+        "negative size": b"-5\r\nabcde\r\n0\r\n\r\n",
+        "0x prefix": b"0x5\r\nabcde\r\n0\r\n\r\n",
+        "NUL in extension": b"5;\x00\r\nabcde\r\n0\r\n\r\n",
+        "no CRLF after data": b"5\r\nabcdeXY0\r\n\r\n",
+        "bad trailer name": b"5\r\nabcde\r\n0\r\nBad Name: x\r\n\r\n",
+    }
+    for label, body in bodies.items():
+        response = _exchange(body_server.port, head + body)
+        assert _status(response) == 400, (label, response[:200])
+        assert b"Traceback" not in response
+    log = body_server.output()
+    assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_cut_short(body_server: Server) -> None:
+    payload = b"\x30" * 70_000
+    chunks = b"".join(
+        f"{len(payload[i : i + 8192]):x}\r\n".encode() + payload[i : i + 8192] + b"\r\n"
+        for i in range(0, len(payload), 8192)
+    )
+    head = OCSP_HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    response = _exchange(body_server.port, head + chunks + b"0\r\n\r\n")
+    assert _status(response) == 413, response[:200]
+
+
+def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(
+    body_server: Server,
+) -> None:
+    """More stalled clients than worker threads (2 workers x 4 threads): each is answered 408
+    once request_body_seconds have passed, and /healthz answers meanwhile or right after."""
+    stalled = []
+    try:
+        for _ in range(12):
+            sock = socket.create_connection(("127.0.0.1", body_server.port), timeout=15)
+            sock.sendall(OCSP_HEAD + b"Content-Length: 87\r\n\r\n" + b"\x30" * 10)
+            stalled.append(sock)
+        started = time.monotonic()
+        res = curl("--max-time", "15", "-o", "/dev/null", "-w", "%{http_code}",
+                   f"{body_server.base}/healthz")  # fmt: skip
+        assert res.stdout == "200", res.stdout + res.stderr
+        assert time.monotonic() - started < BODY_SECONDS * 3 + 2
+        for sock in stalled:
+            response = b""
+            with contextlib.suppress(TimeoutError):
+                while chunk := sock.recv(65536):
+                    response += chunk
+            assert _status(response) == 408, response[:200]
+    finally:
+        for sock in stalled:
+            sock.close()
+    log = body_server.output()
+    assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]

@@ -130,6 +130,8 @@ BAD_VALUES: list[tuple[dict[str, object], str]] = [
     ({"workers": 0}, "workers"),
     ({"workers": 2.5}, "workers"),
     ({"max_request_bytes": 10}, "max_request_bytes"),
+    ({"request_body_seconds": 0.1}, "request_body_seconds"),
+    ({"request_body_seconds": 3600}, "request_body_seconds"),
     ({"key_backend": "vault"}, "key_backend"),
     ({"data_location": "US"}, "data_location"),
     ({"log_level": "LOUD"}, "log_level"),

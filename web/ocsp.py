@@ -1,7 +1,8 @@
 """OCSP over HTTP (RFC 6960 appendix A, RFC 5019 section 5) as a Flask blueprint.
 
 * ``POST /ocsp`` with ``Content-Type: application/ocsp-request``; anything else is 415, a body
-  over 64 KiB is 413 before it is read (Content-Length) or as soon as it is (chunked).
+  over 64 KiB is 413 before it is read (Content-Length) or as soon as it is (chunked); bad
+  framing is 400 and a body that does not arrive in time 408 (``web.body``).
 * ``GET /ocsp/<base64>``: standard or URL-safe alphabet, percent-encoded or not, padding
   optional. Text that is not base64 is 400 with the malformedRequest OCSP response.
 * Every answer is an ``application/ocsp-response`` (OCSP errors are OCSP responses, not
@@ -22,9 +23,11 @@ from urllib.parse import unquote
 
 from asn1crypto import ocsp as asn1_ocsp
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ocsp import core
 from web import services_of
+from web.body import read_body
 from web.errors import problem
 
 log = logging.getLogger("sekisho.ocsp")
@@ -96,11 +99,9 @@ def _http_date(value: dt.datetime) -> str:
 def post() -> Response:
     if request.mimetype != MIME_REQUEST:
         return problem(415, "unsupported-media-type", f"send the request as {MIME_REQUEST}")
-    length = request.content_length
-    if length is not None and length > MAX_BODY:
-        return problem(413, "request-too-large", f"an OCSP request is at most {MAX_BODY} octets")
-    body = request.stream.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
+    try:
+        body = read_body(MAX_BODY, services_of(current_app).settings.request_body_seconds)
+    except RequestEntityTooLarge:
         return problem(413, "request-too-large", f"an OCSP request is at most {MAX_BODY} octets")
     response = _ocsp(_answer(body))
     response.headers["Cache-Control"] = "no-store"

@@ -1,0 +1,129 @@
+"""Request bodies, read bounded in size and in time; every failure is a clear 4xx.
+
+* Over the limit: 413, before reading when Content-Length says so, or as soon as a chunked
+  body passes it (Werkzeug's own limit would silently cut a chunked body short).
+* Framing the server cannot parse (bad chunk sizes, missing terminators, bad trailers) or a
+  body shorter than its Content-Length: 400.
+* A body not received in full within ``request_body_seconds``: 408. Under gunicorn a
+  watchdog shuts the socket's read side at the deadline, so a client that sends part of a
+  body and goes quiet (or drips it) holds a worker thread for that long at most.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import request
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, RequestTimeout
+from werkzeug.wsgi import get_input_stream
+
+log = logging.getLogger("sekisho.web")
+READ_CHUNK = 16 * 1024
+
+
+@dataclasses.dataclass(eq=False)
+class _Guard:
+    sock: socket.socket | None
+    deadline: float
+    fired: bool = False
+    done: bool = False
+
+
+class _Watchdog:
+    """One thread per process: shuts the read side of sockets whose body read overran."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Guard]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def guard(self, sock: Any, seconds: float) -> Iterator[_Guard]:
+        if not isinstance(sock, socket.socket):
+            yield _Guard(None, 0.0)  # not under gunicorn (tests' client): no socket to shut
+            return
+        guard = _Guard(sock, time.monotonic() + seconds)
+        with self._cond:
+            heapq.heappush(self._heap, (guard.deadline, next(self._order), guard))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="sekisho-body-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield guard
+        finally:
+            with self._cond:
+                guard.done = True
+
+    def _run(self) -> None:
+        while True:  # for the life of the process (a daemon thread)
+            with self._cond:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, _, guard = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                guard.fired = True
+            with contextlib.suppress(OSError):
+                assert guard.sock is not None
+                guard.sock.shutdown(socket.SHUT_RD)  # the blocked read returns; we can answer
+
+    def after_fork(self) -> None:
+        self._cond = threading.Condition()
+        self._heap = []
+        self._thread = None
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
+
+
+def read_body(max_bytes: int, seconds: float) -> bytes:
+    """The request body, at most ``max_bytes`` (see the module docstring for the errors)."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise RequestEntityTooLarge(f"the body is at most {max_bytes} octets")
+    environ = request.environ
+    # No limit here: we count ourselves, and refuse rather than cut a body short.
+    stream = get_input_stream(environ, safe_fallback=True, max_content_length=None)
+    chunks: list[bytes] = []
+    total = 0
+    with _WATCHDOG.guard(environ.get("gunicorn.socket"), seconds) as guard:
+        try:
+            while total <= max_bytes:
+                chunk = stream.read(min(READ_CHUNK, max_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        except Exception as exc:  # noqa: BLE001  (the server's framing errors, resets, EOF)
+            if guard.fired:
+                raise RequestTimeout(f"the body did not arrive within {seconds:g} s") from None
+            log.info("unreadable request body", extra={"exc_type": type(exc).__name__})
+            raise BadRequest("the request body could not be read (framing)") from None
+    if total > max_bytes:
+        raise RequestEntityTooLarge(f"the body is at most {max_bytes} octets")
+    if length is not None and total < length:
+        if guard.fired:
+            raise RequestTimeout(f"the body did not arrive within {seconds:g} s")
+        raise BadRequest("the request body is shorter than its Content-Length")
+    return b"".join(chunks)
