@@ -21,6 +21,12 @@ KDF_ROUNDS = 600_000
 MIN_PASSWORD_BYTES = 12
 
 
+def check_password(password: bytes) -> None:
+    """Refuse a PKCS#12 password too short to protect the key (before anything is issued)."""
+    if len(password) < MIN_PASSWORD_BYTES:
+        raise InputError(f"PKCS#12 password must have at least {MIN_PASSWORD_BYTES} characters")
+
+
 def pkcs12_bundle(
     key: PrivateKeyTypes,
     cert: x509.Certificate,
@@ -29,8 +35,7 @@ def pkcs12_bundle(
     *,
     legacy: bool = False,
 ) -> bytes:
-    if len(password) < MIN_PASSWORD_BYTES:
-        raise InputError(f"PKCS#12 password must have at least {MIN_PASSWORD_BYTES} characters")
+    check_password(password)
     builder = serialization.PrivateFormat.PKCS12.encryption_builder()
     if legacy:
         encryption = (

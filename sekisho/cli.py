@@ -454,12 +454,20 @@ def issue(
     legacy_p12: bool,
 ) -> None:
     """Issue a certificate from a CSR, or with a key generated here."""
-    from enrollment.pkcs12 import pkcs12_bundle
+    from enrollment.pkcs12 import check_password, pkcs12_bundle
 
     if (csr is None) == (keygen is None):
         raise click.UsageError("give exactly one of --csr and --keygen")
     if keygen is None and (key_out or p12):
         raise click.UsageError("--key-out and --p12 go with --keygen")
+    # Everything that can be refused is checked before the certificate exists: a failure
+    # after issuance would leave an issued certificate whose key nobody has.
+    for path in (out, key_out, p12):
+        if path is not None and not os.access(path.parent.resolve(), os.W_OK):
+            raise InputError(f"cannot write {path}: its directory is missing or not writable")
+    password = _read_secret_option(password_file, password_env) if p12 else None
+    if password is not None:
+        check_password(password)
     services = state.services()
     sans = tuple(SanEntry.parse(s) for s in san) if san else None
     subject_name = parse_subject(subject) if subject else None
@@ -516,7 +524,6 @@ def issue(
             )
         doc["key_file"] = str(key_out)
     if key is not None and p12:
-        password = _read_secret_option(password_file, password_env)
         generated = password is None
         if password is None:
             password = secrets.token_urlsafe(18).encode()  # 144 bits

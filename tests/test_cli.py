@@ -447,11 +447,20 @@ def test_keygen_pkcs12_password_from_env_or_generated(
     monkeypatch.setenv("TEST_P12_PW", "env-supplied-password")
     ok(run(*base, "--p12", str(tmp_path / "env.p12"), "--password-env", "TEST_P12_PW"))
     pkcs12.load_pkcs12((tmp_path / "env.p12").read_bytes(), b"env-supplied-password")
+
+    def device_certs() -> int:
+        return len(ok(run("--json", "cert", "list", "--ca", "device", "--limit", "1000")).json())
+
+    # Refusals come before issuance: no certificate is left behind whose key nobody has.
+    before = device_certs()
     missing = run(*base, "--p12", str(tmp_path / "x.p12"), "--password-env", "UNSET_VAR_XYZ")
     assert missing.code == 78 and "UNSET_VAR_XYZ" in missing.err
     short = tmp_path / "short"
     short.write_text("short\n")
     assert run(*base, "--p12", str(tmp_path / "y.p12"), "--password-file", str(short)).code == 65
+    nowhere = run(*base, "--p12", str(tmp_path / "no-such-dir" / "z.p12"))
+    assert nowhere.code == 65 and "no-such-dir" in nowhere.err
+    assert device_certs() == before
     doc = ok(run(*base, "--p12", str(tmp_path / "gen.p12"))).json()
     generated = doc["p12_password"]
     assert len(generated) >= 16
