@@ -8,7 +8,8 @@ Decisions
 ---------
 * **Parsing is strict.** Before asn1crypto sees a request, :func:`ocsp.der.check_structure`
   walks the whole TLV tree iteratively: DER lengths only, at most ``MAX_REQUEST_SIZE`` octets,
-  nesting at most ``MAX_DEPTH``, nothing after the outer SEQUENCE. Then asn1crypto decodes it
+  nesting at most ``MAX_DEPTH``, nothing after the outer SEQUENCE, DER contents for INTEGER,
+  BOOLEAN, NULL and OBJECT IDENTIFIER (minimal, non-empty). Then asn1crypto decodes it
   (``strict=True``) and every field we use is read inside one ``try``. Any failure, an empty
   request list, more than ``MAX_CERT_IDS`` CertIDs, a version other than v1, an unknown
   *critical* extension (request- or single-request level), any extension present twice, or a

@@ -98,12 +98,43 @@ def check_structure(data: bytes, max_depth: int) -> Tlv:
         while pos < end:
             item = read_tlv(data, pos, end)
             _check_tag(item.tag)
+            _check_primitive(data, item)
             if is_constructed(item.tag):
                 if depth >= max_depth:
                     raise DerError(f"nesting deeper than {max_depth}")
                 pending.append((item.content_start, item.end, depth + 1))
             pos = item.end
     return top
+
+
+def _check_primitive(data: bytes, item: Tlv) -> None:
+    """DER content rules of the universal primitive types a request can carry (X.690 8.2,
+    8.3, 8.8, 8.19, 11.1): an invalid INTEGER would otherwise be echoed in a signed answer."""
+    tag = item.tag
+    if tag == 0x02:  # INTEGER: at least one octet, minimal two's complement
+        content = data[item.content_start : item.end]
+        if not content:
+            raise DerError("empty INTEGER")
+        if len(content) > 1 and (
+            (content[0] == 0x00 and content[1] < 0x80)
+            or (content[0] == 0xFF and content[1] >= 0x80)
+        ):
+            raise DerError("non-minimal INTEGER encoding")
+    elif tag == 0x01:  # BOOLEAN: one octet, 0x00 or 0xFF
+        if data[item.content_start : item.end] not in (b"\x00", b"\xff"):
+            raise DerError("BOOLEAN is not one octet of 00 or FF")
+    elif tag == 0x05:  # NULL: empty
+        if item.end != item.content_start:
+            raise DerError("NULL with content")
+    elif tag == 0x06:  # OBJECT IDENTIFIER: subidentifiers complete, without 0x80 padding
+        content = data[item.content_start : item.end]
+        if not content or content[-1] & 0x80:
+            raise DerError("truncated OBJECT IDENTIFIER")
+        previous_ended = True
+        for octet in content:
+            if previous_ended and octet == 0x80:
+                raise DerError("non-minimal OBJECT IDENTIFIER subidentifier")
+            previous_ended = not octet & 0x80
 
 
 def _check_tag(tag: int) -> None:

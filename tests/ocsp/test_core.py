@@ -699,3 +699,39 @@ def test_signatures_made_outside_openssl_are_checked_before_they_leave(pki: Pki)
         core.precompute(faulty, pki.good.serial_number, core.GOOD, NOW, NOW + VALIDITY)
     # The same request answered by the sound key verifies with openssl.
     openssl_check(pki, req, respond(pki, req))
+
+
+def test_invalid_primitive_encodings_are_malformed(pki: Pki) -> None:
+    """DER content rules: an empty or padded INTEGER serial, a NULL with content, a padded
+    OID, a BOOLEAN other than 00/FF are malformedRequest, never echoed in a signed answer."""
+    issuer = pki.issuer()
+    sha1 = w.sequence(w.oid("1.3.14.3.2.26"), b"\x05\x00")
+
+    def cert_id(serial_tlv: bytes, algorithm: bytes = sha1) -> bytes:
+        return w.sequence(
+            algorithm,
+            w.octet_string(issuer.name_hashes["sha1"]),
+            w.octet_string(issuer.key_hashes["sha1"]),
+            serial_tlv,
+        )
+
+    serial = w.integer(pki.good.serial_number)
+    assert cert_id(serial) == cert_id_der(issuer, pki.good.serial_number)  # built right
+    assert basic_of(respond(pki, hand_request([cert_id(serial)])))
+    bad_boolean = w.sequence(
+        w.oid(core.OID_NONCE), b"\x01\x01\x01", w.octet_string(b"\x04\x10" + b"n" * 16)
+    )
+    cases = {
+        "empty INTEGER": hand_request([cert_id(b"\x02\x00")]),
+        "padded INTEGER": hand_request([cert_id(b"\x02\x02\x00\x01")]),
+        "padded negative INTEGER": hand_request([cert_id(b"\x02\x02\xff\x80")]),
+        "NULL with content": hand_request(
+            [cert_id(serial, w.sequence(w.oid("1.3.14.3.2.26"), b"\x05\x01\x00"))]
+        ),
+        "padded OID": hand_request(
+            [cert_id(serial, w.sequence(b"\x06\x06\x2b\x80\x0e\x03\x02\x1a", b"\x05\x00"))]
+        ),
+        "BOOLEAN 01": hand_request([cert_id(serial)], [bad_boolean]),
+    }
+    for label, request_der in cases.items():
+        assert respond(pki, request_der) == MALFORMED, label
