@@ -1,10 +1,10 @@
 """A small, strict DER reader for OCSP requests and certificates.
 
-It runs *before* asn1crypto sees a request: one iterative pass over the whole TLV tree that
-refuses anything outside DER's shape (indefinite lengths, non-minimal lengths, high tag
-numbers, constructed forms of primitive universal types, trailing bytes) and trees deeper than
-``max_depth``. asn1crypto is lazy and recursive; with this gate in front, 10^4 nested
-SEQUENCEs cost one linear scan and a refusal, never a deep recursion.
+One iterative pass over the whole TLV tree refuses anything outside DER's shape (indefinite
+lengths, non-minimal lengths, high tag numbers, constructed forms of primitive universal
+types, invalid INTEGER/BOOLEAN/NULL/OID contents, trailing bytes) and trees deeper than
+``max_depth``: 10^4 nested SEQUENCEs cost one linear scan and a refusal, never a deep
+recursion. ``ocsp.core`` then reads the request's fields from that tree.
 
 Writing DER for responses uses :mod:`ca.der`.
 """
@@ -141,6 +141,24 @@ def _check_tag(tag: int) -> None:
     # Universal class, constructed: only SEQUENCE and SET exist in DER.
     if tag & 0xC0 == 0 and is_constructed(tag) and tag not in (0x30, 0x31):
         raise DerError(f"constructed encoding of primitive type (tag 0x{tag:02x})")
+
+
+def oid_dotted(content: bytes) -> str:
+    """Dotted form of OBJECT IDENTIFIER contents (already checked by ``check_structure``)."""
+    arcs: list[int] = []
+    value = 0
+    for octet in content:
+        value = (value << 7) | (octet & 0x7F)
+        if not octet & 0x80:
+            if not arcs:
+                first = min(value // 40, 2)
+                arcs += [first, value - 40 * first]
+            else:
+                arcs.append(value)
+            value = 0
+    if not arcs:
+        raise DerError("empty OBJECT IDENTIFIER")
+    return ".".join(map(str, arcs))
 
 
 def expect(data: bytes, item: Tlv, tag: int, what: str) -> Tlv:
