@@ -1,7 +1,8 @@
 """Request bodies, read bounded in size and in time; every failure is a clear 4xx.
 
 * Over the limit: 413, before reading when Content-Length says so, or as soon as a chunked
-  body passes it (Werkzeug's own limit would silently cut a chunked body short).
+  body passes it (reading Werkzeug's limited stream stops at the limit without telling
+  whether more followed).
 * Framing the server cannot parse (bad chunk sizes, missing terminators, bad trailers) or a
   body shorter than its Content-Length: 400.
 * A body not received in full within ``request_body_seconds``: 408. Under gunicorn a
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, RequestTimeout
 from werkzeug.wsgi import get_input_stream
 
@@ -50,8 +51,10 @@ class _Watchdog:
 
     @contextlib.contextmanager
     def guard(self, sock: Any, seconds: float) -> Iterator[_Guard]:
-        if not isinstance(sock, socket.socket):
-            yield _Guard(None, 0.0)  # not under gunicorn (tests' client): no socket to shut
+        # Plain TCP sockets only: shutting a TLS socket would make Python send the answer in
+        # the clear. Not under gunicorn (the tests' client): no socket to shut.
+        if type(sock) is not socket.socket:
+            yield _Guard(None, 0.0)
             return
         guard = _Guard(sock, time.monotonic() + seconds)
         with self._cond:
@@ -61,31 +64,39 @@ class _Watchdog:
                     target=self._run, name="sekisho-body-watchdog", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][2] is guard:
+                self._cond.notify()  # a new earliest deadline
         try:
             yield guard
         finally:
-            with self._cond:
+            with self._cond:  # after this, the watchdog never touches the socket again
                 guard.done = True
 
     def _run(self) -> None:
-        while True:  # for the life of the process (a daemon thread)
-            with self._cond:
-                while self._heap and self._heap[0][2].done:
+        try:
+            while True:  # for the life of the process (a daemon thread)
+                with self._cond:
+                    while self._heap and self._heap[0][2].done:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    deadline, _, guard = self._heap[0]
+                    wait = deadline - time.monotonic()
+                    if wait > 0:
+                        self._cond.wait(wait)
+                        continue
                     heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                deadline, _, guard = self._heap[0]
-                wait = deadline - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
-                guard.fired = True
-            with contextlib.suppress(OSError):
-                assert guard.sock is not None
-                guard.sock.shutdown(socket.SHUT_RD)  # the blocked read returns; we can answer
+                    guard.fired = True
+                    # Under the lock (shutdown does not block), so a request that has finished
+                    # (done) never has its socket, perhaps already serving the next request on
+                    # the connection, shut behind it.
+                    with contextlib.suppress(OSError):
+                        assert guard.sock is not None
+                        guard.sock.shutdown(socket.SHUT_RD)  # the blocked read returns
+        finally:
+            with self._cond:
+                self._thread = None  # a later request starts a new one
 
     def after_fork(self) -> None:
         self._cond = threading.Condition()
@@ -98,7 +109,11 @@ os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
 
 
 def read_body(max_bytes: int, seconds: float) -> bytes:
-    """The request body, at most ``max_bytes`` (see the module docstring for the errors)."""
+    """The request body, at most ``max_bytes`` and never more than the app's
+    MAX_CONTENT_LENGTH (see the module docstring for the errors)."""
+    app_limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if app_limit is not None:
+        max_bytes = min(max_bytes, int(app_limit))
     length = request.content_length
     if length is not None and length > max_bytes:
         raise RequestEntityTooLarge(f"the body is at most {max_bytes} octets")

@@ -117,6 +117,22 @@ def test_413_without_reading_the_body(client: FlaskClient) -> None:
     assert status.startswith("413")
 
 
+def test_the_operators_smaller_body_limit_applies(services: Services) -> None:
+    """max_request_bytes below the OCSP limit wins, with a Content-Length and chunked."""
+    app = create_app(services)
+    app.config["MAX_CONTENT_LENGTH"] = 1024  # as max_request_bytes = 1024 would set it
+    client = app.test_client()
+    body = b"\x30" * 5000
+    assert client.post("/ocsp", data=body, content_type=OCSP_REQUEST).status_code == 413
+    environ = EnvironBuilder(path="/ocsp", method="POST", content_type=OCSP_REQUEST).get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+    environ["wsgi.input_terminated"] = True
+    environ["wsgi.input"] = io.BytesIO(body)
+    _body, status, _headers = run_wsgi_app(app, environ)
+    assert status.startswith("413")
+
+
 def test_crash_is_internal_error_not_500(
     services: Services, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
