@@ -233,8 +233,11 @@ def _extensions(data: bytes, wrapper: r.Tlv, known: frozenset[str]) -> dict[str,
     inner = r.children(data, wrapper)
     if len(inner) != 1:
         raise MalformedRequest("extensions are one SEQUENCE")
+    items = r.children(data, _tagged(inner[0], 0x30, "Extensions"))
+    if not items:
+        raise MalformedRequest("Extensions is SIZE (1..MAX)")
     out: dict[str, bytes] = {}
-    for extension in r.children(data, _tagged(inner[0], 0x30, "Extensions")):
+    for extension in items:
         parts = r.children(data, _tagged(extension, 0x30, "Extension"))
         if not 2 <= len(parts) <= 3 or parts[0].tag != 0x06 or parts[-1].tag != 0x04:
             raise MalformedRequest("Extension is extnID [critical] extnValue")

@@ -732,6 +732,7 @@ def test_invalid_primitive_encodings_are_malformed(pki: Pki) -> None:
             [cert_id(serial, w.sequence(b"\x06\x06\x2b\x80\x0e\x03\x02\x1a", b"\x05\x00"))]
         ),
         "BOOLEAN 01": hand_request([cert_id(serial)], [bad_boolean]),
+        "empty Extensions": hand_request([cert_id(serial)], []),
     }
     for label, request_der in cases.items():
         assert respond(pki, request_der) == MALFORMED, label
