@@ -8,6 +8,7 @@ from argv.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -454,20 +455,70 @@ def issue(
     legacy_p12: bool,
 ) -> None:
     """Issue a certificate from a CSR, or with a key generated here."""
-    from enrollment.pkcs12 import check_password, pkcs12_bundle
+    from enrollment.pkcs12 import check_password
 
     if (csr is None) == (keygen is None):
         raise click.UsageError("give exactly one of --csr and --keygen")
     if keygen is None and (key_out or p12):
         raise click.UsageError("--key-out and --p12 go with --keygen")
+    if keygen is not None and subject is None:
+        raise click.UsageError("--keygen needs --subject")
     # Everything that can be refused is checked before the certificate exists: a failure
     # after issuance would leave an issued certificate whose key nobody has.
-    for path in (out, key_out, p12):
-        if path is not None and not os.access(path.parent.resolve(), os.W_OK):
-            raise InputError(f"cannot write {path}: its directory is missing or not writable")
     password = _read_secret_option(password_file, password_env) if p12 else None
     if password is not None:
         check_password(password)
+    created = _create_outputs([p for p in (out, key_out, p12) if p is not None])
+    try:
+        _issue_and_write(
+            state, csr, keygen, ca_name, profile, subject, san, days, owner, tenant,
+            out, key_out, p12, password, legacy_p12,
+        )  # fmt: skip
+    except BaseException:
+        for path in created:  # files this command created and never filled
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+
+
+def _create_outputs(paths: list[Path]) -> list[Path]:
+    """Open each output file for writing now (mode 0600), so that an unwritable path fails
+    before anything is issued; returns the ones that did not exist before."""
+    created: list[Path] = []
+    for path in paths:
+        existed = path.exists()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError as exc:
+            for done in created:
+                with contextlib.suppress(OSError):
+                    done.unlink()
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        os.close(fd)
+        if not existed:
+            created.append(path)
+    return created
+
+
+def _issue_and_write(
+    state: State,
+    csr: Path | None,
+    keygen: KeyType | None,
+    ca_name: str,
+    profile: str,
+    subject: str | None,
+    san: tuple[str, ...],
+    days: int | None,
+    owner: str | None,
+    tenant: str | None,
+    out: Path | None,
+    key_out: Path | None,
+    p12: Path | None,
+    password: bytes | None,
+    legacy_p12: bool,
+) -> None:
+    from enrollment.pkcs12 import pkcs12_bundle
+
     services = state.services()
     sans = tuple(SanEntry.parse(s) for s in san) if san else None
     subject_name = parse_subject(subject) if subject else None
@@ -488,9 +539,7 @@ def issue(
             tenant=tenant,
         )
     else:
-        if subject_name is None:
-            raise click.UsageError("--keygen needs --subject")
-        assert keygen is not None
+        assert keygen is not None and subject_name is not None
         placeholder = IssueRequest(
             ca=ca_name,
             profile=profile,

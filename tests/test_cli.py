@@ -460,6 +460,12 @@ def test_keygen_pkcs12_password_from_env_or_generated(
     assert run(*base, "--p12", str(tmp_path / "y.p12"), "--password-file", str(short)).code == 65
     nowhere = run(*base, "--p12", str(tmp_path / "no-such-dir" / "z.p12"))
     assert nowhere.code == 65 and "no-such-dir" in nowhere.err
+    dangling = tmp_path / "dangling.pem"  # a link to a place that cannot be created
+    dangling.symlink_to(tmp_path / "no-such-dir" / "cert.pem")
+    key_first = tmp_path / "k-first.pem"
+    refused = run(*base, "--key-out", str(key_first), "--out", str(dangling))
+    assert refused.code == 65 and "dangling.pem" in refused.err
+    assert not key_first.exists()  # created for the check, removed with the refusal
     assert device_certs() == before
     doc = ok(run(*base, "--p12", str(tmp_path / "gen.p12"))).json()
     generated = doc["p12_password"]
