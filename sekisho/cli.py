@@ -470,10 +470,78 @@ def issue(
         check_password(password)
     created = _create_outputs([p for p in (out, key_out, p12) if p is not None])
     try:
-        _issue_and_write(
-            state, csr, keygen, ca_name, profile, subject, san, days, owner, tenant,
-            out, key_out, p12, password, legacy_p12,
-        )  # fmt: skip
+        from enrollment.pkcs12 import pkcs12_bundle
+
+        services = state.services()
+        sans = tuple(SanEntry.parse(s) for s in san) if san else None
+        subject_name = parse_subject(subject) if subject else None
+        validity = dt.timedelta(days=days) if days else None
+        actor = state.actor()
+        key = None
+        if csr is not None:
+            cert = services.ca.issue_from_csr(
+                csr.read_bytes(),
+                ca=ca_name,
+                profile=profile,
+                actor=actor,
+                subject=subject_name,
+                sans=sans,
+                validity=validity,
+                owner_kind="cli" if owner else None,
+                owner_id=owner,
+                tenant=tenant,
+            )
+        else:
+            assert keygen is not None and subject_name is not None
+            placeholder = IssueRequest(
+                ca=ca_name,
+                profile=profile,
+                subject=subject_name,
+                public_key=None,  # type: ignore[arg-type]
+                sans=sans or (),
+                validity=validity,
+                owner_id=owner,
+                owner_kind="cli" if owner else None,
+                tenant=tenant,
+            )
+            cert, key = services.ca.issue_with_new_key(placeholder, keygen, actor)
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        doc: dict[str, Any] = {
+            "serial": f"{cert.serial_number:040x}",
+            "subject": cert.subject.rfc4514_string(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        }
+        if out:
+            out.write_bytes(pem)
+            doc["certificate_file"] = str(out)
+        if key is not None and key_out:
+            fd = os.open(key_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                )
+            doc["key_file"] = str(key_out)
+        if key is not None and p12:
+            generated = password is None
+            if password is None:
+                password = secrets.token_urlsafe(18).encode()  # 144 bits
+            with services.db.scope() as session:
+                chain = _chain_for(session, ca_name)
+            data = pkcs12_bundle(key, cert, chain, password, legacy=legacy_p12)
+            fd = os.open(p12, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            doc["p12_file"] = str(p12)
+            if generated:
+                # Shown exactly once, on the terminal of the operator who asked for it.
+                doc["p12_password"] = password.decode()
+        if not out and not state.as_json:
+            click.echo(pem.decode(), nl=False)
+        state.emit(doc, lambda: "\n".join(f"{k}: {v}" for k, v in doc.items()))
     except BaseException:
         for path in created:  # files this command created and never filled
             with contextlib.suppress(OSError):
@@ -498,97 +566,6 @@ def _create_outputs(paths: list[Path]) -> list[Path]:
         if not existed:
             created.append(path)
     return created
-
-
-def _issue_and_write(
-    state: State,
-    csr: Path | None,
-    keygen: KeyType | None,
-    ca_name: str,
-    profile: str,
-    subject: str | None,
-    san: tuple[str, ...],
-    days: int | None,
-    owner: str | None,
-    tenant: str | None,
-    out: Path | None,
-    key_out: Path | None,
-    p12: Path | None,
-    password: bytes | None,
-    legacy_p12: bool,
-) -> None:
-    from enrollment.pkcs12 import pkcs12_bundle
-
-    services = state.services()
-    sans = tuple(SanEntry.parse(s) for s in san) if san else None
-    subject_name = parse_subject(subject) if subject else None
-    validity = dt.timedelta(days=days) if days else None
-    actor = state.actor()
-    key = None
-    if csr is not None:
-        cert = services.ca.issue_from_csr(
-            csr.read_bytes(),
-            ca=ca_name,
-            profile=profile,
-            actor=actor,
-            subject=subject_name,
-            sans=sans,
-            validity=validity,
-            owner_kind="cli" if owner else None,
-            owner_id=owner,
-            tenant=tenant,
-        )
-    else:
-        assert keygen is not None and subject_name is not None
-        placeholder = IssueRequest(
-            ca=ca_name,
-            profile=profile,
-            subject=subject_name,
-            public_key=None,  # type: ignore[arg-type]
-            sans=sans or (),
-            validity=validity,
-            owner_id=owner,
-            owner_kind="cli" if owner else None,
-            tenant=tenant,
-        )
-        cert, key = services.ca.issue_with_new_key(placeholder, keygen, actor)
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    doc: dict[str, Any] = {
-        "serial": f"{cert.serial_number:040x}",
-        "subject": cert.subject.rfc4514_string(),
-        "not_after": cert.not_valid_after_utc.isoformat(),
-    }
-    if out:
-        out.write_bytes(pem)
-        doc["certificate_file"] = str(out)
-    if key is not None and key_out:
-        fd = os.open(key_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-        doc["key_file"] = str(key_out)
-    if key is not None and p12:
-        generated = password is None
-        if password is None:
-            password = secrets.token_urlsafe(18).encode()  # 144 bits
-        with services.db.scope() as session:
-            chain = _chain_for(session, ca_name)
-        data = pkcs12_bundle(key, cert, chain, password, legacy=legacy_p12)
-        fd = os.open(p12, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        doc["p12_file"] = str(p12)
-        if generated:
-            # Shown exactly once, on the terminal of the operator who asked for it.
-            doc["p12_password"] = password.decode()
-    if not out and not state.as_json:
-        click.echo(pem.decode(), nl=False)
-    state.emit(doc, lambda: "\n".join(f"{k}: {v}" for k, v in doc.items()))
 
 
 def _chain_for(session: Any, ca_name: str) -> list[x509.Certificate]:
