@@ -170,6 +170,25 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databa
         cluster.drop_database("t_db_fast")
 
 
+def _item(name: str | None) -> dict[str, object]:
+    """Values for ``_INSERT``: a reserved row with no time and no blob."""
+    return {"name": name, "status": CertStatus.RESERVED, "at": None, "blob": None}
+
+
+def _write_then_lose_the_connection(
+    pg_store: tuple[pg.PgCluster, Database, str], monkeypatch: pytest.MonkeyPatch
+) -> Database:
+    """Row "a" written through the pool, then the server ends every other backend (as a
+    restart would), with the pooled connections not pinged before their next use."""
+    cluster, store, name = pg_store
+    _META.create_all(store.engine)
+    with store.write_tx() as tx:
+        tx.execute(_INSERT, _item("a"))
+    _terminate_others(cluster, name)
+    monkeypatch.setattr(db_module, "IDLE_PING", 3600.0)
+    return store
+
+
 def _names(store: Database) -> list[str]:
     with store.read_scope() as session:
         return sorted(session.scalars(select(_ITEMS.c.name)))
@@ -182,7 +201,7 @@ def test_prepared_rows_read_back_as_the_orm_wrote_them(any_store: Database) -> N
             _INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": at, "blob": b"\0x"}
         )
         assert row is not None and row[0] >= 1
-        tx.execute(_INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("b"))
         assert tx.execute(_RENAME, {"old": "a", "new": "a2"}) == 1
         assert tx.execute(_RENAME, {"old": "a2", "new": "a3"}) == 0  # no longer reserved
         assert tx.first(_SELECT, {"name": "a2"}) == (CertStatus.ISSUED, at.astimezone(dt.UTC))
@@ -198,35 +217,31 @@ def test_prepared_rows_read_back_as_the_orm_wrote_them(any_store: Database) -> N
 
 def test_write_tx_duplicate_key_rolls_back_everything(any_store: Database) -> None:
     with any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
     with pytest.raises(DuplicateKey) as info, any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None})
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("b"))
+        tx.execute(_INSERT, _item("a"))
     assert isinstance(info.value, StoreError) and "Traceback" not in info.value.message
     assert _names(any_store) == ["a"]  # "b" went with the failed transaction
     with any_store.write_tx() as tx:  # the pooled connection is usable again
-        tx.execute(_INSERT, {"name": "c", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("c"))
     assert _names(any_store) == ["a", "c"]
 
 
 def test_write_tx_domain_error_passes_through_after_rollback(any_store: Database) -> None:
     with pytest.raises(Conflict), any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
         raise Conflict("changed state")
     assert _names(any_store) == []
 
 
 def test_write_tx_savepoint_rolls_back_alone(any_store: Database) -> None:
     with any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
         with pytest.raises(DuplicateKeyDriver), tx.savepoint():
-            tx.execute(
-                _INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None}
-            )
-            tx.execute(
-                _INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None}
-            )
-        tx.execute(_INSERT, {"name": "c", "status": CertStatus.RESERVED, "at": None, "blob": None})
+            tx.execute(_INSERT, _item("b"))
+            tx.execute(_INSERT, _item("a"))
+        tx.execute(_INSERT, _item("c"))
     assert _names(any_store) == ["a", "c"]
 
 
@@ -234,13 +249,11 @@ def test_single_statement_transactions(any_store: Database) -> None:
     """``write_tx(single=True)``: one statement, committed (autocommit on PostgreSQL); a second
     statement or a savepoint is refused; the pooled connection goes back transactional."""
     with any_store.write_tx(single=True) as tx:
-        row = tx.first(
-            _INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None}
-        )
+        row = tx.first(_INSERT, _item("a"))
         assert row is not None
     assert _names(any_store) == ["a"]
     with pytest.raises(DuplicateKey), any_store.write_tx(single=True) as tx:
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
     with pytest.raises(RuntimeError, match="second statement"):
         with any_store.write_tx(single=True) as tx:
             tx.execute(_SELECT, {"name": "a"})
@@ -251,8 +264,8 @@ def test_single_statement_transactions(any_store: Database) -> None:
     # The same pooled connection (pool of one in use at a time here) is transactional again:
     # a failure in the second statement takes the first one with it.
     with pytest.raises(DuplicateKey), any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None})
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("b"))
+        tx.execute(_INSERT, _item("a"))
     assert _names(any_store) == ["a"]
 
 
@@ -267,9 +280,7 @@ def test_single_statement_after_an_idle_ping(
     monkeypatch.setattr(db_module, "IDLE_PING", 0.0)  # every checkout pings
     for name in ("a", "b"):
         with store.write_tx(single=True) as tx:
-            tx.execute(
-                _INSERT, {"name": name, "status": CertStatus.RESERVED, "at": None, "blob": None}
-            )
+            tx.execute(_INSERT, _item(name))
     assert _names(store) == ["a", "b"]
 
 
@@ -278,9 +289,7 @@ def _hold_write_tx(
 ) -> None:
     store = Database(f"sqlite:///{path}")
     with store.write_tx() as tx:
-        tx.execute(
-            _INSERT, {"name": "held", "status": CertStatus.RESERVED, "at": None, "blob": None}
-        )
+        tx.execute(_INSERT, _item("held"))
         entered.set()
         go.wait(30)
     store.dispose()
@@ -318,9 +327,7 @@ def test_sqlite_writers_in_other_processes_queue_on_a_lock_file(tmp_path: Path) 
             child.kill()
             child.join(10)
     with store.write_tx() as tx:
-        tx.execute(
-            _INSERT, {"name": "after", "status": CertStatus.RESERVED, "at": None, "blob": None}
-        )
+        tx.execute(_INSERT, _item("after"))
     assert _names(store) == ["after", "held"]
     store.dispose()
 
@@ -338,17 +345,11 @@ def test_prepared_refuses_keys_that_do_not_match(any_store: Database) -> None:
 def test_write_tx_on_a_dropped_connection_fails_once_then_recovers(
     pg_store: tuple[pg.PgCluster, Database, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cluster, store, name = pg_store
-    _META.create_all(store.engine)
-    values = {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None}
-    with store.write_tx() as tx:
-        tx.execute(_INSERT, values)
-    _terminate_others(cluster, name)
-    monkeypatch.setattr(db_module, "IDLE_PING", 3600.0)  # not pinged
+    store = _write_then_lose_the_connection(pg_store, monkeypatch)
     with pytest.raises(StoreError, match="database error"), store.write_tx() as tx:
-        tx.execute(_INSERT, {**values, "name": "b"})
+        tx.execute(_INSERT, _item("b"))
     with store.write_tx() as tx:  # the dead connection left the pool
-        tx.execute(_INSERT, {**values, "name": "c"})
+        tx.execute(_INSERT, _item("c"))
     assert _names(store) == ["a", "c"]
 
 
@@ -360,22 +361,16 @@ def test_write_tx_drops_a_dead_connection_behind_a_domain_error(
 ) -> None:
     """The journal wraps driver errors in AuditError: write_tx still sees the dead connection
     behind it and invalidates it, rather than handing it back to the pool to fail its reset."""
-    cluster, store, name = pg_store
-    _META.create_all(store.engine)
-    values = {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None}
-    with store.write_tx() as tx:
-        tx.execute(_INSERT, values)
-    _terminate_others(cluster, name)
-    monkeypatch.setattr(db_module, "IDLE_PING", 3600.0)  # not pinged
+    store = _write_then_lose_the_connection(pg_store, monkeypatch)
     caplog.set_level(logging.DEBUG, logger="sqlalchemy.pool")
     with pytest.raises(AuditError, match="journal"), store.write_tx() as tx:
         try:
-            tx.execute(_INSERT, {**values, "name": "b"})
+            tx.execute(_INSERT, _item("b"))
         except psycopg.OperationalError as exc:
             raise AuditError("the audit journal could not be written") from exc
     assert not [r for r in caplog.records if "reset" in r.getMessage().lower()]
     with store.write_tx() as tx:
-        tx.execute(_INSERT, {**values, "name": "c"})
+        tx.execute(_INSERT, _item("c"))
     assert _names(store) == ["a", "c"]
 
 
@@ -385,12 +380,12 @@ def test_write_tx_never_commits_a_transaction_the_database_ended(any_store: Data
     error, as issuance does for its side work: write_tx must fail, not report a commit that
     stored nothing."""
     with pytest.raises(StoreError, match="lost"), any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
         with contextlib.suppress(Exception), tx.savepoint():
             tx.cursor.execute("ROLLBACK")
     assert _names(any_store) == []
     with any_store.write_tx() as tx:  # the connection is usable again
-        tx.execute(_INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("b"))
     assert _names(any_store) == ["b"]
 
 
@@ -398,12 +393,12 @@ def test_only_unique_violations_are_duplicate_keys(any_store: Database) -> None:
     """A NOT NULL (or foreign key) failure is a store error, never a key collision that a
     caller would retry with another key."""
     with pytest.raises(StoreError) as info, any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": None, "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item(None))
     assert not isinstance(info.value, DuplicateKey)
     with any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
     with pytest.raises(DuplicateKey), any_store.write_tx() as tx:
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
 
 
 def test_prepared_refuses_python_side_defaults(any_store: Database) -> None:
@@ -443,7 +438,7 @@ def test_a_disconnect_in_write_tx_renews_the_whole_pool(
             with store.write_tx() as tx:
                 tx.execute(
                     _INSERT,
-                    {"name": label, "status": CertStatus.RESERVED, "at": None, "blob": None},
+                    _item(label),
                 )
             outcomes.append("ok")
         except StoreError:
@@ -460,21 +455,19 @@ def test_a_writer_that_waits_too_long_gets_database_busy(
     store = Database(f"sqlite:///{path}")
     _META.create_all(store.engine)
     with store.write_tx() as tx:  # creates the lock file
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
     monkeypatch.setattr(db_module, "WRITER_WAIT", 0.3)
     fd = os.open(f"{path}-writer", os.O_RDWR)  # another process's turn, held and not released
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         started = time.monotonic()
         with pytest.raises(StoreError, match="busy"), store.write_tx() as tx:
-            tx.execute(
-                _INSERT, {"name": "b", "status": CertStatus.RESERVED, "at": None, "blob": None}
-            )
+            tx.execute(_INSERT, _item("b"))
         assert 0.25 <= time.monotonic() - started < 5
     finally:
         os.close(fd)
     with store.write_tx() as tx:  # the thread lock was released with the failure
-        tx.execute(_INSERT, {"name": "c", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("c"))
     assert _names(store) == ["a", "c"]
     store.dispose()
 
@@ -490,7 +483,7 @@ def test_the_writer_lock_file_is_never_followed_through_a_symlink(
     store = Database(f"sqlite:///{path}")
     _META.create_all(store.engine)
     with store.write_tx() as tx:  # no lock file: writers queue in SQLite's busy handler
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
     assert elsewhere.read_text() == "not ours"
     assert _names(store) == ["a"]
     assert [r for r in caplog.records if "lock file not used" in r.getMessage()]
@@ -519,7 +512,7 @@ def test_a_forked_process_reopens_the_lock_file(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     result: multiprocessing.Queue[str] = ctx.Queue()
     with store.write_tx() as tx:  # the parent holds its turn while the child tries
-        tx.execute(_INSERT, {"name": "a", "status": CertStatus.RESERVED, "at": None, "blob": None})
+        tx.execute(_INSERT, _item("a"))
         child = ctx.Process(target=_enter_writer_queue, args=(store, result))
         child.start()
         child.join(30)
