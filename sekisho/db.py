@@ -461,15 +461,15 @@ class _Plan:
         missing = set(prepared.keys) - set(names)
         if missing:
             raise ValueError(f"keys not used by the statement: {sorted(missing)}")
+        # RETURNING columns, or a SELECT's columns (none for a plain INSERT/UPDATE).
+        returned: Sequence[Any] = (
+            getattr(statement, "_returning", None)
+            or getattr(statement, "selected_columns", None)
+            or ()
+        )
         results = [
-            column.type.dialect_impl(dialect).result_processor(dialect, None)
-            for column in getattr(statement, "selected_columns", ())
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in returned
         ]
-        if getattr(statement, "_returning", None):
-            results = [
-                column.type.dialect_impl(dialect).result_processor(dialect, None)
-                for column in statement._returning
-            ]
         return cls(str(compiled), compiled.positional, binds, results)
 
     def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
@@ -503,15 +503,13 @@ class WriteTx:
         statement (it may run in autocommit)."""
         self.dialect = dialect
         self.cursor = fairy.cursor()
-        self._savepoints = 0
-        self._statements_left = 1 if single else -1
-        self.executed = 0  # statements sent
+        self.single = single
+        self.executed = 0  # statements sent (savepoint commands included)
         self.lost: BaseException | None = None  # why the transaction is gone, if it is
 
     def _run(self, prepared: Prepared, values: Mapping[str, Any] | None) -> _Plan:
-        if self._statements_left == 0:
+        if self.single and self.executed:
             raise RuntimeError("a single-statement transaction cannot run a second statement")
-        self._statements_left -= 1
         plan = prepared.plan(self.dialect)
         self.executed += 1
         self.cursor.execute(plan.sql, plan.parameters(values or {}))
@@ -550,12 +548,11 @@ class WriteTx:
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         """Work that may fail without failing the transaction: rolled back alone."""
-        if self._statements_left >= 0:
+        if self.single:
             raise RuntimeError("a single-statement transaction has no savepoints")
-        self._savepoints += 1
-        name = f"sk_{self._savepoints}"
-        self.cursor.execute(f"SAVEPOINT {name}")
         self.executed += 1
+        name = f"sk_{self.executed}"  # unique within the transaction
+        self.cursor.execute(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
