@@ -191,37 +191,31 @@ def _decode(data: bytes) -> OcspRequest:
         raise MalformedRequest(f"more than {MAX_CERT_IDS} CertIDs in one request")
     cert_ids = []
     for single in singles:
-        parts = r.children(data, _tagged(single, 0x30, "Request"))
+        parts = r.children(data, r.expect(data, single, 0x30, "Request"))
         if not 1 <= len(parts) <= 2 or (len(parts) == 2 and parts[1].tag != 0xA0):
             raise MalformedRequest("Request is reqCert [singleRequestExtensions]")
-        cert_ids.append(_cert_id(data, _tagged(parts[0], 0x30, "CertID")))
+        cert_ids.append(_cert_id(data, r.expect(data, parts[0], 0x30, "CertID")))
         if len(parts) == 2:
             _extensions(data, parts[1], KNOWN_SINGLE_EXTENSIONS)
     nonce = _nonce(extensions[OID_NONCE]) if OID_NONCE in extensions else None
     return OcspRequest(tuple(cert_ids), nonce)
 
 
-def _tagged(item: r.Tlv, tag: int, what: str) -> r.Tlv:
-    if item.tag != tag:
-        raise MalformedRequest(f"{what}: expected tag 0x{tag:02x}, found 0x{item.tag:02x}")
-    return item
-
-
 def _cert_id(data: bytes, cert_id: r.Tlv) -> CertId:
     parts = r.children(data, cert_id)
     if len(parts) != 4:
         raise MalformedRequest("CertID has four fields")
-    algorithm = r.children(data, _tagged(parts[0], 0x30, "hashAlgorithm"))
+    algorithm = r.children(data, r.expect(data, parts[0], 0x30, "hashAlgorithm"))
     if not 1 <= len(algorithm) <= 2 or algorithm[0].tag != 0x06:
         raise MalformedRequest("hashAlgorithm is an OID and optional parameters")
     if len(algorithm) == 2 and algorithm[1].encoding(data) != b"\x05\x00":
         raise MalformedRequest("hash algorithm parameters must be absent or NULL")
     oid = r.oid_dotted(algorithm[0].content(data))
-    serial = _tagged(parts[3], 0x02, "serialNumber").content(data)
+    serial = r.expect(data, parts[3], 0x02, "serialNumber").content(data)
     return CertId(
         hash_algorithm=HASH_OIDS.get(oid, oid),
-        issuer_name_hash=_tagged(parts[1], 0x04, "issuerNameHash").content(data),
-        issuer_key_hash=_tagged(parts[2], 0x04, "issuerKeyHash").content(data),
+        issuer_name_hash=r.expect(data, parts[1], 0x04, "issuerNameHash").content(data),
+        issuer_key_hash=r.expect(data, parts[2], 0x04, "issuerKeyHash").content(data),
         serial=int.from_bytes(serial, "big", signed=True),
         der=cert_id.encoding(data),
     )
@@ -233,12 +227,12 @@ def _extensions(data: bytes, wrapper: r.Tlv, known: frozenset[str]) -> dict[str,
     inner = r.children(data, wrapper)
     if len(inner) != 1:
         raise MalformedRequest("extensions are one SEQUENCE")
-    items = r.children(data, _tagged(inner[0], 0x30, "Extensions"))
+    items = r.children(data, r.expect(data, inner[0], 0x30, "Extensions"))
     if not items:
         raise MalformedRequest("Extensions is SIZE (1..MAX)")
     out: dict[str, bytes] = {}
     for extension in items:
-        parts = r.children(data, _tagged(extension, 0x30, "Extension"))
+        parts = r.children(data, r.expect(data, extension, 0x30, "Extension"))
         if not 2 <= len(parts) <= 3 or parts[0].tag != 0x06 or parts[-1].tag != 0x04:
             raise MalformedRequest("Extension is extnID [critical] extnValue")
         oid = r.oid_dotted(parts[0].content(data))
@@ -246,7 +240,7 @@ def _extensions(data: bytes, wrapper: r.Tlv, known: frozenset[str]) -> dict[str,
             raise MalformedRequest(f"extension {oid} appears more than once")
         critical = False
         if len(parts) == 3:
-            critical = _tagged(parts[1], 0x01, "critical").content(data) == b"\xff"
+            critical = r.expect(data, parts[1], 0x01, "critical").content(data) == b"\xff"
         if critical and oid not in known:
             raise MalformedRequest(f"unknown critical extension {oid}")
         out[oid] = parts[-1].content(data)
