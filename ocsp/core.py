@@ -34,8 +34,10 @@ Decisions
   echoed in responseExtensions, the delegated responder's certificate in ``certs`` (nothing
   when the CA signs itself). Times are GeneralizedTime, UTC, whole seconds (microseconds are
   truncated). The signature algorithm follows the key: ECDSA P-256/P-384/P-521 with
-  SHA-256/384/512, RSA PKCS#1 v1.5 with SHA-256, Ed25519/Ed448 pure; never SHA-1. Every
-  signature is verified against the responder certificate before the response is returned.
+  SHA-256/384/512, RSA PKCS#1 v1.5 with SHA-256, Ed25519/Ed448 pure; never SHA-1. A
+  signature made by any other key than ``cryptography``'s own (a PKCS#11 token, a wrapper) is
+  verified against the responder certificate before the response is returned; ``cryptography``'s
+  keys are matched with the certificate once, in :meth:`Issuer.create`.
 * **Errors.** Error responses are unsigned and exactly ``30 03 0A 01 0X``. A lookup raising
   :class:`sekisho.errors.StoreError` and signing raising
   :class:`sekisho.errors.KeyBackendError` become ``tryLater``; anything else propagates (the
@@ -50,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -306,6 +309,23 @@ class Issuer:
     def delegated(self) -> bool:
         return self.responder_certificate is not self.certificate
 
+    # Parts of every response that depend on the issuer alone, encoded once.
+    @functools.cached_property
+    def signing(self) -> tuple[bytes, _Signer]:
+        """(signatureAlgorithm DER, sign function) for ``key``."""
+        return _signature_algorithm(self.key)
+
+    @functools.cached_property
+    def responder_id_der(self) -> bytes:
+        return w.explicit(2, w.octet_string(self.responder_key_id))  # responderID byKey
+
+    @functools.cached_property
+    def certs_der(self) -> bytes:
+        """The ``certs`` field: the delegated responder's certificate, or nothing."""
+        if not self.delegated:
+            return b""
+        return w.explicit(0, w.sequence(_cert_der(self.responder_certificate)))
+
     @classmethod
     def create(
         cls,
@@ -535,25 +555,19 @@ def build_response(
         )
         for cert_id, status in answers
     )
-    parts = [
-        w.explicit(2, w.octet_string(issuer.responder_key_id)),  # responderID byKey
-        w.generalized_time(produced),
-        w.sequence(singles),
-    ]
+    parts = [issuer.responder_id_der, w.generalized_time(produced), w.sequence(singles)]
     if nonce is not None:
         parts.append(w.explicit(1, w.sequence(w.extension(OID_NONCE, w.octet_string(nonce)))))
     tbs = w.sequence(*parts)
 
-    algorithm, sign = _signature_algorithm(issuer.key)
+    algorithm, sign = issuer.signing
     signature = sign(tbs)
     if issuer.verify_each:
         # A token's fault, or a key object that is not what it says, never reaches a client.
         _verify(issuer.responder_certificate, signature, tbs)
-    basic = [tbs, algorithm, w.bit_string(signature)]
-    if issuer.delegated:
-        basic.append(w.explicit(0, w.sequence(_cert_der(issuer.responder_certificate))))
-    response_bytes = w.sequence(w.oid(OID_BASIC), w.octet_string(w.sequence(*basic)))
-    return w.sequence(w.tlv(0x0A, b"\x00"), w.explicit(0, response_bytes))
+    basic = w.sequence(tbs, algorithm, w.bit_string(signature), issuer.certs_der)
+    response_bytes = w.sequence(w.oid(OID_BASIC), w.octet_string(basic))
+    return w.sequence(b"\x0a\x01\x00", w.explicit(0, response_bytes))  # successful
 
 
 def answer(

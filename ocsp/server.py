@@ -162,7 +162,9 @@ class Responder:
                 if validity is not None:
                     request = core.OcspRequest((cert_id,), simple[1])
                     status = entry.status
-                    return self._answer(request, lambda _i, _s: status, validity)
+                    # The index holds this CertID under the issuer that serves it.
+                    held_by = self.index.issuers[entry.issuer_id]
+                    return self._answer(held_by, request, lambda _i, _s: status, validity)
         try:
             request = core.parse_request(request_der)
         except core.MalformedRequest:
@@ -176,21 +178,26 @@ class Responder:
             validity = self.held_validity(held, now)
             if validity is not None:
                 known = {e.serial: e.status for e in held}
-                return self._answer(request, lambda _i, serial: known[serial], validity)
+                return self._answer(issuer, request, lambda _i, serial: known[serial], validity)
         if self.db_lookup is None:
             return core.TRY_LATER
         # Not all in memory, or not vouched for any more: every status from the database (a
         # database error answers tryLater).
         db_lookup = self.db_lookup
-        return lambda: self._answer(request, db_lookup, self.validity)
+        chosen = issuer
+        return lambda: self._answer(chosen, request, db_lookup, self.validity)
 
     def _answer(
-        self, request: core.OcspRequest, lookup: core.Lookup, validity: dt.timedelta
+        self,
+        issuer: core.Issuer,
+        request: core.OcspRequest,
+        lookup: core.Lookup,
+        validity: dt.timedelta,
     ) -> bytes:
         try:
             return core.answer(
                 request,
-                self.issuers,
+                (issuer,),
                 lookup,
                 now=dt.datetime.now(dt.UTC),
                 validity=validity,
