@@ -106,6 +106,33 @@ class ResponseIndex:
     def __len__(self) -> int:
         return len(self.by_serial)
 
+    def set_issuers(self, issuers: Mapping[int, core.Issuer]) -> set[int]:
+        """Serve ``issuers`` from now on (a responder rotated, a CA added, taken offline or
+        retired). An issuer whose CA and responder certificates are unchanged keeps its object;
+        the responses of CAs no longer served are dropped. Returns the ids that are new: their
+        stored responses are still to be applied."""
+        old = self.issuers
+        gone = {i for i in old if i not in issuers or issuers[i].certificate != old[i].certificate}
+        kept = {
+            i: (
+                old[i]
+                if i in old
+                and i not in gone
+                and old[i].responder_certificate == issuer.responder_certificate
+                else issuer
+            )
+            for i, issuer in issuers.items()
+        }
+        if gone:
+            self.by_serial = {k: e for k, e in self.by_serial.items() if e.issuer_id not in gone}
+            self.by_request = {k: e for k, e in self.by_request.items() if e.issuer_id not in gone}
+            self.by_cert_id = {
+                k: v for k, v in self.by_cert_id.items() if v[1].issuer_id not in gone
+            }
+        self.issuers = kept
+        self._issuer_ids = {id(issuer): issuer_id for issuer_id, issuer in kept.items()}
+        return {i for i in kept if i not in old or i in gone}
+
     def issuer_id(self, issuer: core.Issuer) -> int | None:
         return self._issuer_ids.get(id(issuer))
 

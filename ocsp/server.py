@@ -22,7 +22,11 @@ Decisions
   own nextUpdate.
 * **Following the store.** A daemon thread calls ``changes_since`` every ``poll`` seconds
   (0.5 s) and hands the batch to the loop (``call_soon_threadsafe``); the server never writes
-  to the database, so several can run side by side against one PostgreSQL.
+  to the database, so several can run side by side against one PostgreSQL. Every
+  ``issuers_every`` seconds (10 s) it also reloads who signs for which CA: a rotated responder
+  signs the next live answer (the old one's certificate expires some ten days after its
+  rotation), a CA created since start is served (its stored responses are read then), and a CA
+  taken offline or retired stops being served.
 * **HTTP limits.** Request line + headers <= 8 KiB (else 431, close); body <= 64 KiB, judged
   from Content-Length before reading (else 413, close); POST without Content-Length 411;
   Transfer-Encoding 501 (no chunked bodies, no smuggling); wrong Content-Type 415; a request
@@ -46,7 +50,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import cast
 from urllib.parse import unquote_to_bytes
 
@@ -67,6 +71,9 @@ FRESH_POLLS = 4  # the index is "following the store" if it synced within this m
 FRESH_MIN = 5.0  # ... or this many seconds, whichever is longer
 
 ChangesFn = Callable[[object], tuple[list[StoredLike], object]]
+IssuersFn = Callable[[], Mapping[int, core.Issuer]]
+SnapshotFn = Callable[[Iterable[int]], list[StoredLike]]
+ISSUERS_EVERY = 10.0
 
 _REASONS = {
     200: "OK",
@@ -207,6 +214,11 @@ class Responder:
             return core.INTERNAL_ERROR
 
 
+def _signers(issuers: Mapping[int, core.Issuer]) -> dict[int, tuple[object, object]]:
+    """What identifies who signs for which CA: the CA and responder certificates, by id."""
+    return {i: (x.certificate, x.responder_certificate) for i, x in issuers.items()}
+
+
 class Server:
     """Shared state of one listening server: index, responder, connections, follower."""
 
@@ -217,6 +229,9 @@ class Server:
         changes_since: ChangesFn | None = None,
         cursor: object = None,
         poll: float = POLL_INTERVAL,
+        load_issuers: IssuersFn | None = None,
+        snapshot: SnapshotFn | None = None,
+        issuers_every: float = ISSUERS_EVERY,
         executor_workers: int = 4,
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
@@ -228,6 +243,10 @@ class Server:
         self.changes_since = changes_since
         self.cursor = cursor
         self.poll = poll
+        self.load_issuers = load_issuers
+        self.snapshot = snapshot
+        self.issuers_every = issuers_every
+        self.issuers_ok = True
         self.date = _Date()
         self.connections: set[HttpProtocol] = set()
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -250,7 +269,11 @@ class Server:
 
     def _follow(self) -> None:
         assert self.changes_since is not None and self.loop is not None
+        issuers_due = time.monotonic() + self.issuers_every
         while not self.stop_event.wait(self.poll):
+            if self.load_issuers is not None and time.monotonic() >= issuers_due:
+                issuers_due = time.monotonic() + self.issuers_every
+                self._reload_issuers()
             try:
                 batch, cursor = self.changes_since(self.cursor)
             except Exception:  # the store is away: keep serving what we have
@@ -263,6 +286,33 @@ class Server:
             self.last_sync = time.time()
             if batch:
                 self.loop.call_soon_threadsafe(self.index.apply, batch)
+
+    def _reload_issuers(self) -> None:
+        """(Follower thread.) Load the issuers; when who signs for which CA changed, hand the
+        new set, with the stored responses of CAs not served so far, to the loop."""
+        assert self.load_issuers is not None and self.loop is not None
+        try:
+            issuers = dict(self.load_issuers())
+            current = self.index.issuers
+            if _signers(issuers) == _signers(current):
+                self.issuers_ok = True
+                return
+            added = [i for i in issuers if i not in current]
+            rows = self.snapshot(added) if added and self.snapshot is not None else []
+        except Exception:  # the store or a key is away: keep signing as before
+            if self.issuers_ok:
+                log.warning("reloading the OCSP issuers failed", exc_info=True)
+            self.issuers_ok = False
+            return
+        self.issuers_ok = True
+        log.info("OCSP issuers changed", extra={"issuers": sorted(issuers), "added": added})
+        self.loop.call_soon_threadsafe(self.set_issuers, issuers, rows)
+
+    def set_issuers(self, issuers: Mapping[int, core.Issuer], rows: list[StoredLike]) -> None:
+        """(Loop.) Serve ``issuers`` from now on; ``rows``: stored responses of new CAs."""
+        self.index.set_issuers(issuers)
+        self.responder.issuers = list(self.index.issuers.values())
+        self.index.apply(rows)
 
     def apply(self, batch: Iterable[StoredLike]) -> int:
         return self.index.apply(batch)

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sekisho.ocsp")
 
 CHANGES_OVERLAP = dt.timedelta(seconds=5)
-ISSUERS_TTL = 60.0  # seconds between reloads of the served issuers (responder rotation)
+ISSUERS_TTL = 10.0  # seconds between reloads of the served issuers (rotation, CAs taken offline)
 MISS_RELOAD = 5.0  # a request for an issuer we do not know reloads at most this often
 HELD_MAX = 200_000  # stored responses held in memory for serving while the database is down
 MAX_SERIAL = 1 << 160
@@ -244,10 +244,16 @@ def _cursor_of(rows: Iterable[StoredResponse], floor: dt.datetime) -> dt.datetim
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-def snapshot(db: Database) -> tuple[list[StoredResponse], dt.datetime]:
-    """Every stored response, and the cursor to pass to :func:`changes_since` next."""
+def snapshot(
+    db: Database, issuer_ids: Iterable[int] | None = None
+) -> tuple[list[StoredResponse], dt.datetime]:
+    """Every stored response (of the given CAs only, if ``issuer_ids``), and the cursor to
+    pass to :func:`changes_since` next."""
+    query = select(*_STORED_COLUMNS)
+    if issuer_ids is not None:
+        query = query.where(OcspResponse.issuer_id.in_(list(issuer_ids)))
     with db.read_scope() as session:
-        rows = [_stored(r) for r in session.execute(select(*_STORED_COLUMNS))]
+        rows = [_stored(r) for r in session.execute(query)]
     return rows, _cursor_of(rows, _EPOCH)
 
 

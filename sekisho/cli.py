@@ -15,7 +15,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -794,6 +794,14 @@ def _ocsp_services(state: State) -> Services:
     help="Seconds between reads of the store's changes.",
 )
 @click.option(
+    "--issuers-every",
+    type=click.FloatRange(0.1, 3600.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds between reloads of who signs for which CA (rotated responders, new CAs, "
+    "CAs taken offline).",
+)
+@click.option(
     "--request-timeout",
     type=click.FloatRange(0.1, 300.0),
     default=10.0,
@@ -803,7 +811,13 @@ def _ocsp_services(state: State) -> Services:
 @click.option("--no-uvloop", is_flag=True, help="Use asyncio's default event loop.")
 @pass_state
 def ocsp_serve(
-    state: State, host: str, port: int, poll: float, request_timeout: float, no_uvloop: bool
+    state: State,
+    host: str,
+    port: int,
+    poll: float,
+    issuers_every: float,
+    request_timeout: float,
+    no_uvloop: bool,
 ) -> None:
     """Serve OCSP (GET /ocsp/<base64>, POST /ocsp, GET /healthz) from pre-signed responses
     held in memory; follows the store's changes; never writes to the database."""
@@ -824,11 +838,17 @@ def ocsp_serve(
         batch, new_cursor = store.changes_since(db, since)  # type: ignore[arg-type]
         return list(batch), new_cursor
 
+    def responses_of(issuer_ids: Iterable[int]) -> list[Any]:
+        return list(store.snapshot(db, issuer_ids)[0])
+
     server = Server(
         responder,
         changes_since=changes,
         cursor=cursor,
         poll=poll,
+        load_issuers=lambda: store.load_issuers(services),
+        snapshot=responses_of,
+        issuers_every=issuers_every,
         request_timeout=request_timeout,
     )
 

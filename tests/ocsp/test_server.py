@@ -22,24 +22,33 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp as x509_ocsp
 
+from ca.hierarchy import create_issuing
+from ca.issuance import IssueRequest
+from ca.registry import ca_row
 from ca.revocation import Reason
+from ca.tbs import SanEntry
+from hsm.base import KeyType
+from hsm.software import generate_private_key
 from ocsp import core, store
 from ocsp.index import ResponseIndex, rfc5019_request
 from ocsp.server import Responder
+from ocsp.signers import ensure_responders
 from sekisho.errors import StoreError
 from sekisho.services import Services
 from tests.ca.helpers import ca_cert, issue
 from tests.conftest import TEST_ACTOR
 
 MALFORMED = bytes.fromhex("3003 0a01 01")
+OCSP_CT = {"Content-Type": "application/ocsp-request"}
 TRY_LATER = bytes.fromhex("3003 0a01 03")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -322,6 +331,115 @@ def test_changes_visible_within_one_second(
                 assert time.monotonic() - issued_at < 1.0
                 time.sleep(0.02)
             assert status_of(der) is x509_ocsp.OCSPCertStatus.GOOD
+
+
+def _nonce_request(cert: x509.Certificate, issuer: x509.Certificate) -> bytes:
+    """A request as cryptography writes it: one SHA-1 CertID and a 16-octet nonce."""
+    sha1 = hashes.SHA1()  # noqa: S303 - the CertID hash RFC 5019 clients send
+    builder = x509_ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, sha1)
+    builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+def _signed_by(der: bytes) -> bytes | None:
+    """The responder key hash of a successful answer, after checking its signature against
+    the certificate it must come from (the one the store names now); None if unsuccessful."""
+    loaded = x509_ocsp.load_der_ocsp_response(der)
+    if loaded.response_status is not x509_ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return None
+    return loaded.responder_key_hash
+
+
+def _wait_for(what: str, check: Callable[[], bool], seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.05)
+
+
+def _verify_with(der: bytes, responder: x509.Certificate) -> None:
+    loaded = x509_ocsp.load_der_ocsp_response(der)
+    public = responder.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(loaded.signature, loaded.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+
+
+def test_server_follows_rotated_responders_new_cas_and_cas_taken_offline(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """The standalone server reloads who signs: after a responder rotation its live answers
+    are signed by the new responder (the old one's certificate expires about ten days after
+    rotation); a CA created while it runs is served; a CA taken offline no longer is."""
+    services = pki.services
+    with running(data_dir, tmp_path, "--poll", "0.1", "--issuers-every", "0.3") as server:
+        ca_id = pki.ca_id()
+        before = store.load_issuers(services)[ca_id]
+        first = fetch(server, "POST", "/ocsp", _nonce_request(pki.good, pki.ca), OCSP_CT)[2]
+        assert _signed_by(first) == before.responder_key_id
+        _verify_with(first, before.responder_certificate)
+
+        ensure_responders(services, services.clock(), rotate=True)
+        after = store.load_issuers(services)[ca_id]
+        assert after.responder_key_id != before.responder_key_id
+        answers: list[bytes] = []
+
+        def rotated() -> bool:
+            answers.append(
+                fetch(server, "POST", "/ocsp", _nonce_request(pki.good, pki.ca), OCSP_CT)[2]
+            )
+            return _signed_by(answers[-1]) == after.responder_key_id
+
+        _wait_for("the rotated responder signs", rotated)
+        _verify_with(answers[-1], after.responder_certificate)
+        assert status_of(answers[-1]) is x509_ocsp.OCSPCertStatus.GOOD
+
+        # A CA created while the server runs: its pre-signed answers are served.
+        create_issuing(services.ca, "extra", "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
+        ensure_responders(services, services.clock())
+        services.registry.invalidate()
+        extra_ca = ca_cert(services, "extra")
+        leaf = services.ca.issue(
+            IssueRequest(
+                ca="extra",
+                profile="device",
+                subject=x509.Name.from_rfc4514_string("CN=dev.example.com"),
+                public_key=generate_private_key(KeyType.EC_P256).public_key(),
+                sans=(SanEntry("dns", "dev.example.com"),),
+            ),
+            TEST_ACTOR,
+        )
+        extra_id = next(
+            i for i, x in store.load_issuers(services).items() if x.certificate == extra_ca
+        )
+        extra_path = base64.b64encode(
+            rfc5019_request(store.load_issuers(services)[extra_id], leaf.serial_number)
+        ).decode()
+        _wait_for(
+            "the new CA's stored answer is served",
+            lambda: (
+                "public" in fetch(server, "GET", f"/ocsp/{extra_path}")[1].get("cache-control", "")
+            ),
+        )
+        assert status_of(fetch(server, "GET", f"/ocsp/{extra_path}")[2]) is (
+            x509_ocsp.OCSPCertStatus.GOOD
+        )
+
+        # The CA taken offline (as `sekisho ca offline` records it): no longer served.
+        with services.db.scope() as session:
+            ca_row(session, "extra").key_online = False
+        unauthorized = bytes.fromhex("3003 0a01 06")
+        _wait_for(
+            "the offline CA is no longer served",
+            lambda: (
+                fetch(server, "POST", "/ocsp", _nonce_request(leaf, extra_ca), OCSP_CT)[2]
+                == unauthorized
+            ),
+        )
+        assert fetch(server, "GET", f"/ocsp/{extra_path}")[2] == unauthorized
+        # The other CA is still answered, by its current responder.
+        last = fetch(server, "POST", "/ocsp", _nonce_request(pki.good, pki.ca), OCSP_CT)[2]
+        assert _signed_by(last) == after.responder_key_id
+        healthy(server)
 
 
 def _raw(server: ServerProc, data: bytes, *, wait: float = 5.0) -> tuple[bytes, float, bool]:
