@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -55,7 +54,6 @@ from sekisho.errors import (
     StoreError,
 )
 
-log = logging.getLogger("sekisho.ca")
 Clock = Callable[[], dt.datetime]
 # (issuer_id, serial) -> work for the store transaction, or None.
 IssuedHook = Callable[[int, int], Callable[[WriteTx], None] | None]
@@ -142,9 +140,11 @@ class CaService:
         self.profiles = profiles
         self.clock = clock
         # Called with (issuer_id, serial) once a certificate is signed, before it is stored;
-        # each may return work to run on the connection in the store transaction, inside a
-        # savepoint (the OCSP pre-signer writes the first response there: it commits with
-        # the certificate, and its failure never fails the issuance).
+        # each may return work to run in the store transaction (the OCSP pre-signer signs the
+        # first response in the hook and writes it there: it commits with the certificate).
+        # A hook that cannot do its part returns None and the issuance goes on (the refresher
+        # repairs a missing response); work that fails in the transaction fails the issuance,
+        # as any other store failure does.
         self.issued_hooks: list[IssuedHook] = []
 
     # -- public API -----------------------------------------------------------------------
@@ -327,11 +327,7 @@ class CaService:
                 now,
             )
             for extra in extras:
-                try:
-                    with tx.savepoint():
-                        extra(tx)
-                except Exception:
-                    log.warning("issuance side work failed", exc_info=True)
+                extra(tx)
 
     def _mark_failed(self, row_id: int, why: str) -> None:
         try:

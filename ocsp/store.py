@@ -10,8 +10,9 @@ rows (never signed) are unknown. A serial the CA never assigned has no row: answ
 When responses are (re)signed:
 
 * at issuance: :meth:`OcspService.on_issued`, a hook ``CaService`` calls once the certificate
-  is signed; the response is written in the certificate's own store transaction (in a
-  savepoint: its failure never fails the issuance, the refresher repairs it);
+  is signed; the response is written in the certificate's own store transaction (a signing
+  failure leaves it to the refresher's repair and the issuance goes on; a store failure
+  there fails the issuance like any other);
 * on revocation and release: :meth:`OcspService.on_revocation` is a ``Revoker`` listener,
   called after the commit and before ``revoke()`` returns. It re-signs every certificate of
   that CA whose ``status_epoch`` is newer than its stored response's;
@@ -606,8 +607,9 @@ class OcspService:
         """Issuance hook, called once the certificate is signed: the first response ("good",
         status epoch 0, the row's state at issuance), signed now and written in the
         certificate's own store transaction. A revocation that gets in later has a higher
-        epoch, and the upsert never replaces a newer epoch's answer. Any failure leaves the
-        response to the refresher's repair; the issuance goes on."""
+        epoch, and the upsert never replaces a newer epoch's answer. A signing failure leaves
+        the response to the refresher's repair and the issuance goes on (None); the write
+        itself fails the issuance if the store refuses it."""
         try:
             values = self._signed_values(
                 [_Row(issuer_id, serial_hex(serial), core.GOOD, 0)], self.clock()

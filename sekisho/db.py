@@ -344,8 +344,6 @@ class Database:
         """Refuse to "commit" a transaction the database already ended: a COMMIT there would
         silently do nothing (SQLite) or roll back (PostgreSQL), and the caller would believe
         its writes were stored."""
-        if tx.lost is not None:
-            raise StoreError("database error: the transaction was lost") from tx.lost
         if not tx.executed:
             return
         driver = fairy.driver_connection
@@ -504,8 +502,7 @@ class WriteTx:
         self.dialect = dialect
         self.cursor = fairy.cursor()
         self.single = single
-        self.executed = 0  # statements sent (savepoint commands included)
-        self.lost: BaseException | None = None  # why the transaction is gone, if it is
+        self.executed = 0  # statements sent
 
     def _run(self, prepared: Prepared, values: Mapping[str, Any] | None) -> _Plan:
         if self.single and self.executed:
@@ -544,31 +541,6 @@ class WriteTx:
         # Drain (PostgreSQL may hold further rows; SQLite steps to the end of the statement).
         self.cursor.fetchall()
         return plan.row(raw)
-
-    @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Work that may fail without failing the transaction: rolled back alone."""
-        if self.single:
-            raise RuntimeError("a single-statement transaction has no savepoints")
-        self.executed += 1
-        name = f"sk_{self.executed}"  # unique within the transaction
-        self.cursor.execute(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            try:
-                self.cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
-                self.cursor.execute(f"RELEASE SAVEPOINT {name}")
-            except self.dialect.loaded_dbapi.Error as undo:
-                # The database dropped the whole transaction (SQLite does on SQLITE_FULL or an
-                # I/O error): nothing of it may be committed, whatever the caller catches.
-                self.lost = undo
-            raise
-        try:
-            self.cursor.execute(f"RELEASE SAVEPOINT {name}")
-        except self.dialect.loaded_dbapi.Error as exc:
-            self.lost = exc
-            raise
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

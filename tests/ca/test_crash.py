@@ -176,12 +176,13 @@ BEGIN SELECT RAISE(ROLLBACK, 'injected: the database ends the transaction'); END
 
 
 def test_side_work_that_ends_the_transaction_fails_the_issuance(services: Services) -> None:
-    """The pre-signed OCSP answer is written in a savepoint so that its failure alone does not
-    fail the issuance. When the database ends the whole transaction instead (SQLite does on
-    SQLITE_FULL or an I/O error; RAISE(ROLLBACK) here), the issued row and its journal entry
-    are gone too: the certificate must not be handed out, and the serial stays reserved."""
+    """The pre-signed OCSP answer is written in the certificate's transaction. When the
+    database ends the whole transaction there (SQLite does on SQLITE_FULL or an I/O error;
+    RAISE(ROLLBACK) here), the issued row and its journal entry are gone too: the certificate
+    must not be handed out, and the serial stays reserved. (A plain statement failure, on
+    both stores: tests/ocsp/test_store.py.)"""
     if not _is_sqlite(services):
-        pytest.skip("PostgreSQL ends no transaction on a statement error: the savepoint recovers")
+        pytest.skip("RAISE(ROLLBACK) is SQLite's; PostgreSQL: tests/ocsp/test_store.py")
     issued_before = len(_rows(services, CertStatus.ISSUED))
     with services.db.engine.begin() as conn:
         conn.execute(text(SQLITE_ENDS_TRANSACTION))

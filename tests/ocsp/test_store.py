@@ -20,10 +20,12 @@ from sqlalchemy.orm import sessionmaker
 
 from audit.models import JournalRecord
 from ca import der as w
+from ca.models import Certificate, CertStatus
 from ca.registry import ca_row
 from ca.revocation import Reason
 from ocsp import core, store
 from sekisho.db import make_engine
+from sekisho.errors import KeyBackendError, StoreError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, issue
@@ -55,6 +57,13 @@ def request_der(
         ext = w.extension(core.OID_NONCE, w.octet_string(nonce))
         parts.append(w.explicit(2, w.sequence(ext)))
     return w.sequence(w.sequence(*parts))
+
+
+def _count(services: Services, *where: object) -> int:
+    from sqlalchemy import func
+
+    with services.db.scope() as session:
+        return int(session.scalar(select(func.count()).select_from(Certificate).where(*where)))  # type: ignore[arg-type]
 
 
 def stored(services: Services, ca_id: int, serial: int) -> store.StoredResponse:
@@ -298,15 +307,27 @@ _FAIL_PG = [
 ]
 
 
-def test_first_response_commits_with_the_certificate_and_never_fails_issuance(
-    services: Services,
-) -> None:
-    """The response signed at issuance is written in the certificate's own transaction (so an
-    issued certificate has it at once); if writing it fails, the issuance still succeeds and
-    the refresher's repair signs it later."""
+class _SignerAway:
+    """A responder key whose token is gone: every signature fails."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def public_key(self) -> object:
+        return self._inner.public_key()  # type: ignore[attr-defined]
+
+    def sign(self, *_args: object) -> bytes:
+        raise KeyBackendError("the token is not reachable")
+
+
+def test_first_response_commits_with_the_certificate(services: Services) -> None:
+    """The response signed at issuance is written in the certificate's own transaction (an
+    issued certificate has it at once). If the database refuses it, nothing is issued (the
+    serial stays reserved, revocable); if the responder cannot sign, the issuance goes on and
+    the refresher's repair signs the response later."""
     from sqlalchemy import text
 
-    ca_id, _issuer = issuer_for(services)
+    ca_id, issuer = issuer_for(services)
     leaf = issue(services, "admin-client")
     assert stored(services, ca_id, leaf.serial_number).serial == leaf.serial_number
 
@@ -314,13 +335,29 @@ def test_first_response_commits_with_the_certificate_and_never_fails_issuance(
     with services.db.engine.begin() as conn:
         for statement in [_FAIL_SQLITE] if sqlite else _FAIL_PG:
             conn.execute(text(statement))
-    unlucky = issue(services, "admin-client")  # no exception: the savepoint took the fault
-    rows, _ = store.snapshot(services.db)
-    assert unlucky.serial_number not in {r.serial for r in rows if r.issuer_id == ca_id}
+    issued_before = _count(services, Certificate.status == CertStatus.ISSUED)
+    with pytest.raises(StoreError):
+        issue(services, "admin-client")
+    assert _count(services, Certificate.status == CertStatus.ISSUED) == issued_before
+    assert _count(services, Certificate.status == CertStatus.RESERVED) == 1
     with services.db.engine.begin() as conn:
         conn.execute(text("DROP TRIGGER fail_ocsp" + ("" if sqlite else " ON ocsp_responses")))
         if not sqlite:
             conn.execute(text("DROP FUNCTION fail_ocsp()"))
+    assert stored(services, ca_id, issue(services, "admin-client").serial_number)
+
+    # The responder's key is away: issued all the same, without a response; repaired later.
+    away = core.Issuer.create(
+        issuer.certificate,
+        _SignerAway(issuer.key),
+        issuer.responder_certificate,  # type: ignore[arg-type]
+    )
+    sound = services.ocsp.issuers
+    services.ocsp.issuers = lambda: {**sound(), ca_id: away}  # type: ignore[method-assign]
+    unlucky = issue(services, "admin-client")
+    services.ocsp.issuers = sound  # type: ignore[method-assign]
+    rows, _ = store.snapshot(services.db)
+    assert unlucky.serial_number not in {r.serial for r in rows if r.issuer_id == ca_id}
     assert services.ocsp.refresh_due(services.clock()) >= 1
     repaired = stored(services, ca_id, unlucky.serial_number)
     assert single(repaired.der).certificate_status is x509_ocsp.OCSPCertStatus.GOOD
