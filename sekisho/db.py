@@ -68,6 +68,10 @@ class Base(DeclarativeBase):
     pass
 
 
+def _unicode_lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
@@ -94,6 +98,10 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
+            # SQLite's lower() folds ASCII only; DN search (ILIKE, which SQLAlchemy writes as
+            # lower() LIKE lower() here) must ignore case in any script, as PostgreSQL does
+            # with a UTF-8 LC_CTYPE.
+            dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:

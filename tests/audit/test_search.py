@@ -73,6 +73,18 @@ def test_dn_wildcards_are_matched_literally(journal_services: Services, seeded: 
     ]
 
 
+def test_dn_case_is_ignored_beyond_ascii(journal_services: Services, clock: FakeClock) -> None:
+    """Accented and full-width letters too (SQLite: our lower(); PostgreSQL: a UTF-8
+    LC_CTYPE, as the test cluster and production installs have)."""
+    upper_fullwidth = "".join(chr(0xFF21 + ord(c) - ord("A")) for c in "SEKISHO")
+    lower_fullwidth = "".join(chr(0xFF41 + ord(c) - ord("a")) for c in "sekisho")
+    dn = f"CN=\u00c9LODIE {upper_fullwidth},O=\u95a2\u6240"  # ÉLODIE, 関所
+    seq = append_event(journal_services, clock, event(11, object_dn=dn))
+    assert found(journal_services, Filter(dn=f"\u00e9lodie {lower_fullwidth}")) == [seq]
+    assert found(journal_services, Filter(dn="\u95a2\u6240")) == [seq]
+    assert found(journal_services, Filter(dn="elodie")) == []  # no accent folding
+
+
 def test_mac_notations_find_the_same_records(journal_services: Services, seeded: Seeded) -> None:
     s = seeded.seqs
     expected = [s["percent"], s["mac-dashes"], s["mac-cisco"]]

@@ -44,7 +44,23 @@ SERVER_SETTINGS = {
     "log_min_messages": "warning",
     "log_min_error_statement": "panic",  # tests provoke errors on purpose; keep the log short
 }
+
+
 # With ``fast`` (the default): no fsync, commits acknowledged before they reach the WAL on disk.
+def utf8_ctype() -> str | None:
+    """A UTF-8 locale this machine has (glibc ships C.UTF-8), or None."""
+    try:
+        listed = subprocess.run(
+            ["locale", "-a"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for name in ("C.utf8", "C.UTF-8", "en_US.utf8", "en_US.UTF-8"):
+        if name in listed:
+            return name
+    return None
+
+
 FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
@@ -180,6 +196,9 @@ class PgCluster:
             "-E",
             "UTF8",
             "--locale=C",
+            # Byte-order collation (fast, as C), but Unicode case mapping for ILIKE / lower(),
+            # as a production cluster with a UTF-8 locale has.
+            *([f"--lc-ctype={ctype}"] if (ctype := utf8_ctype()) else []),
         ]
         env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
         try:
