@@ -17,7 +17,7 @@ from sqlalchemy import select
 from audit.events import Category, Event, Outcome, by_actor
 from ca.issuance import CaService, IssueRequest
 from ca.models import CaKind, CertificateAuthority
-from ca.registry import ca_row
+from ca.registry import ca_row, check_ca_name
 from ca.tbs import new_serial, serial_hex
 from hsm.base import CA_KEY_TYPES, KeyType, key_type_of, signature_hash
 from hsm.software import SoftwareBackend, pem_unwrap
@@ -95,6 +95,7 @@ def create_root(
     key_ref: str | None = None,
 ) -> CertificateAuthority:
     """The root CA, self-signed, with a new key (or the existing token key ``key_ref``)."""
+    check_ca_name(name)
     _check_ca_key_type(key_type)
     now = service.clock()
     with service.db.scope() as session:
@@ -178,6 +179,7 @@ def create_issuing(
 ) -> CertificateAuthority:
     """An issuing CA under ``parent``, with a new key (or the existing token key
     ``key_ref``)."""
+    check_ca_name(name)
     with service.db.scope() as session:
         if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
             raise Conflict(f"a CA named {name!r} already exists")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 import weakref
@@ -15,7 +16,29 @@ from sqlalchemy.orm import Session, object_session
 from ca.models import CertificateAuthority
 from ca.tbs import IssuerContext
 from hsm.base import KeyType
-from sekisho.errors import NotFound
+from sekisho.errors import InputError, NotFound
+
+# A CA's name is the last path segment of its URLs (/crl/<name>.crl, /crl/<name>-delta.crl,
+# /ca/<name>.crt) and of the file public/<name>.crt: one rule, checked when a CA is created and
+# by the web routes, so every name a CA can have is served, and served as itself. A name ending
+# in the delta suffix is reserved: the full CRL of "ops-delta" would sit at the URL of the delta
+# CRL of "ops".
+CA_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+DELTA_SUFFIX = "-delta"
+
+
+def is_ca_name(name: str) -> bool:
+    """Whether ``name`` can be a CA's name (the web routes answer 404 for anything else)."""
+    return CA_NAME.fullmatch(name) is not None and not name.endswith(DELTA_SUFFIX)
+
+
+def check_ca_name(name: str) -> None:
+    """Refuse a new CA's name that its CRL and certificate URLs could not carry."""
+    if not is_ca_name(name):
+        raise InputError(
+            f"CA name {name!r} refused: 1 to 63 of a-z, 0-9, '-' and '_', starting with a "
+            f"letter or digit, and not ending in {DELTA_SUFFIX!r} (reserved for delta CRL URLs)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +52,7 @@ class Urls:
         return self._join(f"/crl/{ca}.crl")
 
     def delta_crl(self, ca: str) -> str:
-        return self._join(f"/crl/{ca}-delta.crl")
+        return self._join(f"/crl/{ca}{DELTA_SUFFIX}.crl")
 
     def ca_cert(self, ca: str) -> str:
         return self._join(f"/ca/{ca}.crt")

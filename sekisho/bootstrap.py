@@ -12,6 +12,7 @@ from sqlalchemy import select
 from audit.events import Category, Event, Outcome
 from ca.hierarchy import NameConstraintSpec, check_adoptable, create_issuing, create_root
 from ca.models import CaKind, CertificateAuthority
+from ca.registry import check_ca_name
 from hsm.base import KeyType
 from ocsp.signers import ensure_responders
 from sekisho.context import Actor
@@ -47,6 +48,9 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
         raise Conflict("this deployment is already initialised")
     if len(set(plan.issuing)) < 2 or plan.root_name in plan.issuing:
         raise Conflict("need at least two distinct issuing CAs (administrators, devices)")
+    # Every name before anything is created: a refused issuing CA name must not leave a root.
+    for name in (plan.root_name, *plan.issuing):
+        check_ca_name(name)
     unknown = set(plan.adopt) - {plan.root_name, *plan.issuing}
     if unknown:
         raise InputError(f"--adopt-key names no CA of this plan: {', '.join(sorted(unknown))}")

@@ -308,6 +308,22 @@ def test_create_issuing_refuses_duplicates_and_bad_key_types(run: Runner) -> Non
     result = run("ca", "create-issuing", "x1", "--key-type", "rsa-2048")
     assert result.code == 65 and "key" in result.err, result
     assert run("ca", "create-issuing", "x2", "--parent", "nope").code == 66
+    # Names its CRL URLs could not carry, or would carry as another CA's delta CRL.
+    for bad in ("ops-delta", "ops.x"):
+        result = run("ca", "create-issuing", bad)
+        assert result.code == 65 and "CA name" in result.err, result
+    assert [c["name"] for c in ok(run("--json", "ca", "list")).json()] == [
+        "root", "admin", "device",
+    ]  # fmt: skip
+
+
+def test_init_refuses_a_bad_ca_name_before_creating_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _runner(capsys, tmp_path / "d")
+    result = run("init", "--issuing", "ops", "--issuing", "iot-delta")
+    assert result.code == 65 and "'iot-delta'" in result.err, result
+    assert ok(run("--json", "ca", "list")).json() == []
 
 
 # -- issue ------------------------------------------------------------------------------------

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 
 from flask import Blueprint, Response, abort, current_app, request
 from sqlalchemy import select, text
 
 from ca.crl import latest_by_name
 from ca.models import CertificateAuthority, CrlKind
+from ca.registry import DELTA_SUFFIX, is_ca_name
 from web import services_of
 
 bp = Blueprint("pki", __name__)
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CRL_MAX_AGE = 300
 
 
@@ -61,9 +60,9 @@ def crl(filename: str) -> Response:
         abort(404)
     stem = filename[:-4]
     kind = CrlKind.FULL
-    if stem.endswith("-delta"):
-        stem, kind = stem[:-6], CrlKind.DELTA
-    if not _NAME.match(stem):
+    if stem.endswith(DELTA_SUFFIX):
+        stem, kind = stem.removesuffix(DELTA_SUFFIX), CrlKind.DELTA
+    if not is_ca_name(stem):
         abort(404)
     services = services_of(current_app)
     with services.db.read_scope() as session:
@@ -82,7 +81,7 @@ def crl(filename: str) -> Response:
 
 @bp.get("/ca/<string:filename>")
 def ca_certificate(filename: str) -> Response:
-    if not filename.endswith(".crt") or not _NAME.match(filename[:-4]):
+    if not filename.endswith(".crt") or not is_ca_name(filename[:-4]):
         abort(404)
     services = services_of(current_app)
     with services.db.read_scope() as session:

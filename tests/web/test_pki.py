@@ -5,10 +5,12 @@ security headers everywhere; never a 500.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email.utils
 import hashlib
 import shutil
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +18,17 @@ import pytest
 from cryptography import x509
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 from werkzeug.test import TestResponse
 
+from ca.hierarchy import create_issuing, create_root
+from ca.models import CertificateAuthority
 from ca.revocation import Reason
+from hsm.base import KeyType
+from sekisho.errors import InputError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
-from tests.ca.helpers import ca_cert, der, issue
+from tests.ca.helpers import ca_cert, der, issue, request_for
 from tests.conftest import TEST_ACTOR, make_settings
 from tests.support.checkers import (
     openssl_crl_verify,
@@ -302,3 +309,62 @@ def test_two_apps_in_one_process_serve_their_own_crls(
     }
     assert len(numbers) == 1  # same number on both sides: the case a number-keyed cache gets wrong
     assert bodies[0] != bodies[1]
+
+
+def _uri_paths(points: x509.CRLDistributionPoints | x509.FreshestCRL) -> list[str]:
+    return [
+        urllib.parse.urlsplit(str(n.value)).path
+        for dp in points
+        for n in dp.full_name or []
+        if isinstance(n, x509.UniformResourceIdentifier)
+    ]
+
+
+def test_a_new_ca_is_served_at_the_urls_its_certificates_carry(
+    client: FlaskClient, services: Services
+) -> None:
+    create_issuing(services.ca, "ops-x_1", "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
+    services.registry.invalidate()
+    now = services.clock()
+    full = services.crls.generate("ops-x_1", now, actor=TEST_ACTOR)
+    delta = services.crls.generate("ops-x_1", now, delta=True, actor=TEST_ACTOR)
+    request = dataclasses.replace(request_for("device"), ca="ops-x_1")
+    leaf = services.ca.issue(request, TEST_ACTOR)
+    issuer = der(ca_cert(services, "ops-x_1"))
+    (cdp,) = _uri_paths(leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value)
+    # The full CRL names its delta (RFC 5280 5.2.6).
+    full_crl = x509.load_der_x509_crl(full.der)
+    (freshest,) = _uri_paths(full_crl.extensions.get_extension_for_class(x509.FreshestCRL).value)
+    aia = leaf.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    (ca_issuers,) = [
+        urllib.parse.urlsplit(str(d.access_location.value)).path
+        for d in aia
+        if d.access_method == x509.AuthorityInformationAccessOID.CA_ISSUERS
+    ]
+    for path, row in ((cdp, full), (freshest, delta)):
+        response = client.get(path)
+        _crl_headers_ok(response, now)
+        assert response.data == row.der, path
+        pkilint_crl(response.data, delta=row is delta)
+        openssl_crl_verify(response.data, issuer)
+    assert client.get(ca_issuers).data == issuer
+
+
+@pytest.mark.parametrize(
+    "bad", ["ops-delta", "ops.x", "Ops", "-ops", "_ops", "", "a" * 64, "ops\n", "ops/x", "é"]
+)
+def test_ca_names_the_urls_cannot_carry_are_refused(services: Services, bad: str) -> None:
+    """``ops-delta`` would be served as the delta CRL of ``ops``; ``ops.x`` not at all."""
+    with services.db.scope() as session:
+        before = session.scalars(select(CertificateAuthority.name)).all()
+    for create in (
+        lambda: create_issuing(
+            services.ca, bad, "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR
+        ),
+        lambda: create_root(services.ca, bad, "Example Corp", KeyType.EC_P256, TEST_ACTOR),
+    ):
+        with pytest.raises(InputError, match="CA name") as info:
+            create()
+        assert info.value.exit_code == 65
+    with services.db.scope() as session:
+        assert session.scalars(select(CertificateAuthority.name)).all() == before
