@@ -4,6 +4,10 @@ the key backend.
 Numbers: full and delta CRLs share one strictly increasing sequence per CA (5.2.3), allocated
 in the same transaction that reads the revocation state, so a higher number never carries
 older information. Signing happens outside the transaction.
+
+nextUpdate is capped at the CA certificate's notAfter; a CA whose certificate ends less than
+MIN_VALIDITY after thisUpdate signs no more CRLs (``check_can_publish``), so no CRL ever has
+a nextUpdate at or before its thisUpdate (5.1.2.5).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ OID_FRESHEST_CRL = "2.5.29.46"
 OID_REASON = "2.5.29.21"
 OID_INVALIDITY = "2.5.29.24"
 REMOVE_FROM_CRL = 8
+# The shortest validity a CRL is issued with: the shortest full CRL validity an operator can
+# set (``crl_next_update_days``). Below it, the CA's last CRL (nextUpdate at notAfter) stays.
+MIN_VALIDITY = dt.timedelta(hours=1)
 STREAM_BATCH = 10_000  # rows fetched per round trip when streaming revocations
 SORT_WORK_MEM = "256MB"  # PostgreSQL work_mem for sorting a full CRL's serials in memory
 _CERTS = cast(Table, Certificate.__table__)
@@ -204,6 +211,23 @@ def _entry_for(cert: Certificate) -> Entry:
     )
 
 
+def check_can_publish(ca_name: str, ca_not_after: dt.datetime, this_update: dt.datetime) -> None:
+    """Refuse a CRL from a CA whose certificate ends less than MIN_VALIDITY after
+    ``this_update``: capped at notAfter, its nextUpdate would be at or before thisUpdate once the
+    certificate has expired (RFC 5280 5.1.2.5; pkilint: negative validity period), or stale
+    within minutes before that. The CA's last CRL, valid until notAfter, stays published."""
+    if ca_not_after <= this_update:
+        raise Conflict(
+            f"the certificate of CA {ca_name} expired at {ca_not_after.isoformat()}: "
+            "it signs no more CRLs"
+        )
+    if ca_not_after - this_update < MIN_VALIDITY:
+        raise Conflict(
+            f"the certificate of CA {ca_name} expires at {ca_not_after.isoformat()}, within "
+            f"{MIN_VALIDITY}: no new CRL; its last one is valid until then"
+        )
+
+
 class CrlPublisher:
     """Generates and stores CRLs for one deployment; safe across processes."""
 
@@ -255,6 +279,7 @@ class CrlPublisher:
                 raise Conflict(f"the key of CA {ca_name} is offline; bring it online to sign")
             epoch = int(ca.revocation_epoch)
             cert = x509.load_der_x509_certificate(ca.certificate_der)
+            check_can_publish(ca_name, cert.not_valid_after_utc, now)
             next_update = now + (self.delta_next_update if delta else self.next_update)
             next_update = min(next_update, cert.not_valid_after_utc)
             if base is not None:
@@ -391,4 +416,11 @@ def due(crl: Crl | None, epoch: int, now: dt.datetime) -> bool:
     return now >= half
 
 
-__all__: Sequence[str] = ("CrlPublisher", "Entry", "build_crl", "due", "latest")
+__all__: Sequence[str] = (
+    "CrlPublisher",
+    "Entry",
+    "build_crl",
+    "check_can_publish",
+    "due",
+    "latest",
+)

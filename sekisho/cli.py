@@ -32,7 +32,7 @@ from ca.tbs import SanEntry, parse_serial, parse_subject
 from hsm.base import CA_KEY_TYPES, KeyType
 from sekisho import __version__
 from sekisho.context import Actor
-from sekisho.errors import ConfigError, InputError, NotFound, SekishoError
+from sekisho.errors import ConfigError, Conflict, InputError, NotFound, SekishoError
 from sekisho.logs import setup_logging
 from sekisho.services import Services, build_services, ensure_data_dir, open_backend
 from sekisho.settings import Settings, load_settings
@@ -735,13 +735,10 @@ def crl() -> None:
 @click.option("--delta", is_flag=True, help="Generate a delta CRL against the latest full CRL.")
 @pass_state
 def crl_generate(state: State, ca_names: tuple[str, ...], delta: bool) -> None:
-    """Generate CRLs now."""
-    from ca.registry import all_cas
-
+    """Generate CRLs now (not for a CA whose certificate expires within the hour)."""
     services = state.services()
     if not ca_names:
-        with services.db.scope() as session:
-            ca_names = tuple(r.name for r in all_cas(session) if r.key_online and r.active)
+        ca_names = _publishing_cas(services)
     docs = []
     for name in ca_names:
         row = services.crls.generate(name, services.clock(), delta=delta, actor=state.actor())
@@ -762,6 +759,27 @@ def crl_generate(state: State, ca_names: tuple[str, ...], delta: bool) -> None:
             for d in docs
         ),
     )
+
+
+def _publishing_cas(services: Services) -> tuple[str, ...]:
+    """Every online CA that can still sign a CRL; the others are named on stderr (naming one
+    with --ca is refused instead, exit 75)."""
+    from ca.crl import check_can_publish
+    from ca.registry import all_cas
+
+    now = services.clock()
+    names = []
+    with services.db.scope() as session:
+        for row in all_cas(session):
+            if not (row.key_online and row.active):
+                continue
+            try:
+                check_can_publish(row.name, row.not_after, now)
+            except Conflict as exc:
+                click.echo(f"skipped: {exc.message}", err=True)
+                continue
+            names.append(row.name)
+    return tuple(names)
 
 
 # -- ocsp -------------------------------------------------------------------------------------

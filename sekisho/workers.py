@@ -5,7 +5,8 @@ a change it waits until revocations have been quiet for ``debounce`` seconds (or
 times that since the first change), then publishes one delta CRL against the current base and
 one new full CRL: a burst of revocations yields one new CRL within seconds. CRLs are also
 re-issued once half their validity has passed. Changes made by other processes (the CLI, other
-web workers) are seen the same way, through the database.
+web workers) are seen the same way, through the database. A CA whose certificate has expired
+(or is about to: ``ca.crl.check_can_publish``) is skipped, with one warning.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import threading
 from sqlalchemy import select
 
 from audit.events import Category, by_actor
-from ca.crl import due, latest
+from ca.crl import check_can_publish, due, latest
 from ca.models import CertificateAuthority, CrlKind
 from ocsp.signers import ensure_responders
 from sekisho.context import Actor
-from sekisho.errors import SekishoError
+from sekisho.errors import Conflict, SekishoError
 from sekisho.services import Services
 
 log = logging.getLogger("sekisho.crl")
@@ -103,6 +104,7 @@ class CrlRefresher:
         )
         self.tick = tick
         self._pending: dict[str, _Pending] = {}
+        self._ended: set[str] = set()  # CAs that can sign no more CRLs, already logged
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -144,7 +146,7 @@ class CrlRefresher:
         """One pass over every online CA; returns the names whose CRLs were published."""
         with self.services.db.scope() as session:
             cas = [
-                (ca.name, ca.id, int(ca.revocation_epoch))
+                (ca.name, ca.id, int(ca.revocation_epoch), ca.not_after)
                 for ca in session.scalars(
                     select(CertificateAuthority).where(
                         CertificateAuthority.active.is_(True),
@@ -154,10 +156,12 @@ class CrlRefresher:
             ]
             state = {
                 name: (latest(session, ca_id, CrlKind.FULL), latest(session, ca_id, CrlKind.DELTA))
-                for name, ca_id, _ in cas
+                for name, ca_id, _, _ in cas
             }
         published = []
-        for name, _ca_id, epoch in cas:
+        for name, _ca_id, epoch, not_after in cas:
+            if not self._can_publish(name, not_after, now):
+                continue
             full, delta = state[name]
             stale = full is None or epoch > full.epoch
             if stale and full is not None:
@@ -184,3 +188,17 @@ class CrlRefresher:
         if published:
             log.info("published CRLs", extra={"cas": ",".join(published)})
         return published
+
+    def _can_publish(self, name: str, not_after: dt.datetime, now: dt.datetime) -> bool:
+        """False for a CA whose certificate ends too soon to sign a CRL: skipped without a
+        generation attempt (no journal entry, no busy loop), and logged once, not every tick."""
+        try:
+            check_can_publish(name, not_after, now)
+        except Conflict as exc:
+            self._pending.pop(name, None)
+            if name not in self._ended:
+                self._ended.add(name)
+                log.warning("CRLs no longer published", extra={"ca": name, "detail": exc.message})
+            return False
+        self._ended.discard(name)
+        return True

@@ -23,7 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ca.crl import latest_by_name
+from ca.hierarchy import create_issuing
 from ca.models import CrlKind
+from hsm.base import KeyType
 from hsm.pbes2 import describe
 from hsm.software import PEM_LABEL, pem_unwrap
 from sekisho.cli import cli as cli_group
@@ -31,6 +33,7 @@ from sekisho.cli import main
 from sekisho.services import build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import make_csr, name
+from tests.conftest import TEST_ACTOR
 from tests.support.checkers import (
     openssl_crl_verify,
     openssl_verify,
@@ -550,6 +553,28 @@ def test_unknown_serial_exits_66(run: Runner) -> None:
         result = run(*argv)
         assert result.code == 66, (argv, result)
         assert "1234abcd" in result.err.replace(":", "")
+
+
+def test_crl_generate_refuses_a_ca_that_expires_within_the_hour(
+    run: Runner, settings: Settings
+) -> None:
+    services = build_services(settings, migrate=False)
+    try:
+        create_issuing(
+            services.ca, "brief", "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR,
+            validity=dt.timedelta(minutes=30),
+        )  # fmt: skip
+    finally:
+        services.close()
+    refused = run("crl", "generate", "--ca", "brief")
+    assert refused.code == 75 and "CA brief expires at" in refused.err, refused
+    # Every other CA still gets its CRL; the one that cannot is named, not fatal.
+    result = ok(run("--json", "crl", "generate"))
+    assert [d["ca"] for d in result.json()] == ["root", "admin", "device"]
+    assert "skipped: the certificate of CA brief expires at" in result.err, result
+    _, crl_der = latest_crl(settings, "device")
+    pkilint_crl(crl_der)
+    openssl_crl_verify(crl_der, ca_der(run, "device"))
 
 
 def test_revoke_with_a_future_invalidity_date_exits_65(run: Runner) -> None:

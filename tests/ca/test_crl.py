@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import threading
 
 import pytest
 from cryptography import x509
 from sqlalchemy import select
 
-from ca.crl import latest_by_name
+from audit.models import JournalRecord
+from ca.crl import MIN_VALIDITY, latest_by_name
+from ca.hierarchy import create_issuing
 from ca.models import Crl, CrlKind
 from ca.revocation import Reason
+from hsm.base import KeyType
 from sekisho.errors import Conflict, InputError, NotFound
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
@@ -238,3 +243,55 @@ def test_refresher_thread_publishes_within_seconds(settings: Settings, services:
         assert found
     finally:
         refresher.stop()
+
+
+def _journalled_crls(services: Services, ca: str) -> int:
+    with services.db.scope() as session:
+        return sum(
+            json.loads(detail).get("ca") == ca
+            for detail in session.scalars(
+                select(JournalRecord.detail).where(JournalRecord.action == "ca.crl")
+            )
+        )
+
+
+def test_an_expired_ca_signs_no_crl_and_the_refresher_skips_it(
+    settings: Settings, services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(services.clock())
+    svc = build_services(settings, backend=services.backend, clock=clock)
+    create_issuing(
+        svc.ca, "short", "root", "T3", KeyType.EC_P256, TEST_ACTOR, validity=dt.timedelta(days=2)
+    )
+    not_after = ca_cert(svc, "short").not_valid_after_utc
+    issuer = der(ca_cert(svc, "short"))
+    # The last CRLs before expiry: nextUpdate capped at the CA's notAfter, never past it.
+    full = svc.crls.generate("short", clock())
+    delta = svc.crls.generate("short", clock(), delta=True)
+    assert full.next_update == not_after
+    assert delta.next_update == clock() + dt.timedelta(hours=24)
+    last = svc.crls.generate("short", not_after - MIN_VALIDITY)  # the last one it signs
+    assert last.this_update < last.next_update == not_after
+    for row in (full, delta, last):
+        checkers.pkilint_crl(row.der, delta=row.kind is CrlKind.DELTA)
+        checkers.openssl_crl_verify(row.der, issuer)
+
+    for when, message in ((not_after - MIN_VALIDITY / 2, "expires at"), (not_after, "expired")):
+        for is_delta in (False, True):
+            with pytest.raises(Conflict, match=message) as info:
+                svc.crls.generate("short", when, delta=is_delta)
+            assert info.value.exit_code == 75
+
+    clock.advance(days=3)
+    caplog.set_level(logging.WARNING, logger="sekisho.crl")
+    journalled = _journalled_crls(svc, "short")
+    refresher = CrlRefresher(svc, debounce=0)
+    runs = [refresher.run_once(clock() + dt.timedelta(seconds=i)) for i in range(5)]
+    assert all("short" not in published for published in runs)
+    assert runs[1:] == [[]] * 4  # the other CAs were brought up to date once
+    assert _journalled_crls(svc, "short") == journalled
+    with svc.db.scope() as session:
+        served = latest_by_name(session, "short", CrlKind.FULL)
+        assert served is not None and served.number == last.number
+    warnings = [r for r in caplog.records if getattr(r, "ca", None) == "short"]
+    assert len(warnings) == 1 and "expired" in str(getattr(warnings[0], "detail", ""))
