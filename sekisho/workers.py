@@ -2,8 +2,8 @@
 
 The refresher polls each online CA's revocation epoch (cheap: one row) once per tick. After
 a change it waits until revocations have been quiet for ``debounce`` seconds (or at most five
-times that since the first change), then publishes one delta CRL against the current base and
-one new full CRL: a burst of revocations yields one new CRL within seconds. CRLs are also
+times that since the first change), then publishes a new full CRL and then a delta CRL against
+it: a burst of revocations yields one new CRL within seconds. CRLs are also
 re-issued once half their validity has passed. Changes made by other processes (the CLI, other
 web workers) are seen the same way, through the database. A CA whose certificate has expired
 (or is about to: ``ca.crl.check_can_publish``) is skipped, with one warning.
@@ -176,9 +176,11 @@ class CrlRefresher:
                 if not (quiet or overdue):
                     continue
             if stale or due(full, epoch, now):
-                if full is not None:
-                    self.services.crls.generate(name, now, delta=True)
+                # The full CRL first, then the delta against it: a delta numbered below the full
+                # CRL served beside it, or naming an older base, is discarded by RFC 5280 5.2.4
+                # clients (OpenSSL's check_delta_base) until the delta is next re-issued.
                 self.services.crls.generate(name, now)
+                self.services.crls.generate(name, now, delta=True)
                 self._pending.pop(name, None)
                 published.append(name)
             elif delta is None or due(delta, epoch, now):

@@ -6,23 +6,27 @@ import datetime as dt
 import json
 import logging
 import threading
+from collections.abc import Callable
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from sqlalchemy import select
 
 from audit.models import JournalRecord
 from ca.crl import MIN_VALIDITY, latest_by_name
 from ca.hierarchy import create_issuing
 from ca.models import Crl, CrlKind
+from ca.registry import ca_row
 from ca.revocation import Reason
-from hsm.base import KeyType
+from hsm.base import KeyBackend, KeyType
+from hsm.observed import observed
 from sekisho.errors import Conflict, InputError, NotFound
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from sekisho.workers import CrlRefresher
 from tests.ca.helpers import ca_cert, der, issue
-from tests.conftest import TEST_ACTOR, FakeClock
+from tests.conftest import TEST_ACTOR, FakeClock, RecordingBackend
 from tests.support import checkers
 
 # The foundation tests also run with every key on a SoftHSM2 token (tests/conftest.py).
@@ -295,3 +299,63 @@ def test_an_expired_ca_signs_no_crl_and_the_refresher_skips_it(
         assert served is not None and served.number == last.number
     warnings = [r for r in caplog.records if getattr(r, "ca", None) == "short"]
     assert len(warnings) == 1 and "expired" in str(getattr(warnings[0], "detail", ""))
+
+
+class _BeforeSignBackend(RecordingBackend):
+    """Runs ``before_sign[ref]`` once, just before the next signature with the key ``ref``:
+    another process changing revocations while the refresher signs."""
+
+    def __init__(self, inner: KeyBackend) -> None:
+        super().__init__(inner)
+        self.before_sign: dict[str, Callable[[], object]] = {}
+
+    def signing_key(self, ref: str) -> CertificateIssuerPrivateKeyTypes:
+        return observed(self.inner.signing_key(ref), lambda _data: self._fire(ref))
+
+    def _fire(self, ref: str) -> None:
+        action = self.before_sign.pop(ref, None)
+        if action is not None:
+            action()
+
+
+def test_refresher_publishes_the_full_crl_then_a_delta_against_it(
+    settings: Settings, services: Services
+) -> None:
+    """RFC 5280 5.2.4: the published delta names the published full CRL as its base and has a
+    higher number, so OpenSSL combines them: a hold that lands while the full CRL is signed
+    is in the delta, and only there."""
+    clock = FakeClock(services.clock())
+    backend = _BeforeSignBackend(services.backend)
+    svc = build_services(settings, backend=backend, clock=clock)
+    refresher = CrlRefresher(svc, debounce=0)
+    compromised, held = issue(svc, "device"), issue(svc, "device")
+    svc.revoker.revoke("device", compromised.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    refresher.run_once(clock())  # the change is seen; published once quiet (debounce 0)
+    with svc.db.scope() as session:
+        device_key = ca_row(session, "device").key_ref
+    backend.before_sign[device_key] = lambda: svc.revoker.revoke(
+        "device", held.serial_number, Reason.CERTIFICATE_HOLD, TEST_ACTOR
+    )
+    assert "device" in refresher.run_once(clock())
+    assert not backend.before_sign, "the refresher signed no CRL of device"
+    with svc.db.scope() as session:
+        full_row = latest_by_name(session, "device", CrlKind.FULL)
+        delta_row = latest_by_name(session, "device", CrlKind.DELTA)
+    assert full_row is not None and delta_row is not None
+    full, delta = x509.load_der_x509_crl(full_row.der), x509.load_der_x509_crl(delta_row.der)
+    full_number = full.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    delta_number = delta.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    base = delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number
+    assert base == full_number == full_row.number == delta_row.base_number
+    assert delta_number == delta_row.number > full_number
+    assert full.get_revoked_certificate_by_serial_number(held.serial_number) is None
+    assert delta.get_revoked_certificate_by_serial_number(held.serial_number) is not None
+    issuer = der(ca_cert(svc, "device"))
+    for row in (full_row, delta_row):
+        checkers.pkilint_crl(row.der, delta=row is delta_row)
+        checkers.openssl_crl_verify(row.der, issuer)
+    chain = _chain(svc, "device")
+    pair = [full_row.der, delta_row.der]
+    checkers.openssl_verify(der(held), chain, crl_ders=[full_row.der])
+    checkers.openssl_verify_revoked(der(held), chain, crl_ders=pair, use_deltas=True)
+    checkers.openssl_verify_revoked(der(compromised), chain, crl_ders=pair, use_deltas=True)

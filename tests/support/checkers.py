@@ -86,8 +86,10 @@ def _openssl_verify_run(
     chain: Sequence[bytes],
     crl_ders: Sequence[bytes] | None,
     purpose: str | None,
+    use_deltas: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """``chain`` is root first, then intermediates (not the leaf)."""
+    """``chain`` is root first, then intermediates (not the leaf). ``use_deltas``: combine a
+    full CRL with a delta CRL among ``crl_ders`` where RFC 5280 5.2.4 allows it."""
     with tempfile.TemporaryDirectory(prefix="ossl-") as tmp:
         files = _Files(tmp)
         root = files.write(_pem(chain[0]))
@@ -97,6 +99,8 @@ def _openssl_verify_run(
         if crl_ders:
             cmd += ["-crl_check"]
             cmd += ["-CRLfile", files.write(b"".join(_pem_crl(c) for c in crl_ders))]
+        if use_deltas:
+            cmd += ["-use_deltas"]
         if purpose:
             cmd += ["-purpose", purpose]
         cmd.append(files.write(_pem(leaf)))
@@ -108,8 +112,9 @@ def openssl_verify(
     chain: Sequence[bytes],
     crl_ders: Sequence[bytes] | None = None,
     purpose: str | None = None,
+    use_deltas: bool = False,
 ) -> None:
-    res = _openssl_verify_run(leaf, chain, crl_ders, purpose)
+    res = _openssl_verify_run(leaf, chain, crl_ders, purpose, use_deltas)
     assert res.returncode == 0 and ": OK" in res.stdout, (
         f"openssl verify failed:\n{res.stdout}{res.stderr}"
     )
@@ -120,8 +125,9 @@ def openssl_verify_revoked(
     chain: Sequence[bytes],
     crl_ders: Sequence[bytes],
     purpose: str | None = None,
+    use_deltas: bool = False,
 ) -> None:
-    res = _openssl_verify_run(leaf, chain, crl_ders, purpose)
+    res = _openssl_verify_run(leaf, chain, crl_ders, purpose, use_deltas)
     text = res.stdout + res.stderr
     assert res.returncode != 0 and "certificate revoked" in text, (
         f"openssl did not report revoked:\n{text}"
