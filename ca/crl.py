@@ -3,7 +3,7 @@ the key backend.
 
 Numbers: full and delta CRLs share one strictly increasing sequence per CA (5.2.3), allocated
 in the same transaction that reads the revocation state, so a higher number never carries
-older information. Signing happens outside the transaction.
+older information, nor an earlier thisUpdate. Signing happens outside the transaction.
 
 nextUpdate is capped at the CA certificate's notAfter; a CA whose certificate ends less than
 MIN_VALIDITY after thisUpdate signs no more CRLs (``check_can_publish``), so no CRL ever has
@@ -247,7 +247,12 @@ class CrlPublisher:
         self.delta_next_update = delta_next_update
         self.delta_url_for = delta_url_for
 
-    def _allocate(self, session: Session, ca_id: int) -> tuple[CertificateAuthority, int]:
+    def _allocate(
+        self, session: Session, ca_id: int, now: dt.datetime
+    ) -> tuple[CertificateAuthority, int, dt.datetime]:
+        """The next CRL number and its thisUpdate: ``now``, or the previous number's thisUpdate
+        if that is later. ``now`` is read before the CA row is locked (the UPDATE): a generator
+        that waited for another one would otherwise give a higher number an earlier time."""
         session.execute(
             update(CertificateAuthority)
             .where(CertificateAuthority.id == ca_id)
@@ -257,7 +262,9 @@ class CrlPublisher:
             select(CertificateAuthority).where(CertificateAuthority.id == ca_id)
         ).one()
         session.refresh(ca)
-        return ca, int(ca.crl_number)
+        this_update = max(now, ca.crl_this_update or now)
+        ca.crl_this_update = this_update
+        return ca, int(ca.crl_number), this_update
 
     def generate(
         self, ca_name: str, now: dt.datetime, *, delta: bool = False, actor: Actor = SYSTEM
@@ -274,13 +281,13 @@ class CrlPublisher:
                 base = latest(session, ca_id, CrlKind.FULL)
                 if base is None:
                     raise Conflict(f"CA {ca_name} has no full CRL yet to base a delta on")
-            ca, number = self._allocate(session, ca_id)
+            ca, number, this_update = self._allocate(session, ca_id, now)
             if not ca.key_online:
                 raise Conflict(f"the key of CA {ca_name} is offline; bring it online to sign")
             epoch = int(ca.revocation_epoch)
             cert = x509.load_der_x509_certificate(ca.certificate_der)
-            check_can_publish(ca_name, cert.not_valid_after_utc, now)
-            next_update = now + (self.delta_next_update if delta else self.next_update)
+            check_can_publish(ca_name, cert.not_valid_after_utc, this_update)
+            next_update = this_update + (self.delta_next_update if delta else self.next_update)
             next_update = min(next_update, cert.not_valid_after_utc)
             if base is not None:
                 rows = session.execute(
@@ -300,7 +307,10 @@ class CrlPublisher:
                         r = Reason(reason) if reason else Reason.UNSPECIFIED
                         entries.append(
                             Entry(
-                                int(serial, 16), revoked_at or now, _REASON_CODE.get(r), invalidity
+                                int(serial, 16),
+                                revoked_at or this_update,
+                                _REASON_CODE.get(r),
+                                invalidity,
                             )
                         )
                     else:  # released from hold since the base CRL
@@ -309,7 +319,7 @@ class CrlPublisher:
                 entry_count = len(entries)
             else:
                 # RFC 5280 3.3: an entry stays until it has appeared on one CRL after expiry.
-                horizon = now - self.next_update
+                horizon = this_update - self.next_update
                 # Streamed (server-side cursor on PostgreSQL) and encoded straight to DER: no
                 # per-entry objects, so 10^6 entries take seconds and little memory.
                 if session.get_bind().dialect.name == "postgresql":
@@ -339,7 +349,7 @@ class CrlPublisher:
                 entries_der = bytearray()
                 entry_count = 0
                 for batch in full_rows.partitions():
-                    entry_count += encode_revoked_rows(batch, now, entries_der)
+                    entry_count += encode_revoked_rows(batch, this_update, entries_der)
             key_ref, key_type = ca.key_ref, KeyType(ca.key_type)
             base_number = base.number if base is not None else None
         params = CrlParams(
@@ -349,7 +359,7 @@ class CrlPublisher:
             ).value.digest,
             key_type=key_type,
             number=number,
-            this_update=now,
+            this_update=this_update,
             next_update=next_update,
             base_number=base_number,
             freshest_url=None if delta else self.delta_url_for(ca_name),
@@ -362,7 +372,7 @@ class CrlPublisher:
                 number=number,
                 kind=CrlKind.DELTA if delta else CrlKind.FULL,
                 base_number=base_number,
-                this_update=now,
+                this_update=this_update,
                 next_update=next_update,
                 epoch=epoch,
                 entries=entry_count,

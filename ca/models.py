@@ -51,6 +51,8 @@ class CertificateAuthority(Base):
     key_online: Mapped[bool] = mapped_column(Boolean, default=True)
     # Highest CRL number used (full and delta CRLs share one sequence, RFC 5280 5.2.3).
     crl_number: Mapped[int] = mapped_column(BigInteger, default=0)
+    # thisUpdate of the CRL that got crl_number: the next CRL's is never earlier (None: none yet).
+    crl_this_update: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     # Bumped on every revocation-status change of a certificate this CA issued; a CRL records
     # the epoch it covers, so "is the CRL stale?" and "what goes into the delta?" are exact.
     revocation_epoch: Mapped[int] = mapped_column(BigInteger, default=0)

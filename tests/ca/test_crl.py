@@ -183,12 +183,17 @@ def test_crl_numbers_increase_across_concurrent_generators_and_restarts(
     with again.db.scope() as session:
         stored = session.scalars(select(Crl.number).where(Crl.issuer_id == row.issuer_id)).all()
     assert sorted(stored) == sorted(set(stored))
-    # Each stored DER carries its own number.
+    # Each stored DER carries its own number; thisUpdate never goes back as numbers go up.
     with again.db.scope() as session:
-        for crl in session.scalars(select(Crl).where(Crl.issuer_id == row.issuer_id)):
+        crls = session.scalars(
+            select(Crl).where(Crl.issuer_id == row.issuer_id).order_by(Crl.number)
+        ).all()
+        for crl in crls:
             parsed = x509.load_der_x509_crl(crl.der)
             ext = parsed.extensions.get_extension_for_class(x509.CRLNumber)
             assert ext.value.crl_number == crl.number
+    times = [crl.this_update for crl in crls]
+    assert times == sorted(times)
 
 
 def test_refresher_debounces_a_burst_into_one_crl(settings: Settings, services: Services) -> None:
@@ -359,3 +364,24 @@ def test_refresher_publishes_the_full_crl_then_a_delta_against_it(
     checkers.openssl_verify(der(held), chain, crl_ders=[full_row.der])
     checkers.openssl_verify_revoked(der(held), chain, crl_ders=pair, use_deltas=True)
     checkers.openssl_verify_revoked(der(compromised), chain, crl_ders=pair, use_deltas=True)
+
+
+def test_a_higher_crl_number_never_carries_an_earlier_this_update(services: Services) -> None:
+    """A generator reads its clock, then waits for the CA row while another one takes a
+    number: it gets the next number, and a thisUpdate no earlier than the one before."""
+    now = services.clock()
+    first = services.crls.generate("device", now)
+    waited = services.crls.generate("device", now - dt.timedelta(seconds=1))
+    delta = services.crls.generate("device", now - dt.timedelta(seconds=2), delta=True)
+    later = services.crls.generate("device", now + dt.timedelta(seconds=5))
+    rows = (first, waited, delta, later)
+    assert [r.number for r in rows] == sorted({r.number for r in rows})
+    assert [r.this_update for r in rows] == [now, now, now, now + dt.timedelta(seconds=5)]
+    issuer = der(ca_cert(services, "device"))
+    for row in rows:
+        crl = x509.load_der_x509_crl(row.der)
+        assert crl.last_update_utc == row.this_update
+        validity = dt.timedelta(hours=24) if row is delta else dt.timedelta(days=7)
+        assert crl.next_update_utc == row.next_update == row.this_update + validity
+        checkers.pkilint_crl(row.der, delta=row is delta)
+        checkers.openssl_crl_verify(row.der, issuer)
