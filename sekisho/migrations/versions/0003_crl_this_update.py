@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-12-02 09:00:00.000000
+Create Date: 2026-11-26 11:40:00.000000
 """
 
 import sqlalchemy as sa
