@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
-from audit.journal import checkpoint_document
+from audit.journal import CheckpointSigner, checkpoint_document
 from audit.models import Checkpoint
 from audit.query import Filter, as_document, render_line, search, write_csv, write_jsonl
 from audit.verify import claims_from_documents, verify
 from sekisho.cli import State, pass_state
-from sekisho.errors import InputError, SekishoError
+from sekisho.errors import InputError, KeyBackendError, SekishoError
+
+_SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
 
 
 def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:
@@ -68,13 +72,26 @@ def audit() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Checkpoints exported earlier (JSONL); detects truncation and rewrites behind them.",
 )
+@click.option(
+    "--public-key",
+    "public_key_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Audit public key (PEM, from `audit public-key`) that checkpoints must be signed "
+    "with, instead of the deployment's audit key.",
+)
 @pass_state
-def verify_cmd(state: State, checkpoint_files: tuple[Path, ...]) -> None:
+def verify_cmd(
+    state: State, checkpoint_files: tuple[Path, ...], public_key_files: tuple[Path, ...]
+) -> None:
     """Check the hash chain, the head and every signed checkpoint.
 
+    Checkpoint signatures are checked with the deployment's audit key, or with --public-key;
+    with neither (the key is unavailable) nothing is verified and the exit code is 69.
     Exits 0 when intact; exits 2 and names the first bad sequence number otherwise.
     """
     services = state.services()
+    trusted = _trusted_keys(services.journal.signer, public_key_files)
     external = []
     for path in checkpoint_files:
         try:
@@ -82,11 +99,8 @@ def verify_cmd(state: State, checkpoint_files: tuple[Path, ...]) -> None:
             external.extend(claims_from_documents(lines, path.name))
         except ValueError as exc:
             raise InputError(f"{path}: {exc}") from None
-    trusted = None
-    if services.journal.signer is not None:
-        trusted = {services.journal.signer.public_key_der}
     with services.db.scope() as session:
-        result = verify(session, services.journal.origin, external=external, trusted_keys=trusted)
+        result = verify(session, services.journal.origin, trusted_keys=trusted, external=external)
     doc = {"ok": True, **result.as_dict()}
     state.emit(
         doc,
@@ -95,6 +109,42 @@ def verify_cmd(state: State, checkpoint_files: tuple[Path, ...]) -> None:
             f"{result.checkpoints} signed checkpoints verified"
         ),
     )
+
+
+def _trusted_keys(signer: CheckpointSigner | None, files: tuple[Path, ...]) -> set[bytes]:
+    """The keys checkpoints must be signed with: the auditor's, else the deployment's. Never
+    the key stored beside a checkpoint, which whoever rewrote the journal could replace."""
+    if not files:
+        if signer is None:
+            raise KeyBackendError(
+                "the audit key is unavailable, so checkpoint signatures cannot be checked: "
+                "give the audit public key with --public-key FILE (PEM, `audit public-key`)"
+            )
+        return {signer.public_key_der}
+    keys = set()
+    for path in files:
+        try:
+            key = serialization.load_pem_public_key(path.read_bytes())
+        except (ValueError, UnsupportedAlgorithm):
+            raise InputError(f"{path}: not a PEM public key") from None
+        keys.add(key.public_bytes(serialization.Encoding.DER, _SPKI))
+    return keys
+
+
+@audit.command("public-key")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@pass_state
+def public_key_cmd(state: State, output: Path | None) -> None:
+    """Write the audit key's public key (PEM), for `audit verify --public-key` off the box."""
+    signer = state.services().journal.signer
+    if signer is None:
+        raise KeyBackendError("the audit key is unavailable")
+    key = serialization.load_der_public_key(signer.public_key_der)
+    pem = key.public_bytes(serialization.Encoding.PEM, _SPKI).decode("ascii")
+    if output is None:
+        click.echo(pem, nl=False)
+    else:
+        output.write_text(pem)
 
 
 @audit.command("search")

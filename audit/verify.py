@@ -8,13 +8,17 @@ What is detected, and where it is located (the first bad sequence number):
   no longer matches; located as the first record after the last matching checkpoint;
 - truncation: records missing behind the head row or behind a checkpoint (stored, or exported
   off the box and passed in with ``external``).
+
+Checkpoint signatures are checked with trusted keys only (the deployment's audit key, or keys
+the auditor supplies), never with the public key stored beside a checkpoint: whoever rewrites
+records, chain and checkpoints can store their own key there too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import func, select
@@ -70,7 +74,7 @@ def _record_fields(row: JournalRecord) -> Mapping[str, Any]:
     }
 
 
-def _check_claim(claim: CheckpointClaim, origin: str, trusted_keys: set[bytes] | None) -> None:
+def _check_claim(claim: CheckpointClaim, origin: str, trusted_keys: Collection[bytes]) -> None:
     try:
         claimed_origin, seq, head_hash = parse_checkpoint_body(claim.body)
     except ValueError as exc:
@@ -79,7 +83,7 @@ def _check_claim(claim: CheckpointClaim, origin: str, trusted_keys: set[bytes] |
         raise AuditChainBroken(
             claim.seq, f"checkpoint from {claim.source} does not match its own body"
         )
-    if trusted_keys is not None and claim.public_key_der not in trusted_keys:
+    if claim.public_key_der not in trusted_keys:
         raise AuditChainBroken(
             claim.seq, f"checkpoint from {claim.source} is signed by an unknown key"
         )
@@ -91,10 +95,14 @@ def verify(
     session: Session,
     origin: str,
     *,
+    trusted_keys: Collection[bytes],
     external: Iterable[CheckpointClaim] = (),
-    trusted_keys: set[bytes] | None = None,
 ) -> VerifyResult:
-    """Walk the whole journal; raise ``AuditChainBroken`` at the first bad sequence number."""
+    """Walk the whole journal; raise ``AuditChainBroken`` at the first bad sequence number.
+
+    ``trusted_keys``: the public keys (DER SubjectPublicKeyInfo) checkpoints may be signed
+    with; a checkpoint signed by any other key is tampering (with none given, every one is).
+    """
     stored = [
         CheckpointClaim(
             seq=c.seq,

@@ -146,7 +146,7 @@ def build_services(
     signer = CheckpointSigner(backend, audit_ref, AUDIT_KEY_TYPE) if has_audit_key else None
     if signer is None and _has_checkpoints(db):
         # The journal was checkpointed before: appending without checkpoints would weaken
-        # its tamper evidence unnoticed. Say so loudly (`audit verify` still works).
+        # its tamper evidence unnoticed. Say so loudly (`audit verify --public-key` still works).
         log.error("the audit checkpoint key is missing: no new checkpoints will be signed",
                   extra={"key_ref": audit_ref})  # fmt: skip
     journal = Journal(

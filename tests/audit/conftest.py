@@ -54,6 +54,13 @@ def template_seq(services: Services) -> int:
         return head.seq
 
 
+def audit_keys(services: Services) -> set[bytes]:
+    """The deployment's audit public key, the one ``verify`` pins checkpoint signatures to."""
+    signer = services.journal.signer
+    assert signer is not None
+    return {signer.public_key_der}
+
+
 def event(n: int, **overrides: Any) -> Event:
     """A varied but deterministic event number ``n``."""
     values: dict[str, Any] = {

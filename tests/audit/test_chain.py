@@ -23,7 +23,7 @@ from ca.revocation import Reason
 from sekisho.context import Actor
 from sekisho.services import Services, audit_key_ref, build_services
 from sekisho.settings import Settings
-from tests.audit.conftest import append, run_cli, template_seq
+from tests.audit.conftest import append, audit_keys, run_cli, template_seq
 from tests.ca.helpers import request_for
 from tests.conftest import FakeClock, RecordingBackend
 
@@ -267,7 +267,11 @@ def test_intact_journal_verifies(
     total = template_seq(journal_services) + 60
     append(journal_services, clock, 60)
     with journal_services.db.scope() as session:
-        result = verify(session, journal_services.settings.journal_origin)
+        result = verify(
+            session,
+            journal_services.settings.journal_origin,
+            trusted_keys=audit_keys(journal_services),
+        )
     assert result.records == result.head_seq == total
     assert result.checkpoints == 2  # seqs 1 and 51
     code, out, err = run_cli(capsys, cli_data_dir, "--json", "audit", "verify")

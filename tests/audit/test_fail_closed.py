@@ -14,7 +14,7 @@ from ca.models import Certificate, CertificateAuthority, CertStatus
 from ca.revocation import Reason
 from sekisho.errors import AuditError
 from sekisho.services import Services
-from tests.audit.conftest import append, rows, run_cli, sql, template_seq
+from tests.audit.conftest import append, audit_keys, rows, run_cli, sql, template_seq
 from tests.ca.helpers import issue, request_for
 from tests.conftest import TEST_ACTOR, FakeClock
 
@@ -92,7 +92,11 @@ def test_issuance_fails_and_hands_out_nothing_when_the_journal_is_down(
         last = session.scalars(select(JournalRecord).order_by(JournalRecord.seq.desc())).first()
         assert last is not None and last.seq == head_before[0] + 1
         assert last.object_serial == f"{cert.serial_number:040x}"
-        verify(session, journal_services.settings.journal_origin)
+        verify(
+            session,
+            journal_services.settings.journal_origin,
+            trusted_keys=audit_keys(journal_services),
+        )
 
 
 def test_revocation_fails_and_changes_nothing_when_the_journal_is_down(

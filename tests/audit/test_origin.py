@@ -10,7 +10,7 @@ from audit.models import Checkpoint
 from audit.verify import verify
 from sekisho.services import build_services
 from sekisho.settings import Settings
-from tests.audit.conftest import append
+from tests.audit.conftest import append, audit_keys
 from tests.conftest import BASE_URL, FakeClock, RecordingBackend, make_settings
 
 
@@ -40,7 +40,7 @@ def test_new_base_url_keeps_the_journal_origin(
         assert svc.journal.origin == old
         append(svc, clock, 120)  # crosses at least two count-based checkpoints
         with svc.db.scope() as session:
-            result = verify(session, svc.journal.origin)
+            result = verify(session, svc.journal.origin, trusted_keys=audit_keys(svc))
         assert result.checkpoints >= 3
     finally:
         svc.close()

@@ -19,7 +19,15 @@ from audit.models import Checkpoint, JournalRecord
 from audit.verify import claims_from_documents, verify
 from sekisho.errors import AuditChainBroken
 from sekisho.services import Services
-from tests.audit.conftest import append, rows, run_cli, run_cli_process, sql, template_seq
+from tests.audit.conftest import (
+    append,
+    audit_keys,
+    rows,
+    run_cli,
+    run_cli_process,
+    sql,
+    template_seq,
+)
 from tests.conftest import FakeClock
 
 # The scenario: the template's records (``init``) topped up to 107 records; with a checkpoint
@@ -32,7 +40,8 @@ def journal(journal_services: Services, clock: FakeClock) -> Services:
     append(journal_services, clock, LAST - template_seq(journal_services))
     with journal_services.db.scope() as session:
         assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, 51, 101]
-        assert verify(session, journal_services.settings.journal_origin).records == LAST
+        origin = journal_services.settings.journal_origin
+        assert verify(session, origin, trusted_keys=audit_keys(journal_services)).records == LAST
     return journal_services
 
 
@@ -233,7 +242,7 @@ def test_verify_api_names_first_bad_seq(journal: Services, case: str) -> None:
     tamper, expected = CASES[case]
     tamper(journal)
     with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
-        verify(session, journal.settings.journal_origin)
+        verify(session, journal.settings.journal_origin, trusted_keys=audit_keys(journal))
     assert caught.value.seq == expected, caught.value.message
     assert f"seq {expected}:" in str(caught.value)
 
@@ -278,9 +287,9 @@ def test_truncation_with_checkpoints_deleted_is_caught_by_exported_checkpoints_a
     origin = journal.settings.journal_origin
     with journal.db.scope() as session:
         # The store alone is consistent again: this is why checkpoints leave the box.
-        assert verify(session, origin).records == 80
+        assert verify(session, origin, trusted_keys=audit_keys(journal)).records == 80
     with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
-        verify(session, origin, external=exported)
+        verify(session, origin, trusted_keys=audit_keys(journal), external=exported)
     assert caught.value.seq == 81
     assert "truncated" in caught.value.message and "offsite.jsonl" not in caught.value.message
 
@@ -357,5 +366,52 @@ def test_tampering_is_not_hidden_by_later_appends(journal: Services, clock: Fake
     flip_column("detail", 90)(journal)
     append(journal, clock, 3, start=500)
     with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
-        verify(session, journal.settings.journal_origin)
+        verify(session, journal.settings.journal_origin, trusted_keys=audit_keys(journal))
     assert caught.value.seq == 90
+
+
+def test_verify_checks_signatures_with_a_trusted_key_only(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Records, chain and checkpoint rewritten, the checkpoint re-signed with the attacker's
+    key stored beside it: with the audit key unavailable, nothing is reported as verified;
+    the auditor's copy of the public key (``--public-key``) still catches it."""
+    pem = tmp_path / "audit-key.pem"
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "public-key", "-o", str(pem))
+    assert code == 0, err
+    exported = serialization.load_pem_public_key(pem.read_bytes()).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert {exported} == audit_keys(journal)
+
+    key_file = cli_data_dir / "keys" / "audit.key"
+    key_file.rename(tmp_path / "audit.key.away")
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--public-key", str(pem))
+    assert code == 0, err
+    assert f"journal intact: {LAST} records" in out
+
+    resign_with_own_key(60, 101)(journal)
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 69
+    assert "checkpoint signatures cannot be checked" in err and "--public-key" in err
+    assert out == ""
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--public-key", str(pem))
+    assert code == 2
+    assert "journal broken at seq 101: checkpoint from store is signed by an unknown key" in err
+
+    # The API trusts only the keys it is given.
+    with journal.db.read_scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, journal.settings.journal_origin, trusted_keys=set())
+    assert caught.value.seq == 1 and "unknown key" in caught.value.message
+
+
+def test_verify_refuses_a_public_key_file_that_is_not_one(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    not_a_key = tmp_path / "key.pem"
+    not_a_key.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    code, out, err = run_cli(
+        capsys, cli_data_dir, "audit", "verify", "--public-key", str(not_a_key)
+    )
+    assert code == 65
+    assert f"{not_a_key}: not a PEM public key" in err and out == ""

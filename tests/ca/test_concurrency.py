@@ -35,6 +35,7 @@ from ca.revocation import Reason
 from ca.tbs import serial_hex
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
+from tests.audit.conftest import audit_keys
 from tests.ca.helpers import ca_cert, der, issue
 from tests.conftest import TEST_ACTOR, Deployment, make_settings
 
@@ -66,7 +67,9 @@ def _baseline(services: Services) -> Baseline:
             .where(Certificate.status == CertStatus.ISSUED)
         )
         head = session.scalars(select(JournalHead)).one()
-        result = verify(session, services.settings.journal_origin)
+        result = verify(
+            session, services.settings.journal_origin, trusted_keys=audit_keys(services)
+        )
     return Baseline(int(issued or 0), head.seq, result.checkpoints)
 
 
@@ -94,7 +97,9 @@ def _check_outcome(services: Services, certs: list[x509.Certificate], before: Ba
             .select_from(Certificate)
             .where(Certificate.status.in_([CertStatus.RESERVED, CertStatus.FAILED]))
         )
-        journal = verify(session, services.settings.journal_origin)
+        journal = verify(
+            session, services.settings.journal_origin, trusted_keys=audit_keys(services)
+        )
         entries = list(
             session.scalars(
                 select(JournalRecord)
@@ -281,7 +286,9 @@ def test_issue_revoke_and_crls_at_once(services: Services) -> None:
             select(CertificateAuthority.id).where(CertificateAuthority.name == "admin")
         )
         crls = list(session.scalars(select(Crl).where(Crl.issuer_id == ca_id).order_by(Crl.number)))
-        journal = verify(session, services.settings.journal_origin)
+        journal = verify(
+            session, services.settings.journal_origin, trusted_keys=audit_keys(services)
+        )
     # A higher CRL number never covers older revocation state than a lower one.
     epochs = [c.epoch for c in crls]
     assert epochs == sorted(epochs)
