@@ -11,7 +11,8 @@ What is detected, and where it is located (the first bad sequence number):
 
 Checkpoint signatures are checked with trusted keys only (the deployment's audit key, or keys
 the auditor supplies), never with the public key stored beside a checkpoint: whoever rewrites
-records, chain and checkpoints can store their own key there too.
+records, chain and checkpoints can store their own key there too. Every check runs; when
+several fail, the lowest sequence number is reported.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS, chain_hash, parse_checkpoint_body
@@ -74,21 +75,71 @@ def _record_fields(row: JournalRecord) -> Mapping[str, Any]:
     }
 
 
-def _check_claim(claim: CheckpointClaim, origin: str, trusted_keys: Collection[bytes]) -> None:
+def _claim_problem(
+    claim: CheckpointClaim, origin: str, trusted_keys: Collection[bytes]
+) -> str | None:
     try:
         claimed_origin, seq, head_hash = parse_checkpoint_body(claim.body)
     except ValueError as exc:
-        raise AuditChainBroken(claim.seq, f"checkpoint from {claim.source}: {exc}") from None
+        return f"checkpoint from {claim.source}: {exc}"
     if claimed_origin != origin or seq != claim.seq or head_hash != claim.head_hash:
-        raise AuditChainBroken(
-            claim.seq, f"checkpoint from {claim.source} does not match its own body"
-        )
+        return f"checkpoint from {claim.source} does not match its own body"
     if claim.public_key_der not in trusted_keys:
-        raise AuditChainBroken(
-            claim.seq, f"checkpoint from {claim.source} is signed by an unknown key"
-        )
+        return f"checkpoint from {claim.source} is signed by an unknown key"
     if not verify_signature(claim.public_key_der, claim.signature, claim.body.encode("utf-8")):
-        raise AuditChainBroken(claim.seq, f"checkpoint from {claim.source}: bad signature")
+        return f"checkpoint from {claim.source}: bad signature"
+    return None
+
+
+@dataclasses.dataclass
+class _Walk:
+    """How far the chain was followed, and the first problem on the way (which ends it)."""
+
+    last_seq: int = 0
+    last_hash: str = GENESIS
+    first_time: dt.datetime | None = None
+    last_time: dt.datetime | None = None
+    failure: tuple[int, str] | None = None
+
+
+def _walk(session: Session, claims: Mapping[int, list[CheckpointClaim]]) -> _Walk:
+    """Follow the chain from seq 1, in batches, until the first problem."""
+    walk = _Walk()
+    last_good_checkpoint = 0
+    while True:
+        rows = list(
+            session.scalars(
+                select(JournalRecord)
+                .where(JournalRecord.seq > walk.last_seq)
+                .order_by(JournalRecord.seq)
+                .limit(BATCH)
+            )
+        )
+        if not rows:
+            return walk
+        for row in rows:
+            seq = walk.last_seq + 1
+            if row.seq != seq:
+                walk.failure = (seq, f"record {seq} is missing (next is {row.seq})")
+                return walk
+            digest = chain_hash(walk.last_hash, _record_fields(row))
+            if digest != row.hash:
+                walk.failure = (seq, "record content does not match its chain hash")
+                return walk
+            for claim in claims.get(seq, ()):
+                if claim.head_hash != digest:
+                    walk.failure = (
+                        last_good_checkpoint + 1,
+                        f"records after {last_good_checkpoint} differ from the signed "
+                        f"checkpoint at {seq} ({claim.source})",
+                    )
+                    return walk
+            if seq in claims:
+                last_good_checkpoint = seq
+            walk.first_time = walk.first_time or row.time
+            walk.last_time = row.time
+            walk.last_seq, walk.last_hash = seq, digest
+        session.expunge_all()
 
 
 def verify(
@@ -103,6 +154,8 @@ def verify(
     ``trusted_keys``: the public keys (DER SubjectPublicKeyInfo) checkpoints may be signed
     with; a checkpoint signed by any other key is tampering (with none given, every one is).
     """
+    trusted = frozenset(trusted_keys)
+    failures: list[tuple[int, str]] = []  # (seq, problem); the lowest seq is reported
     stored = [
         CheckpointClaim(
             seq=c.seq,
@@ -116,80 +169,61 @@ def verify(
     ]
     claims: dict[int, list[CheckpointClaim]] = {}
     for claim in [*stored, *external]:
-        _check_claim(claim, origin, trusted_keys)
-        claims.setdefault(claim.seq, []).append(claim)
+        problem = _claim_problem(claim, origin, trusted)
+        if problem is None:
+            claims.setdefault(claim.seq, []).append(claim)
+        else:
+            failures.append((claim.seq, problem))
 
     head = session.get(JournalHead, 1)
     if head is None:
-        raise AuditChainBroken(1, "the journal head row is missing")
-    max_seq = session.scalar(select(func.max(JournalRecord.seq))) or 0
+        failures.append((1, "the journal head row is missing"))
+        _raise_first(failures)
 
-    previous = GENESIS
-    expected = 1
-    last_good_checkpoint = 0
-    first_time: dt.datetime | None = None
-    last_time: dt.datetime | None = None
-    after = 0
-    while True:
-        rows = list(
-            session.scalars(
-                select(JournalRecord)
-                .where(JournalRecord.seq > after)
-                .order_by(JournalRecord.seq)
-                .limit(BATCH)
-            )
-        )
-        if not rows:
-            break
-        for row in rows:
-            if row.seq != expected:
-                raise AuditChainBroken(
-                    expected, f"record {expected} is missing (next is {row.seq})"
+    walk = _walk(session, claims)
+    last_seq = walk.last_seq
+    if walk.failure is not None:
+        failures.append(walk.failure)
+    else:
+        beyond = [seq for seq in claims if seq > last_seq]
+        if beyond:
+            failures.append(
+                (
+                    last_seq + 1,
+                    f"journal truncated: a signed checkpoint covers seq {max(beyond)}, "
+                    f"the last record is {last_seq}",
                 )
-            digest = chain_hash(previous, _record_fields(row))
-            if digest != row.hash:
-                raise AuditChainBroken(row.seq, "record content does not match its chain hash")
-            for claim in claims.get(row.seq, ()):
-                if claim.head_hash != digest:
-                    raise AuditChainBroken(
-                        last_good_checkpoint + 1,
-                        f"records after {last_good_checkpoint} differ from the signed "
-                        f"checkpoint at {row.seq} ({claim.source})",
-                    )
-            if row.seq in claims:
-                last_good_checkpoint = row.seq
-            first_time = first_time or row.time
-            last_time = row.time
-            previous = digest
-            expected += 1
-        after = rows[-1].seq
-        session.expunge_all()
-
-    last_seq = expected - 1
-    beyond = [seq for seq in claims if seq > last_seq]
-    if beyond:
-        raise AuditChainBroken(
-            last_seq + 1,
-            f"journal truncated: a signed checkpoint covers seq {max(beyond)}, "
-            f"the last record is {last_seq}",
-        )
-    if head.seq > last_seq:
-        raise AuditChainBroken(
-            last_seq + 1, f"journal truncated: the head is at {head.seq}, last record {last_seq}"
-        )
-    if head.seq < last_seq or head.hash != previous:
-        raise AuditChainBroken(
-            head.seq + 1 if head.seq < last_seq else last_seq,
-            f"the head (seq {head.seq}) does not match the records (last {max_seq})",
-        )
+            )
+        if head.seq > last_seq:
+            failures.append(
+                (
+                    last_seq + 1,
+                    f"journal truncated: the head is at {head.seq}, last record {last_seq}",
+                )
+            )
+        elif head.seq < last_seq or head.hash != walk.last_hash:
+            failures.append(
+                (
+                    head.seq + 1 if head.seq < last_seq else last_seq,
+                    f"the head (seq {head.seq}) does not match the records (last {last_seq})",
+                )
+            )
+    if failures:
+        _raise_first(failures)
     return VerifyResult(
         records=last_seq,
         head_seq=head.seq,
         head_hash=head.hash,
         checkpoints=len(claims),
-        first_time=first_time,
-        last_time=last_time,
+        first_time=walk.first_time,
+        last_time=walk.last_time,
     )
+
+
+def _raise_first(failures: list[tuple[int, str]]) -> NoReturn:
+    """Raise for the lowest sequence number among the (seq, problem) pairs found."""
+    seq, problem = min(failures, key=lambda failure: failure[0])
+    raise AuditChainBroken(seq, problem)
 
 
 def claims_from_documents(docs: Iterable[Mapping[str, Any]], source: str) -> list[CheckpointClaim]:

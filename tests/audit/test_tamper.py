@@ -217,6 +217,25 @@ def resign_with_own_key(start: int, seq: int) -> Callable[[Services], None]:
     return tamper
 
 
+def both(*tampers: Callable[[Services], None]) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        for one in tampers:
+            one(services)
+
+    return tamper
+
+
+def set_signature(seq: int, signature: bytes) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        sql(
+            services,
+            "UPDATE audit_checkpoints SET signature = :g WHERE seq = :s",
+            {"g": signature, "s": seq},
+        )
+
+    return tamper
+
+
 # name -> (tampering, first bad sequence number named)
 CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     "flip-detail": (flip_column("detail", 30), 30),
@@ -234,6 +253,8 @@ CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     "rechain-before-first-checkpoint": (modify_and_rechain(20), 2),
     "truncate-behind-checkpoint": (truncate(80), 81),
     "forged-signature": (forge_signature(51), 51),
+    # Several problems: the lowest sequence number is named, whatever was checked first.
+    "flip-and-bad-later-signature": (both(flip_column("detail", 30), set_signature(51, b"\0")), 30),
 }
 
 
