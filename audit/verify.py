@@ -2,6 +2,8 @@
 
 What is detected, and where it is located (the first bad sequence number):
 - a changed byte in a record: that record's hash no longer matches;
+- a stored value not in the form the journal writes (a time rewritten as another text for the
+  same instant, a blob where text belongs): that record, as tampering;
 - a deleted record: the gap in the sequence;
 - an inserted or reordered record: the first record whose chained hash breaks;
 - hashes recomputed after a change: the chain is consistent again, but a signed checkpoint
@@ -20,17 +22,28 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
-from sqlalchemy import select
+from sqlalchemy import Column, Dialect, RowMapping, Table, select, type_coerce
 from sqlalchemy.orm import Session
+from sqlalchemy.types import NullType
 
-from audit.chain import GENESIS, chain_hash, parse_checkpoint_body
+from audit.chain import FIELDS, GENESIS, chain_hash, parse_checkpoint_body
 from audit.journal import verify_signature
 from audit.models import Checkpoint, JournalHead, JournalRecord
 from sekisho.errors import AuditChainBroken
 
 BATCH = 5000
+
+_RECORDS = cast(Table, JournalRecord.__table__)
+_CHECKPOINTS = cast(Table, Checkpoint.__table__)
+_HEAD = cast(Table, JournalHead.__table__)
+
+
+def _raw(*columns: Column[Any]) -> list[Any]:
+    """``columns`` as the driver returns them (no type processing, which would raise on a
+    malformed value and end the walk with a traceback)."""
+    return [type_coerce(c, NullType()).label(c.name) for c in columns]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,23 +69,38 @@ class VerifyResult:
         return dataclasses.asdict(self)
 
 
-def _record_fields(row: JournalRecord) -> Mapping[str, Any]:
-    return {
-        "seq": row.seq,
-        "time": row.time,
-        "category": row.category,
-        "action": row.action,
-        "outcome": row.outcome,
-        "actor_account": row.actor_account,
-        "actor_serial": row.actor_serial,
-        "client_ip": row.client_ip,
-        "object_dn": row.object_dn,
-        "object_serial": row.object_serial,
-        "device_id": row.device_id,
-        "device_mac": row.device_mac,
-        "request_id": row.request_id,
-        "detail": row.detail,
-    }
+class _Decoder:
+    """A record's stored values, checked and decoded one row at a time."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        time_type = _RECORDS.c.time.type.dialect_impl(dialect)
+        self._load_time = time_type.result_processor(dialect, None)
+        self._store_time = time_type.bind_processor(dialect)
+
+    def fields(self, row: RowMapping) -> dict[str, Any]:
+        """The fields hashed for ``row``; ValueError naming the first value the journal would
+        not have stored."""
+        out = {name: row[name] for name in FIELDS}
+        for name, value in out.items():
+            if name not in ("seq", "time") and value is not None and not isinstance(value, str):
+                raise ValueError(f"the stored {name} is not text")
+        out["time"] = self._time(row["time"])
+        return out
+
+    def _time(self, stored: Any) -> dt.datetime:
+        # SQLite keeps the time as text, and one instant has many spellings that parse alike
+        # (the hash covers the instant): only the one the column type writes is accepted, or
+        # a time-range search, which compares the text, would silently miss the record.
+        try:
+            value = self._load_time(stored) if self._load_time else stored
+        except (ValueError, TypeError, OverflowError):
+            value = None
+        if not isinstance(value, dt.datetime):
+            raise ValueError("the stored time cannot be read")
+        written = self._store_time(value) if self._store_time else value
+        if written != stored:
+            raise ValueError("the stored time is not in the form the journal writes")
+        return value
 
 
 def _claim_problem(
@@ -91,6 +119,31 @@ def _claim_problem(
     return None
 
 
+def _stored_claims(session: Session) -> tuple[list[CheckpointClaim], list[tuple[int, str]]]:
+    """The stored checkpoints, and (seq, problem) for rows whose values are not of their type."""
+    claims, failures = [], []
+    stmt = select(
+        *_raw(
+            _CHECKPOINTS.c.seq,
+            _CHECKPOINTS.c.head_hash,
+            _CHECKPOINTS.c.body,
+            _CHECKPOINTS.c.signature,
+            _CHECKPOINTS.c.public_key_der,
+        )
+    ).order_by(_CHECKPOINTS.c.seq)
+    for seq, head_hash, body, signature, public_key_der in session.execute(stmt):
+        if not (
+            isinstance(head_hash, str)
+            and isinstance(body, str)
+            and isinstance(signature, bytes)
+            and isinstance(public_key_der, bytes)
+        ):
+            failures.append((seq, "checkpoint from store: a value is not of its column type"))
+            continue
+        claims.append(CheckpointClaim(seq, head_hash, body, signature, public_key_der, "store"))
+    return claims, failures
+
+
 @dataclasses.dataclass
 class _Walk:
     """How far the chain was followed, and the first problem on the way (which ends it)."""
@@ -104,26 +157,26 @@ class _Walk:
 
 def _walk(session: Session, claims: Mapping[int, list[CheckpointClaim]]) -> _Walk:
     """Follow the chain from seq 1, in batches, until the first problem."""
+    decoder = _Decoder(session.get_bind().dialect)
     walk = _Walk()
     last_good_checkpoint = 0
+    stmt = select(*_raw(*_RECORDS.columns)).order_by(_RECORDS.c.seq).limit(BATCH)
     while True:
-        rows = list(
-            session.scalars(
-                select(JournalRecord)
-                .where(JournalRecord.seq > walk.last_seq)
-                .order_by(JournalRecord.seq)
-                .limit(BATCH)
-            )
-        )
+        rows = session.execute(stmt.where(_RECORDS.c.seq > walk.last_seq)).mappings().all()
         if not rows:
             return walk
         for row in rows:
             seq = walk.last_seq + 1
-            if row.seq != seq:
-                walk.failure = (seq, f"record {seq} is missing (next is {row.seq})")
+            if row["seq"] != seq:
+                walk.failure = (seq, f"record {seq} is missing (next is {row['seq']})")
                 return walk
-            digest = chain_hash(walk.last_hash, _record_fields(row))
-            if digest != row.hash:
+            try:
+                fields = decoder.fields(row)
+                digest = chain_hash(walk.last_hash, fields)
+            except ValueError as exc:
+                walk.failure = (seq, str(exc))
+                return walk
+            if digest != row["hash"]:
                 walk.failure = (seq, "record content does not match its chain hash")
                 return walk
             for claim in claims.get(seq, ()):
@@ -136,10 +189,9 @@ def _walk(session: Session, claims: Mapping[int, list[CheckpointClaim]]) -> _Wal
                     return walk
             if seq in claims:
                 last_good_checkpoint = seq
-            walk.first_time = walk.first_time or row.time
-            walk.last_time = row.time
+            walk.first_time = walk.first_time or fields["time"]
+            walk.last_time = fields["time"]
             walk.last_seq, walk.last_hash = seq, digest
-        session.expunge_all()
 
 
 def verify(
@@ -155,18 +207,7 @@ def verify(
     with; a checkpoint signed by any other key is tampering (with none given, every one is).
     """
     trusted = frozenset(trusted_keys)
-    failures: list[tuple[int, str]] = []  # (seq, problem); the lowest seq is reported
-    stored = [
-        CheckpointClaim(
-            seq=c.seq,
-            head_hash=c.head_hash,
-            body=c.body,
-            signature=c.signature,
-            public_key_der=c.public_key_der,
-            source="store",
-        )
-        for c in session.scalars(select(Checkpoint).order_by(Checkpoint.seq))
-    ]
+    stored, failures = _stored_claims(session)  # failures: (seq, problem), lowest reported
     claims: dict[int, list[CheckpointClaim]] = {}
     for claim in [*stored, *external]:
         problem = _claim_problem(claim, origin, trusted)
@@ -175,10 +216,11 @@ def verify(
         else:
             failures.append((claim.seq, problem))
 
-    head = session.get(JournalHead, 1)
-    if head is None:
-        failures.append((1, "the journal head row is missing"))
+    head = session.execute(select(*_raw(_HEAD.c.seq, _HEAD.c.hash)).where(_HEAD.c.id == 1)).first()
+    if head is None or not (isinstance(head[0], int) and isinstance(head[1], str)):
+        failures.append((1, "the journal head row is missing or malformed"))
         _raise_first(failures)
+    head_seq, head_hash = head
 
     walk = _walk(session, claims)
     last_seq = walk.last_seq
@@ -194,26 +236,26 @@ def verify(
                     f"the last record is {last_seq}",
                 )
             )
-        if head.seq > last_seq:
+        if head_seq > last_seq:
             failures.append(
                 (
                     last_seq + 1,
-                    f"journal truncated: the head is at {head.seq}, last record {last_seq}",
+                    f"journal truncated: the head is at {head_seq}, last record {last_seq}",
                 )
             )
-        elif head.seq < last_seq or head.hash != walk.last_hash:
+        elif head_seq < last_seq or head_hash != walk.last_hash:
             failures.append(
                 (
-                    head.seq + 1 if head.seq < last_seq else last_seq,
-                    f"the head (seq {head.seq}) does not match the records (last {last_seq})",
+                    head_seq + 1 if head_seq < last_seq else last_seq,
+                    f"the head (seq {head_seq}) does not match the records (last {last_seq})",
                 )
             )
     if failures:
         _raise_first(failures)
     return VerifyResult(
         records=last_seq,
-        head_seq=head.seq,
-        head_hash=head.hash,
+        head_seq=head_seq,
+        head_hash=head_hash,
         checkpoints=len(claims),
         first_time=walk.first_time,
         last_time=walk.last_time,

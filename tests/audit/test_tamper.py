@@ -4,6 +4,7 @@ first bad sequence number, through the Python API and the command line (exit cod
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import insert as sa_insert
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from audit.chain import FIELDS, chain_hash, checkpoint_body, parse_checkpoint_body
 from audit.journal import checkpoint_document
 from audit.models import Checkpoint, JournalRecord
+from audit.query import Filter, search
 from audit.verify import claims_from_documents, verify
 from sekisho.errors import AuditChainBroken
 from sekisho.services import Services
@@ -109,10 +113,9 @@ def insert(seq: int) -> Callable[[Services], None]:
         forged["hash"] = chain_hash(str(before["hash"]), forged)
         sql(services, "UPDATE audit_records SET seq = -seq WHERE seq >= :s", {"s": seq})
         sql(services, "UPDATE audit_records SET seq = 1 - seq WHERE seq < 0")
-        columns = ", ".join(forged)
-        values = ", ".join(f":{c}" for c in forged)
-        assert set(forged) == {*FIELDS, "hash"}  # fixed column names, never input
-        sql(services, f"INSERT INTO audit_records ({columns}) VALUES ({values})", forged)  # noqa: S608
+        # Through the column types, so every value is stored as the journal writes it.
+        with services.db.engine.begin() as conn:
+            conn.execute(sa_insert(JournalRecord), forged)
 
     return tamper
 
@@ -389,6 +392,86 @@ def test_tampering_is_not_hidden_by_later_appends(journal: Services, clock: Fake
     with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
         verify(session, journal.settings.journal_origin, trusted_keys=audit_keys(journal))
     assert caught.value.seq == 90
+
+
+# The same instant spelt otherwise than the column type writes it (on SQLite, text).
+SPELLINGS: dict[str, Callable[[dt.datetime], str]] = {
+    "basic-format": lambda t: t.strftime("%Y%m%dT%H%M%SZ"),
+    "other-offset": lambda t: t.astimezone(dt.timezone(-dt.timedelta(hours=12))).isoformat(),
+    "no-fraction": lambda t: t.strftime("%Y-%m-%d %H:%M:%S+00:00"),
+}
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_time_spelt_otherwise_is_tampering_where_the_store_keeps_text(
+    journal: Services, spelling: str, cli_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seq = 42
+    when = record_fields(journal, seq)["time"]
+    assert isinstance(when, dt.datetime) and when.microsecond == 0
+    sql(
+        journal,
+        "UPDATE audit_records SET time = :v WHERE seq = :s",
+        {"v": SPELLINGS[spelling](when), "s": seq},
+    )
+    with journal.db.read_scope() as session:
+        second = Filter(since=when, until=when + dt.timedelta(seconds=1))
+        in_range = [row.seq for row in search(session, second)]
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    if journal.db.engine.dialect.name == "sqlite":
+        # The hash covers the instant, but a time-range search compares the stored text.
+        assert in_range == []
+        assert code == 2
+        assert f"journal broken at seq {seq}: the stored time is not in the form" in err
+    else:
+        # timestamptz keeps the instant, not a spelling: nothing was changed.
+        assert in_range == [seq]
+        assert code == 0, err
+
+
+MALFORMED = {
+    "time-five-digit-year": "time = '0' || time",
+    "time-trailing-text": "time = time || ' lol'",
+    "category-blob": "category = CAST(category AS {blob})",
+    "detail-blob": "detail = CAST(detail AS {blob})",
+    "dn-blob": "object_dn = CAST(object_dn AS {blob})",
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_stored_value_is_reported_at_its_seq(
+    journal: Services, case: str, cli_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sqlite = journal.db.engine.dialect.name == "sqlite"
+    assignment = MALFORMED[case].format(blob="BLOB" if sqlite else "bytea")
+    statement = f"UPDATE audit_records SET {assignment} WHERE seq = 30"  # noqa: S608
+    if not sqlite and case.startswith("time"):
+        # PostgreSQL refuses text for a timestamptz: nothing changed.
+        with pytest.raises(DBAPIError):
+            sql(journal, statement)
+        assert run_cli(capsys, cli_data_dir, "audit", "verify")[0] == 0
+        return
+    # PostgreSQL stores the bytea as its text form (\x...): a changed value, caught as such.
+    sql(journal, statement)
+    with journal.db.read_scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, journal.settings.journal_origin, trusted_keys=audit_keys(journal))
+    assert caught.value.seq == 30
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 2
+    problem = "the stored" if sqlite else "record content does not match"
+    assert f"journal broken at seq 30: {problem}" in err
+
+
+def test_malformed_stored_value_gives_no_traceback(journal: Services, cli_data_dir: Path) -> None:
+    if journal.db.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL stores only values of the column type")
+    sql(journal, "UPDATE audit_records SET detail = CAST(detail AS BLOB) WHERE seq = 64")
+    proc = run_cli_process(cli_data_dir, "audit", "verify")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr
+        == "error: audit-chain-broken: journal broken at seq 64: the stored detail is not text\n"
+    )
 
 
 def test_verify_checks_signatures_with_a_trusted_key_only(
