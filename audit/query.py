@@ -85,19 +85,16 @@ def _serial(text: str) -> str:
 
 
 def search(session: Session, f: Filter, *, limit: int | None = None) -> Iterator[JournalRecord]:
-    """Matching records in sequence order, paged (bounded memory for large exports)."""
-    after = 0
+    """Matching records in sequence order, paged (bounded memory for large exports). Every
+    stored record is found, one slipped in at seq 0 or below too (`audit verify` reports it)."""
+    after: int | None = None
     remaining = limit
     while remaining is None or remaining > 0:
         page = PAGE if remaining is None else min(PAGE, remaining)
-        rows = list(
-            session.scalars(
-                _statement(f)
-                .where(JournalRecord.seq > after)
-                .order_by(JournalRecord.seq)
-                .limit(page)
-            )
-        )
+        stmt = _statement(f).order_by(JournalRecord.seq).limit(page)
+        if after is not None:
+            stmt = stmt.where(JournalRecord.seq > after)
+        rows = list(session.scalars(stmt))
         if not rows:
             return
         yield from rows

@@ -6,6 +6,7 @@ What is detected, and where it is located (the first bad sequence number):
   same instant, a blob where text belongs): that record, as tampering;
 - a deleted record: the gap in the sequence;
 - an inserted or reordered record: the first record whose chained hash breaks;
+- a record outside 1..head (seq 0 or below, or beyond the head): that record;
 - hashes recomputed after a change: the chain is consistent again, but a signed checkpoint
   no longer matches; located as the first record after the last matching checkpoint;
 - truncation: records missing behind the head row or behind a checkpoint (stored, or exported
@@ -24,7 +25,7 @@ import datetime as dt
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, NoReturn, cast
 
-from sqlalchemy import Column, Dialect, RowMapping, Table, select, type_coerce
+from sqlalchemy import Column, Dialect, RowMapping, Table, func, or_, select, type_coerce
 from sqlalchemy.orm import Session
 from sqlalchemy.types import NullType
 
@@ -144,6 +145,18 @@ def _stored_claims(session: Session) -> tuple[list[CheckpointClaim], list[tuple[
     return claims, failures
 
 
+def _first_outside(session: Session, where: Any, head: str) -> tuple[int, str] | None:
+    """(seq, problem) for the lowest record matching ``where`` (records the walk of 1..head
+    never reaches), or None."""
+    first, count = session.execute(
+        select(func.min(_RECORDS.c.seq), func.count()).where(where)
+    ).one()
+    if not count:
+        return None
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    return first, f"record {first} is outside the journal ({head}){more}"
+
+
 @dataclasses.dataclass
 class _Walk:
     """How far the chain was followed, and the first problem on the way (which ends it)."""
@@ -155,14 +168,18 @@ class _Walk:
     failure: tuple[int, str] | None = None
 
 
-def _walk(session: Session, claims: Mapping[int, list[CheckpointClaim]]) -> _Walk:
-    """Follow the chain from seq 1, in batches, until the first problem."""
+def _walk(session: Session, head_seq: int, claims: Mapping[int, list[CheckpointClaim]]) -> _Walk:
+    """Follow the chain from seq 1 to the head, in batches, until the first problem."""
     decoder = _Decoder(session.get_bind().dialect)
     walk = _Walk()
     last_good_checkpoint = 0
     stmt = select(*_raw(*_RECORDS.columns)).order_by(_RECORDS.c.seq).limit(BATCH)
     while True:
-        rows = session.execute(stmt.where(_RECORDS.c.seq > walk.last_seq)).mappings().all()
+        rows = (
+            session.execute(stmt.where(_RECORDS.c.seq > walk.last_seq, _RECORDS.c.seq <= head_seq))
+            .mappings()
+            .all()
+        )
         if not rows:
             return walk
         for row in rows:
@@ -219,10 +236,20 @@ def verify(
     head = session.execute(select(*_raw(_HEAD.c.seq, _HEAD.c.hash)).where(_HEAD.c.id == 1)).first()
     if head is None or not (isinstance(head[0], int) and isinstance(head[1], str)):
         failures.append((1, "the journal head row is missing or malformed"))
+        outside = _first_outside(session, _RECORDS.c.seq < 1, "it starts at seq 1")
+        if outside is not None:
+            failures.append(outside)
         _raise_first(failures)
     head_seq, head_hash = head
+    outside = _first_outside(
+        session,
+        or_(_RECORDS.c.seq < 1, _RECORDS.c.seq > head_seq),
+        f"seq 1 to the head, {head_seq}",
+    )
+    if outside is not None:
+        failures.append(outside)
 
-    walk = _walk(session, claims)
+    walk = _walk(session, head_seq, claims)
     last_seq = walk.last_seq
     if walk.failure is not None:
         failures.append(walk.failure)
@@ -243,13 +270,8 @@ def verify(
                     f"journal truncated: the head is at {head_seq}, last record {last_seq}",
                 )
             )
-        elif head_seq < last_seq or head_hash != walk.last_hash:
-            failures.append(
-                (
-                    head_seq + 1 if head_seq < last_seq else last_seq,
-                    f"the head (seq {head_seq}) does not match the records (last {last_seq})",
-                )
-            )
+        elif head_hash != walk.last_hash:
+            failures.append((last_seq, f"the head's hash does not match record {last_seq}"))
     if failures:
         _raise_first(failures)
     return VerifyResult(

@@ -12,7 +12,7 @@ import pytest
 from audit.events import Category, Event, Outcome
 from audit.query import Filter, search
 from sekisho.services import Services
-from tests.audit.conftest import append_event, event, run_cli
+from tests.audit.conftest import append_event, event, run_cli, sql
 from tests.conftest import FakeClock
 
 SERIAL_A = "00" * 12 + "deadbeef01234567"
@@ -137,6 +137,15 @@ def test_ip_category_and_time_range(journal_services: Services, seeded: Seeded) 
         s["backslash"]
     ]
     assert found(journal_services, Filter(), limit=3) == [1, 2, 3]
+
+
+def test_search_finds_a_record_slipped_in_below_seq_1(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    seq = append_event(journal_services, clock, event(13, actor_account="mallory@tenant"))
+    sql(journal_services, "UPDATE audit_records SET seq = -3 WHERE seq = :s", {"s": seq})
+    assert found(journal_services, Filter(actor="mallory@tenant")) == [-3]
+    assert found(journal_services, Filter(), limit=2) == [-3, 1]
 
 
 def cli_seqs(capsys: pytest.CaptureFixture[str], data_dir: Path, *args: str) -> list[int]:

@@ -220,6 +220,20 @@ def resign_with_own_key(start: int, seq: int) -> Callable[[Services], None]:
     return tamper
 
 
+def copy_record(seq: int, to: int) -> Callable[[Services], None]:
+    """A copy of record ``seq`` stored at ``to``, outside the chain's 1..head."""
+    columns = ", ".join(c for c in (*FIELDS, "hash") if c != "seq")  # fixed names, never input
+    statement = (
+        f"INSERT INTO audit_records (seq, {columns}) "  # noqa: S608
+        f"SELECT :to, {columns} FROM audit_records WHERE seq = :s"
+    )
+
+    def tamper(services: Services) -> None:
+        sql(services, statement, {"to": to, "s": seq})
+
+    return tamper
+
+
 def both(*tampers: Callable[[Services], None]) -> Callable[[Services], None]:
     def tamper(services: Services) -> None:
         for one in tampers:
@@ -256,8 +270,13 @@ CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     "rechain-before-first-checkpoint": (modify_and_rechain(20), 2),
     "truncate-behind-checkpoint": (truncate(80), 81),
     "forged-signature": (forge_signature(51), 51),
+    # Records outside 1..head, which a walk from seq 1 to the head never reaches.
+    "copy-at-seq-0": (copy_record(24, 0), 0),
+    "copy-at-negative-seq": (copy_record(24, -5), -5),
+    "copy-beyond-head": (copy_record(24, LAST + 5), LAST + 5),
     # Several problems: the lowest sequence number is named, whatever was checked first.
     "flip-and-bad-later-signature": (both(flip_column("detail", 30), set_signature(51, b"\0")), 30),
+    "delete-and-record-below-1": (both(delete(30), copy_record(24, 0)), 0),
 }
 
 
