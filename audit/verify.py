@@ -10,7 +10,8 @@ What is detected, and where it is located (the first bad sequence number):
 - hashes recomputed after a change: the chain is consistent again, but a signed checkpoint
   no longer matches; located as the first record after the last matching checkpoint;
 - truncation: records missing behind the head row or behind a checkpoint (stored, or exported
-  off the box and passed in with ``external``).
+  off the box and passed in with ``external``);
+- a deleted checkpoint: the head names a checkpoint newer than the newest stored one.
 
 Checkpoint signatures are checked with trusted keys only (the deployment's audit key, or keys
 the auditor supplies), never with the public key stored beside a checkpoint: whoever rewrites
@@ -233,14 +234,18 @@ def verify(
         else:
             failures.append((claim.seq, problem))
 
-    head = session.execute(select(*_raw(_HEAD.c.seq, _HEAD.c.hash)).where(_HEAD.c.id == 1)).first()
-    if head is None or not (isinstance(head[0], int) and isinstance(head[1], str)):
+    head = session.execute(
+        select(*_raw(_HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq)).where(_HEAD.c.id == 1)
+    ).first()
+    if head is None or not (
+        isinstance(head[0], int) and isinstance(head[1], str) and isinstance(head[2], int)
+    ):
         failures.append((1, "the journal head row is missing or malformed"))
         outside = _first_outside(session, _RECORDS.c.seq < 1, "it starts at seq 1")
         if outside is not None:
             failures.append(outside)
         _raise_first(failures)
-    head_seq, head_hash = head
+    head_seq, head_hash, head_checkpoint = head
     outside = _first_outside(
         session,
         or_(_RECORDS.c.seq < 1, _RECORDS.c.seq > head_seq),
@@ -272,6 +277,18 @@ def verify(
             )
         elif head_hash != walk.last_hash:
             failures.append((last_seq, f"the head's hash does not match record {last_seq}"))
+
+    # The head names the checkpoint signed last: a deleted (or slipped in) checkpoint row
+    # leaves them apart. Located after the older of the two, as for a rewrite behind one.
+    newest = session.scalar(select(func.max(_CHECKPOINTS.c.seq))) or 0
+    if head_checkpoint != newest:
+        failures.append(
+            (
+                min(head_checkpoint, newest) + 1,
+                f"the head names the checkpoint at seq {head_checkpoint}, "
+                f"the newest stored checkpoint is at {newest}",
+            )
+        )
     if failures:
         _raise_first(failures)
     return VerifyResult(

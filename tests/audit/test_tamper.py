@@ -167,15 +167,26 @@ def modify_and_rechain(seq: int) -> Callable[[Services], None]:
 
 
 def truncate(after: int, *, drop_checkpoints: bool = False) -> Callable[[Services], None]:
-    """Delete every record after ``after`` and make the head agree."""
+    """Delete every record after ``after`` and make the head agree (with
+    ``drop_checkpoints``, the checkpoints after it too, and the head names the last left)."""
 
     def tamper(services: Services) -> None:
         sql(services, "DELETE FROM audit_records WHERE seq > :s", {"s": after})
         if drop_checkpoints:
-            sql(services, "DELETE FROM audit_checkpoints WHERE seq > :s", {"s": after})
+            drop_checkpoints_after(services, after)
         rechain(services, after + 1)
 
     return tamper
+
+
+def drop_checkpoints_after(services: Services, seq: int) -> None:
+    """Delete the checkpoints after ``seq`` and point the head at the newest one left."""
+    sql(services, "DELETE FROM audit_checkpoints WHERE seq > :s", {"s": seq})
+    sql(
+        services,
+        "UPDATE audit_head SET checkpoint_seq = "
+        "(SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints) WHERE id = 1",
+    )
 
 
 def forge_signature(seq: int) -> Callable[[Services], None]:
@@ -253,6 +264,20 @@ def set_signature(seq: int, signature: bytes) -> Callable[[Services], None]:
     return tamper
 
 
+def delete_checkpoint(seq: int) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        sql(services, "DELETE FROM audit_checkpoints WHERE seq = :s", {"s": seq})
+
+    return tamper
+
+
+def set_head_checkpoint(seq: int) -> Callable[[Services], None]:
+    def tamper(services: Services) -> None:
+        sql(services, "UPDATE audit_head SET checkpoint_seq = :s WHERE id = 1", {"s": seq})
+
+    return tamper
+
+
 # name -> (tampering, first bad sequence number named)
 CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     "flip-detail": (flip_column("detail", 30), 30),
@@ -277,6 +302,9 @@ CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     # Several problems: the lowest sequence number is named, whatever was checked first.
     "flip-and-bad-later-signature": (both(flip_column("detail", 30), set_signature(51, b"\0")), 30),
     "delete-and-record-below-1": (both(delete(30), copy_record(24, 0)), 0),
+    # The head names the newest checkpoint: deleting it (or editing the head) shows.
+    "delete-checkpoint": (delete_checkpoint(101), 52),
+    "head-names-unknown-checkpoint": (set_head_checkpoint(999), 102),
 }
 
 
@@ -359,7 +387,7 @@ def test_rewrite_with_checkpoints_deleted_is_caught_by_exported_checkpoints(
     offsite = tmp_path / "offsite.jsonl"
     offsite.write_text("".join(json.dumps(d) + "\n" for d in export_checkpoints(journal)))
     modify_and_rechain(60)(journal)
-    sql(journal, "DELETE FROM audit_checkpoints WHERE seq > 1")
+    drop_checkpoints_after(journal, 1)
     code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
     assert code == 0, err
     code, _out, err = run_cli(
