@@ -99,7 +99,8 @@ def verify_cmd(
             external.extend(claims_from_documents(lines, path.name))
         except ValueError as exc:
             raise InputError(f"{path}: {exc}") from None
-    with services.db.scope() as session:
+    # One snapshot for every query: what is appended meanwhile is not taken for tampering.
+    with services.db.read_scope(snapshot=True) as session:
         result = verify(session, services.journal.origin, trusted_keys=trusted, external=external)
     doc = {"ok": True, **result.as_dict()}
     state.emit(
@@ -154,7 +155,7 @@ def public_key_cmd(state: State, output: Path | None) -> None:
 def search_cmd(state: State, /, limit: int, **kwargs: Any) -> None:
     """Find journal records (newest last)."""
     services = state.services()
-    with services.db.scope() as session:
+    with services.db.read_scope() as session:
         for row in search(session, _filter(kwargs), limit=limit):
             if state.as_json:
                 click.echo(json.dumps(as_document(row), sort_keys=True, ensure_ascii=True))
@@ -176,7 +177,7 @@ def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) ->
     """Export matching records as JSONL or CSV (control characters escaped)."""
     services = state.services()
     writer = write_csv if fmt == "csv" else write_jsonl
-    with services.db.scope() as session:
+    with services.db.read_scope() as session:
         rows = search(session, _filter(kwargs))
         if output is None:
             count = writer(rows, sys.stdout)
@@ -216,7 +217,7 @@ def checkpoints_export(state: State, output: Path | None, after: int) -> None:
     from sqlalchemy import select
 
     services = state.services()
-    with services.db.scope() as session:
+    with services.db.read_scope() as session:
         docs = [
             checkpoint_document(c)
             for c in session.scalars(

@@ -272,13 +272,18 @@ class Database:
             session.close()
 
     @contextlib.contextmanager
-    def read_scope(self) -> Iterator[Session]:
+    def read_scope(self, *, snapshot: bool = False) -> Iterator[Session]:
         """A transaction that only reads; it is never committed (closing the session ends it
         with a rollback, and the objects read stay loaded, detached). On SQLite it opens with a
         plain (deferred) ``BEGIN`` instead of ``BEGIN IMMEDIATE``: readers see a consistent
-        snapshot and never queue behind writers (WAL). Driver errors become StoreError."""
+        snapshot and never queue behind writers (WAL). ``snapshot``: on PostgreSQL too, every
+        statement sees the same snapshot (``REPEATABLE READ``), for a reader that compares what
+        several statements read. Driver errors become StoreError."""
         with _store_errors(), self.engine.connect() as conn:
-            conn.execution_options(**{READ_ONLY: True})
+            options: dict[str, Any] = {READ_ONLY: True}
+            if snapshot and not self._sqlite:
+                options["isolation_level"] = "REPEATABLE READ"
+            conn.execution_options(**options)
             with self._sessions(bind=conn) as session:
                 yield session
 
