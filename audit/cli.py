@@ -27,11 +27,13 @@ def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt
         return None
     try:
         parsed = dt.datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        return parsed.astimezone(dt.UTC)
     except ValueError:
         raise click.BadParameter("use ISO 8601, e.g. 2026-11-01 or 2026-11-01T09:00Z") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.astimezone(dt.UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00: before year 1 in UTC
+        raise click.BadParameter(f"{value} is out of range in UTC") from None
 
 
 def _filter_options(fn: Any) -> Any:

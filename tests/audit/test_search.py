@@ -192,3 +192,14 @@ def test_cli_search_filters(
     assert out.count("\n") == 1 and "dn=CN=a_b,O=Lit" in out and "ip=198.51.100.7" in out
     code, _out, _err = run_cli(capsys, cli_data_dir, "audit", "search", "--since", "yesterday")
     assert code == 64
+
+
+@pytest.mark.parametrize(
+    "option", [("--since", "0001-01-01T00:00+01:00"), ("--until", "9999-12-31T23:59-01:00")]
+)
+def test_cli_time_beyond_the_calendar_in_utc_is_a_usage_error(
+    cli_data_dir: Path, capsys: pytest.CaptureFixture[str], option: tuple[str, str]
+) -> None:
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "search", *option)
+    assert code == 64
+    assert f"{option[1]} is out of range in UTC" in err and out == ""
