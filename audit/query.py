@@ -1,10 +1,11 @@
 """Searching and exporting the journal for security officers.
 
-Exports escape every control character (C0, DEL, C1, and the Unicode line/paragraph
-separators) as ``\\xNN`` / ``\\uNNNN`` so a crafted DN or account name cannot forge lines in
-a log viewer, and CSV cells that a spreadsheet would run as a formula get a leading quote
-(as do cells that already start with one, so removing one leading quote always restores the
-value).
+Exports escape every control character (C0, DEL, C1, the Unicode line/paragraph separators)
+and the invisible characters that reorder or hide text (bidi marks, embeddings, overrides and
+isolates, zero-width characters, the byte order mark) as ``\\xNN`` / ``\\uNNNN``, so a crafted
+DN or account name cannot forge lines, or disguise itself, in a log viewer; CSV cells that a
+spreadsheet would run as a formula get a leading quote (as do cells that already start with
+one, so removing one leading quote always restores the value).
 """
 
 from __future__ import annotations
@@ -115,13 +116,29 @@ def as_document(row: JournalRecord) -> dict[str, Any]:
     return doc
 
 
+# Escaped as \uNNNN besides the controls: the line/paragraph separators and the invisible
+# characters that reorder or hide text (Arabic letter mark; zero-width space, joiners, LRM and
+# RLM; bidi embeddings and overrides; bidi isolates; byte order mark).
+ESCAPED_FORMAT = frozenset(
+    [
+        0x2028,
+        0x2029,
+        0x061C,
+        *range(0x200B, 0x2010),
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+        0xFEFF,
+    ]
+)
+
+
 def escape_controls(text: str) -> str:
     out = []
     for ch in text:
         code = ord(ch)
         if code < 0x20 or 0x7F <= code < 0xA0:
             out.append(f"\\x{code:02x}")
-        elif code in (0x2028, 0x2029, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E):
+        elif code in ESCAPED_FORMAT:
             out.append(f"\\u{code:04x}")
         elif ch == "\\":
             out.append("\\\\")

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from audit.chain import FIELDS, format_time
 from audit.models import JournalRecord
-from audit.query import write_csv, write_jsonl
+from audit.query import render_line, write_csv, write_jsonl
 from sekisho.services import Services
 from tests.audit.conftest import append, append_event, event, run_cli
 from tests.conftest import FakeClock
@@ -188,3 +188,29 @@ def test_writers_escape_nul_and_every_control_character() -> None:
     assert unescape(cells["actor_account"]) == "-" + controls
     assert unescape(cells["object_dn"]) == "CN=a\x00b\nc\\d"
     assert unescape(cells["time"]) == "2026-01-02T03:04:05.000006Z"
+
+
+def test_invisible_characters_that_reorder_or_hide_text_are_escaped() -> None:
+    """Bidi marks, embeddings, overrides and isolates, zero-width characters and the byte
+    order mark would make a DN read as another in a viewer: escaped like the controls."""
+    hidden = "\u061c\u200b\u200c\u200d\u200e\u200f\u202a\u202e\u2066\u2067\u2068\u2069\ufeff"
+    dn = f"CN=admin{hidden}\u2028,O=Corp"
+    row = JournalRecord(
+        seq=1,
+        time=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+        category="auth",
+        action="auth.login",
+        outcome="denied",
+        object_dn=dn,
+        detail="{}",
+        hash="ab" * 32,
+    )
+    out = io.StringIO()
+    write_csv(iter([row]), out)
+    text = out.getvalue()
+    line = render_line(row)
+    for shown in (text, line):
+        assert not set(shown) & set(hidden), shown
+        assert "\\u061c" in shown and "\\u2066" in shown and "\\ufeff" in shown
+    cells = dict(zip(*csv.reader(io.StringIO(text)), strict=True))
+    assert unescape(cells["object_dn"]) == dn
