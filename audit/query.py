@@ -183,13 +183,13 @@ def write_csv(rows: Iterator[JournalRecord], out: IO[str]) -> int:
 
 
 def render_line(row: JournalRecord) -> str:
-    """A one-line human view for ``audit search`` (escaped like the exports)."""
+    """A one-line human view for ``audit search`` (escaped like the exports). A field value
+    with a space, ``=`` or ``"`` in it is quoted, so a DN such as ``CN=x serial=1`` cannot
+    show a forged ``serial=`` field."""
     parts = [
         f"{row.seq:>8}",
         format_time(row.time),
-        row.category,
-        row.action,
-        row.outcome,
+        *(escape_controls(text) for text in (row.category, row.action, row.outcome)),
     ]
     for label, value in (
         ("actor", row.actor_account),
@@ -201,8 +201,16 @@ def render_line(row: JournalRecord) -> str:
         ("mac", row.device_mac),
     ):
         if value:
-            parts.append(f"{label}={value}")
-    return escape_controls(" ".join(parts))
+            parts.append(f"{label}={_quoted(escape_controls(value))}")
+    return " ".join(parts)
+
+
+def _quoted(text: str) -> str:
+    """``text`` (already escaped: every backslash doubled) in double quotes, with ``\\"`` for
+    a quote inside, when it holds a space, ``=`` or ``"``; otherwise as it is."""
+    if any(ch.isspace() or ch in '="' for ch in text):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
 
 
 def to_string(rows: Iterator[JournalRecord], fmt: str) -> str:

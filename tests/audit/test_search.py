@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -189,7 +190,7 @@ def test_cli_search_filters(
 
     code, out, _err = run_cli(capsys, cli_data_dir, "audit", "search", "--dn", "a_b")
     assert code == 0
-    assert out.count("\n") == 1 and "dn=CN=a_b,O=Lit" in out and "ip=198.51.100.7" in out
+    assert out.count("\n") == 1 and 'dn="CN=a_b,O=Lit"' in out and "ip=198.51.100.7" in out
     code, _out, _err = run_cli(capsys, cli_data_dir, "audit", "search", "--since", "yesterday")
     assert code == 64
 
@@ -203,3 +204,24 @@ def test_cli_time_beyond_the_calendar_in_utc_is_a_usage_error(
     code, out, err = run_cli(capsys, cli_data_dir, "audit", "search", *option)
     assert code == 64
     assert f"{option[1]} is out of range in UTC" in err and out == ""
+
+
+def test_cli_search_text_quotes_values_that_could_pose_as_fields(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dn = "CN=x serial=deadbeef ip=10.0.0.1"
+    ev = event(12, object_dn=dn, actor_account='eve" dn=CN=admin', device_id="d\\ev")
+    seq = append_event(journal_services, clock, ev)
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "search", "--dn", dn)
+    assert code == 0, err
+    assert out.count("\n") == 1 and 'dn="CN=x serial=deadbeef ip=10.0.0.1"' in out
+    words = shlex.split(out)
+    assert int(words[0]) == seq
+    fields = dict(word.split("=", 1) for word in words[5:])
+    assert fields["dn"] == dn
+    assert fields["actor"] == 'eve" dn=CN=admin'
+    assert "device=d\\\\ev" in out and fields["device"] == "d\\ev"  # doubled, as in exports
+    assert fields["serial"] == ev.object_serial and fields["ip"] == ev.client_ip
