@@ -237,6 +237,33 @@ class Journal:
             return None
         return self._checkpoint(session, head, now)
 
+    def tail_due(self, session: Session, now: dt.datetime) -> bool:
+        """Records wait unsigned and a checkpoint is due (a read, no lock: the caller then
+        calls :meth:`checkpoint_if_due` in a write transaction)."""
+        if self.signer is None:
+            return False
+        row = session.execute(
+            select(
+                _HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq, _HEAD.c.checkpoint_time
+            ).where(_HEAD.c.id == 1)
+        ).first()
+        if row is None:
+            return False
+        head = _HeadState(*row)
+        return head.seq > head.checkpoint_seq and self._checkpoint_due(head, now)
+
+    def checkpoint_if_due(self, session: Session, now: dt.datetime) -> Checkpoint | None:
+        """The timer half of "every N records or T minutes": appends sign a checkpoint when
+        one is due, but records appended before the journal goes quiet would stay unsigned
+        (and could be rewritten or cut off unnoticed) until the next append. The refresher
+        calls this every tick."""
+        if self.signer is None:
+            return None
+        head = self._lock_head(session)
+        if head.seq == head.checkpoint_seq or not self._checkpoint_due(head, now):
+            return None
+        return self._checkpoint(session, head, now)
+
     # -- internals ----------------------------------------------------------------------------
     @staticmethod
     def _lock_head(session: Session) -> JournalHead:

@@ -1,4 +1,5 @@
-"""Background work of the serving process: keeping CRLs and pre-signed OCSP responses fresh.
+"""Background work of the serving process: keeping CRLs and pre-signed OCSP responses fresh,
+and signing an audit checkpoint over records that waited unsigned for the checkpoint interval.
 
 The refresher polls each online CA's revocation epoch (cheap: one row) once per tick. After
 a change it waits until revocations have been quiet for ``debounce`` seconds (or at most five
@@ -94,6 +95,27 @@ class OcspRefresher:
         self._run_started = None
 
 
+class AuditCheckpointer:
+    """The journal step of the refresher loop: sign a checkpoint over records that waited
+    unsigned for the checkpoint interval (one unlocked read per tick when nothing is due)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.signed = 0
+
+    def run_once(self, now: dt.datetime) -> bool:
+        journal = self.services.journal
+        with self.services.db.read_scope() as session:
+            if not journal.tail_due(session, now):
+                return False
+        with self.services.db.scope() as session:
+            signed = journal.checkpoint_if_due(session, now) is not None
+        if signed:
+            self.signed += 1
+            log.info("signed an audit checkpoint over a quiet journal's tail")
+        return signed
+
+
 class CrlRefresher:
     def __init__(
         self, services: Services, *, debounce: float | None = None, tick: float = 1.0
@@ -110,6 +132,7 @@ class CrlRefresher:
         self._thread: threading.Thread | None = None
         self.published = 0
         self.ocsp = OcspRefresher(services)
+        self.audit = AuditCheckpointer(services)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="crl-refresher", daemon=True)
@@ -139,6 +162,14 @@ class CrlRefresher:
                 log.warning("ocsp refresh failed", extra={"code": exc.code, "detail": exc.message})
             except Exception as exc:
                 log.error("ocsp refresh crashed", exc_info=exc)
+            try:
+                self.audit.run_once(self.services.clock())
+            except SekishoError as exc:
+                log.warning(
+                    "audit checkpoint failed", extra={"code": exc.code, "detail": exc.message}
+                )
+            except Exception as exc:
+                log.error("audit checkpoint crashed", exc_info=exc)
             self._wake.wait(self.tick)
             self._wake.clear()
 

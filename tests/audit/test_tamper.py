@@ -23,6 +23,7 @@ from audit.query import Filter, search
 from audit.verify import claims_from_documents, verify
 from sekisho.errors import AuditChainBroken
 from sekisho.services import Services
+from sekisho.workers import AuditCheckpointer
 from tests.audit.conftest import (
     append,
     audit_keys,
@@ -566,3 +567,26 @@ def test_verify_refuses_a_public_key_file_that_is_not_one(
     )
     assert code == 65
     assert f"{not_a_key}: not a PEM public key" in err and out == ""
+
+
+def test_a_quiet_journals_tail_is_signed_by_the_refresher(
+    journal: Services, clock: FakeClock
+) -> None:
+    """Records after the last checkpoint are signed once the checkpoint interval has passed,
+    even if nothing is appended any more: a rewrite of that tail is then caught. Before the
+    interval, and once signed, the refresher's step does nothing."""
+    origin = journal.settings.journal_origin
+    step = AuditCheckpointer(journal)
+    assert not step.run_once(clock.now)  # 102..107 unsigned, but not for long enough yet
+    tamper = modify_and_rechain(LAST)
+    clock.advance(minutes=journal.settings.audit_checkpoint_minutes)
+    assert step.run_once(clock.now)
+    with journal.db.scope() as session:
+        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, 51, 101, LAST]
+        assert verify(session, origin, trusted_keys=audit_keys(journal)).records == LAST
+    clock.advance(minutes=journal.settings.audit_checkpoint_minutes)
+    assert not step.run_once(clock.now)  # nothing new to sign
+    tamper(journal)
+    with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, origin, trusted_keys=audit_keys(journal))
+    assert caught.value.seq == 102  # the first record after the last checkpoint that held
