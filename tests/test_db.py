@@ -34,7 +34,9 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -44,6 +46,7 @@ from ca.models import CertStatus
 from sekisho import db as db_module
 from sekisho.db import Database, Prepared, UTCDateTime, str_enum
 from sekisho.errors import AuditError, Conflict, DuplicateKey, StoreError
+from sekisho.services import Services
 from tests.support import pg
 
 # What a failed statement raises inside the block: the driver's own error (write_tx maps it
@@ -522,3 +525,38 @@ def test_a_forked_process_reopens_the_lock_file(tmp_path: Path) -> None:
             child.join(10)
     assert result.get(timeout=10) == "busy"
     store.dispose()
+
+
+def test_migration_0003_backfills_and_downgrades_with_rows_in_place(services: Services) -> None:
+    """0003 gives existing CAs the thisUpdate of their newest CRL (so the next one is never
+    earlier), and its downgrade works with CRL and certificate rows pointing at the CAs."""
+    from alembic import command
+
+    from ca.models import CertificateAuthority, Crl
+
+    def state() -> dict[int, tuple[dt.datetime | None, dt.datetime | None]]:
+        with services.db.scope() as session:
+            newest = dict(
+                session.execute(
+                    select(Crl.issuer_id, func.max(Crl.this_update)).group_by(Crl.issuer_id)
+                ).all()  # type: ignore[arg-type]
+            )
+            return {
+                ca.id: (ca.crl_this_update, newest.get(ca.id))
+                for ca in session.scalars(select(CertificateAuthority))
+            }
+
+    services.crls.generate("admin", services.clock())
+    before = state()
+    assert any(newest is not None for _, newest in before.values())
+    cfg = db_module.alembic_config(services.db.engine)
+    command.downgrade(cfg, "0002")
+    with services.db.engine.connect() as conn:
+        assert "crl_this_update" not in {
+            c["name"] for c in inspect(conn).get_columns("ca_authorities")
+        }
+    command.upgrade(cfg, "head")
+    after = state()
+    assert after.keys() == before.keys()
+    for kept, newest in after.values():
+        assert kept == newest  # None for a CA without CRLs (the root, until it signs one)
