@@ -45,9 +45,10 @@ def explicit(tag_number: int, content: bytes) -> bytes:
 
 
 def time(value: dt.datetime) -> bytes:
-    """RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050; Zulu, seconds."""
+    """RFC 5280 4.1.2.5: UTCTime for 1950 through 2049, GeneralizedTime otherwise (a two-digit
+    year reads as 1950..2049); Zulu, seconds."""
     value = value.astimezone(dt.UTC)
-    if value.year < 2050:
+    if 1950 <= value.year < 2050:
         return b"\x17\x0d%02d%02d%02d%02d%02d%02dZ" % (
             value.year % 100,
             value.month,

@@ -22,6 +22,8 @@ JST = dt.timezone(dt.timedelta(hours=9))
         dt.datetime(2050, 1, 1, 8, 59, 59, tzinfo=JST),  # still 2049 in UTC
         dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC),
         dt.datetime(1, 1, 1, 0, 0, 0, tzinfo=dt.UTC),
+        dt.datetime(1949, 12, 31, 23, 59, 59, tzinfo=dt.UTC),  # UTCTime would read as 2049
+        dt.datetime(1950, 1, 1, 0, 0, 0, tzinfo=dt.UTC),
     ],
 )
 def test_times_decode_to_the_same_utc_second(value: dt.datetime) -> None:
@@ -31,10 +33,9 @@ def test_times_decode_to_the_same_utc_second(value: dt.datetime) -> None:
     assert asn1.GeneralizedTime.load(gen).native == utc
     # RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050.
     either = der.time(value)
-    if utc.year < 2050:
+    if 1950 <= utc.year < 2050:
         assert either[:2] == b"\x17\x0d"
-        if utc.year >= 1950:
-            assert asn1.UTCTime.load(either).native == utc
+        assert asn1.UTCTime.load(either).native == utc
     else:
         assert either == gen
 
