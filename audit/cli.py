@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import click
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -20,6 +21,22 @@ from sekisho.cli import State, pass_state
 from sekisho.errors import InputError, KeyBackendError, SekishoError
 
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
+T = TypeVar("T")
+
+
+def _write_file(path: Path, write: Callable[[IO[str]], T]) -> T:
+    """Write through ``path``.part, renamed over ``path`` when complete: a failed export never
+    leaves a half-written file under the name an auditor expects. OS errors (no such
+    directory, permission, disk full) are bad input, exit 65, without a traceback."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            result = write(fh)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return result
 
 
 def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:
@@ -128,6 +145,8 @@ def _trusted_keys(signer: CheckpointSigner | None, files: tuple[Path, ...]) -> s
     for path in files:
         try:
             key = serialization.load_pem_public_key(path.read_bytes())
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
         except (ValueError, UnsupportedAlgorithm):
             raise InputError(f"{path}: not a PEM public key") from None
         keys.add(key.public_bytes(serialization.Encoding.DER, _SPKI))
@@ -147,7 +166,7 @@ def public_key_cmd(state: State, output: Path | None) -> None:
     if output is None:
         click.echo(pem, nl=False)
     else:
-        output.write_text(pem)
+        _write_file(output, lambda fh: fh.write(pem))
 
 
 @audit.command("search")
@@ -184,10 +203,7 @@ def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) ->
         if output is None:
             count = writer(rows, sys.stdout)
         else:
-            tmp = output.with_name(output.name + ".part")
-            with tmp.open("w", encoding="utf-8", newline="") as fh:
-                count = writer(rows, fh)
-            tmp.replace(output)
+            count = _write_file(output, lambda fh: writer(rows, fh))
     click.echo(f"exported {count} records", err=True)
 
 
@@ -230,7 +246,7 @@ def checkpoints_export(state: State, output: Path | None, after: int) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:
-        output.write_text(text)
+        _write_file(output, lambda fh: fh.write(text))
     click.echo(f"exported {len(docs)} checkpoints", err=True)
 
 

@@ -60,7 +60,8 @@ class CheckpointSigner:
 
 
 def verify_signature(public_key_der: bytes, signature: bytes, body: bytes) -> bool:
-    """Check a checkpoint signature with the public key stored beside it (or pinned)."""
+    """Check a checkpoint signature with ``public_key_der`` (the caller decides whether that
+    key is trusted: ``audit.verify`` accepts only pinned keys)."""
     from cryptography.exceptions import InvalidSignature
 
     try:

@@ -117,13 +117,16 @@ def as_document(row: JournalRecord) -> dict[str, Any]:
 
 
 # Escaped as \uNNNN besides the controls: the line/paragraph separators and the invisible
-# characters that reorder or hide text (Arabic letter mark; zero-width space, joiners, LRM and
-# RLM; bidi embeddings and overrides; bidi isolates; byte order mark).
+# characters that reorder or hide text (soft hyphen; Arabic letter mark; zero-width space,
+# joiners, LRM and RLM; word joiner; bidi embeddings and overrides; bidi isolates; byte order
+# mark).
 ESCAPED_FORMAT = frozenset(
     [
         0x2028,
         0x2029,
+        0x00AD,
         0x061C,
+        0x2060,
         *range(0x200B, 0x2010),
         *range(0x202A, 0x202F),
         *range(0x2066, 0x206A),

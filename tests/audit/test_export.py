@@ -193,7 +193,9 @@ def test_writers_escape_nul_and_every_control_character() -> None:
 def test_invisible_characters_that_reorder_or_hide_text_are_escaped() -> None:
     """Bidi marks, embeddings, overrides and isolates, zero-width characters and the byte
     order mark would make a DN read as another in a viewer: escaped like the controls."""
-    hidden = "\u061c\u200b\u200c\u200d\u200e\u200f\u202a\u202e\u2066\u2067\u2068\u2069\ufeff"
+    hidden = (
+        "\u00ad\u061c\u200b\u200c\u200d\u200e\u200f\u202a\u202e\u2060\u2066\u2067\u2068\u2069\ufeff"
+    )
     dn = f"CN=admin{hidden}\u2028,O=Corp"
     row = JournalRecord(
         seq=1,
@@ -212,5 +214,30 @@ def test_invisible_characters_that_reorder_or_hide_text_are_escaped() -> None:
     for shown in (text, line):
         assert not set(shown) & set(hidden), shown
         assert "\\u061c" in shown and "\\u2066" in shown and "\\ufeff" in shown
+        assert "\\u00ad" in shown and "\\u2060" in shown
     cells = dict(zip(*csv.reader(io.StringIO(text)), strict=True))
     assert unescape(cells["object_dn"]) == dn
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("audit", "export", "-o"),
+        ("audit", "checkpoints", "export", "-o"),
+        ("audit", "public-key", "-o"),
+    ],
+)
+def test_output_files_that_cannot_be_written_are_bad_input(
+    capsys: pytest.CaptureFixture[str], cli_data_dir: Path, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """No such directory: exit 65 and the path named, no traceback, nothing left behind."""
+    target = tmp_path / "missing" / "out.txt"
+    code, _out, err = run_cli(capsys, cli_data_dir, *args, str(target))
+    assert code == 65, err
+    assert "cannot write" in err and str(target) in err and "Traceback" not in err
+    assert not target.parent.exists()
+    # A file whose directory exists is written whole (no .part left).
+    good = tmp_path / "out.txt"
+    code, _out, err = run_cli(capsys, cli_data_dir, *args, str(good))
+    assert code == 0, err
+    assert good.stat().st_size > 0 and not list(tmp_path.glob("*.part"))
