@@ -297,7 +297,13 @@ class Server:
             if _signers(issuers) == _signers(current):
                 self.issuers_ok = True
                 return
-            added = [i for i in issuers if i not in current]
+            # New CAs, and any whose certificate changed under the same id (its held
+            # responses are dropped by set_issuers): their stored responses are read now.
+            added = [
+                i
+                for i, issuer in issuers.items()
+                if i not in current or current[i].certificate != issuer.certificate
+            ]
             rows = self.snapshot(added) if added and self.snapshot is not None else []
         except Exception:  # the store or a key is away: keep signing as before
             if self.issuers_ok:

@@ -169,6 +169,9 @@ def lookup(db: Database) -> core.Lookup:
 
 
 # -- issuers ----------------------------------------------------------------------------------
+_CA_SIGNS_LOGGED: set[int] = set()
+
+
 def _load_issuers(db: Database, backend: KeyBackend, sign_with_ca: bool) -> dict[int, core.Issuer]:
     with db.read_scope() as session:
         cas = session.execute(
@@ -195,7 +198,8 @@ def _load_issuers(db: Database, backend: KeyBackend, sign_with_ca: bool) -> dict
         ca_cert = x509.load_der_x509_certificate(bytes(cert_der))
         responder = None if sign_with_ca else responders.get(int(ca_id))
         if responder is None:
-            if not sign_with_ca:
+            if not sign_with_ca and int(ca_id) not in _CA_SIGNS_LOGGED:
+                _CA_SIGNS_LOGGED.add(int(ca_id))  # once per process: issuers reload every 10 s
                 log.info("no OCSP responder for CA %s (yet); the CA key signs", name)
             out[int(ca_id)] = core.Issuer.create(ca_cert, backend.signing_key(key_ref))
             continue

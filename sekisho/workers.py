@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
 
 from sqlalchemy import select
 
@@ -133,6 +134,7 @@ class CrlRefresher:
         self.published = 0
         self.ocsp = OcspRefresher(services)
         self.audit = AuditCheckpointer(services)
+        self._failing: dict[str, str] = {}  # step -> the failure last logged
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="crl-refresher", daemon=True)
@@ -149,29 +151,41 @@ class CrlRefresher:
         self._wake.set()
 
     def _loop(self) -> None:
+        steps: list[tuple[str, Callable[[dt.datetime], object]]] = [
+            ("crl refresh", self.run_once),
+            ("ocsp refresh", self.ocsp.run_once),
+            ("audit checkpoint", self.audit.run_once),
+        ]
         while not self._stop.is_set():
-            try:
-                self.run_once(self.services.clock())
-            except SekishoError as exc:
-                log.warning("crl refresh failed", extra={"code": exc.code, "detail": exc.message})
-            except Exception as exc:
-                log.error("crl refresh crashed", exc_info=exc)
-            try:
-                self.ocsp.run_once(self.services.clock())
-            except SekishoError as exc:
-                log.warning("ocsp refresh failed", extra={"code": exc.code, "detail": exc.message})
-            except Exception as exc:
-                log.error("ocsp refresh crashed", exc_info=exc)
-            try:
-                self.audit.run_once(self.services.clock())
-            except SekishoError as exc:
-                log.warning(
-                    "audit checkpoint failed", extra={"code": exc.code, "detail": exc.message}
-                )
-            except Exception as exc:
-                log.error("audit checkpoint crashed", exc_info=exc)
+            for name, step in steps:
+                self._run_step(name, step)
             self._wake.wait(self.tick)
             self._wake.clear()
+
+    def _run_step(self, name: str, step: Callable[[dt.datetime], object]) -> None:
+        """One step of a tick. A failure is logged when it starts (and when it changes), not
+        on every tick while it lasts (a store or key away for an hour is one warning, not
+        3,600); the recovery is logged too."""
+        try:
+            step(self.services.clock())
+        except Exception as exc:
+            what = (
+                f"{exc.code}: {exc.message}"
+                if isinstance(exc, SekishoError)
+                else type(exc).__name__
+            )
+            if self._failing.get(name) != what:
+                self._failing[name] = what
+                if isinstance(exc, SekishoError):
+                    log.warning(
+                        "refresher step failed",
+                        extra={"step": name, "code": exc.code, "detail": exc.message},
+                    )
+                else:
+                    log.error("refresher step crashed", extra={"step": name}, exc_info=exc)
+            return
+        if self._failing.pop(name, None) is not None:
+            log.info("refresher step works again", extra={"step": name})
 
     def run_once(self, now: dt.datetime) -> list[str]:
         """One pass over every online CA; returns the names whose CRLs were published."""

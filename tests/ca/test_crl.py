@@ -21,7 +21,7 @@ from ca.registry import ca_row
 from ca.revocation import Reason
 from hsm.base import KeyBackend, KeyType
 from hsm.observed import observed
-from sekisho.errors import Conflict, InputError, NotFound
+from sekisho.errors import Conflict, InputError, KeyBackendError, NotFound, StoreError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from sekisho.workers import CrlRefresher
@@ -385,3 +385,34 @@ def test_a_higher_crl_number_never_carries_an_earlier_this_update(services: Serv
         assert crl.next_update_utc == row.next_update == row.this_update + validity
         checkers.pkilint_crl(row.der, delta=row is delta)
         checkers.openssl_crl_verify(row.der, issuer)
+
+
+def test_a_failing_refresher_step_is_logged_once_per_streak(
+    services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store or key away for an hour is one warning, not one per tick; a different failure
+    is logged again, and the recovery once."""
+    refresher = CrlRefresher(services)
+    outcomes: list[Exception | None] = [
+        StoreError("database error: OperationalError"),
+        StoreError("database error: OperationalError"),
+        StoreError("database error: OperationalError"),
+        KeyBackendError("the token is not reachable"),
+        None,
+        None,
+    ]
+
+    def step(_now: dt.datetime) -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    with caplog.at_level(logging.INFO, logger="sekisho.crl"):
+        for _ in range(6):
+            refresher._run_step("audit checkpoint", step)
+    logged = [(r.levelname, r.getMessage(), getattr(r, "code", None)) for r in caplog.records]
+    assert logged == [
+        ("WARNING", "refresher step failed", StoreError.code),
+        ("WARNING", "refresher step failed", KeyBackendError.code),
+        ("INFO", "refresher step works again", None),
+    ]

@@ -342,8 +342,8 @@ def _nonce_request(cert: x509.Certificate, issuer: x509.Certificate) -> bytes:
 
 
 def _signed_by(der: bytes) -> bytes | None:
-    """The responder key hash of a successful answer, after checking its signature against
-    the certificate it must come from (the one the store names now); None if unsuccessful."""
+    """The responder key hash (responderID byKey) of a successful answer, None if
+    unsuccessful; ``_verify_with`` checks the signature."""
     loaded = x509_ocsp.load_der_ocsp_response(der)
     if loaded.response_status is not x509_ocsp.OCSPResponseStatus.SUCCESSFUL:
         return None
