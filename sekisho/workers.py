@@ -209,7 +209,11 @@ class CrlRefresher:
                 continue
             full, delta = state[name]
             stale = full is None or epoch > full.epoch
-            if stale and full is not None:
+            if not stale:
+                # Published meanwhile (by another process): a later burst starts afresh, not
+                # "overdue" from this one's first revocation.
+                self._pending.pop(name, None)
+            elif full is not None:
                 pending = self._pending.get(name)
                 if pending is None:
                     self._pending[name] = _Pending(now, now, epoch)

@@ -230,6 +230,29 @@ def test_refresher_debounces_a_burst_into_one_crl(settings: Settings, services: 
     assert "admin" in refresher.run_once(clock())
 
 
+def test_a_burst_published_elsewhere_does_not_cut_the_next_debounce(
+    settings: Settings, services: Services
+) -> None:
+    """Another process (the CLI, another worker) publishes the CRL while this refresher is
+    debouncing: the next burst, an hour later, is debounced again, not published at once as
+    "overdue" since the first burst."""
+    clock = FakeClock(services.clock())
+    svc = build_services(settings, backend=services.backend, clock=clock)
+    refresher = CrlRefresher(svc, debounce=2.0)
+    refresher.run_once(clock())
+    first, second = issue(svc, "admin-client"), issue(svc, "admin-client")
+    svc.revoker.revoke("admin", first.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    assert refresher.run_once(clock()) == []  # debouncing
+    svc.crls.generate("admin", clock())  # published by someone else
+    clock.advance(seconds=1)
+    refresher.run_once(clock())  # the full CRL is current (a delta against it may follow)
+    clock.advance(hours=1)
+    svc.revoker.revoke("admin", second.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    assert refresher.run_once(clock()) == []  # a new burst: debounced
+    clock.advance(seconds=3)
+    assert "admin" in refresher.run_once(clock())
+
+
 def test_refresher_thread_publishes_within_seconds(settings: Settings, services: Services) -> None:
     import time
 
