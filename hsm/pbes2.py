@@ -20,6 +20,11 @@ from sekisho.errors import KeyBackendError, WrongPassphrase
 
 PBKDF2_ITERATIONS = 600_000
 MIN_ITERATIONS = 600_000
+# A key file asking for more would hold the CPU for minutes before failing or working: refused.
+MAX_ITERATIONS = 10_000_000
+# What a key file brought back online may use: PBKDF2 with HMAC-SHA-2, and AES-256.
+STRONG_KDFS = frozenset({"pbkdf2-sha256", "pbkdf2-sha384", "pbkdf2-sha512"})
+STRONG_CIPHERS = frozenset({"aes256_cbc"})
 
 
 def encrypt_private_key(
@@ -96,12 +101,23 @@ def describe(der: bytes) -> tuple[str, str, int, str]:
 def decrypt_private_key(der: bytes, passphrase: bytes) -> PrivateKeyTypes:
     """Load an EncryptedPrivateKeyInfo, refusing weak parameters (e.g. the 2048 default)."""
     try:
-        scheme, _kdf, iterations, _cipher = describe(der)
-    except ValueError as exc:
+        scheme, kdf, iterations, cipher = describe(der)
+    except (ValueError, TypeError, KeyError) as exc:
         raise KeyBackendError(f"key file is not a valid EncryptedPrivateKeyInfo: {exc}") from None
-    if scheme != "pbes2" or iterations < MIN_ITERATIONS:
+    if (
+        scheme != "pbes2"
+        or kdf not in STRONG_KDFS
+        or cipher not in STRONG_CIPHERS
+        or iterations < MIN_ITERATIONS
+    ):
         raise KeyBackendError(
-            f"key file uses weak encryption ({scheme}, {iterations} iterations); re-encrypt it"
+            f"key file uses weak encryption ({scheme}, {kdf or 'no KDF'}, {cipher or 'no cipher'}, "
+            f"{iterations} iterations); re-encrypt it with PBKDF2-HMAC-SHA256, AES-256-CBC and "
+            f"at least {MIN_ITERATIONS} iterations"
+        )
+    if iterations > MAX_ITERATIONS:
+        raise KeyBackendError(
+            f"key file asks for {iterations} PBKDF2 iterations, more than {MAX_ITERATIONS}"
         )
     try:
         return serialization.load_der_private_key(der, passphrase)

@@ -5,6 +5,7 @@ Never argv, never logs: callers get bytes and must not print them.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -12,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sekisho.errors import ConfigError
+
+MAX_SECRET_FILE = 64 * 1024
 
 
 def read_secret(
@@ -22,8 +25,10 @@ def read_secret(
     what: str = "key passphrase",
     min_length: int = 16,
 ) -> bytes:
-    """The secret from the named environment variable, else from ``path`` (which must not be
-    readable by group or others). ``what`` names it in errors; the value never appears."""
+    """The secret from the named environment variable, else from ``path``: a regular file
+    (not a symlink) owned by this user or root, not accessible to group or others, checked on
+    the descriptor it is read from. Shorter than ``min_length`` bytes, from either source: refused.
+    ``what`` names it in errors; the value never appears."""
     env = os.environ if env is None else env
     if env_name:
         text = env.get(env_name)
@@ -31,16 +36,35 @@ def read_secret(
             raise ConfigError(
                 f"environment variable {env_name} (named as the {what}) is not set or empty"
             )
+        if len(text.encode()) < min_length:
+            raise ConfigError(f"{what} in {env_name} is shorter than {min_length} bytes")
         return text.encode()
     if path is None:
         raise ConfigError(f"no {what} source configured")
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError(f"{what} file {path} does not exist") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{what} file {path} is readable by others; chmod 600 it")
-    value = path.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{what} file {path} is a symbolic link; name the file") from None
+        raise ConfigError(f"{what} file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} file {path} is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise ConfigError(f"{what} file {path} belongs to another user")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"{what} file {path} is readable by others; chmod 600 it")
+        raw = os.read(fd, MAX_SECRET_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what} file {path} cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_SECRET_FILE:
+        raise ConfigError(f"{what} file {path} is larger than {MAX_SECRET_FILE} bytes")
+    value = raw.rstrip(b"\r\n")
     if len(value) < min_length:
         raise ConfigError(f"{what} in {path} is shorter than {min_length} bytes")
     return value

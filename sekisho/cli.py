@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import json
 import os
 import secrets
@@ -30,6 +31,7 @@ from ca.models import Certificate, CertificateAuthority, CertStatus
 from ca.revocation import Reason
 from ca.tbs import SanEntry, parse_serial, parse_subject
 from hsm.base import CA_KEY_TYPES, KeyType
+from hsm.secrets import read_secret
 from sekisho import __version__
 from sekisho.context import Actor
 from sekisho.errors import ConfigError, Conflict, InputError, NotFound, SekishoError
@@ -303,24 +305,29 @@ def ca_export(state: State, name: str, output: Path | None, with_key: bool) -> N
     from ca.hierarchy import export_key
     from ca.registry import ca_row
 
+    if with_key and output is None:
+        raise click.UsageError("--key needs --output (keys are never printed)")
     services = state.services()
-    if with_key:
-        if output is None:
-            raise click.UsageError("--key needs --output (keys are never printed)")
-        data = export_key(services.ca, name, state.actor())
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        state.emit({"ca": name, "key_file": str(output)}, f"wrote encrypted key to {output}")
-        return
-    with services.db.scope() as session:
-        der = ca_row(session, name).certificate_der
-    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-    if output:
-        output.write_bytes(pem)
-        state.emit({"ca": name, "file": str(output)}, f"wrote {output}")
-    else:
-        click.echo(pem.decode(), nl=False)
+    # The file is created before the export is journalled: a path that cannot be written
+    # fails first, and leaves no "exported" entry for a key that went nowhere.
+    outputs = _Outputs([output] if output is not None else [])
+    try:
+        if with_key:
+            assert output is not None
+            outputs.write(output, export_key(services.ca, name, state.actor()))
+            state.emit({"ca": name, "key_file": str(output)}, f"wrote encrypted key to {output}")
+            return
+        with services.db.scope() as session:
+            der = ca_row(session, name).certificate_der
+        pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        if output:
+            outputs.write(output, pem)
+            state.emit({"ca": name, "file": str(output)}, f"wrote {output}")
+        else:
+            click.echo(pem.decode(), nl=False)
+    except BaseException:
+        outputs.discard()
+        raise
 
 
 @ca.command("offline")
@@ -393,14 +400,12 @@ def ca_create_issuing(
 
 # -- issue / revoke ---------------------------------------------------------------------------
 def _read_secret_option(file: Path | None, env_name: str | None) -> bytes | None:
-    if file is not None:
-        return file.read_bytes().rstrip(b"\r\n")
-    if env_name:
-        value = os.environ.get(env_name)
-        if not value:
-            raise ConfigError(f"environment variable {env_name} is not set")
-        return value.encode()
-    return None
+    """A password from --password-file or --password-env, under the rules of every secret
+    (``hsm.secrets.read_secret``: an owner-only regular file, never through a symlink); its
+    strength is the caller's to judge."""
+    if file is None and not env_name:
+        return None
+    return read_secret(file, env_name or "", what="password", min_length=1)
 
 
 @cli.command()
@@ -468,7 +473,7 @@ def issue(
     password = _read_secret_option(password_file, password_env) if p12 else None
     if password is not None:
         check_password(password)
-    created = _create_outputs([p for p in (out, key_out, p12) if p is not None])
+    outputs = _Outputs([p for p in (out, key_out, p12) if p is not None])
     try:
         from enrollment.pkcs12 import pkcs12_bundle
 
@@ -512,18 +517,17 @@ def issue(
             "not_after": cert.not_valid_after_utc.isoformat(),
         }
         if out:
-            out.write_bytes(pem)
+            outputs.write(out, pem)
             doc["certificate_file"] = str(out)
         if key is not None and key_out:
-            fd = os.open(key_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(
-                    key.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption(),
-                    )
-                )
+            outputs.write(
+                key_out,
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+            )
             doc["key_file"] = str(key_out)
         if key is not None and p12:
             generated = password is None
@@ -531,10 +535,7 @@ def issue(
                 password = secrets.token_urlsafe(18).encode()  # 144 bits
             with services.db.scope() as session:
                 chain = _chain_for(session, ca_name)
-            data = pkcs12_bundle(key, cert, chain, password, legacy=legacy_p12)
-            fd = os.open(p12, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            outputs.write(p12, pkcs12_bundle(key, cert, chain, password, legacy=legacy_p12))
             doc["p12_file"] = str(p12)
             if generated:
                 # Shown exactly once, on the terminal of the operator who asked for it.
@@ -543,29 +544,46 @@ def issue(
             click.echo(pem.decode(), nl=False)
         state.emit(doc, lambda: "\n".join(f"{k}: {v}" for k, v in doc.items()))
     except BaseException:
-        for path in created:  # files this command created and never filled
-            with contextlib.suppress(OSError):
-                path.unlink()
+        outputs.discard()  # a failure leaves none of the files this command created
         raise
 
 
-def _create_outputs(paths: list[Path]) -> list[Path]:
-    """Open each output file for writing now (mode 0600), so that an unwritable path fails
-    before anything is issued; returns the ones that did not exist before."""
-    created: list[Path] = []
-    for path in paths:
-        existed = path.exists()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        except OSError as exc:
-            for done in created:
-                with contextlib.suppress(OSError):
-                    done.unlink()
-            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        os.close(fd)
-        if not existed:
-            created.append(path)
-    return created
+class _Outputs:
+    """Output files, created before anything is issued or exported, so that an unwritable path
+    fails first. Each is a new file (O_EXCL: an existing file, or a symlink planted in a shared
+    directory, is refused rather than written through or left with its old mode), mode 0600,
+    written later through the descriptor opened here. ``discard()`` removes them all."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._open: dict[Path, int] = {}
+        self._created: list[Path] = []
+        for path in paths:
+            try:
+                fd = os.open(path, _NEW_FILE, 0o600)
+            except OSError as exc:
+                self.discard()
+                if exc.errno == errno.EEXIST:
+                    raise InputError(f"{path} exists: choose a new file name") from None
+                raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            self._open[path] = fd
+            self._created.append(path)
+
+    def write(self, path: Path, data: bytes) -> None:
+        with os.fdopen(self._open.pop(path), "wb") as fh:
+            fh.write(data)
+
+    def discard(self) -> None:
+        for fd in self._open.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._open.clear()
+        for path in self._created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._created.clear()
+
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _chain_for(session: Any, ca_name: str) -> list[x509.Certificate]:

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,10 +59,16 @@ class Services:
 
 
 def ensure_data_dir(settings: Settings) -> None:
-    """Create the data directory (0700) and, for the embedded default, a random passphrase."""
+    """Create the data directory (0700) and, for the embedded default, a random passphrase.
+    The directory, and its keys/ and secrets/ where they exist, must belong to this user:
+    one another user created (or a symlink to one) could swap keys and settings."""
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _check_own_dir(settings.data_dir, "data directory")
         os.chmod(settings.data_dir, 0o700)
+        for sub in (settings.keys_dir, settings.data_dir / "secrets"):
+            if os.path.lexists(sub):
+                _check_own_dir(sub, "directory")
     except OSError as exc:
         raise ConfigError(
             f"cannot use data directory {settings.data_dir}: {exc.strerror}"
@@ -71,6 +78,17 @@ def ensure_data_dir(settings: Settings) -> None:
         return  # the PKCS#11 PIN is the operator's to provide
     if path is not None and not settings.key_passphrase_file and not path.exists():
         create_secret_file(path)
+
+
+def _check_own_dir(path: Path, what: str) -> None:
+    st = path.stat()  # a symlink is judged by what it points to
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}): "
+            "Sekisho keeps keys there; use a directory of your own"
+        )
 
 
 def open_backend(settings: Settings) -> KeyBackend:

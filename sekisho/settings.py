@@ -13,6 +13,7 @@ import datetime as dt
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,6 +109,9 @@ class Settings:
             raise ConfigError(f"base_url must be an http(s) URL with a host, got {self.base_url!r}")
         if parts.query or parts.fragment:
             raise ConfigError("base_url must not carry a query or fragment")
+        if parts.username is not None or parts.password is not None:
+            # It is written into every certificate's CRL distribution point and AIA.
+            raise ConfigError("base_url must not carry a user name or password")
         try:
             parts.port  # noqa: B018  (property that validates the port)
         except ValueError:
@@ -117,6 +121,8 @@ class Settings:
             raise ConfigError(
                 f"base_url must not contain spaces or control characters: {self.base_url!r}"
             )
+        if self.data_dir.resolve() == Path("/"):
+            raise ConfigError("data_dir must not be the root directory")
         if self.data_location.upper() not in ALLOWED_DATA_LOCATIONS:
             raise ConfigError(
                 f"data_location {self.data_location!r} is not allowed: the service terms keep "
@@ -226,6 +232,15 @@ def _coerce(name: str, raw: Any) -> Any:
         raise ConfigError(f"setting {name!r}: cannot use {raw!r} ({exc})") from None
 
 
+def _check_trusted_file(path: Path, st: os.stat_result) -> None:
+    """The settings decide where keys live and what URLs go into certificates: a file another
+    user owns or may write is refused (e.g. planted in a data directory someone else created)."""
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(f"settings file {path} belongs to another user (uid {st.st_uid})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"settings file {path} is writable by others; chmod go-w it")
+
+
 def load_settings(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -243,6 +258,7 @@ def load_settings(
     if path.exists():
         try:
             with path.open("rb") as fh:
+                _check_trusted_file(path, os.fstat(fh.fileno()))
                 doc = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read settings file {path}: {exc}") from None

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -233,6 +235,47 @@ def test_ca_list_show_export(run: Runner, tmp_path: Path) -> None:
     openssl_verify(admin, [root])
 
 
+def test_ca_export_writes_new_files_only_and_journals_only_what_it_wrote(
+    run: Runner, tmp_path: Path
+) -> None:
+    """An existing file (or a symlink planted where the key is to go) is refused before the
+    key is exported: the file keeps its content, and no ca.key.export entry claims an export
+    that went nowhere."""
+
+    def exports() -> int:
+        found = ok(run("--json", "audit", "search", "--action", "ca.key.export")).out
+        return len(found.splitlines())
+
+    before = exports()
+    existing = tmp_path / "existing.pem"
+    existing.write_text("someone else's\n")
+    planted = tmp_path / "planted.pem"
+    planted.symlink_to(tmp_path / "elsewhere.pem")
+    for target in (existing, planted):
+        refused = run("ca", "export", "admin", "--key", "-o", str(target))
+        assert refused.code == 65 and "exists" in refused.err, refused
+    nowhere = run("ca", "export", "admin", "--key", "-o", str(tmp_path / "no" / "k.pem"))
+    assert nowhere.code == 65 and "Traceback" not in nowhere.err
+    assert existing.read_text() == "someone else's\n" and not (tmp_path / "elsewhere.pem").exists()
+    assert exports() == before
+    good = tmp_path / "admin-key.pem"
+    ok(run("ca", "export", "admin", "--key", "-o", str(good)))
+    assert good.stat().st_mode & 0o777 == 0o600 and b"ENCRYPTED PRIVATE KEY" in good.read_bytes()
+    assert exports() == before + 1
+
+
+def test_data_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Created by someone else (e.g. planted in a shared directory before init ran): its
+    settings, keys/ and secrets/ would be theirs to swap."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can create a directory owned by another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    assert main(["--data-dir", str(theirs), "init", "--org", "X"]) == 78
+    assert not (theirs / "keys").exists()
+
+
 def test_unknown_ca_exits_66(run: Runner) -> None:
     for argv in (
         ["ca", "show", "nope"],
@@ -426,6 +469,7 @@ def test_issue_with_keygen_writes_pem_and_pkcs12(
 ) -> None:
     pw = tmp_path / "p12.pw"
     pw.write_text("a-strong-p12-password\n")
+    pw.chmod(0o600)
     cert_out, key_out, p12 = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "c.p12"
     doc = ok(
         run("--json", "issue", "--ca", "admin", "--profile", "admin-client", "--keygen",
@@ -476,7 +520,29 @@ def test_keygen_pkcs12_password_from_env_or_generated(
     assert missing.code == 78 and "UNSET_VAR_XYZ" in missing.err
     short = tmp_path / "short"
     short.write_text("short\n")
+    short.chmod(0o600)
     assert run(*base, "--p12", str(tmp_path / "y.p12"), "--password-file", str(short)).code == 65
+    # A password file is a secret like the key passphrase: owner-only, never via a symlink.
+    shared = tmp_path / "shared-pw"
+    shared.write_text("a-strong-p12-password\n")
+    shared.chmod(0o644)
+    loose = run(*base, "--p12", str(tmp_path / "y.p12"), "--password-file", str(shared))
+    assert loose.code == 78 and "readable by others" in loose.err
+    shared.chmod(0o600)
+    linked = tmp_path / "linked-pw"
+    linked.symlink_to(shared)
+    via_link = run(*base, "--p12", str(tmp_path / "y.p12"), "--password-file", str(linked))
+    assert via_link.code == 78 and "symbolic link" in via_link.err
+    # Output files are new files: an existing one (which could be another user's, or keep a
+    # loose mode) and a symlink to one are refused and left as they were.
+    victim = tmp_path / "victim.conf"
+    victim.write_text("keep me\n")
+    planted = tmp_path / "planted.p12"
+    planted.symlink_to(victim)
+    for target in (victim, planted):
+        again = run(*base, "--p12", str(target))
+        assert again.code == 65 and "exists" in again.err and target.name in again.err
+    assert victim.read_text() == "keep me\n"
     nowhere = run(*base, "--p12", str(tmp_path / "no-such-dir" / "z.p12"))
     assert nowhere.code == 65 and "no-such-dir" in nowhere.err
     dangling = tmp_path / "dangling.pem"  # a link to a place that cannot be created
@@ -688,3 +754,11 @@ def test_ocsp_commands_have_help(run: Runner) -> None:
                  ("ocsp", "resign")):  # fmt: skip
         result = ok(run(*argv, "--help"))
         assert "Usage:" in result.out
+
+
+def test_python_dash_m_sekisho_is_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sekisho", "--help"],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "issue" in done.stdout, done.stderr

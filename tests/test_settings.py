@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,9 @@ BAD_VALUES: list[tuple[dict[str, object], str]] = [
     ({"base_url": "https://pki.example.com/?x=1"}, "base_url"),
     ({"base_url": "https://pki.example.com:http/"}, "base_url"),
     ({"base_url": "https://pki example.com/"}, "base_url"),
+    ({"base_url": "http://admin:s3cret@pki.example.com"}, "base_url"),  # into every cert
+    ({"base_url": "http://admin@pki.example.com"}, "base_url"),
+    ({"data_dir": "/"}, "data_dir"),
     ({"crl_next_update_days": -1}, "crl_next_update_days"),
     ({"crl_next_update_days": 11}, "crl_next_update_days"),
     ({"crl_next_update_days": math.nan}, "crl_next_update_days"),
@@ -228,3 +232,18 @@ def test_cli_unknown_key_in_config_file_exits_78(
     _, err = capfd.readouterr()
     assert code == 78
     assert "base_ulr" in err and "Traceback" not in err
+
+
+def test_settings_file_another_user_could_write_is_refused(tmp_path: Path) -> None:
+    """The settings name the key store and the URLs written into certificates."""
+    path = tmp_path / "sekisho.toml"
+    path.write_text('base_url = "http://evil.example"\n')
+    path.chmod(0o666)
+    with pytest.raises(ConfigError, match="writable by others"):
+        load_settings(env={}, overrides={"data_dir": tmp_path})
+    path.chmod(0o644)
+    assert load_settings(env={}, overrides={"data_dir": tmp_path}).base_url == "http://evil.example"
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(path, 65534, 65534)
+        with pytest.raises(ConfigError, match="another user"):
+            load_settings(env={}, overrides={"data_dir": tmp_path})

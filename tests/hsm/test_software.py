@@ -173,6 +173,41 @@ def test_weak_pkcs8_from_best_available_encryption_is_refused(tmp_path: Path) ->
         encrypt_private_key(key, b"")
 
 
+def _with_iterations(der: bytes, iterations: int) -> bytes:
+    info = asn1_keys.EncryptedPrivateKeyInfo.load(der)
+    params = info["encryption_algorithm"]["parameters"]["key_derivation_func"]["parameters"]
+    params["iteration_count"] = iterations
+    return bytes(asn1_keys.EncryptedPrivateKeyInfo.load(info.dump(force=True)).dump())
+
+
+def test_key_files_brought_online_need_sha2_aes256_and_sane_iterations(tmp_path: Path) -> None:
+    """A key file re-encrypted elsewhere with 3DES and HMAC-SHA1 (600,000 iterations, which
+    the iteration check alone let through) is refused, as is one asking for 2^31 - 1
+    iterations (minutes of CPU before anything could fail): refused at once."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    plain = tmp_path / "plain.pem"
+    plain.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    weak_pem = subprocess.run(
+        ["openssl", "pkcs8", "-topk8", "-in", str(plain), "-v2", "des3", "-v2prf",
+         "hmacWithSHA1", "-iter", "600000", "-passout", f"pass:{PASSPHRASE.decode()}"],
+        capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    weak = pem_unwrap(weak_pem, PEM_LABEL)
+    assert describe(weak) == ("pbes2", "pbkdf2-sha1", 600_000, "tripledes_3key")
+    with pytest.raises(KeyBackendError, match="weak encryption"):
+        decrypt_private_key(weak, PASSPHRASE)
+    endless = _with_iterations(encrypt_private_key(key, PASSPHRASE), 2**31 - 1)
+    assert describe(endless)[2] == 2**31 - 1
+    with pytest.raises(KeyBackendError, match="more than"):
+        decrypt_private_key(endless, PASSPHRASE)
+
+
 def test_garbage_key_file_is_a_key_backend_error(tmp_path: Path) -> None:
     with pytest.raises(KeyBackendError):
         decrypt_private_key(b"\x30\x03\x02\x01\x00", PASSPHRASE)
@@ -237,8 +272,29 @@ def test_passphrase_from_file_needs_owner_only_mode_and_length(tmp_path: Path) -
         read_secret(tmp_path / "missing")
 
 
+def test_passphrase_files_are_read_only_when_they_are_plainly_ours(tmp_path: Path) -> None:
+    """Checked on the descriptor read from: no symlink, no directory, not another user's."""
+    real = tmp_path / "pw"
+    real.write_text("x" * 20 + "\n")
+    real.chmod(0o600)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        read_secret(link)
+    folder = tmp_path / "folder"
+    folder.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_secret(folder)
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(real, 65534, 65534)
+        with pytest.raises(ConfigError, match="another user"):
+            read_secret(real)
+
+
 def test_passphrase_from_named_environment_variable(tmp_path: Path) -> None:
     assert read_secret(None, "SEKISHO_TEST_PW", {"SEKISHO_TEST_PW": "x" * 20}) == b"x" * 20
+    with pytest.raises(ConfigError, match="shorter than 16"):
+        read_secret(None, "SEKISHO_TEST_PW", {"SEKISHO_TEST_PW": "x"})
     with pytest.raises(ConfigError, match="SEKISHO_TEST_PW"):
         read_secret(None, "SEKISHO_TEST_PW", {})
     with pytest.raises(ConfigError, match="no key passphrase source"):
@@ -278,6 +334,7 @@ def test_passphrase_never_logged_during_init_and_issue(
     assert main([*base, "init", "--org", "Log Test"]) == 0
     pw_file = tmp_path / "p12pw"
     pw_file.write_text("p12-password-" + os.urandom(8).hex() + "\n")
+    pw_file.chmod(0o600)
     rc = main(
         [*base, "--json", "issue", "--ca", "admin", "--profile", "admin-client", "--keygen",
          "ec-p256", "--subject", "CN=Log Test,O=Tenant", "--san", "email:log@example.com",
