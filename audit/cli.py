@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -18,25 +18,36 @@ from audit.models import Checkpoint
 from audit.query import Filter, as_document, render_line, search, write_csv, write_jsonl
 from audit.verify import claims_from_documents, verify
 from sekisho.cli import State, pass_state
-from sekisho.errors import InputError, KeyBackendError, SekishoError
+from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError
+from sekisho.files import NewFiles, read_input
 
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
 T = TypeVar("T")
+MAX_CHECKPOINTS_FILE = 512 * 1024 * 1024  # ~500,000 checkpoints
 
 
 def _write_file(path: Path, write: Callable[[IO[str]], T]) -> T:
-    """Write through ``path``.part, renamed over ``path`` when complete: a failed export never
-    leaves a half-written file under the name an auditor expects. OS errors (no such
-    directory, permission, disk full) are bad input, exit 65, without a traceback."""
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
-            result = write(fh)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return result
+    """A new file (never an existing one, never through a symlink; mode 0600), removed again
+    if writing fails: the rule of every file the command line writes (``sekisho.files``)."""
+    with NewFiles([path]) as files, files.open_text(path) as fh:
+        return write(fh)
+
+
+def _readable(rows: Iterable[T]) -> Iterator[T]:
+    """Rows as they come; a stored value the journal would never have written (a tampered
+    row) stops the listing with a clear error, not a traceback."""
+    iterator = iter(rows)
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise AuditError(
+                f"the journal holds a record that cannot be read ({type(exc).__name__}): "
+                "run `sekisho audit verify`"
+            ) from None
+        yield row
 
 
 def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:
@@ -114,7 +125,8 @@ def verify_cmd(
     external = []
     for path in checkpoint_files:
         try:
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            text = read_input(path, "checkpoints file", MAX_CHECKPOINTS_FILE).decode("utf-8")
+            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
             external.extend(claims_from_documents(lines, path.name))
         except ValueError as exc:
             raise InputError(f"{path}: {exc}") from None
@@ -144,9 +156,7 @@ def _trusted_keys(signer: CheckpointSigner | None, files: tuple[Path, ...]) -> s
     keys = set()
     for path in files:
         try:
-            key = serialization.load_pem_public_key(path.read_bytes())
-        except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+            key = serialization.load_pem_public_key(read_input(path, "public key", 64 * 1024))
         except (ValueError, UnsupportedAlgorithm):
             raise InputError(f"{path}: not a PEM public key") from None
         keys.add(key.public_bytes(serialization.Encoding.DER, _SPKI))
@@ -177,7 +187,7 @@ def search_cmd(state: State, /, limit: int, **kwargs: Any) -> None:
     """Find journal records (newest last)."""
     services = state.services()
     with services.db.read_scope() as session:
-        for row in search(session, _filter(kwargs), limit=limit):
+        for row in _readable(search(session, _filter(kwargs), limit=limit)):
             if state.as_json:
                 click.echo(json.dumps(as_document(row), sort_keys=True, ensure_ascii=True))
             else:
@@ -199,7 +209,7 @@ def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) ->
     services = state.services()
     writer = write_csv if fmt == "csv" else write_jsonl
     with services.db.read_scope() as session:
-        rows = search(session, _filter(kwargs))
+        rows = _readable(search(session, _filter(kwargs)))
         if output is None:
             count = writer(rows, sys.stdout)
         else:
@@ -228,7 +238,9 @@ def checkpoints() -> None:
 
 @checkpoints.command("export")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--after", type=int, default=0, help="Only checkpoints after this seq.")
+@click.option(
+    "--after", type=click.IntRange(0, 2**63 - 1), default=0, help="Only checkpoints after this seq."
+)
 @pass_state
 def checkpoints_export(state: State, output: Path | None, after: int) -> None:
     """Write signed checkpoints as JSONL (each verifiable with its public key)."""

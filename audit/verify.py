@@ -314,11 +314,21 @@ def claims_from_documents(docs: Iterable[Mapping[str, Any]], source: str) -> lis
     out = []
     for n, doc in enumerate(docs, 1):
         try:
+            if not isinstance(doc, Mapping):
+                raise TypeError("not a JSON object")
+            seq, head_hash, body = doc["seq"], doc["head_hash"], doc["body"]
+            if not (
+                isinstance(seq, int)
+                and not isinstance(seq, bool)
+                and isinstance(head_hash, str)
+                and isinstance(body, str)
+            ):
+                raise TypeError("seq must be a number, head_hash and body text")
             out.append(
                 CheckpointClaim(
-                    seq=int(doc["seq"]),
-                    head_hash=str(doc["head_hash"]),
-                    body=str(doc["body"]),
+                    seq=seq,
+                    head_hash=head_hash,
+                    body=body,
                     signature=base64.b64decode(doc["signature"], validate=True),
                     public_key_der=base64.b64decode(doc["public_key"], validate=True),
                     source=f"{source}:{n}",

@@ -54,6 +54,25 @@ def _name(common_name: str, organization: str) -> x509.Name:
     )
 
 
+def root_subject(organization: str) -> x509.Name:
+    return _subject(f"{organization.strip()} Root CA", organization)
+
+
+def issuing_subject(name: str, organization: str) -> x509.Name:
+    return _subject(f"{organization.strip()} {name.capitalize()} Issuing CA", organization)
+
+
+def _subject(common_name: str, organization: str) -> x509.Name:
+    """A CA's subject, refused (InputError) before any key exists: an empty organization, or
+    attributes over their X.520 upper bounds (64 characters for O and CN)."""
+    if not organization.strip():
+        raise InputError("the organization (O) of a CA must not be empty")
+    try:
+        return _name(common_name, organization.strip())
+    except ValueError as exc:
+        raise InputError(f"CA subject refused: {exc}") from None
+
+
 def _check_ca_key_type(key_type: KeyType) -> None:
     if key_type not in CA_KEY_TYPES:
         raise PolicyViolation("key-type", f"{key_type.value} is not allowed for a CA")
@@ -97,13 +116,13 @@ def create_root(
     """The root CA, self-signed, with a new key (or the existing token key ``key_ref``)."""
     check_ca_name(name)
     _check_ca_key_type(key_type)
+    subject = root_subject(organization)
     now = service.clock()
     with service.db.scope() as session:
         if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
             raise Conflict(f"a CA named {name!r} already exists")
     ref, key_type = _ca_key(service, name, key_type, key_ref)
     key = service.backend.signing_key(ref)
-    subject = _name(f"{organization} Root CA", organization)
     public_key = key.public_key()
     cert = (
         x509.CertificateBuilder(
@@ -180,6 +199,7 @@ def create_issuing(
     """An issuing CA under ``parent``, with a new key (or the existing token key
     ``key_ref``)."""
     check_ca_name(name)
+    subject = issuing_subject(name, organization)
     with service.db.scope() as session:
         if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
             raise Conflict(f"a CA named {name!r} already exists")
@@ -189,7 +209,6 @@ def create_issuing(
         parent_id = parent_row.id
     ref, key_type = _ca_key(service, name, key_type, key_ref)
     public_key = service.backend.public_key(ref)
-    subject = _name(f"{organization} {name.capitalize()} Issuing CA", organization)
     cert = service.issue(
         IssueRequest(
             ca=parent,

@@ -209,6 +209,8 @@ class CaService:
                 issuer = self.registry.get(session, request.ca)
         if not issuer.key_online:
             raise Conflict(f"the key of CA {issuer.name} is offline: bring it online first")
+        if issuer.revoked:
+            raise Conflict(f"the certificate of CA {issuer.name} is revoked: it issues nothing")
         now = self.clock()
         # Backdated for clock skew, but never before the issuer's own start.
         not_before = max(now - BACKDATE, issuer.not_before)

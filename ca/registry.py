@@ -7,14 +7,14 @@ import re
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, object_session
 
-from ca.models import CertificateAuthority
-from ca.tbs import IssuerContext
+from ca.models import Certificate, CertificateAuthority, CertStatus
+from ca.tbs import IssuerContext, serial_hex
 from hsm.base import KeyType
 from sekisho.errors import InputError, NotFound
 
@@ -61,7 +61,7 @@ class Urls:
         return self._join("/ocsp")
 
 
-def context_for(row: CertificateAuthority, urls: Urls) -> IssuerContext:
+def context_for(row: CertificateAuthority, urls: Urls, *, revoked: bool = False) -> IssuerContext:
     return IssuerContext(
         id=row.id,
         name=row.name,
@@ -73,7 +73,21 @@ def context_for(row: CertificateAuthority, urls: Urls) -> IssuerContext:
         ocsp_url=urls.ocsp(),
         ca_issuers_url=urls.ca_cert(row.name),
         key_online=row.key_online,
+        revoked=revoked,
     )
+
+
+def ca_revoked(session: Session, row: CertificateAuthority) -> bool:
+    """Whether the parent has revoked (or put on hold) this CA's own certificate."""
+    if row.parent_id is None:
+        return False
+    serial = serial_hex(x509.load_der_x509_certificate(row.certificate_der).serial_number)
+    status = session.scalar(
+        select(Certificate.status).where(
+            Certificate.issuer_id == row.parent_id, Certificate.serial == serial
+        )
+    )
+    return status == CertStatus.REVOKED
 
 
 # How long a cached CA context is used before the row is read again: the bound on how late a
@@ -116,7 +130,7 @@ class CaRegistry:
             with self._lock:
                 self._cache.pop(name, None)
             raise NotFound(f"unknown certificate authority {name!r}")
-        ctx = context_for(row, self.urls)
+        ctx = context_for(row, self.urls, revoked=ca_revoked(session, row))
         with self._lock:
             self._cache[name] = (loaded, ctx)
         return ctx
@@ -143,6 +157,14 @@ def _ca_row_flushed(_mapper: Any, _connection: Any, target: CertificateAuthority
     if session is not None:
         session.info[_CA_CHANGED] = True
     _invalidate_all()
+
+
+@event.listens_for(Certificate, "after_update")
+def _certificate_flushed(_mapper: Any, _connection: Any, target: Certificate) -> None:
+    # A CA's own certificate revoked, put on hold or released by its parent (revocation goes
+    # through the ORM): the CA's "revoked" flag changes with it.
+    if target.owner_kind == "ca":
+        _ca_row_flushed(_mapper, _connection, cast(Any, target))
 
 
 @event.listens_for(Session, "after_commit")

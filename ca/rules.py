@@ -131,11 +131,17 @@ def _check_san(entry: SanEntry) -> None:
         _check_dns(entry.value.rsplit("@", 1)[1].lower())
     elif entry.kind == "ip":
         try:
-            ipaddress.ip_address(entry.value)
+            address = ipaddress.ip_address(entry.value)
         except ValueError:
             raise PolicyViolation(
                 "san-ip-syntax", f"{entry.value!r} is not an IP address"
             ) from None
+        if getattr(address, "scope_id", None) is not None or str(address) != entry.value:
+            # A zone (fe80::1%eth0) is not part of the octets a certificate carries, and any
+            # other spelling than the canonical one would be recorded unlike the certificate.
+            raise PolicyViolation(
+                "san-ip-syntax", f"{entry.value!r} is not a canonical IP address without a zone"
+            )
     elif entry.kind == "uri" and (":" not in entry.value or len(entry.value) > 1024):
         raise PolicyViolation("san-uri-syntax", f"{entry.value!r} is not an absolute URI")
 

@@ -64,6 +64,14 @@ class SanEntry:
         kind, sep, value = text.partition(":")
         if not sep or kind not in {"dns", "email", "ip", "uri"} or not value:
             raise MalformedInput(f"SAN {text!r}: expected dns:|email:|ip:|uri: and a value")
+        if kind == "ip":
+            try:
+                address = ipaddress.ip_address(value)
+            except ValueError:
+                pass  # the rules refuse it, by name (san-ip-syntax)
+            else:
+                if getattr(address, "scope_id", None) is None:
+                    value = str(address)  # canonical, as the certificate will carry it
         return cls(kind, value)
 
     @classmethod
@@ -108,6 +116,8 @@ class IssuerContext:
     ocsp_url: str
     ca_issuers_url: str
     key_online: bool = True
+    # The CA's own certificate is revoked (or on hold) by its parent: it issues nothing.
+    revoked: bool = False
 
     @cached_property
     def subject(self) -> x509.Name:

@@ -25,6 +25,11 @@ def check_password(password: bytes) -> None:
     """Refuse a PKCS#12 password too short to protect the key (before anything is issued)."""
     if len(password) < MIN_PASSWORD_BYTES:
         raise InputError(f"PKCS#12 password must have at least {MIN_PASSWORD_BYTES} characters")
+    try:
+        # PKCS#12 (RFC 7292 B.1) carries the password as BMPString: it must be text.
+        password.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("PKCS#12 password must be UTF-8 text") from None
 
 
 def pkcs12_bundle(

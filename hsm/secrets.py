@@ -36,9 +36,13 @@ def read_secret(
             raise ConfigError(
                 f"environment variable {env_name} (named as the {what}) is not set or empty"
             )
-        if len(text.encode()) < min_length:
+        try:
+            value = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{what} in {env_name} is not valid UTF-8") from None
+        if len(value) < min_length:
             raise ConfigError(f"{what} in {env_name} is shorter than {min_length} bytes")
-        return text.encode()
+        return value
     if path is None:
         raise ConfigError(f"no {what} source configured")
     try:

@@ -10,7 +10,14 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
 from audit.events import Category, Event, Outcome
-from ca.hierarchy import NameConstraintSpec, check_adoptable, create_issuing, create_root
+from ca.hierarchy import (
+    NameConstraintSpec,
+    check_adoptable,
+    create_issuing,
+    create_root,
+    issuing_subject,
+    root_subject,
+)
 from ca.models import CaKind, CertificateAuthority
 from ca.registry import check_ca_name
 from hsm.base import KeyType
@@ -51,6 +58,9 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
     # Every name before anything is created: a refused issuing CA name must not leave a root.
     for name in (plan.root_name, *plan.issuing):
         check_ca_name(name)
+    root_subject(plan.organization)
+    for name in plan.issuing:
+        issuing_subject(name, plan.organization)
     unknown = set(plan.adopt) - {plan.root_name, *plan.issuing}
     if unknown:
         raise InputError(f"--adopt-key names no CA of this plan: {', '.join(sorted(unknown))}")

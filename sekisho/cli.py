@@ -8,11 +8,10 @@ from argv.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import errno
 import json
+import logging
 import os
 import secrets
 import sys
@@ -25,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
+from ca.csr import MAX_CSR_BYTES
 from ca.hierarchy import NameConstraintSpec
 from ca.issuance import IssueRequest
 from ca.models import Certificate, CertificateAuthority, CertStatus
@@ -35,6 +35,7 @@ from hsm.secrets import read_secret
 from sekisho import __version__
 from sekisho.context import Actor
 from sekisho.errors import ConfigError, Conflict, InputError, NotFound, SekishoError
+from sekisho.files import NewFiles, read_input
 from sekisho.logs import setup_logging
 from sekisho.services import Services, build_services, ensure_data_dir, open_backend
 from sekisho.settings import Settings, load_settings
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from hsm.pkcs11 import Pkcs11Backend
 
 EX_USAGE = 64
+EX_SOFTWARE = 70  # sysexits: an internal error
 
 
 class State:
@@ -85,11 +87,18 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
+def _data_dir(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Path | None:
+    if value is not None and not value.strip():
+        # An empty value would mean the current directory: chmod 0700, keys, a database.
+        raise click.BadParameter("empty (write . for the current directory)")
+    return Path(value) if value is not None else None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sekisho")
 @click.option(
     "--data-dir",
-    type=click.Path(path_type=Path),
+    callback=_data_dir,
     envvar="SEKISHO_DATA_DIR",
     help="Data directory (default ./var).",
 )
@@ -310,7 +319,7 @@ def ca_export(state: State, name: str, output: Path | None, with_key: bool) -> N
     services = state.services()
     # The file is created before the export is journalled: a path that cannot be written
     # fails first, and leaves no "exported" entry for a key that went nowhere.
-    outputs = _Outputs([output] if output is not None else [])
+    outputs = NewFiles([output] if output is not None else [])
     try:
         if with_key:
             assert output is not None
@@ -354,7 +363,8 @@ def ca_online(state: State, name: str, key_file: Path) -> None:
     """Bring an exported CA key back into the store (to sign a new CA or the root CRL)."""
     from ca.hierarchy import bring_online
 
-    bring_online(state.services().ca, name, key_file.read_bytes(), state.actor())
+    pem = read_input(key_file, "key file", 64 * 1024)
+    bring_online(state.services().ca, name, pem, state.actor())
     state.emit({"ca": name, "key_online": True}, f"key of CA {name} is online")
 
 
@@ -466,14 +476,20 @@ def issue(
         raise click.UsageError("give exactly one of --csr and --keygen")
     if keygen is None and (key_out or p12):
         raise click.UsageError("--key-out and --p12 go with --keygen")
-    if keygen is not None and subject is None:
+    if keygen is not None and not (subject or "").strip():
         raise click.UsageError("--keygen needs --subject")
+    if keygen is not None and not (key_out or p12):
+        # The key exists only in this process: issuing without saving it makes a certificate
+        # nobody can use.
+        raise click.UsageError("--keygen needs --key-out or --p12 (where the key goes)")
+    if profile == "sub-ca":
+        raise click.UsageError("CA certificates are made by `ca create-issuing` (tracked as CAs)")
     # Everything that can be refused is checked before the certificate exists: a failure
     # after issuance would leave an issued certificate whose key nobody has.
     password = _read_secret_option(password_file, password_env) if p12 else None
     if password is not None:
         check_password(password)
-    outputs = _Outputs([p for p in (out, key_out, p12) if p is not None])
+    outputs = NewFiles([p for p in (out, key_out, p12) if p is not None])
     try:
         from enrollment.pkcs12 import pkcs12_bundle
 
@@ -485,7 +501,9 @@ def issue(
         key = None
         if csr is not None:
             cert = services.ca.issue_from_csr(
-                csr.read_bytes(),
+                # Read up to 64 times the CSR limit: the service refuses (and journals) an
+                # oversized CSR; only a file far beyond it is refused unread.
+                read_input(csr, "CSR", 64 * MAX_CSR_BYTES),
                 ca=ca_name,
                 profile=profile,
                 actor=actor,
@@ -546,44 +564,6 @@ def issue(
     except BaseException:
         outputs.discard()  # a failure leaves none of the files this command created
         raise
-
-
-class _Outputs:
-    """Output files, created before anything is issued or exported, so that an unwritable path
-    fails first. Each is a new file (O_EXCL: an existing file, or a symlink planted in a shared
-    directory, is refused rather than written through or left with its old mode), mode 0600,
-    written later through the descriptor opened here. ``discard()`` removes them all."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._open: dict[Path, int] = {}
-        self._created: list[Path] = []
-        for path in paths:
-            try:
-                fd = os.open(path, _NEW_FILE, 0o600)
-            except OSError as exc:
-                self.discard()
-                if exc.errno == errno.EEXIST:
-                    raise InputError(f"{path} exists: choose a new file name") from None
-                raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-            self._open[path] = fd
-            self._created.append(path)
-
-    def write(self, path: Path, data: bytes) -> None:
-        with os.fdopen(self._open.pop(path), "wb") as fh:
-            fh.write(data)
-
-    def discard(self) -> None:
-        for fd in self._open.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._open.clear()
-        for path in self._created:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        self._created.clear()
-
-
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _chain_for(session: Any, ca_name: str) -> list[x509.Certificate]:
@@ -1109,8 +1089,15 @@ _register_audit()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: map errors to exit codes once."""
+    args = sys.argv[1:] if argv is None else argv
+    for n, arg in enumerate(args, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogate-escaped by Python)
+            click.echo(f"error: usage: argument {n} is not valid UTF-8", err=True)
+            return EX_USAGE
     try:
-        cli.main(args=argv, prog_name="sekisho", standalone_mode=False)
+        cli.main(args=args, prog_name="sekisho", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
     except click.exceptions.Abort:
@@ -1127,6 +1114,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line for the operator, the traceback in the log
+        logging.getLogger("sekisho.cli").debug("unexpected error", exc_info=exc)
+        click.echo(
+            f"error: internal: unexpected {type(exc).__name__} (a bug in Sekisho; run with "
+            "--log-level DEBUG for details)",
+            err=True,
+        )
+        return EX_SOFTWARE
     return 0
 
 

@@ -24,6 +24,7 @@ from sekisho.errors import ConfigError
 
 ENV_PREFIX = "SEKISHO_"
 CONFIG_NAME = "sekisho.toml"
+MAX_SETTINGS_FILE = 1024 * 1024
 # Service terms, item 4: customer data may be stored in Japan only.
 ALLOWED_DATA_LOCATIONS = frozenset({"JP"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -205,6 +206,8 @@ def _coerce(name: str, raw: Any) -> Any:
         if target in ("Path", Path):
             if not isinstance(raw, str | os.PathLike):
                 raise ValueError(f"expected a path, not {type(raw).__name__}")
+            if not str(raw).strip():
+                raise ValueError("empty (write . for the current directory)")
             return Path(raw)
         if target in ("int", int):
             # int(2.5) would silently drop the fraction; bool is an int subclass.
@@ -255,12 +258,20 @@ def load_settings(
         if env.get(ENV_PREFIX + "CONFIG")
         else Path(data_dir) / CONFIG_NAME
     )
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ConfigError(f"cannot use settings file {path}: {exc.strerror or exc}") from None
+    if exists:
         try:
-            with path.open("rb") as fh:
-                _check_trusted_file(path, os.fstat(fh.fileno()))
-                doc = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: no wait
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ConfigError(f"settings file {path} is not a regular file")
+                _check_trusted_file(path, st)
+                doc = tomllib.loads(fh.read(MAX_SETTINGS_FILE + 1).decode("utf-8"))
+        except (OSError, ValueError) as exc:  # TOMLDecodeError and UnicodeDecodeError included
             raise ConfigError(f"cannot read settings file {path}: {exc}") from None
         section = doc.get("sekisho", doc)
         if not isinstance(section, dict):

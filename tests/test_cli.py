@@ -12,8 +12,10 @@ import datetime as dt
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -313,7 +315,8 @@ def test_offline_root_blocks_root_signing_until_brought_back(
     assert sorted(d["ca"] for d in docs) == ["admin", "device"]
     # The issuing CAs keep working.
     ok(run("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
-           "--subject", "CN=d1.example.com", "--san", "dns:d1.example.com"))  # fmt: skip
+           "--subject", "CN=d1.example.com", "--san", "dns:d1.example.com",
+           *_key_out()))  # fmt: skip
     # A wrong key file is refused by name; the right one brings the root back.
     wrong = tmp_path / "admin-key.pem"
     ok(run("ca", "export", "admin", "--key", "-o", str(wrong)))
@@ -454,7 +457,8 @@ def test_issue_input_errors(run: Runner, tmp_path: Path) -> None:
     )
     assert bad_san.code == 65 and "SAN" in bad_san.err
     bad_subject = run("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
-                      "--subject", "not a dn", "--san", "dns:x.example.com")  # fmt: skip
+                      "--subject", "not a dn", "--san", "dns:x.example.com",
+                      *_key_out())  # fmt: skip
     assert bad_subject.code == 65 and "subject" in bad_subject.err
     no_subject = run("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256")
     assert no_subject.code == 64
@@ -560,9 +564,17 @@ def test_keygen_pkcs12_password_from_env_or_generated(
 
 
 # -- revoke / release / cert list -------------------------------------------------------------
+# Where tests that need no key put the one `issue --keygen` must write (removed at exit).
+_SCRATCH = tempfile.TemporaryDirectory(prefix="sekisho-test-cli-")
+
+
+def _key_out() -> tuple[str, str]:
+    return "--key-out", str(Path(_SCRATCH.name) / f"{secrets.token_hex(8)}.key")
+
+
 def _issue_device(run: Runner, host: str, *extra: str) -> str:
     argv = ["--json", "issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
-            "--subject", f"CN={host}", "--san", f"dns:{host}", *extra]  # fmt: skip
+            "--subject", f"CN={host}", "--san", f"dns:{host}", *_key_out(), *extra]  # fmt: skip
     doc = ok(run(*argv)).json()
     serial: str = doc["serial"]
     return serial
@@ -665,7 +677,8 @@ def test_cert_list_filters(run: Runner) -> None:
     ok(run("revoke", "--ca", "device", revoked))
     csr_serial = ok(run("--json", "issue", "--ca", "admin", "--profile", "admin-client",
                         "--keygen", "ec-p256", "--subject", "CN=Dan,O=T",
-                        "--san", "email:dan@example.com")).json()["serial"]  # fmt: skip
+                        "--san", "email:dan@example.com",
+                        *_key_out())).json()["serial"]  # fmt: skip
 
     def serials(*argv: str) -> list[str]:
         return [d["serial"] for d in ok(run("--json", "cert", "list", *argv)).json()]
@@ -762,3 +775,68 @@ def test_python_dash_m_sekisho_is_the_cli() -> None:
         capture_output=True, text=True, timeout=TIMEOUT, check=False,
     )  # fmt: skip
     assert done.returncode == 0 and "issue" in done.stdout, done.stderr
+
+
+# -- hostile command lines (found by fuzzing the CLI) -----------------------------------------
+def _issued_count(run: Runner, ca: str) -> int:
+    return len(ok(run("--json", "cert", "list", "--ca", ca, "--limit", "1000")).json())
+
+
+def test_refusals_come_before_anything_is_issued_or_created(run: Runner, tmp_path: Path) -> None:
+    """Each of these used to issue a certificate (then crash or drop the key), leave keys
+    behind, or end in a traceback."""
+    base = ["issue", "--ca", "device", "--profile", "tls-server", "--keygen", "ec-p256",
+            "--subject", "CN=portal9.example.com", "--san", "dns:portal9.example.com"]  # fmt: skip
+    before = _issued_count(run, "device")
+    assert run(*base).code == 64  # the key would go nowhere
+    assert run(*base[:-4], "--subject", " ", "--key-out", str(tmp_path / "k")).code == 64
+    assert run(*[a if a != "tls-server" else "sub-ca" for a in base], "--key-out", "x").code == 64
+    binary = tmp_path / "binary-pw"
+    binary.write_bytes(b"\xff\xfe" * 10)
+    binary.chmod(0o600)
+    refused = run(*base, "--p12", str(tmp_path / "b.p12"), "--password-file", str(binary))
+    assert refused.code == 65 and "UTF-8" in refused.err
+    zone = run(*base[:-1], "ip:fe80::1%eth0", "--key-out", str(tmp_path / "z"))
+    assert zone.code == 65 and "zone" in zone.err
+    assert _issued_count(run, "device") == before
+    assert not list(tmp_path.glob("*.p12")) and not (tmp_path / "z").exists()
+    # Odd spellings of an IP address are written as the certificate carries them.
+    doc = ok(run("--json", *base[:-1], "ip:FE80::0:1", "--key-out", str(tmp_path / "ok"))).json()
+    assert _issued_count(run, "device") == before + 1 and doc["serial"]
+    # Not UTF-8 in an argument: a usage error, not a traceback (or a half-written row).
+    assert main(["--data-dir", str(tmp_path), "ca", "show", "\udcff"]) == 64
+    assert main(["--data-dir", "", "ca", "list"]) == 64
+
+
+def test_init_refuses_a_bad_organization_before_creating_any_key(tmp_path: Path) -> None:
+    for org in ("", "x" * 100):
+        data = tmp_path / f"d{len(org)}"
+        assert main(["--data-dir", str(data), "init", "--org", org]) == 65
+        assert not (data / "keys").exists() or not list((data / "keys").iterdir())
+    again = tmp_path / "d0"
+    assert main(["--data-dir", str(again), "init", "--org", "Fine Corp"]) == 0
+
+
+def test_inputs_that_are_not_regular_files_are_refused_unread(run: Runner, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for source in (Path("/dev/zero"), fifo):  # a FIFO with no writer used to hang forever
+        result = run("issue", "--ca", "device", "--profile", "device", "--csr", str(source))
+        assert result.code == 65 and "not a regular file" in result.err
+        result = run("ca", "online", "root", "--key-file", str(source))
+        assert result.code == 65 and "not a regular file" in result.err
+
+
+def test_a_revoked_ca_issues_nothing_until_released(run: Runner, tmp_path: Path) -> None:
+    admin_serial = f"{x509.load_der_x509_certificate(ca_der(run, 'admin')).serial_number:x}"
+    request = ["issue", "--ca", "admin", "--profile", "admin-client", "--keygen", "ec-p256",
+               "--subject", "CN=Dana,O=Tenant One,UID=dana", "--san",
+               "email:dana@tenant1.example.com"]  # fmt: skip
+    before = _issued_count(run, "admin")
+    ok(run("revoke", "--ca", "root", admin_serial, "--reason", "certificate_hold"))
+    refused = run(*request, "--key-out", str(tmp_path / "held.key"))
+    assert refused.code == 75 and "revoked" in refused.err
+    assert not (tmp_path / "held.key").exists() and _issued_count(run, "admin") == before
+    ok(run("release", "--ca", "root", admin_serial))
+    ok(run(*request, "--key-out", str(tmp_path / "released.key")))
+    assert _issued_count(run, "admin") == before + 1

@@ -366,14 +366,17 @@ def test_truncation_with_checkpoints_deleted_is_caught_by_exported_checkpoints_a
     assert "truncated" in caught.value.message and "offsite.jsonl" not in caught.value.message
 
 
+def cli_export_checkpoints(capsys: pytest.CaptureFixture[str], data_dir: Path, path: Path) -> Path:
+    """``audit checkpoints export -o PATH`` (must succeed); returns PATH."""
+    code, _out, err = run_cli(capsys, data_dir, "audit", "checkpoints", "export", "-o", str(path))
+    assert code == 0, err
+    return path
+
+
 def test_truncation_with_checkpoints_deleted_is_caught_by_exported_checkpoints_cli(
     journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    offsite = tmp_path / "offsite.jsonl"
-    code, _out, err = run_cli(
-        capsys, cli_data_dir, "audit", "checkpoints", "export", "-o", str(offsite)
-    )
-    assert code == 0, err
+    offsite = cli_export_checkpoints(capsys, cli_data_dir, tmp_path / "offsite.jsonl")
     truncate(80, drop_checkpoints=True)(journal)
     code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
     assert code == 0, err
@@ -590,3 +593,35 @@ def test_a_quiet_journals_tail_is_signed_by_the_refresher(
     with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
         verify(session, origin, trusted_keys=audit_keys(journal))
     assert caught.value.seq == 102  # the first record after the last checkpoint that held
+
+
+def test_listing_a_tampered_journal_is_an_error_not_a_traceback(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A record whose time is not a time (a tampered row) stops search and export with one
+    line (exit 74) and leaves no export file; verify locates it. Exports never overwrite."""
+    if journal.db.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL stores only values of the column type")
+    sql(journal, "UPDATE audit_records SET time = 'garbage' WHERE seq = 60")
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "search", "--limit", "1000")
+    assert code == 74 and "cannot be read" in err and "Traceback" not in err
+    target = tmp_path / "out.jsonl"
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "export", "-o", str(target))
+    assert code == 74 and not target.exists()
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 2 and "seq 60" in err
+    target.write_text("earlier export\n")
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "export", "-o", str(target))
+    assert code == 65 and "exists" in err and target.read_text() == "earlier export\n"
+
+
+def test_checkpoint_documents_with_wrong_types_are_bad_input(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    exported = cli_export_checkpoints(capsys, cli_data_dir, tmp_path / "cp.jsonl")
+    doc = json.loads(exported.read_text().splitlines()[0])
+    doc["body"] = None
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(doc) + "\n")
+    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--checkpoints", str(broken))
+    assert code == 65 and "not a checkpoint document" in err

@@ -275,7 +275,7 @@ def test_cli_exits_69_while_the_token_is_away(
     assert cli_main(["--data-dir", str(data_dir), "init", "--org", "Away Corp"]) == 0
     args = ["--data-dir", str(data_dir), "issue", "--ca", "device", "--profile", "device",
             "--keygen", "ec-p256", "--subject", "CN=away.example.com",
-            "--san", "dns:away.example.com"]  # fmt: skip
+            "--san", "dns:away.example.com", "--key-out", str(tmp_path / "away.key")]  # fmt: skip
     with softhsm.token_away(FAULT_TOKEN):
         capsys.readouterr()
         code = cli_main(args)
@@ -483,7 +483,7 @@ def test_serve_checks_the_token_in_a_child_and_workers_sign_on_it(
         code = cli_main(["--data-dir", str(deployment_pkcs11), "issue", "--ca", "device",
                          "--profile", "device", "--keygen", "ec-p256", "--subject",
                          "CN=served.example.com", "--san", "dns:served.example.com",
-                         "--out", str(leaf)])  # fmt: skip
+                         "--out", str(leaf), "--key-out", str(tmp_path / "leaf.key")])  # fmt: skip
         assert code == 0
         for _ in range(3):  # several requests: more than one worker may answer
             out = subprocess.run(

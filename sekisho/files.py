@@ -1,0 +1,106 @@
+"""Files the command line writes for the operator (certificates, keys, PKCS#12, exports)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from sekisho.errors import InputError, TooLarge
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class NewFiles:
+    """Output files, created before anything is issued or exported, so that an unwritable path
+    fails first. Each is a new file (O_EXCL: an existing file, or a symlink planted in a shared
+    directory, is refused rather than written through or left with its old mode), mode 0600,
+    written later through the descriptor opened here. ``discard()`` removes them all."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._open: dict[Path, int] = {}
+        self._created: list[Path] = []
+        for path in paths:
+            try:
+                fd = os.open(path, _NEW_FILE, 0o600)
+            except OSError as exc:
+                self.discard()
+                if exc.errno == errno.EEXIST:
+                    raise InputError(f"{path} exists: choose a new file name") from None
+                raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            self._open[path] = fd
+            self._created.append(path)
+
+    def write(self, path: Path, data: bytes) -> None:
+        with self.open_binary(path) as fh:
+            fh.write(data)
+
+    @contextlib.contextmanager
+    def open_binary(self, path: Path) -> Iterator[IO[bytes]]:
+        with self._errors(path), os.fdopen(self._open.pop(path), "wb") as fh:
+            yield fh
+
+    @contextlib.contextmanager
+    def open_text(self, path: Path) -> Iterator[IO[str]]:
+        with (
+            self._errors(path),
+            os.fdopen(self._open.pop(path), "w", encoding="utf-8", newline="") as fh,
+        ):
+            yield fh
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _errors(path: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:  # disk full, quota, I/O error while writing
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def discard(self) -> None:
+        for fd in self._open.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._open.clear()
+        for path in self._created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._created.clear()
+
+    def __enter__(self) -> NewFiles:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """On an exception, nothing this object created is left behind."""
+        if exc_type is not None:
+            self.discard()
+
+
+def read_input(path: Path, what: str, limit: int) -> bytes:
+    """The content of a file the operator named: a regular file (a FIFO, a device such as
+    /dev/zero or a directory is refused, never read or waited on) of at most ``limit`` bytes
+    (else TooLarge, exit 65)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"{what} {path} is not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise TooLarge(f"{what} {path} is larger than {limit} bytes")
+    return b"".join(chunks)
