@@ -249,22 +249,24 @@ def build_extensions(tbs: Tbs) -> list[x509.Extension[x509.ExtensionType]]:
             )
         )
     if profile.authority_info_access:
-        exts.append(
-            _ext(
-                x509.AuthorityInformationAccess(
-                    [
-                        x509.AccessDescription(
-                            AuthorityInformationAccessOID.OCSP,
-                            x509.UniformResourceIdentifier(issuer.ocsp_url),
-                        ),
-                        x509.AccessDescription(
-                            AuthorityInformationAccessOID.CA_ISSUERS,
-                            x509.UniformResourceIdentifier(issuer.ca_issuers_url),
-                        ),
-                    ]
-                )
+        access = [
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.CA_ISSUERS,
+                x509.UniformResourceIdentifier(issuer.ca_issuers_url),
             )
-        )
+        ]
+        if not profile.ca:
+            # CA certificates are signed by the root, whose status answers come from its CRL
+            # only (the root is offline; the responder serves the issuing CAs): pointing at
+            # /ocsp would send clients to an "unauthorized".
+            access.insert(
+                0,
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.OCSP,
+                    x509.UniformResourceIdentifier(issuer.ocsp_url),
+                ),
+            )
+        exts.append(_ext(x509.AuthorityInformationAccess(access)))
     if profile.ocsp_no_check:
         exts.append(_ext(x509.OCSPNoCheck()))
     if tbs.name_constraints is not None:

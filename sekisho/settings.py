@@ -105,6 +105,8 @@ class Settings:
 
     def validate(self) -> Settings:
         """Raise ConfigError with a message naming the setting at fault."""
+        if not 1 <= self.bind_port <= 65535:  # first: an unset base_url is made from it
+            raise ConfigError(f"bind_port out of range: {self.bind_port}")
         parts = urlsplit(self.base_url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ConfigError(f"base_url must be an http(s) URL with a host, got {self.base_url!r}")
@@ -129,8 +131,6 @@ class Settings:
                 f"data_location {self.data_location!r} is not allowed: the service terms keep "
                 "customer data in Japan (JP)"
             )
-        if not 1 <= self.bind_port <= 65535:
-            raise ConfigError(f"bind_port out of range: {self.bind_port}")
         if self.key_backend not in {"software", "pkcs11"}:
             raise ConfigError(
                 f"key_backend must be 'software' or 'pkcs11', not {self.key_backend!r}"
@@ -292,6 +292,15 @@ def load_settings(
                 raise ConfigError(f"unknown setting {key!r}")
             values[key] = _coerce(key, raw)
     values.setdefault("data_dir", Path(data_dir))
+    if "base_url" not in values:
+        # Unset: where `serve` listens, so that the URLs written into certificates (CDP, AIA)
+        # follow a changed port (it stayed :8080 while serving elsewhere).
+        host = str(values.get("bind_host", Settings.bind_host))
+        if host in ("", "0.0.0.0", "::"):  # noqa: S104 - a wildcard is not a URL host
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        values["base_url"] = f"http://{host}:{values.get('bind_port', Settings.bind_port)}"
     return Settings(**values).validate()
 
 

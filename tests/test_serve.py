@@ -309,6 +309,36 @@ def test_a_chunked_body_over_the_limit_is_413_not_cut_short(body_server: Server)
     assert _status(response) == 413, response[:200]
 
 
+def test_clients_that_stall_mid_head_are_cut_off_and_do_not_block_the_server(
+    body_server: Server,
+) -> None:
+    """More clients than worker threads (2 workers x 4 threads) send half a request head and
+    stop: each connection is closed once request_body_seconds have passed since its first
+    bytes, and /healthz and the CRLs answer meanwhile or right after (before, they stopped
+    answering for as long as the clients stayed)."""
+    stalled = []
+    try:
+        for _ in range(12):
+            sock = socket.create_connection(("127.0.0.1", body_server.port), timeout=15)
+            sock.sendall(b"GET /crl/admin.crl HTTP/1.1\r\nHost: x\r\n")
+            stalled.append(sock)
+        started = time.monotonic()
+        res = curl("--max-time", "15", "-o", "/dev/null", "-w", "%{http_code}",
+                   f"{body_server.base}/crl/admin.crl")  # fmt: skip
+        assert res.stdout == "200", res.stdout + res.stderr
+        assert time.monotonic() - started < BODY_SECONDS * 3 + 2
+        for sock in stalled:
+            with contextlib.suppress(TimeoutError):
+                while sock.recv(65536):
+                    pass
+        assert time.monotonic() - started < BODY_SECONDS * 3 + 5  # every one closed
+    finally:
+        for sock in stalled:
+            sock.close()
+    log = body_server.output()
+    assert "Traceback" not in log, log[-3000:]
+
+
 def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(
     body_server: Server,
 ) -> None:

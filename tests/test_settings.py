@@ -247,3 +247,15 @@ def test_settings_file_another_user_could_write_is_refused(tmp_path: Path) -> No
         os.chown(path, 65534, 65534)
         with pytest.raises(ConfigError, match="another user"):
             load_settings(env={}, overrides={"data_dir": tmp_path})
+
+
+def test_base_url_follows_the_serving_port_unless_set(tmp_path: Path) -> None:
+    moved = load_settings(env={"SEKISHO_BIND_PORT": "8091"}, overrides={"data_dir": tmp_path})
+    assert moved.base_url == "http://127.0.0.1:8091"
+    v6 = load_settings(env={}, overrides={"data_dir": tmp_path, "bind_host": "::1"})
+    assert v6.base_url == "http://[::1]:8080"
+    explicit = load_settings(
+        env={"SEKISHO_BIND_PORT": "8091", "SEKISHO_BASE_URL": "https://pki.example.com"},
+        overrides={"data_dir": tmp_path},
+    )
+    assert explicit.base_url == "https://pki.example.com"

@@ -72,6 +72,12 @@ class _Watchdog:
             with self._cond:  # after this, the watchdog never touches the socket again
                 guard.done = True
 
+    def release(self, guard: _Guard) -> None:
+        """End ``guard`` before its ``with`` block does: the watchdog never touches its socket
+        again."""
+        with self._cond:
+            guard.done = True
+
     def _run(self) -> None:
         try:
             while True:  # for the life of the process (a daemon thread)
@@ -104,8 +110,8 @@ class _Watchdog:
         self._thread = None
 
 
-_WATCHDOG = _Watchdog()
-os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
+WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=WATCHDOG.after_fork)
 
 
 def read_body(max_bytes: int, seconds: float) -> bytes:
@@ -122,7 +128,7 @@ def read_body(max_bytes: int, seconds: float) -> bytes:
     stream = get_input_stream(environ, safe_fallback=True, max_content_length=None)
     chunks: list[bytes] = []
     total = 0
-    with _WATCHDOG.guard(environ.get("gunicorn.socket"), seconds) as guard:
+    with WATCHDOG.guard(environ.get("gunicorn.socket"), seconds) as guard:
         try:
             while total <= max_bytes:
                 chunk = stream.read(min(READ_CHUNK, max_bytes + 1 - total))

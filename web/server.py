@@ -153,10 +153,13 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
                 proc.kill()
                 proc.wait(REFRESHER_STOP_TIMEOUT)
 
+    from web.worker import GuardedThreadWorker
+
+    GuardedThreadWorker.request_seconds = settings.request_body_seconds
     options = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": "web.worker.GuardedThreadWorker",
         "threads": 4,
         "timeout": 60,
         "graceful_timeout": 10,

@@ -73,6 +73,10 @@ def test_admin_client_profile_contents(services: Services) -> None:
         "1.3.6.1.5.5.7.48.2": f"{BASE_URL}/ca/admin.crt",
     }
     issuer = ca_cert(services, "admin")
+    # The issuing CA's own certificate points at the root's certificate only: the root's
+    # status answers are its CRL (the responder serves the issuing CAs, not the root).
+    issuer_aia = issuer.extensions.get_extension_for_class(x509.AuthorityInformationAccess)
+    assert {d.access_method.dotted_string for d in issuer_aia.value} == {"1.3.6.1.5.5.7.48.2"}
     aki = ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
