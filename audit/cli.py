@@ -15,7 +15,15 @@ from cryptography.hazmat.primitives import serialization
 
 from audit.journal import CheckpointSigner, checkpoint_document
 from audit.models import Checkpoint
-from audit.query import Filter, as_document, render_line, search, write_csv, write_jsonl
+from audit.query import (
+    Filter,
+    as_document,
+    latest,
+    render_line,
+    search,
+    write_csv,
+    write_jsonl,
+)
 from audit.verify import claims_from_documents, verify
 from sekisho.cli import State, pass_state
 from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError
@@ -31,6 +39,11 @@ def _write_file(path: Path, write: Callable[[IO[str]], T]) -> T:
     if writing fails: the rule of every file the command line writes (``sekisho.files``)."""
     with NewFiles([path]) as files, files.open_text(path) as fh:
         return write(fh)
+
+
+def _latest(session: Any, f: Filter, limit: int) -> Iterator[Any]:
+    """``latest`` read lazily, so that a row it cannot read is reported by ``_readable``."""
+    yield from latest(session, f, limit)
 
 
 def _readable(rows: Iterable[T]) -> Iterator[T]:
@@ -182,12 +195,16 @@ def public_key_cmd(state: State, output: Path | None) -> None:
 @audit.command("search")
 @_filter_options
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
+@click.option("--oldest", is_flag=True, help="The first --limit matches instead of the last.")
 @pass_state
-def search_cmd(state: State, /, limit: int, **kwargs: Any) -> None:
-    """Find journal records (newest last)."""
+def search_cmd(state: State, /, limit: int, oldest: bool, **kwargs: Any) -> None:
+    """Find journal records: the newest --limit matches (or with --oldest the first ones),
+    in sequence order."""
     services = state.services()
     with services.db.read_scope() as session:
-        for row in _readable(search(session, _filter(kwargs), limit=limit)):
+        f = _filter(kwargs)
+        rows = search(session, f, limit=limit) if oldest else _latest(session, f, limit)
+        for row in _readable(rows):
             if state.as_json:
                 click.echo(json.dumps(as_document(row), sort_keys=True, ensure_ascii=True))
             else:

@@ -105,6 +105,12 @@ def search(session: Session, f: Filter, *, limit: int | None = None) -> Iterator
         session.expunge_all()
 
 
+def latest(session: Session, f: Filter, limit: int) -> list[JournalRecord]:
+    """The ``limit`` newest matching records, in sequence order (what ``tail`` would show)."""
+    stmt = _statement(f).order_by(JournalRecord.seq.desc()).limit(limit)
+    return list(reversed(list(session.scalars(stmt))))
+
+
 def as_document(row: JournalRecord) -> dict[str, Any]:
     doc: dict[str, Any] = {name: getattr(row, name) for name in FIELDS}
     doc["time"] = format_time(row.time)

@@ -182,7 +182,9 @@ def test_cli_search_filters(
         s["underscore"],
         s["underscore-lookalike"],
     ]
-    assert cli_seqs(capsys, cli_data_dir, "--limit", "2") == [1, 2]
+    # The newest matches by default (what an auditor looks at first), the first with --oldest.
+    assert cli_seqs(capsys, cli_data_dir, "--limit", "2") == [s["system"], s["backslash"]]
+    assert cli_seqs(capsys, cli_data_dir, "--limit", "2", "--oldest") == [1, 2]
 
     doc = json.loads(run_cli(capsys, cli_data_dir, "--json", "audit", "search", "--dn", "a_b")[1])
     assert doc["object_dn"] == "CN=a_b,O=Lit" and doc["client_ip"] == "198.51.100.7"
