@@ -106,13 +106,22 @@ class ResponseIndex:
     def __len__(self) -> int:
         return len(self.by_serial)
 
+    def unheld(self, issuers: Mapping[int, core.Issuer]) -> set[int]:
+        """The ids of ``issuers`` whose stored responses this index does not hold: CAs it does
+        not serve yet, or whose certificate changed under the same id."""
+        old = self.issuers
+        return {
+            i for i, x in issuers.items() if i not in old or old[i].certificate != x.certificate
+        }
+
     def set_issuers(self, issuers: Mapping[int, core.Issuer]) -> set[int]:
         """Serve ``issuers`` from now on (a responder rotated, a CA added, taken offline or
         retired). An issuer whose CA and responder certificates are unchanged keeps its object;
-        the responses of CAs no longer served are dropped. Returns the ids that are new: their
-        stored responses are still to be applied."""
+        the responses of CAs no longer served are dropped. Returns :meth:`unheld` as it was
+        before: the ids whose stored responses are still to be applied."""
         old = self.issuers
-        gone = {i for i in old if i not in issuers or issuers[i].certificate != old[i].certificate}
+        fresh = self.unheld(issuers)
+        gone = {i for i in old if i not in issuers or i in fresh}
         kept = {
             i: (
                 old[i]
@@ -131,7 +140,7 @@ class ResponseIndex:
             }
         self.issuers = kept
         self._issuer_ids = {id(issuer): issuer_id for issuer_id, issuer in kept.items()}
-        return {i for i in kept if i not in old or i in gone}
+        return fresh
 
     def issuer_id(self, issuer: core.Issuer) -> int | None:
         return self._issuer_ids.get(id(issuer))

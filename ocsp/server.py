@@ -293,17 +293,12 @@ class Server:
         assert self.load_issuers is not None and self.loop is not None
         try:
             issuers = dict(self.load_issuers())
-            current = self.index.issuers
-            if _signers(issuers) == _signers(current):
+            if _signers(issuers) == _signers(self.index.issuers):
                 self.issuers_ok = True
                 return
             # New CAs, and any whose certificate changed under the same id (its held
             # responses are dropped by set_issuers): their stored responses are read now.
-            added = [
-                i
-                for i, issuer in issuers.items()
-                if i not in current or current[i].certificate != issuer.certificate
-            ]
+            added = sorted(self.index.unheld(issuers))
             rows = self.snapshot(added) if added and self.snapshot is not None else []
         except Exception:  # the store or a key is away: keep signing as before
             if self.issuers_ok:
