@@ -7,7 +7,7 @@ import re
 import threading
 import time
 import weakref
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
 from sqlalchemy import event, select
@@ -153,10 +153,7 @@ def _invalidate_all() -> None:
 @event.listens_for(CertificateAuthority, "after_update")
 @event.listens_for(CertificateAuthority, "after_delete")
 def _ca_row_flushed(_mapper: Any, _connection: Any, target: CertificateAuthority) -> None:
-    session = object_session(target)
-    if session is not None:
-        session.info[_CA_CHANGED] = True
-    _invalidate_all()
+    _contexts_changed(target)
 
 
 @event.listens_for(Certificate, "after_update")
@@ -164,7 +161,15 @@ def _certificate_flushed(_mapper: Any, _connection: Any, target: Certificate) ->
     # A CA's own certificate revoked, put on hold or released by its parent (revocation goes
     # through the ORM): the CA's "revoked" flag changes with it.
     if target.owner_kind == "ca":
-        _ca_row_flushed(_mapper, _connection, cast(Any, target))
+        _contexts_changed(target)
+
+
+def _contexts_changed(target: object) -> None:
+    """Drop every cached context now, and again when ``target``'s transaction commits."""
+    session = object_session(target)
+    if session is not None:
+        session.info[_CA_CHANGED] = True
+    _invalidate_all()
 
 
 @event.listens_for(Session, "after_commit")
