@@ -309,32 +309,52 @@ def test_a_chunked_body_over_the_limit_is_413_not_cut_short(body_server: Server)
     assert _status(response) == 413, response[:200]
 
 
-def test_clients_that_stall_mid_head_are_cut_off_and_do_not_block_the_server(
-    body_server: Server,
-) -> None:
-    """More clients than worker threads (2 workers x 4 threads) send half a request head and
-    stop: each connection is closed once request_body_seconds have passed since its first
-    bytes, and /healthz and the CRLs answer meanwhile or right after (before, they stopped
-    answering for as long as the clients stayed)."""
-    stalled = []
+@contextlib.contextmanager
+def _stalled(server: Server, first_bytes: bytes) -> Iterator[list[socket.socket]]:
+    """More clients than worker threads (2 workers x 4 threads), each sending ``first_bytes``
+    and then nothing; closed on the way out."""
+    stalled: list[socket.socket] = []
     try:
         for _ in range(12):
-            sock = socket.create_connection(("127.0.0.1", body_server.port), timeout=15)
-            sock.sendall(b"GET /crl/admin.crl HTTP/1.1\r\nHost: x\r\n")
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+            sock.sendall(first_bytes)
             stalled.append(sock)
-        started = time.monotonic()
-        res = curl("--max-time", "15", "-o", "/dev/null", "-w", "%{http_code}",
-                   f"{body_server.base}/crl/admin.crl")  # fmt: skip
-        assert res.stdout == "200", res.stdout + res.stderr
-        assert time.monotonic() - started < BODY_SECONDS * 3 + 2
-        for sock in stalled:
-            with contextlib.suppress(TimeoutError):
-                while sock.recv(65536):
-                    pass
-        assert time.monotonic() - started < BODY_SECONDS * 3 + 5  # every one closed
+        yield stalled
     finally:
         for sock in stalled:
             sock.close()
+
+
+def _answered_meanwhile(server: Server, path: str) -> float:
+    """GET ``path`` answers 200 while the stalled clients wait (or right after their
+    deadline); returns when the request started."""
+    started = time.monotonic()
+    res = curl("--max-time", "15", "-o", "/dev/null", "-w", "%{http_code}",
+               f"{server.base}{path}")  # fmt: skip
+    assert res.stdout == "200", res.stdout + res.stderr
+    assert time.monotonic() - started < BODY_SECONDS * 3 + 2
+    return started
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    response = b""
+    with contextlib.suppress(TimeoutError):
+        while chunk := sock.recv(65536):
+            response += chunk
+    return response
+
+
+def test_clients_that_stall_mid_head_are_cut_off_and_do_not_block_the_server(
+    body_server: Server,
+) -> None:
+    """Clients send half a request head and stop: each connection is closed once
+    request_body_seconds have passed since its first bytes, and the CRLs answer meanwhile or
+    right after (before, nothing answered for as long as the clients stayed)."""
+    with _stalled(body_server, b"GET /crl/admin.crl HTTP/1.1\r\nHost: x\r\n") as stalled:
+        started = _answered_meanwhile(body_server, "/crl/admin.crl")
+        for sock in stalled:
+            _read_until_closed(sock)
+        assert time.monotonic() - started < BODY_SECONDS * 3 + 5  # every one closed
     log = body_server.output()
     assert "Traceback" not in log, log[-3000:]
 
@@ -342,27 +362,13 @@ def test_clients_that_stall_mid_head_are_cut_off_and_do_not_block_the_server(
 def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(
     body_server: Server,
 ) -> None:
-    """More stalled clients than worker threads (2 workers x 4 threads): each is answered 408
-    once request_body_seconds have passed, and /healthz answers meanwhile or right after."""
-    stalled = []
-    try:
-        for _ in range(12):
-            sock = socket.create_connection(("127.0.0.1", body_server.port), timeout=15)
-            sock.sendall(OCSP_HEAD + b"Content-Length: 87\r\n\r\n" + b"\x30" * 10)
-            stalled.append(sock)
-        started = time.monotonic()
-        res = curl("--max-time", "15", "-o", "/dev/null", "-w", "%{http_code}",
-                   f"{body_server.base}/healthz")  # fmt: skip
-        assert res.stdout == "200", res.stdout + res.stderr
-        assert time.monotonic() - started < BODY_SECONDS * 3 + 2
+    """Clients send a head and part of the body: each is answered 408 once
+    request_body_seconds have passed, and /healthz answers meanwhile or right after."""
+    head = OCSP_HEAD + b"Content-Length: 87\r\n\r\n" + b"\x30" * 10
+    with _stalled(body_server, head) as stalled:
+        _answered_meanwhile(body_server, "/healthz")
         for sock in stalled:
-            response = b""
-            with contextlib.suppress(TimeoutError):
-                while chunk := sock.recv(65536):
-                    response += chunk
+            response = _read_until_closed(sock)
             assert _status(response) == 408, response[:200]
-    finally:
-        for sock in stalled:
-            sock.close()
     log = body_server.output()
     assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]
