@@ -5,7 +5,6 @@ Never argv, never logs: callers get bytes and must not print them.
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import stat
@@ -13,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sekisho.errors import ConfigError
+from sekisho.files import FileRefused, read_regular
 
 MAX_SECRET_FILE = 64 * 1024
 
@@ -45,29 +45,21 @@ def read_secret(
         return value
     if path is None:
         raise ConfigError(f"no {what} source configured")
+
+    def owner_only(st: os.stat_result) -> None:
+        if st.st_uid not in (os.geteuid(), 0):
+            raise FileRefused("belongs to another user")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise FileRefused("is readable by others; chmod 600 it")
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        raw = read_regular(path, MAX_SECRET_FILE, follow_symlinks=False, check=owner_only)
     except FileNotFoundError:
         raise ConfigError(f"{what} file {path} does not exist") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(f"{what} file {path} is a symbolic link; name the file") from None
-        raise ConfigError(f"{what} file {path} cannot be read: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{what} file {path} is not a regular file")
-        if st.st_uid not in (os.geteuid(), 0):
-            raise ConfigError(f"{what} file {path} belongs to another user")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"{what} file {path} is readable by others; chmod 600 it")
-        raw = os.read(fd, MAX_SECRET_FILE + 1)
+    except FileRefused as exc:
+        raise ConfigError(f"{what} file {path} {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{what} file {path} cannot be read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_SECRET_FILE:
-        raise ConfigError(f"{what} file {path} is larger than {MAX_SECRET_FILE} bytes")
     value = raw.rstrip(b"\r\n")
     if len(value) < min_length:
         raise ConfigError(f"{what} in {path} is shorter than {min_length} bytes")

@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -79,17 +79,41 @@ class NewFiles:
             self.discard()
 
 
-def read_input(path: Path, what: str, limit: int) -> bytes:
-    """The content of a file the operator named: a regular file (a FIFO, a device such as
-    /dev/zero or a directory is refused, never read or waited on) of at most ``limit`` bytes
-    (else TooLarge, exit 65)."""
+class FileRefused(Exception):
+    """A named file that is not read; the message says why, after the file's name."""
+
+
+class FileTooLarge(FileRefused):
+    pass
+
+
+def read_regular(
+    path: Path,
+    limit: int,
+    *,
+    follow_symlinks: bool = True,
+    check: Callable[[os.stat_result], None] | None = None,
+) -> bytes:
+    """The content of a regular file, at most ``limit`` bytes, checked on the descriptor it is
+    read from: a FIFO, a device such as /dev/zero or a directory is refused unread (never
+    waited on), as is a symbolic link when ``follow_symlinks`` is false; ``check`` may refuse
+    by the file's status (raising FileRefused, or an error of its own). Other OS errors pass
+    through (FileNotFoundError for a missing file)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as exc:
-        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise FileRefused("is a symbolic link; name the file") from None
+        raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(f"{what} {path} is not a regular file")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRefused("is not a regular file")
+        if check is not None:
+            check(st)
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - size))
@@ -97,10 +121,21 @@ def read_input(path: Path, what: str, limit: int) -> bytes:
                 break
             chunks.append(chunk)
             size += len(chunk)
-    except OSError as exc:
-        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
     if size > limit:
-        raise TooLarge(f"{what} {path} is larger than {limit} bytes")
+        raise FileTooLarge(f"is larger than {limit} bytes")
     return b"".join(chunks)
+
+
+def read_input(path: Path, what: str, limit: int) -> bytes:
+    """The content of a file the operator named (``read_regular``): bad input (exit 65) when
+    it is not a regular file or cannot be read, TooLarge over ``limit`` bytes."""
+    try:
+        return read_regular(path, limit)
+    except FileTooLarge as exc:
+        raise TooLarge(f"{what} {path} {exc}") from None
+    except FileRefused as exc:
+        raise InputError(f"{what} {path} {exc}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sekisho.errors import ConfigError
+from sekisho.files import FileRefused, read_regular
 
 ENV_PREFIX = "SEKISHO_"
 CONFIG_NAME = "sekisho.toml"
@@ -264,13 +265,12 @@ def load_settings(
         raise ConfigError(f"cannot use settings file {path}: {exc.strerror or exc}") from None
     if exists:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: no wait
-            with os.fdopen(fd, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise ConfigError(f"settings file {path} is not a regular file")
-                _check_trusted_file(path, st)
-                doc = tomllib.loads(fh.read(MAX_SETTINGS_FILE + 1).decode("utf-8"))
+            raw_file = read_regular(
+                path, MAX_SETTINGS_FILE, check=lambda st: _check_trusted_file(path, st)
+            )
+            doc = tomllib.loads(raw_file.decode("utf-8"))
+        except FileRefused as exc:
+            raise ConfigError(f"settings file {path} {exc}") from None
         except (OSError, ValueError) as exc:  # TOMLDecodeError and UnicodeDecodeError included
             raise ConfigError(f"cannot read settings file {path}: {exc}") from None
         section = doc.get("sekisho", doc)
