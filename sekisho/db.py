@@ -92,9 +92,11 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a committed transaction survives a process crash; the last
-            # transactions may be lost on power failure but the database never corrupts.
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: every commit is on disk (the WAL is synced) before it returns. NORMAL would
+            # lose the last commits on power failure or a kernel crash: an intent row that
+            # must exist before a signature, a certificate already handed out, a revocation
+            # already confirmed (docs/decisions.md, Store).
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()

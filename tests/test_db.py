@@ -4,7 +4,8 @@
   maps a unique violation to DuplicateKey, rolls back whole, and never reports a commit of a
   transaction the database ended.
 
-* SQLite: a read-only scope does not queue behind a writer holding the database lock.
+* SQLite: a read-only scope does not queue behind a writer holding the database lock; every
+  commit is synced to disk before it returns.
 * PostgreSQL: pooled connections that the server dropped (restart, idle timeout, firewall) are
   replaced before the caller sees them when they sat idle; one dropped while in use fails that
   operation cleanly and the next one works."""
@@ -17,8 +18,11 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -560,3 +564,48 @@ def test_migration_0003_backfills_and_downgrades_with_rows_in_place(services: Se
     assert after.keys() == before.keys()
     for kept, newest in after.values():
         assert kept == newest  # None for a CA without CRLs (the root, until it signs one)
+
+
+_COMMITS = """
+import sys
+from sqlalchemy import text
+from sekisho.db import Database
+from tests.test_db import _INSERT, _META, _item
+store = Database(f"sqlite:///{sys.argv[1]}")
+_META.create_all(store.engine)
+for n in range(3):
+    with store.scope() as session:
+        session.execute(text("UPDATE fast_items SET name = name"))
+    with store.write_tx(single=n == 0) as tx:
+        tx.execute(_INSERT, _item(f"item{n}"))
+print("committed")
+"""
+
+
+_STRACE = ("strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_sqlite_syncs_every_commit_before_it_returns(tmp_path: Path) -> None:
+    """A commit that a power loss can take back would break the rule the CA stands on: the
+    intent row must be on disk before the signature exists, and a certificate handed out or a
+    revocation confirmed must not vanish. SQLite's ``synchronous=NORMAL`` in WAL mode syncs
+    only at checkpoints; the store must sync the WAL on every commit (seen with strace)."""
+    path = tmp_path / "store.db"
+    trace = tmp_path / "trace"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [*_STRACE, str(trace), sys.executable, "-c", _COMMITS, str(path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "committed"
+    wal_syncs = [line for line in trace.read_text().splitlines() if f"<{path}-wal>" in line]
+    # Six write transactions (three through the ORM scope, three prepared) after the tables.
+    assert len(wal_syncs) >= 6, trace.read_text()[-2000:]

@@ -10,6 +10,7 @@ have softhsm2-util    || need+=(softhsm2)
 have pkcs11-tool      || need+=(opensc)
 ls /usr/lib/*/pkcs11-spy.so >/dev/null 2>&1 || need+=(opensc-pkcs11)  # counts C_Login in tests
 have wrk              || need+=(wrk)
+have strace           || need+=(strace)  # sees SQLite sync its WAL on every commit
 have nginx            || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -eq 0 ]; then
