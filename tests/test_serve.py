@@ -372,3 +372,71 @@ def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(
             assert _status(response) == 408, response[:200]
     log = body_server.output()
     assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def _parse(response: bytes) -> tuple[int, dict[str, list[str]], bytes]:
+    """(status, header fields by lower-case name, body) of one raw HTTP/1.1 response."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields.setdefault(name.lower(), []).append(value.strip())
+    return _status(response), fields, body
+
+
+def test_a_bad_body_nobody_reads_gets_no_second_response(body_server: Server) -> None:
+    """/healthz answers without reading the body; gunicorn then drains it, fails on the bad
+    chunk size and wrote a 400 after the 200, an answer to a request never sent."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    response = _exchange(body_server.port, request)
+    assert _status(response) == 200, response[:300]
+    assert response.count(b"HTTP/1.1 ") == 1, response
+
+
+# -- what gunicorn answers by itself: our headers, short text/plain, nothing echoed -----------
+MARK = b"<script>sekisho-mark</script>"
+GUNICORN_REFUSALS = {
+    "request line": (b"GET /x HTTP/1.1 " + MARK + b"\r\nHost: x\r\n\r\n", 400),
+    "method": (b"G<" + MARK + b"> / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "HTTP version": (b"GET /" + MARK + b" HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+    "field name": (b"GET / HTTP/1.1\r\nHost: x\r\n" + MARK + b": y\r\n\r\n", 400),
+    "field value": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: \x00" + MARK + b"\r\n\r\n", 400),
+    "folding": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n " + MARK + b"\r\n\r\n", 400),
+    "URI too long": (b"GET /" + MARK + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "too many fields": (
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(120))
+        + b"X-Mark: " + MARK + b"\r\n\r\n",
+        431,
+    ),
+    "field too large": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + MARK + b"y" * 9000 + b"\r\n\r\n",
+                        431),
+    "transfer coding": (OCSP_HEAD + b"Transfer-Encoding: " + MARK + b"\r\n\r\n", 501),
+    "chunked and length": (OCSP_HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                           400),
+    "expectation": (OCSP_HEAD + b"Expect: " + MARK + b"\r\nContent-Length: 1\r\n\r\nx", 417),
+}  # fmt: skip
+
+
+def test_requests_gunicorn_refuses_get_our_headers_and_no_echo(body_server: Server) -> None:
+    """gunicorn's own pages were HTML, without the security headers of every other answer,
+    and quoted the request (escaped, but quoted). Now: text/plain, a few dozen octets naming
+    the status and the request ID, the app's security headers and no-store."""
+    for label, (request, status) in GUNICORN_REFUSALS.items():
+        response = _exchange(body_server.port, request)
+        got, fields, body = _parse(response)
+        assert got == status, (label, response[:300])
+        assert fields["content-type"] == ["text/plain; charset=utf-8"], label
+        assert fields["content-length"] == [str(len(body))], label
+        assert fields["cache-control"] == ["no-store"], label
+        assert fields["x-content-type-options"] == ["nosniff"], label
+        assert fields["x-frame-options"] == ["DENY"], label
+        assert fields["referrer-policy"] == ["no-referrer"], label
+        assert fields["content-security-policy"] == ["default-src 'none'"], label
+        (request_id,) = fields["x-request-id"]
+        assert len(request_id) == 16 and request_id.encode() in body, label
+        assert len(body) < 100 and body.startswith(b"%d " % status), (label, body)
+        assert b"sekisho-mark" not in response and b"<" not in body, label
+        assert request_id in body_server.output(), label  # the log names the same request
+    log = body_server.output()
+    assert "Traceback" not in log and "sekisho-mark" not in log, log[-3000:]

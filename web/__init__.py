@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import secrets
-
 from flask import Flask, Response, g, request
 
+from sekisho.context import new_request_id
 from sekisho.services import Services
+
+# On every answer, the app's and the server's own error pages (``web.worker``) alike.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'",
+}
 
 
 def create_app(services: Services) -> Flask:
@@ -25,14 +32,12 @@ def create_app(services: Services) -> Flask:
 
     @app.before_request
     def _request_id() -> None:
-        g.request_id = secrets.token_hex(8)
+        g.request_id = new_request_id()
 
     @app.after_request
     def _headers(response: Response) -> Response:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("Content-Security-Policy", "default-src 'none'")
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
         response.headers["X-Request-Id"] = g.get("request_id", "")
         if request.is_secure:
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")

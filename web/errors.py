@@ -1,7 +1,8 @@
 """Errors mapped once: domain errors and HTTP errors become RFC 9457 problem documents.
 
 Nothing reaches the client as a traceback; unexpected exceptions are logged with the request
-ID and answered with a bare 500 problem.
+ID and answered with a bare 500 problem. Problems are never stored by caches (``no-store``):
+an error about one request must not be served for another.
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ from sekisho.errors import SekishoError
 log = logging.getLogger("sekisho.web")
 
 
-def problem(status: int, code: str, detail: str) -> Response:
-    response = jsonify(
-        {
-            "type": f"urn:sekisho:error:{code}",
-            "title": code.replace("-", " "),
-            "status": status,
-            "detail": detail,
-            "request_id": g.get("request_id"),
-        }
-    )
+def _problem_response(doc: dict[str, object], status: int) -> Response:
+    response = jsonify({**doc, "request_id": g.get("request_id")})
     response.status_code = status
     response.mimetype = "application/problem+json"
+    response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def problem(status: int, code: str, detail: str) -> Response:
+    doc: dict[str, object] = {
+        "type": f"urn:sekisho:error:{code}",
+        "title": code.replace("-", " "),
+        "status": status,
+        "detail": detail,
+    }
+    return _problem_response(doc, status)
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -39,10 +43,7 @@ def register_error_handlers(app: Flask) -> None:
                 "request failed",
                 extra={"code": exc.code, "detail": exc.message, "request_id": g.get("request_id")},
             )
-        response = jsonify({**exc.as_problem(), "request_id": g.get("request_id")})
-        response.status_code = exc.http_status
-        response.mimetype = "application/problem+json"
-        return response
+        return _problem_response(exc.as_problem(), exc.http_status)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:

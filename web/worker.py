@@ -1,4 +1,5 @@
-"""The gunicorn worker: gthread, with a deadline on each request head.
+"""The gunicorn worker: gthread, with a deadline on each request head and the server's own error
+pages in our style.
 
 gunicorn's threaded worker waits (5 s) for a new connection's first bytes without taking a
 thread, but once they arrive it reads the request head in a worker thread with no time limit:
@@ -8,15 +9,79 @@ arrive within ``request_body_seconds`` of its first bytes: the body watchdog (:m
 shuts the socket's read side at that deadline, the blocked read ends, and gunicorn closes the
 connection. Once the head is parsed this guard ends; reading the body has its own deadline
 (408), and writing the answer is never limited (a large CRL to a slow client keeps going).
+
+Requests gunicorn refuses before the app sees them (bad request line, URI or header fields
+too large, unsupported transfer coding ...) are answered by :meth:`handle_error`: gunicorn's
+page was HTML without our security headers and quoted the request back. Ours is a short
+text/plain page with the app's security headers, ``Cache-Control: no-store`` and a request
+ID (the one logged), naming the status only: nothing from the request is echoed.
 """
 
 from __future__ import annotations
 
+import http
+import logging
+import ssl
 from typing import Any
 
+from gunicorn import util
+from gunicorn.http.errors import (
+    ConfigurationProblem,
+    ExpectationFailed,
+    ForbiddenProxyRequest,
+    InvalidResponseHeader,
+    InvalidResponseHeaderName,
+    LimitRequestHeaders,
+    LimitRequestLine,
+    ParseException,
+    UnsupportedTransferCoding,
+)
 from gunicorn.workers.gthread import ThreadWorker
 
+from sekisho.context import new_request_id
+from web import SECURITY_HEADERS
 from web.body import WATCHDOG
+
+log = logging.getLogger("sekisho.web")
+
+# Which status a request gunicorn cannot take gets; any other ParseException is a 400.
+# Checked in order: the first class the exception is an instance of wins.
+_Kinds = type[BaseException] | tuple[type[BaseException], ...]
+_STATUS_BY_ERROR: tuple[tuple[_Kinds, int], ...] = (
+    # A header the app tried to send is the app's fault, not the client's.
+    ((InvalidResponseHeader, InvalidResponseHeaderName), 500),
+    (ConfigurationProblem, 500),
+    (LimitRequestLine, 414),
+    (LimitRequestHeaders, 431),
+    (UnsupportedTransferCoding, 501),
+    (ExpectationFailed, 417),
+    ((ForbiddenProxyRequest, ssl.SSLError), 403),
+    (ParseException, 400),
+)
+
+
+def error_status(exc: BaseException) -> int:
+    """The status of the answer to a request that failed in gunicorn with ``exc``."""
+    for kinds, status in _STATUS_BY_ERROR:
+        if isinstance(exc, kinds):
+            return status
+    return 500
+
+
+def error_page(status: int, request_id: str) -> bytes:
+    """A whole HTTP/1.1 error response: small, text/plain, nothing taken from the request."""
+    reason = http.HTTPStatus(status).phrase
+    body = f"{status} {reason} (request ID {request_id})\n".encode("ascii")
+    headers = {
+        "Content-Type": "text/plain; charset=utf-8",
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+        "Cache-Control": "no-store",
+        **SECURITY_HEADERS,
+        "X-Request-Id": request_id,
+    }
+    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (head + "\r\n").encode("ascii") + body
 
 
 class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
@@ -32,4 +97,32 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         guard = getattr(conn, "sekisho_head_guard", None)
         if guard is not None:
             WATCHDOG.release(guard)  # the head is in: the body's own deadline takes over
-        return super().handle_request(req, conn)
+        answered = super().handle_request(req, conn)
+        req.sekisho_answered = True
+        return answered
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """Answer a request gunicorn could not take (or that failed outside the app) with our
+        own error page; log it once, with the request ID the page carries."""
+        status = error_status(exc)
+        request_id = new_request_id()
+        peer = addr[0] if isinstance(addr, tuple) and addr else ""
+        extra = {
+            "status": status,
+            "error": type(exc).__name__,
+            "client_ip": peer,
+            "request_id": request_id,
+        }
+        if getattr(req, "sekisho_answered", False):
+            # Draining the unread body of an answered request failed (bad chunked framing):
+            # the connection closes; a second response would answer a request never sent.
+            log.info("unread request body could not be drained", extra=extra)
+            return
+        if status == 500:
+            log.error("request failed in the server", exc_info=exc, extra=extra)
+        else:
+            log.warning("request refused by the server", extra=extra)
+        try:
+            util.write_nonblock(client, error_page(status, request_id))
+        except OSError:
+            log.debug("error page not sent", extra={"request_id": request_id})

@@ -74,6 +74,7 @@ def assert_problem(response: TestResponse, status: int) -> dict[str, object]:
     assert doc["detail"] and doc["title"]
     assert doc["request_id"] == response.headers["X-Request-Id"]
     assert "Traceback" not in response.get_data(as_text=True)
+    assert response.headers["Cache-Control"] == "no-store"  # an error is never served again
     return doc
 
 
