@@ -440,3 +440,16 @@ def test_requests_gunicorn_refuses_get_our_headers_and_no_echo(body_server: Serv
         assert request_id in body_server.output(), label  # the log names the same request
     log = body_server.output()
     assert "Traceback" not in log and "sekisho-mark" not in log, log[-3000:]
+
+
+def test_no_redirect_takes_its_location_from_the_host_header(body_server: Server) -> None:
+    """A doubled slash was a cacheable 308 to http://<the Host header>/crl/admin.crl."""
+    paths = [b"/crl//admin.crl", b"/crl//admin-delta.crl", b"/ca//root.crt", b"/crl/admin.crl/",
+             b"/crl/admin.crl//", b"/healthz/", b"/ocsp//MEIw", b"//crl//admin.crl"]  # fmt: skip
+    for path in paths:
+        request = b"GET " + path + b" HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+        response = _exchange(body_server.port, request)
+        status, fields, _ = _parse(response)
+        assert status == 404, (path, response[:300])
+        assert "location" not in fields, (path, response[:300])
+        assert b"evil.example" not in response, path

@@ -17,7 +17,13 @@ SECURITY_HEADERS = {
 
 
 def create_app(services: Services) -> Flask:
-    app = Flask(__name__)
+    # No static route: nothing is served from files.
+    app = Flask(__name__, static_folder=None)
+    # "/crl//admin.crl" is not found rather than redirected: werkzeug's redirect to the merged
+    # path took its Location from the Host header and was cacheable (a poisoned cache sends
+    # every client elsewhere). Trailing slashes stay strict ("/healthz/" is not found); a rule
+    # ending in "/" would redirect to add one: tests/web check that no path of ours redirects.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = services.settings.max_request_bytes
     app.config["SEKISHO"] = services
     app.json.sort_keys = False  # type: ignore[attr-defined]

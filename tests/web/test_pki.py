@@ -9,6 +9,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import hashlib
+import re
 import shutil
 import urllib.parse
 from collections.abc import Iterator
@@ -369,3 +370,43 @@ def test_ca_names_the_urls_cannot_carry_are_refused(services: Services, bad: str
         assert info.value.exit_code == 65
     with services.db.scope() as session:
         assert session.scalars(select(CertificateAuthority.name)).all() == before
+
+
+# -- paths no route takes: never a redirect, never a Location from the Host header ------------
+EVIL_HOST = "evil.example"
+
+
+def _path_variants(path: str) -> set[str]:
+    """``path`` with a slash added, removed or doubled at each of its slashes."""
+    variants = {path, path + "/", path.rstrip("/") or "/", path + "//"}
+    for i, char in enumerate(path):
+        if char == "/":
+            variants.add(path[:i] + "/" + path[i:])
+    return variants
+
+
+def test_no_path_is_redirected_to_the_host_header(app: Flask, client: FlaskClient) -> None:
+    """Werkzeug answered "/crl//admin.crl" with a cacheable 308 to http://<Host>/crl/admin.crl
+    (an open redirect, or a poisoned cache sending every client to the attacker). Every
+    route of the app, and slash variants of each, with a hostile Host: no 3xx, no Location."""
+    samples = {"filename": ["admin.crl", "admin-delta.crl", "root.crt"], "encoded": ["MEIwQDA-"]}
+    paths = {"/crl//admin.crl", "/crl//admin-delta.crl", "/ca//root.crt", "/healthz/"}
+    for rule in app.url_map.iter_rules():
+        (name,) = rule.arguments or {""}  # each route has at most one variable part
+        for sample in samples.get(name, [""]):
+            paths |= _path_variants(re.sub(r"<[^>]*>", sample, rule.rule))
+    for path in sorted(paths):
+        for method in ("GET", "HEAD", "POST", "OPTIONS", "DELETE"):
+            response = client.open(path, method=method, headers={"Host": EVIL_HOST})
+            assert not 300 <= response.status_code < 400, (method, path, response.status_code)
+            assert "Location" not in response.headers, (method, path)
+            assert EVIL_HOST.encode() not in response.data, (method, path)
+
+
+@pytest.mark.parametrize(
+    "path", ["/crl//admin.crl", "/crl//admin-delta.crl", "/ca//root.crt", "/crl/admin.crl/"]
+)
+def test_double_and_trailing_slashes_are_404_problems(client: FlaskClient, path: str) -> None:
+    response = client.get(path, headers={"Host": EVIL_HOST})
+    assert_problem(response, 404)
+    assert_security_headers(response)
