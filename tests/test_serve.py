@@ -453,3 +453,25 @@ def test_no_redirect_takes_its_location_from_the_host_header(body_server: Server
         assert status == 404, (path, response[:300])
         assert "location" not in fields, (path, response[:300])
         assert b"evil.example" not in response, path
+
+
+def test_conditional_crl_requests_over_gunicorn(body_server: Server) -> None:
+    """One Date field (werkzeug's make_conditional added one, gunicorn sends its own); a 304
+    carries the validators and caching fields of the 200; If-Unmodified-Since is honoured."""
+    get = b"GET /crl/admin.crl HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    status, full, body = _parse(_exchange(body_server.port, get + b"\r\n"))
+    assert status == 200 and len(full["date"]) == 1, full
+    (etag,) = full["etag"]
+    status, cached, body = _parse(
+        _exchange(body_server.port, get + b"If-None-Match: " + etag.encode() + b"\r\n\r\n")
+    )
+    if status == 200:  # the refresher published a newer CRL in between
+        assert cached["etag"] != full["etag"]
+        return
+    assert status == 304 and body == b"" and len(cached["date"]) == 1, cached
+    for name in ("etag", "last-modified", "cache-control", "expires"):
+        assert cached[name] == full[name], name
+    epoch = b"If-Unmodified-Since: Thu, 01 Jan 1970 00:00:00 GMT\r\n\r\n"
+    status, failed, _ = _parse(_exchange(body_server.port, get + epoch))
+    assert status == 412 and failed["cache-control"] == ["no-store"], failed
+    assert failed["content-type"] == ["application/problem+json"]

@@ -8,7 +8,8 @@
 * Every answer is an ``application/ocsp-response`` (OCSP errors are OCSP responses, not
   problem documents); a crash is answered with internalError, never a 500. Successful GET
   answers carry ``Cache-Control: max-age`` (until nextUpdate, capped), ``ETag``,
-  ``Last-Modified`` (thisUpdate) and ``Expires`` (nextUpdate).
+  ``Last-Modified`` (thisUpdate) and ``Expires`` (nextUpdate); conditional GETs are answered
+  as for CRLs (:mod:`web.conditional`: 304, or 412 as a problem document).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ocsp import core
 from web import services_of
 from web.body import read_body
+from web.conditional import conditional_response, http_date
 from web.errors import problem
 
 log = logging.getLogger("sekisho.ocsp")
@@ -90,10 +92,6 @@ def response_times(der: bytes) -> tuple[dt.datetime, dt.datetime] | None:
         return None
 
 
-def _http_date(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
-
-
 @bp.post("/ocsp")
 @bp.post("/ocsp/")
 def post() -> Response:
@@ -124,9 +122,9 @@ def get(encoded: str) -> Response:
     this_update, next_update = times
     now = services_of(current_app).clock()
     max_age = max(0, min(int((next_update - now).total_seconds()), MAX_AGE_CAP))
-    response.headers["Cache-Control"] = f"max-age={max_age}, public, no-transform, must-revalidate"
-    response.set_etag(hashlib.sha256(body).hexdigest())
-    response.headers["Last-Modified"] = _http_date(this_update)
-    response.headers["Expires"] = _http_date(next_update)
-    response.make_conditional(request)
-    return response
+    cache = {
+        "Cache-Control": f"max-age={max_age}, public, no-transform, must-revalidate",
+        "Expires": http_date(next_update),
+    }
+    etag = hashlib.sha256(body).hexdigest()
+    return conditional_response(body, MIME_RESPONSE, etag, this_update, now, cache)

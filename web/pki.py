@@ -1,7 +1,8 @@
 """Public PKI endpoints: /healthz, /crl/<ca>.crl, /crl/<ca>-delta.crl, /ca/<ca>.crt.
 
 CRLs are served with ETag (SHA-256 of the DER), Last-Modified (thisUpdate), Expires
-(nextUpdate) and a short max-age so caches pick up a new CRL within minutes.
+(nextUpdate) and a short max-age so caches pick up a new CRL within minutes. Conditional
+requests are answered by :mod:`web.conditional` (RFC 9110 section 13).
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
-from flask import Blueprint, Response, abort, current_app, request
+from flask import Blueprint, Response, abort, current_app
 from sqlalchemy import select, text
 
 from ca.crl import latest_by_name
 from ca.models import CertificateAuthority, CrlKind
 from ca.registry import DELTA_SUFFIX, is_ca_name
 from web import services_of
+from web.conditional import conditional_response, http_date
 
 bp = Blueprint("pki", __name__)
 CRL_MAX_AGE = 300
@@ -32,10 +34,6 @@ def healthz() -> tuple[dict[str, str], int]:
     return {"status": "ok", "database": "ok"}, 200
 
 
-def _http_date(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
-
-
 def _cached_response(
     body: bytes,
     mimetype: str,
@@ -44,14 +42,11 @@ def _cached_response(
     expires: dt.datetime | None,
     max_age: int,
 ) -> Response:
-    response = Response(body, mimetype=mimetype)
-    response.set_etag(etag)
-    response.headers["Last-Modified"] = _http_date(last_modified)
+    cache = {"Cache-Control": f"public, max-age={max_age}, no-transform"}
     if expires is not None:
-        response.headers["Expires"] = _http_date(expires)
-    response.headers["Cache-Control"] = f"public, max-age={max_age}, no-transform"
-    response.make_conditional(request)
-    return response
+        cache["Expires"] = http_date(expires)
+    now = services_of(current_app).clock()
+    return conditional_response(body, mimetype, etag, last_modified, now, cache)
 
 
 @bp.get("/crl/<string:filename>")

@@ -5,6 +5,7 @@ security headers everywhere; never a 500.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import email.utils
@@ -31,6 +32,7 @@ from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, der, issue, request_for
 from tests.conftest import TEST_ACTOR, make_settings
+from tests.ocsp.test_store import issuer_for, request_der
 from tests.support.checkers import (
     openssl_crl_verify,
     openssl_verify_revoked,
@@ -410,3 +412,98 @@ def test_double_and_trailing_slashes_are_404_problems(client: FlaskClient, path:
     response = client.get(path, headers={"Host": EVIL_HOST})
     assert_problem(response, 404)
     assert_security_headers(response)
+
+
+# -- conditional requests (RFC 9110 section 13) -----------------------------------------------
+EPOCH = "Thu, 01 Jan 1970 00:00:00 GMT"
+# (request fields, status); {etag} is the current strong tag, {weak} the same as a weak one,
+# {lm} the Last-Modified date, {before}/{after} a day either side of it.
+CONDITIONAL_CASES: list[tuple[dict[str, str], int]] = [
+    ({}, 200),
+    # If-Match: strong comparison, "*", lists; first in precedence (13.2.2 step 1)
+    ({"If-Match": "{etag}"}, 200),
+    ({"If-Match": "*"}, 200),
+    ({"If-Match": '"nope", {etag}'}, 200),
+    ({"If-Match": '"a,b" ,, {etag}'}, 200),  # a comma inside a tag; empty list members
+    ({"If-Match": '"nope"'}, 412),
+    ({"If-Match": "{weak}"}, 412),
+    ({"If-Match": "unquoted"}, 412),
+    ({"If-Match": " , "}, 412),
+    ({"If-Match": "{etag}", "If-Unmodified-Since": EPOCH}, 200),  # If-Unmodified-Since ignored
+    ({"If-Match": '"nope"', "If-Unmodified-Since": "{after}"}, 412),
+    ({"If-Match": "{etag}", "If-None-Match": "{etag}"}, 304),  # both evaluated: not modified
+    ({"If-Match": '"nope"', "If-None-Match": "{etag}"}, 412),  # If-Match first
+    # If-Unmodified-Since (step 2): the resource is newer than the date -> 412
+    ({"If-Unmodified-Since": EPOCH}, 412),
+    ({"If-Unmodified-Since": "{before}"}, 412),
+    ({"If-Unmodified-Since": "{lm}"}, 200),
+    ({"If-Unmodified-Since": "{after}"}, 200),
+    ({"If-Unmodified-Since": "Sunday, 06-Nov-94 08:49:37 GMT"}, 412),  # rfc850: 1994, not 2094
+    ({"If-Unmodified-Since": "Sun Nov  6 08:49:37 1994"}, 412),  # asctime
+    ({"If-Unmodified-Since": EPOCH, "If-None-Match": "{etag}"}, 412),  # before If-None-Match
+    ({"If-Unmodified-Since": "{after}", "If-Modified-Since": "{lm}"}, 304),
+    # invalid dates are ignored (13.1.3, 13.1.4)
+    ({"If-Unmodified-Since": "yesterday-ish"}, 200),
+    ({"If-Unmodified-Since": "Thu, 01 Jan 1970 00:00:00 +0000"}, 200),
+    ({"If-Unmodified-Since": "thu, 01 jan 1970 00:00:00 gmt"}, 200),
+    ({"If-Unmodified-Since": "Thu, 31 Feb 1970 00:00:00 GMT"}, 200),
+    ({"If-Unmodified-Since": EPOCH + ", " + EPOCH}, 200),
+    ({"If-Modified-Since": "yesterday-ish"}, 200),
+    ({"If-Modified-Since": "{after}, {after}"}, 200),
+    # If-None-Match (step 3): weak comparison, "*", lists
+    ({"If-None-Match": "{etag}"}, 304),
+    ({"If-None-Match": "{weak}"}, 304),
+    ({"If-None-Match": "*"}, 304),
+    ({"If-None-Match": '"nope", {weak}'}, 304),
+    ({"If-None-Match": '"nope"'}, 200),
+    ({"If-None-Match": '""'}, 200),
+    ({"If-None-Match": 'garbage, *, ""'}, 200),
+    ({"If-None-Match": "{etag}", "If-Modified-Since": EPOCH}, 304),  # If-Modified-Since ignored
+    ({"If-None-Match": '"nope"', "If-Modified-Since": "{after}"}, 200),
+    # If-Modified-Since (step 4)
+    ({"If-Modified-Since": "{lm}"}, 304),
+    ({"If-Modified-Since": "{after}"}, 304),
+    ({"If-Modified-Since": "{before}"}, 200),
+    ({"If-Modified-Since": EPOCH}, 200),
+]
+
+
+def _ocsp_path(services: Services) -> str:
+    leaf = issue(services, "admin-client")
+    _, issuer = issuer_for(services)
+    return "/ocsp/" + base64.b64encode(request_der(issuer, [leaf.serial_number])).decode()
+
+
+@pytest.mark.parametrize("resource", ["crl", "ca", "ocsp"])
+def test_conditional_requests_follow_rfc_9110(
+    client: FlaskClient, services: Services, resource: str
+) -> None:
+    path = {"crl": "/crl/admin.crl", "ca": "/ca/root.crt"}.get(resource) or _ocsp_path(services)
+    full = client.get(path)
+    assert full.status_code == 200
+    etag, lm = full.headers["ETag"], full.headers["Last-Modified"]
+    modified = email.utils.parsedate_to_datetime(lm)
+    values = {
+        "etag": etag,
+        "weak": "W/" + etag,
+        "lm": lm,
+        "before": email.utils.format_datetime(modified - dt.timedelta(days=1), usegmt=True),
+        "after": email.utils.format_datetime(modified + dt.timedelta(days=1), usegmt=True),
+    }
+    for fields, expected in CONDITIONAL_CASES:
+        headers = {name: value.format(**values) for name, value in fields.items()}
+        for method in ("GET", "HEAD"):
+            response = client.open(path, method=method, headers=headers)
+            assert response.status_code == expected, (method, headers, response.status_code)
+            assert_security_headers(response)
+            if expected == 412:  # a problem document, never stored by a cache
+                if method == "GET":
+                    assert_problem(response, 412)
+                assert response.headers["Cache-Control"] == "no-store"
+                assert "ETag" not in response.headers and response.data != full.data
+                continue
+            # 304 (RFC 9110 15.4.5): the 200's validators and caching fields, no content.
+            for name in ("ETag", "Last-Modified", "Cache-Control", "Expires"):
+                assert response.headers.get(name) == full.headers.get(name), (name, headers)
+            body = full.data if expected == 200 and method == "GET" else b""
+            assert response.data == body, (method, headers)

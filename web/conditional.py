@@ -1,0 +1,176 @@
+"""Conditional GETs of the cacheable endpoints (CRLs, CA certificates, OCSP GET), as RFC 9110
+section 13 says, in place of werkzeug's ``make_conditional``.
+
+werkzeug ignored If-Unmodified-Since, let a matching If-Match override a matching
+If-None-Match (200 where 304 is due), answered 412 with the whole representation and its
+public caching headers (a shared cache could store the 412 for everyone), dropped
+Last-Modified from 304s and added a Date header gunicorn sends again.
+
+Order (RFC 9110 13.2.2): If-Match (strong comparison), else If-Unmodified-Since; then
+If-None-Match (weak comparison), else If-Modified-Since (GET and HEAD only). A date that is not
+exactly one HTTP-date (5.6.7: IMF-fixdate, rfc850 or asctime) is ignored (13.1.3, 13.1.4). A
+list that is not ``*`` or a list of entity-tags matches nothing: a garbled If-Match fails
+(412) rather than pass, a garbled If-None-Match never yields a 304.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from flask import Response, request
+from werkzeug.datastructures import Headers
+from werkzeug.exceptions import PreconditionFailed
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_DAY = "(?:" + "|".join(_DAYS) + ")"
+_WEEKDAY = "(?:" + "|".join(_WEEKDAYS) + ")"
+_MONTH = "(?P<m>" + "|".join(_MONTHS) + ")"
+_CLOCK = r"(?P<H>\d\d):(?P<M>\d\d):(?P<S>\d\d)"
+_HTTP_DATES = (  # RFC 9110 5.6.7, case-sensitive
+    re.compile(rf"{_DAY}, (?P<d>\d\d) {_MONTH} (?P<y>\d{{4}}) {_CLOCK} GMT", re.ASCII),
+    re.compile(rf"{_WEEKDAY}, (?P<d>\d\d)-{_MONTH}-(?P<y>\d\d) {_CLOCK} GMT", re.ASCII),
+    re.compile(rf"{_DAY} {_MONTH} (?P<d>\d\d| \d) {_CLOCK} (?P<y>\d{{4}})", re.ASCII),
+)
+# entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text (RFC 9110 8.8.3)
+_ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
+_OWS = " \t"
+
+
+class Fields(Protocol):
+    """Request header fields by name (werkzeug's Headers, or a dict in tests)."""
+
+    def get(self, key: str) -> str | None: ...
+
+
+def parse_http_date(value: str | None, now: dt.datetime) -> dt.datetime | None:
+    """The instant an HTTP-date names, or None when ``value`` is not exactly one. A two-digit
+    rfc850 year more than 50 years ahead of ``now`` is the century before (RFC 9110 5.6.7)."""
+    if value is None:
+        return None
+    for form in _HTTP_DATES:
+        match = form.fullmatch(value.strip(_OWS))
+        if match is not None:
+            break
+    else:
+        return None
+    year = int(match["y"])
+    if len(match["y"]) == 2:
+        year += now.year - now.year % 100
+        if year > now.year + 50:
+            year -= 100
+    try:
+        return dt.datetime(
+            year,
+            _MONTHS.index(match["m"]) + 1,
+            int(match["d"]),
+            int(match["H"]),
+            int(match["M"]),
+            min(int(match["S"]), 59),  # a leap second (60) is the second before
+            tzinfo=dt.UTC,
+        )
+    except ValueError:  # 31 Feb, hour 25 ...
+        return None
+
+
+def entity_tags(value: str) -> list[tuple[bool, str]] | None:
+    """(weak, opaque-tag) of each member of an entity-tag list, or None when ``value`` is not
+    one. Empty members are allowed (RFC 9110 5.6.1)."""
+    tags: list[tuple[bool, str]] = []
+    rest = value.strip(_OWS)
+    while rest:  # each turn consumes at least one character
+        if rest[0] == ",":
+            rest = rest[1:].lstrip(_OWS)
+            continue
+        match = _ENTITY_TAG.match(rest)
+        if match is None:
+            return None
+        tags.append((match[1] is not None, match[2]))
+        rest = rest[match.end() :].lstrip(_OWS)
+        if rest and rest[0] != ",":
+            return None
+    return tags
+
+
+def _matches(field: str, etag: str, *, weak: bool) -> bool:
+    """Whether an If-Match (``weak=False``: strong comparison) or If-None-Match (weak
+    comparison) field matches the current representation, whose strong tag is ``etag``."""
+    if field.strip(_OWS) == "*":
+        return True  # the representation exists
+    tags = entity_tags(field)
+    return tags is not None and any(tag == etag and (weak or not is_weak) for is_weak, tag in tags)
+
+
+def evaluate(
+    method: str,
+    headers: Fields,
+    etag: str,
+    last_modified: dt.datetime,
+    now: dt.datetime,
+) -> int:
+    """200 (answer as usual), 304 or 412 for a request to a representation with the strong
+    entity-tag ``etag`` (unquoted) and ``last_modified``, by RFC 9110 13.2.2."""
+    modified = last_modified.astimezone(dt.UTC).replace(microsecond=0)  # as Last-Modified says
+    safe = method in ("GET", "HEAD")
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        if not _matches(if_match, etag, weak=False):
+            return 412
+    else:
+        unmodified_since = parse_http_date(headers.get("If-Unmodified-Since"), now)
+        if unmodified_since is not None and modified > unmodified_since:
+            return 412
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        if _matches(if_none_match, etag, weak=True):
+            return 304 if safe else 412
+    elif safe:
+        modified_since = parse_http_date(headers.get("If-Modified-Since"), now)
+        if modified_since is not None and modified <= modified_since:
+            return 304
+    return 200
+
+
+class NotModified(Response):
+    """A 304 that keeps Last-Modified. werkzeug drops it (an "entity header" in RFC 2616);
+    RFC 9110 15.4.5 allows it to guide caches updating what they hold, and a client that
+    validates with If-Modified-Since alone reads it."""
+
+    def get_wsgi_headers(self, environ: WSGIEnvironment) -> Headers:
+        headers = super().get_wsgi_headers(environ)
+        last_modified = self.headers.get("Last-Modified")
+        if last_modified is not None and "Last-Modified" not in headers:
+            headers["Last-Modified"] = last_modified
+        return headers
+
+
+def http_date(value: dt.datetime) -> str:
+    """IMF-fixdate (RFC 9110 5.6.7)."""
+    return value.astimezone(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def conditional_response(
+    body: bytes,
+    mimetype: str,
+    etag: str,
+    last_modified: dt.datetime,
+    now: dt.datetime,
+    cache_headers: Mapping[str, str],
+) -> Response:
+    """``body`` with its validators (strong ``etag``, ``last_modified``) and ``cache_headers``
+    (Cache-Control, Expires), or a 304 with the same headers and no body; a failed If-Match or
+    If-Unmodified-Since raises 412 (a problem document, not stored by caches)."""
+    headers = {"ETag": f'"{etag}"', "Last-Modified": http_date(last_modified), **cache_headers}
+    status = evaluate(request.method, request.headers, etag, last_modified, now)
+    if status == 412:
+        raise PreconditionFailed("the representation does not meet the request's preconditions")
+    if status == 304:
+        return NotModified(status=304, headers=headers)
+    return Response(body, mimetype=mimetype, headers=headers)
