@@ -385,6 +385,38 @@ def _parse(response: bytes) -> tuple[int, dict[str, list[str]], bytes]:
     return _status(response), fields, body
 
 
+def test_over_long_chunk_size_lines_are_an_immediate_400(body_server: Server) -> None:
+    """A chunk size of 1000 hex digits was read as a chunk of 16^1000 octets and the request
+    waited for its 408; one never terminated waited too. Now more than 16 digits, or more than
+    1 KiB of chunk extensions in a body, is a 400 problem at once; within the limits, 200."""
+    head = OCSP_HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ext = b";name=" + b"v" * 300
+    bodies = {
+        "1000 digits": (b"1" * 1000 + b"\r\n" + b"\x30" * 64 + b"\r\n0\r\n\r\n", 400),
+        "1000 digits, no CRLF yet": (b"0" * 1000, 400),
+        "17 digits": (b"0" * 16 + b"5\r\nabcde\r\n0\r\n\r\n", 400),
+        "2 KiB extension": (b"5;name=" + b"v" * 2048 + b"\r\nabcde\r\n0\r\n\r\n", 400),
+        "2 KiB extension, no CRLF yet": (b"5;name=" + b"v" * 2048, 400),
+        "extensions over 1 KiB in all": (b"".join(b"1" + ext + b"\r\nx\r\n" for _ in range(4))
+                                         + b"0\r\n\r\n", 400),
+        "16 digits": (b"0" * 15 + b"5\r\nabcde\r\n0\r\n\r\n", 200),
+        "extensions within 1 KiB": (b"".join(b"1" + ext + b"\r\nx\r\n" for _ in range(3))
+                                    + b"0\r\n\r\n", 200),
+    }  # fmt: skip
+    for label, (body, status) in bodies.items():
+        started = time.monotonic()
+        response = _exchange(body_server.port, head + body, seconds=BODY_SECONDS * 4)
+        elapsed = time.monotonic() - started
+        got, fields, content = _parse(response)
+        assert got == status, (label, response[:300])
+        assert elapsed < BODY_SECONDS, (label, elapsed)  # not the 408 deadline
+        if status == 400:
+            assert fields["content-type"] == ["application/problem+json"], label
+            assert b'"status":400' in content, label
+    log = body_server.output()
+    assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]
+
+
 def test_a_bad_body_nobody_reads_gets_no_second_response(body_server: Server) -> None:
     """/healthz answers without reading the body; gunicorn then drains it, fails on the bad
     chunk size and wrote a 400 after the 200, an answer to a request never sent."""

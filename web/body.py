@@ -3,8 +3,9 @@
 * Over the limit: 413, before reading when Content-Length says so, or as soon as a chunked
   body passes it (reading Werkzeug's limited stream stops at the limit without telling
   whether more followed).
-* Framing the server cannot parse (bad chunk sizes, missing terminators, bad trailers) or a
-  body shorter than its Content-Length: 400.
+* Framing the server cannot parse (bad chunk sizes, missing terminators, bad trailers,
+  chunk-size lines over the limits of :mod:`web.worker`) or a body shorter than its
+  Content-Length: 400.
 * A body not received in full within ``request_body_seconds``: 408. Under gunicorn a
   watchdog shuts the socket's read side at the deadline, so a client that sends part of a
   body and goes quiet (or drips it) holds a worker thread for that long at most.

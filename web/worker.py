@@ -1,5 +1,5 @@
-"""The gunicorn worker: gthread, with a deadline on each request head and the server's own error
-pages in our style.
+"""The gunicorn worker: gthread, with a deadline on each request head, strict chunked bodies and
+the server's own error pages in our style.
 
 gunicorn's threaded worker waits (5 s) for a new connection's first bytes without taking a
 thread, but once they arrive it reads the request head in a worker thread with no time limit:
@@ -9,6 +9,12 @@ arrive within ``request_body_seconds`` of its first bytes: the body watchdog (:m
 shuts the socket's read side at that deadline, the blocked read ends, and gunicorn closes the
 connection. Once the head is parsed this guard ends; reading the body has its own deadline
 (408), and writing the answer is never limited (a large CRL to a slow client keeps going).
+
+A chunked body is read by :class:`StrictChunkedReader`: gunicorn accepts a chunk-size line of
+any length once its CRLF has arrived (and waits for up to 8 KiB of one that has not), so a
+size of 1000 hex digits was taken as a chunk of 16^1000 octets and the request sat until its
+408. Here a size has at most ``CHUNK_SIZE_DIGITS`` hex digits and the extensions of a whole
+body at most ``CHUNK_EXTENSION_OCTETS``; beyond either the read fails at once (400).
 
 Requests gunicorn refuses before the app sees them (bad request line, URI or header fields
 too large, unsupported transfer coding ...) are answered by :meth:`handle_error`: gunicorn's
@@ -25,10 +31,13 @@ import ssl
 from typing import Any
 
 from gunicorn import util
+from gunicorn.http.body import ChunkedReader
 from gunicorn.http.errors import (
     ConfigurationProblem,
     ExpectationFailed,
     ForbiddenProxyRequest,
+    InvalidChunkExtension,
+    InvalidChunkSize,
     InvalidResponseHeader,
     InvalidResponseHeaderName,
     LimitRequestHeaders,
@@ -43,6 +52,10 @@ from web import SECURITY_HEADERS
 from web.body import WATCHDOG
 
 log = logging.getLogger("sekisho.web")
+
+CHUNK_SIZE_DIGITS = 16  # 2^64 - 1: far beyond any body we accept, leading zeros included
+CHUNK_EXTENSION_OCTETS = 1024  # in a whole body: we use none; a body is not to be all framing
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 # Which status a request gunicorn cannot take gets; any other ParseException is a 400.
 # Checked in order: the first class the exception is an instance of wins.
@@ -84,6 +97,41 @@ def error_page(status: int, request_id: str) -> bytes:
     return (head + "\r\n").encode("ascii") + body
 
 
+def _size_digits(line: bytes | bytearray) -> int:
+    """How many hex digits a chunk-size line starts with."""
+    return next((i for i, byte in enumerate(line) if byte not in _HEX), len(line))
+
+
+class StrictChunkedReader(ChunkedReader):  # type: ignore[misc]
+    """gunicorn's chunked reader with bounded chunk-size lines (see the module docstring)."""
+
+    def __init__(self, req: Any, unreader: Any) -> None:
+        super().__init__(req, unreader)
+        self.extension_octets_left = CHUNK_EXTENSION_OCTETS
+
+    def _check_line(self, line: bytes | bytearray) -> None:
+        """Refuse a chunk-size line, or the part of it received so far, that is too long.
+        Whatever follows the size (whitespace, ``;``, names, values) counts as extension."""
+        digits = _size_digits(line)
+        if digits > CHUNK_SIZE_DIGITS:
+            raise InvalidChunkSize(b"chunk size over %d hex digits" % CHUNK_SIZE_DIGITS)
+        if len(line) - digits > self.extension_octets_left:
+            raise InvalidChunkExtension(
+                f"chunk extensions over {CHUNK_EXTENSION_OCTETS} octets in one body"
+            )
+
+    def parse_chunk_size(self, unreader: Any, data: bytes | None = None) -> Any:
+        buf = bytearray(data or b"")
+        while (end := buf.find(b"\r\n")) < 0:
+            self._check_line(buf)  # before waiting for more: the CRLF may never come
+            self.read_into(unreader, buf)
+        line = buf[:end]
+        self._check_line(line)
+        self.extension_octets_left -= len(line) - _size_digits(line)
+        # The whole line is in ``buf``: gunicorn checks its syntax without reading again.
+        return super().parse_chunk_size(unreader, data=bytes(buf))
+
+
 class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
     # Set by ``web.server`` from the settings before the workers fork.
     request_seconds = 10.0
@@ -97,6 +145,8 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         guard = getattr(conn, "sekisho_head_guard", None)
         if guard is not None:
             WATCHDOG.release(guard)  # the head is in: the body's own deadline takes over
+        if type(req.body.reader) is ChunkedReader:  # nothing of the body has been read yet
+            req.body.reader = StrictChunkedReader(req, req.unreader)
         answered = super().handle_request(req, conn)
         req.sekisho_answered = True
         return answered
