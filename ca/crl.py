@@ -31,7 +31,7 @@ from ca.revocation import Reason
 from hsm.base import KeyBackend, KeyType, sign_bytes
 from sekisho.context import SYSTEM, Actor
 from sekisho.db import Database
-from sekisho.errors import Conflict, NotFound
+from sekisho.errors import Conflict, NotFound, shown
 
 # AlgorithmIdentifier DER per CA key type (RFC 5758 3.2, RFC 4055/8017, RFC 8410 3).
 SIGNATURE_ALGORITHM: dict[KeyType, bytes] = {
@@ -275,7 +275,7 @@ class CrlPublisher:
                 select(CertificateAuthority.id).where(CertificateAuthority.name == ca_name)
             ).one_or_none()
             if ca_id is None:
-                raise NotFound(f"unknown certificate authority {ca_name!r}")
+                raise NotFound(f"unknown certificate authority {shown(ca_name)}")
             base: Crl | None = None
             if delta:
                 base = latest(session, ca_id, CrlKind.FULL)

@@ -22,7 +22,14 @@ from ca.tbs import new_serial, serial_hex
 from hsm.base import CA_KEY_TYPES, KeyType, key_type_of, signature_hash
 from hsm.software import SoftwareBackend, pem_unwrap
 from sekisho.context import Actor
-from sekisho.errors import ConfigError, Conflict, InputError, KeyBackendError, PolicyViolation
+from sekisho.errors import (
+    ConfigError,
+    Conflict,
+    InputError,
+    KeyBackendError,
+    PolicyViolation,
+    shown,
+)
 
 ROOT_VALIDITY = dt.timedelta(days=20 * 365)
 ISSUING_VALIDITY = dt.timedelta(days=10 * 365)
@@ -120,7 +127,7 @@ def create_root(
     now = service.clock()
     with service.db.scope() as session:
         if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
-            raise Conflict(f"a CA named {name!r} already exists")
+            raise Conflict(f"a CA named {shown(name)} already exists")
     ref, key_type = _ca_key(service, name, key_type, key_ref)
     key = service.backend.signing_key(ref)
     public_key = key.public_key()
@@ -202,7 +209,7 @@ def create_issuing(
     subject = issuing_subject(name, organization)
     with service.db.scope() as session:
         if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
-            raise Conflict(f"a CA named {name!r} already exists")
+            raise Conflict(f"a CA named {shown(name)} already exists")
         parent_row = ca_row(session, parent)
         if not parent_row.key_online:
             raise Conflict(f"the key of CA {parent} is offline; bring it online first")

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsm.base import KeyType
-from sekisho.errors import ConfigError, NotFound
+from sekisho.errors import ConfigError, NotFound, shown
 
 EKU_NAMES: Mapping[str, x509.ObjectIdentifier] = {
     "client_auth": ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -182,7 +182,9 @@ class ProfileSet:
         try:
             return self._profiles[name]
         except KeyError:
-            raise NotFound(f"unknown profile {name!r}; known: {', '.join(self.names())}") from None
+            raise NotFound(
+                f"unknown profile {shown(name)}; known: {', '.join(self.names())}"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._profiles)

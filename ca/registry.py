@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, object_session
 from ca.models import Certificate, CertificateAuthority, CertStatus
 from ca.tbs import IssuerContext, serial_hex
 from hsm.base import KeyType
-from sekisho.errors import InputError, NotFound
+from sekisho.errors import InputError, NotFound, shown
 
 # A CA's name is the last path segment of its URLs (/crl/<name>.crl, /crl/<name>-delta.crl,
 # /ca/<name>.crt) and of the file public/<name>.crt: one rule, checked when a CA is created and
@@ -36,7 +36,7 @@ def check_ca_name(name: str) -> None:
     """Refuse a new CA's name that its CRL and certificate URLs could not carry."""
     if not is_ca_name(name):
         raise InputError(
-            f"CA name {name!r} refused: 1 to 63 of a-z, 0-9, '-' and '_', starting with a "
+            f"CA name {shown(name)} refused: 1 to 63 of a-z, 0-9, '-' and '_', starting with a "
             f"letter or digit, and not ending in {DELTA_SUFFIX!r} (reserved for delta CRL URLs)"
         )
 
@@ -129,7 +129,7 @@ class CaRegistry:
         if row is None or not row.active:
             with self._lock:
                 self._cache.pop(name, None)
-            raise NotFound(f"unknown certificate authority {name!r}")
+            raise NotFound(f"unknown certificate authority {shown(name)}")
         ctx = context_for(row, self.urls, revoked=ca_revoked(session, row))
         with self._lock:
             self._cache[name] = (loaded, ctx)
@@ -186,5 +186,5 @@ def all_cas(session: Session) -> list[CertificateAuthority]:
 def ca_row(session: Session, name: str) -> CertificateAuthority:
     row = session.scalar(select(CertificateAuthority).where(CertificateAuthority.name == name))
     if row is None:
-        raise NotFound(f"unknown certificate authority {name!r}")
+        raise NotFound(f"unknown certificate authority {shown(name)}")
     return row

@@ -23,7 +23,7 @@ from ca.registry import ca_row
 from ca.tbs import serial_hex
 from sekisho.context import Actor
 from sekisho.db import Database
-from sekisho.errors import Conflict, InputError, NotFound
+from sekisho.errors import Conflict, InputError, NotFound, shown
 
 log = logging.getLogger("sekisho.ca")
 
@@ -63,7 +63,7 @@ class Reason(enum.StrEnum):
             return cls(aliases.get(key, key))
         except ValueError:
             raise InputError(
-                f"unknown revocation reason {text!r}; one of {', '.join(r.value for r in cls)}"
+                f"unknown revocation reason {shown(text)}; one of {', '.join(r.value for r in cls)}"
             ) from None
 
 

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ca.tbs import SanEntry, Tbs, subject_attr_names
-from sekisho.errors import PolicyViolation
+from sekisho.errors import PolicyViolation, shown
 
 Rule = Callable[[Tbs], None]
 
@@ -111,15 +111,17 @@ def subject_attributes(tbs: Tbs) -> None:
 
 def _check_dns(value: str) -> None:
     if len(value) > 253 or value != value.lower():
-        raise PolicyViolation("san-dns-syntax", f"DNS name {value!r} must be lower case, <= 253")
+        raise PolicyViolation(
+            "san-dns-syntax", f"DNS name {shown(value)} must be lower case, <= 253"
+        )
     labels = value.split(".")
     if len(labels) < 2:
-        raise PolicyViolation("san-dns-syntax", f"DNS name {value!r} is not fully qualified")
+        raise PolicyViolation("san-dns-syntax", f"DNS name {shown(value)} is not fully qualified")
     for i, label in enumerate(labels):
         if i == 0 and label == "*":
             continue
         if not _DNS_LABEL.match(label):
-            raise PolicyViolation("san-dns-syntax", f"DNS name {value!r} has a bad label")
+            raise PolicyViolation("san-dns-syntax", f"DNS name {shown(value)} has a bad label")
 
 
 def _check_san(entry: SanEntry) -> None:
@@ -127,23 +129,26 @@ def _check_san(entry: SanEntry) -> None:
         _check_dns(entry.value)
     elif entry.kind == "email":
         if not _EMAIL.match(entry.value):
-            raise PolicyViolation("san-email-syntax", f"{entry.value!r} is not an email address")
+            raise PolicyViolation(
+                "san-email-syntax", f"{shown(entry.value)} is not an email address"
+            )
         _check_dns(entry.value.rsplit("@", 1)[1].lower())
     elif entry.kind == "ip":
         try:
             address = ipaddress.ip_address(entry.value)
         except ValueError:
             raise PolicyViolation(
-                "san-ip-syntax", f"{entry.value!r} is not an IP address"
+                "san-ip-syntax", f"{shown(entry.value)} is not an IP address"
             ) from None
         if getattr(address, "scope_id", None) is not None or str(address) != entry.value:
             # A zone (fe80::1%eth0) is not part of the octets a certificate carries, and any
             # other spelling than the canonical one would be recorded unlike the certificate.
             raise PolicyViolation(
-                "san-ip-syntax", f"{entry.value!r} is not a canonical IP address without a zone"
+                "san-ip-syntax",
+                f"{shown(entry.value)} is not a canonical IP address without a zone",
             )
     elif entry.kind == "uri" and (":" not in entry.value or len(entry.value) > 1024):
-        raise PolicyViolation("san-uri-syntax", f"{entry.value!r} is not an absolute URI")
+        raise PolicyViolation("san-uri-syntax", f"{shown(entry.value)} is not an absolute URI")
 
 
 def subject_alt_names(tbs: Tbs) -> None:
@@ -192,12 +197,12 @@ def within_name_constraints(tbs: Tbs) -> None:
     for entry in tbs.sans:
         for subtree in nc.excluded_subtrees or ():
             if _matches(entry, subtree) is True:
-                raise PolicyViolation("name-constraints", f"{entry} is excluded by the CA")
+                raise PolicyViolation("name-constraints", f"{shown(entry)} is excluded by the CA")
         permitted = [_matches(entry, s) for s in nc.permitted_subtrees or ()]
         relevant = [m for m in permitted if m is not None]
         if relevant and not any(relevant):
             raise PolicyViolation(
-                "name-constraints", f"{entry} is outside the CA's permitted names"
+                "name-constraints", f"{shown(entry)} is outside the CA's permitted names"
             )
 
 

@@ -20,7 +20,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from ca.profiles import Profile
 from hsm.base import KeyType
-from sekisho.errors import InputError, MalformedInput
+from sekisho.errors import InputError, MalformedInput, shown
 
 # RFC 5280 4.1.2.2 allows 20 octets; BR 7.1 wants 0 < serial < 2^159 with >= 64 CSPRNG bits.
 # We draw 159 random bits: always positive, always fits in 20 DER octets.
@@ -45,9 +45,9 @@ def parse_serial(text: str) -> int:
     try:
         value = int(cleaned, 16)
     except ValueError:
-        raise MalformedInput(f"serial {text!r} is not hexadecimal") from None
+        raise MalformedInput(f"serial {shown(text)} is not hexadecimal") from None
     if value <= 0 or value >= 1 << 160:
-        raise MalformedInput(f"serial {text!r} is out of range")
+        raise MalformedInput(f"serial {shown(text)} is out of range")
     return value
 
 
@@ -63,7 +63,7 @@ class SanEntry:
         """``dns:host.example.com``, ``email:a@example.com``, ``ip:192.0.2.1``, ``uri:...``."""
         kind, sep, value = text.partition(":")
         if not sep or kind not in {"dns", "email", "ip", "uri"} or not value:
-            raise MalformedInput(f"SAN {text!r}: expected dns:|email:|ip:|uri: and a value")
+            raise MalformedInput(f"SAN {shown(text)}: expected dns:|email:|ip:|uri: and a value")
         if kind == "ip":
             try:
                 address = ipaddress.ip_address(value)
@@ -96,7 +96,7 @@ class SanEntry:
                 return x509.IPAddress(ipaddress.ip_address(self.value))
             return x509.UniformResourceIdentifier(self.value)
         except ValueError as exc:
-            raise MalformedInput(f"SAN {self}: {exc}") from None
+            raise MalformedInput(f"SAN {shown(self)}: {exc}") from None
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.value}"
@@ -286,7 +286,7 @@ def parse_subject(text: str) -> x509.Name:
     try:
         return x509.Name.from_rfc4514_string(text, {"UID": NameOID.USER_ID})
     except ValueError as exc:
-        raise MalformedInput(f"subject {text!r}: {exc}") from None
+        raise MalformedInput(f"subject {shown(text)}: {exc}") from None
 
 
 def tbs_sha256(data: bytes) -> str:

@@ -73,7 +73,7 @@ from pkcs11.util.rsa import encode_rsa_public_key
 
 from hsm.base import KeyType
 from hsm.uri import Pkcs11Uri, is_pkcs11_uri, parse
-from sekisho.errors import ConfigError, KeyBackendError, NotFound
+from sekisho.errors import ConfigError, KeyBackendError, NotFound, shown
 
 log = logging.getLogger("sekisho.hsm")
 
@@ -502,14 +502,15 @@ class Pkcs11Backend:
 
     def _uri(self, ref: str) -> Pkcs11Uri:
         if not is_pkcs11_uri(ref):
-            raise KeyBackendError(f"the pkcs11 backend cannot use key reference {ref!r}")
+            raise KeyBackendError(f"the pkcs11 backend cannot use key reference {shown(ref)}")
         try:
             uri = parse(ref)
         except ConfigError as exc:
             raise KeyBackendError(str(exc)) from None
         if uri.token is not None and uri.token != self.token_label:
             raise KeyBackendError(
-                f"key {ref} is on token {uri.token!r}, this backend uses {self.token_label!r}"
+                f"key {shown(ref)} is on token {shown(uri.token)}, "
+                f"this backend uses {self.token_label!r}"
             )
         return uri
 

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from sekisho.errors import ConfigError
+from sekisho.errors import PATH_SHOWN, ConfigError, shown
 from sekisho.files import FileRefused, read_regular
 
 MAX_SECRET_FILE = 64 * 1024
@@ -34,14 +34,14 @@ def read_secret(
         text = env.get(env_name)
         if not text:
             raise ConfigError(
-                f"environment variable {env_name} (named as the {what}) is not set or empty"
+                f"environment variable {shown(env_name)} (named as the {what}) is not set or empty"
             )
         try:
             value = text.encode("utf-8")
         except UnicodeEncodeError:
-            raise ConfigError(f"{what} in {env_name} is not valid UTF-8") from None
+            raise ConfigError(f"{what} in {shown(env_name)} is not valid UTF-8") from None
         if len(value) < min_length:
-            raise ConfigError(f"{what} in {env_name} is shorter than {min_length} bytes")
+            raise ConfigError(f"{what} in {shown(env_name)} is shorter than {min_length} bytes")
         return value
     if path is None:
         raise ConfigError(f"no {what} source configured")
@@ -55,14 +55,16 @@ def read_secret(
     try:
         raw = read_regular(path, MAX_SECRET_FILE, follow_symlinks=False, check=owner_only)
     except FileNotFoundError:
-        raise ConfigError(f"{what} file {path} does not exist") from None
+        raise ConfigError(f"{what} file {shown(path, PATH_SHOWN)} does not exist") from None
     except FileRefused as exc:
-        raise ConfigError(f"{what} file {path} {exc}") from None
+        raise ConfigError(f"{what} file {shown(path, PATH_SHOWN)} {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"{what} file {path} cannot be read: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"{what} file {shown(path, PATH_SHOWN)} cannot be read: {exc.strerror or exc}"
+        ) from None
     value = raw.rstrip(b"\r\n")
     if len(value) < min_length:
-        raise ConfigError(f"{what} in {path} is shorter than {min_length} bytes")
+        raise ConfigError(f"{what} in {shown(path, PATH_SHOWN)} is shorter than {min_length} bytes")
     return value
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from urllib.parse import quote, unquote_to_bytes
 
-from sekisho.errors import ConfigError
+from sekisho.errors import ConfigError, shown
 
 SCHEME = "pkcs11:"
 _TEXT = ("token", "manufacturer", "serial", "model", "object", "type")
@@ -58,7 +58,7 @@ def is_pkcs11_uri(ref: str) -> bool:
 def parse(ref: str) -> Pkcs11Uri:
     """Parse a key reference; ConfigError names what is wrong."""
     if not ref.startswith(SCHEME):
-        raise ConfigError(f"not a PKCS#11 URI (RFC 7512): {ref[:80]!r}")
+        raise ConfigError(f"not a PKCS#11 URI (RFC 7512): {shown(ref)}")
     body = ref[len(SCHEME) :]
     if "?" in body:
         raise ConfigError(
@@ -69,9 +69,9 @@ def parse(ref: str) -> Pkcs11Uri:
     for part in body.split(";") if body else []:
         name, sep, raw = part.partition("=")
         if not sep or name not in _KNOWN:
-            raise ConfigError(f"PKCS#11 URI attribute {name!r} is not supported")
+            raise ConfigError(f"PKCS#11 URI attribute {shown(name)} is not supported")
         if name in values:
-            raise ConfigError(f"PKCS#11 URI attribute {name!r} given twice")
+            raise ConfigError(f"PKCS#11 URI attribute {shown(name)} given twice")
         decoded = unquote_to_bytes(raw)
         if name == "id":
             if not decoded:
@@ -83,7 +83,7 @@ def parse(ref: str) -> Pkcs11Uri:
         except UnicodeDecodeError:
             raise ConfigError(f"PKCS#11 URI attribute {name!r} is not UTF-8") from None
         if name == "type" and text not in _TYPES:
-            raise ConfigError(f"PKCS#11 URI type {text!r} is not one of {', '.join(_TYPES)}")
+            raise ConfigError(f"PKCS#11 URI type {shown(text)} is not one of {', '.join(_TYPES)}")
         values[name] = text
     uri = Pkcs11Uri(**values)  # type: ignore[arg-type]
     if uri.object is None and uri.id is None:

@@ -23,7 +23,7 @@ from ca.registry import check_ca_name
 from hsm.base import KeyType
 from ocsp.signers import ensure_responders
 from sekisho.context import Actor
-from sekisho.errors import Conflict, InputError
+from sekisho.errors import Conflict, InputError, shown
 from sekisho.services import Services, audit_key_ref, enable_checkpoints
 
 DEFAULT_ISSUING = ("admin", "device")
@@ -63,7 +63,9 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
         issuing_subject(name, plan.organization)
     unknown = set(plan.adopt) - {plan.root_name, *plan.issuing}
     if unknown:
-        raise InputError(f"--adopt-key names no CA of this plan: {', '.join(sorted(unknown))}")
+        raise InputError(
+            f"--adopt-key names no CA of this plan: {', '.join(shown(n) for n in sorted(unknown))}"
+        )
     # Before anything is created: adopted keys must be usable, and a token must not already
     # hold an audit key under our label (another deployment with the same label prefix).
     for ref in plan.adopt.values():

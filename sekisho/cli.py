@@ -34,7 +34,7 @@ from hsm.base import CA_KEY_TYPES, KeyType
 from hsm.secrets import read_secret
 from sekisho import __version__
 from sekisho.context import Actor
-from sekisho.errors import ConfigError, Conflict, InputError, NotFound, SekishoError
+from sekisho.errors import ConfigError, Conflict, InputError, NotFound, SekishoError, shown
 from sekisho.files import NewFiles, read_input
 from sekisho.logs import setup_logging
 from sekisho.services import Services, build_services, ensure_data_dir, open_backend
@@ -204,7 +204,7 @@ def init(
     for item in adopt:
         name, sep, uri = item.partition("=")
         if not sep or not name or not uri:
-            raise InputError(f"--adopt-key wants CA=URI, not {item!r}")
+            raise InputError(f"--adopt-key wants CA=URI, not {shown(item)}")
         adopted[name] = uri
     state.overrides.update(backend_settings)
     settings = state.settings  # validated with the new options

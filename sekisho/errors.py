@@ -20,9 +20,27 @@ HTTP status for ``web/errors.py`` and an exit code for the CLI::
         └── AuditChainBroken(seq)     exit 2          verification found tampering
 
 A check whose result must not be ignored raises one of these; it never returns a bool.
+A message that quotes what the caller sent quotes it through ``shown``.
 """
 
 from __future__ import annotations
+
+# How much of a value an error message quotes: enough to recognise a mistyped name.
+MAX_SHOWN = 80
+# A path is quoted whole up to 255 characters (NAME_MAX): its end is what tells files apart.
+PATH_SHOWN = 255
+
+
+def shown(value: object, limit: int = MAX_SHOWN) -> str:
+    """``value`` quoted for an error message: escaped as Python's ``repr`` escapes (control
+    characters, line breaks, bidirectional and other invisible characters become ``\\x1b``,
+    ``\\n``, ``\\u202e``), so a quoted value cannot forge a log line or reach the terminal as
+    an escape sequence; cut to its first ``limit`` characters, with its length, so that a
+    10,000-character value does not fill the screen, the journal or a problem document."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class SekishoError(Exception):

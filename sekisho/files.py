@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from sekisho.errors import InputError, TooLarge
+from sekisho.errors import PATH_SHOWN, InputError, TooLarge, shown
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -30,8 +30,12 @@ class NewFiles:
             except OSError as exc:
                 self.discard()
                 if exc.errno == errno.EEXIST:
-                    raise InputError(f"{path} exists: choose a new file name") from None
-                raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+                    raise InputError(
+                        f"{shown(path, PATH_SHOWN)} exists: choose a new file name"
+                    ) from None
+                raise InputError(
+                    f"cannot write {shown(path, PATH_SHOWN)}: {exc.strerror or exc}"
+                ) from None
             self._open[path] = fd
             self._created.append(path)
 
@@ -58,7 +62,9 @@ class NewFiles:
         try:
             yield
         except OSError as exc:  # disk full, quota, I/O error while writing
-            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise InputError(
+                f"cannot write {shown(path, PATH_SHOWN)}: {exc.strerror or exc}"
+            ) from None
 
     def discard(self) -> None:
         for fd in self._open.values():
@@ -134,8 +140,10 @@ def read_input(path: Path, what: str, limit: int) -> bytes:
     try:
         return read_regular(path, limit)
     except FileTooLarge as exc:
-        raise TooLarge(f"{what} {path} {exc}") from None
+        raise TooLarge(f"{what} {shown(path, PATH_SHOWN)} {exc}") from None
     except FileRefused as exc:
-        raise InputError(f"{what} {path} {exc}") from None
+        raise InputError(f"{what} {shown(path, PATH_SHOWN)} {exc}") from None
     except OSError as exc:
-        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise InputError(
+            f"cannot read {what} {shown(path, PATH_SHOWN)}: {exc.strerror or exc}"
+        ) from None

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from sekisho.errors import ConfigError
+from sekisho.errors import ConfigError, shown
 
 _SECRET_WORDS = ("password", "passphrase", "pin", "secret", "token", "private")
 _STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -42,7 +42,7 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO") -> None:
     """Log JSON lines on stderr; an unknown level is a ConfigError (exit 78), not a traceback."""
     if not isinstance(logging.getLevelNamesMapping().get(level.upper()), int):
-        raise ConfigError(f"log_level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        raise ConfigError(f"log_level {shown(level)} is not one of DEBUG, INFO, WARNING, ERROR")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

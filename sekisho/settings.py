@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sekisho.errors import ConfigError
+from sekisho.errors import ConfigError, shown
 from sekisho.files import FileRefused, read_regular
 
 ENV_PREFIX = "SEKISHO_"
@@ -110,7 +110,9 @@ class Settings:
             raise ConfigError(f"bind_port out of range: {self.bind_port}")
         parts = urlsplit(self.base_url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ConfigError(f"base_url must be an http(s) URL with a host, got {self.base_url!r}")
+            raise ConfigError(
+                f"base_url must be an http(s) URL with a host, got {shown(self.base_url)}"
+            )
         if parts.query or parts.fragment:
             raise ConfigError("base_url must not carry a query or fragment")
         if parts.username is not None or parts.password is not None:
@@ -119,22 +121,22 @@ class Settings:
         try:
             parts.port  # noqa: B018  (property that validates the port)
         except ValueError:
-            raise ConfigError(f"base_url has a bad port: {self.base_url!r}") from None
+            raise ConfigError(f"base_url has a bad port: {shown(self.base_url)}") from None
         if any(ch.isspace() or ord(ch) < 0x21 for ch in self.base_url):
             # It ends up in CRL distribution points and AIA of every certificate.
             raise ConfigError(
-                f"base_url must not contain spaces or control characters: {self.base_url!r}"
+                f"base_url must not contain spaces or control characters: {shown(self.base_url)}"
             )
         if self.data_dir.resolve() == Path("/"):
             raise ConfigError("data_dir must not be the root directory")
         if self.data_location.upper() not in ALLOWED_DATA_LOCATIONS:
             raise ConfigError(
-                f"data_location {self.data_location!r} is not allowed: the service terms keep "
+                f"data_location {shown(self.data_location)} is not allowed: the service terms keep "
                 "customer data in Japan (JP)"
             )
         if self.key_backend not in {"software", "pkcs11"}:
             raise ConfigError(
-                f"key_backend must be 'software' or 'pkcs11', not {self.key_backend!r}"
+                f"key_backend must be 'software' or 'pkcs11', not {shown(self.key_backend)}"
             )
         if self.key_backend == "pkcs11":
             if not self.pkcs11_module:
@@ -195,7 +197,9 @@ def _check_database_url(url: str) -> None:
             "database_url is not a database URL (sqlite:/// or postgresql://)"
         ) from None
     if driver.split("+", 1)[0] not in {"sqlite", "postgresql"}:
-        raise ConfigError(f"database_url: unsupported database {driver!r} (sqlite or postgresql)")
+        raise ConfigError(
+            f"database_url: unsupported database {shown(driver)} (sqlite or postgresql)"
+        )
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -233,7 +237,7 @@ def _coerce(name: str, raw: Any) -> Any:
             raise ValueError(f"expected a string, not {type(raw).__name__}")
         return raw
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name!r}: cannot use {raw!r} ({exc})") from None
+        raise ConfigError(f"setting {name!r}: cannot use {shown(raw)} ({exc})") from None
 
 
 def _check_trusted_file(path: Path, st: os.stat_result) -> None:
@@ -278,7 +282,7 @@ def load_settings(
             raise ConfigError(f"[sekisho] in {path} must be a table of settings")
         for key, raw in section.items():
             if key not in _FIELDS:
-                raise ConfigError(f"unknown setting {key!r} in {path}")
+                raise ConfigError(f"unknown setting {shown(key)} in {path}")
             values[key] = _coerce(key, raw)
     elif config_file is not None:
         raise ConfigError(f"settings file {config_file} does not exist")
@@ -289,7 +293,7 @@ def load_settings(
     for key, raw in (overrides or {}).items():
         if raw is not None:
             if key not in _FIELDS:
-                raise ConfigError(f"unknown setting {key!r}")
+                raise ConfigError(f"unknown setting {shown(key)}")
             values[key] = _coerce(key, raw)
     values.setdefault("data_dir", Path(data_dir))
     if "base_url" not in values:
@@ -335,7 +339,7 @@ def persist_settings(path: Path, values: Mapping[str, Any]) -> list[str]:
     lines = []
     for key, value in values.items():
         if key not in _FIELDS:
-            raise ConfigError(f"unknown setting {key!r}")
+            raise ConfigError(f"unknown setting {shown(key)}")
         if key in existing:
             if _coerce(key, existing[key]) != _coerce(key, value):
                 raise ConfigError(f"{path} already sets {key} to another value")

@@ -840,3 +840,36 @@ def test_a_revoked_ca_issues_nothing_until_released(run: Runner, tmp_path: Path)
     ok(run("release", "--ca", "root", admin_serial))
     ok(run(*request, "--key-out", str(tmp_path / "released.key")))
     assert _issued_count(run, "admin") == before + 1
+
+
+def test_errors_quote_long_or_hostile_values_short_and_escaped(run: Runner, tmp_path: Path) -> None:
+    """A mistyped 10,000-character value is quoted by its first 80 characters and its length;
+    a value carrying a line break or a terminal escape cannot forge an error line."""
+    forged = "x\nerror: ok: all good\x1b[2J\u202e"
+    long = "q" * 10_000
+    keygen = ["issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
+              "--key-out", str(tmp_path / "k.pem")]  # fmt: skip
+    cases = [
+        (["ca", "show", forged + long], 66),
+        (["ca", "show", long], 66),
+        (["crl", "generate", "--ca", forged], 66),
+        ([*keygen, "--subject", "not a dn " + long, "--san", "dns:a.example.com"], 65),
+        ([*keygen, "--subject", "CN=a.example.com", "--san", "dns:" + long], 65),
+        ([*keygen, "--subject", "CN=a.example.com", "--san", "dns:" + forged], 65),
+        ([*keygen[:4], forged + long, *keygen[5:], "--subject", "CN=a"], 66),
+        (["revoke", "--ca", "device", "1234", "--reason", forged + long], 65),
+        (["revoke", "--ca", "device", "zz" + long], 64),
+    ]
+    for argv, code in cases:
+        result = run(*argv)
+        assert result.code == code, (argv[:4], result)
+        last = result.err.splitlines()[-1]  # click puts "Usage:" lines before a usage error
+        assert last.lower().startswith("error"), result.err
+        assert len(last) < 500, last
+        assert "\x1b" not in result.err and "\u202e" not in result.err, result.err
+        assert not any(line.startswith("error: ok") for line in result.err.splitlines())
+        if long in "".join(argv):
+            assert re.search(r"'\.\.\. \(100\d\d characters\)", last), last
+        else:
+            assert "\\n" in last and "\\x1b" in last, last
+    assert not (tmp_path / "k.pem").exists()
