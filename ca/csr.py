@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
 from ca.tbs import SanEntry
-from sekisho.errors import BadSignature, InputError, MalformedInput, PolicyViolation, TooLarge
+from ocsp.der import DerError, read_tlv
+from sekisho.errors import (
+    BadSignature,
+    InputError,
+    MalformedInput,
+    PolicyViolation,
+    TooLarge,
+    shown,
+)
 
 MAX_CSR_BYTES = 16 * 1024
 
@@ -21,17 +30,73 @@ class CsrRequest:
     sans: tuple[SanEntry, ...]
 
 
+# RFC 7468 encapsulation boundaries; the label is what lies between "BEGIN " and "-----".
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([^\r\n]{0,64}?)-----")
+_PEM_END = re.compile(rb"-----END [^\r\n]{0,64}?-----")
+_CSR_LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")  # RFC 7468 7 (and legacy)
+_DER_SEQUENCE = 0x30
+
+
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """One CSR, DER or PEM: nothing may follow the DER encoding or the PEM block's END line
+    but whitespace, and a PEM input holds one block; explanatory text before the BEGIN line is
+    allowed (RFC 7468 2)."""
     if len(data) > MAX_CSR_BYTES:
         raise TooLarge(f"CSR is {len(data)} bytes; the limit is {MAX_CSR_BYTES}")
     if not data.strip():
         raise MalformedInput("CSR is empty")
+    start = data.lstrip()
+    pem = start.startswith(b"-----BEGIN") or (
+        start[0] != _DER_SEQUENCE and _PEM_BEGIN.search(data) is not None
+    )
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_csr(data)
+        if pem:
+            return x509.load_pem_x509_csr(_one_pem_block(data))
+        _nothing_after_der(data)
         return x509.load_der_x509_csr(data)
     except ValueError as exc:
         raise MalformedInput(f"CSR cannot be parsed: {exc}") from None
+
+
+def _one_pem_block(data: bytes) -> bytes:
+    """The one PEM block of ``data``. A second block is refused rather than ignored: a file
+    of two CSRs would otherwise issue for whichever came first, and a CSR beside a private
+    key means the key is about to travel with it. Data after the END line is refused too:
+    RFC 7468 provides for none, and it is usually a cut-off second object."""
+    labels = [m.group(1) for m in _PEM_BEGIN.finditer(data)]
+    if len(labels) > 1:
+        if all(label in _CSR_LABELS for label in labels):
+            raise MalformedInput(f"the input holds {len(labels)} CSRs; give one")
+        kinds = [shown(label.decode("ascii", "replace")) for label in labels[:4]]
+        more = ", ..." if len(labels) > 4 else ""
+        raise MalformedInput(
+            f"the input holds {len(labels)} PEM blocks ({', '.join(kinds)}{more}); "
+            "give the CSR alone"
+        )
+    begin = _PEM_BEGIN.search(data)
+    end = _PEM_END.search(data, begin.end()) if begin is not None else None
+    if begin is None:
+        raise MalformedInput("CSR PEM has no BEGIN line")
+    if end is None:
+        raise MalformedInput("CSR PEM block has no END line")
+    if data[end.end() :].strip():
+        raise MalformedInput("CSR PEM block is followed by data after its END line")
+    return data[begin.start() : end.end()] + b"\n"
+
+
+def _nothing_after_der(data: bytes) -> None:
+    """Refuse octets after the DER encoding by name (a CSR, then a newline or a second
+    object); an encoding that does not even frame is left to the parser's own message."""
+    if data[0] != _DER_SEQUENCE:
+        return
+    try:
+        top = read_tlv(data, 0, len(data))
+    except DerError:
+        return
+    if top.end < len(data):
+        raise MalformedInput(
+            f"CSR is followed by {len(data) - top.end} octets after its DER encoding"
+        )
 
 
 def parse_csr(data: bytes) -> CsrRequest:

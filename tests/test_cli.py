@@ -439,6 +439,21 @@ def test_malformed_csr_file_exits_65(
     assert ok(run("--json", "cert", "list")).json() == before  # nothing reserved or issued
 
 
+def test_a_file_of_two_csrs_is_refused(run: Runner, tmp_path: Path) -> None:
+    first = make_csr(name(CN="one.example.com"))
+    csr = tmp_path / "two.csr"
+    csr.write_bytes(first + make_csr(name(CN="two.example.com")))
+    before = ok(run("--json", "cert", "list")).json()
+    result = run("issue", "--ca", "device", "--profile", "device", "--csr", str(csr),
+                 "--san", "dns:one.example.com")  # fmt: skip
+    assert result.code == 65, result
+    assert result.err == "error: malformed: the input holds 2 CSRs; give one\n", result.err
+    assert ok(run("--json", "cert", "list")).json() == before
+    csr.write_bytes(first)  # the first one alone is fine
+    ok(run("issue", "--ca", "device", "--profile", "device", "--csr", str(csr),
+           "--san", "dns:one.example.com"))  # fmt: skip
+
+
 def test_issue_input_errors(run: Runner, tmp_path: Path) -> None:
     csr = tmp_path / "c.csr"
     csr.write_bytes(make_csr(name(CN="x.example.com")))

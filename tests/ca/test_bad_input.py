@@ -128,6 +128,49 @@ def test_malformed_csr(services: Services, mangle) -> None:  # type: ignore[no-u
     assert exc.code == "malformed"
 
 
+def _pem(der: bytes) -> bytes:
+    return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM)
+
+
+_KEY_PEM = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        pytest.param(lambda d: _pem(d) + _pem(d), "the input holds 2 CSRs; give one", id="two"),
+        pytest.param(
+            lambda d: _pem(d) + b"\n" + _pem(_good_csr_der()) + _pem(d),
+            "the input holds 3 CSRs; give one",
+            id="three",
+        ),
+        pytest.param(
+            lambda d: _pem(d) + _KEY_PEM,
+            "2 PEM blocks ('CERTIFICATE REQUEST', 'PRIVATE KEY'); give the CSR alone",
+            id="csr-and-key",
+        ),
+        pytest.param(lambda d: _pem(d) + b"trailing", "data after its END line", id="pem-text"),
+        pytest.param(lambda d: _pem(d)[:-30], "no END line", id="pem-cut"),
+        pytest.param(lambda d: d + b"\n", "1 octets after its DER encoding", id="der-newline"),
+        pytest.param(lambda d: d + d, "octets after its DER encoding", id="der-twice"),
+    ],
+)
+def test_one_csr_and_nothing_after_it(  # type: ignore[no-untyped-def]
+    services: Services, mangle, message: str
+) -> None:
+    """Several CSRs, or data after the CSR, are refused by name: never the first one taken."""
+    exc = _assert_refused(services, _from_csr(services, mangle(_good_csr_der())), MalformedInput)
+    assert message in exc.message, exc.message
+
+
+def test_pem_csr_with_explanatory_text_before_it_is_accepted(services: Services) -> None:
+    """RFC 7468 2: text before the BEGIN line (``openssl req -text`` output) is allowed, and
+    so is whitespace after the END line."""
+    text = b"Certificate Request:\n    Data:\n        Version: 1 (0x0)\n"
+    cert = _from_csr(services, text + _pem(_good_csr_der()) + b"\r\n\n")()
+    assert cert.subject == ADMIN
+
+
 def test_csr_with_bad_signature(services: Services) -> None:
     der = bytearray(_good_csr_der())
     # The signature BIT STRING is the last element: flip a bit inside it.
