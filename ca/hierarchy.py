@@ -18,6 +18,7 @@ from audit.events import Category, Event, Outcome, by_actor
 from ca.issuance import CaService, IssueRequest
 from ca.models import CaKind, CertificateAuthority
 from ca.registry import ca_row, check_ca_name
+from ca.rules import is_dns_name, is_mailbox
 from ca.tbs import new_serial, serial_hex
 from hsm.base import CA_KEY_TYPES, KeyType, key_type_of, signature_hash
 from hsm.software import SoftwareBackend, pem_unwrap
@@ -37,9 +38,26 @@ ISSUING_VALIDITY = dt.timedelta(days=10 * 365)
 
 @dataclasses.dataclass(frozen=True)
 class NameConstraintSpec:
+    """RFC 5280 4.2.1.10 subtrees for an issuing CA; a value that cannot mean what was typed
+    is refused here, before any key or row exists."""
+
     permitted_dns: tuple[str, ...] = ()
     permitted_email: tuple[str, ...] = ()
     excluded_dns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for what, values, valid, form in (
+            ("permitted DNS", self.permitted_dns, is_dns_name, _DNS_FORM),
+            ("permitted email", self.permitted_email, _is_email_subtree, _EMAIL_FORM),
+            ("excluded DNS", self.excluded_dns, is_dns_name, _DNS_FORM),
+        ):
+            for value in values:
+                if not value.strip():
+                    # An unset shell variable, most likely; as a zero-length dNSName it would
+                    # permit every name, or (excluded) forbid every DNS name.
+                    raise InputError(f"{what} name constraint is empty")
+                if not valid(value):
+                    raise InputError(f"{what} name constraint {shown(value)} refused: {form}")
 
     def extension(self) -> x509.NameConstraints | None:
         permitted: list[x509.GeneralName] = [x509.DNSName(d) for d in self.permitted_dns]
@@ -50,6 +68,21 @@ class NameConstraintSpec:
         return x509.NameConstraints(
             permitted_subtrees=permitted or None, excluded_subtrees=excluded or None
         )
+
+
+_DNS_FORM = (
+    "a lower-case DNS name such as example.com (it covers its subdomains), without a "
+    "leading dot or wildcard; IDNs as A-labels"
+)
+_EMAIL_FORM = "an address (a@example.com), a host (example.com) or a domain (.example.com)"
+
+
+def _is_email_subtree(value: str) -> bool:
+    """RFC 5280 4.2.1.10: one mailbox, all mailboxes on a host, or (leading dot) all mailboxes
+    in a domain's subdomains."""
+    if "@" in value:
+        return is_mailbox(value)
+    return is_dns_name(value.removeprefix(".").lower())
 
 
 def _name(common_name: str, organization: str) -> x509.Name:

@@ -109,6 +109,17 @@ def subject_attributes(tbs: Tbs) -> None:
             raise PolicyViolation("subject-value", "C must be a two-letter country code")
 
 
+def is_dns_name(value: str) -> bool:
+    """Lower-case LDH labels (IDNs as A-labels) joined by dots, at most 253 characters: no
+    wildcard, no leading, trailing or doubled dot."""
+    return len(value) <= 253 and all(_DNS_LABEL.match(label) for label in value.split("."))
+
+
+def is_mailbox(value: str) -> bool:
+    """An email address as the SAN rules accept it (``local@domain``)."""
+    return bool(_EMAIL.match(value)) and is_dns_name(value.rsplit("@", 1)[1].lower())
+
+
 def _check_dns(value: str) -> None:
     if len(value) > 253 or value != value.lower():
         raise PolicyViolation(

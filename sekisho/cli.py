@@ -206,6 +206,8 @@ def init(
         if not sep or not name or not uri:
             raise InputError(f"--adopt-key wants CA=URI, not {shown(item)}")
         adopted[name] = uri
+    # Checked before the data directory is touched.
+    constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
     state.overrides.update(backend_settings)
     settings = state.settings  # validated with the new options
     services = state.services()
@@ -213,7 +215,7 @@ def init(
         organization=org,
         key_type=key_type,
         issuing=issuing or DEFAULT_ISSUING,
-        constraints=NameConstraintSpec(permit_dns, permit_email, exclude_dns),
+        constraints=constraints,
         adopt=adopted,
     )
     created = initialise(services, plan, state.actor())
@@ -391,16 +393,9 @@ def ca_create_issuing(
     from ca.hierarchy import create_issuing
     from sekisho.bootstrap import publish_ca_files
 
+    constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
     services = state.services()
-    row = create_issuing(
-        services.ca,
-        name,
-        parent,
-        org,
-        key_type,
-        state.actor(),
-        NameConstraintSpec(permit_dns, permit_email, exclude_dns),
-    )
+    row = create_issuing(services.ca, name, parent, org, key_type, state.actor(), constraints)
     now = services.clock()
     services.crls.generate(name, now, actor=state.actor())
     services.crls.generate(name, now, delta=True, actor=state.actor())

@@ -375,6 +375,51 @@ def test_init_refuses_a_bad_ca_name_before_creating_anything(
     assert ok(run("--json", "ca", "list")).json() == []
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--permit-dns", ""),
+        ("--permit-dns", " "),
+        ("--exclude-dns", ""),
+        ("--permit-email", ""),
+        ("--permit-dns", "*.example.com"),
+        ("--permit-dns", ".example.com"),
+        ("--permit-dns", "Example.COM"),
+        ("--permit-dns", "exa mple.com"),
+        ("--exclude-dns", "bad..example.com"),
+        ("--permit-email", "@example.com"),
+        ("--permit-email", "a@b@example.com"),
+    ],
+)
+def test_name_constraints_empty_or_malformed_are_refused_before_anything_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], run: Runner, option: str, value: str
+) -> None:
+    data = tmp_path / "d"
+    result = _runner(capsys, data)("init", option, value)
+    assert result.code == 65, result
+    assert "name constraint" in result.err and result.err.count("\n") == 1, result.err
+    assert not data.exists()
+    before = ok(run("--json", "ca", "list")).json()
+    result = run("ca", "create-issuing", "ops", option, value)
+    assert result.code == 65 and "name constraint" in result.err, result
+    assert ok(run("--json", "ca", "list")).json() == before
+
+
+def test_name_constraints_in_every_rfc_5280_form_are_written(run: Runner) -> None:
+    ok(run("ca", "create-issuing", "ops", "--permit-dns", "ops.example.com",
+           "--permit-dns", "xn--bcher-kva.example", "--permit-email", "a@example.com",
+           "--permit-email", "Example.org", "--permit-email", ".example.net",
+           "--exclude-dns", "bad.ops.example.com"))  # fmt: skip
+    cert = x509.load_der_x509_certificate(ca_der(run, "ops"))
+    nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    assert [n.value for n in nc.permitted_subtrees or ()] == [
+        "ops.example.com", "xn--bcher-kva.example", "a@example.com", "Example.org",
+        ".example.net",
+    ]  # fmt: skip
+    assert [n.value for n in nc.excluded_subtrees or ()] == ["bad.ops.example.com"]
+    pkilint_cert(cert.public_bytes(serialization.Encoding.DER))
+
+
 # -- issue ------------------------------------------------------------------------------------
 def test_issue_from_csr_file(run: Runner, tmp_path: Path, settings: Settings) -> None:
     csr = tmp_path / "alice.csr"
