@@ -80,6 +80,26 @@ _FLAG = {
 }
 
 
+# The earliest invalidity date accepted: 1950-01-01, where RFC 5280's UTCTime (4.1.2.5.1), and
+# so any certificate's validity, begins. Not the certificate's notBefore: a key may well have
+# been compromised before its certificate was issued (a CSR made from a leaked key).
+EARLIEST_INVALIDITY = dt.datetime(1950, 1, 1, tzinfo=dt.UTC)
+
+
+def check_invalidity_date(when: dt.datetime, now: dt.datetime) -> None:
+    """Refuse an invalidity date (RFC 5280 5.3.2) that cannot be when a key was compromised."""
+    if when.tzinfo is None:
+        raise InputError("invalidity date needs a time zone (UTC)")
+    if when > now:
+        raise InputError("invalidity date lies in the future")
+    if when < EARLIEST_INVALIDITY:
+        raise InputError(
+            f"invalidity date {when.date().isoformat()} lies before "
+            f"{EARLIEST_INVALIDITY.date().isoformat()}, where X.509 time begins (RFC 5280 "
+            "UTCTime): give the date the key is believed to have been compromised"
+        )
+
+
 def decide_revocation(status: CertStatus, current: Reason | None, new: Reason) -> None:
     """Raise Conflict unless ``status/current -> revoked(new)`` is allowed.
 
@@ -147,8 +167,8 @@ class Revoker:
         invalidity_date: dt.datetime | None = None,
     ) -> Certificate:
         now = self.clock()
-        if invalidity_date is not None and invalidity_date > now:
-            raise InputError("invalidity date lies in the future")
+        if invalidity_date is not None:
+            check_invalidity_date(invalidity_date, now)
         with self.db.scope() as session:
             ca = ca_row(session, ca_name)
             cert = self._locked_cert(session, ca, serial)

@@ -722,6 +722,27 @@ def test_revoke_with_a_future_invalidity_date_exits_65(run: Runner) -> None:
     assert run("revoke", "--ca", "device", serial, "--reason", "because").code == 65
 
 
+def test_revoke_refuses_an_invalidity_date_before_1950(run: Runner, settings: Settings) -> None:
+    serial = _issue_device(run, "past.example.com")
+    for absurd in ("0001-01-01", "1949-12-31T23:59:59"):
+        result = run("revoke", "--ca", "device", serial, "--invalidity-date", absurd)
+        assert result.code == 65, result
+        assert "lies before 1950-01-01" in result.err and result.err.count("\n") == 1
+    assert ok(run("--json", "cert", "show", "--ca", "device", serial)).json()["status"] == "issued"
+    # The earliest accepted date: before the certificate existed (the key may have leaked first).
+    ok(run("revoke", "--ca", "device", serial, "--reason", "key_compromise",
+           "--invalidity-date", "1950-01-01"))  # fmt: skip
+    ok(run("crl", "generate", "--ca", "device"))
+    _, crl_der = latest_crl(settings, "device")
+    entry = x509.load_der_x509_crl(crl_der).get_revoked_certificate_by_serial_number(
+        int(serial, 16)
+    )
+    assert entry is not None
+    invalidity = entry.extensions.get_extension_for_class(x509.InvalidityDate).value
+    assert invalidity.invalidity_date_utc == dt.datetime(1950, 1, 1, tzinfo=dt.UTC)
+    pkilint_crl(crl_der)
+
+
 def test_cert_list_filters(run: Runner) -> None:
     # What init issued: the issuing CAs' own certificates (profile sub-ca, issued by the root)
     # and one delegated OCSP responder per issuing CA.
