@@ -77,17 +77,23 @@ def context_for(row: CertificateAuthority, urls: Urls, *, revoked: bool = False)
     )
 
 
-def ca_revoked(session: Session, row: CertificateAuthority) -> bool:
-    """Whether the parent has revoked (or put on hold) this CA's own certificate."""
+def ca_revocation(session: Session, row: CertificateAuthority) -> Certificate | None:
+    """The parent's record of this CA's own certificate while the parent has revoked it or put
+    it on hold (its reason and time), else None."""
     if row.parent_id is None:
-        return False
+        return None
     serial = serial_hex(x509.load_der_x509_certificate(row.certificate_der).serial_number)
-    status = session.scalar(
-        select(Certificate.status).where(
+    cert = session.scalar(
+        select(Certificate).where(
             Certificate.issuer_id == row.parent_id, Certificate.serial == serial
         )
     )
-    return status == CertStatus.REVOKED
+    return cert if cert is not None and cert.status == CertStatus.REVOKED else None
+
+
+def ca_revoked(session: Session, row: CertificateAuthority) -> bool:
+    """Whether the parent has revoked (or put on hold) this CA's own certificate."""
+    return ca_revocation(session, row) is not None
 
 
 # How long a cached CA context is used before the row is read again: the bound on how late a

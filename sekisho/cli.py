@@ -251,9 +251,14 @@ def ca() -> None:
     """Certificate authorities: list, show, export, offline root, new issuing CAs."""
 
 
-def _ca_doc(row: CertificateAuthority) -> dict[str, Any]:
+def _ca_doc(row: CertificateAuthority, revoked: Certificate | None = None) -> dict[str, Any]:
+    """A CA; ``revoked``: its own certificate as its parent records it when revoked or on hold
+    (``ca.registry.ca_revocation``), when the CA issues nothing."""
+    held = revoked is not None and revoked.revocation_reason == Reason.CERTIFICATE_HOLD.value
     return {
         "name": row.name,
+        "status": "good" if revoked is None else "on_hold" if held else "revoked",
+        "revocation": None if revoked is None else _revocation_doc(revoked),
         "kind": row.kind.value,
         "subject": row.subject_dn,
         "serial": row.serial,
@@ -266,21 +271,46 @@ def _ca_doc(row: CertificateAuthority) -> dict[str, Any]:
     }
 
 
+def _revocation_doc(cert: Certificate) -> dict[str, Any]:
+    def when(value: dt.datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "reason": cert.revocation_reason,
+        "revoked_at": when(cert.revoked_at),
+        "invalidity_date": when(cert.invalidity_date),
+    }
+
+
 @ca.command("list")
 @pass_state
 def ca_list(state: State) -> None:
     """List the CAs of this deployment."""
-    from ca.registry import all_cas
+    from ca.registry import all_cas, ca_revocation
 
     with state.services().db.scope() as session:
-        docs = [_ca_doc(r) for r in all_cas(session)]
+        docs = [_ca_doc(r, ca_revocation(session, r)) for r in all_cas(session)]
     state.emit(
         docs,
         lambda: "\n".join(
             f"{d['name']:<10} {d['kind']:<8} {d['key_type']:<9} "
-            f"{'online' if d['key_online'] else 'OFFLINE':<8} {d['subject']}"
+            f"{'online' if d['key_online'] else 'OFFLINE':<8} {d['status']:<8} {d['subject']}"
             for d in docs
         ),
+    )
+
+
+def _ca_status_text(doc: dict[str, Any]) -> str:
+    """``good``, ``on hold (since ...)`` or ``revoked (reason, time[, invalid since ...])``."""
+    revocation = doc["revocation"]
+    if revocation is None:
+        return str(doc["status"])
+    if doc["status"] == "on_hold":
+        return f"on hold (since {revocation['revoked_at']})"
+    invalid = revocation["invalidity_date"]
+    return (
+        f"revoked ({revocation['reason']}, {revocation['revoked_at']}"
+        f"{f', key invalid since {invalid}' if invalid else ''})"
     )
 
 
@@ -289,11 +319,14 @@ def ca_list(state: State) -> None:
 @pass_state
 def ca_show(state: State, name: str) -> None:
     """Show one CA."""
-    from ca.registry import ca_row
+    from ca.registry import ca_revocation, ca_row
 
     with state.services().db.scope() as session:
-        doc = _ca_doc(ca_row(session, name))
-    state.emit(doc, lambda: "\n".join(f"{k:<11} {v}" for k, v in doc.items()))
+        row = ca_row(session, name)
+        doc = _ca_doc(row, ca_revocation(session, row))
+    text_doc = {**doc, "status": _ca_status_text(doc)}
+    del text_doc["revocation"]
+    state.emit(doc, lambda: "\n".join(f"{k:<11} {v}" for k, v in text_doc.items()))
 
 
 @ca.command("export")

@@ -954,3 +954,42 @@ def test_errors_quote_long_or_hostile_values_short_and_escaped(run: Runner, tmp_
         else:
             assert "\\n" in last and "\\x1b" in last, last
     assert not (tmp_path / "k.pem").exists()
+
+
+def test_ca_show_and_list_say_when_the_parent_revoked_or_held_the_ca(run: Runner) -> None:
+    admin_serial = f"{x509.load_der_x509_certificate(ca_der(run, 'admin')).serial_number:x}"
+
+    def status() -> tuple[dict[str, Any], str, str]:
+        """ca show --json (the same in ca list --json), ca show's status line, ca list's row."""
+        shown = ok(run("--json", "ca", "show", "admin")).json()
+        listed = {d["name"]: d for d in ok(run("--json", "ca", "list")).json()}
+        assert listed["admin"] == shown and listed["root"]["status"] == "good"
+        line = re.search(r"^status\s+(.*)$", ok(run("ca", "show", "admin")).out, re.M)
+        row = re.search(r"^admin\s.*$", ok(run("ca", "list")).out, re.M)
+        assert line is not None and row is not None
+        return shown, line.group(1), row.group(0)
+
+    doc, text, row = status()
+    assert (doc["status"], doc["revocation"], text) == ("good", None, "good")
+    assert re.match(r"admin\s+issuing\s+ec-p256\s+online\s+good\s+CN=", row), row
+
+    ok(run("revoke", "--ca", "root", admin_serial, "--reason", "certificate_hold"))
+    doc, text, row = status()
+    assert doc["status"] == "on_hold" and doc["revocation"]["reason"] == "certificate_hold"
+    held_at = dt.datetime.fromisoformat(doc["revocation"]["revoked_at"])
+    assert text == f"on hold (since {held_at.isoformat()})"
+    assert re.match(r"admin\s+issuing\s+ec-p256\s+online\s+on_hold\s+CN=", row), row
+
+    ok(run("revoke", "--ca", "root", admin_serial, "--reason", "key_compromise",
+           "--invalidity-date", "2024-05-06"))  # fmt: skip
+    doc, text, row = status()
+    revocation = doc["revocation"]
+    assert doc["status"] == "revoked" and revocation["reason"] == "key_compromise"
+    assert dt.datetime.fromisoformat(revocation["invalidity_date"]) == dt.datetime(
+        2024, 5, 6, tzinfo=dt.UTC
+    )
+    assert text == (
+        f"revoked (key_compromise, {revocation['revoked_at']}, key invalid since "
+        f"{revocation['invalidity_date']})"
+    )
+    assert re.match(r"admin\s+issuing\s+ec-p256\s+online\s+revoked\s+CN=", row), row
