@@ -187,9 +187,10 @@ def public_key_cmd(state: State, output: Path | None) -> None:
     key = serialization.load_der_public_key(signer.public_key_der)
     pem = key.public_bytes(serialization.Encoding.PEM, _SPKI).decode("ascii")
     if output is None:
-        click.echo(pem, nl=False)
+        state.emit({"public_key_pem": pem}, pem.rstrip("\n"))
     else:
         _write_file(output, lambda fh: fh.write(pem))
+        state.emit({"public_key_file": str(output)}, f"wrote {output}")
 
 
 @audit.command("search")
@@ -223,6 +224,7 @@ def search_cmd(state: State, /, limit: int, oldest: bool, **kwargs: Any) -> None
 @pass_state
 def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) -> None:
     """Export matching records as JSONL or CSV (control characters escaped)."""
+    _json_needs_output(state, output)
     services = state.services()
     writer = write_csv if fmt == "csv" else write_jsonl
     with services.db.read_scope() as session:
@@ -231,7 +233,26 @@ def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) ->
             count = writer(rows, sys.stdout)
         else:
             count = _write_file(output, lambda fh: writer(rows, fh))
-    click.echo(f"exported {count} records", err=True)
+    _exported(state, {"file": str(output), "format": fmt, "records": count}, count, "records")
+
+
+def _json_needs_output(state: State, output: Path | None) -> None:
+    """An export's records are its output: on stdout they are the export itself (JSONL or
+    CSV), so ``--json``, whose document describes what was written, needs ``--output``."""
+    if state.as_json and output is None:
+        raise click.UsageError(
+            "with --json, give --output: the document describes the file written (without "
+            "--json the export goes to stdout)"
+        )
+
+
+def _exported(state: State, doc: dict[str, Any], count: int, what: str) -> None:
+    """The summary of an export: with --json the document on stdout, else a line on stderr
+    (stdout may be carrying the export itself)."""
+    if state.as_json:
+        state.emit(doc, "")
+    else:
+        click.echo(f"exported {count} {what}", err=True)
 
 
 @audit.command("checkpoint")
@@ -263,6 +284,7 @@ def checkpoints_export(state: State, output: Path | None, after: int) -> None:
     """Write signed checkpoints as JSONL (each verifiable with its public key)."""
     from sqlalchemy import select
 
+    _json_needs_output(state, output)
     services = state.services()
     with services.db.read_scope() as session:
         docs = [
@@ -276,7 +298,7 @@ def checkpoints_export(state: State, output: Path | None, after: int) -> None:
         click.echo(text, nl=False)
     else:
         _write_file(output, lambda fh: fh.write(text))
-    click.echo(f"exported {len(docs)} checkpoints", err=True)
+    _exported(state, {"file": str(output), "checkpoints": len(docs)}, len(docs), "checkpoints")
 
 
 __all__ = ["SekishoError", "audit"]

@@ -368,7 +368,7 @@ def ca_export(state: State, name: str, output: Path | None, with_key: bool) -> N
             outputs.write(output, pem)
             state.emit({"ca": name, "file": str(output)}, f"wrote {output}")
         else:
-            click.echo(pem.decode(), nl=False)
+            state.emit({"ca": name, "certificate_pem": pem.decode()}, pem.decode().rstrip("\n"))
     except BaseException:
         outputs.discard()
         raise
@@ -586,7 +586,9 @@ def issue(
             if generated:
                 # Shown exactly once, on the terminal of the operator who asked for it.
                 doc["p12_password"] = password.decode()
-        if not out and not state.as_json:
+        if not out and state.as_json:
+            doc["certificate_pem"] = pem.decode()  # with --json, inside the one document
+        elif not out:
             click.echo(pem.decode(), nl=False)
         state.emit(doc, lambda: "\n".join(f"{k}: {v}" for k, v in doc.items()))
     except BaseException:
@@ -742,10 +744,8 @@ def cert_show(state: State, ca_name: str, serial: int, pem: bool) -> None:
     if pem:
         if der is None:
             raise NotFound("this serial has no signed certificate stored")
-        click.echo(
-            x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode(),
-            nl=False,
-        )
+        text = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+        state.emit({**doc, "certificate_pem": text}, text.rstrip("\n"))
         return
     state.emit(doc, lambda: "\n".join(f"{k:<11} {v}" for k, v in doc.items()))
 

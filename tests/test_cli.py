@@ -797,6 +797,58 @@ def test_json_output_of_every_read_command_parses(run: Runner, tmp_path: Path) -
         assert isinstance(doc, dict | list) and doc, argv
 
 
+def test_json_is_one_document_from_commands_that_print_pem_or_write_files(
+    run: Runner, tmp_path: Path
+) -> None:
+    """--json used to be ignored by these: PEM (or nothing) on stdout, a count on stderr; an
+    issued certificate without --out went nowhere at all."""
+    serial = _issue_device(run, "pem.example.com")
+
+    def one_document(*argv: str) -> dict[str, Any]:
+        result = ok(run("--json", *argv))
+        assert result.out.count("\n") == 1 and result.err == "", (argv, result)
+        doc = result.json()
+        assert isinstance(doc, dict), argv
+        return doc
+
+    exported = one_document("ca", "export", "admin")
+    assert exported["ca"] == "admin"
+    assert der_of_pem(exported["certificate_pem"].encode()) == ca_der(run, "admin")
+    shown = one_document("cert", "show", "--ca", "device", serial, "--pem")
+    assert shown["serial"] == serial and shown["status"] == "issued"
+    cert = x509.load_pem_x509_certificate(shown["certificate_pem"].encode())
+    assert f"{cert.serial_number:040x}" == serial
+    issued = one_document("issue", "--ca", "device", "--profile", "device", "--keygen",
+                          "ec-p256", "--subject", "CN=nowhere.example.com", "--san",
+                          "dns:nowhere.example.com", *_key_out())  # fmt: skip
+    cert = x509.load_pem_x509_certificate(issued["certificate_pem"].encode())
+    assert f"{cert.serial_number:040x}" == issued["serial"]
+    key = one_document("audit", "public-key")
+    serialization.load_pem_public_key(key["public_key_pem"].encode())
+    key_file = tmp_path / "audit-key.pem"
+    assert one_document("audit", "public-key", "-o", str(key_file)) == {
+        "public_key_file": str(key_file)
+    }
+    assert key_file.read_text() == key["public_key_pem"]
+    journal = tmp_path / "journal.csv"
+    doc = one_document("audit", "export", "--format", "csv", "-o", str(journal))
+    assert doc == {"file": str(journal), "format": "csv", "records": doc["records"]}
+    assert doc["records"] == len(journal.read_text().splitlines()) - 1 > 0  # a header line
+    checkpoints = tmp_path / "cp.jsonl"
+    doc = one_document("audit", "checkpoints", "export", "-o", str(checkpoints))
+    assert doc == {
+        "file": str(checkpoints),
+        "checkpoints": len(checkpoints.read_text().splitlines()),
+    }
+    # Without a file, the records are the export itself: --json has nothing to describe.
+    for argv in (["audit", "export"], ["audit", "checkpoints", "export"]):
+        refused = run("--json", *argv)
+        assert refused.code == 64 and "--output" in refused.err and refused.out == "", refused
+    # Without --json, unchanged: the PEM itself on stdout.
+    assert ok(run("ca", "export", "admin")).out == exported["certificate_pem"]
+    assert ok(run("audit", "public-key")).out == key["public_key_pem"]
+
+
 def test_wrong_key_passphrase_exits_77(run: Runner, data_dir: Path) -> None:
     secret = data_dir / "secrets" / "ca-passphrase"
     secret.write_text("an-entirely-different-passphrase\n")
