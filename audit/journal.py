@@ -7,7 +7,9 @@ issued or revoked unrecorded. Appenders lock the single head row (``FOR UPDATE``
 processes on one PostgreSQL.
 
 Every ``every`` records, or when ``interval`` has passed since the last checkpoint, the head is
-signed through the key backend (a ``CheckpointSigner``) in the same transaction.
+signed through the key backend (a ``CheckpointSigner``) in the same transaction. The signed body
+names the time and the checkpoint before it (the one the head names), so a changed checkpoint
+time or a deleted checkpoint shows (``audit.chain``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
-from audit.chain import canonical_json, chain_hash, checkpoint_body, format_time
+from audit.chain import (
+    GENESIS,
+    body_digest,
+    canonical_json,
+    chain_hash,
+    checkpoint_body,
+    format_time,
+)
 from audit.events import Event, normalise_mac
 from audit.models import Checkpoint, JournalHead, JournalRecord
 from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
@@ -131,6 +140,9 @@ _INSERT_RECORD_ADVANCE_HEAD = Prepared(
     ("head_seq", "head_hash", *(f"rec_{name}" for name in _RECORD_KEYS)),
 )
 _CHECKPOINTS = cast(Table, Checkpoint.__table__)
+_SELECT_CHECKPOINT_BODY = Prepared(
+    select(_CHECKPOINTS.c.body).where(_CHECKPOINTS.c.seq == bindparam("seq")), ("seq",)
+)
 _INSERT_CHECKPOINT = Prepared(
     insert(_CHECKPOINTS),
     ("seq", "time", "head_hash", "body", "signature", "key_ref", "public_key_der"),
@@ -207,7 +219,9 @@ class Journal:
             return Appended(seq, digest)
         tx.execute(_INSERT_RECORD, record)
         if due:
-            tx.execute(_INSERT_CHECKPOINT, self._checkpoint_values(seq, digest, now))
+            found = tx.first(_SELECT_CHECKPOINT_BODY, {"seq": checkpoint_seq})
+            previous = _link(checkpoint_seq, found[0] if found else None)
+            tx.execute(_INSERT_CHECKPOINT, self._checkpoint_values(seq, digest, now, previous))
             tx.execute(
                 _UPDATE_HEAD_CHECKPOINT,
                 {"seq": seq, "hash": digest, "checkpoint_seq": seq, "checkpoint_time": now},
@@ -281,9 +295,11 @@ class Journal:
         last = head.checkpoint_time
         return last is None or now - last >= self.interval
 
-    def _checkpoint_values(self, seq: int, head_hash: str, now: dt.datetime) -> dict[str, Any]:
+    def _checkpoint_values(
+        self, seq: int, head_hash: str, now: dt.datetime, previous: tuple[int, str]
+    ) -> dict[str, Any]:
         assert self.signer is not None
-        body = checkpoint_body(self.origin, seq, head_hash)
+        body = checkpoint_body(self.origin, seq, head_hash, now, previous)
         signature = self.signer.sign(body.encode("utf-8"))
         return {
             "seq": seq,
@@ -296,7 +312,11 @@ class Journal:
         }
 
     def _checkpoint(self, session: Session, head: JournalHead, now: dt.datetime) -> Checkpoint:
-        row = Checkpoint(**self._checkpoint_values(head.seq, head.hash, now))
+        found = session.scalar(
+            select(_CHECKPOINTS.c.body).where(_CHECKPOINTS.c.seq == head.checkpoint_seq)
+        )
+        previous = _link(head.checkpoint_seq, found)
+        row = Checkpoint(**self._checkpoint_values(head.seq, head.hash, now, previous))
         session.add(row)
         head.checkpoint_seq = head.seq
         head.checkpoint_time = now
@@ -333,8 +353,21 @@ class Journal:
         return fields
 
 
+def _link(previous_seq: int, previous_body: Any) -> tuple[int, str]:
+    """The ``previous`` line of a new checkpoint: the checkpoint the head names (the one signed
+    last) and the digest of its body. Its row missing, or not text, can only be tampering:
+    the link then names it with the zero hash, which matches no body, so ``audit verify``
+    reports it rather than this append failing."""
+    if previous_seq == 0 or not isinstance(previous_body, str):
+        return previous_seq, GENESIS
+    return previous_seq, body_digest(previous_body)
+
+
 def checkpoint_document(row: Checkpoint) -> dict[str, Any]:
-    """A self-contained, exportable checkpoint (verifiable off the box)."""
+    """A self-contained, exportable checkpoint (verifiable off the box). ``time``, ``seq`` and
+    ``head_hash`` repeat what the body signs (``audit verify`` checks they agree); ``key_ref``
+    only says where the key lives in this deployment's backend and is not signed (verification
+    trusts a pinned public key, never a name)."""
     return {
         "seq": row.seq,
         "time": format_time(row.time),

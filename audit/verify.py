@@ -11,16 +11,23 @@ What is detected, and where it is located (the first bad sequence number):
   no longer matches; located as the first record after the last matching checkpoint;
 - truncation: records missing behind the head row or behind a checkpoint (stored, or exported
   off the box and passed in with ``external``);
-- a deleted checkpoint: the head names a checkpoint newer than the newest stored one.
+- a checkpoint whose stored (or exported) time is not the time it signs: that checkpoint;
+- a deleted checkpoint: the head names a checkpoint newer than the newest stored one; a
+  checkpoint names (signs) the one before it, which is missing or another; an exported
+  checkpoint no later than the newest stored one is missing from the store. Located, as a
+  rewrite behind one would be, after the newest stored checkpoint before the missing one.
 
-Checkpoint signatures are checked with trusted keys only (the deployment's audit key, or keys
-the auditor supplies), never with the public key stored beside a checkpoint: whoever rewrites
-records, chain and checkpoints can store their own key there too. Every check runs; when
-several fail, the lowest sequence number is reported.
+Checkpoints in the three-line form of before sign neither their time nor a link: for those,
+only what they sign (origin, seq, head hash) is checked. Checkpoint signatures are checked
+with trusted keys only (the deployment's audit key, or keys the auditor supplies), never with
+the public key stored beside a checkpoint: whoever rewrites records, chain and checkpoints can
+store their own key there too. Every check runs; when several fail, the lowest sequence number
+is reported.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime as dt
 from collections.abc import Collection, Iterable, Mapping
@@ -30,7 +37,15 @@ from sqlalchemy import Column, Dialect, RowMapping, Table, func, or_, select, ty
 from sqlalchemy.orm import Session
 from sqlalchemy.types import NullType
 
-from audit.chain import FIELDS, GENESIS, chain_hash, parse_checkpoint_body
+from audit.chain import (
+    FIELDS,
+    GENESIS,
+    CheckpointBody,
+    body_digest,
+    chain_hash,
+    format_time,
+    parse_checkpoint_body,
+)
 from audit.journal import verify_signature
 from audit.models import Checkpoint, JournalHead, JournalRecord
 from sekisho.errors import AuditChainBroken
@@ -55,6 +70,7 @@ class CheckpointClaim:
     body: str
     signature: bytes
     public_key_der: bytes
+    time: dt.datetime  # as stored or exported, beside the body (which may sign it)
     source: str  # "store" or the export file
 
 
@@ -86,10 +102,10 @@ class _Decoder:
         for name, value in out.items():
             if name not in ("seq", "time") and value is not None and not isinstance(value, str):
                 raise ValueError(f"the stored {name} is not text")
-        out["time"] = self._time(row["time"])
+        out["time"] = self.time(row["time"])
         return out
 
-    def _time(self, stored: Any) -> dt.datetime:
+    def time(self, stored: Any) -> dt.datetime:
         # SQLite keeps the time as text, and one instant has many spellings that parse alike
         # (the hash covers the instant): only the one the column type writes is accepted, or
         # a time-range search, which compares the text, would silently miss the record.
@@ -105,45 +121,123 @@ class _Decoder:
         return value
 
 
-def _claim_problem(
+def _checked_body(
     claim: CheckpointClaim, origin: str, trusted_keys: Collection[bytes]
-) -> str | None:
+) -> CheckpointBody:
+    """The claim's body once everything about it holds; ValueError naming the problem."""
     try:
-        claimed_origin, seq, head_hash = parse_checkpoint_body(claim.body)
+        body = parse_checkpoint_body(claim.body)
     except ValueError as exc:
-        return f"checkpoint from {claim.source}: {exc}"
-    if claimed_origin != origin or seq != claim.seq or head_hash != claim.head_hash:
-        return f"checkpoint from {claim.source} does not match its own body"
+        raise ValueError(f"checkpoint from {claim.source}: {exc}") from None
+    if body.origin != origin or body.seq != claim.seq or body.head_hash != claim.head_hash:
+        raise ValueError(f"checkpoint from {claim.source} does not match its own body")
     if claim.public_key_der not in trusted_keys:
-        return f"checkpoint from {claim.source} is signed by an unknown key"
+        raise ValueError(f"checkpoint from {claim.source} is signed by an unknown key")
     if not verify_signature(claim.public_key_der, claim.signature, claim.body.encode("utf-8")):
-        return f"checkpoint from {claim.source}: bad signature"
-    return None
+        raise ValueError(f"checkpoint from {claim.source}: bad signature")
+    if body.time is not None and claim.time != body.time:
+        raise ValueError(
+            f"checkpoint from {claim.source}: its time {format_time(claim.time)} is not the "
+            f"signed time {format_time(body.time)}"
+        )
+    return body
 
 
-def _stored_claims(session: Session) -> tuple[list[CheckpointClaim], list[tuple[int, str]]]:
-    """The stored checkpoints, and (seq, problem) for rows whose values are not of their type."""
-    claims, failures = [], []
+@dataclasses.dataclass
+class _Stored:
+    """The stored checkpoints: the well-formed ones as claims, every seq (ascending) with the
+    digest of its body (None when the body is not text), and (seq, problem) for malformed
+    rows."""
+
+    claims: list[CheckpointClaim] = dataclasses.field(default_factory=list)
+    seqs: list[int] = dataclasses.field(default_factory=list)
+    digests: dict[int, str | None] = dataclasses.field(default_factory=dict)
+    failures: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+
+    def before(self, seq: int) -> int:
+        """The newest stored checkpoint before ``seq`` (0 when none)."""
+        i = bisect.bisect_left(self.seqs, seq)
+        return self.seqs[i - 1] if i else 0
+
+
+def _stored_checkpoints(session: Session, decoder: _Decoder) -> _Stored:
+    stored = _Stored()
     stmt = select(
         *_raw(
             _CHECKPOINTS.c.seq,
+            _CHECKPOINTS.c.time,
             _CHECKPOINTS.c.head_hash,
             _CHECKPOINTS.c.body,
             _CHECKPOINTS.c.signature,
             _CHECKPOINTS.c.public_key_der,
         )
     ).order_by(_CHECKPOINTS.c.seq)
-    for seq, head_hash, body, signature, public_key_der in session.execute(stmt):
+    for seq, time, head_hash, body, signature, public_key_der in session.execute(stmt):
+        text = isinstance(body, str)
+        stored.seqs.append(seq)
+        stored.digests[seq] = body_digest(body) if text else None
+        try:
+            when = decoder.time(time)
+        except ValueError:
+            when = None
         if not (
-            isinstance(head_hash, str)
-            and isinstance(body, str)
+            when is not None
+            and isinstance(head_hash, str)
+            and text
             and isinstance(signature, bytes)
             and isinstance(public_key_der, bytes)
         ):
-            failures.append((seq, "checkpoint from store: a value is not of its column type"))
+            problem = "checkpoint from store: a value is not of its column type"
+            stored.failures.append((seq, problem))
             continue
-        claims.append(CheckpointClaim(seq, head_hash, body, signature, public_key_der, "store"))
-    return claims, failures
+        stored.claims.append(
+            CheckpointClaim(seq, head_hash, body, signature, public_key_der, when, "store")
+        )
+    return stored
+
+
+def _missing_checkpoints(
+    stored: _Stored, checked: Iterable[tuple[CheckpointClaim, CheckpointBody]]
+) -> list[tuple[int, str]]:
+    """Checkpoints gone from the store: the one a stored checkpoint signs that it follows (or
+    one stored between the two), and an exported one no later than the newest stored one
+    (a later one is either truncation, which the walk reports, or the newest ones deleted with
+    the head edited, whose records the export still proves). Each is located, as a rewrite
+    behind a checkpoint would be, at the first record after the newest stored checkpoint
+    before it."""
+    problems = []
+    newest = stored.seqs[-1] if stored.seqs else 0
+    for claim, body in checked:
+        at = f"the checkpoint at {claim.seq} ({claim.source})"
+        # A stored row that cannot be read (None) is reported as such, at its own seq.
+        if claim.source != "store":
+            found = stored.digests.get(claim.seq, "")
+            if claim.seq <= newest and found is not None and found != body_digest(claim.body):
+                where = "differs in" if found else "is missing from"
+                problems.append((stored.before(claim.seq) + 1, f"{at} {where} the store"))
+            continue
+        if body.previous is None:
+            continue  # the three-line form signs no link
+        previous, digest = body.previous
+        found = stored.digests.get(previous, "")
+        if previous and found is not None and found != digest:
+            state = "was replaced" if found else "is missing"
+            problems.append(
+                (
+                    stored.before(min(previous, claim.seq)) + 1,
+                    f"the checkpoint at {previous} {state}: {at} signs that it follows it",
+                )
+            )
+        between = stored.before(claim.seq)
+        if between > previous:
+            problems.append(
+                (
+                    stored.before(between) + 1,
+                    f"the checkpoint at {between} is stored between {at} and the one at "
+                    f"{previous}, which it signs that it follows",
+                )
+            )
+    return problems
 
 
 def _first_outside(session: Session, where: Any, head: str) -> tuple[int, str] | None:
@@ -225,14 +319,19 @@ def verify(
     with; a checkpoint signed by any other key is tampering (with none given, every one is).
     """
     trusted = frozenset(trusted_keys)
-    stored, failures = _stored_claims(session)  # failures: (seq, problem), lowest reported
+    stored = _stored_checkpoints(session, _Decoder(session.get_bind().dialect))
+    failures = list(stored.failures)  # (seq, problem); the lowest is reported
     claims: dict[int, list[CheckpointClaim]] = {}
-    for claim in [*stored, *external]:
-        problem = _claim_problem(claim, origin, trusted)
-        if problem is None:
-            claims.setdefault(claim.seq, []).append(claim)
-        else:
-            failures.append((claim.seq, problem))
+    checked = []
+    for claim in [*stored.claims, *external]:
+        try:
+            body = _checked_body(claim, origin, trusted)
+        except ValueError as exc:
+            failures.append((claim.seq, str(exc)))
+            continue
+        claims.setdefault(claim.seq, []).append(claim)
+        checked.append((claim, body))
+    failures.extend(_missing_checkpoints(stored, checked))
 
     head = session.execute(
         select(*_raw(_HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq)).where(_HEAD.c.id == 1)
@@ -280,7 +379,7 @@ def verify(
 
     # The head names the checkpoint signed last: a deleted (or slipped in) checkpoint row
     # leaves them apart. Located after the older of the two, as for a rewrite behind one.
-    newest = session.scalar(select(func.max(_CHECKPOINTS.c.seq))) or 0
+    newest = stored.seqs[-1] if stored.seqs else 0
     if head_checkpoint != newest:
         failures.append(
             (
@@ -322,8 +421,12 @@ def claims_from_documents(docs: Iterable[Mapping[str, Any]], source: str) -> lis
                 and not isinstance(seq, bool)
                 and isinstance(head_hash, str)
                 and isinstance(body, str)
+                and isinstance(doc["time"], str)
             ):
-                raise TypeError("seq must be a number, head_hash and body text")
+                raise TypeError("seq must be a number, head_hash, body and time text")
+            time = dt.datetime.fromisoformat(doc["time"])
+            if time.tzinfo is None:
+                raise ValueError("time without a UTC offset")
             out.append(
                 CheckpointClaim(
                     seq=seq,
@@ -331,6 +434,7 @@ def claims_from_documents(docs: Iterable[Mapping[str, Any]], source: str) -> lis
                     body=body,
                     signature=base64.b64decode(doc["signature"], validate=True),
                     public_key_der=base64.b64decode(doc["public_key"], validate=True),
+                    time=time,
                     source=f"{source}:{n}",
                 )
             )

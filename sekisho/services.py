@@ -130,7 +130,7 @@ def journal_origin(db: Database, settings: Settings) -> str:
         body = None  # no schema yet (first start): nothing to stay consistent with
     if body:
         try:
-            return parse_checkpoint_body(body)[0]
+            return parse_checkpoint_body(body).origin
         except ValueError:
             pass  # a damaged checkpoint: `audit verify` reports it
     return settings.journal_origin

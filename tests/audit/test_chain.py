@@ -144,9 +144,13 @@ def test_checkpoint_every_n_records_is_signed_through_the_backend(
     records = {r.seq: r for r in stored_records(journal_services)}
     key = audit_public_key(journal_services)
     origin = journal_services.settings.journal_origin
+    previous = (0, bytes(32))  # the first checkpoint follows none
     for cp in checkpoints:
         b64 = base64.b64encode(bytes.fromhex(records[cp.seq].hash)).decode()
-        assert cp.body == f"{origin}\n{cp.seq}\n{b64}\n"
+        when = cp.time.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        link = f"{previous[0]} {base64.b64encode(previous[1]).decode()}"
+        assert cp.body == f"{origin}\n{cp.seq}\n{b64}\ntime {when}\nprevious {link}\n"
+        previous = (cp.seq, hashlib.sha256(cp.body.encode()).digest())
         assert cp.head_hash == records[cp.seq].hash
         key.verify(cp.signature, cp.body.encode(), ec.ECDSA(hashes.SHA256()))
         assert cp.key_ref == audit_key_ref(journal_services.backend)

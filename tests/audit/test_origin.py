@@ -19,7 +19,7 @@ def _origins(settings: Settings) -> set[str]:
     try:
         with svc.db.scope() as session:
             bodies = session.scalars(select(Checkpoint.body)).all()
-        return {parse_checkpoint_body(b)[0] for b in bodies}
+        return {parse_checkpoint_body(b).origin for b in bodies}
     finally:
         svc.close()
 

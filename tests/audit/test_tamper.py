@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select
+from sqlalchemy import update as sa_update
 from sqlalchemy.exc import DBAPIError
 
-from audit.chain import FIELDS, chain_hash, checkpoint_body, parse_checkpoint_body
+from audit.chain import (
+    FIELDS,
+    GENESIS,
+    CheckpointBody,
+    chain_hash,
+    checkpoint_body,
+    parse_checkpoint_body,
+)
 from audit.journal import checkpoint_document
 from audit.models import Checkpoint, JournalRecord
 from audit.query import Filter, search
@@ -213,7 +223,12 @@ def resign_with_own_key(start: int, seq: int) -> Callable[[Services], None]:
         modify_and_rechain(start)(services)
         key = ec.generate_private_key(ec.SECP256R1())
         (new_hash,) = rows(services, "SELECT hash FROM audit_records WHERE seq = :s", {"s": seq})[0]
-        body = checkpoint_body(services.settings.journal_origin, seq, new_hash)
+        (old_body,) = rows(
+            services, "SELECT body FROM audit_checkpoints WHERE seq = :s", {"s": seq}
+        )[0]
+        old = parse_checkpoint_body(old_body)
+        assert old.time is not None and old.previous is not None
+        body = checkpoint_body(old.origin, seq, new_hash, old.time, old.previous)
         sql(
             services,
             "UPDATE audit_checkpoints SET head_hash = :h, body = :b, signature = :g, "
@@ -272,6 +287,37 @@ def delete_checkpoint(seq: int) -> Callable[[Services], None]:
     return tamper
 
 
+def shift_checkpoint_time(seq: int) -> Callable[[Services], None]:
+    """Move the stored time of the checkpoint at ``seq`` by a second (through the column type,
+    so it is stored in the form the journal writes)."""
+
+    def tamper(services: Services) -> None:
+        with services.db.engine.begin() as conn:
+            when = conn.execute(select(Checkpoint.time).where(Checkpoint.seq == seq)).scalar_one()
+            conn.execute(
+                sa_update(Checkpoint)
+                .where(Checkpoint.seq == seq)
+                .values(time=when + dt.timedelta(seconds=1))
+            )
+
+    return tamper
+
+
+def copy_checkpoint(seq: int, to: int) -> Callable[[Services], None]:
+    """A copy of the checkpoint at ``seq`` stored at ``to`` (its body still names ``seq``)."""
+
+    def tamper(services: Services) -> None:
+        sql(
+            services,
+            "INSERT INTO audit_checkpoints (seq, time, head_hash, body, signature, key_ref, "
+            "public_key_der) SELECT :to, time, head_hash, body, signature, key_ref, "
+            "public_key_der FROM audit_checkpoints WHERE seq = :s",
+            {"to": to, "s": seq},
+        )
+
+    return tamper
+
+
 def set_head_checkpoint(seq: int) -> Callable[[Services], None]:
     def tamper(services: Services) -> None:
         sql(services, "UPDATE audit_head SET checkpoint_seq = :s WHERE id = 1", {"s": seq})
@@ -306,6 +352,11 @@ CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     # The head names the newest checkpoint: deleting it (or editing the head) shows.
     "delete-checkpoint": (delete_checkpoint(101), 52),
     "head-names-unknown-checkpoint": (set_head_checkpoint(999), 102),
+    # A checkpoint signs its time and the checkpoint before it.
+    "checkpoint-time-changed": (shift_checkpoint_time(51), 51),
+    "delete-intermediate-checkpoint": (delete_checkpoint(51), 2),
+    "delete-first-checkpoint": (delete_checkpoint(1), 1),
+    "checkpoint-slipped-in": (copy_checkpoint(51, 60), 52),
 }
 
 
@@ -426,7 +477,7 @@ def test_checkpoint_signed_by_another_key_is_refused_by_pinned_key(
         # Self-consistent: signature valid for the key stored beside it, chain recomputed.
         claim = session.get(Checkpoint, 101)
         assert claim is not None
-        assert parse_checkpoint_body(claim.body)[1] == 101
+        assert parse_checkpoint_body(claim.body).seq == 101
     signer = journal.journal.signer
     assert signer is not None
     with journal.db.scope() as session, pytest.raises(AuditChainBroken) as caught:
@@ -625,3 +676,185 @@ def test_checkpoint_documents_with_wrong_types_are_bad_input(
     broken.write_text(json.dumps(doc) + "\n")
     code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--checkpoints", str(broken))
     assert code == 65 and "not a checkpoint document" in err
+
+
+# -- the checkpoint body signs its time and the checkpoint before it ---------------------------
+
+
+def stored_checkpoint(services: Services, seq: int) -> tuple[str, CheckpointBody]:
+    (body,) = rows(services, "SELECT body FROM audit_checkpoints WHERE seq = :s", {"s": seq})[0]
+    return body, parse_checkpoint_body(body)
+
+
+def resign(services: Services, seq: int, body: str) -> None:
+    """Store ``body`` at ``seq``, signed with the deployment's own audit key (what the journal
+    of another Sekisho version wrote, not an attacker)."""
+    signer = services.journal.signer
+    assert signer is not None
+    sql(
+        services,
+        "UPDATE audit_checkpoints SET body = :b, signature = :g WHERE seq = :s",
+        {"b": body, "g": signer.sign(body.encode()), "s": seq},
+    )
+
+
+def three_lines(body: CheckpointBody) -> str:
+    """The body as Sekisho wrote it before checkpoints signed their time and link."""
+    b64 = base64.b64encode(bytes.fromhex(body.head_hash)).decode()
+    return f"{body.origin}\n{body.seq}\n{b64}\n"
+
+
+def verify_api(services: Services, **kwargs: Any) -> int:
+    """``verify`` on the store; the number of records, or the seq of the AuditChainBroken."""
+    origin = services.settings.journal_origin
+    with services.db.read_scope() as session:
+        try:
+            return verify(session, origin, trusted_keys=audit_keys(services), **kwargs).records
+        except AuditChainBroken as exc:
+            return -exc.seq
+
+
+def test_checkpoints_sign_their_time_and_the_checkpoint_before(journal: Services) -> None:
+    previous = (0, GENESIS)
+    for seq in (1, 51, 101):
+        text, body = stored_checkpoint(journal, seq)
+        with journal.db.read_scope() as session:
+            row = session.get(Checkpoint, seq)
+            assert row is not None
+            assert body.time == row.time and body.previous == previous
+        previous = (seq, hashlib.sha256(text.encode()).hexdigest())
+
+
+def test_three_line_checkpoints_of_before_still_verify(
+    journal: Services, clock: FakeClock, cli_data_dir: Path, tmp_path: Path
+) -> None:
+    """Checkpoints an older Sekisho signed (three lines) verify, without the guarantees of the
+    new lines: their time is not signed, their deletion is seen only against an export. The
+    first new checkpoint signs that it follows the last of them."""
+    for seq in (1, 51, 101):
+        resign(journal, seq, three_lines(stored_checkpoint(journal, seq)[1]))
+    assert verify_api(journal) == LAST
+    offsite = tmp_path / "offsite.jsonl"
+    offsite.write_text("".join(json.dumps(d) + "\n" for d in export_checkpoints(journal)))
+    shift_checkpoint_time(51)(journal)  # unsigned in this form: not seen
+    assert run_cli_process(cli_data_dir, "audit", "verify").returncode == 0
+
+    append(journal, clock, 151 - LAST, start=700)
+    text_101, _ = stored_checkpoint(journal, 101)
+    _, body_151 = stored_checkpoint(journal, 151)
+    assert body_151.previous == (101, hashlib.sha256(text_101.encode()).hexdigest())
+    assert verify_api(journal) == 151
+
+    delete_checkpoint(51)(journal)  # nothing signed names it: seen only against the export
+    assert verify_api(journal) == 151
+    proc = run_cli_process(cli_data_dir, "audit", "verify", "--checkpoints", str(offsite))
+    assert proc.returncode == 2
+    assert "journal broken at seq 2: the checkpoint at 51 (offsite.jsonl:2) is missing" in (
+        proc.stderr
+    )
+    delete_checkpoint(101)(journal)  # the first new checkpoint names it
+    proc = run_cli_process(cli_data_dir, "audit", "verify")
+    assert proc.returncode == 2
+    assert "journal broken at seq 2: the checkpoint at 101 is missing" in proc.stderr
+
+
+# name -> (new body of the newest checkpoint (101) from its body, the problem reported at 101,
+# or None if it verifies). Signed with the audit key: another version's journal, not an attacker.
+EXTENSIONS: dict[str, tuple[Callable[[str], str], str | None]] = {
+    # C2SP extension lines are opaque: one this version does not know is signed, so ignored.
+    "unknown-line-after-the-link": (lambda body: body + "example.org/later 42\n", None),
+    "unknown-line-after-three-lines": (
+        lambda body: three_lines(parse_checkpoint_body(body)) + "example.org/later 42\n",
+        None,
+    ),
+    "empty-extension-line": (lambda body: body + "\n", "checkpoint body has an empty line"),
+    "time-not-rfc3339": (
+        lambda body: body.replace(body.split("\n")[3], "time 2026-11-26 10:00:00"),
+        "checkpoint time is not RFC 3339 UTC with microseconds",
+    ),
+    "time-without-link": (
+        lambda body: "\n".join(body.split("\n")[:4]) + "\n",
+        "checkpoint body has a time line but no previous line",
+    ),
+    "link-without-hash": (
+        lambda body: body.replace(body.split("\n")[4], "previous 51"),
+        "checkpoint previous line must be a seq and a hash",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTENSIONS))
+def test_extension_lines(journal: Services, case: str, cli_data_dir: Path) -> None:
+    change, problem = EXTENSIONS[case]
+    text, _ = stored_checkpoint(journal, 101)
+    resign(journal, 101, change(text))
+    proc = run_cli_process(cli_data_dir, "audit", "verify")
+    if problem is None:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 2
+        assert f"journal broken at seq 101: checkpoint from store: {problem}\n" in proc.stderr
+
+
+def test_the_link_names_one_checkpoint_body(journal: Services) -> None:
+    """A checkpoint replaced by another signed body at the same seq (here the journal of a
+    later version would have written it) is not the one the next checkpoint follows."""
+    text, _ = stored_checkpoint(journal, 51)
+    resign(journal, 51, text + "example.org/later 42\n")
+    with journal.db.read_scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, journal.settings.journal_origin, trusted_keys=audit_keys(journal))
+    assert caught.value.seq == 2
+    assert "the checkpoint at 51 was replaced: the checkpoint at 101" in caught.value.message
+
+
+def test_a_deleted_checkpoint_stays_reported_after_the_next_one(
+    journal: Services, clock: FakeClock
+) -> None:
+    """The head names the newest checkpoint; once the next one is signed, that one names the
+    deleted checkpoint as the one it follows."""
+    delete_checkpoint(101)(journal)
+    assert verify_api(journal) == -52
+    append(journal, clock, 151 - LAST, start=700)
+    with journal.db.read_scope() as session:
+        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, 51, 151]
+        with pytest.raises(AuditChainBroken) as caught:
+            verify(session, journal.settings.journal_origin, trusted_keys=audit_keys(journal))
+    assert caught.value.seq == 52
+    assert "the checkpoint at 101 is missing: the checkpoint at 151 (store)" in str(caught.value)
+
+
+def test_newest_checkpoint_deleted_with_the_head_is_caught_by_the_export(
+    journal: Services, clock: FakeClock
+) -> None:
+    """Deleted with the head edited to match, the newest checkpoint leaves no trace in the
+    store (its records are still proven by the export); once a later checkpoint is stored,
+    the export shows it missing."""
+    exported = claims_from_documents(export_checkpoints(journal), "offsite.jsonl")
+    both(delete_checkpoint(101), set_head_checkpoint(51))(journal)
+    assert verify_api(journal, external=exported) == LAST
+    append(journal, clock, 151 - LAST, start=700)
+    assert verify_api(journal) == 151
+    assert verify_api(journal, external=exported) == -52
+
+
+def test_exported_checkpoint_time_must_be_the_signed_time(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Off the box (the audit key moved away, the auditor's copy of its public key given):
+    an exported checkpoint whose time was changed is refused."""
+    pem = tmp_path / "audit-key.pem"
+    assert run_cli(capsys, cli_data_dir, "audit", "public-key", "-o", str(pem))[0] == 0
+    (cli_data_dir / "keys" / "audit.key").rename(tmp_path / "audit.key.away")
+    exported = cli_export_checkpoints(capsys, cli_data_dir, tmp_path / "cp.jsonl")
+    docs = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert [parse_checkpoint_body(d["body"]).time for d in docs] == [
+        dt.datetime.fromisoformat(d["time"]) for d in docs
+    ]
+    args = ("audit", "verify", "--public-key", str(pem), "--checkpoints")
+    assert run_cli(capsys, cli_data_dir, *args, str(exported))[0] == 0
+    docs[1]["time"] = "2020-01-01T00:00:00.000000Z"
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    code, _out, err = run_cli(capsys, cli_data_dir, *args, str(changed))
+    assert code == 2
+    assert "journal broken at seq 51: checkpoint from changed.jsonl:2: its time 2020-01-01" in err
