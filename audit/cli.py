@@ -26,6 +26,7 @@ from audit.query import (
 )
 from audit.verify import claims_from_documents, verify
 from sekisho.cli import State, pass_state
+from sekisho.db import undecodable_text
 from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError
 from sekisho.files import NewFiles, read_input
 
@@ -41,14 +42,16 @@ def _write_file(path: Path, write: Callable[[IO[str]], T]) -> T:
         return write(fh)
 
 
-def _latest(session: Any, f: Filter, limit: int) -> Iterator[Any]:
-    """``latest`` read lazily, so that a row it cannot read is reported by ``_readable``."""
-    yield from latest(session, f, limit)
+def _lazy(read: Callable[..., Iterable[T]], *args: Any) -> Iterator[T]:
+    """``read(*args)`` run on the first ``next``, so that a row it cannot read is reported
+    by ``_readable``."""
+    yield from read(*args)
 
 
-def _readable(rows: Iterable[T]) -> Iterator[T]:
+def _readable(rows: Iterable[T], what: str = "record") -> Iterator[T]:
     """Rows as they come; a stored value the journal would never have written (a tampered
-    row) stops the listing with a clear error, not a traceback."""
+    row; on SQLite, text that is not UTF-8 too, read in ``undecodable_text(keep=False)``)
+    stops the listing with a clear error, not a traceback."""
     iterator = iter(rows)
     while True:
         try:
@@ -57,7 +60,7 @@ def _readable(rows: Iterable[T]) -> Iterator[T]:
             return
         except (ValueError, TypeError, OverflowError) as exc:
             raise AuditError(
-                f"the journal holds a record that cannot be read ({type(exc).__name__}): "
+                f"the journal holds a {what} that cannot be read ({type(exc).__name__}): "
                 "run `sekisho audit verify`"
             ) from None
         yield row
@@ -202,9 +205,9 @@ def search_cmd(state: State, /, limit: int, oldest: bool, **kwargs: Any) -> None
     """Find journal records: the newest --limit matches (or with --oldest the first ones),
     in sequence order."""
     services = state.services()
-    with services.db.read_scope() as session:
+    with services.db.read_scope() as session, undecodable_text(session, keep=False):
         f = _filter(kwargs)
-        rows = search(session, f, limit=limit) if oldest else _latest(session, f, limit)
+        rows = search(session, f, limit=limit) if oldest else _lazy(latest, session, f, limit)
         for row in _readable(rows):
             if state.as_json:
                 click.echo(json.dumps(as_document(row), sort_keys=True, ensure_ascii=True))
@@ -227,7 +230,7 @@ def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) ->
     _json_needs_output(state, output)
     services = state.services()
     writer = write_csv if fmt == "csv" else write_jsonl
-    with services.db.read_scope() as session:
+    with services.db.read_scope() as session, undecodable_text(session, keep=False):
         rows = _readable(search(session, _filter(kwargs)))
         if output is None:
             count = writer(rows, sys.stdout)
@@ -286,12 +289,10 @@ def checkpoints_export(state: State, output: Path | None, after: int) -> None:
 
     _json_needs_output(state, output)
     services = state.services()
-    with services.db.read_scope() as session:
+    with services.db.read_scope() as session, undecodable_text(session, keep=False):
+        stmt = select(Checkpoint).where(Checkpoint.seq > after).order_by(Checkpoint.seq)
         docs = [
-            checkpoint_document(c)
-            for c in session.scalars(
-                select(Checkpoint).where(Checkpoint.seq > after).order_by(Checkpoint.seq)
-            )
+            checkpoint_document(c) for c in _readable(_lazy(session.scalars, stmt), "checkpoint")
         ]
     text = "".join(json.dumps(d, sort_keys=True) + "\n" for d in docs)
     if output is None:

@@ -3,7 +3,7 @@
 What is detected, and where it is located (the first bad sequence number):
 - a changed byte in a record: that record's hash no longer matches;
 - a stored value not in the form the journal writes (a time rewritten as another text for the
-  same instant, a blob where text belongs): that record, as tampering;
+  same instant, a blob where text belongs, text that is not UTF-8): that record, as tampering;
 - a deleted record: the gap in the sequence;
 - an inserted or reordered record: the first record whose chained hash breaks;
 - a record outside 1..head (seq 0 or below, or beyond the head): that record;
@@ -48,6 +48,7 @@ from audit.chain import (
 )
 from audit.journal import verify_signature
 from audit.models import Checkpoint, JournalHead, JournalRecord
+from sekisho.db import UndecodableText, undecodable_text
 from sekisho.errors import AuditChainBroken
 
 BATCH = 5000
@@ -100,6 +101,8 @@ class _Decoder:
         not have stored."""
         out = {name: row[name] for name in FIELDS}
         for name, value in out.items():
+            if isinstance(value, UndecodableText):
+                raise ValueError(f"the stored {name} is not UTF-8 text")
             if name not in ("seq", "time") and value is not None and not isinstance(value, str):
                 raise ValueError(f"the stored {name} is not text")
         out["time"] = self.time(row["time"])
@@ -173,7 +176,7 @@ def _stored_checkpoints(session: Session, decoder: _Decoder) -> _Stored:
         )
     ).order_by(_CHECKPOINTS.c.seq)
     for seq, time, head_hash, body, signature, public_key_der in session.execute(stmt):
-        text = isinstance(body, str)
+        text = isinstance(body, str)  # UndecodableText is bytes: not text either
         stored.seqs.append(seq)
         stored.digests[seq] = body_digest(body) if text else None
         try:
@@ -318,7 +321,18 @@ def verify(
     ``trusted_keys``: the public keys (DER SubjectPublicKeyInfo) checkpoints may be signed
     with; a checkpoint signed by any other key is tampering (with none given, every one is).
     """
-    trusted = frozenset(trusted_keys)
+    # SQLite text that is not UTF-8 (only an edited file holds it) comes back as
+    # UndecodableText: reported at its row, where sqlite3 would fail the whole batch.
+    with undecodable_text(session, keep=True):
+        return _verify(session, origin, frozenset(trusted_keys), external)
+
+
+def _verify(
+    session: Session,
+    origin: str,
+    trusted: frozenset[bytes],
+    external: Iterable[CheckpointClaim],
+) -> VerifyResult:
     stored = _stored_checkpoints(session, _Decoder(session.get_bind().dialect))
     failures = list(stored.failures)  # (seq, problem); the lowest is reported
     claims: dict[int, list[CheckpointClaim]] = {}

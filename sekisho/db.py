@@ -150,6 +150,44 @@ def _store_errors() -> Iterator[None]:
         raise StoreError(f"database error: {exc.__class__.__name__}") from exc
 
 
+class UndecodableText(bytes):
+    """A SQLite TEXT value that is not UTF-8, as read inside ``undecodable_text(keep=True)``.
+    SQLite does not check what it stores as text: only an edit of the file writes one."""
+
+
+def _keep_undecodable(raw: bytes) -> str | UndecodableText:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return UndecodableText(raw)
+
+
+def _refuse_undecodable(raw: bytes) -> str:
+    return raw.decode("utf-8")  # UnicodeDecodeError, a ValueError, for a value that is not
+
+
+@contextlib.contextmanager
+def undecodable_text(session: Session, *, keep: bool) -> Iterator[None]:
+    """How SQLite TEXT that is not UTF-8 is read in this block, on the session's connection.
+
+    sqlite3 fails the whole statement with a driver error (a store error, exit 74), naming
+    neither the row nor the column. Here such a value comes back as ``UndecodableText``
+    (``keep``: for a reader that reports it at its row), or fails the statement with
+    ``UnicodeDecodeError`` (a ValueError, which readers of a tampered row already expect).
+    PostgreSQL refuses invalid UTF-8 on the way in: nothing changes there."""
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    raw: Any = conn.connection.driver_connection  # the sqlite3 connection
+    previous = raw.text_factory
+    raw.text_factory = _keep_undecodable if keep else _refuse_undecodable
+    try:
+        yield
+    finally:
+        raw.text_factory = previous  # the pooled connection goes back as it came
+
+
 WRITER_WAIT = 60.0  # seconds a hot-path writer queues before "database busy" (busy_timeout)
 
 

@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -858,3 +859,75 @@ def test_exported_checkpoint_time_must_be_the_signed_time(
     code, _out, err = run_cli(capsys, cli_data_dir, *args, str(changed))
     assert code == 2
     assert "journal broken at seq 51: checkpoint from changed.jsonl:2: its time 2020-01-01" in err
+
+
+# -- text that is not UTF-8 (only an edit of the SQLite file stores it) ---------------------
+
+
+def write_not_utf8(services: Services, table: str, column: str, seq: int) -> None:
+    """``column`` of row ``seq`` set to the bytes ff 41 as TEXT, with the sqlite3 module on the
+    database file (PostgreSQL refuses them)."""
+    assert (table, column) in {("audit_records", c) for c in FIELDS} | {
+        ("audit_checkpoints", "body")
+    }  # fixed names, never input
+    assignment = f"UPDATE {table} SET {column} = {{}} WHERE seq = {seq}"  # noqa: S608
+    if services.db.engine.dialect.name != "sqlite":
+        with pytest.raises(DBAPIError):
+            sql(services, assignment.format("convert_from('\\xff41'::bytea, 'UTF8')"))
+        pytest.skip("PostgreSQL refuses text that is not UTF-8")
+    path = services.db.engine.url.database
+    assert path is not None
+    con = sqlite3.connect(path)
+    try:
+        with con:
+            con.execute(assignment.format("CAST(x'ff41' AS TEXT)"))
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("column", ["action", "detail", "object_dn", "time"])
+def test_text_not_utf8_is_tampering_at_its_seq(
+    journal: Services, column: str, cli_data_dir: Path
+) -> None:
+    write_not_utf8(journal, "audit_records", column, 30)
+    assert verify_api(journal) == -30
+    proc = run_cli_process(cli_data_dir, "audit", "verify")
+    assert proc.returncode == 2
+    expected = f"journal broken at seq 30: the stored {column} is not UTF-8 text"
+    assert proc.stderr == f"error: audit-chain-broken: {expected}\n"
+
+
+def test_checkpoint_not_utf8_is_tampering_at_its_seq(journal: Services, cli_data_dir: Path) -> None:
+    write_not_utf8(journal, "audit_checkpoints", "body", 51)
+    proc = run_cli_process(cli_data_dir, "audit", "verify")
+    assert proc.returncode == 2
+    assert "journal broken at seq 51: checkpoint from store: a value is not" in proc.stderr
+    proc = run_cli_process(cli_data_dir, "audit", "checkpoints", "export")
+    assert proc.returncode == 74 and proc.stdout == ""
+    assert proc.stderr == (
+        "error: audit-unavailable: the journal holds a checkpoint that cannot be read "
+        "(UnicodeDecodeError): run `sekisho audit verify`\n"
+    )
+
+
+def test_listing_text_not_utf8_is_an_error_not_a_store_failure(
+    journal: Services, cli_data_dir: Path, tmp_path: Path
+) -> None:
+    """search and export stop at a record they cannot read, as for any tampered row: one
+    line, exit 74, no export file left behind."""
+    write_not_utf8(journal, "audit_records", "action", 30)
+    unreadable = (
+        "error: audit-unavailable: the journal holds a record that cannot be read "
+        "(UnicodeDecodeError): run `sekisho audit verify`\n"
+    )
+    for args in (("search", "--limit", "1000"), ("search", "--oldest"), ("export",)):
+        proc = run_cli_process(cli_data_dir, "audit", *args)
+        assert proc.returncode == 74, args
+        assert proc.stderr == unreadable, args
+    target = tmp_path / "out.csv"
+    proc = run_cli_process(cli_data_dir, "audit", "export", "--format", "csv", "-o", str(target))
+    assert proc.returncode == 74 and proc.stderr == unreadable and not target.exists()
+    # Records the filter does not reach are still listed.
+    proc = run_cli_process(cli_data_dir, "audit", "search", "--limit", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 5
