@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -25,10 +25,16 @@ from audit.query import (
     write_jsonl,
 )
 from audit.verify import claims_from_documents, verify
-from sekisho.cli import State, pass_state
 from sekisho.db import undecodable_text
 from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError
 from sekisho.files import NewFiles, read_input
+
+if TYPE_CHECKING:
+    from sekisho.cli import State
+
+# The root group (``sekisho.cli``) puts its State in the context object. This module does not
+# import that one: ``sekisho.cli`` imports this one to register the group.
+pass_state = click.pass_obj
 
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
 T = TypeVar("T")

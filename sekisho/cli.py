@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
+from audit.cli import audit as audit_group
 from ca.csr import MAX_CSR_BYTES
 from ca.hierarchy import NameConstraintSpec
 from ca.issuance import IssueRequest
@@ -1106,13 +1107,7 @@ def run(ctx: click.Context) -> None:
     ctx.invoke(serve)
 
 
-def _register_audit() -> None:
-    from audit.cli import audit
-
-    cli.add_command(audit)
-
-
-_register_audit()
+cli.add_command(audit_group)
 
 
 def main(argv: list[str] | None = None) -> int:

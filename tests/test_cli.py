@@ -910,6 +910,18 @@ def test_python_dash_m_sekisho_is_the_cli() -> None:
     assert done.returncode == 0 and "issue" in done.stdout, done.stderr
 
 
+def test_python_dash_m_sekisho_cli_is_the_cli_too() -> None:
+    """`python -m sekisho.cli` died on a circular import (sekisho.cli <-> audit.cli)."""
+    for argv in (["--help"], ["audit", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "sekisho.cli", *argv],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "Usage:" in done.stdout and "Traceback" not in done.stderr
+    assert "verify" in done.stdout and "export" in done.stdout
+
+
 # -- hostile command lines (found by fuzzing the CLI) -----------------------------------------
 def _issued_count(run: Runner, ca: str) -> int:
     return len(ok(run("--json", "cert", "list", "--ca", ca, "--limit", "1000")).json())
