@@ -209,6 +209,33 @@ def test_serve_with_a_bad_setting_exits_78_without_starting(data_dir: Path, tmp_
     assert "workers" in res.stderr and "Traceback" not in res.stderr
 
 
+def _serve_once(data_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "sekisho"), "--data-dir", str(data_dir), "serve", "--host", "127.0.0.1",
+         "--port", str(port)],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+
+
+def test_serve_on_a_port_in_use_fails_at_once_in_one_line(data_dir: Path) -> None:
+    """It used to exit 1 after gunicorn's five one-second retries, each logged twice. The
+    port is bound before anything else now: one line, exit 78 (as `ocsp serve`)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = _serve_once(data_dir, port)
+        # The listener that holds the port is untouched: it still accepts.
+        taken.settimeout(5)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            taken.accept()[0].close()
+    assert res.returncode == 78, res.stderr
+    assert (
+        res.stderr == f"error: config: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    assert res.stdout == ""
+
+
 def test_many_requests_none_hang_and_revocation_reaches_the_served_crl(
     server: Server, services: Services, tmp_path: Path
 ) -> None:

@@ -9,6 +9,9 @@ PIN accepted) before gunicorn starts; workers build their own services after the
 the CRL refresher runs in a separate process, a fresh interpreter (``python -m web.server
 PARENT_PID``, settings as JSON on stdin), stopped by its PID when the server stops and exiting
 by itself if its parent disappears.
+
+The listening socket is bound before all that and handed to gunicorn (``fd://``): an address
+in use is one line and exit 78 at once, not gunicorn's five one-second retries and exit 1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -130,9 +134,34 @@ def _startup_check(settings: Settings) -> None:
     raise error(message)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (SO_REUSEADDR, as gunicorn binds): a port in
+    use or an address not ours is a ConfigError (exit 78) naming it, as for ``ocsp serve``."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:  # socket.gaierror included: a host name that does not resolve
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)  # gunicorn's default backlog
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
-    # Migrate once and check the key backend before any worker starts, in a child process.
-    _startup_check(settings)
+    listener = listen(host, port)
+    try:
+        # Migrate once and check the key backend before any worker starts, in a child process.
+        _startup_check(settings)
+    except BaseException:
+        listener.close()
+        raise
     refresher: list[subprocess.Popen[bytes]] = []
 
     def when_ready(_server: Any) -> None:
@@ -157,7 +186,8 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
 
     GuardedThreadWorker.request_seconds = settings.request_body_seconds
     options = {
-        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        # gunicorn takes the descriptor over (and closes it when it stops).
+        "bind": f"fd://{listener.detach()}",
         "workers": workers,
         "worker_class": "web.worker.GuardedThreadWorker",
         "threads": 4,
