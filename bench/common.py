@@ -110,7 +110,7 @@ def deployment(
             overrides["database_url"] = server.create_database("sekisho_bench")
         loaded = load_settings(env={}, overrides=overrides)
         progress(f"initialising a deployment on {database} (keys, root, issuing CAs)")
-        ensure_data_dir(loaded)
+        ensure_data_dir(loaded, create=True)
         services = build_services(loaded)
         initialise(services, InitPlan(organization="Bench Corp"), BENCH_ACTOR)
         yield services

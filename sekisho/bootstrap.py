@@ -18,13 +18,13 @@ from ca.hierarchy import (
     issuing_subject,
     root_subject,
 )
-from ca.models import CaKind, CertificateAuthority
+from ca.models import CertificateAuthority
 from ca.registry import check_ca_name
 from hsm.base import KeyType
 from ocsp.signers import ensure_responders
 from sekisho.context import Actor
 from sekisho.errors import Conflict, InputError, shown
-from sekisho.services import Services, audit_key_ref, enable_checkpoints
+from sekisho.services import Services, audit_key_ref, enable_checkpoints, has_root_ca
 
 DEFAULT_ISSUING = ("admin", "device")
 
@@ -41,13 +41,7 @@ class InitPlan:
 
 
 def is_initialised(services: Services) -> bool:
-    with services.db.scope() as session:
-        return (
-            session.scalar(
-                select(CertificateAuthority.id).where(CertificateAuthority.kind == CaKind.ROOT)
-            )
-            is not None
-        )
+    return has_root_ca(services.db)
 
 
 def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[CertificateAuthority]:

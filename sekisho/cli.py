@@ -38,7 +38,13 @@ from sekisho.context import Actor
 from sekisho.errors import ConfigError, Conflict, InputError, NotFound, SekishoError, shown
 from sekisho.files import NewFiles, read_input
 from sekisho.logs import setup_logging
-from sekisho.services import Services, build_services, ensure_data_dir, open_backend
+from sekisho.services import (
+    Services,
+    build_services,
+    ensure_data_dir,
+    open_backend,
+    open_deployment,
+)
 from sekisho.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -64,10 +70,16 @@ class State:
             self._settings = load_settings(self.config, overrides=self.overrides)
         return self._settings
 
-    def services(self) -> Services:
+    def services(self, *, create: bool = False) -> Services:
+        """For a command that writes, on an existing deployment (a missing or uninitialised
+        data directory is a ConfigError naming it); only ``init`` and ``run`` pass ``create``,
+        which makes the data directory and the database."""
         if self._services is None:
-            ensure_data_dir(self.settings)
-            self._services = build_services(self.settings)
+            ensure_data_dir(self.settings, create=create)
+            if create:
+                self._services = build_services(self.settings)
+            else:
+                self._services = open_deployment(self.settings)
         return self._services
 
     def actor(self) -> Actor:
@@ -211,7 +223,7 @@ def init(
     constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
     state.overrides.update(backend_settings)
     settings = state.settings  # validated with the new options
-    services = state.services()
+    services = state.services(create=True)
     plan = InitPlan(
         organization=org,
         key_type=key_type,
@@ -818,7 +830,7 @@ def ocsp_group() -> None:
 def _ocsp_services(state: State) -> Services:
     # No migrations and no writes: several responders may share one database.
     if state._services is None:
-        state._services = build_services(state.settings, migrate=False)
+        state._services = open_deployment(state.settings, migrate=False)
     return state._services
 
 
@@ -1093,7 +1105,7 @@ def run(ctx: click.Context) -> None:
     from sekisho.bootstrap import InitPlan, initialise, is_initialised
 
     state: State = ctx.obj
-    services = state.services()
+    services = state.services(create=True)
     if not is_initialised(services):
         created = initialise(services, InitPlan(), state.actor())
         _print_init(state, services, [c.name for c in created])

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, Enum, create_engine, event
+from sqlalchemy import Connection, DateTime, Engine, Enum, create_engine, event, inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -74,6 +75,16 @@ def _unicode_lower(value: object) -> object:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite database URL names; None for another database, an in-memory one or
+    a ``file:`` URI."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    return None if database.startswith("file:") else Path(database)
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -410,6 +421,16 @@ class Database:
     def upgrade(self) -> None:
         upgrade(self.engine)
 
+    def schema_revisions(self) -> tuple[str, ...] | None:
+        """The migrations the store is at; None when it has no schema (never initialised)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with _store_errors(), self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            return tuple(MigrationContext.configure(conn).get_current_heads())
+
     def dispose(self) -> None:
         self.engine.dispose()
         if self._writer is not None:
@@ -600,13 +621,20 @@ class WriteTx:
             self.cursor.close()
 
 
-def alembic_config(engine: Engine) -> Any:
+def alembic_config(engine: Engine | None = None) -> Any:
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["engine"] = engine
     return cfg
+
+
+def head_revisions() -> tuple[str, ...]:
+    """The migrations this version of the code brings the schema to."""
+    from alembic.script import ScriptDirectory
+
+    return tuple(ScriptDirectory.from_config(alembic_config()).get_heads())
 
 
 def upgrade(engine: Engine) -> None:

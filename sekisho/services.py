@@ -22,6 +22,7 @@ from audit.journal import CheckpointSigner, Journal
 from audit.models import Checkpoint
 from ca.crl import CrlPublisher
 from ca.issuance import CaService
+from ca.models import CaKind, CertificateAuthority
 from ca.profiles import ProfileSet, load_profiles
 from ca.registry import CaRegistry, Urls
 from ca.revocation import Revoker
@@ -30,7 +31,7 @@ from hsm.secrets import create_secret_file, read_secret
 from hsm.software import SoftwareBackend
 from ocsp.store import OcspService
 from sekisho.clock import utcnow
-from sekisho.db import Database
+from sekisho.db import Database, head_revisions, sqlite_file
 from sekisho.errors import ConfigError, KeyBackendError, SekishoError
 from sekisho.settings import Settings
 
@@ -58,10 +59,39 @@ class Services:
         self.db.dispose()
 
 
-def ensure_data_dir(settings: Settings) -> None:
-    """Create the data directory (0700) and, for the embedded default, a random passphrase.
-    The directory, and its keys/ and secrets/ where they exist, must belong to this user:
-    one another user created (or a symlink to one) could swap keys and settings."""
+NO_DEPLOYMENT_HINT = "run `sekisho init` to create one (or check --data-dir)"
+
+
+def require_data_dir(settings: Settings) -> None:
+    """The data directory, and the SQLite database in it, must exist: every command but
+    ``init`` and ``run`` works on an existing deployment. Creating one here turned a mistyped
+    ``--data-dir`` into a new, empty deployment, and a listing then said "no certificates"."""
+    where = settings.data_dir
+    try:
+        st = where.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(
+            f"no Sekisho deployment in {where} (no such directory): {NO_DEPLOYMENT_HINT}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot use data directory {where}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"data directory {where} is not a directory")
+    database = sqlite_file(settings.db_url)
+    if database is not None and not os.path.lexists(database):
+        raise ConfigError(
+            f"no Sekisho deployment in {where} (no database {database}): {NO_DEPLOYMENT_HINT}"
+        )
+
+
+def ensure_data_dir(settings: Settings, *, create: bool = False) -> None:
+    """The data directory of a command that writes. Only ``create`` (``init``, the first
+    ``run``) creates it (0700) and, for the embedded default, a random key passphrase;
+    otherwise it must hold a deployment already (``require_data_dir``). The directory, and its
+    keys/ and secrets/ where they exist, must belong to this user: one another user created
+    (or a symlink to one) could swap keys and settings."""
+    if not create:
+        require_data_dir(settings)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         _check_own_dir(settings.data_dir, "data directory")
@@ -74,8 +104,8 @@ def ensure_data_dir(settings: Settings) -> None:
             f"cannot use data directory {settings.data_dir}: {exc.strerror}"
         ) from None
     path = settings.passphrase_path
-    if settings.key_backend != "software":
-        return  # the PKCS#11 PIN is the operator's to provide
+    if not create or settings.key_backend != "software":
+        return  # an existing deployment has its passphrase; the PKCS#11 PIN is the operator's
     if path is not None and not settings.key_passphrase_file and not path.exists():
         create_secret_file(path)
 
@@ -144,14 +174,52 @@ def _has_checkpoints(db: Database) -> bool:
         return False
 
 
+def has_root_ca(db: Database) -> bool:
+    """Whether the store holds a deployment: ``init`` creates the root CA (the last step of
+    a refused ``init`` that got as far as the schema does not)."""
+    with db.read_scope() as session:
+        found = session.scalar(
+            select(CertificateAuthority.id).where(CertificateAuthority.kind == CaKind.ROOT)
+        )
+    return found is not None
+
+
+def open_deployment(settings: Settings, *, migrate: bool = True) -> Services:
+    """The services of an existing, initialised deployment: what every command but ``init``
+    and ``run`` uses. Nothing is created: a data directory or database that holds no
+    deployment is a ConfigError (exit 78) naming the directory; an empty database is not
+    migrated into one."""
+    require_data_dir(settings)
+    db = Database(settings.db_url)
+    try:
+        revisions = db.schema_revisions()
+        if revisions is None:
+            raise ConfigError(
+                f"no Sekisho deployment in {settings.data_dir} (its database has no tables): "
+                f"{NO_DEPLOYMENT_HINT}"
+            )
+        if migrate and set(revisions) != set(head_revisions()):
+            db.upgrade()
+        if not has_root_ca(db):
+            raise ConfigError(
+                f"the deployment in {settings.data_dir} is not initialised (no root CA): "
+                f"{NO_DEPLOYMENT_HINT}"
+            )
+        return build_services(settings, backend=open_backend(settings), db=db, migrate=False)
+    except BaseException:
+        db.dispose()
+        raise
+
+
 def build_services(
     settings: Settings,
     *,
     backend: KeyBackend | None = None,
     clock: Callable[[], dt.datetime] = utcnow,
     migrate: bool = True,
+    db: Database | None = None,
 ) -> Services:
-    db = Database(settings.db_url)
+    db = db or Database(settings.db_url)
     if migrate:
         db.upgrade()
     backend = backend or open_backend(settings)

@@ -81,7 +81,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
 
 
 def _initialise(settings: Settings) -> None:
-    ensure_data_dir(settings)
+    ensure_data_dir(settings, create=True)
     services = build_services(settings)
     try:
         initialise(services, InitPlan(organization="Example Corp"), TEST_ACTOR)

@@ -372,7 +372,9 @@ def test_init_refuses_a_bad_ca_name_before_creating_anything(
     run = _runner(capsys, tmp_path / "d")
     result = run("init", "--issuing", "ops", "--issuing", "iot-delta")
     assert result.code == 65 and "'iot-delta'" in result.err, result
-    assert ok(run("--json", "ca", "list")).json() == []
+    # No root CA was made: the directory holds no deployment yet (a listing says so, 78).
+    listed = run("--json", "ca", "list")
+    assert listed.code == 78 and "not initialised" in listed.err, listed
 
 
 @pytest.mark.parametrize(
@@ -910,18 +912,6 @@ def test_python_dash_m_sekisho_is_the_cli() -> None:
     assert done.returncode == 0 and "issue" in done.stdout, done.stderr
 
 
-def test_python_dash_m_sekisho_cli_is_the_cli_too() -> None:
-    """`python -m sekisho.cli` died on a circular import (sekisho.cli <-> audit.cli)."""
-    for argv in (["--help"], ["audit", "--help"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "sekisho.cli", *argv],
-            capture_output=True, text=True, timeout=TIMEOUT, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        assert "Usage:" in done.stdout and "Traceback" not in done.stderr
-    assert "verify" in done.stdout and "export" in done.stdout
-
-
 # -- hostile command lines (found by fuzzing the CLI) -----------------------------------------
 def _issued_count(run: Runner, ca: str) -> int:
     return len(ok(run("--json", "cert", "list", "--ca", ca, "--limit", "1000")).json())
@@ -1057,3 +1047,80 @@ def test_ca_show_and_list_say_when_the_parent_revoked_or_held_the_ca(run: Runner
         f"{revocation['invalidity_date']})"
     )
     assert re.match(r"admin\s+issuing\s+ec-p256\s+online\s+revoked\s+CN=", row), row
+
+
+# -- data directories that hold no deployment -------------------------------------------------
+# Every command but `init` and `run` (first run): nothing may be created.
+NOT_CREATING = [
+    ["cert", "list"],
+    ["ca", "list"],
+    ["ca", "show", "admin"],
+    ["audit", "verify"],
+    ["audit", "search"],
+    ["audit", "checkpoint"],
+    ["crl", "generate"],
+    ["revoke", "--ca", "admin", "0x1"],
+    ["ocsp", "responders"],
+    ["ocsp", "export", "{tmp}/exported"],
+    ["serve", "--host", "256.0.0.1"],  # (an address it cannot listen on, should it go ahead)
+]
+
+
+@pytest.mark.parametrize("argv", NOT_CREATING, ids=lambda argv: " ".join(argv[:2]))
+def test_a_mistyped_data_directory_is_not_made_into_an_empty_deployment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """`--data-dir ./vra` (for ./var) used to create ./vra, a database and a passphrase, then
+    list nothing: the operator read "no certificates". Now one line, exit 78, nothing made."""
+    typo = tmp_path / "vra"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    for where, why in ((typo, "no such directory"), (empty, "no database")):
+        result = _runner(capsys, where)(*argv)
+        assert result.code == 78, result
+        assert result.err.count("\n") == 1, result.err
+        assert f"no Sekisho deployment in {where} ({why}" in result.err, result.err
+        assert "run `sekisho init`" in result.err
+    assert not typo.exists()
+    assert list(empty.iterdir()) == []
+    assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.postgres
+def test_an_empty_postgresql_database_is_not_made_into_a_deployment(
+    pg_cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Settings naming a database nobody initialised: commands used to migrate it (tables
+    made) and list nothing."""
+    from sqlalchemy import create_engine, inspect
+
+    name = f"empty_{os.getpid()}"
+    url = pg_cluster.create_database(name)
+    try:
+        data = tmp_path / "d"
+        data.mkdir()
+        (data / "sekisho.toml").write_text(f'[sekisho]\ndatabase_url = "{url}"\n')
+        for argv in (["cert", "list"], ["crl", "generate"], ["ocsp", "responders"]):
+            result = _runner(capsys, data)(*argv)
+            assert result.code == 78, result
+            assert "has no tables" in result.err and "sekisho init" in result.err, result.err
+        engine = create_engine(url)
+        try:
+            assert inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()
+    finally:
+        pg_cluster.drop_database(name)
+
+
+def test_python_dash_m_sekisho_cli_is_the_cli_too() -> None:
+    """`python -m sekisho.cli` died on a circular import (sekisho.cli <-> audit.cli)."""
+    for argv in (["--help"], ["audit", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "sekisho.cli", *argv],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "Usage:" in done.stdout and "Traceback" not in done.stderr
+    assert "verify" in done.stdout and "export" in done.stdout

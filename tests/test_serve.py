@@ -70,17 +70,22 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 class Server:
-    def __init__(self, data_dir: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, log: Path, env: dict[str, str] | None = None, *, run: bool = False
+    ) -> None:
+        """``sekisho serve``; with ``run``, ``sekisho run`` (what `make run` starts)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._log_fh = log.open("wb")
+        command = ["run"] if run else ["serve", "--host", "127.0.0.1", "--port", str(self.port),
+                                       "--workers", "2"]  # fmt: skip
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "sekisho"), "--data-dir", str(data_dir), "serve",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
+            [str(VENV_BIN / "sekisho"), "--data-dir", str(data_dir), *command],
             stdout=self._log_fh,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "SEKISHO_BASE_URL": self.base, **(env or {})},
+            env={**os.environ, "SEKISHO_BASE_URL": self.base,
+                 "SEKISHO_BIND_PORT": str(self.port), **(env or {})},
         )  # fmt: skip
         self.workers: set[int] = set()
 
@@ -234,6 +239,33 @@ def test_serve_on_a_port_in_use_fails_at_once_in_one_line(data_dir: Path) -> Non
         res.stderr == f"error: config: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     )
     assert res.stdout == ""
+
+
+def test_run_initialises_a_fresh_directory_and_serves_where_serve_refuses(tmp_path: Path) -> None:
+    """`make run` is `sekisho --data-dir var run`: on a fresh directory it initialises, then
+    serves. `serve` (like every command but `init` and `run`) makes no deployment of it: it
+    used to create one, empty."""
+    fresh = tmp_path / "var"
+    with socket.socket() as taken:  # a port in use: a serve that went ahead stops by itself
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        res = _serve_once(fresh, taken.getsockname()[1])
+    assert res.returncode == 78, res.stderr
+    assert f"no Sekisho deployment in {fresh}" in res.stderr and "sekisho init" in res.stderr
+    assert not fresh.exists()
+    srv = Server(fresh, tmp_path / "run.log", run=True)
+    try:
+        srv.wait_healthy()
+        res = curl("-o", str(tmp_path / "root.der"), "-w", "%{http_code}",
+                   f"{srv.base}/ca/root.crt")  # fmt: skip
+        assert res.stdout == "200", res.stderr
+        served = x509.load_der_x509_certificate((tmp_path / "root.der").read_bytes())
+        published = x509.load_pem_x509_certificate((fresh / "public" / "root.crt").read_bytes())
+        assert served == published
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.output()
+    assert "Initialised Sekisho in" in srv.output()
 
 
 def test_many_requests_none_hang_and_revocation_reaches_the_served_crl(

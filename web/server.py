@@ -36,7 +36,7 @@ from sekisho.errors import (
     StoreError,
     WrongPassphrase,
 )
-from sekisho.services import build_services
+from sekisho.services import build_services, open_deployment
 from sekisho.settings import Settings, load_settings
 
 REFRESHER_STOP_TIMEOUT = 10.0
@@ -96,10 +96,11 @@ def _settings_json(settings: Settings) -> str:
 
 
 def check_main(settings: Settings) -> int:
-    """Start-up check, in a child process: migrate the store, open the key backend (a PKCS#11
-    token must be there and accept the PIN). Prints the error and returns its exit code."""
+    """Start-up check, in a child process: the deployment must exist (``serve`` creates none;
+    ``run`` initialises first), migrate the store, open the key backend (a PKCS#11 token must
+    be there and accept the PIN). Prints the error and returns its exit code."""
     try:
-        services = build_services(settings)
+        services = open_deployment(settings)
         try:
             check = getattr(services.backend, "check", None)
             if check is not None:
