@@ -142,7 +142,7 @@ def verify_cmd(
     with neither (the key is unavailable) nothing is verified and the exit code is 69.
     Exits 0 when intact; exits 2 and names the first bad sequence number otherwise.
     """
-    services = state.services()
+    services = state.read_services()
     trusted = _trusted_keys(services.journal.signer, public_key_files)
     external = []
     for path in checkpoint_files:
@@ -190,7 +190,7 @@ def _trusted_keys(signer: CheckpointSigner | None, files: tuple[Path, ...]) -> s
 @pass_state
 def public_key_cmd(state: State, output: Path | None) -> None:
     """Write the audit key's public key (PEM), for `audit verify --public-key` off the box."""
-    signer = state.services().journal.signer
+    signer = state.read_services().journal.signer
     if signer is None:
         raise KeyBackendError("the audit key is unavailable")
     key = serialization.load_der_public_key(signer.public_key_der)
@@ -210,7 +210,7 @@ def public_key_cmd(state: State, output: Path | None) -> None:
 def search_cmd(state: State, /, limit: int, oldest: bool, **kwargs: Any) -> None:
     """Find journal records: the newest --limit matches (or with --oldest the first ones),
     in sequence order."""
-    services = state.services()
+    services = state.read_services()
     with services.db.read_scope() as session, undecodable_text(session, keep=False):
         f = _filter(kwargs)
         rows = search(session, f, limit=limit) if oldest else _lazy(latest, session, f, limit)
@@ -234,7 +234,7 @@ def search_cmd(state: State, /, limit: int, oldest: bool, **kwargs: Any) -> None
 def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) -> None:
     """Export matching records as JSONL or CSV (control characters escaped)."""
     _json_needs_output(state, output)
-    services = state.services()
+    services = state.read_services()
     writer = write_csv if fmt == "csv" else write_jsonl
     with services.db.read_scope() as session, undecodable_text(session, keep=False):
         rows = _readable(search(session, _filter(kwargs)))
@@ -294,7 +294,7 @@ def checkpoints_export(state: State, output: Path | None, after: int) -> None:
     from sqlalchemy import select
 
     _json_needs_output(state, output)
-    services = state.services()
+    services = state.read_services()
     with services.db.read_scope() as session, undecodable_text(session, keep=False):
         stmt = select(Checkpoint).where(Checkpoint.seq > after).order_by(Checkpoint.seq)
         docs = [

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from sekisho.errors import PATH_SHOWN, ConfigError, shown
+from sekisho.errors import PATH_SHOWN, ConfigError, SecretUnavailable, shown
 from sekisho.files import FileRefused, read_regular
 
 MAX_SECRET_FILE = 64 * 1024
@@ -33,7 +33,7 @@ def read_secret(
     if env_name:
         text = env.get(env_name)
         if not text:
-            raise ConfigError(
+            raise SecretUnavailable(
                 f"environment variable {shown(env_name)} (named as the {what}) is not set or empty"
             )
         try:
@@ -48,18 +48,20 @@ def read_secret(
 
     def owner_only(st: os.stat_result) -> None:
         if st.st_uid not in (os.geteuid(), 0):
-            raise FileRefused("belongs to another user")
+            raise SecretUnavailable(
+                f"{what} file {shown(path, PATH_SHOWN)} belongs to another user"
+            )
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise FileRefused("is readable by others; chmod 600 it")
 
     try:
         raw = read_regular(path, MAX_SECRET_FILE, follow_symlinks=False, check=owner_only)
     except FileNotFoundError:
-        raise ConfigError(f"{what} file {shown(path, PATH_SHOWN)} does not exist") from None
+        raise SecretUnavailable(f"{what} file {shown(path, PATH_SHOWN)} does not exist") from None
     except FileRefused as exc:
         raise ConfigError(f"{what} file {shown(path, PATH_SHOWN)} {exc}") from None
     except OSError as exc:
-        raise ConfigError(
+        raise SecretUnavailable(
             f"{what} file {shown(path, PATH_SHOWN)} cannot be read: {exc.strerror or exc}"
         ) from None
     value = raw.rstrip(b"\r\n")

@@ -82,6 +82,19 @@ class State:
                 self._services = open_deployment(self.settings)
         return self._services
 
+    def read_services(self) -> Services:
+        """For a command that only reads: works on a data directory this user cannot write
+        (an auditor's read-only copy), and writes nothing (``open_deployment``)."""
+        if self._services is None:
+            self._services = open_deployment(self.settings, read_only=True)
+            if self._services.db.immutable:
+                click.echo(
+                    "note: the database is read as an immutable file (a read-only directory "
+                    "without its -shm file): correct only while no process writes it",
+                    err=True,
+                )
+        return self._services
+
     def actor(self) -> Actor:
         user = os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
         return Actor(account=f"cli:{user}")
@@ -301,7 +314,7 @@ def ca_list(state: State) -> None:
     """List the CAs of this deployment."""
     from ca.registry import all_cas, ca_revocation
 
-    with state.services().db.scope() as session:
+    with state.read_services().db.scope() as session:
         docs = [_ca_doc(r, ca_revocation(session, r)) for r in all_cas(session)]
     state.emit(
         docs,
@@ -334,7 +347,7 @@ def ca_show(state: State, name: str) -> None:
     """Show one CA."""
     from ca.registry import ca_revocation, ca_row
 
-    with state.services().db.scope() as session:
+    with state.read_services().db.scope() as session:
         row = ca_row(session, name)
         doc = _ca_doc(row, ca_revocation(session, row))
     text_doc = {**doc, "status": _ca_status_text(doc)}
@@ -703,7 +716,7 @@ def cert_list(
     state: State, status: str | None, ca_name: str | None, expiring_within: int | None, limit: int
 ) -> None:
     """List certificates (newest first)."""
-    services = state.services()
+    services = state.read_services()
     stmt = (
         select(Certificate, CertificateAuthority.name)
         .join(CertificateAuthority, Certificate.issuer_id == CertificateAuthority.id)
@@ -743,7 +756,7 @@ def cert_show(state: State, ca_name: str, serial: int, pem: bool) -> None:
     """Show one certificate."""
     from ca.registry import ca_row
 
-    with state.services().db.scope() as session:
+    with state.read_services().db.scope() as session:
         ca_id = ca_row(session, ca_name).id
         row = session.scalar(
             select(Certificate).where(

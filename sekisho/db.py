@@ -4,6 +4,10 @@ SQLite (the embedded default) runs in WAL mode and opens every transaction with
 ``BEGIN IMMEDIATE``: writers queue on the database lock at the start instead of failing to
 upgrade a read lock half-way (the classic "database is locked" under concurrency).
 PostgreSQL uses the same code; serialisation points take row locks (``FOR UPDATE``).
+
+A ``Database(url, read_only=True)`` never writes: SQLite is opened with ``mode=ro`` (so that
+it works on a directory nobody may write, such as an auditor's read-only copy), PostgreSQL
+sessions are read-only.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ import contextlib
 import datetime as dt
 import enum
 import fcntl
+import functools
 import logging
 import os
+import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Connection, DateTime, Engine, Enum, create_engine, event, inspect
 from sqlalchemy.engine import make_url
@@ -87,14 +94,60 @@ def sqlite_file(url: str) -> Path | None:
     return None if database.startswith("file:") else Path(database)
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def read_only_sqlite_uri(path: Path) -> tuple[str, bool]:
+    """A URI that opens the SQLite database ``path`` without writing, and whether it is opened
+    as immutable.
+
+    ``mode=ro`` first: a WAL database opened so needs its ``-shm`` file, present (a writer has
+    the database open, or the file was copied along) or created beside it. In a directory that
+    cannot be written (a read-only mount, an auditor's copy) with no ``-shm`` file, it cannot be
+    opened so. Then no connection has the database open (each one keeps the ``-shm`` file), and
+    ``immutable=1`` reads it: no locks, correct only while nothing writes the file, so not when
+    a ``-wal`` file holds changes an immutable reader would not see (refused: StoreError)."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise StoreError(f"cannot read the database {path}: {exc.strerror or exc}") from None
+    uri = f"file:{quote(str(path))}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=60)) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return uri, False
+    except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorname != "SQLITE_CANTOPEN":
+            raise StoreError(f"cannot read the database {path}: {exc}") from None
+    shm, wal = Path(f"{path}-shm"), Path(f"{path}-wal")
+    if os.path.lexists(shm):
+        raise StoreError(f"cannot read the database {path}: {shm.name} cannot be opened")
+    if os.path.lexists(wal) and wal.stat().st_size > 0:
+        raise StoreError(
+            f"cannot read the database {path} read-only: {wal.name} holds changes and there "
+            f"is no {shm.name} file, nor can one be created there; copy the database with both "
+            "files, or read the copy in a directory this user may write"
+        )
+    return f"{uri}&immutable=1", True
+
+
+def make_engine(
+    url: str, *, echo: bool = False, read_only: bool = False, sqlite_uri: str | None = None
+) -> Engine:
+    """``read_only``: every transaction only reads (SQLite: plain ``BEGIN``, the journal mode
+    left as it is; PostgreSQL: read-only sessions). ``sqlite_uri``: connect to this SQLite URI
+    (``read_only_sqlite_uri``) instead of the file the URL names."""
     if url.startswith("sqlite"):
+        options: dict[str, Any] = {}
+        if sqlite_uri is not None:
+            options["creator"] = functools.partial(
+                sqlite3.connect, sqlite_uri, uri=True, timeout=60, check_same_thread=False
+            )
         engine = create_engine(
             url,
             echo=echo,
             connect_args={"timeout": 60, "check_same_thread": False},
             pool_size=8,
             max_overflow=8,
+            **options,
         )
 
         @event.listens_for(engine, "connect")
@@ -102,7 +155,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             # Let us issue BEGIN ourselves (pysqlite's implicit BEGIN is DEFERRED).
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            if not read_only:
+                cur.execute("PRAGMA journal_mode=WAL")
             # FULL: every commit is on disk (the WAL is synced) before it returns. NORMAL would
             # lose the last commits on power failure or a kernel crash: an intent row that
             # must exist before a signature, a certificate already handed out, a revocation
@@ -119,8 +173,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
             # Readers (read_scope) take no write lock: in WAL mode they never wait for writers.
-            read_only = conn.get_execution_options().get(READ_ONLY, False)
-            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            reads = read_only or conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if reads else "BEGIN IMMEDIATE")
 
         return engine
     # Not pool_pre_ping: it costs a round trip on every checkout (three per issuance). A
@@ -129,6 +183,14 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     # the caller sees it. A connection that dies while busy fails that one operation with
     # StoreError, and SQLAlchemy then invalidates the rest of the pool.
     engine = create_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_recycle=1800)
+
+    if read_only:
+
+        @event.listens_for(engine, "connect")
+        def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
+            with contextlib.closing(dbapi_conn.cursor()) as cur:
+                cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            dbapi_conn.commit()
 
     @event.listens_for(engine, "checkin")
     def _checked_in(_dbapi_conn: Any, record: Any) -> None:
@@ -294,14 +356,24 @@ def _flock_within(fd: int, seconds: float) -> None:
 class Database:
     """An engine plus a session factory; ``scope()`` is one transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        """``read_only``: nothing is written through this object (see ``make_engine``); a
+        SQLite file is opened with ``read_only_sqlite_uri``, and ``immutable`` says whether it
+        had to be opened as immutable."""
         self.url = url
-        self.engine = make_engine(url)
+        self.read_only = read_only
+        self.immutable = False
+        uri = None
+        path = sqlite_file(url) if read_only else None
+        if path is not None:
+            uri, self.immutable = read_only_sqlite_uri(path)
+        self.engine = make_engine(url, read_only=read_only, sqlite_uri=uri)
         self._sqlite = is_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Hot-path writers on SQLite queue here rather than in SQLite's busy handler, which
         # polls with sleeps of up to 100 ms: threads on a lock, processes on a lock file.
-        self._writer = _WriterQueue(self.engine.url.database) if self._sqlite else None
+        writes = self._sqlite and not read_only
+        self._writer = _WriterQueue(self.engine.url.database) if writes else None
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[Session]:

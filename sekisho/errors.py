@@ -5,6 +5,7 @@ HTTP status for ``web/errors.py`` and an exit code for the CLI::
 
     SekishoError                      500 / exit 1
     ├── ConfigError                   500 / exit 78   settings invalid, data dir unusable
+    │   └── SecretUnavailable                         a secret this user cannot have
     ├── InputError                    400 / exit 65   the caller sent something we refuse
     │   ├── MalformedInput            400             bad DER/PEM, truncated, bad base64
     │   ├── BadSignature              400             CSR proof of possession failed
@@ -65,6 +66,12 @@ class SekishoError(Exception):
 class ConfigError(SekishoError):
     code = "config"
     exit_code = 78
+
+
+class SecretUnavailable(ConfigError):
+    """A secret's source is missing, or not this user's to read (another user's file, no
+    permission, an unset variable); not a secret that is exposed. A command that only reads
+    goes on without the keys it unlocks (``sekisho.services.open_deployment``)."""
 
 
 class InputError(SekishoError):

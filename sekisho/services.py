@@ -13,7 +13,12 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificateIssuerPublicKeyTypes,
+)
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -32,7 +37,13 @@ from hsm.software import SoftwareBackend
 from ocsp.store import OcspService
 from sekisho.clock import utcnow
 from sekisho.db import Database, head_revisions, sqlite_file
-from sekisho.errors import ConfigError, KeyBackendError, SekishoError
+from sekisho.errors import (
+    ConfigError,
+    KeyBackendError,
+    SecretUnavailable,
+    SekishoError,
+    StoreError,
+)
 from sekisho.settings import Settings
 
 log = logging.getLogger("sekisho")
@@ -141,6 +152,38 @@ def open_backend(settings: Settings) -> KeyBackend:
     return SoftwareBackend(settings.keys_dir, passphrase)
 
 
+class UnavailableBackend:
+    """In place of a key backend a command that only reads could not open (e.g. an auditor
+    who may not read the key passphrase): every use of a key is a KeyBackendError saying why,
+    so that what needs no key (listings, ``audit verify --public-key``) still works."""
+
+    name = "unavailable"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _refuse(self) -> NoReturn:
+        raise KeyBackendError(f"the key backend is unavailable: {self.reason}")
+
+    def generate(self, label: str, key_type: KeyType) -> str:
+        self._refuse()
+
+    def reference(self, label: str) -> str:
+        return f"unavailable:{label}"
+
+    def public_key(self, ref: str) -> CertificateIssuerPublicKeyTypes:
+        self._refuse()
+
+    def signing_key(self, ref: str) -> CertificateIssuerPrivateKeyTypes:
+        self._refuse()
+
+    def has_key(self, ref: str) -> bool:
+        self._refuse()
+
+    def close(self) -> None:
+        pass
+
+
 def audit_key_ref(backend: KeyBackend) -> str:
     """Where the audit checkpoint key lives in this backend."""
     return backend.reference(AUDIT_KEY_LABEL)
@@ -184,13 +227,25 @@ def has_root_ca(db: Database) -> bool:
     return found is not None
 
 
-def open_deployment(settings: Settings, *, migrate: bool = True) -> Services:
+def open_deployment(
+    settings: Settings, *, read_only: bool = False, migrate: bool = True
+) -> Services:
     """The services of an existing, initialised deployment: what every command but ``init``
     and ``run`` uses. Nothing is created: a data directory or database that holds no
-    deployment is a ConfigError (exit 78) naming the directory; an empty database is not
-    migrated into one."""
+    deployment is a ConfigError (exit 78) naming the directory.
+
+    ``read_only``, for commands that only read (listings, audit verification, exports): the
+    store is opened read-only (``Database``), and the data directory is neither changed nor
+    required to be this user's (``ensure_data_dir`` is not run): such a command makes no
+    certificate, key or journal entry that a planted directory could subvert, and it must work
+    on an auditor's read-only copy, or on one owned by root. The settings file is still
+    checked (``load_settings``: it can name a PKCS#11 module to load). A key backend whose
+    secret this user cannot have (SecretUnavailable: a passphrase file of another user, say)
+    leaves the command without keys (``UnavailableBackend``); an exposed secret is refused as
+    for any command. A schema this version must migrate is migrated only where the store can
+    be written."""
     require_data_dir(settings)
-    db = Database(settings.db_url)
+    db = Database(settings.db_url, read_only=read_only)
     try:
         revisions = db.schema_revisions()
         if revisions is None:
@@ -199,16 +254,40 @@ def open_deployment(settings: Settings, *, migrate: bool = True) -> Services:
                 f"{NO_DEPLOYMENT_HINT}"
             )
         if migrate and set(revisions) != set(head_revisions()):
-            db.upgrade()
+            _migrate(settings, db)
         if not has_root_ca(db):
             raise ConfigError(
                 f"the deployment in {settings.data_dir} is not initialised (no root CA): "
                 f"{NO_DEPLOYMENT_HINT}"
             )
-        return build_services(settings, backend=open_backend(settings), db=db, migrate=False)
+        backend = _read_only_backend(settings) if read_only else open_backend(settings)
+        return build_services(settings, backend=backend, db=db, migrate=False)
     except BaseException:
         db.dispose()
         raise
+
+
+def _migrate(settings: Settings, db: Database) -> None:
+    if not db.read_only:
+        db.upgrade()
+        return
+    writer = Database(settings.db_url)
+    try:
+        writer.upgrade()
+    except StoreError:
+        raise StoreError(
+            "the database must be migrated to this version of Sekisho, which needs write "
+            "access to it: run a command that writes (e.g. `sekisho serve`) where it can"
+        ) from None
+    finally:
+        writer.dispose()
+
+
+def _read_only_backend(settings: Settings) -> KeyBackend:
+    try:
+        return open_backend(settings)
+    except SecretUnavailable as exc:  # an exposed secret is still refused, as for any command
+        return UnavailableBackend(exc.message)
 
 
 def build_services(

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1124,3 +1125,176 @@ def test_python_dash_m_sekisho_cli_is_the_cli_too() -> None:
         assert done.returncode == 0, done.stderr
         assert "Usage:" in done.stdout and "Traceback" not in done.stderr
     assert "verify" in done.stdout and "export" in done.stdout
+
+
+# -- read-only data directories ---------------------------------------------------------------
+# Read as the CLI sees them through a read-only bind mount in a private mount namespace: file
+# modes do not stop root (the tests run as root in CI), a read-only mount does.
+_RO_SCRIPT = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+
+
+def _unshare() -> list[str]:
+    return ["unshare", "--mount", *([] if os.geteuid() == 0 else ["--map-root-user"])]
+
+
+@pytest.fixture(scope="module")
+def read_only_mounts(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skips unless a read-only bind mount can be made here (and holds for this user)."""
+    probe = tmp_path_factory.mktemp("ro-probe")
+    try:
+        done = subprocess.run(
+            [*_unshare(), "sh", "-c", _RO_SCRIPT, "sh", str(probe), "touch", str(probe / "x")],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+    except OSError as exc:
+        pytest.skip(f"no unshare(1) to make a read-only mount: {exc}")
+    if "Read-only file system" not in done.stderr or (probe / "x").exists():
+        pytest.skip(
+            "cannot make a read-only bind mount in a private mount namespace here "
+            f"(unshare --mount needs root or user namespaces): {done.stderr.strip()}"
+        )
+
+
+def read_only(data: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`sekisho --data-dir DATA ARGV` in a child process that sees DATA read-only."""
+    cli = [sys.executable, "-m", "sekisho", "--data-dir", str(data), *argv]
+    done = subprocess.run(
+        [*_unshare(), "sh", "-c", _RO_SCRIPT, "sh", str(data), *cli],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def _copy(template_dir: Path, target: Path) -> Path:
+    shutil.copytree(template_dir, target)
+    return target
+
+
+def _audit_public_key(data: Path, out: Path) -> Path:
+    """What `audit public-key -o OUT` writes, taken with a writer that cleans up after itself
+    (the CLI, a reader, would leave SQLite's -shm file behind)."""
+    from tests.conftest import make_settings
+
+    services = build_services(make_settings(data))
+    try:
+        assert services.journal.signer is not None
+        der = services.journal.signer.public_key_der
+    finally:
+        services.close()
+    key = serialization.load_der_public_key(der)
+    out.write_bytes(
+        key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return out
+
+
+@pytest.mark.usefixtures("read_only_mounts")
+def test_read_commands_work_on_a_read_only_copy(template_dir: Path, tmp_path: Path) -> None:
+    """An auditor's copy on a read-only mount: every reading command works (it was exit 78,
+    "Read-only file system", from the chmod of the data directory, then from SQLite's WAL and
+    the migrations); no -shm file there, so SQLite reads it as immutable, and says so."""
+    copy = _copy(template_dir, tmp_path / "copy")
+    key = _audit_public_key(copy, tmp_path / "audit-key.pem")
+    checkpoints = tmp_path / "checkpoints.jsonl"
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith("sekisho.db")) == [
+        "sekisho.db", "sekisho.db-writer",
+    ]  # fmt: skip
+    listed = read_only(copy, "--json", "cert", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "immutable" in listed.stderr and listed.stderr.count("\n") == 1
+    certs = json.loads(listed.stdout)
+    assert len(certs) >= 2
+    first = certs[0]
+    for argv in (
+        ["audit", "verify"],
+        ["audit", "verify", "--public-key", str(key)],
+        ["ca", "list"],
+        ["--json", "ca", "show", "admin"],
+        ["cert", "show", "--ca", first["ca"], first["serial"]],
+        ["--json", "audit", "search", "--limit", "5"],
+        ["audit", "export", "--format", "csv", "-o", str(tmp_path / "journal.csv")],
+        ["audit", "checkpoints", "export", "-o", str(checkpoints)],
+    ):
+        done = read_only(copy, *argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    assert "journal intact" in read_only(copy, "audit", "verify").stdout
+    verified = read_only(copy, "audit", "verify", "--checkpoints", str(checkpoints))
+    assert verified.returncode == 0 and "journal intact" in verified.stdout, verified.stderr
+    assert (tmp_path / "journal.csv").read_text().count("\n") > 5
+    # A command that writes is refused, in one line.
+    refused = read_only(copy, "crl", "generate")
+    assert refused.returncode == 78 and "Read-only file system" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1
+
+
+@pytest.mark.usefixtures("read_only_mounts")
+def test_a_read_only_view_of_a_live_deployment_sees_what_its_writer_committed(
+    template_dir: Path, tmp_path: Path
+) -> None:
+    """With a writer running (its -shm file there), SQLite opens the database read-only
+    (``mode=ro``, not immutable) and reads what sits in the write-ahead log too."""
+    from tests.ca.helpers import issue
+    from tests.conftest import make_settings
+
+    copy = _copy(template_dir, tmp_path / "live")
+    services = build_services(make_settings(copy))
+    try:
+        cert = issue(services, "device")
+        assert (copy / "sekisho.db-shm").exists() and (copy / "sekisho.db-wal").stat().st_size
+        done = read_only(copy, "--json", "cert", "list", "--ca", "device")
+        assert done.returncode == 0 and "immutable" not in done.stderr, done.stderr
+        assert f"{cert.serial_number:040x}" in [c["serial"] for c in json.loads(done.stdout)]
+        # The same files without the -shm (copied so, mid-write): refused, not read stale.
+        partial = tmp_path / "partial"
+        partial.mkdir()
+        for name in ("sekisho.db", "sekisho.db-wal"):
+            shutil.copy2(copy / name, partial / name)
+        shutil.copytree(copy / "secrets", partial / "secrets")
+    finally:
+        services.close()
+    done = read_only(partial, "cert", "list")
+    assert done.returncode == 74, done.stderr
+    assert "sekisho.db-wal holds changes" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_read_commands_need_no_key_passphrase(
+    template_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A copy without secrets/ (or one whose passphrase this user may not read): what needs
+    no key works, `audit verify` wants the auditor's public key, and nothing is created (a
+    read command used to write a new random passphrase there)."""
+    copy = _copy(template_dir, tmp_path / "copy")
+    run = _runner(capsys, copy)
+    key = tmp_path / "audit-key.pem"
+    ok(run("audit", "public-key", "-o", str(key)))
+    shutil.rmtree(copy / "secrets")
+    assert len(ok(run("--json", "cert", "list")).json()) >= 2
+    no_key = run("audit", "verify")
+    assert no_key.code == 69 and "--public-key" in no_key.err, no_key
+    assert "journal intact" in ok(run("audit", "verify", "--public-key", str(key))).out
+    assert not (copy / "secrets").exists()
+    refused = run("crl", "generate")  # writing needs the keys: refused, and names why
+    assert refused.code == 78 and "does not exist" in refused.err, refused
+    assert not (copy / "secrets").exists()
+
+
+def test_a_read_command_on_another_users_deployment_reads_a_write_is_refused(
+    template_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading creates no certificate, key or journal entry a planted directory could
+    subvert, so another user's data directory (an auditor's view of the operator's) may be
+    read; commands that write still refuse it."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a directory to another user")
+    copy = _copy(template_dir, tmp_path / "theirs")
+    for path in [copy, *copy.rglob("*")]:
+        os.chown(path, 65534, 65534, follow_symlinks=False)
+    run = _runner(capsys, copy)
+    assert [c["name"] for c in ok(run("--json", "ca", "list")).json()] == [
+        "root", "admin", "device",
+    ]  # fmt: skip
+    refused = run("crl", "generate")
+    assert refused.code == 78 and "belongs to uid 65534" in refused.err, refused
