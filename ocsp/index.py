@@ -1,15 +1,28 @@
 """The in-memory index of pre-signed OCSP responses the standalone server answers from.
 
-Keyed two ways, both built once per stored response (never on the hot path):
+Keyed three ways, all built once per stored response (never on the hot path):
 
 * ``by_request``: the exact DER of the RFC 5019 request a client sends for it (one SHA-1
   CertID with NULL hash parameters, no nonce, no extensions) -> entry. A request equal to it
   byte for byte is answered without parsing: one dict lookup.
-* ``by_serial``: (issuer id, serial) -> entry, for requests that must be signed on the fly (a
-  nonce, a SHA-256 CertID, several CertIDs): the *status* they carry is the stored response's,
-  decoded lazily from its DER the first time it is needed.
+* ``by_cert_id``: SHA-1 and SHA-256 CertID DER -> (CertID, entry), for requests in the common
+  shape with a nonce or a SHA-256 CertID.
+* ``by_serial``: issuer id -> serial -> entry, for requests that must be signed on the fly
+  (a nonce, a SHA-256 CertID, several CertIDs): the *status* they carry is the stored
+  response's, decoded lazily from its DER the first time it is needed.
 
-Responses for an issuer that is not loaded are dropped (never answered "good" by default).
+Responses for an issuer that is not loaded are dropped (never answered "good" by default), and
+so are those of a served CA whose responses are not loaded yet (``by_serial`` has no entry for
+it): its snapshot, read after it was added, holds them.
+
+**Never a long pause on the event loop.** The index lives on the server's event loop, which
+also answers every request. A CA's whole snapshot (10^5..10^6 responses, some 20 us each to
+make into entries) is built off the loop by :class:`EntryBuilder`; :meth:`ResponseIndex.install`
+then swaps its statuses in with one reference and merges its request keys ``CHUNK`` at a time,
+and :meth:`ResponseIndex.set_issuers` drops the responses of CAs no longer served the same
+way: both return an iterator of the remaining steps, and the caller lets the loop answer
+requests between two steps. Until a response's request keys are merged its requests are signed
+on the fly from the status in ``by_serial``: never a wrong answer, only a slower one.
 """
 
 from __future__ import annotations
@@ -19,7 +32,8 @@ import dataclasses
 import datetime as dt
 import email.utils
 import hashlib
-from collections.abc import Iterable, Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
 from asn1crypto import ocsp as asn1_ocsp
@@ -94,34 +108,96 @@ def status_of(response_der: bytes) -> core.Status:
     return core.UNKNOWN
 
 
-class ResponseIndex:
-    def __init__(self, issuers: Mapping[int, core.Issuer]) -> None:
-        self.issuers = dict(issuers)
-        self._issuer_ids = {id(issuer): issuer_id for issuer_id, issuer in self.issuers.items()}
-        self.by_request: dict[bytes, Entry] = {}
-        self.by_serial: dict[tuple[int, int], Entry] = {}
-        # SHA-1 and SHA-256 CertID DER (as OpenSSL writes them) -> (CertId, entry)
-        self.by_cert_id: dict[bytes, tuple[core.CertId, Entry]] = {}
+def _make_entry(
+    issuer_id: int, issuer: core.Issuer, stored: StoredLike
+) -> tuple[Entry, tuple[core.CertId, ...]]:
+    """The entry of one stored response, and the CertIDs (one per served hash) it answers."""
+    this_update = _utc(stored.this_update)
+    next_update = _utc(stored.next_update)
+    entry = Entry(
+        issuer_id=issuer_id,
+        serial=stored.serial,
+        der=stored.der,
+        this_update=this_update,
+        next_update=next_update,
+        next_update_ts=next_update.timestamp(),
+        etag='"' + hashlib.sha256(stored.der).hexdigest()[:32] + '"',
+        last_modified=http_date(this_update),
+        expires=http_date(next_update),
+        request_der=rfc5019_request(issuer, stored.serial),
+    )
+    return entry, tuple(issuer.cert_id(stored.serial, h) for h in core.SERVED_HASHES)
+
+
+CHUNK = 1_000  # entries per step of a bounded change on the event loop (about 1 ms to merge)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CaEntries:
+    """One CA's stored responses made into entries off the event loop (:class:`EntryBuilder`),
+    for :meth:`ResponseIndex.install`."""
+
+    issuer_id: int
+    certificate: x509.Certificate  # the CA's: the keys below hash its name and key
+    by_serial: dict[int, Entry]
+    keys: list[tuple[Entry, tuple[core.CertId, ...]]]
 
     def __len__(self) -> int:
         return len(self.by_serial)
 
-    def unheld(self, issuers: Mapping[int, core.Issuer]) -> set[int]:
-        """The ids of ``issuers`` whose stored responses this index does not hold: CAs it does
-        not serve yet, or whose certificate changed under the same id."""
-        old = self.issuers
-        return {
-            i for i, x in issuers.items() if i not in old or old[i].certificate != x.certificate
-        }
 
-    def set_issuers(self, issuers: Mapping[int, core.Issuer]) -> set[int]:
+class EntryBuilder:
+    """Makes one CA's stored responses into entries, off the event loop, a slice at a time
+    (:meth:`add`); a response read later replaces the one read before it."""
+
+    def __init__(self, issuer_id: int, issuer: core.Issuer) -> None:
+        self.issuer_id = issuer_id
+        self.issuer = issuer
+        self.by_serial: dict[int, Entry] = {}
+        self.keys: list[tuple[Entry, tuple[core.CertId, ...]]] = []
+
+    def add(self, rows: Iterable[StoredLike]) -> None:
+        """Take the responses of this CA among ``rows`` (the others are skipped)."""
+        for stored in rows:
+            if stored.issuer_id != self.issuer_id:
+                continue
+            current = self.by_serial.get(stored.serial)
+            if current is not None and current.der == stored.der:
+                continue
+            entry, cert_ids = _make_entry(self.issuer_id, self.issuer, stored)
+            self.by_serial[stored.serial] = entry
+            self.keys.append((entry, cert_ids))
+
+    def done(self) -> CaEntries:
+        return CaEntries(self.issuer_id, self.issuer.certificate, self.by_serial, self.keys)
+
+
+class ResponseIndex:
+    """Read and changed on one thread only (the server's event loop); see the module doc."""
+
+    def __init__(self, issuers: Mapping[int, core.Issuer]) -> None:
+        self.issuers = dict(issuers)
+        self._issuer_ids = {id(issuer): issuer_id for issuer_id, issuer in self.issuers.items()}
+        self.by_request: dict[bytes, Entry] = {}
+        # SHA-1 and SHA-256 CertID DER (as OpenSSL writes them) -> (CertId, entry)
+        self.by_cert_id: dict[bytes, tuple[core.CertId, Entry]] = {}
+        # issuer id -> serial -> entry; the issuers given here take their responses by apply()
+        self.by_serial: dict[int, dict[int, Entry]] = {i: {} for i in self.issuers}
+
+    def __len__(self) -> int:
+        return sum(len(held) for held in self.by_serial.values())
+
+    def set_issuers(self, issuers: Mapping[int, core.Issuer]) -> Iterator[None]:
         """Serve ``issuers`` from now on (a responder rotated, a CA added, taken offline or
-        retired). An issuer whose CA and responder certificates are unchanged keeps its object;
-        the responses of CAs no longer served are dropped. Returns :meth:`unheld` as it was
-        before: the ids whose stored responses are still to be applied."""
+        retired). An issuer whose CA and responder certificates are unchanged keeps its object.
+        A CA not served so far, or whose certificate changed under the same id, takes no
+        responses until its snapshot is installed. The responses of CAs no longer served (or
+        whose certificate changed) stop being looked up at once; their request keys are
+        dropped by the returned iterator, one bounded step per item."""
         old = self.issuers
-        fresh = self.unheld(issuers)
-        gone = {i for i in old if i not in issuers or i in fresh}
+        gone = {
+            i for i, x in old.items() if i not in issuers or issuers[i].certificate != x.certificate
+        }
         kept = {
             i: (
                 old[i]
@@ -132,58 +208,83 @@ class ResponseIndex:
             )
             for i, issuer in issuers.items()
         }
-        if gone:
-            self.by_serial = {k: e for k, e in self.by_serial.items() if e.issuer_id not in gone}
-            self.by_request = {k: e for k, e in self.by_request.items() if e.issuer_id not in gone}
-            self.by_cert_id = {
-                k: v for k, v in self.by_cert_id.items() if v[1].issuer_id not in gone
-            }
         self.issuers = kept
         self._issuer_ids = {id(issuer): issuer_id for issuer_id, issuer in kept.items()}
-        return fresh
+        dropped = [(old[i], held) for i in sorted(gone) if (held := self.by_serial.pop(i, None))]
+        return self._drop(dropped)
+
+    def install(self, built: CaEntries) -> Iterator[None]:
+        """Hold the responses of one CA, built off the loop: its statuses at once (one
+        reference swap), the request and CertID keys of its pre-signed answers by the returned
+        iterator, ``CHUNK`` at a time. Skipped when that CA is not served under that
+        certificate any more; responses it held before are replaced."""
+        issuer = self.issuers.get(built.issuer_id)
+        if issuer is None or issuer.certificate != built.certificate:
+            return iter(())
+        old = self.by_serial.get(built.issuer_id)
+        self.by_serial[built.issuer_id] = built.by_serial
+        if old:  # read again: then drop the keys the new entries did not take over
+            return itertools.chain(self._merge(built), self._drop([(issuer, old)]))
+        return self._merge(built)
+
+    def _merge(self, built: CaEntries) -> Iterator[None]:
+        held = built.by_serial
+        for start in range(0, len(built.keys), CHUNK):
+            if self.by_serial.get(built.issuer_id) is not held:
+                return  # dropped, or replaced by a newer snapshot, meanwhile
+            for entry, cert_ids in built.keys[start : start + CHUNK]:
+                if held.get(entry.serial) is not entry:
+                    continue  # apply() put a newer answer in its place (with its keys)
+                self.by_request[entry.request_der] = entry
+                for cert_id in cert_ids:
+                    self.by_cert_id[cert_id.der] = (cert_id, entry)
+            yield
+
+    def _drop(self, dropped: list[tuple[core.Issuer, dict[int, Entry]]]) -> Iterator[None]:
+        """Remove the request and CertID keys of entries no longer held (only where they
+        still map to those entries: a key may already serve a newer one)."""
+        for issuer, held in dropped:
+            # Nothing changes ``held`` any more: it left by_serial before this runs.
+            entries = iter(held.values())
+            while chunk := list(itertools.islice(entries, CHUNK)):
+                for entry in chunk:
+                    if self.by_request.get(entry.request_der) is entry:
+                        del self.by_request[entry.request_der]
+                    for algorithm in core.SERVED_HASHES:
+                        key = issuer.cert_id(entry.serial, algorithm).der
+                        hit = self.by_cert_id.get(key)
+                        if hit is not None and hit[1] is entry:
+                            del self.by_cert_id[key]
+                yield
 
     def issuer_id(self, issuer: core.Issuer) -> int | None:
         return self._issuer_ids.get(id(issuer))
 
     def apply(self, responses: Iterable[StoredLike]) -> int:
-        """Insert or replace; returns how many changed (unknown issuers are skipped)."""
+        """Insert or replace; returns how many changed (responses of issuers not served, or
+        whose snapshot is not installed yet, are skipped)."""
         taken = 0
         for stored in responses:
             issuer = self.issuers.get(stored.issuer_id)
-            if issuer is None:
+            held = self.by_serial.get(stored.issuer_id)
+            if issuer is None or held is None:
                 continue
-            current = self.by_serial.get((stored.issuer_id, stored.serial))
+            current = held.get(stored.serial)
             if current is not None and current.der == stored.der:
                 continue  # seen already (changes_since overlaps its windows)
-            this_update = _utc(stored.this_update)
-            next_update = _utc(stored.next_update)
-            request_der = rfc5019_request(issuer, stored.serial)
-            entry = Entry(
-                issuer_id=stored.issuer_id,
-                serial=stored.serial,
-                der=stored.der,
-                this_update=this_update,
-                next_update=next_update,
-                next_update_ts=next_update.timestamp(),
-                etag='"' + hashlib.sha256(stored.der).hexdigest()[:32] + '"',
-                last_modified=http_date(this_update),
-                expires=http_date(next_update),
-                request_der=request_der,
-            )
-            self.by_request[request_der] = entry
-            for algorithm in core.SERVED_HASHES:
-                cert_id = issuer.cert_id(stored.serial, algorithm)
+            entry, cert_ids = _make_entry(stored.issuer_id, issuer, stored)
+            self.by_request[entry.request_der] = entry
+            for cert_id in cert_ids:
                 self.by_cert_id[cert_id.der] = (cert_id, entry)
-            self.by_serial[(stored.issuer_id, stored.serial)] = entry
+            held[stored.serial] = entry
             taken += 1
         return taken
 
     def entry(self, issuer: core.Issuer, serial: int) -> Entry | None:
         """The stored response of ``serial`` under ``issuer``, or None when not in memory."""
         issuer_id = self.issuer_id(issuer)
-        if issuer_id is None:
-            return None
-        return self.by_serial.get((issuer_id, serial))
+        held = self.by_serial.get(issuer_id) if issuer_id is not None else None
+        return held.get(serial) if held is not None else None
 
 
 _NONCE_OID = w.oid(core.OID_NONCE)

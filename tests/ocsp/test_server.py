@@ -30,16 +30,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp as x509_ocsp
+from sqlalchemy import insert
 
 from ca.hierarchy import create_issuing
 from ca.issuance import IssueRequest
 from ca.registry import ca_row
 from ca.revocation import Reason
-from ca.tbs import SanEntry
+from ca.tbs import SanEntry, serial_hex
 from hsm.base import KeyType
 from hsm.software import generate_private_key
 from ocsp import core, store
 from ocsp.index import ResponseIndex, rfc5019_request
+from ocsp.models import OcspResponse
 from ocsp.server import Responder
 from ocsp.signers import ensure_responders
 from sekisho.errors import StoreError
@@ -442,6 +444,97 @@ def test_server_follows_rotated_responders_new_cas_and_cas_taken_offline(
         healthy(server)
 
 
+BIG_CA_RESPONSES = 20_000
+UNAUTHORIZED = bytes.fromhex("3003 0a01 06")
+
+
+def _kind(body: bytes, headers: dict[str, str]) -> str:
+    """unauthorized, pre-signed (stored bytes, cacheable), live (signed now) or other."""
+    if body == UNAUTHORIZED:
+        return "unauthorized"
+    if "public" in headers.get("cache-control", ""):
+        return "pre-signed"
+    if headers.get("cache-control") == "no-store" and _signed_by(body) is not None:
+        return "live" if status_of(body) is x509_ocsp.OCSPCertStatus.GOOD else "other"
+    return "other"
+
+
+def test_other_cas_are_answered_while_a_big_ca_is_loaded(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """A CA with many stored responses comes into service while the server runs. Its
+    responses are read and made into entries off the event loop, then swapped in a bounded
+    step at a time: meanwhile the other CAs' requests are answered, and the new CA's own are
+    signed live from the database, until its pre-signed answers are in memory."""
+    services = pki.services
+    create_issuing(services.ca, "big", "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
+    ensure_responders(services, services.clock())
+    services.registry.invalidate()
+    big_ca = ca_cert(services, "big")
+    probe = services.ca.issue(
+        IssueRequest(
+            ca="big",
+            profile="device",
+            subject=x509.Name.from_rfc4514_string("CN=probe.example.com"),
+            public_key=generate_private_key(KeyType.EC_P256).public_key(),
+            sans=(SanEntry("dns", "probe.example.com"),),
+        ),
+        TEST_ACTOR,
+    )
+    big_id, big = next(
+        (i, x) for i, x in store.load_issuers(services).items() if x.certificate == big_ca
+    )
+    # A CA with a history: many more stored responses, signed by its responder an hour ago.
+    written = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+    expires = written + dt.timedelta(hours=72)
+    rows = [
+        {
+            "issuer_id": big_id,
+            "serial": serial_hex(serial),
+            "der": core.precompute(big, serial, core.GOOD, written, expires),
+            "cert_status": "good",
+            "status_epoch": 0,
+            "this_update": written,
+            "next_update": expires,
+            "updated_at": written,
+        }
+        for serial in range(1 << 100, (1 << 100) + BIG_CA_RESPONSES)
+    ]
+    with services.db.scope() as session:
+        session.execute(insert(OcspResponse), rows)
+        ca_row(session, "big").active = False  # it comes into service once the server runs
+    big_path = base64.b64encode(rfc5019_request(big, probe.serial_number)).decode()
+    admin_path = pki.get_path(pki.good)
+    stored = {(r.issuer_id, r.serial): r.der for r in store.snapshot(services.db)[0]}
+    admin_der = stored[(pki.ca_id(), pki.good.serial_number)]
+    assert stored[(big_id, probe.serial_number)]
+
+    with running(data_dir, tmp_path, "--poll", "0.1", "--issuers-every", "0.3") as server:
+        assert fetch(server, "GET", f"/ocsp/{big_path}")[2] == UNAUTHORIZED
+        with services.db.scope() as session:
+            ca_row(session, "big").active = True
+        seen: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 60
+        while ("big", "pre-signed") not in seen:
+            assert time.monotonic() < deadline, f"the new CA is not served: {seen[-4:]}"
+            _, headers, body = fetch(server, "GET", f"/ocsp/{big_path}")
+            seen.append(("big", _kind(body, headers)))
+            status, _, body = fetch(server, "GET", f"/ocsp/{admin_path}")
+            seen.append(("admin", "pre-signed" if status == 200 and body == admin_der else "other"))
+        assert fetch(server, "GET", f"/ocsp/{big_path}")[2] == stored[(big_id, probe.serial_number)]
+        healthy(server)
+    order = ["unauthorized", "live", "pre-signed"]
+    big_kinds = [kind for who, kind in seen if who == "big"]
+    assert big_kinds == sorted(big_kinds, key=order.index), big_kinds  # never back
+    # Served (signed live from the database) as soon as it is known, while its stored
+    # responses are being loaded ...
+    assert "live" in big_kinds, big_kinds
+    # ... and the other CA answered all along, also while that load went on.
+    loading = [kind for who, kind in seen[seen.index(("big", "live")) :] if who == "admin"]
+    assert len(loading) >= 3, seen
+    assert {kind for who, kind in seen if who == "admin"} == {"pre-signed"}
+
+
 def _raw(server: ServerProc, data: bytes, *, wait: float = 5.0) -> tuple[bytes, float, bool]:
     """Send ``data``, read until the server closes or ``wait`` passes:
     (bytes received, seconds taken, whether the server closed)."""
@@ -569,7 +662,7 @@ def test_store_outage_answers_try_later(pki: Pki) -> None:
     assert isinstance(answer, bytes)  # no database needed: status in memory
     assert status_of(answer) is x509_ocsp.OCSPCertStatus.REVOKED
     # Not following the store: the held status is vouched for until its stored nextUpdate.
-    (held,) = [e for e in index.by_serial.values() if e.serial == pki.revoked.serial_number]
+    held = index.by_serial[pki.ca_id()][pki.revoked.serial_number]
     parsed = x509_ocsp.load_der_ocsp_response(answer)
     assert parsed.next_update_utc is not None and parsed.next_update_utc <= held.next_update
     # Less than the minimum validity (8 h) left: the database must answer, and it is down.
@@ -583,6 +676,64 @@ def test_store_outage_answers_try_later(pki: Pki) -> None:
     parsed = x509_ocsp.load_der_ocsp_response(answer)
     assert parsed.next_update_utc is not None and parsed.this_update_utc is not None
     assert parsed.next_update_utc - parsed.this_update_utc == dt.timedelta(hours=24)
+
+
+def test_index_takes_a_snapshot_in_bounded_steps(pki: Pki) -> None:
+    """A CA's entries built off the loop are installed with its statuses at once and its
+    request keys ``CHUNK`` at a time; an answer applied between two steps is not overwritten
+    by the older snapshot. A CA dropped stops being looked up at once; its keys go step by
+    step, all of them."""
+    from ocsp.index import CHUNK, EntryBuilder
+
+    services = pki.services
+    issuers = store.load_issuers(services)
+    admin_id = pki.ca_id()
+    admin = issuers[admin_id]
+    others = {i: x for i, x in issuers.items() if i != admin_id}
+    rows = store.snapshot(services.db)[0]
+    index = ResponseIndex(others)
+    index.apply(rows)
+    held_before = (len(index), len(index.by_request), len(index.by_cert_id))
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    later = now + dt.timedelta(hours=72)
+    serials = range(1 << 90, (1 << 90) + CHUNK * 5 // 2)
+    synthetic = [
+        store.StoredResponse(
+            admin_id, s, core.precompute(admin, s, core.GOOD, now, later), now, later, now
+        )
+        for s in serials
+    ]
+    admin_rows = [r for r in rows if r.issuer_id == admin_id] + synthetic
+
+    assert list(index.set_issuers(issuers)) == []  # a new CA: nothing to drop
+    assert index.apply(admin_rows[:1]) == 0  # its snapshot is not installed: skipped
+    building = EntryBuilder(admin_id, admin)
+    building.add(admin_rows)
+    steps = index.install(building.done())
+    last = serials[-1]
+    last_request = rfc5019_request(admin, last)
+    held = index.entry(admin, last)
+    assert held is not None and held.der == synthetic[-1].der  # statuses: at once
+    assert last_request not in index.by_request  # request keys: step by step
+    next(steps)
+    revoked = core.Revoked(now, x509.ReasonFlags.key_compromise)
+    newer = store.StoredResponse(
+        admin_id, last, core.precompute(admin, last, revoked, now, later), now, later, now
+    )
+    assert index.apply([newer]) == 1  # between two steps, as the follower's batches come
+    assert sum(1 for _ in steps) >= 1
+    assert index.by_request[last_request].der == newer.der
+    assert status_of(index.by_request[last_request].der) is x509_ocsp.OCSPCertStatus.REVOKED
+    sha256_id = admin.cert_id(last, "sha256").der
+    assert index.by_cert_id[sha256_id][1].der == newer.der
+    assert all(rfc5019_request(admin, s) in index.by_request for s in serials)
+    assert len(index) == held_before[0] + len(admin_rows)
+
+    steps = index.set_issuers(others)
+    assert index.entry(admin, last) is None  # no longer served: at once
+    assert sum(1 for _ in steps) >= 2
+    assert (len(index), len(index.by_request), len(index.by_cert_id)) == held_before
+    assert all(e.issuer_id != admin_id for e in index.by_request.values())
 
 
 def test_simple_request_shape_agrees_with_core(pki: Pki) -> None:
