@@ -394,6 +394,15 @@ def _check_delegated(ca: x509.Certificate, responder: x509.Certificate) -> None:
         raise ConfigError("the delegated OCSP responder lacks id-kp-OCSPSigning")
 
 
+@dataclasses.dataclass(frozen=True)
+class SignerDown:
+    """A CA we serve whose signer could not be loaded (its key, or its responder certificate):
+    the CA certificate, and why, fit for a log (no key material, no passphrase)."""
+
+    certificate: x509.Certificate
+    reason: str
+
+
 def find_issuer(issuers: Iterable[Issuer], cert_id: CertId) -> Issuer | None:
     for issuer in issuers:
         if issuer.serves(cert_id):

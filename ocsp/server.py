@@ -23,10 +23,10 @@ Decisions
 * **Following the store.** A daemon thread calls ``changes_since`` every ``poll`` seconds
   (0.5 s) and hands the batch to the loop (``call_soon_threadsafe``); the server never writes
   to the database, so several can run side by side against one PostgreSQL. Every
-  ``issuers_every`` seconds (10 s) it also reloads who signs for which CA: a rotated responder
-  signs the next live answer (the old one's certificate expires some ten days after its
-  rotation), a CA created since start is served, and a CA taken offline or retired stops being
-  served.
+  ``issuers_every`` seconds (10 s), and once before listening, it also reloads who signs for
+  which CA: a rotated responder signs the next live answer (the old one's certificate expires
+  some ten days after its rotation), a CA created since start is served, and a CA taken
+  offline or retired stops being served.
 * **A CA coming into service** is served at once, its statuses from the database (signed live
   in the thread pool), while the follower thread reads its stored responses and makes them
   into index entries, following the store's changes between slices; automatic cycle
@@ -36,6 +36,16 @@ Decisions
   answering requests between two steps; a CA dropped leaves the same way (:mod:`ocsp.index`).
   With 10^5 responses the loop's longest pause went from the whole load (2.4 s on a 2-vCPU
   host; 4-5 s with it busy) to about 20 ms of GIL sharing with the follower thread (40-80 ms).
+* **Who signs, CA by CA.** One CA whose signer cannot be loaded (its responder key out of
+  reach, a responder certificate that does not fit) does not stop the reload of the others: it
+  is logged once per streak (CA id and subject, our error's code and message, never key
+  material) and keeps the last good signer this server used for it, same CA certificate, as
+  long as that one may sign. None may whose certificate is revoked or has no issued row in the
+  store (status unknown: fail closed), or is not valid until the next reload plus a minute
+  (checked even when the reload itself fails); this holds for freshly loaded responders too. A
+  CA served with no signer that may sign answers live requests ``tryLater``; its pre-signed
+  answers are still served until their nextUpdate. A CA whose signer never loaded in this
+  process is not served (``unauthorized``) until it does.
 * **HTTP limits.** Request line + headers <= 8 KiB (else 431, close); body <= 64 KiB, judged
   from Content-Length before reading (else 413, close); POST without Content-Length 411;
   Transfer-Encoding 501 (no chunked bodies, no smuggling); wrong Content-Type 415; a request
@@ -92,10 +102,15 @@ FRESH_POLLS = 4  # the index is "following the store" if it synced within this m
 FRESH_MIN = 5.0  # ... or this many seconds, whichever is longer
 
 ChangesFn = Callable[[object], tuple[list[StoredLike], object]]
-IssuersFn = Callable[[], Mapping[int, core.Issuer]]
+# The served CAs whose signer loaded, and those whose signer did not (ocsp.store).
+IssuersFn = Callable[[], tuple[Mapping[int, core.Issuer], Mapping[int, core.SignerDown]]]
+# CA id -> why that issuer's signing certificate must not sign (revoked, status unknown).
+RefusedFn = Callable[[Mapping[int, core.Issuer]], Mapping[int, str]]
 SnapshotFn = Callable[[Iterable[int]], list[StoredLike]]
-Hand = Callable[..., object]  # runs a callable on the loop (call_soon_threadsafe)
+Hand = Callable[..., object]  # runs a callable on the loop (call_soon_threadsafe) or now
 ISSUERS_EVERY = 10.0
+EXPIRY_MARGIN = 60.0  # a signer whose certificate ends before the next reload + this: none
+_WITHHELD = "live answers tryLater; pre-signed answers served until their nextUpdate"
 
 _REASONS = {
     200: "OK",
@@ -155,11 +170,24 @@ class Responder:
         self.index = index
         self.db_lookup = lookup
         self.validity = validity
-        self.issuers: Sequence[core.Issuer] = list(index.issuers.values())
+        # Who signs live answers, by CA id and as a list for select_issuer; ``withheld``: CAs
+        # served whose signer may not sign now (their live answers are tryLater).
+        self.signers: Mapping[int, core.Issuer] = dict(index.issuers)
+        self.issuers: Sequence[core.Issuer] = list(self.signers.values())
+        self.withheld: Sequence[core.Issuer] = []
         # True while the index follows the store (the server sets it); until then, and while
         # the store is unreachable, a status held in memory is vouched for only until the
         # nextUpdate of the stored response it came from.
         self.store_fresh: Callable[[], bool] = lambda: False
+
+    def set_signers(self, signing: Iterable[int]) -> None:
+        """Of the CAs the index serves, those in ``signing`` sign live answers; the others'
+        get tryLater (their pre-signed answers are still served)."""
+        served = self.index.issuers
+        chosen = set(signing)
+        self.signers = {i: x for i, x in served.items() if i in chosen}
+        self.issuers = list(self.signers.values())
+        self.withheld = [x for i, x in served.items() if i not in chosen]
 
     def cached(self, request_der: bytes, now: float) -> Entry | None:
         entry = self.index.by_request.get(request_der)
@@ -187,19 +215,22 @@ class Responder:
             hit = self.index.by_cert_id.get(simple[0])
             if hit is not None:
                 cert_id, entry = hit
-                validity = self.held_validity([entry], now)
-                if validity is not None:
-                    request = core.OcspRequest((cert_id,), simple[1])
-                    status = entry.status
-                    # The index holds this CertID under the issuer that serves it.
-                    held_by = self.index.issuers[entry.issuer_id]
-                    return self._answer(held_by, request, lambda _i, _s: status, validity)
+                # The index holds this CertID under the issuer that serves it (if it signs).
+                signer = self.signers.get(entry.issuer_id)
+                if signer is not None:
+                    validity = self.held_validity([entry], now)
+                    if validity is not None:
+                        request = core.OcspRequest((cert_id,), simple[1])
+                        status = entry.status
+                        return self._answer(signer, request, lambda _i, _s: status, validity)
         try:
             request = core.parse_request(request_der)
         except core.MalformedRequest:
             return core.MALFORMED_REQUEST
         issuer = core.select_issuer(request, self.issuers)
         if issuer is None:
+            if self.withheld and core.select_issuer(request, self.withheld) is not None:
+                return core.TRY_LATER  # ours, but its signer may not sign now
             return core.UNAUTHORIZED
         entries = [self.index.entry(issuer, c.serial) for c in request.cert_ids]
         held = [e for e in entries if e is not None]
@@ -253,6 +284,10 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
+def _call_now(fn: Callable[..., object], *args: object) -> None:
+    fn(*args)
+
+
 def _signers(issuers: Mapping[int, core.Issuer]) -> dict[int, tuple[object, object]]:
     """What identifies who signs for which CA: the CA and responder certificates, by id."""
     return {i: (x.certificate, x.responder_certificate) for i, x in issuers.items()}
@@ -269,12 +304,15 @@ class Server:
         cursor: object = None,
         poll: float = POLL_INTERVAL,
         load_issuers: IssuersFn | None = None,
+        refused_signers: RefusedFn | None = None,
         snapshot: SnapshotFn | None = None,
         issuers_every: float = ISSUERS_EVERY,
         executor_workers: int = 4,
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock  # POSIX seconds: is a signer's certificate valid now?
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.responder = responder
@@ -283,16 +321,19 @@ class Server:
         self.cursor = cursor
         self.poll = poll
         self.load_issuers = load_issuers
+        self.refused_signers = refused_signers
         self.snapshot = snapshot
         self.issuers_every = issuers_every
         self.issuers_ok = True
         # What the follower handed to the loop (read and written by the follower only, once
-        # started): the issuers served, and the CAs whose responses were given (by CA
-        # certificate).
+        # started): the issuers served, those that sign, the CAs whose responses were given
+        # (by CA certificate), and the signer troubles reported (once per streak).
         self.served: dict[int, core.Issuer] = dict(self.index.issuers)
+        self.signing: frozenset[int] = frozenset(responder.signers)
         self.loaded: dict[int, x509.Certificate] = {
             i: x.certificate for i, x in self.index.issuers.items()
         }
+        self.troubles: dict[int, tuple[str, str]] = {}
         self.date = _Date()
         self.connections: set[HttpProtocol] = set()
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -307,7 +348,10 @@ class Server:
 
     # -- store following --------------------------------------------------------------------
     def start_follower(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(Loop, before listening.) Decide who signs now, then follow the store."""
         self.loop = loop
+        if self.load_issuers is not None:
+            self._reload_issuers(_call_now, follow=False)
         if self.changes_since is None:
             return
         self.follower = threading.Thread(target=self._follow, name="ocsp-follow", daemon=True)
@@ -319,7 +363,7 @@ class Server:
         while not self.stop_event.wait(self.poll):
             if self.load_issuers is not None and time.monotonic() >= issuers_due:
                 issuers_due = time.monotonic() + self.issuers_every
-                self._reload_issuers()
+                self._reload_issuers(self.loop.call_soon_threadsafe, follow=True)
             self._follow_store()
 
     def _follow_store(self, building: EntryBuilder | None = None) -> None:
@@ -341,31 +385,54 @@ class Server:
             if building is not None:
                 building.add(batch)
 
-    def _reload_issuers(self) -> None:
-        """(Follower thread.) Load the issuers; when who signs for which CA changed, hand the
-        new set to the loop; then, CA by CA, the stored responses of CAs not held so far, made
-        into entries here, off the loop (the store's changes keep being followed meanwhile)."""
-        assert self.load_issuers is not None and self.loop is not None
-        hand = self.loop.call_soon_threadsafe
+    def _reload_issuers(self, hand: Hand, *, follow: bool) -> None:
+        """(Follower thread; at start, the loop before it listens.) Load who signs for which CA,
+        one CA at a time, and hand what changed to the loop (``hand``); then, CA by CA, the
+        stored responses of CAs not held so far, made into entries here, off the loop (the
+        store's changes keep being followed meanwhile when ``follow``).
+
+        A CA whose signer cannot be loaded keeps its last good one, the one this server
+        signed with (same CA certificate), while that may sign; none is used whose certificate
+        is revoked, has no issued row in the store (status unknown), or is not valid until the
+        next reload (plus a minute). A CA that is served but has no signer that may sign gets
+        tryLater for live answers; its pre-signed answers are served until their nextUpdate."""
+        assert self.load_issuers is not None
+        now = self.clock()
         try:
-            issuers = dict(self.load_issuers())
-        except Exception:  # the store or a key is away: keep signing as before
+            loaded, down = self.load_issuers()
+            served = dict(loaded)
+            for ca_id, failure in down.items():
+                last = self.served.get(ca_id)
+                if last is not None and last.certificate == failure.certificate:
+                    served[ca_id] = last
+            refused = dict(self.refused_signers(served)) if self.refused_signers else {}
+        except Exception:  # the store is away: keep signing as before, while that may sign
             if self.issuers_ok:
                 log.warning("reloading the OCSP issuers failed", exc_info=True)
             self.issuers_ok = False
+            self._withdraw_ending(hand, now)
             return
-        if _signers(issuers) != _signers(self.served):
-            log.info("OCSP issuers changed", extra={"issuers": sorted(issuers)})
-            self.served = issuers
+        for ca_id, issuer in served.items():
+            ending = self._ending(issuer, now)
+            if ending is not None:
+                refused.setdefault(ca_id, ending)
+        signing = frozenset(served) - refused.keys()
+        self._report(served, down, refused, signing)
+        if _signers(served) != _signers(self.served) or signing != self.signing:
+            log.info(
+                "OCSP issuers changed",
+                extra={"issuers": sorted(served), "signing": sorted(signing)},
+            )
+            self.served, self.signing = served, signing
             self.loaded = {
-                i: c for i, c in self.loaded.items() if i in issuers and issuers[i].certificate == c
+                i: c for i, c in self.loaded.items() if i in served and served[i].certificate == c
             }
-            hand(self.set_issuers, issuers)
-        for ca_id, issuer in sorted(issuers.items()):
+            hand(self.set_issuers, served, signing)
+        for ca_id, issuer in sorted(served.items()):
             if self.loaded.get(ca_id) == issuer.certificate:
                 continue
             try:
-                if not self._load_responses(ca_id, issuer, hand, follow=True):
+                if not self._load_responses(ca_id, issuer, hand, follow=follow):
                     return  # stopping
             except Exception:  # the store is away: read them at the next reload
                 if self.issuers_ok:
@@ -396,10 +463,86 @@ class Server:
         hand(self.install, built)
         return True
 
-    def set_issuers(self, issuers: Mapping[int, core.Issuer]) -> None:
-        """(Loop.) Serve ``issuers`` from now on."""
+    def _ending(self, issuer: core.Issuer, now: float) -> str | None:
+        """Why ``issuer``'s signing certificate may not sign from ``now`` until the next
+        reload, or None."""
+        cert = issuer.responder_certificate
+        if now < cert.not_valid_before_utc.timestamp():
+            return "its certificate is not valid yet"
+        not_after = cert.not_valid_after_utc
+        if not_after.timestamp() <= now + self.issuers_every + EXPIRY_MARGIN:
+            return f"its certificate expires at {not_after.isoformat()}"
+        return None
+
+    def _withdraw_ending(self, hand: Hand, now: float) -> None:
+        """(Reload failed.) Whatever else is unknown, stop signing with a certificate that
+        expires before the next reload."""
+        ending = {i for i in self.signing if self._ending(self.served[i], now) is not None}
+        if not ending:
+            return
+        for ca_id in sorted(ending):
+            log.warning(
+                "OCSP signer of a CA may not sign",
+                extra={
+                    "ca_id": ca_id,
+                    "ca": self.served[ca_id].certificate.subject.rfc4514_string(),
+                    "detail": self._ending(self.served[ca_id], now),
+                    "action": _WITHHELD,
+                },
+            )
+            self.troubles[ca_id] = ("", _WITHHELD)  # reported again once the store answers
+        self.signing = self.signing - ending
+        hand(self.responder.set_signers, self.signing)
+
+    def _report(
+        self,
+        served: Mapping[int, core.Issuer],
+        down: Mapping[int, core.SignerDown],
+        refused: Mapping[int, str],
+        signing: frozenset[int],
+    ) -> None:
+        """Log each CA's signer trouble when it starts or changes, and when it is over (not
+        every reload while it lasts)."""
+        troubles: dict[int, tuple[str, str]] = {}
+        subjects: dict[int, str] = {}
+        for ca_id, failure in down.items():
+            subjects[ca_id] = failure.certificate.subject.rfc4514_string()
+            if ca_id not in served:
+                troubles[ca_id] = (failure.reason, "not served until its signer loads")
+            elif ca_id in refused:
+                detail = f"{failure.reason}; the last good responder: {refused[ca_id]}"
+                troubles[ca_id] = (detail, _WITHHELD)
+            else:
+                last = served[ca_id].responder_certificate
+                action = (
+                    f"the last good responder (serial {last.serial_number:x}) signs, "
+                    f"until {last.not_valid_after_utc.isoformat()} at most"
+                )
+                troubles[ca_id] = (failure.reason, action)
+        for ca_id, why in refused.items():
+            if ca_id not in down:
+                subjects[ca_id] = served[ca_id].certificate.subject.rfc4514_string()
+                troubles[ca_id] = (f"responder: {why}", _WITHHELD)
+        for ca_id, (detail, action) in sorted(troubles.items()):
+            if self.troubles.get(ca_id) != (detail, action):
+                log.warning(
+                    "OCSP signer of a CA unavailable",
+                    extra={
+                        "ca_id": ca_id,
+                        "ca": subjects[ca_id],
+                        "detail": detail,
+                        "action": action,
+                    },
+                )
+        for ca_id in sorted(self.troubles.keys() - troubles.keys()):
+            over = "signs again" if ca_id in signing else "is no longer served"
+            log.info("OCSP signer trouble over: the CA %s", over, extra={"ca_id": ca_id})
+        self.troubles = troubles
+
+    def set_issuers(self, issuers: Mapping[int, core.Issuer], signing: Iterable[int]) -> None:
+        """(Loop.) Serve ``issuers`` from now on; those in ``signing`` sign live answers."""
         steps = self.index.set_issuers(issuers)
-        self.responder.issuers = list(self.index.issuers.values())
+        self.responder.set_signers(signing)
         self._steps(steps)
 
     def install(self, built: CaEntries) -> None:

@@ -45,7 +45,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
@@ -172,7 +172,13 @@ def lookup(db: Database) -> core.Lookup:
 _CA_SIGNS_LOGGED: set[int] = set()
 
 
-def _load_issuers(db: Database, backend: KeyBackend, sign_with_ca: bool) -> dict[int, core.Issuer]:
+_CaRow = tuple[int, str, str, bytes, tuple[str, bytes] | None]
+
+
+def _served_cas(db: Database, sign_with_ca: bool) -> list[_CaRow]:
+    """(id, name, CA key ref, CA certificate DER, (responder key ref, certificate DER) or
+    None) of every served CA (issuing, active, key online). The responder is the active one
+    with the latest notAfter; None: the CA key signs."""
     with db.read_scope() as session:
         cas = session.execute(
             select(
@@ -193,27 +199,109 @@ def _load_issuers(db: Database, backend: KeyBackend, sign_with_ca: bool) -> dict
             .order_by(OcspResponder.not_after)
         ):
             responders[int(row[0])] = (str(row[1]), bytes(row[2]))
-    out: dict[int, core.Issuer] = {}
+    out: list[_CaRow] = []
     for ca_id, name, key_ref, cert_der in cas:
-        ca_cert = x509.load_der_x509_certificate(bytes(cert_der))
         responder = None if sign_with_ca else responders.get(int(ca_id))
-        if responder is None:
-            if not sign_with_ca and int(ca_id) not in _CA_SIGNS_LOGGED:
-                _CA_SIGNS_LOGGED.add(int(ca_id))  # once per process: issuers reload every 10 s
-                log.info("no OCSP responder for CA %s (yet); the CA key signs", name)
-            out[int(ca_id)] = core.Issuer.create(ca_cert, backend.signing_key(key_ref))
-            continue
-        ref, der = responder
-        out[int(ca_id)] = core.Issuer.create(
-            ca_cert, backend.signing_key(ref), x509.load_der_x509_certificate(der)
-        )
+        if responder is None and not sign_with_ca and int(ca_id) not in _CA_SIGNS_LOGGED:
+            _CA_SIGNS_LOGGED.add(int(ca_id))  # once per process: issuers reload every 10 s
+            log.info("no OCSP responder for CA %s (yet); the CA key signs", name)
+        out.append((int(ca_id), str(name), str(key_ref), bytes(cert_der), responder))
     return out
+
+
+def _issuer(backend: KeyBackend, ca_cert: x509.Certificate, row: _CaRow) -> core.Issuer:
+    """Who signs for one served CA: its delegated responder, or the CA key."""
+    key_ref, responder = row[2], row[4]
+    if responder is None:
+        return core.Issuer.create(ca_cert, backend.signing_key(key_ref))
+    ref, der = responder
+    return core.Issuer.create(
+        ca_cert, backend.signing_key(ref), x509.load_der_x509_certificate(der)
+    )
+
+
+def _load_issuers(db: Database, backend: KeyBackend, sign_with_ca: bool) -> dict[int, core.Issuer]:
+    return {
+        row[0]: _issuer(backend, x509.load_der_x509_certificate(row[3]), row)
+        for row in _served_cas(db, sign_with_ca)
+    }
 
 
 def load_issuers(services: Services) -> dict[int, core.Issuer]:
     """issuer_id -> Issuer for every served CA: the active delegated responder's certificate
-    and key, or the CA's own key when ``ocsp_sign_with_ca`` is set (or no responder exists)."""
+    and key, or the CA's own key when ``ocsp_sign_with_ca`` is set (or no responder exists).
+    One signer that cannot be loaded fails the call; :func:`load_issuers_each` does not."""
     return _load_issuers(services.db, services.backend, services.settings.ocsp_sign_with_ca)
+
+
+def _why(exc: Exception) -> str:
+    """What went wrong, fit for a log: our errors' code and message (they carry no secret),
+    only the type of anything else (a library's message may quote what it was given)."""
+    if isinstance(exc, SekishoError):
+        return f"{exc.code}: {exc.message}"
+    return type(exc).__name__
+
+
+def load_issuers_each(
+    services: Services,
+) -> tuple[dict[int, core.Issuer], dict[int, core.SignerDown]]:
+    """:func:`load_issuers` one CA at a time: (the served CAs whose signer loaded, the served
+    CAs whose signer did not, with why). A store error propagates: then nothing is known."""
+    loaded: dict[int, core.Issuer] = {}
+    down: dict[int, core.SignerDown] = {}
+    for row in _served_cas(services.db, services.settings.ocsp_sign_with_ca):
+        ca_cert = x509.load_der_x509_certificate(row[3])
+        try:
+            loaded[row[0]] = _issuer(services.backend, ca_cert, row)
+        except (SekishoError, ValueError, TypeError) as exc:
+            # A key away or unreadable (KeyBackendError), a responder certificate that does not
+            # fit its key or its CA (ConfigError), one that does not parse (ValueError).
+            down[row[0]] = core.SignerDown(ca_cert, f"CA {row[1]}: {_why(exc)}")
+    return loaded, down
+
+
+def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[int, str]:
+    """CA id -> why the signer of ``issuers[id]`` must not sign: its certificate (the delegated
+    responder's, issued by the CA; or the CA's own, issued by its parent) is revoked, or the
+    store holds no issued certificate for it (status unknown: fail closed). Its validity period
+    is the caller's to check. Store errors propagate."""
+    if not issuers:
+        return {}
+    with db.read_scope() as session:
+        parents = {
+            int(ca_id): parent_id
+            for ca_id, parent_id in session.execute(
+                select(CertificateAuthority.id, CertificateAuthority.parent_id).where(
+                    CertificateAuthority.id.in_(list(issuers))
+                )
+            )
+        }
+        wanted: dict[int, tuple[int, str]] = {}
+        for ca_id, issuer in issuers.items():
+            under = ca_id if issuer.delegated else parents.get(ca_id)
+            if under is not None:
+                wanted[ca_id] = (int(under), serial_hex(issuer.responder_certificate.serial_number))
+        found: dict[tuple[int, str], CertStatus] = {}
+        if wanted:
+            rows = session.execute(
+                select(Certificate.issuer_id, Certificate.serial, Certificate.status).where(
+                    or_(
+                        *(
+                            and_(Certificate.issuer_id == under, Certificate.serial == serial)
+                            for under, serial in wanted.values()
+                        )
+                    )
+                )
+            )
+            found = {(int(i), str(s)): CertStatus(status) for i, s, status in rows}
+    refused: dict[int, str] = {}
+    for ca_id in issuers:
+        status = found.get(wanted[ca_id]) if ca_id in wanted else None
+        if status is CertStatus.REVOKED:
+            refused[ca_id] = "its certificate is revoked"
+        elif status is not CertStatus.ISSUED:
+            refused[ca_id] = "the store holds no issued certificate for it (status unknown)"
+    return refused
 
 
 # -- read API ---------------------------------------------------------------------------------

@@ -897,7 +897,8 @@ def ocsp_serve(
     from ocsp.server import run as run_server
 
     services = _ocsp_services(state)
-    issuers = store.load_issuers(services)
+    # A CA whose signer does not load is left out here; the server reports it as it starts.
+    issuers, _ = store.load_issuers_each(services)
     responses, cursor = store.snapshot(services.db)
     index = ResponseIndex(issuers)
     index.apply(responses)
@@ -916,7 +917,8 @@ def ocsp_serve(
         changes_since=changes,
         cursor=cursor,
         poll=poll,
-        load_issuers=lambda: store.load_issuers(services),
+        load_issuers=lambda: store.load_issuers_each(services),
+        refused_signers=lambda issuers: store.refused_signers(db, issuers),
         snapshot=responses_of,
         issuers_every=issuers_every,
         request_timeout=request_timeout,

@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,20 +39,23 @@ from ca.registry import ca_row
 from ca.revocation import Reason
 from ca.tbs import SanEntry, serial_hex
 from hsm.base import KeyType
-from hsm.software import generate_private_key
+from hsm.secrets import read_secret
+from hsm.software import SoftwareBackend, generate_private_key
 from ocsp import core, store
 from ocsp.index import ResponseIndex, rfc5019_request
 from ocsp.models import OcspResponse
 from ocsp.server import Responder
-from ocsp.signers import ensure_responders
+from ocsp.signers import active_responders, ensure_responders
 from sekisho.errors import StoreError
-from sekisho.services import Services
+from sekisho.services import Services, build_services
+from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, issue
 from tests.conftest import TEST_ACTOR
 
 MALFORMED = bytes.fromhex("3003 0a01 01")
 OCSP_CT = {"Content-Type": "application/ocsp-request"}
 TRY_LATER = bytes.fromhex("3003 0a01 03")
+UNAUTHORIZED = bytes.fromhex("3003 0a01 06")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -444,8 +448,111 @@ def test_server_follows_rotated_responders_new_cas_and_cas_taken_offline(
         healthy(server)
 
 
+def _log_records(server: ServerProc, message: str) -> list[dict[str, object]]:
+    """The server's JSON log records with this message."""
+    records = []
+    for line in server.log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            doc = json.loads(line)
+            if isinstance(doc, dict) and doc.get("msg") == message:
+                records.append(doc)
+    return records
+
+
+def test_a_signer_that_cannot_be_loaded_stops_only_its_own_ca(
+    pki: Pki, data_dir: Path, tmp_path: Path, settings: Settings
+) -> None:
+    """Both issuing CAs rotate their responders; the device CA's new key reaches the server,
+    the admin CA's does not. The server picks up the device CA's new responder; the admin CA
+    keeps its last good responder until that one is revoked, then its live answers are
+    tryLater while its pre-signed answers are still served. Each trouble is logged once."""
+    services = pki.services
+    # Keys generated from here on land in a copy of the key store the server does not read:
+    # a responder key on a token the OCSP host cannot reach.
+    elsewhere = tmp_path / "elsewhere-keys"
+    shutil.copytree(settings.keys_dir, elsewhere)
+    passphrase = read_secret(settings.passphrase_path, settings.key_passphrase_env)
+    other = build_services(settings, backend=SoftwareBackend(elsewhere, passphrase))
+    admin_id = pki.ca_id()
+    device_ca = ca_cert(services, "device")
+    device_leaf = issue(services, "device")
+    before = store.load_issuers(services)
+    device_id = next(i for i, x in before.items() if x.certificate == device_ca)
+    good_path = pki.get_path(pki.good)
+    stored_good = {(r.issuer_id, r.serial): r for r in store.snapshot(services.db)[0]}[
+        (admin_id, pki.good.serial_number)
+    ]
+
+    def admin_live() -> bytes:
+        return fetch(server, "POST", "/ocsp", _nonce_request(pki.good, pki.ca), OCSP_CT)[2]
+
+    def device_live() -> bytes:
+        return fetch(server, "POST", "/ocsp", _nonce_request(device_leaf, device_ca), OCSP_CT)[2]
+
+    try:
+        with running(data_dir, tmp_path, "--poll", "0.1", "--issuers-every", "0.3") as server:
+            assert _signed_by(admin_live()) == before[admin_id].responder_key_id
+
+            ensure_responders(other, other.clock(), rotate=True)
+            rotated = active_responders(other)
+            label = rotated[device_id].key_ref.removeprefix("file:")
+            shutil.copy2(elsewhere / f"{label}.key", settings.keys_dir / f"{label}.key")
+            device_responder = x509.load_der_x509_certificate(rotated[device_id].certificate_der)
+            device_key_id = x509.SubjectKeyIdentifier.from_public_key(
+                device_responder.public_key()
+            ).digest
+            assert device_key_id != before[device_id].responder_key_id
+
+            _wait_for(
+                "the device CA's rotated responder signs",
+                lambda: _signed_by(device_live()) == device_key_id,
+            )
+            _verify_with(device_live(), device_responder)
+            # The admin CA's new key is out of reach: its last good responder signs on.
+            answer = admin_live()
+            assert _signed_by(answer) == before[admin_id].responder_key_id
+            _verify_with(answer, before[admin_id].responder_certificate)
+            assert status_of(answer) is x509_ocsp.OCSPCertStatus.GOOD
+
+            # That responder's certificate revoked: it signs no more, whatever else is known.
+            other.revoker.revoke(
+                "admin",
+                before[admin_id].responder_certificate.serial_number,
+                Reason.KEY_COMPROMISE,
+                TEST_ACTOR,
+            )
+            _wait_for("the revoked responder stops signing", lambda: admin_live() == TRY_LATER)
+            status, headers, body = fetch(server, "GET", f"/ocsp/{good_path}")
+            assert status == 200 and body == stored_good.der  # pre-signed: still served
+            assert "public" in headers["cache-control"]
+            assert _signed_by(device_live()) == device_key_id
+            healthy(server)
+            time.sleep(1.0)  # a few more reloads: nothing more to report
+        # A server started now never had a signer for the admin CA: it serves the others.
+        with running(data_dir, tmp_path) as restarted:
+            answer = fetch(restarted, "POST", "/ocsp", _nonce_request(pki.good, pki.ca), OCSP_CT)
+            assert answer[2] == UNAUTHORIZED
+            answer = fetch(
+                restarted, "POST", "/ocsp", _nonce_request(device_leaf, device_ca), OCSP_CT
+            )
+            assert _signed_by(answer[2]) == device_key_id
+        (not_served,) = _log_records(restarted, "OCSP signer of a CA unavailable")
+        assert not_served["ca_id"] == admin_id and "not served" in str(not_served["action"])
+    finally:
+        other.close()
+    troubles = [
+        r for r in _log_records(server, "OCSP signer of a CA unavailable") if r["ca_id"] == admin_id
+    ]
+    assert len(troubles) == 2, troubles  # once per streak, not once per reload
+    assert "is not in the online store" in str(troubles[0]["detail"])
+    assert "last good responder" in str(troubles[0]["action"])
+    assert "revoked" in str(troubles[1]["detail"])
+    assert "tryLater" in str(troubles[1]["action"])
+    assert troubles[0]["ca"] == pki.ca.subject.rfc4514_string()
+    assert passphrase.decode() not in server.log.read_text()
+
+
 BIG_CA_RESPONSES = 20_000
-UNAUTHORIZED = bytes.fromhex("3003 0a01 06")
 
 
 def _kind(body: bytes, headers: dict[str, str]) -> str:
@@ -781,6 +888,59 @@ def test_simple_request_shape_agrees_with_core(pki: Pki) -> None:
             }
             continue
         assert parsed.cert_ids[0].der == simple[0] and parsed.nonce == simple[1]
+
+
+def test_a_signer_past_its_validity_never_signs(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """The server's clock a month ahead: every responder's certificate (30 days at most) has
+    expired. Before the server listens it decides who signs: nobody; live answers are
+    tryLater, pre-signed answers are still served."""
+    import asyncio
+
+    from ocsp.server import Server
+
+    services = pki.services
+    loaded, down = store.load_issuers_each(services)
+    assert loaded and not down
+    index = ResponseIndex(loaded)
+    index.apply(store.snapshot(services.db)[0])
+    responder = Responder(index, store.lookup(services.db))
+    nonce_request = _nonce_request(pki.good, pki.ca)
+    answer = responder.prepare(nonce_request)
+    assert isinstance(answer, bytes) and status_of(answer) is x509_ocsp.OCSPCertStatus.GOOD
+
+    month = 31 * 24 * 3600.0
+    server = Server(
+        responder,
+        load_issuers=lambda: store.load_issuers_each(services),
+        refused_signers=lambda issuers: store.refused_signers(services.db, issuers),
+        clock=lambda: time.time() + month,
+    )
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level("WARNING", logger="ocsp.server"):
+            server.start_follower(loop)
+    finally:
+        server.close()
+        loop.close()
+    assert responder.prepare(nonce_request) == TRY_LATER
+    unknown = (
+        x509_ocsp.OCSPRequestBuilder()
+        .add_certificate_by_hash(
+            pki.issuer().name_hashes["sha1"],
+            pki.issuer().key_hashes["sha1"],
+            0x1234567890ABCDEF,
+            hashes.SHA1(),  # noqa: S303 - the CertID hash RFC 5019 clients send
+        )
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    assert responder.prepare(unknown) == TRY_LATER  # not even from the database
+    request = rfc5019_request(pki.issuer(), pki.good.serial_number)
+    entry = responder.cached(request, time.time())
+    assert entry is not None and status_of(entry.der) is x509_ocsp.OCSPCertStatus.GOOD
+    troubles = [r for r in caplog.records if r.getMessage() == "OCSP signer of a CA unavailable"]
+    assert {getattr(r, "ca_id", None) for r in troubles} == set(loaded)
+    assert all("its certificate expires at" in getattr(r, "detail", "") for r in troubles)
 
 
 def test_follower_failure_marks_the_index_stale() -> None:

@@ -7,18 +7,22 @@ import dataclasses
 import datetime as dt
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import select
 
 from audit.models import JournalRecord
-from ocsp import store
+from ca.registry import ca_row
+from ca.revocation import Reason
+from ocsp import core, store
 from ocsp.models import OcspResponder
 from ocsp.signers import ensure_responders
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert
-from tests.conftest import FakeClock, RecordingBackend
+from tests.conftest import TEST_ACTOR, FakeClock, RecordingBackend
 from tests.support.checkers import openssl_verify, pkilint_cert, pkilint_chain
 
 
@@ -148,3 +152,51 @@ def test_forced_rotation_replaces_every_responder(services: Services) -> None:
     assert {i.responder_certificate.serial_number for i in issuers.values()} == {
         int(s, 16) for s in after.values()
     }
+
+
+def test_refused_signers_fail_closed(
+    services: Services, settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """Who must not sign: a responder whose certificate is revoked, or is not an issued
+    certificate of the store (status unknown). A CA signing for itself is found under its
+    parent, so ``ocsp_sign_with_ca`` refuses nobody."""
+    issuers = store.load_issuers(services)
+    assert store.refused_signers(services.db, issuers) == {}
+    admin = ca_cert(services, "admin")
+    admin_id = next(i for i, x in issuers.items() if x.certificate == admin)
+
+    # A responder certificate the CA key signed outside the issuance path: no row, unknown.
+    with services.db.scope() as session:
+        ca_key = services.backend.signing_key(ca_row(session, "admin").key_ref)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    stray = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Stray Responder")]))
+        .issuer_name(admin.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=7))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    unknown = {admin_id: core.Issuer.create(admin, key, stray)}
+    assert "unknown" in store.refused_signers(services.db, unknown)[admin_id]
+
+    services.revoker.revoke(
+        "admin",
+        issuers[admin_id].responder_certificate.serial_number,
+        Reason.KEY_COMPROMISE,
+        TEST_ACTOR,
+    )
+    assert store.refused_signers(services.db, issuers) == {admin_id: "its certificate is revoked"}
+
+    with_ca = build_services(
+        dataclasses.replace(settings, ocsp_sign_with_ca=True), backend=recording_backend
+    )
+    try:
+        ca_signed = store.load_issuers(with_ca)
+        assert ca_signed and store.refused_signers(with_ca.db, ca_signed) == {}
+    finally:
+        with_ca.close()
