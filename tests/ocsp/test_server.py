@@ -370,6 +370,26 @@ def _verify_with(der: bytes, responder: x509.Certificate) -> None:
     public.verify(loaded.signature, loaded.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
 
 
+def _new_ca_with_a_device(
+    services: Services, name: str, dns: str
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """A new issuing CA under the root, with its responder, and one device certificate."""
+    create_issuing(services.ca, name, "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
+    ensure_responders(services, services.clock())
+    services.registry.invalidate()
+    leaf = services.ca.issue(
+        IssueRequest(
+            ca=name,
+            profile="device",
+            subject=x509.Name.from_rfc4514_string(f"CN={dns}"),
+            public_key=generate_private_key(KeyType.EC_P256).public_key(),
+            sans=(SanEntry("dns", dns),),
+        ),
+        TEST_ACTOR,
+    )
+    return ca_cert(services, name), leaf
+
+
 def test_server_follows_rotated_responders_new_cas_and_cas_taken_offline(
     pki: Pki, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -400,20 +420,7 @@ def test_server_follows_rotated_responders_new_cas_and_cas_taken_offline(
         assert status_of(answers[-1]) is x509_ocsp.OCSPCertStatus.GOOD
 
         # A CA created while the server runs: its pre-signed answers are served.
-        create_issuing(services.ca, "extra", "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
-        ensure_responders(services, services.clock())
-        services.registry.invalidate()
-        extra_ca = ca_cert(services, "extra")
-        leaf = services.ca.issue(
-            IssueRequest(
-                ca="extra",
-                profile="device",
-                subject=x509.Name.from_rfc4514_string("CN=dev.example.com"),
-                public_key=generate_private_key(KeyType.EC_P256).public_key(),
-                sans=(SanEntry("dns", "dev.example.com"),),
-            ),
-            TEST_ACTOR,
-        )
+        extra_ca, leaf = _new_ca_with_a_device(services, "extra", "dev.example.com")
         extra_id = next(
             i for i, x in store.load_issuers(services).items() if x.certificate == extra_ca
         )
@@ -574,20 +581,7 @@ def test_other_cas_are_answered_while_a_big_ca_is_loaded(
     step at a time: meanwhile the other CAs' requests are answered, and the new CA's own are
     signed live from the database, until its pre-signed answers are in memory."""
     services = pki.services
-    create_issuing(services.ca, "big", "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
-    ensure_responders(services, services.clock())
-    services.registry.invalidate()
-    big_ca = ca_cert(services, "big")
-    probe = services.ca.issue(
-        IssueRequest(
-            ca="big",
-            profile="device",
-            subject=x509.Name.from_rfc4514_string("CN=probe.example.com"),
-            public_key=generate_private_key(KeyType.EC_P256).public_key(),
-            sans=(SanEntry("dns", "probe.example.com"),),
-        ),
-        TEST_ACTOR,
-    )
+    big_ca, probe = _new_ca_with_a_device(services, "big", "probe.example.com")
     big_id, big = next(
         (i, x) for i, x in store.load_issuers(services).items() if x.certificate == big_ca
     )
