@@ -238,10 +238,13 @@ def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) ->
     writer = write_csv if fmt == "csv" else write_jsonl
     with services.db.read_scope() as session, undecodable_text(session, keep=False):
         rows = _readable(search(session, _filter(kwargs)))
-        if output is None:
-            count = writer(rows, sys.stdout)
-        else:
-            count = _write_file(output, lambda fh: writer(rows, fh))
+
+        def export(fh: IO[str]) -> int:
+            count = writer(rows, fh)
+            services.db.check_unchanged()  # before the file is kept: torn reads go with it
+            return count
+
+        count = export(sys.stdout) if output is None else _write_file(output, export)
     _exported(state, {"file": str(output), "format": fmt, "records": count}, count, "records")
 
 

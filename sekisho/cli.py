@@ -90,7 +90,8 @@ class State:
             if self._services.db.immutable:
                 click.echo(
                     "note: the database is read as an immutable file (a read-only directory "
-                    "without its -shm file): correct only while no process writes it",
+                    "without its -shm file): if a process writes it meanwhile, the command "
+                    "fails (exit 74)",
                     err=True,
                 )
         return self._services

@@ -129,6 +129,23 @@ def read_only_sqlite_uri(path: Path) -> tuple[str, bool]:
     return f"{uri}&immutable=1", True
 
 
+def sqlite_files_state(path: Path) -> tuple[tuple[int, ...] | None, ...]:
+    """What a write to the SQLite database ``path`` changes: the identity, size and times of
+    the file and of its ``-wal`` and ``-shm`` files (None for one that does not exist). A
+    writer that opens the database creates the other two; a checkpoint rewrites the file."""
+
+    def state(name: str) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read the database {path}: {exc.strerror or exc}") from None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    return tuple(state(f"{path}{suffix}") for suffix in ("", "-wal", "-shm"))
+
+
 def make_engine(
     url: str, *, echo: bool = False, read_only: bool = False, sqlite_uri: str | None = None
 ) -> Engine:
@@ -363,10 +380,19 @@ class Database:
         self.url = url
         self.read_only = read_only
         self.immutable = False
+        # An immutable reader takes no lock and trusts its page cache: a writer that starts
+        # meanwhile (e.g. the service, seeing the same directory read-write) gives it torn
+        # reads, which `audit verify` took for tampering. Each transaction checks afterwards
+        # that the files are as they were when opened (``check_unchanged``).
+        self._immutable_path: Path | None = None
+        self._immutable_state: tuple[tuple[int, ...] | None, ...] = ()
         uri = None
         path = sqlite_file(url) if read_only else None
         if path is not None:
+            state = sqlite_files_state(path)
             uri, self.immutable = read_only_sqlite_uri(path)
+            if self.immutable:
+                self._immutable_path, self._immutable_state = path, state
         self.engine = make_engine(url, read_only=read_only, sqlite_uri=uri)
         self._sqlite = is_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -384,7 +410,7 @@ class Database:
         """
         session = self._sessions()
         try:
-            with _store_errors():
+            with self._unchanged(), _store_errors():
                 try:
                     yield session
                     session.commit()
@@ -402,13 +428,38 @@ class Database:
         snapshot and never queue behind writers (WAL). ``snapshot``: on PostgreSQL too, every
         statement sees the same snapshot (``REPEATABLE READ``), for a reader that compares what
         several statements read. Driver errors become StoreError."""
-        with _store_errors(), self.engine.connect() as conn:
+        with self._unchanged(), _store_errors(), self.engine.connect() as conn:
             options: dict[str, Any] = {READ_ONLY: True}
             if snapshot and not self._sqlite:
                 options["isolation_level"] = "REPEATABLE READ"
             conn.execution_options(**options)
             with self._sessions(bind=conn) as session:
                 yield session
+
+    def check_unchanged(self) -> None:
+        """Of a database read as immutable: a StoreError (exit 74) once a process has written
+        it since it was opened, for then what was read may be torn (pages of before and after
+        the write, in a listing or a verification) and must not be reported."""
+        path = self._immutable_path
+        if path is None or sqlite_files_state(path) == self._immutable_state:
+            return
+        raise StoreError(
+            f"the database {path} was written while it was read as an immutable file (a "
+            "process opened it meanwhile): what was read cannot be trusted; run the command "
+            "again"
+        )
+
+    @contextlib.contextmanager
+    def _unchanged(self) -> Iterator[None]:
+        """``check_unchanged`` when the block ends, however it ends: a verdict reached on torn
+        reads (a chain "broken" by them) gives way to the StoreError."""
+        if self._immutable_path is None:
+            yield
+            return
+        try:
+            yield
+        finally:
+            self.check_unchanged()
 
     @contextlib.contextmanager
     def connection_scope(self) -> Iterator[Connection]:
@@ -497,7 +548,7 @@ class Database:
         """The migrations the store is at; None when it has no schema (never initialised)."""
         from alembic.runtime.migration import MigrationContext
 
-        with _store_errors(), self.engine.connect() as conn:
+        with self._unchanged(), _store_errors(), self.engine.connect() as conn:
             conn.execution_options(**{READ_ONLY: True})
             if not inspect(conn).has_table("alembic_version"):
                 return None

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1258,6 +1259,75 @@ def test_a_read_only_view_of_a_live_deployment_sees_what_its_writer_committed(
     done = read_only(partial, "cert", "list")
     assert done.returncode == 74, done.stderr
     assert "sekisho.db-wal holds changes" in done.stderr and done.stderr.count("\n") == 1
+
+
+# Run in the read-only view: opens the database as immutable, reads, says so (file "opened"),
+# waits for the test to write it through the read-write view (file "written"), reads again.
+_IMMUTABLE_READER = """
+import sys, time
+from pathlib import Path
+from sqlalchemy import text
+from sekisho.db import Database
+from sekisho.errors import StoreError
+database, sync = Path(sys.argv[1]), Path(sys.argv[2])
+db = Database(f"sqlite:///{database}", read_only=True)
+count = "SELECT count(*) FROM audit_records"
+with db.read_scope() as session:
+    print("immutable", db.immutable, "records", session.execute(text(count)).scalar())
+(sync / "opened").touch()
+for _ in range(300):
+    if (sync / "written").exists():
+        break
+    time.sleep(0.1)
+try:
+    with db.read_scope() as session:
+        print("read again", session.execute(text(count)).scalar())
+except StoreError as exc:
+    print("refused:", exc.message)
+"""
+
+
+@pytest.mark.usefixtures("read_only_mounts")
+def test_an_immutable_read_that_a_writer_overlaps_is_refused(
+    template_dir: Path, tmp_path: Path
+) -> None:
+    """An immutable reader takes no lock and trusts its page cache: a writer that starts
+    meanwhile (the service on the same directory, read-write for it) gave it torn reads, and
+    `audit verify` reported "journal broken" on them. A read that a write overlapped is now
+    refused (exit 74 from the command line) instead of being reported."""
+    from tests.audit.conftest import event
+    from tests.conftest import make_settings
+
+    copy = _copy(template_dir, tmp_path / "copy")
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    reader = [sys.executable, "-c", _IMMUTABLE_READER, str(copy / "sekisho.db"), str(sync)]
+    proc = subprocess.Popen(
+        [*_unshare(), "sh", "-c", _RO_SCRIPT, "sh", str(copy), *reader],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(int(TIMEOUT / 0.1)):
+            if (sync / "opened").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (sync / "opened").exists(), proc.communicate(timeout=TIMEOUT)
+        services = build_services(make_settings(copy))  # the writer: the read-write view
+        try:
+            for n in range(20):
+                with services.db.scope() as session:
+                    services.journal.append(session, event(n), services.clock())
+        finally:
+            services.close()
+        (sync / "written").touch()
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "immutable True" in out, out
+    assert "refused: the database" in out and "was written while it was read" in out, out
 
 
 def test_read_commands_need_no_key_passphrase(
