@@ -42,6 +42,8 @@ _HTTP_DATES = (  # RFC 9110 5.6.7, case-sensitive
 # entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text (RFC 9110 8.8.3)
 _ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
 _OWS = " \t"
+_SPACE = re.compile(r"[ \t]*")
+_DELIMITERS = re.compile(r"[ \t]*(?:,[ \t]*)*")  # OWS, then commas, each with OWS after it
 
 
 class Fields(Protocol):
@@ -83,20 +85,28 @@ def parse_http_date(value: str | None, now: dt.datetime) -> dt.datetime | None:
 def entity_tags(value: str) -> list[tuple[bool, str]] | None:
     """(weak, opaque-tag) of each member of an entity-tag list, or None when ``value`` is not
     one. Empty members are allowed (RFC 9110 5.6.1)."""
+    # Matched in place, never sliced: a field of gunicorn's 100 lines of 8 KiB each (repeated
+    # lines arrive joined) took seconds of CPU when each step copied the rest of it.
     tags: list[tuple[bool, str]] = []
-    rest = value.strip(_OWS)
-    while rest:  # each turn consumes at least one character
-        if rest[0] == ",":
-            rest = rest[1:].lstrip(_OWS)
-            continue
-        match = _ENTITY_TAG.match(rest)
+    end = len(value)
+    pos = _past(_DELIMITERS, value, 0)
+    while pos < end:  # each turn consumes at least one character
+        match = _ENTITY_TAG.match(value, pos)
         if match is None:
             return None
         tags.append((match[1] is not None, match[2]))
-        rest = rest[match.end() :].lstrip(_OWS)
-        if rest and rest[0] != ",":
+        pos = _past(_SPACE, value, match.end())
+        if pos < end and value[pos] != ",":
             return None
+        pos = _past(_DELIMITERS, value, pos)
     return tags
+
+
+def _past(pattern: re.Pattern[str], value: str, pos: int) -> int:
+    """Where ``pattern``, which also matches nothing, stops matching from ``pos``."""
+    match = pattern.match(value, pos)
+    assert match is not None  # an empty match is a match
+    return match.end()
 
 
 def _matches(field: str, etag: str, *, weak: bool) -> bool:
