@@ -39,8 +39,8 @@ _DER_SEQUENCE = 0x30
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     """One CSR, DER or PEM: nothing may follow the DER encoding or the PEM block's END line
-    but whitespace, and a PEM input holds one block; explanatory text before the BEGIN line is
-    allowed (RFC 7468 2)."""
+    but whitespace, and a PEM input holds one block, without headers; explanatory text before
+    the BEGIN line is allowed (RFC 7468 2)."""
     if len(data) > MAX_CSR_BYTES:
         raise TooLarge(f"CSR is {len(data)} bytes; the limit is {MAX_CSR_BYTES}")
     if not data.strip():
@@ -81,6 +81,10 @@ def _one_pem_block(data: bytes) -> bytes:
         raise MalformedInput("CSR PEM block has no END line")
     if data[end.end() :].strip():
         raise MalformedInput("CSR PEM block is followed by data after its END line")
+    if b":" in data[begin.end() : end.start()]:
+        # RFC 1421 headers (Proc-Type: 4,ENCRYPTED ...), which the PEM reader skipped: RFC
+        # 7468 permits none, and base64 has no colon.
+        raise MalformedInput("CSR PEM block holds header lines; RFC 7468 permits none")
     return data[begin.start() : end.end()] + b"\n"
 
 

@@ -151,6 +151,13 @@ _KEY_PEM = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
         ),
         pytest.param(lambda d: _pem(d) + b"trailing", "data after its END line", id="pem-text"),
         pytest.param(lambda d: _pem(d)[:-30], "no END line", id="pem-cut"),
+        pytest.param(
+            lambda d: _pem(d).replace(
+                b"-----\n", b"-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\n", 1
+            ),
+            "CSR PEM block holds header lines",
+            id="pem-headers",
+        ),
         pytest.param(lambda d: d + b"\n", "1 octets after its DER encoding", id="der-newline"),
         pytest.param(lambda d: d + d, "octets after its DER encoding", id="der-twice"),
     ],
