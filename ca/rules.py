@@ -21,8 +21,9 @@ from sekisho.errors import PolicyViolation, shown
 
 Rule = Callable[[Tbs], None]
 
-_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}$")
+# Used with fullmatch: "$" also matches before a final newline, and passed "example.com\n".
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}")
 MAX_SUBJECT_VALUE = 64  # RFC 5280 upper bounds (ub-common-name etc.)
 
 
@@ -112,12 +113,12 @@ def subject_attributes(tbs: Tbs) -> None:
 def is_dns_name(value: str) -> bool:
     """Lower-case LDH labels (IDNs as A-labels) joined by dots, at most 253 characters: no
     wildcard, no leading, trailing or doubled dot."""
-    return len(value) <= 253 and all(_DNS_LABEL.match(label) for label in value.split("."))
+    return len(value) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in value.split("."))
 
 
 def is_mailbox(value: str) -> bool:
     """An email address as the SAN rules accept it (``local@domain``)."""
-    return bool(_EMAIL.match(value)) and is_dns_name(value.rsplit("@", 1)[1].lower())
+    return bool(_EMAIL.fullmatch(value)) and is_dns_name(value.rsplit("@", 1)[1].lower())
 
 
 def _check_dns(value: str) -> None:
@@ -131,7 +132,7 @@ def _check_dns(value: str) -> None:
     for i, label in enumerate(labels):
         if i == 0 and label == "*":
             continue
-        if not _DNS_LABEL.match(label):
+        if not _DNS_LABEL.fullmatch(label):
             raise PolicyViolation("san-dns-syntax", f"DNS name {shown(value)} has a bad label")
 
 
@@ -139,7 +140,7 @@ def _check_san(entry: SanEntry) -> None:
     if entry.kind == "dns":
         _check_dns(entry.value)
     elif entry.kind == "email":
-        if not _EMAIL.match(entry.value):
+        if not _EMAIL.fullmatch(entry.value):
             raise PolicyViolation(
                 "san-email-syntax", f"{shown(entry.value)} is not an email address"
             )

@@ -393,6 +393,8 @@ def test_init_refuses_a_bad_ca_name_before_creating_anything(
         ("--exclude-dns", "bad..example.com"),
         ("--permit-email", "@example.com"),
         ("--permit-email", "a@b@example.com"),
+        ("--permit-dns", "example.com\n"),
+        ("--permit-email", "a@example.com\n"),
     ],
 )
 def test_name_constraints_empty_or_malformed_are_refused_before_anything_exists(

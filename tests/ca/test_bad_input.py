@@ -348,6 +348,7 @@ def test_validity_beyond_issuer(services: Services) -> None:
     [
         ((SanEntry("dns", "bob.example.com"),), "san-type"),
         ((SanEntry("email", "not-an-address"),), "san-email-syntax"),
+        ((SanEntry("email", "bob@tenant1.example.com\n"),), "san-email-syntax"),
         ((), "san-required"),
         (ADMIN_SANS + ADMIN_SANS, "san-duplicate"),
     ],
@@ -355,6 +356,18 @@ def test_validity_beyond_issuer(services: Services) -> None:
 def test_san_rules(services: Services, sans: tuple[SanEntry, ...], rule: str) -> None:
     request = dataclasses.replace(request_for("admin-client"), subject=ADMIN, sans=sans)
     _assert_refused(services, lambda: services.ca.issue(request, TEST_ACTOR), PolicyViolation, rule)
+
+
+def test_a_name_with_a_trailing_newline_is_refused(services: Services) -> None:
+    """The syntax rules matched with "$", which also matches before a final newline: a DNS
+    name or an email address ending in one was issued into the certificate as it was."""
+    request = dataclasses.replace(
+        request_for("tls-server"), sans=(SanEntry("dns", "portal.example.com\n"),)
+    )
+    exc = _assert_refused(
+        services, lambda: services.ca.issue(request, TEST_ACTOR), PolicyViolation, "san-dns-syntax"
+    )
+    assert "'portal.example.com\\n'" in exc.message, exc.message
 
 
 def test_subject_rules(services: Services) -> None:
