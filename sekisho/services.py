@@ -242,8 +242,8 @@ def open_deployment(
     checked (``load_settings``: it can name a PKCS#11 module to load). A key backend whose
     secret this user cannot have (SecretUnavailable: a passphrase file of another user, say)
     leaves the command without keys (``UnavailableBackend``); an exposed secret is refused as
-    for any command. A schema this version must migrate is migrated only where the store can
-    be written."""
+    for any command. A schema this version must migrate is migrated only by a command that
+    writes: with ``read_only`` it is a StoreError (exit 74) saying so."""
     require_data_dir(settings)
     db = Database(settings.db_url, read_only=read_only)
     try:
@@ -253,8 +253,11 @@ def open_deployment(
                 f"no Sekisho deployment in {settings.data_dir} (its database has no tables): "
                 f"{NO_DEPLOYMENT_HINT}"
             )
-        if migrate and set(revisions) != set(head_revisions()):
-            _migrate(settings, db)
+        heads = head_revisions()
+        if migrate and set(revisions) != set(heads):
+            if read_only:
+                raise StoreError(_not_migrated(revisions, heads))
+            db.upgrade()
         if not has_root_ca(db):
             raise ConfigError(
                 f"the deployment in {settings.data_dir} is not initialised (no root CA): "
@@ -267,20 +270,17 @@ def open_deployment(
         raise
 
 
-def _migrate(settings: Settings, db: Database) -> None:
-    if not db.read_only:
-        db.upgrade()
-        return
-    writer = Database(settings.db_url)
-    try:
-        writer.upgrade()
-    except StoreError:
-        raise StoreError(
-            "the database must be migrated to this version of Sekisho, which needs write "
-            "access to it: run a command that writes (e.g. `sekisho serve`) where it can"
-        ) from None
-    finally:
-        writer.dispose()
+def _not_migrated(revisions: tuple[str, ...], heads: tuple[str, ...]) -> str:
+    """Why a command that only reads refuses a store at another schema. It migrated the store
+    where it could write it: an auditor's `ca list`, as root, changed the schema of another
+    user's deployment (which every command that writes refuses to touch), and a newer Sekisho
+    run to read a store changed it under the older one serving it."""
+    return (
+        f"the database schema is at {', '.join(revisions) or 'no migration'}, this version of "
+        f"Sekisho reads {', '.join(heads)}: a command that only reads does not migrate it; the "
+        "deployment's owner migrates it with a command that writes (`sekisho serve` does as "
+        "it starts), or read it with the version that wrote it"
+    )
 
 
 def _read_only_backend(settings: Settings) -> KeyBackend:

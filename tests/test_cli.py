@@ -7,6 +7,7 @@ Every certificate and CRL the CLI produces goes through pkilint and OpenSSL.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -14,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -1330,6 +1332,41 @@ def test_an_immutable_read_that_a_writer_overlaps_is_refused(
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert "immutable True" in out, out
     assert "refused: the database" in out and "was written while it was read" in out, out
+
+
+def _schema(data: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"file:{data / 'sekisho.db'}?mode=ro", uri=True)) as db:
+        return [row[0] for row in db.execute("SELECT version_num FROM alembic_version")]
+
+
+def test_a_read_command_never_migrates_the_store(
+    template_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store at an older schema was migrated by any reading command that could write it:
+    `ca list` run as root changed the schema of another user's deployment (which commands
+    that write refuse to touch), and a newer Sekisho run to read a store changed it under the
+    older one serving it. Reading now refuses (exit 74) and changes nothing; a command that
+    writes migrates."""
+    from alembic import command
+
+    from sekisho.db import Database, alembic_config, head_revisions
+
+    copy = _copy(template_dir, tmp_path / "older")
+    db = Database(f"sqlite:///{copy / 'sekisho.db'}")
+    try:
+        command.downgrade(alembic_config(db.engine), "0002")
+    finally:
+        db.dispose()
+    run = _runner(capsys, copy)
+    for argv in (["ca", "list"], ["audit", "verify"], ["--json", "cert", "list"]):
+        refused = run(*argv)
+        assert refused.code == 74, (argv, refused)
+        assert "a command that only reads does not migrate it" in refused.err, refused.err
+        assert refused.err.count("\n") == 1, refused.err
+        assert _schema(copy) == ["0002"]
+    ok(run("crl", "generate"))  # a command that writes migrates it
+    assert _schema(copy) == list(head_revisions())
+    assert len(ok(run("--json", "ca", "list")).json()) == 3
 
 
 def test_read_commands_need_no_key_passphrase(
