@@ -303,13 +303,18 @@ def build_services(
         db.upgrade()
     backend = backend or open_backend(settings)
     audit_ref = audit_key_ref(backend)
+    # A store opened read-only appends nothing: a missing key is no news for its journal (a
+    # reading command that needs the key says so itself), where it would print two errors
+    # on every listing by an auditor who may not read the passphrase.
+    appends = not db.read_only
     try:
         has_audit_key = backend.has_key(audit_ref)
     except KeyBackendError as exc:
-        log.error("audit key unavailable", extra={"key_ref": audit_ref, "detail": exc.message})
+        if appends:
+            log.error("audit key unavailable", extra={"key_ref": audit_ref, "detail": exc.message})
         has_audit_key = False
     signer = CheckpointSigner(backend, audit_ref, AUDIT_KEY_TYPE) if has_audit_key else None
-    if signer is None and _has_checkpoints(db):
+    if signer is None and appends and _has_checkpoints(db):
         # The journal was checkpointed before: appending without checkpoints would weaken
         # its tamper evidence unnoticed. Say so loudly (`audit verify --public-key` still works).
         log.error("the audit checkpoint key is missing: no new checkpoints will be signed",
