@@ -23,7 +23,7 @@ from hsm.base import KeyType
 from hsm.pbes2 import decrypt_private_key, encrypt_private_key
 from sekisho.errors import Conflict, KeyBackendError, NotFound
 
-_LABEL = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole label: fullmatch
 PEM_LABEL = "ENCRYPTED PRIVATE KEY"
 
 
@@ -74,7 +74,7 @@ class SoftwareBackend:
         if not ref.startswith("file:"):
             raise KeyBackendError(f"software backend cannot use key reference {ref!r}")
         label = ref[5:]
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             raise KeyBackendError(f"bad key label {label!r}")
         return self.keys_dir / f"{label}.key"
 

@@ -39,7 +39,7 @@ MIME_REQUEST = "application/ocsp-request"
 MIME_RESPONSE = "application/ocsp-response"
 MAX_BODY = core.HTTP_MAX_BODY
 MAX_AGE_CAP = 300  # seconds: caches re-check at least this often (revocations show quickly)
-_B64 = re.compile(r"^[A-Za-z0-9+/\-_]*={0,2}$")
+_B64 = re.compile(r"[A-Za-z0-9+/\-_]*={0,2}")  # the whole value: fullmatch
 
 
 def _ocsp(body: bytes, status: int = 200) -> Response:
@@ -62,7 +62,7 @@ def decode_path(text: str) -> bytes | None:
     if "%" in value:  # clients that percent-encode twice
         value = unquote(value)
     value = value.replace(" ", "+")  # a '+' turned into a space by form decoding
-    if not value or not _B64.match(value):
+    if not value or not _B64.fullmatch(value):
         return None
     value = value.replace("-", "+").replace("_", "/").rstrip("=")
     if len(value) % 4 == 1:

@@ -223,6 +223,8 @@ def test_references_and_labels_are_checked(backend: SoftwareBackend) -> None:
         backend.signing_key("pkcs11:token=x;object=y")
     with pytest.raises(KeyBackendError, match="label"):
         backend.signing_key("file:../../etc/passwd")
+    with pytest.raises(KeyBackendError, match="label"):
+        backend.generate("root\n", KeyType.EC_P256)  # "$" matched before a final newline
     with pytest.raises(KeyBackendError, match="offline"):
         backend.signing_key("file:absent")
     with pytest.raises(NotFound):
