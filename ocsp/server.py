@@ -87,6 +87,7 @@ from ocsp.index import (
     StoredLike,
     simple_request,
 )
+from ocsp.store import IssuersFn, RefusedFn, Signers
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,9 @@ FRESH_POLLS = 4  # the index is "following the store" if it synced within this m
 FRESH_MIN = 5.0  # ... or this many seconds, whichever is longer
 
 ChangesFn = Callable[[object], tuple[list[StoredLike], object]]
-# The served CAs whose signer loaded, and those whose signer did not (ocsp.store).
-IssuersFn = Callable[[], tuple[Mapping[int, core.Issuer], Mapping[int, core.SignerDown]]]
-# CA id -> why that issuer's signing certificate must not sign (revoked, status unknown).
-RefusedFn = Callable[[Mapping[int, core.Issuer]], Mapping[int, str]]
 SnapshotFn = Callable[[Iterable[int]], list[StoredLike]]
 Hand = Callable[..., object]  # runs a callable on the loop (call_soon_threadsafe) or now
 ISSUERS_EVERY = 10.0
-EXPIRY_MARGIN = 60.0  # a signer whose certificate ends before the next reload + this: none
-_WITHHELD = "live answers tryLater; pre-signed answers served until their nextUpdate"
 
 _REASONS = {
     200: "OK",
@@ -321,19 +316,22 @@ class Server:
         self.cursor = cursor
         self.poll = poll
         self.load_issuers = load_issuers
-        self.refused_signers = refused_signers
         self.snapshot = snapshot
         self.issuers_every = issuers_every
         self.issuers_ok = True
         # What the follower handed to the loop (read and written by the follower only, once
-        # started): the issuers served, those that sign, the CAs whose responses were given
-        # (by CA certificate), and the signer troubles reported (once per streak).
-        self.served: dict[int, core.Issuer] = dict(self.index.issuers)
-        self.signing: frozenset[int] = frozenset(responder.signers)
+        # started): who signs for which CA (the issuers served, those that sign, the signer
+        # troubles reported), and the CAs whose responses were given (by CA certificate).
+        self.signers = Signers(
+            load_issuers or (lambda: (dict(self.index.issuers), {})),
+            refused_signers,
+            issuers_every,
+            log,
+            self.index.issuers,
+        )
         self.loaded: dict[int, x509.Certificate] = {
             i: x.certificate for i, x in self.index.issuers.items()
         }
-        self.troubles: dict[int, tuple[str, str]] = {}
         self.date = _Date()
         self.connections: set[HttpProtocol] = set()
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -389,41 +387,29 @@ class Server:
         """(Follower thread; at start, the loop before it listens.) Load who signs for which CA,
         one CA at a time, and hand what changed to the loop (``hand``); then, CA by CA, the
         stored responses of CAs not held so far, made into entries here, off the loop (the
-        store's changes keep being followed meanwhile when ``follow``).
-
-        A CA whose signer cannot be loaded keeps its last good one, the one this server
-        signed with (same CA certificate), while that may sign; none is used whose certificate
-        is revoked, has no issued row in the store (status unknown), or is not valid until the
-        next reload (plus a minute). A CA that is served but has no signer that may sign gets
-        tryLater for live answers; its pre-signed answers are served until their nextUpdate."""
+        store's changes keep being followed meanwhile when ``follow``). Who may sign is
+        decided by :class:`ocsp.store.Signers` (the web app's endpoint follows the same rules):
+        a CA served with no signer that may sign gets tryLater for live answers; its pre-signed
+        answers are served until their nextUpdate."""
         assert self.load_issuers is not None
         now = self.clock()
+        signers = self.signers
+        before = (_signers(signers.served), signers.signing)
         try:
-            loaded, down = self.load_issuers()
-            served = dict(loaded)
-            for ca_id, failure in down.items():
-                last = self.served.get(ca_id)
-                if last is not None and last.certificate == failure.certificate:
-                    served[ca_id] = last
-            refused = dict(self.refused_signers(served)) if self.refused_signers else {}
+            signers.reload(now)
         except Exception:  # the store is away: keep signing as before, while that may sign
             if self.issuers_ok:
                 log.warning("reloading the OCSP issuers failed", exc_info=True)
             self.issuers_ok = False
-            self._withdraw_ending(hand, now)
+            if signers.withdraw_ending(now):
+                hand(self.responder.set_signers, signers.signing)
             return
-        for ca_id, issuer in served.items():
-            ending = self._ending(issuer, now)
-            if ending is not None:
-                refused.setdefault(ca_id, ending)
-        signing = frozenset(served) - refused.keys()
-        self._report(served, down, refused, signing)
-        if _signers(served) != _signers(self.served) or signing != self.signing:
+        served, signing = signers.served, signers.signing
+        if (_signers(served), signing) != before:
             log.info(
                 "OCSP issuers changed",
                 extra={"issuers": sorted(served), "signing": sorted(signing)},
             )
-            self.served, self.signing = served, signing
             self.loaded = {
                 i: c for i, c in self.loaded.items() if i in served and served[i].certificate == c
             }
@@ -462,82 +448,6 @@ class Server:
         log.info("OCSP responses of a CA loaded", extra={"ca_id": ca_id, "responses": len(built)})
         hand(self.install, built)
         return True
-
-    def _ending(self, issuer: core.Issuer, now: float) -> str | None:
-        """Why ``issuer``'s signing certificate may not sign from ``now`` until the next
-        reload, or None."""
-        cert = issuer.responder_certificate
-        if now < cert.not_valid_before_utc.timestamp():
-            return "its certificate is not valid yet"
-        not_after = cert.not_valid_after_utc
-        if not_after.timestamp() <= now + self.issuers_every + EXPIRY_MARGIN:
-            return f"its certificate expires at {not_after.isoformat()}"
-        return None
-
-    def _withdraw_ending(self, hand: Hand, now: float) -> None:
-        """(Reload failed.) Whatever else is unknown, stop signing with a certificate that
-        expires before the next reload."""
-        ending = {i for i in self.signing if self._ending(self.served[i], now) is not None}
-        if not ending:
-            return
-        for ca_id in sorted(ending):
-            log.warning(
-                "OCSP signer of a CA may not sign",
-                extra={
-                    "ca_id": ca_id,
-                    "ca": self.served[ca_id].certificate.subject.rfc4514_string(),
-                    "detail": self._ending(self.served[ca_id], now),
-                    "action": _WITHHELD,
-                },
-            )
-            self.troubles[ca_id] = ("", _WITHHELD)  # reported again once the store answers
-        self.signing = self.signing - ending
-        hand(self.responder.set_signers, self.signing)
-
-    def _report(
-        self,
-        served: Mapping[int, core.Issuer],
-        down: Mapping[int, core.SignerDown],
-        refused: Mapping[int, str],
-        signing: frozenset[int],
-    ) -> None:
-        """Log each CA's signer trouble when it starts or changes, and when it is over (not
-        every reload while it lasts)."""
-        troubles: dict[int, tuple[str, str]] = {}
-        subjects: dict[int, str] = {}
-        for ca_id, failure in down.items():
-            subjects[ca_id] = failure.certificate.subject.rfc4514_string()
-            if ca_id not in served:
-                troubles[ca_id] = (failure.reason, "not served until its signer loads")
-            elif ca_id in refused:
-                detail = f"{failure.reason}; the last good responder: {refused[ca_id]}"
-                troubles[ca_id] = (detail, _WITHHELD)
-            else:
-                last = served[ca_id].responder_certificate
-                action = (
-                    f"the last good responder (serial {last.serial_number:x}) signs, "
-                    f"until {last.not_valid_after_utc.isoformat()} at most"
-                )
-                troubles[ca_id] = (failure.reason, action)
-        for ca_id, why in refused.items():
-            if ca_id not in down:
-                subjects[ca_id] = served[ca_id].certificate.subject.rfc4514_string()
-                troubles[ca_id] = (f"responder: {why}", _WITHHELD)
-        for ca_id, (detail, action) in sorted(troubles.items()):
-            if self.troubles.get(ca_id) != (detail, action):
-                log.warning(
-                    "OCSP signer of a CA unavailable",
-                    extra={
-                        "ca_id": ca_id,
-                        "ca": subjects[ca_id],
-                        "detail": detail,
-                        "action": action,
-                    },
-                )
-        for ca_id in sorted(self.troubles.keys() - troubles.keys()):
-            over = "signs again" if ca_id in signing else "is no longer served"
-            log.info("OCSP signer trouble over: the CA %s", over, extra={"ca_id": ca_id})
-        self.troubles = troubles
 
     def set_issuers(self, issuers: Mapping[int, core.Issuer], signing: Iterable[int]) -> None:
         """(Loop.) Serve ``issuers`` from now on; those in ``signing`` sign live answers."""

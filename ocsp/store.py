@@ -32,6 +32,10 @@ while the database is unreachable they are served until their nextUpdate, then `
 an answer signed afresh from a held status (a nonce, a SHA-256 CertID) carries a nextUpdate no
 later than the held one, and is refused (``tryLater``) once less than 8 h of it is left.
 
+Who signs, for pre-signing and for serving, is reloaded CA by CA (:class:`Signers`, the rules
+the standalone server follows too): a CA whose signer may not sign now (revoked, status
+unknown, expiring, never loaded) is skipped when pre-signing and answered ``tryLater`` live.
+
 The read API (:class:`StoredResponse`, :func:`load_issuers`, :func:`snapshot`,
 :func:`changes_since`, :func:`lookup`) is what the standalone OCSP server and the static
 export build on.
@@ -247,12 +251,18 @@ def load_issuers_each(
 ) -> tuple[dict[int, core.Issuer], dict[int, core.SignerDown]]:
     """:func:`load_issuers` one CA at a time: (the served CAs whose signer loaded, the served
     CAs whose signer did not, with why). A store error propagates: then nothing is known."""
+    return _load_each(services.db, services.backend, services.settings.ocsp_sign_with_ca)
+
+
+def _load_each(
+    db: Database, backend: KeyBackend, sign_with_ca: bool
+) -> tuple[dict[int, core.Issuer], dict[int, core.SignerDown]]:
     loaded: dict[int, core.Issuer] = {}
     down: dict[int, core.SignerDown] = {}
-    for row in _served_cas(services.db, services.settings.ocsp_sign_with_ca):
+    for row in _served_cas(db, sign_with_ca):
         ca_cert = x509.load_der_x509_certificate(row[3])
         try:
-            loaded[row[0]] = _issuer(services.backend, ca_cert, row)
+            loaded[row[0]] = _issuer(backend, ca_cert, row)
         except (SekishoError, ValueError, TypeError) as exc:
             # A key away or unreadable (KeyBackendError), a responder certificate that does not
             # fit its key or its CA (ConfigError), one that does not parse (ValueError).
@@ -302,6 +312,149 @@ def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[in
         elif status is not CertStatus.ISSUED:
             refused[ca_id] = "the store holds no issued certificate for it (status unknown)"
     return refused
+
+
+# -- who signs, CA by CA ----------------------------------------------------------------------
+# The served CAs whose signer loaded, and those whose signer did not (load_issuers_each).
+IssuersFn = Callable[[], tuple[Mapping[int, core.Issuer], Mapping[int, core.SignerDown]]]
+# CA id -> why that issuer's signing certificate must not sign (refused_signers).
+RefusedFn = Callable[[Mapping[int, core.Issuer]], Mapping[int, str]]
+EXPIRY_MARGIN = 60.0  # a signer whose certificate ends before the next reload + this: none
+WITHHELD = "live answers tryLater; pre-signed answers served until their nextUpdate"
+
+
+def signer_ending(issuer: core.Issuer, now: float, horizon: float) -> str | None:
+    """Why ``issuer``'s signing certificate may not sign from ``now`` (POSIX seconds) until
+    the next reload, ``horizon`` seconds away (plus a minute), or None."""
+    cert = issuer.responder_certificate
+    if now < cert.not_valid_before_utc.timestamp():
+        return "its certificate is not valid yet"
+    not_after = cert.not_valid_after_utc
+    if not_after.timestamp() <= now + horizon + EXPIRY_MARGIN:
+        return f"its certificate expires at {not_after.isoformat()}"
+    return None
+
+
+class Signers:
+    """Who signs for which CA in one process, reloaded CA by CA; the standalone server and
+    :class:`OcspService` (pre-signing, the web app's endpoint) both keep theirs here, under
+    the same rules (docs/decisions.md, "One CA's signer broken"):
+
+    * a CA whose signer cannot be loaded keeps the last good one this process used for it
+      (same CA certificate), while that one may sign; one that never loaded is not served;
+    * none may sign whose certificate is revoked or has no issued row in the store
+      (``refused``: status unknown, fail closed), or is not valid until the next reload,
+      ``horizon`` seconds away, plus a minute (checked even when the reload fails);
+    * ``served``: every CA served, with its signer; ``signing``: those whose signer may sign
+      now (the others' live answers are tryLater, their pre-signed ones still served).
+
+    Each CA's trouble is logged once per streak, and when it is over. Not thread-safe: one
+    caller reloads at a time."""
+
+    def __init__(
+        self,
+        load: IssuersFn,
+        refused: RefusedFn | None,
+        horizon: float,
+        logger: logging.Logger,
+        served: Mapping[int, core.Issuer] | None = None,
+    ) -> None:
+        self.load = load
+        self.refused = refused
+        self.horizon = horizon
+        self.log = logger
+        self.served: dict[int, core.Issuer] = dict(served or {})
+        self.signing: frozenset[int] = frozenset(self.served)
+        self.troubles: dict[int, tuple[str, str]] = {}
+
+    def signers(self) -> dict[int, core.Issuer]:
+        """The served CAs whose signer may sign now."""
+        return {i: x for i, x in self.served.items() if i in self.signing}
+
+    def reload(self, now: float) -> None:
+        """Load every served CA's signer and decide who signs from ``now`` (POSIX seconds). A
+        store error propagates and changes nothing (then see :meth:`withdraw_ending`)."""
+        loaded, down = self.load()
+        served = dict(loaded)
+        for ca_id, failure in down.items():
+            last = self.served.get(ca_id)
+            if last is not None and last.certificate == failure.certificate:
+                served[ca_id] = last
+        refused = dict(self.refused(served)) if self.refused is not None else {}
+        for ca_id, issuer in served.items():
+            ending = signer_ending(issuer, now, self.horizon)
+            if ending is not None:
+                refused.setdefault(ca_id, ending)
+        signing = frozenset(served) - refused.keys()
+        self._report(served, down, refused, signing)
+        self.served, self.signing = served, signing
+
+    def withdraw_ending(self, now: float) -> bool:
+        """(Reload failed.) Whatever else is unknown, stop signing with a certificate that
+        is not valid until the next reload. True when who signs changed."""
+        ending = {
+            i: why
+            for i in self.signing
+            if (why := signer_ending(self.served[i], now, self.horizon)) is not None
+        }
+        for ca_id, why in sorted(ending.items()):
+            self.log.warning(
+                "OCSP signer of a CA may not sign",
+                extra={
+                    "ca_id": ca_id,
+                    "ca": self.served[ca_id].certificate.subject.rfc4514_string(),
+                    "detail": why,
+                    "action": WITHHELD,
+                },
+            )
+            self.troubles[ca_id] = ("", WITHHELD)  # reported again once the store answers
+        self.signing = self.signing - ending.keys()
+        return bool(ending)
+
+    def _report(
+        self,
+        served: Mapping[int, core.Issuer],
+        down: Mapping[int, core.SignerDown],
+        refused: Mapping[int, str],
+        signing: frozenset[int],
+    ) -> None:
+        """Log each CA's signer trouble when it starts or changes, and when it is over (not
+        every reload while it lasts)."""
+        troubles: dict[int, tuple[str, str]] = {}
+        subjects: dict[int, str] = {}
+        for ca_id, failure in down.items():
+            subjects[ca_id] = failure.certificate.subject.rfc4514_string()
+            if ca_id not in served:
+                troubles[ca_id] = (failure.reason, "not served until its signer loads")
+            elif ca_id in refused:
+                detail = f"{failure.reason}; the last good responder: {refused[ca_id]}"
+                troubles[ca_id] = (detail, WITHHELD)
+            else:
+                last = served[ca_id].responder_certificate
+                action = (
+                    f"the last good responder (serial {last.serial_number:x}) signs, "
+                    f"until {last.not_valid_after_utc.isoformat()} at most"
+                )
+                troubles[ca_id] = (failure.reason, action)
+        for ca_id, why in refused.items():
+            if ca_id not in down:
+                subjects[ca_id] = served[ca_id].certificate.subject.rfc4514_string()
+                troubles[ca_id] = (f"responder: {why}", WITHHELD)
+        for ca_id, (detail, action) in sorted(troubles.items()):
+            if self.troubles.get(ca_id) != (detail, action):
+                self.log.warning(
+                    "OCSP signer of a CA unavailable",
+                    extra={
+                        "ca_id": ca_id,
+                        "ca": subjects[ca_id],
+                        "detail": detail,
+                        "action": action,
+                    },
+                )
+        for ca_id in sorted(self.troubles.keys() - troubles.keys()):
+            over = "signs again" if ca_id in signing else "is no longer served"
+            self.log.info("OCSP signer trouble over: the CA %s", over, extra={"ca_id": ca_id})
+        self.troubles = troubles
 
 
 # -- read API ---------------------------------------------------------------------------------
@@ -465,34 +618,64 @@ class OcspService:
         self.sign_with_ca = settings.ocsp_sign_with_ca
         self.clock = clock
         self.lookup = lookup(db)
-        self._issuers: dict[int, core.Issuer] | None = None
+        # Who signs for which CA, CA by CA, under the standalone server's rules (Signers);
+        # ``_issuers``: (every CA served, those whose signer may sign), swapped whole.
+        self._signers = Signers(
+            lambda: _load_each(db, backend, self.sign_with_ca),
+            lambda served: refused_signers(db, served),
+            ISSUERS_TTL,
+            log,
+        )
+        self._issuers: tuple[dict[int, core.Issuer], dict[int, core.Issuer]] | None = None
         self._issuers_at = 0.0
+        self._reloading = threading.Lock()
         self._held: dict[tuple[int, int], _Held] = {}
         self._lock = threading.Lock()
 
     # -- issuers ------------------------------------------------------------------------------
     def issuers(self) -> dict[int, core.Issuer]:
-        """The served issuers, reloaded every ``ISSUERS_TTL`` seconds; while the database is
-        down the last ones loaded are kept."""
+        """The served CAs whose signer may sign now (pre-signing signs for these only)."""
+        return self._current()[1]
+
+    def _current(self) -> tuple[dict[int, core.Issuer], dict[int, core.Issuer]]:
+        """(every CA served, those whose signer may sign), reloaded CA by CA every
+        ``ISSUERS_TTL`` seconds (:class:`Signers`: one CA's signer out of reach does not stop
+        the others). While the database is down the last ones are kept, less any signer whose
+        certificate ends before the next reload; one thread reloads, the others go on with
+        what is there meanwhile."""
         current = self._issuers
         if current is not None and time.monotonic() - self._issuers_at < ISSUERS_TTL:
             return current
-        try:
-            loaded = _load_issuers(self.db, self.backend, self.sign_with_ca)
-        except (StoreError, SQLAlchemyError):
-            if current is None:
-                raise
+        if current is None:
+            self._reloading.acquire()
+        elif not self._reloading.acquire(blocking=False):
             return current
-        with self._lock:
-            self._issuers, self._issuers_at = loaded, time.monotonic()
-        return loaded
+        try:
+            current = self._issuers
+            if current is not None and time.monotonic() - self._issuers_at < ISSUERS_TTL:
+                return current  # reloaded by another thread meanwhile
+            now = self.clock().timestamp()
+            try:
+                self._signers.reload(now)
+            except (StoreError, SQLAlchemyError):
+                if current is None:
+                    raise
+                if not self._signers.withdraw_ending(now):
+                    return current
+            else:
+                self._issuers_at = time.monotonic()
+            current = (dict(self._signers.served), self._signers.signers())
+            self._issuers = current
+            return current
+        finally:
+            self._reloading.release()
 
-    def _reload_on_miss(self) -> dict[int, core.Issuer]:
+    def _reload_on_miss(self) -> tuple[dict[int, core.Issuer], dict[int, core.Issuer]]:
         """A CA we do not know yet (created by another process): reload, at most every few
         seconds (misses are cheap to cause)."""
         if time.monotonic() - self._issuers_at >= MISS_RELOAD:
             self.invalidate_issuers()
-        return self.issuers()
+        return self._current()
 
     def invalidate_issuers(self) -> None:
         with self._lock:
@@ -506,28 +689,31 @@ class OcspService:
         except core.MalformedRequest:
             return core.MALFORMED_REQUEST
         try:
-            issuers = self.issuers()
+            served, signing = self._current()
         except (StoreError, SQLAlchemyError):
             return core.TRY_LATER
-        issuer = core.select_issuer(request, list(issuers.values()))
+        issuer = core.select_issuer(request, list(served.values()))
         if issuer is None:
             try:
-                issuers = self._reload_on_miss()
+                served, signing = self._reload_on_miss()
             except (StoreError, SQLAlchemyError):
                 return core.UNAUTHORIZED
-            issuer = core.select_issuer(request, list(issuers.values()))
+            issuer = core.select_issuer(request, list(served.values()))
             if issuer is None:
                 return core.UNAUTHORIZED
-        issuer_id = next(i for i, v in issuers.items() if v is issuer)
+        issuer_id = next(i for i, v in served.items() if v is issuer)
+        signs = issuer_id in signing
         single = request.cert_ids[0] if len(request.cert_ids) == 1 else None
         if single is not None:
             presigned = single.hash_algorithm == "sha1" and 0 < single.serial < MAX_SERIAL
             if presigned and issuer.cert_id(single.serial).der != single.der:
                 presigned = False  # same CertID fields, other encoding: echo theirs, sign live
             if presigned:
-                found = self._stored_answer(issuer, issuer_id, single.serial, request, now)
+                found = self._stored_answer(issuer, issuer_id, single.serial, request, now, signs)
                 if found is not None:
                     return found
+        if not signs:
+            return core.TRY_LATER  # ours, but its signer may not sign now
 
         held_until: list[dt.datetime] = []
 
@@ -557,6 +743,7 @@ class OcspService:
         serial: int,
         request: core.OcspRequest,
         now: dt.datetime,
+        signs: bool,
     ) -> bytes | None:
         key = (issuer_id, serial)
         try:
@@ -580,7 +767,7 @@ class OcspService:
                     )
                 ).first()
         except (StoreError, SQLAlchemyError):
-            return self._held_answer(issuer, key, request, now)
+            return self._held_answer(issuer, key, request, now, signs)
         if row is None:
             return None  # a miss: signed live from the certificates table
         der, next_update, this_update = bytes(row[0]), row[1], row[2]
@@ -604,12 +791,15 @@ class OcspService:
         key: tuple[int, int],
         request: core.OcspRequest,
         now: dt.datetime,
+        signs: bool,
     ) -> bytes:
         held = self._held.get(key)
         if held is None or now >= held.next_update:
             return core.TRY_LATER
         if request.nonce is None:
             return held.der
+        if not signs:
+            return core.TRY_LATER
         # A nonce asks for a fresh signature: sign the status we last saw stored.
         return core.answer(
             request,
@@ -649,10 +839,10 @@ class OcspService:
     def _signed_values(self, rows: Sequence[_Row], now: dt.datetime) -> list[dict[str, Any]]:
         if not rows:
             return []
-        issuers = self.issuers()
-        if any(row.issuer_id not in issuers for row in rows):
+        served, _ = self._current()
+        if any(row.issuer_id not in served for row in rows):
             self.invalidate_issuers()  # a CA created since (sign_rows is not client-driven)
-            issuers = self.issuers()
+        issuers = self.issuers()  # a CA served whose signer may not sign now: skipped
         this_update = now.astimezone(dt.UTC).replace(microsecond=0)
         next_update = this_update + self.validity
         values = []
@@ -770,10 +960,18 @@ class OcspService:
         """Re-sign up to ``batch`` stored responses past the refresh point (the configured
         share of their validity), oldest first; then repair up to ``batch`` rows."""
         remaining = self.validity * (1 - self.refresh_fraction)
+        signing = list(self.issuers())
+        if not signing:
+            return 0
         with self.db.read_scope() as session:
             due = session.execute(
                 select(OcspResponse.issuer_id, OcspResponse.serial)
-                .where(OcspResponse.next_update <= now + remaining)
+                .where(
+                    # Only CAs that can sign now: the others' rows, due first, would be picked
+                    # again every tick and hold back everyone else's.
+                    OcspResponse.issuer_id.in_(signing),
+                    OcspResponse.next_update <= now + remaining,
+                )
                 .order_by(OcspResponse.next_update)
                 .limit(batch)
             ).all()

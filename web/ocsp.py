@@ -10,6 +10,10 @@
   answers carry ``Cache-Control: max-age`` (until nextUpdate, capped), ``ETag``,
   ``Last-Modified`` (thisUpdate) and ``Expires`` (nextUpdate); conditional GETs are answered
   as for CRLs (:mod:`web.conditional`: 304, or 412 as a problem document).
+* Who signs is decided CA by CA, under the standalone server's rules
+  (:class:`ocsp.store.Signers`): one CA whose responder key cannot be loaded keeps its last
+  good responder while that one may sign, then gets ``tryLater`` for live answers (its stored
+  answers are still served); the other CAs are answered as usual.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import hashlib
+import os
 import re
 import shutil
 import urllib.parse
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509 import ocsp as x509_ocsp
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
@@ -27,12 +29,16 @@ from ca.hierarchy import create_issuing, create_root
 from ca.models import CertificateAuthority
 from ca.revocation import Reason
 from hsm.base import KeyType
+from hsm.secrets import read_secret
+from hsm.software import SoftwareBackend
+from ocsp import core, store
+from ocsp.signers import active_responders, ensure_responders
 from sekisho.errors import InputError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, der, issue, request_for
 from tests.conftest import TEST_ACTOR, make_settings
-from tests.ocsp.test_store import issuer_for, request_der
+from tests.ocsp.test_store import issuer_for, request_der, stored
 from tests.support.checkers import (
     openssl_crl_verify,
     openssl_verify_revoked,
@@ -507,3 +513,107 @@ def test_conditional_requests_follow_rfc_9110(
                 assert response.headers.get(name) == full.headers.get(name), (name, headers)
             body = full.data if expected == 200 and method == "GET" else b""
             assert response.data == body, (method, headers)
+
+
+def _ocsp_status(der: bytes) -> x509_ocsp.OCSPResponseStatus:
+    return x509_ocsp.load_der_ocsp_response(der).response_status
+
+
+def _signer_key_hash(der: bytes) -> bytes:
+    loaded = x509_ocsp.load_der_ocsp_response(der)
+    assert loaded.response_status is x509_ocsp.OCSPResponseStatus.SUCCESSFUL, der.hex()
+    return loaded.responder_key_hash
+
+
+def test_ocsp_endpoint_loads_each_cas_signer_on_its_own(
+    services: Services, settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The web app's OCSP endpoint decides who signs CA by CA, as `ocsp serve` does: the
+    device CA's new responder key is out of reach of this process, so the device CA keeps its
+    last good responder and the admin CA is answered as usual (before, the one failing key
+    turned every answer of every CA into internalError). Once that last good responder is
+    revoked, the device CA's live answers are tryLater while its pre-signed ones are served;
+    an app that never loaded the device CA's signer does not serve it."""
+    admin_id, admin = issuer_for(services, "admin")
+    device_id, device = issuer_for(services, "device")
+    admin_leaf = issue(services, "admin-client")
+    device_leaf = issue(services, "device")
+    client = create_app(services).test_client()
+
+    def get(issuer: core.Issuer, serial: int, on: FlaskClient = client) -> bytes:
+        encoded = base64.b64encode(request_der(issuer, [serial])).decode()
+        response = on.get(f"/ocsp/{encoded}")
+        assert response.status_code == 200 and response.mimetype == "application/ocsp-response"
+        return response.data
+
+    def live(issuer: core.Issuer, serial: int, on: FlaskClient = client) -> bytes:
+        response = on.post(
+            "/ocsp",
+            data=request_der(issuer, [serial], nonce=os.urandom(16)),
+            content_type="application/ocsp-request",
+        )
+        assert response.status_code == 200 and response.mimetype == "application/ocsp-response"
+        return response.data
+
+    assert _signer_key_hash(live(device, device_leaf.serial_number)) == device.responder_key_id
+
+    # Both responders rotate; only the admin CA's new key reaches this process's key store.
+    elsewhere = tmp_path / "elsewhere-keys"
+    shutil.copytree(settings.keys_dir, elsewhere)
+    passphrase = read_secret(settings.passphrase_path, settings.key_passphrase_env)
+    other = build_services(settings, backend=SoftwareBackend(elsewhere, passphrase))
+    try:
+        ensure_responders(other, other.clock(), rotate=True)
+        label = active_responders(other)[admin_id].key_ref.removeprefix("file:")
+        shutil.copy2(elsewhere / f"{label}.key", settings.keys_dir / f"{label}.key")
+        admin = store.load_issuers(other)[admin_id]
+        services.ocsp.invalidate_issuers()
+        with caplog.at_level("WARNING", logger="sekisho.ocsp"):
+            answer = live(admin, admin_leaf.serial_number)
+            assert _signer_key_hash(answer) == admin.responder_key_id  # the new one
+            assert (
+                get(admin, admin_leaf.serial_number)
+                == stored(services, admin_id, admin_leaf.serial_number).der
+            )
+            # The device CA: its last good responder signs on.
+            answer = live(device, device_leaf.serial_number)
+            assert _signer_key_hash(answer) == device.responder_key_id
+            assert x509_ocsp.load_der_ocsp_response(answer).certificate_status is (
+                x509_ocsp.OCSPCertStatus.GOOD
+            )
+
+            # That responder revoked: no live answer, the pre-signed one is still served.
+            other.revoker.revoke(
+                "device",
+                device.responder_certificate.serial_number,
+                Reason.KEY_COMPROMISE,
+                TEST_ACTOR,
+            )
+            services.ocsp.invalidate_issuers()
+            assert live(device, device_leaf.serial_number) == core.TRY_LATER
+            presigned = stored(services, device_id, device_leaf.serial_number).der
+            assert get(device, device_leaf.serial_number) == presigned
+            assert _signer_key_hash(live(admin, admin_leaf.serial_number)) == (
+                admin.responder_key_id
+            )
+        troubles = [
+            r for r in caplog.records if r.getMessage() == "OCSP signer of a CA unavailable"
+        ]
+        assert [getattr(r, "ca_id", None) for r in troubles] == [device_id, device_id]
+        assert "revoked" in getattr(troubles[1], "detail", "")
+        assert passphrase.decode() not in caplog.text
+
+        # An app that never had the device CA's signer: that CA is not served, admin is.
+        fresh = build_services(settings)
+        try:
+            on = create_app(fresh).test_client()
+            assert _ocsp_status(live(device, device_leaf.serial_number, on)) is (
+                x509_ocsp.OCSPResponseStatus.UNAUTHORIZED
+            )
+            assert _signer_key_hash(live(admin, admin_leaf.serial_number, on)) == (
+                admin.responder_key_id
+            )
+        finally:
+            fresh.close()
+    finally:
+        other.close()
