@@ -343,14 +343,13 @@ class Issuer:
         if responder_certificate is not None:
             _check_delegated(certificate, responder_certificate)
         subject, key_bits = _subject_and_key_bits(_cert_der(certificate))
-        _, signer_bits = _subject_and_key_bits(_cert_der(signer))
         return cls(
             certificate=certificate,
             responder_certificate=signer,
             key=key,
             name_hashes={h: hashlib.new(h, subject).digest() for h in SERVED_HASHES},
             key_hashes={h: hashlib.new(h, key_bits).digest() for h in SERVED_HASHES},
-            responder_key_id=hashlib.sha1(signer_bits, usedforsecurity=False).digest(),
+            responder_key_id=responder_key_hash(signer),
             verify_each=not type(key).__module__.startswith("cryptography."),
         )
 
@@ -377,6 +376,18 @@ class Issuer:
             _integer(serial),
         )
         return CertId(hash_algorithm, name_hash, key_hash, serial, encoded)
+
+
+def responder_key_hash(certificate: x509.Certificate) -> bytes:
+    """SHA-1 of ``certificate``'s subjectPublicKey bits: the responderID byKey (RFC 6960
+    4.2.1) of every response its key signs."""
+    _, key_bits = _subject_and_key_bits(_cert_der(certificate))
+    return hashlib.sha1(key_bits, usedforsecurity=False).digest()
+
+
+def responder_id_by_key(certificate: x509.Certificate) -> bytes:
+    """The DER responderID (byKey) of the responses ``certificate``'s key signs."""
+    return w.explicit(2, w.octet_string(responder_key_hash(certificate)))
 
 
 def _check_delegated(ca: x509.Certificate, responder: x509.Certificate) -> None:

@@ -7,6 +7,14 @@ responder is recorded in ``ocsp_responders`` with a ``ocsp.signer.provision`` jo
 the same transaction. When less than a third of its validity remains, a new key and
 certificate replace it (``ocsp.signer.rotate``); the old one is deactivated, responses it
 already signed stay valid (its certificate outlives them).
+
+A responder whose certificate is revoked (any reason, certificateHold included) is replaced at
+once, by the process that revoked it (:func:`on_revocation`, a ``Revoker`` listener that runs
+before the one re-signing the changed statuses), else by the refresher's next tick
+(:func:`replace_revoked_responders`). Its certificate carries id-pkix-ocsp-nocheck: relying
+parties never learn of the revocation, so we must stop using it ourselves. From the revocation
+on nobody signs with it (``ocsp.store.refused_signers``); the answers it signed are re-signed
+by the refresher (``OcspService.resign_from_revoked``).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import dataclasses
 import datetime as dt
 import logging
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -24,7 +33,7 @@ from sqlalchemy import select, update
 
 from audit.events import Category, Outcome, by_actor
 from ca.issuance import IssueRequest
-from ca.models import CaKind, Certificate, CertificateAuthority
+from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus
 from ca.tbs import serial_hex
 from hsm.base import KeyType
 from ocsp.models import OcspResponder
@@ -91,13 +100,69 @@ def needs_rotation(responder: OcspResponder, now: dt.datetime) -> bool:
     return responder.not_after - now < lifetime * ROTATE_REMAINING
 
 
+def revoked_active_responders(services: Services, ca_id: int | None = None) -> set[int]:
+    """The ids of the active responders (of CA ``ca_id``, or of any CA) whose certificate is
+    revoked: they must be replaced now. One small query."""
+    with services.db.read_scope() as session:
+        query = (
+            select(OcspResponder.id)
+            .join(Certificate, Certificate.id == OcspResponder.certificate_id)
+            .where(OcspResponder.active.is_(True), Certificate.status == CertStatus.REVOKED)
+        )
+        if ca_id is not None:
+            query = query.where(OcspResponder.issuer_id == ca_id)
+        return {int(i) for i in session.scalars(query)}
+
+
 def ensure_responders(
     services: Services, now: dt.datetime, actor: Actor = SYSTEM_ACTOR, *, rotate: bool = False
 ) -> list[ResponderChange]:
     """Provision a responder for every served CA lacking one; rotate those past 2/3 of their
-    validity (every one with ``rotate``: an operator's key roll). Returns what changed
-    (nothing when all is in order)."""
+    validity or whose certificate is revoked (every one with ``rotate``: an operator's key
+    roll). Returns what changed (nothing when all is in order)."""
+    revoked = revoked_active_responders(services)
+    return _renew(
+        services,
+        now,
+        actor,
+        lambda old: old is None or rotate or needs_rotation(old, now) or old.id in revoked,
+        revoked,
+    )
+
+
+def replace_revoked_responders(
+    services: Services, now: dt.datetime, actor: Actor = SYSTEM_ACTOR, *, ca_id: int | None = None
+) -> list[ResponderChange]:
+    """Replace every active responder (of CA ``ca_id``, or of any CA) whose certificate is
+    revoked: a new key and certificate, journalled as a rotation. Cheap when there is none
+    (one query): the refresher calls it every tick."""
+    revoked = revoked_active_responders(services, ca_id)
+    if not revoked:
+        return []
+    # Whatever happens next, this process signs nothing more with the revoked responder: its
+    # next issuer reload refuses it (ocsp.store.refused_signers).
+    services.ocsp.invalidate_issuers()
+    return _renew(services, now, actor, lambda old: old is not None and old.id in revoked, revoked)
+
+
+def on_revocation(services: Services, ca_id: int) -> None:
+    """Revoker listener (before the one that re-signs the changed statuses): a revoked
+    responder of that CA is replaced before revoke() returns. A failure here (the key backend
+    away) is logged by the Revoker; the refresher tries again every tick, and meanwhile that
+    CA's live answers are tryLater."""
+    replace_revoked_responders(services, services.clock(), ca_id=ca_id)
+
+
+def _renew(
+    services: Services,
+    now: dt.datetime,
+    actor: Actor,
+    due: Callable[[OcspResponder | None], bool],
+    revoked: set[int],
+) -> list[ResponderChange]:
+    """A new responder for every served CA whose active one (or None) is ``due``."""
     changes: list[ResponderChange] = []
+    successors: list[tuple[int, str]] = []
     current = active_responders(services)
     for ca in served_cas(services):
         info = _Ca(
@@ -107,11 +172,18 @@ def ensure_responders(
             x509.load_der_x509_certificate(ca.certificate_der).subject,
         )
         old = current.get(ca.id)
-        if old is not None and not rotate and not needs_rotation(old, now):
+        if not due(old):
             continue
-        changes.append(_provision(services, info, old, now, actor))
+        revoked_old = old is not None and old.id in revoked
+        changes.append(_provision(services, info, old, now, actor, revoked_old))
+        if revoked_old:
+            successors.append((ca.id, changes[-1].serial))
     if changes:
         services.ocsp.invalidate_issuers()
+    for ca_id, serial in successors:
+        # Its own answer: pre-signing at its issuance found no signer for the CA (the revoked
+        # one refused, this one not recorded yet).
+        services.ocsp.sign_serials(ca_id, [serial], now)
     return changes
 
 
@@ -124,7 +196,12 @@ def _subject(ca: _Ca) -> x509.Name:
 
 
 def _provision(
-    services: Services, ca: _Ca, old: OcspResponder | None, now: dt.datetime, actor: Actor
+    services: Services,
+    ca: _Ca,
+    old: OcspResponder | None,
+    now: dt.datetime,
+    actor: Actor,
+    revoked: bool = False,
 ) -> ResponderChange:
     key_type = KeyType(ca.key_type)
     stamp = now.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S")
@@ -179,6 +256,8 @@ def _provision(
         if old is not None:
             detail["previous_serial"] = old.serial
             detail["previous_key_ref"] = old.key_ref
+            if revoked:
+                detail["previous_revoked"] = True
         services.journal.append(
             session,
             by_actor(

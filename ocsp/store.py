@@ -19,7 +19,10 @@ When responses are (re)signed:
 * when due: :func:`refresh_due` re-signs responses past ``ocsp_refresh_fraction`` of their
   validity and repairs rows that are missing or disagree with the certificates table (a
   revocation made by a process whose listener did not run, an issuance hook that failed);
-* on demand: :func:`resign_all` (journalled ``ocsp.resign``).
+* on demand: :func:`resign_all` (journalled ``ocsp.resign``);
+* when their signer's certificate was revoked: :meth:`OcspService.resign_from_revoked`, a
+  refresher step that finds them by that responder's ID in their DER, and re-signs them with
+  its successor (:mod:`ocsp.signers` replaces a revoked responder at once).
 
 A write never replaces a response that reflects a newer ``status_epoch`` of the certificate,
 so a refresh racing a revocation cannot bring back "good".
@@ -57,6 +60,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Table, and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import Integer
 
 from audit.events import Category, Outcome, by_actor
 from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus
@@ -82,6 +89,10 @@ HELD_MAX = 200_000  # stored responses held in memory for serving while the data
 MAX_SERIAL = 1 << 160
 IN_FLIGHT = dt.timedelta(minutes=5)  # a reserved row younger than this may still be signing
 DEFAULT_BATCH = 500
+# A process that loaded a responder before its revocation may sign with it until its next
+# issuer reload (ISSUERS_TTL): the answers it signed are looked for once more after this.
+REVOKED_SIGNER_GRACE = dt.timedelta(minutes=1)
+RESIGN_SECONDS = 2.0  # per refresher tick at most, re-signing a revoked responder's answers
 
 GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
 _DER = Encoding.DER
@@ -603,6 +614,36 @@ _UPSERT = Prepared(
 )
 
 
+class _Position(FunctionElement[int]):
+    """``_Position(haystack, needle)``: 1 + where the bytes ``needle`` first occur in the
+    binary column ``haystack``, 0 where they do not (SQLite's ``instr``, PostgreSQL's
+    ``position``): the database looks, without sending every response over."""
+
+    type = Integer()
+    inherit_cache = True
+    name = "position"
+
+
+@compiles(_Position)
+def _position_sqlite(element: _Position, compiler: SQLCompiler, **kw: Any) -> str:
+    haystack, needle = list(element.clauses)
+    return f"instr({compiler.process(haystack, **kw)}, {compiler.process(needle, **kw)})"
+
+
+@compiles(_Position, "postgresql")
+def _position_postgresql(element: _Position, compiler: SQLCompiler, **kw: Any) -> str:
+    haystack, needle = list(element.clauses)
+    return f"position({compiler.process(needle, **kw)} in {compiler.process(haystack, **kw)})"
+
+
+@dataclasses.dataclass
+class _Sweep:
+    """How far the re-signing of one revoked responder's answers went (in memory)."""
+
+    started: dt.datetime | None  # when the current pass began; None: the next one waits
+    after: str = ""  # the last serial this pass looked at
+
+
 class OcspService:
     def __init__(
         self,
@@ -631,6 +672,11 @@ class OcspService:
         self._reloading = threading.Lock()
         self._held: dict[tuple[int, int], _Held] = {}
         self._lock = threading.Lock()
+        # Re-signing the answers of revoked responders (refresher): by responder id, those
+        # under way and those done; ``resigning``: more is to do at once.
+        self._sweeps: dict[int, _Sweep] = {}
+        self._swept: set[int] = set()
+        self.resigning = False
 
     # -- issuers ------------------------------------------------------------------------------
     def issuers(self) -> dict[int, core.Issuer]:
@@ -930,6 +976,102 @@ class OcspService:
             total += written
             if len(rows) < batch or written == 0:
                 return total
+
+    def resign_from_revoked(
+        self, now: dt.datetime, batch: int = DEFAULT_BATCH, seconds: float = RESIGN_SECONDS
+    ) -> int:
+        """Re-sign the stored answers signed by a responder whose certificate is revoked (and
+        not expired: a client refuses what an expired one signed anyway), a batch at a time in
+        serial order, for up to ``seconds``; ``resigning`` then says whether more is to do at
+        once. They are found by that responder's ID (byKey) in their DER, in the database.
+        They are signed by whoever signs for their CA now: its successor (ocsp.signers); a CA
+        with no signer that may sign waits. Returns how many were written.
+
+        A pass that ends before the revocation is :data:`REVOKED_SIGNER_GRACE` old is followed
+        by one more then: another process may have signed with the responder until its next
+        issuer reload. What was swept is kept in memory: after a restart, each revoked
+        responder whose certificate is still valid costs one look through its CA's answers."""
+        self.resigning = False  # until found otherwise (a failure here: not at once again)
+        revoked = self._revoked_signers(now)
+        if revoked.keys() - self._sweeps.keys() - self._swept:
+            # Revoked since we last looked, maybe by another process: the signers this one
+            # holds may be from before (ISSUERS_TTL); reload them, which refuses it.
+            self.invalidate_issuers()
+        self._sweeps = {i: x for i, x in self._sweeps.items() if i in revoked}
+        deadline = time.monotonic() + seconds
+        written, more = 0, False
+        for responder_id, (issuer_id, needle, revoked_at) in sorted(revoked.items()):
+            if responder_id in self._swept:
+                continue
+            sweep = self._sweeps.setdefault(responder_id, _Sweep(now))
+            if sweep.started is None:
+                if now < revoked_at + REVOKED_SIGNER_GRACE:
+                    continue
+                sweep.started, sweep.after = now, ""
+            while self._signs_instead(issuer_id, needle):
+                if time.monotonic() >= deadline:
+                    more = True
+                    break
+                serials = self._signed_by(issuer_id, needle, sweep.after, batch)
+                signed = self.sign_serials(issuer_id, serials, now)
+                if serials and not signed and not self._signs_instead(issuer_id, needle):
+                    break  # its signer went away meanwhile: this batch again next tick
+                written += signed
+                sweep.after = serials[-1] if serials else sweep.after
+                if len(serials) < batch:  # the end of this pass
+                    if sweep.started >= revoked_at + REVOKED_SIGNER_GRACE:
+                        self._swept.add(responder_id)
+                        del self._sweeps[responder_id]
+                    else:
+                        sweep.started = None
+                    break
+        self.resigning = more
+        return written
+
+    def _signs_instead(self, issuer_id: int, needle: bytes) -> bool:
+        """Someone signs for that CA now, other than the revoked responder ``needle`` names."""
+        signer = self.issuers().get(issuer_id)
+        return signer is not None and signer.responder_id_der != needle
+
+    def _revoked_signers(self, now: dt.datetime) -> dict[int, tuple[int, bytes, dt.datetime]]:
+        """Responder id -> (its CA's id, its responderID DER, when it was revoked), for every
+        responder whose certificate is revoked and not expired. One small query."""
+        with self.db.read_scope() as session:
+            rows = session.execute(
+                select(
+                    OcspResponder.id,
+                    OcspResponder.issuer_id,
+                    OcspResponder.certificate_der,
+                    Certificate.revoked_at,
+                )
+                .join(Certificate, Certificate.id == OcspResponder.certificate_id)
+                .where(Certificate.status == CertStatus.REVOKED, OcspResponder.not_after > now)
+            ).all()
+        return {
+            int(responder_id): (
+                int(issuer_id),
+                core.responder_id_by_key(x509.load_der_x509_certificate(bytes(der))),
+                revoked_at or now,
+            )
+            for responder_id, issuer_id, der, revoked_at in rows
+        }
+
+    def _signed_by(self, issuer_id: int, needle: bytes, after: str, limit: int) -> list[str]:
+        """Serials after ``after`` of the CA's stored answers whose DER holds ``needle``."""
+        with self.db.read_scope() as session:
+            return [
+                str(serial)
+                for serial in session.scalars(
+                    select(OcspResponse.serial)
+                    .where(
+                        OcspResponse.issuer_id == issuer_id,
+                        OcspResponse.serial > after,
+                        _Position(OcspResponse.der, needle) > 0,
+                    )
+                    .order_by(OcspResponse.serial)
+                    .limit(limit)
+                )
+            ]
 
     def repair(self, now: dt.datetime, batch: int = DEFAULT_BATCH) -> int:
         """Sign what is missing or disagrees with the certificates table (status or epoch)."""

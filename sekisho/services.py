@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
 import stat
@@ -34,6 +35,7 @@ from ca.revocation import Revoker
 from hsm.base import KeyBackend, KeyType
 from hsm.secrets import create_secret_file, read_secret
 from hsm.software import SoftwareBackend
+from ocsp.signers import on_revocation as responder_revoked
 from ocsp.store import OcspService
 from sekisho.clock import utcnow
 from sekisho.db import Database, head_revisions, sqlite_file
@@ -343,7 +345,7 @@ def build_services(
     ocsp = OcspService(db, backend, settings, clock)
     ca.issued_hooks.append(ocsp.on_issued)
     revoker.listeners.append(ocsp.on_revocation)
-    return Services(
+    services = Services(
         ocsp=ocsp,
         settings=settings,
         db=db,
@@ -356,6 +358,10 @@ def build_services(
         crls=crls,
         clock=clock,
     )
+    # A revoked OCSP responder is replaced first, so that what is re-signed next is signed by
+    # its successor (ocsp.signers).
+    revoker.listeners.insert(0, functools.partial(responder_revoked, services))
+    return services
 
 
 def enable_checkpoints(services: Services) -> None:

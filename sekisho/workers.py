@@ -23,7 +23,7 @@ from sqlalchemy import select
 from audit.events import Category, by_actor
 from ca.crl import check_can_publish, due, latest
 from ca.models import CertificateAuthority, CrlKind
-from ocsp.signers import ensure_responders
+from ocsp.signers import ensure_responders, replace_revoked_responders
 from sekisho.context import Actor
 from sekisho.errors import Conflict, SekishoError
 from sekisho.services import Services
@@ -41,7 +41,10 @@ class _Pending:
 class OcspRefresher:
     """The OCSP step of the refresher loop: re-sign pre-signed responses past their refresh
     point (and repair missing or stale ones) every tick, in batches; check the delegated
-    responders (provision, rotate) every ``responder_every``."""
+    responders (provision, rotate) every ``responder_every``. Every tick too: replace a
+    responder whose certificate was revoked (its listener in the revoking process may have
+    failed) and re-sign the answers it signed, without waiting for the next tick while any
+    are left (``hurry``)."""
 
     def __init__(
         self,
@@ -62,12 +65,20 @@ class OcspRefresher:
         self._unjournalled = 0
         self._run_started: dt.datetime | None = None
 
+    @property
+    def hurry(self) -> bool:
+        """Answers signed by a revoked responder are left to re-sign: tick again at once."""
+        return self.services.ocsp.resigning
+
     def run_once(self, now: dt.datetime) -> int:
         checked = self._responders_checked
         if checked is None or now - checked >= self.responder_every:
             ensure_responders(self.services, now)
             self._responders_checked = now
-        signed = self.services.ocsp.refresh_due(now, self.batch)
+        else:
+            replace_revoked_responders(self.services, now)
+        signed = self.services.ocsp.resign_from_revoked(now, self.batch)
+        signed += self.services.ocsp.refresh_due(now, self.batch)
         self.signed += signed
         if signed:
             log.info("re-signed OCSP responses", extra={"count": signed})
@@ -159,7 +170,8 @@ class CrlRefresher:
         while not self._stop.is_set():
             for name, step in steps:
                 self._run_step(name, step)
-            self._wake.wait(self.tick)
+            if not self.ocsp.hurry:
+                self._wake.wait(self.tick)
             self._wake.clear()
 
     def _run_step(self, name: str, step: Callable[[dt.datetime], object]) -> None:

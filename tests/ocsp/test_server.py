@@ -559,6 +559,67 @@ def test_a_signer_that_cannot_be_loaded_stops_only_its_own_ca(
     assert passphrase.decode() not in server.log.read_text()
 
 
+def test_revoking_the_active_responder_puts_its_successor_to_work(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """The admin CA's active responder is revoked with the CLI, while the server runs. The CLI
+    replaces it before it returns; the server's live answers are signed by the successor from
+    its next issuer reload on (before: tryLater, for good), and its pre-signed answers once
+    the refresher has re-signed what the revoked responder signed."""
+    from sekisho.workers import OcspRefresher
+
+    services = pki.services
+    revoked = pki.issuer()
+    stored_good = {(r.issuer_id, r.serial): r.der for r in store.snapshot(services.db)[0]}[
+        (pki.ca_id(), pki.good.serial_number)
+    ]
+    assert _signed_by(stored_good) == revoked.responder_key_id
+    good_path = pki.get_path(pki.good)
+
+    def live() -> bytes:
+        return fetch(server, "POST", "/ocsp", _nonce_request(pki.good, pki.ca), OCSP_CT)[2]
+
+    with running(data_dir, tmp_path, "--poll", "0.1", "--issuers-every", "0.3") as server:
+        assert _signed_by(live()) == revoked.responder_key_id
+        cli = [
+            sys.executable, "-c", "import sys; from sekisho.cli import main; sys.exit(main())",
+            "--data-dir", str(data_dir), "revoke", "--ca", "admin",
+            f"{revoked.responder_certificate.serial_number:x}", "--reason", "key_compromise",
+        ]  # fmt: skip
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        successor = pki.issuer()  # the active responder now
+        assert successor.responder_key_id != revoked.responder_key_id
+        answers: list[bytes] = []
+
+        def signed_by_successor() -> bool:
+            answers.append(live())
+            return _signed_by(answers[-1]) == successor.responder_key_id
+
+        _wait_for("the successor signs live answers", signed_by_successor)
+        assert TRY_LATER not in answers[1:], "the revoked responder's CA was left unanswered"
+        _verify_with(answers[-1], successor.responder_certificate)
+        assert status_of(answers[-1]) is x509_ocsp.OCSPCertStatus.GOOD
+
+        OcspRefresher(services).run_once(services.clock())
+        _wait_for(
+            "the re-signed answer is served",
+            lambda: (
+                _signed_by(fetch(server, "GET", f"/ocsp/{good_path}")[2])
+                == successor.responder_key_id
+            ),
+        )
+        body = fetch(server, "GET", f"/ocsp/{good_path}")[2]
+        _verify_with(body, successor.responder_certificate)
+        assert (
+            body
+            == {(r.issuer_id, r.serial): r.der for r in store.snapshot(services.db)[0]}[
+                (pki.ca_id(), pki.good.serial_number)
+            ]
+        )
+        healthy(server)
+
+
 BIG_CA_RESPONSES = 20_000
 
 

@@ -10,19 +10,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from audit.models import JournalRecord
 from ca.registry import ca_row
 from ca.revocation import Reason
+from ca.tbs import serial_hex
 from ocsp import core, store
-from ocsp.models import OcspResponder
+from ocsp.models import OcspResponder, OcspResponse
 from ocsp.signers import ensure_responders
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
-from tests.ca.helpers import ca_cert
+from tests.ca.helpers import ca_cert, issue
 from tests.conftest import TEST_ACTOR, FakeClock, RecordingBackend
+from tests.ocsp.test_store import request_der
 from tests.support.checkers import openssl_verify, pkilint_cert, pkilint_chain
 
 
@@ -200,3 +203,127 @@ def test_refused_signers_fail_closed(
         assert ca_signed and store.refused_signers(with_ca.db, ca_signed) == {}
     finally:
         with_ca.close()
+
+
+def _signed_by(der: bytes) -> bytes:
+    """The responder key hash (responderID byKey) of a stored answer."""
+    return x509_ocsp.load_der_ocsp_response(der).responder_key_hash
+
+
+def _stored_by_signer(services: Services, ca_id: int) -> dict[int, tuple[bytes, bytes]]:
+    """serial -> (signer key hash, DER) of the CA's stored answers."""
+    return {r.serial: (_signed_by(r.der), r.der) for r in store.snapshot(services.db, [ca_id])[0]}
+
+
+def test_a_revoked_responder_is_replaced_at_once_and_its_answers_resigned(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """Revoking the active responder's certificate replaces it before revoke() returns: a
+    new key and certificate, journalled; from then on only the new one signs (the revoked
+    certificate's own answer included). The answers the revoked one signed are re-signed by the
+    refresher's next tick, all of them however small its batches, and once more a minute
+    later (another process may have signed with it until its next issuer reload)."""
+    from sekisho.workers import OcspRefresher
+
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        issuers = store.load_issuers(services)
+        admin = ca_cert(services, "admin")
+        admin_id = next(i for i, x in issuers.items() if x.certificate == admin)
+        device_id = next(i for i in issuers if i != admin_id)
+        revoked = issuers[admin_id]
+        for _ in range(5):
+            issue(services, "admin-client")
+        before = _stored_by_signer(services, admin_id)
+        by_revoked = {s for s, (signer, _) in before.items() if signer == revoked.responder_key_id}
+        assert len(by_revoked) >= 5
+        device_before = _stored_by_signer(services, device_id)
+
+        services.revoker.revoke(
+            "admin",
+            revoked.responder_certificate.serial_number,
+            Reason.KEY_COMPROMISE,
+            TEST_ACTOR,
+        )
+        # Replaced before revoke() returned, and journalled as a rotation.
+        (row,) = [r for r in responders(services) if r.active and r.issuer_id == admin_id]
+        successor = x509.load_der_x509_certificate(row.certificate_der)
+        assert successor != revoked.responder_certificate
+        new_id = core.responder_key_hash(successor)
+        (rotated,) = journal(services, "ocsp.signer.rotate")
+        assert rotated.object_serial == row.serial and '"previous_revoked":true' in rotated.detail
+        assert services.ocsp.issuers()[admin_id].responder_certificate == successor
+        now_stored = _stored_by_signer(services, admin_id)
+        revoked_serial = revoked.responder_certificate.serial_number
+        assert now_stored[revoked_serial][0] == new_id  # its own (revoked) status
+        own = x509_ocsp.load_der_ocsp_response(now_stored[revoked_serial][1])
+        assert own.certificate_status is x509_ocsp.OCSPCertStatus.REVOKED
+        assert now_stored[successor.serial_number][0] == new_id
+        fresh = issue(services, "admin-client").serial_number
+        assert _stored_by_signer(services, admin_id)[fresh][0] == new_id
+        left = {s for s, (signer, _) in now_stored.items() if signer == revoked.responder_key_id}
+        assert left == by_revoked - {revoked_serial}  # the refresher's work
+
+        step = OcspRefresher(services, batch=2)
+        clock.advance(seconds=1)
+        step.run_once(clock())  # one tick, batches of two: every one of them
+        after = _stored_by_signer(services, admin_id)
+        assert {s for s, (signer, _) in after.items() if signer != new_id} == set()
+        assert step.signed >= len(left) and not step.hurry
+        assert _stored_by_signer(services, device_id) == device_before  # another CA: untouched
+
+        # Another process signed one more with the revoked responder before its reload.
+        late = sorted(left)[0]
+        with services.db.scope() as session:
+            session.execute(
+                update(OcspResponse)
+                .where(OcspResponse.issuer_id == admin_id, OcspResponse.serial == serial_hex(late))
+                .values(der=before[late][1])
+            )
+        clock.advance(seconds=30)
+        step.run_once(clock())
+        assert _stored_by_signer(services, admin_id)[late][0] == revoked.responder_key_id
+        clock.advance(seconds=31)  # a minute after the revocation: looked for once more
+        step.run_once(clock())
+        assert _stored_by_signer(services, admin_id)[late][0] == new_id
+        clock.advance(seconds=1)
+        assert step.run_once(clock()) == 0  # swept: nothing more to look for
+    finally:
+        services.close()
+
+
+def test_pre_signing_never_uses_a_revoked_responder(services: Services) -> None:
+    """A revocation made by a process whose listener did not run (no replacement): once its
+    issuers are reloaded, this process signs nothing with the revoked responder, neither
+    answers at issuance nor live ones; the refresher's next tick replaces it, and the
+    answers it did not sign are signed by the successor."""
+    from ca.revocation import Revoker
+    from sekisho.workers import OcspRefresher
+
+    admin_id, revoked = next(
+        (i, x)
+        for i, x in store.load_issuers(services).items()
+        if x.certificate == ca_cert(services, "admin")
+    )
+    bare = Revoker(services.db, services.journal, services.clock)  # no listeners
+    bare.revoke("admin", revoked.responder_certificate.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    services.ocsp.invalidate_issuers()  # as its next reload, ten seconds on at most
+    assert admin_id not in services.ocsp.issuers()
+    calls = len(services.backend.calls)  # type: ignore[attr-defined]
+    leaf = issue(services, "admin-client")
+    assert leaf.serial_number not in _stored_by_signer(services, admin_id)  # not pre-signed
+    nonce = request_der(revoked, [leaf.serial_number], nonce=b"\x01" * 16)
+    assert services.ocsp.answer(nonce, services.clock()) == core.TRY_LATER
+    signed_with = {ref for ref, _ in services.backend.calls[calls:]}  # type: ignore[attr-defined]
+    responder_refs = {r.key_ref for r in responders(services) if r.issuer_id == admin_id}
+    assert not signed_with & responder_refs  # the CA key signed the leaf; no responder signed
+
+    OcspRefresher(services).run_once(services.clock())
+    (row,) = [r for r in responders(services) if r.active and r.issuer_id == admin_id]
+    new_id = core.responder_key_hash(x509.load_der_x509_certificate(row.certificate_der))
+    stored_now = _stored_by_signer(services, admin_id)
+    assert stored_now[leaf.serial_number][0] == new_id
+    assert {signer for signer, _ in stored_now.values()} == {new_id}
+    answer = services.ocsp.answer(nonce, services.clock())
+    assert _signed_by(answer) == new_id
