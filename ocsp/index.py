@@ -5,11 +5,11 @@ Keyed three ways, all built once per stored response (never on the hot path):
 * ``by_request``: the exact DER of the RFC 5019 request a client sends for it (one SHA-1
   CertID with NULL hash parameters, no nonce, no extensions) -> entry. A request equal to it
   byte for byte is answered without parsing: one dict lookup.
-* ``by_cert_id``: SHA-1 and SHA-256 CertID DER -> (CertID, entry), for requests in the common
-  shape with a nonce or a SHA-256 CertID.
+* ``by_cert_id``: SHA-1 and SHA-256 CertID DER -> (its hash algorithm, entry), for requests
+  in the common shape with a nonce or a SHA-256 CertID.
 * ``by_serial``: issuer id -> serial -> entry, for requests that must be signed on the fly
   (a nonce, a SHA-256 CertID, several CertIDs): the *status* they carry is the stored
-  response's, decoded lazily from its DER the first time it is needed.
+  response's, decoded from its DER the first time it is needed (:meth:`ResponseIndex.status`).
 
 Responses for an issuer that is not loaded are dropped (never answered "good" by default), and
 so are those of a served CA whose responses are not loaded yet (``by_serial`` has no entry for
@@ -23,6 +23,14 @@ and :meth:`ResponseIndex.set_issuers` drops the responses of CAs no longer serve
 way: both return an iterator of the remaining steps, and the caller lets the loop answer
 requests between two steps. Until a response's request keys are merged its requests are signed
 on the fly from the status in ``by_serial``: never a wrong answer, only a slower one.
+
+**Nothing for the cycle collector to walk.** An entry is a plain tuple of ints, bytes, str,
+float and datetimes, and ``by_cert_id`` holds (str, entry) tuples: CPython stops tracking such
+tuples at their first collection, so a full collection does not walk the 10^5..10^6 responses
+held (with objects, some five per response, it took over a second per 10^6 with the GIL held:
+one pause of the event loop) however often they are replaced as the store re-signs them. A
+bulk load (a snapshot, the initial load) is built with automatic collection paused and then
+frozen (:func:`gc.freeze`), so that no collection has to visit its new tuples even once.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import email.utils
 import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 from asn1crypto import ocsp as asn1_ocsp
 from cryptography import x509
@@ -68,25 +76,20 @@ def http_date(value: dt.datetime) -> str:
     return email.utils.format_datetime(value.astimezone(dt.UTC), usegmt=True)
 
 
-@dataclasses.dataclass(slots=True)
-class Entry:
-    issuer_id: int
-    serial: int
-    der: bytes
-    this_update: dt.datetime
-    next_update: dt.datetime
-    next_update_ts: float  # POSIX seconds, compared with time.time() on the hot path
-    etag: str
-    last_modified: str
-    expires: str
-    request_der: bytes
-    _status: core.Status | None = None
-
-    @property
-    def status(self) -> core.Status:
-        if self._status is None:
-            self._status = status_of(self.der)
-        return self._status
+# One stored response as the server holds it: a plain tuple (see the module doc), its fields
+# read by the indices below.
+Entry = tuple[int, int, bytes, dt.datetime, dt.datetime, float, str, str, str, bytes]
+ISSUER_ID: Final = 0
+SERIAL: Final = 1
+DER: Final = 2  # the stored response, served byte for byte
+THIS_UPDATE: Final = 3
+NEXT_UPDATE: Final = 4
+NEXT_UPDATE_TS: Final = 5  # POSIX seconds, compared with time.time() on the hot path
+ETAG: Final = 6
+LAST_MODIFIED: Final = 7  # HTTP date of thisUpdate
+EXPIRES: Final = 8  # HTTP date of nextUpdate
+REQUEST_DER: Final = 9  # the RFC 5019 request it answers
+STATUS_CACHE = 65_536  # decoded statuses kept (about 40 us each to decode)
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -108,25 +111,27 @@ def status_of(response_der: bytes) -> core.Status:
     return core.UNKNOWN
 
 
-def _make_entry(
-    issuer_id: int, issuer: core.Issuer, stored: StoredLike
-) -> tuple[Entry, tuple[core.CertId, ...]]:
-    """The entry of one stored response, and the CertIDs (one per served hash) it answers."""
+# An entry and the DER of the CertIDs it answers, one per served hash (core.SERVED_HASHES).
+Keyed = tuple[Entry, tuple[bytes, ...]]
+
+
+def _make_entry(issuer_id: int, issuer: core.Issuer, stored: StoredLike) -> Keyed:
+    """The entry of one stored response, and the CertIDs it answers."""
     this_update = _utc(stored.this_update)
     next_update = _utc(stored.next_update)
-    entry = Entry(
-        issuer_id=issuer_id,
-        serial=stored.serial,
-        der=stored.der,
-        this_update=this_update,
-        next_update=next_update,
-        next_update_ts=next_update.timestamp(),
-        etag='"' + hashlib.sha256(stored.der).hexdigest()[:32] + '"',
-        last_modified=http_date(this_update),
-        expires=http_date(next_update),
-        request_der=rfc5019_request(issuer, stored.serial),
+    entry: Entry = (
+        issuer_id,
+        stored.serial,
+        stored.der,
+        this_update,
+        next_update,
+        next_update.timestamp(),
+        '"' + hashlib.sha256(stored.der).hexdigest()[:32] + '"',
+        http_date(this_update),
+        http_date(next_update),
+        rfc5019_request(issuer, stored.serial),
     )
-    return entry, tuple(issuer.cert_id(stored.serial, h) for h in core.SERVED_HASHES)
+    return entry, tuple(issuer.cert_id(stored.serial, h).der for h in core.SERVED_HASHES)
 
 
 CHUNK = 1_000  # entries per step of a bounded change on the event loop (about 1 ms to merge)
@@ -140,7 +145,7 @@ class CaEntries:
     issuer_id: int
     certificate: x509.Certificate  # the CA's: the keys below hash its name and key
     by_serial: dict[int, Entry]
-    keys: list[tuple[Entry, tuple[core.CertId, ...]]]
+    keys: list[Keyed]
 
     def __len__(self) -> int:
         return len(self.by_serial)
@@ -154,7 +159,7 @@ class EntryBuilder:
         self.issuer_id = issuer_id
         self.issuer = issuer
         self.by_serial: dict[int, Entry] = {}
-        self.keys: list[tuple[Entry, tuple[core.CertId, ...]]] = []
+        self.keys: list[Keyed] = []
 
     def add(self, rows: Iterable[StoredLike]) -> None:
         """Take the responses of this CA among ``rows`` (the others are skipped)."""
@@ -162,11 +167,11 @@ class EntryBuilder:
             if stored.issuer_id != self.issuer_id:
                 continue
             current = self.by_serial.get(stored.serial)
-            if current is not None and current.der == stored.der:
+            if current is not None and current[DER] == stored.der:
                 continue
-            entry, cert_ids = _make_entry(self.issuer_id, self.issuer, stored)
-            self.by_serial[stored.serial] = entry
-            self.keys.append((entry, cert_ids))
+            keyed = _make_entry(self.issuer_id, self.issuer, stored)
+            self.by_serial[stored.serial] = keyed[0]
+            self.keys.append(keyed)
 
     def done(self) -> CaEntries:
         return CaEntries(self.issuer_id, self.issuer.certificate, self.by_serial, self.keys)
@@ -179,10 +184,12 @@ class ResponseIndex:
         self.issuers = dict(issuers)
         self._issuer_ids = {id(issuer): issuer_id for issuer_id, issuer in self.issuers.items()}
         self.by_request: dict[bytes, Entry] = {}
-        # SHA-1 and SHA-256 CertID DER (as OpenSSL writes them) -> (CertId, entry)
-        self.by_cert_id: dict[bytes, tuple[core.CertId, Entry]] = {}
+        # SHA-1 and SHA-256 CertID DER (as OpenSSL writes them) -> (its hash, entry)
+        self.by_cert_id: dict[bytes, tuple[str, Entry]] = {}
         # issuer id -> serial -> entry; the issuers given here take their responses by apply()
         self.by_serial: dict[int, dict[int, Entry]] = {i: {} for i in self.issuers}
+        # stored response DER -> its certStatus, decoded when first needed (status()).
+        self._statuses: dict[bytes, core.Status] = {}
 
     def __len__(self) -> int:
         return sum(len(held) for held in self.by_serial.values())
@@ -233,12 +240,16 @@ class ResponseIndex:
             if self.by_serial.get(built.issuer_id) is not held:
                 return  # dropped, or replaced by a newer snapshot, meanwhile
             for entry, cert_ids in built.keys[start : start + CHUNK]:
-                if held.get(entry.serial) is not entry:
+                if held.get(entry[SERIAL]) is not entry:
                     continue  # apply() put a newer answer in its place (with its keys)
-                self.by_request[entry.request_der] = entry
-                for cert_id in cert_ids:
-                    self.by_cert_id[cert_id.der] = (cert_id, entry)
+                self._keys(entry, cert_ids)
             yield
+
+    def _keys(self, entry: Entry, cert_ids: tuple[bytes, ...]) -> None:
+        """Answer ``entry``'s RFC 5019 request and its CertIDs with it."""
+        self.by_request[entry[REQUEST_DER]] = entry
+        for algorithm, cert_id in zip(core.SERVED_HASHES, cert_ids, strict=True):
+            self.by_cert_id[cert_id] = (algorithm, entry)
 
     def _drop(self, dropped: list[tuple[core.Issuer, dict[int, Entry]]]) -> Iterator[None]:
         """Remove the request and CertID keys of entries no longer held (only where they
@@ -248,10 +259,10 @@ class ResponseIndex:
             entries = iter(held.values())
             while chunk := list(itertools.islice(entries, CHUNK)):
                 for entry in chunk:
-                    if self.by_request.get(entry.request_der) is entry:
-                        del self.by_request[entry.request_der]
+                    if self.by_request.get(entry[REQUEST_DER]) is entry:
+                        del self.by_request[entry[REQUEST_DER]]
                     for algorithm in core.SERVED_HASHES:
-                        key = issuer.cert_id(entry.serial, algorithm).der
+                        key = issuer.cert_id(entry[SERIAL], algorithm).der
                         hit = self.by_cert_id.get(key)
                         if hit is not None and hit[1] is entry:
                             del self.by_cert_id[key]
@@ -270,12 +281,10 @@ class ResponseIndex:
             if issuer is None or held is None:
                 continue
             current = held.get(stored.serial)
-            if current is not None and current.der == stored.der:
+            if current is not None and current[DER] == stored.der:
                 continue  # seen already (changes_since overlaps its windows)
             entry, cert_ids = _make_entry(stored.issuer_id, issuer, stored)
-            self.by_request[entry.request_der] = entry
-            for cert_id in cert_ids:
-                self.by_cert_id[cert_id.der] = (cert_id, entry)
+            self._keys(entry, cert_ids)
             held[stored.serial] = entry
             taken += 1
         return taken
@@ -285,6 +294,19 @@ class ResponseIndex:
         issuer_id = self.issuer_id(issuer)
         held = self.by_serial.get(issuer_id) if issuer_id is not None else None
         return held.get(serial) if held is not None else None
+
+    def status(self, entry: Entry) -> core.Status:
+        """The certStatus of ``entry``'s stored response, for an answer signed now: decoded
+        the first time (some 40 us), then kept (at most ``STATUS_CACHE``, forgotten all at
+        once beyond: the entry itself stays a plain tuple)."""
+        der = entry[DER]
+        status = self._statuses.get(der)
+        if status is None:
+            status = status_of(der)
+            if len(self._statuses) >= STATUS_CACHE:
+                self._statuses.clear()
+            self._statuses[der] = status
+        return status
 
 
 _NONCE_OID = w.oid(core.OID_NONCE)

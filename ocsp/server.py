@@ -30,8 +30,9 @@ Decisions
 * **A CA coming into service** is served at once, its statuses from the database (signed live
   in the thread pool), while the follower thread reads its stored responses and makes them
   into index entries, following the store's changes between slices; automatic cycle
-  collection is paused meanwhile and what was built is then frozen out of it (a collection
-  walks the whole index holding the GIL: over a second per 10^6 responses). The loop then
+  collection is paused meanwhile and what was built is then frozen out of it, as for the
+  initial load (the first collection to see the new entries would visit them all holding the
+  GIL; entries are plain tuples it then stops tracking, see :mod:`ocsp.index`). The loop then
   swaps the CA's statuses in with one reference and merges its request keys 1,000 at a time,
   answering requests between two steps; a CA dropped leaves the same way (:mod:`ocsp.index`).
   With 10^5 responses the loop's longest pause went from the whole load (2.4 s on a 2-vCPU
@@ -80,6 +81,13 @@ from cryptography import x509
 from ocsp import core
 from ocsp.index import (
     CHUNK,
+    DER,
+    ETAG,
+    EXPIRES,
+    ISSUER_ID,
+    LAST_MODIFIED,
+    NEXT_UPDATE_TS,
+    SERIAL,
     CaEntries,
     Entry,
     EntryBuilder,
@@ -186,7 +194,7 @@ class Responder:
 
     def cached(self, request_der: bytes, now: float) -> Entry | None:
         entry = self.index.by_request.get(request_der)
-        if entry is not None and entry.next_update_ts > now:
+        if entry is not None and entry[NEXT_UPDATE_TS] > now:
             return entry
         return None
 
@@ -197,7 +205,7 @@ class Responder:
         minimum validity away."""
         if self.store_fresh():
             return self.validity
-        left = min(e.next_update_ts for e in entries) - now
+        left = min(e[NEXT_UPDATE_TS] for e in entries) - now
         if left < core.MIN_VALIDITY.total_seconds():
             return None
         return min(self.validity, dt.timedelta(seconds=int(left)))
@@ -209,14 +217,21 @@ class Responder:
         if simple is not None:
             hit = self.index.by_cert_id.get(simple[0])
             if hit is not None:
-                cert_id, entry = hit
+                algorithm, entry = hit
                 # The index holds this CertID under the issuer that serves it (if it signs).
-                signer = self.signers.get(entry.issuer_id)
+                signer = self.signers.get(entry[ISSUER_ID])
                 if signer is not None:
                     validity = self.held_validity([entry], now)
                     if validity is not None:
+                        cert_id = core.CertId(
+                            algorithm,
+                            signer.name_hashes[algorithm],
+                            signer.key_hashes[algorithm],
+                            entry[SERIAL],
+                            simple[0],
+                        )
                         request = core.OcspRequest((cert_id,), simple[1])
-                        status = entry.status
+                        status = self.index.status(entry)
                         return self._answer(signer, request, lambda _i, _s: status, validity)
         try:
             request = core.parse_request(request_der)
@@ -232,7 +247,7 @@ class Responder:
         if len(held) == len(entries):
             validity = self.held_validity(held, now)
             if validity is not None:
-                known = {e.serial: e.status for e in held}
+                known = {e[SERIAL]: self.index.status(e) for e in held}
                 return self._answer(issuer, request, lambda _i, serial: known[serial], validity)
         if self.db_lookup is None:
             return core.TRY_LATER
@@ -264,11 +279,12 @@ class Responder:
 
 @contextlib.contextmanager
 def _no_cycle_collection() -> Iterator[None]:
-    """Automatic cycle collection paused while a CA's responses are read and made into
-    entries, and all that is then frozen (:func:`gc.freeze`). A collection on the way would
-    traverse every object the index holds (some five per response: over a second per 10^6 on
-    a slow host) holding the GIL, and stall the event loop as surely as building on it. Entries
-    hold no reference cycles: refcounting frees those replaced or dropped, frozen or not."""
+    """Automatic cycle collection paused while stored responses are read and made into
+    entries in bulk (a CA's snapshot, the initial load), and all that is then frozen
+    (:func:`gc.freeze`). A collection on the way would traverse every row read and every
+    entry made (the first collection to see a new entry tuple is the one that untracks it)
+    holding the GIL: a pause of the event loop as long as building on it. Entries hold no
+    reference cycles: refcounting frees those replaced or dropped, frozen or not."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -277,6 +293,21 @@ def _no_cycle_collection() -> Iterator[None]:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def initial_index(
+    issuers: Mapping[int, core.Issuer], read: Callable[[], tuple[Sequence[StoredLike], object]]
+) -> tuple[ResponseIndex, object]:
+    """The index ``ocsp serve`` starts with, from ``read()`` (every stored response, and the
+    cursor to follow the store from), and that cursor. Built as a CA's snapshot is, with
+    automatic cycle collection paused, then frozen: with 10^6 responses the first full
+    collection would otherwise walk every one of them with the event loop stopped."""
+    with _no_cycle_collection():
+        rows, cursor = read()
+        index = ResponseIndex(issuers)
+        index.apply(rows)
+        del rows
+    return index, cursor
 
 
 def _call_now(fn: Callable[..., object], *args: object) -> None:
@@ -727,7 +758,7 @@ class HttpProtocol(asyncio.Protocol):
             if (
                 if_none_match is not None
                 and method != b"POST"
-                and entry.etag.encode()
+                and entry[ETAG].encode()
                 in (
                     if_none_match.split(b",")[0].strip(),
                     if_none_match,
@@ -735,7 +766,7 @@ class HttpProtocol(asyncio.Protocol):
             ):
                 self._send(304, b"", b"application/ocsp-response", keep_alive, b"HEAD", now)
                 return
-            self._ocsp(entry.der, entry, keep_alive, method, now)
+            self._ocsp(entry[DER], entry, keep_alive, method, now)
             return
         result = server.responder.prepare(request_der)
         if isinstance(result, bytes):
@@ -774,11 +805,11 @@ class HttpProtocol(asyncio.Protocol):
         now: float,
     ) -> None:
         if entry is not None:
-            max_age = max(0, int(entry.next_update_ts - now))
+            max_age = max(0, int(entry[NEXT_UPDATE_TS] - now))
             extra = (
                 f"Cache-Control: public, max-age={max_age}, no-transform, must-revalidate\r\n"
-                f"ETag: {entry.etag}\r\nLast-Modified: {entry.last_modified}\r\n"
-                f"Expires: {entry.expires}\r\n"
+                f"ETag: {entry[ETAG]}\r\nLast-Modified: {entry[LAST_MODIFIED]}\r\n"
+                f"Expires: {entry[EXPIRES]}\r\n"
             ).encode()
         else:
             extra = b"Cache-Control: no-store\r\n"

@@ -893,18 +893,15 @@ def ocsp_serve(
     """Serve OCSP (GET /ocsp/<base64>, POST /ocsp, GET /healthz) from pre-signed responses
     held in memory; follows the store's changes; never writes to the database."""
     from ocsp import store
-    from ocsp.index import ResponseIndex
-    from ocsp.server import Responder, Server
+    from ocsp.server import Responder, Server, initial_index
     from ocsp.server import run as run_server
 
     services = _ocsp_services(state)
+    db = services.db
     # A CA whose signer does not load is left out here; the server reports it as it starts.
     issuers, _ = store.load_issuers_each(services)
-    responses, cursor = store.snapshot(services.db)
-    index = ResponseIndex(issuers)
-    index.apply(responses)
+    index, cursor = initial_index(issuers, lambda: store.snapshot(db))
     responder = Responder(index, store.lookup(services.db), validity=state.settings.ocsp_validity)
-    db = services.db
 
     def changes(since: object) -> tuple[list[Any], object]:
         batch, new_cursor = store.changes_since(db, since)  # type: ignore[arg-type]
