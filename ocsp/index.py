@@ -17,20 +17,23 @@ it): its snapshot, read after it was added, holds them.
 
 **Never a long pause on the event loop.** The index lives on the server's event loop, which
 also answers every request. A CA's whole snapshot (10^5..10^6 responses, some 20 us each to
-make into entries) is built off the loop by :class:`EntryBuilder`; :meth:`ResponseIndex.install`
-then swaps its statuses in with one reference and merges its request keys ``CHUNK`` at a time,
-and :meth:`ResponseIndex.set_issuers` drops the responses of CAs no longer served the same
-way: both return an iterator of the remaining steps, and the caller lets the loop answer
-requests between two steps. Until a response's request keys are merged its requests are signed
-on the fly from the status in ``by_serial``: never a wrong answer, only a slower one.
+make into entries) is built off the loop by :class:`EntryBuilder`;
+:meth:`ResponseIndex.install` then swaps its statuses in with one reference and merges its
+request keys ``CHUNK`` at a time, :meth:`ResponseIndex.update` applies the store's changes (a
+mass re-sign: 10^5 at once), also made into entries off the loop, ``CHUNK`` at a time, and
+:meth:`ResponseIndex.set_issuers` drops the responses of CAs no longer served the same way:
+each returns an iterator of the remaining steps, and the caller lets the loop answer requests
+between two steps. Until a response's request keys are merged its requests are signed on the
+fly from the status in ``by_serial``: never a wrong answer, only a slower one.
 
 **Nothing for the cycle collector to walk.** An entry is a plain tuple of ints, bytes, str,
 float and datetimes, and ``by_cert_id`` holds (str, entry) tuples: CPython stops tracking such
-tuples at their first collection, so a full collection does not walk the 10^5..10^6 responses
-held (with objects, some five per response, it took over a second per 10^6 with the GIL held:
-one pause of the event loop) however often they are replaced as the store re-signs them. A
-bulk load (a snapshot, the initial load) is built with automatic collection paused and then
-frozen (:func:`gc.freeze`), so that no collection has to visit its new tuples even once.
+a tuple once a young collection finds nothing tracked in it, so a full collection does not walk
+the 10^5..10^6 responses held (with objects, some five per response, it took over a second per
+10^6 with the GIL held: one pause of the event loop) however often they are replaced as the
+store re-signs them. A bulk load (a snapshot, the initial load) is built with automatic
+collection paused and then frozen (:func:`gc.freeze`), so that no collection has to visit its
+new tuples even once.
 """
 
 from __future__ import annotations
@@ -111,12 +114,13 @@ def status_of(response_der: bytes) -> core.Status:
     return core.UNKNOWN
 
 
-# An entry and the DER of the CertIDs it answers, one per served hash (core.SERVED_HASHES).
-Keyed = tuple[Entry, tuple[bytes, ...]]
+# An entry and its ``by_cert_id`` items: (CertID DER, (its hash, the entry)), one per served
+# hash (core.SERVED_HASHES); made with the entry, so that the loop allocates nothing to hold it.
+Keyed = tuple[Entry, tuple[tuple[bytes, tuple[str, Entry]], ...]]
 
 
 def _make_entry(issuer_id: int, issuer: core.Issuer, stored: StoredLike) -> Keyed:
-    """The entry of one stored response, and the CertIDs it answers."""
+    """The entry of one stored response, and the ``by_cert_id`` items that answer with it."""
     this_update = _utc(stored.this_update)
     next_update = _utc(stored.next_update)
     entry: Entry = (
@@ -131,7 +135,9 @@ def _make_entry(issuer_id: int, issuer: core.Issuer, stored: StoredLike) -> Keye
         http_date(next_update),
         rfc5019_request(issuer, stored.serial),
     )
-    return entry, tuple(issuer.cert_id(stored.serial, h).der for h in core.SERVED_HASHES)
+    return entry, tuple(
+        (issuer.cert_id(stored.serial, h).der, (h, entry)) for h in core.SERVED_HASHES
+    )
 
 
 CHUNK = 1_000  # entries per step of a bounded change on the event loop (about 1 ms to merge)
@@ -139,8 +145,9 @@ CHUNK = 1_000  # entries per step of a bounded change on the event loop (about 1
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CaEntries:
-    """One CA's stored responses made into entries off the event loop (:class:`EntryBuilder`),
-    for :meth:`ResponseIndex.install`."""
+    """One CA's stored responses made into entries off the event loop (:class:`EntryBuilder`):
+    its whole snapshot for :meth:`ResponseIndex.install`, or some of its changes for
+    :meth:`ResponseIndex.update`."""
 
     issuer_id: int
     certificate: x509.Certificate  # the CA's: the keys below hash its name and key
@@ -245,11 +252,45 @@ class ResponseIndex:
                 self._keys(entry, cert_ids)
             yield
 
-    def _keys(self, entry: Entry, cert_ids: tuple[bytes, ...]) -> None:
+    def _keys(self, entry: Entry, cert_ids: tuple[tuple[bytes, tuple[str, Entry]], ...]) -> None:
         """Answer ``entry``'s RFC 5019 request and its CertIDs with it."""
         self.by_request[entry[REQUEST_DER]] = entry
-        for algorithm, cert_id in zip(core.SERVED_HASHES, cert_ids, strict=True):
-            self.by_cert_id[cert_id] = (algorithm, entry)
+        for cert_id, hit in cert_ids:
+            self.by_cert_id[cert_id] = hit
+
+    def update(self, parts: Iterable[CaEntries]) -> Iterator[None]:
+        """Take changes of the store made into entries off the loop (one :class:`CaEntries`
+        per CA), ``CHUNK`` at a time by the returned iterator. Which CAs take them is decided
+        now, when the loop receives them: a CA not held now (not served, its snapshot not
+        installed yet) takes none, and one whose held responses are replaced meanwhile (its
+        snapshot read again, or dropped) takes no more; the snapshot, read later, holds these
+        changes or newer ones. The caller applies updates in the order the store gave them,
+        one after the other: an older change never lands after a newer one."""
+        targets = []
+        for built in parts:
+            issuer = self.issuers.get(built.issuer_id)
+            held = self.by_serial.get(built.issuer_id)
+            if issuer is not None and held is not None and issuer.certificate == built.certificate:
+                targets.append((built, held))
+        return self._update(targets)
+
+    def _update(self, targets: list[tuple[CaEntries, dict[int, Entry]]]) -> Iterator[None]:
+        done = 0
+        for built, held in targets:
+            for entry, cert_ids in built.keys:
+                done += 1
+                if done % CHUNK == 0:
+                    yield
+                if self.by_serial.get(built.issuer_id) is not held:
+                    break  # replaced by a newer snapshot, or dropped, meanwhile
+                serial = entry[SERIAL]
+                if built.by_serial.get(serial) is not entry:
+                    continue  # a later change of the same response came with it
+                current = held.get(serial)
+                if current is not None and current[DER] == entry[DER]:
+                    continue  # held already
+                self._keys(entry, cert_ids)
+                held[serial] = entry
 
     def _drop(self, dropped: list[tuple[core.Issuer, dict[int, Entry]]]) -> Iterator[None]:
         """Remove the request and CertID keys of entries no longer held (only where they

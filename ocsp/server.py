@@ -21,8 +21,11 @@ Decisions
   database, which answers ``tryLater`` while it is down. Stored bytes are served until their
   own nextUpdate.
 * **Following the store.** A daemon thread calls ``changes_since`` every ``poll`` seconds
-  (0.5 s) and hands the batch to the loop (``call_soon_threadsafe``); the server never writes
-  to the database, so several can run side by side against one PostgreSQL. Every
+  (0.5 s), makes what is new into index entries itself and hands them to the loop
+  (``call_soon_threadsafe``), which applies them 1,000 per step, answering requests in
+  between, one batch after the other in the order they came (a mass re-sign brings 10^5
+  changes at once: made into entries on the loop, that was a pause of seconds). The server
+  never writes to the database, so several can run side by side against one PostgreSQL. Every
   ``issuers_every`` seconds (10 s), and once before listening, it also reloads who signs for
   which CA: a rotated responder signs the next live answer (the old one's certificate expires
   some ten days after its rotation), a CA created since start is served, and a CA taken
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -363,6 +367,11 @@ class Server:
         self.loaded: dict[int, x509.Certificate] = {
             i: x.certificate for i, x in self.index.issuers.items()
         }
+        # (Follower.) The last batch's responses, by (CA id, serial): changes_since windows
+        # overlap, and a response handed over already is not made into an entry again.
+        self.handed: dict[tuple[int, int], bytes] = {}
+        # (Loop.) The store's changes being applied, a bounded step at a time, in order.
+        self.updates: collections.deque[Iterator[None]] = collections.deque()
         self.date = _Date()
         self.connections: set[HttpProtocol] = set()
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -409,10 +418,35 @@ class Server:
         self.store_ok = True
         self.cursor = cursor
         self.last_sync = time.time()
-        if batch:
-            self.loop.call_soon_threadsafe(self.index.apply, batch)
-            if building is not None:
-                building.add(batch)
+        handed = self.handed
+        self.handed = {(r.issuer_id, r.serial): r.der for r in batch}
+        fresh = [r for r in batch if handed.get((r.issuer_id, r.serial)) != r.der]
+        parts = self._entries(fresh)
+        if parts:
+            self.loop.call_soon_threadsafe(self.update, parts)
+        if building is not None:
+            building.add(batch)
+
+    def _entries(self, rows: Sequence[StoredLike]) -> list[CaEntries]:
+        """(Follower thread.) ``rows`` of the CAs whose responses the loop holds, made into
+        entries here. A young collection after every ``CHUNK`` stops tracking the tuples just
+        made (unless a bulk load has collection paused: it freezes them), so that no later
+        collection on the loop has to visit a whole mass re-sign's worth of them at once."""
+        by_ca: dict[int, list[StoredLike]] = {}
+        for row in rows:
+            by_ca.setdefault(row.issuer_id, []).append(row)
+        parts = []
+        for ca_id, group in sorted(by_ca.items()):
+            issuer = self.signers.served.get(ca_id)
+            if issuer is None or self.loaded.get(ca_id) != issuer.certificate:
+                continue  # not held: its snapshot, read later, has these
+            building = EntryBuilder(ca_id, issuer)
+            for start in range(0, len(group), CHUNK):
+                building.add(group[start : start + CHUNK])
+                if gc.isenabled():
+                    gc.collect(0)
+            parts.append(building.done())
+        return parts
 
     def _reload_issuers(self, hand: Hand, *, follow: bool) -> None:
         """(Follower thread; at start, the loop before it listens.) Load who signs for which CA,
@@ -489,6 +523,27 @@ class Server:
     def install(self, built: CaEntries) -> None:
         """(Loop.) Hold the responses of one CA, made into entries off the loop."""
         self._steps(self.index.install(built))
+
+    def update(self, parts: list[CaEntries]) -> None:
+        """(Loop.) The store's changes, made into entries by the follower: applied ``CHUNK``
+        at a time, after those handed over before them (an older change never lands after a
+        newer one; which CAs take them is decided now, see ResponseIndex.update)."""
+        self.updates.append(self.index.update(parts))
+        if len(self.updates) == 1:
+            self._next_update()
+
+    def _next_update(self) -> None:
+        """(Loop.) One step of the oldest update; the next one once the loop has gone round
+        (not serving: all at once)."""
+        while self.updates:
+            try:
+                next(self.updates[0])
+            except StopIteration:
+                self.updates.popleft()
+            if self.loop is not None:
+                if self.updates:
+                    self.loop.call_soon(self._next_update)
+                return
 
     def _steps(self, steps: Iterator[None]) -> None:
         """(Loop.) One bounded step of a change to the index now, the next one once the loop

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import http.client
+import itertools
 import json
 import os
 import selectors
@@ -47,11 +48,12 @@ from ocsp.index import (
     ISSUER_ID,
     NEXT_UPDATE,
     NEXT_UPDATE_TS,
+    CaEntries,
     ResponseIndex,
     rfc5019_request,
 )
 from ocsp.models import OcspResponse
-from ocsp.server import Responder
+from ocsp.server import Responder, initial_index
 from ocsp.signers import active_responders, ensure_responders
 from sekisho.errors import StoreError
 from sekisho.services import Services, build_services
@@ -907,6 +909,135 @@ def test_index_takes_a_snapshot_in_bounded_steps(pki: Pki) -> None:
     assert sum(1 for _ in steps) >= 2
     assert (len(index), len(index.by_request), len(index.by_cert_id)) == held_before
     assert all(e[ISSUER_ID] != admin_id for e in index.by_request.values())
+
+
+def _signed_rows(
+    issuer_id: int, issuer: core.Issuer, serials: range, at: dt.datetime
+) -> list[store.StoredResponse]:
+    """Stored responses of ``serials`` signed at ``at`` (a later ``at``: other bytes)."""
+    later = at + dt.timedelta(hours=72)
+    return [
+        store.StoredResponse(
+            issuer_id, s, core.precompute(issuer, s, core.GOOD, at, later), at, later, at
+        )
+        for s in serials
+    ]
+
+
+def test_the_stores_changes_are_made_into_entries_off_the_loop(pki: Pki) -> None:
+    """A mass re-sign reaches the follower as one big batch: the follower thread makes it into
+    entries and the loop applies them ``CHUNK`` per step, going round (answering requests)
+    between two steps; before, the whole batch was made into entries and applied in one
+    callback."""
+    import asyncio
+
+    from ocsp.index import CHUNK
+    from ocsp.server import Server
+
+    services = pki.services
+    admin_id = pki.ca_id()
+    admin = pki.issuer()
+    index, cursor = initial_index(store.load_issuers(services), lambda: store.snapshot(services.db))
+    serials = range(1 << 90, (1 << 90) + CHUNK * 5 // 2)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    assert index.apply(_signed_rows(admin_id, admin, serials, now - dt.timedelta(hours=1)))
+    resigned = _signed_rows(admin_id, admin, serials, now)
+    new_der = {r.serial: r.der for r in resigned}
+    pending = [resigned]
+
+    def changes(since: object) -> tuple[list[store.StoredResponse], object]:
+        return (pending.pop() if pending else []), since
+
+    responder = Responder(index, None)
+    server = Server(responder, changes_since=changes, cursor=cursor, poll=0.02)
+    requests = {s: rfc5019_request(admin, s) for s in serials}
+
+    async def watch() -> list[int]:
+        seen = []
+        while True:
+            held = index.by_serial[admin_id]
+            applied = sum(1 for s in serials if held[s][DER] == new_der[s])
+            seen.append(applied)
+            # Every request is answered from memory meanwhile, by the old or the new answer.
+            answered = {s: responder.cached(requests[s], time.time()) for s in serials}
+            assert all(e is not None and e is held[s] for s, e in answered.items())
+            if applied == len(serials):
+                return seen
+            await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        server.start_follower(loop)
+        seen = loop.run_until_complete(asyncio.wait_for(watch(), 60))
+    finally:
+        server.close()
+        if server.follower is not None:
+            server.follower.join(timeout=5)
+        loop.close()
+    steps = [b - a for a, b in itertools.pairwise(seen) if b != a]
+    assert len(steps) >= 3 and max(steps) <= CHUNK, steps  # the loop went round in between
+
+
+def test_changes_are_applied_in_the_order_the_store_gave_them(pki: Pki) -> None:
+    """Batches handed over one after the other are applied one after the other, even when the
+    first takes several steps: a change that came later is never overwritten by an earlier
+    one. A CA's snapshot installed while a batch is being applied wins over the rest of it."""
+    import asyncio
+
+    from ocsp.index import CHUNK, EntryBuilder
+    from ocsp.server import Server
+
+    services = pki.services
+    admin_id = pki.ca_id()
+    admin = pki.issuer()
+    index, _ = initial_index(store.load_issuers(services), lambda: store.snapshot(services.db))
+    serials = range(1 << 91, (1 << 91) + CHUNK * 5 // 2)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+    def built(rows: list[store.StoredResponse]) -> CaEntries:
+        building = EntryBuilder(admin_id, admin)
+        building.add(rows)
+        return building.done()
+
+    older = _signed_rows(admin_id, admin, serials, now - dt.timedelta(minutes=2))
+    newer = _signed_rows(admin_id, admin, serials[-1:], now - dt.timedelta(minutes=1))
+    server = Server(Responder(index, None))
+    loop = asyncio.new_event_loop()
+
+    async def settled() -> None:
+        for _ in range(10 * len(serials)):
+            if not server.updates:
+                break
+            await asyncio.sleep(0)
+        for _ in range(10):  # and the steps of an install
+            await asyncio.sleep(0)
+
+    try:
+        server.start_follower(loop)  # no store to follow: the loop is the server's
+        loop.call_soon(server.update, [built(older)])
+        loop.call_soon(server.update, [built(newer)])
+        loop.run_until_complete(settled())
+        held = index.by_serial[admin_id]
+        assert held[serials[-1]][DER] == newer[0].der
+        assert all(held[r.serial][DER] == r.der for r in older[:-1])
+        assert index.by_request[rfc5019_request(admin, serials[-1])][DER] == newer[0].der
+
+        # A batch read before the CA's snapshot was read again: the snapshot wins.
+        stale = _signed_rows(admin_id, admin, serials, now - dt.timedelta(minutes=3))
+        snapshot = _signed_rows(admin_id, admin, serials, now)
+        loop.call_soon(server.update, [built(stale)])
+        loop.call_soon(
+            server.install, built([*store.snapshot(services.db, [admin_id])[0], *snapshot])
+        )
+        loop.run_until_complete(settled())
+        held = index.by_serial[admin_id]
+        assert all(held[r.serial][DER] == r.der for r in snapshot)
+        assert all(
+            index.by_request[rfc5019_request(admin, r.serial)][DER] == r.der for r in snapshot
+        )
+    finally:
+        server.close()
+        loop.close()
 
 
 def _held(index: ResponseIndex) -> list[object]:
