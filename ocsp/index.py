@@ -160,25 +160,43 @@ class CaEntries:
 
 class EntryBuilder:
     """Makes one CA's stored responses into entries, off the event loop, a slice at a time
-    (:meth:`add`); a response read later replaces the one read before it."""
+    (:meth:`add`); a response read later replaces the one read before it. The store's changes
+    read while a snapshot is being built (:meth:`follow`) win over every row of that snapshot,
+    also over those added after them: the whole snapshot was read before them."""
 
     def __init__(self, issuer_id: int, issuer: core.Issuer) -> None:
         self.issuer_id = issuer_id
         self.issuer = issuer
         self.by_serial: dict[int, Entry] = {}
         self.keys: list[Keyed] = []
+        self.followed: set[int] = set()  # serials taken from changes read after the snapshot
 
     def add(self, rows: Iterable[StoredLike]) -> None:
-        """Take the responses of this CA among ``rows`` (the others are skipped)."""
+        """Take the responses of this CA among ``rows`` (the others are skipped), except
+        those a change given to :meth:`follow` holds a newer answer for."""
+        followed = self.followed
+        for stored in rows:
+            if stored.issuer_id != self.issuer_id or stored.serial in followed:
+                continue
+            self._take(stored)
+
+    def follow(self, rows: Iterable[StoredLike]) -> None:
+        """Take the responses of this CA among ``rows``, changes of the store read after the
+        rows given to :meth:`add` so far and to come (a later slice of the snapshot must not
+        put back an older answer: a revoked certificate answered "good" from memory)."""
         for stored in rows:
             if stored.issuer_id != self.issuer_id:
                 continue
-            current = self.by_serial.get(stored.serial)
-            if current is not None and current[DER] == stored.der:
-                continue
-            keyed = _make_entry(self.issuer_id, self.issuer, stored)
-            self.by_serial[stored.serial] = keyed[0]
-            self.keys.append(keyed)
+            self.followed.add(stored.serial)
+            self._take(stored)
+
+    def _take(self, stored: StoredLike) -> None:
+        current = self.by_serial.get(stored.serial)
+        if current is not None and current[DER] == stored.der:
+            return
+        keyed = _make_entry(self.issuer_id, self.issuer, stored)
+        self.by_serial[stored.serial] = keyed[0]
+        self.keys.append(keyed)
 
     def done(self) -> CaEntries:
         return CaEntries(self.issuer_id, self.issuer.certificate, self.by_serial, self.keys)

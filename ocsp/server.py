@@ -425,7 +425,7 @@ class Server:
         if parts:
             self.loop.call_soon_threadsafe(self.update, parts)
         if building is not None:
-            building.add(batch)
+            building.follow(batch)
 
     def _entries(self, rows: Sequence[StoredLike]) -> list[CaEntries]:
         """(Follower thread.) ``rows`` of the CAs whose responses the loop holds, made into

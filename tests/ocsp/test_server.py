@@ -1040,6 +1040,71 @@ def test_changes_are_applied_in_the_order_the_store_gave_them(pki: Pki) -> None:
         loop.close()
 
 
+def test_a_change_read_while_a_snapshot_is_built_is_not_undone_by_it(pki: Pki) -> None:
+    """The follower reads the store's changes between two slices of a CA's snapshot and puts
+    them into the build; the slices after that were read before those changes and must not
+    put the older answers back. Before: a certificate revoked meanwhile (its change in the
+    last slice's range) was held with its older "good" answer, and the next poll, seeing the
+    same change again, skipped it as handed over already."""
+    import asyncio
+
+    from ocsp.index import CHUNK
+    from ocsp.server import Server, _call_now
+
+    services = pki.services
+    admin_id = pki.ca_id()
+    admin = pki.issuer()
+    index, cursor = initial_index(store.load_issuers(services), lambda: store.snapshot(services.db))
+    serials = range(1 << 92, (1 << 92) + CHUNK * 5 // 2)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    read_first = _signed_rows(admin_id, admin, serials, now - dt.timedelta(hours=1))
+    later = now + dt.timedelta(hours=72)
+    revoked = core.Revoked(now - dt.timedelta(minutes=1), None)
+    last = serials[-1]  # in the snapshot's last slice, read before the change
+    change = store.StoredResponse(
+        admin_id, last, core.precompute(admin, last, revoked, now, later), now, later, now
+    )
+    polls: list[int] = []
+
+    def changes(since: object) -> tuple[list[store.StoredResponse], object]:
+        # One poll during the build, after the first slice, reads the change (the next is
+        # due after the build); the one after the build reads it again (windows overlap).
+        polls.append(1)
+        server.poll = 3600.0
+        return [change], since
+
+    server = Server(
+        Responder(index, None),
+        changes_since=changes,
+        cursor=cursor,
+        poll=0.0,  # follow the store after the first slice
+        snapshot=lambda _ids: list(read_first),
+    )
+    # The admin CA comes into service: not held yet, its snapshot is read and built.
+    server.loaded.pop(admin_id)
+    index.by_serial.pop(admin_id)
+    loop = asyncio.new_event_loop()
+    try:
+        server.loop = loop
+        assert server._load_responses(admin_id, admin, _call_now, follow=True)
+        assert len(polls) == 1  # the change was read before the snapshot's last slice
+        server.loaded[admin_id] = admin.certificate  # as _reload_issuers does
+        server._follow_store()  # the next poll sees the same change again
+
+        async def settled() -> None:
+            for _ in range(100):
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(settled())
+        entry = index.by_serial[admin_id][last]
+        assert entry[DER] == change.der, "the snapshot put the older answer back"
+        assert index.by_request[rfc5019_request(admin, last)][DER] == change.der
+        assert isinstance(index.status(entry), core.Revoked)
+    finally:
+        server.close()
+        loop.close()
+
+
 def _held(index: ResponseIndex) -> list[object]:
     """Every entry the index holds, and every (hash, entry) pair of ``by_cert_id``."""
     by_serial = [e for held in index.by_serial.values() for e in held.values()]
