@@ -46,7 +46,9 @@ Decisions
   material) and keeps the last good signer this server used for it, same CA certificate, as
   long as that one may sign. None may whose certificate is revoked or has no issued row in the
   store (status unknown: fail closed), or is not valid until the next reload plus a minute
-  (checked even when the reload itself fails); this holds for freshly loaded responders too. A
+  (checked even when the reload itself fails); this holds for freshly loaded responders too.
+  Revocation is checked at every poll as well (one small query): a responder revoked by
+  another process signs no live answer from this server's next poll on. A
   CA served with no signer that may sign answers live requests ``tryLater``; its pre-signed
   answers are still served until their nextUpdate. A CA whose signer never loaded in this
   process is not served (``unauthorized``) until it does.
@@ -402,6 +404,8 @@ class Server:
             if self.load_issuers is not None and time.monotonic() >= issuers_due:
                 issuers_due = time.monotonic() + self.issuers_every
                 self._reload_issuers(self.loop.call_soon_threadsafe, follow=True)
+            elif self.load_issuers is not None:
+                self._withdraw_refused(self.loop.call_soon_threadsafe)
             self._follow_store()
 
     def _follow_store(self, building: EntryBuilder | None = None) -> None:
@@ -492,6 +496,17 @@ class Server:
                 return
             self.loaded[ca_id] = issuer.certificate
         self.issuers_ok = True
+
+    def _withdraw_refused(self, hand: Hand) -> None:
+        """(Follower thread, every poll between two reloads.) A responder revoked since the
+        last reload (by another process: its successor is made there) signs no live answer
+        from the next poll on, not from the next reload on; a store error leaves it to the
+        reload."""
+        try:
+            if self.signers.withdraw_refused():
+                hand(self.responder.set_signers, self.signers.signing)
+        except Exception:  # the store is away: the reload decides (and warns) then
+            log.debug("checking the OCSP signers' status failed", exc_info=True)
 
     def _load_responses(self, ca_id: int, issuer: core.Issuer, hand: Hand, *, follow: bool) -> bool:
         """(Follower thread.) Read the stored responses of one CA, make them into entries here,

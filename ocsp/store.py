@@ -377,6 +377,7 @@ class Signers:
         self.served: dict[int, core.Issuer] = dict(served or {})
         self.signing: frozenset[int] = frozenset(self.served)
         self.troubles: dict[int, tuple[str, str]] = {}
+        self.down: Mapping[int, core.SignerDown] = {}  # at the last reload
 
     def signers(self) -> dict[int, core.Issuer]:
         """The served CAs whose signer may sign now."""
@@ -398,7 +399,7 @@ class Signers:
                 refused.setdefault(ca_id, ending)
         signing = frozenset(served) - refused.keys()
         self._report(served, down, refused, signing)
-        self.served, self.signing = served, signing
+        self.served, self.signing, self.down = served, signing, down
 
     def withdraw_ending(self, now: float) -> bool:
         """(Reload failed.) Whatever else is unknown, stop signing with a certificate that
@@ -421,6 +422,35 @@ class Signers:
             self.troubles[ca_id] = ("", WITHHELD)  # reported again once the store answers
         self.signing = self.signing - ending.keys()
         return bool(ending)
+
+    def withdraw_refused(self) -> bool:
+        """(Between two reloads.) Stop signing at once with a signer the store refuses now:
+        its certificate revoked meanwhile, maybe by another process (one small query, no key
+        loaded). True when who signs changed. A store error propagates and changes nothing."""
+        if self.refused is None or not self.signing:
+            return False
+        refused = self.refused({i: self.served[i] for i in self.signing})
+        if not refused:
+            return False
+        for ca_id, why in sorted(refused.items()):
+            # Worded as the next reload reports it (_report): logged once for the streak.
+            failure = self.down.get(ca_id)
+            detail = f"responder: {why}"
+            if failure is not None:
+                detail = f"{failure.reason}; the last good responder: {why}"
+            trouble = (detail, WITHHELD)
+            self.log.warning(
+                "OCSP signer of a CA unavailable",
+                extra={
+                    "ca_id": ca_id,
+                    "ca": self.served[ca_id].certificate.subject.rfc4514_string(),
+                    "detail": trouble[0],
+                    "action": trouble[1],
+                },
+            )
+            self.troubles[ca_id] = trouble
+        self.signing = self.signing - refused.keys()
+        return True
 
     def _report(
         self,

@@ -1239,6 +1239,66 @@ def test_a_signer_past_its_validity_never_signs(pki: Pki, caplog: pytest.LogCapt
     assert all("its certificate expires at" in getattr(r, "detail", "") for r in troubles)
 
 
+def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
+    """The admin CA's responder is revoked (by another process, say) long before the server's
+    next issuer reload: from the follower's next poll on, no live answer is signed with it
+    (tryLater until the reload brings its successor). Before: the revoked responder signed
+    nonce answers until that reload (10 s by default)."""
+    import asyncio
+
+    from ocsp.server import Server
+
+    services = pki.services
+    loaded, _ = store.load_issuers_each(services)
+    index, cursor = initial_index(loaded, lambda: store.snapshot(services.db))
+    responder = Responder(index, store.lookup(services.db))
+    revoked = pki.issuer()
+    nonce_request = _nonce_request(pki.good, pki.ca)
+
+    def changes(since: object) -> tuple[list[store.StoredResponse], object]:
+        assert isinstance(since, dt.datetime)
+        return store.changes_since(services.db, since)
+
+    server = Server(
+        responder,
+        changes_since=changes,
+        cursor=cursor,
+        poll=0.05,
+        load_issuers=lambda: store.load_issuers_each(services),
+        refused_signers=lambda issuers: store.refused_signers(services.db, issuers),
+        issuers_every=3600.0,
+    )
+
+    def live() -> bytes:
+        answer = responder.prepare(nonce_request)
+        return answer if isinstance(answer, bytes) else answer()
+
+    async def until_withheld() -> bytes:
+        for _ in range(500):
+            answer = live()
+            if answer == TRY_LATER or _signed_by(answer) != revoked.responder_key_id:
+                return answer
+            await asyncio.sleep(0.01)
+        return answer
+
+    loop = asyncio.new_event_loop()
+    try:
+        server.start_follower(loop)
+        assert _signed_by(live()) == revoked.responder_key_id
+        services.revoker.revoke(
+            "admin", revoked.responder_certificate.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR
+        )
+        answer = loop.run_until_complete(until_withheld())
+    finally:
+        server.close()
+        if server.follower is not None:
+            server.follower.join(timeout=5)
+        loop.close()
+    assert answer == TRY_LATER, "signed live by the revoked responder"
+    request = rfc5019_request(revoked, pki.good.serial_number)
+    assert responder.cached(request, time.time()) is not None  # pre-signed: still served
+
+
 def test_follower_failure_marks_the_index_stale() -> None:
     """The server's follower thread: while ``changes_since`` fails the index is not "fresh"
     (held statuses fall back to their stored nextUpdate); once it works again it is."""
