@@ -84,6 +84,7 @@ log = logging.getLogger("sekisho.ocsp")
 
 CHANGES_OVERLAP = dt.timedelta(seconds=5)
 ISSUERS_TTL = 10.0  # seconds between reloads of the served issuers (rotation, CAs taken offline)
+REFUSED_EVERY = 0.5  # seconds between two looks at the signers' status (revoked: stop at once)
 MISS_RELOAD = 5.0  # a request for an issuer we do not know reloads at most this often
 HELD_MAX = 200_000  # stored responses held in memory for serving while the database is down
 MAX_SERIAL = 1 << 160
@@ -699,6 +700,7 @@ class OcspService:
         )
         self._issuers: tuple[dict[int, core.Issuer], dict[int, core.Issuer]] | None = None
         self._issuers_at = 0.0
+        self._checked_at = 0.0  # the signers' status looked at (between reloads)
         self._reloading = threading.Lock()
         self._held: dict[tuple[int, int], _Held] = {}
         self._lock = threading.Lock()
@@ -721,7 +723,9 @@ class OcspService:
         what is there meanwhile."""
         current = self._issuers
         if current is not None and time.monotonic() - self._issuers_at < ISSUERS_TTL:
-            return current
+            if time.monotonic() - self._checked_at < REFUSED_EVERY:
+                return current
+            return self._withdraw_refused(current)
         if current is None:
             self._reloading.acquire()
         elif not self._reloading.acquire(blocking=False):
@@ -739,12 +743,34 @@ class OcspService:
                 if not self._signers.withdraw_ending(now):
                     return current
             else:
-                self._issuers_at = time.monotonic()
+                self._issuers_at = self._checked_at = time.monotonic()
             current = (dict(self._signers.served), self._signers.signers())
             self._issuers = current
             return current
         finally:
             self._reloading.release()
+
+    def _withdraw_refused(
+        self, current: tuple[dict[int, core.Issuer], dict[int, core.Issuer]]
+    ) -> tuple[dict[int, core.Issuer], dict[int, core.Issuer]]:
+        """Between two reloads, every ``REFUSED_EVERY`` seconds: a responder revoked since
+        (by another process, which makes its successor) signs nothing more here, not even
+        until the next reload (one small query; :meth:`Signers.withdraw_refused`). A store
+        error leaves it to the reload."""
+        if not self._reloading.acquire(blocking=False):
+            return current
+        try:
+            self._checked_at = time.monotonic()
+            if self._issuers is not current:
+                return self._issuers or current  # reloaded by another thread meanwhile
+            if self._signers.withdraw_refused():
+                current = (dict(self._signers.served), self._signers.signers())
+                self._issuers = current
+        except (StoreError, SQLAlchemyError):
+            log.debug("checking the OCSP signers' status failed", exc_info=True)
+        finally:
+            self._reloading.release()
+        return current
 
     def _reload_on_miss(self) -> tuple[dict[int, core.Issuer], dict[int, core.Issuer]]:
         """A CA we do not know yet (created by another process): reload, at most every few

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -291,6 +292,28 @@ def test_a_revoked_responder_is_replaced_at_once_and_its_answers_resigned(
         assert step.run_once(clock()) == 0  # swept: nothing more to look for
     finally:
         services.close()
+
+
+def test_another_process_stops_signing_with_a_revoked_responder_at_once(
+    services: Services,
+) -> None:
+    """Another process (a web app worker) holds its signers from a reload just made; the
+    admin CA's responder is revoked here. Within ``REFUSED_EVERY`` it signs no live answer
+    with it any more, long before its next reload (``ISSUERS_TTL``). Before: it did until
+    that reload."""
+    other = store.OcspService(services.db, services.backend, services.settings, services.clock)
+    admin_id, revoked = next(
+        (i, x) for i, x in other.issuers().items() if x.certificate == ca_cert(services, "admin")
+    )
+    leaf = issue(services, "admin-client")
+    nonce = request_der(revoked, [leaf.serial_number], nonce=b"\x02" * 16)
+    assert _signed_by(other.answer(nonce, services.clock())) == revoked.responder_key_id
+    services.revoker.revoke(
+        "admin", revoked.responder_certificate.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR
+    )
+    time.sleep(store.REFUSED_EVERY + 0.1)
+    assert other.answer(nonce, services.clock()) == core.TRY_LATER
+    assert admin_id not in other.issuers()  # nothing pre-signed with it either
 
 
 def test_pre_signing_never_uses_a_revoked_responder(services: Services) -> None:
