@@ -8,6 +8,7 @@ a subprocess on a port it picks itself (``--port 0``, reported on stdout) and st
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -44,16 +45,18 @@ from hsm.secrets import read_secret
 from hsm.software import SoftwareBackend, generate_private_key
 from ocsp import core, store
 from ocsp.index import (
+    CHUNK,
     DER,
     ISSUER_ID,
     NEXT_UPDATE,
     NEXT_UPDATE_TS,
     CaEntries,
+    EntryBuilder,
     ResponseIndex,
     rfc5019_request,
 )
 from ocsp.models import OcspResponse
-from ocsp.server import Responder, initial_index
+from ocsp.server import Responder, Server, initial_index
 from ocsp.signers import active_responders, ensure_responders
 from sekisho.errors import StoreError
 from sekisho.services import Services, build_services
@@ -122,6 +125,21 @@ def start_server(data_dir: Path, log: Path, *extra: str, port: int = 0) -> Serve
     doc = json.loads(line.decode())
     assert doc["pid"] == proc.pid
     return ServerProc(proc, int(doc["port"]), log)
+
+
+@contextlib.contextmanager
+def following(server: Server) -> Iterator[asyncio.AbstractEventLoop]:
+    """An in-process ``Server`` on a new loop, its follower thread started (with no store to
+    follow, the loop is still the server's); stopped, joined and closed afterwards."""
+    loop = asyncio.new_event_loop()
+    try:
+        server.start_follower(loop)
+        yield loop
+    finally:
+        server.close()
+        if server.follower is not None:
+            server.follower.join(timeout=5)
+        loop.close()
 
 
 @contextlib.contextmanager
@@ -864,7 +882,6 @@ def test_index_takes_a_snapshot_in_bounded_steps(pki: Pki) -> None:
     request keys ``CHUNK`` at a time; an answer applied between two steps is not overwritten
     by the older snapshot. A CA dropped stops being looked up at once; its keys go step by
     step, all of them."""
-    from ocsp.index import CHUNK, EntryBuilder
 
     services = pki.services
     issuers = store.load_issuers(services)
@@ -935,10 +952,6 @@ def test_the_stores_changes_are_made_into_entries_off_the_loop(pki: Pki) -> None
     entries and the loop applies them ``CHUNK`` per step, going round (answering requests)
     between two steps; before, the whole batch was made into entries and applied in one
     callback."""
-    import asyncio
-
-    from ocsp.index import CHUNK
-    from ocsp.server import Server
 
     services = pki.services
     admin_id = pki.ca_id()
@@ -971,15 +984,8 @@ def test_the_stores_changes_are_made_into_entries_off_the_loop(pki: Pki) -> None
                 return seen
             await asyncio.sleep(0)
 
-    loop = asyncio.new_event_loop()
-    try:
-        server.start_follower(loop)
+    with following(server) as loop:
         seen = loop.run_until_complete(asyncio.wait_for(watch(), 60))
-    finally:
-        server.close()
-        if server.follower is not None:
-            server.follower.join(timeout=5)
-        loop.close()
     steps = [b - a for a, b in itertools.pairwise(seen) if b != a]
     assert len(steps) >= 3 and max(steps) <= CHUNK, steps  # the loop went round in between
 
@@ -988,10 +994,6 @@ def test_changes_are_applied_in_the_order_the_store_gave_them(pki: Pki) -> None:
     """Batches handed over one after the other are applied one after the other, even when the
     first takes several steps: a change that came later is never overwritten by an earlier
     one. A CA's snapshot installed while a batch is being applied wins over the rest of it."""
-    import asyncio
-
-    from ocsp.index import CHUNK, EntryBuilder
-    from ocsp.server import Server
 
     services = pki.services
     admin_id = pki.ca_id()
@@ -1008,7 +1010,6 @@ def test_changes_are_applied_in_the_order_the_store_gave_them(pki: Pki) -> None:
     older = _signed_rows(admin_id, admin, serials, now - dt.timedelta(minutes=2))
     newer = _signed_rows(admin_id, admin, serials[-1:], now - dt.timedelta(minutes=1))
     server = Server(Responder(index, None))
-    loop = asyncio.new_event_loop()
 
     async def settled() -> None:
         for _ in range(10 * len(serials)):
@@ -1018,8 +1019,7 @@ def test_changes_are_applied_in_the_order_the_store_gave_them(pki: Pki) -> None:
         for _ in range(10):  # and the steps of an install
             await asyncio.sleep(0)
 
-    try:
-        server.start_follower(loop)  # no store to follow: the loop is the server's
+    with following(server) as loop:  # no store to follow: the loop is the server's
         loop.call_soon(server.update, [built(older)])
         loop.call_soon(server.update, [built(newer)])
         loop.run_until_complete(settled())
@@ -1041,9 +1041,6 @@ def test_changes_are_applied_in_the_order_the_store_gave_them(pki: Pki) -> None:
         assert all(
             index.by_request[rfc5019_request(admin, r.serial)][DER] == r.der for r in snapshot
         )
-    finally:
-        server.close()
-        loop.close()
 
 
 def test_a_change_read_while_a_snapshot_is_built_is_not_undone_by_it(pki: Pki) -> None:
@@ -1052,9 +1049,6 @@ def test_a_change_read_while_a_snapshot_is_built_is_not_undone_by_it(pki: Pki) -
     put the older answers back. Before: a certificate revoked meanwhile (its change in the
     last slice's range) was held with its older "good" answer, and the next poll, seeing the
     same change again, skipped it as handed over already."""
-    import asyncio
-
-    from ocsp.index import CHUNK
     from ocsp.server import Server, _call_now
 
     services = pki.services
@@ -1196,9 +1190,6 @@ def test_a_signer_past_its_validity_never_signs(pki: Pki, caplog: pytest.LogCapt
     """The server's clock a month ahead: every responder's certificate (30 days at most) has
     expired. Before the server listens it decides who signs: nobody; live answers are
     tryLater, pre-signed answers are still served."""
-    import asyncio
-
-    from ocsp.server import Server
 
     services = pki.services
     loaded, down = store.load_issuers_each(services)
@@ -1250,9 +1241,6 @@ def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
     next issuer reload: from the follower's next poll on, no live answer is signed with it
     (tryLater until the reload brings its successor). Before: the revoked responder signed
     nonce answers until that reload (10 s by default)."""
-    import asyncio
-
-    from ocsp.server import Server
 
     services = pki.services
     loaded, _ = store.load_issuers_each(services)
@@ -1287,19 +1275,12 @@ def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
             await asyncio.sleep(0.01)
         return answer
 
-    loop = asyncio.new_event_loop()
-    try:
-        server.start_follower(loop)
+    with following(server) as loop:
         assert _signed_by(live()) == revoked.responder_key_id
         services.revoker.revoke(
             "admin", revoked.responder_certificate.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR
         )
         answer = loop.run_until_complete(until_withheld())
-    finally:
-        server.close()
-        if server.follower is not None:
-            server.follower.join(timeout=5)
-        loop.close()
     assert answer == TRY_LATER, "signed live by the revoked responder"
     request = rfc5019_request(revoked, pki.good.serial_number)
     assert responder.cached(request, time.time()) is not None  # pre-signed: still served
@@ -1308,9 +1289,6 @@ def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
 def test_follower_failure_marks_the_index_stale() -> None:
     """The server's follower thread: while ``changes_since`` fails the index is not "fresh"
     (held statuses fall back to their stored nextUpdate); once it works again it is."""
-    import asyncio
-
-    from ocsp.server import Server
 
     outage = {"down": True}
 
@@ -1320,9 +1298,7 @@ def test_follower_failure_marks_the_index_stale() -> None:
         return [], cursor
 
     server = Server(Responder(ResponseIndex({}), None), changes_since=changes, poll=0.05)
-    loop = asyncio.new_event_loop()
-    try:
-        server.start_follower(loop)
+    with following(server):
         deadline = time.monotonic() + 5
         while server.store_ok and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -1333,11 +1309,6 @@ def test_follower_failure_marks_the_index_stale() -> None:
         while not server.responder.store_fresh() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.responder.store_fresh()
-    finally:
-        server.close()
-        if server.follower is not None:
-            server.follower.join(timeout=5)
-        loop.close()
 
 
 def _rss_kib(pid: int) -> int:
