@@ -63,7 +63,8 @@ def _one_pem_block(data: bytes) -> bytes:
     of two CSRs would otherwise issue for whichever came first, and a CSR beside a private
     key means the key is about to travel with it. Data after the END line is refused too:
     RFC 7468 provides for none, and it is usually a cut-off second object."""
-    labels = [m.group(1) for m in _PEM_BEGIN.finditer(data)]
+    begins = list(_PEM_BEGIN.finditer(data))
+    labels = [m.group(1) for m in begins]
     if len(labels) > 1:
         if all(label in _CSR_LABELS for label in labels):
             raise MalformedInput(f"the input holds {len(labels)} CSRs; give one")
@@ -73,10 +74,10 @@ def _one_pem_block(data: bytes) -> bytes:
             f"the input holds {len(labels)} PEM blocks ({', '.join(kinds)}{more}); "
             "give the CSR alone"
         )
-    begin = _PEM_BEGIN.search(data)
-    end = _PEM_END.search(data, begin.end()) if begin is not None else None
-    if begin is None:
+    if not begins:
         raise MalformedInput("CSR PEM has no BEGIN line")
+    begin = begins[0]
+    end = _PEM_END.search(data, begin.end())
     if end is None:
         raise MalformedInput("CSR PEM block has no END line")
     if data[end.end() :].strip():
