@@ -722,8 +722,9 @@ class OcspService:
         certificate ends before the next reload; one thread reloads, the others go on with
         what is there meanwhile."""
         current = self._issuers
-        if current is not None and time.monotonic() - self._issuers_at < ISSUERS_TTL:
-            if time.monotonic() - self._checked_at < REFUSED_EVERY:
+        mono = time.monotonic()
+        if current is not None and mono - self._issuers_at < ISSUERS_TTL:
+            if mono - self._checked_at < REFUSED_EVERY:
                 return current
             return self._withdraw_refused(current)
         if current is None:
