@@ -882,7 +882,6 @@ def test_index_takes_a_snapshot_in_bounded_steps(pki: Pki) -> None:
     request keys ``CHUNK`` at a time; an answer applied between two steps is not overwritten
     by the older snapshot. A CA dropped stops being looked up at once; its keys go step by
     step, all of them."""
-
     services = pki.services
     issuers = store.load_issuers(services)
     admin_id = pki.ca_id()
@@ -952,7 +951,6 @@ def test_the_stores_changes_are_made_into_entries_off_the_loop(pki: Pki) -> None
     entries and the loop applies them ``CHUNK`` per step, going round (answering requests)
     between two steps; before, the whole batch was made into entries and applied in one
     callback."""
-
     services = pki.services
     admin_id = pki.ca_id()
     admin = pki.issuer()
@@ -994,7 +992,6 @@ def test_changes_are_applied_in_the_order_the_store_gave_them(pki: Pki) -> None:
     """Batches handed over one after the other are applied one after the other, even when the
     first takes several steps: a change that came later is never overwritten by an earlier
     one. A CA's snapshot installed while a batch is being applied wins over the rest of it."""
-
     services = pki.services
     admin_id = pki.ca_id()
     admin = pki.issuer()
@@ -1190,7 +1187,6 @@ def test_a_signer_past_its_validity_never_signs(pki: Pki, caplog: pytest.LogCapt
     """The server's clock a month ahead: every responder's certificate (30 days at most) has
     expired. Before the server listens it decides who signs: nobody; live answers are
     tryLater, pre-signed answers are still served."""
-
     services = pki.services
     loaded, down = store.load_issuers_each(services)
     assert loaded and not down
@@ -1241,7 +1237,6 @@ def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
     next issuer reload: from the follower's next poll on, no live answer is signed with it
     (tryLater until the reload brings its successor). Before: the revoked responder signed
     nonce answers until that reload (10 s by default)."""
-
     services = pki.services
     loaded, _ = store.load_issuers_each(services)
     index, cursor = initial_index(loaded, lambda: store.snapshot(services.db))
@@ -1289,7 +1284,6 @@ def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
 def test_follower_failure_marks_the_index_stale() -> None:
     """The server's follower thread: while ``changes_since`` fails the index is not "fresh"
     (held statuses fall back to their stored nextUpdate); once it works again it is."""
-
     outage = {"down": True}
 
     def changes(cursor: object) -> tuple[list[store.StoredResponse], object]:
