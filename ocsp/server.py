@@ -48,7 +48,9 @@ Decisions
   store (status unknown: fail closed), or is not valid until the next reload plus a minute
   (checked even when the reload itself fails); this holds for freshly loaded responders too.
   Revocation is checked at every poll as well (one small query): a responder revoked by
-  another process signs no live answer from this server's next poll on. A
+  another process signs no live answer from this server's next poll on, and while a CA is so
+  withheld each poll asks whether the store names another responder for it (its successor,
+  made by the revoking process): then the server reloads at once. A
   CA served with no signer that may sign answers live requests ``tryLater``; its pre-signed
   answers are still served until their nextUpdate. A CA whose signer never loaded in this
   process is not served (``unauthorized``) until it does.
@@ -101,7 +103,7 @@ from ocsp.index import (
     StoredLike,
     simple_request,
 )
-from ocsp.store import IssuersFn, RefusedFn, Signers
+from ocsp.store import ChosenFn, IssuersFn, RefusedFn, Signers
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +339,7 @@ class Server:
         poll: float = POLL_INTERVAL,
         load_issuers: IssuersFn | None = None,
         refused_signers: RefusedFn | None = None,
+        chosen_responders: ChosenFn | None = None,
         snapshot: SnapshotFn | None = None,
         issuers_every: float = ISSUERS_EVERY,
         executor_workers: int = 4,
@@ -365,6 +368,7 @@ class Server:
             issuers_every,
             log,
             self.index.issuers,
+            chosen_responders,
         )
         self.loaded: dict[int, x509.Certificate] = {
             i: x.certificate for i, x in self.index.issuers.items()
@@ -404,8 +408,11 @@ class Server:
             if self.load_issuers is not None and time.monotonic() >= issuers_due:
                 issuers_due = time.monotonic() + self.issuers_every
                 self._reload_issuers(self.loop.call_soon_threadsafe, follow=True)
-            elif self.load_issuers is not None:
-                self._withdraw_refused(self.loop.call_soon_threadsafe)
+            elif self.load_issuers is not None and self._withdraw_refused(
+                self.loop.call_soon_threadsafe
+            ):
+                issuers_due = time.monotonic() + self.issuers_every
+                self._reload_issuers(self.loop.call_soon_threadsafe, follow=True)
             self._follow_store()
 
     def _follow_store(self, building: EntryBuilder | None = None) -> None:
@@ -497,16 +504,19 @@ class Server:
             self.loaded[ca_id] = issuer.certificate
         self.issuers_ok = True
 
-    def _withdraw_refused(self, hand: Hand) -> None:
+    def _withdraw_refused(self, hand: Hand) -> bool:
         """(Follower thread, every poll between two reloads.) A responder revoked since the
         last reload (by another process: its successor is made there) signs no live answer
         from the next poll on, not from the next reload on; a store error leaves it to the
-        reload."""
+        reload. True when a withheld CA's successor is in the store: reload now (its live
+        answers were tryLater until the next reload, up to ``issuers_every``)."""
         try:
             if self.signers.withdraw_refused():
                 hand(self.responder.set_signers, self.signers.signing)
+            return self.signers.successor_waiting()
         except Exception:  # the store is away: the reload decides (and warns) then
             log.debug("checking the OCSP signers' status failed", exc_info=True)
+            return False
 
     def _load_responses(self, ca_id: int, issuer: core.Issuer, hand: Hand, *, follow: bool) -> bool:
         """(Follower thread.) Read the stored responses of one CA, make them into entries here,

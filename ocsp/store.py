@@ -77,6 +77,8 @@ from sekisho.db import Database, Prepared, WriteTx
 from sekisho.errors import SekishoError, StoreError
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from sekisho.services import Services
     from sekisho.settings import Settings
 
@@ -208,13 +210,7 @@ def _served_cas(db: Database, sign_with_ca: bool) -> list[_CaRow]:
                 CertificateAuthority.key_online.is_(True),
             )
         ).all()
-        responders: dict[int, tuple[str, bytes]] = {}
-        for row in session.execute(
-            select(OcspResponder.issuer_id, OcspResponder.key_ref, OcspResponder.certificate_der)
-            .where(OcspResponder.active.is_(True))
-            .order_by(OcspResponder.not_after)
-        ):
-            responders[int(row[0])] = (str(row[1]), bytes(row[2]))
+        responders = _active_responders(session)
     out: list[_CaRow] = []
     for ca_id, name, key_ref, cert_der in cas:
         responder = None if sign_with_ca else responders.get(int(ca_id))
@@ -223,6 +219,28 @@ def _served_cas(db: Database, sign_with_ca: bool) -> list[_CaRow]:
             log.info("no OCSP responder for CA %s (yet); the CA key signs", name)
         out.append((int(ca_id), str(name), str(key_ref), bytes(cert_der), responder))
     return out
+
+
+def _active_responders(
+    session: Session, ca_ids: Sequence[int] | None = None
+) -> dict[int, tuple[str, bytes]]:
+    """CA id -> (key ref, certificate DER) of the responder that signs for it: the active one
+    with the latest notAfter; of every CA, or of ``ca_ids``."""
+    query = (
+        select(OcspResponder.issuer_id, OcspResponder.key_ref, OcspResponder.certificate_der)
+        .where(OcspResponder.active.is_(True))
+        .order_by(OcspResponder.not_after)
+    )
+    if ca_ids is not None:
+        query = query.where(OcspResponder.issuer_id.in_(list(ca_ids)))
+    return {int(i): (str(ref), bytes(der)) for i, ref, der in session.execute(query)}
+
+
+def chosen_responders(db: Database, ca_ids: Sequence[int]) -> dict[int, bytes]:
+    """CA id -> certificate DER of the responder a reload would choose for it now, for those
+    of ``ca_ids`` that have one (one small query, no key loaded). Store errors propagate."""
+    with db.read_scope() as session:
+        return {i: der for i, (_ref, der) in _active_responders(session, ca_ids).items()}
 
 
 def _issuer(backend: KeyBackend, ca_cert: x509.Certificate, row: _CaRow) -> core.Issuer:
@@ -331,6 +349,9 @@ def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[in
 IssuersFn = Callable[[], tuple[Mapping[int, core.Issuer], Mapping[int, core.SignerDown]]]
 # CA id -> why that issuer's signing certificate must not sign (refused_signers).
 RefusedFn = Callable[[Mapping[int, core.Issuer]], Mapping[int, str]]
+# CA id -> the responder certificate (DER) a reload would choose (chosen_responders).
+ChosenFn = Callable[[Sequence[int]], Mapping[int, bytes]]
+_UNSEEN = b""  # no responder certificate is empty
 EXPIRY_MARGIN = 60.0  # a signer whose certificate ends before the next reload + this: none
 WITHHELD = "live answers tryLater; pre-signed answers served until their nextUpdate"
 
@@ -370,9 +391,14 @@ class Signers:
         horizon: float,
         logger: logging.Logger,
         served: Mapping[int, core.Issuer] | None = None,
+        chosen: ChosenFn | None = None,
     ) -> None:
         self.load = load
         self.refused = refused
+        self.chosen = chosen
+        # CA id -> the responder the store chose when successor_waiting last asked for a
+        # reload for it: a successor whose key does not load is not retried every poll.
+        self.awaited: dict[int, bytes | None] = {}
         self.horizon = horizon
         self.log = logger
         self.served: dict[int, core.Issuer] = dict(served or {})
@@ -452,6 +478,28 @@ class Signers:
             self.troubles[ca_id] = trouble
         self.signing = self.signing - refused.keys()
         return True
+
+    def successor_waiting(self) -> bool:
+        """(Between two reloads.) True when a CA served but withheld now has another
+        responder in the store than the one held (its successor, made by the process that
+        revoked it; a rotation): the caller reloads at once rather than answer tryLater until
+        the next reload. One small query, no key loaded, only while a CA is withheld; each
+        responder so found asks once. A store error propagates."""
+        withheld = sorted(self.served.keys() - self.signing)
+        if self.chosen is None or not withheld:
+            return False
+        chosen = self.chosen(withheld)
+        due = False
+        for ca_id in withheld:
+            issuer = self.served[ca_id]
+            held = None
+            if issuer.delegated:
+                held = issuer.responder_certificate.public_bytes(Encoding.DER)
+            now = chosen.get(ca_id)
+            if now != held and now != self.awaited.get(ca_id, _UNSEEN):
+                self.awaited[ca_id] = now
+                due = True
+        return due
 
     def _report(
         self,
@@ -697,6 +745,7 @@ class OcspService:
             lambda served: refused_signers(db, served),
             ISSUERS_TTL,
             log,
+            chosen=None if self.sign_with_ca else lambda ids: chosen_responders(db, ids),
         )
         self._issuers: tuple[dict[int, core.Issuer], dict[int, core.Issuer]] | None = None
         self._issuers_at = 0.0
@@ -756,10 +805,12 @@ class OcspService:
     ) -> tuple[dict[int, core.Issuer], dict[int, core.Issuer]]:
         """Between two reloads, every ``REFUSED_EVERY`` seconds: a responder revoked since
         (by another process, which makes its successor) signs nothing more here, not even
-        until the next reload (one small query; :meth:`Signers.withdraw_refused`). A store
-        error leaves it to the reload."""
+        until the next reload (one small query; :meth:`Signers.withdraw_refused`); a withheld
+        CA whose successor responder is in the store is reloaded at once
+        (:meth:`Signers.successor_waiting`). A store error leaves it to the reload."""
         if not self._reloading.acquire(blocking=False):
             return current
+        successor = False
         try:
             self._checked_at = time.monotonic()
             if self._issuers is not current:
@@ -767,10 +818,14 @@ class OcspService:
             if self._signers.withdraw_refused():
                 current = (dict(self._signers.served), self._signers.signers())
                 self._issuers = current
+            successor = self._signers.successor_waiting()
         except (StoreError, SQLAlchemyError):
             log.debug("checking the OCSP signers' status failed", exc_info=True)
         finally:
             self._reloading.release()
+        if successor:  # a withheld CA's successor responder is there: reload now
+            self.invalidate_issuers()
+            return self._current()
         return current
 
     def _reload_on_miss(self) -> tuple[dict[int, core.Issuer], dict[int, core.Issuer]]:

@@ -917,6 +917,11 @@ def ocsp_serve(
         poll=poll,
         load_issuers=lambda: store.load_issuers_each(services),
         refused_signers=lambda issuers: store.refused_signers(db, issuers),
+        chosen_responders=(
+            None
+            if services.settings.ocsp_sign_with_ca
+            else lambda ids: store.chosen_responders(db, ids)
+        ),
         snapshot=responses_of,
         issuers_every=issuers_every,
         request_timeout=request_timeout,

@@ -38,7 +38,7 @@ from sqlalchemy import insert
 from ca.hierarchy import create_issuing
 from ca.issuance import IssueRequest
 from ca.registry import ca_row
-from ca.revocation import Reason
+from ca.revocation import Reason, Revoker
 from ca.tbs import SanEntry, serial_hex
 from hsm.base import KeyType
 from hsm.secrets import read_secret
@@ -57,7 +57,7 @@ from ocsp.index import (
 )
 from ocsp.models import OcspResponse
 from ocsp.server import Responder, Server, initial_index
-from ocsp.signers import active_responders, ensure_responders
+from ocsp.signers import active_responders, ensure_responders, replace_revoked_responders
 from sekisho.errors import StoreError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
@@ -591,8 +591,9 @@ def test_revoking_the_active_responder_puts_its_successor_to_work(
 ) -> None:
     """The admin CA's active responder is revoked with the CLI, while the server runs. The CLI
     replaces it before it returns; the server's live answers are signed by the successor from
-    its next issuer reload on (before: tryLater, for good), and its pre-signed answers once
-    the refresher has re-signed what the revoked responder signed."""
+    its next poll on, with no issuer reload due for an hour (before: tryLater until the next
+    reload, and before that for good), and its pre-signed answers once the refresher has
+    re-signed what the revoked responder signed."""
     from sekisho.workers import OcspRefresher
 
     services = pki.services
@@ -606,7 +607,7 @@ def test_revoking_the_active_responder_puts_its_successor_to_work(
     def live() -> bytes:
         return fetch(server, "POST", "/ocsp", _nonce_request(pki.good, pki.ca), OCSP_CT)[2]
 
-    with running(data_dir, tmp_path, "--poll", "0.1", "--issuers-every", "0.3") as server:
+    with running(data_dir, tmp_path, "--poll", "0.1", "--issuers-every", "3600") as server:
         assert _signed_by(live()) == revoked.responder_key_id
         cli = [
             sys.executable, "-c", "import sys; from sekisho.cli import main; sys.exit(main())",
@@ -623,9 +624,9 @@ def test_revoking_the_active_responder_puts_its_successor_to_work(
             answers.append(live())
             return _signed_by(answers[-1]) == successor.responder_key_id
 
-        _wait_for("the successor signs live answers", signed_by_successor)
+        _wait_for("the successor signs live answers", signed_by_successor, seconds=5.0)
         # Until the server's next poll the revoked responder may still sign; then tryLater
-        # until an issuer reload brings the successor; never back again.
+        # until a poll finds the successor; never back again.
         phases = [
             0 if _signed_by(a) == revoked.responder_key_id else 1 if a == TRY_LATER else 2
             for a in answers
@@ -1234,9 +1235,10 @@ def test_a_signer_past_its_validity_never_signs(pki: Pki, caplog: pytest.LogCapt
 
 def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
     """The admin CA's responder is revoked (by another process, say) long before the server's
-    next issuer reload: from the follower's next poll on, no live answer is signed with it
-    (tryLater until the reload brings its successor). Before: the revoked responder signed
-    nonce answers until that reload (10 s by default)."""
+    next issuer reload: from the follower's next poll on, no live answer is signed with it,
+    and from the poll that finds its successor in the store on, the successor signs them
+    (tryLater in between). Before: the revoked responder signed nonce answers until that
+    reload (10 s by default); then tryLater until the reload after the replacement."""
     services = pki.services
     loaded, _ = store.load_issuers_each(services)
     index, cursor = initial_index(loaded, lambda: store.snapshot(services.db))
@@ -1255,6 +1257,7 @@ def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
         poll=0.05,
         load_issuers=lambda: store.load_issuers_each(services),
         refused_signers=lambda issuers: store.refused_signers(services.db, issuers),
+        chosen_responders=lambda ids: store.chosen_responders(services.db, ids),
         issuers_every=3600.0,
     )
 
@@ -1262,23 +1265,36 @@ def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
         answer = responder.prepare(nonce_request)
         return answer if isinstance(answer, bytes) else answer()
 
-    async def until_withheld() -> bytes:
+    async def until(done: Callable[[bytes], bool]) -> list[bytes]:
+        answers = [live()]
         for _ in range(500):
-            answer = live()
-            if answer == TRY_LATER or _signed_by(answer) != revoked.responder_key_id:
-                return answer
+            if done(answers[-1]):
+                break
             await asyncio.sleep(0.01)
-        return answer
+            answers.append(live())
+        return answers
 
+    bare = Revoker(services.db, services.journal, services.clock)  # its successor: later
     with following(server) as loop:
         assert _signed_by(live()) == revoked.responder_key_id
-        services.revoker.revoke(
+        bare.revoke(
             "admin", revoked.responder_certificate.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR
         )
-        answer = loop.run_until_complete(until_withheld())
-    assert answer == TRY_LATER, "signed live by the revoked responder"
-    request = rfc5019_request(revoked, pki.good.serial_number)
-    assert responder.cached(request, time.time()) is not None  # pre-signed: still served
+        withheld = loop.run_until_complete(until(lambda a: a == TRY_LATER))
+        assert withheld[-1] == TRY_LATER, "signed live by the revoked responder"
+        assert {_signed_by(a) for a in withheld[:-1]} <= {revoked.responder_key_id}
+        request = rfc5019_request(revoked, pki.good.serial_number)
+        assert responder.cached(request, time.time()) is not None  # pre-signed: still served
+
+        replace_revoked_responders(services, services.clock(), ca_id=pki.ca_id())
+        successor = pki.issuer()
+        assert successor.responder_key_id != revoked.responder_key_id
+        after = loop.run_until_complete(
+            until(lambda a: _signed_by(a) == successor.responder_key_id)
+        )
+    assert _signed_by(after[-1]) == successor.responder_key_id, "not within 5 s"
+    assert set(after[:-1]) <= {TRY_LATER}
+    _verify_with(after[-1], successor.responder_certificate)
 
 
 def test_follower_failure_marks_the_index_stale() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import time
 
 from cryptography import x509
@@ -298,9 +299,14 @@ def test_another_process_stops_signing_with_a_revoked_responder_at_once(
     services: Services,
 ) -> None:
     """Another process (a web app worker) holds its signers from a reload just made; the
-    admin CA's responder is revoked here. Within ``REFUSED_EVERY`` it signs no live answer
-    with it any more, long before its next reload (``ISSUERS_TTL``). Before: it did until
-    that reload."""
+    admin CA's responder is revoked here, its replacement not made yet. Within
+    ``REFUSED_EVERY`` the other process signs no live answer with it, long before its next
+    reload (``ISSUERS_TTL``); once the successor exists, that process signs with it within
+    ``REFUSED_EVERY`` too. Before: the revoked responder signed until that reload, then its
+    successor only from the reload after the replacement (tryLater meanwhile)."""
+    from ca.revocation import Revoker
+    from ocsp.signers import replace_revoked_responders
+
     other = store.OcspService(services.db, services.backend, services.settings, services.clock)
     admin_id, revoked = next(
         (i, x) for i, x in other.issuers().items() if x.certificate == ca_cert(services, "admin")
@@ -308,12 +314,62 @@ def test_another_process_stops_signing_with_a_revoked_responder_at_once(
     leaf = issue(services, "admin-client")
     nonce = request_der(revoked, [leaf.serial_number], nonce=b"\x02" * 16)
     assert _signed_by(other.answer(nonce, services.clock())) == revoked.responder_key_id
-    services.revoker.revoke(
+    bare = Revoker(services.db, services.journal, services.clock)  # no listeners
+    bare.revoke(
         "admin", revoked.responder_certificate.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR
     )
     time.sleep(store.REFUSED_EVERY + 0.1)
     assert other.answer(nonce, services.clock()) == core.TRY_LATER
     assert admin_id not in other.issuers()  # nothing pre-signed with it either
+
+    replace_revoked_responders(services, services.clock(), ca_id=admin_id)  # as on_revocation
+    (row,) = [r for r in responders(services) if r.active and r.issuer_id == admin_id]
+    successor = x509.load_der_x509_certificate(row.certificate_der)
+    time.sleep(store.REFUSED_EVERY + 0.1)
+    answer = other.answer(nonce, services.clock())
+    assert _signed_by(answer) == core.responder_key_hash(successor)
+    assert other.issuers()[admin_id].responder_certificate == successor
+
+
+def test_a_withheld_ca_asks_for_each_successor_once(services: Services) -> None:
+    """``Signers.successor_waiting``: while a CA is withheld, a responder in the store other
+    than the one held asks for a reload, once per responder (a successor whose key does not
+    load is not reloaded every poll); the held one, or no CA withheld, asks nothing."""
+    admin_id, held = next(
+        (i, x)
+        for i, x in store.load_issuers(services).items()
+        if x.certificate == ca_cert(services, "admin")
+    )
+    held_der = held.responder_certificate.public_bytes(Encoding.DER)
+    in_store = {"der": held_der}
+    asked: list[list[int]] = []
+
+    def chosen(ids: list[int]) -> dict[int, bytes]:
+        asked.append(list(ids))
+        return {admin_id: in_store["der"]}
+
+    def down() -> tuple[dict[int, core.Issuer], dict[int, core.SignerDown]]:
+        return {}, {admin_id: core.SignerDown(held.certificate, "CA admin: key away")}
+
+    signers = store.Signers(
+        down,
+        lambda served: {i: "its certificate is revoked" for i in served},
+        3600.0,
+        logging.getLogger("test"),
+        {admin_id: held},
+        chosen,
+    )
+    assert not signers.successor_waiting() and asked == []  # none withheld: no query
+    signers.reload(time.time())
+    assert signers.served == {admin_id: held} and signers.signing == frozenset()
+    assert not signers.successor_waiting()  # the store still names the one held
+    in_store["der"] = b"successor"
+    assert signers.successor_waiting()
+    assert not signers.successor_waiting()  # asked for that one already
+    in_store["der"] = b"another"
+    assert signers.successor_waiting()
+    assert asked == [[admin_id]] * 4
+    assert not store.Signers(down, None, 3600.0, logging.getLogger("test")).successor_waiting()
 
 
 def test_pre_signing_never_uses_a_revoked_responder(services: Services) -> None:
