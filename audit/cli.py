@@ -12,6 +12,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 import click
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.exc import SQLAlchemyError
 
 from audit.journal import CheckpointSigner, checkpoint_document
 from audit.models import Checkpoint
@@ -25,7 +26,7 @@ from audit.query import (
     write_jsonl,
 )
 from audit.verify import claims_from_documents, verify
-from sekisho.db import undecodable_text
+from sekisho.db import undecodable_argument, undecodable_text
 from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError
 from sekisho.files import NewFiles, read_input
 
@@ -65,11 +66,18 @@ def _readable(rows: Iterable[T], what: str = "record") -> Iterator[T]:
         except StopIteration:
             return
         except (ValueError, TypeError, OverflowError) as exc:
-            raise AuditError(
-                f"the journal holds a {what} that cannot be read ({type(exc).__name__}): "
-                "run `sekisho audit verify`"
-            ) from None
+            raise _unreadable(what, type(exc).__name__) from None
+        except SQLAlchemyError as exc:
+            if not undecodable_argument(exc):
+                raise
+            raise _unreadable(what, "UnicodeDecodeError") from None  # met by the DN filter
         yield row
+
+
+def _unreadable(what: str, why: str) -> AuditError:
+    return AuditError(
+        f"the journal holds a {what} that cannot be read ({why}): run `sekisho audit verify`"
+    )
 
 
 def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:

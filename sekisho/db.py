@@ -256,6 +256,17 @@ def _refuse_undecodable(raw: bytes) -> str:
     return raw.decode("utf-8")  # UnicodeDecodeError, a ValueError, for a value that is not
 
 
+def undecodable_argument(exc: BaseException) -> bool:
+    """``exc`` is SQLite failing a statement because a Python function of ours (``lower``,
+    the only one: it raises nothing itself) was given TEXT that is not UTF-8. sqlite3
+    decodes the arguments before the call and reports only "user-defined function raised
+    exception", with no row; the DN filter of a journal search meets it on a tampered row."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(orig, sqlite3.OperationalError) and str(orig) == (
+        "user-defined function raised exception"
+    )
+
+
 @contextlib.contextmanager
 def undecodable_text(session: Session, *, keep: bool) -> Iterator[None]:
     """How SQLite TEXT that is not UTF-8 is read in this block, on the session's connection.

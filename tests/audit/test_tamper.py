@@ -931,3 +931,20 @@ def test_listing_text_not_utf8_is_an_error_not_a_store_failure(
     proc = run_cli_process(cli_data_dir, "audit", "search", "--limit", "5")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 5
+
+
+def test_dn_filter_on_text_not_utf8_is_an_error_not_a_store_failure(
+    journal: Services, cli_data_dir: Path
+) -> None:
+    """The DN filter folds case with a Python function on SQLite, whose arguments sqlite3
+    decodes first: a DN that is not UTF-8 failed the statement as a store error (exit 74,
+    "database error: OperationalError"). It is the tampered-row error now, as without the
+    filter (every row goes through the filter, so every DN search meets it)."""
+    write_not_utf8(journal, "audit_records", "object_dn", 30)
+    unreadable = (
+        "error: audit-unavailable: the journal holds a record that cannot be read "
+        "(UnicodeDecodeError): run `sekisho audit verify`\n"
+    )
+    for args in (("search",), ("search", "--oldest"), ("export",)):
+        proc = run_cli_process(cli_data_dir, "audit", *args, "--dn", "x")
+        assert (proc.returncode, proc.stderr) == (74, unreadable), args
