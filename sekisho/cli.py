@@ -35,7 +35,15 @@ from hsm.base import CA_KEY_TYPES, KeyType
 from hsm.secrets import read_secret
 from sekisho import __version__
 from sekisho.context import Actor
-from sekisho.errors import ConfigError, Conflict, InputError, NotFound, SekishoError, shown
+from sekisho.errors import (
+    ConfigError,
+    Conflict,
+    InputError,
+    NotFound,
+    SekishoError,
+    shown,
+    tamed,
+)
 from sekisho.files import NewFiles, read_input
 from sekisho.logs import setup_logging
 from sekisho.services import (
@@ -1140,6 +1148,13 @@ def run(ctx: click.Context) -> None:
 cli.add_command(audit_group)
 
 
+def _show_tamed(exc: click.ClickException) -> None:
+    """click's own error, its message (which may quote an argument whole, control characters
+    and all) passed through ``tamed``; click declares ``message`` final, hence ``vars``."""
+    vars(exc)["message"] = tamed(exc.message)
+    exc.show()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: map errors to exit codes once."""
     args = sys.argv[1:] if argv is None else argv
@@ -1157,10 +1172,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 130
     except click.UsageError as exc:
-        exc.show()
+        _show_tamed(exc)
         return EX_USAGE
     except click.ClickException as exc:
-        exc.show()
+        _show_tamed(exc)
         return exc.exit_code if exc.exit_code != 2 else EX_USAGE
     except SekishoError as exc:
         click.echo(f"error: {exc.code}: {exc.message}", err=True)

@@ -26,10 +26,13 @@ A message that quotes what the caller sent quotes it through ``shown``.
 
 from __future__ import annotations
 
+import re
+
 # How much of a value an error message quotes: enough to recognise a mistyped name.
 MAX_SHOWN = 80
 # A path is quoted whole up to 255 characters (NAME_MAX): its end is what tells files apart.
 PATH_SHOWN = 255
+_LONG_RUN = re.compile(rf"\S{{{MAX_SHOWN + 1},}}")
 
 
 def shown(value: object, limit: int = MAX_SHOWN) -> str:
@@ -42,6 +45,17 @@ def shown(value: object, limit: int = MAX_SHOWN) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def tamed(text: str) -> str:
+    """A library's message that may quote what the caller gave (click's usage errors) made
+    fit to print on one line: every character that is not printable (line breaks, escape
+    sequences, bidirectional controls) escaped as ``repr`` escapes it, and every run of more
+    than ``MAX_SHOWN`` non-blank characters cut to its first ``MAX_SHOWN``, with its length."""
+    escaped = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return _LONG_RUN.sub(
+        lambda m: f"{m.group()[:MAX_SHOWN]}... ({len(m.group())} characters)", escaped
+    )
 
 
 class SekishoError(Exception):

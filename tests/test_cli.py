@@ -173,6 +173,22 @@ def test_usage_errors_exit_64(run: Runner, argv: list[str]) -> None:
     assert result.err.strip(), "a usage error must say what is wrong"
 
 
+def test_usage_errors_quote_arguments_escaped_and_cut(run: Runner) -> None:
+    """click's own usage errors quote what was given: a 5,000-character value filled the
+    screen, and an unexpected argument reached the terminal raw (escape sequences, a line
+    break that forges an "Error:" line). Now escaped and cut, as our own errors quote."""
+    long = run("cert", "list", "--status", "x" * 5000)
+    assert long.code == 64 and long.out == ""
+    (line,) = [x for x in long.err.splitlines() if x.startswith("Error:")]
+    assert f"'{'x' * 79}... (5002 characters) is not one of" in line and len(line) < 250
+    forged = run("cert", "list", "extra\x1b[31mred\x07\u202e\nError: forged")
+    assert forged.code == 64
+    assert forged.err.splitlines()[-1] == (
+        "Error: Got unexpected extra argument (extra\\x1b[31mred\\x07\\u202e\\nError: forged)"
+    )
+    assert forged.err.count("Error:") == 2 and "\x1b" not in forged.err
+
+
 # -- init -------------------------------------------------------------------------------------
 def test_init_on_a_fresh_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "fresh"
