@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
@@ -137,3 +140,52 @@ def parse_csr(data: bytes) -> CsrRequest:
     except InputError:
         raise
     return CsrRequest(public_key=key, subject=csr.subject, sans=sans)
+
+
+_Signed = x509.Certificate | x509.CertificateSigningRequest
+_KEY_PEM_LABELS: dict[bytes, Callable[[bytes], _Signed]] = {
+    b"CERTIFICATE": x509.load_pem_x509_certificate,
+    b"CERTIFICATE REQUEST": x509.load_pem_x509_csr,
+    b"NEW CERTIFICATE REQUEST": x509.load_pem_x509_csr,
+}
+
+
+def public_key_of(data: bytes) -> CertificateIssuerPublicKeyTypes:
+    """The public key of a certificate, a CSR or a bare public key (SubjectPublicKeyInfo),
+    PEM or DER: what a key reported compromised comes as. A private key is refused (it must
+    not travel to the CA); so is any key type we never certify."""
+    if not data.strip():
+        raise MalformedInput("the key file is empty")
+    begin = _PEM_BEGIN.search(data)
+    key: object
+    try:
+        if begin is not None:
+            label = begin.group(1)
+            if label.endswith(b"PRIVATE KEY"):
+                raise InputError(
+                    "this is a private key: give the certificate, the CSR or the public key"
+                )
+            loader = _KEY_PEM_LABELS.get(label)
+            key = (
+                loader(data).public_key()
+                if loader is not None
+                else serialization.load_pem_public_key(data)
+            )
+        else:
+            key = _public_key_of_der(data)
+    except ValueError as exc:
+        raise MalformedInput(f"no certificate, CSR or public key can be read: {exc}") from None
+    except UnsupportedAlgorithm:
+        raise PolicyViolation("key-type", "this key type is never certified here") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
+        raise PolicyViolation("key-type", f"{type(key).__name__} keys are never certified here")
+    return key
+
+
+def _public_key_of_der(data: bytes) -> object:
+    for load in (x509.load_der_x509_certificate, x509.load_der_x509_csr):
+        try:
+            return load(data).public_key()
+        except ValueError:
+            continue
+    return serialization.load_der_public_key(data)

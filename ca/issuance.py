@@ -29,16 +29,16 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificateIssuerPublicKeyTypes,
 )
-from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy import Table, bindparam, exists, insert, select, update
 
 from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
 from ca import rules
 from ca.csr import parse_csr
-from ca.models import Certificate, CertStatus
+from ca.models import BlockedKey, Certificate, CertStatus
 from ca.profiles import ProfileSet
 from ca.registry import CaRegistry
-from ca.tbs import SanEntry, Tbs, new_serial, serial_hex, tbs_sha256
+from ca.tbs import SanEntry, Tbs, new_serial, serial_hex, spki_sha256, tbs_sha256
 from hsm.base import KeyBackend, KeyType, key_type_of, signature_hash
 from hsm.observed import observed
 from hsm.software import generate_private_key
@@ -50,6 +50,7 @@ from sekisho.errors import (
     InputError,
     KeyBackendError,
     NotFound,
+    PolicyViolation,
     SekishoError,
     StoreError,
 )
@@ -61,26 +62,37 @@ MAX_SERIAL_ATTEMPTS = 5
 # Hot-path statements, prepared once and run on the driver's cursor (``Database.write_tx``):
 # the ORM unit of work, then Core's per-execution work, each cost more than the database.
 _CERTIFICATES = cast(Table, Certificate.__table__)
+_INTENT_COLUMNS = (
+    "issuer_id",
+    "serial",
+    "status",
+    "profile",
+    "subject_dn",
+    "sans",
+    "not_before",
+    "not_after",
+    "tbs_sha256",
+    "key_type",
+    "owner_kind",
+    "owner_id",
+    "tenant",
+    "created_at",
+    "status_epoch",
+    "spki_sha256",
+)
+_BLOCKED = cast(Table, BlockedKey.__table__)
+# The intent, written only if the key is not blocked, in the same statement (one round trip;
+# no issuance slips between a separate look and the insert): no row back means blocked.
 _INSERT_INTENT = Prepared(
-    insert(_CERTIFICATES).returning(_CERTIFICATES.c.id),
-    (
-        "issuer_id",
-        "serial",
-        "status",
-        "profile",
-        "subject_dn",
-        "sans",
-        "not_before",
-        "not_after",
-        "tbs_sha256",
-        "key_type",
-        "owner_kind",
-        "owner_id",
-        "tenant",
-        "created_at",
-        "status_epoch",
-    ),
-    columns=True,
+    insert(_CERTIFICATES)
+    .from_select(
+        list(_INTENT_COLUMNS),
+        select(*(bindparam(c, type_=_CERTIFICATES.c[c].type) for c in _INTENT_COLUMNS)).where(
+            ~exists().where(_BLOCKED.c.spki_sha256 == bindparam("spki_sha256"))
+        ),
+    )
+    .returning(_CERTIFICATES.c.id),
+    _INTENT_COLUMNS,
 )
 _STORE_ISSUED = Prepared(
     update(_CERTIFICATES)
@@ -123,6 +135,17 @@ class _SerialTaken(Exception):
     """Raised from inside the signing hook when the serial is already used."""
 
 
+BLOCKED_KEY = "blocked-key"
+
+
+def key_blocked() -> PolicyViolation:
+    return PolicyViolation(
+        BLOCKED_KEY,
+        "this public key is blocked: it was reported compromised (a certificate for it was "
+        "revoked for keyCompromise, or `sekisho key block`); make a new key",
+    )
+
+
 class CaService:
     def __init__(
         self,
@@ -154,7 +177,11 @@ class CaService:
         except (InputError, NotFound, Conflict) as exc:
             self._journal_rejection(request.ca, request.profile, request.subject, exc, actor)
             raise
-        return self._sign_and_store(tbs, request, actor)
+        try:
+            return self._sign_and_store(tbs, request, actor)
+        except PolicyViolation as exc:  # the key found blocked as the intent was written
+            self._journal_rejection(request.ca, request.profile, request.subject, exc, actor)
+            raise
 
     def issue_from_csr(
         self,
@@ -278,16 +305,18 @@ class CaService:
                 "tenant": request.tenant,
                 "created_at": self.clock(),
                 "status_epoch": 0,
+                "spki_sha256": spki_sha256(tbs.public_key),
             }
             try:
                 # Committed before this returns, so before the signature exists (one
                 # statement: autocommit on PostgreSQL).
                 with self.db.write_tx(single=True) as tx:
                     row = tx.first(_INSERT_INTENT, values)
-                    assert row is not None
-                    reserved.append(int(row[0]))
             except DuplicateKey:
                 raise _SerialTaken() from None
+            if row is None:
+                raise key_blocked()  # nothing written, nothing signed
+            reserved.append(int(row[0]))
 
         return commit_intent
 

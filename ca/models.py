@@ -90,6 +90,25 @@ class Certificate(Base):
     invalidity_date: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     released_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     status_epoch: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
+    # SHA-256 of the subject's SubjectPublicKeyInfo (hex), from the intent on: finds every
+    # certificate of a compromised key. None only for rows older than migration 0004 that
+    # had no DER to compute it from.
+    spki_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+class BlockedKey(Base):
+    """A public key never to be certified again (BR 6.1.1.3): one whose certificate was
+    revoked for keyCompromise, or reported compromised (``sekisho key block``)."""
+
+    __tablename__ = "blocked_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spki_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    # What blocked it: the certificate revoked for keyCompromise, or None for a report.
+    issuer_id: Mapped[int | None] = mapped_column(ForeignKey("ca_authorities.id"))
+    serial: Mapped[str | None] = mapped_column(String(42))
+    comment: Mapped[str | None] = mapped_column(Text)
+    blocked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class CrlKind(enum.StrEnum):

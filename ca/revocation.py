@@ -3,6 +3,13 @@
 The decision (may this certificate move to that state?) is pure; ``Revoker`` applies it in one
 transaction with the journal entry, bumps the CA's revocation epoch (so CRL builders and the
 OCSP store see the change) and then tells listeners.
+
+A revocation for keyCompromise also blocks the key (BR 6.1.1.3: ``blocked_keys``; issuance
+refuses it from then on) and revokes, in the same transaction, every other certificate that
+carries it, under any CA (BR 4.9.1.1: all certificates of a compromised key within 24 hours).
+``sekisho key block`` does the same for a key reported compromised without a certificate of
+ours revoked first. A sweep (``revoke_blocked``, every refresher tick) revokes a certificate of
+a blocked key that an issuance racing the block left behind.
 """
 
 from __future__ import annotations
@@ -13,14 +20,16 @@ import logging
 from collections.abc import Callable
 
 from cryptography import x509
-from sqlalchemy import select, update
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
-from ca.models import Certificate, CertificateAuthority, CertStatus
+from ca.models import BlockedKey, Certificate, CertificateAuthority, CertStatus
 from ca.registry import ca_row
-from ca.tbs import serial_hex
+from ca.tbs import serial_hex, spki_sha256
 from sekisho.context import Actor
 from sekisho.db import Database
 from sekisho.errors import Conflict, InputError, NotFound, shown
@@ -126,6 +135,27 @@ def decide_revocation(status: CertStatus, current: Reason | None, new: Reason) -
 
 
 Listener = Callable[[int], None]
+SWEEP_ACTOR = Actor(account="system:blocked-keys")
+
+# Issued or reserved (a signature may exist), on hold, or revoked for another reason: what a
+# compromised key's certificates may still be, and must not stay.
+_NOT_REVOKED_FOR_KEY_COMPROMISE = or_(
+    Certificate.status.in_([CertStatus.ISSUED, CertStatus.RESERVED]),
+    and_(
+        Certificate.status == CertStatus.REVOKED,
+        Certificate.revocation_reason != Reason.KEY_COMPROMISE.value,
+    ),
+)
+
+
+def _spki_of_der(der: bytes | None) -> str | None:
+    """The key hash of a stored certificate (rows from before migration 0004 lack it)."""
+    if der is None:
+        return None
+    try:
+        return spki_sha256(x509.load_der_x509_certificate(der).public_key())  # type: ignore[arg-type]
+    except ValueError:
+        return None
 
 
 class Revoker:
@@ -174,35 +204,188 @@ class Revoker:
             cert = self._locked_cert(session, ca, serial)
             current = Reason(cert.revocation_reason) if cert.revocation_reason else None
             decide_revocation(cert.status, current, reason)
-            previous = cert.status
-            cert.status = CertStatus.REVOKED
-            cert.revocation_reason = reason.value
-            if cert.revoked_at is None or current is Reason.CERTIFICATE_HOLD:
-                cert.revoked_at = now
-            cert.invalidity_date = invalidity_date or cert.invalidity_date
-            cert.status_epoch = self._bump_epoch(session, ca)
-            self.journal.append(
-                session,
-                by_actor(
-                    actor,
-                    Category.CA,
-                    "ca.revoke",
-                    Outcome.SUCCESS,
-                    object_dn=cert.subject_dn,
-                    object_serial=cert.serial,
-                    detail={
-                        "ca": ca.name,
-                        "reason": reason.value,
-                        "previous": previous.value,
-                        "previous_reason": current.value if current else None,
-                        "invalidity_date": invalidity_date.isoformat() if invalidity_date else None,
-                    },
-                ),
-                now,
-            )
-            ca_id = ca.id
-        self._notify(ca_id)
+            self._apply(session, ca, cert, reason, actor, now, invalidity_date)
+            touched = {ca.id}
+            if reason is Reason.KEY_COMPROMISE:
+                spki = cert.spki_sha256 or _spki_of_der(cert.der)
+                if spki is not None:
+                    cert.spki_sha256 = spki
+                    self._block(session, spki, actor, now, cert=cert, ca=ca)
+                    revoked = self._revoke_key(
+                        session, spki, actor, now, invalidity_date, f"{ca.name} {cert.serial}"
+                    )
+                    touched |= {ca_id for ca_id, _ in revoked}
+        for ca_id in sorted(touched):
+            self._notify(ca_id)
         return cert
+
+    def block_key(
+        self, key: CertificateIssuerPublicKeyTypes, actor: Actor, comment: str | None = None
+    ) -> tuple[bool, list[tuple[str, str]]]:
+        """Block a key reported compromised and revoke (keyCompromise) every certificate of
+        ours that carries it: (newly blocked, [(CA name, serial) revoked])."""
+        now = self.clock()
+        spki = spki_sha256(key)
+        with self.db.scope() as session:
+            blocked = self._block(session, spki, actor, now, comment=comment)
+            revoked = self._revoke_key(session, spki, actor, now, None, "a reported key")
+            names = dict(
+                session.execute(
+                    select(CertificateAuthority.id, CertificateAuthority.name).where(
+                        CertificateAuthority.id.in_([i for i, _ in revoked])
+                    )
+                ).all()
+            )
+            done = [(str(names[i]), serial) for i, serial in sorted(revoked)]
+        for ca_id in sorted({i for i, _ in revoked}):
+            self._notify(ca_id)
+        return blocked, done
+
+    def revoke_blocked(self, now: dt.datetime, actor: Actor = SWEEP_ACTOR) -> int:
+        """Revoke (keyCompromise) every certificate of a blocked key not revoked so yet: one
+        that an issuance racing the block wrote after the block looked (PostgreSQL runs the
+        two side by side). One indexed query when there is none."""
+        with self.db.scope() as session:
+            rows = session.scalars(
+                select(Certificate)
+                .join(BlockedKey, BlockedKey.spki_sha256 == Certificate.spki_sha256)
+                .where(_NOT_REVOKED_FOR_KEY_COMPROMISE)
+                .with_for_update(of=Certificate)
+            ).all()
+            touched: set[int] = set()
+            for cert in rows:
+                ca = session.get(CertificateAuthority, cert.issuer_id)
+                assert ca is not None
+                self._apply(
+                    session, ca, cert, Reason.KEY_COMPROMISE, actor, now, None,
+                    cause="its key is blocked",
+                )  # fmt: skip
+                touched.add(ca.id)
+        for ca_id in sorted(touched):
+            self._notify(ca_id)
+        return len(rows)
+
+    def _apply(
+        self,
+        session: Session,
+        ca: CertificateAuthority,
+        cert: Certificate,
+        reason: Reason,
+        actor: Actor,
+        now: dt.datetime,
+        invalidity_date: dt.datetime | None,
+        *,
+        cause: str | None = None,
+    ) -> None:
+        """Revoke ``cert`` (the decision taken) with its journal entry."""
+        current = Reason(cert.revocation_reason) if cert.revocation_reason else None
+        previous = cert.status
+        cert.status = CertStatus.REVOKED
+        cert.revocation_reason = reason.value
+        if cert.revoked_at is None or current is Reason.CERTIFICATE_HOLD:
+            cert.revoked_at = now
+        cert.invalidity_date = invalidity_date or cert.invalidity_date
+        cert.status_epoch = self._bump_epoch(session, ca)
+        detail: dict[str, object] = {
+            "ca": ca.name,
+            "reason": reason.value,
+            "previous": previous.value,
+            "previous_reason": current.value if current else None,
+            "invalidity_date": invalidity_date.isoformat() if invalidity_date else None,
+        }
+        if cause is not None:
+            detail["cause"] = cause
+        self.journal.append(
+            session,
+            by_actor(
+                actor,
+                Category.CA,
+                "ca.revoke",
+                Outcome.SUCCESS,
+                object_dn=cert.subject_dn,
+                object_serial=cert.serial,
+                detail=detail,
+            ),
+            now,
+        )
+
+    def _block(
+        self,
+        session: Session,
+        spki: str,
+        actor: Actor,
+        now: dt.datetime,
+        *,
+        cert: Certificate | None = None,
+        ca: CertificateAuthority | None = None,
+        comment: str | None = None,
+    ) -> bool:
+        """Add ``spki`` to the blocklist unless there already (a concurrent block of the same
+        key must not fail a revocation): True when added, with its journal entry."""
+        values = {
+            "spki_sha256": spki,
+            "issuer_id": ca.id if ca is not None else None,
+            "serial": cert.serial if cert is not None else None,
+            "comment": comment,
+            "blocked_at": now,
+        }
+        dialect = session.get_bind().dialect.name
+        upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        added = session.execute(
+            upsert(BlockedKey)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["spki_sha256"])
+            .returning(BlockedKey.id)
+        ).first()
+        if added is None:
+            return False
+        detail: dict[str, object] = {"spki_sha256": spki}
+        if ca is not None:
+            detail["ca"] = ca.name
+        if comment:
+            detail["comment"] = comment
+        self.journal.append(
+            session,
+            by_actor(
+                actor,
+                Category.CA,
+                "ca.key.block",
+                Outcome.SUCCESS,
+                object_dn=cert.subject_dn if cert is not None else None,
+                object_serial=cert.serial if cert is not None else None,
+                detail=detail,
+            ),
+            now,
+        )
+        return True
+
+    def _revoke_key(
+        self,
+        session: Session,
+        spki: str,
+        actor: Actor,
+        now: dt.datetime,
+        invalidity_date: dt.datetime | None,
+        source: str,
+    ) -> set[tuple[int, str]]:
+        """Revoke (keyCompromise) every certificate of key ``spki`` not revoked so yet, under
+        any CA: the (CA id, serial) of each."""
+        rows = session.scalars(
+            select(Certificate)
+            .where(Certificate.spki_sha256 == spki, _NOT_REVOKED_FOR_KEY_COMPROMISE)
+            .order_by(Certificate.id)
+            .with_for_update()
+        ).all()
+        done: set[tuple[int, str]] = set()
+        for other in rows:
+            ca = session.get(CertificateAuthority, other.issuer_id)
+            assert ca is not None
+            self._apply(
+                session, ca, other, Reason.KEY_COMPROMISE, actor, now, invalidity_date,
+                cause=f"the same key as {source}, compromised",
+            )  # fmt: skip
+            done.add((ca.id, other.serial))
+        return done
 
     def release(self, ca_name: str, serial: int, actor: Actor) -> Certificate:
         """Take a certificate off hold (it reappears as removeFromCRL in the next delta)."""

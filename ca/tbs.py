@@ -16,6 +16,7 @@ from functools import cached_property
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from ca.profiles import Profile
@@ -291,3 +292,10 @@ def parse_subject(text: str) -> x509.Name:
 
 def tbs_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def spki_sha256(key: CertificateIssuerPublicKeyTypes) -> str:
+    """SHA-256 (hex) of a public key's SubjectPublicKeyInfo DER: how a key is known to the
+    blocklist and found in every certificate that carries it."""
+    spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()

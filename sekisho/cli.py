@@ -25,12 +25,12 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
 from audit.cli import audit as audit_group
-from ca.csr import MAX_CSR_BYTES
+from ca.csr import MAX_CSR_BYTES, public_key_of
 from ca.hierarchy import NameConstraintSpec
 from ca.issuance import IssueRequest
-from ca.models import Certificate, CertificateAuthority, CertStatus
+from ca.models import BlockedKey, Certificate, CertificateAuthority, CertStatus
 from ca.revocation import Reason
-from ca.tbs import SanEntry, parse_serial, parse_subject
+from ca.tbs import SanEntry, parse_serial, parse_subject, spki_sha256
 from hsm.base import CA_KEY_TYPES, KeyType
 from hsm.secrets import read_secret
 from sekisho import __version__
@@ -685,6 +685,80 @@ def release(state: State, ca_name: str, serial: int) -> None:
     state.emit(
         {"serial": cert.serial, "status": cert.status.value}, f"released {cert.serial} from hold"
     )
+
+
+# -- key ---------------------------------------------------------------------------------------
+@cli.group("key")
+def key_group() -> None:
+    """Compromised keys: blocked from issuance, their certificates revoked."""
+
+
+@key_group.command("block")
+@click.argument("key_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--comment", help="Why (e.g. the report's reference); journalled.")
+@pass_state
+def key_block(state: State, key_file: Path, comment: str | None) -> None:
+    """Block a key reported compromised: KEY_FILE is a certificate, a CSR or a public key
+    (PEM or DER; of PEM, the first block). No certificate is issued for it again, and every
+    certificate of ours that carries it is revoked for key_compromise now. Revoking a
+    certificate for key_compromise blocks its key the same way."""
+    key = public_key_of(read_input(key_file, "key file", 64 * 1024))
+    if comment is not None and len(comment) > 500:
+        raise InputError("--comment is limited to 500 characters")
+    blocked, revoked = state.services().revoker.block_key(key, state.actor(), comment)
+    spki = spki_sha256(key)
+
+    def text() -> str:
+        head = f"blocked key {spki}" if blocked else f"key {spki} was blocked already"
+        lines = [head, f"revoked {len(revoked)} certificate(s) for key_compromise"]
+        lines += [f"  {ca} {serial}" for ca, serial in revoked]
+        return "\n".join(lines)
+
+    state.emit(
+        {
+            "spki_sha256": spki,
+            "newly_blocked": blocked,
+            "revoked": [{"ca": ca, "serial": serial} for ca, serial in revoked],
+        },
+        text,
+    )
+
+
+@key_group.command("list")
+@click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
+@pass_state
+def key_list(state: State, limit: int) -> None:
+    """List blocked keys (newest first)."""
+    services = state.read_services()
+    with services.db.read_scope() as session:
+        rows = session.execute(
+            select(BlockedKey, CertificateAuthority.name)
+            .outerjoin(CertificateAuthority, CertificateAuthority.id == BlockedKey.issuer_id)
+            .order_by(BlockedKey.id.desc())
+            .limit(limit)
+        ).all()
+        docs = [
+            {
+                "spki_sha256": row.spki_sha256,
+                "blocked_at": row.blocked_at.isoformat(),
+                "ca": ca_name,
+                "serial": row.serial,
+                "comment": row.comment,
+            }
+            for row, ca_name in rows
+        ]
+
+    def text() -> str:
+        if not docs:
+            return "no blocked keys"
+        return "\n".join(
+            f"{d['spki_sha256']}  {d['blocked_at']}  "
+            + (f"{d['ca']} {d['serial']}" if d["serial"] else "reported")
+            + (f"  {shown(d['comment'])}" if d["comment"] else "")
+            for d in docs
+        )
+
+    state.emit(docs, text)
 
 
 # -- cert -------------------------------------------------------------------------------------

@@ -163,6 +163,8 @@ class CrlRefresher:
 
     def _loop(self) -> None:
         steps: list[tuple[str, Callable[[dt.datetime], object]]] = [
+            # Before the CRLs: a certificate of a blocked key revoked now is on this tick's.
+            ("blocked keys", self.services.revoker.revoke_blocked),
             ("crl refresh", self.run_once),
             ("ocsp refresh", self.ocsp.run_once),
             ("audit checkpoint", self.audit.run_once),

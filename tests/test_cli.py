@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -27,8 +28,10 @@ from typing import Any
 import click
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
 
 from ca.crl import latest_by_name
 from ca.hierarchy import create_issuing
@@ -737,6 +740,63 @@ def test_crl_generate_refuses_a_ca_that_expires_within_the_hour(
     _, crl_der = latest_crl(settings, "device")
     pkilint_crl(crl_der)
     openssl_crl_verify(crl_der, ca_der(run, "device"))
+
+
+def test_key_block_revokes_the_keys_certificates_and_refuses_it_from_then_on(
+    run: Runner, tmp_path: Path
+) -> None:
+    """`key block FILE` (a certificate here; a CSR or a public key, PEM or DER, alike):
+    every certificate with that key revoked for key_compromise, the key listed by `key list`,
+    and an issuance from a CSR with the key refused (exit 65, rule blocked-key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kb.example.com")]))
+        .sign(key, hashes.SHA256())
+    )
+    csr_file = tmp_path / "kb.csr"
+    csr_file.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    issue = ["--json", "issue", "--ca", "device", "--profile", "device", "--csr", str(csr_file),
+             "--subject", "CN=kb.example.com", "--san", "dns:kb.example.com"]  # fmt: skip
+    serials = [ok(run(*issue)).json()["serial"] for _ in range(2)]
+    other = _issue_device(run, "kb-other.example.com")
+    assert ok(run("key", "list")).out.strip() == "no blocked keys"
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    public_der = tmp_path / "kb.pub.der"
+    public_der.write_bytes(spki)
+
+    private = tmp_path / "kb.key"
+    private.write_bytes(key_pem)
+    refused = run("key", "block", str(private))
+    assert refused.code == 65 and "private key" in refused.err and refused.out == ""
+    (tmp_path / "empty").write_bytes(b"")
+    assert run("key", "block", str(tmp_path / "empty")).code == 65
+    assert run("key", "block", str(tmp_path / "missing.pem")).code == 65
+    assert run("key", "block", str(public_der), "--comment", "x" * 501).code == 65
+
+    doc = ok(run("--json", "key", "block", str(public_der), "--comment", "ticket 7")).json()
+    digest = hashlib.sha256(spki).hexdigest()
+    assert doc["spki_sha256"] == digest and doc["newly_blocked"] is True
+    assert sorted(r["serial"] for r in doc["revoked"]) == sorted(serials)
+    for serial in serials:
+        shown_doc = ok(run("--json", "cert", "show", "--ca", "device", serial)).json()
+        assert (shown_doc["status"], shown_doc["reason"]) == ("revoked", "key_compromise")
+    assert ok(run("--json", "cert", "show", "--ca", "device", other)).json()["status"] == "issued"
+    again = ok(run("key", "block", str(csr_file)))
+    assert f"key {digest} was blocked already" in again.out
+    listed = ok(run("--json", "key", "list")).json()
+    assert [(k["spki_sha256"], k["comment"], k["serial"]) for k in listed] == [
+        (digest, "ticket 7", None)
+    ]
+    blocked = run(*issue)
+    assert blocked.code == 65 and "blocked-key" in blocked.err, blocked
 
 
 def test_revoke_with_a_future_invalidity_date_exits_65(run: Runner) -> None:

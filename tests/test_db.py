@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import logging
@@ -564,6 +565,45 @@ def test_migration_0003_backfills_and_downgrades_with_rows_in_place(services: Se
     assert after.keys() == before.keys()
     for kept, newest in after.values():
         assert kept == newest  # None for a CA without CRLs (the root, until it signs one)
+
+
+def test_migration_0004_backfills_key_hashes_and_blocks_compromised_keys(
+    services: Services,
+) -> None:
+    """0004 gives every stored certificate its key's hash (from its DER) and blocks the keys
+    of certificates already revoked for keyCompromise; its downgrade drops both."""
+    from alembic import command
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ca.models import BlockedKey, Certificate
+    from ca.revocation import Reason
+    from ca.tbs import spki_sha256
+    from tests.ca.helpers import request_for
+    from tests.conftest import TEST_ACTOR
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = dataclasses.replace(request_for("admin-client"), public_key=key.public_key())
+    compromised = services.ca.issue(request, TEST_ACTOR)
+    services.ca.issue(request_for("device"), TEST_ACTOR)
+    services.revoker.revoke("admin", compromised.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+
+    def hashes() -> dict[int, str | None]:
+        with services.db.scope() as session:
+            return dict(session.execute(select(Certificate.id, Certificate.spki_sha256)).all())  # type: ignore[arg-type]
+
+    before = hashes()
+    assert before and all(before.values())
+    cfg = db_module.alembic_config(services.db.engine)
+    command.downgrade(cfg, "0003")
+    with services.db.engine.connect() as conn:
+        assert "blocked_keys" not in inspect(conn).get_table_names()
+        assert "spki_sha256" not in {c["name"] for c in inspect(conn).get_columns("certificates")}
+    command.upgrade(cfg, "head")
+    assert hashes() == before
+    with services.db.scope() as session:
+        (blocked,) = session.scalars(select(BlockedKey)).all()
+    assert blocked.spki_sha256 == spki_sha256(key.public_key())
+    assert blocked.comment and "before migration 0004" in blocked.comment
 
 
 _COMMITS = """
