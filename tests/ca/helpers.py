@@ -93,5 +93,13 @@ def ca_cert(services: Services, ca: str) -> x509.Certificate:
         return x509.load_der_x509_certificate(ca_row(session, ca).certificate_der)
 
 
+def ca_key_ref(services: Services, ca: str) -> str:
+    """The key backend's reference of CA ``ca``'s signing key (as ``RecordingBackend`` logs it)."""
+    from ca.registry import ca_row
+
+    with services.db.scope() as session:
+        return ca_row(session, ca).key_ref
+
+
 def der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)

@@ -8,12 +8,12 @@ import pytest
 from cryptography import x509
 from sqlalchemy import select, text
 
-from ca.models import Certificate, CertificateAuthority, CertStatus, CrlKind
+from ca.models import Certificate, CertStatus, CrlKind
 from ca.revocation import Reason
 from ca.tbs import serial_hex
 from sekisho.errors import KeyBackendError, SekishoError, StoreError
 from sekisho.services import Services
-from tests.ca.helpers import ca_cert, der, issue, request_for
+from tests.ca.helpers import ca_cert, ca_key_ref, der, issue, request_for
 from tests.conftest import TEST_ACTOR, RecordingBackend
 from tests.support import checkers
 
@@ -50,15 +50,6 @@ def _heal(services: Services) -> None:
             conn.execute(text("DROP FUNCTION fail_issue()"))
 
 
-def _ca_key_ref(services: Services, name: str) -> str:
-    with services.db.scope() as session:
-        return str(
-            session.scalars(
-                select(CertificateAuthority.key_ref).where(CertificateAuthority.name == name)
-            ).one()
-        )
-
-
 def _is_sqlite(services: Services) -> bool:
     return services.db.engine.dialect.name == "sqlite"
 
@@ -71,7 +62,7 @@ def _rows(services: Services, status: CertStatus) -> list[Certificate]:
 def test_store_fails_after_signing(services: Services, recording_backend: RecordingBackend) -> None:
     issued_before = len(_rows(services, CertStatus.ISSUED))
     _inject(services)
-    ca_key = _ca_key_ref(services, "admin")
+    ca_key = ca_key_ref(services, "admin")
     signed_before = [data for ref, data in recording_backend.calls if ref == ca_key]
     with pytest.raises(StoreError) as info:
         issue(services, "admin-client")
