@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import json
 import random
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -15,10 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import func, select
 
 from audit.models import JournalRecord
+from ca import rules
 from ca.hierarchy import create_issuing
 from ca.models import Certificate
 from ca.tbs import SanEntry
 from hsm.base import KeyType
+from sekisho.cli import main
 from sekisho.errors import (
     BadSignature,
     InputError,
@@ -29,8 +32,9 @@ from sekisho.errors import (
     TooLarge,
 )
 from sekisho.services import Services
-from tests.ca.helpers import make_csr, name, request_for
-from tests.conftest import TEST_ACTOR
+from tests.ca.helpers import ca_key_ref, make_csr, name, request_for
+from tests.conftest import TEST_ACTOR, RecordingBackend
+from tests.support.rsa_keys import next_prime, roca_private_key
 
 ADMIN = name(O="Tenant One", UID="bob", CN="Bob Admin")
 ADMIN_SANS = (SanEntry("email", "bob@tenant1.example.com"),)
@@ -236,41 +240,10 @@ def test_rsa_exponent_3_refused(services: Services) -> None:
     assert "65537" in exc.message
 
 
-def _is_probable_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
-        if n % p == 0:
-            return n == p
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d, r = d // 2, r + 1
-    for a in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41):
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def _next_prime(n: int) -> int:
-    n |= 1
-    for _ in range(100_000):
-        if _is_probable_prime(n):
-            return n
-        n += 2
-    raise AssertionError("no prime found")
-
-
 def test_rsa_close_primes_refused(services: Services) -> None:
     """A 2048-bit modulus whose primes are neighbours: Fermat's method factors it at once."""
-    p = _next_prime((1 << 1023) + (1 << 1022) + 12345)
-    q = _next_prime(p + 2)
+    p = next_prime((1 << 1023) + (1 << 1022) + 12345)
+    q = next_prime(p + 2)
     n = p * q
     assert n.bit_length() == 2048
     public = rsa.RSAPublicNumbers(65537, n).public_key()
@@ -279,6 +252,68 @@ def test_rsa_close_primes_refused(services: Services) -> None:
         services, lambda: services.ca.issue(request, TEST_ACTOR), PolicyViolation, "weak-key"
     )
     assert "Fermat" in exc.message
+
+
+@pytest.fixture(scope="session")
+def roca_key() -> rsa.RSAPrivateKey:
+    """A 2048-bit key with Infineon RSALib's prime structure (about a second to build)."""
+    return roca_private_key(2048)
+
+
+def _assert_roca_message(message: str) -> None:
+    assert "ROCA" in message and "CVE-2017-15361" in message, message
+    assert "\n" not in message
+
+
+def test_rsa_roca_key_refused(
+    services: Services, recording_backend: RecordingBackend, roca_key: rsa.RSAPrivateKey
+) -> None:
+    """CVE-2017-15361: a CSR for a key with the ROCA fingerprint (signed by that key, so it
+    passes proof of possession) is refused before the CA key signs anything. The same request
+    with an ordinary RSA-2048 key is issued, and signed by the CA key."""
+    ca_key = ca_key_ref(services, "admin")
+    signed_before = [data for ref, data in recording_backend.calls if ref == ca_key]
+    exc = _assert_refused(
+        services, _from_csr(services, _csr_with_key(roca_key)), PolicyViolation, "weak-key"
+    )
+    _assert_roca_message(exc.message)
+    assert [data for ref, data in recording_backend.calls if ref == ca_key] == signed_before
+    cert = _from_csr(services, _csr_with_key(rsa.generate_private_key(65537, 2048)))()
+    assert cert.subject == ADMIN
+    assert len([ref for ref, _ in recording_backend.calls if ref == ca_key]) > len(signed_before)
+
+
+def test_rsa_roca_key_refused_by_the_cli(
+    services: Services,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    roca_key: rsa.RSAPrivateKey,
+) -> None:
+    """``sekisho issue --csr``: one line naming the rule and ROCA, exit 65, a rejection in the
+    journal and no certificate row."""
+    csr = tmp_path / "roca.csr"
+    csr.write_bytes(_csr_with_key(roca_key))
+    rows_before, rejections_before = _cert_rows(services), len(_rejections(services))
+    capsys.readouterr()
+    args = ["issue", "--ca", "admin", "--profile", "admin-client", "--csr", str(csr)]
+    code = main(["--data-dir", str(data_dir), *args, "--san", "email:bob@tenant1.example.com"])
+    out, err = capsys.readouterr()
+    assert code == 65, (out, err)
+    assert err.startswith("error: policy-violation: weak-key: ") and err.count("\n") == 1, err
+    _assert_roca_message(err.rstrip("\n"))
+    assert _cert_rows(services) == rows_before
+    rejections = _rejections(services)
+    assert len(rejections) == rejections_before + 1
+    assert json.loads(rejections[-1].detail)["rule"] == "weak-key"
+
+
+def test_ordinary_rsa_keys_have_no_roca_fingerprint(roca_key: rsa.RSAPrivateKey) -> None:
+    """Keys from ``cryptography`` (OpenSSL) are not flagged; the RSALib-structured one is."""
+    assert rules.has_roca_fingerprint(roca_key.public_key().public_numbers().n)
+    for bits in (2048,) * 16 + (3072,) * 4:
+        n = rsa.generate_private_key(65537, bits).public_key().public_numbers().n
+        assert not rules.has_roca_fingerprint(n), hex(n)
 
 
 def test_disallowed_curve_refused(services: Services) -> None:
