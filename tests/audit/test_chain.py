@@ -67,8 +67,8 @@ def test_issue_and_revoke_are_recorded_with_every_field(
     revoker = Actor(account="sec@tenant1", client_ip="2001:db8::5")
     journal_services.revoker.revoke("device", cert.serial_number, Reason.KEY_COMPROMISE, revoker)
 
-    issued, revoked = stored_records(journal_services)[-2:]
-    assert revoked.seq == issued.seq + 1
+    issued, revoked, blocked = stored_records(journal_services)[-3:]
+    assert revoked.seq == issued.seq + 1 and blocked.seq == revoked.seq + 1
     assert issued.category == "ca" and issued.action == "ca.issue"
     assert issued.outcome == "success"
     assert issued.actor_account == "ops@tenant1" and issued.actor_serial == "0a" * 20
@@ -88,6 +88,10 @@ def test_issue_and_revoke_are_recorded_with_every_field(
     assert revoked.object_serial == issued.object_serial
     assert revoked.time == clock.now
     assert json.loads(revoked.detail)["reason"] == "key_compromise"
+    # keyCompromise blocks the key, in the same transaction, by the same actor.
+    assert (blocked.action, blocked.category) == ("ca.key.block", "ca")
+    assert (blocked.actor_account, blocked.request_id) == ("sec@tenant1", revoker.request_id)
+    assert blocked.object_serial == issued.object_serial and blocked.time == clock.now
 
 
 def test_device_and_auth_fields_are_recorded(journal_services: Services, clock: FakeClock) -> None:
