@@ -32,7 +32,10 @@ import re
 MAX_SHOWN = 80
 # A path is quoted whole up to 255 characters (NAME_MAX): its end is what tells files apart.
 PATH_SHOWN = 255
-_LONG_RUN = re.compile(rf"\S{{{MAX_SHOWN + 1},}}")
+# ``tamed`` cuts runs longer than anything ``shown`` quotes (PATH_SHOWN characters, each
+# escaped to at most four, with quotes and "..."), so a value already quoted stays whole.
+_TAMED_RUN = 4 * PATH_SHOWN + 16
+_LONG_RUN = re.compile(rf"\S{{{_TAMED_RUN + 1},}}")
 
 
 def shown(value: object, limit: int = MAX_SHOWN) -> str:
@@ -50,8 +53,9 @@ def shown(value: object, limit: int = MAX_SHOWN) -> str:
 def tamed(text: str) -> str:
     """A library's message that may quote what the caller gave (click's usage errors) made
     fit to print on one line: every character that is not printable (line breaks, escape
-    sequences, bidirectional controls) escaped as ``repr`` escapes it, and every run of more
-    than ``MAX_SHOWN`` non-blank characters cut to its first ``MAX_SHOWN``, with its length."""
+    sequences, bidirectional controls) escaped as ``repr`` escapes it, and every run of
+    non-blank characters too long to be a value ``shown`` quoted cut to its first
+    ``MAX_SHOWN``, with its length."""
     escaped = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
     return _LONG_RUN.sub(
         lambda m: f"{m.group()[:MAX_SHOWN]}... ({len(m.group())} characters)", escaped

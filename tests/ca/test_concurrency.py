@@ -302,6 +302,7 @@ def test_issue_revoke_and_crls_at_once(services: Services) -> None:
         assert number == row.number
         if row.kind is CrlKind.DELTA:
             assert row.base_number is not None and row.base_number < row.number
-    # issue + revoke + each CRL: one journal entry each, one gapless verified chain.
-    expected = len(issued) + len(revoked) + len(numbers) + 1
+    # issue + each CRL: one journal entry each; a revocation for keyCompromise two (the
+    # revocation, the block of its key); one gapless verified chain.
+    expected = len(issued) + 2 * len(revoked) + len(numbers) + 1
     assert journal.head_seq == before.head_seq + expected
