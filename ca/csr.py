@@ -57,7 +57,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
             return x509.load_pem_x509_csr(_one_pem_block(data))
         _nothing_after_der(data)
         return x509.load_der_x509_csr(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise MalformedInput(f"CSR cannot be parsed: {exc}") from None
 
 
@@ -173,7 +173,7 @@ def public_key_of(data: bytes) -> CertificateIssuerPublicKeyTypes:
             )
         else:
             key = _public_key_of_der(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise MalformedInput(f"no certificate, CSR or public key can be read: {exc}") from None
     except UnsupportedAlgorithm:
         raise PolicyViolation("key-type", "this key type is never certified here") from None
@@ -186,6 +186,6 @@ def _public_key_of_der(data: bytes) -> object:
     for load in (x509.load_der_x509_certificate, x509.load_der_x509_csr):
         try:
             return load(data).public_key()
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             continue
     return serialization.load_der_public_key(data)

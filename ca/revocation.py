@@ -17,11 +17,11 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -137,15 +137,15 @@ def decide_revocation(status: CertStatus, current: Reason | None, new: Reason) -
 Listener = Callable[[int], None]
 SWEEP_ACTOR = Actor(account="system:blocked-keys")
 
-# Issued or reserved (a signature may exist), on hold, or revoked for another reason: what a
-# compromised key's certificates may still be, and must not stay.
-_NOT_REVOKED_FOR_KEY_COMPROMISE = or_(
-    Certificate.status.in_([CertStatus.ISSUED, CertStatus.RESERVED]),
-    and_(
-        Certificate.status == CertStatus.REVOKED,
-        Certificate.revocation_reason != Reason.KEY_COMPROMISE.value,
-    ),
-)
+
+def _compromisable(cert: Certificate) -> bool:
+    """Issued or reserved (a signature may exist), on hold, or revoked for another reason: what
+    a certificate of a compromised key may still be, and must not stay."""
+    if cert.status in (CertStatus.ISSUED, CertStatus.RESERVED):
+        return True
+    return (
+        cert.status is CertStatus.REVOKED and cert.revocation_reason != Reason.KEY_COMPROMISE.value
+    )
 
 
 def _spki_of_der(der: bytes | None) -> str | None:
@@ -176,17 +176,19 @@ class Revoker:
             raise NotFound(f"CA {ca.name} has no certificate with serial {serial:x}")
         return cert
 
-    def _bump_epoch(self, session: Session, ca: CertificateAuthority) -> int:
+    def _bump_epoch(self, session: Session, ca_id: int) -> tuple[int, str]:
+        """The CA's revocation epoch, one up: (the new epoch, the CA's name)."""
         session.execute(
             update(CertificateAuthority)
-            .where(CertificateAuthority.id == ca.id)
+            .where(CertificateAuthority.id == ca_id)
             .values(revocation_epoch=CertificateAuthority.revocation_epoch + 1)
         )
-        epoch = session.scalar(
-            select(CertificateAuthority.revocation_epoch).where(CertificateAuthority.id == ca.id)
-        )
-        assert epoch is not None
-        return int(epoch)
+        row = session.execute(
+            select(CertificateAuthority.revocation_epoch, CertificateAuthority.name).where(
+                CertificateAuthority.id == ca_id
+            )
+        ).one()
+        return int(row[0]), str(row[1])
 
     def revoke(
         self,
@@ -196,25 +198,45 @@ class Revoker:
         actor: Actor,
         invalidity_date: dt.datetime | None = None,
     ) -> Certificate:
+        """Revoke one certificate; for keyCompromise also block its key and revoke every other
+        certificate that carries it. Locks are taken in one order by every writer: certificate
+        rows (by id), then CA rows (by id: the epochs), then the journal head; a compromised
+        key's block row before all of them, so two revocations of one key queue holding
+        nothing."""
         now = self.clock()
         if invalidity_date is not None:
             check_invalidity_date(invalidity_date, now)
+        hex_serial = serial_hex(serial)
         with self.db.scope() as session:
             ca = ca_row(session, ca_name)
-            cert = self._locked_cert(session, ca, serial)
-            current = Reason(cert.revocation_reason) if cert.revocation_reason else None
-            decide_revocation(cert.status, current, reason)
-            self._apply(session, ca, cert, reason, actor, now, invalidity_date)
-            touched = {ca.id}
-            if reason is Reason.KEY_COMPROMISE:
-                spki = cert.spki_sha256 or _spki_of_der(cert.der)
-                if spki is not None:
-                    cert.spki_sha256 = spki
-                    self._block(session, spki, actor, now, cert=cert, ca=ca)
-                    revoked = self._revoke_key(
-                        session, spki, actor, now, invalidity_date, f"{ca.name} {cert.serial}"
-                    )
-                    touched |= {ca_id for ca_id, _ in revoked}
+            spki = (
+                self._key_of(session, ca.id, hex_serial)
+                if reason is Reason.KEY_COMPROMISE
+                else None
+            )
+            if spki is None:
+                cert = self._locked_cert(session, ca, serial)
+                current = Reason(cert.revocation_reason) if cert.revocation_reason else None
+                decide_revocation(cert.status, current, reason)
+                touched = self._revoke_all(session, [cert], reason, actor, now, invalidity_date)
+            else:
+                added = self._block_row(session, spki, now, issuer_id=ca.id, serial=hex_serial)
+                certs = self._lock_key(session, spki, (ca.id, hex_serial))
+                found = [c for c in certs if c.issuer_id == ca.id and c.serial == hex_serial]
+                if not found:
+                    raise NotFound(f"CA {ca.name} has no certificate with serial {serial:x}")
+                cert = found[0]
+                current = Reason(cert.revocation_reason) if cert.revocation_reason else None
+                decide_revocation(cert.status, current, reason)
+                cert.spki_sha256 = spki
+                others = [c for c in certs if c is not cert and _compromisable(c)]
+                cause = f"the same key as {ca.name} {hex_serial}, compromised"
+                touched = self._revoke_all(
+                    session, [cert, *others], reason, actor, now, invalidity_date,
+                    {c.id: cause for c in others},
+                )  # fmt: skip
+                if added:
+                    self._journal_block(session, spki, actor, now, cert=cert, ca_name=ca.name)
         for ca_id in sorted(touched):
             self._notify(ca_id)
         return cert
@@ -227,109 +249,160 @@ class Revoker:
         now = self.clock()
         spki = spki_sha256(key)
         with self.db.scope() as session:
-            blocked = self._block(session, spki, actor, now, comment=comment)
-            revoked = self._revoke_key(session, spki, actor, now, None, "a reported key")
+            added = self._block_row(session, spki, now, comment=comment)
+            certs = [c for c in self._lock_key(session, spki) if _compromisable(c)]
+            self._revoke_all(
+                session, certs, Reason.KEY_COMPROMISE, actor, now, None,
+                dict.fromkeys((c.id for c in certs), "its key was reported compromised"),
+            )  # fmt: skip
             names = dict(
                 session.execute(
                     select(CertificateAuthority.id, CertificateAuthority.name).where(
-                        CertificateAuthority.id.in_([i for i, _ in revoked])
+                        CertificateAuthority.id.in_([c.issuer_id for c in certs])
                     )
                 ).all()
             )
-            done = [(str(names[i]), serial) for i, serial in sorted(revoked)]
-        for ca_id in sorted({i for i, _ in revoked}):
+            done = [(str(names[c.issuer_id]), c.serial) for c in certs]
+            if added:
+                self._journal_block(session, spki, actor, now, comment=comment)
+        for ca_id in sorted({c.issuer_id for c in certs}):
             self._notify(ca_id)
-        return blocked, done
+        return added, done
 
     def revoke_blocked(self, now: dt.datetime, actor: Actor = SWEEP_ACTOR) -> int:
         """Revoke (keyCompromise) every certificate of a blocked key not revoked so yet: one
         that an issuance racing the block wrote after the block looked (PostgreSQL runs the
-        two side by side). When there is none: one indexed read, no write lock (it runs every
-        refresher tick)."""
-        query = (
-            select(Certificate)
-            .join(BlockedKey, BlockedKey.spki_sha256 == Certificate.spki_sha256)
-            .where(_NOT_REVOKED_FOR_KEY_COMPROMISE)
+        two side by side). When there is none: one read, no write lock (it runs every
+        refresher tick), driven by the blocked keys through the key-hash index (the status is
+        wrapped so that SQLite does not scan certificates through its status index instead)."""
+        status = func.coalesce(Certificate.status, "")
+        pending = select(Certificate.spki_sha256).where(
+            Certificate.spki_sha256.in_(select(BlockedKey.spki_sha256)),
+            or_(
+                status.in_([CertStatus.ISSUED, CertStatus.RESERVED]),
+                and_(
+                    status == CertStatus.REVOKED,
+                    Certificate.revocation_reason != Reason.KEY_COMPROMISE.value,
+                ),
+            ),
         )
         with self.db.read_scope() as session:
-            if session.scalar(query.with_only_columns(Certificate.id).limit(1)) is None:
-                return 0
+            keys = sorted({str(k) for k in session.scalars(pending)})
+        if not keys:
+            return 0
         with self.db.scope() as session:
-            rows = session.scalars(query.with_for_update(of=Certificate)).all()
-            touched: set[int] = set()
-            for cert in rows:
-                ca = session.get(CertificateAuthority, cert.issuer_id)
-                assert ca is not None
-                self._apply(
-                    session, ca, cert, Reason.KEY_COMPROMISE, actor, now, None,
-                    cause="its key is blocked",
-                )  # fmt: skip
-                touched.add(ca.id)
+            certs = [c for c in self._lock_keys(session, keys) if _compromisable(c)]
+            touched = self._revoke_all(
+                session, certs, Reason.KEY_COMPROMISE, actor, now, None,
+                dict.fromkeys((c.id for c in certs), "its key is blocked"),
+            )  # fmt: skip
         for ca_id in sorted(touched):
             self._notify(ca_id)
-        return len(rows)
+        return len(certs)
 
-    def _apply(
+    def _key_of(self, session: Session, ca_id: int, serial: str) -> str | None:
+        """The key hash of a certificate (unlocked read; None if unknown or no such row)."""
+        row = session.execute(
+            select(Certificate.spki_sha256, Certificate.der).where(
+                Certificate.issuer_id == ca_id, Certificate.serial == serial
+            )
+        ).first()
+        if row is None:
+            return None
+        return str(row[0]) if row[0] else _spki_of_der(row[1])
+
+    def _lock_key(
+        self, session: Session, spki: str, also: tuple[int, str] | None = None
+    ) -> list[Certificate]:
+        """Every certificate of key ``spki`` (and the one ``also`` names), locked in id order."""
+        where = Certificate.spki_sha256 == spki
+        if also is not None:
+            where = or_(
+                where, and_(Certificate.issuer_id == also[0], Certificate.serial == also[1])
+            )
+        return list(
+            session.scalars(
+                select(Certificate).where(where).order_by(Certificate.id).with_for_update()
+            )
+        )
+
+    def _lock_keys(self, session: Session, keys: Sequence[str]) -> list[Certificate]:
+        return list(
+            session.scalars(
+                select(Certificate)
+                .where(Certificate.spki_sha256.in_(list(keys)))
+                .order_by(Certificate.id)
+                .with_for_update()
+            )
+        )
+
+    def _revoke_all(
         self,
         session: Session,
-        ca: CertificateAuthority,
-        cert: Certificate,
+        certs: Sequence[Certificate],
         reason: Reason,
         actor: Actor,
         now: dt.datetime,
         invalidity_date: dt.datetime | None,
-        *,
-        cause: str | None = None,
-    ) -> None:
-        """Revoke ``cert`` (the decision taken) with its journal entry."""
-        current = Reason(cert.revocation_reason) if cert.revocation_reason else None
-        previous = cert.status
-        cert.status = CertStatus.REVOKED
-        cert.revocation_reason = reason.value
-        if cert.revoked_at is None or current is Reason.CERTIFICATE_HOLD:
-            cert.revoked_at = now
-        cert.invalidity_date = invalidity_date or cert.invalidity_date
-        cert.status_epoch = self._bump_epoch(session, ca)
-        detail: dict[str, object] = {
-            "ca": ca.name,
-            "reason": reason.value,
-            "previous": previous.value,
-            "previous_reason": current.value if current else None,
-            "invalidity_date": invalidity_date.isoformat() if invalidity_date else None,
-        }
-        if cause is not None:
-            detail["cause"] = cause
-        self.journal.append(
-            session,
-            by_actor(
-                actor,
-                Category.CA,
-                "ca.revoke",
-                Outcome.SUCCESS,
-                object_dn=cert.subject_dn,
-                object_serial=cert.serial,
-                detail=detail,
-            ),
-            now,
-        )
+        causes: Mapping[int, str] | None = None,
+    ) -> set[int]:
+        """Revoke ``certs`` (locked, the decision taken), each with its journal entry (naming
+        ``causes[cert.id]`` when given); each CA's epoch bumped once, in id order, before the
+        journal. The CA ids touched."""
+        before = []
+        for cert in certs:
+            current = Reason(cert.revocation_reason) if cert.revocation_reason else None
+            before.append((cert.status, current))
+            cert.status = CertStatus.REVOKED
+            cert.revocation_reason = reason.value
+            if cert.revoked_at is None or current is Reason.CERTIFICATE_HOLD:
+                cert.revoked_at = now
+            cert.invalidity_date = invalidity_date or cert.invalidity_date
+        touched = {cert.issuer_id for cert in certs}
+        bumped = {ca_id: self._bump_epoch(session, ca_id) for ca_id in sorted(touched)}
+        for cert, (previous, current) in zip(certs, before, strict=True):
+            epoch, ca_name = bumped[cert.issuer_id]
+            cert.status_epoch = epoch
+            detail: dict[str, object] = {
+                "ca": ca_name,
+                "reason": reason.value,
+                "previous": previous.value,
+                "previous_reason": current.value if current else None,
+                "invalidity_date": invalidity_date.isoformat() if invalidity_date else None,
+            }
+            if causes and cert.id in causes:
+                detail["cause"] = causes[cert.id]
+            self.journal.append(
+                session,
+                by_actor(
+                    actor,
+                    Category.CA,
+                    "ca.revoke",
+                    Outcome.SUCCESS,
+                    object_dn=cert.subject_dn,
+                    object_serial=cert.serial,
+                    detail=detail,
+                ),
+                now,
+            )
+        return touched
 
-    def _block(
+    def _block_row(
         self,
         session: Session,
         spki: str,
-        actor: Actor,
         now: dt.datetime,
         *,
-        cert: Certificate | None = None,
-        ca: CertificateAuthority | None = None,
+        issuer_id: int | None = None,
+        serial: str | None = None,
         comment: str | None = None,
     ) -> bool:
         """Add ``spki`` to the blocklist unless there already (a concurrent block of the same
-        key must not fail a revocation): True when added, with its journal entry."""
+        key waits here, holding nothing else, and then adds nothing): True when added."""
         values = {
             "spki_sha256": spki,
-            "issuer_id": ca.id if ca is not None else None,
-            "serial": cert.serial if cert is not None else None,
+            "issuer_id": issuer_id,
+            "serial": serial,
             "comment": comment,
             "blocked_at": now,
         }
@@ -341,11 +414,22 @@ class Revoker:
             .on_conflict_do_nothing(index_elements=["spki_sha256"])
             .returning(BlockedKey.id)
         ).first()
-        if added is None:
-            return False
+        return added is not None
+
+    def _journal_block(
+        self,
+        session: Session,
+        spki: str,
+        actor: Actor,
+        now: dt.datetime,
+        *,
+        cert: Certificate | None = None,
+        ca_name: str | None = None,
+        comment: str | None = None,
+    ) -> None:
         detail: dict[str, object] = {"spki_sha256": spki}
-        if ca is not None:
-            detail["ca"] = ca.name
+        if ca_name is not None:
+            detail["ca"] = ca_name
         if comment:
             detail["comment"] = comment
         self.journal.append(
@@ -361,35 +445,6 @@ class Revoker:
             ),
             now,
         )
-        return True
-
-    def _revoke_key(
-        self,
-        session: Session,
-        spki: str,
-        actor: Actor,
-        now: dt.datetime,
-        invalidity_date: dt.datetime | None,
-        source: str,
-    ) -> set[tuple[int, str]]:
-        """Revoke (keyCompromise) every certificate of key ``spki`` not revoked so yet, under
-        any CA: the (CA id, serial) of each."""
-        rows = session.scalars(
-            select(Certificate)
-            .where(Certificate.spki_sha256 == spki, _NOT_REVOKED_FOR_KEY_COMPROMISE)
-            .order_by(Certificate.id)
-            .with_for_update()
-        ).all()
-        done: set[tuple[int, str]] = set()
-        for other in rows:
-            ca = session.get(CertificateAuthority, other.issuer_id)
-            assert ca is not None
-            self._apply(
-                session, ca, other, Reason.KEY_COMPROMISE, actor, now, invalidity_date,
-                cause=f"the same key as {source}, compromised",
-            )  # fmt: skip
-            done.add((ca.id, other.serial))
-        return done
 
     def release(self, ca_name: str, serial: int, actor: Actor) -> Certificate:
         """Take a certificate off hold (it reappears as removeFromCRL in the next delta)."""
@@ -407,7 +462,7 @@ class Revoker:
             cert.revoked_at = None
             cert.invalidity_date = None
             cert.released_at = now
-            cert.status_epoch = self._bump_epoch(session, ca)
+            cert.status_epoch = self._bump_epoch(session, ca.id)[0]
             self.journal.append(
                 session,
                 by_actor(

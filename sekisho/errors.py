@@ -36,6 +36,7 @@ PATH_SHOWN = 255
 # escaped to at most four, with quotes and "..."), so a value already quoted stays whole.
 _TAMED_RUN = 4 * PATH_SHOWN + 16
 _LONG_RUN = re.compile(rf"\S{{{_TAMED_RUN + 1},}}")
+_TAMED_MESSAGE = 2 * _TAMED_RUN  # and the whole message
 
 
 def shown(value: object, limit: int = MAX_SHOWN) -> str:
@@ -55,11 +56,14 @@ def tamed(text: str) -> str:
     fit to print on one line: every character that is not printable (line breaks, escape
     sequences, bidirectional controls) escaped as ``repr`` escapes it, and every run of
     non-blank characters too long to be a value ``shown`` quoted cut to its first
-    ``MAX_SHOWN``, with its length."""
+    ``MAX_SHOWN``, with its length; the whole cut to about two thousand characters."""
     escaped = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-    return _LONG_RUN.sub(
+    cut = _LONG_RUN.sub(
         lambda m: f"{m.group()[:MAX_SHOWN]}... ({len(m.group())} characters)", escaped
     )
+    if len(cut) > _TAMED_MESSAGE:  # long even so (a value of many short words)
+        return f"{cut[:_TAMED_MESSAGE]}... ({len(text)} characters in all)"
+    return cut
 
 
 class SekishoError(Exception):

@@ -190,6 +190,9 @@ def test_usage_errors_quote_arguments_escaped_and_cut(run: Runner) -> None:
         "Error: Got unexpected extra argument (extra\\x1b[31mred\\x07\\u202e\\nError: forged)"
     )
     assert forged.err.count("Error:") == 2 and "\x1b" not in forged.err
+    words = run("cert", "list", "many " * 3000)  # short runs, a long message
+    assert words.code == 64 and len(words.err) < 2500
+    assert re.search(r"\.\.\. \(150\d\d characters in all\)$", words.err.strip())
 
 
 # -- init -------------------------------------------------------------------------------------
@@ -780,6 +783,13 @@ def test_key_block_revokes_the_keys_certificates_and_refuses_it_from_then_on(
     assert run("key", "block", str(tmp_path / "empty")).code == 65
     assert run("key", "block", str(tmp_path / "missing.pem")).code == 65
     assert run("key", "block", str(public_der), "--comment", "x" * 501).code == 65
+    shown_pem = ok(run("cert", "show", "--ca", "device", serials[0], "--pem")).out.encode()
+    cert_der = der_of_pem(shown_pem)
+    assert cert_der.count(b"\xa0\x03\x02\x01\x02") == 1
+    bad_version = tmp_path / "v6.der"  # x509.InvalidVersion is no ValueError: it was exit 70
+    bad_version.write_bytes(cert_der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x05"))
+    refused = run("key", "block", str(bad_version))
+    assert refused.code == 65 and "no certificate, CSR or public key can be" in refused.err
 
     doc = ok(run("--json", "key", "block", str(public_der), "--comment", "ticket 7")).json()
     digest = hashlib.sha256(spki).hexdigest()

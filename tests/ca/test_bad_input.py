@@ -125,6 +125,8 @@ def test_good_csr_is_accepted_pem_and_der(services: Services) -> None:
             id="bad-pem",
         ),
         pytest.param(lambda d: b"\x30" * 4000, id="nested-sequences"),
+        # x509.InvalidVersion is no ValueError: it ended as "internal error" (exit 70).
+        pytest.param(lambda d: d.replace(b"\x02\x01\x00", b"\x02\x01\x07", 1), id="version-7"),
     ],
 )
 def test_malformed_csr(services: Services, mangle) -> None:  # type: ignore[no-untyped-def]

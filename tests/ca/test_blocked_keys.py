@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from ca.issuance import BLOCKED_KEY, IssueRequest
 from ca.models import BlockedKey, Certificate, CertStatus
 from ca.revocation import Reason
 from ca.tbs import serial_hex, spki_sha256
-from sekisho.errors import PolicyViolation
+from sekisho.errors import Conflict, PolicyViolation
 from sekisho.services import Services
 from sekisho.workers import CrlRefresher
 from tests.audit.test_tamper import verify_api
@@ -208,3 +209,64 @@ def test_other_reasons_block_nothing(services: Services, reason: Reason) -> None
     assert _row(services, second).status is CertStatus.ISSUED
     services.ca.issue(_with_key(request_for("admin-client"), key), TEST_ACTOR)
     assert _journal(services, "ca.key.block") == []
+
+
+def test_concurrent_revocations_of_one_compromised_key_never_deadlock(
+    services: Services,
+) -> None:
+    """Two certificates of one key under two CAs, each revoked at once from its own thread,
+    once both for keyCompromise and once one of them for superseded. A keyCompromise
+    revocation locks every certificate of the key, then the CAs, then the journal: the order
+    every writer follows. Before: it held its CA and the journal head while locking the
+    other certificate, so on PostgreSQL the two deadlocked (AuditError, DeadlockDetected)
+    and one of them, maybe the keyCompromise one, was lost. Now one succeeds and the other
+    succeeds or is a Conflict (already revoked), and both end revoked for keyCompromise."""
+    # Run against the code before the fix, the PostgreSQL rounds failed with DeadlockDetected.
+    for round_, other_reason in enumerate([Reason.KEY_COMPROMISE, Reason.SUPERSEDED] * 3):
+        key = ec.generate_private_key(ec.SECP256R1())
+        admin = services.ca.issue(_with_key(request_for("admin-client"), key), TEST_ACTOR)
+        device = services.ca.issue(_with_key(request_for("device"), key), TEST_ACTOR)
+        start = threading.Barrier(2)
+        outcomes: dict[str, object] = {}
+        threads = [
+            threading.Thread(
+                target=_revoke_at_once,
+                args=(services, start, outcomes, "admin", admin, Reason.KEY_COMPROMISE),
+            ),
+            threading.Thread(
+                target=_revoke_at_once,
+                args=(services, start, outcomes, "device", device, other_reason),
+            ),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), f"round {round_}: stalled"
+        if other_reason is Reason.KEY_COMPROMISE:  # the first revokes both; the second: 75
+            assert sorted(map(str, outcomes.values())) == ["conflict", "ok"], (round_, outcomes)
+        else:  # superseded first, then keyCompromise over it; or keyCompromise, then 75
+            assert outcomes["admin"] == "ok", (round_, outcomes)
+            assert outcomes["device"] in ("ok", "conflict"), (round_, outcomes)
+        for cert in (admin, device):
+            row = _row(services, cert)
+            assert (row.status, row.revocation_reason) == (CertStatus.REVOKED, "key_compromise")
+    assert verify_api(services) > 0
+
+
+def _revoke_at_once(
+    services: Services,
+    start: threading.Barrier,
+    outcomes: dict[str, object],
+    ca: str,
+    cert: x509.Certificate,
+    reason: Reason,
+) -> None:
+    start.wait(timeout=10)
+    try:
+        services.revoker.revoke(ca, cert.serial_number, reason, TEST_ACTOR)
+        outcomes[ca] = "ok"
+    except Conflict:
+        outcomes[ca] = "conflict"
+    except Exception as exc:  # the failure under test: kept for the assertion
+        outcomes[ca] = exc

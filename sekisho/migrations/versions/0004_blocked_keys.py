@@ -34,9 +34,6 @@ def _spki_sha256(der: bytes) -> str | None:
 def upgrade() -> None:
     with op.batch_alter_table("certificates", schema=None, recreate="never") as batch_op:
         batch_op.add_column(sa.Column("spki_sha256", sa.String(length=64), nullable=True))
-        batch_op.create_index(
-            batch_op.f("ix_certificates_spki_sha256"), ["spki_sha256"], unique=False
-        )
     op.create_table(
         "blocked_keys",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -80,6 +77,11 @@ def upgrade() -> None:
                 .values(spki_sha256=sa.bindparam("hash")),
                 values,
             )
+    # The index after the backfill: built once, not updated row by row.
+    with op.batch_alter_table("certificates", schema=None, recreate="never") as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_certificates_spki_sha256"), ["spki_sha256"], unique=False
+        )
     op.execute(
         "INSERT INTO blocked_keys (spki_sha256, comment, blocked_at) "
         "SELECT spki_sha256, 'a certificate revoked for keyCompromise before migration 0004', "
