@@ -14,6 +14,7 @@ a blocked key that an issuance racing the block left behind.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import logging
@@ -135,6 +136,19 @@ def decide_revocation(status: CertStatus, current: Reason | None, new: Reason) -
 
 
 Listener = Callable[[int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Revocation:
+    """What ``Revoker.revoke`` did: the certificate; for keyCompromise, the key's other
+    certificates it revoked too ((CA name, serial), any CA) and whether it blocked the key
+    (False when it was blocked already)."""
+
+    certificate: Certificate
+    also_revoked: tuple[tuple[str, str], ...] = ()
+    key_blocked: bool = False
+
+
 SWEEP_ACTOR = Actor(account="system:blocked-keys")
 
 
@@ -197,7 +211,7 @@ class Revoker:
         reason: Reason,
         actor: Actor,
         invalidity_date: dt.datetime | None = None,
-    ) -> Certificate:
+    ) -> Revocation:
         """Revoke one certificate; for keyCompromise also block its key and revoke every other
         certificate that carries it. Locks are taken in one order by every writer: certificate
         rows (by id), then CA rows (by id: the epochs), then the journal head; a compromised
@@ -219,6 +233,7 @@ class Revoker:
                 current = Reason(cert.revocation_reason) if cert.revocation_reason else None
                 decide_revocation(cert.status, current, reason)
                 touched = self._revoke_all(session, [cert], reason, actor, now, invalidity_date)
+                done = Revocation(cert)
             else:
                 added = self._block_row(session, spki, now, issuer_id=ca.id, serial=hex_serial)
                 certs = self._lock_key(session, spki, (ca.id, hex_serial))
@@ -237,9 +252,10 @@ class Revoker:
                 )  # fmt: skip
                 if added:
                     self._journal_block(session, spki, actor, now, cert=cert, ca_name=ca.name)
+                done = Revocation(cert, self._named(session, others), added)
         for ca_id in sorted(touched):
             self._notify(ca_id)
-        return cert
+        return done
 
     def block_key(
         self, key: CertificateIssuerPublicKeyTypes, actor: Actor, comment: str | None = None
@@ -255,14 +271,7 @@ class Revoker:
                 session, certs, Reason.KEY_COMPROMISE, actor, now, None,
                 dict.fromkeys((c.id for c in certs), "its key was reported compromised"),
             )  # fmt: skip
-            names = dict(
-                session.execute(
-                    select(CertificateAuthority.id, CertificateAuthority.name).where(
-                        CertificateAuthority.id.in_([c.issuer_id for c in certs])
-                    )
-                ).all()
-            )
-            done = [(str(names[c.issuer_id]), c.serial) for c in certs]
+            done = list(self._named(session, certs))
             if added:
                 self._journal_block(session, spki, actor, now, comment=comment)
         for ca_id in sorted({c.issuer_id for c in certs}):
@@ -299,6 +308,17 @@ class Revoker:
         for ca_id in sorted(touched):
             self._notify(ca_id)
         return len(certs)
+
+    def _named(self, session: Session, certs: Sequence[Certificate]) -> tuple[tuple[str, str], ...]:
+        """(CA name, serial) of each of ``certs``."""
+        names = dict(
+            session.execute(
+                select(CertificateAuthority.id, CertificateAuthority.name).where(
+                    CertificateAuthority.id.in_({c.issuer_id for c in certs})
+                )
+            ).all()
+        )
+        return tuple((str(names[c.issuer_id]), c.serial) for c in certs)
 
     def _key_of(self, session: Session, ca_id: int, serial: str) -> str | None:
         """The key hash of a certificate (unlocked read; None if unknown or no such row)."""

@@ -668,10 +668,30 @@ def revoke(
     """Revoke a certificate (certificate_hold suspends it; see `release`)."""
     services = state.services()
     when = invalidity_date.replace(tzinfo=dt.UTC) if invalidity_date else None
-    cert = services.revoker.revoke(ca_name, serial, Reason.parse(reason), state.actor(), when)
+    done = services.revoker.revoke(ca_name, serial, Reason.parse(reason), state.actor(), when)
+    cert = done.certificate
+
+    def text() -> str:
+        lines = [f"revoked {cert.serial} ({cert.revocation_reason})"]
+        if done.key_blocked:
+            lines.append(f"blocked its key {cert.spki_sha256}: never certified again")
+        if done.also_revoked:
+            lines.append(
+                f"revoked {len(done.also_revoked)} other certificate(s) of the key "
+                "(key_compromise):"
+            )
+            lines += [f"  {ca} {other}" for ca, other in done.also_revoked]
+        return "\n".join(lines)
+
     state.emit(
-        {"serial": cert.serial, "status": cert.status.value, "reason": cert.revocation_reason},
-        f"revoked {cert.serial} ({cert.revocation_reason})",
+        {
+            "serial": cert.serial,
+            "status": cert.status.value,
+            "reason": cert.revocation_reason,
+            "key_blocked": done.key_blocked,
+            "also_revoked": [{"ca": ca, "serial": other} for ca, other in done.also_revoked],
+        },
+        text,
     )
 
 

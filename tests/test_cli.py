@@ -809,6 +809,43 @@ def test_key_block_revokes_the_keys_certificates_and_refuses_it_from_then_on(
     assert blocked.code == 65 and "blocked-key" in blocked.err, blocked
 
 
+def _csr_file(path: Path, host: str) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    return path
+
+
+def test_revoke_for_key_compromise_says_what_else_it_revoked(run: Runner, tmp_path: Path) -> None:
+    """`revoke --reason key_compromise` blocks the key and revokes its other certificates;
+    the command names them (text and JSON)."""
+    serials: dict[str, list[str]] = {}
+    for name_ in ("text", "json"):
+        csr = _csr_file(tmp_path / f"{name_}.csr", f"{name_}.example.com")
+        serials[name_] = [
+            ok(run("--json", "issue", "--ca", "device", "--profile", profile, "--csr", str(csr),
+                   "--subject", f"CN={name_}.example.com", "--san",
+                   f"dns:{name_}.example.com")).json()["serial"]
+            for profile in ("device", "device", "tls-server")
+        ]  # fmt: skip
+    first, *others = serials["text"]
+    text = ok(run("revoke", "--ca", "device", first, "--reason", "key_compromise")).out
+    assert text.splitlines()[0] == f"revoked {first} (key_compromise)"
+    assert "blocked its key" in text and "revoked 2 other certificate(s) of the key" in text
+    assert all(f"  device {other}" in text for other in others)
+    assert run("revoke", "--ca", "device", others[0], "--reason", "superseded").code == 75
+    first, *others = serials["json"]
+    doc = ok(run("--json", "revoke", "--ca", "device", first, "--reason", "key_compromise")).json()
+    assert doc["key_blocked"] is True and doc["reason"] == "key_compromise"
+    assert sorted(d["serial"] for d in doc["also_revoked"]) == sorted(others)
+    plain = ok(run("--json", "revoke", "--ca", "device", _issue_device(run, "p.example.com")))
+    assert (plain.json()["key_blocked"], plain.json()["also_revoked"]) == (False, [])
+
+
 def test_revoke_with_a_future_invalidity_date_exits_65(run: Runner) -> None:
     serial = _issue_device(run, "future.example.com")
     result = run("revoke", "--ca", "device", serial, "--invalidity-date", "2999-01-01")
