@@ -107,10 +107,28 @@ def _nothing_after_der(data: bytes) -> None:
         )
 
 
+# The hashes a CSR's self-signature may use (Ed25519 has none of its own): SHA-1 and MD5
+# collisions are practical, so such a signature proves possession of nothing (BR 7.1.3.2).
+_CSR_HASHES = frozenset({"sha256", "sha384", "sha512"})
+
+
+def _strong_signature_hash(csr: x509.CertificateSigningRequest) -> None:
+    try:
+        algorithm = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return  # named by the signature check below ("signature algorithm unsupported")
+    if algorithm is not None and algorithm.name not in _CSR_HASHES:
+        raise PolicyViolation(
+            "weak-signature",
+            f"the CSR is signed with {algorithm.name.upper()}; sign it with SHA-256 or stronger",
+        )
+
+
 def parse_csr(data: bytes) -> CsrRequest:
     """Parse and check proof of possession. Subject and SANs are *requests*: the caller's
     authorisation decides what is used (``ca.issuance`` never takes them blindly)."""
     csr = load_csr(data)
+    _strong_signature_hash(csr)
     try:
         valid = csr.is_signature_valid
     except (ValueError, x509.UnsupportedGeneralNameType) as exc:
