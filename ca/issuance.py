@@ -5,8 +5,10 @@ The cycle (after Boulder's "store what you plan to sign, then sign, then store")
 1. Build the to-be-signed value (``Tbs``) and run every rule on it. A rule break is refused
    with the rule's name and journalled as a rejection; nothing is signed.
 2. Sign through the key backend, wrapped so that a hook sees the exact TBS bytes first. The
-   hook commits the intent: a ``reserved`` row with the serial and SHA-256 of the TBS. The
-   unique constraint (issuer, serial) catches a collision; we draw a new serial and retry.
+   hook commits the intent: a ``reserved`` row with the serial, the SHA-256 of the TBS and of
+   the subject's public key, written only if that key is not blocked (compromised: refused
+   as ``blocked-key`` before any signature). The unique constraint (issuer, serial) catches a
+   collision; we draw a new serial and retry.
 3. Commit the issued row (DER, fingerprint) and its ``ca.issue`` journal entry together.
 
 If step 3 fails (store or journal down, process killed), the certificate is not handed out and
