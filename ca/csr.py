@@ -171,18 +171,22 @@ _KEY_PEM_LABELS: dict[bytes, Callable[[bytes], _Signed]] = {
 def public_key_of(data: bytes) -> CertificateIssuerPublicKeyTypes:
     """The public key of a certificate, a CSR or a bare public key (SubjectPublicKeyInfo),
     PEM or DER: what a key reported compromised comes as. A private key is refused (it must
-    not travel to the CA); so is any key type we never certify."""
+    not travel to the CA), as is a file of several PEM blocks (which one is meant?); so is any
+    key type we never certify."""
     if not data.strip():
         raise MalformedInput("the key file is empty")
-    begin = _PEM_BEGIN.search(data)
+    labels = [m.group(1) for m in _PEM_BEGIN.finditer(data)]
+    if any(label.endswith(b"PRIVATE KEY") for label in labels) or _private_key_der(data):
+        raise InputError("this is a private key: give the certificate, the CSR or the public key")
+    if len(labels) > 1:
+        raise MalformedInput(
+            f"the file holds {len(labels)} PEM blocks; give the certificate, the CSR or the "
+            "public key alone"
+        )
     key: object
     try:
-        if begin is not None:
-            label = begin.group(1)
-            if label.endswith(b"PRIVATE KEY"):
-                raise InputError(
-                    "this is a private key: give the certificate, the CSR or the public key"
-                )
+        if labels:
+            label = labels[0]
             loader = _KEY_PEM_LABELS.get(label)
             key = (
                 loader(data).public_key()
@@ -198,6 +202,15 @@ def public_key_of(data: bytes) -> CertificateIssuerPublicKeyTypes:
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
         raise PolicyViolation("key-type", f"{type(key).__name__} keys are never certified here")
     return key
+
+
+def _private_key_der(data: bytes) -> bool:
+    """``data`` is an unencrypted private key in DER (PKCS#8, or PKCS#1/SEC 1)."""
+    try:
+        serialization.load_der_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def _public_key_of_der(data: bytes) -> object:

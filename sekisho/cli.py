@@ -718,8 +718,8 @@ def key_group() -> None:
 @click.option("--comment", help="Why (e.g. the report's reference); journalled.")
 @pass_state
 def key_block(state: State, key_file: Path, comment: str | None) -> None:
-    """Block a key reported compromised: KEY_FILE is a certificate, a CSR or a public key
-    (PEM or DER; of PEM, the first block). No certificate is issued for it again, and every
+    """Block a key reported compromised: KEY_FILE is one certificate, CSR or public key (PEM
+    or DER; never a private key). No certificate is issued for it again, and every
     certificate of ours that carries it is revoked for key_compromise now. Revoking a
     certificate for key_compromise blocks its key the same way."""
     key = public_key_of(read_input(key_file, "key file", 64 * 1024))

@@ -779,6 +779,27 @@ def test_key_block_revokes_the_keys_certificates_and_refuses_it_from_then_on(
     private.write_bytes(key_pem)
     refused = run("key", "block", str(private))
     assert refused.code == 65 and "private key" in refused.err and refused.out == ""
+    private_der = tmp_path / "kb.key.der"  # a private key in DER is named as one too
+    private_der.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    refused = run("key", "block", str(private_der))
+    assert refused.code == 65 and "this is a private key" in refused.err
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    behind = tmp_path / "behind.pem"  # a private key after the public one: not overlooked
+    behind.write_bytes(public_pem + key_pem)
+    refused = run("key", "block", str(behind))
+    assert refused.code == 65 and "this is a private key" in refused.err
+    two = tmp_path / "two.pem"
+    two.write_bytes(public_pem + csr_file.read_bytes())
+    refused = run("key", "block", str(two))
+    assert refused.code == 65 and "the file holds 2 PEM blocks" in refused.err
     (tmp_path / "empty").write_bytes(b"")
     assert run("key", "block", str(tmp_path / "empty")).code == 65
     assert run("key", "block", str(tmp_path / "missing.pem")).code == 65
