@@ -216,7 +216,9 @@ class Revoker:
         certificate that carries it. Locks are taken in one order by every writer: certificate
         rows (by id), then CA rows (by id: the epochs), then the journal head; a compromised
         key's block row before all of them, so two revocations of one key queue holding
-        nothing."""
+        nothing. A target revoked for keyCompromise already is a Conflict and changes nothing,
+        even if a certificate of its key escaped (an issuance racing the block): the sweep
+        (``revoke_blocked``) revokes that one within a refresher tick."""
         now = self.clock()
         if invalidity_date is not None:
             check_invalidity_date(invalidity_date, now)
@@ -368,20 +370,19 @@ class Revoker:
     ) -> set[int]:
         """Revoke ``certs`` (locked, the decision taken), each with its journal entry (naming
         ``causes[cert.id]`` when given); each CA's epoch bumped once, in id order, before the
-        journal. The CA ids touched."""
-        before = []
+        journal (and before the certificates change: each is then written once, when the
+        journal flushes). The CA ids touched."""
+        touched = {cert.issuer_id for cert in certs}
+        bumped = {ca_id: self._bump_epoch(session, ca_id) for ca_id in sorted(touched)}
         for cert in certs:
             current = Reason(cert.revocation_reason) if cert.revocation_reason else None
-            before.append((cert.status, current))
+            previous = cert.status
+            epoch, ca_name = bumped[cert.issuer_id]
             cert.status = CertStatus.REVOKED
             cert.revocation_reason = reason.value
             if cert.revoked_at is None or current is Reason.CERTIFICATE_HOLD:
                 cert.revoked_at = now
             cert.invalidity_date = invalidity_date or cert.invalidity_date
-        touched = {cert.issuer_id for cert in certs}
-        bumped = {ca_id: self._bump_epoch(session, ca_id) for ca_id in sorted(touched)}
-        for cert, (previous, current) in zip(certs, before, strict=True):
-            epoch, ca_name = bumped[cert.issuer_id]
             cert.status_epoch = epoch
             detail: dict[str, object] = {
                 "ca": ca_name,
