@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -238,7 +238,7 @@ class Revoker:
                 done = Revocation(cert)
             else:
                 added = self._block_row(session, spki, now, issuer_id=ca.id, serial=hex_serial)
-                certs = self._lock_key(session, spki, (ca.id, hex_serial))
+                certs = self._lock_keys(session, [spki], (ca.id, hex_serial))
                 found = [c for c in certs if c.issuer_id == ca.id and c.serial == hex_serial]
                 if not found:
                     raise NotFound(f"CA {ca.name} has no certificate with serial {serial:x}")
@@ -268,7 +268,7 @@ class Revoker:
         spki = spki_sha256(key)
         with self.db.scope() as session:
             added = self._block_row(session, spki, now, comment=comment)
-            certs = [c for c in self._lock_key(session, spki) if _compromisable(c)]
+            certs = [c for c in self._lock_keys(session, [spki]) if _compromisable(c)]
             self._revoke_all(
                 session, certs, Reason.KEY_COMPROMISE, actor, now, None,
                 dict.fromkeys((c.id for c in certs), "its key was reported compromised"),
@@ -333,11 +333,12 @@ class Revoker:
             return None
         return str(row[0]) if row[0] else _spki_of_der(row[1])
 
-    def _lock_key(
-        self, session: Session, spki: str, also: tuple[int, str] | None = None
+    def _lock_keys(
+        self, session: Session, keys: Sequence[str], also: tuple[int, str] | None = None
     ) -> list[Certificate]:
-        """Every certificate of key ``spki`` (and the one ``also`` names), locked in id order."""
-        where = Certificate.spki_sha256 == spki
+        """Every certificate of the keys ``keys`` (and the one ``also`` names: CA id, serial),
+        locked in id order."""
+        where: ColumnElement[bool] = Certificate.spki_sha256.in_(list(keys))
         if also is not None:
             where = or_(
                 where, and_(Certificate.issuer_id == also[0], Certificate.serial == also[1])
@@ -345,16 +346,6 @@ class Revoker:
         return list(
             session.scalars(
                 select(Certificate).where(where).order_by(Certificate.id).with_for_update()
-            )
-        )
-
-    def _lock_keys(self, session: Session, keys: Sequence[str]) -> list[Certificate]:
-        return list(
-            session.scalars(
-                select(Certificate)
-                .where(Certificate.spki_sha256.in_(list(keys)))
-                .order_by(Certificate.id)
-                .with_for_update()
             )
         )
 

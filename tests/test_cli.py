@@ -28,10 +28,9 @@ from typing import Any
 import click
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 
 from ca.crl import latest_by_name
 from ca.hierarchy import create_issuing
@@ -757,13 +756,8 @@ def test_key_block_revokes_the_keys_certificates_and_refuses_it_from_then_on(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kb.example.com")]))
-        .sign(key, hashes.SHA256())
-    )
     csr_file = tmp_path / "kb.csr"
-    csr_file.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    csr_file.write_bytes(make_csr(name(CN="kb.example.com"), key=key))
     issue = ["--json", "issue", "--ca", "device", "--profile", "device", "--csr", str(csr_file),
              "--subject", "CN=kb.example.com", "--san", "dns:kb.example.com"]  # fmt: skip
     serials = [ok(run(*issue)).json()["serial"] for _ in range(2)]
@@ -830,23 +824,13 @@ def test_key_block_revokes_the_keys_certificates_and_refuses_it_from_then_on(
     assert blocked.code == 65 and "blocked-key" in blocked.err, blocked
 
 
-def _csr_file(path: Path, host: str) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    path.write_bytes(
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-    )
-    return path
-
-
 def test_revoke_for_key_compromise_says_what_else_it_revoked(run: Runner, tmp_path: Path) -> None:
     """`revoke --reason key_compromise` blocks the key and revokes its other certificates;
     the command names them (text and JSON)."""
     serials: dict[str, list[str]] = {}
     for name_ in ("text", "json"):
-        csr = _csr_file(tmp_path / f"{name_}.csr", f"{name_}.example.com")
+        csr = tmp_path / f"{name_}.csr"
+        csr.write_bytes(make_csr(name(CN=f"{name_}.example.com")))
         serials[name_] = [
             ok(run("--json", "issue", "--ca", "device", "--profile", profile, "--csr", str(csr),
                    "--subject", f"CN={name_}.example.com", "--san",
