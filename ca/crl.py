@@ -1,9 +1,17 @@
 """CRL building (RFC 5280 section 5): full and delta CRLs, encoded by hand, signed through
 the key backend.
 
-Numbers: full and delta CRLs share one strictly increasing sequence per CA (5.2.3), allocated
-in the same transaction that reads the revocation state, so a higher number never carries
-older information, nor an earlier thisUpdate. Signing happens outside the transaction.
+Numbers: full and delta CRLs share one strictly increasing sequence per CA (5.2.3). A higher
+number never carries older revocation state, nor an earlier thisUpdate: the number is
+allocated under the CA row lock, in a short transaction that also reads the CA's revocation
+epoch (every revocation and release bumps it under the same lock); the revocation state is
+then read in a snapshot, without the lock, and used only if the snapshot's epoch is still the
+allocated one (nothing changed in between, so the CRL says what was true at allocation, and
+allocations are ordered). Otherwise the number is left unused (numbers may have gaps; RFC
+5280 asks only that they increase) and the generator tries again; after OPTIMISTIC_READS
+tries it reads under the lock, as every generator did before. Reading 10^6 entries takes
+seconds: under the lock, every revocation of the CA (and on SQLite every write) waited that
+long. Signing happens outside any transaction.
 
 nextUpdate is capped at the CA certificate's notAfter; a CA whose certificate ends less than
 MIN_VALIDITY after thisUpdate signs no more CRLs (``check_can_publish``), so no CRL ever has
@@ -15,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
@@ -55,6 +64,9 @@ MIN_VALIDITY = dt.timedelta(hours=1)
 STREAM_BATCH = 10_000  # rows fetched per round trip when streaming revocations
 SORT_WORK_MEM = "256MB"  # PostgreSQL work_mem for sorting a full CRL's serials in memory
 _CERTS = cast(Table, Certificate.__table__)
+# Snapshot reads of a CA's revocation state before a generator reads it under the CA row lock.
+OPTIMISTIC_READS = 3
+log = logging.getLogger("sekisho.crl")
 
 _REASON_CODE = {
     Reason.KEY_COMPROMISE: 1,
@@ -228,6 +240,30 @@ def check_can_publish(ca_name: str, ca_not_after: dt.datetime, this_update: dt.d
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Base:
+    """The full CRL a delta CRL is based on."""
+
+    number: int
+    epoch: int
+    this_update: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A CRL number allocated for one CA, and what the CRL will say besides its entries."""
+
+    ca_id: int
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    epoch: int  # the CA's revocation epoch when the number was allocated
+    base: _Base | None  # delta CRLs only
+    cert: x509.Certificate
+    key_ref: str
+    key_type: KeyType
+
+
 class CrlPublisher:
     """Generates and stores CRLs for one deployment; safe across processes."""
 
@@ -247,12 +283,22 @@ class CrlPublisher:
         self.delta_next_update = delta_next_update
         self.delta_url_for = delta_url_for
 
-    def _allocate(
-        self, session: Session, ca_id: int, now: dt.datetime
-    ) -> tuple[CertificateAuthority, int, dt.datetime]:
-        """The next CRL number and its thisUpdate: ``now``, or the previous number's thisUpdate
-        if that is later. ``now`` is read before the CA row is locked (the UPDATE): a generator
-        that waited for another one would otherwise give a higher number an earlier time."""
+    def _plan(self, session: Session, ca_name: str, now: dt.datetime, delta: bool) -> _Plan:
+        """Allocate the next CRL number and its thisUpdate under the CA row lock (an UPDATE):
+        ``now``, or the previous number's thisUpdate if that is later. ``now`` is read before
+        the lock: a generator that waited for another one would otherwise give a higher
+        number an earlier time. Nothing is allocated (the caller's transaction rolls back)
+        when the CA cannot sign a CRL now."""
+        ca_id = session.scalars(
+            select(CertificateAuthority.id).where(CertificateAuthority.name == ca_name)
+        ).one_or_none()
+        if ca_id is None:
+            raise NotFound(f"unknown certificate authority {shown(ca_name)}")
+        base: Crl | None = None
+        if delta:
+            base = latest(session, ca_id, CrlKind.FULL)
+            if base is None:
+                raise Conflict(f"CA {ca_name} has no full CRL yet to base a delta on")
         session.execute(
             update(CertificateAuthority)
             .where(CertificateAuthority.id == ca_id)
@@ -264,117 +310,141 @@ class CrlPublisher:
         session.refresh(ca)
         this_update = max(now, ca.crl_this_update or now)
         ca.crl_this_update = this_update
-        return ca, int(ca.crl_number), this_update
+        if not ca.key_online:
+            raise Conflict(f"the key of CA {ca_name} is offline; bring it online to sign")
+        cert = x509.load_der_x509_certificate(ca.certificate_der)
+        check_can_publish(ca_name, cert.not_valid_after_utc, this_update)
+        next_update = this_update + (self.delta_next_update if delta else self.next_update)
+        return _Plan(
+            ca_id=ca_id,
+            number=int(ca.crl_number),
+            this_update=this_update,
+            next_update=min(next_update, cert.not_valid_after_utc),
+            epoch=int(ca.revocation_epoch),
+            base=None if base is None else _Base(base.number, base.epoch, base.this_update),
+            cert=cert,
+            key_ref=ca.key_ref,
+            key_type=KeyType(ca.key_type),
+        )
+
+    def _read_entries(self, session: Session, plan: _Plan) -> tuple[bytearray, int]:
+        """The DER of the CRL's revokedCertificates entries, and their count."""
+        base = plan.base
+        if base is not None:
+            rows = session.execute(
+                select(
+                    Certificate.serial,
+                    Certificate.status,
+                    Certificate.revocation_reason,
+                    Certificate.revoked_at,
+                    Certificate.invalidity_date,
+                )
+                .where(Certificate.issuer_id == plan.ca_id, Certificate.status_epoch > base.epoch)
+                .order_by(Certificate.serial)
+            )
+            entries = []
+            for serial, status, reason, revoked_at, invalidity in rows:
+                if status is CertStatus.REVOKED:
+                    r = Reason(reason) if reason else Reason.UNSPECIFIED
+                    entries.append(
+                        Entry(
+                            int(serial, 16),
+                            revoked_at or plan.this_update,
+                            _REASON_CODE.get(r),
+                            invalidity,
+                        )
+                    )
+                else:  # released from hold since the base CRL
+                    entries.append(Entry(int(serial, 16), base.this_update, REMOVE_FROM_CRL))
+            return bytearray(encode_entries(entries)), len(entries)
+        # RFC 5280 3.3: an entry stays until it has appeared on one CRL after expiry.
+        horizon = plan.this_update - self.next_update
+        # Streamed (server-side cursor on PostgreSQL) and encoded straight to DER: no
+        # per-entry objects, so 10^6 entries take seconds and little memory.
+        if session.get_bind().dialect.name == "postgresql":
+            # Serials are random: walking the (issuer, serial) index reads the heap in random
+            # order, a page per row (2.4 s at 10^6). A sequential scan and an in-memory sort
+            # of the serials take 1.1 s. This transaction only.
+            session.execute(text("SET LOCAL enable_indexscan = off"))
+            session.execute(text(f"SET LOCAL work_mem = '{SORT_WORK_MEM}'"))
+        full_rows = (
+            session.connection()
+            .execution_options(yield_per=STREAM_BATCH)
+            .execute(
+                select(
+                    _CERTS.c.serial,
+                    _CERTS.c.revocation_reason,
+                    _CERTS.c.revoked_at,
+                    _CERTS.c.invalidity_date,
+                )
+                .where(
+                    _CERTS.c.issuer_id == plan.ca_id,
+                    _CERTS.c.status == CertStatus.REVOKED,
+                    _CERTS.c.not_after >= horizon,
+                )
+                .order_by(_CERTS.c.serial)
+            )
+        )
+        entries_der = bytearray()
+        entry_count = 0
+        for batch in full_rows.partitions():
+            entry_count += encode_revoked_rows(batch, plan.this_update, entries_der)
+        return entries_der, entry_count
+
+    def _plan_and_read(
+        self, ca_name: str, now: dt.datetime, delta: bool
+    ) -> tuple[_Plan, bytearray, int]:
+        """A CRL number and the revocation state it publishes, read without holding up
+        revocations (see the module docstring)."""
+        for _attempt in range(OPTIMISTIC_READS):
+            with self.db.scope() as session:
+                plan = self._plan(session, ca_name, now, delta)
+            with self.db.read_scope(snapshot=True) as session:
+                seen = session.scalar(
+                    select(CertificateAuthority.revocation_epoch).where(
+                        CertificateAuthority.id == plan.ca_id
+                    )
+                )
+                if seen == plan.epoch:
+                    return plan, *self._read_entries(session, plan)
+            log.info(
+                "CRL number left unused: revocations landed while it was read",
+                extra={"ca": ca_name, "number": plan.number, "delta": delta},
+            )
+        # Revocations keep landing: this time read while holding the CA row.
+        with self.db.scope() as session:
+            plan = self._plan(session, ca_name, now, delta)
+            return plan, *self._read_entries(session, plan)
 
     def generate(
         self, ca_name: str, now: dt.datetime, *, delta: bool = False, actor: Actor = SYSTEM
     ) -> Crl:
         """Build, sign and store a full (or delta) CRL for ``ca_name``."""
-        with self.db.scope() as session:
-            ca_id = session.scalars(
-                select(CertificateAuthority.id).where(CertificateAuthority.name == ca_name)
-            ).one_or_none()
-            if ca_id is None:
-                raise NotFound(f"unknown certificate authority {shown(ca_name)}")
-            base: Crl | None = None
-            if delta:
-                base = latest(session, ca_id, CrlKind.FULL)
-                if base is None:
-                    raise Conflict(f"CA {ca_name} has no full CRL yet to base a delta on")
-            ca, number, this_update = self._allocate(session, ca_id, now)
-            if not ca.key_online:
-                raise Conflict(f"the key of CA {ca_name} is offline; bring it online to sign")
-            epoch = int(ca.revocation_epoch)
-            cert = x509.load_der_x509_certificate(ca.certificate_der)
-            check_can_publish(ca_name, cert.not_valid_after_utc, this_update)
-            next_update = this_update + (self.delta_next_update if delta else self.next_update)
-            next_update = min(next_update, cert.not_valid_after_utc)
-            if base is not None:
-                rows = session.execute(
-                    select(
-                        Certificate.serial,
-                        Certificate.status,
-                        Certificate.revocation_reason,
-                        Certificate.revoked_at,
-                        Certificate.invalidity_date,
-                    )
-                    .where(Certificate.issuer_id == ca_id, Certificate.status_epoch > base.epoch)
-                    .order_by(Certificate.serial)
-                )
-                entries = []
-                for serial, status, reason, revoked_at, invalidity in rows:
-                    if status is CertStatus.REVOKED:
-                        r = Reason(reason) if reason else Reason.UNSPECIFIED
-                        entries.append(
-                            Entry(
-                                int(serial, 16),
-                                revoked_at or this_update,
-                                _REASON_CODE.get(r),
-                                invalidity,
-                            )
-                        )
-                    else:  # released from hold since the base CRL
-                        entries.append(Entry(int(serial, 16), base.this_update, REMOVE_FROM_CRL))
-                entries_der = bytearray(encode_entries(entries))
-                entry_count = len(entries)
-            else:
-                # RFC 5280 3.3: an entry stays until it has appeared on one CRL after expiry.
-                horizon = this_update - self.next_update
-                # Streamed (server-side cursor on PostgreSQL) and encoded straight to DER: no
-                # per-entry objects, so 10^6 entries take seconds and little memory.
-                if session.get_bind().dialect.name == "postgresql":
-                    # Serials are random: walking the (issuer, serial) index reads the heap
-                    # in random order, a page per row (2.4 s at 10^6). A sequential scan and
-                    # an in-memory sort of the serials take 1.1 s. This transaction only.
-                    session.execute(text("SET LOCAL enable_indexscan = off"))
-                    session.execute(text(f"SET LOCAL work_mem = '{SORT_WORK_MEM}'"))
-                full_rows = (
-                    session.connection()
-                    .execution_options(yield_per=STREAM_BATCH)
-                    .execute(
-                        select(
-                            _CERTS.c.serial,
-                            _CERTS.c.revocation_reason,
-                            _CERTS.c.revoked_at,
-                            _CERTS.c.invalidity_date,
-                        )
-                        .where(
-                            _CERTS.c.issuer_id == ca_id,
-                            _CERTS.c.status == CertStatus.REVOKED,
-                            _CERTS.c.not_after >= horizon,
-                        )
-                        .order_by(_CERTS.c.serial)
-                    )
-                )
-                entries_der = bytearray()
-                entry_count = 0
-                for batch in full_rows.partitions():
-                    entry_count += encode_revoked_rows(batch, this_update, entries_der)
-            key_ref, key_type = ca.key_ref, KeyType(ca.key_type)
-            base_number = base.number if base is not None else None
+        plan, entries_der, entry_count = self._plan_and_read(ca_name, now, delta)
+        base_number = plan.base.number if plan.base is not None else None
         params = CrlParams(
-            issuer_name_der=cert.subject.public_bytes(),
-            issuer_ski=cert.extensions.get_extension_for_class(
+            issuer_name_der=plan.cert.subject.public_bytes(),
+            issuer_ski=plan.cert.extensions.get_extension_for_class(
                 x509.SubjectKeyIdentifier
             ).value.digest,
-            key_type=key_type,
-            number=number,
-            this_update=this_update,
-            next_update=next_update,
+            key_type=plan.key_type,
+            number=plan.number,
+            this_update=plan.this_update,
+            next_update=plan.next_update,
             base_number=base_number,
             freshest_url=None if delta else self.delta_url_for(ca_name),
         )
-        crl_der = build_crl(params, entries_der, self.backend.signing_key(key_ref))
+        crl_der = build_crl(params, entries_der, self.backend.signing_key(plan.key_ref))
         del entries_der
         with self.db.scope() as session:
             row = Crl(
-                issuer_id=ca_id,
-                number=number,
+                issuer_id=plan.ca_id,
+                number=plan.number,
                 kind=CrlKind.DELTA if delta else CrlKind.FULL,
                 base_number=base_number,
-                this_update=this_update,
-                next_update=next_update,
-                epoch=epoch,
+                this_update=plan.this_update,
+                next_update=plan.next_update,
+                epoch=plan.epoch,
                 entries=entry_count,
                 sha256=hashlib.sha256(crl_der).hexdigest(),
                 der=crl_der,
@@ -387,14 +457,14 @@ class CrlPublisher:
                     Category.CA,
                     "ca.crl",
                     Outcome.SUCCESS,
-                    object_dn=cert.subject.rfc4514_string(),
+                    object_dn=plan.cert.subject.rfc4514_string(),
                     detail={
                         "ca": ca_name,
-                        "number": number,
+                        "number": plan.number,
                         "kind": row.kind.value,
                         "entries": entry_count,
                         "base": base_number,
-                        "next_update": next_update.isoformat(),
+                        "next_update": plan.next_update.isoformat(),
                     },
                 ),
                 now,

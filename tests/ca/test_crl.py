@@ -6,14 +6,17 @@ import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from audit.models import JournalRecord
+from ca import crl as crl_module
 from ca.crl import MIN_VALIDITY, latest_by_name
 from ca.hierarchy import create_issuing
 from ca.models import Crl, CrlKind
@@ -387,6 +390,112 @@ def test_refresher_publishes_the_full_crl_then_a_delta_against_it(
     checkers.openssl_verify(der(held), chain, crl_ders=[full_row.der])
     checkers.openssl_verify_revoked(der(held), chain, crl_ders=pair, use_deltas=True)
     checkers.openssl_verify_revoked(der(compromised), chain, crl_ders=pair, use_deltas=True)
+
+
+def _revoke_in_thread(services: Services, cert: x509.Certificate) -> bool:
+    """Revoke ``cert`` from another thread; whether that took less than 10 s (no lock held
+    here kept it waiting)."""
+    t = threading.Thread(
+        target=services.revoker.revoke,
+        args=("admin", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR),
+    )
+    t.start()
+    t.join(10)
+    in_time = not t.is_alive()
+    t.join(120)
+    return in_time
+
+
+def _current_epoch(services: Services, ca: str) -> int:
+    with services.db.read_scope() as session:
+        return int(ca_row(session, ca).revocation_epoch)
+
+
+def test_reading_a_full_crl_holds_up_no_revocation(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full CRL's entries (seconds to read for 10^6) are read in a snapshot, without the CA
+    row lock (nor, on SQLite, the database's write lock): a revocation made meanwhile
+    completes at once. That CRL says what was true when its number was allocated; it is
+    marked older than the CA's state, so the next one (due at once) has the revocation."""
+    services.revoker.revoke(
+        "admin", issue(services, "admin-client").serial_number, Reason.SUPERSEDED, TEST_ACTOR
+    )
+    victim = issue(services, "admin-client")
+    before = services.crls.generate("admin", services.clock())
+    real = crl_module.encode_revoked_rows
+    in_time: list[bool] = []
+
+    def encode(
+        rows: Iterable[tuple[str, str | None, dt.datetime | None, dt.datetime | None]],
+        default_time: dt.datetime,
+        out: bytearray,
+    ) -> int:
+        if not in_time:
+            in_time.append(_revoke_in_thread(services, victim))
+        return real(rows, default_time, out)
+
+    monkeypatch.setattr(crl_module, "encode_revoked_rows", encode)
+    row = services.crls.generate("admin", services.clock())
+    assert in_time == [True], "a revocation waited for the CRL being read"
+    assert row.number == before.number + 1
+    assert (
+        x509.load_der_x509_crl(row.der).get_revoked_certificate_by_serial_number(
+            victim.serial_number
+        )
+        is None
+    )
+    assert row.epoch < _current_epoch(services, "admin")
+    assert crl_module.due(row, _current_epoch(services, "admin"), services.clock())
+    monkeypatch.setattr(crl_module, "encode_revoked_rows", real)
+    after = services.crls.generate("admin", services.clock())
+    assert after.epoch == _current_epoch(services, "admin")
+    assert (
+        x509.load_der_x509_crl(after.der).get_revoked_certificate_by_serial_number(
+            victim.serial_number
+        )
+        is not None
+    )
+    for crl in (row, after):
+        checkers.pkilint_crl(crl.der)
+        checkers.openssl_crl_verify(crl.der, der(ca_cert(services, "admin")))
+
+
+def test_revocations_before_every_snapshot_end_in_a_read_under_the_lock(
+    services: Services, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A revocation that lands between the allocation of a number and the snapshot read
+    would make that number publish newer state than a later number might: the number is left
+    unused and the generator tries again. A CA revoking all the time cannot starve its CRL:
+    after OPTIMISTIC_READS such tries, the generator reads while holding the CA row."""
+    services.revoker.revoke(
+        "admin", issue(services, "admin-client").serial_number, Reason.SUPERSEDED, TEST_ACTOR
+    )
+    victims = [issue(services, "admin-client") for _ in range(crl_module.OPTIMISTIC_READS)]
+    before = services.crls.generate("admin", services.clock())
+    real = services.db.read_scope
+    in_time: list[bool] = []
+
+    def read_scope(*, snapshot: bool = False) -> AbstractContextManager[Session]:
+        if snapshot and len(in_time) < len(victims):  # the CRL's snapshot is about to start
+            in_time.append(_revoke_in_thread(services, victims[len(in_time)]))
+        return real(snapshot=snapshot)
+
+    monkeypatch.setattr(services.db, "read_scope", read_scope)
+    with caplog.at_level(logging.INFO, logger="sekisho.crl"):
+        row = services.crls.generate("admin", services.clock())
+    assert in_time == [True] * crl_module.OPTIMISTIC_READS
+    unused = [r for r in caplog.records if r.getMessage().startswith("CRL number left unused")]
+    assert [getattr(r, "number", None) for r in unused] == [
+        before.number + i for i in range(1, crl_module.OPTIMISTIC_READS + 1)
+    ]
+    assert row.number == before.number + crl_module.OPTIMISTIC_READS + 1
+    assert row.epoch == _current_epoch(services, "admin")
+    crl = x509.load_der_x509_crl(row.der)
+    for victim in victims:
+        assert crl.get_revoked_certificate_by_serial_number(victim.serial_number) is not None
+    checkers.pkilint_crl(row.der)
+    checkers.openssl_crl_verify(row.der, der(ca_cert(services, "admin")))
 
 
 def test_a_higher_crl_number_never_carries_an_earlier_this_update(services: Services) -> None:
