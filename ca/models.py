@@ -9,6 +9,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -61,7 +62,11 @@ class CertificateAuthority(Base):
 
 class Certificate(Base):
     __tablename__ = "certificates"
-    __table_args__ = (UniqueConstraint("issuer_id", "serial", name="uq_cert_issuer_serial"),)
+    __table_args__ = (
+        UniqueConstraint("issuer_id", "serial", name="uq_cert_issuer_serial"),
+        # A CA's latest status changes: the OCSP re-sign after a revocation, delta CRLs.
+        Index("ix_certificates_issuer_epoch", "issuer_id", "status_epoch"),
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True

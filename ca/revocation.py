@@ -135,7 +135,9 @@ def decide_revocation(status: CertStatus, current: Reason | None, new: Reason) -
     )
 
 
-Listener = Callable[[int], None]
+# Told after each change's commit: (CA id, the CA's revocation epoch of the change). Every
+# certificate the change revoked or released carries that epoch as its status_epoch.
+Listener = Callable[[int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +236,7 @@ class Revoker:
                 cert = self._locked_cert(session, ca, serial)
                 current = Reason(cert.revocation_reason) if cert.revocation_reason else None
                 decide_revocation(cert.status, current, reason)
-                touched = self._revoke_all(session, [cert], reason, actor, now, invalidity_date)
+                epochs = self._revoke_all(session, [cert], reason, actor, now, invalidity_date)
                 done = Revocation(cert)
             else:
                 added = self._block_row(session, spki, now, issuer_id=ca.id, serial=hex_serial)
@@ -248,15 +250,14 @@ class Revoker:
                 cert.spki_sha256 = spki
                 others = [c for c in certs if c is not cert and _compromisable(c)]
                 cause = f"the same key as {ca.name} {hex_serial}, compromised"
-                touched = self._revoke_all(
+                epochs = self._revoke_all(
                     session, [cert, *others], reason, actor, now, invalidity_date,
                     {c.id: cause for c in others},
                 )  # fmt: skip
                 if added:
                     self._journal_block(session, spki, actor, now, cert=cert, ca_name=ca.name)
                 done = Revocation(cert, self._named(session, others), added)
-        for ca_id in sorted(touched):
-            self._notify(ca_id)
+        self._notify(epochs)
         return done
 
     def block_key(
@@ -269,15 +270,14 @@ class Revoker:
         with self.db.scope() as session:
             added = self._block_row(session, spki, now, comment=comment)
             certs = [c for c in self._lock_keys(session, [spki]) if _compromisable(c)]
-            self._revoke_all(
+            epochs = self._revoke_all(
                 session, certs, Reason.KEY_COMPROMISE, actor, now, None,
                 dict.fromkeys((c.id for c in certs), "its key was reported compromised"),
             )  # fmt: skip
             done = list(self._named(session, certs))
             if added:
                 self._journal_block(session, spki, actor, now, comment=comment)
-        for ca_id in sorted({c.issuer_id for c in certs}):
-            self._notify(ca_id)
+        self._notify(epochs)
         return added, done
 
     def revoke_blocked(self, now: dt.datetime, actor: Actor = SWEEP_ACTOR) -> int:
@@ -303,12 +303,11 @@ class Revoker:
             return 0
         with self.db.scope() as session:
             certs = [c for c in self._lock_keys(session, keys) if _compromisable(c)]
-            touched = self._revoke_all(
+            epochs = self._revoke_all(
                 session, certs, Reason.KEY_COMPROMISE, actor, now, None,
                 dict.fromkeys((c.id for c in certs), "its key is blocked"),
             )  # fmt: skip
-        for ca_id in sorted(touched):
-            self._notify(ca_id)
+        self._notify(epochs)
         return len(certs)
 
     def _named(self, session: Session, certs: Sequence[Certificate]) -> tuple[tuple[str, str], ...]:
@@ -358,11 +357,11 @@ class Revoker:
         now: dt.datetime,
         invalidity_date: dt.datetime | None,
         causes: Mapping[int, str] | None = None,
-    ) -> set[int]:
+    ) -> dict[int, int]:
         """Revoke ``certs`` (locked, the decision taken), each with its journal entry (naming
         ``causes[cert.id]`` when given); each CA's epoch bumped once, in id order, before the
         journal (and before the certificates change: each is then written once, when the
-        journal flushes). The CA ids touched."""
+        journal flushes). The new epoch of each CA touched, by CA id."""
         touched = {cert.issuer_id for cert in certs}
         bumped = {ca_id: self._bump_epoch(session, ca_id) for ca_id in sorted(touched)}
         for cert in certs:
@@ -397,7 +396,7 @@ class Revoker:
                 ),
                 now,
             )
-        return touched
+        return {ca_id: epoch for ca_id, (epoch, _name) in bumped.items()}
 
     def _block_row(
         self,
@@ -474,7 +473,8 @@ class Revoker:
             cert.revoked_at = None
             cert.invalidity_date = None
             cert.released_at = now
-            cert.status_epoch = self._bump_epoch(session, ca.id)[0]
+            epoch = self._bump_epoch(session, ca.id)[0]
+            cert.status_epoch = epoch
             self.journal.append(
                 session,
                 by_actor(
@@ -489,13 +489,15 @@ class Revoker:
                 now,
             )
             ca_id = ca.id
-        self._notify(ca_id)
+        self._notify({ca_id: epoch})
         return cert
 
-    def _notify(self, ca_id: int) -> None:
-        for listener in list(self.listeners):
-            try:
-                listener(ca_id)
-            except Exception:
-                # The OCSP refresher repairs what a failed listener left behind.
-                log.warning("revocation listener failed", exc_info=True, extra={"ca_id": ca_id})
+    def _notify(self, epochs: Mapping[int, int]) -> None:
+        """Tell the listeners, CA by CA in id order, the epoch of a committed change."""
+        for ca_id, epoch in sorted(epochs.items()):
+            for listener in list(self.listeners):
+                try:
+                    listener(ca_id, epoch)
+                except Exception:
+                    # The OCSP refresher repairs what a failed listener left behind.
+                    log.warning("revocation listener failed", exc_info=True, extra={"ca_id": ca_id})

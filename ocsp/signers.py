@@ -145,7 +145,7 @@ def replace_revoked_responders(
     return _renew(services, now, actor, lambda old: old is not None and old.id in revoked, revoked)
 
 
-def on_revocation(services: Services, ca_id: int) -> None:
+def on_revocation(services: Services, ca_id: int, _epoch: int) -> None:
     """Revoker listener (before the one that re-signs the changed statuses): a revoked
     responder of that CA is replaced before revoke() returns. A failure here (the key backend
     away) is logged by the Revoker; the refresher tries again every tick, and meanwhile that

@@ -14,8 +14,8 @@ When responses are (re)signed:
   failure leaves it to the refresher's repair and the issuance goes on; a store failure
   there fails the issuance like any other);
 * on revocation and release: :meth:`OcspService.on_revocation` is a ``Revoker`` listener,
-  called after the commit and before ``revoke()`` returns. It re-signs every certificate of
-  that CA whose ``status_epoch`` is newer than its stored response's;
+  called after the commit and before ``revoke()`` returns. It re-signs the certificates that
+  change touched (``status_epoch`` at least the change's) whose stored response is older;
 * when due: :func:`refresh_due` re-signs responses past ``ocsp_refresh_fraction`` of their
   validity and repairs rows that are missing or disagree with the certificates table (a
   revocation made by a process whose listener did not run, an issuance hook that failed);
@@ -1066,18 +1066,25 @@ class OcspService:
 
         return write
 
-    def on_revocation(self, ca_id: int) -> None:
-        """Revoker listener: re-sign what changed, before revoke()/release() returns."""
-        self.resign_changed(ca_id, self.clock())
+    def on_revocation(self, ca_id: int, epoch: int) -> None:
+        """Revoker listener: re-sign what the change (at ``epoch``) changed, before
+        revoke()/release() returns. Only rows of that epoch or later are looked at, through the
+        (issuer, status epoch) index: the work is the change's, not every revoked certificate
+        of the CA's (a scan of them all took 150 ms per revocation at 10^5). A change whose
+        listener did not run (another process, a failure) is the refresher's repair."""
+        self.resign_changed(ca_id, self.clock(), since=epoch)
 
-    def resign_changed(self, ca_id: int, now: dt.datetime, batch: int = 10_000) -> int:
-        """Re-sign the certificates of one CA whose status changed since they were signed."""
+    def resign_changed(
+        self, ca_id: int, now: dt.datetime, batch: int = 10_000, since: int = 1
+    ) -> int:
+        """Re-sign the certificates of one CA whose status changed (at epoch ``since`` or
+        later) since they were signed."""
         total = 0
         while True:
             rows = _cert_rows(
                 self.db,
                 Certificate.issuer_id == ca_id,
-                Certificate.status_epoch > 0,
+                Certificate.status_epoch >= max(since, 1),
                 or_(
                     OcspResponse.id.is_(None),
                     OcspResponse.status_epoch < Certificate.status_epoch,

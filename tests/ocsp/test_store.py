@@ -213,6 +213,33 @@ def test_refresh_when_due(settings: Settings, recording_backend: RecordingBacken
         services.close()
 
 
+def test_a_revocation_re_signs_what_it_changed_and_nothing_older(services: Services) -> None:
+    """The listener looks at the certificates of the revocation's own epoch or later (an
+    index range), not at every revoked certificate of the CA: a status an earlier change left
+    unsigned (its listener did not run) stays for the refresher's repair, and a release or a
+    later revocation is re-signed at once."""
+    older, held, later = (issue(services, "admin-client") for _ in range(3))
+    ca_id, _ = issuer_for(services)
+    listeners = list(services.revoker.listeners)
+    services.revoker.listeners.clear()  # a process whose listener did not run
+    services.revoker.revoke("admin", older.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    services.revoker.listeners.extend(listeners)
+
+    def status(cert: x509.Certificate) -> x509_ocsp.OCSPCertStatus:
+        response = single(stored(services, ca_id, cert.serial_number).der)
+        return response.certificate_status
+
+    services.revoker.revoke("admin", held.serial_number, Reason.CERTIFICATE_HOLD, TEST_ACTOR)
+    services.revoker.revoke("admin", later.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    assert status(held) is x509_ocsp.OCSPCertStatus.REVOKED
+    assert status(later) is x509_ocsp.OCSPCertStatus.REVOKED
+    assert status(older) is x509_ocsp.OCSPCertStatus.GOOD  # not this change's
+    services.revoker.release("admin", held.serial_number, TEST_ACTOR)
+    assert status(held) is x509_ocsp.OCSPCertStatus.GOOD
+    assert store.refresh_due(services, services.clock(), 100) >= 1
+    assert status(older) is x509_ocsp.OCSPCertStatus.REVOKED
+
+
 def test_refresh_repairs_missing_and_stale_rows(services: Services) -> None:
     leaf = issue(services, "admin-client")
     ca_id, _ = issuer_for(services)
