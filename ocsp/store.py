@@ -17,8 +17,9 @@ When responses are (re)signed:
   called after the commit and before ``revoke()`` returns. It re-signs the certificates that
   change touched (``status_epoch`` at least the change's) whose stored response is older;
 * when due: :func:`refresh_due` re-signs responses past ``ocsp_refresh_fraction`` of their
-  validity and repairs rows that are missing or disagree with the certificates table (a
-  revocation made by a process whose listener did not run, an issuance hook that failed);
+  validity and repairs rows that disagree with the certificates table (a revocation made by
+  a process whose listener did not run: at the next tick) or are missing (an issuance hook
+  that failed: at the next look at every certificate, every ``FULL_REPAIR_EVERY``);
 * on demand: :func:`resign_all` (journalled ``ocsp.resign``);
 * when their signer's certificate was revoked: :meth:`OcspService.resign_from_revoked`, a
   refresher step that finds them by that responder's ID in their DER, and re-signs them with
@@ -92,6 +93,9 @@ HELD_MAX = 200_000  # stored responses held in memory for serving while the data
 MAX_SERIAL = 1 << 160
 IN_FLIGHT = dt.timedelta(minutes=5)  # a reserved row younger than this may still be signing
 DEFAULT_BATCH = 500
+# The refresher's repair looks at every certificate this often (and when it starts); in
+# between, at the statuses changed since its last look only (OcspService.repair).
+FULL_REPAIR_EVERY = dt.timedelta(minutes=10)
 # A process that loaded a responder before its revocation may sign with it until its next
 # issuer reload (ISSUERS_TTL): the answers it signed are looked for once more after this.
 REVOKED_SIGNER_GRACE = dt.timedelta(minutes=1)
@@ -758,6 +762,10 @@ class OcspService:
         self._sweeps: dict[int, _Sweep] = {}
         self._swept: set[int] = set()
         self.resigning = False
+        # Repair (refresher): by CA id, the revocation epoch up to which every status change
+        # has had its answer looked at; when the next look at every certificate is due.
+        self._repaired_epochs: dict[int, int] = {}
+        self._full_repair_at: dt.datetime | None = None
 
     # -- issuers ------------------------------------------------------------------------------
     def issuers(self) -> dict[int, core.Issuer]:
@@ -1081,20 +1089,26 @@ class OcspService:
         later) since they were signed."""
         total = 0
         while True:
-            rows = _cert_rows(
-                self.db,
-                Certificate.issuer_id == ca_id,
-                Certificate.status_epoch >= max(since, 1),
-                or_(
-                    OcspResponse.id.is_(None),
-                    OcspResponse.status_epoch < Certificate.status_epoch,
-                ),
-                limit=batch,
-            )
-            written = self.sign_rows(rows, now)
+            found, written = self._resign_changed_batch(ca_id, now, since, batch)
             total += written
-            if len(rows) < batch or written == 0:
+            if found < batch or written == 0:
                 return total
+
+    def _resign_changed_batch(
+        self, ca_id: int, now: dt.datetime, since: int, batch: int
+    ) -> tuple[int, int]:
+        """One batch of :meth:`resign_changed`: (rows found, answers written)."""
+        rows = _cert_rows(
+            self.db,
+            Certificate.issuer_id == ca_id,
+            Certificate.status_epoch >= max(since, 1),
+            or_(
+                OcspResponse.id.is_(None),
+                OcspResponse.status_epoch < Certificate.status_epoch,
+            ),
+            limit=batch,
+        )
+        return len(rows), self.sign_rows(rows, now)
 
     def resign_from_revoked(
         self, now: dt.datetime, batch: int = DEFAULT_BATCH, seconds: float = RESIGN_SECONDS
@@ -1193,10 +1207,58 @@ class OcspService:
             ]
 
     def repair(self, now: dt.datetime, batch: int = DEFAULT_BATCH) -> int:
-        """Sign what is missing or disagrees with the certificates table (status or epoch)."""
+        """Sign what is missing or disagrees with the certificates table (status or epoch), up
+        to ``batch`` rows. Every FULL_REPAIR_EVERY (and at the first call) every certificate
+        is looked at; in between, CA by CA, only the statuses changed since the last look (by
+        revocation epoch, down the (issuer, status epoch) index): a revocation whose listener
+        did not run still has its answer re-signed within a tick. The whole look cost 170 ms
+        per tick at 10^5 certificates; a certificate whose issuance hook failed has no stored
+        answer until the next whole look, and is answered live from the certificates table
+        meanwhile."""
         served = list(self.issuers())
         if not served:
             return 0
+        epochs = self._revocation_epochs(served)
+        if self._full_repair_at is not None and now < self._full_repair_at:
+            return self._repair_changed(epochs, now, batch)
+        rows = self._disagreeing(served, now, batch)
+        written = self.sign_rows(rows, now)
+        if len(rows) < batch and written == len(rows):  # all of it looked at and signed
+            self._full_repair_at = now + FULL_REPAIR_EVERY
+            self._repaired_epochs = epochs
+        return written
+
+    def _revocation_epochs(self, ca_ids: Iterable[int]) -> dict[int, int]:
+        """The revocation epoch of each CA, read before the certificates are: every change at
+        or below it is committed (its CA row was locked until then)."""
+        with self.db.read_scope() as session:
+            return {
+                int(ca_id): int(epoch)
+                for ca_id, epoch in session.execute(
+                    select(CertificateAuthority.id, CertificateAuthority.revocation_epoch).where(
+                        CertificateAuthority.id.in_(list(ca_ids))
+                    )
+                )
+            }
+
+    def _repair_changed(self, epochs: Mapping[int, int], now: dt.datetime, batch: int) -> int:
+        written = 0
+        for ca_id, epoch in sorted(epochs.items()):
+            since = self._repaired_epochs.get(ca_id)
+            if since is None:  # served since the last whole look: look at everything next
+                self._full_repair_at = None
+                continue
+            if epoch <= since:
+                continue  # nothing changed: no query
+            found, signed = self._resign_changed_batch(ca_id, now, since + 1, batch)
+            written += signed
+            if found < batch and signed == found:
+                self._repaired_epochs[ca_id] = epoch
+        return written
+
+    def _disagreeing(self, served: list[int], now: dt.datetime, batch: int) -> list[_Row]:
+        """Up to ``batch`` certificates of ``served`` CAs whose stored answer is missing or
+        disagrees with them."""
         good_statuses = (CertStatus.ISSUED, CertStatus.RESERVED)
         expected_mismatch = or_(
             and_(Certificate.status.in_(good_statuses), OcspResponse.cert_status != GOOD),
@@ -1212,10 +1274,9 @@ class OcspService:
                 Certificate.status != CertStatus.RESERVED, Certificate.created_at < now - IN_FLIGHT
             ),
         )
-        rows = _cert_rows(
+        return _cert_rows(
             self.db, Certificate.issuer_id.in_(served), or_(missing, expected_mismatch), limit=batch
         )
-        return self.sign_rows(rows, now)
 
     def refresh_due(self, now: dt.datetime, batch: int = DEFAULT_BATCH) -> int:
         """Re-sign up to ``batch`` stored responses past the refresh point (the configured
@@ -1224,21 +1285,31 @@ class OcspService:
         signing = list(self.issuers())
         if not signing:
             return 0
+        due: list[tuple[dt.datetime, int, str]] = []
         with self.db.read_scope() as session:
-            due = session.execute(
-                select(OcspResponse.issuer_id, OcspResponse.serial)
-                .where(
-                    # Only CAs that can sign now: the others' rows, due first, would be picked
-                    # again every tick and hold back everyone else's.
-                    OcspResponse.issuer_id.in_(signing),
-                    OcspResponse.next_update <= now + remaining,
+            # Only CAs that can sign now (the others' rows, due first, would be picked again
+            # every tick and hold back everyone else's), one at a time down the (issuer,
+            # next_update) index: each CA's oldest ``batch``, without reading the rest. One
+            # query over them all sorted every row of the CAs, 160 ms at 10^5 on SQLite.
+            for issuer_id in sorted(signing):
+                due.extend(
+                    (when, int(ca), str(serial))
+                    for when, ca, serial in session.execute(
+                        select(
+                            OcspResponse.next_update, OcspResponse.issuer_id, OcspResponse.serial
+                        )
+                        .where(
+                            OcspResponse.issuer_id == issuer_id,
+                            OcspResponse.next_update <= now + remaining,
+                        )
+                        .order_by(OcspResponse.next_update)
+                        .limit(batch)
+                    )
                 )
-                .order_by(OcspResponse.next_update)
-                .limit(batch)
-            ).all()
+        due.sort(key=lambda r: r[0])
         by_issuer: dict[int, list[str]] = {}
-        for issuer_id, serial in due:
-            by_issuer.setdefault(int(issuer_id), []).append(str(serial))
+        for _next_update, issuer_id, serial in due[:batch]:
+            by_issuer.setdefault(issuer_id, []).append(serial)
         written = sum(self.sign_serials(i, s, now) for i, s in by_issuer.items())
         return written + self.repair(now, batch)
 

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp as x509_ocsp
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from audit.models import JournalRecord
@@ -238,6 +238,51 @@ def test_a_revocation_re_signs_what_it_changed_and_nothing_older(services: Servi
     assert status(held) is x509_ocsp.OCSPCertStatus.GOOD
     assert store.refresh_due(services, services.clock(), 100) >= 1
     assert status(older) is x509_ocsp.OCSPCertStatus.REVOKED
+
+
+def test_repair_looks_at_changed_statuses_each_tick_and_at_everything_now_and_then(
+    services: Services,
+) -> None:
+    """Once every certificate has been looked at, the repair looks only at the statuses
+    changed since (by revocation epoch, CA by CA): a revocation whose listener did not run is
+    re-signed at the next tick. A certificate with no stored answer (its issuance hook
+    failed) is answered live meanwhile, and stored at the next look at everything,
+    FULL_REPAIR_EVERY later."""
+    from ocsp.models import OcspResponse
+
+    now = services.clock()
+    revoked, unsigned = issue(services, "admin-client"), issue(services, "admin-client")
+    ca_id, issuer = issuer_for(services)
+    store.refresh_due(services, now, 100)  # the first look: every certificate
+    with services.db.scope() as session:
+        session.execute(
+            delete(OcspResponse).where(
+                OcspResponse.issuer_id == ca_id,
+                OcspResponse.serial == f"{unsigned.serial_number:040x}",
+            )
+        )
+    listeners = list(services.revoker.listeners)
+    services.revoker.listeners.clear()  # a process whose listener did not run
+    services.revoker.revoke("admin", revoked.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    services.revoker.listeners.extend(listeners)
+
+    def stored_serials() -> set[int]:
+        return {r.serial for r in store.snapshot(services.db)[0] if r.issuer_id == ca_id}
+
+    assert store.refresh_due(services, now + dt.timedelta(seconds=1), 100) == 1
+    assert single(stored(services, ca_id, revoked.serial_number).der).certificate_status is (
+        x509_ocsp.OCSPCertStatus.REVOKED
+    )
+    assert unsigned.serial_number not in stored_serials()
+    live = services.ocsp.answer(request_der(issuer, [unsigned.serial_number]), now)
+    assert single(live).certificate_status is x509_ocsp.OCSPCertStatus.GOOD
+    pkilint_ocsp_response(live)
+    later = now + store.FULL_REPAIR_EVERY
+    assert store.refresh_due(services, later - dt.timedelta(seconds=1), 100) == 0
+    assert store.refresh_due(services, later, 100) == 1
+    assert single(stored(services, ca_id, unsigned.serial_number).der).certificate_status is (
+        x509_ocsp.OCSPCertStatus.GOOD
+    )
 
 
 def test_refresh_repairs_missing_and_stale_rows(services: Services) -> None:
