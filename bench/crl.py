@@ -1,6 +1,8 @@
 """CRL build time for 10^5 and 10^6 revoked entries of one issuing CA, through Sekisho's CRL
 generator (``services.crls.generate(ca, now, delta=False)``: read the revocations, encode,
-sign through the key backend, store + journal), on SQLite and/or PostgreSQL.
+sign through the key backend, store + journal), on SQLite and/or PostgreSQL. Each size is
+built a second time while another thread revokes certificates of the same CA every 20 ms:
+how long a revocation waits while a large CRL is read.
 
 Revocations are bulk-inserted straight into the certificates table first (not measured).
 Reference in the same run: ``cryptography``'s ``CertificateRevocationListBuilder(
@@ -17,8 +19,10 @@ import datetime as dt
 import gc
 import secrets
 import shutil
+import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,13 +35,16 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import Table, func, select, update
 
 from bench.common import (
+    BENCH_ACTOR,
     deployment,
     peak_rss_mib,
     progress,
     run_each_database,
     write_result,
 )
+from bench.issuance import make_csrs
 from ca.models import Certificate, CertificateAuthority, CertStatus
+from ca.revocation import Reason
 from sekisho.services import Services
 
 CA_NAME = "admin"
@@ -46,6 +53,8 @@ TARGET_SECONDS_AT_1M = 10.0
 # "unspecified" (no reason extension on the entry).
 REASONS = (None, "key_compromise", "superseded", "cessation_of_operation", "affiliation_changed")
 CHUNK = 50_000
+PROBE_CERTS = 200  # certificates issued per size for the revocation probe
+PROBE_INTERVAL = 0.02  # seconds between the probe's revocations
 
 
 def reference_build(n: int) -> dict[str, Any]:
@@ -175,6 +184,59 @@ def bulk_insert(services: Services, ca_id: int, start: int, n: int, now: dt.date
     return time.perf_counter() - t0
 
 
+class RevocationProbe:
+    """While a full CRL is built, revoke certificates of the same CA from another thread, one
+    every PROBE_INTERVAL: how long an operator's revocation waits for the build meanwhile."""
+
+    def __init__(self, services: Services, serials: list[int]) -> None:
+        self.services = services
+        self.serials = serials
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="revocation-probe", daemon=True)
+
+    def _run(self) -> None:
+        for serial in self.serials:
+            if self.stop.is_set():
+                return
+            t0 = time.perf_counter()
+            try:
+                self.services.revoker.revoke(CA_NAME, serial, Reason.SUPERSEDED, BENCH_ACTOR)
+            except Exception as exc:  # reported, not raised: a bench
+                self.errors.append(exc.__class__.__name__)
+            self.latencies.append(time.perf_counter() - t0)
+            self.stop.wait(PROBE_INTERVAL)
+
+    def __enter__(self) -> RevocationProbe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self.thread.join(120)
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        return {
+            "revocations": len(lat),
+            "errors": self.errors,
+            "median_ms": statistics.median(lat) * 1000 if lat else None,
+            "max_ms": lat[-1] * 1000 if lat else None,
+        }
+
+
+def probe_serials(services: Services, n: int) -> list[int]:
+    """Issue ``n`` certificates of the CA for the probe to revoke (not measured)."""
+    out = []
+    for pem in make_csrs(n):
+        cert = services.ca.issue_from_csr(
+            pem, ca=CA_NAME, profile="admin-client", actor=BENCH_ACTOR
+        )
+        out.append(cert.serial_number)
+    return out
+
+
 def openssl_verify(crl_der: bytes, issuer_der: bytes) -> str:
     """``openssl crl -inform DER -noout -CAfile issuer.pem``: prints "verify OK"."""
     if shutil.which("openssl") is None:
@@ -247,8 +309,16 @@ def bench_database(database: str, args: argparse.Namespace) -> dict[str, Any]:
             }
             if size <= args.openssl_max:
                 run["openssl"] = openssl_verify(crl_der, issuer_der)
-            out["runs"].append(run)
             del crl, crl_der, row
+            # The same build again, with revocations of the CA arriving meanwhile.
+            serials = probe_serials(services, PROBE_CERTS)
+            progress(f"{database}: the build again, revoking every {PROBE_INTERVAL * 1000:.0f} ms")
+            with RevocationProbe(services, serials) as probe:
+                start = time.perf_counter()
+                services.crls.generate(CA_NAME, now, delta=False)
+                run["seconds_with_probe"] = time.perf_counter() - start
+            run["probe"] = probe.summary()
+            out["runs"].append(run)
     return out
 
 
@@ -311,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run['rate']:>12,.0f}{run['rate'] / reference['rate']:>7.1f}"
                 f"{run['bytes'] / 1e6:>6.0f}{run['peak_rss_mib_after']:>14.0f}  {checks}"
             )
+            probe = run["probe"]
+            if probe["revocations"]:
+                print(
+                    f"{'':<10}{'':>10}{run['seconds_with_probe']:>9.2f}  the same build while "
+                    f"revoking every {PROBE_INTERVAL * 1000:.0f} ms: {probe['revocations']} "
+                    f"revocations, each waited {probe['median_ms']:.0f} ms (median), "
+                    f"{probe['max_ms']:.0f} ms at most; errors: {probe['errors'] or 'none'}"
+                )
     print(f"peak RSS of the whole run {peak_rss_mib():.0f} MiB")
     path = write_result(
         "crl",
