@@ -30,7 +30,7 @@ from typing import cast
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from sqlalchemy import Table, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
@@ -296,7 +296,7 @@ class CrlPublisher:
             raise NotFound(f"unknown certificate authority {shown(ca_name)}")
         base: Crl | None = None
         if delta:
-            base = latest(session, ca_id, CrlKind.FULL)
+            base = latest(session, ca_id, CrlKind.FULL, der=False)
             if base is None:
                 raise Conflict(f"CA {ca_name} has no full CRL yet to base a delta on")
         session.execute(
@@ -472,13 +472,14 @@ class CrlPublisher:
         return row
 
 
-def latest(session: Session, ca_id: int, kind: CrlKind) -> Crl | None:
-    return session.scalars(
-        select(Crl)
-        .where(Crl.issuer_id == ca_id, Crl.kind == kind)
-        .order_by(Crl.number.desc())
-        .limit(1)
-    ).first()
+def latest(session: Session, ca_id: int, kind: CrlKind, *, der: bool = True) -> Crl | None:
+    """The CA's newest CRL of ``kind``. ``der=False``: without its DER (50 MB at 10^6
+    entries), for callers that look at its number, epoch and times (the refresher, every
+    tick); reading ``der`` then raises."""
+    stmt = select(Crl).where(Crl.issuer_id == ca_id, Crl.kind == kind)
+    if not der:
+        stmt = stmt.options(defer(Crl.der, raiseload=True))
+    return session.scalars(stmt.order_by(Crl.number.desc()).limit(1)).first()
 
 
 def latest_by_name(session: Session, ca_name: str, kind: CrlKind) -> Crl | None:

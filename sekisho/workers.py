@@ -214,7 +214,10 @@ class CrlRefresher:
                 )
             ]
             state = {
-                name: (latest(session, ca_id, CrlKind.FULL), latest(session, ca_id, CrlKind.DELTA))
+                name: (
+                    latest(session, ca_id, CrlKind.FULL, der=False),
+                    latest(session, ca_id, CrlKind.DELTA, der=False),
+                )
                 for name, ca_id, _, _ in cas
             }
         published = []

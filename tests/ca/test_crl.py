@@ -233,6 +233,30 @@ def test_refresher_debounces_a_burst_into_one_crl(settings: Settings, services: 
     assert "admin" in refresher.run_once(clock())
 
 
+def test_the_refresher_reads_no_crl_der(services: Services) -> None:
+    """What the refresher looks at every tick (number, epoch, times) comes without the DER,
+    50 MB for a CRL of 10^6 entries; reading it there raises instead of loading it."""
+    from sqlalchemy.exc import InvalidRequestError
+
+    from ca.crl import latest
+
+    row = services.crls.generate("admin", services.clock())
+    with services.db.read_scope() as session:
+        ca_id = ca_row(session, "admin").id
+        light = latest(session, ca_id, CrlKind.FULL, der=False)
+        assert light is not None
+        assert (light.number, light.epoch, light.next_update) == (
+            row.number,
+            row.epoch,
+            row.next_update,
+        )
+        with pytest.raises(InvalidRequestError):
+            _ = light.der
+    with services.db.read_scope() as session:
+        whole = latest(session, ca_id, CrlKind.FULL)
+        assert whole is not None and whole.der == row.der
+
+
 def test_a_burst_published_elsewhere_does_not_cut_the_next_debounce(
     settings: Settings, services: Services
 ) -> None:
