@@ -25,11 +25,11 @@ import datetime as dt
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import cast
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from sqlalchemy import Table, select, text, update
+from sqlalchemy import Select, Table, delete, func, select, text, update
 from sqlalchemy.orm import Session, defer
 
 from audit.events import Category, Outcome, by_actor
@@ -470,6 +470,77 @@ class CrlPublisher:
                 now,
             )
         return row
+
+    def prune(self, now: dt.datetime, keep: dt.timedelta, actor: Actor = SYSTEM) -> int:
+        """Delete the CRLs whose nextUpdate passed more than ``keep`` ago, but never a CA's
+        newest full or delta CRL (served, whatever their age): one journal entry per CA that
+        lost some (how many, the numbers). Every CRL stays whole in the store until then, and
+        its SHA-256 in its ``ca.crl`` journal entry for good. Returns how many were deleted."""
+        cutoff = now - keep
+        with self.db.read_scope() as session:
+            ca_ids = sorted(
+                session.scalars(select(Crl.issuer_id).where(Crl.next_update < cutoff).distinct())
+            )
+        total = 0
+        for ca_id in ca_ids:
+            with self.db.scope() as session:
+                newest = [
+                    number
+                    for kind in CrlKind
+                    if (number := session.scalar(_newest_number(ca_id, kind))) is not None
+                ]
+                gone = sorted(
+                    session.scalars(
+                        delete(Crl)
+                        .where(
+                            Crl.issuer_id == ca_id,
+                            Crl.next_update < cutoff,
+                            Crl.number.not_in(newest),
+                        )
+                        .returning(Crl.number)
+                    )
+                )
+                if not gone:
+                    continue  # another process pruned them meanwhile
+                ca_name, ca_der = session.execute(
+                    select(CertificateAuthority.name, CertificateAuthority.certificate_der).where(
+                        CertificateAuthority.id == ca_id
+                    )
+                ).one()
+                self.journal.append(
+                    session,
+                    by_actor(
+                        actor,
+                        Category.CA,
+                        "ca.crl.prune",
+                        Outcome.SUCCESS,
+                        object_dn=x509.load_der_x509_certificate(ca_der).subject.rfc4514_string(),
+                        detail={
+                            "ca": ca_name,
+                            "deleted": len(gone),
+                            "numbers": _ranges(gone),
+                            "next_update_before": cutoff.isoformat(),
+                        },
+                    ),
+                    now,
+                )
+                total += len(gone)
+        return total
+
+
+def _newest_number(ca_id: int, kind: CrlKind) -> Select[Any]:
+    return select(func.max(Crl.number)).where(Crl.issuer_id == ca_id, Crl.kind == kind)
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """Sorted numbers as runs: ``1-4,7,9-10``."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def latest(session: Session, ca_id: int, kind: CrlKind, *, der: bool = True) -> Crl | None:

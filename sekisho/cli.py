@@ -916,6 +916,21 @@ def crl_generate(state: State, ca_names: tuple[str, ...], delta: bool) -> None:
     )
 
 
+@crl.command("prune")
+@pass_state
+def crl_prune(state: State) -> None:
+    """Delete the CRLs whose nextUpdate passed more than crl_keep_days ago (each CA's newest
+    full and delta CRL always stay); `serve` does this every hour."""
+    services = state.services()
+    keep = services.settings.crl_keep
+    deleted = services.crls.prune(services.clock(), keep, actor=state.actor())
+    days = services.settings.crl_keep_days
+    state.emit(
+        {"deleted": deleted, "keep_days": days},
+        lambda: f"deleted {deleted} CRLs whose nextUpdate passed more than {days:g} days ago",
+    )
+
+
 def _publishing_cas(services: Services) -> tuple[str, ...]:
     """Every online CA that can still sign a CRL; the others are named on stderr (naming one
     with --ca is refused instead, exit 75)."""

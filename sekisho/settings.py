@@ -45,6 +45,9 @@ class Settings:
     crl_next_update_days: float = 7.0
     delta_crl_next_update_hours: float = 24.0
     crl_debounce_seconds: float = 2.0
+    # CRLs whose nextUpdate passed longer ago than this are deleted (each CA's newest full and
+    # delta CRL are kept whatever their age).
+    crl_keep_days: float = 90.0
     audit_checkpoint_every: int = 1000
     audit_checkpoint_minutes: float = 5.0
     audit_origin: str = ""
@@ -92,6 +95,10 @@ class Settings:
     @property
     def crl_next_update(self) -> dt.timedelta:
         return dt.timedelta(days=self.crl_next_update_days)
+
+    @property
+    def crl_keep(self) -> dt.timedelta:
+        return dt.timedelta(days=self.crl_keep_days)
 
     @property
     def delta_crl_next_update(self) -> dt.timedelta:
@@ -157,6 +164,8 @@ class Settings:
             raise ConfigError("delta_crl_next_update_hours must be between 1 and the full CRL's")
         if not 0 <= self.crl_debounce_seconds <= 60:
             raise ConfigError("crl_debounce_seconds must be between 0 and 60")
+        if not 0 <= self.crl_keep_days <= 3650:
+            raise ConfigError("crl_keep_days must be between 0 and 3650")
         if self.audit_checkpoint_every < 1:
             raise ConfigError("audit_checkpoint_every must be a positive number of records")
         # NaN compares false with everything: test finiteness first (timedelta refuses it).

@@ -7,7 +7,9 @@ times that since the first change), then publishes a new full CRL and then a del
 it: a burst of revocations yields one new CRL within seconds. CRLs are also
 re-issued once half their validity has passed. Changes made by other processes (the CLI, other
 web workers) are seen the same way, through the database. A CA whose certificate has expired
-(or is about to: ``ca.crl.check_can_publish``) is skipped, with one warning.
+(or is about to: ``ca.crl.check_can_publish``) is skipped, with one warning. Every
+``PRUNE_EVERY``, CRLs that ended more than ``crl_keep_days`` ago are deleted (each CA's newest
+full and delta CRL stay).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sekisho.errors import Conflict, SekishoError
 from sekisho.services import Services
 
 log = logging.getLogger("sekisho.crl")
+PRUNE_EVERY = dt.timedelta(hours=1)  # how often the refresher deletes CRLs past crl_keep_days
 
 
 @dataclasses.dataclass
@@ -146,6 +149,7 @@ class CrlRefresher:
         self.ocsp = OcspRefresher(services)
         self.audit = AuditCheckpointer(services)
         self._failing: dict[str, str] = {}  # step -> the failure last logged
+        self._pruned_at: dt.datetime | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="crl-refresher", daemon=True)
@@ -166,6 +170,7 @@ class CrlRefresher:
             # Before the CRLs: a certificate of a blocked key revoked now is on this tick's.
             ("blocked keys", self.services.revoker.revoke_blocked),
             ("crl refresh", self.run_once),
+            ("crl prune", self.prune_once),
             ("ocsp refresh", self.ocsp.run_once),
             ("audit checkpoint", self.audit.run_once),
         ]
@@ -256,6 +261,17 @@ class CrlRefresher:
         if published:
             log.info("published CRLs", extra={"cas": ",".join(published)})
         return published
+
+    def prune_once(self, now: dt.datetime) -> int:
+        """Delete the CRLs past ``crl_keep_days`` (ca.crl.CrlPublisher.prune), at most once
+        every PRUNE_EVERY (and at the first tick)."""
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY:
+            return 0
+        deleted = self.services.crls.prune(now, self.services.settings.crl_keep)
+        self._pruned_at = now
+        if deleted:
+            log.info("deleted old CRLs", extra={"count": deleted})
+        return deleted
 
     def _can_publish(self, name: str, not_after: dt.datetime, now: dt.datetime) -> bool:
         """False for a CA whose certificate ends too soon to sign a CRL: skipped without a

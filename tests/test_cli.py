@@ -128,7 +128,7 @@ def test_command_tree_is_what_the_docs_promise() -> None:
         ("init",), ("ca",), ("ca", "list"), ("ca", "show"), ("ca", "export"),
         ("ca", "offline"), ("ca", "online"), ("ca", "create-issuing"), ("issue",),
         ("revoke",), ("release",), ("cert",), ("cert", "list"), ("cert", "show"),
-        ("crl",), ("crl", "generate"), ("serve",), ("run",),
+        ("crl",), ("crl", "generate"), ("crl", "prune"), ("serve",), ("run",),
     }  # fmt: skip
     assert expected <= set(COMMAND_PATHS)
 
@@ -338,6 +338,8 @@ def test_offline_root_blocks_root_signing_until_brought_back(
     # Without --ca, CRLs are generated for the online CAs only.
     docs = ok(run("--json", "crl", "generate")).json()
     assert sorted(d["ca"] for d in docs) == ["admin", "device"]
+    # Nothing has ended 90 days ago yet: nothing to prune (the pruning: tests/ca/test_crl.py).
+    assert ok(run("--json", "crl", "prune")).json() == {"deleted": 0, "keep_days": 90.0}
     # The issuing CAs keep working.
     ok(run("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
            "--subject", "CN=d1.example.com", "--san", "dns:d1.example.com",

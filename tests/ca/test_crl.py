@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.models import JournalRecord
+from audit.verify import verify
 from ca import crl as crl_module
 from ca.crl import MIN_VALIDITY, latest_by_name
 from ca.hierarchy import create_issuing
@@ -28,6 +29,7 @@ from sekisho.errors import Conflict, InputError, KeyBackendError, NotFound, Stor
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from sekisho.workers import CrlRefresher
+from tests.audit.conftest import audit_keys
 from tests.ca.helpers import ca_cert, der, issue
 from tests.conftest import TEST_ACTOR, FakeClock, RecordingBackend
 from tests.support import checkers
@@ -231,6 +233,80 @@ def test_refresher_debounces_a_burst_into_one_crl(settings: Settings, services: 
     # Half of the validity passed: re-issued without any revocation.
     clock.advance(days=3, hours=13)
     assert "admin" in refresher.run_once(clock())
+
+
+def test_crls_ended_long_ago_are_deleted_but_each_cas_newest_stay(
+    settings: Settings, services: Services
+) -> None:
+    clock = FakeClock(services.clock())
+    svc = build_services(settings, backend=services.backend, clock=clock)
+    keep = dt.timedelta(days=90)
+    start = clock()
+    old_full = svc.crls.generate("admin", clock())
+    old_delta = svc.crls.generate("admin", clock(), delta=True)
+    clock.advance(days=1)
+    full = svc.crls.generate("admin", clock())
+    delta = svc.crls.generate("admin", clock(), delta=True)
+
+    def admin_numbers() -> set[int]:
+        with svc.db.read_scope() as session:
+            ca_id = ca_row(session, "admin").id
+            return set(session.scalars(select(Crl.number).where(Crl.issuer_id == ca_id)))
+
+    def prune_entries() -> list[dict[str, object]]:
+        with svc.db.read_scope() as session:
+            rows = session.scalars(
+                select(JournalRecord).where(JournalRecord.action == "ca.crl.prune")
+            ).all()
+            return [json.loads(r.detail) for r in rows]
+
+    before = admin_numbers()
+    assert svc.crls.prune(clock(), keep) == 0  # nothing ended 90 days ago
+    assert prune_entries() == []
+    # The first full CRL ended 7 days after it began: 90 days and an hour after that, it and
+    # the delta beside it go; the newer full CRL (not ended that long ago) and the newest
+    # delta CRL (ended, but the newest) stay.
+    now = start + dt.timedelta(days=7 + 90, hours=1)
+    assert old_full.next_update < now - keep < full.next_update
+    assert old_delta.next_update < delta.next_update < now - keep
+    deleted = svc.crls.prune(now, keep)
+    assert {old_full.number, old_delta.number} <= before - admin_numbers()
+    assert admin_numbers() == {n for n in before if n >= full.number}
+    assert {full.number, delta.number} <= admin_numbers()
+    entries = prune_entries()
+    assert sum(int(str(e["deleted"])) for e in entries) == deleted
+    admin_entry = next(e for e in entries if e["ca"] == "admin")
+    named: set[int] = set()
+    for run in str(admin_entry["numbers"]).split(","):  # "1-4,7": runs of numbers
+        first, _, last = run.partition("-")
+        named.update(range(int(first), int(last or first) + 1))
+    assert named == before - admin_numbers()
+    assert admin_entry["deleted"] == len(named)
+    with svc.db.read_scope() as session:
+        served = latest_by_name(session, "admin", CrlKind.FULL)
+        assert served is not None and served.der == full.der
+    # Everything ended long ago: each CA's newest full and delta CRL stay all the same.
+    later = now + dt.timedelta(days=365)
+    assert svc.crls.prune(later, dt.timedelta(0)) == 0
+    assert admin_numbers() == {full.number, delta.number}
+    assert prune_entries() == entries  # nothing deleted, nothing journalled
+    with svc.db.read_scope() as session:
+        chain = verify(session, svc.settings.journal_origin, trusted_keys=audit_keys(svc))
+    assert chain.records == chain.head_seq  # verified whole: no gap, nothing altered
+
+
+def test_the_refresher_prunes_crls_once_an_hour(settings: Settings, services: Services) -> None:
+    clock = FakeClock(services.clock())
+    svc = build_services(settings, backend=services.backend, clock=clock)
+    refresher = CrlRefresher(svc)
+    svc.crls.generate("admin", clock())
+    clock.advance(days=7 + 91)
+    assert refresher.prune_once(clock()) >= 1  # the first tick prunes (the init CRLs too)
+    svc.crls.generate("admin", clock())  # a newer full CRL: the one before is now prunable
+    clock.advance(minutes=59)
+    assert refresher.prune_once(clock()) == 0  # within the hour: not looked at
+    clock.advance(minutes=1)
+    assert refresher.prune_once(clock()) == 1
 
 
 def test_the_refresher_reads_no_crl_der(services: Services) -> None:
