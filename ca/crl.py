@@ -553,11 +553,13 @@ def latest(session: Session, ca_id: int, kind: CrlKind, *, der: bool = True) -> 
     return session.scalars(stmt.order_by(Crl.number.desc()).limit(1)).first()
 
 
-def latest_by_name(session: Session, ca_name: str, kind: CrlKind) -> Crl | None:
+def latest_by_name(
+    session: Session, ca_name: str, kind: CrlKind, *, der: bool = True
+) -> Crl | None:
     ca_id = session.scalar(
         select(CertificateAuthority.id).where(CertificateAuthority.name == ca_name)
     )
-    return None if ca_id is None else latest(session, ca_id, kind)
+    return None if ca_id is None else latest(session, ca_id, kind, der=der)
 
 
 def due(crl: Crl | None, epoch: int, now: dt.datetime) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from flask import Response, request
@@ -167,7 +167,7 @@ def http_date(value: dt.datetime) -> str:
 
 
 def conditional_response(
-    body: bytes,
+    body: bytes | Callable[[], bytes],
     mimetype: str,
     etag: str,
     last_modified: dt.datetime,
@@ -176,11 +176,12 @@ def conditional_response(
 ) -> Response:
     """``body`` with its validators (strong ``etag``, ``last_modified``) and ``cache_headers``
     (Cache-Control, Expires), or a 304 with the same headers and no body; a failed If-Match or
-    If-Unmodified-Since raises 412 (a problem document, not stored by caches)."""
+    If-Unmodified-Since raises 412 (a problem document, not stored by caches). A callable
+    ``body`` is called only when the body is sent (not for a 304 or a 412)."""
     headers = {"ETag": f'"{etag}"', "Last-Modified": http_date(last_modified), **cache_headers}
     status = evaluate(request.method, request.headers, etag, last_modified, now)
     if status == 412:
         raise PreconditionFailed("the representation does not meet the request's preconditions")
     if status == 304:
         return NotModified(status=304, headers=headers)
-    return Response(body, mimetype=mimetype, headers=headers)
+    return Response(body() if callable(body) else body, mimetype=mimetype, headers=headers)

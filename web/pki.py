@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Callable
 
 from flask import Blueprint, Response, abort, current_app
 from sqlalchemy import select, text
 
 from ca.crl import latest_by_name
-from ca.models import CertificateAuthority, CrlKind
+from ca.models import CertificateAuthority, Crl, CrlKind
 from ca.registry import DELTA_SUFFIX, is_ca_name
 from web import services_of
 from web.conditional import conditional_response, http_date
@@ -35,7 +36,7 @@ def healthz() -> tuple[dict[str, str], int]:
 
 
 def _cached_response(
-    body: bytes,
+    body: bytes | Callable[[], bytes],
     mimetype: str,
     etag: str,
     last_modified: dt.datetime,
@@ -60,18 +61,25 @@ def crl(filename: str) -> Response:
     if not is_ca_name(stem):
         abort(404)
     services = services_of(current_app)
-    with services.db.read_scope() as session:
-        row = latest_by_name(session, stem, kind)
+    with services.db.read_scope(snapshot=True) as session:
+        # The validators first; the DER (50 MB at 10^6 entries) only if it is sent: a client
+        # polling with If-None-Match gets its 304 without it. No process-wide cache: one keyed
+        # by CRL number served another deployment's CRL (same name and number) under this
+        # ETag.
+        row = latest_by_name(session, stem, kind, der=False)
         if row is None:
             abort(404)
-        # The row (DER included) is loaded anyway; no process-wide cache: one keyed by CRL
-        # number served another deployment's CRL (same name and number) under this ETag.
-        der, sha, this_update, next_update = row.der, row.sha256, row.this_update, row.next_update
-    now = services.clock()
-    remaining = max(0, int((next_update - now).total_seconds()))
-    return _cached_response(
-        der, "application/pkix-crl", sha, this_update, next_update, min(CRL_MAX_AGE, remaining)
-    )
+        crl_id, sha, this_update, next_update = row.id, row.sha256, row.this_update, row.next_update
+
+        def der() -> bytes:
+            # The same snapshot: the row read above, even if a newer CRL landed meanwhile.
+            return bytes(session.scalars(select(Crl.der).where(Crl.id == crl_id)).one())
+
+        now = services.clock()
+        remaining = max(0, int((next_update - now).total_seconds()))
+        return _cached_response(
+            der, "application/pkix-crl", sha, this_update, next_update, min(CRL_MAX_AGE, remaining)
+        )
 
 
 @bp.get("/ca/<string:filename>")

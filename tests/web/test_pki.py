@@ -165,6 +165,37 @@ def test_full_crl_with_caching_headers_and_conditional_get(
     assert head.headers["ETag"] == etag
 
 
+def test_a_304_for_a_crl_reads_no_der(client: FlaskClient, services: Services) -> None:
+    """Devices poll the CRL with If-None-Match: the validators come from the CRL's row, and
+    its DER (50 MB at 10^6 entries) is read from the store only when it is sent."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    event.listen(services.db.engine, "before_cursor_execute", seen)
+    try:
+        sent = client.get("/crl/admin.crl")
+        reads_der = [s for s in statements if re.search(r"crls\.der\b", s)]
+        assert sent.status_code == 200 and len(reads_der) == 1
+        statements.clear()
+        cached = client.get("/crl/admin.crl", headers={"If-None-Match": sent.headers["ETag"]})
+        assert cached.status_code == 304 and cached.data == b""
+        assert statements and not [s for s in statements if re.search(r"crls\.der\b", s)]
+        statements.clear()
+        since = client.get(
+            "/crl/admin.crl", headers={"If-Modified-Since": sent.headers["Last-Modified"]}
+        )
+        assert since.status_code == 304
+        assert not [s for s in statements if re.search(r"crls\.der\b", s)]
+    finally:
+        event.remove(services.db.engine, "before_cursor_execute", seen)
+    x509.load_der_x509_crl(sent.data)  # the body sent is the CRL
+    assert hashlib.sha256(sent.data).hexdigest() == sent.headers["ETag"].strip('"')
+
+
 def test_new_crl_after_revocation_is_served_with_a_new_etag(
     client: FlaskClient, services: Services
 ) -> None:
