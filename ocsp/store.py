@@ -766,6 +766,7 @@ class OcspService:
         # has had its answer looked at; when the next look at every certificate is due.
         self._repaired_epochs: dict[int, int] = {}
         self._full_repair_at: dt.datetime | None = None
+        self._full_repaired: dt.datetime | None = None  # the last complete look, by ``now``
 
     # -- issuers ------------------------------------------------------------------------------
     def issuers(self) -> dict[int, core.Issuer]:
@@ -1219,12 +1220,14 @@ class OcspService:
         if not served:
             return 0
         epochs = self._revocation_epochs(served)
-        if self._full_repair_at is not None and now < self._full_repair_at:
+        last, due = self._full_repaired, self._full_repair_at
+        # (A clock stepped back before the last look does not put the next one off.)
+        if last is not None and due is not None and last <= now < due:
             return self._repair_changed(epochs, now, batch)
         rows = self._disagreeing(served, now, batch)
         written = self.sign_rows(rows, now)
         if len(rows) < batch and written == len(rows):  # all of it looked at and signed
-            self._full_repair_at = now + FULL_REPAIR_EVERY
+            self._full_repaired, self._full_repair_at = now, now + FULL_REPAIR_EVERY
             self._repaired_epochs = epochs
         return written
 

@@ -161,8 +161,8 @@ class CrlRefresher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def poke(self, _ca_id: int | None = None) -> None:
-        """Revocation listener: look now instead of at the next tick."""
+    def poke(self, *_change: int) -> None:
+        """Look now instead of at the next tick (also a revocation listener: (CA id, epoch))."""
         self._wake.set()
 
     def _loop(self) -> None:
@@ -265,10 +265,10 @@ class CrlRefresher:
     def prune_once(self, now: dt.datetime) -> int:
         """Delete the CRLs past ``crl_keep_days`` (ca.crl.CrlPublisher.prune), at most once
         every PRUNE_EVERY (and at the first tick)."""
-        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY:
+        if self._pruned_at is not None and self._pruned_at <= now < self._pruned_at + PRUNE_EVERY:
             return 0
+        self._pruned_at = now  # a failure is tried again in an hour, not every tick
         deleted = self.services.crls.prune(now, self.services.settings.crl_keep)
-        self._pruned_at = now
         if deleted:
             log.info("deleted old CRLs", extra={"count": deleted})
         return deleted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -30,7 +31,7 @@ from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from sekisho.workers import CrlRefresher
 from tests.audit.conftest import audit_keys
-from tests.ca.helpers import ca_cert, der, issue
+from tests.ca.helpers import ca_cert, der, issue, request_for
 from tests.conftest import TEST_ACTOR, FakeClock, RecordingBackend
 from tests.support import checkers
 
@@ -236,8 +237,9 @@ def test_refresher_debounces_a_burst_into_one_crl(settings: Settings, services: 
 
 
 def test_crls_ended_long_ago_are_deleted_but_each_cas_newest_stay(
-    settings: Settings, services: Services
+    settings: Settings, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(crl_module, "PRUNE_BATCH_ROWS", 2)  # a transaction per two CRLs
     clock = FakeClock(services.clock())
     svc = build_services(settings, backend=services.backend, clock=clock)
     keep = dt.timedelta(days=90)
@@ -275,13 +277,17 @@ def test_crls_ended_long_ago_are_deleted_but_each_cas_newest_stay(
     assert {full.number, delta.number} <= admin_numbers()
     entries = prune_entries()
     assert sum(int(str(e["deleted"])) for e in entries) == deleted
-    admin_entry = next(e for e in entries if e["ca"] == "admin")
+    admin_entries = [e for e in entries if e["ca"] == "admin"]
+    assert len(admin_entries) >= 2 and all(e["deleted"] in (1, 2) for e in admin_entries)
     named: set[int] = set()
-    for run in str(admin_entry["numbers"]).split(","):  # "1-4,7": runs of numbers
-        first, _, last = run.partition("-")
-        named.update(range(int(first), int(last or first) + 1))
+    for entry in admin_entries:
+        numbers: set[int] = set()
+        for run in str(entry["numbers"]).split(","):  # "1-4,7": runs of numbers
+            first, _, last = run.partition("-")
+            numbers.update(range(int(first), int(last or first) + 1))
+        assert entry["deleted"] == len(numbers) and not numbers & named
+        named |= numbers
     assert named == before - admin_numbers()
-    assert admin_entry["deleted"] == len(named)
     with svc.db.read_scope() as session:
         served = latest_by_name(session, "admin", CrlKind.FULL)
         assert served is not None and served.der == full.der
@@ -293,6 +299,41 @@ def test_crls_ended_long_ago_are_deleted_but_each_cas_newest_stay(
     with svc.db.read_scope() as session:
         chain = verify(session, svc.settings.journal_origin, trusted_keys=audit_keys(svc))
     assert chain.records == chain.head_seq  # verified whole: no gap, nothing altered
+
+
+def test_an_expired_certificate_leaves_the_crl_only_after_a_crl_issued_past_its_expiry(
+    settings: Settings, services: Services
+) -> None:
+    """RFC 5280 3.3 / 5.1.2.6: an entry stays until it has appeared on one full CRL issued
+    after the certificate expired, however long the gap between two full CRLs (an offline
+    root publishing rarely, a refresher that was down): not merely one CRL validity (7 days)
+    after expiry."""
+    clock = FakeClock(services.clock())
+    svc = build_services(settings, backend=services.backend, clock=clock)
+    request = dataclasses.replace(request_for("admin-client"), validity=dt.timedelta(days=1))
+    short = svc.ca.issue(request, TEST_ACTOR)
+    svc.revoker.revoke("admin", short.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+
+    def listed(row: Crl) -> bool:
+        crl = x509.load_der_x509_crl(row.der)
+        return crl.get_revoked_certificate_by_serial_number(short.serial_number) is not None
+
+    before = svc.crls.generate("admin", clock())
+    assert listed(before)
+    clock.advance(days=9)  # no full CRL for 9 days; the certificate expired 8 days ago
+    assert short.not_valid_after_utc < clock() - settings.crl_next_update
+    first_after = svc.crls.generate("admin", clock())
+    assert listed(first_after)  # the first CRL issued after its expiry lists it
+    clock.advance(hours=1)
+    assert not listed(svc.crls.generate("admin", clock()))  # then it may go
+    checkers.pkilint_crl(first_after.der)
+
+
+def test_crls_are_pruned_in_batches_of_rows_and_entries() -> None:
+    rows = [(1, 10), (2, 150_000), (3, 60_000), (4, 500_000), (5, 1), (6, 1)]
+    assert list(crl_module._batches(rows)) == [[1, 2], [3], [4], [5, 6]]
+    many = [(i, 0) for i in range(crl_module.PRUNE_BATCH_ROWS + 1)]
+    assert [len(b) for b in crl_module._batches(many)] == [crl_module.PRUNE_BATCH_ROWS, 1]
 
 
 def test_the_refresher_prunes_crls_once_an_hour(settings: Settings, services: Services) -> None:
@@ -567,14 +608,33 @@ def test_revocations_before_every_snapshot_end_in_a_read_under_the_lock(
     """A revocation that lands between the allocation of a number and the snapshot read
     would make that number publish newer state than a later number might: the number is left
     unused and the generator tries again. A CA revoking all the time cannot starve its CRL:
-    after OPTIMISTIC_READS such tries, the generator reads while holding the CA row."""
+    after OPTIMISTIC_READS such tries, the generator reads while holding the CA row (a
+    revocation made during that read waits for it)."""
     services.revoker.revoke(
         "admin", issue(services, "admin-client").serial_number, Reason.SUPERSEDED, TEST_ACTOR
     )
     victims = [issue(services, "admin-client") for _ in range(crl_module.OPTIMISTIC_READS)]
+    late = issue(services, "admin-client")
     before = services.crls.generate("admin", services.clock())
     real = services.db.read_scope
     in_time: list[bool] = []
+    real_encode = crl_module.encode_revoked_rows
+    waiting: list[threading.Thread] = []
+
+    def encode(
+        rows: Iterable[tuple[str, str | None, dt.datetime | None, dt.datetime | None]],
+        default_time: dt.datetime,
+        out: bytearray,
+    ) -> int:
+        if not waiting:  # the read under the lock: a revocation now has to wait for it
+            t = threading.Thread(
+                target=services.revoker.revoke,
+                args=("admin", late.serial_number, Reason.SUPERSEDED, TEST_ACTOR),
+            )
+            t.start()
+            t.join(1.0)
+            waiting.append(t)
+        return real_encode(rows, default_time, out)
 
     def read_scope(*, snapshot: bool = False) -> AbstractContextManager[Session]:
         if snapshot and len(in_time) < len(victims):  # the CRL's snapshot is about to start
@@ -582,18 +642,24 @@ def test_revocations_before_every_snapshot_end_in_a_read_under_the_lock(
         return real(snapshot=snapshot)
 
     monkeypatch.setattr(services.db, "read_scope", read_scope)
+    monkeypatch.setattr(crl_module, "encode_revoked_rows", encode)
     with caplog.at_level(logging.INFO, logger="sekisho.crl"):
         row = services.crls.generate("admin", services.clock())
+        held = [t.is_alive() for t in waiting]
+        for t in waiting:
+            t.join(120)
     assert in_time == [True] * crl_module.OPTIMISTIC_READS
+    assert held == [True], "a revocation went through during the read under the lock"
     unused = [r for r in caplog.records if r.getMessage().startswith("CRL number left unused")]
     assert [getattr(r, "number", None) for r in unused] == [
         before.number + i for i in range(1, crl_module.OPTIMISTIC_READS + 1)
     ]
     assert row.number == before.number + crl_module.OPTIMISTIC_READS + 1
-    assert row.epoch == _current_epoch(services, "admin")
+    assert row.epoch == _current_epoch(services, "admin") - 1  # the late one came after
     crl = x509.load_der_x509_crl(row.der)
     for victim in victims:
         assert crl.get_revoked_certificate_by_serial_number(victim.serial_number) is not None
+    assert crl.get_revoked_certificate_by_serial_number(late.serial_number) is None
     checkers.pkilint_crl(row.der)
     checkers.openssl_crl_verify(row.der, der(ca_cert(services, "admin")))
 

@@ -283,6 +283,12 @@ def test_repair_looks_at_changed_statuses_each_tick_and_at_everything_now_and_th
     assert single(stored(services, ca_id, unsigned.serial_number).der).certificate_status is (
         x509_ocsp.OCSPCertStatus.GOOD
     )
+    # A clock stepped back before the last whole look does not put the next one off.
+    with services.db.scope() as session:
+        session.execute(delete(OcspResponse).where(OcspResponse.issuer_id == ca_id))
+    assert store.refresh_due(services, later + dt.timedelta(seconds=1), 100) == 0
+    assert store.refresh_due(services, later - dt.timedelta(hours=1), 100) >= 2
+    assert {revoked.serial_number, unsigned.serial_number} <= stored_serials()
 
 
 def test_refresh_repairs_missing_and_stale_rows(services: Services) -> None:
