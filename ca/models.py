@@ -71,7 +71,8 @@ class Certificate(Base):
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    issuer_id: Mapped[int] = mapped_column(ForeignKey("ca_authorities.id"), index=True)
+    # Indexed as the first column of (issuer_id, serial) and (issuer_id, status_epoch).
+    issuer_id: Mapped[int] = mapped_column(ForeignKey("ca_authorities.id"))
     # Zero-padded lowercase hex (40 digits): text order equals numeric order.
     serial: Mapped[str] = mapped_column(String(42))
     status: Mapped[CertStatus] = mapped_column(str_enum(CertStatus, 16), index=True)
@@ -94,7 +95,7 @@ class Certificate(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     invalidity_date: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     released_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    status_epoch: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
+    status_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
     # SHA-256 of the subject's SubjectPublicKeyInfo (hex), from the intent on: finds every
     # certificate of a compromised key. None only for rows older than migration 0004 that
     # had no DER to compute it from.

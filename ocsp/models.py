@@ -50,7 +50,6 @@ class OcspResponse(Base):
     __table_args__ = (
         UniqueConstraint("issuer_id", "serial", name="uq_ocsp_issuer_serial"),
         Index("ix_ocsp_responses_updated_at", "updated_at"),
-        Index("ix_ocsp_responses_next_update", "next_update"),
         # A CA's answers due for re-signing, oldest first (the refresher, every tick).
         Index("ix_ocsp_responses_issuer_next_update", "issuer_id", "next_update"),
     )
