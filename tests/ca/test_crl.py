@@ -664,6 +664,33 @@ def test_revocations_before_every_snapshot_end_in_a_read_under_the_lock(
     checkers.openssl_crl_verify(row.der, der(ca_cert(services, "admin")))
 
 
+def test_a_delta_crl_overtaken_before_its_snapshot_takes_a_new_number(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = services.crls.generate("admin", services.clock())
+    victim = issue(services, "admin-client")
+    real = services.db.read_scope
+    in_time: list[bool] = []
+
+    def read_scope(*, snapshot: bool = False) -> AbstractContextManager[Session]:
+        if snapshot and not in_time:  # the delta's snapshot is about to start
+            in_time.append(_revoke_in_thread(services, victim))
+        return real(snapshot=snapshot)
+
+    monkeypatch.setattr(services.db, "read_scope", read_scope)
+    delta = services.crls.generate("admin", services.clock(), delta=True)
+    assert in_time == [True]
+    assert delta.number == base.number + 2 and delta.base_number == base.number
+    assert delta.epoch == _current_epoch(services, "admin")
+    crl = x509.load_der_x509_crl(delta.der)
+    assert crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number == (
+        base.number
+    )
+    assert crl.get_revoked_certificate_by_serial_number(victim.serial_number) is not None
+    checkers.pkilint_crl(delta.der, delta=True)
+    checkers.openssl_crl_verify(delta.der, der(ca_cert(services, "admin")))
+
+
 def test_a_higher_crl_number_never_carries_an_earlier_this_update(services: Services) -> None:
     """A generator reads its clock, then waits for the CA row while another one takes a
     number: it gets the next number, and a thisUpdate no earlier than the one before."""

@@ -291,6 +291,56 @@ def test_repair_looks_at_changed_statuses_each_tick_and_at_everything_now_and_th
     assert {revoked.serial_number, unsigned.serial_number} <= stored_serials()
 
 
+def test_repair_goes_a_batch_at_a_time_and_looks_at_a_new_ca_whole(services: Services) -> None:
+    """More changed statuses than a batch: the mark stays until all are signed, a batch per
+    tick. A CA served for the first time since the last whole look gets a whole look at
+    once (the next tick), missing answers included."""
+    from dataclasses import replace
+
+    from ca.hierarchy import create_issuing
+    from hsm.base import KeyType
+    from ocsp.models import OcspResponse
+    from ocsp.signers import ensure_responders
+    from tests.ca.helpers import request_for
+
+    now = services.clock()
+    certs = [issue(services, "admin-client") for _ in range(3)]
+    ca_id, _ = issuer_for(services)
+    store.refresh_due(services, now, 100)  # the first look: every certificate
+    listeners = list(services.revoker.listeners)
+    services.revoker.listeners.clear()  # a process whose listener did not run
+    for cert in certs:
+        services.revoker.revoke("admin", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    services.revoker.listeners.extend(listeners)
+    tick = [now + dt.timedelta(seconds=s) for s in range(1, 7)]
+    assert store.refresh_due(services, tick[0], 2) == 2
+    assert store.refresh_due(services, tick[1], 2) == 1
+    assert store.refresh_due(services, tick[2], 2) == 0
+    for cert in certs:
+        assert single(stored(services, ca_id, cert.serial_number).der).certificate_status is (
+            x509_ocsp.OCSPCertStatus.REVOKED
+        )
+    create_issuing(services.ca, "ops", "root", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
+    services.registry.invalidate()
+    ensure_responders(services, now)
+    services.ocsp.invalidate_issuers()
+    leaf = services.ca.issue(replace(request_for("device"), ca="ops"), TEST_ACTOR)
+    ops_id, _ = issuer_for(services, "ops")
+    with services.db.scope() as session:  # as if its pre-signing at issuance had failed
+        session.execute(
+            delete(OcspResponse).where(
+                OcspResponse.issuer_id == ops_id,
+                OcspResponse.serial == f"{leaf.serial_number:040x}",
+            )
+        )
+    assert store.refresh_due(services, tick[3], 100) == 0  # meets the new CA: no mark for it
+    assert store.refresh_due(services, tick[4], 100) == 1  # the whole look
+    assert single(stored(services, ops_id, leaf.serial_number).der).certificate_status is (
+        x509_ocsp.OCSPCertStatus.GOOD
+    )
+    assert store.refresh_due(services, tick[5], 100) == 0
+
+
 def test_refresh_repairs_missing_and_stale_rows(services: Services) -> None:
     leaf = issue(services, "admin-client")
     ca_id, _ = issuer_for(services)
