@@ -25,11 +25,11 @@ import datetime as dt
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from sqlalchemy import Select, Table, delete, func, select, text, update
+from sqlalchemy import Table, delete, select, text, update
 from sqlalchemy.orm import Session, defer
 
 from audit.events import Category, Outcome, by_actor
@@ -500,9 +500,9 @@ class CrlPublisher:
     def _prune_ca(self, ca_id: int, cutoff: dt.datetime, now: dt.datetime, actor: Actor) -> int:
         with self.db.read_scope() as session:
             newest = [
-                number
+                crl.number
                 for kind in CrlKind
-                if (number := session.scalar(_newest_number(ca_id, kind))) is not None
+                if (crl := latest(session, ca_id, kind, der=False)) is not None
             ]
             # Older than the newest of their kind now, so never the newest later either.
             doomed = session.execute(
@@ -560,10 +560,6 @@ def _batches(rows: Sequence[tuple[int, int]]) -> Iterable[list[int]]:
         entries += count
     if batch:
         yield batch
-
-
-def _newest_number(ca_id: int, kind: CrlKind) -> Select[Any]:
-    return select(func.max(Crl.number)).where(Crl.issuer_id == ca_id, Crl.kind == kind)
 
 
 def _ranges(numbers: Sequence[int]) -> str:
