@@ -147,17 +147,29 @@ def parse_csr(data: bytes) -> CsrRequest:
         raise PolicyViolation("key-type", f"CSR public key unsupported: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
         raise PolicyViolation("key-type", f"{type(key).__name__} keys are not allowed")
+    try:
+        # The subject is decoded lazily: a string that is not what its type says (invalid
+        # UTF-8 in a UTF8String) surfaces here, not later inside the issuance.
+        subject = csr.subject
+        subject.rfc4514_string()
+    except ValueError as exc:
+        raise MalformedInput(f"CSR subject cannot be decoded: {exc}") from None
     sans: tuple[SanEntry, ...] = ()
     try:
         ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         sans = tuple(SanEntry.from_general_name(n) for n in ext.value)
     except x509.ExtensionNotFound:
         pass
+    except x509.UnsupportedGeneralNameType as exc:
+        # x400Address, ediPartyName: forms no profile certifies and the library cannot read.
+        raise MalformedInput(
+            f"CSR subjectAltName holds a name form we cannot read: {exc}"
+        ) from None
     except (ValueError, x509.DuplicateExtension) as exc:
         raise MalformedInput(f"CSR extensions cannot be parsed: {exc}") from None
     except InputError:
         raise
-    return CsrRequest(public_key=key, subject=csr.subject, sans=sans)
+    return CsrRequest(public_key=key, subject=subject, sans=sans)
 
 
 _Signed = x509.Certificate | x509.CertificateSigningRequest

@@ -212,6 +212,65 @@ def test_csr_signed_by_another_key(services: Services) -> None:
     _assert_refused(services, _from_csr(services, forged), BadSignature)
 
 
+def _signed_csr(tbs_der: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A CertificationRequest around ``tbs_der``, really signed by ``key``."""
+    from asn1crypto import csr as asn1_csr
+
+    info = asn1_csr.CertificationRequestInfo.load(tbs_der)
+    return asn1_csr.CertificationRequest(
+        {
+            "certification_request_info": info,
+            "signature_algorithm": {"algorithm": "sha256_ecdsa"},
+            "signature": key.sign(tbs_der, ec.ECDSA(hashes.SHA256())),
+        }
+    ).dump()
+
+
+@pytest.mark.parametrize(
+    "san_der",
+    [
+        pytest.param(bytes.fromhex("3004a3023000"), id="x400Address"),
+        pytest.param(bytes.fromhex("3006a504a1020c00"), id="ediPartyName"),
+    ],
+)
+def test_csr_with_a_san_form_the_library_cannot_read(services: Services, san_der: bytes) -> None:
+    """A properly signed CSR whose SAN holds a name form no profile certifies: an input
+    error and a rejection entry, not an internal error (even when the caller names the
+    SANs itself)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ext = x509.UnrecognizedExtension(x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, san_der)
+    data = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(ADMIN)
+        .add_extension(ext, critical=False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    exc = _assert_refused(services, _from_csr(services, data), MalformedInput)
+    assert "subjectAltName" in exc.message
+
+
+def test_csr_subject_that_does_not_decode(services: Services) -> None:
+    """A UTF8String CN holding invalid UTF-8, under a valid proof of possession."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(name(CN="QQQQ"))
+        .sign(key, hashes.SHA256())
+    )
+    tbs = csr.tbs_certrequest_bytes
+    assert tbs.count(b"QQQQ") == 1
+    data = _signed_csr(tbs.replace(b"QQQQ", b"\xff\xfe\xfd\xfc"), key)
+    exc = _assert_refused(
+        services,
+        lambda: services.ca.issue_from_csr(
+            data, ca="admin", profile="admin-client", actor=TEST_ACTOR
+        ),
+        MalformedInput,
+    )
+    assert "subject" in exc.message
+
+
 def test_oversized_csr(services: Services) -> None:
     # A syntactically valid PEM CSR padded past the 16 KiB limit with PEM-legal preamble text.
     pem = make_csr(ADMIN)
