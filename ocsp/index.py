@@ -153,6 +153,8 @@ class CaEntries:
     certificate: x509.Certificate  # the CA's: the keys below hash its name and key
     by_serial: dict[int, Entry]
     keys: list[Keyed]
+    # Serials whose held answer is to go (withdrawn: behind the certificate's status).
+    withdrawn: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.by_serial)
@@ -170,6 +172,7 @@ class EntryBuilder:
         self.by_serial: dict[int, Entry] = {}
         self.keys: list[Keyed] = []
         self.followed: set[int] = set()  # serials taken from changes read after the snapshot
+        self.withdrawn: set[int] = set()  # serials whose last word was "withdrawn"
 
     def add(self, rows: Iterable[StoredLike]) -> None:
         """Take the responses of this CA among ``rows`` (the others are skipped), except
@@ -191,6 +194,11 @@ class EntryBuilder:
             self._take(stored)
 
     def _take(self, stored: StoredLike) -> None:
+        if not stored.der:  # withdrawn: its keys, made before, are skipped (not in by_serial)
+            self.by_serial.pop(stored.serial, None)
+            self.withdrawn.add(stored.serial)
+            return
+        self.withdrawn.discard(stored.serial)
         current = self.by_serial.get(stored.serial)
         if current is not None and current[DER] == stored.der:
             return
@@ -199,7 +207,13 @@ class EntryBuilder:
         self.keys.append(keyed)
 
     def done(self) -> CaEntries:
-        return CaEntries(self.issuer_id, self.issuer.certificate, self.by_serial, self.keys)
+        return CaEntries(
+            self.issuer_id,
+            self.issuer.certificate,
+            self.by_serial,
+            self.keys,
+            frozenset(self.withdrawn),
+        )
 
 
 class ResponseIndex:
@@ -295,6 +309,10 @@ class ResponseIndex:
     def _update(self, targets: list[tuple[CaEntries, dict[int, Entry]]]) -> Iterator[None]:
         done = 0
         for built, held in targets:
+            if self.by_serial.get(built.issuer_id) is held:
+                issuer = self.issuers[built.issuer_id]
+                for serial in built.withdrawn:
+                    self._withdraw(issuer, held, serial)
             for entry, cert_ids in built.keys:
                 done += 1
                 if done % CHUNK == 0:
@@ -310,6 +328,23 @@ class ResponseIndex:
                 self._keys(entry, cert_ids)
                 held[serial] = entry
 
+    def _withdraw(self, issuer: core.Issuer, held: dict[int, Entry], serial: int) -> None:
+        """Stop answering ``serial`` from memory: its status is then looked up when asked."""
+        entry = held.pop(serial, None)
+        if entry is not None:
+            self._forget(issuer, entry)
+
+    def _forget(self, issuer: core.Issuer, entry: Entry) -> None:
+        """Remove ``entry``'s request and CertID keys (only where they still map to it: a key
+        may already serve a newer one)."""
+        if self.by_request.get(entry[REQUEST_DER]) is entry:
+            del self.by_request[entry[REQUEST_DER]]
+        for algorithm in core.SERVED_HASHES:
+            key = issuer.cert_id(entry[SERIAL], algorithm).der
+            hit = self.by_cert_id.get(key)
+            if hit is not None and hit[1] is entry:
+                del self.by_cert_id[key]
+
     def _drop(self, dropped: list[tuple[core.Issuer, dict[int, Entry]]]) -> Iterator[None]:
         """Remove the request and CertID keys of entries no longer held (only where they
         still map to those entries: a key may already serve a newer one)."""
@@ -318,13 +353,7 @@ class ResponseIndex:
             entries = iter(held.values())
             while chunk := list(itertools.islice(entries, CHUNK)):
                 for entry in chunk:
-                    if self.by_request.get(entry[REQUEST_DER]) is entry:
-                        del self.by_request[entry[REQUEST_DER]]
-                    for algorithm in core.SERVED_HASHES:
-                        key = issuer.cert_id(entry[SERIAL], algorithm).der
-                        hit = self.by_cert_id.get(key)
-                        if hit is not None and hit[1] is entry:
-                            del self.by_cert_id[key]
+                    self._forget(issuer, entry)
                 yield
 
     def issuer_id(self, issuer: core.Issuer) -> int | None:
@@ -338,6 +367,10 @@ class ResponseIndex:
             issuer = self.issuers.get(stored.issuer_id)
             held = self.by_serial.get(stored.issuer_id)
             if issuer is None or held is None:
+                continue
+            if not stored.der:  # withdrawn: behind the certificate's status
+                taken += stored.serial in held
+                self._withdraw(issuer, held, stored.serial)
                 continue
             current = held.get(stored.serial)
             if current is not None and current[DER] == stored.der:

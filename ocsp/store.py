@@ -107,12 +107,28 @@ _DER = Encoding.DER
 
 @dataclasses.dataclass(frozen=True)
 class StoredResponse:
+    """A stored response, or (``der`` empty: :data:`WITHDRAWN`) word that the one stored for
+    that certificate is behind its status and must not be served: the certificate changed
+    state (revoked, held, released) and no answer reflecting it is stored yet."""
+
     issuer_id: int
     serial: int
     der: bytes
     this_update: dt.datetime
     next_update: dt.datetime
     updated_at: dt.datetime
+
+
+WITHDRAWN = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowCursor:
+    """Where :func:`changes_since` goes on from: the newest ``updated_at`` seen, and each CA's
+    revocation epoch as last read (every status change bumps it in its own transaction)."""
+
+    updated_at: dt.datetime
+    epochs: Mapping[int, int]
 
 
 # -- certificate status -----------------------------------------------------------------------
@@ -562,11 +578,17 @@ _STORED_COLUMNS = (
 )
 
 
+# A stored answer is behind when the certificate's status changed after it was signed.
+_BEHIND = OcspResponse.status_epoch < Certificate.status_epoch
+
+
 def _stored(row: Sequence[Any]) -> StoredResponse:
+    """A row of ``_STORED_COLUMNS`` (+ ``_BEHIND``, if there): a behind one is withdrawn."""
+    behind = len(row) > 6 and bool(row[6])
     return StoredResponse(
         issuer_id=int(row[0]),
         serial=int(row[1], 16),
-        der=bytes(row[2]),
+        der=WITHDRAWN if behind else bytes(row[2]),
         this_update=row[3],
         next_update=row[4],
         updated_at=row[5],
@@ -584,30 +606,86 @@ def _cursor_of(rows: Iterable[StoredResponse], floor: dt.datetime) -> dt.datetim
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+def _epochs(session: Session) -> dict[int, int]:
+    return {
+        int(ca_id): int(epoch)
+        for ca_id, epoch in session.execute(
+            select(CertificateAuthority.id, CertificateAuthority.revocation_epoch)
+        )
+    }
+
+
 def snapshot(
     db: Database, issuer_ids: Iterable[int] | None = None
-) -> tuple[list[StoredResponse], dt.datetime]:
-    """Every stored response (of the given CAs only, if ``issuer_ids``), and the cursor to
-    pass to :func:`changes_since` next."""
-    query = select(*_STORED_COLUMNS)
+) -> tuple[list[StoredResponse], FollowCursor]:
+    """Every stored response that reflects its certificate's status (of the given CAs only,
+    if ``issuer_ids``; one behind is left out: its status is looked up when asked), and the
+    cursor to pass to :func:`changes_since` next. The epochs are read first: a change made
+    while the responses are read is found again by the next :func:`changes_since`."""
+    query = (
+        select(*_STORED_COLUMNS)
+        .outerjoin(Certificate, _SAME_CERT)
+        .where(or_(Certificate.status_epoch.is_(None), ~_BEHIND))
+    )
     if issuer_ids is not None:
         query = query.where(OcspResponse.issuer_id.in_(list(issuer_ids)))
     with db.read_scope() as session:
-        rows = [_stored(r) for r in session.execute(query)]
-    return rows, _cursor_of(rows, _EPOCH)
-
-
-def changes_since(db: Database, cursor: dt.datetime) -> tuple[list[StoredResponse], dt.datetime]:
-    """Responses written at or after ``cursor`` minus a 5 s overlap (writers commit out of
-    order); the caller may see a response twice. Returns them and the next cursor."""
+        epochs = _epochs(session)
     with db.read_scope() as session:
-        rows = [
+        rows = [_stored(r) for r in session.execute(query)]
+    return rows, FollowCursor(_cursor_of(rows, _EPOCH), epochs)
+
+
+def stored_response(db: Database, issuer_id: int, serial: int) -> StoredResponse | None:
+    """The response stored for one certificate, as stored (also when behind its status)."""
+    with db.read_scope() as session:
+        row = session.execute(
+            select(*_STORED_COLUMNS).where(
+                OcspResponse.issuer_id == issuer_id, OcspResponse.serial == serial_hex(serial)
+            )
+        ).first()
+    return _stored(row) if row is not None else None
+
+
+def changes_since(db: Database, cursor: FollowCursor) -> tuple[list[StoredResponse], FollowCursor]:
+    """What changed since ``cursor``, in the order to apply it, and the next cursor:
+
+    1. for each CA whose revocation epoch moved, the certificates whose status changed since:
+       the stored answer if it reflects that change, else :data:`WITHDRAWN` (a revocation is
+       committed before its answer is re-signed, and while a CA's signer may not sign, it is
+       not re-signed at all: the answer held until then says "good");
+    2. the answers written at or after the cursor's ``updated_at`` minus a 5 s overlap
+       (writers commit out of order; the caller may see one twice), each withdrawn if behind.
+
+    The first does not depend on the writers' clocks, so an answer ``updated_at`` misses (a
+    writer whose clock lags, a batch signed for longer than the overlap) never leaves a stale
+    status served: at worst, that certificate's status is looked up when asked."""
+    with db.read_scope() as session:
+        epochs = _epochs(session)
+        rows: list[StoredResponse] = []
+        for ca_id, epoch in sorted(epochs.items()):
+            seen = cursor.epochs.get(ca_id, 0)
+            if epoch <= seen:
+                continue
+            rows.extend(
+                _stored(r)
+                for r in session.execute(
+                    select(*_STORED_COLUMNS, _BEHIND)
+                    .select_from(Certificate)
+                    .join(OcspResponse, _SAME_CERT)
+                    .where(Certificate.issuer_id == ca_id, Certificate.status_epoch > seen)
+                )
+            )
+    with db.read_scope() as session:
+        written = [
             _stored(r)
             for r in session.execute(
-                select(*_STORED_COLUMNS).where(OcspResponse.updated_at >= cursor - CHANGES_OVERLAP)
+                select(*_STORED_COLUMNS, _BEHIND)
+                .outerjoin(Certificate, _SAME_CERT)
+                .where(OcspResponse.updated_at >= cursor.updated_at - CHANGES_OVERLAP)
             )
         ]
-    return rows, _cursor_of(rows, cursor)
+    return rows + written, FollowCursor(_cursor_of(written, cursor.updated_at), epochs)
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -923,6 +1001,7 @@ class OcspService:
                         Certificate.status,
                         Certificate.revocation_reason,
                         Certificate.revoked_at,
+                        _BEHIND,
                     )
                     .join(
                         Certificate,
@@ -939,6 +1018,13 @@ class OcspService:
             return None  # a miss: signed live from the certificates table
         der, next_update, this_update = bytes(row[0]), row[1], row[2]
         status = status_of(row[3], row[4], row[5])
+        if row[6]:
+            # The certificate changed state since this was signed (a revocation not re-signed
+            # yet, or not at all while the CA's signer may not): never serve it. Signed live
+            # from the row if the signer may sign, else tryLater.
+            with self._lock:
+                self._held.pop(key, None)
+            return None
         if this_update > now or now >= next_update:
             return None
         self._hold(key, _Held(der, status, next_update))
@@ -977,7 +1063,8 @@ class OcspService:
         )
 
     def warm(self) -> int:
-        """Hold every stored response in memory (for serving through an outage)."""
+        """Hold every stored response in memory (for serving through an outage); one behind
+        its certificate's status is not held."""
         rows, _ = snapshot(self.db)
         with self.db.read_scope() as session:
             statuses = {
@@ -1012,7 +1099,7 @@ class OcspService:
         issuers = self.issuers()  # a CA served whose signer may not sign now: skipped
         this_update = now.astimezone(dt.UTC).replace(microsecond=0)
         next_update = this_update + self.validity
-        values = []
+        values: list[dict[str, Any]] = []
         for row in rows:
             issuer = issuers.get(row.issuer_id)
             if issuer is None:
@@ -1027,9 +1114,13 @@ class OcspService:
                     "status_epoch": row.epoch,
                     "this_update": this_update,
                     "next_update": next_update,
-                    "updated_at": now,
                 }
             )
+        # When written, not when signing began (a batch of slow signatures takes seconds): the
+        # standalone server follows the store by this time (changes_since).
+        written = self.clock()
+        for value in values:
+            value["updated_at"] = written
         return values
 
     def _upsert(self, values: list[dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -58,7 +58,8 @@ from ocsp.index import (
 from ocsp.models import OcspResponse
 from ocsp.server import Responder, Server, initial_index
 from ocsp.signers import active_responders, ensure_responders, replace_revoked_responders
-from sekisho.errors import StoreError
+from sekisho.clock import utcnow
+from sekisho.errors import KeyBackendError, StoreError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, issue
@@ -1247,7 +1248,7 @@ def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:
     nonce_request = _nonce_request(pki.good, pki.ca)
 
     def changes(since: object) -> tuple[list[store.StoredResponse], object]:
-        assert isinstance(since, dt.datetime)
+        assert isinstance(since, store.FollowCursor)
         return store.changes_since(services.db, since)
 
     server = Server(
@@ -1360,3 +1361,114 @@ def test_client_that_never_reads_is_throttled(pki: Pki, data_dir: Path, tmp_path
             assert grown < 64 * 1024, f"server grew {grown} KiB for {sent} bytes sent"
             healthy(server)  # others are still served while that client hangs
         healthy(server)
+
+
+def _following_server(services: Services) -> tuple[Server, Responder]:
+    """A server over ``services``' store, its follower polling every 20 ms."""
+    loaded, _ = store.load_issuers_each(services)
+    index, cursor = initial_index(loaded, lambda: store.snapshot(services.db))
+    responder = Responder(index, store.lookup(services.db))
+    server = Server(
+        responder,
+        changes_since=lambda since: store.changes_since(services.db, since),  # type: ignore[arg-type]
+        cursor=cursor,
+        poll=0.02,
+        load_issuers=lambda: store.load_issuers_each(services),
+        refused_signers=lambda issuers: store.refused_signers(services.db, issuers),
+        chosen_responders=lambda ids: store.chosen_responders(services.db, ids),
+        issuers_every=3600.0,
+    )
+    return server, responder
+
+
+def _answered(responder: Responder, request: bytes) -> bytes:
+    answer = responder.prepare(request)
+    return answer if isinstance(answer, bytes) else answer()
+
+
+def _until_not_good(
+    loop: asyncio.AbstractEventLoop, responder: Responder, requests: Sequence[bytes]
+) -> list[bytes]:
+    async def poll() -> list[bytes]:
+        answers = [_answered(responder, r) for r in requests]
+        for _ in range(300):  # 3 s at most; the follower polls every 20 ms
+            if all(_status_or_error(a) != "GOOD" for a in answers):
+                break
+            await asyncio.sleep(0.01)
+            answers = [_answered(responder, r) for r in requests]
+        return answers
+
+    return loop.run_until_complete(poll())
+
+
+def _status_or_error(der: bytes) -> str:
+    parsed = x509_ocsp.load_der_ocsp_response(der)
+    if parsed.response_status != x509_ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return parsed.response_status.name
+    return parsed.certificate_status.name
+
+
+def test_a_revocation_written_behind_the_followers_cursor_is_still_followed(
+    pki: Pki, settings: Settings
+) -> None:
+    """Another host, its clock 8 s ahead, writes an answer: the follower's cursor (the newest
+    updated_at seen) moves 8 s ahead. A revocation written here then has an updated_at more
+    than the 5 s overlap behind it. The follower still finds it, by the CA's revocation epoch.
+    Before: the server kept answering "good" from memory, pre-signed and live (with a nonce),
+    until that answer was next re-signed (36 h)."""
+    services = pki.services
+    victim = issue(services, "admin-client")
+    server, responder = _following_server(services)
+    issuer = pki.issuer()
+    requests = [
+        rfc5019_request(issuer, victim.serial_number),
+        _nonce_request(victim, pki.ca),
+    ]
+    skew = dt.timedelta(seconds=8)
+    ahead = build_services(settings, clock=lambda: utcnow() + skew, migrate=False)
+    try:
+        with following(server) as loop:
+            assert [_status_or_error(_answered(responder, r)) for r in requests] == ["GOOD"] * 2
+            issue(ahead, "admin-client")
+            loop.run_until_complete(asyncio.sleep(0.3))
+            cursor = getattr(server.cursor, "updated_at", server.cursor)
+            assert cursor > utcnow() + store.CHANGES_OVERLAP  # type: ignore[operator]
+            services.revoker.revoke(
+                "admin", victim.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR
+            )
+            answers = _until_not_good(loop, responder, requests)
+    finally:
+        ahead.close()
+    assert [_status_or_error(a) for a in answers] == ["REVOKED"] * 2
+
+
+def test_a_revocation_the_withheld_signer_cannot_sign_is_not_answered_good(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CA's responder is revoked and its successor cannot be made (key backend away), so
+    nothing of that CA is re-signed; then a subscriber certificate is revoked. Its stored
+    "good" answer is withdrawn: the web endpoint and the standalone server answer tryLater
+    (no signer) instead. Before: both served the stored "good" until its nextUpdate (72 h)."""
+    services = pki.services
+    victim = issue(services, "admin-client")
+    issuer = pki.issuer()
+    request = rfc5019_request(issuer, victim.serial_number)
+    server, responder = _following_server(services)
+
+    def away(*_args: object, **_kwargs: object) -> str:
+        raise KeyBackendError("token away")
+
+    with following(server) as loop:
+        assert _status_or_error(_answered(responder, request)) == "GOOD"
+        monkeypatch.setattr(services.backend.inner, "generate", away)  # type: ignore[attr-defined]
+        services.revoker.revoke(
+            "admin", issuer.responder_certificate.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR
+        )
+        services.ocsp.invalidate_issuers()
+        services.revoker.revoke("admin", victim.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+        services.ocsp.refresh_due(services.clock())  # a refresher tick: it cannot sign either
+        assert not services.ocsp.issuers().get(pki.ca_id()), "the signer was not withheld"
+        web = services.ocsp.answer(request, services.clock())
+        served = _until_not_good(loop, responder, [request])
+    assert _status_or_error(web) == "TRY_LATER"
+    assert [_status_or_error(a) for a in served] == ["TRY_LATER"]

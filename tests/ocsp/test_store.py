@@ -6,6 +6,7 @@ Every response is checked by pkilint and by ``openssl ocsp``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import secrets
 import subprocess
@@ -67,10 +68,9 @@ def _count(services: Services, *where: object) -> int:
 
 
 def stored(services: Services, ca_id: int, serial: int) -> store.StoredResponse:
-    rows, _ = store.snapshot(services.db)
-    found = [r for r in rows if r.issuer_id == ca_id and r.serial == serial]
-    assert len(found) == 1, f"no stored response for {serial:x}"
-    return found[0]
+    found = store.stored_response(services.db, ca_id, serial)
+    assert found is not None, f"no stored response for {serial:x}"
+    return found
 
 
 def openssl_status(
@@ -205,10 +205,13 @@ def test_refresh_when_due(settings: Settings, recording_backend: RecordingBacken
         assert second.updated_at > first.updated_at
         pkilint_ocsp_response(second.der)
         # changes_since sees it (and, with the overlap, what was written just before)
-        changed, cursor = store.changes_since(services.db, first.updated_at + dt.timedelta(hours=1))
+        _, base = store.snapshot(services.db)
+        since = dataclasses.replace(base, updated_at=first.updated_at + dt.timedelta(hours=1))
+        changed, cursor = store.changes_since(services.db, since)
         assert any(r.serial == leaf.serial_number for r in changed)
-        assert cursor >= second.updated_at
-        assert store.changes_since(services.db, cursor + dt.timedelta(seconds=10))[0] == []
+        assert cursor.updated_at >= second.updated_at
+        later = dataclasses.replace(cursor, updated_at=cursor.updated_at + dt.timedelta(seconds=10))
+        assert store.changes_since(services.db, later)[0] == []
     finally:
         services.close()
 
