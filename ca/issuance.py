@@ -40,6 +40,7 @@ from ca.csr import parse_csr
 from ca.models import BlockedKey, Certificate, CertStatus
 from ca.profiles import ProfileSet
 from ca.registry import CaRegistry
+from ca.subject import encode_subject
 from ca.tbs import SanEntry, Tbs, new_serial, serial_hex, spki_sha256, tbs_sha256
 from hsm.base import KeyBackend, KeyType, key_type_of, signature_hash
 from hsm.observed import observed
@@ -250,7 +251,9 @@ class CaService:
             serial=new_serial(),
             issuer=issuer,
             profile=profile,
-            subject=request.subject,
+            # In the string types X.520 gives each attribute, not the CSR's or the caller's;
+            # a value no type can carry is refused here, before the rules and the intent.
+            subject=encode_subject(request.subject),
             public_key=request.public_key,
             key_type=key_type_of(request.public_key),
             not_before=not_before,

@@ -1,19 +1,35 @@
 """The subject's string types are the certificate's, not the CSR's (ca/subject.py).
 
-``encode_subject`` rebuilds a name in the string types X.520 gives each attribute, whatever
-types it came in, and refuses, as subject-value, what no type should carry.
+A CSR whose countryName and serialNumber were UTF8String and whose CN was BMPString was
+issued as it was (pkilint: itu.invalid_asn1_syntax, FATAL); a serialNumber PrintableString
+cannot carry failed inside the signature, as a key-backend error (exit 69). Now the subject is
+rebuilt in the types X.520 gives each attribute, and what no type can carry is refused by
+name, journalled, with nothing written to the certificates table.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
+from sqlalchemy import func, select
 
+from audit.models import JournalRecord
+from ca.models import Certificate
 from ca.subject import SUBJECT_VALUE, encode_subject
+from ca.tbs import SanEntry
+from sekisho.cli import main
 from sekisho.errors import PolicyViolation
+from sekisho.services import Services
+from tests.ca.helpers import ca_cert, der, make_csr, name, request_for
+from tests.conftest import TEST_ACTOR, RecordingBackend
+from tests.support import checkers
 
 # cryptography counts a CN's UTF-8 octets against 64 (X.520 counts characters) and a C's
 # against 2; built unvalidated, such names only warn.
@@ -139,3 +155,168 @@ def test_bounds_are_counted_in_characters() -> None:
         )
     )
     assert encoded.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == cjk
+
+
+# -- issuance ------------------------------------------------------------------------------
+def cert_subject_tags(cert: x509.Certificate) -> dict[str, int]:
+    tbs = asn1_x509.Certificate.load(der(cert))["tbs_certificate"]
+    return {oid: tag for rdn in string_tags(tbs["subject"].dump()) for oid, tag in rdn}
+
+
+def _cert_rows(services: Services) -> int:
+    with services.db.scope() as session:
+        return int(session.scalar(select(func.count()).select_from(Certificate)) or 0)
+
+
+def _rejections(services: Services) -> list[JournalRecord]:
+    with services.db.scope() as session:
+        return list(
+            session.scalars(
+                select(JournalRecord)
+                .where(JournalRecord.action == "ca.issue", JournalRecord.outcome == "failure")
+                .order_by(JournalRecord.seq)
+            )
+        )
+
+
+def _refused(services: Services, call: object) -> PolicyViolation:
+    """``call`` is refused as subject-value: no certificate row, one rejection journalled."""
+    rows, rejections = _cert_rows(services), len(_rejections(services))
+    assert callable(call)
+    with pytest.raises(PolicyViolation) as info:
+        call()
+    assert info.value.rule == SUBJECT_VALUE, info.value.message
+    assert _cert_rows(services) == rows, "a refused request left a certificate row"
+    journalled = _rejections(services)
+    assert len(journalled) == rejections + 1
+    detail = json.loads(journalled[-1].detail)
+    assert detail["rule"] == SUBJECT_VALUE and detail["code"] == "policy-violation"
+    return info.value
+
+
+def _device_csr(*attributes: x509.NameAttribute[str]) -> bytes:
+    return make_csr(x509.Name(list(attributes)), [x509.DNSName("d.example.com")])
+
+
+def _csr_issue(services: Services, csr: bytes):  # type: ignore[no-untyped-def]
+    return lambda: services.ca.issue_from_csr(csr, ca="device", profile="device", actor=TEST_ACTOR)
+
+
+def test_csr_string_types_are_not_copied_into_the_certificate(services: Services) -> None:
+    csr = _device_csr(
+        attr(NameOID.COUNTRY_NAME, "DE", _ASN1Type.UTF8String),
+        attr(NameOID.SERIAL_NUMBER, "SN-01", _ASN1Type.UTF8String),
+        attr(NameOID.ORGANIZATION_NAME, "Tenant One", _ASN1Type.PrintableString),
+        attr(NameOID.COMMON_NAME, "d.example.com", _ASN1Type.BMPString),
+    )
+    request_subject = x509.load_pem_x509_csr(csr).subject
+    assert [t for rdn in string_tags(request_subject.public_bytes()) for _, t in rdn] == [
+        UTF8,
+        UTF8,
+        PRINTABLE,
+        BMP,
+    ]
+    cert = _csr_issue(services, csr)()
+    assert cert.subject == request_subject
+    assert cert_subject_tags(cert) == {
+        NameOID.COUNTRY_NAME.dotted_string: PRINTABLE,
+        NameOID.SERIAL_NUMBER.dotted_string: PRINTABLE,
+        NameOID.ORGANIZATION_NAME.dotted_string: UTF8,
+        NameOID.COMMON_NAME.dotted_string: UTF8,
+    }
+    issuer, root = ca_cert(services, "device"), ca_cert(services, "root")
+    checkers.pkilint_cert(der(cert))
+    checkers.pkilint_chain(der(issuer), der(cert))
+    checkers.openssl_verify(der(cert), [der(root), der(issuer)])
+
+
+def test_the_reviews_csr_is_refused_as_input_not_as_a_signing_failure(
+    services: Services,
+) -> None:
+    """The review's repro/enc.csr: serialNumber ``SN_01@x`` in UTF8String."""
+    csr = _device_csr(
+        attr(NameOID.COUNTRY_NAME, "DE", _ASN1Type.UTF8String),
+        attr(NameOID.SERIAL_NUMBER, "SN_01@x", _ASN1Type.UTF8String),
+        attr(NameOID.COMMON_NAME, "d.example.com", _ASN1Type.BMPString),
+    )
+    exc = _refused(services, _csr_issue(services, csr))
+    assert "serialNumber 'SN_01@x'" in exc.message and "PrintableString" in exc.message
+
+
+def test_a_programmatic_serial_number_outside_printable_string_is_refused(
+    services: Services, recording_backend: RecordingBackend
+) -> None:
+    """It raised ValueError inside sign(), reported as KeyBackendError."""
+    request = dataclasses.replace(
+        request_for("device"), subject=name(CN="d.example.com", serialNumber="SN01@x")
+    )
+    signatures = len(recording_backend.calls)
+    exc = _refused(services, lambda: services.ca.issue(request, TEST_ACTOR))
+    assert "serialNumber 'SN01@x' holds '@'" in exc.message, exc.message
+    assert len(recording_backend.calls) == signatures  # nothing was signed
+
+
+@pytest.mark.parametrize(
+    "cn",
+    ["d\x7f.example.com", "d\x9b31m.example.com", "moc.elpmaxe\u202e.d", "d\u2067.example.com"],
+    ids=["del", "c1-csi", "rlo", "rli"],
+)
+def test_control_and_bidi_characters_are_refused(services: Services, cn: str) -> None:
+    request = dataclasses.replace(request_for("device"), subject=name(CN=cn))
+    _refused(services, lambda: services.ca.issue(request, TEST_ACTOR))
+
+
+def test_a_csr_with_a_too_long_cn_is_refused(services: Services) -> None:
+    csr = _device_csr(attr(NameOID.COMMON_NAME, "d" * 65))
+    exc = _refused(services, _csr_issue(services, csr))
+    assert "65 characters: at most 64" in exc.message
+
+
+def test_a_cjk_cn_within_the_bound_is_issued(services: Services) -> None:
+    """64 characters, 192 UTF-8 octets: within ub-common-name, which counts characters."""
+    cn = "装置" * 32
+    request = dataclasses.replace(
+        request_for("device"),
+        subject=x509.Name([attr(NameOID.COMMON_NAME, cn, _ASN1Type.BMPString)]),
+        sans=(SanEntry("dns", "d.example.com"),),
+    )
+    cert = services.ca.issue(request, TEST_ACTOR)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == cn
+    assert cert_subject_tags(cert) == {NameOID.COMMON_NAME.dotted_string: UTF8}
+    checkers.pkilint_cert(der(cert))
+
+
+# -- the command line (the review's cli_repro.sh, step 4) -----------------------------------
+def test_cli_issues_a_csr_with_wrong_string_types_and_refuses_one_it_cannot_carry(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path
+) -> None:
+    def issue(csr: bytes) -> tuple[int, str, str]:
+        path = tmp_path / "enc.csr"
+        path.write_bytes(csr)
+        capsys.readouterr()
+        code = main(["--data-dir", str(data_dir), "issue", "--ca", "device", "--profile",
+                     "device", "--csr", str(path)])  # fmt: skip
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = issue(
+        _device_csr(
+            attr(NameOID.COUNTRY_NAME, "DE", _ASN1Type.UTF8String),
+            attr(NameOID.SERIAL_NUMBER, "SN-01", _ASN1Type.UTF8String),
+            attr(NameOID.COMMON_NAME, "d.example.com", _ASN1Type.BMPString),
+        )
+    )
+    assert code == 0, err
+    cert = x509.load_pem_x509_certificate(out.encode())
+    checkers.pkilint_cert(der(cert))
+    assert cert_subject_tags(cert)[NameOID.SERIAL_NUMBER.dotted_string] == PRINTABLE
+
+    code, out, err = issue(
+        _device_csr(
+            attr(NameOID.COUNTRY_NAME, "DE", _ASN1Type.UTF8String),
+            attr(NameOID.SERIAL_NUMBER, "SN_01@x", _ASN1Type.UTF8String),
+            attr(NameOID.COMMON_NAME, "d.example.com", _ASN1Type.BMPString),
+        )
+    )
+    assert code == 65, (code, err)  # an input error, not the key backend's 69
+    assert "subject-value" in err and "Traceback" not in err and out == ""
