@@ -84,9 +84,17 @@ def has_roca_fingerprint(n: int) -> bool:
     return all(n % r in group for r, group in _ROCA_SUBGROUPS)
 
 
+# BR 6.1.6: the modulus should have no factors smaller than 752. The product of the primes
+# below 752 (133 of them, 1,038 bits): one gcd tells whether the modulus has any.
+SMALL_FACTOR_BOUND = 752
+_SMALL_PRIMORIAL = math.prod(
+    r for r in range(2, SMALL_FACTOR_BOUND) if all(r % d for d in range(2, math.isqrt(r) + 1))
+)
+
+
 def rsa_key_not_weak(tbs: Tbs) -> None:
-    """Exponent 65537, no ROCA fingerprint, and no Fermat factorisation within 100 rounds
-    (BR 6.1.1.3: keys known to be weak are refused)."""
+    """Exponent 65537, no prime factor below 752, no ROCA fingerprint, and no Fermat
+    factorisation within 100 rounds (BR 6.1.1.3: keys known to be weak are refused)."""
     key = tbs.public_key
     if not isinstance(key, rsa.RSAPublicKey):
         return
@@ -94,6 +102,14 @@ def rsa_key_not_weak(tbs: Tbs) -> None:
     if numbers.e != 65537:
         raise PolicyViolation("weak-key", f"RSA public exponent must be 65537, not {numbers.e}")
     n = numbers.n
+    factor = math.gcd(n, _SMALL_PRIMORIAL)
+    if factor != 1:
+        raise PolicyViolation(
+            "weak-key",
+            f"RSA modulus is divisible by"
+            f" {min(r for r in range(2, SMALL_FACTOR_BOUND) if factor % r == 0)}"
+            f" (BR 6.1.6: no factor below {SMALL_FACTOR_BOUND}): generate a new key",
+        )
     if has_roca_fingerprint(n):
         raise PolicyViolation(
             "weak-key",
