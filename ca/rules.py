@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
+import idna
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -23,7 +24,9 @@ Rule = Callable[[Tbs], None]
 
 # Used with fullmatch: "$" also matches before a final newline, and passed "example.com\n".
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}")
+# RFC 5321 4.1.2 Dot-string: atoms joined by single dots. A quoted local part is refused.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_EMAIL = re.compile(rf"(?=[^@]{{1,64}}@){_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9.-]{{1,253}}")
 MAX_SUBJECT_VALUE = 64  # RFC 5280 upper bounds (ub-common-name etc.)
 
 
@@ -185,19 +188,99 @@ def is_mailbox(value: str) -> bool:
     return bool(_EMAIL.fullmatch(value)) and is_dns_name(value.rsplit("@", 1)[1].lower())
 
 
-def _check_dns(value: str) -> None:
+def _label_problem(label: str) -> str | None:
+    if not _DNS_LABEL.fullmatch(label):
+        return "has a bad label"
+    if label[2:4] == "--":
+        if not label.startswith("xn--"):
+            # RFC 5890 2.3.1: "??--" labels are reserved; only "xn--" (an A-label) is assigned.
+            return f"has a reserved label {shown(label)} (only xn-- may have -- there)"
+        try:
+            ok = idna.encode(idna.decode(label)).decode("ascii") == label
+        except UnicodeError:  # idna.IDNAError is one
+            ok = False
+        if not ok:
+            return f"has {shown(label)}, which is not a valid IDNA 2008 A-label"
+    return None
+
+
+def dns_name_problem(value: str, wildcard: bool = True) -> str | None:
+    """Why ``value`` is not a DNS name a certificate may carry, or None: lower-case LDH labels,
+    at least two, the last not all digits (then it is an IP address or nothing), xn-- labels
+    valid A-labels (they round-trip through ``idna``); with ``wildcard``, a first label "*"
+    followed by at least two labels."""
     if len(value) > 253 or value != value.lower():
-        raise PolicyViolation(
-            "san-dns-syntax", f"DNS name {shown(value)} must be lower case, <= 253"
-        )
+        return "must be lower case, <= 253"
     labels = value.split(".")
+    if wildcard and labels[0] == "*":
+        labels = labels[1:]
+        if len(labels) < 2:
+            return "is a wildcard over a top-level domain"
     if len(labels) < 2:
-        raise PolicyViolation("san-dns-syntax", f"DNS name {shown(value)} is not fully qualified")
-    for i, label in enumerate(labels):
-        if i == 0 and label == "*":
-            continue
-        if not _DNS_LABEL.fullmatch(label):
-            raise PolicyViolation("san-dns-syntax", f"DNS name {shown(value)} has a bad label")
+        return "is not fully qualified"
+    for label in labels:
+        problem = _label_problem(label)
+        if problem:
+            return problem
+    if labels[-1].isdigit():
+        return "ends in an all-numeric label (an IP address belongs in an ip: SAN)"
+    return None
+
+
+def _check_dns(value: str) -> None:
+    problem = dns_name_problem(value)
+    if problem:
+        raise PolicyViolation("san-dns-syntax", f"DNS name {shown(value)} {problem}")
+
+
+# The URI schemes a SAN may carry. Connectors are named https://<host>/id/connector/... (see
+# docs/decisions.md); pkilint and some TLS stacks refuse urn: names, and nothing here uses
+# spiffe://. Every scheme listed must have an authority (a host).
+URI_SCHEMES = frozenset({"https"})
+MAX_URI = 1024
+# RFC 3986 2: unreserved, reserved and "%" (followed by two hex digits, checked apart).
+_URI_CHARS = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+")
+_PCT_BAD = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# RFC 3986 appendix B, the authority required.
+_URI_PARTS = re.compile(r"(?P<scheme>[^:/?#]+)://(?P<authority>[^/?#]*)(?P<rest>[/?#].*)?")
+_AUTHORITY = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>[0-9]{1,5}))?")
+
+
+def uri_problem(value: str) -> str | None:
+    """Why ``value`` is not a URI a SAN may carry (RFC 5280 4.2.1.6, RFC 3986), or None."""
+    if len(value) > MAX_URI:
+        return f"is longer than {MAX_URI} characters"
+    if not _URI_CHARS.fullmatch(value) or _PCT_BAD.search(value):
+        return "has a character a URI cannot hold (space, control, non-ASCII or a bare %)"
+    parts = _URI_PARTS.fullmatch(value)
+    if not parts:
+        return "is not an absolute URI with a host (scheme://host/...)"
+    scheme = parts["scheme"]
+    if scheme not in URI_SCHEMES:
+        return f"has scheme {shown(scheme)}; allowed: {', '.join(sorted(URI_SCHEMES))}"
+    authority = _AUTHORITY.fullmatch(parts["authority"])
+    if authority is None or "@" in parts["authority"]:
+        # RFC 9110 4.2.4: a sender must not put userinfo in an https URI.
+        return "has a malformed authority (or a user name in it)"
+    host, port = authority["host"], authority["port"]
+    if port is not None and not 0 < int(port) < 65536:
+        return "has a port out of range"
+    if "[" in (parts["rest"] or "") or "]" in (parts["rest"] or ""):
+        return "has [ or ] outside an IPv6 host"
+    if host.startswith("["):
+        try:
+            literal = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return "has a host that is not an IPv6 address in brackets"
+        if literal.scope_id is not None or f"[{literal}]" != host:
+            return "has an IPv6 host not in canonical form or with a zone"
+        return None
+    try:
+        return None if str(ipaddress.IPv4Address(host)) == host else "has a bad IPv4 host"
+    except ValueError:
+        pass
+    problem = dns_name_problem(host, wildcard=False)
+    return f"has a host that {problem}" if problem else None
 
 
 def _check_san(entry: SanEntry) -> None:
@@ -208,7 +291,11 @@ def _check_san(entry: SanEntry) -> None:
             raise PolicyViolation(
                 "san-email-syntax", f"{shown(entry.value)} is not an email address"
             )
-        _check_dns(entry.value.rsplit("@", 1)[1].lower())
+        problem = dns_name_problem(entry.value.rsplit("@", 1)[1].lower(), wildcard=False)
+        if problem:
+            raise PolicyViolation(
+                "san-email-syntax", f"the domain of {shown(entry.value)} {problem}"
+            )
     elif entry.kind == "ip":
         try:
             address = ipaddress.ip_address(entry.value)
@@ -223,8 +310,10 @@ def _check_san(entry: SanEntry) -> None:
                 "san-ip-syntax",
                 f"{shown(entry.value)} is not a canonical IP address without a zone",
             )
-    elif entry.kind == "uri" and (":" not in entry.value or len(entry.value) > 1024):
-        raise PolicyViolation("san-uri-syntax", f"{shown(entry.value)} is not an absolute URI")
+    elif entry.kind == "uri":
+        problem = uri_problem(entry.value)
+        if problem:
+            raise PolicyViolation("san-uri-syntax", f"URI {shown(entry.value)} {problem}")
 
 
 def subject_alt_names(tbs: Tbs) -> None:
