@@ -8,8 +8,10 @@ design of the KDF).
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
+import secrets
 import threading
 from pathlib import Path
 
@@ -58,6 +60,14 @@ def pem_unwrap(pem: bytes, label: str) -> bytes:
     return base64.b64decode("".join(body.split()))
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class SoftwareBackend:
     name = "software"
 
@@ -90,18 +100,43 @@ class SoftwareBackend:
         return ref
 
     def store(self, ref: str, encrypted_der: bytes) -> None:
-        """Write an encrypted key file (0600); refuse to overwrite an existing key."""
+        """Write an encrypted key file (0600); refuse to overwrite an existing key.
+
+        The key is written to a temporary file in the keys directory, synced, and linked to
+        its name only once whole: a write that fails part way (disk full) leaves no truncated
+        key behind to block the label. ``link`` fails if the name exists, where ``rename``
+        would replace it. A failure is a KeyBackendError (exit 69)."""
         path = self._path(ref)
+        data = pem_wrap(encrypted_der, PEM_LABEL)
+        # A leading dot: never the name of a key (labels start with a letter or digit).
+        tmp = self.keys_dir / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            self._make_keys_dir()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise Conflict(f"key {ref} already exists") from None
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            try:
+                _fsync_dir(self.keys_dir)
+            except OSError:  # whole, but not known to be on disk: not left to block the label
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise
+        except OSError as exc:
+            raise KeyBackendError(f"cannot write key {ref}: {exc.strerror or exc}") from None
+
+    def _make_keys_dir(self) -> None:
         self.keys_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.keys_dir, 0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise Conflict(f"key {ref} already exists") from None
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem_wrap(encrypted_der, PEM_LABEL))
-            fh.flush()
-            os.fsync(fh.fileno())
 
     def decrypt(self, encrypted_der: bytes) -> CertificateIssuerPrivateKeyTypes:
         """Decrypt an exported key under this backend's passphrase (to check it first)."""
@@ -123,14 +158,17 @@ class SoftwareBackend:
         path = self._path(ref)
         with self._lock:
             self._cache.pop(ref, None)
-        if path.exists():
-            # Overwrite before unlinking; best effort on journaling file systems.
-            size = path.stat().st_size
-            with path.open("r+b") as fh:
-                fh.write(os.urandom(size))
-                fh.flush()
-                os.fsync(fh.fileno())
-            path.unlink()
+        try:
+            if path.exists():
+                # Overwrite before unlinking; best effort on journaling file systems.
+                size = path.stat().st_size
+                with path.open("r+b") as fh:
+                    fh.write(os.urandom(size))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                path.unlink()
+        except OSError as exc:
+            raise KeyBackendError(f"cannot remove key {ref}: {exc.strerror or exc}") from None
 
     def has_key(self, ref: str) -> bool:
         return self._path(ref).exists()
