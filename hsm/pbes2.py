@@ -81,7 +81,17 @@ def encrypt_private_key(
 
 
 def describe(der: bytes) -> tuple[str, str, int, str]:
-    """(scheme, kdf, iterations, cipher) of an EncryptedPrivateKeyInfo, for audits/tests."""
+    """(scheme, kdf, iterations, cipher) of an EncryptedPrivateKeyInfo, for audits/tests.
+    A structure that is not one is a KeyBackendError: asn1crypto parses lazily, and a damaged
+    one fails where it is read, with whichever exception its parts raise (an AttributeError
+    where a field holds another type)."""
+    try:
+        return _describe(der)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        raise KeyBackendError(f"key file is not a valid EncryptedPrivateKeyInfo: {exc}") from None
+
+
+def _describe(der: bytes) -> tuple[str, str, int, str]:
     info = keys.EncryptedPrivateKeyInfo.load(der)
     alg = info["encryption_algorithm"]
     if alg["algorithm"].native != "pbes2":
@@ -100,10 +110,7 @@ def describe(der: bytes) -> tuple[str, str, int, str]:
 
 def decrypt_private_key(der: bytes, passphrase: bytes) -> PrivateKeyTypes:
     """Load an EncryptedPrivateKeyInfo, refusing weak parameters (e.g. the 2048 default)."""
-    try:
-        scheme, kdf, iterations, cipher = describe(der)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise KeyBackendError(f"key file is not a valid EncryptedPrivateKeyInfo: {exc}") from None
+    scheme, kdf, iterations, cipher = describe(der)
     if (
         scheme != "pbes2"
         or kdf not in STRONG_KDFS

@@ -56,8 +56,12 @@ def pem_unwrap(pem: bytes, label: str) -> bytes:
     begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
     if begin not in text or end not in text:
         raise KeyBackendError(f"not a PEM {label}")
-    body = text.split(begin, 1)[1].split(end, 1)[0]
-    return base64.b64decode("".join(body.split()))
+    body = "".join(text.split(begin, 1)[1].split(end, 1)[0].split())
+    try:
+        # validate: a character out of the alphabet is refused, not skipped over.
+        return base64.b64decode(body, validate=True)
+    except ValueError:  # binascii.Error: bad padding, a stray character
+        raise KeyBackendError(f"not a PEM {label}: its base64 is damaged") from None
 
 
 def _fsync_dir(path: Path) -> None:

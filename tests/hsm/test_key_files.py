@@ -7,12 +7,14 @@ import contextlib
 import os
 import resource
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from hsm.base import KeyType
+from hsm.pbes2 import decrypt_private_key, describe, encrypt_private_key
 from hsm.software import PEM_LABEL, SoftwareBackend, pem_unwrap
 from sekisho.errors import Conflict, KeyBackendError
 
@@ -68,3 +70,39 @@ def test_an_unwritable_keys_directory_is_a_key_backend_error(tmp_path: Path) -> 
     backend = SoftwareBackend(blocker, PASSPHRASE)
     with pytest.raises(KeyBackendError, match="cannot write key"):
         backend.generate("k1", KeyType.EC_P256)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda body: body + "A",  # one base64 character too many (a cut-short file, padded)
+        lambda body: body[:10] + "!" + body[10:],  # a stray character out of the alphabet
+        lambda body: body[:-3],  # cut short: the padding is wrong
+    ],
+    ids=["extra-char", "stray-char", "truncated"],
+)
+def test_a_key_file_with_damaged_base64_is_a_key_backend_error(
+    tmp_path: Path, damage: Callable[[str], str]
+) -> None:
+    keys = tmp_path / "keys"
+    ref = SoftwareBackend(keys, PASSPHRASE).generate("k1", KeyType.EC_P256)
+    pem = (keys / "k1.key").read_text()
+    head, rest = pem.split("-----\n", 1)
+    body, tail = rest.split("\n-----END", 1)
+    damaged = f"{head}-----\n{damage(body.replace(chr(10), ''))}\n-----END{tail}"
+    (keys / "k1.key").write_text(damaged)
+    with pytest.raises(KeyBackendError, match="base64"):
+        pem_unwrap(damaged.encode(), PEM_LABEL)
+    with pytest.raises(KeyBackendError):
+        SoftwareBackend(keys, PASSPHRASE).signing_key(ref)
+
+
+def test_a_corrupted_key_structure_is_a_key_backend_error() -> None:
+    der = encrypt_private_key(ec.generate_private_key(ec.SECP256R1()), PASSPHRASE)
+    # The iteration count's INTEGER tag made a REAL: asn1crypto then raised AttributeError.
+    at = der.index(bytes([0x02, 0x03]) + (600_000).to_bytes(3, "big"))
+    corrupted = der[:at] + b"\x09" + der[at + 1 :]
+    with pytest.raises(KeyBackendError, match="not a valid EncryptedPrivateKeyInfo"):
+        describe(corrupted)
+    with pytest.raises(KeyBackendError, match="not a valid EncryptedPrivateKeyInfo"):
+        decrypt_private_key(corrupted, PASSPHRASE)
