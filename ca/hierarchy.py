@@ -6,6 +6,7 @@ certificates get a store row, rules, and a journal entry like any other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 
@@ -29,6 +30,7 @@ from sekisho.errors import (
     InputError,
     KeyBackendError,
     PolicyViolation,
+    WrongPassphrase,
     shown,
 )
 
@@ -334,42 +336,71 @@ def take_offline(service: CaService, name: str, actor: Actor) -> None:
     """Remove the CA key from the online store (export it first: this cannot be undone
     without the exported file)."""
     backend = _software(service)
-    with service.db.scope() as session:
-        row = ca_row(session, name)
-        if not row.key_online:
-            raise Conflict(f"the key of CA {name} is already offline")
-        row.key_online = False
-        service.journal.append(
-            session,
-            _ca_event("ca.key.offline", actor, None, name, {"key_ref": row.key_ref}),
-            service.clock(),
-        )
-        key_ref = row.key_ref
-    # Only once the store says "offline" is the key removed: a failed commit leaves the key in
-    # place and the CA online, never a CA that claims a key it no longer has.
-    backend.remove(key_ref)
+    # Held until the file is gone: a `ca online` deciding meanwhile that the file is a
+    # leftover (the store already says offline) cannot write one this call then removes.
+    with backend.exclusive():
+        with service.db.scope() as session:
+            row = ca_row(session, name)
+            session.refresh(row, with_for_update=True)
+            if not row.key_online:
+                raise Conflict(f"the key of CA {name} is already offline")
+            row.key_online = False
+            service.journal.append(
+                session,
+                _ca_event("ca.key.offline", actor, None, name, {"key_ref": row.key_ref}),
+                service.clock(),
+            )
+            key_ref = row.key_ref
+        # Only once the store says "offline" is the key removed: a failed commit leaves the key
+        # in place and the CA online, never a CA that claims a key it no longer has.
+        backend.remove(key_ref)
 
 
 def bring_online(service: CaService, name: str, pem: bytes, actor: Actor) -> None:
-    """Re-import an exported CA key; it must match the CA certificate's public key."""
+    """Re-import an exported CA key; it must match the CA certificate's public key.
+
+    The key file is written last in the transaction that marks the CA online and journals
+    it, and removed again if that transaction fails: no key file outlives a failed
+    bring-online. A key file found while the store says offline was left by a bring-online
+    (or a take-offline) that stopped half-way: the store does not record it, so it is
+    replaced. The keys directory's lock (``SoftwareBackend.exclusive``) is held throughout,
+    and the CA row's, so that no other `ca online` or `ca offline` sees or removes a file
+    this call has not settled."""
     backend = _software(service)
-    with service.db.scope() as session:
-        row = ca_row(session, name)
-        if row.key_online:
-            raise Conflict(f"the key of CA {name} is already online")
-        try:
-            encrypted = pem_unwrap(pem, "ENCRYPTED PRIVATE KEY")
-        except KeyBackendError as exc:
-            raise InputError(str(exc)) from None
+    try:
+        encrypted = pem_unwrap(pem, "ENCRYPTED PRIVATE KEY")
+        # Before the transaction: the KDF's fraction of a second is not spent holding locks.
         key = backend.decrypt(encrypted)
-        cert = x509.load_der_x509_certificate(row.certificate_der)
-        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-            raise InputError(f"that key does not belong to CA {name}")
-        backend.store(row.key_ref, encrypted)
-        row.key_online = True
-        service.journal.append(
-            session,
-            _ca_event("ca.key.online", actor, None, name, {"key_ref": row.key_ref}),
-            service.clock(),
-        )
+    except WrongPassphrase:
+        raise
+    except KeyBackendError as exc:  # the file given is damaged or weak, not the key store
+        raise InputError(str(exc)) from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    with backend.exclusive():
+        written: str | None = None
+        try:
+            with service.db.scope() as session:
+                row = ca_row(session, name)
+                session.refresh(row, with_for_update=True)
+                if row.key_online:
+                    raise Conflict(f"the key of CA {name} is already online")
+                cert = x509.load_der_x509_certificate(row.certificate_der)
+                if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+                    raise InputError(f"that key does not belong to CA {name}")
+                detail: dict[str, object] = {"key_ref": row.key_ref}
+                if backend.has_key(row.key_ref):
+                    backend.remove(row.key_ref)
+                    detail["replaced_unrecorded_key_file"] = True
+                row.key_online = True
+                service.journal.append(
+                    session, _ca_event("ca.key.online", actor, None, name, detail), service.clock()
+                )
+                session.flush()
+                backend.store(row.key_ref, encrypted)
+                written = row.key_ref
+        except BaseException:
+            if written is not None:  # the commit failed: the store says offline
+                # Should the removal fail too, the next `ca online` replaces the file.
+                with contextlib.suppress(KeyBackendError):
+                    backend.remove(written)
+            raise

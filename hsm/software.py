@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import os
 import re
 import secrets
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -141,6 +143,22 @@ class SoftwareBackend:
     def _make_keys_dir(self) -> None:
         self.keys_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.keys_dir, 0o700)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the keys directory's lock (``flock``; processes and threads alike wait):
+        for what decides from a key file's presence whether to write or remove it (``ca
+        online``, ``ca offline``), so that no other such decision runs in between."""
+        try:
+            self._make_keys_dir()
+            fd = os.open(self.keys_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise KeyBackendError(f"cannot use {self.keys_dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def decrypt(self, encrypted_der: bytes) -> CertificateIssuerPrivateKeyTypes:
         """Decrypt an exported key under this backend's passphrase (to check it first)."""

@@ -1,0 +1,205 @@
+"""Taking a CA key offline and bringing it back (software backend): a bring-online that fails
+at the journal entry or at the commit leaves no key file behind, a key file left by one that
+stopped half-way does not block the next, and damaged key files are refused by exit code."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+
+from ca.hierarchy import bring_online, export_key, take_offline
+from ca.models import CertificateAuthority
+from hsm.software import PEM_LABEL, SoftwareBackend, pem_unwrap
+from sekisho.cli import main
+from sekisho.errors import AuditError, Conflict, StoreError
+from sekisho.services import Services, build_services, open_backend
+from sekisho.settings import Settings
+from tests.conftest import TEST_ACTOR
+
+# The journal refuses new entries (a fault in the statement that writes it).
+SQLITE_JOURNAL_FAULT = [
+    "CREATE TRIGGER fault BEFORE INSERT ON audit_records "
+    "BEGIN SELECT RAISE(ABORT, 'journal full'); END"
+]
+PG_JOURNAL_FAULT = [
+    "CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN RAISE EXCEPTION 'journal full'; END $$",
+    "CREATE TRIGGER fault BEFORE INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION fault()",
+]
+# Every statement succeeds, the COMMIT fails: a deferred constraint broken by the update.
+SQLITE_COMMIT_FAULT = [
+    "CREATE TABLE fault_parent (id INTEGER PRIMARY KEY)",
+    "CREATE TABLE fault_child (parent INTEGER REFERENCES fault_parent (id) "
+    "DEFERRABLE INITIALLY DEFERRED)",
+    "CREATE TRIGGER fault AFTER UPDATE OF key_online ON ca_authorities "
+    "BEGIN INSERT INTO fault_child VALUES (42); END",
+]
+PG_COMMIT_FAULT = [
+    "CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN RAISE EXCEPTION 'commit refused'; END $$",
+    "CREATE CONSTRAINT TRIGGER fault AFTER UPDATE ON ca_authorities "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fault()",
+]
+
+
+@pytest.fixture
+def svc(settings: Settings) -> Iterator[Services]:
+    services = build_services(settings, migrate=False)
+    yield services
+    services.close()
+
+
+def _sql(services: Services, statements: list[str]) -> None:
+    with services.db.engine.begin() as conn:
+        for stmt in statements:
+            conn.execute(text(stmt))
+
+
+def _heal(services: Services) -> None:
+    if services.db.engine.dialect.name == "sqlite":
+        _sql(services, ["DROP TRIGGER fault"])
+    else:
+        _sql(services, ["DROP TRIGGER IF EXISTS fault ON audit_records",
+                        "DROP TRIGGER IF EXISTS fault ON ca_authorities",
+                        "DROP FUNCTION fault()"])  # fmt: skip
+
+
+def _key_online(services: Services, name: str) -> bool:
+    with services.db.scope() as session:
+        online = session.scalar(
+            select(CertificateAuthority.key_online).where(CertificateAuthority.name == name)
+        )
+    return bool(online)
+
+
+def _online_entries(services: Services) -> int:
+    with services.db.scope() as session:
+        count = session.scalar(text("SELECT count(*) FROM audit_records WHERE action = :a"),
+                               {"a": "ca.key.online"})  # fmt: skip
+    return int(count or 0)
+
+
+def _offline_root(services: Services) -> bytes:
+    pem = export_key(services.ca, "root", TEST_ACTOR)
+    take_offline(services.ca, "root", TEST_ACTOR)
+    return pem
+
+
+def _key_file(settings: Settings) -> Path:
+    return settings.keys_dir / "ca-root.key"
+
+
+def _leftovers(settings: Settings) -> list[str]:
+    return sorted(p.name for p in settings.keys_dir.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("fault", ["journal", "commit"])
+def test_a_failed_bring_online_leaves_no_key_file_and_the_retry_works(
+    svc: Services, settings: Settings, fault: str
+) -> None:
+    pem = _offline_root(svc)
+    sqlite = svc.db.engine.dialect.name == "sqlite"
+    if fault == "journal":
+        _sql(svc, SQLITE_JOURNAL_FAULT if sqlite else PG_JOURNAL_FAULT)
+        expected: type[Exception] = AuditError
+    else:
+        _sql(svc, SQLITE_COMMIT_FAULT if sqlite else PG_COMMIT_FAULT)
+        expected = StoreError
+    entries = _online_entries(svc)
+    with pytest.raises(expected):
+        bring_online(svc.ca, "root", pem, TEST_ACTOR)
+    assert not _key_file(settings).exists()
+    assert not _key_online(svc, "root") and _online_entries(svc) == entries
+    assert _leftovers(settings) == []
+    _heal(svc)
+    bring_online(svc.ca, "root", pem, TEST_ACTOR)
+    assert _key_file(settings).exists() and _key_online(svc, "root")
+    assert _online_entries(svc) == entries + 1
+    open_backend(settings).signing_key("file:ca-root")  # a whole key, as another process reads it
+
+
+@pytest.mark.parametrize("leftover", ["whole", "truncated"])
+def test_a_key_file_the_store_does_not_record_does_not_block_bring_online(
+    svc: Services, settings: Settings, leftover: str
+) -> None:
+    """What a crash between the write and the commit (or a take-offline between its commit
+    and the removal) leaves: a key file while the store says offline."""
+    pem = _offline_root(svc)
+    if leftover == "whole":
+        assert isinstance(svc.backend, SoftwareBackend)
+        svc.backend.store("file:ca-root", pem_unwrap(pem, PEM_LABEL))
+    else:
+        _key_file(settings).write_bytes(pem[:100])
+    bring_online(svc.ca, "root", pem, TEST_ACTOR)
+    assert _key_online(svc, "root")
+    assert _key_file(settings).read_bytes() == pem
+    with pytest.raises(Conflict, match="already online"):
+        bring_online(svc.ca, "root", pem, TEST_ACTOR)
+    assert _key_file(settings).read_bytes() == pem
+
+
+def test_bring_online_and_take_offline_wait_for_the_keys_directory_lock(
+    svc: Services, settings: Settings
+) -> None:
+    """Two `ca online` (or one and a `ca offline`) never decide from the key file at once:
+    one that found another's file mid-way would take it for a leftover."""
+    pem = _offline_root(svc)
+    assert isinstance(svc.backend, SoftwareBackend)
+    other = build_services(settings, migrate=False)  # another process's view, its own lock
+    errors: list[BaseException] = []
+
+    def online() -> None:
+        try:
+            bring_online(other.ca, "root", pem, TEST_ACTOR)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        with svc.backend.exclusive():
+            worker = threading.Thread(target=online)
+            worker.start()
+            time.sleep(1.0)
+            assert worker.is_alive() and not _key_file(settings).exists()
+            assert not _key_online(svc, "root")
+        worker.join(30)
+        assert not worker.is_alive() and errors == []
+        assert _key_file(settings).exists() and _key_online(svc, "root")
+        with pytest.raises(Conflict, match="already online"):
+            bring_online(svc.ca, "root", pem, TEST_ACTOR)
+        assert _key_file(settings).exists()
+    finally:
+        other.close()
+
+
+def test_damaged_key_files_are_refused_by_exit_code(
+    data_dir: Path, settings: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    def run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["--data-dir", str(data_dir), *args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err, out + err
+        return code, err
+
+    exported = tmp_path / "root.pem"
+    assert run("ca", "export", "root", "--key", "-o", str(exported))[0] == 0
+    assert run("ca", "offline", "root", "--yes")[0] == 0
+    begin, end = f"-----BEGIN {PEM_LABEL}-----\n", f"\n-----END {PEM_LABEL}-----\n"
+    for body, why in (("MIIB=x", "base64"), ("MIIBAAAA", "EncryptedPrivateKeyInfo")):
+        bad = tmp_path / "bad.pem"
+        bad.write_text(begin + body + end)
+        code, err = run("ca", "online", "root", "--key-file", str(bad))
+        assert code == 65 and why in err, err  # the file given: bad input
+    assert not _key_file(settings).exists()
+    # A damaged key file in the store: the key backend's fault, not a bug.
+    admin = settings.keys_dir / "ca-admin.key"
+    lines = admin.read_bytes().split(b"\n")
+    admin.write_bytes(b"\n".join(lines[:3]) + b"A\n" + lines[-2] + b"\n")
+    code, err = run("crl", "generate", "--ca", "admin")
+    assert code == 69 and "base64" in err, err
+    assert run("ca", "online", "root", "--key-file", str(exported))[0] == 0
