@@ -160,6 +160,8 @@ def verify_cmd(
             external.extend(claims_from_documents(lines, path.name))
         except ValueError as exc:
             raise InputError(f"{path}: {exc}") from None
+        except RecursionError:  # json's parser recurses once per [ or {
+            raise InputError(f"{path}: a line is nested too deeply to be a checkpoint") from None
     # One snapshot for every query: what is appended meanwhile is not taken for tampering.
     with services.db.read_scope(snapshot=True) as session:
         result = verify(session, services.journal.origin, trusted_keys=trusted, external=external)
