@@ -8,11 +8,13 @@ overrides from the command line. Secrets are never values here: settings name a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import math
 import os
 import re
+import secrets
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -362,8 +364,26 @@ def persist_settings(path: Path, values: Mapping[str, Any]) -> list[str]:
             raise ConfigError(f"{path} has no [sekisho] table: add the settings by hand")
         if not text.endswith("\n"):
             text += "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "".join(lines))
-        os.replace(tmp, path)
+        _replace_file(path, (text + "".join(lines)).encode())
     return written
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """``path`` replaced by a file holding ``data``, owner-only (0600) whatever the umask:
+    ``load_settings`` refuses a settings file others may write (0664 under umask 002)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    except OSError as exc:
+        raise ConfigError(f"cannot write settings file {path}: {exc.strerror or exc}") from None
