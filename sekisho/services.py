@@ -45,6 +45,7 @@ from sekisho.errors import (
     SecretUnavailable,
     SekishoError,
     StoreError,
+    shown,
 )
 from sekisho.settings import Settings
 
@@ -192,23 +193,31 @@ def audit_key_ref(backend: KeyBackend) -> str:
 
 
 def journal_origin(db: Database, settings: Settings) -> str:
-    """The journal's origin line: ``audit_origin`` when set; otherwise the one the journal's
-    first checkpoint already carries, so changing ``base_url`` later does not split the
-    journal into two origins (every old checkpoint would fail to verify); for a new journal,
-    derived from ``base_url``."""
-    if settings.audit_origin:
-        return settings.audit_origin
+    """The journal's origin line: the one the journal's first checkpoint already carries, so
+    changing ``base_url`` later does not split the journal into two origins (every old
+    checkpoint would fail to verify); for a new journal, ``audit_origin`` when set, else
+    derived from ``base_url``. An ``audit_origin`` that differs from the journal's is a
+    ConfigError (exit 78): used, it would make an intact journal fail verification."""
     try:
         with db.scope() as session:
             body = session.scalar(select(Checkpoint.body).order_by(Checkpoint.seq).limit(1))
     except (SekishoError, SQLAlchemyError):
         body = None  # no schema yet (first start): nothing to stay consistent with
+    stored = None
     if body:
         try:
-            return parse_checkpoint_body(body).origin
+            stored = parse_checkpoint_body(body).origin
         except ValueError:
             pass  # a damaged checkpoint: `audit verify` reports it
-    return settings.journal_origin
+    if settings.audit_origin:
+        if stored is not None and stored != settings.audit_origin:
+            raise ConfigError(
+                f"audit_origin {shown(settings.audit_origin)} differs from the origin of the "
+                f"journal's checkpoints, {shown(stored)}: they would no longer verify; set "
+                f"audit_origin (SEKISHO_AUDIT_ORIGIN) to {shown(stored)}, or unset it"
+            )
+        return settings.audit_origin
+    return stored if stored is not None else settings.journal_origin
 
 
 def _has_checkpoints(db: Database) -> bool:

@@ -31,6 +31,8 @@ MAX_SETTINGS_FILE = 1024 * 1024
 # Service terms, item 4: customer data may be stored in Japan only.
 ALLOWED_DATA_LOCATIONS = frozenset({"JP"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The first line of every checkpoint body (C2SP tlog-checkpoint): printable ASCII, no spaces.
+AUDIT_ORIGIN = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +170,12 @@ class Settings:
             raise ConfigError("crl_debounce_seconds must be between 0 and 60")
         if not 0 <= self.crl_keep_days <= 3650:
             raise ConfigError("crl_keep_days must be between 0 and 3650")
+        if self.audit_origin and not AUDIT_ORIGIN.fullmatch(self.audit_origin):
+            # A line break in it would split every checkpoint body it is written into.
+            raise ConfigError(
+                f"audit_origin {shown(self.audit_origin)} refused: 1 to 255 printable ASCII "
+                "characters without spaces (such as pki.example.com/sekisho/audit)"
+            )
         if self.audit_checkpoint_every < 1:
             raise ConfigError("audit_checkpoint_every must be a positive number of records")
         # NaN compares false with everything: test finiteness first (timedelta refuses it).
