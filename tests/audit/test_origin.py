@@ -3,11 +3,13 @@ deployment that moves to a new public URL keeps a verifiable journal."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from audit.chain import parse_checkpoint_body
 from audit.models import Checkpoint
 from audit.verify import verify
+from sekisho.errors import ConfigError
 from sekisho.services import build_services
 from sekisho.settings import Settings
 from tests.audit.conftest import append, audit_keys
@@ -47,12 +49,11 @@ def test_new_base_url_keeps_the_journal_origin(
     assert _origins(moved) == {old}
 
 
-def test_explicit_audit_origin_wins(settings: Settings) -> None:
+def test_explicit_audit_origin_other_than_the_journals_is_refused(settings: Settings) -> None:
+    """It would make every checkpoint already signed fail to verify (tests/test_audit_origin.py:
+    an explicit origin names a new journal)."""
     explicit = make_settings(
         settings.data_dir, audit_origin="example.org/audit-2", database_url=settings.database_url
     )
-    svc = build_services(explicit)
-    try:
-        assert svc.journal.origin == "example.org/audit-2"
-    finally:
-        svc.close()
+    with pytest.raises(ConfigError, match="differs from the origin"):
+        build_services(explicit)
