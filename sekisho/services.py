@@ -187,6 +187,31 @@ class UnavailableBackend:
         pass
 
 
+class UnreadableAuditKey(CheckpointSigner):
+    """The audit key of a command that only reads, when the backend cannot read it (a wrong
+    key passphrase): what needs no key still works, as with an unavailable passphrase
+    (listings, ``audit verify --public-key``); what needs the key fails with the backend's
+    error (WrongPassphrase, exit 77) when it asks for it. Reading its public key used to
+    decrypt the key as the services were built, and failed every such command."""
+
+    def __init__(self, backend: KeyBackend, key_ref: str, error: KeyBackendError) -> None:
+        # Not CheckpointSigner.__init__: it reads the public key, which is what fails.
+        self.backend = backend
+        self.key_ref = key_ref
+        self.key_type = AUDIT_KEY_TYPE
+        self.error = error
+
+    def _refuse(self) -> NoReturn:
+        raise type(self.error)(self.error.message)
+
+    @property
+    def public_key_der(self) -> bytes:  # type: ignore[override]
+        self._refuse()
+
+    def sign(self, body: bytes) -> bytes:
+        self._refuse()
+
+
 def audit_key_ref(backend: KeyBackend) -> str:
     """Where the audit checkpoint key lives in this backend."""
     return backend.reference(AUDIT_KEY_LABEL)
@@ -324,7 +349,14 @@ def build_services(
         if appends:
             log.error("audit key unavailable", extra={"key_ref": audit_ref, "detail": exc.message})
         has_audit_key = False
-    signer = CheckpointSigner(backend, audit_ref, AUDIT_KEY_TYPE) if has_audit_key else None
+    signer = None
+    if has_audit_key:
+        try:
+            signer = CheckpointSigner(backend, audit_ref, AUDIT_KEY_TYPE)
+        except KeyBackendError as exc:  # a wrong passphrase, a damaged key file
+            if appends:
+                raise
+            signer = UnreadableAuditKey(backend, audit_ref, exc)
     if signer is None and appends and _has_checkpoints(db):
         # The journal was checkpointed before: appending without checkpoints would weaken
         # its tamper evidence unnoticed. Say so loudly (`audit verify --public-key` still works).

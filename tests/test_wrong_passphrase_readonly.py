@@ -1,0 +1,43 @@
+"""A wrong key passphrase and commands that only read: what needs no key works, as with a
+passphrase that is unavailable; what needs the key fails with exit 77 (wrong passphrase)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sekisho.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture[str], data_dir: Path, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["--data-dir", str(data_dir), *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, out + err
+    return code, out + err
+
+
+def test_a_wrong_passphrase_fails_only_what_needs_the_key(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    public = tmp_path / "audit.pub"
+    assert _run(capsys, data_dir, "audit", "public-key", "-o", str(public))[0] == 0
+    monkeypatch.setenv("SEKISHO_KEY_PASSPHRASE_ENV", "SEKISHO_TEST_WRONG_PASSPHRASE")
+    monkeypatch.setenv("SEKISHO_TEST_WRONG_PASSPHRASE", "x" * 40)
+    for args in (
+        ("ca", "list"),
+        ("audit", "search", "--limit", "1"),
+        ("audit", "verify", "--public-key", str(public)),
+    ):
+        code, text = _run(capsys, data_dir, *args)
+        assert code == 0, (args, text)
+    # What needs the key says why it cannot have it.
+    for args in (
+        ("audit", "public-key"),
+        ("audit", "verify"),
+        ("crl", "generate", "--ca", "admin"),  # a command that writes, as before
+    ):
+        code, text = _run(capsys, data_dir, *args)
+        assert code == 77 and "wrong passphrase" in text, (args, text)
