@@ -6,6 +6,12 @@ types, invalid INTEGER/BOOLEAN/NULL/OID contents, trailing bytes) and trees deep
 ``max_depth``: 10^4 nested SEQUENCEs cost one linear scan and a refusal, never a deep
 recursion. ``ocsp.core`` then reads the request's fields from that tree.
 
+An OBJECT IDENTIFIER is at most ``MAX_OID_OCTETS`` (63) content octets, each arc at most
+``MAX_ARC_OCTETS`` (19, the 128 bits of a UUID arc, X.667): the limits of ``cryptography``,
+which reads and writes every certificate here, so no OID we could know is longer. Without
+them one arc of 32 KB took ~70 ms of big-integer shifts to decode, and its ``str()`` broke
+Python's 4,300-digit limit (a ValueError, not a malformed request).
+
 Writing DER for responses uses :mod:`ca.der`.
 """
 
@@ -14,6 +20,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 MAX_LENGTH_OCTETS = 4  # 4 GiB: more than any request we accept
+MAX_OID_OCTETS = 63  # OBJECT IDENTIFIER contents; cryptography (rust-asn1) refuses longer
+MAX_ARC_OCTETS = 19  # one subidentifier: 133 bits, room for a 128-bit UUID arc (2.25.<uuid>)
 
 
 class DerError(ValueError):
@@ -126,15 +134,26 @@ def _check_primitive(data: bytes, item: Tlv) -> None:
     elif tag == 0x05:  # NULL: empty
         if item.end != item.content_start:
             raise DerError("NULL with content")
-    elif tag == 0x06:  # OBJECT IDENTIFIER: subidentifiers complete, without 0x80 padding
-        content = data[item.content_start : item.end]
-        if not content or content[-1] & 0x80:
-            raise DerError("truncated OBJECT IDENTIFIER")
-        previous_ended = True
-        for octet in content:
-            if previous_ended and octet == 0x80:
-                raise DerError("non-minimal OBJECT IDENTIFIER subidentifier")
-            previous_ended = not octet & 0x80
+    elif tag == 0x06:  # OBJECT IDENTIFIER: bounded, subidentifiers complete, no 0x80 padding
+        _check_oid(data[item.content_start : item.end])
+
+
+def _check_oid(content: bytes) -> None:
+    """OBJECT IDENTIFIER contents: 1..MAX_OID_OCTETS octets (judged before any is read), each
+    subidentifier complete, minimal and at most MAX_ARC_OCTETS octets."""
+    if len(content) > MAX_OID_OCTETS:
+        raise DerError(f"OBJECT IDENTIFIER over {MAX_OID_OCTETS} octets")
+    if not content or content[-1] & 0x80:
+        raise DerError("truncated OBJECT IDENTIFIER")
+    arc_octets = 0
+    for octet in content:
+        if not arc_octets and octet == 0x80:
+            raise DerError("non-minimal OBJECT IDENTIFIER subidentifier")
+        arc_octets += 1
+        if arc_octets > MAX_ARC_OCTETS:
+            raise DerError(f"OBJECT IDENTIFIER arc over {MAX_ARC_OCTETS} octets")
+        if not octet & 0x80:
+            arc_octets = 0
 
 
 def _check_tag(tag: int) -> None:
@@ -144,7 +163,9 @@ def _check_tag(tag: int) -> None:
 
 
 def oid_dotted(content: bytes) -> str:
-    """Dotted form of OBJECT IDENTIFIER contents (already checked by ``check_structure``)."""
+    """Dotted form of OBJECT IDENTIFIER contents (already checked by ``check_structure``;
+    checked again here, so that no caller decodes an unbounded one)."""
+    _check_oid(content)
     arcs: list[int] = []
     value = 0
     for octet in content:
