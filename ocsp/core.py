@@ -157,7 +157,7 @@ def parse_request(der: bytes) -> OcspRequest:
         raise MalformedRequest(f"not DER: {exc}") from None
     try:
         return _decode(data)
-    except r.DerError as exc:
+    except ValueError as exc:  # DerError, or a value the decoding could not take
         raise MalformedRequest(f"not an OCSP request: {exc}") from None
 
 

@@ -95,6 +95,18 @@ def test_a_request_with_a_huge_oid_arc_is_malformed(octets: int) -> None:
         core.parse_request(request)
 
 
+def test_a_value_error_while_decoding_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
+    request = cert_id_request(_contents("1.3.14.3.2.26"))
+    assert core.parse_request(request).cert_ids[0].hash_algorithm == "sha1"
+
+    def fails(content: bytes) -> str:
+        raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+
+    monkeypatch.setattr(der, "oid_dotted", fails)
+    with pytest.raises(core.MalformedRequest, match="not an OCSP request: Exceeds"):
+        core.parse_request(request)
+
+
 def test_the_web_endpoint_answers_a_huge_arc_malformed(
     services: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
