@@ -64,6 +64,10 @@ Decisions
   max-age=<seconds to nextUpdate>, no-transform, must-revalidate``, ``ETag`` (SHA-256 of the
   DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate); ``If-None-Match`` gives
   304. Answers with a nonce and OCSP error answers are ``no-store``.
+* **A crash answers internalError.** An unexpected exception while answering one request (a
+  bug) is logged as one line (the exception's type, no traceback to the client) and answered
+  like the web endpoint does: 200 with the ``internalError`` OCSP response, ``no-store``. The
+  connection and the requests pipelined behind it carry on.
 """
 
 from __future__ import annotations
@@ -815,6 +819,27 @@ class HttpProtocol(asyncio.Protocol):
         body: bytes,
         if_none_match: bytes | None,
     ) -> None:
+        """Answer one request. Whatever it raises is a bug: logged in one line and answered
+        internalError, never allowed up to the transport (which would drop the connection and
+        the requests pipelined on it without an answer)."""
+        try:
+            self._handle(method, target, keep_alive, body, if_none_match)
+        except Exception as exc:
+            log.error(
+                "OCSP request failed",
+                exc_info=exc,
+                extra={"method": method.decode("latin-1"), "error": type(exc).__name__},
+            )
+            self._ocsp(core.INTERNAL_ERROR, None, keep_alive, method, time.time())
+
+    def _handle(
+        self,
+        method: bytes,
+        target: bytes,
+        keep_alive: bool,
+        body: bytes,
+        if_none_match: bytes | None,
+    ) -> None:
         server = self.server
         now = time.time()
         if method == b"POST":
@@ -853,8 +878,8 @@ class HttpProtocol(asyncio.Protocol):
             self._ocsp(result, None, keep_alive, method, now)
             return
         loop = server.loop or asyncio.get_running_loop()
-        self.busy = True
         future = loop.run_in_executor(server.executor, result)
+        self.busy = True  # once handed over: a failure to hand it is answered internalError
 
         def done(fut: asyncio.Future[bytes]) -> None:
             self.busy = False

@@ -1,0 +1,143 @@
+"""``ocsp serve``'s HTTP handling: a request that crashes the answering (a bug) or carries an
+absurd OID never costs the connection its pipelined requests.
+
+Each test on a deployment runs on SQLite and PostgreSQL (the ``services`` fixture); the server
+is a subprocess on loopback, stopped by PID (``tests.ocsp.test_server.running``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from ocsp.index import ResponseIndex
+from ocsp.server import HttpProtocol, Responder, Server
+from sekisho.services import Services
+from tests.ocsp.test_der_limits import huge_arc_request
+from tests.ocsp.test_server import MALFORMED, Pki, _raw, make_pki, running
+
+INTERNAL_ERROR = bytes.fromhex("3003 0a01 02")
+Reply = tuple[int, dict[str, str], bytes]
+
+
+@pytest.fixture
+def pki(services: Services, tmp_path: Path) -> Pki:
+    return make_pki(services, tmp_path)
+
+
+def replies(data: bytes, methods: list[str]) -> list[Reply]:
+    """The responses in ``data``, one per request method sent: (status, fields by lower-case
+    name, body). A body is as long as Content-Length says; none for HEAD and 304 (a body a 304
+    carried by mistake would break the parsing of the next response)."""
+    out = []
+    for method in methods:
+        head, sep, data = data.partition(b"\r\n\r\n")
+        assert sep, f"response to {method} missing"
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        fields: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            assert name.lower() not in fields, f"{name} sent twice"
+            fields[name.lower()] = value.strip()
+        length = 0 if method == "HEAD" or status == 304 else int(fields["content-length"])
+        out.append((status, fields, data[:length]))
+        data = data[length:]
+    assert data == b"", "more bytes than responses"
+    return out
+
+
+def request(method: str, path: str, *fields: str, body: bytes = b"", last: bool = False) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", *fields]
+    if method == "POST":
+        lines += ["Content-Type: application/ocsp-request", f"Content-Length: {len(body)}"]
+    if last:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# -- a request that cannot be decoded, a request that crashes ----------------------------------
+def test_a_huge_oid_arc_is_malformed_and_the_pipeline_goes_on(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    bad = huge_arc_request()  # 1.2.<an arc of 2,101 octets>: str() of it raised ValueError
+    b64 = base64.b64encode(bad).decode()
+    with running(data_dir, tmp_path) as server:
+        sent = (
+            request("POST", "/ocsp", body=bad)
+            + request("GET", f"/ocsp/{b64}")
+            + request("GET", f"/ocsp/{pki.get_path(pki.good)}")
+            + request("GET", "/healthz", last=True)
+        )
+        data, _, closed = _raw(server, sent)
+        assert closed
+        post, get, good, health = replies(data, ["POST", "GET", "GET", "GET"])
+        for status, fields, body in (post, get):
+            assert status == 200 and body == MALFORMED
+            assert fields["cache-control"] == "no-store"
+        assert good[0] == 200 and len(good[2]) > 5
+        assert health[0] == 200 and json.loads(health[2])["status"] == "ok"
+        log = server.log.read_text()
+        assert "Fatal error" not in log and '"level": "error"' not in log, log[-2000:]
+
+
+class _Transport:
+    """What HttpProtocol writes to; nothing else."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_a_crash_answers_internal_error_and_the_pipeline_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Server(Responder(ResponseIndex({}), None))
+    try:
+
+        def crash(request_der: bytes) -> bytes:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(server.responder, "prepare", crash)
+        transport = _Transport()
+        protocol = HttpProtocol(server)
+        protocol.connection_made(cast(Any, transport))
+        with caplog.at_level(logging.ERROR, logger="ocsp.server"):
+            protocol.data_received(
+                request("POST", "/ocsp", body=b"\x30\x00")
+                + request("GET", "/ocsp/MAA=")
+                + request("GET", "/healthz", last=True)
+            )
+        post, get, health = replies(bytes(transport.written), ["POST", "GET", "GET"])
+        for status, fields, body in (post, get):
+            assert status == 200 and body == INTERNAL_ERROR  # as the web endpoint answers
+            assert fields["content-type"] == "application/ocsp-response"
+            assert fields["cache-control"] == "no-store"
+            assert b"a bug" not in body
+        assert health[0] == 200 and json.loads(health[2])["status"] == "ok"
+        assert transport.closed  # by the last request's Connection: close, not by the crash
+        failed = [r for r in caplog.records if r.name == "ocsp.server"]
+        assert [r.getMessage() for r in failed] == ["OCSP request failed"] * 2
+        assert {(r.__dict__["method"], r.__dict__["error"]) for r in failed} == {
+            ("POST", "RuntimeError"),
+            ("GET", "RuntimeError"),
+        }
+    finally:
+        server.close()
