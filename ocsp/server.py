@@ -62,8 +62,11 @@ Decisions
   leave unread bytes behind close the connection. Pipelined requests are answered in order.
 * **Caching (RFC 5019 6.2).** Pre-signed answers carry ``Cache-Control: public,
   max-age=<seconds to nextUpdate>, no-transform, must-revalidate``, ``ETag`` (SHA-256 of the
-  DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate); ``If-None-Match`` gives
-  304. Answers with a nonce and OCSP error answers are ``no-store``.
+  DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate). A GET or HEAD whose
+  ``If-None-Match`` (every field line; a list, weak tags, ``*``: RFC 9110 13.1.2, matched by
+  :mod:`web.conditional`, as on the web endpoint) names the ETag of a pre-signed answer gets a
+  304 with those same fields (RFC 9110 15.4.5) and no Content-Type or Content-Length (8.6).
+  Answers with a nonce and OCSP error answers are ``no-store``.
 * **A crash answers internalError.** An unexpected exception while answering one request (a
   bug) is logged as one line (the exception's type, no traceback to the client) and answered
   like the web endpoint does: 200 with the ``internalError`` OCSP response, ``no-store``. The
@@ -108,6 +111,7 @@ from ocsp.index import (
     simple_request,
 )
 from ocsp.store import ChosenFn, IssuersFn, RefusedFn, Signers
+from web.conditional import _matches as etag_matches
 
 log = logging.getLogger(__name__)
 
@@ -770,8 +774,8 @@ class HttpProtocol(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 self._error(501, b"Transfer-Encoding is not supported\n")
                 return False
-            elif name == b"if-none-match":
-                if_none_match = value
+            elif name == b"if-none-match":  # several field lines are one list (RFC 9110 5.3)
+                if_none_match = value if if_none_match is None else if_none_match + b", " + value
             elif name == b"expect":
                 if value.lower() != b"100-continue":
                     self._error(400, b"unsupported Expect\n")  # RFC 9110 wants 417; rare
@@ -863,13 +867,10 @@ class HttpProtocol(asyncio.Protocol):
             if (
                 if_none_match is not None
                 and method != b"POST"
-                and entry[ETAG].encode()
-                in (
-                    if_none_match.split(b",")[0].strip(),
-                    if_none_match,
-                )
+                # weak comparison, lists and "*" as on the web endpoint; ETAG is quoted
+                and etag_matches(if_none_match.decode("latin-1"), entry[ETAG][1:-1], weak=True)
             ):
-                self._send(304, b"", b"application/ocsp-response", keep_alive, b"HEAD", now)
+                self._send(304, b"", b"", keep_alive, b"HEAD", now, self._cache_fields(entry, now))
                 return
             self._ocsp(entry[DER], entry, keep_alive, method, now)
             return
@@ -909,16 +910,18 @@ class HttpProtocol(asyncio.Protocol):
         method: bytes,
         now: float,
     ) -> None:
-        if entry is not None:
-            max_age = max(0, int(entry[NEXT_UPDATE_TS] - now))
-            extra = (
-                f"Cache-Control: public, max-age={max_age}, no-transform, must-revalidate\r\n"
-                f"ETag: {entry[ETAG]}\r\nLast-Modified: {entry[LAST_MODIFIED]}\r\n"
-                f"Expires: {entry[EXPIRES]}\r\n"
-            ).encode()
-        else:
-            extra = b"Cache-Control: no-store\r\n"
+        extra = b"Cache-Control: no-store\r\n" if entry is None else self._cache_fields(entry, now)
         self._send(200, der, b"application/ocsp-response", keep_alive, method, now, extra)
+
+    @staticmethod
+    def _cache_fields(entry: Entry, now: float) -> bytes:
+        """The caching fields and validators of a pre-signed answer (its 200 and its 304)."""
+        max_age = max(0, int(entry[NEXT_UPDATE_TS] - now))
+        return (
+            f"Cache-Control: public, max-age={max_age}, no-transform, must-revalidate\r\n"
+            f"ETag: {entry[ETAG]}\r\nLast-Modified: {entry[LAST_MODIFIED]}\r\n"
+            f"Expires: {entry[EXPIRES]}\r\n"
+        ).encode()
 
     def _send(
         self,
@@ -933,17 +936,17 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closing:
             return
-        head = (
-            b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n"
-            % (
-                status,
-                _REASONS[status].encode(),
-                self.server.date.now(now),
-                content_type,
-                len(body),
-                extra,
-                b"" if keep_alive else b"Connection: close\r\n",
-            )
+        if status == 304:  # no representation metadata, no Content-Length (RFC 9110 8.6, 15.4.5)
+            framing = b""
+        else:
+            framing = b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
+        head = b"HTTP/1.1 %d %s\r\nDate: %s\r\n%s%s%s\r\n" % (
+            status,
+            _REASONS[status].encode(),
+            self.server.date.now(now),
+            framing,
+            extra,
+            b"" if keep_alive else b"Connection: close\r\n",
         )
         transport.write(head if method == b"HEAD" else head + body)
         if not keep_alive:

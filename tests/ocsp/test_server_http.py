@@ -1,5 +1,7 @@
 """``ocsp serve``'s HTTP handling: a request that crashes the answering (a bug) or carries an
-absurd OID never costs the connection its pipelined requests.
+absurd OID never costs the connection its pipelined requests, and conditional GETs follow
+RFC 9110 (If-None-Match lists, weak comparison and ``*``; a 304 with the 200's ETag,
+Cache-Control and Expires, and no Content-Length).
 
 Each test on a deployment runs on SQLite and PostgreSQL (the ``services`` fixture); the server
 is a subprocess on loopback, stopped by PID (``tests.ocsp.test_server.running``).
@@ -141,3 +143,62 @@ def test_a_crash_answers_internal_error_and_the_pipeline_goes_on(
         }
     finally:
         server.close()
+
+
+# -- conditional GETs ---------------------------------------------------------------------------
+def test_if_none_match_lists_weak_tags_and_star_get_a_complete_304(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    path = f"/ocsp/{pki.get_path(pki.good)}"
+    with running(data_dir, tmp_path) as server:
+        data, _, _ = _raw(server, request("GET", path, last=True))
+        [(status, full, der)] = replies(data, ["GET"])
+        assert status == 200 and int(full["content-length"]) == len(der) > 5
+        etag = full["etag"]
+        assert etag.startswith('"') and etag.endswith('"')
+        matching = [
+            ("GET", [f"If-None-Match: {etag}"]),
+            ("GET", [f'If-None-Match: "nope", {etag}']),
+            ("GET", [f'If-None-Match: "nope",W/{etag} , "other"']),
+            ("GET", [f"If-None-Match: W/{etag}"]),
+            ("GET", ["If-None-Match: *"]),
+            ("GET", ['If-None-Match: "nope"', f"If-None-Match: {etag}"]),  # one list (5.3)
+            ("HEAD", [f"If-None-Match: {etag}"]),
+        ]
+        not_matching = [
+            ("GET", ['If-None-Match: "nope", W/"other"']),
+            ("GET", [f"If-None-Match: {etag[1:-1]}"]),  # not an entity-tag: matches nothing
+            ("GET", [f"If-None-Match: {etag} junk"]),
+            ("POST", [f"If-None-Match: {etag}"]),  # conditional GETs only
+        ]
+        cases = matching + not_matching
+        sent = b"".join(
+            request(
+                method,
+                "/ocsp" if method == "POST" else path,
+                *fields,
+                body=base64.b64decode(pki.get_path(pki.good)) if method == "POST" else b"",
+                last=i == len(cases) - 1,
+            )
+            for i, (method, fields) in enumerate(cases)
+        )
+        data, _, closed = _raw(server, sent)
+        assert closed
+        got = replies(data, [method for method, _ in cases])
+    for (method, fields), (status, headers, body) in zip(matching, got, strict=False):
+        assert status == 304, (method, fields)
+        assert body == b""
+        # RFC 9110 15.4.5: the fields the 200 would have carried; 8.6: no Content-Length
+        assert headers["etag"] == etag
+        assert headers["expires"] == full["expires"]
+        assert headers["last-modified"] == full["last-modified"]
+        assert headers["cache-control"].split(",")[1:] == full["cache-control"].split(",")[1:]
+        assert headers["cache-control"].startswith("public, max-age=")
+        assert "content-length" not in headers and "content-type" not in headers
+        assert "date" in headers
+    for (method, fields), (status, headers, body) in zip(
+        not_matching, got[len(matching) :], strict=True
+    ):
+        assert status == 200 and body == der, (method, fields)
+        assert headers["content-length"] == str(len(der))
+        assert headers["etag"] == etag
