@@ -74,6 +74,10 @@ MAX_CERT_IDS = 32
 MIN_NONCE = 1
 MAX_NONCE = 128
 MIN_VALIDITY = dt.timedelta(hours=8)
+# Longest max-age either HTTP endpoint gives a pre-signed answer (RFC 5019 6.2 allows up to its
+# nextUpdate): a shared cache in front re-checks at least this often, so a revocation shows
+# through it within minutes, not at the cached answer's nextUpdate (days).
+CACHE_MAX_AGE = 300
 MAX_VALIDITY = dt.timedelta(days=10)
 
 OID_NONCE = "1.3.6.1.5.5.7.48.1.2"

@@ -61,10 +61,11 @@ Decisions
   keep-alive connections are closed after 30 s; at most 1,024 connections. Errors that
   leave unread bytes behind close the connection. Pipelined requests are answered in order.
 * **Caching (RFC 5019 6.2).** Pre-signed answers carry ``Cache-Control: public,
-  max-age=<seconds to nextUpdate>, no-transform, must-revalidate``, ``ETag`` (SHA-256 of the
+  max-age=<seconds to nextUpdate, at most 300>, no-transform, must-revalidate`` (a shared
+  cache re-checks within 5 minutes, so a revocation shows through it), ``ETag`` (SHA-256 of the
   DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate). A GET or HEAD whose
   ``If-None-Match`` (every field line; a list, weak tags, ``*``: RFC 9110 13.1.2, matched by
-  :mod:`web.conditional`, as on the web endpoint) names the ETag of a pre-signed answer gets a
+  :mod:`sekisho.httpfields`, as on the web endpoint) names the ETag of a pre-signed answer gets a
   304 with those same fields (RFC 9110 15.4.5) and no Content-Type or Content-Length (8.6).
   Answers with a nonce and OCSP error answers are ``no-store``.
 * **A crash answers internalError.** An unexpected exception while answering one request (a
@@ -111,7 +112,7 @@ from ocsp.index import (
     simple_request,
 )
 from ocsp.store import ChosenFn, IssuersFn, RefusedFn, Signers
-from web.conditional import _matches as etag_matches
+from sekisho.httpfields import etag_matches
 
 log = logging.getLogger(__name__)
 
@@ -916,7 +917,7 @@ class HttpProtocol(asyncio.Protocol):
     @staticmethod
     def _cache_fields(entry: Entry, now: float) -> bytes:
         """The caching fields and validators of a pre-signed answer (its 200 and its 304)."""
-        max_age = max(0, int(entry[NEXT_UPDATE_TS] - now))
+        max_age = max(0, min(int(entry[NEXT_UPDATE_TS] - now), core.CACHE_MAX_AGE))
         return (
             f"Cache-Control: public, max-age={max_age}, no-transform, must-revalidate\r\n"
             f"ETag: {entry[ETAG]}\r\nLast-Modified: {entry[LAST_MODIFIED]}\r\n"

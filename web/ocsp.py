@@ -42,7 +42,6 @@ bp = Blueprint("ocsp", __name__)
 MIME_REQUEST = "application/ocsp-request"
 MIME_RESPONSE = "application/ocsp-response"
 MAX_BODY = core.HTTP_MAX_BODY
-MAX_AGE_CAP = 300  # seconds: caches re-check at least this often (revocations show quickly)
 _B64 = re.compile(r"[A-Za-z0-9+/\-_]*={0,2}")  # the whole value: fullmatch
 
 
@@ -125,7 +124,7 @@ def get(encoded: str) -> Response:
         return response
     this_update, next_update = times
     now = services_of(current_app).clock()
-    max_age = max(0, min(int((next_update - now).total_seconds()), MAX_AGE_CAP))
+    max_age = max(0, min(int((next_update - now).total_seconds()), core.CACHE_MAX_AGE))
     cache = {
         "Cache-Control": f"max-age={max_age}, public, no-transform, must-revalidate",
         "Expires": http_date(next_update),
