@@ -56,5 +56,23 @@ def pkcs12_bundle(
             .hmac_hash(hashes.SHA256())
             .build(password)
         )
-    name = cert.subject.rfc4514_string().encode()[:64]
-    return pkcs12.serialize_key_and_certificates(name, key, cert, list(chain), encryption)  # type: ignore[arg-type]
+    return pkcs12.serialize_key_and_certificates(
+        friendly_name(cert),
+        key,
+        cert,
+        list(chain),
+        encryption,  # type: ignore[arg-type]
+    )
+
+
+FRIENDLY_NAME_OCTETS = 64
+
+
+def friendly_name(cert: x509.Certificate) -> bytes:
+    """The subject DN as the bundle's friendlyName (what key stores list), UTF-8, at most 64
+    octets, cut on a character boundary: cut inside a multi-byte character, the library
+    refused the name after the certificate was issued, and the new key was lost with it."""
+    encoded = cert.subject.rfc4514_string().encode()
+    if len(encoded) <= FRIENDLY_NAME_OCTETS:
+        return encoded
+    return encoded[:FRIENDLY_NAME_OCTETS].decode("utf-8", "ignore").encode()

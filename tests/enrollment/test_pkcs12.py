@@ -121,6 +121,35 @@ def test_key_and_chain_inside_match_the_issued_certificate(
     openssl_verify(der(cert), [der(c) for c in reversed(chain)], purpose="sslclient")
 
 
+def test_a_long_non_ascii_subject_is_bundled(services: Services, tmp_path: Path) -> None:
+    """A subject whose DN passes 64 octets inside a multi-byte character: the friendlyName is
+    cut before that character (the library refused a name cut inside it, after issuance, and
+    the new key was lost with it). OpenSSL reads the bundle."""
+    request = IssueRequest(
+        ca="admin",
+        profile="admin-client",
+        subject=name(O="株式会社サンプル東京テナント", UID="yamada", CN="山田 太郎"),
+        public_key=None,  # type: ignore[arg-type]
+        sans=(SanEntry("email", "yamada@tenant1.example.com"),),
+    )
+    cert, key = services.ca.issue_with_new_key(request, KeyType.EC_P256, TEST_ACTOR)
+    dn = cert.subject.rfc4514_string().encode()
+    assert len(dn) > 64
+    with pytest.raises(UnicodeDecodeError):
+        dn[:64].decode()  # the old cut would split a character
+    p12 = tmp_path / "yamada.p12"
+    p12.write_bytes(pkcs12_bundle(key, cert, [], PASSWORD))  # type: ignore[arg-type]
+    loaded = pkcs12.load_pkcs12(p12.read_bytes(), PASSWORD)
+    assert loaded.cert is not None and loaded.cert.certificate == cert
+    friendly = loaded.cert.friendly_name
+    assert friendly is not None and len(friendly) <= 64 and dn.startswith(friendly)
+    assert len(friendly) > 60  # cut at the last whole character, not much earlier
+    pw = tmp_path / "pw"
+    pw.write_bytes(PASSWORD)
+    info = _openssl_info(p12, pw)
+    assert info.returncode == 0, info.stderr
+
+
 @pytest.mark.parametrize("key_type", [KeyType.RSA_3072, KeyType.ED25519])
 def test_other_key_types_bundle(services: Services, key_type: KeyType) -> None:
     cert, key = _issue(services, key_type)
