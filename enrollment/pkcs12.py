@@ -58,10 +58,10 @@ def pkcs12_bundle(
         )
     return pkcs12.serialize_key_and_certificates(
         friendly_name(cert),
-        key,
+        key,  # type: ignore[arg-type]
         cert,
         list(chain),
-        encryption,  # type: ignore[arg-type]
+        encryption,
     )
 
 
