@@ -33,7 +33,7 @@ from ca.registry import ca_row
 from ca.tbs import serial_hex, spki_sha256
 from sekisho.context import Actor
 from sekisho.db import Database
-from sekisho.errors import Conflict, InputError, NotFound, shown
+from sekisho.errors import Conflict, InputError, NotFound, SekishoError, shown
 
 log = logging.getLogger("sekisho.ca")
 
@@ -107,6 +107,19 @@ def check_invalidity_date(when: dt.datetime, now: dt.datetime) -> None:
             f"invalidity date {when.date().isoformat()} lies before "
             f"{EARLIEST_INVALIDITY.date().isoformat()}, where X.509 time begins (RFC 5280 "
             "UTCTime): give the date the key is believed to have been compromised"
+        )
+
+
+def _invalid_before_revoked(
+    cert: Certificate, current: Reason | None, invalidity_date: dt.datetime | None
+) -> None:
+    """A certificate revoked already (a re-revocation to keyCompromise keeps its revocation
+    date) was invalid from that date on: an invalidity date after it says nothing true."""
+    kept = cert.revoked_at if current not in (None, Reason.CERTIFICATE_HOLD) else None
+    if invalidity_date is not None and kept is not None and invalidity_date > kept:
+        raise InputError(
+            f"the invalidity date {invalidity_date.isoformat()} lies after this certificate's "
+            f"revocation date {kept.isoformat()}, which it keeps: give an earlier date, or none"
         )
 
 
@@ -214,6 +227,52 @@ class Revoker:
         actor: Actor,
         invalidity_date: dt.datetime | None = None,
     ) -> Revocation:
+        """:meth:`_revoke`; a refusal (bad input, no such certificate or CA, a change the state
+        machine forbids) is journalled as a failure, as rejected issuances are."""
+        try:
+            return self._revoke(ca_name, serial, reason, actor, invalidity_date)
+        except (InputError, NotFound, Conflict) as exc:
+            self._journal_refusal(
+                "ca.revoke", ca_name, serial, exc, actor, {"reason": reason.value}
+            )
+            raise
+
+    def _journal_refusal(
+        self,
+        action: str,
+        ca_name: str,
+        serial: int,
+        exc: SekishoError,
+        actor: Actor,
+        detail: Mapping[str, object] | None = None,
+    ) -> None:
+        with self.db.connection_scope() as conn:
+            self.journal.append(
+                conn,
+                by_actor(
+                    actor,
+                    Category.CA,
+                    action,
+                    Outcome.FAILURE,
+                    object_serial=serial_hex(serial) if 0 < serial < 1 << 160 else None,
+                    detail={
+                        "ca": ca_name,
+                        **(detail or {}),
+                        "code": exc.code,
+                        "reason_refused": exc.message[:500],
+                    },
+                ),
+                self.clock(),
+            )
+
+    def _revoke(
+        self,
+        ca_name: str,
+        serial: int,
+        reason: Reason,
+        actor: Actor,
+        invalidity_date: dt.datetime | None = None,
+    ) -> Revocation:
         """Revoke one certificate; for keyCompromise also block its key and revoke every other
         certificate that carries it. Locks are taken in one order by every writer: certificate
         rows (by id), then CA rows (by id: the epochs), then the journal head; a compromised
@@ -236,6 +295,7 @@ class Revoker:
                 cert = self._locked_cert(session, ca, serial)
                 current = Reason(cert.revocation_reason) if cert.revocation_reason else None
                 decide_revocation(cert.status, current, reason)
+                _invalid_before_revoked(cert, current, invalidity_date)
                 epochs = self._revoke_all(session, [cert], reason, actor, now, invalidity_date)
                 done = Revocation(cert)
             else:
@@ -247,6 +307,7 @@ class Revoker:
                 cert = found[0]
                 current = Reason(cert.revocation_reason) if cert.revocation_reason else None
                 decide_revocation(cert.status, current, reason)
+                _invalid_before_revoked(cert, current, invalidity_date)
                 cert.spki_sha256 = spki
                 others = [c for c in certs if c is not cert and _compromisable(c)]
                 cause = f"the same key as {ca.name} {hex_serial}, compromised"
@@ -372,7 +433,10 @@ class Revoker:
             cert.revocation_reason = reason.value
             if cert.revoked_at is None or current is Reason.CERTIFICATE_HOLD:
                 cert.revoked_at = now
-            cert.invalidity_date = invalidity_date or cert.invalidity_date
+            if invalidity_date is not None and invalidity_date <= cert.revoked_at:
+                # Not for one revoked before it (another certificate of a compromised key,
+                # revoked earlier for another reason): it was invalid from then on already.
+                cert.invalidity_date = invalidity_date
             cert.status_epoch = epoch
             detail: dict[str, object] = {
                 "ca": ca_name,
@@ -458,7 +522,15 @@ class Revoker:
         )
 
     def release(self, ca_name: str, serial: int, actor: Actor) -> Certificate:
-        """Take a certificate off hold (it reappears as removeFromCRL in the next delta)."""
+        """Take a certificate off hold (it reappears as removeFromCRL in the next delta); a
+        refusal is journalled as a failure."""
+        try:
+            return self._release(ca_name, serial, actor)
+        except (NotFound, Conflict) as exc:
+            self._journal_refusal("ca.release", ca_name, serial, exc, actor)
+            raise
+
+    def _release(self, ca_name: str, serial: int, actor: Actor) -> Certificate:
         now = self.clock()
         with self.db.scope() as session:
             ca = ca_row(session, ca_name)

@@ -21,7 +21,7 @@ from audit.verify import verify
 from ca import crl as crl_module
 from ca.crl import MIN_VALIDITY, latest_by_name
 from ca.hierarchy import create_issuing
-from ca.models import Crl, CrlKind
+from ca.models import Certificate, Crl, CrlKind
 from ca.registry import ca_row
 from ca.revocation import Reason
 from hsm.base import KeyBackend, KeyType
@@ -139,6 +139,86 @@ def test_hold_release_and_re_revocation_rules(services: Services) -> None:
     assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
         x509.ReasonFlags.key_compromise
     )
+
+
+def _failures(services: Services, action: str) -> list[JournalRecord]:
+    with services.db.scope() as session:
+        return list(
+            session.scalars(
+                select(JournalRecord)
+                .where(JournalRecord.action == action, JournalRecord.outcome == "failure")
+                .order_by(JournalRecord.seq)
+            )
+        )
+
+
+def test_refused_revocations_and_releases_are_journalled(services: Services) -> None:
+    """Every refusal leaves a failure entry naming the CA, the serial and why, as a rejected
+    issuance does; nothing about the certificate changes. Before: nothing was journalled."""
+    cert = issue(services, "device")
+    serial = cert.serial_number
+    services.revoker.revoke("device", serial, Reason.SUPERSEDED, TEST_ACTOR)
+    refusals: list[tuple[Callable[[], object], str, type[Exception]]] = [
+        (lambda: services.revoker.revoke("device", serial, Reason.AFFILIATION_CHANGED, TEST_ACTOR),
+         "ca.revoke", Conflict),
+        (lambda: services.revoker.revoke("device", serial, Reason.CERTIFICATE_HOLD, TEST_ACTOR),
+         "ca.revoke", Conflict),
+        (lambda: services.revoker.release("device", serial, TEST_ACTOR), "ca.release", Conflict),
+        (lambda: services.revoker.revoke("device", 12345, Reason.SUPERSEDED, TEST_ACTOR),
+         "ca.revoke", NotFound),
+        (lambda: services.revoker.release("nope", serial, TEST_ACTOR), "ca.release", NotFound),
+    ]  # fmt: skip
+    for call, action, error in refusals:
+        before = len(_failures(services, action))
+        with pytest.raises(error) as info:
+            call()
+        entries = _failures(services, action)
+        assert len(entries) == before + 1, action
+        entry = entries[-1]
+        detail = json.loads(entry.detail)
+        assert detail["code"] == info.value.code  # type: ignore[attr-defined]
+        assert detail["reason_refused"]
+        assert entry.actor_account == TEST_ACTOR.account
+    assert _failures(services, "ca.revoke")[0].object_serial == format(serial, "040x")
+    with services.db.scope() as session:
+        verify(session, services.journal.origin, trusted_keys=audit_keys(services))
+        row = session.scalars(
+            select(Certificate).where(Certificate.serial == format(serial, "040x"))
+        ).one()
+    assert row.revocation_reason == Reason.SUPERSEDED.value
+
+
+def test_an_invalidity_date_after_the_kept_revocation_date_is_refused(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """Re-revoked to keyCompromise, a certificate keeps its revocation date: an invalidity
+    date after it is refused (it was invalid from then on); one before it is recorded."""
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        cert = issue(services, "device")
+        serial = cert.serial_number
+        services.revoker.revoke("device", serial, Reason.SUPERSEDED, TEST_ACTOR)
+        revoked_at = clock()
+        clock.advance(days=2)
+        with pytest.raises(InputError, match="after this certificate's revocation date"):
+            services.revoker.revoke(
+                "device", serial, Reason.KEY_COMPROMISE, TEST_ACTOR,
+                invalidity_date=revoked_at + dt.timedelta(days=1),
+            )  # fmt: skip
+        earlier = revoked_at - dt.timedelta(days=3)
+        services.revoker.revoke(
+            "device", serial, Reason.KEY_COMPROMISE, TEST_ACTOR, invalidity_date=earlier
+        )
+        row = services.crls.generate("device", clock())
+        entry = x509.load_der_x509_crl(row.der).get_revoked_certificate_by_serial_number(serial)
+        assert entry is not None
+        assert entry.revocation_date_utc == revoked_at
+        invalid = entry.extensions.get_extension_for_class(x509.InvalidityDate).value
+        assert invalid.invalidity_date_utc == earlier
+        checkers.pkilint_crl(row.der)
+    finally:
+        services.close()
 
 
 def test_revocation_input_errors(services: Services) -> None:
