@@ -41,9 +41,14 @@ def evaluate(
     etag: str,
     last_modified: dt.datetime,
     now: dt.datetime,
+    second_is_own: Callable[[], bool] | None = None,
 ) -> int:
     """200 (answer as usual), 304 or 412 for a request to a representation with the strong
-    entity-tag ``etag`` (unquoted) and ``last_modified``, by RFC 9110 13.2.2."""
+    entity-tag ``etag`` (unquoted) and ``last_modified``, by RFC 9110 13.2.2.
+
+    ``second_is_own``, when given, says whether no earlier representation has the same
+    Last-Modified (an HTTP-date names a second: two CRLs may share one). When it says no, an
+    If-Modified-Since of that second proves nothing and is not answered 304."""
     modified = last_modified.astimezone(dt.UTC).replace(microsecond=0)  # as Last-Modified says
     safe = method in ("GET", "HEAD")
     if_match = headers.get("If-Match")
@@ -61,7 +66,8 @@ def evaluate(
     elif safe:
         modified_since = parse_http_date(headers.get("If-Modified-Since"), now)
         if modified_since is not None and modified <= modified_since:
-            return 304
+            if modified < modified_since or second_is_own is None or second_is_own():
+                return 304
     return 200
 
 
@@ -90,13 +96,14 @@ def conditional_response(
     last_modified: dt.datetime,
     now: dt.datetime,
     cache_headers: Mapping[str, str],
+    second_is_own: Callable[[], bool] | None = None,
 ) -> Response:
     """``body`` with its validators (strong ``etag``, ``last_modified``) and ``cache_headers``
     (Cache-Control, Expires), or a 304 with the same headers and no body; a failed If-Match or
     If-Unmodified-Since raises 412 (a problem document, not stored by caches). A callable
     ``body`` is called only when the body is sent (not for a 304 or a 412)."""
     headers = {"ETag": f'"{etag}"', "Last-Modified": http_date(last_modified), **cache_headers}
-    status = evaluate(request.method, request.headers, etag, last_modified, now)
+    status = evaluate(request.method, request.headers, etag, last_modified, now, second_is_own)
     if status == 412:
         raise PreconditionFailed("the representation does not meet the request's preconditions")
     if status == 304:

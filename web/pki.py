@@ -42,12 +42,13 @@ def _cached_response(
     last_modified: dt.datetime,
     expires: dt.datetime | None,
     max_age: int,
+    second_is_own: Callable[[], bool] | None = None,
 ) -> Response:
     cache = {"Cache-Control": f"public, max-age={max_age}, no-transform"}
     if expires is not None:
         cache["Expires"] = http_date(expires)
     now = services_of(current_app).clock()
-    return conditional_response(body, mimetype, etag, last_modified, now, cache)
+    return conditional_response(body, mimetype, etag, last_modified, now, cache, second_is_own)
 
 
 @bp.get("/crl/<string:filename>")
@@ -70,15 +71,36 @@ def crl(filename: str) -> Response:
         if row is None:
             abort(404)
         crl_id, sha, this_update, next_update = row.id, row.sha256, row.this_update, row.next_update
+        issuer_id, number = row.issuer_id, row.number
 
         def der() -> bytes:
             # The same snapshot: the row read above, even if a newer CRL landed meanwhile.
             return bytes(session.scalars(select(Crl.der).where(Crl.id == crl_id)).one())
 
+        def second_is_own() -> bool:
+            # thisUpdate never goes back, but two CRLs may share a second (a burst, a slow
+            # clock): then a client holding the older one sends the same If-Modified-Since,
+            # and only the ETag tells them apart.
+            previous = session.scalar(
+                select(Crl.this_update)
+                .where(Crl.issuer_id == issuer_id, Crl.kind == kind, Crl.number < number)
+                .order_by(Crl.number.desc())
+                .limit(1)
+            )
+            return previous is None or previous.replace(microsecond=0) < this_update.replace(
+                microsecond=0
+            )
+
         now = services.clock()
         remaining = max(0, int((next_update - now).total_seconds()))
         return _cached_response(
-            der, "application/pkix-crl", sha, this_update, next_update, min(CRL_MAX_AGE, remaining)
+            der,
+            "application/pkix-crl",
+            sha,
+            this_update,
+            next_update,
+            min(CRL_MAX_AGE, remaining),
+            second_is_own,
         )
 
 

@@ -37,7 +37,7 @@ from sekisho.errors import InputError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, der, issue, request_for
-from tests.conftest import TEST_ACTOR, make_settings
+from tests.conftest import TEST_ACTOR, FakeClock, RecordingBackend, make_settings
 from tests.ocsp.test_store import issuer_for, request_der, stored
 from tests.support.checkers import (
     openssl_crl_verify,
@@ -163,6 +163,44 @@ def test_full_crl_with_caching_headers_and_conditional_get(
     head = client.head("/crl/admin.crl")
     assert head.status_code == 200 and head.data == b""
     assert head.headers["ETag"] == etag
+
+
+def test_if_modified_since_never_hides_a_crl_of_the_same_second(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """Two CRLs whose thisUpdate is the same second carry the same Last-Modified: a client
+    holding the older one and revalidating with If-Modified-Since alone gets the newer one
+    (only the ETag tells them apart), not a 304 that keeps the revocation from it. A CRL that
+    has its second to itself is still answered 304."""
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        app = create_app(services)
+        app.config["TESTING"] = True
+        client = app.test_client()
+        clock.advance(seconds=5)
+        services.crls.generate("device", clock(), actor=TEST_ACTOR)
+        old = client.get("/crl/device.crl")
+        leaf = issue(services, "device")
+        services.revoker.revoke("device", leaf.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+        services.crls.generate("device", clock(), actor=TEST_ACTOR)  # the same second
+        since = {"If-Modified-Since": old.headers["Last-Modified"]}
+        new = client.get("/crl/device.crl", headers=since)
+        assert new.headers["Last-Modified"] == old.headers["Last-Modified"]
+        assert new.status_code == 200, "a 304 would keep the revocation from the client"
+        assert new.headers["ETag"] != old.headers["ETag"]
+        crl = x509.load_der_x509_crl(new.data)
+        assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+        match = {"If-None-Match": new.headers["ETag"]}
+        assert client.get("/crl/device.crl", headers=match).status_code == 304
+        clock.advance(seconds=2)
+        services.crls.generate("device", clock(), actor=TEST_ACTOR)
+        newest = client.get("/crl/device.crl")
+        again = {"If-Modified-Since": newest.headers["Last-Modified"]}
+        assert client.get("/crl/device.crl", headers=again).status_code == 304
+        assert client.get("/crl/device.crl", headers=since).status_code == 200
+    finally:
+        services.close()
 
 
 def test_a_304_for_a_crl_reads_no_der(client: FlaskClient, services: Services) -> None:
