@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import traceback
 from typing import Any
 
 from sekisho.errors import ConfigError, shown
@@ -36,6 +37,11 @@ class JsonFormatter(logging.Formatter):
             doc[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
         if record.exc_info and record.exc_info[0] is not None:
             doc["exc_type"] = record.exc_info[0].__name__
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                # Asked for (--log-level DEBUG, what error messages advise): where it broke and
+                # the message. Frames carry no local values; messages of ours never a secret.
+                doc["exc_message"] = str(record.exc_info[1])[:2000]
+                doc["traceback"] = "".join(traceback.format_tb(record.exc_info[2]))[-8000:]
         return json.dumps(doc, ensure_ascii=True)
 
 
