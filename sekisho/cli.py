@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 EX_USAGE = 64
 EX_SOFTWARE = 70  # sysexits: an internal error
+EX_IOERR = 74  # sysexits: an I/O error (here also: the output closed before all was written)
 
 
 class State:
@@ -1274,7 +1275,19 @@ def main(argv: list[str] | None = None) -> int:
             click.echo(f"error: usage: argument {n} is not valid UTF-8", err=True)
             return EX_USAGE
     try:
-        cli.main(args=args, prog_name="sekisho", standalone_mode=False)
+        # click's main() minus its own handling of a closed pipe (exit 1, outside our codes).
+        with cli.make_context("sekisho", list(args)) as ctx:
+            cli.invoke(ctx)
+    except BrokenPipeError:
+        # The reader went away (`sekisho audit export | head`): nothing more to write, and
+        # nothing to flush at exit either (that would report the same broken pipe again).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EX_IOERR
+    except EOFError:
+        click.echo("aborted", err=True)
+        return 130
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
     except click.exceptions.Abort:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from audit.events import Category, Event, Outcome
 from ca.crl import latest_by_name
 from ca.hierarchy import create_issuing
 from ca.models import CrlKind
@@ -40,7 +41,7 @@ from hsm.pbes2 import describe
 from hsm.software import PEM_LABEL, pem_unwrap
 from sekisho.cli import cli as cli_group
 from sekisho.cli import main
-from sekisho.services import build_services
+from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import make_csr, name
 from tests.conftest import TEST_ACTOR
@@ -1539,3 +1540,33 @@ def test_a_read_command_on_another_users_deployment_reads_a_write_is_refused(
     ]  # fmt: skip
     refused = run("crl", "generate")
     assert refused.code == 78 and "belongs to uid 65534" in refused.err, refused
+
+
+def test_output_closed_early_exits_74_quietly(services: Services, data_dir: Path) -> None:
+    """`sekisho audit export | head`: the reader goes away; the export stops with 74 (an I/O
+    error, sysexits) and no traceback or "Exception ignored" noise. Before: click's own exit
+    1, outside the documented codes."""
+    with services.db.scope() as session:
+        for n in range(1500):  # well past a pipe's 64 KiB buffer
+            services.journal.append(
+                session,
+                Event(Category.SYSTEM, "test.fill", Outcome.SUCCESS, object_dn=f"CN=host{n}"),
+                services.clock(),
+            )
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sekisho", "--data-dir", str(data_dir), "audit", "export"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        assert child.stdout.read(100)
+        child.stdout.close()
+        err = child.stderr.read().decode()
+        code = child.wait(timeout=TIMEOUT)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code == 74, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
