@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import datetime as dt
 import io
+import ipaddress
 import json
 from collections.abc import Iterator
 from typing import IO, Any
@@ -67,12 +68,21 @@ def _statement(f: Filter) -> Select[JournalRecord]:
         # caseIgnoreMatch): ILIKE on PostgreSQL, lower() LIKE lower() on SQLite.
         stmt = stmt.where(R.object_dn.ilike(f"%{escaped}%", escape="\\"))
     if f.ip:
-        stmt = stmt.where(R.client_ip == f.ip)
+        stmt = stmt.where(R.client_ip == _ip(f.ip))
     if f.mac:
         stmt = stmt.where(R.device_mac == normalise_mac(f.mac))
     if f.device:
         stmt = stmt.where(R.device_id == f.device)
     return stmt
+
+
+def _ip(text: str) -> str:
+    """Addresses are recorded as the socket gave them, in RFC 5952 form (lower case, the
+    longest run of zeros compressed): any other spelling of the same address finds them."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        return text
 
 
 def _serial(text: str) -> str:

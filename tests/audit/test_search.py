@@ -227,3 +227,15 @@ def test_cli_search_text_quotes_values_that_could_pose_as_fields(
     assert fields["actor"] == 'eve" dn=CN=admin'
     assert "device=d\\\\ev" in out and fields["device"] == "d\\ev"  # doubled, as in exports
     assert fields["serial"] == ev.object_serial and fields["ip"] == ev.client_ip
+
+
+def test_an_address_is_found_whatever_its_spelling(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """Addresses are recorded in RFC 5952 form (as sockets give them); any spelling of the
+    same address finds them. Before: only the exact recorded string did."""
+    seq = append_event(journal_services, clock, event(11, client_ip="2001:db8::1"))
+    for spelling in ("2001:db8::1", "2001:DB8:0::1", " 2001:0db8:0000:0000:0000:0000:0000:0001"):
+        assert found(journal_services, Filter(ip=spelling)) == [seq], spelling
+    assert found(journal_services, Filter(ip="2001:db8::2")) == []
+    assert found(journal_services, Filter(ip="not an address")) == []
