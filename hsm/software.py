@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import os
 import re
-import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from hsm.base import KeyType
 from hsm.pbes2 import decrypt_private_key, encrypt_private_key
 from sekisho.errors import Conflict, KeyBackendError, NotFound
+from sekisho.files import synced_private_temp
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole label: fullmatch
 PEM_LABEL = "ENCRYPTED PRIVATE KEY"
@@ -114,16 +114,11 @@ class SoftwareBackend:
         would replace it. A failure is a KeyBackendError (exit 69)."""
         path = self._path(ref)
         data = pem_wrap(encrypted_der, PEM_LABEL)
-        # A leading dot: never the name of a key (labels start with a letter or digit).
-        tmp = self.keys_dir / f".{path.name}.{secrets.token_hex(8)}.tmp"
         try:
             self._make_keys_dir()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            # A leading dot: never the name of a key (labels start with a letter or digit).
+            tmp = synced_private_temp(self.keys_dir, path.name, data)
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
                 try:
                     os.link(tmp, path)
                 except FileExistsError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,24 @@ from typing import IO
 from sekisho.errors import PATH_SHOWN, InputError, TooLarge, shown
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def synced_private_temp(directory: Path, name: str, data: bytes) -> Path:
+    """A new owner-only (0600, whatever the umask) file in ``directory`` holding ``data``,
+    synced: ``.<name>.<random>.tmp``, to be linked or renamed to ``name`` by the caller, who
+    removes it afterwards. Removed here if writing fails. OSError as raised."""
+    tmp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, _NEW_FILE, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp
 
 
 class NewFiles:

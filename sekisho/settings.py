@@ -14,7 +14,6 @@ import datetime as dt
 import math
 import os
 import re
-import secrets
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sekisho.errors import ConfigError, shown
-from sekisho.files import FileRefused, read_regular
+from sekisho.files import FileRefused, read_regular, synced_private_temp
 
 ENV_PREFIX = "SEKISHO_"
 CONFIG_NAME = "sekisho.toml"
@@ -379,15 +378,10 @@ def persist_settings(path: Path, values: Mapping[str, Any]) -> list[str]:
 def _replace_file(path: Path, data: bytes) -> None:
     """``path`` replaced by a file holding ``data``, owner-only (0600) whatever the umask:
     ``load_settings`` refuses a settings file others may write (0664 under umask 002)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        tmp = synced_private_temp(path.parent, path.name, data)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
