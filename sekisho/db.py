@@ -146,6 +146,17 @@ def sqlite_files_state(path: Path) -> tuple[tuple[int, ...] | None, ...]:
     return tuple(state(f"{path}{suffix}") for suffix in ("", "-wal", "-shm"))
 
 
+CONNECT_TIMEOUT = 5  # seconds (libpq connect_timeout)
+_PG_CONNECT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
 def make_engine(
     url: str, *, echo: bool = False, read_only: bool = False, sqlite_uri: str | None = None
 ) -> Engine:
@@ -199,7 +210,20 @@ def make_engine(
     # where a server restart or a firewall may have dropped it; a dead one is replaced before
     # the caller sees it. A connection that dies while busy fails that one operation with
     # StoreError, and SQLAlchemy then invalidates the rest of the pool.
-    engine = create_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_recycle=1800)
+    given = make_url(url).query
+    engine = create_engine(
+        url,
+        echo=echo,
+        pool_size=10,
+        max_overflow=10,
+        pool_recycle=1800,
+        # A server that does not answer (blackholed, a firewall dropping packets) fails the
+        # operation with StoreError instead of hanging it for the kernel's TCP timeouts
+        # (minutes): connecting within CONNECT_TIMEOUT s; a connection whose data goes
+        # unacknowledged for TCP_USER_TIMEOUT_MS, or idle and unanswered by keepalives, is
+        # dropped. Whatever the URL sets itself is left as it is.
+        connect_args={k: v for k, v in _PG_CONNECT_DEFAULTS.items() if k not in given},
+    )
 
     if read_only:
 

@@ -691,3 +691,35 @@ def test_migration_0005_indexes_per_ca_work(services: Services) -> None:
     assert not added.keys() & indexes().keys() and dropped.items() <= indexes().items()
     command.upgrade(cfg, "head")
     assert added.items() <= indexes().items() and not dropped.keys() & indexes().keys()
+
+
+def test_a_postgresql_server_that_never_answers_fails_within_the_connect_timeout() -> None:
+    """A server that accepts the TCP connection and then says nothing (a hung server, a
+    middlebox swallowing the traffic): the operation fails with StoreError once
+    ``CONNECT_TIMEOUT`` has passed, instead of hanging. Before: no timeout at all (libpq's
+    default), so an OCSP lookup or a revocation waited for good."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # the kernel completes handshakes; nothing is ever accepted
+        port = listener.getsockname()[1]
+        store = Database(f"postgresql+psycopg://sekisho@127.0.0.1:{port}/sekisho")
+        outcome: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                _one(store)
+            except BaseException as exc:  # handed to the test thread
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(timeout=30)  # CONNECT_TIMEOUT is 5 s
+        try:
+            assert not worker.is_alive(), "still waiting for a server that never answers"
+            assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome
+        finally:
+            store.dispose()
