@@ -309,10 +309,13 @@ class ResponseIndex:
     def _update(self, targets: list[tuple[CaEntries, dict[int, Entry]]]) -> Iterator[None]:
         done = 0
         for built, held in targets:
-            if self.by_serial.get(built.issuer_id) is held:
-                issuer = self.issuers[built.issuer_id]
-                for serial in built.withdrawn:
-                    self._withdraw(issuer, held, serial)
+            for serial in built.withdrawn:
+                done += 1
+                if done % CHUNK == 0:
+                    yield
+                if self.by_serial.get(built.issuer_id) is not held:
+                    break  # replaced by a newer snapshot, or dropped, meanwhile
+                self._withdraw(self.issuers[built.issuer_id], held, serial)
             for entry, cert_ids in built.keys:
                 done += 1
                 if done % CHUNK == 0:

@@ -439,8 +439,11 @@ class Server:
         self.cursor = cursor
         self.last_sync = time.time()
         handed = self.handed
-        self.handed = {(r.issuer_id, r.serial): r.der for r in batch}
-        fresh = [r for r in batch if handed.get((r.issuer_id, r.serial)) != r.der]
+        # A certificate may come twice in a batch (its status change, then the window): its
+        # last row is what it is now, and is compared with what the last batch left it at.
+        last = {(r.issuer_id, r.serial): r for r in batch}
+        self.handed = {key: r.der for key, r in last.items()}
+        fresh = [r for key, r in last.items() if handed.get(key) != r.der]
         parts = self._entries(fresh)
         if parts:
             self.loop.call_soon_threadsafe(self.update, parts)

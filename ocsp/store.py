@@ -660,7 +660,9 @@ def changes_since(db: Database, cursor: FollowCursor) -> tuple[list[StoredRespon
     The first does not depend on the writers' clocks, so an answer ``updated_at`` misses (a
     writer whose clock lags, a batch signed for longer than the overlap) never leaves a stale
     status served: at worst, that certificate's status is looked up when asked."""
-    with db.read_scope() as session:
+    # One snapshot for both reads: a change committed between them would otherwise show the
+    # same certificate two ways in one batch.
+    with db.read_scope(snapshot=True) as session:
         epochs = _epochs(session)
         rows: list[StoredResponse] = []
         for ca_id, epoch in sorted(epochs.items()):
@@ -676,7 +678,6 @@ def changes_since(db: Database, cursor: FollowCursor) -> tuple[list[StoredRespon
                     .where(Certificate.issuer_id == ca_id, Certificate.status_epoch > seen)
                 )
             )
-    with db.read_scope() as session:
         written = [
             _stored(r)
             for r in session.execute(
@@ -1088,7 +1089,26 @@ class OcspService:
         values = self._signed_values(rows, now)
         if values:
             self._upsert(values)
+        self._rehold(rows, values)
         return len(values)
+
+    def _rehold(self, rows: Sequence[_Row], values: Sequence[Mapping[str, Any]]) -> None:
+        """What is held for serving through an outage follows what was just signed: a held
+        answer is replaced by the new one, or dropped when its status is not the row's any
+        more and nothing could be signed (else a revocation made here would be answered from
+        the old "good" once the database is down)."""
+        signed = {(v["issuer_id"], v["serial"]): v for v in values}
+        with self._lock:
+            for row in rows:
+                key = (row.issuer_id, int(row.serial, 16))
+                held = self._held.get(key)
+                if held is None:
+                    continue
+                value = signed.get((row.issuer_id, row.serial))
+                if value is not None:
+                    self._held[key] = _Held(value["der"], row.status, value["next_update"])
+                elif held.status != row.status:
+                    del self._held[key]
 
     def _signed_values(self, rows: Sequence[_Row], now: dt.datetime) -> list[dict[str, Any]]:
         if not rows:

@@ -1473,3 +1473,76 @@ def test_a_revocation_the_withheld_signer_cannot_sign_is_not_answered_good(
         served = _until_not_good(loop, responder, [request])
     assert _status_or_error(web) == "TRY_LATER"
     assert [_status_or_error(a) for a in served] == ["TRY_LATER"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeStored:
+    issuer_id: int
+    serial: int
+    der: bytes
+    this_update: dt.datetime
+    next_update: dt.datetime
+
+
+def test_a_mass_withdrawal_is_applied_a_chunk_per_loop_step(pki: Pki) -> None:
+    """Thousands of answers withdrawn at once (a compromised key's certificates, before their
+    re-sign): the loop applies them CHUNK per step, answering requests in between, like any
+    other change. Before: all in one step (0.65 s for 10^5 on a busy host)."""
+    issuer, ca_id = pki.issuer(), pki.ca_id()
+    now = dt.datetime.now(dt.UTC)
+    count = 3 * CHUNK + 5
+    rows = [
+        _FakeStored(ca_id, serial, b"x%d" % serial, now, now + dt.timedelta(days=3))
+        for serial in range(1, count + 1)
+    ]
+    index = ResponseIndex({ca_id: issuer})
+    index.apply(rows)
+    assert len(index) == count
+    builder = EntryBuilder(ca_id, issuer)
+    builder.follow(dataclasses.replace(r, der=store.WITHDRAWN) for r in rows)
+    built = builder.done()
+    assert len(built.withdrawn) == count and not built.by_serial
+    steps = index.update([built])
+    left = []
+    for _ in steps:
+        left.append(len(index))
+    assert left[0] == count - (CHUNK - 1)  # one chunk per step, not all at once
+    assert len(left) >= 3 and left == sorted(left, reverse=True)
+    assert len(index) == 0 and not index.by_request
+    assert not any(hit[1][0] == ca_id for hit in index.by_cert_id.values())
+
+
+def test_a_certificate_twice_in_a_batch_is_judged_by_its_last_row(pki: Pki) -> None:
+    """A batch may bring one certificate twice (its stored answer, then its withdrawal: the
+    status changed again and is not re-signed yet). The server ends where the last row says,
+    even when the previous batch also ended withdrawn. Before: each row was compared with the
+    previous batch alone, the withdrawal dropped as seen already, and the answer before it
+    stayed in memory: a stale "good" for a certificate on hold."""
+    services = pki.services
+    victim = issue(services, "admin-client")
+    ca_id, serial = pki.ca_id(), victim.serial_number
+    good = store.stored_response(services.db, ca_id, serial)
+    assert good is not None
+    withdrawn = dataclasses.replace(good, der=store.WITHDRAWN)
+    batches = [[withdrawn], [good, withdrawn], [withdrawn]]
+    loaded, _ = store.load_issuers_each(services)
+    index, cursor = initial_index(loaded, lambda: store.snapshot(services.db))
+    responder = Responder(index, store.lookup(services.db))
+
+    def changes(since: object) -> tuple[list[store.StoredResponse], object]:
+        return batches.pop(0), since
+
+    server = Server(responder, changes_since=changes, cursor=cursor, poll=3600.0)
+    loop = asyncio.new_event_loop()
+    server.loop = loop
+    try:
+        assert index.entry(loaded[ca_id], serial) is not None
+        held = []
+        for _ in range(3):
+            server._follow_store()
+            for _ in range(20):  # bounded: let the loop apply what was handed to it
+                loop.run_until_complete(asyncio.sleep(0))
+            held.append(index.entry(loaded[ca_id], serial) is not None)
+    finally:
+        loop.close()
+    assert held == [False, False, False]

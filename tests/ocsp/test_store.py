@@ -383,6 +383,31 @@ def _break_database(services: Services, tmp_path: Path) -> None:
     services.db._sessions = sessionmaker(services.db.engine, expire_on_commit=False)
 
 
+def test_a_revocation_here_replaces_what_is_held_for_an_outage(
+    services: Services, tmp_path: Path
+) -> None:
+    """An answer held (served once), then the certificate revoked in this process: what is
+    held for serving through an outage is the re-signed "revoked", for stored bytes and nonce
+    answers alike. Before: the old "good" stayed held until its nextUpdate, served as soon as
+    the database went down."""
+    leaf = issue(services, "admin-client")
+    ca_id, issuer = issuer_for(services)
+    plain = request_der(issuer, [leaf.serial_number])
+    with_nonce = request_der(issuer, [leaf.serial_number], nonce=b"n" * 16)
+    now = services.clock()
+    assert single(services.ocsp.answer(plain, now)).certificate_status is (
+        x509_ocsp.OCSPCertStatus.GOOD
+    )  # now held
+    services.revoker.revoke("admin", leaf.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    revoked = stored(services, ca_id, leaf.serial_number)
+    assert single(revoked.der).certificate_status is x509_ocsp.OCSPCertStatus.REVOKED
+    _break_database(services, tmp_path)
+    later = now + dt.timedelta(minutes=5)
+    assert services.ocsp.answer(plain, later) == revoked.der
+    answer = single(services.ocsp.answer(with_nonce, later))
+    assert answer.certificate_status is x509_ocsp.OCSPCertStatus.REVOKED
+
+
 def test_database_down_serves_held_until_next_update(services: Services, tmp_path: Path) -> None:
     leaf = issue(services, "admin-client")
     unseen = issue(services, "admin-client")
