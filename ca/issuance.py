@@ -37,7 +37,7 @@ from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
 from ca import rules
 from ca.csr import parse_csr
-from ca.models import BlockedKey, Certificate, CertStatus
+from ca.models import BlockedKey, Certificate, CertificateAuthority, CertStatus
 from ca.profiles import ProfileSet
 from ca.registry import CaRegistry
 from ca.subject import encode_subject
@@ -84,6 +84,7 @@ _INTENT_COLUMNS = (
     "spki_sha256",
 )
 _BLOCKED = cast(Table, BlockedKey.__table__)
+_AUTHORITIES = cast(Table, CertificateAuthority.__table__)
 # The intent, written only if the key is not blocked, in the same statement (one round trip;
 # no issuance slips between a separate look and the insert): no row back means blocked.
 _INSERT_INTENT = Prepared(
@@ -277,11 +278,12 @@ class CaService:
                 continue
             except SekishoError:
                 if reserved:
-                    self._mark_failed(reserved[0], "signing failed")
+                    self._mark_failed(reserved[0], tbs.issuer.id, "signing failed")
                 raise
             except Exception as exc:
                 if reserved:
-                    self._mark_failed(reserved[0], f"signing failed: {exc.__class__.__name__}")
+                    why = f"signing failed: {exc.__class__.__name__}"
+                    self._mark_failed(reserved[0], tbs.issuer.id, why)
                 raise KeyBackendError(f"signing failed: {exc.__class__.__name__}") from exc
             extras = [hook(tbs.issuer.id, tbs.serial) for hook in self.issued_hooks]
             self._store_issued(reserved[0], tbs, cert, actor, [e for e in extras if e])
@@ -365,10 +367,29 @@ class CaService:
             for extra in extras:
                 extra(tx)
 
-    def _mark_failed(self, row_id: int, why: str) -> None:
+    def _mark_failed(self, row_id: int, issuer_id: int, why: str) -> None:
+        """Reserved -> failed (nothing was signed), a status change like any other: the CA's
+        revocation epoch one up and the row's status epoch set to it, so that an OCSP answer
+        stored for the reserved row ("good") counts as behind and is not served, and
+        ``ocsp serve`` finds the change. Row first, then the CA's: the order revocations take
+        their locks in."""
         try:
             with self.db.connection_scope() as conn:
-                conn.execute(_MARK_FAILED, {"row_id": row_id, "why": why})
+                if conn.execute(_MARK_FAILED, {"row_id": row_id, "why": why}).rowcount != 1:
+                    return  # revoked meanwhile: that change has its epoch
+                conn.execute(
+                    update(_AUTHORITIES)
+                    .where(_AUTHORITIES.c.id == issuer_id)
+                    .values(revocation_epoch=_AUTHORITIES.c.revocation_epoch + 1)
+                )
+                epoch = conn.scalar(
+                    select(_AUTHORITIES.c.revocation_epoch).where(_AUTHORITIES.c.id == issuer_id)
+                )
+                conn.execute(
+                    update(_CERTIFICATES)
+                    .where(_CERTIFICATES.c.id == row_id)
+                    .values(status_epoch=epoch)
+                )
         except SekishoError:
             # The row stays reserved: revocable, and the reconciler reports it.
             pass

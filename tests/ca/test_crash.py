@@ -9,6 +9,7 @@ from cryptography import x509
 from sqlalchemy import select, text
 
 from ca.models import Certificate, CertStatus, CrlKind
+from ca.registry import ca_row
 from ca.revocation import Reason
 from ca.tbs import serial_hex
 from sekisho.errors import KeyBackendError, SekishoError, StoreError
@@ -118,6 +119,8 @@ def test_signing_failure_marks_row_failed(
         # committed, then the "device" fails before a signature exists.
         return observed(key, boom)
 
+    with services.db.scope() as session:
+        epoch_before = ca_row(session, "admin").revocation_epoch
     recording_backend.signing_key = failing_signing_key  # type: ignore[method-assign]
     try:
         with pytest.raises(SekishoError) as info:
@@ -129,6 +132,11 @@ def test_signing_failure_marks_row_failed(
     failed = _rows(services, CertStatus.FAILED)
     assert len(failed) == 1 and failed[0].der is None and failed[0].failure
     assert _rows(services, CertStatus.RESERVED) == []
+    # A status change like a revocation: the CA's epoch one up, the row's set to it (an OCSP
+    # answer stored for the reserved row is then behind; ocsp serve finds the change).
+    with services.db.scope() as session:
+        ca_epoch = ca_row(session, "admin").revocation_epoch
+    assert failed[0].status_epoch == ca_epoch > epoch_before
     # A failed serial was never signed: nothing to revoke.
     from sekisho.errors import Conflict
 
