@@ -142,6 +142,7 @@ class CrlRefresher:
         self.tick = tick
         self._pending: dict[str, _Pending] = {}
         self._ended: set[str] = set()  # CAs that can sign no more CRLs, already logged
+        self._ca_failing: dict[str, str] = {}  # CA -> why its CRL was not published, logged
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,7 +178,9 @@ class CrlRefresher:
         while not self._stop.is_set():
             for name, step in steps:
                 self._run_step(name, step)
-            if not self.ocsp.hurry:
+            # Hurry only while the OCSP step works: failing before its sweep (store or token
+            # away), it would leave the flag up and the loop spinning through the outage.
+            if not (self.ocsp.hurry and "ocsp refresh" not in self._failing):
                 self._wake.wait(self.tick)
             self._wake.clear()
 
@@ -246,21 +249,39 @@ class CrlRefresher:
                 overdue = now - pending.first_seen >= self.debounce * 5
                 if not (quiet or overdue):
                     continue
-            if stale or due(full, epoch, now):
-                # The full CRL first, then the delta against it: a delta numbered below the full
-                # CRL served beside it, or naming an older base, is discarded by RFC 5280 5.2.4
-                # clients (OpenSSL's check_delta_base) until the delta is next re-issued.
-                self.services.crls.generate(name, now)
-                self.services.crls.generate(name, now, delta=True)
-                self._pending.pop(name, None)
-                published.append(name)
-            elif delta is None or due(delta, epoch, now):
-                self.services.crls.generate(name, now, delta=True)
-                published.append(name)
+            try:
+                if stale or due(full, epoch, now):
+                    # The full CRL first, then the delta against it: a delta numbered below the
+                    # full CRL served beside it, or naming an older base, is discarded by RFC
+                    # 5280 5.2.4 clients (OpenSSL's check_delta_base) until the delta is next
+                    # re-issued.
+                    self.services.crls.generate(name, now)
+                    self.services.crls.generate(name, now, delta=True)
+                    self._pending.pop(name, None)
+                    published.append(name)
+                elif delta is None or due(delta, epoch, now):
+                    self.services.crls.generate(name, now, delta=True)
+                    published.append(name)
+            except SekishoError as exc:
+                # One CA's CRL that cannot be signed (its key away) stops no other CA's.
+                self._ca_failed(name, exc)
+                continue
+            if self._ca_failing.pop(name, None) is not None:
+                log.info("CRLs of a CA published again", extra={"ca": name})
         self.published += len(published)
         if published:
             log.info("published CRLs", extra={"cas": ",".join(published)})
         return published
+
+    def _ca_failed(self, name: str, exc: SekishoError) -> None:
+        """Logged when it starts or changes, not every tick while it lasts."""
+        what = f"{exc.code}: {exc.message}"
+        if self._ca_failing.get(name) != what:
+            self._ca_failing[name] = what
+            log.warning(
+                "CRL of a CA not published",
+                extra={"ca": name, "code": exc.code, "detail": exc.message},
+            )
 
     def prune_once(self, now: dt.datetime) -> int:
         """Delete the CRLs past ``crl_keep_days`` (ca.crl.CrlPublisher.prune), at most once

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 
@@ -821,3 +822,76 @@ def test_a_failing_refresher_step_is_logged_once_per_streak(
         ("WARNING", "refresher step failed", KeyBackendError.code),
         ("INFO", "refresher step works again", None),
     ]
+
+
+def test_one_ca_whose_crl_cannot_be_signed_stops_no_other(
+    settings: Settings, services: Services, key_backend: str
+) -> None:
+    """The admin CA's key goes missing while its CRL is due: the device CA's CRL, due after a
+    revocation, is still published, tick after tick; the admin CA's failure is logged once.
+    Before: the first failing CA ended the whole pass, every tick."""
+    if key_backend != "software":
+        pytest.skip("the key file is removed: the software backend's")
+    clock = FakeClock(services.clock())
+    svc = build_services(settings, clock=clock)  # a fresh backend: no key cached
+    try:
+        refresher = CrlRefresher(svc, debounce=1.0)
+        cert = issue(svc, "device")
+        svc.revoker.revoke("device", cert.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+        (settings.keys_dir / "ca-admin.key").unlink()
+        clock.advance(days=4)  # every CA's CRL past half its validity
+        for _ in range(3):
+            refresher._run_step("crl refresh", refresher.run_once)
+            clock.advance(seconds=10)
+        with svc.db.scope() as session:
+            row = latest_by_name(session, "device", CrlKind.FULL)
+            assert row is not None
+            crl = x509.load_der_x509_crl(row.der)
+        assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+        assert crl.last_update_utc >= clock() - dt.timedelta(seconds=60)
+        assert "admin" in refresher._ca_failing
+    finally:
+        svc.close()
+
+
+def test_the_loop_does_not_spin_while_the_ocsp_step_fails(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revoked responder's answers are being re-signed (hurry: tick again at once), then the
+    store goes away before the sweep: the loop waits its tick again instead of running every
+    step back to back for the whole outage."""
+    from sekisho import workers
+
+    refresher = CrlRefresher(services, tick=1.0)
+    ticks = 0
+    real_blocked = services.revoker.revoke_blocked
+
+    def counting(now: dt.datetime) -> int:
+        nonlocal ticks
+        ticks += 1
+        return real_blocked(now)
+
+    def sweep_going_on(*_args: object, **_kwargs: object) -> int:
+        services.ocsp.resigning = True
+        return 0
+
+    calls = 0
+
+    def outage(*_args: object, **_kwargs: object) -> list[object]:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise StoreError("database error: OperationalError")
+        return []
+
+    monkeypatch.setattr(services.revoker, "revoke_blocked", counting)
+    monkeypatch.setattr(services.ocsp, "resign_from_revoked", sweep_going_on)
+    monkeypatch.setattr(workers, "replace_revoked_responders", outage)
+    refresher.ocsp._responders_checked = services.clock()  # past the hourly full check
+    refresher.start()
+    try:
+        time.sleep(2.0)
+    finally:
+        refresher.stop()
+    assert "ocsp refresh" in refresher._failing
+    assert ticks <= 4, f"{ticks} ticks in 2 s with a 1 s tick: the loop spins"
