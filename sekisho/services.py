@@ -145,10 +145,15 @@ def open_backend(settings: Settings) -> KeyBackend:
             what="PKCS#11 PIN",
             min_length=4,
         )
+        try:
+            text = pin.decode("utf-8", "strict")
+        except UnicodeDecodeError:
+            # Not the codec's message: it quotes the offending bytes of the PIN.
+            raise ConfigError("the PKCS#11 PIN is not valid UTF-8") from None
         return Pkcs11Backend(
             settings.pkcs11_module,
             settings.pkcs11_token,
-            pin.decode("utf-8", "strict"),
+            text,
             label_prefix=settings.pkcs11_label_prefix,
         )
     passphrase = read_secret(settings.passphrase_path, settings.key_passphrase_env)

@@ -375,3 +375,27 @@ def test_generate_private_key_types() -> None:
     assert isinstance(generate_private_key(KeyType.EC_P384), ec.EllipticCurvePrivateKey)
     assert isinstance(generate_private_key(KeyType.ED25519), ed25519.Ed25519PrivateKey)
     assert hashes.SHA384().name == signature_hash(KeyType.EC_P384).name  # type: ignore[union-attr]
+
+
+def test_a_pkcs11_pin_that_is_not_utf8_is_a_settings_error(tmp_path: Path) -> None:
+    """A PIN file with a byte that is not UTF-8: a settings error (78) that quotes nothing of
+    the PIN. Before: UnicodeDecodeError (exit 70), its message, with the byte, in the log."""
+    from sekisho.errors import ConfigError
+    from sekisho.services import open_backend
+    from tests.conftest import make_settings
+
+    pin = tmp_path / "pin"
+    pin.write_bytes(b"caf\xe9-secret\n")
+    pin.chmod(0o600)
+    settings = make_settings(
+        tmp_path / "data",
+        key_backend="pkcs11",
+        pkcs11_module="/usr/lib/softhsm/libsofthsm2.so",
+        pkcs11_token="none",
+        pkcs11_pin_file=str(pin),
+    )
+    with pytest.raises(ConfigError) as info:
+        open_backend(settings)
+    assert info.value.exit_code == 78
+    assert "UTF-8" in info.value.message and "xe9" not in info.value.message
+    assert "caf" not in info.value.message
