@@ -301,6 +301,44 @@ def test_many_requests_none_hang_and_revocation_reaches_the_served_crl(
     assert not [p for p in server.workers if alive(p)]
 
 
+def _refreshers(server: Server) -> set[int]:
+    """The arbiter's children running the refresher (``python -m web.server <arbiter pid>``)."""
+    found = set()
+    for pid in children_of(server.proc.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"web.server" in argv and str(server.proc.pid).encode() in argv and alive(pid):
+            found.add(pid)
+    return found
+
+
+def test_a_refresher_that_dies_is_restarted(server: Server) -> None:
+    """The refresher process killed (an OOM kill, say): the arbiter starts another within
+    seconds, and that one goes with the arbiter when it stops. Before: nothing restarted it
+    and CRLs and OCSP answers went stale while /healthz said ok."""
+    server.wait_healthy()
+    deadline = time.monotonic() + 20
+    first: set[int] = set()
+    while time.monotonic() < deadline and not first:
+        first = _refreshers(server)
+        time.sleep(0.1)
+    assert len(first) == 1, f"one refresher expected, found {first}\n{server.output()}"
+    server.workers |= first
+    os.kill(next(iter(first)), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    second: set[int] = set()
+    while time.monotonic() < deadline and not second:
+        time.sleep(0.2)
+        second = _refreshers(server) - first
+    assert second, "no refresher restarted\n" + server.output()
+    server.workers |= second
+    assert "the refresher process exited; restarting it" in server.output()
+    assert server.stop() == 0
+    assert not [p for p in server.workers if alive(p)]
+
+
 # -- request bodies over real sockets: framing, size, clients that stall ----------------------
 BODY_SECONDS = 1.5
 OCSP_HEAD = b"POST /ocsp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/ocsp-request\r\n"

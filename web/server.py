@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 
 from sekisho.errors import (
     ConfigError,
@@ -39,7 +42,11 @@ from sekisho.errors import (
 from sekisho.services import build_services, open_deployment
 from sekisho.settings import Settings, load_settings
 
+log = logging.getLogger("sekisho.serve")
+
 REFRESHER_STOP_TIMEOUT = 10.0
+REFRESHER_BACKOFF_MAX = 60.0  # seconds between restarts of a refresher that keeps dying
+REFRESHER_STABLE = 60.0  # a refresher that ran this long before dying starts the backoff over
 STARTUP_CHECK_TIMEOUT = 300.0
 ERRORS_BY_EXIT: dict[int, type[SekishoError]] = {
     KeyBackendError.exit_code: KeyBackendError,
@@ -49,11 +56,88 @@ ERRORS_BY_EXIT: dict[int, type[SekishoError]] = {
 }
 
 
+class _RefresherSupervisor:
+    """The refresher process (CRLs, OCSP, audit checkpoints), a child of the arbiter: started
+    when gunicorn is ready, restarted when it dies (an OOM kill, a crash in a PKCS#11 module,
+    a failure at its start), after 1, 2, 4 .. 60 s, and stopped with the arbiter. Before, a
+    refresher that died stayed dead while /healthz said ok and CRLs and OCSP answers went
+    stale. Checked from the arbiter's own loop (no thread in a process that forks)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.failures = 0
+        self.restart_at: float | None = None
+        self.stopping = False
+
+    def start(self) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "web.server", str(os.getpid())], stdin=subprocess.PIPE
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(_settings_json(self.settings).encode())
+        proc.stdin.close()
+        self.proc, self.started_at = proc, time.monotonic()
+
+    def check(self) -> None:
+        """(Arbiter loop, about once a second.) Restart a refresher that died."""
+        proc = self.proc
+        if proc is None or self.stopping:
+            return
+        now = time.monotonic()
+        if self.restart_at is None:
+            # The arbiter reaps every child; then poll() cannot learn the status and says 0.
+            if proc.poll() is None:
+                return
+            if now - self.started_at >= REFRESHER_STABLE:
+                self.failures = 0
+            delay = min(REFRESHER_BACKOFF_MAX, 2.0**self.failures)
+            self.failures += 1
+            log.error(
+                "the refresher process exited; restarting it",
+                extra={"pid": proc.pid, "exit": proc.returncode, "restart_in_s": delay},
+            )
+            self.restart_at = now + delay
+        elif now >= self.restart_at:
+            self.restart_at = None
+            self.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        proc = self.proc
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(REFRESHER_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(REFRESHER_STOP_TIMEOUT)
+
+
+class _Arbiter(Arbiter):  # type: ignore[misc]
+    """gunicorn's arbiter, also keeping the refresher process alive."""
+
+    def manage_workers(self) -> None:
+        super().manage_workers()
+        self.app.refresher.check()
+
+
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
     def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
         self.settings = settings
         self.options = options
+        self.refresher = _RefresherSupervisor(settings)
         super().__init__()
+
+    def run(self) -> None:
+        try:
+            _Arbiter(self).run()
+        except RuntimeError as exc:  # as BaseApplication.run
+            print(f"\nError: {exc}\n", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(1)
 
     def load_config(self) -> None:
         for key, value in self.options.items():
@@ -163,25 +247,12 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     except BaseException:
         listener.close()
         raise
-    refresher: list[subprocess.Popen[bytes]] = []
 
-    def when_ready(_server: Any) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "web.server", str(os.getpid())], stdin=subprocess.PIPE
-        )
-        assert proc.stdin is not None
-        proc.stdin.write(_settings_json(settings).encode())
-        proc.stdin.close()
-        refresher.append(proc)
+    def when_ready(server: Any) -> None:
+        server.app.refresher.start()
 
-    def on_exit(_server: Any) -> None:
-        for proc in refresher:
-            proc.terminate()
-            try:
-                proc.wait(REFRESHER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(REFRESHER_STOP_TIMEOUT)
+    def on_exit(server: Any) -> None:
+        server.app.refresher.stop()
 
     from web.worker import GuardedThreadWorker
 
