@@ -19,10 +19,12 @@ When the token answers ``CKR_SESSION_HANDLE_INVALID``, ``CKR_SESSION_CLOSED``,
 ``CKR_USER_NOT_LOGGED_IN``, ``CKR_OBJECT_HANDLE_INVALID`` or ``CKR_KEY_HANDLE_INVALID``, the
 session is dropped and a new one logged in with the PIN that worked before; after
 ``CKR_DEVICE_ERROR``, ``CKR_DEVICE_REMOVED``, ``CKR_TOKEN_NOT_PRESENT``, ``CKR_GENERAL_ERROR``,
-an invalid slot or a key that vanished, the library is re-initialised and the token found
-again by its label. The operation is then tried once more; if that fails too the caller gets
-:class:`KeyBackendError` (HTTP 503, exit 69) and the next operation tries again: signing
-resumes without a restart once the token is back.
+an invalid slot, ``CKR_CRYPTOKI_NOT_INITIALIZED`` or a key that vanished, the library is
+re-initialised and the token found again by its label. The operation is then tried once more;
+if that fails too the caller gets :class:`KeyBackendError` (HTTP 503, exit 69) and the next
+operation tries again: signing resumes without a restart once the token is back. A failed
+re-initialisation leaves the library uninitialised (python-pkcs11 marks it so even when
+C_Finalize or C_Initialize fails): every operation first initialises it again if so.
 
 Signing
 -------
@@ -98,6 +100,12 @@ class KeyVanished(p11e.PKCS11Error):
     its store went away): handled as a lost device."""
 
 
+class LibraryNotInitialised(p11e.PKCS11Error):
+    """``CKR_CRYPTOKI_NOT_INITIALIZED`` (python-pkcs11 raises it as a plain PKCS11Error): a
+    re-initialisation failed half-way (the token's store was away), or another user of the
+    module finalised it. Handled as a lost device: C_Initialize again, find the token."""
+
+
 _DEVICE_LOST = (
     p11e.DeviceError,
     p11e.DeviceRemoved,
@@ -106,6 +114,7 @@ _DEVICE_LOST = (
     p11e.SlotIDInvalid,
     p11e.GeneralError,  # "unrecoverable" per the standard: re-initialise, find the token again
     KeyVanished,
+    LibraryNotInitialised,
 )
 RECOVERABLE = (*_SESSION_LOST, *_DEVICE_LOST)
 
@@ -390,11 +399,16 @@ class Pkcs11Backend:
         (a token that went away and came back in this process)."""
         for attempt in range(2):
             try:
+                self._ensure_initialised()
                 token = self._lib.get_token(token_label=self.token_label)
-            except (p11e.NoSuchToken, p11e.GeneralError, p11e.SlotIDInvalid) as exc:
-                if attempt == 0:
-                    with contextlib.suppress(p11e.PKCS11Error):
-                        self._lib.reinitialize()
+            except p11e.MultipleTokensReturned:
+                raise ConfigError(f"several tokens are labelled {self.token_label!r}") from None
+            except p11e.PKCS11Error as exc:
+                rescan = isinstance(
+                    exc, p11e.NoSuchToken | p11e.GeneralError | p11e.SlotIDInvalid
+                ) or self._not_initialised(exc)
+                if attempt == 0 and rescan:
+                    self._reinitialise()
                     continue
                 if isinstance(exc, p11e.NoSuchToken):
                     raise KeyBackendError(
@@ -403,19 +417,49 @@ class Pkcs11Backend:
                 raise KeyBackendError(
                     f"token {self.token_label!r} unavailable ({type(exc).__name__})"
                 ) from None
-            except p11e.MultipleTokensReturned:
-                raise ConfigError(f"several tokens are labelled {self.token_label!r}") from None
-            except p11e.PKCS11Error as exc:
-                raise KeyBackendError(
-                    f"token {self.token_label!r} unavailable ({type(exc).__name__})"
-                ) from None
             self._mechanisms = frozenset(token.slot.get_mechanisms())
             return token
         raise AssertionError("unreachable")
 
+    def _not_initialised(self, exc: p11e.PKCS11Error) -> bool:
+        """Whether ``exc`` means the library is not initialised: python-pkcs11 raises
+        CKR_CRYPTOKI_NOT_INITIALIZED as a plain PKCS11Error (its flag says so too, unless
+        another lib object on the same module finalised it)."""
+        if isinstance(exc, LibraryNotInitialised):
+            return True
+        if type(exc) is not p11e.PKCS11Error:
+            return False
+        return not self._lib.initialized or "not initialized" in str(exc)
+
+    def _ensure_initialised(self) -> None:
+        """C_Initialize when the library is not initialised (python-pkcs11 marks it so even
+        when C_Finalize failed, and a C_Initialize that failed leaves it so): the session and
+        the token found before are gone with it. KeyBackendError if C_Initialize fails."""
+        if self._lib.initialized:
+            return
+        self._session = None  # its handle died with the library state: nothing to close
+        self._keys.clear()
+        self._token = None
+        try:
+            self._lib.initialize()
+        except p11e.PKCS11Error as exc:
+            raise KeyBackendError(
+                f"PKCS#11 module {self.module} cannot be initialised ({type(exc).__name__})"
+            ) from None
+
+    def _reinitialise(self) -> None:
+        """C_Finalize + C_Initialize, which rescans the slots. Errors are ignored here: a
+        library left uninitialised is initialised again by :meth:`_ensure_initialised`
+        before the next token call."""
+        with contextlib.suppress(p11e.PKCS11Error):
+            self._lib.finalize()
+        with contextlib.suppress(p11e.PKCS11Error):
+            self._lib.initialize()
+
     def _open_session(self) -> Any:
         """The read/write session we sign in, logged in with the PIN. A refused PIN is
         remembered: this process never tries it again (tokens lock after a few)."""
+        self._ensure_initialised()
         if self._session is not None:
             return self._session
         if self._login_refused is not None:
@@ -457,8 +501,7 @@ class Pkcs11Backend:
         self._drop_session()
         self._public_cache.clear()
         if isinstance(exc, _DEVICE_LOST):
-            with contextlib.suppress(p11e.PKCS11Error):
-                self._lib.reinitialize()  # C_Finalize + C_Initialize: rescans the slots
+            self._reinitialise()  # C_Finalize + C_Initialize: rescans the slots
             self._token = None
             self._token = self._find_token()
 
@@ -484,7 +527,9 @@ class Pkcs11Backend:
                 except RECOVERABLE as exc:
                     last = failure = exc
                 except p11e.PKCS11Error as exc:
-                    raise KeyBackendError(f"the token refused: {type(exc).__name__}") from None
+                    if not self._not_initialised(exc):
+                        raise KeyBackendError(f"the token refused: {type(exc).__name__}") from None
+                    last = failure = LibraryNotInitialised(str(exc))
                 try:
                     self._recover(failure)
                 except (KeyBackendError, p11e.PKCS11Error) as again:

