@@ -507,29 +507,43 @@ class Pkcs11Backend:
 
     def _run(self, operation: Callable[[Any], T], *, missing_is_outage: bool = False) -> T:
         """``operation(session)`` under the module lock; on a lost session or device, recover
-        and try once more; then KeyBackendError (HTTP 503, exit 69). A key not found is looked
-        for once more after re-reading the token (its store may have been away); still
-        missing, it is NotFound, or KeyBackendError with ``missing_is_outage`` (a key that
-        signed before)."""
+        and try once more; then KeyBackendError (HTTP 503, exit 69).
+
+        A key not found is looked for once more in the same session, its cached handles
+        dropped, when the token still answers ``C_GetTokenInfo`` (SoftHSM2 answers every
+        search with nothing while its store is away, and fails that call): no re-initialisation
+        and no new login for a reference that simply does not exist. Still missing, it is
+        NotFound; with ``missing_is_outage`` (a key that signed before) the token is handled as
+        lost first, and KeyBackendError if the key is not there after that either."""
         last: Exception | None = None
+        failure: Exception
         with self._lock:
-            for attempt in range(2):
+            looked_again = recovered = False
+            while True:
                 try:
                     return operation(self._open_session())
                 except NotFound as exc:
-                    if attempt == 1:
-                        if missing_is_outage:
-                            message = f"signing key unavailable: {exc.message}"
-                            raise KeyBackendError(message) from None
+                    if not looked_again:
+                        looked_again = True
+                        self._keys.clear()
+                        if self._token_answers():
+                            continue  # one more C_FindObjects, in this session
+                        last = failure = KeyVanished(exc.message)
+                    elif missing_is_outage and not recovered:
+                        last = failure = KeyVanished(exc.message)
+                    elif missing_is_outage:
+                        raise KeyBackendError(f"signing key unavailable: {exc.message}") from None
+                    else:
                         raise
-                    last = exc
-                    failure: Exception = KeyVanished(exc.message)
                 except RECOVERABLE as exc:
                     last = failure = exc
                 except p11e.PKCS11Error as exc:
                     if not self._not_initialised(exc):
                         raise KeyBackendError(f"the token refused: {type(exc).__name__}") from None
                     last = failure = LibraryNotInitialised(str(exc))
+                if recovered:
+                    break
+                recovered = True
                 try:
                     self._recover(failure)
                 except (KeyBackendError, p11e.PKCS11Error) as again:
@@ -539,6 +553,16 @@ class Pkcs11Backend:
             raise KeyBackendError(last.message)
         name = type(last).__name__ if last is not None else "unknown"
         raise KeyBackendError(f"token {self.token_label!r} unavailable ({name})")
+
+    def _token_answers(self) -> bool:
+        """Whether the token answers ``C_GetTokenInfo`` (no login, no session needed)."""
+        if self._token is None:
+            return False
+        try:
+            self._token.slot.get_token()
+        except p11e.PKCS11Error:
+            return False
+        return True
 
     # -- references -----------------------------------------------------------------------
     def reference(self, label: str) -> str:

@@ -5,6 +5,7 @@ and private objects are not one pair, and a generation retried after its reply w
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -12,11 +13,12 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import Attribute
 from pkcs11 import exceptions as p11e
 
 from hsm.base import KeyType
 from hsm.pkcs11 import Pkcs11Backend
-from sekisho.errors import KeyBackendError
+from sekisho.errors import KeyBackendError, NotFound
 from tests.conftest import FAULT_TOKEN
 from tests.support import softhsm as softhsm_support
 
@@ -92,3 +94,52 @@ def test_not_initialised_from_the_module_is_a_lost_device(backend: Pkcs11Backend
     backend._keys[ref] = _FailingKey(p11e.PKCS11Error("something else"))
     with pytest.raises(KeyBackendError, match="the token refused"):
         key.sign(b"refused", ECDSA)
+
+
+# -- a key that does not exist ------------------------------------------------------------
+def test_a_missing_key_is_looked_for_again_without_a_new_login(
+    backend: Pkcs11Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend.check()
+    logins = backend.logins
+    missing = backend.reference("nothing-here")
+    with caplog.at_level(logging.WARNING, logger="sekisho.hsm"):
+        for _ in range(3):
+            assert not backend.has_key(missing)
+        with pytest.raises(NotFound):
+            backend.public_key(missing)
+    assert backend.logins == logins  # no C_Finalize/C_Initialize/C_Login for it
+    assert backend._lib.initialized and backend._session is not None
+    assert not [r for r in caplog.records if r.name == "sekisho.hsm"]
+
+
+def test_a_key_looked_up_while_the_store_is_away_is_unavailable_not_missing(
+    backend: Pkcs11Backend, softhsm: softhsm_support.SoftHsm
+) -> None:
+    """SoftHSM2 answers searches with nothing while its store is away: has_key must not say
+    False then (a caller would take the key for absent), but KeyBackendError."""
+    ref = backend.generate("present", KeyType.EC_P256)
+    assert backend.has_key(ref)
+    away = softhsm.base / "tokens-away"
+    shutil.move(softhsm.tokens, away)
+    try:
+        with pytest.raises(KeyBackendError):
+            backend.has_key(ref)
+    finally:
+        shutil.move(away, softhsm.tokens)
+    assert backend.has_key(ref)
+
+
+def test_a_signing_key_deleted_from_the_token_is_an_outage(backend: Pkcs11Backend) -> None:
+    """A key that signed before and is gone: the token is handled as lost once (re-read
+    after a re-initialisation), then KeyBackendError, not NotFound."""
+    ref = backend.generate("deleted", KeyType.EC_P256)
+    key = backend.signing_key(ref)
+    key.sign(b"warm", ECDSA)
+    with backend._lock:
+        session = backend._open_session()
+        for obj in session.get_objects({Attribute.LABEL: backend.label_prefix + "deleted"}):
+            obj.destroy()
+    backend._keys.clear()
+    with pytest.raises(KeyBackendError, match="signing key unavailable"):
+        key.sign(b"gone", ECDSA)
