@@ -41,6 +41,8 @@ On the token, never outside: private key ``CKA_TOKEN``, ``CKA_PRIVATE``, ``CKA_S
 ``CKA_SIGN`` true, ``CKA_EXTRACTABLE``, ``CKA_DECRYPT``, ``CKA_UNWRAP``, ``CKA_DERIVE``
 false; a random 16-byte ``CKA_ID`` shared by the public and private objects; label
 ``<label_prefix><label>``. The reference returned names the token, the label and the id.
+A generation tried again after a lost session first looks for that label and id: a whole pair
+(the first C_GenerateKeyPair completed, its reply was lost) is kept, a partial one destroyed.
 """
 
 from __future__ import annotations
@@ -614,8 +616,13 @@ class Pkcs11Backend:
             )
         key_id = os.urandom(16)
         object_label = self.label_prefix + label
+        tried = False
 
         def make(session: Any) -> None:
+            nonlocal tried
+            if tried and self._made_before(session, object_label, key_id):
+                return
+            tried = True
             private = {**PRIVATE_TEMPLATE}
             public = {**PUBLIC_TEMPLATE}
             if key_type in _CURVES:
@@ -650,6 +657,34 @@ class Pkcs11Backend:
         ref = str(Pkcs11Uri(token=self.token_label, object=object_label, id=key_id))
         log.info("generated key on token", extra={"key_ref": ref, "key_type": key_type.value})
         return ref
+
+    @staticmethod
+    def _made_before(session: Any, object_label: str, key_id: bytes) -> bool:
+        """Before generate() tries again: whether the first C_GenerateKeyPair completed on the
+        token though its reply was lost (a network HSM, a session dropped meanwhile). A whole
+        pair with our label and random id is that pair; a part of one is destroyed, so that
+        the new pair is the only one the reference (label and id) matches."""
+        found = {
+            object_class: list(
+                session.get_objects(
+                    {
+                        Attribute.CLASS: object_class,
+                        Attribute.LABEL: object_label,
+                        Attribute.ID: key_id,
+                    }
+                )
+            )
+            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
+        }
+        if all(len(objects) == 1 for objects in found.values()):
+            log.warning(
+                "generated key pair found after a lost reply; kept", extra={"label": object_label}
+            )
+            return True
+        for objects in found.values():
+            for obj in objects:
+                obj.destroy()
+        return False
 
     def adopt(self, ref: str) -> str:
         """Check that an existing token key (by URI) is usable for signing; its reference."""

@@ -8,16 +8,18 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pkcs11 import Attribute
 from pkcs11 import exceptions as p11e
 
 from hsm.base import KeyType
 from hsm.pkcs11 import Pkcs11Backend
+from hsm.uri import parse
 from sekisho.errors import KeyBackendError, NotFound
 from tests.conftest import FAULT_TOKEN
 from tests.support import softhsm as softhsm_support
@@ -143,3 +145,78 @@ def test_a_signing_key_deleted_from_the_token_is_an_outage(backend: Pkcs11Backen
     backend._keys.clear()
     with pytest.raises(KeyBackendError, match="signing key unavailable"):
         key.sign(b"gone", ECDSA)
+
+
+# -- generate() retried after a lost reply ------------------------------------------------
+class _ReplyLost:
+    """A session whose C_GenerateKeyPair completes on the token, and whose reply is lost
+    the first time (SessionHandleInvalid, as from a network HSM that dropped it);
+    ``then(public, private)`` runs on the token's objects before the error."""
+
+    def __init__(self, session: Any, failed: list[int], then: Callable[..., object]) -> None:
+        self._session, self._failed, self._then = session, failed, then
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def _lose(self, pair: tuple[Any, Any]) -> tuple[Any, Any]:
+        if not self._failed:
+            self._failed.append(1)
+            self._then(*pair)
+            raise p11e.SessionHandleInvalid()
+        return pair
+
+    def generate_keypair(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return self._lose(self._session.generate_keypair(*args, **kwargs))
+
+    def create_domain_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        params = self._session.create_domain_parameters(*args, **kwargs)
+        lose = self._lose
+
+        class Params:
+            def generate_keypair(self, *a: Any, **k: Any) -> tuple[Any, Any]:
+                return lose(params.generate_keypair(*a, **k))
+
+        return Params()
+
+
+def _pairs(backend: Pkcs11Backend, label: str) -> list[tuple[str, str]]:
+    with backend._lock:
+        session = backend._open_session()
+        return sorted(
+            (str(obj.object_class.name), bytes(obj.id).hex())
+            for obj in session.get_objects({Attribute.LABEL: backend.label_prefix + label})
+        )
+
+
+@pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.RSA_2048])
+@pytest.mark.parametrize("partial", [False, True], ids=["whole-pair", "private-only"])
+def test_generate_retried_after_a_lost_reply_makes_one_usable_pair(
+    backend: Pkcs11Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    key_type: KeyType,
+    partial: bool,
+) -> None:
+    label = f"lost-{partial}-{key_type.value}"
+    failed: list[int] = []
+    real_open = backend._open_session
+
+    def then(public: Any, _private: Any) -> None:
+        if partial:  # only part of the pair was stored before the failure
+            public.destroy()
+
+    monkeypatch.setattr(backend, "_open_session", lambda: _ReplyLost(real_open(), failed, then))
+    ref = backend.generate(label, key_type)
+    monkeypatch.undo()
+    assert failed  # the reply was lost once and generate() tried again
+    key_id = parse(ref).id
+    assert key_id is not None
+    assert _pairs(backend, label) == [("PRIVATE_KEY", key_id.hex()), ("PUBLIC_KEY", key_id.hex())]
+    key = backend.signing_key(ref)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        key.public_key().verify(key.sign(b"one", ECDSA), b"one", ECDSA)
+    else:
+        assert isinstance(key, rsa.RSAPrivateKey)
+        pkcs1 = padding.PKCS1v15()
+        signature = key.sign(b"one", pkcs1, hashes.SHA256())
+        key.public_key().verify(signature, b"one", pkcs1, hashes.SHA256())
