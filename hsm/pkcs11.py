@@ -57,6 +57,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import pkcs11
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as rsa_padding
@@ -77,7 +78,7 @@ from pkcs11.util.rsa import encode_rsa_public_key
 
 from hsm.base import KeyType
 from hsm.uri import Pkcs11Uri, is_pkcs11_uri, parse
-from sekisho.errors import ConfigError, KeyBackendError, NotFound, shown
+from sekisho.errors import ConfigError, InputError, KeyBackendError, NotFound, shown
 
 log = logging.getLogger("sekisho.hsm")
 
@@ -687,18 +688,70 @@ class Pkcs11Backend:
         return False
 
     def adopt(self, ref: str) -> str:
-        """Check that an existing token key (by URI) is usable for signing; its reference."""
-        uri = self._uri(ref)
-        ref = str(uri.with_token(self.token_label))
-        self.public_key(ref)
-        attributes = self._run(
-            lambda session: _read_attributes(self._find(session, ref, ObjectClass.PRIVATE_KEY))
-        )
+        """Check that an existing token key (by URI) is usable for signing; its reference.
+
+        The URI's public and private objects are looked up separately, so they must be shown
+        to be one pair: same key type, and a test value signed with the private key verifies
+        under the public key (a label-only URI may match the public key of one pair and the
+        private key of another). When both objects carry the same ``CKA_ID`` and the URI has
+        none, the reference returned adds it, so that a pair made later under the same label
+        does not turn the reference ambiguous."""
+        uri = self._uri(ref).with_token(self.token_label)
+        ref = str(uri)
+        public = self.public_key(ref)
+
+        def read(session: Any) -> tuple[dict[str, bool | None], Any, bytes, bytes]:
+            private_obj = self._find(session, ref, ObjectClass.PRIVATE_KEY)
+            public_obj = self._find(session, ref, ObjectClass.PUBLIC_KEY)
+            return (
+                _read_attributes(private_obj),
+                private_obj.key_type,
+                _object_id(private_obj),
+                _object_id(public_obj),
+            )
+
+        attributes, private_type, private_id, public_id = self._run(read)
         if not attributes.get("sign"):
             raise ConfigError(f"token key {ref} cannot sign (CKA_SIGN is false)")
         if attributes.get("extractable") or not attributes.get("sensitive"):
             raise ConfigError(f"token key {ref} is extractable or not sensitive: refused")
+        public_type = P11KeyType.EC if isinstance(public, ec.EllipticCurvePublicKey) else None
+        public_type = P11KeyType.RSA if isinstance(public, rsa.RSAPublicKey) else public_type
+        if private_type != public_type:
+            raise InputError(
+                f"token key {shown(ref)}: its public and private objects are not one key pair "
+                f"(public key {_type_name(public_type)}, private key {_type_name(private_type)}); "
+                "give the id of the pair in the URI"
+            )
+        if not self._signs_for(ref, public):
+            raise InputError(
+                f"token key {shown(ref)}: its public and private objects are not one key pair "
+                f"(a test signature does not verify; public CKA_ID {public_id.hex() or 'none'}, "
+                f"private CKA_ID {private_id.hex() or 'none'}); give the id of the pair in the URI"
+            )
+        if uri.id is None and private_id and private_id == public_id:
+            ref = str(dataclasses.replace(uri, id=private_id))
         return ref
+
+    def _signs_for(self, ref: str, public: CertificateIssuerPublicKeyTypes) -> bool:
+        """Whether the private key of ``ref`` signs a random test value that ``public``
+        verifies."""
+        challenge = b"sekisho adopt check " + os.urandom(16)
+        key = self.signing_key(ref)
+        try:
+            if isinstance(key, ec.EllipticCurvePrivateKey):
+                assert isinstance(public, ec.EllipticCurvePublicKey)
+                signature = key.sign(challenge, ec.ECDSA(hashes.SHA256()))
+                public.verify(signature, challenge, ec.ECDSA(hashes.SHA256()))
+            else:
+                assert isinstance(key, rsa.RSAPrivateKey)
+                assert isinstance(public, rsa.RSAPublicKey)
+                pkcs1 = rsa_padding.PKCS1v15()
+                signature = key.sign(challenge, pkcs1, hashes.SHA256())
+                public.verify(signature, challenge, pkcs1, hashes.SHA256())
+        except InvalidSignature:
+            return False
+        return True
 
     def public_key(self, ref: str) -> CertificateIssuerPublicKeyTypes:
         cached = self._public_cache.get(ref)
@@ -815,6 +868,18 @@ def _read_attributes(obj: Any) -> dict[str, bool | None]:
         except p11e.PKCS11Error:
             values[name] = None
     return values
+
+
+def _object_id(obj: Any) -> bytes:
+    """An object's CKA_ID (empty when it has none or the token will not say)."""
+    try:
+        return bytes(obj.id or b"")
+    except p11e.PKCS11Error:
+        return b""
+
+
+def _type_name(key_type: Any) -> str:
+    return str(getattr(key_type, "name", key_type or "unknown")).upper()
 
 
 def _describe_key(obj: Any) -> str:

@@ -15,12 +15,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pkcs11 import Attribute
+from pkcs11 import KeyType as P11KeyType
 from pkcs11 import exceptions as p11e
+from pkcs11.util.ec import encode_named_curve_parameters
 
 from hsm.base import KeyType
 from hsm.pkcs11 import Pkcs11Backend
 from hsm.uri import parse
-from sekisho.errors import KeyBackendError, NotFound
+from sekisho.errors import InputError, KeyBackendError, NotFound
 from tests.conftest import FAULT_TOKEN
 from tests.support import softhsm as softhsm_support
 
@@ -220,3 +222,69 @@ def test_generate_retried_after_a_lost_reply_makes_one_usable_pair(
         pkcs1 = padding.PKCS1v15()
         signature = key.sign(b"one", pkcs1, hashes.SHA256())
         key.public_key().verify(signature, b"one", pkcs1, hashes.SHA256())
+
+
+# -- adopt(): one key pair ----------------------------------------------------------------
+_P256 = encode_named_curve_parameters("1.2.840.10045.3.1.7")
+_ADOPTABLE = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True}
+
+
+def _pair(backend: Pkcs11Backend, label: str, key_id: bytes, *, rsa_key: bool = False) -> Any:
+    """A key pair made as another tool would (no Sekisho templates); (public, private)."""
+    with backend._lock:
+        session = backend._open_session()
+        if rsa_key:
+            return session.generate_keypair(
+                P11KeyType.RSA, 2048, store=True, label=label, id=key_id,
+                private_template=_ADOPTABLE,
+            )  # fmt: skip
+        params = session.create_domain_parameters(
+            P11KeyType.EC, {Attribute.EC_PARAMS: _P256}, local=True
+        )
+        return params.generate_keypair(
+            store=True, label=label, id=key_id, private_template=_ADOPTABLE
+        )
+
+
+def test_adopt_refuses_a_public_key_and_a_private_key_of_two_pairs(
+    backend: Pkcs11Backend,
+) -> None:
+    """A label-only URI matching the public key of pair B and the private key of pair A:
+    the CA would carry B's public key and sign with A."""
+    label = backend.label_prefix + "two-pairs"
+    public_a, _private_a = _pair(backend, label, b"\x01")
+    _public_b, private_b = _pair(backend, label, b"\x02")
+    with backend._lock:
+        public_a.destroy()
+        private_b.destroy()
+    with pytest.raises(InputError, match=r"not one key pair.*does not verify.*02.*01"):
+        backend.adopt(f"pkcs11:object={label}")
+
+
+def test_adopt_refuses_public_and_private_objects_of_different_types(
+    backend: Pkcs11Backend,
+) -> None:
+    label = backend.label_prefix + "two-types"
+    public_ec, _private_ec = _pair(backend, label, b"\x03")
+    _public_rsa, private_rsa = _pair(backend, label, b"\x04", rsa_key=True)
+    with backend._lock:
+        public_ec.destroy()
+        private_rsa.destroy()
+    with pytest.raises(InputError, match=r"not one key pair \(public key RSA, private key EC\)"):
+        backend.adopt(f"pkcs11:object={label}")
+
+
+def test_adopt_accepts_one_pair_and_pins_its_id(backend: Pkcs11Backend) -> None:
+    label = backend.label_prefix + "one-pair"
+    _pair(backend, label, b"\x05\x06")
+    ref = backend.adopt(f"pkcs11:object={label}")
+    assert parse(ref).id == b"\x05\x06" and parse(ref).object == label
+    # Another pair made later under the same label leaves the adopted reference unambiguous.
+    _pair(backend, label, b"\x07")
+    key = backend.signing_key(ref)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    key.public_key().verify(key.sign(b"adopted", ECDSA), b"adopted", ECDSA)
+    # A URI that names the id already is returned as it was given (with the token).
+    assert backend.adopt(f"pkcs11:object={label};id=%07") == str(
+        parse(f"pkcs11:object={label};id=%07").with_token(FAULT_TOKEN)
+    )
