@@ -51,6 +51,9 @@ class Settings:
     # CRLs whose nextUpdate passed longer ago than this are deleted (each CA's newest full and
     # delta CRL are kept whatever their age).
     crl_keep_days: float = 90.0
+    # `serve`: a refresher process whose loop has not gone round for this long is killed and
+    # started again; /healthz calls it stale after half of it.
+    refresher_stuck_seconds: float = 300.0
     audit_checkpoint_every: int = 1000
     audit_checkpoint_minutes: float = 5.0
     audit_origin: str = ""
@@ -169,6 +172,8 @@ class Settings:
             raise ConfigError("crl_debounce_seconds must be between 0 and 60")
         if not 0 <= self.crl_keep_days <= 3650:
             raise ConfigError("crl_keep_days must be between 0 and 3650")
+        if not 10 <= self.refresher_stuck_seconds <= 3600:
+            raise ConfigError("refresher_stuck_seconds must be between 10 and 3600")
         if self.audit_origin and not AUDIT_ORIGIN.fullmatch(self.audit_origin):
             # A line break in it would split every checkpoint body it is written into.
             raise ConfigError(

@@ -18,7 +18,9 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -29,6 +31,7 @@ from ocsp.signers import ensure_responders, replace_revoked_responders
 from sekisho.context import Actor
 from sekisho.errors import Conflict, SekishoError
 from sekisho.services import Services
+from sekisho.settings import Settings
 
 log = logging.getLogger("sekisho.crl")
 PRUNE_EVERY = dt.timedelta(hours=1)  # how often the refresher deletes CRLs past crl_keep_days
@@ -151,6 +154,9 @@ class CrlRefresher:
         self.audit = AuditCheckpointer(services)
         self._failing: dict[str, str] = {}  # step -> the failure last logged
         self._pruned_at: dt.datetime | None = None
+        # Called after every round of the loop (``serve``: touches a file the arbiter watches).
+        self.heartbeat: Callable[[], None] | None = None
+        self._beat_failed = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="crl-refresher", daemon=True)
@@ -178,11 +184,25 @@ class CrlRefresher:
         while not self._stop.is_set():
             for name, step in steps:
                 self._run_step(name, step)
+            self._beat()
             # Hurry only while the OCSP step works: failing before its sweep (store or token
             # away), it would leave the flag up and the loop spinning through the outage.
             if not (self.ocsp.hurry and "ocsp refresh" not in self._failing):
                 self._wake.wait(self.tick)
             self._wake.clear()
+
+    def _beat(self) -> None:
+        """Say the loop went round (``heartbeat``: the serving arbiter watches it)."""
+        if self.heartbeat is None:
+            return
+        try:
+            self.heartbeat()
+        except OSError as exc:
+            if not self._beat_failed:
+                self._beat_failed = True
+                log.warning("refresher heartbeat not written", extra={"detail": str(exc)})
+        else:
+            self._beat_failed = False
 
     def _run_step(self, name: str, step: Callable[[dt.datetime], object]) -> None:
         """One step of a tick. A failure is logged when it starts (and when it changes), not
@@ -307,3 +327,18 @@ class CrlRefresher:
             return False
         self._ended.discard(name)
         return True
+
+
+def heartbeat_file(settings: Settings, arbiter_pid: int) -> Path:
+    """The file the refresher of the arbiter ``arbiter_pid`` touches after every round of its
+    loop: the arbiter restarts a refresher stuck past ``refresher_stuck_seconds``, and
+    ``/healthz`` (its workers are the arbiter's children) reports its age."""
+    return settings.data_dir / "run" / f"refresher-{arbiter_pid}.alive"
+
+
+def heartbeat_age(settings: Settings, arbiter_pid: int) -> float | None:
+    """Seconds since that refresher last went round; None when there is none to watch."""
+    try:
+        return max(0.0, time.time() - heartbeat_file(settings, arbiter_pid).stat().st_mtime)
+    except OSError:
+        return None

@@ -5,6 +5,7 @@ OpenSSL, and the server stopped by its PID with no worker left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -337,6 +338,59 @@ def test_a_refresher_that_dies_is_restarted(server: Server) -> None:
     assert "the refresher process exited; restarting it" in server.output()
     assert server.stop() == 0
     assert not [p for p in server.workers if alive(p)]
+
+
+def test_a_stuck_refresher_is_killed_and_restarted_and_healthz_says_so(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The refresher stops going round (SIGSTOP stands for a lock never released or a token
+    call that never returns): /healthz says it is stale (still 200: what is served is right),
+    and the arbiter kills it once ``refresher_stuck_seconds`` have passed and starts another;
+    /healthz is ok again. Before: a stuck refresher went unnoticed for good."""
+    srv = Server(data_dir, tmp_path / "server.log", {"SEKISHO_REFRESHER_STUCK_SECONDS": "10"})
+    try:
+        srv.wait_healthy()
+
+        def health() -> dict[str, str]:
+            res = curl(f"{srv.base}/healthz")
+            return dict(json.loads(res.stdout)) if res.stdout.startswith("{") else {}
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and health().get("refresher") != "ok":
+            time.sleep(0.2)
+        assert health() == {"status": "ok", "database": "ok", "refresher": "ok"}, srv.output()
+        first = _refreshers(srv)
+        assert len(first) == 1
+        srv.workers |= first
+        stuck = next(iter(first))
+        os.kill(stuck, signal.SIGSTOP)
+        deadline = time.monotonic() + 20
+        seen_stale = False
+        while time.monotonic() < deadline and not seen_stale:
+            doc = health()
+            seen_stale = doc.get("refresher") == "stale" and doc.get("status") == "degraded"
+            time.sleep(0.5)
+        assert seen_stale, srv.output()
+        deadline = time.monotonic() + 40
+        second: set[int] = set()
+        while time.monotonic() < deadline and not second:
+            time.sleep(0.5)
+            second = _refreshers(srv) - first
+        assert second, "the stuck refresher was not replaced\n" + srv.output()
+        srv.workers |= second
+        assert not alive(stuck)
+        assert "the refresher process is stuck; killing it" in srv.output()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and health().get("refresher") != "ok":
+            time.sleep(0.5)
+        assert health().get("refresher") == "ok", srv.output()
+    finally:
+        for pid in srv.workers:  # a stopped process would not see SIGTERM: let it go first
+            if alive(pid):
+                os.kill(pid, signal.SIGCONT)
+        assert srv.stop() == 0
+    assert not [p for p in srv.workers if alive(p)]
+    assert not list((data_dir / "run").glob("refresher-*.alive"))
 
 
 # -- request bodies over real sockets: framing, size, clients that stall ----------------------

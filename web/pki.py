@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 from collections.abc import Callable
 
 from flask import Blueprint, Response, abort, current_app
@@ -17,6 +18,7 @@ from sqlalchemy import select, text
 from ca.crl import latest_by_name
 from ca.models import CertificateAuthority, Crl, CrlKind
 from ca.registry import DELTA_SUFFIX, is_ca_name
+from sekisho.workers import heartbeat_age
 from web import services_of
 from web.conditional import conditional_response, http_date
 
@@ -32,7 +34,17 @@ def healthz() -> tuple[dict[str, str], int]:
             session.execute(text("SELECT 1"))
     except Exception:  # noqa: BLE001  (health must answer, whatever broke)
         return {"status": "unavailable", "database": "down"}, 503
-    return {"status": "ok", "database": "ok"}, 200
+    doc = {"status": "ok", "database": "ok"}
+    # Under `serve` the workers are the arbiter's children, and its refresher process (CRLs,
+    # OCSP, audit checkpoints) says it went round by a file: stale, CRLs and OCSP answers
+    # age while the endpoints still answer (200: these answers are still right).
+    age = heartbeat_age(services.settings, os.getppid())
+    if age is not None:
+        fresh = age < services.settings.refresher_stuck_seconds / 2
+        doc["refresher"] = "ok" if fresh else "stale"
+        if not fresh:
+            doc["status"] = "degraded"
+    return doc, 200
 
 
 def _cached_response(

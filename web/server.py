@@ -16,6 +16,7 @@ in use is one line and exit 78 at once, not gunicorn's five one-second retries a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,6 +42,7 @@ from sekisho.errors import (
 )
 from sekisho.services import build_services, open_deployment
 from sekisho.settings import Settings, load_settings
+from sekisho.workers import heartbeat_age, heartbeat_file
 
 log = logging.getLogger("sekisho.serve")
 
@@ -79,6 +81,7 @@ class _RefresherSupervisor:
         proc.stdin.write(_settings_json(self.settings).encode())
         proc.stdin.close()
         self.proc, self.started_at = proc, time.monotonic()
+        self.killed = False
 
     def check(self) -> None:
         """(Arbiter loop, about once a second.) Restart a refresher that died."""
@@ -89,6 +92,7 @@ class _RefresherSupervisor:
         if self.restart_at is None:
             # The arbiter reaps every child; then poll() cannot learn the status and says 0.
             if proc.poll() is None:
+                self._kill_if_stuck(proc, now)
                 return
             if now - self.started_at >= REFRESHER_STABLE:
                 self.failures = 0
@@ -103,8 +107,25 @@ class _RefresherSupervisor:
             self.restart_at = None
             self.start()
 
+    def _kill_if_stuck(self, proc: subprocess.Popen[bytes], now: float) -> None:
+        """A refresher whose loop has not gone round for ``refresher_stuck_seconds`` (a lock
+        never released, a token call that never returns) is killed; ``check`` restarts it."""
+        stuck = self.settings.refresher_stuck_seconds
+        if self.killed or now - self.started_at < stuck:
+            return
+        age = heartbeat_age(self.settings, os.getpid())
+        if age is None or age >= stuck:
+            log.error(
+                "the refresher process is stuck; killing it",
+                extra={"pid": proc.pid, "seconds_since_last_round": age},
+            )
+            self.killed = True
+            proc.kill()
+
     def stop(self) -> None:
         self.stopping = True
+        with contextlib.suppress(OSError):
+            heartbeat_file(self.settings, os.getpid()).unlink()
         proc = self.proc
         if proc is None:
             return
@@ -160,6 +181,13 @@ def refresher_main(settings: Settings, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the arbiter decides when we stop
     services = build_services(settings, migrate=False)
     refresher = CrlRefresher(services)
+    beat = heartbeat_file(settings, parent_pid)
+    beat.parent.mkdir(mode=0o700, exist_ok=True)
+
+    def heartbeat() -> None:
+        beat.touch()
+
+    refresher.heartbeat = heartbeat
     refresher.start()
     try:
         while not stop.wait(1.0):
