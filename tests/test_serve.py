@@ -315,6 +315,18 @@ def _refreshers(server: Server) -> set[int]:
     return found
 
 
+def _replacement(server: Server, old: set[int], seconds: float) -> set[int]:
+    """The refresher that took over from ``old`` within ``seconds`` (added to the PIDs the
+    server's stop looks after), or an empty set."""
+    deadline = time.monotonic() + seconds
+    new: set[int] = set()
+    while time.monotonic() < deadline and not new:
+        time.sleep(0.2)
+        new = _refreshers(server) - old
+    server.workers |= new
+    return new
+
+
 def test_a_refresher_that_dies_is_restarted(server: Server) -> None:
     """The refresher process killed (an OOM kill, say): the arbiter starts another within
     seconds, and that one goes with the arbiter when it stops. Before: nothing restarted it
@@ -328,13 +340,7 @@ def test_a_refresher_that_dies_is_restarted(server: Server) -> None:
     assert len(first) == 1, f"one refresher expected, found {first}\n{server.output()}"
     server.workers |= first
     os.kill(next(iter(first)), signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    second: set[int] = set()
-    while time.monotonic() < deadline and not second:
-        time.sleep(0.2)
-        second = _refreshers(server) - first
-    assert second, "no refresher restarted\n" + server.output()
-    server.workers |= second
+    assert _replacement(server, first, 20), "no refresher restarted\n" + server.output()
     assert "the refresher process exited; restarting it" in server.output()
     assert server.stop() == 0
     assert not [p for p in server.workers if alive(p)]
@@ -371,13 +377,7 @@ def test_a_stuck_refresher_is_killed_and_restarted_and_healthz_says_so(
             seen_stale = doc.get("refresher") == "stale" and doc.get("status") == "degraded"
             time.sleep(0.5)
         assert seen_stale, srv.output()
-        deadline = time.monotonic() + 40
-        second: set[int] = set()
-        while time.monotonic() < deadline and not second:
-            time.sleep(0.5)
-            second = _refreshers(srv) - first
-        assert second, "the stuck refresher was not replaced\n" + srv.output()
-        srv.workers |= second
+        assert _replacement(srv, first, 40), "the stuck refresher was not replaced\n" + srv.output()
         assert not alive(stuck)
         assert "the refresher process is stuck; killing it" in srv.output()
         deadline = time.monotonic() + 30
