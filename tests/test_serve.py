@@ -20,6 +20,7 @@ from cryptography import x509
 
 from ca.revocation import Reason
 from sekisho.services import Services
+from sekisho.settings import Settings
 from tests.ca.helpers import issue
 from tests.conftest import TEST_ACTOR
 from tests.support.checkers import pkilint_crl
@@ -678,3 +679,48 @@ def test_a_long_entity_tag_list_costs_no_more_than_reading_it(body_server: Serve
         assert fields["etag"] != full["etag"]
         return
     assert status == 304, fields
+
+
+class _DeadProcess:
+    """Stands for a refresher process that has exited."""
+
+    pid = 1
+    returncode = 1
+
+    def poll(self) -> int:
+        return 1
+
+
+def test_a_refresher_that_cannot_be_started_is_tried_again_not_raised(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No process can be made (EAGAIN, ENOMEM: the case restarts are for): the supervisor
+    logs it and tries again after its backoff, never raising into gunicorn's arbiter loop,
+    where it ended the loop and the whole server (exit 255). A restart keeps the heartbeat's
+    time, so a refresher that dies at every start shows stale; the first start resets it."""
+    from web import server as web_server
+
+    supervisor = web_server._RefresherSupervisor(settings)
+    beat = web_server.heartbeat_file(settings, os.getpid())
+
+    def no_process(*_args: object, **_kwargs: object) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(web_server.subprocess, "Popen", no_process)
+    supervisor.launch()  # gunicorn is ready: the first start fails
+    assert supervisor.proc is None and supervisor.restart_at is not None
+    assert beat.exists()  # counted from this start: never going round shows stale
+    supervisor.restart_at = time.monotonic() - 1  # its backoff is over
+    supervisor.check()  # fails again, inside the arbiter's loop: not raised
+    assert supervisor.failures == 2 and supervisor.restart_at is not None
+
+    # A refresher that died after a round an hour ago: its restart leaves that time.
+    long_ago = time.time() - 3600
+    os.utime(beat, (long_ago, long_ago))
+    supervisor.proc = _DeadProcess()  # type: ignore[assignment]
+    supervisor.restart_at = time.monotonic() - 1
+    supervisor.check()  # the restart fails again (no process): retried later
+    assert abs(beat.stat().st_mtime - long_ago) < 1
+    age = web_server.heartbeat_age(settings, os.getpid())
+    assert age is not None and age > settings.refresher_stuck_seconds / 2  # stale
+    beat.unlink()

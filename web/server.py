@@ -71,9 +71,37 @@ class _RefresherSupervisor:
         self.started_at = 0.0
         self.failures = 0
         self.restart_at: float | None = None
+        self.wanted = False  # set when gunicorn is ready (``launch``)
         self.stopping = False
+        self.killed = False
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the refresher now, or (failing: no process could be made, no heartbeat file
+        could be written) later: never raised into the arbiter, whose loop it would end and
+        the whole server with it."""
+        self.wanted = True
+        try:
+            self._start()
+        except OSError as exc:
+            delay = min(REFRESHER_BACKOFF_MAX, 2.0**self.failures)
+            self.failures += 1
+            log.error(
+                "the refresher process could not be started; trying again",
+                extra={"detail": exc.strerror or str(exc), "restart_in_s": delay},
+            )
+            self.restart_at = time.monotonic() + delay
+
+    def _start(self) -> None:
+        # The heartbeat counts from this arbiter's first start (a file an older arbiter of the
+        # same PID left is not read as this one's): a refresher that never goes round is
+        # stale, and stuck, like one that stopped. A restart leaves its time alone: one that
+        # dies at every start shows stale too, the time of the last round it finished.
+        beat = heartbeat_file(self.settings, os.getpid())
+        beat.parent.mkdir(mode=0o700, exist_ok=True)
+        if self.proc is None:
+            beat.touch()
+        else:
+            os.close(os.open(beat, os.O_WRONLY | os.O_CREAT, 0o600))
         proc = subprocess.Popen(
             [sys.executable, "-m", "web.server", str(os.getpid())], stdin=subprocess.PIPE
         )
@@ -85,11 +113,11 @@ class _RefresherSupervisor:
 
     def check(self) -> None:
         """(Arbiter loop, about once a second.) Restart a refresher that died."""
-        proc = self.proc
-        if proc is None or self.stopping:
+        if not self.wanted or self.stopping:
             return
         now = time.monotonic()
-        if self.restart_at is None:
+        proc = self.proc
+        if self.restart_at is None and proc is not None:
             # The arbiter reaps every child; then poll() cannot learn the status and says 0.
             if proc.poll() is None:
                 self._kill_if_stuck(proc, now)
@@ -103,9 +131,9 @@ class _RefresherSupervisor:
                 extra={"pid": proc.pid, "exit": proc.returncode, "restart_in_s": delay},
             )
             self.restart_at = now + delay
-        elif now >= self.restart_at:
+        elif self.restart_at is not None and now >= self.restart_at:
             self.restart_at = None
-            self.start()
+            self.launch()
 
     def _kill_if_stuck(self, proc: subprocess.Popen[bytes], now: float) -> None:
         """A refresher whose loop has not gone round for ``refresher_stuck_seconds`` (a lock
@@ -124,17 +152,17 @@ class _RefresherSupervisor:
 
     def stop(self) -> None:
         self.stopping = True
+        proc = self.proc
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(REFRESHER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(REFRESHER_STOP_TIMEOUT)
+        # After it is gone: a round it finished meanwhile would touch the file again.
         with contextlib.suppress(OSError):
             heartbeat_file(self.settings, os.getpid()).unlink()
-        proc = self.proc
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(REFRESHER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(REFRESHER_STOP_TIMEOUT)
 
 
 class _Arbiter(Arbiter):  # type: ignore[misc]
@@ -277,7 +305,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         raise
 
     def when_ready(server: Any) -> None:
-        server.app.refresher.start()
+        server.app.refresher.launch()
 
     def on_exit(server: Any) -> None:
         server.app.refresher.stop()
