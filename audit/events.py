@@ -7,6 +7,7 @@ import enum
 from typing import Any
 
 from sekisho.context import Actor
+from sekisho.errors import SekishoError
 
 
 class Category(enum.StrEnum):
@@ -48,6 +49,33 @@ class Event:
     device_mac: str | None = None
     request_id: str | None = None
     detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def refused(
+    actor: Actor,
+    category: Category,
+    action: str,
+    exc: SekishoError,
+    *,
+    object_dn: str | None = None,
+    object_serial: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Event:
+    """The failure event of ``action`` refused with ``exc``: ``detail`` plus the error's code,
+    its message (``reason``, at most 500 characters) and the rule it names, if any."""
+    why: dict[str, Any] = {**(detail or {}), "code": exc.code, "reason": exc.message[:500]}
+    rule = getattr(exc, "rule", None)
+    if rule:
+        why["rule"] = rule
+    return by_actor(
+        actor,
+        category,
+        action,
+        Outcome.FAILURE,
+        object_dn=object_dn,
+        object_serial=object_serial,
+        detail=why,
+    )
 
 
 def by_actor(

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from sqlalchemy import Table, bindparam, exists, insert, select, update
 
-from audit.events import Category, Outcome, by_actor
+from audit.events import Category, Outcome, by_actor, refused
 from audit.journal import Journal
 from ca import rules
 from ca.csr import parse_csr
@@ -397,25 +397,16 @@ class CaService:
     def _journal_rejection(
         self, ca: str, profile: str, subject: x509.Name | None, exc: SekishoError, actor: Actor
     ) -> None:
-        detail: dict[str, object] = {
-            "ca": ca,
-            "profile": profile,
-            "code": exc.code,
-            "reason": exc.message[:500],
-        }
-        rule = getattr(exc, "rule", None)
-        if rule:
-            detail["rule"] = rule
         with self.db.connection_scope() as conn:
             self.journal.append(
                 conn,
-                by_actor(
+                refused(
                     actor,
                     Category.CA,
                     "ca.issue",
-                    Outcome.FAILURE,
+                    exc,
                     object_dn=subject.rfc4514_string() if subject is not None else None,
-                    detail=detail,
+                    detail={"ca": ca, "profile": profile},
                 ),
                 self.clock(),
             )

@@ -26,7 +26,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from audit.events import Category, Outcome, by_actor
+from audit.events import Category, Outcome, by_actor, refused
 from audit.journal import Journal
 from ca.models import BlockedKey, Certificate, CertificateAuthority, CertStatus
 from ca.registry import ca_row
@@ -233,7 +233,7 @@ class Revoker:
             return self._revoke(ca_name, serial, reason, actor, invalidity_date)
         except (InputError, NotFound, Conflict) as exc:
             self._journal_refusal(
-                "ca.revoke", ca_name, serial, exc, actor, {"reason": reason.value}
+                "ca.revoke", ca_name, serial, exc, actor, {"revocation_reason": reason.value}
             )
             raise
 
@@ -249,18 +249,13 @@ class Revoker:
         with self.db.connection_scope() as conn:
             self.journal.append(
                 conn,
-                by_actor(
+                refused(
                     actor,
                     Category.CA,
                     action,
-                    Outcome.FAILURE,
+                    exc,
                     object_serial=serial_hex(serial) if 0 < serial < 1 << 160 else None,
-                    detail={
-                        "ca": ca_name,
-                        **(detail or {}),
-                        "code": exc.code,
-                        "reason_refused": exc.message[:500],
-                    },
+                    detail={"ca": ca_name, **(detail or {})},
                 ),
                 self.clock(),
             )

@@ -178,7 +178,7 @@ def test_refused_revocations_and_releases_are_journalled(services: Services) -> 
         entry = entries[-1]
         detail = json.loads(entry.detail)
         assert detail["code"] == info.value.code  # type: ignore[attr-defined]
-        assert detail["reason_refused"]
+        assert detail["reason"]
         assert entry.actor_account == TEST_ACTOR.account
     assert _failures(services, "ca.revoke")[0].object_serial == format(serial, "040x")
     with services.db.scope() as session:
