@@ -8,21 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from sekisho.cli import main
 from sekisho.errors import ConfigError
 from sekisho.services import build_services
 from sekisho.settings import Settings, load_settings
 from tests.conftest import _initialise, make_settings
+from tests.test_cli import _runner
 
 STORED = "pki.example.com/sekisho/audit"  # what the template's checkpoints carry
 
 
 def _run(capsys: pytest.CaptureFixture[str], data_dir: Path, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main(["--data-dir", str(data_dir), *args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, out + err
-    return code, out + err
+    result = _runner(capsys, data_dir)(*args)
+    return result.code, result.out + result.err
 
 
 @pytest.mark.parametrize(

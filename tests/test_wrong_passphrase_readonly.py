@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from sekisho.cli import main
+from tests.test_cli import _runner
 
 
 def _run(capsys: pytest.CaptureFixture[str], data_dir: Path, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main(["--data-dir", str(data_dir), *args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, out + err
-    return code, out + err
+    result = _runner(capsys, data_dir)(*args)
+    return result.code, result.out + result.err
 
 
 def test_a_wrong_passphrase_fails_only_what_needs_the_key(

@@ -10,7 +10,6 @@ name, journalled, with nothing written to the certificates table.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,14 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
-from sqlalchemy import func, select
 
-from audit.models import JournalRecord
-from ca.models import Certificate
 from ca.subject import SUBJECT_VALUE, encode_subject
 from ca.tbs import SanEntry
 from sekisho.cli import main
 from sekisho.errors import PolicyViolation
 from sekisho.services import Services
 from tests.ca.helpers import ca_cert, der, make_csr, name, request_for
+from tests.ca.test_bad_input import _assert_refused
 from tests.conftest import TEST_ACTOR, RecordingBackend
 from tests.support import checkers
 
@@ -163,35 +160,11 @@ def cert_subject_tags(cert: x509.Certificate) -> dict[str, int]:
     return {oid: tag for rdn in string_tags(tbs["subject"].dump()) for oid, tag in rdn}
 
 
-def _cert_rows(services: Services) -> int:
-    with services.db.scope() as session:
-        return int(session.scalar(select(func.count()).select_from(Certificate)) or 0)
-
-
-def _rejections(services: Services) -> list[JournalRecord]:
-    with services.db.scope() as session:
-        return list(
-            session.scalars(
-                select(JournalRecord)
-                .where(JournalRecord.action == "ca.issue", JournalRecord.outcome == "failure")
-                .order_by(JournalRecord.seq)
-            )
-        )
-
-
 def _refused(services: Services, call: object) -> PolicyViolation:
     """``call`` is refused as subject-value: no certificate row, one rejection journalled."""
-    rows, rejections = _cert_rows(services), len(_rejections(services))
-    assert callable(call)
-    with pytest.raises(PolicyViolation) as info:
-        call()
-    assert info.value.rule == SUBJECT_VALUE, info.value.message
-    assert _cert_rows(services) == rows, "a refused request left a certificate row"
-    journalled = _rejections(services)
-    assert len(journalled) == rejections + 1
-    detail = json.loads(journalled[-1].detail)
-    assert detail["rule"] == SUBJECT_VALUE and detail["code"] == "policy-violation"
-    return info.value
+    exc = _assert_refused(services, call, PolicyViolation, SUBJECT_VALUE)
+    assert isinstance(exc, PolicyViolation)
+    return exc
 
 
 def _device_csr(*attributes: x509.NameAttribute[str]) -> bytes:
