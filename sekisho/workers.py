@@ -211,13 +211,7 @@ class CrlRefresher:
         try:
             step(self.services.clock())
         except Exception as exc:
-            what = (
-                f"{exc.code}: {exc.message}"
-                if isinstance(exc, SekishoError)
-                else type(exc).__name__
-            )
-            if self._failing.get(name) != what:
-                self._failing[name] = what
+            if _new_failure(self._failing, name, exc):
                 if isinstance(exc, SekishoError):
                     log.warning(
                         "refresher step failed",
@@ -295,9 +289,7 @@ class CrlRefresher:
 
     def _ca_failed(self, name: str, exc: SekishoError) -> None:
         """Logged when it starts or changes, not every tick while it lasts."""
-        what = f"{exc.code}: {exc.message}"
-        if self._ca_failing.get(name) != what:
-            self._ca_failing[name] = what
+        if _new_failure(self._ca_failing, name, exc):
             log.warning(
                 "CRL of a CA not published",
                 extra={"ca": name, "code": exc.code, "detail": exc.message},
@@ -327,6 +319,17 @@ class CrlRefresher:
             return False
         self._ended.discard(name)
         return True
+
+
+def _new_failure(failing: dict[str, str], key: str, exc: Exception) -> bool:
+    """Record ``exc`` as ``key``'s failure in ``failing``: True when that failure starts or
+    changes (log it), False while the same one lasts (a store away for an hour is one
+    warning, not 3,600)."""
+    what = f"{exc.code}: {exc.message}" if isinstance(exc, SekishoError) else type(exc).__name__
+    if failing.get(key) == what:
+        return False
+    failing[key] = what
+    return True
 
 
 def heartbeat_file(settings: Settings, arbiter_pid: int) -> Path:
