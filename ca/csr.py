@@ -124,6 +124,33 @@ def _strong_signature_hash(csr: x509.CertificateSigningRequest) -> None:
         )
 
 
+# Extension requests the CA reads (subjectAltName) or whose content every profile decides
+# itself (a CSR's keyUsage, extendedKeyUsage, basicConstraints and key identifier are never
+# copied): asked for as critical, they are no demand the certificate could fail to meet.
+_KNOWN_REQUESTS = frozenset(
+    {
+        x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        x509.ExtensionOID.KEY_USAGE,
+        x509.ExtensionOID.EXTENDED_KEY_USAGE,
+        x509.ExtensionOID.BASIC_CONSTRAINTS,
+        x509.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    }
+)
+
+
+def _no_unknown_critical_request(extensions: x509.Extensions) -> None:
+    """A critical extension the CA does not understand is refused, not dropped: the
+    requester marked it as one the certificate must honour (RFC 5280 4.2), and issuing
+    without it would hand out a certificate that silently lacks what was required."""
+    for ext in extensions:
+        if ext.critical and ext.oid not in _KNOWN_REQUESTS:
+            raise PolicyViolation(
+                "csr-extension",
+                f"the CSR requests extension {ext.oid.dotted_string} as critical, which this "
+                "CA does not understand; leave it out or mark it non-critical",
+            )
+
+
 def parse_csr(data: bytes) -> CsrRequest:
     """Parse and check proof of possession. Subject and SANs are *requests*: the caller's
     authorisation decides what is used (``ca.issuance`` never takes them blindly)."""
@@ -154,12 +181,8 @@ def parse_csr(data: bytes) -> CsrRequest:
         subject.rfc4514_string()
     except ValueError as exc:
         raise MalformedInput(f"CSR subject cannot be decoded: {exc}") from None
-    sans: tuple[SanEntry, ...] = ()
     try:
-        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        sans = tuple(SanEntry.from_general_name(n) for n in ext.value)
-    except x509.ExtensionNotFound:
-        pass
+        extensions = csr.extensions
     except x509.UnsupportedGeneralNameType as exc:
         # x400Address, ediPartyName: forms no profile certifies and the library cannot read.
         raise MalformedInput(
@@ -167,8 +190,14 @@ def parse_csr(data: bytes) -> CsrRequest:
         ) from None
     except (ValueError, x509.DuplicateExtension) as exc:
         raise MalformedInput(f"CSR extensions cannot be parsed: {exc}") from None
-    except InputError:
-        raise
+    _no_unknown_critical_request(extensions)
+    sans: tuple[SanEntry, ...] = ()
+    try:
+        ext = extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        sans = tuple(SanEntry.from_general_name(n) for n in ext.value)
     return CsrRequest(public_key=key, subject=subject, sans=sans)
 
 

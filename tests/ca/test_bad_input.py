@@ -537,3 +537,62 @@ def test_csr_signed_with_a_weak_hash_is_refused(
         services, _from_csr(services, csr_file.read_bytes()), PolicyViolation, "weak-signature"
     )
     assert digest.upper() in exc.message
+
+
+def _openssl_csr(tmp_path: Path, *addext: str) -> bytes:
+    key_file, csr_file = tmp_path / "k.pem", tmp_path / "r.csr"
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    args = [a for ext in addext for a in ("-addext", ext)]
+    subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key_file), "-subj", "/CN=Bob Admin",
+         *args, "-out", str(csr_file)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return csr_file.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "extension, oid",
+    [
+        ("1.3.6.1.4.1.55555.1=critical,DER:05:00", "1.3.6.1.4.1.55555.1"),
+        ("tlsfeature=critical,status_request", "1.3.6.1.5.5.7.1.24"),  # must-staple
+    ],
+)
+def test_csr_requesting_an_unknown_critical_extension_is_refused(
+    services: Services, tmp_path: Path, extension: str, oid: str
+) -> None:
+    """A critical extension request the CA does not honour is refused by name (rule
+    csr-extension), not silently dropped; nothing is issued and the refusal is journalled."""
+    data = _openssl_csr(tmp_path, extension)
+    exc = _assert_refused(services, _from_csr(services, data), PolicyViolation, "csr-extension")
+    assert oid in exc.message
+
+
+def test_csr_extension_requests_the_profile_decides_may_be_critical(
+    services: Services, tmp_path: Path
+) -> None:
+    """keyUsage, extendedKeyUsage and basicConstraints requests (critical or not) and an
+    unknown non-critical request are no reason to refuse: the profile decides the
+    certificate's extensions, and the CSR's are not copied."""
+    data = _openssl_csr(
+        tmp_path,
+        "basicConstraints=critical,CA:TRUE",
+        "keyUsage=critical,keyCertSign",
+        "extendedKeyUsage=critical,serverAuth",
+        "1.3.6.1.4.1.55555.1=DER:05:00",
+        "subjectAltName=critical,email:bob@tenant1.example.com",
+    )
+    cert = _from_csr(services, data)()
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        x509.ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    oids = {ext.oid.dotted_string for ext in cert.extensions}
+    assert "1.3.6.1.4.1.55555.1" not in oids
