@@ -11,6 +11,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
+from cryptography.x509.oid import ExtensionOID
 
 from ca.tbs import SanEntry
 from ocsp.der import DerError, read_tlv
@@ -129,11 +130,11 @@ def _strong_signature_hash(csr: x509.CertificateSigningRequest) -> None:
 # copied): asked for as critical, they are no demand the certificate could fail to meet.
 _KNOWN_REQUESTS = frozenset(
     {
-        x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
-        x509.ExtensionOID.KEY_USAGE,
-        x509.ExtensionOID.EXTENDED_KEY_USAGE,
-        x509.ExtensionOID.BASIC_CONSTRAINTS,
-        x509.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
     }
 )
 
