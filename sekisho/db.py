@@ -157,6 +157,13 @@ _PG_CONNECT_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _pg_connect_defaults() -> dict[str, Any]:
+    """libpq parameters, with a lock timeout as SQLite's: a statement that waits WRITER_WAIT
+    for a row or table lock (a process stopped, or a signer hung, while holding one) fails
+    with "database busy" instead of waiting for good, and every operation behind it with it."""
+    return {**_PG_CONNECT_DEFAULTS, "options": f"-c lock_timeout={round(WRITER_WAIT * 1000)}"}
+
+
 def make_engine(
     url: str, *, echo: bool = False, read_only: bool = False, sqlite_uri: str | None = None
 ) -> Engine:
@@ -222,7 +229,7 @@ def make_engine(
         # (minutes): connecting within CONNECT_TIMEOUT s; a connection whose data goes
         # unacknowledged for TCP_USER_TIMEOUT_MS, or idle and unanswered by keepalives, is
         # dropped. Whatever the URL sets itself is left as it is.
-        connect_args={k: v for k, v in _PG_CONNECT_DEFAULTS.items() if k not in given},
+        connect_args={k: v for k, v in _pg_connect_defaults().items() if k not in given},
     )
 
     if read_only:
@@ -255,13 +262,24 @@ def make_engine(
     return engine
 
 
+_PG_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout expired
+
+
+def _store_error(driver_exc: BaseException | None, named: BaseException) -> StoreError:
+    """The StoreError for a driver error (``named``: the exception whose class the message
+    names). A lock wait that ran out is "database busy", as on SQLite."""
+    if getattr(driver_exc, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
+        return StoreError("database busy: another session held a lock too long")
+    return StoreError(f"database error: {named.__class__.__name__}")
+
+
 @contextlib.contextmanager
 def _store_errors() -> Iterator[None]:
     """Driver errors (connection lost, lock timeout, constraint) become StoreError."""
     try:
         yield
     except (OperationalError, DBAPIError) as exc:
-        raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+        raise _store_error(exc.orig, exc) from exc
 
 
 class UndecodableText(bytes):
@@ -549,8 +567,9 @@ class Database:
                         # (What SQLAlchemy's own Connection does on a disconnect.)
                         self.engine.pool._invalidate(fairy, cause)
                 if isinstance(exc, driver_error):
-                    kind = DuplicateKey if _unique_violation(exc) else StoreError
-                    raise kind(f"database error: {exc.__class__.__name__}") from exc
+                    if _unique_violation(exc):
+                        raise DuplicateKey(f"database error: {exc.__class__.__name__}") from exc
+                    raise _store_error(exc, exc) from exc
                 raise
             finally:
                 if tx is not None:

@@ -456,6 +456,56 @@ def test_a_disconnect_in_write_tx_renews_the_whole_pool(
     assert _names(store) == ["b", "c"]
 
 
+def _show_lock_timeout(store: Database) -> str:
+    with store.scope() as session:
+        return str(session.execute(text("SHOW lock_timeout")).scalar_one())
+
+
+@pytest.mark.postgres
+def test_a_postgresql_lock_held_too_long_gives_database_busy(
+    pg_cluster: pg.PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session that holds a row lock and never ends (a process stopped, a signer hung)
+    made every writer of that row wait for good on PostgreSQL (no lock_timeout), where SQLite
+    gives "database busy" after WRITER_WAIT. Now both stores fail the waiter after
+    WRITER_WAIT, on the hot path (write_tx) and through the ORM (scope), and the row is
+    written once the lock is gone."""
+    cluster = pg_cluster
+    cluster.drop_database("t_db_lock")
+    url = cluster.create_database("t_db_lock")
+    holder = Database(url)
+    _META.create_all(holder.engine)
+    with holder.write_tx() as tx:
+        tx.execute(_INSERT, _item("a"))
+    monkeypatch.setattr(db_module, "WRITER_WAIT", 1.0)
+    waiter = Database(url)
+    try:
+        with holder.write_tx() as held:
+            held.execute(_RENAME, {"old": "a", "new": "a1"})  # row "a" locked, not committed
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="database busy"), waiter.write_tx() as tx:
+                tx.execute(_RENAME, {"old": "a", "new": "a2"})
+            with pytest.raises(StoreError, match="database busy"), waiter.scope() as session:
+                session.execute(text("UPDATE fast_items SET name = 'a3' WHERE name = 'a'"))
+            assert 1.8 <= time.monotonic() - started < 10
+        assert _names(waiter) == ["a1"]
+        with waiter.write_tx() as tx:  # the lock is gone: the waiter writes
+            tx.execute(_RENAME, {"old": "a1", "new": "a2"})  # (a1 is ISSUED now: no match)
+        with waiter.scope() as session:
+            session.execute(text("UPDATE fast_items SET name = 'b' WHERE name = 'a1'"))
+        assert _names(waiter) == ["b"]
+        # The timeout rides on libpq's ``options``: a URL that sets its own keeps them.
+        own = Database(f"{url}{'&' if '?' in url else '?'}options=-c%20lock_timeout%3D7s")
+        try:
+            assert _show_lock_timeout(waiter) == "1s" and _show_lock_timeout(own) == "7s"
+        finally:
+            own.dispose()
+    finally:
+        waiter.dispose()
+        holder.dispose()
+        cluster.drop_database("t_db_lock")
+
+
 # -- the SQLite writer queue ------------------------------------------------------------------
 def test_a_writer_that_waits_too_long_gets_database_busy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
