@@ -350,12 +350,19 @@ class CrlPublisher:
                     Certificate.revocation_reason,
                     Certificate.revoked_at,
                     Certificate.invalidity_date,
+                    Certificate.released_at,
                 )
                 .where(Certificate.issuer_id == plan.ca_id, Certificate.status_epoch > base.epoch)
                 .order_by(Certificate.serial)
             )
             entries = []
-            for serial, status, reason, revoked_at, invalidity in rows:
+            for serial, status, reason, revoked_at, invalidity, released_at in rows:
+                if status is CertStatus.FAILED or (
+                    status is not CertStatus.REVOKED and released_at is None
+                ):
+                    # Changed since the base but never on a CRL: a serial whose signing
+                    # failed (its epoch moved so that OCSP stops serving its "good").
+                    continue
                 if status is CertStatus.REVOKED:
                     r = Reason(reason) if reason else Reason.UNSPECIFIED
                     entries.append(

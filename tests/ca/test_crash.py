@@ -119,6 +119,7 @@ def test_signing_failure_marks_row_failed(
         # committed, then the "device" fails before a signature exists.
         return observed(key, boom)
 
+    base = services.crls.generate("admin", services.clock())
     with services.db.scope() as session:
         epoch_before = ca_row(session, "admin").revocation_epoch
     recording_backend.signing_key = failing_signing_key  # type: ignore[method-assign]
@@ -137,6 +138,11 @@ def test_signing_failure_marks_row_failed(
     with services.db.scope() as session:
         ca_epoch = ca_row(session, "admin").revocation_epoch
     assert failed[0].status_epoch == ca_epoch > epoch_before
+    # ... but a serial never signed is on no CRL: the delta against a base CRL from before
+    # the failure lists nothing (it used to list the serial as removeFromCRL).
+    delta = services.crls.generate("admin", services.clock(), delta=True)
+    assert list(x509.load_der_x509_crl(delta.der)) == []
+    assert delta.base_number == base.number
     # A failed serial was never signed: nothing to revoke.
     from sekisho.errors import Conflict
 
