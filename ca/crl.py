@@ -288,7 +288,9 @@ class CrlPublisher:
         self.delta_next_update = delta_next_update
         self.delta_url_for = delta_url_for
 
-    def _plan(self, session: Session, ca_name: str, now: dt.datetime, delta: bool) -> _Plan:
+    def _plan(
+        self, session: Session, ca_name: str, now: dt.datetime, delta: bool, lasting: bool = False
+    ) -> _Plan:
         """Allocate the next CRL number and its thisUpdate under the CA row lock (an UPDATE):
         ``now``, or the previous number's thisUpdate if that is later. ``now`` is read before
         the lock: a generator that waited for another one would otherwise give a higher
@@ -319,6 +321,8 @@ class CrlPublisher:
         cert = x509.load_der_x509_certificate(ca.certificate_der)
         check_can_publish(ca_name, cert.not_valid_after_utc, this_update)
         next_update = this_update + (self.delta_next_update if delta else self.next_update)
+        if delta and lasting and base is not None:
+            next_update = max(next_update, base.next_update)
         # RFC 5280 3.3 / 5.1.2.6: an entry leaves only after a full CRL issued after the
         # certificate's expiry listed it. The newest full CRL listed every entry expiring at
         # or after its own horizon, so one that expired before its thisUpdate may go. One
@@ -410,13 +414,13 @@ class CrlPublisher:
         return entries_der, entry_count
 
     def _plan_and_read(
-        self, ca_name: str, now: dt.datetime, delta: bool
+        self, ca_name: str, now: dt.datetime, delta: bool, lasting: bool = False
     ) -> tuple[_Plan, bytearray, int]:
         """A CRL number and the revocation state it publishes, read without holding up
         revocations (see the module docstring)."""
         for _attempt in range(OPTIMISTIC_READS):
             with self.db.scope() as session:
-                plan = self._plan(session, ca_name, now, delta)
+                plan = self._plan(session, ca_name, now, delta, lasting)
             with self.db.read_scope(snapshot=True) as session:
                 seen = session.scalar(
                     select(CertificateAuthority.revocation_epoch).where(
@@ -431,14 +435,34 @@ class CrlPublisher:
             )
         # Revocations keep landing: this time read while holding the CA row.
         with self.db.scope() as session:
-            plan = self._plan(session, ca_name, now, delta)
+            plan = self._plan(session, ca_name, now, delta, lasting)
             return plan, *self._read_entries(session, plan)
 
+    def publish(
+        self, ca_name: str, now: dt.datetime, *, actor: Actor = SYSTEM, closing: bool = False
+    ) -> tuple[Crl, Crl]:
+        """A full CRL, then a delta against it: every full CRL points to the delta (Freshest
+        CRL), and a delta numbered below the full CRL served beside it, or naming an older
+        base, is discarded by RFC 5280 5.2.4 clients (OpenSSL's check_delta_base).
+
+        ``closing``: the CA's key is about to leave the store, and nothing will renew the
+        delta: it lasts as long as the full CRL (otherwise a client following the pointer
+        finds an expired delta for most of the full CRL's life)."""
+        full = self.generate(ca_name, now, actor=actor)
+        return full, self.generate(ca_name, now, delta=True, actor=actor, lasting=closing)
+
     def generate(
-        self, ca_name: str, now: dt.datetime, *, delta: bool = False, actor: Actor = SYSTEM
+        self,
+        ca_name: str,
+        now: dt.datetime,
+        *,
+        delta: bool = False,
+        actor: Actor = SYSTEM,
+        lasting: bool = False,
     ) -> Crl:
-        """Build, sign and store a full (or delta) CRL for ``ca_name``."""
-        plan, entries_der, entry_count = self._plan_and_read(ca_name, now, delta)
+        """Build, sign and store a full (or delta) CRL for ``ca_name``. ``lasting`` (delta):
+        valid until its base CRL's nextUpdate, not for the delta validity only."""
+        plan, entries_der, entry_count = self._plan_and_read(ca_name, now, delta, lasting)
         base_number = plan.base.number if plan.base is not None else None
         params = CrlParams(
             issuer_name_der=plan.cert.subject.public_bytes(),

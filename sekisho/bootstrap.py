@@ -114,8 +114,7 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
         )
     now = services.clock()
     for row in created:
-        services.crls.generate(row.name, now, actor=actor)
-        services.crls.generate(row.name, now, delta=True, actor=actor)
+        services.crls.publish(row.name, now, actor=actor)
     # A delegated OCSP responder per issuing CA (its certificate is pre-signed on issuance).
     ensure_responders(services, now, actor)
     publish_ca_files(services)

@@ -28,7 +28,7 @@ from audit.cli import audit as audit_group
 from ca.csr import MAX_CSR_BYTES, public_key_of
 from ca.hierarchy import NameConstraintSpec
 from ca.issuance import IssueRequest
-from ca.models import BlockedKey, Certificate, CertificateAuthority, CertStatus
+from ca.models import BlockedKey, Certificate, CertificateAuthority, CertStatus, Crl
 from ca.revocation import Reason
 from ca.tbs import SanEntry, parse_serial, parse_subject, spki_sha256
 from hsm.base import CA_KEY_TYPES, KeyType
@@ -417,11 +417,30 @@ def ca_export(state: State, name: str, output: Path | None, with_key: bool) -> N
 def ca_offline(state: State, name: str, yes: bool) -> None:
     """Remove a CA key (typically the root's) from the online store."""
     from ca.hierarchy import take_offline
+    from ca.registry import ca_row
 
     if not yes:
         raise click.UsageError("export the key first (ca export --key), then pass --yes")
-    take_offline(state.services().ca, name, state.actor())
-    state.emit({"ca": name, "key_online": False}, f"key of CA {name} removed from the store")
+    services = state.services()
+    with services.db.scope() as session:
+        if not ca_row(session, name).key_online:
+            raise Conflict(f"the key of CA {name} is already offline")
+    # A last full CRL and a delta lasting as long as it: nothing renews a CA's CRLs while
+    # its key is away, and the full CRL's Freshest CRL pointer must not lead to an expired
+    # delta for most of its life.
+    full, delta = services.crls.publish(name, services.clock(), actor=state.actor(), closing=True)
+    take_offline(services.ca, name, state.actor())
+    state.emit(
+        {
+            "ca": name,
+            "key_online": False,
+            "crl_number": full.number,
+            "delta_crl_number": delta.number,
+            "crls_next_update": full.next_update.isoformat(),
+        },
+        f"key of CA {name} removed from the store; its CRLs (#{full.number}, delta "
+        f"#{delta.number}) are valid until {full.next_update.isoformat()}",
+    )
 
 
 @ca.command("online")
@@ -465,9 +484,7 @@ def ca_create_issuing(
     constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
     services = state.services()
     row = create_issuing(services.ca, name, parent, org, key_type, state.actor(), constraints)
-    now = services.clock()
-    services.crls.generate(name, now, actor=state.actor())
-    services.crls.generate(name, now, delta=True, actor=state.actor())
+    services.crls.publish(name, services.clock(), actor=state.actor())
     publish_ca_files(services)
     state.emit(_ca_doc(row), f"created issuing CA {name} ({row.subject_dn})")
 
@@ -888,16 +905,26 @@ def crl() -> None:
 
 @crl.command("generate")
 @click.option("--ca", "ca_names", multiple=True, help="CA name (repeat); default: every online CA.")
-@click.option("--delta", is_flag=True, help="Generate a delta CRL against the latest full CRL.")
+@click.option("--delta", is_flag=True, help="Only a delta CRL, against the latest full CRL.")
 @pass_state
 def crl_generate(state: State, ca_names: tuple[str, ...], delta: bool) -> None:
-    """Generate CRLs now (not for a CA whose certificate expires within the hour)."""
+    """Generate CRLs now: a full CRL and a delta against it, or with --delta a delta only
+    (not for a CA whose certificate expires within the hour)."""
     services = state.services()
     if not ca_names:
         ca_names = _publishing_cas(services)
-    docs = []
+    rows: list[tuple[str, Crl]] = []
     for name in ca_names:
-        row = services.crls.generate(name, services.clock(), delta=delta, actor=state.actor())
+        now = services.clock()
+        if delta:
+            made: tuple[Crl, ...] = (
+                services.crls.generate(name, now, delta=True, actor=state.actor()),
+            )
+        else:
+            made = services.crls.publish(name, now, actor=state.actor())
+        rows.extend((name, row) for row in made)
+    docs = []
+    for name, row in rows:
         docs.append(
             {
                 "ca": name,

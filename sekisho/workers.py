@@ -265,12 +265,7 @@ class CrlRefresher:
                     continue
             try:
                 if stale or due(full, epoch, now):
-                    # The full CRL first, then the delta against it: a delta numbered below the
-                    # full CRL served beside it, or naming an older base, is discarded by RFC
-                    # 5280 5.2.4 clients (OpenSSL's check_delta_base) until the delta is next
-                    # re-issued.
-                    self.services.crls.generate(name, now)
-                    self.services.crls.generate(name, now, delta=True)
+                    self.services.crls.publish(name, now)
                     self._pending.pop(name, None)
                     published.append(name)
                 elif delta is None or due(delta, epoch, now):

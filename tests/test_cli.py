@@ -325,8 +325,23 @@ def test_offline_root_blocks_root_signing_until_brought_back(
     assert describe(pem_unwrap(key_file.read_bytes(), PEM_LABEL))[:3] == (
         "pbes2", "pbkdf2-sha256", 600_000,
     )  # fmt: skip
-    ok(run("ca", "offline", "root", "--yes"))
+    offline = ok(run("--json", "ca", "offline", "root", "--yes")).json()
     assert not (settings.keys_dir / "ca-root.key").exists()
+    # Going offline signed a last full CRL and a delta that lasts as long as it: nothing
+    # renews the root's CRLs now, and its Freshest CRL pointer must not lead to an expired
+    # delta for most of the full CRL's life (it did: 24 h of 7 days).
+    full_number, full_der = latest_crl(settings, "root")
+    delta_number, delta_der = latest_crl(settings, "root", delta=True)
+    assert (offline["crl_number"], offline["delta_crl_number"]) == (full_number, delta_number)
+    full_crl, delta_crl = x509.load_der_x509_crl(full_der), x509.load_der_x509_crl(delta_der)
+    assert delta_crl.next_update_utc == full_crl.next_update_utc
+    assert full_crl.next_update_utc.isoformat() == offline["crls_next_update"]
+    base = delta_crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value
+    assert base.crl_number == full_number < delta_number
+    root_der = ca_der(run, "root")
+    pkilint_crl(full_der)
+    pkilint_crl(delta_der, delta=True)
+    openssl_crl_verify(delta_der, root_der)
     listed = {c["name"]: c["key_online"] for c in ok(run("--json", "ca", "list")).json()}
     assert listed == {"root": False, "admin": True, "device": True}
     assert "OFFLINE" in ok(run("ca", "list")).out
@@ -337,8 +352,16 @@ def test_offline_root_blocks_root_signing_until_brought_back(
     assert refused.code == 75 and "offline" in refused.err, refused
     assert run("ca", "offline", "root", "--yes").code == 75  # already offline
     # Without --ca, CRLs are generated for the online CAs only.
+    # A full CRL and a delta against it each, never a full CRL alone: a delta numbered below
+    # the full CRL served beside it is discarded by RFC 5280 5.2.4 clients.
     docs = ok(run("--json", "crl", "generate")).json()
-    assert sorted(d["ca"] for d in docs) == ["admin", "device"]
+    assert [(d["ca"], d["kind"]) for d in docs] == [
+        ("admin", "full"), ("admin", "delta"), ("device", "full"), ("device", "delta"),
+    ]  # fmt: skip
+    assert docs[1]["number"] == docs[0]["number"] + 1
+    assert latest_crl(settings, "admin", delta=True)[0] == docs[1]["number"]
+    deltas = ok(run("--json", "crl", "generate", "--ca", "admin", "--delta")).json()
+    assert [(d["ca"], d["kind"]) for d in deltas] == [("admin", "delta")]
     # Nothing has ended 90 days ago yet: nothing to prune (the pruning: tests/ca/test_crl.py).
     assert ok(run("--json", "crl", "prune")).json() == {"deleted": 0, "keep_days": 90.0}
     # The issuing CAs keep working.
@@ -740,7 +763,14 @@ def test_crl_generate_refuses_a_ca_that_expires_within_the_hour(
     assert refused.code == 75 and "CA brief expires at" in refused.err, refused
     # Every other CA still gets its CRL; the one that cannot is named, not fatal.
     result = ok(run("--json", "crl", "generate"))
-    assert [d["ca"] for d in result.json()] == ["root", "admin", "device"]
+    assert [d["ca"] for d in result.json()] == [
+        "root",
+        "root",
+        "admin",
+        "admin",
+        "device",
+        "device",
+    ]
     assert "skipped: the certificate of CA brief expires at" in result.err, result
     _, crl_der = latest_crl(settings, "device")
     pkilint_crl(crl_der)
