@@ -132,35 +132,53 @@ def as_document(row: JournalRecord) -> dict[str, Any]:
     return doc
 
 
-# Escaped as \uNNNN besides the controls: the line/paragraph separators and the invisible
-# characters that reorder or hide text (soft hyphen; Arabic letter mark; zero-width space,
-# joiners, LRM and RLM; word joiner; bidi embeddings and overrides; bidi isolates; byte order
-# mark).
-ESCAPED_FORMAT = frozenset(
+# Escaped besides the C0/C1 controls (as \xNN): every character a viewer shows as nothing,
+# or that reorders or hides the text around it, or that a viewer shows as an ordinary
+# space, so that no DN reads as another. That is what str.isprintable() refuses (format
+# characters such as bidi controls, zero-width joiners, soft hyphen, tag characters; line
+# and paragraph separators; private-use, surrogate and unassigned code points; the spaces
+# of category Zs but the ideographic space, which is part of many Japanese names and shows
+# as itself), plus the default-ignorable code points of other categories: combining
+# grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian and other variation
+# selectors (Unicode DerivedCoreProperties, Default_Ignorable_Code_Point).
+# As \uNNNN, or \UNNNNNNNN beyond the Basic Multilingual Plane.
+IGNORABLE_VISIBLE = frozenset(
     [
-        0x2028,
-        0x2029,
-        0x00AD,
-        0x061C,
-        0x2060,
-        *range(0x200B, 0x2010),
-        *range(0x202A, 0x202F),
-        *range(0x2066, 0x206A),
-        0xFEFF,
+        0x034F,
+        0x115F,
+        0x1160,
+        0x17B4,
+        0x17B5,
+        *range(0x180B, 0x1810),
+        0x3164,
+        *range(0xFE00, 0xFE10),
+        0xFFA0,
+        *range(0xE0100, 0xE01F0),
     ]
 )
 
 
+_IDEOGRAPHIC_SPACE = "\u3000"
+
+
+def _hidden(ch: str) -> bool:
+    if ch.isprintable():
+        return ord(ch) in IGNORABLE_VISIBLE
+    return ch != _IDEOGRAPHIC_SPACE
+
+
 def escape_controls(text: str) -> str:
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case: nothing to escape
     out = []
     for ch in text:
         code = ord(ch)
         if code < 0x20 or 0x7F <= code < 0xA0:
             out.append(f"\\x{code:02x}")
-        elif code in ESCAPED_FORMAT:
-            out.append(f"\\u{code:04x}")
         elif ch == "\\":
             out.append("\\\\")
+        elif code >= 0xA0 and _hidden(ch):
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
         else:
             out.append(ch)
     return "".join(out)

@@ -22,6 +22,7 @@ Source" set) or a lone surrogate. RDNs stay in their order, multi-valued ones as
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from cryptography import x509
 from cryptography.x509.name import _ASN1Type
@@ -72,6 +73,20 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _BIDI = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
 
+# Format characters (Cf: zero-width space, LRM/RLM, soft hyphen, word joiner, invisible
+# operators, tag characters, the byte order mark...), line and paragraph separators and
+# private-use characters: a name holding one shows as another name (audit output escapes
+# them). Zero-width non-joiner and joiner stay: Persian and Indic names need them.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp", "Co"})
+_NAME_JOINERS = frozenset("\u200c\u200d")
+
+
+def _invisible(ch: str) -> bool:
+    if ch.isascii() or ch.isprintable():
+        return False  # (every category above is non-printable)
+    return unicodedata.category(ch) in _INVISIBLE_CATEGORIES and ch not in _NAME_JOINERS
+
+
 _SHORT_NAMES = {oid: short for short, oid in SUBJECT_ATTRS.items()}
 
 
@@ -110,6 +125,9 @@ def check_value(oid: x509.ObjectIdentifier, value: object) -> str:
         found = pattern.search(value)
         if found:
             raise _refuse(oid, value, f"holds {what} ({shown(found.group())})")
+    hidden = next((c for c in value if _invisible(c)), None)
+    if hidden is not None:
+        raise _refuse(oid, value, f"holds an invisible character (U+{ord(hidden):04X})")
     bound = UPPER_BOUNDS.get(oid, UB_NAME)
     if len(value) > bound:
         raise _refuse(oid, value, f"has {len(value)} characters: at most {bound}")

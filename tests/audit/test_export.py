@@ -95,7 +95,7 @@ def test_jsonl_export_is_one_line_per_record_and_round_trips(
 
 def unescape(cell: str) -> str:
     """Undo the exporter's escaping: the formula guard's leading quote, then ``\\xNN``,
-    ``\\uNNNN`` and ``\\\\``."""
+    ``\\uNNNN``, ``\\UNNNNNNNN`` and ``\\\\``."""
     if cell[:1] == "'":
         cell = cell[1:]
 
@@ -103,7 +103,7 @@ def unescape(cell: str) -> str:
         token = match.group(1)
         return "\\" if token == "\\" else chr(int(token[1:], 16))
 
-    return re.sub(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})", one, cell)
+    return re.sub(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})", one, cell)
 
 
 def test_csv_export_is_one_line_per_record_neutralises_formulas_and_round_trips(
@@ -215,6 +215,39 @@ def test_invisible_characters_that_reorder_or_hide_text_are_escaped() -> None:
         assert not set(shown) & set(hidden), shown
         assert "\\u061c" in shown and "\\u2066" in shown and "\\ufeff" in shown
         assert "\\u00ad" in shown and "\\u2060" in shown
+    cells = dict(zip(*csv.reader(io.StringIO(text)), strict=True))
+    assert unescape(cells["object_dn"]) == dn
+
+
+def test_every_character_a_viewer_hides_or_shows_as_a_plain_space_is_escaped() -> None:
+    """Tag characters, invisible operators, the Mongolian vowel separator, the combining
+    grapheme joiner, variation selectors, Hangul fillers, no-break and other spaces: two
+    DNs that differ only in them looked the same in `audit search` and in the CSV (the
+    escaped set was a hand-picked list). Letters of any script, and the ideographic space
+    of a Japanese name, are shown as they are."""
+    hidden = (
+        "\U000e0001\U000e0058\u2064\u180e\u034f\ufe0f\u3164\u00a0\u2002\u202f"
+        "\ue000\U000e0100"
+    )
+    seen = "山田\u3000太郎 Ünïcødé ك"
+    dn = f"CN=Alice Admin{hidden},O={seen}"
+    row = JournalRecord(
+        seq=1,
+        time=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+        category="ca",
+        action="ca.issue",
+        outcome="success",
+        object_dn=dn,
+        detail="{}",
+        hash="ab" * 32,
+    )
+    out = io.StringIO()
+    write_csv(iter([row]), out)
+    text = out.getvalue()
+    for shown in (text, render_line(row)):
+        assert not set(shown) & set(hidden), shown
+        assert "\\U000e0001" in shown and "\\u2064" in shown and "\\u00a0" in shown
+        assert seen in shown
     cells = dict(zip(*csv.reader(io.StringIO(text)), strict=True))
     assert unescape(cells["object_dn"]) == dn
 

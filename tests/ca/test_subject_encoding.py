@@ -121,6 +121,15 @@ def test_multi_valued_rdns_and_order_are_kept() -> None:
         (NameOID.COMMON_NAME, "a\u202eexe.txt", "bidirectional formatting character"),
         (NameOID.ORGANIZATION_NAME, "a\u2066b", "bidirectional formatting character"),
         (NameOID.ORGANIZATION_NAME, "a\ud800", "lone surrogate"),
+        (NameOID.COMMON_NAME, "Alice Admin\U000e0001\U000e0058", "invisible character (U+E0001)"),
+        (NameOID.COMMON_NAME, "Alice\u200bAdmin", "invisible character (U+200B)"),
+        (NameOID.COMMON_NAME, "Alice\u200eAdmin", "invisible character (U+200E)"),
+        (NameOID.COMMON_NAME, "Ali\u00adce", "invisible character (U+00AD)"),
+        (NameOID.ORGANIZATION_NAME, "Corp\u2064", "invisible character (U+2064)"),
+        (NameOID.ORGANIZATION_NAME, "Corp\u180e", "invisible character (U+180E)"),
+        (NameOID.ORGANIZATION_NAME, "\ufeffCorp", "invisible character (U+FEFF)"),
+        (NameOID.ORGANIZATIONAL_UNIT_NAME, "a\u2028b", "invisible character (U+2028)"),
+        (NameOID.ORGANIZATIONAL_UNIT_NAME, "a\ue000b", "invisible character (U+E000)"),
     ],
 )
 def test_values_no_string_type_should_carry_are_refused(
@@ -130,6 +139,18 @@ def test_values_no_string_type_should_carry_are_refused(
         encode_subject(x509.Name([attr(NameOID.COMMON_NAME, "ok"), attr(oid, value)]))
     assert info.value.rule == SUBJECT_VALUE
     assert why in info.value.message, info.value.message
+
+
+def test_names_with_joiners_ideographic_spaces_and_variation_selectors_are_kept() -> None:
+    """What real names hold is not refused: the zero-width non-joiner of a Persian name, the
+    ideographic space of a Japanese one, an ideographic variation selector (葛 + VS17)."""
+    for value in (
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+        "山田\u3000太郎",
+        "葛\U000e0100西",
+    ):
+        name_ = encode_subject(x509.Name([attr(NameOID.COMMON_NAME, value)]))
+        assert name_.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == value
 
 
 def test_a_value_that_is_not_a_string_is_refused() -> None:
