@@ -16,6 +16,7 @@ import datetime as dt
 import io
 import ipaddress
 import json
+import re
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -63,10 +64,15 @@ def _statement(f: Filter) -> Select[JournalRecord]:
         s = _serial(f.serial)
         stmt = stmt.where(or_(R.object_serial == s, R.actor_serial == s))
     if f.dn:
-        escaped = f.dn.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         # Case-insensitive on both stores (DN attributes compare ignoring case, RFC 4517
-        # caseIgnoreMatch): ILIKE on PostgreSQL, lower() LIKE lower() on SQLite.
-        stmt = stmt.where(R.object_dn.ilike(f"%{escaped}%", escape="\\"))
+        # caseIgnoreMatch): ILIKE on PostgreSQL, lower() LIKE lower() on SQLite. DNs are
+        # stored as RFC 4514 strings, where a value's , + " ; < > and backslash carry a
+        # backslash: the text is looked for as given (an RFC 4514 fragment such as
+        # "Smith\, John") and as a value with those characters escaped ("Smith, John").
+        forms = dict.fromkeys([f.dn, _RFC4514_SPECIALS.sub(r"\\\g<0>", f.dn)])
+        stmt = stmt.where(
+            or_(*(R.object_dn.ilike(f"%{_like_escaped(form)}%", escape="\\") for form in forms))
+        )
     if f.ip:
         stmt = stmt.where(R.client_ip == _ip(f.ip))
     if f.mac:
@@ -74,6 +80,13 @@ def _statement(f: Filter) -> Select[JournalRecord]:
     if f.device:
         stmt = stmt.where(R.device_id == f.device)
     return stmt
+
+
+_RFC4514_SPECIALS = re.compile(r'[\\,+";<>]')
+
+
+def _like_escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _ip(text: str) -> str:
@@ -95,10 +108,12 @@ def _serial(text: str) -> str:
     return text
 
 
-def search(session: Session, f: Filter, *, limit: int | None = None) -> Iterator[JournalRecord]:
-    """Matching records in sequence order, paged (bounded memory for large exports). Every
-    stored record is found, one slipped in at seq 0 or below too (`audit verify` reports it)."""
-    after: int | None = None
+def search(
+    session: Session, f: Filter, *, limit: int | None = None, after: int | None = None
+) -> Iterator[JournalRecord]:
+    """Matching records in sequence order (those after seq ``after`` if given), paged
+    (bounded memory for large exports). Every stored record is found, one slipped in at seq
+    0 or below too (`audit verify` reports it)."""
     remaining = limit
     while remaining is None or remaining > 0:
         page = PAGE if remaining is None else min(PAGE, remaining)
@@ -115,10 +130,18 @@ def search(session: Session, f: Filter, *, limit: int | None = None) -> Iterator
         session.expunge_all()
 
 
-def latest(session: Session, f: Filter, limit: int) -> list[JournalRecord]:
-    """The ``limit`` newest matching records, in sequence order (what ``tail`` would show)."""
-    stmt = _statement(f).order_by(JournalRecord.seq.desc()).limit(limit)
-    return list(reversed(list(session.scalars(stmt))))
+def latest(session: Session, f: Filter, limit: int) -> Iterator[JournalRecord]:
+    """The ``limit`` newest matching records, in sequence order (what ``tail`` would show),
+    paged as ``search`` is: the seq of the ``limit``-th newest match first, then the
+    matches from there on (no more than ``limit``, whatever was appended meanwhile)."""
+    first = session.scalar(
+        _statement(f)
+        .with_only_columns(JournalRecord.seq)
+        .order_by(JournalRecord.seq.desc())
+        .offset(limit - 1)
+        .limit(1)
+    )
+    return search(session, f, limit=limit, after=None if first is None else first - 1)
 
 
 def as_document(row: JournalRecord) -> dict[str, Any]:

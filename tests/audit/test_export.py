@@ -225,10 +225,7 @@ def test_every_character_a_viewer_hides_or_shows_as_a_plain_space_is_escaped() -
     DNs that differ only in them looked the same in `audit search` and in the CSV (the
     escaped set was a hand-picked list). Letters of any script, and the ideographic space
     of a Japanese name, are shown as they are."""
-    hidden = (
-        "\U000e0001\U000e0058\u2064\u180e\u034f\ufe0f\u3164\u00a0\u2002\u202f"
-        "\ue000\U000e0100"
-    )
+    hidden = "\U000e0001\U000e0058\u2064\u180e\u034f\ufe0f\u3164\u00a0\u2002\u202f\ue000\U000e0100"
     seen = "山田\u3000太郎 Ünïcødé ك"
     dn = f"CN=Alice Admin{hidden},O={seen}"
     row = JournalRecord(

@@ -86,6 +86,52 @@ def test_dn_case_is_ignored_beyond_ascii(journal_services: Services, clock: Fake
     assert found(journal_services, Filter(dn="elodie")) == []  # no accent folding
 
 
+def test_a_dn_value_with_rfc4514_specials_is_found_as_written_and_as_stored(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """DNs are stored as RFC 4514 strings, where , + " ; < > and the backslash in a value
+    carry a backslash ("CN=Smith\\, John"): a search for the value as the certificate has
+    it ("Smith, John") found nothing. Both forms find it now."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    def dn(cn: str) -> str:
+        return x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.USER_ID, "js")]
+        ).rfc4514_string()
+
+    smith = append_event(journal_services, clock, event(13, object_dn=dn("Smith, John")))
+    ops = append_event(journal_services, clock, event(14, object_dn=dn('R&D+Ops "<1;2>"')))
+    assert dn("Smith, John") == "UID=js,CN=Smith\\, John"
+    for query in ("Smith, John", "smith\\, JOHN", "UID=js,CN=Smith\\, John"):
+        assert found(journal_services, Filter(dn=query)) == [smith], query
+    for query in ('R&D+Ops "<1;2>"', 'r&d\\+ops \\"\\<1\\;2\\>\\"', "+ops"):
+        assert found(journal_services, Filter(dn=query)) == [ops], query
+    assert found(journal_services, Filter(dn="js,CN=Smith, John")) == []  # not a value
+
+
+def test_newest_matches_come_in_sequence_order_across_pages(
+    journal_services: Services, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`audit search` (newest first by default) used to hold every match in memory before
+    printing one (960 MB at 4x10^5); it now finds where the newest ``limit`` begin and pages
+    forward from there: the same records, in the same order, as the tail of a full search."""
+    from audit import query
+
+    monkeypatch.setattr(query, "PAGE", 3)
+    for n in range(10):
+        append_event(journal_services, clock, event(20 + n, object_dn=f"CN=page{n % 2},O=P"))
+    f = Filter(dn="CN=page1")
+    with journal_services.db.scope() as session:
+        every = [row.seq for row in search(session, Filter())]
+        ones = [row.seq for row in search(session, f)]
+        assert len(ones) == 5
+        for limit in (1, 2, 3, 4, 5, 6, 100):
+            assert [r.seq for r in query.latest(session, f, limit)] == ones[-limit:], limit
+        for limit in (1, 7, len(every), len(every) + 1):
+            assert [r.seq for r in query.latest(session, Filter(), limit)] == every[-limit:]
+
+
 def test_mac_notations_find_the_same_records(journal_services: Services, seeded: Seeded) -> None:
     s = seeded.seqs
     expected = [s["percent"], s["mac-dashes"], s["mac-cisco"]]
