@@ -19,7 +19,10 @@ def length(n: int) -> bytes:
 
 
 def tlv(tag: int, content: bytes) -> bytes:
-    return bytes((tag,)) + length(len(content)) + content
+    n = len(content)
+    if n < 0x80:  # most of what we write: tag and short-form length in one step
+        return bytes((tag, n)) + content
+    return bytes((tag,)) + length(n) + content
 
 
 def integer(value: int) -> bytes:
