@@ -312,7 +312,7 @@ def _ca_event(
     )
 
 
-def _software(service: CaService) -> SoftwareBackend:
+def software_backend(service: CaService) -> SoftwareBackend:
     if not isinstance(service.backend, SoftwareBackend):
         raise KeyBackendError("offline export/import applies to the software key backend")
     return service.backend
@@ -320,7 +320,7 @@ def _software(service: CaService) -> SoftwareBackend:
 
 def export_key(service: CaService, name: str, actor: Actor) -> bytes:
     """The CA key as encrypted PKCS#8 PEM (PBES2, under the backend passphrase)."""
-    backend = _software(service)
+    backend = software_backend(service)
     with service.db.scope() as session:
         row = ca_row(session, name)
         pem = backend.export_encrypted(row.key_ref)
@@ -335,7 +335,7 @@ def export_key(service: CaService, name: str, actor: Actor) -> bytes:
 def take_offline(service: CaService, name: str, actor: Actor) -> None:
     """Remove the CA key from the online store (export it first: this cannot be undone
     without the exported file)."""
-    backend = _software(service)
+    backend = software_backend(service)
     # Held until the file is gone: a `ca online` deciding meanwhile that the file is a
     # leftover (the store already says offline) cannot write one this call then removes.
     with backend.exclusive():
@@ -366,7 +366,7 @@ def bring_online(service: CaService, name: str, pem: bytes, actor: Actor) -> Non
     replaced. The keys directory's lock (``SoftwareBackend.exclusive``) is held throughout,
     and the CA row's, so that no other `ca online` or `ca offline` sees or removes a file
     this call has not settled."""
-    backend = _software(service)
+    backend = software_backend(service)
     try:
         encrypted = pem_unwrap(pem, "ENCRYPTED PRIVATE KEY")
         # Before the transaction: the KDF's fraction of a second is not spent holding locks.

@@ -416,12 +416,13 @@ def ca_export(state: State, name: str, output: Path | None, with_key: bool) -> N
 @pass_state
 def ca_offline(state: State, name: str, yes: bool) -> None:
     """Remove a CA key (typically the root's) from the online store."""
-    from ca.hierarchy import take_offline
+    from ca.hierarchy import software_backend, take_offline
     from ca.registry import ca_row
 
     if not yes:
         raise click.UsageError("export the key first (ca export --key), then pass --yes")
     services = state.services()
+    software_backend(services.ca)  # (keys on a token never leave it: refused before signing)
     with services.db.scope() as session:
         if not ca_row(session, name).key_online:
             raise Conflict(f"the key of CA {name} is already offline")

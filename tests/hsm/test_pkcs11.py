@@ -334,6 +334,22 @@ def test_hsm_status_and_keys(deployment_pkcs11: Path, capsys: pytest.CaptureFixt
     assert "t-ca-root" in capsys.readouterr().out
 
 
+def test_ca_offline_is_refused_on_a_token_before_anything_is_signed(
+    deployment_pkcs11: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keys on a token never leave it: `ca offline` is refused (69) before it signs the last
+    CRLs it signs for a software key that goes away."""
+    base = ["--data-dir", str(deployment_pkcs11), "--json"]
+    capsys.readouterr()
+    assert cli_main([*base, "ca", "show", "root"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert cli_main([*base, "ca", "offline", "root", "--yes"]) == 69
+    assert "software key backend" in capsys.readouterr().err
+    assert cli_main([*base, "ca", "show", "root"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after == before and after["key_online"] is True, after
+
+
 @pytest.fixture
 def deployment_pkcs11(pkcs11_template_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "data"
