@@ -8,6 +8,7 @@ carry at least 96 bits. ``legacy=True`` gives 3DES/SHA-1 for old Windows/macOS i
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -22,14 +23,29 @@ MIN_PASSWORD_BYTES = 12
 
 
 def check_password(password: bytes) -> None:
-    """Refuse a PKCS#12 password too short to protect the key (before anything is issued)."""
-    if len(password) < MIN_PASSWORD_BYTES:
-        raise InputError(f"PKCS#12 password must have at least {MIN_PASSWORD_BYTES} characters")
+    """Refuse, before anything is issued, a PKCS#12 password that would not protect the key
+    or that importers would not read as given: under MIN_PASSWORD_BYTES characters (counted
+    as characters: six "ä" are not twelve), not UTF-8 text, holding a control character (a
+    NUL, as a UTF-16 file read as UTF-8 holds, made bundles no tool could open; OpenSSL's
+    ``-passin file:`` reads one line), or a character beyond the Basic Multilingual Plane
+    (RFC 7292 B.1 carries the password as a BMPString)."""
     try:
-        # PKCS#12 (RFC 7292 B.1) carries the password as BMPString: it must be text.
-        password.decode("utf-8")
+        text = password.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError("PKCS#12 password must be UTF-8 text") from None
+    if len(text) < MIN_PASSWORD_BYTES:
+        raise InputError(f"PKCS#12 password must have at least {MIN_PASSWORD_BYTES} characters")
+    for ch in text:
+        if unicodedata.category(ch) == "Cc":
+            raise InputError(
+                f"PKCS#12 password holds a control character (U+{ord(ch):04X}); is the file "
+                "UTF-16? give UTF-8 text on one line"
+            )
+        if ord(ch) > 0xFFFF:
+            raise InputError(
+                "PKCS#12 password holds a character beyond U+FFFF, which a PKCS#12 password "
+                "(a BMPString) cannot carry"
+            )
 
 
 def pkcs12_bundle(

@@ -5,6 +5,7 @@ Never argv, never logs: callers get bytes and must not print them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sekisho.errors import PATH_SHOWN, ConfigError, SecretUnavailable, shown
-from sekisho.files import FileRefused, read_regular
+from sekisho.files import FileRefused, create_synced, read_regular
 
 MAX_SECRET_FILE = 64 * 1024
 
@@ -71,9 +72,11 @@ def read_secret(
 
 
 def create_secret_file(path: Path) -> None:
-    """Write a fresh random passphrase (256 bits, URL-safe text) readable by the owner only."""
+    """Write a fresh random passphrase (256 bits, URL-safe text) readable by the owner only,
+    on disk before any key it will protect (synced, linked into place only once whole: a
+    crash or power loss never leaves the keys without it, nor an empty file in its place).
+    If another process created it first, theirs is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
+    with contextlib.suppress(FileExistsError):
+        create_synced(path, (secrets.token_urlsafe(32) + "\n").encode("ascii"))

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from hsm.base import KeyType
 from hsm.pbes2 import decrypt_private_key, encrypt_private_key
 from sekisho.errors import Conflict, KeyBackendError, NotFound
-from sekisho.files import synced_private_temp
+from sekisho.files import create_synced
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole label: fullmatch
 PEM_LABEL = "ENCRYPTED PRIVATE KEY"
@@ -64,14 +64,6 @@ def pem_unwrap(pem: bytes, label: str) -> bytes:
         return base64.b64decode(body, validate=True)
     except ValueError:  # binascii.Error: bad padding, a stray character
         raise KeyBackendError(f"not a PEM {label}: its base64 is damaged") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SoftwareBackend:
@@ -116,22 +108,12 @@ class SoftwareBackend:
         data = pem_wrap(encrypted_der, PEM_LABEL)
         try:
             self._make_keys_dir()
-            # A leading dot: never the name of a key (labels start with a letter or digit).
-            tmp = synced_private_temp(self.keys_dir, path.name, data)
             try:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise Conflict(f"key {ref} already exists") from None
-            finally:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            try:
-                _fsync_dir(self.keys_dir)
-            except OSError:  # whole, but not known to be on disk: not left to block the label
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                raise
+                # (The temporary file's name starts with a dot: never the name of a key,
+                # whose labels start with a letter or digit.)
+                create_synced(path, data)
+            except FileExistsError:
+                raise Conflict(f"key {ref} already exists") from None
         except OSError as exc:
             raise KeyBackendError(f"cannot write key {ref}: {exc.strerror or exc}") from None
 

@@ -8,6 +8,7 @@ from argv.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from sqlalchemy import select
 
 from audit.cli import audit as audit_group
@@ -558,6 +560,9 @@ def issue(
         raise click.UsageError("give exactly one of --csr and --keygen")
     if keygen is None and (key_out or p12):
         raise click.UsageError("--key-out and --p12 go with --keygen")
+    if not p12 and (password_file or password_env or legacy_p12):
+        # A password given for a key file would be silently unused: the file is plain PKCS#8.
+        raise click.UsageError("--password-file, --password-env and --legacy-p12 go with --p12")
     if keygen is not None and not (subject or "").strip():
         raise click.UsageError("--keygen needs --subject")
     if keygen is not None and not (key_out or p12):
@@ -573,8 +578,6 @@ def issue(
         check_password(password)
     outputs = NewFiles([p for p in (out, key_out, p12) if p is not None])
     try:
-        from enrollment.pkcs12 import pkcs12_bundle
-
         services = state.services()
         sans = tuple(SanEntry.parse(s) for s in san) if san else None
         subject_name = parse_subject(subject) if subject else None
@@ -610,12 +613,43 @@ def issue(
                 tenant=tenant,
             )
             cert, key = services.ca.issue_with_new_key(placeholder, keygen, actor)
-        pem = cert.public_bytes(serialization.Encoding.PEM)
-        doc: dict[str, Any] = {
-            "serial": f"{cert.serial_number:040x}",
-            "subject": cert.subject.rfc4514_string(),
-            "not_after": cert.not_valid_after_utc.isoformat(),
-        }
+    except BaseException:
+        outputs.discard()  # nothing issued: none of the files this command created is left
+        raise
+    _deliver(state, services, outputs, cert, key, ca_name, out, key_out, p12, password, legacy_p12)
+
+
+def _deliver(
+    state: State,
+    services: Services,
+    outputs: NewFiles,
+    cert: x509.Certificate,
+    key: CertificateIssuerPrivateKeyTypes | None,
+    ca_name: str,
+    out: Path | None,
+    key_out: Path | None,
+    p12: Path | None,
+    password: bytes | None,
+    legacy_p12: bool,
+) -> None:
+    """Hand out what was issued: the files (each synced once written), then the output.
+
+    The certificate exists from here on: a failure (disk full, Ctrl-C during the PKCS#12 key
+    derivation, the reader of stdout gone) keeps every file written whole and names the
+    serial. A key made here that reached no one (no key file, no PKCS#12 whose password the
+    operator has) is gone with this process: its certificate is revoked, journalled, and
+    the files discarded, rather than left valid with nobody to know it."""
+    from enrollment.pkcs12 import pkcs12_bundle
+
+    serial = f"{cert.serial_number:040x}"
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    doc: dict[str, Any] = {
+        "serial": serial,
+        "subject": cert.subject.rfc4514_string(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
+    key_delivered = key is None  # from a CSR: the requester holds the key
+    try:
         if out:
             outputs.write(out, pem)
             doc["certificate_file"] = str(out)
@@ -629,6 +663,7 @@ def issue(
                 ),
             )
             doc["key_file"] = str(key_out)
+            key_delivered = True
         if key is not None and p12:
             generated = password is None
             if password is None:
@@ -640,14 +675,41 @@ def issue(
             if generated:
                 # Shown exactly once, on the terminal of the operator who asked for it.
                 doc["p12_password"] = password.decode()
+            else:
+                key_delivered = True
         if not out and state.as_json:
             doc["certificate_pem"] = pem.decode()  # with --json, inside the one document
         elif not out:
             click.echo(pem.decode(), nl=False)
         state.emit(doc, lambda: "\n".join(f"{k}: {v}" for k, v in doc.items()))
-    except BaseException:
-        outputs.discard()  # a failure leaves none of the files this command created
+    except BaseException as exc:
+        if key_delivered:
+            outputs.discard_unfinished()
+            fate = "the files written whole are kept"
+        else:
+            outputs.discard()
+            fate = _revoke_undelivered(services, ca_name, cert, state.actor())
+        note = f"certificate {serial} of CA {ca_name} was issued, but not handed out: {fate}"
+        if isinstance(exc, SekishoError):
+            raise type(exc)(f"{exc.message}; {note}") from None
+        with contextlib.suppress(OSError):
+            click.echo(f"error: {note}", err=True)  # (Ctrl-C, or stdout closed)
         raise
+
+
+def _revoke_undelivered(
+    services: Services, ca_name: str, cert: x509.Certificate, actor: Actor
+) -> str:
+    """Revoke a certificate whose key was never delivered (cessationOfOperation: it will
+    never be used, and nothing suggests the key leaked); say what became of it."""
+    try:
+        services.revoker.revoke(ca_name, cert.serial_number, Reason.CESSATION_OF_OPERATION, actor)
+    except SekishoError as exc:
+        return (
+            f"its key was never delivered, and revoking it failed ({exc.message}): revoke it "
+            f"with `sekisho revoke --ca {ca_name} {cert.serial_number:#x}`"
+        )
+    return "its key was never delivered, so it was revoked (cessation_of_operation)"
 
 
 def _chain_for(session: Any, ca_name: str) -> list[x509.Certificate]:

@@ -165,6 +165,13 @@ class StoreError(SekishoError):
     exit_code = 74
 
 
+class OutputError(SekishoError):
+    """An output file of the operator's could not be written (disk full, I/O error)."""
+
+    code = "output"
+    exit_code = 74
+
+
 class DuplicateKey(StoreError):
     """A unique constraint refused a row (the caller may retry with another key)."""
 

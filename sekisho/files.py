@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from sekisho.errors import PATH_SHOWN, InputError, TooLarge, shown
+from sekisho.errors import PATH_SHOWN, InputError, OutputError, TooLarge, shown
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -34,15 +34,49 @@ def synced_private_temp(directory: Path, name: str, data: bytes) -> Path:
     return tmp
 
 
+def create_synced(path: Path, data: bytes) -> None:
+    """A new owner-only file ``path`` holding ``data``, on disk when this returns: written to
+    a synced temporary file beside it, linked to its name only once whole (``link`` fails
+    with FileExistsError if the name exists, where ``rename`` would replace it), then the
+    directory synced. A failure part way (disk full, a crash) leaves no truncated or empty
+    file under the name to block it; a link whose directory sync fails is taken back.
+    OSError as raised."""
+    tmp = synced_private_temp(path.parent, path.name, data)
+    try:
+        os.link(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    try:
+        sync_directory(path.parent)
+    except OSError:  # whole, but not known to be on disk
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory: the names created or linked in it are on disk (OSError as raised)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class NewFiles:
     """Output files, created before anything is issued or exported, so that an unwritable path
     fails first. Each is a new file (O_EXCL: an existing file, or a symlink planted in a shared
     directory, is refused rather than written through or left with its old mode), mode 0600,
-    written later through the descriptor opened here. ``discard()`` removes them all."""
+    written later through the descriptor opened here, and synced with its directory once
+    written (a certificate the store has committed must not come with a key file a power
+    loss empties). ``discard()`` removes them all; ``discard_unfinished()`` those not yet
+    written whole. A failure to write is an OutputError (exit 74)."""
 
     def __init__(self, paths: list[Path]) -> None:
         self._open: dict[Path, int] = {}
         self._created: list[Path] = []
+        self._finished: set[Path] = set()
         for path in paths:
             try:
                 fd = os.open(path, _NEW_FILE, 0o600)
@@ -64,16 +98,23 @@ class NewFiles:
 
     @contextlib.contextmanager
     def open_binary(self, path: Path) -> Iterator[IO[bytes]]:
-        with self._errors(path), os.fdopen(self._open.pop(path), "wb") as fh:
-            yield fh
+        with self._errors(path):
+            with os.fdopen(self._open.pop(path), "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            sync_directory(path.parent)
+        self._finished.add(path)
 
     @contextlib.contextmanager
     def open_text(self, path: Path) -> Iterator[IO[str]]:
-        with (
-            self._errors(path),
-            os.fdopen(self._open.pop(path), "w", encoding="utf-8", newline="") as fh,
-        ):
-            yield fh
+        with self._errors(path):
+            with os.fdopen(self._open.pop(path), "w", encoding="utf-8", newline="") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            sync_directory(path.parent)
+        self._finished.add(path)
 
     @staticmethod
     @contextlib.contextmanager
@@ -81,19 +122,27 @@ class NewFiles:
         try:
             yield
         except OSError as exc:  # disk full, quota, I/O error while writing
-            raise InputError(
+            raise OutputError(
                 f"cannot write {shown(path, PATH_SHOWN)}: {exc.strerror or exc}"
             ) from None
 
     def discard(self) -> None:
+        self._remove(self._created)
+
+    def discard_unfinished(self) -> None:
+        """Remove the files not written whole; keep those that were."""
+        self._remove([p for p in self._created if p not in self._finished])
+
+    def _remove(self, paths: list[Path]) -> None:
         for fd in self._open.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._open.clear()
-        for path in self._created:
+        for path in list(paths):
             with contextlib.suppress(OSError):
                 path.unlink()
-        self._created.clear()
+            self._created.remove(path)
+            self._finished.discard(path)
 
     def __enter__(self) -> NewFiles:
         return self

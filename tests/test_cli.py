@@ -678,6 +678,141 @@ def test_keygen_pkcs12_password_from_env_or_generated(
     assert bundle.cert is not None
 
 
+def _cert_row(run: Runner, ca: str, serial: str) -> dict[str, Any]:
+    rows = ok(run("--json", "cert", "list", "--ca", ca, "--limit", "1000")).json()
+    (row,) = [r for r in rows if r["serial"] == serial]
+    return dict(row)
+
+
+def _issue_with_stdout_closed(data_dir: Path, *argv: str) -> tuple[int, str]:
+    """Run `sekisho --json issue ...` whose reader has gone before it writes (`... | true`)."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sekisho", "--data-dir", str(data_dir), "--json", "issue",
+         *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        child.stdout.close()
+        err = child.stderr.read().decode()
+        return child.wait(timeout=TIMEOUT), err
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+_ADMIN_KEYGEN = ("--ca", "admin", "--profile", "admin-client", "--keygen", "ec-p256",
+                 "--subject", "CN=Bob,O=Tenant One,UID=bob", "--san",
+                 "email:bob@tenant1.example.com")  # fmt: skip
+
+
+def _serial_in(err: str) -> str:
+    found = re.search(r"certificate ([0-9a-f]{40}) of CA admin was issued", err)
+    assert found, err
+    return found.group(1)
+
+
+def test_issued_files_outlive_a_closed_stdout(run: Runner, data_dir: Path, tmp_path: Path) -> None:
+    """The reader of stdout gone once everything was written: the files stay (they used to be
+    deleted, with the certificate left issued), the error names the serial, exit 74."""
+    cert_out, key_out = tmp_path / "bob.pem", tmp_path / "bob.key"
+    code, err = _issue_with_stdout_closed(
+        data_dir, *_ADMIN_KEYGEN, "--out", str(cert_out), "--key-out", str(key_out)
+    )
+    assert code == 74, err
+    serial = _serial_in(err)
+    assert "kept" in err and "Traceback" not in err
+    cert = x509.load_pem_x509_certificate(cert_out.read_bytes())
+    key = serialization.load_pem_private_key(key_out.read_bytes(), None)
+    assert key.public_key() == cert.public_key() and f"{cert.serial_number:040x}" == serial
+    assert _cert_row(run, "admin", serial)["status"] == "issued"
+
+
+def test_a_key_that_reached_no_one_has_its_certificate_revoked(
+    run: Runner, data_dir: Path, tmp_path: Path
+) -> None:
+    """A generated PKCS#12 password that could not be shown (stdout closed) leaves a bundle
+    nobody can open: the bundle is removed and the certificate revoked (journalled,
+    cessation_of_operation), not left valid with its key lost and nobody told."""
+    bundle = tmp_path / "bob.p12"
+    code, err = _issue_with_stdout_closed(data_dir, *_ADMIN_KEYGEN, "--p12", str(bundle))
+    assert code == 74, err
+    serial = _serial_in(err)
+    assert "revoked (cessation_of_operation)" in err and not bundle.exists()
+    row = _cert_row(run, "admin", serial)
+    assert (row["status"], row["reason"]) == ("revoked", "cessation_of_operation")
+    journal = [json.loads(line) for line in ok(run("--json", "audit", "search", "--serial",
+                                                    serial)).out.splitlines()]  # fmt: skip
+    assert [(r["action"], r["outcome"]) for r in journal] == [
+        ("ca.issue", "success"), ("ca.revoke", "success"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("with_key_file", [False, True], ids=["p12-only", "p12-and-key-file"])
+def test_a_pkcs12_that_cannot_be_written_after_issuance(
+    run: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_key_file: bool
+) -> None:
+    """The disk fills while the PKCS#12 is written (a real EFBIG, from a file size limit on
+    that write): exit 74, not "bad input". With no other copy of the key the certificate is
+    revoked and no file is left; with a key file written whole, that file and the
+    certificate stay."""
+    from sekisho.files import NewFiles
+    from tests.hsm.test_key_files import file_size_limit
+
+    original = NewFiles.write
+
+    def write(self: NewFiles, path: Path, data: bytes) -> None:
+        if path.suffix != ".p12":
+            return original(self, path, data)
+        with file_size_limit(64):
+            return original(self, path, data)
+
+    monkeypatch.setattr(NewFiles, "write", write)
+    pw = tmp_path / "pw"
+    pw.write_text("a-strong-p12-password\n")
+    pw.chmod(0o600)
+    bundle, key_out = tmp_path / "bob.p12", tmp_path / "bob.key"
+    extra = ("--key-out", str(key_out)) if with_key_file else ()
+    result = run("issue", *_ADMIN_KEYGEN, "--p12", str(bundle), "--password-file", str(pw), *extra)
+    assert result.code == 74, result
+    assert "error: output: cannot write" in result.err and "bob.p12" in result.err
+    serial = _serial_in(result.err)
+    assert not bundle.exists()
+    row = _cert_row(run, "admin", serial)
+    if with_key_file:
+        assert "kept" in result.err and row["status"] == "issued"
+        assert serialization.load_pem_private_key(key_out.read_bytes(), None)
+    else:
+        assert "revoked" in result.err and row["status"] == "revoked"
+        assert not key_out.exists()
+
+
+def test_a_pkcs12_password_importers_would_misread_is_refused_before_issuance(
+    run: Runner, tmp_path: Path
+) -> None:
+    """A UTF-16 password file read as UTF-8 (NULs between the letters) made a bundle that no
+    tool opens; six two-byte letters passed as twelve characters; a password given for a
+    plain key file was silently unused."""
+    before = _issued_count(run, "admin")
+    for label, data in (
+        ("utf16", "password-long".encode("utf-16-le")),
+        ("short", "ääääää".encode()),
+        ("emoji", "long-enough-😀".encode()),
+    ):
+        pw = tmp_path / label
+        pw.write_bytes(data)
+        pw.chmod(0o600)
+        refused = run("issue", *_ADMIN_KEYGEN, "--p12", str(tmp_path / f"{label}.p12"),
+                      "--password-file", str(pw))  # fmt: skip
+        assert refused.code == 65, (label, refused)
+        assert not (tmp_path / f"{label}.p12").exists()
+    unused = run("issue", *_ADMIN_KEYGEN, "--key-out", str(tmp_path / "k.pem"), "--password-file",
+                 str(tmp_path / "utf16"))  # fmt: skip
+    assert unused.code == 64 and "go with --p12" in unused.err
+    assert _issued_count(run, "admin") == before
+
+
 # -- revoke / release / cert list -------------------------------------------------------------
 # Where tests that need no key put the one `issue --keygen` must write (removed at exit).
 _SCRATCH = tempfile.TemporaryDirectory(prefix="sekisho-test-cli-")

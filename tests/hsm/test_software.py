@@ -256,6 +256,26 @@ def test_repr_does_not_show_the_passphrase(backend: SoftwareBackend) -> None:
 
 
 # -- where the passphrase comes from ----------------------------------------------------------
+def test_a_generated_passphrase_file_is_whole_or_absent_and_never_replaced(
+    tmp_path: Path,
+) -> None:
+    """It used to be written in place, unsynced: a crash between create and write left an
+    empty file that failed every later start (exit 78), and a power loss could take it while
+    the keys it protects, which are synced, survived. Now it appears only whole and synced;
+    a second creation (two first runs at once) keeps the first."""
+    from tests.hsm.test_key_files import file_size_limit
+
+    path = tmp_path / "secrets" / "pw"
+    with file_size_limit(8), pytest.raises(OSError):  # the disk fills part way
+        create_secret_file(path)
+    assert not path.exists() and list(path.parent.iterdir()) == []
+    create_secret_file(path)
+    first = path.read_bytes()
+    create_secret_file(path)
+    assert path.read_bytes() == first and len(read_secret(path)) >= 32
+    assert [p.name for p in path.parent.iterdir()] == ["pw"]
+
+
 def test_passphrase_from_file_needs_owner_only_mode_and_length(tmp_path: Path) -> None:
     path = tmp_path / "secrets" / "pw"
     create_secret_file(path)
