@@ -126,7 +126,7 @@ def _ca_key(
     """A new key in the backend, or an existing one adopted by reference (PKCS#11 URI): its
     reference and key type (an adopted key's type is read from its public key)."""
     if adopt is None:
-        return service.backend.generate(_label(name), key_type), key_type
+        return service.backend.generate(ca_key_label(name), key_type), key_type
     return check_adoptable(service, adopt)
 
 
@@ -141,7 +141,7 @@ def check_adoptable(service: CaService, ref: str) -> tuple[str, KeyType]:
     return adopted, adopted_type
 
 
-def _label(name: str) -> str:
+def ca_key_label(name: str) -> str:
     return f"ca-{name}"
 
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
 from audit.events import Category, Event, Outcome
+from audit.models import JournalRecord
 from ca.hierarchy import (
     NameConstraintSpec,
+    ca_key_label,
     check_adoptable,
     create_issuing,
     create_root,
@@ -21,10 +29,19 @@ from ca.hierarchy import (
 from ca.models import CertificateAuthority
 from ca.registry import check_ca_name
 from hsm.base import KeyType
+from hsm.software import SoftwareBackend
 from ocsp.signers import ensure_responders
 from sekisho.context import Actor
 from sekisho.errors import Conflict, InputError, shown
-from sekisho.services import Services, audit_key_ref, enable_checkpoints, has_root_ca
+from sekisho.services import (
+    INIT_BEGUN,
+    INIT_DONE,
+    InitState,
+    Services,
+    audit_key_ref,
+    enable_checkpoints,
+    init_state,
+)
 
 DEFAULT_ISSUING = ("admin", "device")
 
@@ -41,12 +58,103 @@ class InitPlan:
 
 
 def is_initialised(services: Services) -> bool:
-    return has_root_ca(services.db)
+    return init_state(services.db) is InitState.COMPLETE
 
 
-def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[CertificateAuthority]:
-    if is_initialised(services):
-        raise Conflict("this deployment is already initialised")
+def _plan_detail(plan: InitPlan, key_backend: str) -> dict[str, Any]:
+    return {
+        "organization": plan.organization,
+        "root": plan.root_name,
+        "key_type": plan.key_type.value,
+        "issuing": list(plan.issuing),
+        "constraints": {
+            "permitted_dns": list(plan.constraints.permitted_dns),
+            "permitted_email": list(plan.constraints.permitted_email),
+            "excluded_dns": list(plan.constraints.excluded_dns),
+        },
+        "adopt": dict(plan.adopt),
+        "key_backend": key_backend,
+    }
+
+
+def _begun_plan(services: Services) -> InitPlan:
+    """The plan of the interrupted init, as its first record holds it: what a resumed init
+    finishes, whatever it was asked this time."""
+    with services.db.read_scope() as session:
+        detail = session.scalar(
+            select(JournalRecord.detail)
+            .where(JournalRecord.action == INIT_BEGUN)
+            .order_by(JournalRecord.seq)
+            .limit(1)
+        )
+    try:
+        doc = json.loads(detail or "")
+        constraints = doc["constraints"]
+        plan = InitPlan(
+            organization=str(doc["organization"]),
+            root_name=str(doc["root"]),
+            key_type=KeyType(doc["key_type"]),
+            issuing=tuple(str(n) for n in doc["issuing"]),
+            constraints=NameConstraintSpec(
+                tuple(constraints["permitted_dns"]),
+                tuple(constraints["permitted_email"]),
+                tuple(constraints["excluded_dns"]),
+            ),
+            adopt={str(k): str(v) for k, v in doc["adopt"].items()},
+        )
+        key_backend = str(doc["key_backend"])
+    except (ValueError, KeyError, TypeError, AttributeError, InputError) as exc:
+        raise Conflict(
+            f"an interrupted init's record cannot be read ({type(exc).__name__}): run "
+            "`sekisho audit verify`"
+        ) from None
+    if key_backend != services.settings.key_backend:
+        raise Conflict(
+            f"the interrupted init used the {key_backend} key backend: run `sekisho init` "
+            "again with the same options to finish it"
+        )
+    return plan
+
+
+@contextlib.contextmanager
+def _init_lock(data_dir: Path) -> Iterator[None]:
+    """One init at a time on a data directory: a second waits, then finds the first's work."""
+    fd = os.open(data_dir / INIT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+INIT_LOCK = "init.lock"
+
+
+@dataclasses.dataclass(frozen=True)
+class Initialised:
+    cas: list[CertificateAuthority]
+    resumed: bool
+
+
+def initialise(services: Services, plan: InitPlan, actor: Actor) -> Initialised:
+    """Create the deployment of ``plan``, or finish an interrupted one (its own plan, from
+    its first journal record): what exists is kept, what is missing is made; a CA key that
+    an interrupted step left without its CA (a software key file) is replaced, one on a
+    token adopted. INIT_DONE is journalled last: until then the deployment is not
+    initialised, and every command but ``init`` and ``run`` says so."""
+    with _init_lock(services.settings.data_dir):
+        state = init_state(services.db)
+        if state is InitState.COMPLETE:
+            raise Conflict("this deployment is already initialised")
+        resumed = state is InitState.INTERRUPTED
+        if resumed:
+            plan = _begun_plan(services)
+        return Initialised(_initialise(services, plan, actor, resumed), resumed)
+
+
+def _initialise(
+    services: Services, plan: InitPlan, actor: Actor, resumed: bool
+) -> list[CertificateAuthority]:
     if len(set(plan.issuing)) < 2 or plan.root_name in plan.issuing:
         raise Conflict("need at least two distinct issuing CAs (administrators, devices)")
     # Every name before anything is created: a refused issuing CA name must not leave a root.
@@ -60,46 +168,43 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
         raise InputError(
             f"--adopt-key names no CA of this plan: {', '.join(shown(n) for n in sorted(unknown))}"
         )
+    with services.db.read_scope() as session:
+        existing = {row.name: row for row in session.scalars(select(CertificateAuthority))}
     # Before anything is created: adopted keys must be usable, and a token must not already
-    # hold an audit key under our label (another deployment with the same label prefix).
-    for ref in plan.adopt.values():
-        check_adoptable(services.ca, ref)
+    # hold an audit key under our label (another deployment with the same label prefix;
+    # when resuming, it is the interrupted init's own).
+    for name, ref in plan.adopt.items():
+        if name not in existing:
+            check_adoptable(services.ca, ref)
     audit_ref = audit_key_ref(services.backend)
-    if services.settings.key_backend == "pkcs11" and services.backend.has_key(audit_ref):
+    key_backend = services.settings.key_backend
+    if not resumed and key_backend == "pkcs11" and services.backend.has_key(audit_ref):
         raise Conflict(
             f"the token already holds an audit key {audit_ref}: another deployment uses this "
             "label prefix; set a distinct pkcs11_label_prefix (or delete that key)"
         )
     enable_checkpoints(services)
-    with services.db.scope() as session:
-        services.journal.append(
-            session,
-            Event(
-                category=Category.SYSTEM,
-                action="system.init",
-                outcome=Outcome.SUCCESS,
-                actor_account=actor.account,
-                client_ip=actor.client_ip,
-                request_id=actor.request_id,
-                detail={
-                    "organization": plan.organization,
-                    "key_type": plan.key_type.value,
-                    "issuing": list(plan.issuing),
-                },
-            ),
-            services.clock(),
+    detail = _plan_detail(plan, key_backend)
+    if not resumed:
+        _journal_init(services, actor, INIT_BEGUN, detail)
+    created = []
+    if plan.root_name in existing:
+        created.append(existing[plan.root_name])
+    else:
+        created.append(
+            create_root(
+                services.ca,
+                plan.root_name,
+                plan.organization,
+                plan.key_type,
+                actor,
+                key_ref=plan.adopt.get(plan.root_name) or _leftover_key(services, plan.root_name),
+            )
         )
-    created = [
-        create_root(
-            services.ca,
-            plan.root_name,
-            plan.organization,
-            plan.key_type,
-            actor,
-            key_ref=plan.adopt.get(plan.root_name),
-        )
-    ]
     for name in plan.issuing:
+        if name in existing:
+            created.append(existing[name])
+            continue
         created.append(
             create_issuing(
                 services.ca,
@@ -109,7 +214,7 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
                 plan.key_type,
                 actor,
                 plan.constraints,
-                key_ref=plan.adopt.get(name),
+                key_ref=plan.adopt.get(name) or _leftover_key(services, name),
             )
         )
     now = services.clock()
@@ -118,7 +223,38 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> list[Certifi
     # A delegated OCSP responder per issuing CA (its certificate is pre-signed on issuance).
     ensure_responders(services, now, actor)
     publish_ca_files(services)
+    _journal_init(services, actor, INIT_DONE, {**detail, "resumed": resumed})
     return created
+
+
+def _leftover_key(services: Services, name: str) -> str | None:
+    """A key an interrupted init made for CA ``name`` before the CA's row existed: a software
+    key file is removed (it signed nothing anyone holds), and None returned for a new one; a
+    token key is adopted (keys on a token are not deleted behind the operator's back)."""
+    ref = services.backend.reference(ca_key_label(name))
+    if not services.backend.has_key(ref):
+        return None
+    if isinstance(services.backend, SoftwareBackend):
+        services.backend.remove(ref)
+        return None
+    return ref
+
+
+def _journal_init(services: Services, actor: Actor, action: str, detail: dict[str, Any]) -> None:
+    with services.db.scope() as session:
+        services.journal.append(
+            session,
+            Event(
+                category=Category.SYSTEM,
+                action=action,
+                outcome=Outcome.SUCCESS,
+                actor_account=actor.account,
+                client_ip=actor.client_ip,
+                request_id=actor.request_id,
+                detail=detail,
+            ),
+            services.clock(),
+        )
 
 
 def publish_ca_files(services: Services) -> None:

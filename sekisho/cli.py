@@ -59,6 +59,7 @@ from sekisho.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from hsm.pkcs11 import Pkcs11Backend
+    from sekisho.bootstrap import Initialised
 
 EX_USAGE = 64
 EX_SOFTWARE = 70  # sysexits: an internal error
@@ -256,25 +257,28 @@ def init(
         constraints=constraints,
         adopt=adopted,
     )
-    created = initialise(services, plan, state.actor())
+    done = initialise(services, plan, state.actor())
     if backend_settings:
         # Only once the deployment exists: a refused init leaves the settings file alone.
         persist_settings(state.config or settings.data_dir / CONFIG_NAME, backend_settings)
-    _print_init(state, services, [c.name for c in created])
+    _print_init(state, services, done)
 
 
-def _print_init(state: State, services: Services, names: list[str]) -> None:
+def _print_init(state: State, services: Services, done: Initialised) -> None:
     settings = services.settings
     public = (settings.data_dir / "public").resolve()
+    names = [c.name for c in done.cas]
     doc = {
         "data_dir": str(settings.data_dir.resolve()),
         "cas": names,
+        "resumed": done.resumed,
         "certificates": {n: str(public / f"{n}.crt") for n in names},
         "crl_urls": {n: services.registry.urls.crl(n) for n in names},
     }
 
     def text() -> str:
-        lines = [f"Initialised Sekisho in {doc['data_dir']}", "CA certificates:"]
+        what = "Finished the interrupted initialisation of" if done.resumed else "Initialised"
+        lines = [f"{what} Sekisho in {doc['data_dir']}", "CA certificates:"]
         lines += [f"  {n:<8} {public / f'{n}.crt'}" for n in names]
         lines.append("CRLs:")
         lines += [f"  {n:<8} {services.registry.urls.crl(n)}" for n in names]
@@ -1333,8 +1337,7 @@ def run(ctx: click.Context) -> None:
     state: State = ctx.obj
     services = state.services(create=True)
     if not is_initialised(services):
-        created = initialise(services, InitPlan(), state.actor())
-        _print_init(state, services, [c.name for c in created])
+        _print_init(state, services, initialise(services, InitPlan(), state.actor()))
     else:
         click.echo(f"Sekisho data in {services.settings.data_dir.resolve()}", err=True)
     click.echo(

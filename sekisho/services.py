@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import functools
 import logging
 import os
@@ -24,8 +25,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.chain import parse_checkpoint_body
+from audit.events import Outcome
 from audit.journal import CheckpointSigner, Journal
-from audit.models import Checkpoint
+from audit.models import Checkpoint, JournalRecord
 from ca.crl import CrlPublisher
 from ca.issuance import CaService
 from ca.models import CaKind, CertificateAuthority
@@ -258,6 +260,46 @@ def _has_checkpoints(db: Database) -> bool:
         return False
 
 
+INIT_BEGUN = "system.init.begin"  # journalled first, with the plan
+INIT_DONE = "system.init"  # journalled last
+
+
+class InitState(enum.Enum):
+    NONE = "none"  # nothing begun
+    INTERRUPTED = "interrupted"  # begun, never finished (a crash, a kill, a failed step)
+    COMPLETE = "complete"
+
+
+def init_state(db: Database) -> InitState:
+    """Where ``init`` got to, from the journal: its first records are the init's. A store
+    from before INIT_BEGUN has INIT_DONE first (journalled at the start then) and a root."""
+    with db.read_scope() as session:
+        first = session.execute(
+            select(JournalRecord.seq, JournalRecord.action)
+            .where(
+                JournalRecord.action.in_([INIT_BEGUN, INIT_DONE]),
+                JournalRecord.outcome == Outcome.SUCCESS.value,
+            )
+            .order_by(JournalRecord.seq)
+            .limit(1)
+        ).first()
+        if first is None:
+            return InitState.COMPLETE if has_root_ca(db) else InitState.NONE
+        if first.action == INIT_DONE:
+            return InitState.COMPLETE
+        done = session.scalar(
+            select(JournalRecord.seq)
+            .where(
+                JournalRecord.seq > first.seq,
+                JournalRecord.action == INIT_DONE,
+                JournalRecord.outcome == Outcome.SUCCESS.value,
+            )
+            .order_by(JournalRecord.seq)
+            .limit(1)
+        )
+    return InitState.COMPLETE if done is not None else InitState.INTERRUPTED
+
+
 def has_root_ca(db: Database) -> bool:
     """Whether the store holds a deployment: ``init`` creates the root CA (the last step of
     a refused ``init`` that got as far as the schema does not)."""
@@ -303,6 +345,12 @@ def open_deployment(
             raise ConfigError(
                 f"the deployment in {settings.data_dir} is not initialised (no root CA): "
                 f"{NO_DEPLOYMENT_HINT}"
+            )
+        if not read_only and init_state(db) is InitState.INTERRUPTED:
+            # (A command that only reads still works: `audit verify` on what there is.)
+            raise ConfigError(
+                f"the initialisation of {settings.data_dir} was interrupted: run `sekisho "
+                "init` (with the options it was first given) or `sekisho run` to finish it"
             )
         backend = _read_only_backend(settings) if read_only else open_backend(settings)
         return build_services(settings, backend=backend, db=db, migrate=False)
