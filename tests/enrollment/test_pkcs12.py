@@ -70,7 +70,10 @@ def test_openssl_reports_modern_parameters(
     res = _openssl_info(p12, pw)
     text = res.stdout + res.stderr
     assert res.returncode == 0, text
-    assert re.search(r"MAC: sha256\b", text), text
+    # The MAC's key derivation runs as many rounds as the encryption's (cryptography writes
+    # 2048 whatever is asked: a wrong password was rejected in a third of a millisecond).
+    assert re.search(rf"MAC: sha256, Iteration {KDF_ROUNDS}\b", text), text
+    assert "MAC length: 32, salt length: 16" in text, text
     # Both the certificate bag and the shrouded key bag use PBES2.
     lines = [ln for ln in text.splitlines() if "PBES2" in ln]
     assert len(lines) >= 2, text
@@ -93,6 +96,51 @@ def test_wrong_password_fails_in_openssl_and_cryptography(
     assert "mac verify" in (res.stdout + res.stderr).lower()
     with pytest.raises(ValueError):
         pkcs12.load_key_and_certificates(p12.read_bytes(), b"not-the-password")
+
+
+def test_the_mac_key_derivation_is_openssls(services: Services, tmp_path: Path) -> None:
+    """OpenSSL's own bundle (``-iter 600000``) verifies under our derivation of its MAC
+    key, for an ASCII and a non-ASCII password (a BMPString from UTF-8 both ways); and a
+    bundle of ours with a non-ASCII password opens in OpenSSL."""
+    import hashlib
+    import hmac
+
+    from asn1crypto import pkcs12 as asn1_pkcs12
+
+    from enrollment.pkcs12 import mac_key
+
+    cert, key = _issue(services)
+    cert_file, key_file = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    for password in (PASSWORD, "パスワード-pässwörd".encode()):
+        pw = tmp_path / "pw"
+        pw.write_bytes(password + b"\n")
+        theirs = tmp_path / "theirs.p12"
+        subprocess.run(
+            ["openssl", "pkcs12", "-export", "-in", str(cert_file), "-inkey", str(key_file),
+             "-out", str(theirs), "-passout", f"file:{pw}", "-iter", "2000", "-macalg",
+             "sha256"],
+            capture_output=True, text=True, timeout=TIMEOUT, check=True,
+        )  # fmt: skip
+        pfx = asn1_pkcs12.Pfx.load(theirs.read_bytes())
+        mac_data = pfx["mac_data"]
+        assert mac_data["iterations"].native == 2000
+        expected = hmac.new(
+            mac_key(password, mac_data["mac_salt"].native, 2000),
+            pfx["auth_safe"]["content"].native,
+            hashlib.sha256,
+        ).digest()
+        assert mac_data["mac"]["digest"].native == expected
+        ours = tmp_path / "ours.p12"
+        ours.write_bytes(pkcs12_bundle(key, cert, [], password))  # type: ignore[arg-type]
+        assert _openssl_info(ours, pw).returncode == 0
 
 
 def test_key_and_chain_inside_match_the_issued_certificate(
