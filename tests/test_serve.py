@@ -198,6 +198,11 @@ def test_gunicorn_serves_crls_and_stops_cleanly(
     assert code == 0, server.output()
     assert not [p for p in server.workers if alive(p)]
     assert "Traceback" not in server.output()
+    # Structured logs: every line, gunicorn's own (arbiter, workers) included, is one JSON
+    # object (gunicorn's were plain text on the same stream).
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["msg"] for line in lines), server.output()[-2000:]
+    assert any(json.loads(line)["logger"] == "gunicorn.error" for line in lines)
     refused = curl(f"{server.base}/healthz")
     assert refused.returncode != 0
 

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from flask import Flask
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
@@ -40,6 +41,7 @@ from sekisho.errors import (
     StoreError,
     WrongPassphrase,
 )
+from sekisho.logs import JsonFormatter
 from sekisho.services import build_services, open_deployment
 from sekisho.settings import Settings, load_settings
 from sekisho.workers import heartbeat_age, heartbeat_file
@@ -171,6 +173,16 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
     def manage_workers(self) -> None:
         super().manage_workers()
         self.app.refresher.check()
+
+
+class JsonGunicornLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's own messages (arbiter, workers) as the JSON lines every other log line is:
+    its default format was plain text on the same stderr."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -326,6 +338,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         "limit_request_field_size": 8190,
         "accesslog": None,
         "errorlog": "-",
+        "logger_class": JsonGunicornLogger,
         "loglevel": settings.log_level.lower(),
         "when_ready": when_ready,
         "on_exit": on_exit,
