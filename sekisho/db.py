@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Connection, DateTime, Engine, Enum, create_engine, event, inspect
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Enum,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQLAlchemyError
@@ -814,11 +823,46 @@ def head_revisions() -> tuple[str, ...]:
     return tuple(ScriptDirectory.from_config(alembic_config()).get_heads())
 
 
+MIGRATION_LOCK_KEY = 0x5E15_4010  # PostgreSQL advisory lock: one migrating process at a time
+
+
+@contextlib.contextmanager
+def migration_lock(engine: Engine) -> Iterator[None]:
+    """One process migrates a store at a time; the next, let in, finds the schema current.
+    Two first runs at once used to apply the same migration twice ("duplicate column"): on
+    SQLite, Alembic runs DDL outside a transaction. SQLite: ``<db>-migrate.lock`` beside the
+    file (flock); PostgreSQL: a session advisory lock, held on a connection of its own."""
+    path = sqlite_file(str(engine.url))
+    if engine.dialect.name == "sqlite":
+        if path is None:
+            yield  # in memory: this process's own
+            return
+        try:
+            fd = os.open(f"{path}-migrate.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot lock {path} to migrate it: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    with _store_errors(), engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            conn.commit()
+
+
 def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest migration (idempotent)."""
+    """Bring the schema to the newest migration (idempotent; one process at a time)."""
     from alembic import command
 
-    try:
-        command.upgrade(alembic_config(engine), "head")
-    except SQLAlchemyError as exc:
-        raise StoreError(f"migration failed: {exc}") from exc
+    with migration_lock(engine):
+        try:
+            command.upgrade(alembic_config(engine), "head")
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {exc}") from exc

@@ -506,6 +506,58 @@ def test_a_postgresql_lock_held_too_long_gives_database_busy(
         cluster.drop_database("t_db_lock")
 
 
+_MIGRATE = "import sys; from sekisho.db import Database; Database(sys.argv[1]).upgrade()"
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_a_migration_waits_for_the_one_under_way(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two first runs at once applied the same migration twice ("duplicate column", exit
+    74), SQLite running Alembic's DDL outside a transaction. A process migrating a store now
+    waits for the one under way, then finds the schema current."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        cluster: pg.PgCluster = request.getfixturevalue("pg_cluster")
+        cluster.drop_database("t_db_migrate")
+        url = cluster.create_database("t_db_migrate")
+    store = Database(url)
+    try:
+        with db_module.migration_lock(store.engine):
+            child = subprocess.Popen(
+                [sys.executable, "-c", _MIGRATE, url],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                time.sleep(1.5)
+                assert child.poll() is None, child.communicate()
+                assert store.schema_revisions() is None  # it waited: nothing migrated yet
+            except BaseException:
+                child.kill()
+                child.wait()
+                raise
+        _out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        assert set(store.schema_revisions() or ()) == set(db_module.head_revisions())
+        # Several at once, nothing held: every one succeeds.
+        fresh = url.replace("store.db", "store2.db") if backend == "sqlite" else url
+        racers = [
+            subprocess.Popen([sys.executable, "-c", _MIGRATE, fresh],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]  # fmt: skip
+        for racer in racers:
+            _out, err = racer.communicate(timeout=120)
+            assert racer.returncode == 0, err
+    finally:
+        store.dispose()
+        if backend == "postgres":
+            cluster.drop_database("t_db_migrate")
+
+
 # -- the SQLite writer queue ------------------------------------------------------------------
 def test_a_writer_that_waits_too_long_gets_database_busy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
