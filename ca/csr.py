@@ -180,7 +180,8 @@ def parse_csr(data: bytes) -> CsrRequest:
         # UTF-8 in a UTF8String) surfaces here, not later inside the issuance.
         subject = csr.subject
         subject.rfc4514_string()
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
+        # (TypeError: an attribute other than x500UniqueIdentifier as a BIT STRING.)
         raise MalformedInput(f"CSR subject cannot be decoded: {exc}") from None
     try:
         extensions = csr.extensions
@@ -189,7 +190,8 @@ def parse_csr(data: bytes) -> CsrRequest:
         raise MalformedInput(
             f"CSR subjectAltName holds a name form we cannot read: {exc}"
         ) from None
-    except (ValueError, x509.DuplicateExtension) as exc:
+    except (ValueError, TypeError, x509.DuplicateExtension) as exc:
+        # (TypeError: a directoryName SAN whose attribute is a BIT STRING, as in a subject.)
         raise MalformedInput(f"CSR extensions cannot be parsed: {exc}") from None
     _no_unknown_critical_request(extensions)
     sans: tuple[SanEntry, ...] = ()

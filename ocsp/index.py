@@ -417,16 +417,16 @@ def simple_request(data: bytes) -> tuple[bytes, bytes | None] | None:
         top = r.read_tlv(data, 0, len(data))
         if top.tag != 0x30 or top.end != len(data):
             return None
-        tbs = r.children(data, top)
+        tbs = r.children(data, top, at_most=1)
         if len(tbs) != 1 or tbs[0].tag != 0x30:
             return None
-        parts = r.children(data, tbs[0])
+        parts = r.children(data, tbs[0], at_most=2)
         if not 1 <= len(parts) <= 2 or parts[0].tag != 0x30:
             return None
-        requests = r.children(data, parts[0])
+        requests = r.children(data, parts[0], at_most=1)
         if len(requests) != 1 or requests[0].tag != 0x30:
             return None
-        cert_ids = r.children(data, requests[0])
+        cert_ids = r.children(data, requests[0], at_most=1)
         if len(cert_ids) != 1 or cert_ids[0].tag != 0x30:
             return None
         cert_id = cert_ids[0].encoding(data)
@@ -434,13 +434,13 @@ def simple_request(data: bytes) -> tuple[bytes, bytes | None] | None:
             return cert_id, None
         if parts[1].tag != 0xA2:
             return None
-        wrapper = r.children(data, parts[1])
+        wrapper = r.children(data, parts[1], at_most=1)
         if len(wrapper) != 1 or wrapper[0].tag != 0x30:
             return None
-        extensions = r.children(data, wrapper[0])
+        extensions = r.children(data, wrapper[0], at_most=1)
         if len(extensions) != 1 or extensions[0].tag != 0x30:
             return None
-        fields = r.children(data, extensions[0])
+        fields = r.children(data, extensions[0], at_most=2)
         if len(fields) != 2 or fields[0].encoding(data) != _NONCE_OID or fields[1].tag != 0x04:
             return None
         nonce = r.only(fields[1].content(data), 0x04, "nonce")

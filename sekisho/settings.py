@@ -121,8 +121,12 @@ class Settings:
         """Raise ConfigError with a message naming the setting at fault."""
         if not 1 <= self.bind_port <= 65535:  # first: an unset base_url is made from it
             raise ConfigError(f"bind_port out of range: {self.bind_port}")
-        parts = urlsplit(self.base_url)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
+        try:
+            parts = urlsplit(self.base_url)
+            hostname = parts.hostname
+        except ValueError as exc:  # "http://[::1", a host NFKC makes into a delimiter
+            raise ConfigError(f"base_url is not a URL: {shown(self.base_url)} ({exc})") from None
+        if parts.scheme not in {"http", "https"} or not hostname:
             raise ConfigError(
                 f"base_url must be an http(s) URL with a host, got {shown(self.base_url)}"
             )
@@ -215,7 +219,7 @@ def _check_database_url(url: str) -> None:
 
     try:
         driver = make_url(url).drivername
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(
             "database_url is not a database URL (sqlite:/// or postgresql://)"
         ) from None
@@ -231,6 +235,10 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 def _coerce(name: str, raw: Any) -> Any:
     target = _FIELDS[name].type
     try:
+        if isinstance(raw, str) and "\x00" in raw:
+            # A path with one cannot be opened (ValueError deep inside a later step); no
+            # setting has a use for one.
+            raise ValueError("holds a NUL character")
         if target in ("Path", Path):
             if not isinstance(raw, str | os.PathLike):
                 raise ValueError(f"expected a path, not {type(raw).__name__}")

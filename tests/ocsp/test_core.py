@@ -620,7 +620,9 @@ def test_deep_nesting_fails_fast(pki: Pki) -> None:
             der.check_structure(deep, core.MAX_DEPTH)
     # The structure check itself is iterative: 10^4 levels with no depth limit, no recursion.
     started = time.perf_counter()
-    der.check_structure(huge, max_depth=10**5)
+    der.check_structure(huge, max_depth=10**5, max_tlvs=10**5)
+    with pytest.raises(der.DerError, match="more than 4000 elements"):
+        der.check_structure(huge, max_depth=10**5)  # (and a request holds far fewer TLVs)
     assert time.perf_counter() - started < 1.0
 
 
