@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import os
 import re
 import threading
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from hsm.base import KeyType
 from hsm.pbes2 import decrypt_private_key, encrypt_private_key
 from sekisho.errors import Conflict, KeyBackendError, NotFound
-from sekisho.files import create_synced
+from sekisho.files import create_synced, exclusive_lock
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole label: fullmatch
 PEM_LABEL = "ENCRYPTED PRIVATE KEY"
@@ -126,16 +125,15 @@ class SoftwareBackend:
         """Hold the keys directory's lock (``flock``; processes and threads alike wait):
         for what decides from a key file's presence whether to write or remove it (``ca
         online``, ``ca offline``), so that no other such decision runs in between."""
-        try:
-            self._make_keys_dir()
-            fd = os.open(self.keys_dir, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise KeyBackendError(f"cannot use {self.keys_dir}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.ExitStack() as held:
+            try:
+                self._make_keys_dir()
+                held.enter_context(exclusive_lock(self.keys_dir))
+            except OSError as exc:
+                raise KeyBackendError(
+                    f"cannot use {self.keys_dir}: {exc.strerror or exc}"
+                ) from None
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     def decrypt(self, encrypted_der: bytes) -> CertificateIssuerPrivateKeyTypes:
         """Decrypt an exported key under this backend's passphrase (to check it first)."""

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
-import os
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
-from audit.events import Category, Event, Outcome
+from audit.events import Category, Outcome, by_actor
 from audit.models import JournalRecord
 from ca.hierarchy import (
     NameConstraintSpec,
@@ -33,6 +29,7 @@ from hsm.software import SoftwareBackend
 from ocsp.signers import ensure_responders
 from sekisho.context import Actor
 from sekisho.errors import Conflict, InputError, shown
+from sekisho.files import exclusive_lock
 from sekisho.services import (
     INIT_BEGUN,
     INIT_DONE,
@@ -116,17 +113,6 @@ def _begun_plan(services: Services) -> InitPlan:
     return plan
 
 
-@contextlib.contextmanager
-def _init_lock(data_dir: Path) -> Iterator[None]:
-    """One init at a time on a data directory: a second waits, then finds the first's work."""
-    fd = os.open(data_dir / INIT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 INIT_LOCK = "init.lock"
 
 
@@ -142,7 +128,8 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> Initialised:
     an interrupted step left without its CA (a software key file) is replaced, one on a
     token adopted. INIT_DONE is journalled last: until then the deployment is not
     initialised, and every command but ``init`` and ``run`` says so."""
-    with _init_lock(services.settings.data_dir):
+    # One init at a time on a data directory: a second waits, then finds the first's work.
+    with exclusive_lock(services.settings.data_dir / INIT_LOCK):
         state = init_state(services.db)
         if state is InitState.COMPLETE:
             raise Conflict("this deployment is already initialised")
@@ -244,15 +231,7 @@ def _journal_init(services: Services, actor: Actor, action: str, detail: dict[st
     with services.db.scope() as session:
         services.journal.append(
             session,
-            Event(
-                category=Category.SYSTEM,
-                action=action,
-                outcome=Outcome.SUCCESS,
-                actor_account=actor.account,
-                client_ip=actor.client_ip,
-                request_id=actor.request_id,
-                detail=detail,
-            ),
+            by_actor(actor, Category.SYSTEM, action, Outcome.SUCCESS, detail=detail),
             services.clock(),
         )
 

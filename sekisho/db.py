@@ -45,6 +45,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from sekisho.errors import DuplicateKey, StoreError
+from sekisho.files import exclusive_lock
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 READ_ONLY = "sekisho_read_only"  # execution option set by Database.read_scope()
@@ -837,15 +838,14 @@ def migration_lock(engine: Engine) -> Iterator[None]:
         if path is None:
             yield  # in memory: this process's own
             return
-        try:
-            fd = os.open(f"{path}-migrate.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot lock {path} to migrate it: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(exclusive_lock(Path(f"{path}-migrate.lock")))
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot lock {path} to migrate it: {exc.strerror or exc}"
+                ) from None
             yield
-        finally:
-            os.close(fd)  # releases the lock
         return
     with _store_errors(), engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
