@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from hsm.base import KeyType
 from hsm.pbes2 import decrypt_private_key, encrypt_private_key
 from sekisho.errors import Conflict, KeyBackendError, NotFound
-from sekisho.files import create_synced, exclusive_lock
+from sekisho.files import create_synced, exclusive_lock, sync_directory
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole label: fullmatch
 PEM_LABEL = "ENCRYPTED PRIVATE KEY"
@@ -166,6 +166,20 @@ class SoftwareBackend:
                 path.unlink()
         except OSError as exc:
             raise KeyBackendError(f"cannot remove key {ref}: {exc.strerror or exc}") from None
+
+    def set_aside(self, ref: str, suffix: str) -> Path:
+        """Rename the key file of ``ref`` to ``<label>.key.<suffix>`` (kept, out of the way of
+        a new key under the label); its new path."""
+        path = self._path(ref)
+        aside = path.with_name(f"{path.name}.{suffix}")
+        with self._lock:
+            self._cache.pop(ref, None)
+        try:
+            os.rename(path, aside)
+            sync_directory(self.keys_dir)
+        except OSError as exc:
+            raise KeyBackendError(f"cannot set key {ref} aside: {exc.strerror or exc}") from None
+        return aside
 
     def has_key(self, ref: str) -> bool:
         return self._path(ref).exists()

@@ -173,7 +173,7 @@ def _initialise(
     enable_checkpoints(services)
     detail = _plan_detail(plan, key_backend)
     if not resumed:
-        _journal_init(services, actor, INIT_BEGUN, detail)
+        _journal_event(services, actor, INIT_BEGUN, detail)
     created = []
     if plan.root_name in existing:
         created.append(existing[plan.root_name])
@@ -185,7 +185,8 @@ def _initialise(
                 plan.organization,
                 plan.key_type,
                 actor,
-                key_ref=plan.adopt.get(plan.root_name) or _leftover_key(services, plan.root_name),
+                key_ref=plan.adopt.get(plan.root_name)
+                or _leftover_key(services, actor, plan.root_name, resumed),
             )
         )
     for name in plan.issuing:
@@ -201,7 +202,7 @@ def _initialise(
                 plan.key_type,
                 actor,
                 plan.constraints,
-                key_ref=plan.adopt.get(name) or _leftover_key(services, name),
+                key_ref=plan.adopt.get(name) or _leftover_key(services, actor, name, resumed),
             )
         )
     now = services.clock()
@@ -210,28 +211,35 @@ def _initialise(
     # A delegated OCSP responder per issuing CA (its certificate is pre-signed on issuance).
     ensure_responders(services, now, actor)
     publish_ca_files(services)
-    _journal_init(services, actor, INIT_DONE, {**detail, "resumed": resumed})
+    _journal_event(services, actor, INIT_DONE, {**detail, "resumed": resumed})
     return created
 
 
-def _leftover_key(services: Services, name: str) -> str | None:
-    """A key an interrupted init made for CA ``name`` before the CA's row existed: a software
-    key file is removed (it signed nothing anyone holds), and None returned for a new one; a
-    token key is adopted (keys on a token are not deleted behind the operator's back)."""
+def _leftover_key(services: Services, actor: Actor, name: str, resumed: bool) -> str | None:
+    """When finishing an interrupted init, a key it may have made for CA ``name`` before the
+    CA's row existed: a software key file is set aside (renamed, kept: it could also be an
+    older deployment's, whose database was removed) and journalled, and None returned for a
+    new key; a key on the token is adopted (keys on a token are not touched behind the
+    operator's back). A fresh init touches nothing: a key already there is a conflict."""
     ref = services.backend.reference(ca_key_label(name))
-    if not services.backend.has_key(ref):
+    if not resumed or not services.backend.has_key(ref):
         return None
-    if isinstance(services.backend, SoftwareBackend):
-        services.backend.remove(ref)
-        return None
-    return ref
+    if not isinstance(services.backend, SoftwareBackend):
+        return ref
+    stamp = services.clock().strftime("%Y%m%dT%H%M%SZ")
+    aside = services.backend.set_aside(ref, f"set-aside-{stamp}")
+    _journal_event(
+        services, actor, "ca.key.set_aside", {"ca": name, "key_ref": ref, "file": aside.name}
+    )
+    return None
 
 
-def _journal_init(services: Services, actor: Actor, action: str, detail: dict[str, Any]) -> None:
+def _journal_event(services: Services, actor: Actor, action: str, detail: dict[str, Any]) -> None:
+    category = Category.CA if action.startswith("ca.") else Category.SYSTEM
     with services.db.scope() as session:
         services.journal.append(
             session,
-            by_actor(actor, Category.SYSTEM, action, Outcome.SUCCESS, detail=detail),
+            by_actor(actor, category, action, Outcome.SUCCESS, detail=detail),
             services.clock(),
         )
 

@@ -105,6 +105,34 @@ def test_an_init_killed_part_way_is_finished_by_the_next_one(
     code, out, err = _cli(capsys, data, "--json", "crl", "generate", "--ca", "iot")
     assert code == 0, err
     assert _cli(capsys, data, "init")[0] == 75  # now it is initialised
+    # A key file written before its CA's row is set aside (kept, renamed) and journalled,
+    # not reused and not deleted.
+    set_aside = sorted(p.name for p in (data / "keys").glob("*.set-aside-*"))
+    if step.startswith("key:"):
+        assert [name.split(".key.")[0] for name in set_aside] == [step[4:]], set_aside
+        code, out, _ = _cli(capsys, data, "--json", "audit", "search", "--category", "ca",
+                            "--limit", "1000")  # fmt: skip
+        entries = [json.loads(line) for line in out.splitlines()]
+        assert [e["detail"]["file"] for e in entries if e["action"] == "ca.key.set_aside"] == (
+            set_aside
+        )
+    else:
+        assert set_aside == []
+
+
+def test_a_fresh_init_never_touches_a_key_file_already_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keys left by an older deployment whose database was removed: a fresh init is refused
+    (75) and the file left as it was, not set aside or overwritten."""
+    data = tmp_path / "data"
+    assert _cli(capsys, data, "init")[0] == 0
+    (data / "sekisho.db").unlink()
+    key = (data / "keys" / "ca-root.key").read_bytes()
+    code, _, err = _cli(capsys, data, "init")
+    assert code == 75 and "already exists" in err, err
+    assert (data / "keys" / "ca-root.key").read_bytes() == key
+    assert list((data / "keys").glob("*.set-aside-*")) == []
 
 
 def test_two_first_runs_at_once_make_one_deployment(tmp_path: Path) -> None:
