@@ -695,7 +695,9 @@ def _deliver(
             fate = _revoke_undelivered(services, ca_name, cert, state.actor())
         note = f"certificate {serial} of CA {ca_name} was issued, but not handed out: {fate}"
         if isinstance(exc, SekishoError):
-            raise type(exc)(f"{exc.message}; {note}") from None
+            exc.message = f"{exc.message}; {note}"  # (its class, hence its exit code, kept)
+            exc.args = (exc.message,)
+            raise
         with contextlib.suppress(OSError):
             click.echo(f"error: {note}", err=True)  # (Ctrl-C, or stdout closed)
         raise
