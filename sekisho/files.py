@@ -59,11 +59,12 @@ def create_synced(path: Path, data: bytes) -> None:
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (a directory as it is; a file created owner-only
-    if missing): other processes and threads that ask wait. OSError as raised."""
+    if missing, never through a symlink): other processes and threads that ask wait.
+    OSError as raised."""
     if path.is_dir():
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     else:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
