@@ -1501,7 +1501,7 @@ def test_read_commands_work_on_a_read_only_copy(template_dir: Path, tmp_path: Pa
     key = _audit_public_key(copy, tmp_path / "audit-key.pem")
     checkpoints = tmp_path / "checkpoints.jsonl"
     assert sorted(p.name for p in copy.iterdir() if p.name.startswith("sekisho.db")) == [
-        "sekisho.db", "sekisho.db-writer",
+        "sekisho.db", "sekisho.db-migrate.lock", "sekisho.db-writer",
     ]  # fmt: skip
     listed = read_only(copy, "--json", "cert", "list")
     assert listed.returncode == 0, listed.stderr
