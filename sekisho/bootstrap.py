@@ -170,10 +170,14 @@ def _initialise(
             f"the token already holds an audit key {audit_ref}: another deployment uses this "
             "label prefix; set a distinct pkcs11_label_prefix (or delete that key)"
         )
-    enable_checkpoints(services)
     detail = _plan_detail(plan, key_backend)
     if not resumed:
+        # Before any key, the audit key included: an init stopped from here on is finished by
+        # the next one (a token's audit key made by it is then its own, not a conflict).
         _journal_event(services, actor, INIT_BEGUN, detail)
+    enable_checkpoints(services)
+    with services.db.scope() as session:
+        services.journal.checkpoint(session, services.clock())  # the first record signed now
     created = []
     if plan.root_name in existing:
         created.append(existing[plan.root_name])
