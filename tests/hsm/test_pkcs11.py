@@ -43,14 +43,8 @@ TIMEOUT = 60
 
 @pytest.fixture
 def backend(softhsm: softhsm_support.SoftHsm) -> Iterator[Pkcs11Backend]:
-    b = Pkcs11Backend(
-        softhsm.module,
-        TEST_TOKEN,
-        softhsm_support.USER_PIN,
-        label_prefix=f"u{secrets.token_hex(3)}-",
-    )
-    yield b
-    b.close()
+    with softhsm.backend(TEST_TOKEN, "u") as b:
+        yield b
 
 
 def _deployment(softhsm: softhsm_support.SoftHsm, tmp_path: Path, token: str) -> Path:

@@ -6,7 +6,6 @@ and private objects are not one pair, and a generation retried after its reply w
 from __future__ import annotations
 
 import logging
-import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,14 +31,8 @@ ECDSA = ec.ECDSA(hashes.SHA256())
 
 @pytest.fixture
 def backend(softhsm: softhsm_support.SoftHsm) -> Iterator[Pkcs11Backend]:
-    b = Pkcs11Backend(
-        softhsm.module,
-        FAULT_TOKEN,
-        softhsm_support.USER_PIN,
-        label_prefix=f"r{secrets.token_hex(3)}-",
-    )
-    yield b
-    b.close()
+    with softhsm.backend(FAULT_TOKEN, "r") as b:
+        yield b
 
 
 class _FailingKey:

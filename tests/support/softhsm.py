@@ -13,11 +13,16 @@ import dataclasses
 import glob
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hsm.pkcs11 import Pkcs11Backend
 
 MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 SO_PIN = "so-secret-8765"
@@ -105,6 +110,20 @@ class SoftHsm:
         finally:
             shutil.rmtree(token_dir)
             shutil.move(away, token_dir)
+
+    @contextlib.contextmanager
+    def backend(self, token: str, prefix: str) -> Iterator[Pkcs11Backend]:
+        """A backend on ``token`` whose key labels start with ``prefix`` and a random part (a
+        test's keys never meet another's), closed after the block."""
+        from hsm.pkcs11 import Pkcs11Backend
+
+        backend = Pkcs11Backend(
+            self.module, token, USER_PIN, label_prefix=f"{prefix}{secrets.token_hex(3)}-"
+        )
+        try:
+            yield backend
+        finally:
+            backend.close()
 
     def remove(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
