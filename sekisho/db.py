@@ -833,8 +833,8 @@ def migration_lock(engine: Engine) -> Iterator[None]:
     Two first runs at once used to apply the same migration twice ("duplicate column"): on
     SQLite, Alembic runs DDL outside a transaction. SQLite: ``<db>-migrate.lock`` beside the
     file (flock); PostgreSQL: a session advisory lock, held on a connection of its own."""
-    path = sqlite_file(str(engine.url))
     if engine.dialect.name == "sqlite":
+        path = sqlite_file(str(engine.url))
         if path is None:
             yield  # in memory: this process's own
             return

@@ -10,7 +10,7 @@ import secrets
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from sekisho.errors import PATH_SHOWN, InputError, OutputError, TooLarge, shown
 
@@ -113,20 +113,18 @@ class NewFiles:
         with self.open_binary(path) as fh:
             fh.write(data)
 
-    @contextlib.contextmanager
-    def open_binary(self, path: Path) -> Iterator[IO[bytes]]:
-        with self._errors(path):
-            with os.fdopen(self._open.pop(path), "wb") as fh:
-                yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
-            sync_directory(path.parent)
-        self._finished.add(path)
+    def open_binary(self, path: Path) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return self._written(path, "wb")
+
+    def open_text(self, path: Path) -> contextlib.AbstractContextManager[IO[str]]:
+        return self._written(path, "w", encoding="utf-8", newline="")
 
     @contextlib.contextmanager
-    def open_text(self, path: Path) -> Iterator[IO[str]]:
+    def _written(self, path: Path, mode: str, **options: Any) -> Iterator[IO[Any]]:
+        """The file's descriptor as a file object; once the block wrote it, synced with its
+        directory and counted as written whole."""
         with self._errors(path):
-            with os.fdopen(self._open.pop(path), "w", encoding="utf-8", newline="") as fh:
+            with os.fdopen(self._open.pop(path), mode, **options) as fh:
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
