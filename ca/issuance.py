@@ -37,9 +37,9 @@ from audit.events import Category, Outcome, by_actor, refused
 from audit.journal import Journal
 from ca import rules
 from ca.csr import parse_csr
-from ca.models import BlockedKey, Certificate, CertificateAuthority, CertStatus
+from ca.models import BlockedKey, Certificate, CertStatus
 from ca.profiles import ProfileSet
-from ca.registry import CaRegistry
+from ca.registry import CaRegistry, bump_revocation_epoch
 from ca.subject import encode_subject
 from ca.tbs import SanEntry, Tbs, new_serial, serial_hex, spki_sha256, tbs_sha256
 from hsm.base import KeyBackend, KeyType, key_type_of, signature_hash
@@ -84,7 +84,6 @@ _INTENT_COLUMNS = (
     "spki_sha256",
 )
 _BLOCKED = cast(Table, BlockedKey.__table__)
-_AUTHORITIES = cast(Table, CertificateAuthority.__table__)
 # The intent, written only if the key is not blocked, in the same statement (one round trip;
 # no issuance slips between a separate look and the insert): no row back means blocked.
 _INSERT_INTENT = Prepared(
@@ -377,14 +376,7 @@ class CaService:
             with self.db.connection_scope() as conn:
                 if conn.execute(_MARK_FAILED, {"row_id": row_id, "why": why}).rowcount != 1:
                     return  # revoked meanwhile: that change has its epoch
-                conn.execute(
-                    update(_AUTHORITIES)
-                    .where(_AUTHORITIES.c.id == issuer_id)
-                    .values(revocation_epoch=_AUTHORITIES.c.revocation_epoch + 1)
-                )
-                epoch = conn.scalar(
-                    select(_AUTHORITIES.c.revocation_epoch).where(_AUTHORITIES.c.id == issuer_id)
-                )
+                epoch = bump_revocation_epoch(conn, issuer_id)[0]
                 conn.execute(
                     update(_CERTIFICATES)
                     .where(_CERTIFICATES.c.id == row_id)

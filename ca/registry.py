@@ -10,7 +10,7 @@ import weakref
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import event, select
+from sqlalchemy import Connection, event, select, update
 from sqlalchemy.orm import Session, object_session
 
 from ca.models import Certificate, CertificateAuthority, CertStatus
@@ -187,6 +187,23 @@ def _ca_rows_committed(session: Session) -> None:
 
 def all_cas(session: Session) -> list[CertificateAuthority]:
     return list(session.scalars(select(CertificateAuthority).order_by(CertificateAuthority.id)))
+
+
+def bump_revocation_epoch(executor: Session | Connection, ca_id: int) -> tuple[int, str]:
+    """The CA's revocation epoch one up, in the caller's transaction (an ORM session or a
+    Core connection): (the new epoch, the CA's name). Every status change of a certificate
+    (a revocation, a release, a signing that failed) takes one."""
+    executor.execute(
+        update(CertificateAuthority)
+        .where(CertificateAuthority.id == ca_id)
+        .values(revocation_epoch=CertificateAuthority.revocation_epoch + 1)
+    )
+    row = executor.execute(
+        select(CertificateAuthority.revocation_epoch, CertificateAuthority.name).where(
+            CertificateAuthority.id == ca_id
+        )
+    ).one()
+    return int(row[0]), str(row[1])
 
 
 def ca_row(session: Session, name: str) -> CertificateAuthority:

@@ -22,14 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from audit.events import Category, Outcome, by_actor, refused
 from audit.journal import Journal
 from ca.models import BlockedKey, Certificate, CertificateAuthority, CertStatus
-from ca.registry import ca_row
+from ca.registry import bump_revocation_epoch, ca_row
 from ca.tbs import serial_hex, spki_sha256
 from sekisho.context import Actor
 from sekisho.db import Database
@@ -204,20 +204,6 @@ class Revoker:
         if cert is None:
             raise NotFound(f"CA {ca.name} has no certificate with serial {serial:x}")
         return cert
-
-    def _bump_epoch(self, session: Session, ca_id: int) -> tuple[int, str]:
-        """The CA's revocation epoch, one up: (the new epoch, the CA's name)."""
-        session.execute(
-            update(CertificateAuthority)
-            .where(CertificateAuthority.id == ca_id)
-            .values(revocation_epoch=CertificateAuthority.revocation_epoch + 1)
-        )
-        row = session.execute(
-            select(CertificateAuthority.revocation_epoch, CertificateAuthority.name).where(
-                CertificateAuthority.id == ca_id
-            )
-        ).one()
-        return int(row[0]), str(row[1])
 
     def revoke(
         self,
@@ -419,7 +405,7 @@ class Revoker:
         journal (and before the certificates change: each is then written once, when the
         journal flushes). The new epoch of each CA touched, by CA id."""
         touched = {cert.issuer_id for cert in certs}
-        bumped = {ca_id: self._bump_epoch(session, ca_id) for ca_id in sorted(touched)}
+        bumped = {ca_id: bump_revocation_epoch(session, ca_id) for ca_id in sorted(touched)}
         for cert in certs:
             current = Reason(cert.revocation_reason) if cert.revocation_reason else None
             previous = cert.status
@@ -540,7 +526,7 @@ class Revoker:
             cert.revoked_at = None
             cert.invalidity_date = None
             cert.released_at = now
-            epoch = self._bump_epoch(session, ca.id)[0]
+            epoch = bump_revocation_epoch(session, ca.id)[0]
             cert.status_epoch = epoch
             self.journal.append(
                 session,
