@@ -528,7 +528,9 @@ def _signature_algorithm(key: CertificateIssuerPrivateKeyTypes) -> tuple[bytes, 
     raise ConfigError(f"cannot sign OCSP responses with {type(key).__name__}")
 
 
-def _verify(cert: x509.Certificate, signature: bytes, data: bytes) -> None:
+def verify_signature(cert: x509.Certificate, signature: bytes, data: bytes) -> None:
+    """Check ``signature`` over ``data`` with ``cert``'s key, as this module signs (see
+    :func:`_signature_algorithm`); KeyBackendError when it does not verify."""
     public = cert.public_key()
     try:
         if isinstance(public, ec.EllipticCurvePublicKey):
@@ -588,7 +590,7 @@ def build_response(
     signature = sign(tbs)
     if issuer.verify_each:
         # A token's fault, or a key object that is not what it says, never reaches a client.
-        _verify(issuer.responder_certificate, signature, tbs)
+        verify_signature(issuer.responder_certificate, signature, tbs)
     basic = w.sequence(tbs, algorithm, w.bit_string(signature), issuer.certs_der)
     response_bytes = w.sequence(w.oid(OID_BASIC), w.octet_string(basic))
     return w.sequence(b"\x0a\x01\x00", w.explicit(0, response_bytes))  # successful
