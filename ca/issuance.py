@@ -383,7 +383,7 @@ class CaService:
                     .values(status_epoch=epoch)
                 )
         except SekishoError:
-            # The row stays reserved: revocable, and the reconciler reports it.
+            # The row stays reserved: revocable, and `cert check` reports it (reserved-stale).
             pass
 
     def _journal_rejection(

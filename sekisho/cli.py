@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from sekisho.context import Actor
 from sekisho.errors import (
     ConfigError,
     Conflict,
+    Discrepancies,
     InputError,
     NotFound,
     SekishoError,
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from sekisho.bootstrap import Initialised
 
 EX_USAGE = 64
+PROGRESS_SECONDS = 5.0  # how often a long command says how far it is (stderr)
 EX_SOFTWARE = 70  # sysexits: an internal error
 EX_IOERR = 74  # sysexits: an I/O error (here also: the output closed before all was written)
 
@@ -935,6 +938,60 @@ def cert_list(
             or "no certificates"
         ),
     )
+
+
+@cert.command("check")
+@click.option("--ca", "ca_names", multiple=True, help="Only this CA (repeatable).")
+@click.option(
+    "--grace",
+    type=click.IntRange(0, 7 * 24 * 60),
+    default=15,
+    show_default=True,
+    metavar="MINUTES",
+    help="Status changes and issuances newer than this are still on their way to the CRLs "
+    "and the OCSP answers: not reported.",
+)
+@pass_state
+def cert_check(state: State, ca_names: tuple[str, ...], grace: int) -> None:
+    """Check every certificate against its DER and signature, the journal, the CRLs and the
+    stored OCSP answers (reads only; docs/decisions.md, "cert check").
+
+    Prints one line per discrepancy as it is found (with --json, one document at the end),
+    progress and a summary on stderr. Exits 0 when everything agrees, 2 when anything does
+    not. Run it from cron, after `audit verify`: the journal it compares with is only as
+    good as that check.
+    """
+    from sekisho.check import StoreCheck
+
+    services = state.read_services()
+    found: list[dict[str, str]] = []
+    shown_at = [time.monotonic()]
+
+    def progress(totals: Any) -> None:
+        if time.monotonic() - shown_at[0] >= PROGRESS_SECONDS:
+            shown_at[0] = time.monotonic()
+            click.echo(f"checked {totals.certificates} certificates...", err=True)
+
+    with services.db.read_scope(snapshot=True) as session:
+        run = StoreCheck(
+            session, services.clock(), ca_names=ca_names, grace=dt.timedelta(minutes=grace)
+        )
+        for finding in run.findings(progress):
+            if state.as_json:
+                found.append(finding.as_dict())
+            else:
+                click.echo(f"{finding.ca} {finding.serial or '-'} {finding.kind}: {finding.detail}")
+    totals = run.totals
+    summary = (
+        f"{totals.certificates} certificates of {totals.cas} CAs, {totals.ocsp_answers} OCSP "
+        f"answers, {totals.crl_entries} CRL entries checked: {totals.findings} discrepancies"
+    )
+    if state.as_json:
+        state.emit({"ok": not totals.findings, **totals.as_dict(), "discrepancies": found}, "")
+    if totals.findings:
+        raise Discrepancies(summary)
+    if not state.as_json:
+        click.echo(summary, err=True)
 
 
 @cert.command("show")

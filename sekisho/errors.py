@@ -17,8 +17,9 @@ HTTP status for ``web/errors.py`` and an exit code for the CLI::
     ├── KeyBackendError               503 / exit 69   key store unreadable, token away
     │   └── WrongPassphrase           503 / exit 77
     ├── StoreError                    503 / exit 74   database write or read failed
-    └── AuditError                    503 / exit 74   the journal could not be written
-        └── AuditChainBroken(seq)     exit 2          verification found tampering
+    ├── AuditError                    503 / exit 74   the journal could not be written
+    │   └── AuditChainBroken(seq)     exit 2          verification found tampering
+    └── Discrepancies                 exit 2          `cert check` found the store disagreeing
 
 A check whose result must not be ignored raises one of these; it never returns a bool.
 A message that quotes what the caller sent quotes it through ``shown``.
@@ -192,3 +193,10 @@ class AuditChainBroken(AuditError):
     def __init__(self, seq: int, message: str) -> None:
         super().__init__(f"journal broken at seq {seq}: {message}")
         self.seq = seq
+
+
+class Discrepancies(SekishoError):
+    """``cert check`` found certificates, CRLs, OCSP answers or the journal disagreeing."""
+
+    code = "discrepancies"
+    exit_code = 2

@@ -128,7 +128,7 @@ def test_command_tree_is_what_the_docs_promise() -> None:
     expected = {
         ("init",), ("ca",), ("ca", "list"), ("ca", "show"), ("ca", "export"),
         ("ca", "offline"), ("ca", "online"), ("ca", "create-issuing"), ("issue",),
-        ("revoke",), ("release",), ("cert",), ("cert", "list"), ("cert", "show"),
+        ("revoke",), ("release",), ("cert",), ("cert", "list"), ("cert", "show"), ("cert", "check"),
         ("crl",), ("crl", "generate"), ("crl", "prune"), ("serve",), ("run",),
     }  # fmt: skip
     assert expected <= set(COMMAND_PATHS)

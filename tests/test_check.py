@@ -1,0 +1,201 @@
+"""``sekisho cert check``: a deployment that agrees with itself checks clean, and each kind of
+disagreement made in the store by hand (a DER, fingerprint, status, reason or row changed, a
+CRL signature broken, an OCSP answer swapped or gone, an issuance left reserved) is reported
+for exactly the certificate it touches, and nothing else is (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import delete, select, text
+
+from ca.models import Certificate, CertStatus, Crl, CrlKind
+from ca.revocation import Reason
+from ocsp.models import OcspResponse
+from sekisho.cli import main
+from sekisho.services import Services
+from tests.ca.helpers import issue
+from tests.conftest import TEST_ACTOR
+
+Check = Callable[..., tuple[int, dict[str, Any], str]]
+
+
+@pytest.fixture
+def check(capsys: pytest.CaptureFixture[str], data_dir: Path) -> Check:
+    def run(*args: str) -> tuple[int, dict[str, Any], str]:
+        capsys.readouterr()
+        code = main(["--data-dir", str(data_dir), "--json", "cert", "check", *args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return code, json.loads(out) if out else {}, err
+
+    return run
+
+
+def found(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(f["serial"], f["kind"]) for f in doc["discrepancies"]}
+
+
+def hexs(cert: x509.Certificate) -> str:
+    return f"{cert.serial_number:040x}"
+
+
+def edit_row(services: Services, cert: x509.Certificate, **values: Any) -> None:
+    with services.db.scope() as session:
+        row = session.scalars(select(Certificate).where(Certificate.serial == hexs(cert))).one()
+        for key, value in values.items():
+            setattr(row, key, value)
+
+
+def with_der(der: bytes) -> dict[str, Any]:
+    return {"der": der, "fingerprint_sha256": hashlib.sha256(der).hexdigest()}
+
+
+def forged(cert: x509.Certificate) -> bytes:
+    """The same serial, names, validity and key, signed by a key that is not the CA's."""
+    rogue = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())  # type: ignore[arg-type]
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    return builder.sign(rogue, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_every_disagreement_is_found_and_nothing_else(services: Services, check: Check) -> None:
+    certs = [issue(services, "device") for _ in range(12)]
+    revoker = services.revoker
+    for i, reason in ((1, Reason.KEY_COMPROMISE), (2, Reason.CERTIFICATE_HOLD),
+                      (3, Reason.SUPERSEDED), (4, Reason.UNSPECIFIED)):  # fmt: skip
+        revoker.revoke("device", certs[i].serial_number, reason, TEST_ACTOR)
+    services.crls.publish("device", services.clock())
+
+    code, doc, err = check("--grace", "0")
+    assert code == 0 and doc["ok"] and not doc["discrepancies"], doc
+    assert doc["certificates"] >= 12 and doc["crl_entries"] == 4 and doc["cas"] == 3
+    assert doc["ocsp_answers"] >= 12
+
+    s = [hexs(c) for c in certs]
+    ders = [c.public_bytes(serialization.Encoding.DER) for c in certs]
+    edit_row(services, certs[0], fingerprint_sha256="00" * 32)
+    edit_row(services, certs[5], **with_der(ders[6]))  # another certificate's DER
+    edit_row(services, certs[7], **with_der(forged(certs[7])))
+    now = services.clock()
+    edit_row(services, certs[8], status=CertStatus.REVOKED, revocation_reason="key_compromise",
+             revoked_at=now)  # fmt: skip
+    edit_row(services, certs[1], status=CertStatus.ISSUED, revocation_reason=None, revoked_at=None)
+    edit_row(services, certs[3], revocation_reason="affiliation_changed")
+    edit_row(services, certs[11], status=CertStatus.FAILED)
+    with services.db.scope() as session:
+        session.execute(delete(Certificate).where(Certificate.serial == s[4]))
+        answers = {
+            a.serial: a
+            for a in session.scalars(select(OcspResponse).where(OcspResponse.serial.in_(s)))
+        }
+        answers[s[9]].der = answers[s[10]].der
+        session.delete(answers[s[10]])
+        delta = session.scalars(
+            select(Crl).where(Crl.kind == CrlKind.DELTA).order_by(Crl.number.desc()).limit(1)
+        ).one()
+        delta.der = delta.der[:-1] + bytes([delta.der[-1] ^ 1])  # the signature's last octet
+
+    code, doc, err = check("--grace", "0")
+    assert code == 2 and not doc["ok"], doc
+    assert "discrepancies" in err
+    assert found(doc) == {
+        (s[0], "der-fingerprint"), (s[0], "journal"),
+        (s[5], "der-fields"), (s[5], "der-tbs"), (s[5], "journal"),
+        (s[7], "der-signature"), (s[7], "journal"),  # the same TBS, signed by another key
+        (s[8], "crl-missing"), (s[8], "ocsp-answer"),
+        (s[1], "crl-extra"), (s[1], "ocsp-answer"),
+        (s[3], "crl-entry"), (s[3], "ocsp-answer"),
+        (s[11], "der-unexpected"), (s[11], "ocsp-answer"),
+        (s[4], "crl-unknown-serial"),
+        (s[9], "ocsp-answer"),
+        (s[10], "ocsp-missing"),
+        ("", "crl-signature"),
+    }, json.dumps(doc["discrepancies"], indent=1)  # fmt: skip
+    by = {(f["serial"], f["kind"]): f for f in doc["discrepancies"]}
+    assert all(f["ca"] == "device" for f in doc["discrepancies"])
+    assert by[(s[5], "der-fields")]["detail"].startswith("not the row's: serial")
+    assert "answers for another certificate" in by[(s[9], "ocsp-answer")]["detail"]
+    assert "key_compromise" not in by[(s[3], "crl-entry")]["detail"]
+    # --ca narrows the check; an unknown name is refused
+    code, doc, _ = check("--grace", "0", "--ca", "admin")
+    assert code == 0 and doc["cas"] == 1
+    code, doc, err = check("--ca", "nope")
+    assert code == 66 and not doc and "nope" in err
+
+
+def test_a_stale_reservation_is_reported_until_revoked(services: Services, check: Check) -> None:
+    """An issuance that stopped after its intent: reported once older than the grace period
+    (a signature may exist that nobody received); revoking it settles it."""
+    cert = issue(services, "device")
+    services.crls.publish("device", services.clock())
+    an_hour_ago = services.clock() - dt.timedelta(hours=1)
+    with services.db.scope() as session:
+        row = session.scalars(select(Certificate).where(Certificate.serial == hexs(cert))).one()
+        row.status, row.der, row.fingerprint_sha256 = CertStatus.RESERVED, None, None
+        row.created_at = an_hour_ago
+        session.execute(delete(OcspResponse).where(OcspResponse.serial == hexs(cert)))
+    code, doc, _ = check()
+    assert code == 2
+    assert found(doc) == {(hexs(cert), "reserved-stale"), (hexs(cert), "ocsp-missing")}
+    code, doc, _ = check("--grace", "120")  # within the grace period: in flight, not reported
+    assert code == 0, doc
+
+    services.revoker.revoke("device", cert.serial_number, Reason.CESSATION_OF_OPERATION, TEST_ACTOR)
+    code, doc, _ = check("--grace", "0")
+    assert found(doc) == {(hexs(cert), "crl-behind")}  # until the next CRL
+    code, doc, _ = check()
+    assert code == 0, doc  # a revocation a moment ago is on its way
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check("--grace", "0")
+    assert code == 0 and doc["crl_entries"] == 1, doc
+
+
+def test_a_status_or_reason_no_code_knows_is_a_finding(services: Services, check: Check) -> None:
+    """Text written into the store by hand that is no status or reason: reported for its row,
+    the rest of the check goes on (it used to end in exit 70)."""
+    certs = [issue(services, "device") for _ in range(3)]
+    for cert in certs[:2]:
+        services.revoker.revoke("device", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    services.crls.publish("device", services.clock())
+    with services.db.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE certificates SET status = 'bogus' WHERE serial = :s"),
+            {"s": hexs(certs[0])},
+        )
+        conn.execute(
+            text("UPDATE certificates SET revocation_reason = 'nonsense' WHERE serial = :s"),
+            {"s": hexs(certs[1])},
+        )
+        conn.execute(  # and a row read in full: the two above do not stop the check
+            text("UPDATE certificates SET fingerprint_sha256 = 'x' WHERE serial = :s"),
+            {"s": hexs(certs[2])},
+        )
+    code, doc, _ = check("--grace", "0")
+    assert code == 2
+    assert found(doc) == {
+        (hexs(certs[0]), "row-invalid"),
+        (hexs(certs[1]), "row-invalid"),
+        (hexs(certs[2]), "der-fingerprint"),
+        (hexs(certs[2]), "journal"),
+    }, doc
+    details = " ".join(f["detail"] for f in doc["discrepancies"])
+    assert "'bogus'" in details and "'nonsense'" in details
