@@ -34,10 +34,12 @@ from sqlalchemy import select, update
 from audit.events import Category, Outcome, by_actor
 from ca.issuance import IssueRequest
 from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus
+from ca.registry import ca_revoked
 from ca.tbs import serial_hex
 from hsm.base import KeyType
 from ocsp.models import OcspResponder
 from sekisho.context import Actor
+from sekisho.errors import SekishoError
 
 if TYPE_CHECKING:
     from sekisho.services import Services
@@ -67,19 +69,20 @@ class _Ca:
 
 
 def served_cas(services: Services) -> list[CertificateAuthority]:
-    """The issuing CAs we answer for: active, key online."""
+    """The issuing CAs we answer for: active, key online, and not revoked by their parent (a
+    revoked CA issues nothing, a responder included, and its answers are withheld:
+    ``ocsp.store.refused_signers``)."""
     with services.db.read_scope() as session:
-        return list(
-            session.scalars(
-                select(CertificateAuthority)
-                .where(
-                    CertificateAuthority.kind == CaKind.ISSUING,
-                    CertificateAuthority.active.is_(True),
-                    CertificateAuthority.key_online.is_(True),
-                )
-                .order_by(CertificateAuthority.id)
+        rows = session.scalars(
+            select(CertificateAuthority)
+            .where(
+                CertificateAuthority.kind == CaKind.ISSUING,
+                CertificateAuthority.active.is_(True),
+                CertificateAuthority.key_online.is_(True),
             )
+            .order_by(CertificateAuthority.id)
         )
+        return [row for row in rows if not ca_revoked(session, row)]
 
 
 def active_responders(services: Services) -> dict[int, OcspResponder]:
@@ -163,6 +166,7 @@ def _renew(
     """A new responder for every served CA whose active one (or None) is ``due``."""
     changes: list[ResponderChange] = []
     successors: list[tuple[int, str]] = []
+    failed: SekishoError | None = None
     current = active_responders(services)
     for ca in served_cas(services):
         info = _Ca(
@@ -175,7 +179,17 @@ def _renew(
         if not due(old):
             continue
         revoked_old = old is not None and old.id in revoked
-        changes.append(_provision(services, info, old, now, actor, revoked_old))
+        try:
+            changes.append(_provision(services, info, old, now, actor, revoked_old))
+        except SekishoError as exc:
+            # One CA's failure (its key away, a conflict) leaves the others' responders and,
+            # in the refresher, everyone's answers to be kept signed; raised after them.
+            log.warning(
+                "OCSP responder of CA %s not provisioned", ca.name,
+                extra={"ca": ca.name, "error": exc.code, "detail": exc.message},
+            )  # fmt: skip
+            failed = failed or exc
+            continue
         if revoked_old:
             successors.append((ca.id, changes[-1].serial))
     if changes:
@@ -184,6 +198,8 @@ def _renew(
         # Its own answer: pre-signing at its issuance found no signer for the CA (the revoked
         # one refused, this one not recorded yet).
         services.ocsp.sign_serials(ca_id, [serial], now)
+    if failed is not None:
+        raise failed
     return changes
 
 

@@ -78,11 +78,16 @@ class OcspRefresher:
 
     def run_once(self, now: dt.datetime) -> int:
         checked = self._responders_checked
-        if checked is None or now - checked >= self.responder_every:
-            ensure_responders(self.services, now)
-            self._responders_checked = now
-        else:
-            replace_revoked_responders(self.services, now)
+        try:
+            if checked is None or now - checked >= self.responder_every:
+                ensure_responders(self.services, now)
+                self._responders_checked = now
+            else:
+                replace_revoked_responders(self.services, now)
+        except SekishoError as exc:
+            # Logged per CA by ocsp.signers (tried again next tick); the answers of every CA
+            # are still kept signed below. Before, one CA's failure stopped them all.
+            log.warning("OCSP responders not all in order", extra={"error": exc.code})
         signed = self.services.ocsp.resign_from_revoked(now, self.batch)
         signed += self.services.ocsp.refresh_due(now, self.batch)
         self.signed += signed

@@ -8,6 +8,7 @@ import datetime as dt
 import logging
 import time
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,9 +21,11 @@ from audit.models import JournalRecord
 from ca.registry import ca_row
 from ca.revocation import Reason
 from ca.tbs import serial_hex
+from hsm.base import KeyType
 from ocsp import core, store
 from ocsp.models import OcspResponder, OcspResponse
 from ocsp.signers import ensure_responders
+from sekisho.errors import KeyBackendError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, issue
@@ -406,3 +409,84 @@ def test_pre_signing_never_uses_a_revoked_responder(services: Services) -> None:
     assert {signer for signer, _ in stored_now.values()} == {new_id}
     answer = services.ocsp.answer(nonce, services.clock())
     assert _signed_by(answer) == new_id
+
+
+def test_a_revoked_ca_holds_up_no_other_cas_answers(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """An issuing CA revoked by the root, whose responder is then revoked too, can have no
+    successor responder (it issues nothing). The refresher skips it: the other CA's answers
+    are still re-signed when due, and no refused issuance is journalled tick after tick.
+    Before, its Conflict ended the whole OCSP step, for every CA, at every tick."""
+    from sekisho.workers import OcspRefresher
+
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        device_leaf = issue(services, "device")
+        admin = ca_cert(services, "admin")
+        services.revoker.revoke("root", admin.serial_number, Reason.CA_COMPROMISE, TEST_ACTOR)
+        with services.db.scope() as session:
+            admin_id = ca_row(session, "admin").id
+        (old,) = [r for r in responders(services) if r.active and r.issuer_id == admin_id]
+        responder = x509.load_der_x509_certificate(old.certificate_der)
+        services.revoker.revoke("admin", responder.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+        refusals = len(journal(services, "ca.issue"))
+        step = OcspRefresher(services, batch=1000)
+        clock.advance(days=21)  # every answer past its refresh point, responders due too
+        for _ in range(3):
+            step.run_once(clock())
+            clock.advance(seconds=1)
+        device_id = ca_id(services, "device")
+        (answer,) = [
+            r
+            for r in store.snapshot(services.db)[0]
+            if r.issuer_id == device_id and r.serial == device_leaf.serial_number
+        ]
+        assert answer.this_update >= clock() - dt.timedelta(seconds=3)  # re-signed
+        assert len(journal(services, "ca.issue")) - refusals == 1  # the device's new responder
+        # No successor for the revoked CA: its revoked responder stays the one (refused).
+        assert [r.id for r in responders(services) if r.issuer_id == admin_id] == [old.id]
+    finally:
+        services.close()
+
+
+def ca_id(services: Services, name: str) -> int:
+    with services.db.scope() as session:
+        return ca_row(session, name).id
+
+
+class _AdminKeysAway(RecordingBackend):
+    """The key backend refuses new keys for the admin CA's responders (a token slot away)."""
+
+    def generate(self, label: str, key_type: KeyType) -> str:
+        if label.startswith("ocsp-admin-"):
+            raise KeyBackendError("the token holding the admin CA's keys is away")
+        return super().generate(label, key_type)
+
+
+def test_one_cas_responder_failing_leaves_the_others_rotated_and_refreshed(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    from sekisho.workers import OcspRefresher
+
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    backend = _AdminKeysAway(recording_backend.inner)
+    services = build_services(settings, backend=backend, clock=clock)
+    try:
+        device_leaf = issue(services, "device")
+        with pytest.raises(KeyBackendError):
+            ensure_responders(services, clock(), rotate=True)
+        (rotated,) = journal(services, "ocsp.signer.rotate")
+        assert '"ca":"device"' in rotated.detail
+        clock.advance(days=21)
+        OcspRefresher(services, batch=1000).run_once(clock())  # logs, does not raise
+        device_id = ca_id(services, "device")
+        (answer,) = [
+            r
+            for r in store.snapshot(services.db)[0]
+            if r.issuer_id == device_id and r.serial == device_leaf.serial_number
+        ]
+        assert answer.this_update == clock()
+    finally:
+        services.close()
