@@ -534,8 +534,11 @@ def verify_signature(cert: x509.Certificate, signature: bytes, data: bytes) -> N
     public = cert.public_key()
     try:
         if isinstance(public, ec.EllipticCurvePublicKey):
-            digest = {256: hashes.SHA256(), 384: hashes.SHA384(), 521: hashes.SHA512()}
-            public.verify(signature, data, ec.ECDSA(digest[public.curve.key_size]))
+            digests = {256: hashes.SHA256(), 384: hashes.SHA384(), 521: hashes.SHA512()}
+            digest = digests.get(public.curve.key_size)
+            if digest is None:  # a curve we never sign with
+                raise KeyBackendError(f"cannot verify with curve {public.curve.name}")
+            public.verify(signature, data, ec.ECDSA(digest))
         elif isinstance(public, rsa.RSAPublicKey):
             public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
         elif isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):

@@ -10,23 +10,34 @@ reads the stored DER and asks whether the rest of the deployment agrees with it:
   signature); its TBS is the one whose intent was committed before signing (``tbs_sha256``),
   so nothing else was signed in its name.
 * **The journal**: a successful ``ca.issue`` record of that CA names the serial with the same
-  fingerprint. That binds each row to the chain ``audit verify`` checks: a DER swapped in the
-  store disagrees with the journal.
-* **The CRLs**: the CA's newest full CRL, with its delta, is signed by the CA and lists exactly
-  the revoked certificates of the revocation epoch it covers, with their reasons and dates
-  (an entry may leave once its certificate expired before the full CRL); a serial it lists
-  that no row has is reported.
-* **The stored OCSP answer** (certificates not yet expired): present when the responders
-  serve the CA (an issuing CA, active, its key online), for this serial and CA,
-  signed by the CA or by a responder it certified, unexpired, and saying what the row says
-  at the status epoch it records.
+  fingerprint, and the newest successful ``ca.revoke`` / ``ca.release`` record of the serial
+  says what the row's status and reason say. That binds each row to the chain ``audit
+  verify`` checks: a DER swapped, or a revocation undone, in the store disagrees with the
+  journal even once CRLs and OCSP answers have been made again from the altered rows.
+* **The CRLs**: the CA's newest full CRL, with its delta, parses, is signed by the CA, is
+  unexpired, and lists exactly the revoked certificates of the revocation epoch it covers,
+  with their reasons, revocation and invalidity dates. An entry may leave only as
+  ``ca.crl`` lets it: once its certificate expired before the full CRL's horizon. A serial it
+  lists that no row has is reported.
+* **The stored OCSP answers** of unexpired certificates of issuing CAs (no responder answers
+  for a root), where the responders keep them signed
+  (an issuing CA, active, its key online, not revoked by its parent): present, for this
+  serial and CA key, signed by the CA or by one of its responders that is not revoked,
+  unexpired (as stored and as signed), and saying what the row says at the status epoch it
+  records. A CA whose key is offline has its answers left to expire by design: one finding
+  for the CA when they are missing, behind or expired, not one per certificate. A CA revoked
+  by its parent has its answers withheld (``ocsp.store.refused_signers``): not checked.
 * **Leftovers**: a ``reserved`` row older than the grace period is an issuance that crashed
   after its intent: a signature may exist that nobody received. It is revocable and answered
   "good"; the check reports it so that an operator revokes it. A ``failed`` row must have no
   DER.
 
 A change newer than the grace period (default 15 minutes: the refresher's whole look at the
-OCSP answers runs every 10) is still on its way to the CRL and OCSP and is not reported.
+OCSP answers runs every 10) is still on its way to the CRL and OCSP and is not reported; the
+time of a status change is the newest of the row's times and its journal records' (a
+re-revocation keeps the first revocation time). Stored values no code writes (a status, a
+reason or a serial that is none) are reported as ``row-invalid``; DER that does not parse, or
+of an algorithm this build does not know, is reported, never raised.
 """
 
 from __future__ import annotations
@@ -35,11 +46,12 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509 import ocsp
 from sqlalchemy import String, and_, select, type_coerce
@@ -47,20 +59,21 @@ from sqlalchemy.orm import Session
 
 from audit.models import JournalRecord
 from ca.crl import latest
-from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus, CrlKind
+from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
+from ca.registry import ca_revoked
 from ca.revocation import Reason
 from ca.tbs import serial_hex
 from ocsp.core import responder_key_hash, verify_signature
-from ocsp.models import OcspResponse
+from ocsp.models import OcspResponder, OcspResponse
 from ocsp.store import GOOD, REVOKED, UNKNOWN
 from sekisho.errors import KeyBackendError, NotFound, shown
 
 DEFAULT_GRACE = dt.timedelta(minutes=15)
 BATCH = 1000  # rows per statement, and per journal lookup
-
-# CRL entries on a full CRL, serial -> (reason, revocation date); 10^6 entries take some
-# 200 MB here. A delta CRL's removeFromCRL entries are ``None``.
-_Listed = dict[int, tuple[x509.ReasonFlags, dt.datetime] | None]
+# What parsing stored DER may raise: malformed, or an algorithm this build does not know.
+_UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.ExtensionNotFound)
+_BAD_SIGNATURE = (*_UNREADABLE, InvalidSignature, KeyBackendError)
+_SERIAL = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +99,33 @@ class Totals:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    reason: x509.ReasonFlags
+    revoked_at: dt.datetime | None
+    invalidity: dt.datetime | None
+
+
+# CRL entries of the newest full CRL with its delta applied, serial -> entry; None: the delta
+# removes it (removeFromCRL). 10^6 entries take some 250 MB here.
+_Listed = dict[int, _Entry | None]
+
+
 @dataclasses.dataclass
 class _Crls:
     listed: _Listed
     covered_epoch: int  # every status change at or below it is on these CRLs
-    full_this_update: dt.datetime
+    horizon: dt.datetime  # a revoked certificate expiring at or after it must be listed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Journalled:
+    """What the journal says of one serial of this CA."""
+
+    fingerprint: str | None = None  # of its successful ca.issue record
+    last_change: str | None = None  # "ca.revoke" or "ca.release", the newest successful one
+    reason: str | None = None  # of that ca.revoke
+    changed_at: dt.datetime | None = None
 
 
 class StoreCheck:
@@ -124,7 +159,7 @@ class StoreCheck:
             self.totals.cas += 1
             try:
                 checker = _CaCheck(self.session, ca, self.by_id, self.now, self.grace, self.totals)
-            except ValueError:
+            except _UNREADABLE:
                 self.totals.findings += 1
                 yield Finding(ca.name, "", "ca-certificate", "the stored DER is not a certificate")
                 continue
@@ -150,11 +185,16 @@ class _CaCheck:
         self.settled = now - grace  # changes before this have had time to reach CRL and OCSP
         self.totals = totals
         self.cert = x509.load_der_x509_certificate(ca.certificate_der)
+        self.public_key = self.cert.public_key()
         self.key_hash = responder_key_hash(self.cert)  # the issuerKeyHash of its CertIDs
-        # Whose answers the responders keep signed (ocsp.store): an issuing CA, active, its
-        # key online. Another CA's answers, if any, are checked; none is not a finding.
-        self.served = ca.kind is CaKind.ISSUING and ca.active and ca.key_online
-        self.responders: dict[bytes, bool] = {}  # responder certificate DER -> from this CA
+        self.revoked = ca.parent_id is not None and ca_revoked(session, ca)
+        # Whose answers the refresher keeps signed (ocsp.signers.served_cas).
+        self.maintained = (
+            ca.kind is CaKind.ISSUING and ca.active and ca.key_online and not self.revoked
+        )
+        self.unmaintained = 0  # answers missing, behind or expired of a CA not maintained
+        # Responder certificate DER -> its revocation time (None: not revoked).
+        self.responders = self._responders()
 
     def finding(self, serial: str, kind: str, detail: str) -> Finding:
         return Finding(self.ca.name, serial, kind, detail)
@@ -168,18 +208,20 @@ class _CaCheck:
             rows = [_row(values) for values in self.session.execute(_batch(self.ca.id, after))]
             if not rows:
                 break
-            journal = self._journalled([row.serial for row in rows if row.der is not None])
+            journal = self._journalled([row.serial for row in rows])
             for row in rows:
                 self.totals.certificates += 1
                 if isinstance(row, _Unreadable):
-                    if crls is not None:
-                        crls.listed.pop(int(row.serial, 16), None)
+                    if crls is not None and row.number is not None:
+                        crls.listed.pop(row.number, None)
                     yield self.finding(row.serial, "row-invalid", row.why)
                     continue
-                yield from self._certificate(row, journal.get(row.serial))
-                yield from self._answer(row, row.answer)
+                said = journal.get(row.serial, _Journalled())
+                yield from self._certificate(row, said)
+                yield from self._status(row, said)
+                yield from self._answer(row, said)
                 if crls is not None:
-                    yield from self._crl_entry(row, crls)
+                    yield from self._crl_entry(row, said, crls)
             after = rows[-1].serial
             if progress is not None:
                 progress(self.totals)
@@ -189,6 +231,13 @@ class _CaCheck:
                     yield self.finding(
                         serial_hex(serial), "crl-unknown-serial", "listed, but no such certificate"
                     )
+        if self.unmaintained:
+            yield self.finding(
+                "",
+                "ocsp-unmaintained",
+                f"{self.unmaintained} OCSP answers missing, behind or expired: nothing keeps "
+                "this CA's answers signed (its key is offline, or the CA is not active)",
+            )
 
     # -- the CA's own certificate -------------------------------------------------------------
     def _ca_certificate(self) -> Iterator[Finding]:
@@ -200,7 +249,7 @@ class _CaCheck:
             self.cert.verify_directly_issued_by(
                 x509.load_der_x509_certificate(parent.certificate_der)
             )
-        except (ValueError, TypeError, InvalidSignature):
+        except _BAD_SIGNATURE:
             yield self.finding("", "ca-certificate", f"not signed by CA {parent.name}")
         if self.ca.parent_id is None:
             return
@@ -220,16 +269,14 @@ class _CaCheck:
         if full_row is None:
             return None, [self.finding("", "crl-missing", "the CA has no full CRL")]
         findings: list[Finding] = []
-        full = self._load_crl(full_row.der, full_row.number, "full", findings)
+        full = self._load_crl(full_row, findings)
         if full is None:
             return None, findings
-        listed: _Listed = {}
-        for entry in full:
-            listed[entry.serial_number] = (_reason(entry), entry.revocation_date_utc)
+        listed: _Listed = dict(full)
         covered = full_row.epoch
         delta_row = latest(self.session, self.ca.id, CrlKind.DELTA)
         if delta_row is not None and delta_row.number > full_row.number:
-            delta = self._load_crl(delta_row.der, delta_row.number, "delta", findings)
+            delta = self._load_crl(delta_row, findings)
             if delta_row.base_number != full_row.number:
                 findings.append(
                     self.finding(
@@ -240,83 +287,139 @@ class _CaCheck:
                     )
                 )
             elif delta is not None:
-                for entry in delta:
-                    reason = _reason(entry)
-                    if reason is x509.ReasonFlags.remove_from_crl:
-                        listed[entry.serial_number] = None
-                    else:
-                        listed[entry.serial_number] = (reason, entry.revocation_date_utc)
+                for serial, entry in delta:
+                    listed[serial] = None if entry.reason is _REMOVE else entry
                 covered = delta_row.epoch
         self.totals.crl_entries += len(listed)
-        return _Crls(listed, covered, full_row.this_update), findings
+        return _Crls(listed, covered, self._horizon(full_row)), findings
 
-    def _load_crl(
-        self, der: bytes, number: int, kind: str, findings: list[Finding]
-    ) -> x509.CertificateRevocationList | None:
+    def _horizon(self, full: Crl) -> dt.datetime:
+        """The horizon ``ca.crl`` gave ``full``: one CRL validity back from its thisUpdate, or
+        the previous full CRL's thisUpdate when earlier. With the previous one pruned, the
+        validity alone (a later horizon: fewer entries required, none wrongly)."""
+        horizon = full.this_update - (full.next_update - full.this_update)
+        previous = self.session.scalar(
+            select(Crl.this_update)
+            .where(Crl.issuer_id == self.ca.id, Crl.kind == CrlKind.FULL, Crl.number < full.number)
+            .order_by(Crl.number.desc())
+            .limit(1)
+        )
+        return min(horizon, previous) if previous is not None else horizon
+
+    def _load_crl(self, row: Crl, findings: list[Finding]) -> list[tuple[int, _Entry]] | None:
+        kind = row.kind.value
         try:
-            crl = x509.load_der_x509_crl(der)
+            crl = x509.load_der_x509_crl(row.der)
             signed = crl.issuer == self.cert.subject and crl.is_signature_valid(
-                self.cert.public_key()  # type: ignore[arg-type]
+                self.public_key  # type: ignore[arg-type]
             )
             numbered = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        except (ValueError, TypeError, x509.ExtensionNotFound):
-            findings.append(self.finding("", "crl-malformed", f"{kind} CRL {number}"))
+            next_update = crl.next_update_utc
+            entries = [(entry.serial_number, _entry(entry)) for entry in crl]
+        except _UNREADABLE:
+            findings.append(self.finding("", "crl-malformed", f"{kind} CRL {row.number}"))
             return None
         if not signed:
-            findings.append(self.finding("", "crl-signature", f"{kind} CRL {number}"))
-        if numbered != number:
-            findings.append(self.finding("", "crl-number", f"{kind} CRL {number} says {numbered}"))
-        return crl
+            findings.append(self.finding("", "crl-signature", f"{kind} CRL {row.number}"))
+        if numbered != row.number:
+            findings.append(
+                self.finding("", "crl-number", f"{kind} CRL {row.number} says {numbered}")
+            )
+        if next_update is None or min(next_update, row.next_update) <= self.now:
+            if self.cert.not_valid_after_utc > self.now and self.ca.active and not self.revoked:
+                when = _iso(next_update) if next_update else "never"
+                findings.append(
+                    self.finding("", "crl-expired", f"{kind} CRL {row.number}: next update {when}")
+                )
+        return entries
 
-    def _crl_entry(self, row: _Row, crls: _Crls) -> Iterator[Finding]:
-        serial = int(row.serial, 16)
-        entry = crls.listed.pop(serial, None)
+    def _crl_entry(self, row: _Row, said: _Journalled, crls: _Crls) -> Iterator[Finding]:
+        entry = crls.listed.pop(int(row.serial, 16), None)
         if row.status_epoch > crls.covered_epoch:  # changed since these CRLs
-            if _changed_at(row) <= self.settled:
+            if row.status is not CertStatus.FAILED and _changed_at(row, said) <= self.settled:
                 yield self.finding(row.serial, "crl-behind", "its status change is on no CRL")
             return
-        revoked = row.status is CertStatus.REVOKED
-        if not revoked:
+        if row.status is not CertStatus.REVOKED:
             if entry is not None:
                 yield self.finding(row.serial, "crl-extra", f"listed, but {row.status.value}")
             return
         if entry is None:
-            if row.not_after >= crls.full_this_update:  # still in scope of the full CRL
+            if row.not_after >= crls.horizon:
                 yield self.finding(row.serial, "crl-missing", "revoked, not on the CRL")
             return
-        reason, when = entry
-        wanted = row.reason.flag if row.reason else None
-        if (wanted or x509.ReasonFlags.unspecified) != reason or when != _seconds(row.revoked_at):
+        wanted = row.reason.flag if row.reason else x509.ReasonFlags.unspecified
+        if entry != _Entry(wanted, _seconds(row.revoked_at), _seconds(row.invalidity_date)):
             yield self.finding(
                 row.serial,
                 "crl-entry",
-                f"listed as {reason.value} at {when.isoformat()}, the store says "
-                f"{row.reason or '-'} at {_iso(row.revoked_at)}",
+                f"listed as {entry.reason.value} at {_iso(entry.revoked_at)} (invalid since "
+                f"{_iso(entry.invalidity)}), the store says {row.reason or '-'} at "
+                f"{_iso(row.revoked_at)} (invalid since {_iso(row.invalidity_date)})",
             )
 
-    # -- the certificate ----------------------------------------------------------------------
-    def _journalled(self, serials: list[str]) -> dict[str, str | None]:
-        """serial -> the fingerprint its successful ``ca.issue`` record (of this CA) names."""
-        found: dict[str, str | None] = {}
-        if not serials:
-            return found
-        for serial, detail in self.session.execute(
-            select(JournalRecord.object_serial, JournalRecord.detail).where(
-                JournalRecord.action == "ca.issue",
+    # -- the journal ----------------------------------------------------------------------------
+    def _journalled(self, serials: list[str]) -> dict[str, _Journalled]:
+        """serial -> what the successful ca.issue / ca.revoke / ca.release records of this
+        CA say of it (in journal order: the newest revocation or release wins)."""
+        said: dict[str, _Journalled] = {}
+        for serial, action, detail, when in self.session.execute(
+            select(
+                JournalRecord.object_serial,
+                JournalRecord.action,
+                JournalRecord.detail,
+                JournalRecord.time,
+            )
+            .where(
+                JournalRecord.action.in_(("ca.issue", "ca.revoke", "ca.release")),
                 JournalRecord.outcome == "success",
                 JournalRecord.object_serial.in_(serials),
             )
+            .order_by(JournalRecord.seq)
         ):
             try:
                 doc = json.loads(detail)
             except ValueError:
                 continue
-            if isinstance(doc, dict) and doc.get("ca") == self.ca.name:
+            if not isinstance(doc, dict) or doc.get("ca") != self.ca.name:
+                continue
+            before = said.get(str(serial), _Journalled())
+            if action == "ca.issue":
                 fingerprint = doc.get("sha256")
-                found[str(serial)] = fingerprint if isinstance(fingerprint, str) else None
-        return found
+                said[str(serial)] = dataclasses.replace(
+                    before, fingerprint=fingerprint if isinstance(fingerprint, str) else None
+                )
+            else:
+                reason = doc.get("reason") if action == "ca.revoke" else None
+                said[str(serial)] = dataclasses.replace(
+                    before,
+                    last_change=str(action),
+                    reason=reason if isinstance(reason, str) else None,
+                    changed_at=when,
+                )
+        return said
 
-    def _certificate(self, row: _Row, journalled: str | None) -> Iterator[Finding]:
+    def _status(self, row: _Row, said: _Journalled) -> Iterator[Finding]:
+        """The row's status against the journal's newest revocation or release of it."""
+        revoked_said = said.last_change == "ca.revoke"
+        if row.status is CertStatus.REVOKED:
+            if not revoked_said:
+                yield self.finding(row.serial, "journal-status", "revoked, no ca.revoke record")
+            elif said.reason != (row.reason.value if row.reason else None):
+                yield self.finding(
+                    row.serial,
+                    "journal-status",
+                    f"revoked for {row.reason or '-'}, the journal says {said.reason or '-'}",
+                )
+        elif revoked_said:
+            yield self.finding(
+                row.serial,
+                "journal-status",
+                f"{row.status.value}, but the journal revoked it ({said.reason or '-'}) "
+                f"at {_iso(said.changed_at)} and never released it",
+            )
+
+    # -- the certificate ----------------------------------------------------------------------
+    def _certificate(self, row: _Row, said: _Journalled) -> Iterator[Finding]:
         if row.der is None:
             if row.status is CertStatus.RESERVED and row.created_at <= self.settled:
                 yield self.finding(
@@ -330,25 +433,26 @@ class _CaCheck:
             yield self.finding(row.serial, "der-unexpected", f"a {row.status.value} row has DER")
         if hashlib.sha256(row.der).hexdigest() != row.fingerprint_sha256:
             yield self.finding(row.serial, "der-fingerprint", "the DER is not the fingerprint's")
-        if journalled != row.fingerprint_sha256:
+        if said.fingerprint != row.fingerprint_sha256:
             yield self.finding(
                 row.serial,
                 "journal",
                 "no ca.issue record names it"
-                if journalled is None
-                else f"the ca.issue record names fingerprint {journalled[:16]}...",
+                if said.fingerprint is None
+                else f"the ca.issue record names fingerprint {said.fingerprint[:16]}...",
             )
         try:
             cert = x509.load_der_x509_certificate(row.der)
             tbs = cert.tbs_certificate_bytes
             subject = cert.subject.rfc4514_string()
             spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        except ValueError:
+            times = cert.not_valid_before_utc, cert.not_valid_after_utc
+        except _UNREADABLE:
             yield self.finding(row.serial, "der-malformed", "the stored DER is not a certificate")
             return
         try:
             cert.verify_directly_issued_by(self.cert)
-        except (ValueError, TypeError, InvalidSignature):
+        except _BAD_SIGNATURE:
             yield self.finding(row.serial, "der-signature", "not signed by its CA")
         if hashlib.sha256(tbs).hexdigest() != row.tbs_sha256:
             yield self.finding(row.serial, "der-tbs", "not the TBS whose intent was committed")
@@ -356,8 +460,8 @@ class _CaCheck:
             name
             for name, ours, theirs in (
                 ("serial", cert.serial_number, int(row.serial, 16)),
-                ("notBefore", cert.not_valid_before_utc, row.not_before),
-                ("notAfter", cert.not_valid_after_utc, row.not_after),
+                ("notBefore", times[0], row.not_before),
+                ("notAfter", times[1], row.not_after),
                 ("subject", subject, row.subject_dn),
                 ("key", hashlib.sha256(spki).hexdigest(), row.spki_sha256),
             )
@@ -367,73 +471,102 @@ class _CaCheck:
             yield self.finding(row.serial, "der-fields", "not the row's: " + ", ".join(differs))
 
     # -- the stored OCSP answer ---------------------------------------------------------------
-    def _answer(self, row: _Row, answer: _Answer | None) -> Iterator[Finding]:
-        if row.not_after <= self.now:
-            return  # expired: OCSP need not answer for it any more
+    def _responders(self) -> dict[bytes, dt.datetime | None]:
+        """This CA's responders: certificate DER -> revocation time (None: not revoked)."""
+        return {
+            bytes(der): (revoked_at if status == CertStatus.REVOKED.value else None)
+            for der, status, revoked_at in self.session.execute(
+                select(
+                    OcspResponder.certificate_der,
+                    type_coerce(Certificate.status, String),
+                    Certificate.revoked_at,
+                )
+                .join(Certificate, Certificate.id == OcspResponder.certificate_id)
+                .where(OcspResponder.issuer_id == self.ca.id)
+            )
+        }
+
+    def _answer(self, row: _Row, said: _Journalled) -> Iterator[Finding]:
+        answer = row.answer
+        if row.not_after <= self.now or self.revoked or self.ca.kind is not CaKind.ISSUING:
+            # Expired: answered no more. A revoked CA: its answers are withheld. A root:
+            # its certificates' status is on its CRLs; no responder answers for it.
+            return
+        stale: str | None = None
         if answer is None:
-            served = self.served and row.status is not CertStatus.FAILED
-            if served and row.created_at <= self.settled:
-                yield self.finding(row.serial, "ocsp-missing", "no stored OCSP answer")
+            if row.status is not CertStatus.FAILED and row.created_at <= self.settled:
+                stale = "no stored OCSP answer"
+        elif answer.status_epoch < row.status_epoch:
+            if _changed_at(row, said) <= self.settled:
+                stale = "the answer predates its status"
+        elif answer.next_update <= self.now:
+            stale = f"the answer expired at {_iso(answer.next_update)}"
+        if answer is not None:
+            self.totals.ocsp_answers += 1
+        if stale is not None:
+            if self.maintained:
+                kind = "ocsp-missing" if answer is None else "ocsp-behind"
+                yield self.finding(row.serial, kind, stale)
+            else:
+                self.unmaintained += 1
             return
-        self.totals.ocsp_answers += 1
-        if answer.status_epoch < row.status_epoch:
-            if _changed_at(row) <= self.settled:
-                yield self.finding(row.serial, "ocsp-behind", "the answer predates its status")
-            return
-        wanted = _wanted_status(row)
-        problem = self._answer_problem(row, answer, wanted)
+        if answer is None or answer.status_epoch < row.status_epoch:
+            return  # on its way
+        problem = self._answer_problem(row, answer)
         if problem is not None:
             yield self.finding(row.serial, "ocsp-answer", problem)
 
-    def _certified(self, responder: x509.Certificate) -> bool:
-        """Whether this CA signed ``responder`` (each responder verified once per run)."""
-        der = responder.public_bytes(Encoding.DER)
-        if der not in self.responders:
-            try:
-                responder.verify_directly_issued_by(self.cert)
-                self.responders[der] = True
-            except (ValueError, TypeError, InvalidSignature):
-                self.responders[der] = False
-        return self.responders[der]
-
-    def _answer_problem(self, row: _Row, answer: _Answer, wanted: str) -> str | None:
+    def _answer_problem(self, row: _Row, answer: _Answer) -> str | None:
+        wanted = _wanted_status(row)
         if answer.status_epoch > row.status_epoch:
             return f"it reflects epoch {answer.status_epoch}, the row is at {row.status_epoch}"
         if answer.cert_status != wanted:
             return f"stored as {answer.cert_status}, the row says {wanted}"
-        if answer.next_update <= self.now:
-            return f"expired at {_iso(answer.next_update)}"
         try:
             response = ocsp.load_der_ocsp_response(answer.der)
-            single = response.serial_number, response.issuer_key_hash, response.certificate_status
-        except ValueError:
-            return "the stored DER is not an OCSP response"
-        if single[:2] != (int(row.serial, 16), self.key_hash):
+            serial, key_hash = response.serial_number, response.issuer_key_hash
+            said = _OCSP_STATUS[response.certificate_status]
+            validity = response.this_update_utc, response.next_update_utc
+            revoked = None
+            if said == REVOKED:
+                revoked = response.revocation_time_utc, response.revocation_reason
+            signers = response.certificates
+            signature, tbs = response.signature, response.tbs_response_bytes
+        except _UNREADABLE:
+            return "the stored DER is not an OCSP response Sekisho can read"
+        if (serial, key_hash) != (int(row.serial, 16), self.key_hash):
             return "the DER answers for another certificate"
-        said = {
-            ocsp.OCSPCertStatus.GOOD: GOOD,
-            ocsp.OCSPCertStatus.REVOKED: REVOKED,
-            ocsp.OCSPCertStatus.UNKNOWN: UNKNOWN,
-        }[single[2]]
         if said != wanted:
             return f"the DER says {said}, the row says {wanted}"
-        if said == REVOKED:
+        if revoked is not None:
             unspecified = row.reason in (None, Reason.UNSPECIFIED)
-            wanted_reason = None if unspecified or row.reason is None else row.reason.flag
-            if response.revocation_time_utc != _seconds(row.revoked_at):
-                return "the DER's revocation time is not the row's"
-            if response.revocation_reason != wanted_reason:
-                return "the DER's revocation reason is not the row's"
+            reason = None if unspecified or row.reason is None else row.reason.flag
+            if revoked != (_seconds(row.revoked_at), reason):
+                return "the DER's revocation time or reason is not the row's"
+        if validity != (answer.this_update, answer.next_update):
+            return "the DER's thisUpdate or nextUpdate is not the stored one"
         signer = self.cert
-        if response.certificates:
-            signer = response.certificates[0]
-            if not self._certified(signer):
-                return "its responder certificate is not from this CA"
+        if signers:
+            signer = signers[0]
+            der = signer.public_bytes(Encoding.DER)
+            if der not in self.responders:
+                return "signed by a certificate that is not one of this CA's OCSP responders"
+            revoked_at = self.responders[der]
+            if revoked_at is not None and revoked_at <= self.settled:
+                return f"signed by a responder revoked at {_iso(revoked_at)}"
         try:
-            verify_signature(signer, response.signature, response.tbs_response_bytes)
-        except KeyBackendError:
+            verify_signature(signer, signature, tbs)
+        except _BAD_SIGNATURE:
             return "its signature does not verify"
         return None
+
+
+_REMOVE = x509.ReasonFlags.remove_from_crl
+_OCSP_STATUS = {
+    ocsp.OCSPCertStatus.GOOD: GOOD,
+    ocsp.OCSPCertStatus.REVOKED: REVOKED,
+    ocsp.OCSPCertStatus.UNKNOWN: UNKNOWN,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,18 +574,20 @@ class _Answer:
     der: bytes
     cert_status: str
     status_epoch: int
+    this_update: dt.datetime
     next_update: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True)
 class _Row:
-    """A certificates row as the check reads it (status and reason checked, not trusted)."""
+    """A certificates row as the check reads it (status, reason and serial checked)."""
 
     serial: str
     status: CertStatus
     reason: Reason | None
     revoked_at: dt.datetime | None
     released_at: dt.datetime | None
+    invalidity_date: dt.datetime | None
     created_at: dt.datetime
     status_epoch: int
     der: bytes | None
@@ -468,7 +603,7 @@ class _Row:
 @dataclasses.dataclass(frozen=True)
 class _Unreadable:
     serial: str
-    der: None
+    number: int | None  # the serial as a number, when it is one
     why: str
 
 
@@ -478,9 +613,10 @@ _C, _O = Certificate, OcspResponse
 # Status and reason as stored text: a value no enum member has is a finding, not a crash.
 _COLUMNS = (
     _C.serial, type_coerce(_C.status, String), _C.revocation_reason, _C.revoked_at,
-    _C.released_at, _C.created_at, _C.status_epoch, _C.der, _C.fingerprint_sha256,
-    _C.tbs_sha256, _C.spki_sha256, _C.subject_dn, _C.not_before, _C.not_after,
-    _O.id, _O.der, _O.cert_status, _O.status_epoch, _O.next_update,
+    _C.released_at, _C.invalidity_date, _C.created_at, _C.status_epoch, _C.der,
+    _C.fingerprint_sha256, _C.tbs_sha256, _C.spki_sha256, _C.subject_dn, _C.not_before,
+    _C.not_after,
+    _O.id, _O.der, _O.cert_status, _O.status_epoch, _O.this_update, _O.next_update,
 )  # fmt: skip
 
 
@@ -498,17 +634,35 @@ def _batch(ca_id: int, after: str) -> Any:
 
 def _row(values: Any) -> _Row | _Unreadable:
     serial, status, reason = str(values[0]), values[1], values[2]
+    if not _SERIAL.fullmatch(serial):
+        return _Unreadable(serial, None, f"serial {shown(serial)} is not 40 hex digits")
+    number = int(serial, 16)
     if status not in _STATUSES:
-        return _Unreadable(serial, None, f"status {shown(status)} is not one Sekisho knows")
+        return _Unreadable(serial, number, f"status {shown(status)} is not one Sekisho knows")
     if reason and reason not in _REASONS:
-        return _Unreadable(serial, None, f"reason {shown(reason)} is not one Sekisho knows")
-    answer = None if values[14] is None else _Answer(*values[15:19])
-    (revoked_at, released_at, created_at, epoch, der, fingerprint, tbs, spki, subject, not_before,
-     not_after) = values[3:14]  # fmt: skip
+        return _Unreadable(serial, number, f"reason {shown(reason)} is not one Sekisho knows")
+    answer = None if values[15] is None else _Answer(*values[16:21])
+    (revoked_at, released_at, invalidity, created_at, epoch, der, fingerprint, tbs, spki,
+     subject, not_before, not_after) = values[3:15]  # fmt: skip
     return _Row(
         serial, CertStatus(status), Reason(reason) if reason else None, revoked_at, released_at,
-        created_at, epoch, der, fingerprint, tbs, spki, subject, not_before, not_after, answer,
+        invalidity, created_at, epoch, der, fingerprint, tbs, spki, subject, not_before,
+        not_after, answer,
     )  # fmt: skip
+
+
+def _entry(entry: x509.RevokedCertificate) -> _Entry:
+    extensions = entry.extensions
+    try:
+        reason = extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        reason = x509.ReasonFlags.unspecified
+    try:
+        invalidity = extensions.get_extension_for_class(x509.InvalidityDate).value
+        invalid_since: dt.datetime | None = invalidity.invalidity_date_utc
+    except x509.ExtensionNotFound:
+        invalid_since = None
+    return _Entry(reason, entry.revocation_date_utc, invalid_since)
 
 
 def _wanted_status(row: _Row) -> str:
@@ -519,16 +673,11 @@ def _wanted_status(row: _Row) -> str:
     return UNKNOWN
 
 
-def _changed_at(row: _Row) -> dt.datetime:
-    """When the row's last status change happened (as far as the row tells)."""
-    return max(t for t in (row.created_at, row.revoked_at, row.released_at) if t is not None)
-
-
-def _reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags:
-    try:
-        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-    except x509.ExtensionNotFound:
-        return x509.ReasonFlags.unspecified
+def _changed_at(row: _Row, said: _Journalled) -> dt.datetime:
+    """When the row's status last changed: the newest of its own times and of the journal's
+    records of it (a re-revocation keeps the first revocation's time in the row)."""
+    times = (row.created_at, row.revoked_at, row.released_at, said.changed_at)
+    return max(t for t in times if t is not None)
 
 
 def _seconds(value: dt.datetime | None) -> dt.datetime | None:

@@ -16,14 +16,18 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
 from sqlalchemy import delete, select, text
 
+from ca.issuance import IssueRequest
 from ca.models import Certificate, CertStatus, Crl, CrlKind
 from ca.revocation import Reason
+from ca.tbs import SanEntry
 from ocsp.models import OcspResponse
 from sekisho.cli import main
 from sekisho.services import Services
-from tests.ca.helpers import issue
+from tests.ca.helpers import ca_cert, issue
 from tests.conftest import TEST_ACTOR
 
 Check = Callable[..., tuple[int, dict[str, Any], str]]
@@ -121,9 +125,9 @@ def test_every_disagreement_is_found_and_nothing_else(services: Services, check:
         (s[0], "der-fingerprint"), (s[0], "journal"),
         (s[5], "der-fields"), (s[5], "der-tbs"), (s[5], "journal"),
         (s[7], "der-signature"), (s[7], "journal"),  # the same TBS, signed by another key
-        (s[8], "crl-missing"), (s[8], "ocsp-answer"),
-        (s[1], "crl-extra"), (s[1], "ocsp-answer"),
-        (s[3], "crl-entry"), (s[3], "ocsp-answer"),
+        (s[8], "crl-missing"), (s[8], "ocsp-answer"), (s[8], "journal-status"),
+        (s[1], "crl-extra"), (s[1], "ocsp-answer"), (s[1], "journal-status"),
+        (s[3], "crl-entry"), (s[3], "ocsp-answer"), (s[3], "journal-status"),
         (s[11], "der-unexpected"), (s[11], "ocsp-answer"),
         (s[4], "crl-unknown-serial"),
         (s[9], "ocsp-answer"),
@@ -172,7 +176,7 @@ def test_a_stale_reservation_is_reported_until_revoked(services: Services, check
 def test_a_status_or_reason_no_code_knows_is_a_finding(services: Services, check: Check) -> None:
     """Text written into the store by hand that is no status or reason: reported for its row,
     the rest of the check goes on (it used to end in exit 70)."""
-    certs = [issue(services, "device") for _ in range(3)]
+    certs = [issue(services, "device") for _ in range(4)]
     for cert in certs[:2]:
         services.revoker.revoke("device", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
     services.crls.publish("device", services.clock())
@@ -189,6 +193,10 @@ def test_a_status_or_reason_no_code_knows_is_a_finding(services: Services, check
             text("UPDATE certificates SET fingerprint_sha256 = 'x' WHERE serial = :s"),
             {"s": hexs(certs[2])},
         )
+        conn.execute(
+            text("UPDATE certificates SET serial = :z WHERE serial = :s"),
+            {"s": hexs(certs[3]), "z": "zz" + hexs(certs[3])[2:]},
+        )
     code, doc, _ = check("--grace", "0")
     assert code == 2
     assert found(doc) == {
@@ -196,6 +204,155 @@ def test_a_status_or_reason_no_code_knows_is_a_finding(services: Services, check
         (hexs(certs[1]), "row-invalid"),
         (hexs(certs[2]), "der-fingerprint"),
         (hexs(certs[2]), "journal"),
+        ("zz" + hexs(certs[3])[2:], "row-invalid"),
     }, doc
     details = " ".join(f["detail"] for f in doc["discrepancies"])
     assert "'bogus'" in details and "'nonsense'" in details
+
+
+def _answer_of(session: Any, serial: str) -> OcspResponse:
+    return session.scalars(select(OcspResponse).where(OcspResponse.serial == serial)).one()
+
+
+def test_answers_signed_by_a_revoked_or_no_responder_and_stale_stores(
+    services: Services, check: Check
+) -> None:
+    """What a CRL or OCSP answer says only in its DER, or who signed it, is checked: an answer
+    signed by a responder revoked (and not replaced: its listener did not run) or by a
+    certificate that is no responder; an answer whose DER times are not the stored ones; a
+    CRL past its nextUpdate; an invalidity date changed in the store."""
+    from ca.revocation import Revoker
+    from ocsp import store
+
+    certs = [issue(services, "device") for _ in range(3)]
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    signer = services.ca.issue(
+        IssueRequest(
+            ca="device",
+            profile="device",
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s.example.com")]),
+            public_key=leaf_key.public_key(),
+            sans=(SanEntry("dns", "s.example.com"),),
+        ),
+        TEST_ACTOR,
+    )
+    when = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    services.revoker.revoke(
+        "device", certs[2].serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR, invalidity_date=when
+    )
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check("--grace", "0")
+    assert code == 0, doc
+
+    device_ca = ca_cert(services, "device")
+    with services.db.scope() as session:
+        answer = _answer_of(session, hexs(certs[0]))
+        this_update, next_update = answer.this_update, answer.next_update
+        answer.der = (
+            ocsp.OCSPResponseBuilder()
+            .add_response(
+                certs[0],
+                device_ca,
+                hashes.SHA1(),  # noqa: S303  (the CertID hash RFC 5019 clients send)
+                ocsp.OCSPCertStatus.GOOD,
+                this_update,
+                next_update,
+                None,
+                None,
+            )
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, signer)
+            .certificates([signer])
+            .sign(leaf_key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.DER)
+        )
+        _answer_of(session, hexs(certs[1])).next_update = next_update + dt.timedelta(hours=1)
+        full = session.scalars(
+            select(Crl).where(Crl.kind == CrlKind.FULL).order_by(Crl.number.desc()).limit(1)
+        ).one()
+        full.next_update = services.clock() - dt.timedelta(seconds=1)
+        row = session.scalars(select(Certificate).where(Certificate.serial == hexs(certs[2])))
+        row.one().invalidity_date = when + dt.timedelta(days=1)
+    code, doc, _ = check("--grace", "0")
+    by = {(f["serial"], f["kind"]): f["detail"] for f in doc["discrepancies"]}
+    assert set(by) == {
+        (hexs(certs[0]), "ocsp-answer"),
+        (hexs(certs[1]), "ocsp-answer"),
+        ("", "crl-expired"),
+        (hexs(certs[2]), "crl-entry"),
+    }, doc
+    assert "not one of this CA's OCSP responders" in by[(hexs(certs[0]), "ocsp-answer")]
+    assert "nextUpdate is not the stored one" in by[(hexs(certs[1]), "ocsp-answer")]
+
+    # The device responder revoked by a process whose listeners did not run: the answers it
+    # signed stay until the refresher re-signs them; once past the grace, each is reported.
+    (responder,) = [
+        i.responder_certificate
+        for i in store.load_issuers(services).values()
+        if i.certificate == device_ca
+    ]
+    bare = Revoker(services.db, services.journal, services.clock)
+    bare.revoke("device", responder.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check("--grace", "0")
+    revoked_signer = {
+        f["serial"] for f in doc["discrepancies"] if "signed by a responder revoked" in f["detail"]
+    }
+    assert hexs(certs[2]) in revoked_signer and hexs(signer) in revoked_signer, doc
+    code, doc, _ = check()  # a moment ago: the refresher has a grace period to re-sign them
+    assert not any("signed by a responder revoked" in f["detail"] for f in doc["discrepancies"])
+
+
+def test_unreadable_der_is_reported_not_raised(services: Services, check: Check) -> None:
+    """Values no code of ours writes, in DER the store holds: a CRL entry's reason code 7 and
+    an OCSP answer's (both unassigned), a certificate on an unknown curve. Each used to end
+    the check with exit 70."""
+    certs = [issue(services, "device") for _ in range(3)]
+    for cert in certs[:2]:
+        services.revoker.revoke("device", cert.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    services.crls.publish("device", services.clock())
+    key_compromise, unassigned = b"\x0a\x01\x01", b"\x0a\x01\x07"
+    p256, unknown_curve = (
+        bytes.fromhex("06082a8648ce3d030107"),
+        bytes.fromhex("06082a8648ce3d030106"),
+    )
+    with services.db.scope() as session:
+        full = session.scalars(
+            select(Crl).where(Crl.kind == CrlKind.FULL).order_by(Crl.number.desc()).limit(1)
+        ).one()
+        assert key_compromise in full.der
+        full.der = full.der.replace(key_compromise, unassigned)
+        answer = _answer_of(session, hexs(certs[1]))
+        assert key_compromise in answer.der
+        answer.der = answer.der.replace(key_compromise, unassigned)
+        row = session.scalars(select(Certificate).where(Certificate.serial == hexs(certs[2])))
+        cert_row = row.one()
+        assert p256 in cert_row.der
+        cert_row.der = cert_row.der.replace(p256, unknown_curve)
+    code, doc, err = check("--grace", "0")
+    assert code == 2, err
+    kinds = found(doc)
+    assert ("", "crl-malformed") in kinds
+    assert (hexs(certs[1]), "ocsp-answer") in kinds
+    assert (hexs(certs[2]), "der-malformed") in kinds
+
+
+def test_a_ca_whose_key_is_offline_gets_one_finding_for_its_answers(
+    services: Services, check: Check
+) -> None:
+    """Nothing re-signs the answers of an issuing CA whose key was taken offline: when they
+    expire that is reported once for the CA, not once per certificate."""
+    from ca.models import CertificateAuthority
+
+    for _ in range(3):
+        issue(services, "device")
+    services.crls.publish("device", services.clock())
+    with services.db.scope() as session:
+        ca = session.scalars(
+            select(CertificateAuthority).where(CertificateAuthority.name == "device")
+        ).one()
+        ca.key_online = False
+        for answer in session.scalars(select(OcspResponse).where(OcspResponse.issuer_id == ca.id)):
+            answer.next_update = services.clock() - dt.timedelta(seconds=1)
+    code, doc, _ = check("--grace", "0")
+    assert code == 2 and found(doc) == {("", "ocsp-unmaintained")}, doc
+    assert doc["discrepancies"][0]["detail"].startswith("4 OCSP answers")  # 3 + its responder
