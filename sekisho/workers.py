@@ -29,7 +29,7 @@ from ca.crl import check_can_publish, due, latest
 from ca.models import CertificateAuthority, CrlKind
 from ocsp.signers import ensure_responders, replace_revoked_responders
 from sekisho.context import Actor
-from sekisho.errors import Conflict, SekishoError
+from sekisho.errors import AuditError, Conflict, SekishoError, StoreError
 from sekisho.services import Services
 from sekisho.settings import Settings
 
@@ -84,9 +84,12 @@ class OcspRefresher:
                 self._responders_checked = now
             else:
                 replace_revoked_responders(self.services, now)
+        except (StoreError, AuditError):
+            raise  # the store or the journal is away: the whole step fails (and is retried)
         except SekishoError as exc:
-            # Logged per CA by ocsp.signers (tried again next tick); the answers of every CA
-            # are still kept signed below. Before, one CA's failure stopped them all.
+            # One CA's responder could not be made (its key away ...): logged per CA by
+            # ocsp.signers, tried again next tick; the answers of every CA are still kept
+            # signed below. Before, one CA's failure stopped them all.
             log.warning("OCSP responders not all in order", extra={"error": exc.code})
         signed = self.services.ocsp.resign_from_revoked(now, self.batch)
         signed += self.services.ocsp.refresh_due(now, self.batch)
