@@ -70,9 +70,15 @@ from sekisho.errors import KeyBackendError, NotFound, shown
 
 DEFAULT_GRACE = dt.timedelta(minutes=15)
 BATCH = 1000  # rows per statement, and per journal lookup
+# Answers missing, behind or expired are listed one by one up to this many per CA, then
+# counted (one cause, the refresher not running, would otherwise list every certificate).
+MAX_STALE_LISTED = 20
 # What parsing stored DER may raise: malformed, or an algorithm this build does not know.
 _UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.ExtensionNotFound)
 _BAD_SIGNATURE = (*_UNREADABLE, InvalidSignature, KeyBackendError)
+# What reading a row whose stored value no column type reads raises (SQLAlchemy's result
+# processing: a date that is none, text in an integer or binary column, an unknown enum).
+_UNREADABLE_ROW = (*_UNREADABLE, LookupError, AttributeError, OverflowError)
 _SERIAL = re.compile(r"[0-9a-f]{40}")
 
 
@@ -158,14 +164,28 @@ class StoreCheck:
         for ca in self.cas:
             self.totals.cas += 1
             try:
-                checker = _CaCheck(self.session, ca, self.by_id, self.now, self.grace, self.totals)
+                cert = x509.load_der_x509_certificate(ca.certificate_der)
+                cert.public_key()
             except _UNREADABLE:
                 self.totals.findings += 1
                 yield Finding(ca.name, "", "ca-certificate", "the stored DER is not a certificate")
                 continue
-            for finding in checker.run(progress):
+            try:
+                checker = _CaCheck(
+                    self.session, ca, cert, self.by_id, self.now, self.grace, self.totals
+                )
+                for finding in checker.run(progress):
+                    self.totals.findings += 1
+                    yield finding
+            except _UNREADABLE_ROW as exc:
+                # A value stored by hand that no column type reads (a date that is none, text
+                # in a number): the rest of this CA cannot be read, the other CAs can.
                 self.totals.findings += 1
-                yield finding
+                yield Finding(
+                    ca.name, "", "check-error",
+                    f"the rest of this CA could not be read ({type(exc).__name__}): a stored "
+                    "value is not of its column's type",
+                )  # fmt: skip
 
 
 class _CaCheck:
@@ -173,6 +193,7 @@ class _CaCheck:
         self,
         session: Session,
         ca: CertificateAuthority,
+        cert: x509.Certificate,
         by_id: dict[int, CertificateAuthority],
         now: dt.datetime,
         grace: dt.timedelta,
@@ -184,7 +205,7 @@ class _CaCheck:
         self.now = now
         self.settled = now - grace  # changes before this have had time to reach CRL and OCSP
         self.totals = totals
-        self.cert = x509.load_der_x509_certificate(ca.certificate_der)
+        self.cert = cert
         self.public_key = self.cert.public_key()
         self.key_hash = responder_key_hash(self.cert)  # the issuerKeyHash of its CertIDs
         self.revoked = ca.parent_id is not None and ca_revoked(session, ca)
@@ -194,13 +215,15 @@ class _CaCheck:
         )
         self.unmaintained = 0  # answers missing, behind or expired of a CA not maintained
         # Responder certificate DER -> its revocation time (None: not revoked).
-        self.responders = self._responders()
+        self.responders: dict[bytes, dt.datetime | None] = {}
+        self.stale = 0  # per-certificate OCSP findings of answers missing, behind or expired
 
     def finding(self, serial: str, kind: str, detail: str) -> Finding:
         return Finding(self.ca.name, serial, kind, detail)
 
     def run(self, progress: Callable[[Totals], None] | None) -> Iterator[Finding]:
         yield from self._ca_certificate()
+        yield from self._responders()
         crls, found = self._crls()
         yield from found
         after = ""
@@ -231,6 +254,13 @@ class _CaCheck:
                     yield self.finding(
                         serial_hex(serial), "crl-unknown-serial", "listed, but no such certificate"
                     )
+        if self.maintained and self.stale > MAX_STALE_LISTED:
+            yield self.finding(
+                "",
+                "ocsp-stale",
+                f"{self.stale} OCSP answers missing, behind or expired in all (the first "
+                f"{MAX_STALE_LISTED} are listed): is the refresher (serve, run) running?",
+            )
         if self.unmaintained:
             yield self.finding(
                 "",
@@ -444,7 +474,8 @@ class _CaCheck:
         try:
             cert = x509.load_der_x509_certificate(row.der)
             tbs = cert.tbs_certificate_bytes
-            subject = cert.subject.rfc4514_string()
+            name = cert.subject
+            name.rfc4514_string()
             spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
             times = cert.not_valid_before_utc, cert.not_valid_after_utc
         except _UNREADABLE:
@@ -462,7 +493,7 @@ class _CaCheck:
                 ("serial", cert.serial_number, int(row.serial, 16)),
                 ("notBefore", times[0], row.not_before),
                 ("notAfter", times[1], row.not_after),
-                ("subject", subject, row.subject_dn),
+                ("subject", _same_subject(name, row.subject_dn), True),
                 ("key", hashlib.sha256(spki).hexdigest(), row.spki_sha256),
             )
             if ours != theirs
@@ -471,20 +502,23 @@ class _CaCheck:
             yield self.finding(row.serial, "der-fields", "not the row's: " + ", ".join(differs))
 
     # -- the stored OCSP answer ---------------------------------------------------------------
-    def _responders(self) -> dict[bytes, dt.datetime | None]:
-        """This CA's responders: certificate DER -> revocation time (None: not revoked)."""
-        return {
-            bytes(der): (revoked_at if status == CertStatus.REVOKED.value else None)
-            for der, status, revoked_at in self.session.execute(
-                select(
-                    OcspResponder.certificate_der,
-                    type_coerce(Certificate.status, String),
-                    Certificate.revoked_at,
-                )
-                .join(Certificate, Certificate.id == OcspResponder.certificate_id)
-                .where(OcspResponder.issuer_id == self.ca.id)
+    def _responders(self) -> Iterator[Finding]:
+        """Read this CA's responders (certificate DER -> revocation time, None: not revoked);
+        one whose certificate is not a certificate is a finding."""
+        for serial, der, status, revoked_at in self.session.execute(
+            select(
+                OcspResponder.serial,
+                OcspResponder.certificate_der,
+                type_coerce(Certificate.status, String),
+                Certificate.revoked_at,
             )
-        }
+            .join(Certificate, Certificate.id == OcspResponder.certificate_id)
+            .where(OcspResponder.issuer_id == self.ca.id)
+        ):
+            if not isinstance(der, bytes):
+                yield self.finding(str(serial), "responder-malformed", "its DER is not bytes")
+                continue
+            self.responders[der] = revoked_at if status == CertStatus.REVOKED.value else None
 
     def _answer(self, row: _Row, said: _Journalled) -> Iterator[Finding]:
         answer = row.answer
@@ -504,11 +538,12 @@ class _CaCheck:
         if answer is not None:
             self.totals.ocsp_answers += 1
         if stale is not None:
-            if self.maintained:
+            if not self.maintained:
+                self.unmaintained += 1
+            elif self.stale < MAX_STALE_LISTED:
                 kind = "ocsp-missing" if answer is None else "ocsp-behind"
                 yield self.finding(row.serial, kind, stale)
-            else:
-                self.unmaintained += 1
+            self.stale += 1
             return
         if answer is None or answer.status_epoch < row.status_epoch:
             return  # on its way
@@ -641,6 +676,8 @@ def _row(values: Any) -> _Row | _Unreadable:
         return _Unreadable(serial, number, f"status {shown(status)} is not one Sekisho knows")
     if reason and reason not in _REASONS:
         return _Unreadable(serial, number, f"reason {shown(reason)} is not one Sekisho knows")
+    if not isinstance(values[8], bytes | None):
+        return _Unreadable(serial, number, "its DER is stored as text, not octets")
     answer = None if values[15] is None else _Answer(*values[16:21])
     (revoked_at, released_at, invalidity, created_at, epoch, der, fingerprint, tbs, spki,
      subject, not_before, not_after) = values[3:15]  # fmt: skip
@@ -663,6 +700,23 @@ def _entry(entry: x509.RevokedCertificate) -> _Entry:
     except x509.ExtensionNotFound:
         invalid_since = None
     return _Entry(reason, entry.revocation_date_utc, invalid_since)
+
+
+def _rdns(name: x509.Name) -> list[frozenset[tuple[x509.ObjectIdentifier, object]]]:
+    """A name's RDNs as sets of (type, value): a multi-valued RDN's order is the DER's SET OF
+    order in the certificate, and whatever order the request gave in the row."""
+    return [frozenset((a.oid, a.value) for a in rdn) for rdn in name.rdns]
+
+
+def _same_subject(name: x509.Name, text: str) -> bool:
+    """Whether the row's RFC 4514 ``text`` names ``name`` (a multi-valued RDN's attributes in
+    any order: the row keeps the request's, the DER sorts them)."""
+    if name.rfc4514_string() == text:
+        return True
+    try:
+        return _rdns(name) == _rdns(x509.Name.from_rfc4514_string(text))
+    except ValueError:
+        return False
 
 
 def _wanted_status(row: _Row) -> str:

@@ -356,3 +356,76 @@ def test_a_ca_whose_key_is_offline_gets_one_finding_for_its_answers(
     code, doc, _ = check("--grace", "0")
     assert code == 2 and found(doc) == {("", "ocsp-unmaintained")}, doc
     assert doc["discrepancies"][0]["detail"].startswith("4 OCSP answers")  # 3 + its responder
+
+
+def test_a_multi_valued_rdn_checks_clean(services: Services, check: Check) -> None:
+    """The row keeps the request's order of a multi-valued RDN's attributes; the signed DER
+    sorts them (SET OF): the same subject, not a discrepancy."""
+    subject = x509.Name.from_rfc4514_string("O=aa+CN=zz")  # DER: CN first (shorter OID)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = services.ca.issue(
+        IssueRequest(
+            ca="device",
+            profile="device",
+            subject=subject,
+            public_key=key.public_key(),
+            sans=(SanEntry("dns", "zz.example.com"),),
+        ),
+        TEST_ACTOR,
+    )
+    signed = x509.load_der_x509_certificate(cert.public_bytes(serialization.Encoding.DER))
+    assert signed.subject.rfc4514_string() != subject.rfc4514_string()  # the DER's order
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check("--grace", "0")
+    assert code == 0, doc
+
+
+def test_answers_gone_stale_are_listed_up_to_a_bound_then_counted(
+    services: Services, check: Check
+) -> None:
+    """One cause (the refresher not running) would list every certificate of the CA: the
+    first MAX_STALE_LISTED are listed, then one finding counts them all."""
+    from sekisho.check import MAX_STALE_LISTED
+
+    for _ in range(MAX_STALE_LISTED + 2):
+        issue(services, "device")
+    services.crls.publish("device", services.clock())
+    with services.db.scope() as session:
+        for answer in session.scalars(select(OcspResponse)):
+            answer.next_update = services.clock() - dt.timedelta(seconds=1)
+    code, doc, _ = check("--grace", "0")
+    assert code == 2
+    kinds = [f["kind"] for f in doc["discrepancies"] if f["ca"] == "device"]
+    assert kinds.count("ocsp-behind") == MAX_STALE_LISTED
+    (stale,) = [f for f in doc["discrepancies"] if f["kind"] == "ocsp-stale"]
+    assert stale["detail"].startswith(f"{MAX_STALE_LISTED + 3} OCSP answers")  # + its responder
+
+
+def test_values_no_column_type_reads_end_that_ca_not_the_check(
+    services: Services, check: Check
+) -> None:
+    """Stored by hand (SQLite keeps any value in any column; PostgreSQL refuses them): a date
+    that is none, text where a responder's DER belongs. Reported; the other CAs are checked."""
+    if services.db.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL stores only values of the column type")
+    device = issue(services, "device")
+    admin = issue(services, "admin-client")
+    services.revoker.revoke("device", device.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    for ca in ("admin", "device"):
+        services.crls.publish(ca, services.clock())
+    with services.db.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE certificates SET revoked_at = 'garbage' WHERE serial = :s"),
+            {"s": hexs(device)},
+        )
+        conn.execute(text("UPDATE ocsp_responders SET certificate_der = 'x'"))
+        conn.execute(
+            text("UPDATE certificates SET fingerprint_sha256 = 'x' WHERE serial = :s"),
+            {"s": hexs(admin)},
+        )
+    code, doc, err = check("--grace", "0")
+    assert code == 2, err
+    kinds = {(f["ca"], f["kind"]) for f in doc["discrepancies"]}
+    assert ("device", "check-error") in kinds
+    assert ("admin", "responder-malformed") in kinds
+    assert ("admin", "der-fingerprint") in kinds  # the admin CA was checked on
