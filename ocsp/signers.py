@@ -35,6 +35,7 @@ from audit.events import Category, Outcome, by_actor
 from ca.issuance import IssueRequest
 from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus
 from ca.registry import ca_revoked
+from ca.revocation import Reason
 from ca.tbs import serial_hex
 from hsm.base import KeyType
 from ocsp.models import OcspResponder
@@ -54,7 +55,7 @@ SYSTEM_ACTOR = Actor(account="system:ocsp")
 @dataclasses.dataclass(frozen=True)
 class ResponderChange:
     ca: str
-    action: str  # "provision" or "rotate"
+    action: str  # "provision", "rotate", or "discard" (another process replaced it first)
     serial: str
     key_ref: str
     not_after: dt.datetime
@@ -180,7 +181,7 @@ def _renew(
             continue
         revoked_old = old is not None and old.id in revoked
         try:
-            changes.append(_provision(services, info, old, now, actor, revoked_old))
+            change = _provision(services, info, old, now, actor, revoked_old)
         except SekishoError as exc:
             # One CA's failure (its key away, a conflict) leaves the others' responders and,
             # in the refresher, everyone's answers to be kept signed; raised after them.
@@ -190,8 +191,9 @@ def _renew(
             )  # fmt: skip
             failed = failed or exc
             continue
-        if revoked_old:
-            successors.append((ca.id, changes[-1].serial))
+        changes.append(change)
+        if revoked_old and change.action != "discard":
+            successors.append((ca.id, change.serial))
     if changes:
         services.ocsp.invalidate_issuers()
     for ca_id, serial in successors:
@@ -236,6 +238,7 @@ def _provision(
     )
     serial = serial_hex(cert.serial_number)
     action = "ocsp.signer.rotate" if old is not None else "ocsp.signer.provision"
+    lost = False
     with services.db.scope() as session:
         cert_id = session.scalar(
             select(Certificate.id).where(
@@ -244,11 +247,16 @@ def _provision(
         )
         assert cert_id is not None
         if old is not None:
-            session.execute(
+            replaced = session.execute(
                 update(OcspResponder)
-                .where(OcspResponder.id == old.id)
+                .where(OcspResponder.id == old.id, OcspResponder.active.is_(True))
                 .values(active=False, deactivated_at=now)
-            )
+                .returning(OcspResponder.id)
+            ).all()
+            if len(replaced) != 1:
+                # Another process replaced it meanwhile (the revoking CLI's listener and the
+                # refresher both saw it revoked): two active successors would both sign.
+                lost = True
         session.add(
             OcspResponder(
                 issuer_id=ca.id,
@@ -259,10 +267,13 @@ def _provision(
                 certificate_der=cert.public_bytes(serialization.Encoding.DER),
                 not_before=cert.not_valid_before_utc,
                 not_after=cert.not_valid_after_utc,
-                active=True,
+                active=not lost,
                 created_at=now,
+                deactivated_at=now if lost else None,
             )
         )
+        if lost:
+            action = "ocsp.signer.discard"
         detail: dict[str, object] = {
             "ca": ca.name,
             "key_ref": ref,
@@ -288,4 +299,8 @@ def _provision(
             now,
         )
     log.info("ocsp responder %s", action, extra={"ca": ca.name, "serial": serial})
+    if lost:
+        # Never used: revoked, so that a key no responder row makes active signs nothing
+        # anyone accepts. (Its certificate is inactive; the listener replaces active ones.)
+        services.revoker.revoke(ca.name, cert.serial_number, Reason.SUPERSEDED, actor)
     return ResponderChange(ca.name, action.rsplit(".", 1)[1], serial, ref, cert.not_valid_after_utc)

@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import select, update
 
 from audit.models import JournalRecord
+from ca.models import Certificate, CertStatus
 from ca.registry import ca_row
 from ca.revocation import Reason
 from ca.tbs import serial_hex
@@ -490,3 +491,31 @@ def test_one_cas_responder_failing_leaves_the_others_rotated_and_refreshed(
         assert answer.this_update == clock()
     finally:
         services.close()
+
+
+def test_two_processes_replacing_one_responder_leave_one_active(services: Services) -> None:
+    """The revoking process's listener and the refresher both saw the responder revoked and
+    both made a successor: the second to commit finds it replaced, keeps its certificate
+    inactive and revokes it; one successor is active (there were two)."""
+    from ocsp.signers import _Ca, _provision
+
+    with services.db.scope() as session:
+        ca = ca_row(session, "device")
+        info = _Ca(
+            ca.id, ca.name, ca.key_type, x509.load_der_x509_certificate(ca.certificate_der).subject
+        )
+    (old,) = [r for r in responders(services) if r.active and r.issuer_id == info.id]
+    now = services.clock()
+    first = _provision(services, info, old, now, TEST_ACTOR, revoked=True)
+    second = _provision(services, info, old, now, TEST_ACTOR, revoked=True)  # read `old` too
+    assert (first.action, second.action) == ("rotate", "discard")
+    active = [r.serial for r in responders(services) if r.active and r.issuer_id == info.id]
+    assert active == [first.serial]
+    with services.db.scope() as session:
+        status = session.scalar(
+            select(Certificate.status).where(
+                Certificate.issuer_id == info.id, Certificate.serial == second.serial
+            )
+        )
+    assert status is CertStatus.REVOKED
+    assert len(journal(services, "ocsp.signer.discard")) == 1
