@@ -66,7 +66,7 @@ from ca.tbs import serial_hex
 from ocsp.core import responder_key_hash, verify_signature
 from ocsp.models import OcspResponder, OcspResponse
 from ocsp.store import GOOD, REVOKED, UNKNOWN
-from sekisho.errors import KeyBackendError, NotFound, shown
+from sekisho.errors import Discrepancies, KeyBackendError, NotFound, shown
 
 DEFAULT_GRACE = dt.timedelta(minutes=15)
 BATCH = 1000  # rows per statement, and per journal lookup
@@ -148,7 +148,13 @@ class StoreCheck:
         self.session = session
         self.now = now
         self.grace = grace
-        self.by_id = {ca.id: ca for ca in session.scalars(select(CertificateAuthority))}
+        try:
+            self.by_id = {ca.id: ca for ca in session.scalars(select(CertificateAuthority))}
+        except _UNREADABLE_ROW as exc:
+            raise Discrepancies(
+                f"the CA rows could not be read ({type(exc).__name__}): a stored value is not "
+                "of its column's type"
+            ) from None
         by_name = {ca.name: ca for ca in self.by_id.values()}
         for name in ca_names:
             if name not in by_name:

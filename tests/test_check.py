@@ -429,3 +429,7 @@ def test_values_no_column_type_reads_end_that_ca_not_the_check(
     assert ("device", "check-error") in kinds
     assert ("admin", "responder-malformed") in kinds
     assert ("admin", "der-fingerprint") in kinds  # the admin CA was checked on
+    with services.db.engine.begin() as conn:
+        conn.execute(text("UPDATE ca_authorities SET kind = 'weird' WHERE name = 'admin'"))
+    code, doc, err = check()
+    assert code == 2 and not doc and "the CA rows could not be read" in err
