@@ -145,7 +145,8 @@ def status_of(
     return core.UNKNOWN
 
 
-def _label(status: core.Status) -> str:
+def status_label(status: core.Status) -> str:
+    """The ``cert_status`` column's word for an OCSP status."""
     if isinstance(status, core.Good):
         return GOOD
     if isinstance(status, core.Revoked):
@@ -1130,7 +1131,7 @@ class OcspService:
                     "issuer_id": row.issuer_id,
                     "serial": row.serial,
                     "der": der,
-                    "cert_status": _label(row.status),
+                    "cert_status": status_label(row.status),
                     "status_epoch": row.epoch,
                     "this_update": this_update,
                     "next_update": next_update,
@@ -1459,7 +1460,7 @@ class OcspService:
                     break
                 self.sign_rows(rows, now)
                 for row in rows:
-                    counts[_label(row.status)] += 1
+                    counts[status_label(row.status)] += 1
                 after = rows[-1].serial
         return counts
 

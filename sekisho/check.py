@@ -65,7 +65,7 @@ from ca.revocation import Reason
 from ca.tbs import serial_hex
 from ocsp.core import responder_key_hash, verify_signature
 from ocsp.models import OcspResponder, OcspResponse
-from ocsp.store import GOOD, REVOKED, UNKNOWN
+from ocsp.store import GOOD, REVOKED, UNKNOWN, status_label, status_of
 from sekisho.errors import Discrepancies, KeyBackendError, NotFound, shown
 
 DEFAULT_GRACE = dt.timedelta(minutes=15)
@@ -214,7 +214,7 @@ class _CaCheck:
         self.cert = cert
         self.public_key = self.cert.public_key()
         self.key_hash = responder_key_hash(self.cert)  # the issuerKeyHash of its CertIDs
-        self.revoked = ca.parent_id is not None and ca_revoked(session, ca)
+        self.revoked = ca_revoked(session, ca)  # by its parent (never for a root)
         # Whose answers the refresher keeps signed (ocsp.signers.served_cas).
         self.maintained = (
             ca.kind is CaKind.ISSUING and ca.active and ca.key_online and not self.revoked
@@ -558,7 +558,8 @@ class _CaCheck:
             yield self.finding(row.serial, "ocsp-answer", problem)
 
     def _answer_problem(self, row: _Row, answer: _Answer) -> str | None:
-        wanted = _wanted_status(row)
+        reason_name = row.reason.value if row.reason else None
+        wanted = status_label(status_of(row.status, reason_name, row.revoked_at))
         if answer.status_epoch > row.status_epoch:
             return f"it reflects epoch {answer.status_epoch}, the row is at {row.status_epoch}"
         if answer.cert_status != wanted:
@@ -723,14 +724,6 @@ def _same_subject(name: x509.Name, text: str) -> bool:
         return _rdns(name) == _rdns(x509.Name.from_rfc4514_string(text))
     except ValueError:
         return False
-
-
-def _wanted_status(row: _Row) -> str:
-    if row.status in (CertStatus.ISSUED, CertStatus.RESERVED):
-        return GOOD
-    if row.status is CertStatus.REVOKED and row.revoked_at is not None:
-        return REVOKED
-    return UNKNOWN
 
 
 def _changed_at(row: _Row, said: _Journalled) -> dt.datetime:
