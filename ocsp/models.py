@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -26,6 +27,17 @@ class OcspResponder(Base):
     backend (``key_ref``), its certificate is a row of ``certificates`` (``certificate_id``)."""
 
     __tablename__ = "ocsp_responders"
+    __table_args__ = (
+        # One active responder per CA: two processes replacing or provisioning it at once
+        # cannot both record theirs active (ocsp.signers: the second discards its own).
+        Index(
+            "uq_ocsp_responders_active",
+            "issuer_id",
+            unique=True,
+            sqlite_where=text("active"),
+            postgresql_where=text("active"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     issuer_id: Mapped[int] = mapped_column(ForeignKey("ca_authorities.id"), index=True)

@@ -40,7 +40,7 @@ from ca.tbs import serial_hex
 from hsm.base import KeyType
 from ocsp.models import OcspResponder
 from sekisho.context import Actor
-from sekisho.errors import SekishoError
+from sekisho.errors import DuplicateKey, SekishoError
 
 if TYPE_CHECKING:
     from sekisho.services import Services
@@ -119,11 +119,18 @@ def revoked_active_responders(services: Services, ca_id: int | None = None) -> s
 
 
 def ensure_responders(
-    services: Services, now: dt.datetime, actor: Actor = SYSTEM_ACTOR, *, rotate: bool = False
+    services: Services,
+    now: dt.datetime,
+    actor: Actor = SYSTEM_ACTOR,
+    *,
+    rotate: bool = False,
+    failures: dict[str, SekishoError] | None = None,
 ) -> list[ResponderChange]:
     """Provision a responder for every served CA lacking one; rotate those past 2/3 of their
     validity or whose certificate is revoked (every one with ``rotate``: an operator's key
-    roll). Returns what changed (nothing when all is in order)."""
+    roll). Returns what changed (nothing when all is in order). A CA whose responder could not
+    be made is left for the others; then the first such error is raised, or, when
+    ``failures`` is given, every one is put there by CA name and nothing is raised."""
     revoked = revoked_active_responders(services)
     return _renew(
         services,
@@ -131,6 +138,7 @@ def ensure_responders(
         actor,
         lambda old: old is None or rotate or needs_rotation(old, now) or old.id in revoked,
         revoked,
+        failures,
     )
 
 
@@ -163,11 +171,12 @@ def _renew(
     actor: Actor,
     due: Callable[[OcspResponder | None], bool],
     revoked: set[int],
+    failures: dict[str, SekishoError] | None = None,
 ) -> list[ResponderChange]:
     """A new responder for every served CA whose active one (or None) is ``due``."""
     changes: list[ResponderChange] = []
     successors: list[tuple[int, str]] = []
-    failed: SekishoError | None = None
+    failed: dict[str, SekishoError] = {} if failures is None else failures
     current = active_responders(services)
     for ca in served_cas(services):
         info = _Ca(
@@ -189,7 +198,7 @@ def _renew(
                 "OCSP responder of CA %s not provisioned", ca.name,
                 extra={"ca": ca.name, "error": exc.code, "detail": exc.message},
             )  # fmt: skip
-            failed = failed or exc
+            failed[ca.name] = exc
             continue
         changes.append(change)
         if revoked_old and change.action != "discard":
@@ -200,8 +209,8 @@ def _renew(
         # Its own answer: pre-signing at its issuance found no signer for the CA (the revoked
         # one refused, this one not recorded yet).
         services.ocsp.sign_serials(ca_id, [serial], now)
-    if failed is not None:
-        raise failed
+    if failed and failures is None:
+        raise next(iter(failed.values()))
     return changes
 
 
@@ -237,70 +246,104 @@ def _provision(
         actor,
     )
     serial = serial_hex(cert.serial_number)
-    action = "ocsp.signer.rotate" if old is not None else "ocsp.signer.provision"
-    lost = False
-    with services.db.scope() as session:
-        cert_id = session.scalar(
-            select(Certificate.id).where(
-                Certificate.issuer_id == ca.id, Certificate.serial == serial
-            )
-        )
-        assert cert_id is not None
-        if old is not None:
-            replaced = session.execute(
-                update(OcspResponder)
-                .where(OcspResponder.id == old.id, OcspResponder.active.is_(True))
-                .values(active=False, deactivated_at=now)
-                .returning(OcspResponder.id)
-            ).all()
-            if len(replaced) != 1:
-                # Another process replaced it meanwhile (the revoking CLI's listener and the
-                # refresher both saw it revoked): two active successors would both sign.
-                lost = True
-        session.add(
-            OcspResponder(
-                issuer_id=ca.id,
-                certificate_id=cert_id,
-                serial=serial,
-                key_ref=ref,
-                key_type=key_type.value,
-                certificate_der=cert.public_bytes(serialization.Encoding.DER),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                active=not lost,
-                created_at=now,
-                deactivated_at=now if lost else None,
-            )
-        )
-        if lost:
-            action = "ocsp.signer.discard"
-        detail: dict[str, object] = {
-            "ca": ca.name,
-            "key_ref": ref,
-            "key_type": key_type.value,
-            "not_after": cert.not_valid_after_utc.isoformat(),
-        }
-        if old is not None:
-            detail["previous_serial"] = old.serial
-            detail["previous_key_ref"] = old.key_ref
-            if revoked:
-                detail["previous_revoked"] = True
-        services.journal.append(
-            session,
-            by_actor(
-                actor,
-                Category.CA,
-                action,
-                Outcome.SUCCESS,
-                object_dn=cert.subject.rfc4514_string(),
-                object_serial=serial,
-                detail=detail,
-            ),
-            now,
-        )
+    record = _Record(services, ca, old, cert, ref, key_type, now, actor, revoked)
+    try:
+        lost = record.store(lost=False)
+    except DuplicateKey:
+        # Another process recorded an active responder for this CA first, and we had no old
+        # one to deactivate (its first responder): the index allows one active per CA.
+        lost = record.store(lost=True)
+    action = record.action(lost)
     log.info("ocsp responder %s", action, extra={"ca": ca.name, "serial": serial})
     if lost:
         # Never used: revoked, so that a key no responder row makes active signs nothing
         # anyone accepts. (Its certificate is inactive; the listener replaces active ones.)
         services.revoker.revoke(ca.name, cert.serial_number, Reason.SUPERSEDED, actor)
     return ResponderChange(ca.name, action.rsplit(".", 1)[1], serial, ref, cert.not_valid_after_utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record:
+    """Recording a new responder (its row and journal entry, one transaction) once its
+    certificate is issued."""
+
+    services: Services
+    ca: _Ca
+    old: OcspResponder | None
+    cert: x509.Certificate
+    ref: str
+    key_type: KeyType
+    now: dt.datetime
+    actor: Actor
+    revoked: bool
+
+    def action(self, lost: bool) -> str:
+        if lost:
+            return "ocsp.signer.discard"
+        return "ocsp.signer.rotate" if self.old is not None else "ocsp.signer.provision"
+
+    def store(self, *, lost: bool) -> bool:
+        """Deactivate the old responder and record the new one active; or, ``lost`` (another
+        process replaced the old one first), record the new one inactive. Returns ``lost``,
+        found true when the old one was no longer active. DuplicateKey: another process
+        recorded an active responder for the CA meanwhile; nothing was written."""
+        ca, old, cert, now = self.ca, self.old, self.cert, self.now
+        serial = serial_hex(cert.serial_number)
+        with self.services.db.scope() as session:
+            cert_id = session.scalar(
+                select(Certificate.id).where(
+                    Certificate.issuer_id == ca.id, Certificate.serial == serial
+                )
+            )
+            assert cert_id is not None
+            if old is not None and not lost:
+                replaced = session.execute(
+                    update(OcspResponder)
+                    .where(OcspResponder.id == old.id, OcspResponder.active.is_(True))
+                    .values(active=False, deactivated_at=now)
+                    .returning(OcspResponder.id)
+                ).all()
+                # None: another process replaced it meanwhile (the revoking CLI's listener and
+                # the refresher both saw it revoked): two active successors would both sign.
+                lost = len(replaced) != 1
+            session.add(
+                OcspResponder(
+                    issuer_id=ca.id,
+                    certificate_id=cert_id,
+                    serial=serial,
+                    key_ref=self.ref,
+                    key_type=self.key_type.value,
+                    certificate_der=cert.public_bytes(serialization.Encoding.DER),
+                    not_before=cert.not_valid_before_utc,
+                    not_after=cert.not_valid_after_utc,
+                    active=not lost,
+                    created_at=now,
+                    deactivated_at=now if lost else None,
+                )
+            )
+            session.flush()  # a second active responder for the CA fails here: DuplicateKey
+            detail: dict[str, object] = {
+                "ca": ca.name,
+                "key_ref": self.ref,
+                "key_type": self.key_type.value,
+                "not_after": cert.not_valid_after_utc.isoformat(),
+            }
+            if old is not None:
+                detail["previous_serial"] = old.serial
+                detail["previous_key_ref"] = old.key_ref
+                if self.revoked:
+                    detail["previous_revoked"] = True
+            self.services.journal.append(
+                session,
+                by_actor(
+                    self.actor,
+                    Category.CA,
+                    self.action(lost),
+                    Outcome.SUCCESS,
+                    object_dn=cert.subject.rfc4514_string(),
+                    object_serial=serial,
+                    detail=detail,
+                ),
+                now,
+            )
+        return lost

@@ -384,6 +384,8 @@ def signer_ending(issuer: core.Issuer, now: float, horizon: float) -> str | None
     if now < cert.not_valid_before_utc.timestamp():
         return "its certificate is not valid yet"
     not_after = cert.not_valid_after_utc
+    if not_after.timestamp() <= now:
+        return f"its certificate expired at {not_after.isoformat()}"
     if not_after.timestamp() <= now + horizon + EXPIRY_MARGIN:
         return f"its certificate expires at {not_after.isoformat()}"
     return None
@@ -852,6 +854,21 @@ class OcspService:
     def issuers(self) -> dict[int, core.Issuer]:
         """The served CAs whose signer may sign now (pre-signing signs for these only)."""
         return self._current()[1]
+
+    def withheld(self) -> dict[int, str]:
+        """CA id -> why nothing is signed for it here now: the CAs served (active, key
+        online, not revoked) left out of :meth:`issuers`, their signer not loaded, refused,
+        or its certificate ending. Store errors propagate."""
+        served, signing = self._current()
+        out = {ca_id: "" for ca_id in served.keys() - signing.keys()}
+        out.update({ca_id: failure.reason for ca_id, failure in self._signers.down.items()})
+        for ca_id in out:
+            trouble = self._signers.troubles.get(ca_id)
+            if trouble is not None and trouble[0]:
+                out[ca_id] = trouble[0]
+        return {
+            ca_id: why or "no signer may sign" for ca_id, why in out.items() if ca_id not in signing
+        }
 
     def _current(self) -> tuple[dict[int, core.Issuer], dict[int, core.Issuer]]:
         """(every CA served, those whose signer may sign), reloaded CA by CA every
@@ -1474,21 +1491,45 @@ def refresh_due(services: Services, now: dt.datetime, batch: int = DEFAULT_BATCH
     return services.ocsp.refresh_due(now, batch)
 
 
-def resign_all(services: Services, now: dt.datetime, actor: Actor | None = None) -> dict[str, int]:
-    """Re-sign everything (after a responder change, or on demand); journalled ``ocsp.resign``."""
+@dataclasses.dataclass(frozen=True)
+class Resigned:
+    counts: dict[str, int]  # answers re-signed, by status (good, revoked, unknown)
+    not_resigned: dict[str, str]  # CA name -> why nothing was signed for it
+
+
+def resign_all(services: Services, now: dt.datetime, actor: Actor | None = None) -> Resigned:
+    """Re-sign everything (after a responder change, or on demand); journalled ``ocsp.resign``
+    with the served CAs whose answers were not re-signed (no signer may sign for them here:
+    ``OcspService.withheld``), if any: then the outcome is a failure."""
     actor = actor or Actor(account="system:ocsp")
     services.ocsp.invalidate_issuers()
     counts = services.ocsp.resign_all(now)
+    withheld = services.ocsp.withheld()
+    detail: dict[str, object] = {**counts, "total": sum(counts.values())}
+    not_resigned: dict[str, str] = {}
     with services.db.scope() as session:
+        if withheld:
+            names = {
+                int(ca_id): str(name)
+                for ca_id, name in session.execute(
+                    select(CertificateAuthority.id, CertificateAuthority.name).where(
+                        CertificateAuthority.id.in_(list(withheld))
+                    )
+                )
+            }
+            not_resigned = {
+                names.get(ca_id, str(ca_id)): why for ca_id, why in sorted(withheld.items())
+            }
+            detail["not_resigned"] = not_resigned
         services.journal.append(
             session,
             by_actor(
                 actor,
                 Category.CA,
                 "ocsp.resign",
-                Outcome.SUCCESS,
-                detail={**counts, "total": sum(counts.values())},
+                Outcome.FAILURE if withheld else Outcome.SUCCESS,
+                detail=detail,
             ),
             now,
         )
-    return counts
+    return Resigned(counts, not_resigned)

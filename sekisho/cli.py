@@ -43,6 +43,7 @@ from sekisho.errors import (
     Conflict,
     Discrepancies,
     InputError,
+    KeyBackendError,
     NotFound,
     SekishoError,
     shown,
@@ -1288,16 +1289,44 @@ def ocsp_responders(state: State, rotate: bool) -> None:
 @pass_state
 def ocsp_resign(state: State) -> None:
     """Re-sign the pre-signed response of every certificate of every served CA now (after a
-    responder change, or on demand); journalled as one ``ocsp.resign`` entry."""
+    responder change, or on demand); journalled as one ``ocsp.resign`` entry. Responders
+    missing, expired, revoked or due for rotation are replaced first, as the serving process
+    does. Exits non-zero when a served CA's answers could not be re-signed (its key or its
+    responder's away), after re-signing the others."""
     from ocsp import store
+    from ocsp.signers import ensure_responders
 
     services = state.services()
-    counts = store.resign_all(services, services.clock(), state.actor())
-    state.emit(
-        counts,
-        f"re-signed {sum(counts.values())} responses "
-        f"({counts['good']} good, {counts['revoked']} revoked, {counts['unknown']} unknown)",
-    )
+    now = services.clock()
+    failures: dict[str, SekishoError] = {}
+    changes = ensure_responders(services, now, state.actor(), failures=failures)
+    done = store.resign_all(services, now, state.actor())
+    counts = done.counts
+    doc: dict[str, Any] = {
+        **counts,
+        "responder_changes": [dataclasses.asdict(c) for c in changes],
+        "responder_failures": {ca: exc.message for ca, exc in failures.items()},
+        "not_resigned": done.not_resigned,
+    }
+
+    def text() -> str:
+        lines = [f"{c.action}: {c.ca} responder {c.serial}" for c in changes]
+        lines += [f"responder of CA {ca} not made: {exc.message}" for ca, exc in failures.items()]
+        lines.append(
+            f"re-signed {sum(counts.values())} responses "
+            f"({counts['good']} good, {counts['revoked']} revoked, {counts['unknown']} unknown)"
+        )
+        lines += [f"not re-signed: CA {ca}: {why}" for ca, why in done.not_resigned.items()]
+        return "\n".join(lines)
+
+    state.emit(doc, text)
+    if done.not_resigned:
+        # The exit code of why: the responder that could not be made (its key backend away,
+        # exit 69 ...), else a signer that did not load or may not sign.
+        cause = next((failures[ca] for ca in done.not_resigned if ca in failures), None)
+        if cause is not None:
+            raise cause
+        raise KeyBackendError(f"answers of CA {', '.join(done.not_resigned)} not re-signed")
 
 
 # -- hsm --------------------------------------------------------------------------------------

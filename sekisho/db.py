@@ -280,6 +280,8 @@ def _store_error(driver_exc: BaseException | None, named: BaseException) -> Stor
     names). A lock wait that ran out is "database busy", as on SQLite."""
     if getattr(driver_exc, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
         return StoreError("database busy: another session held a lock too long")
+    if driver_exc is not None and _unique_violation(driver_exc):
+        return DuplicateKey(f"database error: {named.__class__.__name__}")
     return StoreError(f"database error: {named.__class__.__name__}")
 
 

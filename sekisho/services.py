@@ -383,10 +383,13 @@ def build_services(
     settings: Settings,
     *,
     backend: KeyBackend | None = None,
-    clock: Callable[[], dt.datetime] = utcnow,
+    clock: Callable[[], dt.datetime] | None = None,
     migrate: bool = True,
     db: Database | None = None,
 ) -> Services:
+    # The wall clock, looked up when called (a test moves every command's clock at once by
+    # replacing ``sekisho.services.utcnow``).
+    clock = clock or utcnow
     db = db or Database(settings.db_url)
     if migrate:
         db.upgrade()

@@ -1187,7 +1187,14 @@ def test_ocsp_responders_and_resign(run: Runner) -> None:
     _issue_device(run, "ocsp.example.com")
     counts = ok(run("--json", "ocsp", "resign")).json()
     # the device leaf + four responder certificates (two per CA, under their CA)
-    assert counts == {"good": 5, "revoked": 0, "unknown": 0}
+    assert counts == {
+        "good": 5,
+        "revoked": 0,
+        "unknown": 0,
+        "responder_changes": [],  # all in order: nothing replaced
+        "responder_failures": {},
+        "not_resigned": {},
+    }
     assert "re-signed 5 responses" in ok(run("ocsp", "resign")).out
 
     def journal(action: str) -> list[dict[str, Any]]:
@@ -1197,6 +1204,61 @@ def test_ocsp_responders_and_resign(run: Runner) -> None:
     found = journal("ocsp.resign")
     assert len(found) == 2 and all(r["actor_account"].startswith("cli:") for r in found)
     assert len(journal("ocsp.signer.rotate")) == 2
+
+
+def _clock_ahead(monkeypatch: pytest.MonkeyPatch, days: int) -> None:
+    """Every command's clock ``days`` ahead of the wall clock (services built from now on)."""
+    import sekisho.services
+
+    real = sekisho.services.utcnow
+    monkeypatch.setattr(sekisho.services, "utcnow", lambda: real() + dt.timedelta(days=days))
+
+
+def test_ocsp_resign_after_a_long_stop_replaces_the_expired_responders_first(
+    run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing ran for 35 days: every responder certificate (30 days) has expired, and no
+    answer could be signed with them. The command makes new ones, then re-signs."""
+    _clock_ahead(monkeypatch, 35)
+    done = ok(run("--json", "ocsp", "resign")).json()
+    assert sorted((c["ca"], c["action"]) for c in done["responder_changes"]) == [
+        ("admin", "rotate"),
+        ("device", "rotate"),
+    ]
+    # every responder certificate, the expired ones and their successors
+    assert (done["good"], done["revoked"], done["not_resigned"]) == (4, 0, {})
+    listed = ok(run("--json", "ocsp", "responders")).json()
+    assert listed["changes"] == []
+
+
+def test_ocsp_resign_fails_for_a_ca_whose_answers_it_could_not_sign(
+    run: Runner, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device CA's key is away while its responder has expired: no successor can be made,
+    nothing can be signed for that CA. The admin CA's answers are re-signed all the same; the
+    command says which CA was left and why, journals a failure, and exits with the cause."""
+    _clock_ahead(monkeypatch, 35)
+    key = data_dir / "keys" / "ca-device.key"
+    away = data_dir / "ca-device.key.away"
+    key.rename(away)
+    result = run("--json", "ocsp", "resign")
+    assert result.code == 69, result
+    done = result.json()
+    assert [(c["ca"], c["action"]) for c in done["responder_changes"]] == [("admin", "rotate")]
+    assert set(done["responder_failures"]) == {"device"}
+    assert set(done["not_resigned"]) == {"device"}
+    assert "expired at" in done["not_resigned"]["device"]
+    assert done["good"] == 2  # the admin CA's old and new responder certificates
+    assert "error: key-backend:" in result.err and "ca-device" in result.err
+    text = run("ocsp", "resign")
+    assert text.code == 69 and "not re-signed: CA device:" in text.out
+    away.rename(key)
+    done = ok(run("--json", "ocsp", "resign")).json()
+    assert [(c["ca"], c["action"]) for c in done["responder_changes"]] == [("device", "rotate")]
+    assert done["not_resigned"] == {}
+    out = ok(run("--json", "audit", "search", "--action", "ocsp.resign")).out
+    outcomes = [json.loads(line)["outcome"] for line in out.splitlines()]
+    assert outcomes == ["failure", "failure", "success"]
 
 
 def test_ocsp_commands_have_help(run: Runner) -> None:

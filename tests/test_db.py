@@ -795,6 +795,38 @@ def test_migration_0005_indexes_per_ca_work(services: Services) -> None:
     assert added.items() <= indexes().items() and not dropped.keys() & indexes().keys()
 
 
+def test_migration_0006_keeps_one_active_responder_per_ca(services: Services) -> None:
+    """A store where the race left two active responders for one CA: the upgrade keeps the
+    one whose certificate ends last (the one the signer loader chose) and adds the index."""
+    from alembic import command
+
+    from ocsp.models import OcspResponder
+
+    cfg = db_module.alembic_config(services.db.engine)
+    command.downgrade(cfg, "0005")
+    with services.db.scope() as session:
+        current = list(session.scalars(select(OcspResponder).where(OcspResponder.active)))
+        assert len(current) == 2  # one per issuing CA
+        older = current[0]
+        twin = {c.key: getattr(older, c.key) for c in OcspResponder.__table__.columns}
+        twin.pop("id")
+        twin["not_after"] = older.not_after + dt.timedelta(days=1)
+        session.add(OcspResponder(**twin))  # no index yet: a second active one for that CA
+    command.upgrade(cfg, "head")
+    with services.db.scope() as session:
+        active = {
+            r.issuer_id: r
+            for r in session.scalars(select(OcspResponder).where(OcspResponder.active))
+        }
+        demoted = session.get(OcspResponder, older.id)
+    assert len(active) == 2 and active[older.issuer_id].not_after == twin["not_after"]
+    assert demoted is not None and not demoted.active and demoted.deactivated_at is not None
+    with pytest.raises(DuplicateKey), services.db.scope() as session:
+        session.add(OcspResponder(**{**twin, "not_after": twin["not_after"]}))
+    command.downgrade(cfg, "0005")  # and back, for the schema checks of other tests
+    command.upgrade(cfg, "head")
+
+
 def test_a_postgresql_server_that_never_answers_fails_within_the_connect_timeout() -> None:
     """A server that accepts the TCP connection and then says nothing (a hung server, a
     middlebox swallowing the traffic): the operation fails with StoreError once

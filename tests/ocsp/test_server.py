@@ -1232,7 +1232,7 @@ def test_a_signer_past_its_validity_never_signs(pki: Pki, caplog: pytest.LogCapt
     assert entry is not None and status_of(entry[DER]) is x509_ocsp.OCSPCertStatus.GOOD
     troubles = [r for r in caplog.records if r.getMessage() == "OCSP signer of a CA unavailable"]
     assert {getattr(r, "ca_id", None) for r in troubles} == set(loaded)
-    assert all("its certificate expires at" in getattr(r, "detail", "") for r in troubles)
+    assert all("its certificate expired at" in getattr(r, "detail", "") for r in troubles)
 
 
 def test_a_revoked_responder_stops_signing_at_the_next_poll(pki: Pki) -> None:

@@ -25,8 +25,8 @@ from ca.tbs import serial_hex
 from hsm.base import KeyType
 from ocsp import core, store
 from ocsp.models import OcspResponder, OcspResponse
-from ocsp.signers import ensure_responders
-from sekisho.errors import KeyBackendError
+from ocsp.signers import _Ca, ensure_responders
+from sekisho.errors import DuplicateKey, KeyBackendError
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, issue
@@ -38,6 +38,15 @@ from tests.support.checkers import openssl_verify, pkilint_cert, pkilint_chain
 def responders(services: Services) -> list[OcspResponder]:
     with services.db.scope() as session:
         return list(session.scalars(select(OcspResponder).order_by(OcspResponder.id)))
+
+
+def cert_status(services: Services, issuer_id: int, serial: str) -> CertStatus | None:
+    with services.db.scope() as session:
+        return session.scalar(
+            select(Certificate.status).where(
+                Certificate.issuer_id == issuer_id, Certificate.serial == serial
+            )
+        )
 
 
 def journal(services: Services, action: str) -> list[JournalRecord]:
@@ -497,13 +506,9 @@ def test_two_processes_replacing_one_responder_leave_one_active(services: Servic
     """The revoking process's listener and the refresher both saw the responder revoked and
     both made a successor: the second to commit finds it replaced, keeps its certificate
     inactive and revokes it; one successor is active (there were two)."""
-    from ocsp.signers import _Ca, _provision
+    from ocsp.signers import _provision
 
-    with services.db.scope() as session:
-        ca = ca_row(session, "device")
-        info = _Ca(
-            ca.id, ca.name, ca.key_type, x509.load_der_x509_certificate(ca.certificate_der).subject
-        )
+    info = _device_ca(services)
     (old,) = [r for r in responders(services) if r.active and r.issuer_id == info.id]
     now = services.clock()
     first = _provision(services, info, old, now, TEST_ACTOR, revoked=True)
@@ -511,11 +516,71 @@ def test_two_processes_replacing_one_responder_leave_one_active(services: Servic
     assert (first.action, second.action) == ("rotate", "discard")
     active = [r.serial for r in responders(services) if r.active and r.issuer_id == info.id]
     assert active == [first.serial]
-    with services.db.scope() as session:
-        status = session.scalar(
-            select(Certificate.status).where(
-                Certificate.issuer_id == info.id, Certificate.serial == second.serial
-            )
-        )
-    assert status is CertStatus.REVOKED
+    assert cert_status(services, info.id, second.serial) is CertStatus.REVOKED
     assert len(journal(services, "ocsp.signer.discard")) == 1
+
+
+def _device_ca(services: Services) -> _Ca:
+    with services.db.scope() as session:
+        ca = ca_row(session, "device")
+        return _Ca(
+            ca.id, ca.name, ca.key_type, x509.load_der_x509_certificate(ca.certificate_der).subject
+        )
+
+
+def test_two_processes_provisioning_a_first_responder_leave_one_active(
+    services: Services,
+) -> None:
+    """Two processes found no active responder for a CA (a new issuing CA while ``serve``
+    runs, say) and both made one: no old row to compare, so the store's one-active-per-CA
+    index decides. The second keeps its certificate inactive and revokes it."""
+    from ocsp.signers import _provision
+
+    info = _device_ca(services)
+    with services.db.scope() as session:
+        session.execute(
+            update(OcspResponder)
+            .where(OcspResponder.issuer_id == info.id)
+            .values(active=False, deactivated_at=services.clock())
+        )
+    now = services.clock()
+    first = _provision(services, info, None, now, TEST_ACTOR)
+    second = _provision(services, info, None, now, TEST_ACTOR)  # saw none active either
+    assert (first.action, second.action) == ("provision", "discard")
+    active = [r.serial for r in responders(services) if r.active and r.issuer_id == info.id]
+    assert active == [first.serial]
+    assert cert_status(services, info.id, second.serial) is CertStatus.REVOKED
+    (discard,) = journal(services, "ocsp.signer.discard")
+    assert discard.object_serial == second.serial
+    assert [r.object_serial for r in journal(services, "ocsp.signer.provision")][-1] == (
+        first.serial
+    )
+
+
+def test_the_store_refuses_a_second_active_responder(services: Services) -> None:
+    info = _device_ca(services)
+    (current,) = [r for r in responders(services) if r.active and r.issuer_id == info.id]
+    copy = {
+        c.key: getattr(current, c.key) for c in OcspResponder.__table__.columns if c.key != "id"
+    }
+    with pytest.raises(DuplicateKey):
+        with services.db.scope() as session:
+            session.add(OcspResponder(**copy))
+    with services.db.scope() as session:  # an inactive one is no trouble
+        session.add(OcspResponder(**{**copy, "active": False}))
+    assert len([r for r in responders(services) if r.issuer_id == info.id]) == 2
+
+
+def test_signer_ending_says_whether_the_certificate_has_ended(services: Services) -> None:
+    issuer = next(iter(store.load_issuers(services).values()))
+    cert = issuer.responder_certificate
+    start = cert.not_valid_before_utc.timestamp()
+    end = cert.not_valid_after_utc.timestamp()
+    when = cert.not_valid_after_utc.isoformat()
+    assert store.signer_ending(issuer, start - 1, 10) == "its certificate is not valid yet"
+    assert store.signer_ending(issuer, start, 10) is None
+    # ends before the next reload (10 s) plus a minute: no longer used, not expired yet
+    soon = end - 10 - store.EXPIRY_MARGIN
+    assert store.signer_ending(issuer, soon, 10) == f"its certificate expires at {when}"
+    assert store.signer_ending(issuer, soon - 1, 10) is None
+    assert store.signer_ending(issuer, end, 10) == f"its certificate expired at {when}"

@@ -363,8 +363,10 @@ def test_resign_all_journalled(services: Services) -> None:
     issue(services, "admin-client")
     revoked = issue(services, "device")
     services.revoker.revoke("device", revoked.serial_number, Reason.UNSPECIFIED, TEST_ACTOR)
-    counts = store.resign_all(services, services.clock())
+    done = store.resign_all(services, services.clock())
+    counts = done.counts
     assert counts == {"good": 3, "revoked": 1, "unknown": 0}  # admin leaf + two responders
+    assert done.not_resigned == {}
     rows, _ = store.snapshot(services.db)
     assert len(rows) == sum(counts.values())
     with services.db.scope() as session:
@@ -372,6 +374,7 @@ def test_resign_all_journalled(services: Services) -> None:
             select(JournalRecord).where(JournalRecord.action == "ocsp.resign")
         ).one()
     assert entry.category == "ca" and '"revoked":1' in entry.detail
+    assert entry.outcome == "success" and "not_resigned" not in entry.detail
     for row in rows:
         pkilint_ocsp_response(row.der)
         break
