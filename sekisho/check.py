@@ -232,11 +232,8 @@ class _CaCheck:
         yield from self._responders()
         crls, found = self._crls()
         yield from found
-        after = ""
-        while True:
-            rows = [_row(values) for values in self.session.execute(_batch(self.ca.id, after))]
-            if not rows:
-                break
+        for batch in _batches(self.session, _certificates(self.ca.id), _C.serial):
+            rows = [_row(values) for values in batch]
             journal = self._journalled([row.serial for row in rows])
             for row in rows:
                 self.totals.certificates += 1
@@ -251,7 +248,6 @@ class _CaCheck:
                 yield from self._answer(row, said)
                 if crls is not None:
                     yield from self._crl_entry(row, said, crls)
-            after = rows[-1].serial
             if progress is not None:
                 progress(self.totals)
         if crls is not None:
@@ -652,6 +648,7 @@ class _Unreadable:
 _STATUSES = frozenset(s.value for s in CertStatus)
 _REASONS = frozenset(r.value for r in Reason)
 _C, _O = Certificate, OcspResponse
+_SAME_CERT = and_(_O.issuer_id == _C.issuer_id, _O.serial == _C.serial)  # a row and its answer
 # Status and reason as stored text: a value no enum member has is a finding, not a crash.
 _COLUMNS = (
     _C.serial, type_coerce(_C.status, String), _C.revocation_reason, _C.revoked_at,
@@ -662,16 +659,23 @@ _COLUMNS = (
 )  # fmt: skip
 
 
-def _batch(ca_id: int, after: str) -> Any:
-    """The CA's next BATCH certificates after serial ``after``, each with its stored answer."""
-    joined = and_(_O.issuer_id == _C.issuer_id, _O.serial == _C.serial)
-    return (
-        select(*_COLUMNS)
-        .outerjoin(_O, joined)
-        .where(_C.issuer_id == ca_id, _C.serial > after)
-        .order_by(_C.serial)
-        .limit(BATCH)
-    )
+def _certificates(ca_id: int) -> Any:
+    """The CA's certificates, each with its stored answer."""
+    return select(*_COLUMNS).outerjoin(_O, _SAME_CERT).where(_C.issuer_id == ca_id)
+
+
+def _batches(session: Session, query: Any, key: Any) -> Iterator[list[Any]]:
+    """The rows of ``query`` BATCH at a time in the order of ``key``, a unique column it
+    selects first: one statement per batch, no cursor left open while findings are read."""
+    after = None
+    while True:
+        page = query if after is None else query.where(key > after)
+        rows = list(session.execute(page.order_by(key).limit(BATCH)))
+        if rows:
+            yield rows
+        if len(rows) < BATCH:
+            return
+        after = rows[-1][0]
 
 
 def _row(values: Any) -> _Row | _Unreadable:
