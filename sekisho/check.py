@@ -27,6 +27,11 @@ reads the stored DER and asks whether the rest of the deployment agrees with it:
   records. A CA whose key is offline has its answers left to expire by design: one finding
   for the CA when they are missing, behind or expired, not one per certificate. A CA revoked
   by its parent has its answers withheld (``ocsp.store.refused_signers``): not checked.
+* **Answers without a certificate**: a stored OCSP answer of a CA for a serial that no
+  certificates row of that CA has, or whose CA row is gone (``ocsp-orphan``). No code
+  writes one (an answer is signed from its row, no row is ever deleted, a ``failed`` row
+  keeps its answer): a row deleted by hand leaves an answer the standalone responder still
+  serves. Its time, for the grace period, is when it was written.
 * **Leftovers**: a ``reserved`` row older than the grace period is an issuance that crashed
   after its intent: a signature may exist that nobody received. It is revocable and answered
   "good"; the check reports it so that an operator revokes it. A ``failed`` row must have no
@@ -148,6 +153,7 @@ class StoreCheck:
         self.session = session
         self.now = now
         self.grace = grace
+        self.ca_names = ca_names
         try:
             self.by_id = {ca.id: ca for ca in session.scalars(select(CertificateAuthority))}
         except _UNREADABLE_ROW as exc:
@@ -165,8 +171,9 @@ class StoreCheck:
         self.totals = Totals()
 
     def findings(self, progress: Callable[[Totals], None] | None = None) -> Iterator[Finding]:
-        """Every finding, CA by CA, certificate by certificate (serial order); ``progress``
-        is called after each batch of certificates."""
+        """Every finding, CA by CA, certificate by certificate (serial order), then (all CAs
+        checked) the stored answers of no CA; ``progress`` is called after each batch of
+        certificates."""
         for ca in self.cas:
             self.totals.cas += 1
             try:
@@ -192,6 +199,33 @@ class StoreCheck:
                     f"the rest of this CA could not be read ({type(exc).__name__}): a stored "
                     "value is not of its column's type",
                 )  # fmt: skip
+        if not self.ca_names:
+            try:
+                for finding in self._answers_of_no_ca():
+                    self.totals.findings += 1
+                    yield finding
+            except _UNREADABLE_ROW as exc:
+                self.totals.findings += 1
+                yield Finding(
+                    "", "", "check-error",
+                    f"the stored OCSP answers could not be read ({type(exc).__name__}): a "
+                    "stored value is not of its column's type",
+                )  # fmt: skip
+
+    def _answers_of_no_ca(self) -> Iterator[Finding]:
+        """Stored answers whose CA row is gone: foreign keys keep that from happening, unless
+        they are off (the ``sqlite3`` shell's default)."""
+        settled = self.now - self.grace
+        query = (
+            select(_O.id, _O.serial, _O.cert_status, _O.updated_at, _O.issuer_id)
+            .outerjoin(CertificateAuthority, CertificateAuthority.id == _O.issuer_id)
+            .where(CertificateAuthority.id.is_(None))
+        )
+        for batch in _batches(self.session, query, _O.id):
+            for _id, serial, said, written, issuer_id in batch:
+                self.totals.ocsp_answers += 1
+                if written <= settled:
+                    yield _orphan("", serial, said, written, f"no CA has its CA id {issuer_id}")
 
 
 class _CaCheck:
@@ -256,6 +290,7 @@ class _CaCheck:
                     yield self.finding(
                         serial_hex(serial), "crl-unknown-serial", "listed, but no such certificate"
                     )
+        yield from self._orphans()
         if self.maintained and self.stale > MAX_STALE_LISTED:
             yield self.finding(
                 "",
@@ -522,6 +557,21 @@ class _CaCheck:
                 continue
             self.responders[der] = revoked_at if status == CertStatus.REVOKED.value else None
 
+    def _orphans(self) -> Iterator[Finding]:
+        """This CA's stored answers for a serial no certificates row of the CA has."""
+        query = (
+            select(_O.serial, _O.cert_status, _O.updated_at)
+            .outerjoin(_C, _SAME_CERT)
+            .where(_O.issuer_id == self.ca.id, _C.id.is_(None))
+        )
+        for batch in _batches(self.session, query, _O.serial):
+            for serial, said, written in batch:
+                self.totals.ocsp_answers += 1
+                if written <= self.settled:
+                    yield _orphan(
+                        self.ca.name, serial, said, written, "no certificate has that serial"
+                    )
+
     def _answer(self, row: _Row, said: _Journalled) -> Iterator[Finding]:
         answer = row.answer
         if row.not_after <= self.now or self.revoked or self.ca.kind is not CaKind.ISSUING:
@@ -676,6 +726,17 @@ def _batches(session: Session, query: Any, key: Any) -> Iterator[list[Any]]:
         if len(rows) < BATCH:
             return
         after = rows[-1][0]
+
+
+def _orphan(ca: str, serial: object, said: object, written: dt.datetime, why: str) -> Finding:
+    """An ``ocsp-orphan`` finding: a stored answer for no certificates row."""
+    text = str(serial)
+    if not _SERIAL.fullmatch(text):
+        text, why = "", f"serial {shown(text)}: {why}"
+    status = said if said in (GOOD, REVOKED, UNKNOWN) else shown(said)
+    return Finding(
+        ca, text, "ocsp-orphan", f"a stored {status} answer (written {_iso(written)}), but {why}"
+    )
 
 
 def _row(values: Any) -> _Row | _Unreadable:

@@ -981,7 +981,8 @@ def cert_check(state: State, ca_names: tuple[str, ...], grace: int) -> None:
             if state.as_json:
                 found.append(finding.as_dict())
             else:
-                click.echo(f"{finding.ca} {finding.serial or '-'} {finding.kind}: {finding.detail}")
+                where = f"{finding.ca or '-'} {finding.serial or '-'}"
+                click.echo(f"{where} {finding.kind}: {finding.detail}")
     totals = run.totals
     summary = (
         f"{totals.certificates} certificates of {totals.cas} CAs, {totals.ocsp_answers} OCSP "

@@ -129,7 +129,7 @@ def test_every_disagreement_is_found_and_nothing_else(services: Services, check:
         (s[1], "crl-extra"), (s[1], "ocsp-answer"), (s[1], "journal-status"),
         (s[3], "crl-entry"), (s[3], "ocsp-answer"), (s[3], "journal-status"),
         (s[11], "der-unexpected"), (s[11], "ocsp-answer"),
-        (s[4], "crl-unknown-serial"),
+        (s[4], "crl-unknown-serial"), (s[4], "ocsp-orphan"),  # its answer stays
         (s[9], "ocsp-answer"),
         (s[10], "ocsp-missing"),
         ("", "crl-signature"),
@@ -205,6 +205,7 @@ def test_a_status_or_reason_no_code_knows_is_a_finding(services: Services, check
         (hexs(certs[2]), "der-fingerprint"),
         (hexs(certs[2]), "journal"),
         ("zz" + hexs(certs[3])[2:], "row-invalid"),
+        (hexs(certs[3]), "ocsp-orphan"),  # its answer is for the serial no row has now
     }, doc
     details = " ".join(f["detail"] for f in doc["discrepancies"])
     assert "'bogus'" in details and "'nonsense'" in details
@@ -433,3 +434,82 @@ def test_values_no_column_type_reads_end_that_ca_not_the_check(
         conn.execute(text("UPDATE ca_authorities SET kind = 'weird' WHERE name = 'admin'"))
     code, doc, err = check()
     assert code == 2 and not doc and "the CA rows could not be read" in err
+
+
+def _without_foreign_keys(services: Services, statement: str, **values: Any) -> None:
+    """Run ``statement`` with foreign keys off: as the ``sqlite3`` shell does by default, or a
+    PostgreSQL superuser with ``session_replication_role = replica``."""
+    if services.db.engine.dialect.name == "sqlite":
+        import sqlite3
+        from contextlib import closing
+
+        path = services.db.engine.url.database
+        assert path
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute(statement, values)
+            conn.commit()
+        return
+    with services.db.engine.begin() as conn:
+        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        conn.execute(text(statement), values)
+
+
+def test_an_answer_without_a_certificate_or_a_ca_is_an_orphan(
+    services: Services, check: Check
+) -> None:
+    """No code deletes a certificates row, and every answer is signed from one: an answer
+    whose row was deleted by hand (the standalone responder still serves it), one stored for
+    a serial never issued, one whose CA row is gone, are each reported once beyond the grace
+    period; the other CAs' rows and answers are not."""
+    certs = [issue(services, "device") for _ in range(4)]
+    services.revoker.revoke("device", certs[1].serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check("--grace", "0")
+    assert code == 0, doc
+
+    s = [hexs(c) for c in certs]
+    never = f"{0x7E57 << 100:040x}"
+    an_hour_ago = services.clock() - dt.timedelta(hours=1)
+    with services.db.scope() as session:
+        session.execute(delete(Certificate).where(Certificate.serial.in_(s[:2])))
+        for serial in s[:3]:
+            _answer_of(session, serial).updated_at = an_hour_ago
+        template = _answer_of(session, s[3])
+        session.add(  # a serial never issued, stored a moment ago
+            OcspResponse(
+                issuer_id=template.issuer_id, serial=never, der=template.der,
+                cert_status="good", status_epoch=0, this_update=template.this_update,
+                next_update=template.next_update, updated_at=services.clock(),
+            )
+        )  # fmt: skip
+    _without_foreign_keys(
+        services, "UPDATE ocsp_responses SET issuer_id = 9999 WHERE serial = :s", s=s[2]
+    )
+
+    code, doc, _ = check("--grace", "0")
+    assert code == 2
+    assert {(f["ca"], f["serial"], f["kind"]) for f in doc["discrepancies"]} == {
+        ("device", s[0], "ocsp-orphan"),
+        ("device", s[1], "ocsp-orphan"),
+        ("device", s[1], "crl-unknown-serial"),  # revoked, listed: reported as before
+        ("device", never, "ocsp-orphan"),
+        ("", s[2], "ocsp-orphan"),  # of no CA
+        ("device", s[2], "ocsp-missing"),  # its certificate's answer is gone with it
+    }, json.dumps(doc["discrepancies"], indent=1)
+    by = {(f["serial"], f["kind"]): f["detail"] for f in doc["discrepancies"]}
+    assert by[(s[1], "ocsp-orphan")].startswith("a stored revoked answer (written ")
+    assert by[(never, "ocsp-orphan")].endswith("but no certificate has that serial")
+    assert by[(s[2], "ocsp-orphan")].endswith("but no CA has its CA id 9999")
+    assert doc["ocsp_answers"] >= 4
+
+    # Within the grace period: the answer stored a moment ago is not reported (nor the missing
+    # one); --ca looks at that CA's answers only.
+    code, doc, _ = check()
+    assert found(doc) == {
+        (s[0], "ocsp-orphan"), (s[1], "ocsp-orphan"), (s[1], "crl-unknown-serial"),
+        (s[2], "ocsp-orphan"),
+    }, doc  # fmt: skip
+    code, doc, _ = check("--grace", "0", "--ca", "device")
+    assert (s[2], "ocsp-orphan") not in found(doc) and (never, "ocsp-orphan") in found(doc)
+    code, doc, _ = check("--grace", "0", "--ca", "admin")
+    assert code == 0, doc
