@@ -27,6 +27,9 @@ reads the stored DER and asks whether the rest of the deployment agrees with it:
   records. A CA whose key is offline has its answers left to expire by design: one finding
   for the CA when they are missing, behind or expired, not one per certificate. A CA revoked
   by its parent has its answers withheld (``ocsp.store.refused_signers``): not checked.
+  An answer valid after its signer's certificate ends (the responder's, or the CA's) while
+  the certificate it answers for is still valid is reported: a relying party rejects it from
+  then on, though its nextUpdate says it is fresh.
 * **Answers without a certificate**: a stored OCSP answer of a CA for a serial that no
   certificates row of that CA has, or whose CA row is gone (``ocsp-orphan``). No code
   writes one (an answer is signed from its row, no row is ever deleted, a ``failed`` row
@@ -619,6 +622,8 @@ class _CaCheck:
             if said == REVOKED:
                 revoked = response.revocation_time_utc, response.revocation_reason
             signers = response.certificates
+            signer = signers[0] if signers else self.cert  # a delegated responder, or the CA
+            signer_ends = signer.not_valid_after_utc
             signature, tbs = response.signature, response.tbs_response_bytes
         except _UNREADABLE:
             return "the stored DER is not an OCSP response Sekisho can read"
@@ -633,9 +638,7 @@ class _CaCheck:
                 return "the DER's revocation time or reason is not the row's"
         if validity != (answer.this_update, answer.next_update):
             return "the DER's thisUpdate or nextUpdate is not the stored one"
-        signer = self.cert
         if signers:
-            signer = signers[0]
             der = signer.public_bytes(Encoding.DER)
             if der not in self.responders:
                 return "signed by a certificate that is not one of this CA's OCSP responders"
@@ -646,6 +649,14 @@ class _CaCheck:
             verify_signature(signer, signature, tbs)
         except _BAD_SIGNATURE:
             return "its signature does not verify"
+        # Once its signer's certificate ends, a relying party rejects the answer, fresh as its
+        # nextUpdate says it is; unless the certificate it answers for has ended by then too
+        # (the answers of a CA in its last days: every certificate ends with the CA).
+        if min(answer.next_update, row.not_after) > signer_ends:
+            return (
+                f"valid until {_iso(answer.next_update)}, after its signer's certificate ends "
+                f"({_iso(signer_ends)}): relying parties reject it from then on"
+            )
         return None
 
 

@@ -24,11 +24,14 @@ from ca.issuance import IssueRequest
 from ca.models import Certificate, CertStatus, Crl, CrlKind
 from ca.revocation import Reason
 from ca.tbs import SanEntry
+from hsm.base import KeyType
 from ocsp.models import OcspResponse
+from sekisho.check import StoreCheck
 from sekisho.cli import main
 from sekisho.services import Services
+from sekisho.settings import Settings
 from tests.ca.helpers import ca_cert, issue
-from tests.conftest import TEST_ACTOR
+from tests.conftest import TEST_ACTOR, RecordingBackend
 
 Check = Callable[..., tuple[int, dict[str, Any], str]]
 
@@ -513,3 +516,86 @@ def test_an_answer_without_a_certificate_or_a_ca_is_an_orphan(
     assert (s[2], "ocsp-orphan") not in found(doc) and (never, "ocsp-orphan") in found(doc)
     code, doc, _ = check("--grace", "0", "--ca", "admin")
     assert code == 0, doc
+
+
+def test_an_answer_that_outlives_its_signer_is_reported(
+    services: Services, check: Check, settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """An answer still valid when the responder certificate that signed it has ended is
+    rejected by relying parties from then on: reported. Not so the answers of a CA in its last
+    days, valid beyond its end (and its responder's, clamped to it) as the refresher signs
+    them: every certificate they answer for has ended by then."""
+    from ocsp import core
+    from ocsp.models import OcspResponder
+    from ocsp.signers import ensure_responders
+    from ocsp.store import resign_all
+    from sekisho.services import build_services
+    from tests.conftest import FakeClock
+
+    certs = [issue(services, "device") for _ in range(2)]
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check("--grace", "0")
+    assert code == 0, doc
+
+    # A responder of the device CA whose certificate ends in a day, issued as ocsp.signers
+    # issues them (not active: the refresher does not sign with it).
+    now = services.clock().replace(microsecond=0)
+    device_ca = ca_cert(services, "device")
+    ref = services.backend.generate("ocsp-device-short", KeyType.EC_P256)
+    short = services.ca.issue(
+        IssueRequest(
+            ca="device",
+            profile="ocsp-signer",
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Short Responder")]),
+            public_key=services.backend.public_key(ref),
+            validity=dt.timedelta(days=1),
+            owner_kind="ocsp",
+            owner_id="device",
+        ),
+        TEST_ACTOR,
+    )
+    issuer = core.Issuer.create(device_ca, services.backend.signing_key(ref), short)
+    short_der = short.public_bytes(serialization.Encoding.DER)
+    with services.db.scope() as session:
+        row = session.scalars(select(Certificate).where(Certificate.serial == hexs(short))).one()
+        session.add(
+            OcspResponder(
+                issuer_id=row.issuer_id, certificate_id=row.id, serial=hexs(short), key_ref=ref,
+                key_type=KeyType.EC_P256.value, certificate_der=short_der,
+                not_before=short.not_valid_before_utc, not_after=short.not_valid_after_utc,
+                active=False, created_at=now,
+            )
+        )  # fmt: skip
+        for cert, days in ((certs[0], 3), (certs[1], 0.5)):  # beyond its end, and within
+            answer = _answer_of(session, hexs(cert))
+            answer.this_update, answer.next_update = now, now + dt.timedelta(days=days, hours=8)
+            answer.der = core.precompute(
+                issuer, cert.serial_number, core.GOOD, answer.this_update, answer.next_update
+            )
+    code, doc, _ = check("--grace", "0")
+    assert code == 2
+    assert found(doc) == {(hexs(certs[0]), "ocsp-answer")}, doc
+    (detail,) = [f["detail"] for f in doc["discrepancies"]]
+    assert f"after its signer's certificate ends ({short.not_valid_after_utc.isoformat()})" in (
+        detail
+    )
+
+    # Two days before the device CA ends: its new responder ends with it, its certificates
+    # too; the answers the refresher signs (72 h) outlive both, and are not reported.
+    end = device_ca.not_valid_after_utc
+    clock = FakeClock(end - dt.timedelta(days=2))
+    late = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        ensure_responders(late, clock(), rotate=True)
+        last = issue(late, "device")
+        assert last.not_valid_after_utc == end
+        resign_all(late, clock())
+        late.crls.publish("device", clock())
+        with late.db.read_scope(snapshot=True) as session:
+            answer = _answer_of(session, hexs(last))
+            assert answer.next_update > end  # as the refresher signs them
+            run = StoreCheck(session, clock(), ca_names=("device",), grace=dt.timedelta(0))
+            assert list(run.findings()) == []
+            assert run.totals.ocsp_answers >= 2
+    finally:
+        late.close()
