@@ -4,9 +4,10 @@ Each issuing CA (active, key online) gets a responder: a new key in the CA's key
 key type as the CA) and a certificate under that CA with the ``ocsp-signer`` profile (issued
 through the normal issuance path, so it has a store row and a ``ca.issue`` journal entry). The
 responder is recorded in ``ocsp_responders`` with a ``ocsp.signer.provision`` journal entry in
-the same transaction. When less than a third of its validity remains, a new key and
-certificate replace it (``ocsp.signer.rotate``); the old one is deactivated, responses it
-already signed stay valid (its certificate outlives them).
+the same transaction. When less than a third of its validity remains, or less than an
+answer's validity and the time to the next look, a new key and certificate replace it
+(``ocsp.signer.rotate``); the old one is deactivated, responses it already signed stay valid
+(its certificate outlives them). The store admits one active responder per CA.
 
 A responder whose certificate is revoked (any reason, certificateHold included) is replaced at
 once, by the process that revoked it (:func:`on_revocation`, a ``Revoker`` listener that runs
@@ -49,6 +50,9 @@ log = logging.getLogger("sekisho.ocsp")
 
 PROFILE = "ocsp-signer"
 ROTATE_REMAINING = 1 / 3  # rotate when less than this share of the validity remains
+# ... or when less than an answer's validity and this remain: the serving process looks at
+# its responders every hour, and an answer signed until then must end before its signer does.
+ROTATION_SLACK = dt.timedelta(hours=2)
 SYSTEM_ACTOR = Actor(account="system:ocsp")
 
 
@@ -99,9 +103,22 @@ def active_responders(services: Services) -> dict[int, OcspResponder]:
     return out
 
 
-def needs_rotation(responder: OcspResponder, now: dt.datetime) -> bool:
+def needs_rotation(
+    responder: OcspResponder,
+    now: dt.datetime,
+    answer_validity: dt.timedelta = dt.timedelta(0),
+    ca_not_after: dt.datetime | None = None,
+) -> bool:
+    """Less than a third of its validity left; or too little for an answer signed before the
+    next look (``answer_validity`` from then) to end before the responder does, while a
+    successor would end later (not once both are cut to the CA's own end: the certificates
+    answered for end with the CA too)."""
+    remaining = responder.not_after - now
     lifetime = responder.not_after - responder.not_before
-    return responder.not_after - now < lifetime * ROTATE_REMAINING
+    if remaining < lifetime * ROTATE_REMAINING:
+        return True
+    cut_to_ca = ca_not_after is not None and responder.not_after >= ca_not_after
+    return remaining < answer_validity + ROTATION_SLACK and not cut_to_ca
 
 
 def revoked_active_responders(services: Services, ca_id: int | None = None) -> set[int]:
@@ -132,14 +149,14 @@ def ensure_responders(
     be made is left for the others; then the first such error is raised, or, when
     ``failures`` is given, every one is put there by CA name and nothing is raised."""
     revoked = revoked_active_responders(services)
-    return _renew(
-        services,
-        now,
-        actor,
-        lambda old: old is None or rotate or needs_rotation(old, now) or old.id in revoked,
-        revoked,
-        failures,
-    )
+    validity = services.settings.ocsp_validity
+
+    def due(old: OcspResponder | None, ca: CertificateAuthority) -> bool:
+        if old is None or rotate or old.id in revoked:
+            return True
+        return needs_rotation(old, now, validity, ca.not_after)
+
+    return _renew(services, now, actor, due, revoked, failures)
 
 
 def replace_revoked_responders(
@@ -154,7 +171,9 @@ def replace_revoked_responders(
     # Whatever happens next, this process signs nothing more with the revoked responder: its
     # next issuer reload refuses it (ocsp.store.refused_signers).
     services.ocsp.invalidate_issuers()
-    return _renew(services, now, actor, lambda old: old is not None and old.id in revoked, revoked)
+    return _renew(
+        services, now, actor, lambda old, _ca: old is not None and old.id in revoked, revoked
+    )
 
 
 def on_revocation(services: Services, ca_id: int, _epoch: int) -> None:
@@ -169,7 +188,7 @@ def _renew(
     services: Services,
     now: dt.datetime,
     actor: Actor,
-    due: Callable[[OcspResponder | None], bool],
+    due: Callable[[OcspResponder | None, CertificateAuthority], bool],
     revoked: set[int],
     failures: dict[str, SekishoError] | None = None,
 ) -> list[ResponderChange]:
@@ -186,7 +205,7 @@ def _renew(
             x509.load_der_x509_certificate(ca.certificate_der).subject,
         )
         old = current.get(ca.id)
-        if not due(old):
+        if not due(old, ca):
             continue
         revoked_old = old is not None and old.id in revoked
         try:

@@ -110,6 +110,39 @@ def test_ensure_is_idempotent_then_rotates(
         services.close()
 
 
+def test_a_responder_is_rotated_before_answers_would_outlive_it(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """Answers valid 240 h (the most allowed): a third of the responder's 30 days is exactly
+    that, so an answer signed just before that rotation would end with its signer. The
+    responder is rotated once less than the answers' validity and two hours remain; not every
+    hour once it is cut to the CA's own end (its successor would be cut the same)."""
+    long = dataclasses.replace(settings, ocsp_validity_hours=240.0)
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(long, backend=recording_backend, clock=clock)
+    try:
+        (first, *_) = [r for r in responders(services) if r.active]
+        clock.now = first.not_after - dt.timedelta(hours=243)
+        assert ensure_responders(services, clock()) == []
+        clock.advance(hours=1.5)  # 241.5 h left < 240 h + 2 h (a third: 240 h, not yet)
+        changes = ensure_responders(services, clock())
+        assert sorted((c.ca, c.action) for c in changes) == [
+            ("admin", "rotate"),
+            ("device", "rotate"),
+        ]
+        with services.db.scope() as session:
+            ends = {name: ca_row(session, name).not_after for name in ("admin", "device")}
+        clock.now = min(ends.values()) - dt.timedelta(days=9)  # responders end with the CAs
+        cut = ensure_responders(services, clock())
+        assert {c.ca: c.not_after for c in cut} == ends
+        clock.advance(hours=1)  # 215 h left < 242 h, but a successor would end no later
+        assert ensure_responders(services, clock()) == []
+        clock.advance(days=6)  # less than a third of its 9 days left: rotated all the same
+        assert len(ensure_responders(services, clock())) == 2
+    finally:
+        services.close()
+
+
 def test_sign_with_ca_uses_the_ca_key(
     settings: Settings, recording_backend: RecordingBackend
 ) -> None:
