@@ -277,7 +277,10 @@ class _CaCheck:
                 if isinstance(row, _Unreadable):
                     if crls is not None and row.number is not None:
                         crls.listed.pop(row.number, None)
-                    yield self.finding(row.serial, "row-invalid", row.why)
+                    # A serial that is none is quoted (escaped) in ``why``, never printed
+                    # raw: it is whatever was written into the column.
+                    where = row.serial if row.number is not None else ""
+                    yield self.finding(where, "row-invalid", row.why)
                     continue
                 said = journal.get(row.serial, _Journalled())
                 yield from self._certificate(row, said)

@@ -176,7 +176,9 @@ def test_a_stale_reservation_is_reported_until_revoked(services: Services, check
     assert code == 0 and doc["crl_entries"] == 1, doc
 
 
-def test_a_status_or_reason_no_code_knows_is_a_finding(services: Services, check: Check) -> None:
+def test_a_status_or_reason_no_code_knows_is_a_finding(
+    services: Services, check: Check, capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
     """Text written into the store by hand that is no status or reason: reported for its row,
     the rest of the check goes on (it used to end in exit 70)."""
     certs = [issue(services, "device") for _ in range(4)]
@@ -196,9 +198,9 @@ def test_a_status_or_reason_no_code_knows_is_a_finding(services: Services, check
             text("UPDATE certificates SET fingerprint_sha256 = 'x' WHERE serial = :s"),
             {"s": hexs(certs[2])},
         )
-        conn.execute(
+        conn.execute(  # a serial that is none, with a line break and a terminal escape
             text("UPDATE certificates SET serial = :z WHERE serial = :s"),
-            {"s": hexs(certs[3]), "z": "zz" + hexs(certs[3])[2:]},
+            {"s": hexs(certs[3]), "z": "zz\n\x1b[2J" + hexs(certs[3])[8:]},
         )
     code, doc, _ = check("--grace", "0")
     assert code == 2
@@ -207,11 +209,17 @@ def test_a_status_or_reason_no_code_knows_is_a_finding(services: Services, check
         (hexs(certs[1]), "row-invalid"),
         (hexs(certs[2]), "der-fingerprint"),
         (hexs(certs[2]), "journal"),
-        ("zz" + hexs(certs[3])[2:], "row-invalid"),
+        ("", "row-invalid"),  # no serial to name: quoted, escaped, in the detail
         (hexs(certs[3]), "ocsp-orphan"),  # its answer is for the serial no row has now
     }, doc
     details = " ".join(f["detail"] for f in doc["discrepancies"])
     assert "'bogus'" in details and "'nonsense'" in details
+    assert "serial 'zz\\n\\x1b[2J" in details, details
+    capsys.readouterr()
+    assert main(["--data-dir", str(data_dir), "cert", "check", "--grace", "0"]) == 2
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\nzz" not in out and "- - row-invalid" not in out
+    assert "device - row-invalid: serial 'zz\\n\\x1b[2J" in out, out
 
 
 def _answer_of(session: Any, serial: str) -> OcspResponse:
