@@ -324,8 +324,10 @@ def _load_each(
 def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[int, str]:
     """CA id -> why the signer of ``issuers[id]`` must not sign: its certificate (the delegated
     responder's, issued by the CA; or the CA's own, issued by its parent) is revoked, or the
-    store holds no issued certificate for it (status unknown: fail closed). Its validity period
-    is the caller's to check. Store errors propagate."""
+    store holds no issued certificate for it (status unknown: fail closed); or, signing for a
+    CA revoked by its parent, the delegated responder of that CA (a revoked CA's answers are
+    withheld: it may be a compromised key's). Its validity period is the caller's to check.
+    Store errors propagate."""
     if not issuers:
         return {}
     with db.read_scope() as session:
@@ -337,11 +339,18 @@ def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[in
                 )
             )
         }
-        wanted: dict[int, tuple[int, str]] = {}
+        # CA id -> (issuer id, serial) of its signer's certificate; and of the CA's own
+        # certificate, under its parent, when a delegated responder signs.
+        signer: dict[int, tuple[int, str]] = {}
+        ca_own: dict[int, tuple[int, str]] = {}
         for ca_id, issuer in issuers.items():
-            under = ca_id if issuer.delegated else parents.get(ca_id)
+            parent = parents.get(ca_id)
+            under = ca_id if issuer.delegated else parent
             if under is not None:
-                wanted[ca_id] = (int(under), serial_hex(issuer.responder_certificate.serial_number))
+                signer[ca_id] = (int(under), serial_hex(issuer.responder_certificate.serial_number))
+            if issuer.delegated and parent is not None:
+                ca_own[ca_id] = (int(parent), serial_hex(issuer.certificate.serial_number))
+        wanted = {*signer.values(), *ca_own.values()}
         found: dict[tuple[int, str], CertStatus] = {}
         if wanted:
             rows = session.execute(
@@ -349,7 +358,7 @@ def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[in
                     or_(
                         *(
                             and_(Certificate.issuer_id == under, Certificate.serial == serial)
-                            for under, serial in wanted.values()
+                            for under, serial in sorted(wanted)
                         )
                     )
                 )
@@ -357,8 +366,10 @@ def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[in
             found = {(int(i), str(s)): CertStatus(status) for i, s, status in rows}
     refused: dict[int, str] = {}
     for ca_id in issuers:
-        status = found.get(wanted[ca_id]) if ca_id in wanted else None
-        if status is CertStatus.REVOKED:
+        status = found.get(signer[ca_id]) if ca_id in signer else None
+        if ca_id in ca_own and found.get(ca_own[ca_id]) is CertStatus.REVOKED:
+            refused[ca_id] = "the CA's own certificate is revoked (by the CA above it)"
+        elif status is CertStatus.REVOKED:
             refused[ca_id] = "its certificate is revoked"
         elif status is not CertStatus.ISSUED:
             refused[ca_id] = "the store holds no issued certificate for it (status unknown)"

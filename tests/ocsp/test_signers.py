@@ -454,6 +454,35 @@ def test_pre_signing_never_uses_a_revoked_responder(services: Services) -> None:
     assert _signed_by(answer) == new_id
 
 
+def test_no_live_answer_for_a_ca_revoked_by_its_parent(services: Services) -> None:
+    """The root revokes the device CA (its key compromised, say) while the CA's delegated
+    responder is not revoked: that responder signs nothing more for it, in this process and
+    in another one within ``REFUSED_EVERY``; its answers are withheld (live ones tryLater)
+    as documented. Before, the responder went on signing "good" for the revoked CA's
+    certificates, live and pre-signed, as long as its own certificate was good."""
+    other = store.OcspService(services.db, services.backend, services.settings, services.clock)
+    device = ca_cert(services, "device")
+    device_id, signer = next((i, x) for i, x in other.issuers().items() if x.certificate == device)
+    assert signer.delegated
+    leaf = issue(services, "device")
+    nonce = request_der(signer, [leaf.serial_number], nonce=b"\x03" * 16)
+    assert _signed_by(other.answer(nonce, services.clock())) == signer.responder_key_id
+    services.revoker.revoke("root", device.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    assert store.refused_signers(services.db, store.load_issuers(services)) == {
+        device_id: "the CA's own certificate is revoked (by the CA above it)"
+    }
+    time.sleep(store.REFUSED_EVERY + 0.1)
+    assert other.answer(nonce, services.clock()) == core.TRY_LATER
+    assert device_id not in other.issuers()  # nothing pre-signed for it either
+    services.ocsp.invalidate_issuers()
+    assert services.ocsp.answer(nonce, services.clock()) == core.TRY_LATER
+    assert "revoked" in services.ocsp.withheld()[device_id]
+    admin_leaf = issue(services, "admin-client")  # the other CA is not held up
+    admin = next(x for x in services.ocsp.issuers().values() if x.certificate != device)
+    good = services.ocsp.answer(request_der(admin, [admin_leaf.serial_number]), services.clock())
+    assert _signed_by(good) == admin.responder_key_id
+
+
 def test_a_revoked_ca_holds_up_no_other_cas_answers(
     settings: Settings, recording_backend: RecordingBackend
 ) -> None:
