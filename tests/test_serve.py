@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +74,13 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 class Server:
     def __init__(
-        self, data_dir: Path, log: Path, env: dict[str, str] | None = None, *, run: bool = False
+        self,
+        data_dir: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        *,
+        run: bool = False,
+        workers: int = 2,
     ) -> None:
         """``sekisho serve``; with ``run``, ``sekisho run`` (what `make run` starts)."""
         self.port = free_port()
@@ -81,7 +88,7 @@ class Server:
         self.log = log
         self._log_fh = log.open("wb")
         command = ["run"] if run else ["serve", "--host", "127.0.0.1", "--port", str(self.port),
-                                       "--workers", "2"]  # fmt: skip
+                                       "--workers", str(workers)]  # fmt: skip
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "sekisho"), "--data-dir", str(data_dir), *command],
             stdout=self._log_fh,
@@ -529,6 +536,63 @@ def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(
             assert _status(response) == 408, response[:200]
     log = body_server.output()
     assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_clients_that_stop_reading_their_answers_do_not_block_the_server(
+    db_backend: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """As many clients as worker threads (one worker, four threads) pipeline thousands of
+    requests and never read an answer (a small receive window, soon shut). Once the send
+    buffers are full, each connection is closed when a send has moved nothing for
+    request_body_seconds, and /healthz answers all along. Before, from about 12 s on nothing
+    answered for as long as the clients stayed: the threads waited in send. The worker is the
+    same on either store: SQLite only."""
+    if db_backend != "sqlite":
+        pytest.skip("the worker's writing does not depend on the store: SQLite only")
+    server = Server(
+        data_dir,
+        tmp_path / "server.log",
+        {"SEKISHO_REQUEST_BODY_SECONDS": str(BODY_SECONDS)},
+        workers=1,
+    )
+    pipelined = b"GET /ca/root.crt HTTP/1.1\r\nHost: x\r\n\r\n" * 6000  # 3 MB of answers
+    clients: list[socket.socket] = []
+    senders: list[threading.Thread] = []
+
+    def send(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the server closes it, or the timeout ends it
+            sock.sendall(pipelined)
+
+    try:
+        server.wait_healthy()
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(40)
+            sock.connect(("127.0.0.1", server.port))
+            clients.append(sock)
+            sender = threading.Thread(target=send, args=(sock,), daemon=True)
+            sender.start()
+            senders.append(sender)
+        deadline = time.monotonic() + 40
+        cut = False
+        while time.monotonic() < deadline:
+            res = curl("--max-time", "6", "-o", "/dev/null", "-w", "%{http_code}",
+                       f"{server.base}/healthz")  # fmt: skip
+            assert res.stdout == "200", res.stdout + res.stderr
+            if cut:
+                break  # answered after a stalled connection was cut: done
+            cut = "client stopped reading the answer" in server.output()
+            time.sleep(1)
+        assert cut, server.output()[-3000:]
+    finally:
+        for sock in clients:
+            sock.close()
+        for sender in senders:
+            sender.join(timeout=45)
+        server.stop()
+    log = server.output()
+    assert "Traceback" not in log and "Socket error" not in log, log[-3000:]
 
 
 def _parse(response: bytes) -> tuple[int, dict[str, list[str]], bytes]:

@@ -331,6 +331,9 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         "workers": workers,
         "worker_class": "web.worker.GuardedThreadWorker",
         "threads": 4,
+        # Answers are written by send(), each limited by SO_SNDTIMEO (web.worker); sendfile
+        # would wait on the socket without a limit.
+        "sendfile": False,
         "timeout": 60,
         "graceful_timeout": 10,
         "limit_request_line": 4094,

@@ -8,7 +8,15 @@ CRLs, OCSP and /healthz stopped answering for as long as they stayed. Here a req
 arrive within ``request_body_seconds`` of its first bytes: the body watchdog (:mod:`web.body`)
 shuts the socket's read side at that deadline, the blocked read ends, and gunicorn closes the
 connection. Once the head is parsed this guard ends; reading the body has its own deadline
-(408), and writing the answer is never limited (a large CRL to a slow client keeps going).
+(408).
+
+Writing the answer must make progress: a client that stops reading (its receive window shut,
+pipelined requests piling answers up) held a thread for as long as it stayed, and eight of
+them stopped a two-worker server. Each connection's socket gets ``SO_SNDTIMEO`` of
+``request_seconds``: a send that moves no byte for that long fails, and the connection is
+closed (logged, no traceback). A slow client that keeps reading is never cut off, however long
+a large CRL takes it, for the limit is on each send, not on the whole answer. gunicorn's
+``sendfile`` path is off: it would wait for the socket without a limit.
 
 A chunked body is read by :class:`StrictChunkedReader`: gunicorn accepts a chunk-size line of
 any length once its CRLF has arrived (and waits for up to 8 KiB of one that has not), so a
@@ -25,9 +33,12 @@ ID (the one logged), naming the status only: nothing from the request is echoed.
 
 from __future__ import annotations
 
+import errno
 import http
 import logging
+import socket
 import ssl
+import struct
 from typing import Any
 
 from gunicorn import util
@@ -137,6 +148,15 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
     request_seconds = 10.0
 
     def handle(self, conn: Any) -> Any:
+        if not getattr(conn, "sekisho_send_limited", False):
+            seconds = max(self.request_seconds, 0.001)
+            whole = int(seconds)
+            limit = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            except OSError:
+                return False  # the connection is gone already
+            conn.sekisho_send_limited = True
         with WATCHDOG.guard(conn.sock, self.request_seconds) as guard:
             conn.sekisho_head_guard = guard
             return super().handle(conn)
@@ -147,7 +167,19 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
             WATCHDOG.release(guard)  # the head is in: the body's own deadline takes over
         if type(req.body.reader) is ChunkedReader:  # nothing of the body has been read yet
             req.body.reader = StrictChunkedReader(req, req.unreader)
-        answered = super().handle_request(req, conn)
+        try:
+            answered = super().handle_request(req, conn)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            # SO_SNDTIMEO: the client read nothing of the answer for request_seconds.
+            peer = conn.client[0] if isinstance(conn.client, tuple) and conn.client else ""
+            log.warning(
+                "client stopped reading the answer: connection closed",
+                extra={"client_ip": peer, "seconds": self.request_seconds},
+            )
+            util.close(conn.sock)
+            raise StopIteration() from None  # gunicorn closes the connection, quietly
         req.sekisho_answered = True
         return answered
 
