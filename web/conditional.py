@@ -42,13 +42,18 @@ def evaluate(
     last_modified: dt.datetime,
     now: dt.datetime,
     second_is_own: Callable[[], bool] | None = None,
+    *,
+    modified_since: bool = True,
 ) -> int:
     """200 (answer as usual), 304 or 412 for a request to a representation with the strong
     entity-tag ``etag`` (unquoted) and ``last_modified``, by RFC 9110 13.2.2.
 
     ``second_is_own``, when given, says whether no earlier representation has the same
     Last-Modified (an HTTP-date names a second: two CRLs may share one). When it says no, an
-    If-Modified-Since of that second proves nothing and is not answered 304."""
+    If-Modified-Since of that second proves nothing and is not answered 304.
+    ``modified_since`` false: If-Modified-Since is not evaluated at all (a 200 is always a
+    right answer to it), for representations that change within a second of each other
+    with no order a date can tell, as OCSP answers do (signed "good", then "revoked")."""
     modified = last_modified.astimezone(dt.UTC).replace(microsecond=0)  # as Last-Modified says
     safe = method in ("GET", "HEAD")
     if_match = headers.get("If-Match")
@@ -63,10 +68,10 @@ def evaluate(
     if if_none_match is not None:
         if etag_matches(if_none_match, etag, weak=True):
             return 304 if safe else 412
-    elif safe:
-        modified_since = parse_http_date(headers.get("If-Modified-Since"), now)
-        if modified_since is not None and modified <= modified_since:
-            if modified < modified_since or second_is_own is None or second_is_own():
+    elif safe and modified_since:
+        since = parse_http_date(headers.get("If-Modified-Since"), now)
+        if since is not None and modified <= since:
+            if modified < since or second_is_own is None or second_is_own():
                 return 304
     return 200
 
@@ -97,13 +102,23 @@ def conditional_response(
     now: dt.datetime,
     cache_headers: Mapping[str, str],
     second_is_own: Callable[[], bool] | None = None,
+    *,
+    modified_since: bool = True,
 ) -> Response:
     """``body`` with its validators (strong ``etag``, ``last_modified``) and ``cache_headers``
     (Cache-Control, Expires), or a 304 with the same headers and no body; a failed If-Match or
     If-Unmodified-Since raises 412 (a problem document, not stored by caches). A callable
     ``body`` is called only when the body is sent (not for a 304 or a 412)."""
     headers = {"ETag": f'"{etag}"', "Last-Modified": http_date(last_modified), **cache_headers}
-    status = evaluate(request.method, request.headers, etag, last_modified, now, second_is_own)
+    status = evaluate(
+        request.method,
+        request.headers,
+        etag,
+        last_modified,
+        now,
+        second_is_own,
+        modified_since=modified_since,
+    )
     if status == 412:
         raise PreconditionFailed("the representation does not meet the request's preconditions")
     if status == 304:

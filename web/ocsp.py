@@ -130,4 +130,9 @@ def get(encoded: str) -> Response:
         "Expires": http_date(next_update),
     }
     etag = hashlib.sha256(body).hexdigest()
-    return conditional_response(body, MIME_RESPONSE, etag, this_update, now, cache)
+    # Validated by the entity-tag only: a "good" answer and the "revoked" one that replaced
+    # it may have the same thisUpdate second, and a cache revalidating with If-Modified-Since
+    # alone was told 304 and kept "good" (as the standalone server, which never read it).
+    return conditional_response(
+        body, MIME_RESPONSE, etag, this_update, now, cache, modified_since=False
+    )
