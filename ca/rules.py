@@ -438,6 +438,18 @@ def within_name_constraints(tbs: Tbs) -> None:
             raise PolicyViolation("name-constraints", f"{what} is outside the CA's permitted names")
 
 
+def root_issues_cas_only(tbs: Tbs) -> None:
+    """The root certifies CAs, nothing else (CA/Browser Forum Baseline Requirements 6.1.7):
+    an end-entity certificate under the root would have no OCSP answers (the root is not
+    served) and would need the offline key online for its whole life."""
+    if tbs.issuer.is_root and not tbs.profile.ca:
+        raise PolicyViolation(
+            "root-issues-cas-only",
+            f"CA {tbs.issuer.name} is the root: it issues CA certificates only (profile "
+            f"{tbs.profile.name} is for end entities; issue it under an issuing CA)",
+        )
+
+
 def ca_path_length(tbs: Tbs) -> None:
     if tbs.profile.ca and tbs.issuer.path_length == 0:
         raise PolicyViolation("path-length", f"CA {tbs.issuer.name} may not issue CA certificates")
@@ -453,6 +465,7 @@ RULES: Sequence[Rule] = (
     subject_attributes,
     subject_alt_names,
     within_name_constraints,
+    root_issues_cas_only,
     ca_path_length,
 )
 

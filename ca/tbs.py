@@ -125,6 +125,11 @@ class IssuerContext:
         return self.certificate.subject
 
     @cached_property
+    def is_root(self) -> bool:
+        """Self-issued and self-signed: the trust anchor (its certificate names itself)."""
+        return self.certificate.issuer == self.certificate.subject
+
+    @cached_property
     def ski(self) -> bytes:
         return self.certificate.extensions.get_extension_for_class(
             x509.SubjectKeyIdentifier

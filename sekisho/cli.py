@@ -579,6 +579,13 @@ def issue(
         raise click.UsageError("--keygen needs --key-out or --p12 (where the key goes)")
     if profile == "sub-ca":
         raise click.UsageError("CA certificates are made by `ca create-issuing` (tracked as CAs)")
+    if profile == "ocsp-signer":
+        # Its certificate carries id-pkix-ocsp-nocheck: nobody would learn of its revocation,
+        # so its key must never leave the key backend (a key file, a CSR's key held elsewhere).
+        raise click.UsageError(
+            "OCSP responder certificates are made by `ocsp responders` (their keys stay in the "
+            "key backend)"
+        )
     # Everything that can be refused is checked before the certificate exists: a failure
     # after issuance would leave an issued certificate whose key nobody has.
     password = _read_secret_option(password_file, password_env) if p12 else None

@@ -1290,6 +1290,15 @@ def test_refusals_come_before_anything_is_issued_or_created(run: Runner, tmp_pat
     assert run(*base).code == 64  # the key would go nowhere
     assert run(*base[:-4], "--subject", " ", "--key-out", str(tmp_path / "k")).code == 64
     assert run(*[a if a != "tls-server" else "sub-ca" for a in base], "--key-out", "x").code == 64
+    # A responder key written to a file would sign answers nobody can revoke (ocsp-nocheck).
+    responder = [a if a != "tls-server" else "ocsp-signer" for a in base]
+    refused = run(*responder, "--key-out", str(tmp_path / "o.key"))
+    assert refused.code == 64 and "ocsp responders" in refused.err
+    assert not (tmp_path / "o.key").exists()
+    csr = tmp_path / "o.csr"
+    csr.write_bytes(make_csr(name(CN="o1")))
+    refused = run("issue", "--ca", "device", "--profile", "ocsp-signer", "--csr", str(csr))
+    assert refused.code == 64
     binary = tmp_path / "binary-pw"
     binary.write_bytes(b"\xff\xfe" * 10)
     binary.chmod(0o600)

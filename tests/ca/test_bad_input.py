@@ -397,6 +397,20 @@ def test_unknown_profile(services: Services) -> None:
     assert "no-such-profile" in exc.message and "admin-client" in exc.message
 
 
+@pytest.mark.parametrize("profile", ["device", "admin-client", "tls-server", "ocsp-signer"])
+def test_the_root_issues_no_end_entity_certificate(services: Services, profile: str) -> None:
+    """CA/B BR 6.1.7: the root certifies CAs only (before, `issue --ca root --profile
+    device` made one, which no OCSP answers for)."""
+    request = dataclasses.replace(request_for(profile), ca="root")
+    exc = _assert_refused(
+        services,
+        lambda: services.ca.issue(request, TEST_ACTOR),
+        PolicyViolation,
+        "root-issues-cas-only",
+    )
+    assert "root" in exc.message and profile in exc.message
+
+
 def test_unknown_ca(services: Services) -> None:
     request = dataclasses.replace(request_for("admin-client"), ca="nope")
     _assert_refused(services, lambda: services.ca.issue(request, TEST_ACTOR), NotFound)
