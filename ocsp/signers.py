@@ -176,6 +176,15 @@ def replace_revoked_responders(
     )
 
 
+def provision_new_ca(
+    services: Services, ca_id: int, now: dt.datetime, actor: Actor = SYSTEM_ACTOR
+) -> list[ResponderChange]:
+    """A responder for CA ``ca_id`` if it has none active (a CA just created: without one its
+    CA key would sign its answers until the refresher's hourly look). A failure is raised
+    (the CA exists all the same; the refresher tries again)."""
+    return _renew(services, now, actor, lambda old, ca: old is None and ca.id == ca_id, set())
+
+
 def on_revocation(services: Services, ca_id: int, _epoch: int) -> None:
     """Revoker listener (before the one that re-signs the changed statuses): a revoked
     responder of that CA is replaced before revoke() returns. A failure here (the key backend

@@ -25,6 +25,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
 from audit.cli import audit as audit_group
@@ -472,7 +473,7 @@ def ca_online(state: State, name: str, key_file: Path) -> None:
 @ca.command("create-issuing")
 @click.argument("name")
 @click.option("--parent", default="root", show_default=True)
-@click.option("--org", default="Sekisho", show_default=True)
+@click.option("--org", default=None, help="Organisation name in its DN (default: the parent's).")
 @click.option("--key-type", default="ec-p256", callback=_key_type, help=KEY_TYPE_HELP)
 @click.option("--permit-dns", multiple=True)
 @click.option("--permit-email", multiple=True)
@@ -482,22 +483,43 @@ def ca_create_issuing(
     state: State,
     name: str,
     parent: str,
-    org: str,
+    org: str | None,
     key_type: KeyType,
     permit_dns: tuple[str, ...],
     permit_email: tuple[str, ...],
     exclude_dns: tuple[str, ...],
 ) -> None:
-    """Create another issuing CA under the root (the root key must be online)."""
+    """Create another issuing CA under the root (the root key must be online), its first CRL
+    and its OCSP responder."""
     from ca.hierarchy import create_issuing
+    from ca.registry import ca_row
+    from ocsp.signers import provision_new_ca
     from sekisho.bootstrap import publish_ca_files
 
     constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
     services = state.services()
+    if org is None:
+        with services.db.read_scope() as session:
+            above = x509.load_der_x509_certificate(ca_row(session, parent).certificate_der)
+        orgs = above.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        org = str(orgs[0].value) if orgs else "Sekisho"
     row = create_issuing(services.ca, name, parent, org, key_type, state.actor(), constraints)
     services.crls.publish(name, services.clock(), actor=state.actor())
     publish_ca_files(services)
-    state.emit(_ca_doc(row), f"created issuing CA {name} ({row.subject_dn})")
+    doc = _ca_doc(row)
+    text = f"created issuing CA {name} ({row.subject_dn})"
+    if not services.settings.ocsp_sign_with_ca:
+        try:
+            made = provision_new_ca(services, row.id, services.clock(), state.actor())
+        except SekishoError as exc:
+            # The CA exists: its CA key signs its OCSP answers until the refresher (hourly)
+            # or `ocsp responders` makes its responder.
+            made = []
+            text += f"; its OCSP responder could not be made ({exc.message}): run `ocsp responders`"
+        doc["ocsp_responder"] = made[0].serial if made else None
+        if made:
+            text += f"; OCSP responder {made[0].serial}"
+    state.emit(doc, text)
 
 
 # -- issue / revoke ---------------------------------------------------------------------------

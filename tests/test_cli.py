@@ -381,6 +381,11 @@ def test_offline_root_blocks_root_signing_until_brought_back(
     assert run("ca", "online", "root", "--key-file", str(key_file)).code == 75
     new_ca = ok(run("--json", "ca", "create-issuing", "ops", "--org", "Example Corp")).json()
     assert new_ca["name"] == "ops" and new_ca["kind"] == "issuing"
+    # Its OCSP responder is made with it: its CA key never signs its answers.
+    listed = ok(run("--json", "ocsp", "responders")).json()
+    assert listed["changes"] == []
+    (made,) = [d for d in listed["responders"] if d["ca"] == "ops"]
+    assert made["active"] and made["serial"] == new_ca["ocsp_responder"]
     root = ca_der(run, "root")
     ops = ca_der(run, "ops")
     pkilint_cert(ops)
@@ -401,6 +406,19 @@ def test_offline_root_blocks_root_signing_until_brought_back(
     leaf = der_of_pem(leaf_pem.encode())
     pkilint_cert(leaf)
     openssl_verify(leaf, [root, ops], [crl_der, ops_crl], purpose="sslserver")
+
+
+def test_create_issuing_takes_the_organisation_of_its_parent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --org, a new issuing CA's O is its parent's (it was "Sekisho" under any root)."""
+    data = tmp_path / "corp"
+    assert main(["--data-dir", str(data), "init", "--org", "Example Corp"]) == 0
+    assert main(["--data-dir", str(data), "ca", "create-issuing", "partners"]) == 0
+    capsys.readouterr()
+    assert main(["--data-dir", str(data), "--json", "ca", "show", "partners"]) == 0
+    subject = json.loads(capsys.readouterr().out)["subject"]
+    assert subject.endswith(",O=Example Corp") and "Sekisho" not in subject, subject
 
 
 def test_create_issuing_refuses_duplicates_and_bad_key_types(run: Runner) -> None:
