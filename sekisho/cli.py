@@ -14,10 +14,11 @@ import datetime as dt
 import json
 import logging
 import os
+import pwd
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,8 +115,7 @@ class State:
         return self._services
 
     def actor(self) -> Actor:
-        user = os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
-        return Actor(account=f"cli:{user}")
+        return Actor(account=cli_account())
 
     def emit(self, doc: Any, text: str | Callable[[], str]) -> None:
         if self.as_json:
@@ -129,6 +129,24 @@ class State:
 
 
 pass_state = click.make_pass_decorator(State)
+
+
+def cli_account(uid: int | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """Who runs this command, for the journal: the account of the process's real user ID,
+    never ``$USER`` (anyone sets it: ``USER=the-auditor sekisho ...`` was journalled as the
+    auditor, and cron or systemd, which set none, as "unknown"). Under sudo, root's account
+    with the invoking user sudo names (only root can forge that, and root can do anything)."""
+    uid = os.getuid() if uid is None else uid
+    environ = os.environ if environ is None else environ
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a user ID with no passwd entry (a container's arbitrary UID)
+        name = f"uid {uid}"
+    account = f"cli:{name}"
+    invoker = environ.get("SUDO_USER")
+    if uid == 0 and invoker:
+        account += f" sudo:{invoker}"
+    return account
 
 
 def _data_dir(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Path | None:

@@ -1279,6 +1279,28 @@ def test_ocsp_resign_fails_for_a_ca_whose_answers_it_could_not_sign(
     assert outcomes == ["failure", "failure", "success"]
 
 
+def test_the_journalled_actor_is_the_real_user_not_user_variables(
+    run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pwd
+
+    from sekisho.cli import cli_account
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    monkeypatch.setenv("USER", "the-auditor")
+    monkeypatch.setenv("SUDO_USER", "the-auditor")
+    ok(run("crl", "generate", "--ca", "admin"))
+    out = ok(run("--json", "audit", "search", "--action", "ca.crl")).out
+    actors = {json.loads(line)["actor_account"] for line in out.splitlines()}
+    expected = f"cli:{me}" + (" sudo:the-auditor" if os.getuid() == 0 else "")
+    assert expected in actors and "cli:the-auditor" not in actors, actors
+    nobody = pwd.getpwnam("nobody").pw_uid  # not root: SUDO_USER and USER are not read
+    assert cli_account(nobody, {"SUDO_USER": "alice", "USER": "bob"}) == "cli:nobody"
+    assert cli_account(0, {"SUDO_USER": "alice"}) == "cli:root sudo:alice"
+    assert cli_account(0, {}) == "cli:root"
+    assert cli_account(2**31 - 7, {}) == f"cli:uid {2**31 - 7}"
+
+
 def test_ocsp_commands_have_help(run: Runner) -> None:
     for argv in (("ocsp",), ("ocsp", "serve"), ("ocsp", "export"), ("ocsp", "responders"),
                  ("ocsp", "resign")):  # fmt: skip
