@@ -53,6 +53,26 @@ class InitPlan:
     # CA name -> reference of an existing key to use (PKCS#11 URI) instead of a new one.
     adopt: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+    def check(self) -> None:
+        """What can be refused from the plan alone (InputError): before the data directory,
+        the store or any key exists."""
+        if len(set(self.issuing)) < 2 or self.root_name in self.issuing:
+            raise InputError(
+                "init needs at least two distinct issuing CAs (administrators, devices), "
+                f"none named as the root: --issuing was {', '.join(map(shown, self.issuing))}"
+            )
+        for name in (self.root_name, *self.issuing):
+            check_ca_name(name)
+        root_subject(self.organization)
+        for name in self.issuing:
+            issuing_subject(name, self.organization)
+        unknown = set(self.adopt) - {self.root_name, *self.issuing}
+        if unknown:
+            raise InputError(
+                "--adopt-key names no CA of this plan: "
+                + ", ".join(shown(n) for n in sorted(unknown))
+            )
+
 
 def is_initialised(services: Services) -> bool:
     return init_state(services.db) is InitState.COMPLETE
@@ -142,19 +162,8 @@ def initialise(services: Services, plan: InitPlan, actor: Actor) -> Initialised:
 def _initialise(
     services: Services, plan: InitPlan, actor: Actor, resumed: bool
 ) -> list[CertificateAuthority]:
-    if len(set(plan.issuing)) < 2 or plan.root_name in plan.issuing:
-        raise Conflict("need at least two distinct issuing CAs (administrators, devices)")
     # Every name before anything is created: a refused issuing CA name must not leave a root.
-    for name in (plan.root_name, *plan.issuing):
-        check_ca_name(name)
-    root_subject(plan.organization)
-    for name in plan.issuing:
-        issuing_subject(name, plan.organization)
-    unknown = set(plan.adopt) - {plan.root_name, *plan.issuing}
-    if unknown:
-        raise InputError(
-            f"--adopt-key names no CA of this plan: {', '.join(shown(n) for n in sorted(unknown))}"
-        )
+    plan.check()
     with services.db.read_scope() as session:
         existing = {row.name: row for row in session.scalars(select(CertificateAuthority))}
     # Before anything is created: adopted keys must be usable, and a token must not already

@@ -270,9 +270,6 @@ def init(
         adopted[name] = uri
     # Checked before the data directory is touched.
     constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
-    state.overrides.update(backend_settings)
-    settings = state.settings  # validated with the new options
-    services = state.services(create=True)
     plan = InitPlan(
         organization=org,
         key_type=key_type,
@@ -280,6 +277,10 @@ def init(
         constraints=constraints,
         adopt=adopted,
     )
+    plan.check()  # names, subjects, two issuing CAs: nothing created when refused
+    state.overrides.update(backend_settings)
+    settings = state.settings  # validated with the new options
+    services = state.services(create=True)
     done = initialise(services, plan, state.actor())
     if backend_settings:
         # Only once the deployment exists: a refused init leaves the settings file alone.

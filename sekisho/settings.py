@@ -108,7 +108,9 @@ class Settings:
 
     @property
     def delta_crl_next_update(self) -> dt.timedelta:
-        return dt.timedelta(hours=self.delta_crl_next_update_hours)
+        """A delta CRL never outlives the full CRL's validity: capped to it (with the default
+        24 h, a full CRL of 12 h gives deltas of 12 h rather than a settings error)."""
+        return min(dt.timedelta(hours=self.delta_crl_next_update_hours), self.crl_next_update)
 
     @property
     def journal_origin(self) -> str:
@@ -167,11 +169,14 @@ class Settings:
                 )
         if not re.fullmatch(r"[A-Za-z0-9._-]{0,32}", self.pkcs11_label_prefix):
             raise ConfigError("pkcs11_label_prefix: at most 32 of A-Z a-z 0-9 . _ -")
-        if not 0.04 <= self.crl_next_update_days <= 10:
+        if not 1 / 24 <= self.crl_next_update_days <= 10:
             # BR 4.9.7 / 7.2: nextUpdate at most 10 days; an hour is the sane floor.
-            raise ConfigError("crl_next_update_days must be between 0.04 (1 h) and 10")
-        if not 1 <= self.delta_crl_next_update_hours <= 24 * self.crl_next_update_days:
-            raise ConfigError("delta_crl_next_update_hours must be between 1 and the full CRL's")
+            raise ConfigError("crl_next_update_days must be between 1/24 (1 hour) and 10")
+        if not 1 <= self.delta_crl_next_update_hours <= 240:
+            raise ConfigError(
+                "delta_crl_next_update_hours must be between 1 and 240 (it is capped to the "
+                "full CRL's validity, crl_next_update_days)"
+            )
         if not 0 <= self.crl_debounce_seconds <= 60:
             raise ConfigError("crl_debounce_seconds must be between 0 and 60")
         if not 0 <= self.crl_keep_days <= 3650:

@@ -441,9 +441,23 @@ def test_init_refuses_a_bad_ca_name_before_creating_anything(
     run = _runner(capsys, tmp_path / "d")
     result = run("init", "--issuing", "ops", "--issuing", "iot-delta")
     assert result.code == 65 and "'iot-delta'" in result.err, result
-    # No root CA was made: the directory holds no deployment yet (a listing says so, 78).
+    # Refused from the options alone: not even the data directory was made.
+    assert not (tmp_path / "d").exists()
     listed = run("--json", "ca", "list")
-    assert listed.code == 78 and "not initialised" in listed.err, listed
+    assert listed.code == 78 and "no Sekisho deployment" in listed.err, listed
+
+
+def test_init_with_one_issuing_ca_is_refused_before_anything_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was exit 75 (a conflict) after the data directory, its store and secrets were
+    made; it is bad input, refused from the options alone."""
+    run = _runner(capsys, tmp_path / "d")
+    for argv in (("--issuing", "ops"), ("--issuing", "ops", "--issuing", "ops"),
+                 ("--issuing", "root", "--issuing", "ops")):  # fmt: skip
+        result = run("init", *argv)
+        assert result.code == 65 and "two distinct issuing CAs" in result.err, result
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,11 @@ def test_defaults_without_file_or_environment(
     assert s.data_location == "JP"
     assert s.crl_next_update == dt.timedelta(days=7)
     assert s.delta_crl_next_update == dt.timedelta(hours=24)
+    # A full CRL shorter than the delta's 24 h: the delta is capped to it, no error.
+    short = load_settings(env={}, overrides={"data_dir": s.data_dir, "crl_next_update_days": 0.5})
+    assert short.delta_crl_next_update == short.crl_next_update == dt.timedelta(hours=12)
+    hour = load_settings(env={}, overrides={"data_dir": s.data_dir, "crl_next_update_days": 1 / 24})
+    assert hour.delta_crl_next_update == dt.timedelta(hours=1)
     # Embedded SQLite under the data directory, absolute; passphrase file under secrets/.
     assert s.db_url == f"sqlite:///{(tmp_path / 'var' / 'sekisho.db').resolve()}"
     assert s.passphrase_path == Path("var") / "secrets" / "ca-passphrase"
@@ -121,7 +126,8 @@ BAD_VALUES: list[tuple[dict[str, object], str]] = [
     ({"crl_next_update_days": 11}, "crl_next_update_days"),
     ({"crl_next_update_days": math.nan}, "crl_next_update_days"),
     ({"delta_crl_next_update_hours": -5}, "delta_crl_next_update_hours"),
-    ({"delta_crl_next_update_hours": 24 * 8}, "delta_crl_next_update_hours"),
+    ({"delta_crl_next_update_hours": 241}, "delta_crl_next_update_hours"),
+    ({"crl_next_update_days": 1 / 25}, "crl_next_update_days"),  # under an hour
     ({"crl_debounce_seconds": -0.5}, "crl_debounce_seconds"),
     ({"crl_keep_days": -1}, "crl_keep_days"),
     ({"crl_keep_days": 3651}, "crl_keep_days"),
