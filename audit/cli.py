@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
+from audit.events import normalise_mac
 from audit.journal import CheckpointSigner, checkpoint_document
 from audit.models import Checkpoint
 from audit.query import (
@@ -27,7 +30,7 @@ from audit.query import (
 )
 from audit.verify import claims_from_documents, verify
 from sekisho.db import undecodable_argument, undecodable_text
-from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError
+from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError, shown
 from sekisho.files import NewFiles, read_input
 
 if TYPE_CHECKING:
@@ -94,6 +97,32 @@ def _when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt
         raise click.BadParameter(f"{value} is out of range in UTC") from None
 
 
+def _ip_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """An address, in any spelling (the search canonicalises it): anything else could match
+    no record, and an auditor would read "nothing from there" into a typo."""
+    if value is None:
+        return None
+    try:
+        ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise click.BadParameter(f"{shown(value)} is not an IPv4 or IPv6 address") from None
+    return value
+
+
+def _mac_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    normalised = normalise_mac(value)
+    if normalised is None or not _MAC.fullmatch(normalised):
+        raise click.BadParameter(
+            f"{shown(value)} is not a MAC address (12 hex digits, any of : - . as separators)"
+        )
+    return value
+
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
 def _filter_options(fn: Any) -> Any:
     options = [
         click.option("--since", callback=_when, help="From this time (UTC, inclusive)."),
@@ -110,8 +139,10 @@ def _filter_options(fn: Any) -> Any:
             help="Substring of the certificate subject DN (any case; a value as the "
             "certificate has it, 'Smith, John', or in RFC 4514 form, 'Smith\\, John').",
         ),
-        click.option("--ip", help="Client IP address."),
-        click.option("--mac", help="Device MAC address (any common notation)."),
+        click.option("--ip", callback=_ip_option, help="Client IP address (any spelling)."),
+        click.option(
+            "--mac", callback=_mac_option, help="Device MAC address (any common notation)."
+        ),
         click.option("--device", help="Device ID."),
     ]
     for option in reversed(options):

@@ -219,6 +219,12 @@ def test_cli_search_filters(
     ]
     assert cli_seqs(capsys, cli_data_dir, "--actor", "robot@tenant2") == [s["actor-cert"]]
     assert cli_seqs(capsys, cli_data_dir, "--ip", "198.51.100.70") == [s["underscore-lookalike"]]
+    # A value that is no address could match nothing: a usage error, not "no records".
+    bad = [("--ip", "999.1.1.1"), ("--ip", "host.example"), ("--mac", "zz"),
+           ("--mac", "aa:bb:cc:dd:ee"), ("--mac", "aa:bb:cc:dd:ee:ff:00")]  # fmt: skip
+    for option, value in bad:
+        code, out, err = run_cli(capsys, cli_data_dir, "audit", "search", option, value)
+        assert code == 64 and out == "" and repr(value) in err, (option, value, err)
     assert cli_seqs(capsys, cli_data_dir, "--category", "system", "--actor", "system") == [
         s["system"]
     ]
