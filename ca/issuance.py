@@ -240,7 +240,10 @@ class CaService:
         if not issuer.key_online:
             raise Conflict(f"the key of CA {issuer.name} is offline: bring it online first")
         if issuer.revoked:
-            raise Conflict(f"the certificate of CA {issuer.name} is revoked: it issues nothing")
+            raise Conflict(
+                f"the certificate of CA {issuer.name} is revoked or on hold by its parent (`ca "
+                "show` says which): it issues nothing, until released from a hold"
+            )
         now = self.clock()
         # Backdated for clock skew, but never before the issuer's own start.
         not_before = max(now - BACKDATE, issuer.not_before)

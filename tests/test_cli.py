@@ -1437,7 +1437,9 @@ def test_errors_quote_long_or_hostile_values_short_and_escaped(run: Runner, tmp_
     assert not (tmp_path / "k.pem").exists()
 
 
-def test_ca_show_and_list_say_when_the_parent_revoked_or_held_the_ca(run: Runner) -> None:
+def test_ca_show_and_list_say_when_the_parent_revoked_or_held_the_ca(
+    run: Runner, tmp_path: Path
+) -> None:
     admin_serial = f"{x509.load_der_x509_certificate(ca_der(run, 'admin')).serial_number:x}"
 
     def status() -> tuple[dict[str, Any], str, str]:
@@ -1460,6 +1462,10 @@ def test_ca_show_and_list_say_when_the_parent_revoked_or_held_the_ca(run: Runner
     held_at = dt.datetime.fromisoformat(doc["revocation"]["revoked_at"])
     assert text == f"on hold (since {held_at.isoformat()})"
     assert re.match(r"admin\s+issuing\s+ec-p256\s+online\s+on_hold\s+CN=", row), row
+    held = run("issue", "--ca", "admin", "--profile", "admin-client", "--keygen", "ec-p256",
+               "--subject", "O=T,CN=Held Admin", "--san", "email:held@example.com",
+               "--key-out", str(tmp_path / "held.key"))  # fmt: skip
+    assert held.code == 75 and "on hold" in held.err and "ca show" in held.err, held
 
     ok(run("revoke", "--ca", "root", admin_serial, "--reason", "key_compromise",
            "--invalidity-date", "2024-05-06"))  # fmt: skip
