@@ -292,7 +292,12 @@ def parse_subject(text: str) -> x509.Name:
     try:
         return x509.Name.from_rfc4514_string(text, {"UID": NameOID.USER_ID})
     except ValueError as exc:
-        raise MalformedInput(f"subject {shown(text)}: {exc}") from None
+        # The library's message is empty for most mistakes: say what the form is.
+        why = str(exc).strip() or "not an RFC 4514 name"
+        raise MalformedInput(
+            f"subject {shown(text)}: {why} (write it as ATTR=value pairs joined by commas, "
+            "e.g. 'CN=Alice Admin,O=Tenant One')"
+        ) from None
 
 
 def tbs_sha256(data: bytes) -> str:

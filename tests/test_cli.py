@@ -1360,6 +1360,9 @@ def test_refusals_come_before_anything_is_issued_or_created(run: Runner, tmp_pat
     assert refused.code == 65 and "UTF-8" in refused.err
     zone = run(*base[:-1], "ip:fe80::1%eth0", "--key-out", str(tmp_path / "z"))
     assert zone.code == 65 and "zone" in zone.err
+    garbage = run(*base[:-3], "garbage", *base[-2:], "--key-out", str(tmp_path / "g"))
+    assert garbage.code == 65 and "not an RFC 4514 name" in garbage.err, garbage  # it said ''
+    assert "CN=Alice Admin" in garbage.err
     assert _issued_count(run, "device") == before
     assert not list(tmp_path.glob("*.p12")) and not (tmp_path / "z").exists()
     # Odd spellings of an IP address are written as the certificate carries them.
