@@ -636,6 +636,7 @@ class HttpProtocol(asyncio.Protocol):
         "busy",
         "closing",
         "deadline",
+        "eof",
         "head",
         "server",
         "transport",
@@ -652,6 +653,7 @@ class HttpProtocol(asyncio.Protocol):
         self.head: tuple[bytes, bytes, bool, bytes | None] | None = None  # method, target, ...
         self.body_len = 0
         self.write_paused = False
+        self.eof = False  # the client half-closed: answer what it sent, then close
 
     # -- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -677,6 +679,16 @@ class HttpProtocol(asyncio.Protocol):
             self._process()
         elif len(self.buf) > MAX_HEAD + MAX_BODY and self.transport is not None:
             self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        """The client shut its sending side (``shutdown(SHUT_WR)``, as some clients do once
+        the request is out): the requests it sent are still answered. While a lookup is in
+        the thread pool the transport stays open for writing (True) and ``done`` closes it
+        once every complete request is answered; otherwise everything complete has been
+        answered already, and asyncio closes the transport after the writes (False). Before,
+        asyncio closed it at once: answers looked up in the database were never sent."""
+        self.eof = True
+        return self.busy and not self.closing
 
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests until it does.
@@ -903,6 +915,8 @@ class HttpProtocol(asyncio.Protocol):
                     self.server.request_timeout if self.buf else self.server.idle_timeout
                 )
                 self._process()
+            if self.eof and not self.busy and not self.closing:
+                self.abort()  # every complete request answered; nothing more can come
 
         future.add_done_callback(done)
 

@@ -12,16 +12,18 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from cryptography.x509 import ocsp as x509_ocsp
 
 from ocsp.index import ResponseIndex
 from ocsp.server import HttpProtocol, Responder, Server
 from sekisho.services import Services
 from tests.ocsp.test_der_limits import huge_arc_request
-from tests.ocsp.test_server import MALFORMED, Pki, _raw, make_pki, running
+from tests.ocsp.test_server import MALFORMED, Pki, _raw, make_pki, running, status_of
 
 INTERNAL_ERROR = bytes.fromhex("3003 0a01 02")
 Reply = tuple[int, dict[str, str], bytes]
@@ -202,3 +204,33 @@ def test_if_none_match_lists_weak_tags_and_star_get_a_complete_304(
         assert status == 200 and body == der, (method, fields)
         assert headers["content-length"] == str(len(der))
         assert headers["etag"] == etag
+
+
+# -- a client that half-closes ------------------------------------------------------------------
+def test_requests_sent_before_a_half_close_are_all_answered(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """A client sends its requests, then shuts its sending side (shutdown(SHUT_WR)) and
+    reads. An answer looked up in the database (a serial the server holds nothing for) and
+    the requests pipelined behind it are all sent before the server closes. Before, the
+    server closed the connection at the half-close: no answer from the database arrived."""
+    from ocsp.index import rfc5019_request
+
+    unknown = base64.b64encode(rfc5019_request(pki.issuer(), 0x12345)).decode()
+    sent = (
+        request("POST", "/ocsp", body=rfc5019_request(pki.issuer(), 0x54321))
+        + request("GET", f"/ocsp/{unknown}")
+        + request("GET", "/healthz")
+    )
+    with running(data_dir, tmp_path) as server:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(sent)
+                sock.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := sock.recv(65536):  # bounded by the socket timeout
+                    data += chunk
+            post, get, health = replies(data, ["POST", "GET", "GET"])
+            for status, _fields, der in (post, get):
+                assert status == 200 and status_of(der) is x509_ocsp.OCSPCertStatus.UNKNOWN
+            assert health[0] == 200
