@@ -57,8 +57,11 @@ Decisions
 * **HTTP limits.** Request line + headers <= 8 KiB (else 431, close); body <= 64 KiB, judged
   from Content-Length before reading (else 413, close); POST without Content-Length 411;
   Transfer-Encoding 501 (no chunked bodies, no smuggling); wrong Content-Type 415; a request
-  not complete 10 s after its first byte gets 408 and the connection is closed; idle
-  keep-alive connections are closed after 30 s; at most 1,024 connections. Errors that
+  not complete 10 s after its first byte gets 408 and the connection is closed; a new
+  connection must send its first byte within 10 s, idle keep-alive connections are closed
+  after 30 s; at most 1,024 connections, 128 from one client address: at the limit a new
+  connection takes the place of the idle one whose deadline is nearest (one client's idle
+  sockets held every place, and every new client was refused). Errors that
   leave unread bytes behind close the connection. Pipelined requests are answered in order.
 * **Caching (RFC 5019 6.2).** Pre-signed answers carry ``Cache-Control: public,
   max-age=<seconds to nextUpdate, at most 300>, no-transform, must-revalidate`` (a shared
@@ -121,6 +124,7 @@ MAX_BODY = core.HTTP_MAX_BODY
 REQUEST_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 1024
+MAX_PER_CLIENT = 128  # connections from one address (clients behind one NAT share it)
 POLL_INTERVAL = 0.5
 DEFAULT_VALIDITY = dt.timedelta(hours=24)
 OCSP_REQUEST_TYPE = b"application/ocsp-request"
@@ -389,6 +393,7 @@ class Server:
         self.updates: collections.deque[Iterator[None]] = collections.deque()
         self.date = _Date()
         self.connections: set[HttpProtocol] = set()
+        self.per_client: collections.Counter[str] = collections.Counter()
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=executor_workers, thread_name_prefix="ocsp-lookup"
         )
@@ -634,6 +639,7 @@ class HttpProtocol(asyncio.Protocol):
         "body_len",
         "buf",
         "busy",
+        "client",
         "closing",
         "deadline",
         "eof",
@@ -654,20 +660,50 @@ class HttpProtocol(asyncio.Protocol):
         self.body_len = 0
         self.write_paused = False
         self.eof = False  # the client half-closed: answer what it sent, then close
+        self.client: str | None = None  # its address, while counted in server.per_client
 
     # -- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
-        if len(self.server.connections) >= MAX_CONNECTIONS:
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if server.per_client[client] >= MAX_PER_CLIENT:
+            self.closing = True
             transport.abort()
             return
-        self.server.connections.add(self)
-        self.deadline = time.monotonic() + self.server.idle_timeout
+        if len(server.connections) >= MAX_CONNECTIONS:
+            idle = [c for c in server.connections if c.idle()]
+            if not idle:
+                self.closing = True
+                transport.abort()
+                return
+            min(idle, key=lambda c: c.deadline).abort()  # its place goes to this one
+        server.connections.add(self)
+        self.client = client
+        server.per_client[client] += 1
+        # The first request's first byte within the request timeout, not the idle one.
+        self.deadline = time.monotonic() + server.request_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.discard(self)
+        self._leave()
+
+    def _leave(self) -> None:
+        """Out of the server's connections and its count for this client (once)."""
+        server = self.server
+        server.connections.discard(self)
+        if self.client is not None:
+            server.per_client[self.client] -= 1
+            if server.per_client[self.client] <= 0:
+                del server.per_client[self.client]
+            self.client = None
+
+    def idle(self) -> bool:
+        """Between requests: nothing received, nothing being answered (its place may go to a
+        new connection)."""
+        return not (self.closing or self.busy or self.buf or self.head is not None)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -715,6 +751,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closing = True
+        self._leave()  # its place is free at once (connection_lost comes later)
         if self.transport is not None:
             self.transport.close()
 

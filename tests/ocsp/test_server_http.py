@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -93,9 +94,17 @@ def test_a_huge_oid_arc_is_malformed_and_the_pipeline_goes_on(
 class _Transport:
     """What HttpProtocol writes to; nothing else."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "192.0.2.1") -> None:
         self.written = bytearray()
         self.closed = False
+        self.aborted = False
+        self.peer = peer
+
+    def get_extra_info(self, name: str) -> object:
+        return (self.peer, 40000) if name == "peername" else None
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
 
     def write(self, data: bytes) -> None:
         self.written += data
@@ -234,3 +243,73 @@ def test_requests_sent_before_a_half_close_are_all_answered(
             for status, _fields, der in (post, get):
                 assert status == 200 and status_of(der) is x509_ocsp.OCSPCertStatus.UNKNOWN
             assert health[0] == 200
+
+
+# -- connection limits ---------------------------------------------------------------------------
+def test_at_the_limit_a_new_connection_takes_an_idle_ones_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One client's idle sockets filled every place and every new client was refused; now
+    the idle connection nearest its deadline gives way, one address holds at most
+    MAX_PER_CLIENT places, and a connection that is answering is never evicted."""
+    from ocsp import server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(server_module, "MAX_PER_CLIENT", 3)
+    server = Server(Responder(ResponseIndex({}), None))
+    try:
+
+        def connect(peer: str) -> tuple[HttpProtocol, _Transport]:
+            transport, protocol = _Transport(peer), HttpProtocol(server)
+            protocol.connection_made(cast(Any, transport))
+            return protocol, transport
+
+        hog = [connect("192.0.2.66") for _ in range(3)]
+        assert connect("192.0.2.66")[1].aborted  # a fourth from that address: refused
+        busy, _ = connect("198.51.100.1")
+        busy.data_received(b"GET /ocsp/MAA= HTTP/1.1\r\nHost: x\r\n")  # a request under way
+        assert len(server.connections) == 4
+        newcomer, transport = connect("203.0.113.9")  # full: an idle one gives way
+        assert not transport.aborted and newcomer in server.connections
+        assert sum(t.closed for _, t in hog) == 1 and busy in server.connections
+        assert len(server.connections) == 4 and server.per_client["192.0.2.66"] == 2
+        for protocol, _ in hog:
+            protocol.connection_lost(None)
+        assert "192.0.2.66" not in server.per_client
+        # The first byte is due within the request timeout, not the idle one.
+        assert newcomer.deadline <= time.monotonic() + server.request_timeout
+    finally:
+        server.close()
+
+
+def test_one_address_holds_at_most_max_per_client_connections(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """On a real server: 128 idle connections from 127.0.0.1, the next from there is closed
+    at once, and a client at another loopback address is answered."""
+    from ocsp import server as server_module
+
+    with running(data_dir, tmp_path) as server:
+        held = []
+        try:
+            for _ in range(server_module.MAX_PER_CLIENT):
+                held.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+            time.sleep(0.2)  # every one accepted and counted
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
+                extra.sendall(request("GET", "/healthz", last=True))
+                try:
+                    refused = extra.recv(100)
+                except ConnectionResetError:
+                    refused = b""
+            assert refused == b""
+            other = socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                             source_address=("127.0.0.2", 0))  # fmt: skip
+            with other:
+                other.sendall(request("GET", "/healthz", last=True))
+                data = b""
+                while chunk := other.recv(65536):
+                    data += chunk
+            assert replies(data, ["GET"])[0][0] == 200
+        finally:
+            for sock in held:
+                sock.close()
