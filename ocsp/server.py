@@ -793,6 +793,12 @@ class HttpProtocol(asyncio.Protocol):
             self._error(400, b"bad request line\n")
             return False
         method, target, version = parts
+        scheme = target[:8].lower()
+        if scheme.startswith(b"http://") or scheme == b"https://":
+            # Absolute form (RFC 9112 3.2.2: a server must accept it): its path is the target.
+            rest = target.split(b"//", 1)[1]
+            slash = rest.find(b"/")
+            target = rest[slash:] if slash >= 0 else b"/"
         if version == b"HTTP/1.1":
             keep_alive = True
         elif version == b"HTTP/1.0":
@@ -804,14 +810,19 @@ class HttpProtocol(asyncio.Protocol):
         content_type = b""
         if_none_match: bytes | None = None
         expect = False
+        hosts = 0
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():
+            if not sep or not name or name != name.strip() or b"\r" in line or b"\n" in line:
+                # (A bare CR or LF inside a field line: RFC 9112 2.2 lets us refuse it, and
+                # a proxy in front may read it as a line break.)
                 self._error(400, b"bad header line\n")
                 return False
             name = name.lower()
             value = value.strip()
-            if name == b"content-length":
+            if name == b"host":
+                hosts += 1
+            elif name == b"content-length":
                 if length is not None and length != value:
                     self._error(400, b"conflicting Content-Length\n")
                     return False
@@ -834,6 +845,9 @@ class HttpProtocol(asyncio.Protocol):
                     self._error(400, b"unsupported Expect\n")  # RFC 9110 wants 417; rare
                     return False
                 expect = True
+        if hosts > 1 or (hosts == 0 and version == b"HTTP/1.1"):
+            self._error(400, b"an HTTP/1.1 request has exactly one Host field\n")  # RFC 9112 3.2
+            return False
         body_len = 0
         if length is not None:
             if not length.isdigit() or len(length) > 12:

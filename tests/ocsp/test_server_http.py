@@ -313,3 +313,29 @@ def test_one_address_holds_at_most_max_per_client_connections(
         finally:
             for sock in held:
                 sock.close()
+
+
+def test_request_heads_as_rfc_9112_wants_them() -> None:
+    """Exactly one Host in HTTP/1.1 (3.2); a bare CR inside a field line is refused (2.2);
+    an absolute-form target is accepted (3.2.2). All three were taken as they came."""
+    server = Server(Responder(ResponseIndex({}), None))
+    try:
+
+        def answer(head: bytes) -> tuple[int, bool]:
+            transport, protocol = _Transport(), HttpProtocol(server)
+            protocol.connection_made(cast(Any, transport))
+            protocol.data_received(head)
+            status = int(bytes(transport.written).split(b" ", 2)[1])
+            return status, transport.closed
+
+        assert answer(b"GET /healthz HTTP/1.1\r\n\r\n") == (400, True)
+        assert answer(b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") == (400, True)
+        assert answer(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: 1\r2\r\n\r\n") == (400, True)
+        assert answer(b"GET /healthz HTTP/1.0\r\n\r\n") == (200, True)  # 1.0 needs none
+        assert answer(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n") == (200, False)
+        absolute = b"GET http://ocsp.example.com/healthz HTTP/1.1\r\nHost: ocsp.example.com\r\n\r\n"
+        assert answer(absolute) == (200, False)
+        bare = b"GET HTTPS://ocsp.example.com HTTP/1.1\r\nHost: ocsp.example.com\r\n\r\n"
+        assert answer(bare)[0] == 404  # its path is "/": no such resource, not a 400
+    finally:
+        server.close()
