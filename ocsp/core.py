@@ -78,6 +78,14 @@ MIN_VALIDITY = dt.timedelta(hours=8)
 # nextUpdate): a shared cache in front re-checks at least this often, so a revocation shows
 # through it within minutes, not at the cached answer's nextUpdate (days).
 CACHE_MAX_AGE = 300
+
+
+def entity_tag(der: bytes) -> str:
+    """The ETag (unquoted) of an answer, the same from the web app and ``ocsp serve``: a
+    cache in front of both revalidates with either's (128 bits of SHA-256)."""
+    return hashlib.sha256(der).hexdigest()[:32]
+
+
 MAX_VALIDITY = dt.timedelta(days=10)
 
 OID_NONCE = "1.3.6.1.5.5.7.48.1.2"

@@ -42,7 +42,6 @@ import base64
 import dataclasses
 import datetime as dt
 import email.utils
-import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Final, Protocol
@@ -130,7 +129,7 @@ def _make_entry(issuer_id: int, issuer: core.Issuer, stored: StoredLike) -> Keye
         this_update,
         next_update,
         next_update.timestamp(),
-        '"' + hashlib.sha256(stored.der).hexdigest()[:32] + '"',
+        '"' + core.entity_tag(stored.der) + '"',
         http_date(this_update),
         http_date(next_update),
         rfc5019_request(issuer, stored.serial),

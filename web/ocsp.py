@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import hashlib
 import logging
 import re
 from urllib.parse import unquote
@@ -77,7 +76,9 @@ def decode_path(text: str) -> bytes | None:
 
 
 def response_times(der: bytes) -> tuple[dt.datetime, dt.datetime] | None:
-    """(thisUpdate, nextUpdate) of a successful single-response answer, else None."""
+    """(thisUpdate, nextUpdate) of a successful answer a cache may keep, else None: not an
+    answer to a request with a nonce (made for that one request; `ocsp serve` sends those
+    no-store too)."""
     if len(der) <= 5:
         return None
     try:
@@ -85,6 +86,9 @@ def response_times(der: bytes) -> tuple[dt.datetime, dt.datetime] | None:
         if parsed["response_status"].native != "successful":
             return None
         basic = parsed["response_bytes"]["response"].parsed
+        extensions = basic["tbs_response_data"]["response_extensions"]
+        if any(e["extn_id"].dotted == core.OID_NONCE for e in extensions or ()):
+            return None
         singles = basic["tbs_response_data"]["responses"]
         this = min(s["this_update"].native for s in singles)
         nexts = [s["next_update"].native for s in singles]
@@ -129,7 +133,7 @@ def get(encoded: str) -> Response:
         "Cache-Control": f"max-age={max_age}, public, no-transform, must-revalidate",
         "Expires": http_date(next_update),
     }
-    etag = hashlib.sha256(body).hexdigest()
+    etag = core.entity_tag(body)
     # Validated by the entity-tag only: a "good" answer and the "revoked" one that replaced
     # it may have the same thisUpdate second, and a cache revalidating with If-Modified-Since
     # alone was told 304 and kept "good" (as the standalone server, which never read it).
