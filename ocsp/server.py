@@ -703,7 +703,9 @@ class HttpProtocol(asyncio.Protocol):
     def idle(self) -> bool:
         """Between requests: nothing received, nothing being answered (its place may go to a
         new connection)."""
-        return not (self.closing or self.busy or self.buf or self.head is not None)
+        return not (
+            self.closing or self.busy or self.buf or self.head is not None or self.write_paused
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
