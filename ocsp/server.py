@@ -358,9 +358,13 @@ class Server:
         executor_workers: int = 4,
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
+        max_per_client: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clock = clock  # POSIX seconds: is a signer's certificate valid now?
+        # Connections one address may hold; 0: no limit (behind a proxy every connection
+        # comes from the proxy's address, which limits its own clients).
+        self.max_per_client = MAX_PER_CLIENT if max_per_client is None else max_per_client
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.responder = responder
@@ -669,7 +673,7 @@ class HttpProtocol(asyncio.Protocol):
         server = self.server
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        if server.per_client[client] >= MAX_PER_CLIENT:
+        if 0 < server.max_per_client <= server.per_client[client]:
             self.closing = True
             transport.abort()
             return
@@ -740,7 +744,15 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def check_deadline(self, now: float) -> None:
-        if self.closing or self.busy or now < self.deadline:
+        if self.busy or now < self.deadline:
+            return
+        if self.closing:
+            # Closed after its last answer (finish), which the client has not taken in
+            # time: dropped, and its place freed (else a client that never reads would keep
+            # sockets open past every limit).
+            if self.transport is not None:
+                self.transport.abort()
+            self._leave()
             return
         if self.write_paused and self.transport is not None:
             self.closing = True
@@ -752,8 +764,22 @@ class HttpProtocol(asyncio.Protocol):
             self.abort()
 
     def abort(self) -> None:
+        """Close now: at once when nothing waits to be sent, else dropped (RST); its place is
+        free at once (connection_lost comes later)."""
         self.closing = True
-        self._leave()  # its place is free at once (connection_lost comes later)
+        self._leave()
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                transport.abort()  # close() would wait for a client that may never read
+            else:
+                transport.close()
+
+    def finish(self) -> None:
+        """Close once what was written has been sent: the connection keeps its place until
+        then, for at most the request timeout (then ``check_deadline`` drops it)."""
+        self.closing = True
+        self.deadline = time.monotonic() + self.server.request_timeout
         if self.transport is not None:
             self.transport.close()
 
@@ -969,7 +995,7 @@ class HttpProtocol(asyncio.Protocol):
                 )
                 self._process()
             if self.eof and not self.busy and not self.closing:
-                self.abort()  # every complete request answered; nothing more can come
+                self.finish()  # every complete request answered; nothing more can come
 
         future.add_done_callback(done)
 
@@ -1021,14 +1047,14 @@ class HttpProtocol(asyncio.Protocol):
         )
         transport.write(head if method == b"HEAD" else head + body)
         if not keep_alive:
-            self.closing = True
-            transport.close()
+            self.finish()
 
     def _error(self, status: int, message: bytes, extra: bytes = b"") -> None:
         """An HTTP-level error; the connection is closed (unread bytes may follow)."""
         self.head = None
         self._send(status, message, b"text/plain", False, b"GET", time.time(), extra)
-        self.abort()
+        if not self.closing:
+            self.finish()
 
 
 async def serve(

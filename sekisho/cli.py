@@ -1200,6 +1200,14 @@ def _ocsp_services(state: State) -> Services:
     show_default=True,
     help="Seconds a client has to send one whole request (then 408 and close).",
 )
+@click.option(
+    "--max-per-client",
+    type=click.IntRange(0, 1024),
+    default=128,
+    show_default=True,
+    help="Connections one client address may hold (0: no limit; use 0 behind a reverse "
+    "proxy, whose own address every connection then has).",
+)
 @click.option("--no-uvloop", is_flag=True, help="Use asyncio's default event loop.")
 @pass_state
 def ocsp_serve(
@@ -1209,6 +1217,7 @@ def ocsp_serve(
     poll: float,
     issuers_every: float,
     request_timeout: float,
+    max_per_client: int,
     no_uvloop: bool,
 ) -> None:
     """Serve OCSP (GET /ocsp/<base64>, POST /ocsp, GET /healthz) from pre-signed responses
@@ -1246,6 +1255,7 @@ def ocsp_serve(
         snapshot=responses_of,
         issuers_every=issuers_every,
         request_timeout=request_timeout,
+        max_per_client=max_per_client,
     )
 
     def ready(bound: int) -> None:

@@ -32,6 +32,9 @@ class Transport:
 
     abort = close
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # written at once
+
     def get_extra_info(self, name: str) -> object:
         return ("192.0.2.1", 40000) if name == "peername" else None
 

@@ -100,6 +100,9 @@ class _Transport:
         self.aborted = False
         self.peer = peer
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # written at once
+
     def get_extra_info(self, name: str) -> object:
         return (self.peer, 40000) if name == "peername" else None
 
@@ -280,6 +283,15 @@ def test_at_the_limit_a_new_connection_takes_an_idle_ones_place(
         assert newcomer.deadline <= time.monotonic() + server.request_timeout
     finally:
         server.close()
+    behind_proxy = Server(Responder(ResponseIndex({}), None), max_per_client=0)
+    try:  # --max-per-client 0: one address (a proxy's) may hold every place
+        for _ in range(4):
+            transport = _Transport("127.0.0.1")
+            HttpProtocol(behind_proxy).connection_made(cast(Any, transport))
+            assert not transport.aborted
+        assert behind_proxy.per_client["127.0.0.1"] == 4
+    finally:
+        behind_proxy.close()
 
 
 def test_one_address_holds_at_most_max_per_client_connections(
@@ -337,5 +349,37 @@ def test_request_heads_as_rfc_9112_wants_them() -> None:
         assert answer(absolute) == (200, False)
         bare = b"GET HTTPS://ocsp.example.com HTTP/1.1\r\nHost: ocsp.example.com\r\n\r\n"
         assert answer(bare)[0] == 404  # its path is "/": no such resource, not a 400
+    finally:
+        server.close()
+
+
+def test_a_connection_whose_last_answers_are_never_taken_is_dropped() -> None:
+    """A connection closed after its answers (Connection: close, an error, a half-close)
+    whose client reads nothing: asyncio's close() waits for it forever. It keeps its place
+    until the request timeout, then is dropped (RST) and its place freed; closing one that
+    has unsent bytes at once (a deadline, an eviction) drops it at once. A review saw such
+    sockets leak past every limit, uncounted."""
+
+    class Stuck(_Transport):
+        def get_write_buffer_size(self) -> int:
+            return 4096  # the client reads nothing
+
+    server = Server(Responder(ResponseIndex({}), None), request_timeout=1.0)
+    try:
+        transport, protocol = Stuck("192.0.2.7"), HttpProtocol(server)
+        protocol.connection_made(cast(Any, transport))
+        protocol.data_received(request("GET", "/healthz", last=True))
+        assert transport.closed and not transport.aborted  # close() asked, never completes
+        assert protocol in server.connections and server.per_client["192.0.2.7"] == 1
+        protocol.check_deadline(time.monotonic())  # not yet
+        assert not transport.aborted
+        protocol.check_deadline(time.monotonic() + 1.5)
+        assert transport.aborted and protocol not in server.connections
+        assert "192.0.2.7" not in server.per_client
+
+        other, pending = HttpProtocol(server), Stuck("192.0.2.8")
+        other.connection_made(cast(Any, pending))
+        other.abort()  # unsent bytes: dropped at once, not left waiting
+        assert pending.aborted and other not in server.connections
     finally:
         server.close()
