@@ -16,7 +16,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
-from audit.events import normalise_mac
 from audit.journal import CheckpointSigner, checkpoint_document
 from audit.models import Checkpoint
 from audit.query import (
@@ -112,15 +111,16 @@ def _ip_option(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 def _mac_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
-    normalised = normalise_mac(value)
-    if normalised is None or not _MAC.fullmatch(normalised):
+    if not _MAC.fullmatch(value.strip()):
         raise click.BadParameter(
-            f"{shown(value)} is not a MAC address (12 hex digits, any of : - . as separators)"
+            f"{shown(value)} is not a MAC address (EUI-48 or EUI-64: 12 or 16 hex digits, "
+            "any of : - . as separators)"
         )
     return value
 
 
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# 12 (EUI-48) or 16 (EUI-64) hex digits, with the separators normalise_mac takes away.
+_MAC = re.compile(r"(?:[0-9A-Fa-f][:.\- ]?){11}[0-9A-Fa-f](?:(?:[:.\- ]?[0-9A-Fa-f]){4})?")
 
 
 def _filter_options(fn: Any) -> Any:

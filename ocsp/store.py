@@ -54,7 +54,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -68,6 +68,7 @@ from sqlalchemy.types import Integer
 
 from audit.events import Category, Outcome, by_actor
 from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus
+from ca.registry import ca_revoked
 from ca.revocation import Reason
 from ca.tbs import serial_hex
 from hsm.base import KeyBackend
@@ -367,8 +368,14 @@ def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[in
     refused: dict[int, str] = {}
     for ca_id in issuers:
         status = found.get(signer[ca_id]) if ca_id in signer else None
-        if ca_id in ca_own and found.get(ca_own[ca_id]) is CertStatus.REVOKED:
+        own = found.get(ca_own[ca_id]) if ca_id in ca_own else CertStatus.ISSUED
+        if own is CertStatus.REVOKED:
             refused[ca_id] = "the CA's own certificate is revoked (by the CA above it)"
+        elif own is not CertStatus.ISSUED:
+            refused[ca_id] = (
+                "the store holds no issued certificate for the CA itself under the CA above it "
+                "(status unknown)"
+            )
         elif status is CertStatus.REVOKED:
             refused[ca_id] = "its certificate is revoked"
         elif status is not CertStatus.ISSUED:
@@ -866,19 +873,23 @@ class OcspService:
         """The served CAs whose signer may sign now (pre-signing signs for these only)."""
         return self._current()[1]
 
-    def withheld(self) -> dict[int, str]:
-        """CA id -> why nothing is signed for it here now: the CAs served (active, key
-        online, not revoked) left out of :meth:`issuers`, their signer not loaded, refused,
-        or its certificate ending. Store errors propagate."""
+    def withheld(self) -> dict[int, Withheld]:
+        """CA id -> why nothing is signed for it here now: the CAs served (issuing, active,
+        key online) left out of :meth:`issuers`, their signer not loaded (``signer_down``),
+        refused (revoked, status unknown; the CA's own certificate revoked or held by its
+        parent included) or its certificate ending. Store errors propagate."""
         served, signing = self._current()
+        down = self._signers.down
         out = {ca_id: "" for ca_id in served.keys() - signing.keys()}
-        out.update({ca_id: failure.reason for ca_id, failure in self._signers.down.items()})
+        out.update({ca_id: failure.reason for ca_id, failure in down.items()})
         for ca_id in out:
             trouble = self._signers.troubles.get(ca_id)
             if trouble is not None and trouble[0]:
                 out[ca_id] = trouble[0]
         return {
-            ca_id: why or "no signer may sign" for ca_id, why in out.items() if ca_id not in signing
+            ca_id: Withheld(why or "no signer may sign", ca_id in down)
+            for ca_id, why in out.items()
+            if ca_id not in signing
         }
 
     def _current(self) -> tuple[dict[int, core.Issuer], dict[int, core.Issuer]]:
@@ -1502,10 +1513,18 @@ def refresh_due(services: Services, now: dt.datetime, batch: int = DEFAULT_BATCH
     return services.ocsp.refresh_due(now, batch)
 
 
+class Withheld(NamedTuple):
+    why: str
+    signer_down: bool  # its signer's key or certificate did not load (else: refused, ending)
+
+
 @dataclasses.dataclass(frozen=True)
 class Resigned:
     counts: dict[str, int]  # answers re-signed, by status (good, revoked, unknown)
     not_resigned: dict[str, str]  # CA name -> why nothing was signed for it
+    signer_down: frozenset[str] = frozenset()  # those of them whose signer did not load
+    # CAs revoked or held by their parent: withheld by design (no failure), named here.
+    revoked_cas: tuple[str, ...] = ()
 
 
 def resign_all(services: Services, now: dt.datetime, actor: Actor | None = None) -> Resigned:
@@ -1518,29 +1537,35 @@ def resign_all(services: Services, now: dt.datetime, actor: Actor | None = None)
     withheld = services.ocsp.withheld()
     detail: dict[str, object] = {**counts, "total": sum(counts.values())}
     not_resigned: dict[str, str] = {}
+    down: set[str] = set()
+    revoked: list[str] = []
     with services.db.scope() as session:
-        if withheld:
-            names = {
-                int(ca_id): str(name)
-                for ca_id, name in session.execute(
-                    select(CertificateAuthority.id, CertificateAuthority.name).where(
-                        CertificateAuthority.id.in_(list(withheld))
-                    )
-                )
-            }
-            not_resigned = {
-                names.get(ca_id, str(ca_id)): why for ca_id, why in sorted(withheld.items())
-            }
+        rows = session.scalars(
+            select(CertificateAuthority).where(CertificateAuthority.id.in_(list(withheld)))
+        )
+        by_id = {row.id: row for row in rows} if withheld else {}
+        for ca_id, (why, signer_down) in sorted(withheld.items()):
+            row = by_id.get(ca_id)
+            name = row.name if row is not None else str(ca_id)
+            if row is not None and ca_revoked(session, row):
+                revoked.append(name)  # its answers are withheld by design: no failure
+                continue
+            not_resigned[name] = why
+            if signer_down:
+                down.add(name)
+        if not_resigned:
             detail["not_resigned"] = not_resigned
+        if revoked:
+            detail["withheld_revoked_cas"] = revoked
         services.journal.append(
             session,
             by_actor(
                 actor,
                 Category.CA,
                 "ocsp.resign",
-                Outcome.FAILURE if withheld else Outcome.SUCCESS,
+                Outcome.FAILURE if not_resigned else Outcome.SUCCESS,
                 detail=detail,
             ),
             now,
         )
-    return Resigned(counts, not_resigned)
+    return Resigned(counts, not_resigned, frozenset(down), tuple(revoked))

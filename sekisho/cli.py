@@ -1366,6 +1366,7 @@ def ocsp_resign(state: State) -> None:
         "responder_changes": [dataclasses.asdict(c) for c in changes],
         "responder_failures": {ca: exc.message for ca, exc in failures.items()},
         "not_resigned": done.not_resigned,
+        "withheld_revoked_cas": list(done.revoked_cas),
     }
 
     def text() -> str:
@@ -1376,6 +1377,10 @@ def ocsp_resign(state: State) -> None:
             f"({counts['good']} good, {counts['revoked']} revoked, {counts['unknown']} unknown)"
         )
         lines += [f"not re-signed: CA {ca}: {why}" for ca, why in done.not_resigned.items()]
+        lines += [
+            f"withheld: CA {ca} (revoked or held by its parent: its answers are not signed)"
+            for ca in done.revoked_cas
+        ]
         return "\n".join(lines)
 
     state.emit(doc, text)
@@ -1385,7 +1390,10 @@ def ocsp_resign(state: State) -> None:
         cause = next((failures[ca] for ca in done.not_resigned if ca in failures), None)
         if cause is not None:
             raise cause
-        raise KeyBackendError(f"answers of CA {', '.join(done.not_resigned)} not re-signed")
+        names = ", ".join(done.not_resigned)
+        if done.signer_down & done.not_resigned.keys():  # a responder key that did not load
+            raise KeyBackendError(f"answers of CA {names} not re-signed: a signer did not load")
+        raise Conflict(f"answers of CA {names} not re-signed: no signer may sign for it")
 
 
 # -- hsm --------------------------------------------------------------------------------------

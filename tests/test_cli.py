@@ -1226,6 +1226,7 @@ def test_ocsp_responders_and_resign(run: Runner) -> None:
         "responder_changes": [],  # all in order: nothing replaced
         "responder_failures": {},
         "not_resigned": {},
+        "withheld_revoked_cas": [],
     }
     assert "re-signed 5 responses" in ok(run("ocsp", "resign")).out
 
@@ -1313,6 +1314,23 @@ def test_the_journalled_actor_is_the_real_user_not_user_variables(
     assert cli_account(0, {"SUDO_USER": "alice"}) == "cli:root sudo:alice"
     assert cli_account(0, {}) == "cli:root"
     assert cli_account(2**31 - 7, {}) == f"cli:uid {2**31 - 7}"
+
+
+def test_ocsp_resign_leaves_a_ca_its_parent_revoked_or_holds_without_failing(
+    run: Runner,
+) -> None:
+    """Its answers are withheld by design: named, journalled, not a failure (it was exit 69
+    at every run after a routine hold or revocation of an issuing CA)."""
+    admin = f"{x509.load_der_x509_certificate(ca_der(run, 'admin')).serial_number:x}"
+    ok(run("revoke", "--ca", "root", admin, "--reason", "certificate_hold"))
+    done = ok(run("--json", "ocsp", "resign")).json()
+    assert done["withheld_revoked_cas"] == ["admin"] and done["not_resigned"] == {}
+    assert done["good"] >= 1  # the device CA's answers
+    assert "withheld: CA admin" in ok(run("ocsp", "resign")).out
+    out = ok(run("--json", "audit", "search", "--action", "ocsp.resign")).out
+    records = [json.loads(line) for line in out.splitlines()]
+    assert {r["outcome"] for r in records} == {"success"}
+    assert all(r["detail"]["withheld_revoked_cas"] == ["admin"] for r in records)
 
 
 def test_ocsp_commands_have_help(run: Runner) -> None:

@@ -225,6 +225,7 @@ def test_cli_search_filters(
     for option, value in bad:
         code, out, err = run_cli(capsys, cli_data_dir, "audit", "search", option, value)
         assert code == 64 and out == "" and repr(value) in err, (option, value, err)
+    assert cli_seqs(capsys, cli_data_dir, "--mac", "00:11:22:ff:fe:33:44:55") == []  # EUI-64
     assert cli_seqs(capsys, cli_data_dir, "--category", "system", "--actor", "system") == [
         s["system"]
     ]

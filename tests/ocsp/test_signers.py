@@ -467,6 +467,19 @@ def test_no_live_answer_for_a_ca_revoked_by_its_parent(services: Services) -> No
     leaf = issue(services, "device")
     nonce = request_der(signer, [leaf.serial_number], nonce=b"\x03" * 16)
     assert _signed_by(other.answer(nonce, services.clock())) == signer.responder_key_id
+
+    def own_row(status: CertStatus) -> None:  # the root's row for the device CA, by hand
+        with services.db.scope() as session:
+            session.execute(
+                update(Certificate)
+                .where(Certificate.serial == serial_hex(device.serial_number))
+                .values(status=status)
+            )
+
+    own_row(CertStatus.RESERVED)  # status unknown: fail closed, as for the CA key signing
+    assert "status unknown" in store.refused_signers(services.db, other.issuers())[device_id]
+    own_row(CertStatus.ISSUED)
+    assert store.refused_signers(services.db, other.issuers()) == {}
     services.revoker.revoke("root", device.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
     assert store.refused_signers(services.db, store.load_issuers(services)) == {
         device_id: "the CA's own certificate is revoked (by the CA above it)"
@@ -476,7 +489,7 @@ def test_no_live_answer_for_a_ca_revoked_by_its_parent(services: Services) -> No
     assert device_id not in other.issuers()  # nothing pre-signed for it either
     services.ocsp.invalidate_issuers()
     assert services.ocsp.answer(nonce, services.clock()) == core.TRY_LATER
-    assert "revoked" in services.ocsp.withheld()[device_id]
+    assert "revoked" in services.ocsp.withheld()[device_id].why
     admin_leaf = issue(services, "admin-client")  # the other CA is not held up
     admin = next(x for x in services.ocsp.issuers().values() if x.certificate != device)
     good = services.ocsp.answer(request_der(admin, [admin_leaf.serial_number]), services.clock())
