@@ -725,12 +725,15 @@ class HttpProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client shut its sending side (``shutdown(SHUT_WR)``, as some clients do once
         the request is out): the requests it sent are still answered. While a lookup is in
-        the thread pool the transport stays open for writing (True) and ``done`` closes it
-        once every complete request is answered; otherwise everything complete has been
-        answered already, and asyncio closes the transport after the writes (False). Before,
-        asyncio closed it at once: answers looked up in the database were never sent."""
+        the thread pool the transport stays open for writing and ``done`` closes it once
+        every complete request is answered; otherwise everything complete has been
+        answered already, and it closes once they are sent (``finish``: bounded, so a client
+        that reads nothing does not keep it). Before, asyncio closed it at once: answers
+        looked up in the database were never sent."""
         self.eof = True
-        return self.busy and not self.closing
+        if not self.busy and not self.closing:
+            self.finish()
+        return True  # this protocol closes the transport itself
 
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests until it does.

@@ -143,11 +143,11 @@ def ensure_responders(
     rotate: bool = False,
     failures: dict[str, SekishoError] | None = None,
 ) -> list[ResponderChange]:
-    """Provision a responder for every served CA lacking one; rotate those past 2/3 of their
-    validity or whose certificate is revoked (every one with ``rotate``: an operator's key
-    roll). Returns what changed (nothing when all is in order). A CA whose responder could not
-    be made is left for the others; then the first such error is raised, or, when
-    ``failures`` is given, every one is put there by CA name and nothing is raised."""
+    """Provision a responder for every served CA lacking one; rotate those due
+    (:func:`needs_rotation`) or whose certificate is revoked (every one with ``rotate``: an
+    operator's key roll). Returns what changed (nothing when all is in order). A CA whose
+    responder could not be made is left for the others; then the first such error is raised,
+    or, when ``failures`` is given, every one is put there by CA name and nothing is raised."""
     revoked = revoked_active_responders(services)
     validity = services.settings.ocsp_validity
 

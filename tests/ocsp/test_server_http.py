@@ -377,6 +377,14 @@ def test_a_connection_whose_last_answers_are_never_taken_is_dropped() -> None:
         assert transport.aborted and protocol not in server.connections
         assert "192.0.2.7" not in server.per_client
 
+        halved, halved_transport = HttpProtocol(server), Stuck("192.0.2.9")
+        halved.connection_made(cast(Any, halved_transport))
+        halved.data_received(request("GET", "/healthz"))  # answered, kept alive
+        assert halved.eof_received() is True  # then the half-close: closed once sent
+        assert halved_transport.closed and halved in server.connections
+        halved.check_deadline(time.monotonic() + 1.5)
+        assert halved_transport.aborted and halved not in server.connections
+
         other, pending = HttpProtocol(server), Stuck("192.0.2.8")
         other.connection_made(cast(Any, pending))
         other.abort()  # unsent bytes: dropped at once, not left waiting
