@@ -1540,10 +1540,14 @@ def resign_all(services: Services, now: dt.datetime, actor: Actor | None = None)
     down: set[str] = set()
     revoked: list[str] = []
     with services.db.scope() as session:
-        rows = session.scalars(
-            select(CertificateAuthority).where(CertificateAuthority.id.in_(list(withheld)))
-        )
-        by_id = {row.id: row for row in rows} if withheld else {}
+        by_id = {}
+        if withheld:
+            by_id = {
+                row.id: row
+                for row in session.scalars(
+                    select(CertificateAuthority).where(CertificateAuthority.id.in_(list(withheld)))
+                )
+            }
         for ca_id, (why, signer_down) in sorted(withheld.items()):
             row = by_id.get(ca_id)
             name = row.name if row is not None else str(ca_id)
