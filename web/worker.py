@@ -39,6 +39,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from typing import Any
 
 from gunicorn import util
@@ -64,6 +65,7 @@ from web.body import WATCHDOG
 
 log = logging.getLogger("sekisho.web")
 
+MIN_HEAD_SECONDS = 0.2  # however long a connection waited for a thread
 CHUNK_SIZE_DIGITS = 16  # 2^64 - 1: far beyond any body we accept, leading zeros included
 CHUNK_EXTENSION_OCTETS = 1024  # in a whole body: we use none; a body is not to be all framing
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -147,6 +149,22 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
     # Set by ``web.server`` from the settings before the workers fork.
     request_seconds = 10.0
 
+    def enqueue_req(self, conn: Any) -> None:
+        conn.sekisho_queued = time.monotonic()  # its head's time runs from here (handle)
+        super().enqueue_req(conn)
+
+    def head_seconds(self, conn: Any) -> float:
+        """The time a connection's request head has left: ``request_seconds`` from when it
+        was queued for a thread, not from when one took it up (32 clients sending half a
+        head, queued behind eight threads, held them for four rounds of 10 s), but at least
+        ``MIN_HEAD_SECONDS``: a head that waited that long for a thread is in the socket by
+        then, and is read at once."""
+        queued: float | None = getattr(conn, "sekisho_queued", None)
+        seconds = float(self.request_seconds)
+        if queued is None:
+            return seconds
+        return max(min(MIN_HEAD_SECONDS, seconds), seconds - (time.monotonic() - queued))
+
     def handle(self, conn: Any) -> Any:
         if not getattr(conn, "sekisho_send_limited", False):
             seconds = max(self.request_seconds, 0.001)
@@ -157,7 +175,7 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
             except OSError:
                 return False  # the connection is gone already
             conn.sekisho_send_limited = True
-        with WATCHDOG.guard(conn.sock, self.request_seconds) as guard:
+        with WATCHDOG.guard(conn.sock, self.head_seconds(conn)) as guard:
             conn.sekisho_head_guard = guard
             return super().handle(conn)
 
