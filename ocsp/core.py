@@ -49,12 +49,14 @@ Decisions
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
 import datetime as dt
 import enum
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from urllib.parse import unquote_to_bytes
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -78,6 +80,29 @@ MIN_VALIDITY = dt.timedelta(hours=8)
 # nextUpdate): a shared cache in front re-checks at least this often, so a revocation shows
 # through it within minutes, not at the cached answer's nextUpdate (days).
 CACHE_MAX_AGE = 300
+
+
+MAX_GET_PATH = 16 * 1024  # a GET path segment longer than this is refused unread
+
+
+def decode_get_path(segment: str) -> bytes | None:
+    """The request DER of a GET path segment (RFC 6960 A.1.1: base64, then URL-encoded), or
+    None: the standard or URL-safe alphabet, padded or not, percent-encoded once or twice
+    (clients that encode twice), a '+' that form decoding made a space put back. The web app
+    and ``ocsp serve`` both read GET paths here: one URL, one answer, behind either."""
+    raw = unquote_to_bytes(segment)
+    if b"%" in raw:
+        raw = unquote_to_bytes(raw)
+    raw = raw.strip().replace(b" ", b"+")
+    if not raw or len(raw) > MAX_GET_PATH:
+        return None
+    raw = raw.replace(b"-", b"+").replace(b"_", b"/").rstrip(b"=")
+    if len(raw) % 4 == 1:
+        return None
+    try:
+        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4), strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def entity_tag(der: bytes) -> str:

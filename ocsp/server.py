@@ -80,7 +80,6 @@ Decisions
 from __future__ import annotations
 
 import asyncio
-import binascii
 import collections
 import concurrent.futures
 import contextlib
@@ -93,7 +92,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import cast
-from urllib.parse import unquote_to_bytes
 
 from cryptography import x509
 
@@ -166,19 +164,6 @@ class _Date:
             self.second = second
             self.value = email.utils.formatdate(second, usegmt=True).encode()
         return self.value
-
-
-def decode_get_path(segment: str) -> bytes | None:
-    """Base64 (standard or URL-safe, padded or not, percent-encoded or not) -> DER, or None."""
-    raw = unquote_to_bytes(segment).strip()
-    if not raw or len(raw) > MAX_HEAD:
-        return None
-    raw = raw.replace(b"-", b"+").replace(b"_", b"/")
-    raw += b"=" * (-len(raw) % 4)
-    try:
-        return binascii.a2b_base64(raw, strict_mode=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 class Responder:
@@ -953,7 +938,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             path = target.split(b"?", 1)[0]
             if path.startswith(b"/ocsp/"):
-                decoded = decode_get_path(path[6:].decode("latin-1"))
+                decoded = core.decode_get_path(path[6:].decode("latin-1"))
                 if decoded is None:
                     self._ocsp(core.MALFORMED_REQUEST, None, keep_alive, method, now)
                     return

@@ -18,12 +18,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import logging
 import re
-from urllib.parse import unquote
 
 from asn1crypto import ocsp as asn1_ocsp
 from flask import Blueprint, Response, current_app, request
@@ -56,23 +53,6 @@ def _answer(der: bytes) -> bytes:
     except Exception as exc:  # an OCSP client gets an OCSP answer, never a 500
         log.error("ocsp answer crashed", exc_info=exc)
         return core.INTERNAL_ERROR
-
-
-def decode_path(text: str) -> bytes | None:
-    """The request DER from the GET path, or None when it is not base64."""
-    value = unquote(text).strip()
-    if "%" in value:  # clients that percent-encode twice
-        value = unquote(value)
-    value = value.replace(" ", "+")  # a '+' turned into a space by form decoding
-    if not value or not _B64.fullmatch(value):
-        return None
-    value = value.replace("-", "+").replace("_", "/").rstrip("=")
-    if len(value) % 4 == 1:
-        return None
-    try:
-        return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 def response_times(der: bytes) -> tuple[dt.datetime, dt.datetime] | None:
@@ -115,7 +95,7 @@ def post() -> Response:
 
 @bp.get("/ocsp/<path:encoded>")
 def get(encoded: str) -> Response:
-    der = decode_path(encoded)
+    der = core.decode_get_path(encoded)
     if der is None:
         response = _ocsp(core.MALFORMED_REQUEST, 400)
         response.headers["Cache-Control"] = "no-store"

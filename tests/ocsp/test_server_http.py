@@ -391,3 +391,21 @@ def test_a_connection_whose_last_answers_are_never_taken_is_dropped() -> None:
         assert pending.aborted and other not in server.connections
     finally:
         server.close()
+
+
+def test_both_servers_read_a_get_path_the_same_way(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """Percent-encoded twice, or with '+' turned into a space: the web app read these and
+    `ocsp serve` answered malformedRequest; one decoder (core.decode_get_path) now serves
+    both, so one URL gets one answer behind either."""
+    from urllib.parse import quote
+
+    b64 = pki.get_path(pki.good)
+    spellings = [quote(quote(b64, safe=""), safe=""), b64.replace("+", " ").replace(" ", "%20")]
+    with running(data_dir, tmp_path) as server:
+        for path in spellings:
+            data, _, _ = _raw(server, request("GET", f"/ocsp/{path}", last=True))
+            [(status, _fields, der)] = replies(data, ["GET"])
+            assert status == 200 and der != MALFORMED, path
+            assert status_of(der) is x509_ocsp.OCSPCertStatus.GOOD
