@@ -89,20 +89,28 @@ def decode_get_path(segment: str) -> bytes | None:
     """The request DER of a GET path segment (RFC 6960 A.1.1: base64, then URL-encoded), or
     None: the standard or URL-safe alphabet, padded or not, percent-encoded once or twice
     (clients that encode twice), a '+' that form decoding made a space put back. The web app
-    and ``ocsp serve`` both read GET paths here: one URL, one answer, behind either."""
-    raw = unquote_to_bytes(segment)
-    if b"%" in raw:
-        raw = unquote_to_bytes(raw)
-    raw = raw.strip().replace(b" ", b"+")
+    and ``ocsp serve`` both read GET paths here: one URL, one answer, behind either. (On
+    ``ocsp serve``'s hot path: a plain segment costs one encode and three byte scans.)"""
+    if "%" in segment:
+        raw = unquote_to_bytes(segment)
+        if b"%" in raw:
+            raw = unquote_to_bytes(raw)
+    else:
+        raw = segment.encode()
+    raw = raw.translate(_GET_ALPHABET).strip().rstrip(b"=")
     if not raw or len(raw) > MAX_GET_PATH:
         return None
-    raw = raw.replace(b"-", b"+").replace(b"_", b"/").rstrip(b"=")
-    if len(raw) % 4 == 1:
+    pad = -len(raw) % 4
+    if pad == 3:  # one character left over: no base64 ends so
         return None
     try:
-        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4), strict_mode=True)
+        return binascii.a2b_base64(raw + b"=" * pad if pad else raw, strict_mode=True)
     except (binascii.Error, ValueError):
         return None
+
+
+# URL-safe base64 to the standard alphabet, and a space (a '+' form decoding changed) back.
+_GET_ALPHABET = bytes.maketrans(b"-_ ", b"+/+")
 
 
 def entity_tag(der: bytes) -> str:

@@ -809,8 +809,9 @@ class HttpProtocol(asyncio.Protocol):
             self._error(400, b"bad request line\n")
             return False
         method, target, version = parts
-        scheme = target[:8].lower()
-        if scheme.startswith(b"http://") or scheme == b"https://":
+        if target[:1] != b"/" and (
+            target[:7].lower() == b"http://" or target[:8].lower() == b"https://"
+        ):
             # Absolute form (RFC 9112 3.2.2: a server must accept it): its path is the target.
             rest = target.split(b"//", 1)[1]
             slash = rest.find(b"/")
