@@ -230,7 +230,7 @@ def create_issuing(
     service: CaService,
     name: str,
     parent: str,
-    organization: str,
+    organization: str | None,
     key_type: KeyType,
     actor: Actor,
     constraints: NameConstraintSpec = NameConstraintSpec(),
@@ -239,9 +239,9 @@ def create_issuing(
     key_ref: str | None = None,
 ) -> CertificateAuthority:
     """An issuing CA under ``parent``, with a new key (or the existing token key
-    ``key_ref``)."""
+    ``key_ref``); ``organization`` None: the parent's (its subject's O, else "Sekisho")."""
     check_ca_name(name)
-    subject = issuing_subject(name, organization)
+    subject = issuing_subject(name, organization) if organization is not None else None
     with service.db.scope() as session:
         if session.scalar(select(CertificateAuthority.id).where(CertificateAuthority.name == name)):
             raise Conflict(f"a CA named {shown(name)} already exists")
@@ -249,6 +249,10 @@ def create_issuing(
         if not parent_row.key_online:
             raise Conflict(f"the key of CA {parent} is offline; bring it online first")
         parent_id = parent_row.id
+        if subject is None:
+            above = x509.load_der_x509_certificate(parent_row.certificate_der).subject
+            orgs = above.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+            subject = issuing_subject(name, str(orgs[0].value) if orgs else "Sekisho")
     ref, key_type = _ca_key(service, name, key_type, key_ref)
     public_key = service.backend.public_key(ref)
     cert = service.issue(

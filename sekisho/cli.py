@@ -26,7 +26,6 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
 from audit.cli import audit as audit_group
@@ -511,17 +510,11 @@ def ca_create_issuing(
     """Create another issuing CA under the root (the root key must be online), its first CRL
     and its OCSP responder."""
     from ca.hierarchy import create_issuing
-    from ca.registry import ca_row
     from ocsp.signers import provision_new_ca
     from sekisho.bootstrap import publish_ca_files
 
     constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
     services = state.services()
-    if org is None:
-        with services.db.read_scope() as session:
-            above = x509.load_der_x509_certificate(ca_row(session, parent).certificate_der)
-        orgs = above.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-        org = str(orgs[0].value) if orgs else "Sekisho"
     row = create_issuing(services.ca, name, parent, org, key_type, state.actor(), constraints)
     services.crls.publish(name, services.clock(), actor=state.actor())
     publish_ca_files(services)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 
 from asn1crypto import ocsp as asn1_ocsp
 from flask import Blueprint, Response, current_app, request
@@ -38,7 +37,6 @@ bp = Blueprint("ocsp", __name__)
 MIME_REQUEST = "application/ocsp-request"
 MIME_RESPONSE = "application/ocsp-response"
 MAX_BODY = core.HTTP_MAX_BODY
-_B64 = re.compile(r"[A-Za-z0-9+/\-_]*={0,2}")  # the whole value: fullmatch
 
 
 def _ocsp(body: bytes, status: int = 200) -> Response:
