@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DATA   ?= var
 
-.PHONY: run test lint typecheck unit sysdeps bench clean
+.PHONY: run test lint typecheck unit sysdeps weak-lists bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+# Debian's weak-key lists (GPL-3 data, not shipped): downloaded once into $(VENV)/cache, checked
+# against pinned SHA-256 digests, installed under $(VENV)/share/sekisho; a no-op once installed.
+# Without them RSA-2048/4096 keys are refused (docs/decisions.md).
+weak-lists: $(VENV)/.installed
+	$(BIN)/sekisho key install-weak-lists --debs $(VENV)/cache
+
 # First run initialises $(DATA) (SQLite + software CA keys), then serves on 127.0.0.1:8080.
-run: $(VENV)/.installed
+run: $(VENV)/.installed weak-lists
 	$(BIN)/sekisho --data-dir $(DATA) run
 
 sysdeps:
@@ -36,7 +42,7 @@ typecheck: $(VENV)/.installed-test
 # much as it computes; on 2 vCPUs two workers took it from 12 min 48 s to 6 min 47 s, four
 # took 6 min 57 s (docs/dependencies.md). TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
-unit: $(VENV)/.installed-test
+unit: $(VENV)/.installed-test weak-lists
 	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 test: sysdeps lint typecheck unit

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ca.subject import attribute_label, check_value
 from ca.tbs import SanEntry, Tbs, subject_attr_names
+from ca.weakkeys import is_debian_weak
 from sekisho.errors import PolicyViolation, shown
 
 Rule = Callable[[Tbs], None]
@@ -97,8 +98,10 @@ _SMALL_PRIMORIAL = math.prod(
 
 
 def rsa_key_not_weak(tbs: Tbs) -> None:
-    """Exponent 65537, no prime factor below 752, no ROCA fingerprint, and no Fermat
-    factorisation within 100 rounds (BR 6.1.1.3: keys known to be weak are refused)."""
+    """Exponent 65537, no prime factor below 752, no ROCA fingerprint, not a Debian weak key
+    (``ca.weakkeys``: refused as ``weak-key-list`` when its size's list is not installed),
+    and no Fermat factorisation within 100 rounds (BR 6.1.1.3: keys known to be weak are
+    refused)."""
     key = tbs.public_key
     if not isinstance(key, rsa.RSAPublicKey):
         return
@@ -119,6 +122,13 @@ def rsa_key_not_weak(tbs: Tbs) -> None:
             "weak-key",
             "RSA modulus has the ROCA fingerprint of Infineon RSALib keys (CVE-2017-15361),"
             " which can be factored: generate a new key with unaffected software or firmware",
+        )
+    if is_debian_weak(n):
+        raise PolicyViolation(
+            "weak-key",
+            "RSA key is a Debian weak key (CVE-2008-0166: made by Debian's OpenSSL of"
+            " 2006-2008, whose generator was predictable), and its private key is public:"
+            " generate a new key",
         )
     a = math.isqrt(n)
     if a * a < n:

@@ -842,7 +842,7 @@ def release(state: State, ca_name: str, serial: int) -> None:
 # -- key ---------------------------------------------------------------------------------------
 @cli.group("key")
 def key_group() -> None:
-    """Compromised keys: blocked from issuance, their certificates revoked."""
+    """Compromised and weak keys: blocked from issuance, their certificates revoked."""
 
 
 @key_group.command("block")
@@ -911,6 +911,49 @@ def key_list(state: State, limit: int) -> None:
         )
 
     state.emit(docs, text)
+
+
+@key_group.command("install-weak-lists")
+@click.option(
+    "--debs",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the two openssl-blacklist packages; those missing are downloaded into it.",
+)
+@click.option("--no-download", is_flag=True, help="Use only the packages in --debs.")
+@click.option(
+    "--dir",
+    "target",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Install here (default $SEKISHO_WEAK_KEY_LISTS, else <prefix>/share/sekisho/weak-keys).",
+)
+@pass_state
+def key_install_weak_lists(
+    state: State, debs: Path | None, no_download: bool, target: Path | None
+) -> None:
+    """Install the Debian weak-key lists (CVE-2008-0166) that RSA-2048 and RSA-4096 keys are
+    checked against; until they are, such keys are refused (rule weak-key-list). They come
+    from Debian's openssl-blacklist packages (GPL-3 data, not shipped with Sekisho), read from
+    --debs or downloaded from the Ubuntu archive, and are checked against pinned SHA-256
+    digests. `make run` and `make test` run this. Nothing is replaced unless every list is
+    whole; an installation that verifies is left as it is."""
+    from ca import weakkeys
+
+    if no_download and debs is None:
+        raise click.UsageError("--no-download needs --debs")
+    done = weakkeys.install(target, debs, not no_download, lambda line: click.echo(line, err=True))
+    doc = {
+        "directory": str(done.directory.resolve()),
+        "tables": {f"rsa-{bits}": count for bits, count in done.tables.items()},
+        "downloaded": list(done.downloaded),
+        "already_installed": done.already,
+    }
+
+    def text() -> str:
+        head = "already installed in" if done.already else "installed in"
+        sizes = ", ".join(f"RSA-{bits} ({count} keys)" for bits, count in done.tables.items())
+        return f"Debian weak-key lists {head} {doc['directory']}: {sizes}"
+
+    state.emit(doc, text)
 
 
 # -- cert -------------------------------------------------------------------------------------

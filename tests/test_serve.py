@@ -162,6 +162,7 @@ def test_gunicorn_serves_crls_and_stops_cleanly(
     workers = children_of(server.proc.pid)
     server.workers |= workers
     assert len(workers) >= 2, f"expected 2 gunicorn workers, found {workers}"
+    assert "weak-key lists" not in server.output()  # installed (make test): no warning
     health = curl("-i", f"{server.base}/healthz")
     assert health.returncode == 0, health.stderr
     assert "HTTP/1.1 200" in health.stdout
@@ -267,7 +268,9 @@ def test_run_initialises_a_fresh_directory_and_serves_where_serve_refuses(tmp_pa
     assert res.returncode == 78, res.stderr
     assert f"no Sekisho deployment in {fresh}" in res.stderr and "sekisho init" in res.stderr
     assert not fresh.exists()
-    srv = Server(fresh, tmp_path / "run.log", run=True)
+    # Without the Debian weak-key lists it serves, and says at start what is refused.
+    no_lists = {"SEKISHO_WEAK_KEY_LISTS": str(tmp_path / "no-lists")}
+    srv = Server(fresh, tmp_path / "run.log", no_lists, run=True)
     try:
         srv.wait_healthy()
         res = curl("-o", str(tmp_path / "root.der"), "-w", "%{http_code}",
@@ -280,6 +283,7 @@ def test_run_initialises_a_fresh_directory_and_serves_where_serve_refuses(tmp_pa
         code = srv.stop()
     assert code == 0, srv.output()
     assert "Initialised Sekisho in" in srv.output()
+    assert "the Debian weak-key lists are not installed" in srv.output()
 
 
 def test_many_requests_none_hang_and_revocation_reaches_the_served_crl(

@@ -34,6 +34,7 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
+from ca.weakkeys import installed_ok, lists_dir
 from sekisho.errors import (
     ConfigError,
     KeyBackendError,
@@ -315,6 +316,13 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     except BaseException:
         listener.close()
         raise
+    lists = lists_dir()
+    if not installed_ok(lists):
+        log.warning(
+            "the Debian weak-key lists are not installed: RSA-2048 and RSA-4096 keys are"
+            " refused until `sekisho key install-weak-lists` runs",
+            extra={"directory": str(lists)},
+        )
 
     def when_ready(server: Any) -> None:
         server.app.refresher.launch()
