@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sekisho.errors import InputError, OutputError, PolicyViolation, SekishoError
+from sekisho.files import FileRefused, read_regular
 
 RECORD = 10  # bytes kept of each SHA-1: the lists' 80 bits
 ENV_DIR = "SEKISHO_WEAK_KEY_LISTS"
@@ -145,10 +146,13 @@ def _read_table(directory: Path, spec: Table) -> bytes:
         " operator to run `sekisho key install-weak-lists`"
     )
     try:
-        with path.open("rb") as fh:
-            table = fh.read(spec.count * RECORD + 1)
-    except OSError:
+        table = read_regular(path, spec.count * RECORD)
+    except FileNotFoundError:
         raise PolicyViolation("weak-key-list", missing) from None
+    except (OSError, FileRefused):  # unreadable, a FIFO, a device, a directory, too large
+        raise PolicyViolation(
+            "weak-key-list", f"{missing} (the installed list is damaged)"
+        ) from None
     if hashlib.sha256(table).hexdigest() != spec.sha256:
         raise PolicyViolation("weak-key-list", f"{missing} (the installed list is damaged)")
     return table
@@ -255,8 +259,13 @@ def _package(
     """The package's bytes, from ``debs`` when there with the pinned digest, else downloaded
     (and kept in ``debs``). InputError for a file of the name with another digest."""
     local = debs / spec.filename if debs is not None else None
-    if local is not None and local.is_file():
-        data = local.read_bytes()[: MAX_PACKAGE + 1]
+    if local is not None and os.path.lexists(local):
+        try:
+            data = read_regular(local, MAX_PACKAGE)
+        except (OSError, FileRefused) as exc:
+            raise InputError(
+                f"cannot read {local}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         if hashlib.sha256(data).hexdigest() == spec.sha256:
             return data, False
         if not download:

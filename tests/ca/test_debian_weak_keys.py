@@ -10,6 +10,7 @@ certificate, a 4096-bit private key), read from the package ``make test`` downlo
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -124,6 +125,23 @@ def test_a_damaged_list_refuses_its_size(
     _assert_refused(
         services, _from_csr(services, _csr_with_key(_weak_4096())), PolicyViolation, "weak-key"
     )
+
+
+def test_a_list_that_is_a_fifo_or_a_directory_is_refused_unread(
+    services: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never waited on: a FIFO at the table's name would block every RSA issuance."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    os.mkfifo(lists / weakkeys.TABLES[2048].filename)
+    (lists / weakkeys.TABLES[4096].filename).mkdir()
+    monkeypatch.setenv(weakkeys.ENV_DIR, str(lists))
+    for bits in (2048, 4096):
+        key = rsa.generate_private_key(65537, bits)
+        exc = _assert_refused(
+            services, _from_csr(services, _csr_with_key(key)), PolicyViolation, "weak-key-list"
+        )
+        assert "damaged" in exc.message
 
 
 def _digest(path: Path) -> str:
