@@ -19,7 +19,8 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 # Debian's weak-key lists (GPL-3 data, not shipped): downloaded once into $(VENV)/cache, checked
-# against pinned SHA-256 digests, installed under $(VENV)/share/sekisho; a no-op once installed.
+# against pinned SHA-256 digests, installed under $(VENV)/share/sekisho. Once installed, only a
+# package missing from the cache is fetched (a failure is then a warning).
 # Without them RSA-2048/4096 keys are refused (docs/decisions.md).
 weak-lists: $(VENV)/.installed
 	$(BIN)/sekisho key install-weak-lists --debs $(VENV)/cache

@@ -19,7 +19,7 @@ from audit.events import Category, Event, Outcome, by_actor
 from ca.issuance import CaService, IssueRequest
 from ca.models import CaKind, CertificateAuthority
 from ca.registry import ca_row, check_ca_name
-from ca.rules import is_dns_name, is_mailbox
+from ca.rules import check_public_key, is_dns_name, is_mailbox
 from ca.tbs import new_serial, serial_hex
 from hsm.base import CA_KEY_TYPES, KeyType, key_type_of, signature_hash
 from hsm.software import SoftwareBackend, pem_unwrap
@@ -136,8 +136,10 @@ def check_adoptable(service: CaService, ref: str) -> tuple[str, KeyType]:
     if adopter is None:
         raise ConfigError(f"the {service.backend.name} key backend cannot adopt existing keys")
     adopted = str(adopter(ref))
-    adopted_type = key_type_of(service.backend.public_key(adopted))
+    public_key = service.backend.public_key(adopted)
+    adopted_type = key_type_of(public_key)
     _check_ca_key_type(adopted_type)
+    check_public_key(public_key)  # a root's key meets no certificate rule
     return adopted, adopted_type
 
 
@@ -265,6 +267,7 @@ def create_issuing(
             owner_kind="ca",
             owner_id=name,
             name_constraints=constraints.extension(),
+            key_generated_here=key_ref is None,
         ),
         actor,
     )

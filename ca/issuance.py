@@ -132,6 +132,8 @@ class IssueRequest:
     owner_id: str | None = None
     tenant: str | None = None
     name_constraints: x509.NameConstraints | None = None
+    # Made by this process or its key backend, never received: no Debian weak-key lookup.
+    key_generated_here: bool = False
 
 
 class _SerialTaken(Exception):
@@ -225,7 +227,9 @@ class CaService:
     ) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
         """Server-side key generation: the key is returned to the caller and never stored."""
         key = generate_private_key(key_type)
-        request = dataclasses.replace(request_without_key, public_key=key.public_key())
+        request = dataclasses.replace(
+            request_without_key, public_key=key.public_key(), key_generated_here=True
+        )
         return self.issue(request, actor), key
 
     # -- steps ----------------------------------------------------------------------------
@@ -263,6 +267,7 @@ class CaService:
             not_after=not_after,
             sans=request.sans,
             name_constraints=request.name_constraints,
+            key_generated_here=request.key_generated_here,
         )
         rules.check(tbs)
         return tbs

@@ -98,11 +98,16 @@ _SMALL_PRIMORIAL = math.prod(
 
 
 def rsa_key_not_weak(tbs: Tbs) -> None:
-    """Exponent 65537, no prime factor below 752, no ROCA fingerprint, not a Debian weak key
-    (``ca.weakkeys``: refused as ``weak-key-list`` when its size's list is not installed),
-    and no Fermat factorisation within 100 rounds (BR 6.1.1.3: keys known to be weak are
-    refused)."""
-    key = tbs.public_key
+    check_public_key(tbs.public_key, generated_here=tbs.key_generated_here)
+
+
+def check_public_key(key: object, *, generated_here: bool = False) -> None:
+    """An RSA key: exponent 65537, no prime factor below 752, no ROCA fingerprint, not a
+    Debian weak key, and no Fermat factorisation within 100 rounds (BR 6.1.1.3: keys known
+    to be weak are refused). The Debian lists (``ca.weakkeys``; ``weak-key-list`` while one
+    is missing) are not consulted for a key ``generated_here``, by this process or its key
+    backend: Debian's OpenSSL of 2006-2008 made none of those. Also for a CA key adopted from
+    a token (``ca.hierarchy.check_adoptable``), which no certificate rule sees for a root."""
     if not isinstance(key, rsa.RSAPublicKey):
         return
     numbers = key.public_numbers()
@@ -123,7 +128,7 @@ def rsa_key_not_weak(tbs: Tbs) -> None:
             "RSA modulus has the ROCA fingerprint of Infineon RSALib keys (CVE-2017-15361),"
             " which can be factored: generate a new key with unaffected software or firmware",
         )
-    if is_debian_weak(n):
+    if not generated_here and is_debian_weak(n):
         raise PolicyViolation(
             "weak-key",
             "RSA key is a Debian weak key (CVE-2008-0166: made by Debian's OpenSSL of"

@@ -173,6 +173,7 @@ class Tbs:
     not_after: dt.datetime
     sans: tuple[SanEntry, ...]
     name_constraints: x509.NameConstraints | None = None
+    key_generated_here: bool = False  # by this process or its key backend (ca.rules)
 
     @cached_property
     def extensions(self) -> list[x509.Extension[x509.ExtensionType]]:

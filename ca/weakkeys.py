@@ -1,8 +1,8 @@
 """Debian weak keys (CVE-2008-0166): RSA moduli looked up in Debian's openssl-blacklist lists.
 
 From September 2006 to May 2008 Debian's OpenSSL seeded its generator with little more than
-the process ID, so each key size had a few hundred thousand possible keys (32,768 PIDs, for
-each architecture and for a run with and without ``~/.rnd``). CA/Browser Forum BR 6.1.1.3
+the process ID, so each key size had a few hundred thousand possible keys (every PID, for
+a few architectures and states of ``~/.rnd``: 294,912 per size). CA/Browser Forum BR 6.1.1.3
 requires these keys to be refused. Debian and Ubuntu published them as the
 ``openssl-blacklist`` packages: one file per size, each line the last 20 hex digits (80 bits)
 of the SHA-1 of ``openssl rsa -noout -modulus`` output (``Modulus=<HEX>\\n``).
@@ -28,11 +28,12 @@ import io
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sekisho.errors import InputError, OutputError, PolicyViolation, SekishoError
-from sekisho.files import FileRefused, read_regular
+from sekisho.files import FileRefused, read_regular, sync_directory, synced_private_temp
 
 RECORD = 10  # bytes kept of each SHA-1: the lists' 80 bits
 ENV_DIR = "SEKISHO_WEAK_KEY_LISTS"
@@ -42,6 +43,7 @@ ARCHIVES = (
     "https://old-releases.ubuntu.com/ubuntu/pool/universe/o/openssl-blacklist/",
 )
 MAX_PACKAGE = 16 * 1024 * 1024
+MAX_MEMBER = 8 * 1024 * 1024  # a list is 6.2 MB
 DOWNLOAD_SECONDS = 120
 
 
@@ -176,13 +178,13 @@ def deb_member(deb: bytes, member: str) -> bytes:
     if not deb.startswith(b"!<arch>\n"):
         raise InputError("not a Debian package (no ar header)")
     pos = 8
-    while pos + 60 <= len(deb):
+    while pos + 60 <= len(deb):  # each turn moves on by at least 60 bytes
         header = deb[pos : pos + 60]
         name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-        try:
-            size = int(header[48:58].decode("ascii").strip())
-        except ValueError:
-            raise InputError("damaged Debian package (bad member size)") from None
+        field = header[48:58].strip()
+        if not field.isdigit() or pos + 60 + int(field) > len(deb):
+            raise InputError("damaged Debian package (bad member size)")
+        size = int(field)
         body = deb[pos + 60 : pos + 60 + size]
         if name.startswith("data.tar"):
             try:
@@ -190,9 +192,12 @@ def deb_member(deb: bytes, member: str) -> bytes:
                     found = tar.extractfile(member)
                     if found is None:
                         raise KeyError(member)
-                    return found.read()
+                    content: bytes = found.read(MAX_MEMBER + 1)
             except (tarfile.TarError, KeyError, EOFError, OSError) as exc:
                 raise InputError(f"Debian package has no readable {member} ({exc})") from None
+            if len(content) > MAX_MEMBER:
+                raise InputError(f"{member} in the Debian package is over {MAX_MEMBER} bytes")
+            return content
         pos += 60 + size + (size & 1)
     raise InputError("Debian package has no data archive")
 
@@ -240,16 +245,27 @@ def _fetch(filename: str, progress: Callable[[str], None]) -> bytes:
     for base in ARCHIVES:
         url = base + filename
         progress(f"downloading {url}")
+        deadline = time.monotonic() + DOWNLOAD_SECONDS
+        chunks: list[bytes] = []
+        size = 0
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_SECONDS) as answer:  # noqa: S310
-                data: bytes = answer.read(MAX_PACKAGE + 1)
+                while size <= MAX_PACKAGE and time.monotonic() < deadline:
+                    chunk = answer.read(1 << 16)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                else:
+                    what = "too large" if size > MAX_PACKAGE else "too slow"
+                    errors.append(
+                        f"{url}: {what} (at most {MAX_PACKAGE} bytes in {DOWNLOAD_SECONDS} s)"
+                    )
+                    continue
         except (urllib.error.URLError, OSError, ValueError) as exc:
             errors.append(f"{url}: {exc}")
             continue
-        if len(data) > MAX_PACKAGE:
-            errors.append(f"{url}: larger than {MAX_PACKAGE} bytes")
-            continue
-        return data
+        return b"".join(chunks)
     raise FetchError(f"could not download {filename}: " + "; ".join(errors))
 
 
@@ -282,18 +298,20 @@ def _package(
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """``path`` replaced whole by ``data``: a new temporary file of a random name beside it
+    (O_EXCL, never through a link planted there), synced, then renamed over it."""
     try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.chmod(mode)
-        tmp.replace(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = synced_private_temp(path.parent, path.name, data)
+        try:
+            tmp.chmod(mode)
+            tmp.replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        sync_directory(path.parent)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
@@ -312,8 +330,11 @@ def install(
     if installed_ok(target):
         if debs is not None and download:  # ``debs`` keeps the packages: fill it in
             for spec in PACKAGES:
-                if _package(spec, debs, download, progress)[1]:
-                    fetched.append(spec.filename)
+                try:
+                    if _package(spec, debs, download, progress)[1]:
+                        fetched.append(spec.filename)
+                except (FetchError, InputError) as exc:  # the lists are there: not an error
+                    progress(f"warning: {spec.filename} not kept in {debs}: {exc.message}")
         return Installed(target, {b: t.count for b, t in TABLES.items()}, tuple(fetched), True)
     built: dict[int, bytes] = {}
     for spec in PACKAGES:

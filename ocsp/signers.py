@@ -270,6 +270,7 @@ def _provision(
             public_key=services.backend.public_key(ref),
             owner_kind="ocsp",
             owner_id=ca.name,
+            key_generated_here=True,
         ),
         actor,
     )

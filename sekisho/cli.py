@@ -842,7 +842,8 @@ def release(state: State, ca_name: str, serial: int) -> None:
 # -- key ---------------------------------------------------------------------------------------
 @cli.group("key")
 def key_group() -> None:
-    """Compromised and weak keys: blocked from issuance, their certificates revoked."""
+    """Compromised keys (blocked from issuance, their certificates revoked) and the Debian
+    weak-key lists."""
 
 
 @key_group.command("block")

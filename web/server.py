@@ -319,8 +319,8 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     lists = lists_dir()
     if not installed_ok(lists):
         log.warning(
-            "the Debian weak-key lists are not installed: RSA-2048 and RSA-4096 keys are"
-            " refused until `sekisho key install-weak-lists` runs",
+            "the Debian weak-key lists are not installed (or damaged): RSA-2048 and RSA-4096"
+            " keys received are refused until `sekisho key install-weak-lists` runs",
             extra={"directory": str(lists)},
         )
 

@@ -412,6 +412,40 @@ def test_init_on_the_token_and_adopting_an_existing_key(
     assert not (other / "sekisho.toml").exists()  # a refused init records nothing
 
 
+def test_a_debian_weak_key_on_the_token_is_not_adopted_as_the_root_key(
+    softhsm: softhsm_support.SoftHsm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A root's certificate meets no issuance rule: its adopted key is checked on adoption
+    (the weak-key checks of every issued key; here Debian's own example of CVE-2008-0166)."""
+    from tests.ca.test_debian_weak_keys import _weak_4096
+
+    pkcs8 = tmp_path / "weak.pk8"
+    pkcs8.write_bytes(
+        _weak_4096().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    label = f"weak-{secrets.token_hex(3)}"
+    subprocess.run(
+        ["softhsm2-util", "--import", str(pkcs8), "--token", FAULT_TOKEN, "--label", label,
+         "--id", secrets.token_hex(8), "--pin", softhsm_support.USER_PIN],
+        env={**os.environ, **softhsm.env()}, check=True, capture_output=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    data_dir = tmp_path / "data"
+    args = ["--data-dir", str(data_dir), "init", "--key-type", "rsa-4096",
+            "--key-backend", "pkcs11", "--pkcs11-module", softhsm.module,
+            "--pkcs11-token", FAULT_TOKEN, "--pkcs11-pin-file", str(softhsm.pin_file),
+            "--pkcs11-label-prefix", f"w{secrets.token_hex(3)}-",
+            "--adopt-key", f"root=pkcs11:token={FAULT_TOKEN};object={label}"]  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(args) == 65
+    err = capsys.readouterr().err
+    assert "weak-key" in err and "Debian weak key" in err and "Traceback" not in err
+    assert not (data_dir / "sekisho.toml").exists()  # a refused init records nothing
+
+
 # -- start-up and outages seen from a fresh backend -------------------------------------------
 def test_keys_are_found_again_after_the_token_came_back(
     softhsm: softhsm_support.SoftHsm, tmp_path: Path
