@@ -793,6 +793,33 @@ def test_a_higher_crl_number_never_carries_an_earlier_this_update(services: Serv
         checkers.openssl_crl_verify(row.der, issuer)
 
 
+def test_a_crl_made_by_a_clock_ahead_does_not_hold_later_ones_in_the_future(
+    services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generator whose clock ran two days ahead: the CRLs made after it take the present
+    time (they carried its thisUpdate forward, and relying parties found every one "not yet
+    valid" for two days), and the refresher finds its full CRL due at once."""
+    now = services.clock()
+    good = issue(services, "device")
+    chain = _chain(services, "device")
+    ahead = services.crls.generate("device", now + dt.timedelta(days=2))
+    assert crl_module.due(ahead, ahead.epoch, now)
+    refused = checkers._openssl_verify_run(der(good), chain, [ahead.der], None, False)
+    assert "not yet valid" in refused.stdout + refused.stderr  # what the fix is about
+    with caplog.at_level(logging.ERROR, logger="sekisho.crl"):
+        full, delta = services.crls.publish("device", now)
+    assert "ahead of this clock" in caplog.text
+    assert ahead.number < full.number < delta.number
+    assert full.this_update == delta.this_update == now
+    assert not crl_module.due(full, full.epoch, now)
+    checkers.openssl_verify(der(good), chain, crl_ders=[full.der])
+    checkers.pkilint_crl(full.der)
+    # Within the tolerance a later thisUpdate is still carried forward (never going back).
+    near = services.crls.generate("device", now + dt.timedelta(minutes=2))
+    after = services.crls.generate("device", now)
+    assert after.this_update == near.this_update == now + dt.timedelta(minutes=2)
+
+
 def test_a_failing_refresher_step_is_logged_once_per_streak(
     services: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
