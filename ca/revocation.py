@@ -414,9 +414,15 @@ class Revoker:
             cert.revocation_reason = reason.value
             if cert.revoked_at is None or current is Reason.CERTIFICATE_HOLD:
                 cert.revoked_at = now
-            if invalidity_date is not None and invalidity_date <= cert.revoked_at:
+            if (
+                invalidity_date is not None
+                and invalidity_date <= cert.revoked_at
+                and (cert.invalidity_date is None or invalidity_date < cert.invalidity_date)
+            ):
                 # Not for one revoked before it (another certificate of a compromised key,
                 # revoked earlier for another reason): it was invalid from then on already.
+                # Nor a later date than one recorded before: a re-revocation to keyCompromise
+                # never narrows the time from which the key is distrusted.
                 cert.invalidity_date = invalidity_date
             cert.status_epoch = epoch
             detail: dict[str, object] = {

@@ -222,6 +222,45 @@ def test_an_invalidity_date_after_the_kept_revocation_date_is_refused(
         services.close()
 
 
+def test_a_re_revocation_never_moves_the_invalidity_date_later(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """Superseded with an invalidity date, then keyCompromise with a later one: the earlier
+    date stays (the key is distrusted from then on); a still earlier one replaces it."""
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        first, second = (issue(services, "device").serial_number for _ in range(2))
+        day = dt.timedelta(days=1)
+        for serial in (first, second):
+            services.revoker.revoke(
+                "device", serial, Reason.SUPERSEDED, TEST_ACTOR, invalidity_date=clock() - 2 * day
+            )
+        clock.advance(hours=1)
+        services.revoker.revoke(
+            "device", first, Reason.KEY_COMPROMISE, TEST_ACTOR, invalidity_date=clock() - day
+        )
+        services.revoker.revoke(
+            "device", second, Reason.KEY_COMPROMISE, TEST_ACTOR, invalidity_date=clock() - 3 * day
+        )
+        row = services.crls.generate("device", clock())
+        crl = x509.load_der_x509_crl(row.der)
+        dates = {}
+        for serial in (first, second):
+            entry = crl.get_revoked_certificate_by_serial_number(serial)
+            assert entry is not None
+            assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is (
+                x509.ReasonFlags.key_compromise
+            )
+            invalid = entry.extensions.get_extension_for_class(x509.InvalidityDate).value
+            dates[serial] = invalid.invalidity_date_utc
+        start = clock() - dt.timedelta(hours=1)
+        assert dates == {first: start - 2 * day, second: clock() - 3 * day}
+        checkers.pkilint_crl(row.der)
+    finally:
+        services.close()
+
+
 def test_revocation_input_errors(services: Services) -> None:
     with pytest.raises(NotFound):
         services.revoker.revoke("device", 12345, Reason.SUPERSEDED, TEST_ACTOR)
