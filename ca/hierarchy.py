@@ -143,6 +143,16 @@ def check_adoptable(service: CaService, ref: str) -> tuple[str, KeyType]:
     return adopted, adopted_type
 
 
+def _discard_new_key(service: CaService, ref: str) -> None:
+    """A software key file this call made for a CA that was not issued (the journal or the
+    store refused): removed, so that no key outlives its refused CA unrecorded and a retry
+    under the name is not a conflict. A token key stays (keys on a token are not deleted
+    behind the operator's back; `init` adopts it when resumed)."""
+    if isinstance(service.backend, SoftwareBackend):
+        with contextlib.suppress(KeyBackendError):
+            service.backend.remove(ref)
+
+
 def ca_key_label(name: str) -> str:
     return f"ca-{name}"
 
@@ -256,21 +266,25 @@ def create_issuing(
             orgs = above.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
             subject = issuing_subject(name, str(orgs[0].value) if orgs else "Sekisho")
     ref, key_type = _ca_key(service, name, key_type, key_ref)
-    public_key = service.backend.public_key(ref)
-    cert = service.issue(
-        IssueRequest(
-            ca=parent,
-            profile="sub-ca",
-            subject=subject,
-            public_key=public_key,
-            validity=validity or ISSUING_VALIDITY,
-            owner_kind="ca",
-            owner_id=name,
-            name_constraints=constraints.extension(),
-            key_generated_here=key_ref is None,
-        ),
-        actor,
-    )
+    try:
+        cert = service.issue(
+            IssueRequest(
+                ca=parent,
+                profile="sub-ca",
+                subject=subject,
+                public_key=service.backend.public_key(ref),
+                validity=validity or ISSUING_VALIDITY,
+                owner_kind="ca",
+                owner_id=name,
+                name_constraints=constraints.extension(),
+                key_generated_here=key_ref is None,
+            ),
+            actor,
+        )
+    except BaseException:
+        if key_ref is None:
+            _discard_new_key(service, ref)
+        raise
     now = service.clock()
     with service.db.scope() as session:
         row = CertificateAuthority(

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from ca.hierarchy import bring_online, export_key, take_offline
+from ca.hierarchy import bring_online, create_issuing, export_key, take_offline
 from ca.models import CertificateAuthority
+from hsm.base import KeyType
 from hsm.software import PEM_LABEL, SoftwareBackend, pem_unwrap
 from sekisho.cli import main
 from sekisho.errors import AuditError, Conflict, StoreError
@@ -121,6 +122,29 @@ def test_a_failed_bring_online_leaves_no_key_file_and_the_retry_works(
     assert _key_file(settings).exists() and _key_online(svc, "root")
     assert _online_entries(svc) == entries + 1
     open_backend(settings).signing_key("file:ca-root")  # a whole key, as another process reads it
+
+
+def test_a_new_issuing_ca_the_journal_refuses_leaves_no_key_and_the_retry_works(
+    svc: Services, settings: Settings
+) -> None:
+    """`ca create-issuing` while the journal cannot be written: no CA, no key file left
+    unrecorded (it was, and the retry then failed "key file:ca-partners already exists")."""
+    sqlite = svc.db.engine.dialect.name == "sqlite"
+    _sql(svc, SQLITE_JOURNAL_FAULT if sqlite else PG_JOURNAL_FAULT)
+    key_file = settings.keys_dir / "ca-partners.key"
+    with pytest.raises(AuditError):
+        create_issuing(svc.ca, "partners", "root", None, KeyType.EC_P256, TEST_ACTOR)
+    assert not key_file.exists() and not _leftovers(settings)
+    with svc.db.scope() as session:
+        assert (
+            session.scalar(
+                select(CertificateAuthority.id).where(CertificateAuthority.name == "partners")
+            )
+            is None
+        )
+    _heal(svc)
+    row = create_issuing(svc.ca, "partners", "root", None, KeyType.EC_P256, TEST_ACTOR)
+    assert row.name == "partners" and key_file.exists()
 
 
 @pytest.mark.parametrize("leftover", ["whole", "truncated"])
