@@ -653,6 +653,38 @@ def test_refresher_publishes_the_full_crl_then_a_delta_against_it(
     checkers.openssl_verify_revoked(der(compromised), chain, crl_ders=pair, use_deltas=True)
 
 
+def test_what_docs_relying_parties_says_of_delta_crls(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """A certificate revoked in the full CRL only, and a delta re-signed later (the refresher
+    does so at half its validity): OpenSSL with -use_deltas -extended_crl, and GnuTLS given
+    the full CRL alone, say revoked; OpenSSL with -use_deltas alone, and GnuTLS given both
+    CRLs in one file, say valid: the pitfalls docs/relying-parties.md warns of."""
+    clock = FakeClock(dt.datetime.now(dt.UTC) - dt.timedelta(hours=14))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        revoked = issue(services, "device")
+        services.revoker.revoke("device", revoked.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+        full, _ = services.crls.publish("device", clock())
+        clock.advance(hours=13)  # past half the delta's 24 h: the refresher re-signs it
+        refresher = CrlRefresher(services, debounce=0)
+        assert "device" in refresher.run_once(clock())
+        with services.db.scope() as session:
+            assert latest_by_name(session, "device", CrlKind.FULL).number == full.number  # type: ignore[union-attr]
+            delta = latest_by_name(session, "device", CrlKind.DELTA)
+        assert delta is not None and delta.this_update > full.this_update
+        chain = _chain(services, "device")
+        pair = [full.der, delta.der]
+        checkers.openssl_verify_revoked(der(revoked), chain, crl_ders=pair, use_deltas=True)
+        checkers.openssl_verify_revoked(der(revoked), chain, crl_ders=[full.der])
+        misread = checkers._openssl_verify_run(der(revoked), chain, pair, None, True, False)
+        assert ": OK" in misread.stdout, misread.stdout + misread.stderr
+        assert checkers.gnutls_verify(der(revoked), chain, [full.der]) == "revoked"
+        assert checkers.gnutls_verify(der(revoked), chain, pair) == "ok"
+    finally:
+        services.close()
+
+
 def _revoke_in_thread(services: Services, cert: x509.Certificate) -> bool:
     """Revoke ``cert`` from another thread; whether that took less than 10 s (no lock held
     here kept it waiting)."""

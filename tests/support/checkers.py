@@ -87,9 +87,12 @@ def _openssl_verify_run(
     crl_ders: Sequence[bytes] | None,
     purpose: str | None,
     use_deltas: bool = False,
+    extended_crl: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """``chain`` is root first, then intermediates (not the leaf). ``use_deltas``: combine a
-    full CRL with a delta CRL among ``crl_ders`` where RFC 5280 5.2.4 allows it."""
+    full CRL with a delta CRL among ``crl_ders`` where RFC 5280 5.2.4 allows it; with
+    ``-extended_crl`` too, as docs/relying-parties.md says (``extended_crl=False`` shows why:
+    OpenSSL then takes the newer of the two, the delta, for the whole list)."""
     with tempfile.TemporaryDirectory(prefix="ossl-") as tmp:
         files = _Files(tmp)
         root = files.write(_pem(chain[0]))
@@ -100,7 +103,7 @@ def _openssl_verify_run(
             cmd += ["-crl_check"]
             cmd += ["-CRLfile", files.write(b"".join(_pem_crl(c) for c in crl_ders))]
         if use_deltas:
-            cmd += ["-use_deltas"]
+            cmd += ["-use_deltas"] + (["-extended_crl"] if extended_crl else [])
         if purpose:
             cmd += ["-purpose", purpose]
         cmd.append(files.write(_pem(leaf)))
