@@ -8,7 +8,10 @@ reads the stored DER and asks whether the rest of the deployment agrees with it:
 * **The certificate itself**: the DER parses; its SHA-256 is the row's fingerprint; its serial,
   validity, subject and public key are the row's; it is signed by its CA (issuer name and
   signature); its TBS is the one whose intent was committed before signing (``tbs_sha256``),
-  so nothing else was signed in its name.
+  so nothing else was signed in its name. An unexpired certificate whose RSA key is a
+  Debian weak key (certified before the lists were installed, or by an earlier version) and
+  that is not revoked for keyCompromise is reported (``weak-key``; BR 4.9.1.1); RSA keys
+  that could not be looked up (the lists missing) are one ``weak-key-list`` finding per CA.
 * **The journal**: a successful ``ca.issue`` record of that CA names the serial with the same
   fingerprint, and the newest successful ``ca.revoke`` / ``ca.release`` record of the serial
   says what the row's status and reason say. That binds each row to the chain ``audit
@@ -60,6 +63,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509 import ocsp
 from sqlalchemy import String, and_, select, type_coerce
@@ -71,10 +75,11 @@ from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus, Crl
 from ca.registry import ca_revoked
 from ca.revocation import Reason
 from ca.tbs import serial_hex
+from ca.weakkeys import is_debian_weak
 from ocsp.core import responder_key_hash, verify_signature
 from ocsp.models import OcspResponder, OcspResponse
 from ocsp.store import GOOD, REVOKED, UNKNOWN, status_label, status_of
-from sekisho.errors import Discrepancies, KeyBackendError, NotFound, shown
+from sekisho.errors import Discrepancies, KeyBackendError, NotFound, PolicyViolation, shown
 
 DEFAULT_GRACE = dt.timedelta(minutes=15)
 BATCH = 1000  # rows per statement, and per journal lookup
@@ -260,6 +265,7 @@ class _CaCheck:
         # Responder certificate DER -> its revocation time (None: not revoked).
         self.responders: dict[bytes, dt.datetime | None] = {}
         self.stale = 0  # per-certificate OCSP findings of answers missing, behind or expired
+        self.unlisted_rsa = 0  # RSA keys not looked up: their size's Debian list is missing
 
     def finding(self, serial: str, kind: str, detail: str) -> Finding:
         return Finding(self.ca.name, serial, kind, detail)
@@ -303,6 +309,13 @@ class _CaCheck:
                 "ocsp-stale",
                 f"{self.stale} OCSP answers missing, behind or expired in all (the first "
                 f"{MAX_STALE_LISTED} are listed): is the refresher (serve, run) running?",
+            )
+        if self.unlisted_rsa:
+            yield self.finding(
+                "",
+                "weak-key-list",
+                f"{self.unlisted_rsa} RSA keys not looked up in the Debian weak-key lists: "
+                "they are not installed, or damaged (sekisho key install-weak-lists)",
             )
         if self.unmaintained:
             yield self.finding(
@@ -543,6 +556,29 @@ class _CaCheck:
         ]
         if differs:
             yield self.finding(row.serial, "der-fields", "not the row's: " + ", ".join(differs))
+        yield from self._weak_key(row, cert)
+
+    def _weak_key(self, row: _Row, cert: x509.Certificate) -> Iterator[Finding]:
+        """A valid certificate whose RSA key is a Debian weak key (CVE-2008-0166), certified
+        before the lists were installed or by an earlier version: BR 4.9.1.1 wants it revoked
+        for keyCompromise within 24 hours."""
+        if row.reason is Reason.KEY_COMPROMISE or row.not_after <= self.now:
+            return
+        key = cert.public_key()
+        if not isinstance(key, rsa.RSAPublicKey):
+            return
+        try:
+            weak = is_debian_weak(key.public_numbers().n)
+        except PolicyViolation:
+            self.unlisted_rsa += 1
+            return
+        if weak:
+            yield self.finding(
+                row.serial,
+                "weak-key",
+                "its RSA key is a Debian weak key (CVE-2008-0166), whose private key is "
+                "public: revoke it for key_compromise",
+            )
 
     # -- the stored OCSP answer ---------------------------------------------------------------
     def _responders(self) -> Iterator[Finding]:

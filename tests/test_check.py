@@ -5,6 +5,7 @@ for exactly the certificate it touches, and nothing else is (SQLite and PostgreS
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -174,6 +175,34 @@ def test_a_stale_reservation_is_reported_until_revoked(services: Services, check
     services.crls.publish("device", services.clock())
     code, doc, _ = check("--grace", "0")
     assert code == 0 and doc["crl_entries"] == 1, doc
+
+
+def test_a_debian_weak_key_certified_before_is_reported_until_revoked_for_compromise(
+    services: Services, check: Check, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate of a Debian weak key that an earlier version issued (made here by
+    passing the lookup, as for a key generated here): reported, also when revoked for
+    another reason, until revoked for keyCompromise (BR 4.9.1.1). Without the lists, the
+    RSA keys that could not be looked up are one finding for their CA."""
+    from tests.ca.test_debian_weak_keys import _request, _weak_2048
+
+    request = dataclasses.replace(_request(_weak_2048()), key_generated_here=True)
+    cert = services.ca.issue(request, TEST_ACTOR)
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check()
+    assert code == 2 and found(doc) == {(hexs(cert), "weak-key")}, doc
+    services.revoker.revoke("device", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check()
+    assert found(doc) == {(hexs(cert), "weak-key")}, doc
+    monkeypatch.setenv("SEKISHO_WEAK_KEY_LISTS", str(tmp_path / "none"))
+    code, doc, _ = check()
+    assert code == 2 and found(doc) == {("", "weak-key-list")}, doc
+    monkeypatch.delenv("SEKISHO_WEAK_KEY_LISTS")
+    services.revoker.revoke("device", cert.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    services.crls.publish("device", services.clock())
+    code, doc, _ = check()
+    assert code == 0, doc
 
 
 def test_a_status_or_reason_no_code_knows_is_a_finding(
