@@ -802,6 +802,7 @@ def revoke(
     when = invalidity_date.replace(tzinfo=dt.UTC) if invalidity_date else None
     done = services.revoker.revoke(ca_name, serial, Reason.parse(reason), state.actor(), when)
     cert = done.certificate
+    pending = _crl_pending(services, ca_name)
 
     def text() -> str:
         lines = [f"revoked {cert.serial} ({cert.revocation_reason})"]
@@ -822,9 +823,26 @@ def revoke(
             "reason": cert.revocation_reason,
             "key_blocked": done.key_blocked,
             "also_revoked": [{"ca": ca, "serial": other} for ca, other in done.also_revoked],
+            "crl_pending_key_offline": pending,
         },
         text,
     )
+
+
+def _crl_pending(services: Services, ca_name: str) -> bool:
+    """Whether the CA's key is offline, so that no CRL can carry a change just made; said on
+    stderr (the CA's revoked sub-CA, say, is on no CRL until the root is brought back)."""
+    from ca.registry import ca_row
+
+    with services.db.read_scope() as session:
+        offline = not ca_row(session, ca_name).key_online
+    if offline:
+        click.echo(
+            f"note: the key of CA {ca_name} is offline: its CRLs carry this change only once "
+            f"the key is back (`sekisho ca online {ca_name}`) and a CRL is signed",
+            err=True,
+        )
+    return offline
 
 
 @cli.command()
@@ -833,9 +851,12 @@ def revoke(
 @pass_state
 def release(state: State, ca_name: str, serial: int) -> None:
     """Release a certificate from hold."""
-    cert = state.services().revoker.release(ca_name, serial, state.actor())
+    services = state.services()
+    cert = services.revoker.release(ca_name, serial, state.actor())
+    pending = _crl_pending(services, ca_name)
     state.emit(
-        {"serial": cert.serial, "status": cert.status.value}, f"released {cert.serial} from hold"
+        {"serial": cert.serial, "status": cert.status.value, "crl_pending_key_offline": pending},
+        f"released {cert.serial} from hold",
     )
 
 

@@ -351,6 +351,16 @@ def test_offline_root_blocks_root_signing_until_brought_back(
     refused = run("crl", "generate", "--ca", "root")
     assert refused.code == 75 and "offline" in refused.err, refused
     assert run("ca", "offline", "root", "--yes").code == 75  # already offline
+    # A revocation by the offline root is recorded, and said to wait for the root's CRL.
+    admin_serial = ok(run("--json", "ca", "show", "admin")).json()["serial"]
+    held = run("--json", "revoke", "--ca", "root", admin_serial, "--reason", "certificate_hold")
+    assert ok(held).json()["crl_pending_key_offline"] is True
+    assert "key of CA root is offline" in held.err and "ca online root" in held.err
+    released = ok(run("--json", "release", "--ca", "root", admin_serial))
+    assert released.json()["crl_pending_key_offline"] is True
+    leaf = _issue_device(run, "pending.example.com")
+    online = ok(run("--json", "revoke", "--ca", "device", leaf, "--reason", "superseded"))
+    assert online.json()["crl_pending_key_offline"] is False and online.err == ""
     # Without --ca, CRLs are generated for the online CAs only.
     # A full CRL and a delta against it each, never a full CRL alone: a delta numbered below
     # the full CRL served beside it is discarded by RFC 5280 5.2.4 clients.
