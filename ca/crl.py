@@ -283,8 +283,11 @@ class CrlPublisher:
         next_update: dt.timedelta,
         delta_next_update: dt.timedelta,
         delta_url_for: Callable[[str], str],
+        *,
+        deltas: bool = True,
     ) -> None:
         self.db = db
+        self.deltas = deltas  # setting crl_deltas: off, full CRLs only, with no pointer
         self.backend = backend
         self.journal = journal
         self.next_update = next_update
@@ -454,15 +457,18 @@ class CrlPublisher:
 
     def publish(
         self, ca_name: str, now: dt.datetime, *, actor: Actor = SYSTEM, closing: bool = False
-    ) -> tuple[Crl, Crl]:
+    ) -> tuple[Crl, Crl | None]:
         """A full CRL, then a delta against it: every full CRL points to the delta (Freshest
         CRL), and a delta numbered below the full CRL served beside it, or naming an older
-        base, is discarded by RFC 5280 5.2.4 clients (OpenSSL's check_delta_base).
+        base, is discarded by RFC 5280 5.2.4 clients (OpenSSL's check_delta_base). With
+        delta CRLs turned off, the full CRL alone (and None).
 
         ``closing``: the CA's key is about to leave the store, and nothing will renew the
         delta: it lasts as long as the full CRL (otherwise a client following the pointer
         finds an expired delta for most of the full CRL's life)."""
         full = self.generate(ca_name, now, actor=actor)
+        if not self.deltas:
+            return full, None
         return full, self.generate(ca_name, now, delta=True, actor=actor, lasting=closing)
 
     def generate(
@@ -476,6 +482,8 @@ class CrlPublisher:
     ) -> Crl:
         """Build, sign and store a full (or delta) CRL for ``ca_name``. ``lasting`` (delta):
         valid until its base CRL's nextUpdate, not for the delta validity only."""
+        if delta and not self.deltas:
+            raise Conflict("delta CRLs are turned off on this deployment (setting crl_deltas)")
         plan, entries_der, entry_count = self._plan_and_read(ca_name, now, delta, lasting)
         base_number = plan.base.number if plan.base is not None else None
         params = CrlParams(
@@ -488,7 +496,7 @@ class CrlPublisher:
             this_update=plan.this_update,
             next_update=plan.next_update,
             base_number=base_number,
-            freshest_url=None if delta else self.delta_url_for(ca_name),
+            freshest_url=self.delta_url_for(ca_name) if self.deltas and not delta else None,
         )
         crl_der = build_crl(params, entries_der, self.backend.signing_key(plan.key_ref))
         del entries_der

@@ -465,11 +465,12 @@ def ca_offline(state: State, name: str, yes: bool) -> None:
             "ca": name,
             "key_online": False,
             "crl_number": full.number,
-            "delta_crl_number": delta.number,
+            "delta_crl_number": delta.number if delta else None,
             "crls_next_update": full.next_update.isoformat(),
         },
-        f"key of CA {name} removed from the store; its CRLs (#{full.number}, delta "
-        f"#{delta.number}) are valid until {full.next_update.isoformat()}",
+        f"key of CA {name} removed from the store; its CRLs (#{full.number}"
+        + (f", delta #{delta.number}" if delta else "")
+        + f") are valid until {full.next_update.isoformat()}",
     )
 
 
@@ -1155,7 +1156,9 @@ def crl_generate(state: State, ca_names: tuple[str, ...], delta: bool) -> None:
                 services.crls.generate(name, now, delta=True, actor=state.actor()),
             )
         else:
-            made = services.crls.publish(name, now, actor=state.actor())
+            made = tuple(
+                row for row in services.crls.publish(name, now, actor=state.actor()) if row
+            )
         rows.extend((name, row) for row in made)
     docs = []
     for name, row in rows:

@@ -47,6 +47,9 @@ class Settings:
     key_passphrase_env: str = ""
     crl_next_update_days: float = 7.0
     delta_crl_next_update_hours: float = 24.0
+    # Delta CRLs (RFC 5280 5.2.4) and the full CRL's Freshest CRL pointer to them; off for
+    # relying parties that misread a delta as a whole list (docs/relying-parties.md).
+    crl_deltas: bool = True
     crl_debounce_seconds: float = 2.0
     # CRLs whose nextUpdate passed longer ago than this are deleted (each CA's newest full and
     # delta CRL are kept whatever their age).

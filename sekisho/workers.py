@@ -276,7 +276,7 @@ class CrlRefresher:
                     self.services.crls.publish(name, now)
                     self._pending.pop(name, None)
                     published.append(name)
-                elif delta is None or due(delta, epoch, now):
+                elif self.services.crls.deltas and (delta is None or due(delta, epoch, now)):
                     self.services.crls.generate(name, now, delta=True)
                     published.append(name)
             except SekishoError as exc:

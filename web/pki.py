@@ -74,6 +74,8 @@ def crl(filename: str) -> Response:
     if not is_ca_name(stem):
         abort(404)
     services = services_of(current_app)
+    if kind is CrlKind.DELTA and not services.crls.deltas:
+        abort(404)  # turned off: a delta made before is based on an older full CRL
     with services.db.read_scope(snapshot=True) as session:
         # The validators first; the DER (50 MB at 10^6 entries) only if it is sent: a client
         # polling with If-None-Match gets its 304 without it. No process-wide cache: one keyed

@@ -685,6 +685,48 @@ def test_what_docs_relying_parties_says_of_delta_crls(
         services.close()
 
 
+def test_with_delta_crls_turned_off_only_full_crls_are_made_and_served(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """Setting crl_deltas = false: full CRLs with no Freshest CRL pointer, no delta from
+    publish, `--delta` a conflict, the refresher re-signing full CRLs only, and the delta
+    URL a 404 (a delta made before is based on an older full CRL)."""
+    from web import create_app
+
+    clock = FakeClock(dt.datetime.now(dt.UTC) - dt.timedelta(hours=14))
+    services = build_services(
+        dataclasses.replace(settings, crl_deltas=False), backend=recording_backend, clock=clock
+    )
+    try:
+        full, delta = services.crls.publish("device", clock())
+        assert delta is None
+        crl = x509.load_der_x509_crl(full.der)
+        with pytest.raises(x509.ExtensionNotFound):
+            crl.extensions.get_extension_for_class(x509.FreshestCRL)
+        checkers.pkilint_crl(full.der)
+        revoked = issue(services, "device")
+        services.revoker.revoke("device", revoked.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+        with pytest.raises(Conflict, match="crl_deltas"):
+            services.crls.generate("device", clock(), delta=True)
+        with services.db.scope() as session:
+            deltas_before = latest_by_name(session, "device", CrlKind.DELTA)
+        refresher = CrlRefresher(services, debounce=0)
+        refresher.run_once(clock())
+        clock.advance(hours=13)  # a delta would be due again by now
+        assert "device" in refresher.run_once(clock())
+        with services.db.scope() as session:
+            newest = latest_by_name(session, "device", CrlKind.FULL)
+            deltas_after = latest_by_name(session, "device", CrlKind.DELTA)
+        assert newest is not None and newest.number > full.number
+        assert (deltas_after and deltas_after.number) == (deltas_before and deltas_before.number)
+        checkers.openssl_verify_revoked(der(revoked), _chain(services, "device"), [newest.der])
+        client = create_app(services).test_client()
+        assert client.get("/crl/device.crl").status_code == 200
+        assert client.get("/crl/device-delta.crl").status_code == 404
+    finally:
+        services.close()
+
+
 def _revoke_in_thread(services: Services, cert: x509.Certificate) -> bool:
     """Revoke ``cert`` from another thread; whether that took less than 10 s (no lock held
     here kept it waiting)."""
