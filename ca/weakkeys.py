@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from sekisho.errors import InputError, OutputError, PolicyViolation, SekishoError
@@ -333,7 +333,7 @@ def install(
                 try:
                     if _package(spec, debs, download, progress)[1]:
                         fetched.append(spec.filename)
-                except (FetchError, InputError) as exc:  # the lists are there: not an error
+                except (FetchError, InputError, OutputError) as exc:  # lists there: not an error
                     progress(f"warning: {spec.filename} not kept in {debs}: {exc.message}")
         return Installed(target, {b: t.count for b, t in TABLES.items()}, tuple(fetched), True)
     built: dict[int, bytes] = {}
@@ -351,7 +351,3 @@ def install(
         _write(target / TABLES[bits].filename, table, 0o644)
     _LOADED.forget()
     return Installed(target, {b: len(t) // RECORD for b, t in built.items()}, tuple(fetched), False)
-
-
-def covered_sizes() -> Iterable[int]:
-    return sorted(TABLES)
