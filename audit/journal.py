@@ -290,10 +290,14 @@ class Journal:
         return head
 
     def _checkpoint_due(self, head: JournalHead | _HeadState, now: dt.datetime) -> bool:
+        """Every ``every`` records, or once ``interval`` has passed since the last checkpoint.
+        A last checkpoint after ``now`` is due as well: the clock stepped back, or the head's
+        time was moved forward, and "not yet" would leave every record unsigned until the
+        clock caught up with it, which a time set years ahead makes never."""
         if head.seq - head.checkpoint_seq >= self.every:
             return True
         last = head.checkpoint_time
-        return last is None or now - last >= self.interval
+        return last is None or now < last or now - last >= self.interval
 
     def _checkpoint_values(
         self, seq: int, head_hash: str, now: dt.datetime, previous: tuple[int, str]

@@ -14,7 +14,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from audit.chain import FIELDS, GENESIS, canonical
 from audit.models import Checkpoint, JournalHead, JournalRecord
@@ -23,6 +23,7 @@ from ca.revocation import Reason
 from sekisho.context import Actor
 from sekisho.services import Services, audit_key_ref, build_services
 from sekisho.settings import Settings
+from sekisho.workers import AuditCheckpointer
 from tests.audit.conftest import append, audit_keys, run_cli, template_seq
 from tests.ca.helpers import request_for
 from tests.conftest import FakeClock, RecordingBackend
@@ -206,6 +207,40 @@ def test_checkpoint_interval_comes_from_settings(
         assert [c.seq for c in stored_checkpoints(svc)] == [1, s + 4, s + 44]
     finally:
         svc.close()
+
+
+def test_a_clock_stepped_back_makes_a_checkpoint_due(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """Before, a last checkpoint in the future meant "not due yet": a clock set back an hour
+    left every record unsigned for that hour (short of N records)."""
+    start = template_seq(journal_services)
+    clock.advance(hours=-1)
+    append(journal_services, clock, 1)
+    checkpoints = stored_checkpoints(journal_services)
+    assert [c.seq for c in checkpoints] == [1, start + 1]
+    assert checkpoints[-1].time == clock.now
+    assert head(journal_services).checkpoint_time == clock.now
+
+
+def test_a_head_time_moved_ahead_does_not_stop_checkpoints(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """A head whose checkpoint time was edited years ahead stopped every time-based
+    checkpoint, the refresher's included: both now sign."""
+    start = template_seq(journal_services)
+    append(journal_services, clock, 1)  # start+1, not due
+    ahead = clock.now + dt.timedelta(days=3650)
+    with journal_services.db.engine.begin() as conn:
+        conn.execute(update(JournalHead).where(JournalHead.id == 1).values(checkpoint_time=ahead))
+    assert AuditCheckpointer(journal_services).run_once(clock()) is True
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start + 1]
+
+    with journal_services.db.engine.begin() as conn:
+        conn.execute(update(JournalHead).where(JournalHead.id == 1).values(checkpoint_time=ahead))
+    append(journal_services, clock, 1)  # start+2: due at once
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start + 1, start + 2]
+    assert head(journal_services).checkpoint_time == clock.now
 
 
 def test_exported_checkpoints_verify_off_the_box(
