@@ -225,6 +225,11 @@ def _initialise(
     ensure_responders(services, now, actor)
     publish_ca_files(services)
     _journal_event(services, actor, INIT_DONE, {**detail, "resumed": resumed})
+    # The init's own records (its CAs, CRLs, responders, INIT_DONE) signed before it returns:
+    # they waited unsigned until the next append or serve's refresher, for days on a
+    # deployment served later, and could be rewritten meanwhile unnoticed.
+    with services.db.scope() as session:
+        services.journal.checkpoint(session, services.clock())
     return created
 
 

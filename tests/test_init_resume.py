@@ -5,9 +5,11 @@ deployment. Each interruption is a real SIGKILL of a child process at a chosen s
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,8 @@ def test_an_init_killed_part_way_is_finished_by_the_next_one(
     code, out, err = _cli(capsys, data, "--json", "ca", "list")
     assert code == 0 and [c["name"] for c in json.loads(out)] == ["root", "ops", "iot"]
     assert _cli(capsys, data, "audit", "verify")[0] == 0
+    with closing(sqlite3.connect(data / "sekisho.db")) as db:  # the init signed its records
+        assert db.execute("SELECT seq = checkpoint_seq FROM audit_head").fetchall() == [(1,)]
     code, out, _ = _cli(capsys, data, "--json", "audit", "search", "--category", "system",
                         "--limit", "1000")  # fmt: skip
     actions = [json.loads(line)["action"] for line in out.splitlines()]

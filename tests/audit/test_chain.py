@@ -134,16 +134,16 @@ def test_checkpoint_every_n_records_is_signed_through_the_backend(
 ) -> None:
     start = template_seq(journal_services)
     recording_backend.calls.clear()
-    append(journal_services, clock, 107 - start)  # seqs start+1..107
+    append(journal_services, clock, 106)  # seqs start+1..start+106
 
     checkpoints = stored_checkpoints(journal_services)
-    assert [c.seq for c in checkpoints] == [1, 51, 101]
+    assert [c.seq for c in checkpoints] == [1, start, start + 50, start + 100]  # init signs two
     audit_calls = [
         data
         for ref, data in recording_backend.calls
         if ref == audit_key_ref(journal_services.backend)
     ]
-    assert audit_calls == [checkpoints[1].body.encode(), checkpoints[2].body.encode()]
+    assert audit_calls == [checkpoints[2].body.encode(), checkpoints[3].body.encode()]
     assert len(recording_backend.calls) == 2  # nothing else signed
 
     records = {r.seq: r for r in stored_records(journal_services)}
@@ -166,7 +166,7 @@ def test_checkpoint_every_n_records_is_signed_through_the_backend(
         key.verify(
             checkpoints[1].signature, checkpoints[2].body.encode(), ec.ECDSA(hashes.SHA256())
         )
-    assert head(journal_services).checkpoint_seq == 101
+    assert head(journal_services).checkpoint_seq == start + 100
 
 
 def test_checkpoint_after_the_interval_even_without_n_records(
@@ -176,10 +176,10 @@ def test_checkpoint_after_the_interval_even_without_n_records(
     start = template_seq(journal_services)
     clock.advance(minutes=4, seconds=57)
     append(journal_services, clock, 1)  # 4:59 after the last checkpoint
-    assert [c.seq for c in stored_checkpoints(journal_services)] == [1]
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start]
     append(journal_services, clock, 1)  # 5:00
     checkpoints = stored_checkpoints(journal_services)
-    assert [c.seq for c in checkpoints] == [1, start + 2]
+    assert [c.seq for c in checkpoints] == [1, start, start + 2]
     assert checkpoints[-1].time == clock.now
     assert recording_backend.calls == [
         (audit_key_ref(journal_services.backend), checkpoints[-1].body.encode())
@@ -197,16 +197,32 @@ def test_checkpoint_interval_comes_from_settings(
             assert row is not None and row.checkpoint_time is not None
             clock.now = row.checkpoint_time.replace(microsecond=0)
         s = template_seq(svc)
-        append(svc, clock, 3)  # s+1..s+3 at +1s..+3s: fewer than N=40 since seq 1
-        assert [c.seq for c in stored_checkpoints(svc)] == [1]
+        append(svc, clock, 3)  # s+1..s+3 at +1s..+3s: fewer than N=40 since s
+        assert [c.seq for c in stored_checkpoints(svc)] == [1, s]
         clock.advance(seconds=57)
         append(svc, clock, 1)  # s+4 at +61s: the interval
         append(svc, clock, 39)  # s+5..s+43: fewer than N since s+4, and 39 s < 1 minute
-        assert [c.seq for c in stored_checkpoints(svc)] == [1, s + 4]
+        assert [c.seq for c in stored_checkpoints(svc)] == [1, s, s + 4]
         append(svc, clock, 1)  # s+44: N records after s+4
-        assert [c.seq for c in stored_checkpoints(svc)] == [1, s + 4, s + 44]
+        assert [c.seq for c in stored_checkpoints(svc)] == [1, s, s + 4, s + 44]
     finally:
         svc.close()
+
+
+def test_init_signs_its_own_records(journal_services: Services) -> None:
+    """``init`` signs its first record and, before it returns, its last (``system.init``):
+    records 2 to 17 waited unsigned until the next append or ``serve``'s refresher."""
+    with journal_services.db.scope() as session:
+        top = session.get(JournalHead, 1)
+        assert top is not None
+        last = session.get(JournalRecord, top.seq)
+        assert last is not None and last.action == "system.init"
+    checkpoints = stored_checkpoints(journal_services)
+    assert [c.seq for c in checkpoints] == [1, top.seq] and top.checkpoint_seq == top.seq
+    assert checkpoints[-1].head_hash == last.hash == top.hash
+    audit_public_key(journal_services).verify(
+        checkpoints[-1].signature, checkpoints[-1].body.encode(), ec.ECDSA(hashes.SHA256())
+    )
 
 
 def test_a_clock_stepped_back_makes_a_checkpoint_due(
@@ -218,7 +234,7 @@ def test_a_clock_stepped_back_makes_a_checkpoint_due(
     clock.advance(hours=-1)
     append(journal_services, clock, 1)
     checkpoints = stored_checkpoints(journal_services)
-    assert [c.seq for c in checkpoints] == [1, start + 1]
+    assert [c.seq for c in checkpoints] == [1, start, start + 1]
     assert checkpoints[-1].time == clock.now
     assert head(journal_services).checkpoint_time == clock.now
 
@@ -234,12 +250,17 @@ def test_a_head_time_moved_ahead_does_not_stop_checkpoints(
     with journal_services.db.engine.begin() as conn:
         conn.execute(update(JournalHead).where(JournalHead.id == 1).values(checkpoint_time=ahead))
     assert AuditCheckpointer(journal_services).run_once(clock()) is True
-    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start + 1]
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start, start + 1]
 
     with journal_services.db.engine.begin() as conn:
         conn.execute(update(JournalHead).where(JournalHead.id == 1).values(checkpoint_time=ahead))
     append(journal_services, clock, 1)  # start+2: due at once
-    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start + 1, start + 2]
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [
+        1,
+        start,
+        start + 1,
+        start + 2,
+    ]
     assert head(journal_services).checkpoint_time == clock.now
 
 
@@ -250,18 +271,19 @@ def test_exported_checkpoints_verify_off_the_box(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    append(journal_services, clock, 45)  # past 51, short of 101: checkpoints 1 and 51
+    start = template_seq(journal_services)
+    append(journal_services, clock, 55)  # past start+50, short of start+100
     out_file = tmp_path / "checkpoints.jsonl"
     code, _out, err = run_cli(
         capsys, cli_data_dir, "audit", "checkpoints", "export", "-o", str(out_file)
     )
     assert code == 0, err
-    assert "exported 2 checkpoints" in err
+    assert "exported 3 checkpoints" in err
 
     records = {r.seq: r for r in stored_records(journal_services)}
     origin = journal_services.settings.journal_origin
     docs = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert [d["seq"] for d in docs] == [1, 51]
+    assert [d["seq"] for d in docs] == [1, start, start + 50]
     for doc in docs:
         # Only the document itself and `cryptography`: no Sekisho code, no store.
         key = serialization.load_der_public_key(base64.b64decode(doc["public_key"]))
@@ -280,7 +302,7 @@ def test_exported_checkpoints_verify_off_the_box(
 
     code, out, err = run_cli(capsys, cli_data_dir, "audit", "checkpoints", "export", "--after", "1")
     assert code == 0, err
-    assert [json.loads(line)["seq"] for line in out.splitlines()] == [51]
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [start, start + 50]
 
 
 def test_checkpoint_command_signs_the_current_head(
@@ -298,7 +320,7 @@ def test_checkpoint_command_signs_the_current_head(
     assert doc["head_hash"] == stored_records(journal_services)[-1].hash
     code, out, err = run_cli(capsys, cli_data_dir, "audit", "checkpoint")
     assert code == 0 and "already checkpointed" in out
-    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start + 3]
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start, start + 3]
 
 
 def test_intact_journal_verifies(
@@ -316,7 +338,7 @@ def test_intact_journal_verifies(
             trusted_keys=audit_keys(journal_services),
         )
     assert result.records == result.head_seq == total
-    assert result.checkpoints == 2  # seqs 1 and 51
+    assert result.checkpoints == 3  # init's two, and 50 records after the second
     code, out, err = run_cli(capsys, cli_data_dir, "--json", "audit", "verify")
     assert code == 0, err
     doc = json.loads(out)

@@ -46,16 +46,21 @@ from tests.audit.conftest import (
 )
 from tests.conftest import FakeClock
 
-# The scenario: the template's records (``init``) topped up to 107 records; with a checkpoint
-# every 50 records the store holds signed checkpoints at 1, 51 and 101.
+# The scenario: the template's records (``init``, which signs its first and its last, INIT)
+# topped up to 107 records, with a checkpoint signed at 51; then, every 50 records, at 101.
+INIT = 17
 LAST = 107
 
 
 @pytest.fixture
 def journal(journal_services: Services, clock: FakeClock) -> Services:
-    append(journal_services, clock, LAST - template_seq(journal_services))
+    assert template_seq(journal_services) == INIT
+    append(journal_services, clock, 51 - INIT)
     with journal_services.db.scope() as session:
-        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, 51, 101]
+        assert journal_services.journal.checkpoint(session, clock()) is not None
+    append(journal_services, clock, LAST - 51)
+    with journal_services.db.scope() as session:
+        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, INIT, 51, 101]
         origin = journal_services.settings.journal_origin
         assert verify(session, origin, trusted_keys=audit_keys(journal_services)).records == LAST
     return journal_services
@@ -340,7 +345,7 @@ CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     "insert": (insert(30), 31),
     "reorder": (swap(30, 31), 30),
     "rechain-after-modify": (modify_and_rechain(60), 52),
-    "rechain-before-first-checkpoint": (modify_and_rechain(20), 2),
+    "rechain-before-init-checkpoint": (modify_and_rechain(10), 2),
     "truncate-behind-checkpoint": (truncate(80), 81),
     "forged-signature": (forge_signature(51), 51),
     # Records outside 1..head, which a walk from seq 1 to the head never reaches.
@@ -355,7 +360,7 @@ CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     "head-names-unknown-checkpoint": (set_head_checkpoint(999), 102),
     # A checkpoint signs its time and the checkpoint before it.
     "checkpoint-time-changed": (shift_checkpoint_time(51), 51),
-    "delete-intermediate-checkpoint": (delete_checkpoint(51), 2),
+    "delete-intermediate-checkpoint": (delete_checkpoint(51), INIT + 1),
     "delete-first-checkpoint": (delete_checkpoint(1), 1),
     "checkpoint-slipped-in": (copy_checkpoint(51, 60), 52),
 }
@@ -457,9 +462,10 @@ def test_forged_exported_checkpoint_is_refused(
     journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     docs = export_checkpoints(journal)
-    sig = bytearray(base64.b64decode(str(docs[1]["signature"])))
+    assert docs[2]["seq"] == 51
+    sig = bytearray(base64.b64decode(str(docs[2]["signature"])))
     sig[-1] ^= 0x01
-    docs[1]["signature"] = base64.b64encode(bytes(sig)).decode()
+    docs[2]["signature"] = base64.b64encode(bytes(sig)).decode()
     offsite = tmp_path / "offsite.jsonl"
     offsite.write_text("".join(json.dumps(d) + "\n" for d in docs))
     code, _out, err = run_cli(
@@ -637,7 +643,7 @@ def test_a_quiet_journals_tail_is_signed_by_the_refresher(
     clock.advance(minutes=journal.settings.audit_checkpoint_minutes)
     assert step.run_once(clock.now)
     with journal.db.scope() as session:
-        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, 51, 101, LAST]
+        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, INIT, 51, 101, LAST]
         assert verify(session, origin, trusted_keys=audit_keys(journal)).records == LAST
     clock.advance(minutes=journal.settings.audit_checkpoint_minutes)
     assert not step.run_once(clock.now)  # nothing new to sign
@@ -717,7 +723,7 @@ def verify_api(services: Services, **kwargs: Any) -> int:
 
 def test_checkpoints_sign_their_time_and_the_checkpoint_before(journal: Services) -> None:
     previous = (0, GENESIS)
-    for seq in (1, 51, 101):
+    for seq in (1, INIT, 51, 101):
         text, body = stored_checkpoint(journal, seq)
         with journal.db.read_scope() as session:
             row = session.get(Checkpoint, seq)
@@ -732,7 +738,7 @@ def test_three_line_checkpoints_of_before_still_verify(
     """Checkpoints an older Sekisho signed (three lines) verify, without the guarantees of the
     new lines: their time is not signed, their deletion is seen only against an export. The
     first new checkpoint signs that it follows the last of them."""
-    for seq in (1, 51, 101):
+    for seq in (1, INIT, 51, 101):
         resign(journal, seq, three_lines(stored_checkpoint(journal, seq)[1]))
     assert verify_api(journal) == LAST
     offsite = tmp_path / "offsite.jsonl"
@@ -750,13 +756,14 @@ def test_three_line_checkpoints_of_before_still_verify(
     assert verify_api(journal) == 151
     proc = run_cli_process(cli_data_dir, "audit", "verify", "--checkpoints", str(offsite))
     assert proc.returncode == 2
-    assert "journal broken at seq 2: the checkpoint at 51 (offsite.jsonl:2) is missing" in (
-        proc.stderr
+    assert (
+        f"journal broken at seq {INIT + 1}: the checkpoint at 51 (offsite.jsonl:3) is missing"
+        in proc.stderr
     )
     delete_checkpoint(101)(journal)  # the first new checkpoint names it
     proc = run_cli_process(cli_data_dir, "audit", "verify")
     assert proc.returncode == 2
-    assert "journal broken at seq 2: the checkpoint at 101 is missing" in proc.stderr
+    assert f"journal broken at seq {INIT + 1}: the checkpoint at 101 is missing" in proc.stderr
 
 
 # name -> (new body of the newest checkpoint (101) from its body, the problem reported at 101,
@@ -804,7 +811,7 @@ def test_the_link_names_one_checkpoint_body(journal: Services) -> None:
     resign(journal, 51, text + "example.org/later 42\n")
     with journal.db.read_scope() as session, pytest.raises(AuditChainBroken) as caught:
         verify(session, journal.settings.journal_origin, trusted_keys=audit_keys(journal))
-    assert caught.value.seq == 2
+    assert caught.value.seq == INIT + 1
     assert "the checkpoint at 51 was replaced: the checkpoint at 101" in caught.value.message
 
 
@@ -817,7 +824,7 @@ def test_a_deleted_checkpoint_stays_reported_after_the_next_one(
     assert verify_api(journal) == -52
     append(journal, clock, 151 - LAST, start=700)
     with journal.db.read_scope() as session:
-        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, 51, 151]
+        assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, INIT, 51, 151]
         with pytest.raises(AuditChainBroken) as caught:
             verify(session, journal.settings.journal_origin, trusted_keys=audit_keys(journal))
     assert caught.value.seq == 52
@@ -853,12 +860,13 @@ def test_exported_checkpoint_time_must_be_the_signed_time(
     ]
     args = ("audit", "verify", "--public-key", str(pem), "--checkpoints")
     assert run_cli(capsys, cli_data_dir, *args, str(exported))[0] == 0
-    docs[1]["time"] = "2020-01-01T00:00:00.000000Z"
+    assert docs[2]["seq"] == 51
+    docs[2]["time"] = "2020-01-01T00:00:00.000000Z"
     changed = tmp_path / "changed.jsonl"
     changed.write_text("".join(json.dumps(d) + "\n" for d in docs))
     code, _out, err = run_cli(capsys, cli_data_dir, *args, str(changed))
     assert code == 2
-    assert "journal broken at seq 51: checkpoint from changed.jsonl:2: its time 2020-01-01" in err
+    assert "journal broken at seq 51: checkpoint from changed.jsonl:3: its time 2020-01-01" in err
 
 
 # -- text that is not UTF-8 (only an edit of the SQLite file stores it) ---------------------
