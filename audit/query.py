@@ -4,8 +4,9 @@ Exports escape every control character (C0, DEL, C1, the Unicode line/paragraph 
 and the invisible characters that reorder or hide text (bidi marks, embeddings, overrides and
 isolates, zero-width characters, the byte order mark) as ``\\xNN`` / ``\\uNNNN``, so a crafted
 DN or account name cannot forge lines, or disguise itself, in a log viewer; CSV cells that a
-spreadsheet would run as a formula get a leading quote (as do cells that already start with
-one, so removing one leading quote always restores the value).
+spreadsheet would run as a formula (= + - @ or their fullwidth forms, after any leading spaces)
+get a leading quote (as do cells that already start with one, so removing one leading quote
+always restores the value).
 """
 
 from __future__ import annotations
@@ -207,6 +208,13 @@ def escape_controls(text: str) -> str:
     return "".join(out)
 
 
+# What makes a spreadsheet run a cell as a formula, also after leading spaces (which Excel
+# and LibreOffice skip): = + - @, and their fullwidth forms, which Japanese input methods
+# type and spreadsheets in Japanese locales read as the ASCII ones. Tab and CR are already
+# escaped (\x09, \x0d) by then.
+_FORMULA_START = frozenset("=+-@\uff1d\uff0b\uff0d\uff20")
+
+
 def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
@@ -214,7 +222,7 @@ def _csv_cell(value: Any) -> str:
         value = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     text = escape_controls(value)
     # A leading quote is also quoted, so a reader strips exactly one to get the value back.
-    if text[:1] in ("=", "+", "-", "@", "'"):
+    if text[:1] == "'" or text.lstrip()[:1] in _FORMULA_START:
         text = "'" + text
     return text
 

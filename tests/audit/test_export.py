@@ -138,6 +138,43 @@ def test_csv_export_is_one_line_per_record_neutralises_formulas_and_round_trips(
         assert json.loads(got["detail"]) == json.loads(record.detail)
 
 
+# Cells a spreadsheet runs as formulas too: fullwidth = + - @ (U+FF1D, U+FF0B, U+FF0D,
+# U+FF20), and any of them after leading spaces (ASCII or ideographic).
+FORMULAS = [
+    '\uff1dHYPERLINK("http://x.example/","click")',
+    "\uff0bcmd|' /C calc'!A0",
+    "\uff0d2+3",
+    "\uff20SUM(A1:A9)",
+    " =1+1",
+    "   @SUM(A1:A9)",
+    " -2+3",
+    " +cmd",
+    "\u3000=1+1",
+    " \u3000\uff1d1+1",
+]
+NOT_FORMULAS = [" CN=x,O=Corp", "\u3000\u5c71\u7530", "CN=\uff1d"]
+
+
+def test_csv_export_neutralises_fullwidth_and_space_led_formulas(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    values = [*FORMULAS, *NOT_FORMULAS]
+    for n, value in enumerate(values):
+        append_event(journal_services, clock, event(n, object_dn=value, actor_account=value))
+    table = list(csv.reader(io.StringIO(export(capsys, cli_data_dir, tmp_path, "csv"))))
+    header, body = table[0], table[-len(values) :]
+    for value, row in zip(values, body, strict=True):
+        cells = dict(zip(header, row, strict=True))
+        for column in ("object_dn", "actor_account"):
+            quoted = value in FORMULAS
+            assert cells[column] == ("'" if quoted else "") + value, (column, value)
+            assert unescape(cells[column]) == value
+
+
 def test_export_applies_the_search_filters(
     stored: list[JournalRecord],
     cli_data_dir: Path,
