@@ -12,6 +12,8 @@ What is detected, and where it is located (the first bad sequence number):
 - truncation: records missing behind the head row or behind a checkpoint (stored, or exported
   off the box and passed in with ``external``);
 - a checkpoint whose stored (or exported) time is not the time it signs: that checkpoint;
+- a head whose ``checkpoint_time`` is not the time its checkpoint signs (moved ahead, it held
+  back every time-based checkpoint): after that checkpoint;
 - a deleted checkpoint: the head names a checkpoint newer than the newest stored one; a
   checkpoint names (signs) the one before it, which is missing or another; an exported
   checkpoint no later than the newest stored one is missing from the store. Located, as a
@@ -243,6 +245,32 @@ def _missing_checkpoints(
     return problems
 
 
+def _head_time_problem(
+    decoder: _Decoder, checkpoint_seq: int, stored: Any, signed: Mapping[int, dt.datetime]
+) -> tuple[int, str] | None:
+    """(seq, problem) when the head's ``checkpoint_time`` is not the time the checkpoint it
+    names signs (no checkpoint: none). Appends measure the checkpoint interval from it: moved
+    ahead, it held back every time-based checkpoint. Located after that checkpoint."""
+    if checkpoint_seq and checkpoint_seq not in signed:
+        return None  # that checkpoint is missing or bad: reported as such
+    expected = signed.get(checkpoint_seq)
+    try:
+        found = None if stored is None else decoder.time(stored)
+    except ValueError as exc:
+        return checkpoint_seq + 1, f"the head's checkpoint_time: {exc}"
+    if found == expected:
+        return None
+    shown = "none" if found is None else format_time(found)
+    if expected is None:
+        return 1, f"the head's checkpoint_time is {shown}, but no checkpoint was signed"
+    later = " (later: checkpoints were held back)" if found and found > expected else ""
+    return (
+        checkpoint_seq + 1,
+        f"the head's checkpoint_time {shown} is not the time the checkpoint at "
+        f"{checkpoint_seq} signs, {format_time(expected)}{later}",
+    )
+
+
 def _first_outside(session: Session, where: Any, head: str) -> tuple[int, str] | None:
     """(seq, problem) for the lowest record matching ``where`` (records the walk of 1..head
     never reaches), or None."""
@@ -333,7 +361,8 @@ def _verify(
     trusted: frozenset[bytes],
     external: Iterable[CheckpointClaim],
 ) -> VerifyResult:
-    stored = _stored_checkpoints(session, _Decoder(session.get_bind().dialect))
+    decoder = _Decoder(session.get_bind().dialect)
+    stored = _stored_checkpoints(session, decoder)
     failures = list(stored.failures)  # (seq, problem); the lowest is reported
     claims: dict[int, list[CheckpointClaim]] = {}
     checked = []
@@ -348,7 +377,9 @@ def _verify(
     failures.extend(_missing_checkpoints(stored, checked))
 
     head = session.execute(
-        select(*_raw(_HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq)).where(_HEAD.c.id == 1)
+        select(
+            *_raw(_HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq, _HEAD.c.checkpoint_time)
+        ).where(_HEAD.c.id == 1)
     ).first()
     if head is None or not (
         isinstance(head[0], int) and isinstance(head[1], str) and isinstance(head[2], int)
@@ -358,7 +389,13 @@ def _verify(
         if outside is not None:
             failures.append(outside)
         _raise_first(failures)
-    head_seq, head_hash, head_checkpoint = head
+    head_seq, head_hash, head_checkpoint, head_checkpoint_time = head
+    signed_times = {
+        claim.seq: body.time or claim.time for claim, body in checked if claim.source == "store"
+    }
+    problem = _head_time_problem(decoder, head_checkpoint, head_checkpoint_time, signed_times)
+    if problem is not None:
+        failures.append(problem)
     outside = _first_outside(
         session,
         or_(_RECORDS.c.seq < 1, _RECORDS.c.seq > head_seq),

@@ -29,7 +29,7 @@ from audit.chain import (
     parse_checkpoint_body,
 )
 from audit.journal import checkpoint_document
-from audit.models import Checkpoint, JournalRecord
+from audit.models import Checkpoint, JournalHead, JournalRecord
 from audit.query import Filter, search
 from audit.verify import claims_from_documents, verify
 from sekisho.errors import AuditChainBroken
@@ -199,10 +199,8 @@ def truncate(after: int, *, drop_checkpoints: bool = False) -> Callable[[Service
 def drop_checkpoints_after(services: Services, seq: int) -> None:
     """Delete the checkpoints after ``seq`` and point the head at the newest one left."""
     sql(services, "DELETE FROM audit_checkpoints WHERE seq > :s", {"s": seq})
-    sql(
-        services,
-        "UPDATE audit_head SET checkpoint_seq = "
-        "(SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints) WHERE id = 1",
+    set_head_checkpoint(int(rows(services, "SELECT MAX(seq) FROM audit_checkpoints")[0][0]))(
+        services
     )
 
 
@@ -325,8 +323,26 @@ def copy_checkpoint(seq: int, to: int) -> Callable[[Services], None]:
 
 
 def set_head_checkpoint(seq: int) -> Callable[[Services], None]:
+    """The head made to name the checkpoint at ``seq``, with its time when it is stored."""
+
     def tamper(services: Services) -> None:
-        sql(services, "UPDATE audit_head SET checkpoint_seq = :s WHERE id = 1", {"s": seq})
+        sql(
+            services,
+            "UPDATE audit_head SET checkpoint_seq = :s, checkpoint_time = COALESCE("
+            "(SELECT time FROM audit_checkpoints WHERE seq = :s), checkpoint_time) WHERE id = 1",
+            {"s": seq},
+        )
+
+    return tamper
+
+
+def shift_head_checkpoint_time(delta: dt.timedelta) -> Callable[[Services], None]:
+    """The head's checkpoint time moved by ``delta`` (through the column type)."""
+
+    def tamper(services: Services) -> None:
+        with services.db.engine.begin() as conn:
+            when = conn.execute(select(JournalHead.checkpoint_time)).scalar_one()
+            conn.execute(sa_update(JournalHead).values(checkpoint_time=when + delta))
 
     return tamper
 
@@ -358,6 +374,9 @@ CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     # The head names the newest checkpoint: deleting it (or editing the head) shows.
     "delete-checkpoint": (delete_checkpoint(101), 52),
     "head-names-unknown-checkpoint": (set_head_checkpoint(999), 102),
+    # ... and its signed time, from which appends measure the checkpoint interval.
+    "head-checkpoint-time-ahead": (shift_head_checkpoint_time(dt.timedelta(days=3650)), 102),
+    "head-checkpoint-time-back": (shift_head_checkpoint_time(dt.timedelta(seconds=-1)), 102),
     # A checkpoint signs its time and the checkpoint before it.
     "checkpoint-time-changed": (shift_checkpoint_time(51), 51),
     "delete-intermediate-checkpoint": (delete_checkpoint(51), INIT + 1),
@@ -493,6 +512,19 @@ def test_checkpoint_signed_by_another_key_is_refused_by_pinned_key(
     code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
     assert code == 2
     assert "journal broken at seq 101:" in err
+
+
+def test_a_head_checkpoint_time_moved_ahead_is_named(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Moved ahead, the head's checkpoint time made every append think the last checkpoint
+    recent, so none was signed on time; verify said "intact"."""
+    shift_head_checkpoint_time(dt.timedelta(days=3650))(journal)
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 2 and out == ""
+    assert "journal broken at seq 102: the head's checkpoint_time " in err
+    assert "is not the time the checkpoint at 101 signs" in err
+    assert "(later: checkpoints were held back)" in err
 
 
 def test_tampering_is_not_hidden_by_later_appends(journal: Services, clock: FakeClock) -> None:
