@@ -31,6 +31,7 @@ from audit.verify import claims_from_documents, verify
 from sekisho.db import undecodable_argument, undecodable_text
 from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError, shown
 from sekisho.files import NewFiles, read_input
+from sekisho.services import has_root_ca
 
 if TYPE_CHECKING:
     from sekisho.cli import State
@@ -197,9 +198,16 @@ def verify_cmd(
             raise InputError(f"{path}: {exc}") from None
         except RecursionError:  # json's parser recurses once per [ or {
             raise InputError(f"{path}: a line is nested too deeply to be a checkpoint") from None
+    initialised = services.journal.signer is not None or has_root_ca(services.db)
     # One snapshot for every query: what is appended meanwhile is not taken for tampering.
     with services.db.read_scope(snapshot=True) as session:
-        result = verify(session, services.journal.origin, trusted_keys=trusted, external=external)
+        result = verify(
+            session,
+            services.journal.origin,
+            trusted_keys=trusted,
+            external=external,
+            initialised=initialised,
+        )
     doc = {"ok": True, **result.as_dict()}
     state.emit(
         doc,

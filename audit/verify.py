@@ -12,6 +12,9 @@ What is detected, and where it is located (the first bad sequence number):
 - truncation: records missing behind the head row or behind a checkpoint (stored, or exported
   off the box and passed in with ``external``);
 - a checkpoint whose stored (or exported) time is not the time it signs: that checkpoint;
+- a journal that does not begin as it always does: records whose first checkpoint is not at
+  seq 1 following none (every checkpoint deleted); on a deployment known to be initialised,
+  an empty journal or records no checkpoint signs: at seq 1;
 - a head whose ``checkpoint_time`` is not the time its checkpoint signs (moved ahead, it held
   back every time-based checkpoint): after that checkpoint;
 - a deleted checkpoint: the head names a checkpoint newer than the newest stored one; a
@@ -245,6 +248,37 @@ def _missing_checkpoints(
     return problems
 
 
+def _beginning_problem(
+    stored: _Stored,
+    checked: Iterable[tuple[CheckpointClaim, CheckpointBody]],
+    head_seq: int,
+    initialised: bool,
+) -> tuple[int, str] | None:
+    """(1, problem) when the journal does not begin as the journal begins. ``init`` journals
+    its plan at seq 1 and signs it as soon as the audit key exists (before that order, the
+    key came first and the first append signed seq 1), so a journal with records has its first
+    checkpoint at seq 1, following none: with every checkpoint deleted and the head made to
+    name none, the next one signed became the first, at any seq, and verify was satisfied.
+    ``initialised``: the caller knows the deployment was made (its root CA, its audit key),
+    so its journal has begun and seq 1 is signed: neither empty nor unsigned."""
+    if head_seq == 0:
+        return (
+            (1, "the journal is empty, but this deployment was initialised")
+            if initialised
+            else None
+        )
+    if not stored.seqs:
+        if not initialised:
+            return None  # an init stopped before its audit key existed
+        return 1, f"records 1 to {head_seq} are signed by no checkpoint: init signs seq 1"
+    if stored.seqs[0] != 1:
+        return 1, f"the journal's first checkpoint is at seq {stored.seqs[0]}: init signs seq 1"
+    for claim, body in checked:
+        if claim.seq == 1 and body.previous not in (None, (0, GENESIS)):
+            return 1, f"the checkpoint at 1 signs that it follows the one at {body.previous[0]}"
+    return None
+
+
 def _head_time_problem(
     decoder: _Decoder, checkpoint_seq: int, stored: Any, signed: Mapping[int, dt.datetime]
 ) -> tuple[int, str] | None:
@@ -343,16 +377,19 @@ def verify(
     *,
     trusted_keys: Collection[bytes],
     external: Iterable[CheckpointClaim] = (),
+    initialised: bool = False,
 ) -> VerifyResult:
     """Walk the whole journal; raise ``AuditChainBroken`` at the first bad sequence number.
 
     ``trusted_keys``: the public keys (DER SubjectPublicKeyInfo) checkpoints may be signed
     with; a checkpoint signed by any other key is tampering (with none given, every one is).
+    ``initialised``: the deployment is known to be made (the store alone cannot say it once
+    its journal is gone): an empty journal, or records no checkpoint signs, are tampering.
     """
     # SQLite text that is not UTF-8 (only an edited file holds it) comes back as
     # UndecodableText: reported at its row, where sqlite3 would fail the whole batch.
     with undecodable_text(session, keep=True):
-        return _verify(session, origin, frozenset(trusted_keys), external)
+        return _verify(session, origin, frozenset(trusted_keys), external, initialised)
 
 
 def _verify(
@@ -360,6 +397,7 @@ def _verify(
     origin: str,
     trusted: frozenset[bytes],
     external: Iterable[CheckpointClaim],
+    initialised: bool,
 ) -> VerifyResult:
     decoder = _Decoder(session.get_bind().dialect)
     stored = _stored_checkpoints(session, decoder)
@@ -390,6 +428,9 @@ def _verify(
             failures.append(outside)
         _raise_first(failures)
     head_seq, head_hash, head_checkpoint, head_checkpoint_time = head
+    problem = _beginning_problem(stored, checked, head_seq, initialised)
+    if problem is not None:
+        failures.append(problem)
     signed_times = {
         claim.seq: body.time or claim.time for claim, body in checked if claim.source == "store"
     }

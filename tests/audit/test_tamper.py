@@ -527,6 +527,61 @@ def test_a_head_checkpoint_time_moved_ahead_is_named(
     assert "(later: checkpoints were held back)" in err
 
 
+def test_every_checkpoint_deleted_then_a_new_one_signed_is_caught(
+    journal: Services, clock: FakeClock, cli_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every checkpoint deleted, the records rewritten and the head made to name none: the
+    next checkpoint signed followed "none" and verify said "intact". The first checkpoint of
+    a journal is at seq 1 (init signs it), following none."""
+    modify_and_rechain(30)(journal)
+    sql(journal, "DELETE FROM audit_checkpoints")
+    sql(journal, "UPDATE audit_head SET checkpoint_seq = 0, checkpoint_time = NULL")
+    origin = journal.settings.journal_origin
+    with journal.db.read_scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, origin, trusted_keys=audit_keys(journal), initialised=True)
+    assert caught.value.seq == 1
+    assert "records 1 to 107 are signed by no checkpoint" in caught.value.message
+    with journal.db.scope() as session:
+        assert journal.journal.checkpoint(session, clock()) is not None  # at 107, after "0"
+    with journal.db.read_scope() as session, pytest.raises(AuditChainBroken) as caught:
+        verify(session, origin, trusted_keys=audit_keys(journal))
+    assert caught.value.seq == 1
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 2 and out == ""
+    assert "journal broken at seq 1: the journal's first checkpoint is at seq 107" in err
+
+
+def test_an_emptied_or_headless_journal_of_an_initialised_deployment_is_caught(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The store's root CA (or the audit key) says the deployment was made, so its journal
+    cannot be empty. Before, a journal emptied to its first state verified as intact."""
+    sql(journal, "DELETE FROM audit_records")
+    sql(journal, "DELETE FROM audit_checkpoints")
+    sql(
+        journal,
+        "UPDATE audit_head SET seq = 0, hash = :h, checkpoint_seq = 0, checkpoint_time = NULL",
+        {"h": GENESIS},
+    )
+    with journal.db.read_scope() as session:  # a new store's journal is empty, rightly
+        assert verify(session, journal.settings.journal_origin, trusted_keys=set()).records == 0
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 2 and out == ""
+    assert "journal broken at seq 1: the journal is empty, but this deployment was " in err
+    (cli_data_dir / "keys" / "audit.key").unlink()  # the store's root CA says it alone
+    pem = cli_data_dir.parent / "audit-key.pem"
+    pem.write_bytes(
+        serialization.load_der_public_key(next(iter(audit_keys(journal)))).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--public-key", str(pem))
+    assert code == 2 and "the journal is empty" in err
+    sql(journal, "DELETE FROM audit_head")
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--public-key", str(pem))
+    assert code == 2 and "journal broken at seq 1: the journal head row is missing" in err
+
+
 def test_tampering_is_not_hidden_by_later_appends(journal: Services, clock: FakeClock) -> None:
     flip_column("detail", 90)(journal)
     append(journal, clock, 3, start=500)
