@@ -16,6 +16,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
+from audit.chain import format_time
 from audit.journal import CheckpointSigner, checkpoint_document
 from audit.models import Checkpoint
 from audit.query import (
@@ -27,7 +28,7 @@ from audit.query import (
     write_csv,
     write_jsonl,
 )
-from audit.verify import claims_from_documents, verify
+from audit.verify import TailLimit, VerifyResult, claims_from_documents, verify
 from sekisho.db import undecodable_argument, undecodable_text
 from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError, shown
 from sekisho.files import NewFiles, read_input
@@ -176,15 +177,28 @@ def audit() -> None:
     help="Audit public key (PEM, from `audit public-key`) that checkpoints must be signed "
     "with, instead of the deployment's audit key.",
 )
+@click.option(
+    "--as-of",
+    "as_of",
+    callback=_when,
+    help="Judge the unsigned tail as of this time (UTC) instead of now: when the copy of the "
+    "store being verified was taken.",
+)
 @pass_state
 def verify_cmd(
-    state: State, checkpoint_files: tuple[Path, ...], public_key_files: tuple[Path, ...]
+    state: State,
+    checkpoint_files: tuple[Path, ...],
+    public_key_files: tuple[Path, ...],
+    as_of: dt.datetime | None,
 ) -> None:
-    """Check the hash chain, the head and every signed checkpoint.
+    """Check the hash chain, the head and every signed checkpoint, and how long the records
+    after the newest checkpoint have waited unsigned.
 
     Checkpoint signatures are checked with the deployment's audit key, or with --public-key;
     with neither (the key is unavailable) nothing is verified and the exit code is 69.
-    Exits 0 when intact; exits 2 and names the first bad sequence number otherwise.
+    Exits 0 when intact; exits 2 and names the first bad sequence number otherwise, or the
+    first unsigned one when records have waited unsigned for longer than the checkpoint
+    interval (audit_checkpoint_minutes) plus an hour: the journal stopped signing.
     """
     services = state.read_services()
     trusted = _trusted_keys(services.journal.signer, public_key_files)
@@ -207,14 +221,24 @@ def verify_cmd(
             trusted_keys=trusted,
             external=external,
             initialised=initialised,
+            tail_limit=TailLimit(as_of or services.clock(), services.journal.interval),
         )
     doc = {"ok": True, **result.as_dict()}
     state.emit(
         doc,
         lambda: (
             f"journal intact: {result.records} records, head {result.head_hash[:16]}..., "
-            f"{result.checkpoints} signed checkpoints verified"
+            f"{result.checkpoints} signed checkpoints verified; {_tail_text(result)}"
         ),
+    )
+
+
+def _tail_text(result: VerifyResult) -> str:
+    if result.unsigned_since is None:
+        return "every record signed"
+    return (
+        f"{result.unsigned_records} records after the newest checkpoint unsigned since "
+        f"{format_time(result.unsigned_since)}"
     )
 
 

@@ -22,6 +22,10 @@ What is detected, and where it is located (the first bad sequence number):
   checkpoint no later than the newest stored one is missing from the store. Located, as a
   rewrite behind one would be, after the newest stored checkpoint before the missing one.
 
+Records after the newest checkpoint are signed by nothing yet: verify reports how many and
+since when, and with a ``TailLimit`` raises ``AuditTailUnsigned`` when they have waited for
+longer than the checkpoint interval plus ``TAIL_SLACK`` (the journal stopped signing).
+
 Checkpoints in the three-line form of before sign neither their time nor a link: for those,
 only what they sign (origin, seq, head hash) is checked. Checkpoint signatures are checked
 with trusted keys only (the deployment's audit key, or keys the auditor supplies), never with
@@ -54,7 +58,7 @@ from audit.chain import (
 from audit.journal import verify_signature
 from audit.models import Checkpoint, JournalHead, JournalRecord
 from sekisho.db import UndecodableText, undecodable_text
-from sekisho.errors import AuditChainBroken
+from sekisho.errors import AuditChainBroken, AuditTailUnsigned
 
 BATCH = 5000
 
@@ -80,6 +84,27 @@ class CheckpointClaim:
     source: str  # "store" or the export file
 
 
+# How long records may wait unsigned beyond the checkpoint interval before verify fails.
+# Appends sign once the interval has passed and serve's refresher signs a quiet journal's
+# tail within a second of it, so a working journal never comes near; the hour leaves room
+# for a restart of serve, or records a command made while serve was down for maintenance.
+TAIL_SLACK = dt.timedelta(hours=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TailLimit:
+    """How old the unsigned tail may be: at ``now``, its oldest record no older than the
+    checkpoint ``interval`` plus ``TAIL_SLACK``. ``now`` is the time of the store verified:
+    the clock for the live store, the time it was copied for a copy."""
+
+    now: dt.datetime
+    interval: dt.timedelta
+
+    @property
+    def allowed(self) -> dt.timedelta:
+        return self.interval + TAIL_SLACK
+
+
 @dataclasses.dataclass(frozen=True)
 class VerifyResult:
     records: int
@@ -88,6 +113,10 @@ class VerifyResult:
     checkpoints: int
     first_time: dt.datetime | None
     last_time: dt.datetime | None
+    # The records after the newest checkpoint (stored or exported) that verified: nothing
+    # signs them yet, so they could be changed or cut off unnoticed.
+    unsigned_records: int
+    unsigned_since: dt.datetime | None  # the oldest of them
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -326,13 +355,14 @@ class _Walk:
     first_time: dt.datetime | None = None
     last_time: dt.datetime | None = None
     failure: tuple[int, str] | None = None
+    signed_seq: int = 0  # the newest checkpoint that held
+    unsigned_since: dt.datetime | None = None  # the time of the record after it
 
 
 def _walk(session: Session, head_seq: int, claims: Mapping[int, list[CheckpointClaim]]) -> _Walk:
     """Follow the chain from seq 1 to the head, in batches, until the first problem."""
     decoder = _Decoder(session.get_bind().dialect)
     walk = _Walk()
-    last_good_checkpoint = 0
     stmt = select(*_raw(*_RECORDS.columns)).order_by(_RECORDS.c.seq).limit(BATCH)
     while True:
         rows = (
@@ -359,13 +389,15 @@ def _walk(session: Session, head_seq: int, claims: Mapping[int, list[CheckpointC
             for claim in claims.get(seq, ()):
                 if claim.head_hash != digest:
                     walk.failure = (
-                        last_good_checkpoint + 1,
-                        f"records after {last_good_checkpoint} differ from the signed "
+                        walk.signed_seq + 1,
+                        f"records after {walk.signed_seq} differ from the signed "
                         f"checkpoint at {seq} ({claim.source})",
                     )
                     return walk
             if seq in claims:
-                last_good_checkpoint = seq
+                walk.signed_seq, walk.unsigned_since = seq, None
+            elif walk.unsigned_since is None:
+                walk.unsigned_since = fields["time"]
             walk.first_time = walk.first_time or fields["time"]
             walk.last_time = fields["time"]
             walk.last_seq, walk.last_hash = seq, digest
@@ -378,6 +410,7 @@ def verify(
     trusted_keys: Collection[bytes],
     external: Iterable[CheckpointClaim] = (),
     initialised: bool = False,
+    tail_limit: TailLimit | None = None,
 ) -> VerifyResult:
     """Walk the whole journal; raise ``AuditChainBroken`` at the first bad sequence number.
 
@@ -385,11 +418,18 @@ def verify(
     with; a checkpoint signed by any other key is tampering (with none given, every one is).
     ``initialised``: the deployment is known to be made (the store alone cannot say it once
     its journal is gone): an empty journal, or records no checkpoint signs, are tampering.
+    ``tail_limit``: raise ``AuditTailUnsigned`` when records have waited unsigned for longer
+    than it allows; without it the unsigned tail is only reported (``VerifyResult``).
     """
     # SQLite text that is not UTF-8 (only an edited file holds it) comes back as
     # UndecodableText: reported at its row, where sqlite3 would fail the whole batch.
     with undecodable_text(session, keep=True):
-        return _verify(session, origin, frozenset(trusted_keys), external, initialised)
+        result, signed_seq = _verify(
+            session, origin, frozenset(trusted_keys), external, initialised
+        )
+    if tail_limit is not None:
+        _check_tail(result, signed_seq, tail_limit)
+    return result
 
 
 def _verify(
@@ -398,7 +438,8 @@ def _verify(
     trusted: frozenset[bytes],
     external: Iterable[CheckpointClaim],
     initialised: bool,
-) -> VerifyResult:
+) -> tuple[VerifyResult, int]:
+    """The result, and the seq of the newest checkpoint that held."""
     decoder = _Decoder(session.get_bind().dialect)
     stored = _stored_checkpoints(session, decoder)
     failures = list(stored.failures)  # (seq, problem); the lowest is reported
@@ -482,14 +523,38 @@ def _verify(
         )
     if failures:
         _raise_first(failures)
-    return VerifyResult(
+    result = VerifyResult(
         records=last_seq,
         head_seq=head_seq,
         head_hash=head_hash,
         checkpoints=len(claims),
         first_time=walk.first_time,
         last_time=walk.last_time,
+        unsigned_records=last_seq - walk.signed_seq,
+        unsigned_since=walk.unsigned_since,
     )
+    return result, walk.signed_seq
+
+
+def _check_tail(result: VerifyResult, signed_seq: int, limit: TailLimit) -> None:
+    """Raise when the oldest unsigned record is older than ``limit`` allows. A journal that
+    stops signing (its audit key gone: appends go on, unsigned) otherwise verified as intact
+    for good, while every record it took could be rewritten unnoticed."""
+    since = result.unsigned_since
+    if since is None or limit.now - since <= limit.allowed:
+        return
+    raise AuditTailUnsigned(
+        signed_seq + 1,
+        f"{result.unsigned_records} records after the checkpoint at {signed_seq} have "
+        f"waited unsigned since {format_time(since)}, longer than the checkpoint interval "
+        f"({_minutes(limit.interval)}) and {_minutes(TAIL_SLACK)} more allow: checkpoints "
+        "are not being signed (is the audit key missing? is `sekisho serve`, which signs a "
+        "quiet journal's tail, running?)",
+    )
+
+
+def _minutes(span: dt.timedelta) -> str:
+    return f"{span.total_seconds() / 60:g} min"
 
 
 def _raise_first(failures: list[tuple[int, str]]) -> NoReturn:

@@ -18,7 +18,8 @@ HTTP status for ``web/errors.py`` and an exit code for the CLI::
     │   └── WrongPassphrase           503 / exit 77
     ├── StoreError                    503 / exit 74   database write or read failed
     ├── AuditError                    503 / exit 74   the journal could not be written
-    │   └── AuditChainBroken(seq)     exit 2          verification found tampering
+    │   ├── AuditChainBroken(seq)     exit 2          verification found tampering
+    │   └── AuditTailUnsigned(seq)    exit 2          records left unsigned too long
     └── Discrepancies                 exit 2          `cert check` found the store disagreeing
 
 A check whose result must not be ignored raises one of these; it never returns a bool.
@@ -192,6 +193,21 @@ class AuditChainBroken(AuditError):
 
     def __init__(self, seq: int, message: str) -> None:
         super().__init__(f"journal broken at seq {seq}: {message}")
+        self.seq = seq
+
+
+class AuditTailUnsigned(AuditError):
+    """Verification found records after the newest checkpoint that have waited unsigned for
+    longer than checkpoints allow: the journal stopped signing (its audit key missing, no
+    refresher running), and records nothing signs can be rewritten unnoticed. Not proof of
+    tampering, so not ``AuditChainBroken``, but a journal not to call intact either."""
+
+    code = "audit-unsigned-tail"
+    http_status = 500
+    exit_code = 2
+
+    def __init__(self, seq: int, message: str) -> None:
+        super().__init__(f"journal unsigned from seq {seq}: {message}")
         self.seq = seq
 
 

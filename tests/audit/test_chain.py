@@ -225,6 +225,89 @@ def test_init_signs_its_own_records(journal_services: Services) -> None:
     )
 
 
+def test_verify_reports_the_unsigned_tail_and_fails_once_it_waited_too_long(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``audit verify`` says how many records follow the newest checkpoint and since when;
+    once they have waited longer than the checkpoint interval plus an hour it exits 2. A
+    copy is judged as of when it was taken (``--as-of``)."""
+    code, out, err = run_cli(capsys, cli_data_dir, "--json", "audit", "verify")
+    assert code == 0, err  # init signed everything it journalled
+    doc = json.loads(out)
+    assert (doc["unsigned_records"], doc["unsigned_since"]) == (0, None)
+    assert "every record signed" in run_cli(capsys, cli_data_dir, "audit", "verify")[1]
+
+    start = template_seq(journal_services)
+    append(journal_services, clock, 3)  # start+1..start+3, signed by nothing yet
+    since = stored_records(journal_services)[start].time
+    assert stored_records(journal_services)[start].seq == start + 1
+    limit = since + dt.timedelta(minutes=5, hours=1)
+    code, out, err = run_cli(
+        capsys, cli_data_dir, "--json", "audit", "verify", "--as-of", limit.isoformat()
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["unsigned_records"] == 3
+    assert dt.datetime.fromisoformat(doc["unsigned_since"]) == since
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--as-of", str(limit))
+    assert code == 0, err
+    when = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert f"3 records after the newest checkpoint unsigned since {when}" in out
+
+    late = (limit + dt.timedelta(seconds=1)).isoformat()
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--as-of", late)
+    assert code == 2 and out == ""
+    assert err.startswith(
+        f"error: audit-unsigned-tail: journal unsigned from seq {start + 1}: 3 records after "
+        f"the checkpoint at {start} have waited unsigned since {when}, longer than the "
+        "checkpoint interval (5 min) and 60 min more allow"
+    )
+
+
+def test_a_journal_that_stopped_signing_fails_verification(
+    journal_services: Services,
+    settings: Settings,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The audit key gone, appends go on (a missing checkpoint key is not an unwritable
+    journal) but sign nothing: verify, which said "intact" for good, fails once the oldest
+    unsigned record is older than the interval plus an hour."""
+    if settings.key_backend != "software":
+        pytest.skip("the audit key is taken away as a file")
+    pem = tmp_path / "audit-key.pem"
+    assert run_cli(capsys, cli_data_dir, "audit", "public-key", "-o", str(pem))[0] == 0
+    (cli_data_dir / "keys" / "audit.key").rename(tmp_path / "audit.key.away")
+    keyless = build_services(settings, clock=clock)
+    try:
+        assert keyless.journal.signer is None
+        start = template_seq(keyless)
+        for _ in range(15):  # one record every 5 minutes, for 75 minutes
+            clock.advance(minutes=5)
+            append(keyless, clock, 1)
+    finally:
+        keyless.close()
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start]
+    args = ("audit", "verify", "--public-key", str(pem))
+    monkeypatch.setattr("sekisho.services.utcnow", clock)  # the commands' clock: now
+    code, _out, err = run_cli(capsys, cli_data_dir, *args)
+    assert code == 2
+    assert f"journal unsigned from seq {start + 1}: 15 records after the checkpoint" in err
+    assert "is the audit key missing?" in err
+    # A copy verified later is judged as of when it was taken.
+    monkeypatch.setattr("sekisho.services.utcnow", lambda: clock.now + dt.timedelta(days=30))
+    code, _out, err = run_cli(capsys, cli_data_dir, *args, "--as-of", str(clock.now))
+    assert code == 2 and "audit-unsigned-tail" in err
+    taken = clock.now - dt.timedelta(minutes=15)  # the oldest unsigned record 55 min old
+    assert run_cli(capsys, cli_data_dir, *args, "--as-of", str(taken))[0] == 0
+
+
 def test_a_clock_stepped_back_makes_a_checkpoint_due(
     journal_services: Services, clock: FakeClock
 ) -> None:
