@@ -229,8 +229,16 @@ def verify_cmd(
         lambda: (
             f"journal intact: {result.records} records, head {result.head_hash[:16]}..., "
             f"{result.checkpoints} signed checkpoints verified; {_tail_text(result)}"
+            + _key_text(result)
         ),
     )
+
+
+def _key_text(result: VerifyResult) -> str:
+    """The key that verified, for a cron job to compare with the one kept off the box."""
+    if result.checkpoint_key_sha256 is None:
+        return ""
+    return f"\ncheckpoint key SHA-256 {result.checkpoint_key_sha256}"
 
 
 def _tail_text(result: VerifyResult) -> str:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import datetime as dt
+import hashlib
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, NoReturn, cast
 
@@ -117,6 +118,9 @@ class VerifyResult:
     # signs them yet, so they could be changed or cut off unnoticed.
     unsigned_records: int
     unsigned_since: dt.datetime | None  # the oldest of them
+    # SHA-256 (hex) of the DER SubjectPublicKeyInfo of the key that verified the newest
+    # checkpoint: what a cron job compares with the public key kept off the box.
+    checkpoint_key_sha256: str | None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -532,6 +536,11 @@ def _verify(
         last_time=walk.last_time,
         unsigned_records=last_seq - walk.signed_seq,
         unsigned_since=walk.unsigned_since,
+        checkpoint_key_sha256=(
+            hashlib.sha256(claims[walk.signed_seq][0].public_key_der).hexdigest()
+            if walk.signed_seq
+            else None
+        ),
     )
     return result, walk.signed_seq
 

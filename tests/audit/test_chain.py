@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,33 @@ def test_verify_reports_the_unsigned_tail_and_fails_once_it_waited_too_long(
         f"the checkpoint at {start} have waited unsigned since {when}, longer than the "
         "checkpoint interval (5 min) and 60 min more allow"
     )
+
+
+def test_verify_prints_the_fingerprint_of_the_key_that_verified(
+    journal_services: Services,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """A cron job compares it with the SHA-256 of the public key kept off the box, as
+    ``openssl pkey -pubin -outform DER | sha256sum`` gives it."""
+    pem = tmp_path / "audit-key.pem"
+    assert run_cli(capsys, cli_data_dir, "audit", "public-key", "-o", str(pem))[0] == 0
+    der = subprocess.run(
+        ["openssl", "pkey", "-pubin", "-in", str(pem), "-outform", "DER"],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    expected = hashlib.sha256(der).hexdigest()
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"checkpoint key SHA-256 {expected}"
+    code, out, err = run_cli(
+        capsys, cli_data_dir, "--json", "audit", "verify", "--public-key", str(pem)
+    )
+    assert code == 0, err
+    assert json.loads(out)["checkpoint_key_sha256"] == expected
 
 
 def test_a_journal_that_stopped_signing_fails_verification(
