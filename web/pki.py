@@ -35,6 +35,12 @@ def healthz() -> tuple[dict[str, str], int]:
     except Exception:  # noqa: BLE001  (health must answer, whatever broke)
         return {"status": "unavailable", "database": "down"}, 503
     doc = {"status": "ok", "database": "ok"}
+    if services.journal.signer is None:
+        # The audit key was missing at start: operations go on and are journalled, but no
+        # checkpoint signs them, so they could be rewritten unnoticed (`audit verify` fails
+        # once they wait past the interval plus an hour). Still 200: what is served is right.
+        doc["audit_key"] = "missing"
+        doc["status"] = "degraded"
     # Under `serve` the workers are the arbiter's children, and its refresher process (CRLs,
     # OCSP, audit checkpoints) says it went round by a file: stale, CRLs and OCSP answers
     # age while the endpoints still answer (200: these answers are still right).

@@ -108,6 +108,22 @@ def test_healthz_reports_a_broken_database(services: Services, app: Flask) -> No
     assert response.get_json() == {"status": "unavailable", "database": "down"}
 
 
+def test_healthz_says_when_the_audit_key_is_missing(services: Services, tmp_path: Path) -> None:
+    """Without its audit key the journal still takes every operation, but signs none:
+    /healthz says so (degraded, still 200), where it said "ok"."""
+    if services.settings.key_backend != "software":
+        pytest.skip("the audit key is taken away as a file")
+    (services.settings.data_dir / "keys" / "audit.key").rename(tmp_path / "audit.key.away")
+    keyless = build_services(services.settings)
+    try:
+        assert keyless.journal.signer is None
+        response = create_app(keyless).test_client().get("/healthz")
+    finally:
+        keyless.close()
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "degraded", "database": "ok", "audit_key": "missing"}
+
+
 @pytest.mark.parametrize("ca", ["root", "admin", "device"])
 def test_ca_certificate_is_der(client: FlaskClient, services: Services, ca: str) -> None:
     response = client.get(f"/ca/{ca}.crt")
