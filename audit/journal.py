@@ -39,6 +39,9 @@ from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
 from sekisho.db import Prepared, WriteTx
 from sekisho.errors import AuditError, SekishoError
 
+# How far a last checkpoint may lie ahead of an appender's clock before a checkpoint is due
+# (``Journal._checkpoint_due``).
+CLOCK_STEP = dt.timedelta(minutes=5)
 MAX_FIELD = {
     "action": 64,
     "actor_account": 256,
@@ -267,6 +270,13 @@ class Journal:
         head = _HeadState(*row)
         return head.seq > head.checkpoint_seq and self._checkpoint_due(head, now)
 
+    def tail_unsigned(self, session: Session) -> bool:
+        """Records follow the newest checkpoint (a read, no lock)."""
+        row = session.execute(
+            select(_HEAD.c.seq, _HEAD.c.checkpoint_seq).where(_HEAD.c.id == 1)
+        ).first()
+        return row is not None and row[0] > row[1]
+
     def checkpoint_if_due(self, session: Session, now: dt.datetime) -> Checkpoint | None:
         """The timer half of "every N records or T minutes": appends sign a checkpoint when
         one is due, but records appended before the journal goes quiet would stay unsigned
@@ -291,13 +301,15 @@ class Journal:
 
     def _checkpoint_due(self, head: JournalHead | _HeadState, now: dt.datetime) -> bool:
         """Every ``every`` records, or once ``interval`` has passed since the last checkpoint.
-        A last checkpoint after ``now`` is due as well: the clock stepped back, or the head's
-        time was moved forward, and "not yet" would leave every record unsigned until the
-        clock caught up with it, which a time set years ahead makes never."""
+        A last checkpoint more than CLOCK_STEP after ``now`` is due as well: the clock stepped
+        back, or the head's time was moved forward, and "not yet" would leave every record
+        unsigned until the clock caught up with it, which a time set years ahead makes never.
+        (Not any later one: an appender reads its clock before it waits for the head, behind
+        one that signed a moment later.)"""
         if head.seq - head.checkpoint_seq >= self.every:
             return True
         last = head.checkpoint_time
-        return last is None or now < last or now - last >= self.interval
+        return last is None or now < last - CLOCK_STEP or now - last >= self.interval
 
     def _checkpoint_values(
         self, seq: int, head_hash: str, now: dt.datetime, previous: tuple[int, str]

@@ -80,6 +80,7 @@ class State:
         self.as_json = as_json
         self._settings: Settings | None = None
         self._services: Services | None = None
+        self._writes = False  # opened by services(): the journal may have grown
 
     @property
     def settings(self) -> Settings:
@@ -92,6 +93,7 @@ class State:
         data directory is a ConfigError naming it); only ``init`` and ``run`` pass ``create``,
         which makes the data directory and the database."""
         if self._services is None:
+            self._writes = True
             ensure_data_dir(self.settings, create=create)
             if create:
                 self._services = build_services(self.settings)
@@ -123,7 +125,15 @@ class State:
             click.echo(text() if callable(text) else text)
 
     def close(self) -> None:
+        """Ends the command: a command that may have written signs a checkpoint over what the
+        journal holds unsigned (its own records, at least), so that a deployment run from the
+        command line alone leaves no tail that could be rewritten unnoticed until the next
+        append (and `audit verify` reports a tail left unsigned for long)."""
         if self._services is not None:
+            if self._writes:
+                from sekisho.workers import AuditCheckpointer
+
+                AuditCheckpointer(self._services).seal(self._services.clock())
             self._services.close()
 
 

@@ -141,6 +141,26 @@ class AuditCheckpointer:
             log.info("signed an audit checkpoint over a quiet journal's tail")
         return signed
 
+    def seal(self, now: dt.datetime) -> bool:
+        """Sign whatever waits unsigned, due or not: a command or the refresher ending, after
+        which nothing would sign it until the next append (and `audit verify` reports a tail
+        left unsigned for long). A failure is logged, never raised: what was done stays done."""
+        journal = self.services.journal
+        if journal.signer is None:
+            return False
+        try:
+            with self.services.db.read_scope() as session:
+                if not journal.tail_unsigned(session):
+                    return False
+            with self.services.db.scope() as session:
+                return journal.checkpoint(session, now) is not None
+        except SekishoError as exc:
+            log.warning(
+                "the journal's last records were left unsigned",
+                extra={"code": exc.code, "detail": exc.message},
+            )
+            return False
+
 
 class CrlRefresher:
     def __init__(
@@ -198,6 +218,9 @@ class CrlRefresher:
             if not (self.ocsp.hurry and "ocsp refresh" not in self._failing):
                 self._wake.wait(self.tick)
             self._wake.clear()
+        # Stopping (serve ends): what the journal holds unsigned would wait for the next
+        # append, for as long as the service is down.
+        self.audit.seal(self.services.clock())
 
     def _beat(self) -> None:
         """Say the loop went round (``heartbeat``: the serving arbiter watches it)."""

@@ -24,7 +24,7 @@ from ca.revocation import Reason
 from sekisho.context import Actor
 from sekisho.services import Services, audit_key_ref, build_services
 from sekisho.settings import Settings
-from sekisho.workers import AuditCheckpointer
+from sekisho.workers import AuditCheckpointer, CrlRefresher
 from tests.audit.conftest import append, audit_keys, run_cli, template_seq
 from tests.ca.helpers import request_for
 from tests.conftest import FakeClock, RecordingBackend
@@ -348,6 +348,51 @@ def test_a_clock_stepped_back_makes_a_checkpoint_due(
     assert [c.seq for c in checkpoints] == [1, start, start + 1]
     assert checkpoints[-1].time == clock.now
     assert head(journal_services).checkpoint_time == clock.now
+
+
+def test_an_appender_behind_a_checkpoint_signed_a_moment_later_signs_none(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """Appenders read their clock before they wait for the head: one that waited behind a
+    checkpoint signed a second later is not "a clock stepped back" (it signed another
+    checkpoint, with an earlier time); one more than five minutes behind is."""
+    start = template_seq(journal_services)
+    clock.advance(seconds=-4)
+    append(journal_services, clock, 1)  # 3 s behind the last checkpoint: not due
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start]
+    clock.advance(minutes=-6)
+    append(journal_services, clock, 1)
+    assert [c.seq for c in stored_checkpoints(journal_services)] == [1, start, start + 2]
+
+
+def test_every_command_that_writes_and_the_refresher_stopping_sign_the_tail(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deployment run from the command line alone, or a serve stopped for a weekend, left
+    its last records unsigned until the next append: `audit verify` failed on them an hour
+    later (and they could be rewritten unnoticed meanwhile)."""
+    start = template_seq(journal_services)
+    append(journal_services, clock, 2)  # not due: unsigned
+    monkeypatch.setattr("sekisho.services.utcnow", clock)
+    code, _out, err = run_cli(capsys, cli_data_dir, "crl", "generate", "--ca", "device")
+    assert code == 0, err
+    assert head(journal_services).checkpoint_seq == head(journal_services).seq > start + 2
+    late = (clock.now + dt.timedelta(days=3)).isoformat()
+    assert run_cli(capsys, cli_data_dir, "audit", "verify", "--as-of", late)[0] == 0
+    # A read-only command signs nothing.
+    append(journal_services, clock, 1)
+    before = head(journal_services)
+    assert run_cli(capsys, cli_data_dir, "cert", "list")[0] == 0
+    assert head(journal_services).checkpoint_seq == before.checkpoint_seq < before.seq
+    # The refresher signs what waits when it stops, due or not.
+    refresher = CrlRefresher(journal_services, tick=3600)
+    refresher.start()
+    refresher.stop()
+    assert head(journal_services).checkpoint_seq == head(journal_services).seq
 
 
 def test_a_head_time_moved_ahead_does_not_stop_checkpoints(
