@@ -30,6 +30,7 @@ from sekisho.errors import (
     InputError,
     KeyBackendError,
     PolicyViolation,
+    SekishoError,
     WrongPassphrase,
     shown,
 )
@@ -141,6 +142,20 @@ def check_adoptable(service: CaService, ref: str) -> tuple[str, KeyType]:
     _check_ca_key_type(adopted_type)
     check_public_key(public_key)  # a root's key meets no certificate rule
     return adopted, adopted_type
+
+
+def _ca_recorded(service: CaService, name: str) -> bool:
+    """Whether a CA row of ``name`` exists; True when the store cannot say (keep the key)."""
+    try:
+        with service.db.read_scope() as session:
+            return (
+                session.scalar(
+                    select(CertificateAuthority.id).where(CertificateAuthority.name == name)
+                )
+                is not None
+            )
+    except SekishoError:
+        return True
 
 
 def _discard_new_key(service: CaService, ref: str) -> None:
@@ -285,6 +300,30 @@ def create_issuing(
         if key_ref is None:
             _discard_new_key(service, ref)
         raise
+    try:
+        return _record_issuing(
+            service, name, parent, parent_id, subject, ref, key_type, cert, actor
+        )
+    except BaseException:
+        # Its certificate is issued (and journalled), but no CA row names the key: removed,
+        # so that the certificate is of a key nobody holds and a retry is no conflict. Not
+        # when the row is there after all (a commit reported failed that went through).
+        if key_ref is None and not _ca_recorded(service, name):
+            _discard_new_key(service, ref)
+        raise
+
+
+def _record_issuing(
+    service: CaService,
+    name: str,
+    parent: str,
+    parent_id: int,
+    subject: x509.Name,
+    ref: str,
+    key_type: KeyType,
+    cert: x509.Certificate,
+    actor: Actor,
+) -> CertificateAuthority:
     now = service.clock()
     with service.db.scope() as session:
         row = CertificateAuthority(

@@ -124,13 +124,30 @@ def test_a_failed_bring_online_leaves_no_key_file_and_the_retry_works(
     open_backend(settings).signing_key("file:ca-root")  # a whole key, as another process reads it
 
 
+# Only the record of a new CA is refused: its certificate is issued, its row is not stored.
+SQLITE_CA_CREATE_FAULT = [
+    "CREATE TRIGGER fault BEFORE INSERT ON audit_records WHEN NEW.action = 'ca.create' "
+    "BEGIN SELECT RAISE(ABORT, 'journal full'); END"
+]
+PG_CA_CREATE_FAULT = [
+    "CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "IF NEW.action = 'ca.create' THEN RAISE EXCEPTION 'journal full'; END IF; RETURN NEW; END $$",
+    "CREATE TRIGGER fault BEFORE INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION fault()",
+]
+
+
+@pytest.mark.parametrize("refused", ["issue", "ca.create"])
 def test_a_new_issuing_ca_the_journal_refuses_leaves_no_key_and_the_retry_works(
-    svc: Services, settings: Settings
+    svc: Services, settings: Settings, refused: str
 ) -> None:
-    """`ca create-issuing` while the journal cannot be written: no CA, no key file left
-    unrecorded (it was, and the retry then failed "key file:ca-partners already exists")."""
+    """`ca create-issuing` while the journal cannot be written (at the certificate's
+    issuance, or only at the CA's record after it): no CA, no key file left unrecorded (it
+    was, and the retry then failed "key file:ca-partners already exists")."""
     sqlite = svc.db.engine.dialect.name == "sqlite"
-    _sql(svc, SQLITE_JOURNAL_FAULT if sqlite else PG_JOURNAL_FAULT)
+    if refused == "issue":
+        _sql(svc, SQLITE_JOURNAL_FAULT if sqlite else PG_JOURNAL_FAULT)
+    else:
+        _sql(svc, SQLITE_CA_CREATE_FAULT if sqlite else PG_CA_CREATE_FAULT)
     key_file = settings.keys_dir / "ca-partners.key"
     with pytest.raises(AuditError):
         create_issuing(svc.ca, "partners", "root", None, KeyType.EC_P256, TEST_ACTOR)
