@@ -1105,6 +1105,12 @@ def cert_check(state: State, ca_names: tuple[str, ...], grace: int) -> None:
         f"{totals.certificates} certificates of {totals.cas} CAs, {totals.ocsp_answers} OCSP "
         f"answers, {totals.crl_entries} CRL entries checked: {totals.findings} discrepancies"
     )
+    if totals.rsa_keys_unlisted:
+        click.echo(
+            f"note: {totals.rsa_keys_unlisted} RSA keys were not looked up in the Debian "
+            "weak-key lists: they are not installed (sekisho key install-weak-lists)",
+            err=True,
+        )
     if state.as_json:
         state.emit({"ok": not totals.findings, **totals.as_dict(), "discrepancies": found}, "")
     if totals.findings:
