@@ -294,8 +294,16 @@ class CrlRefresher:
                 overdue = now - pending.first_seen >= self.debounce * 5
                 if not (quiet or overdue):
                     continue
+            # Delta CRLs turned off since the newest full CRL was made with its delta: that
+            # full CRL's Freshest CRL pointer leads to a delta no longer served or renewed.
+            pointing = (
+                not self.services.crls.deltas
+                and full is not None
+                and delta is not None
+                and delta.base_number == full.number
+            )
             try:
-                if stale or due(full, epoch, now):
+                if stale or pointing or due(full, epoch, now):
                     self.services.crls.publish(name, now)
                     self._pending.pop(name, None)
                     published.append(name)

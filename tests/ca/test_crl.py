@@ -694,10 +694,24 @@ def test_with_delta_crls_turned_off_only_full_crls_are_made_and_served(
     from web import create_app
 
     clock = FakeClock(dt.datetime.now(dt.UTC) - dt.timedelta(hours=14))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        services.crls.publish("device", clock())  # made with its delta, pointing to it
+    finally:
+        services.close()
     services = build_services(
         dataclasses.replace(settings, crl_deltas=False), backend=recording_backend, clock=clock
     )
     try:
+        # The first tick replaces a full CRL that points to a delta no longer served.
+        assert "device" in CrlRefresher(services, debounce=0).run_once(clock())
+        with services.db.scope() as session:
+            replaced = latest_by_name(session, "device", CrlKind.FULL)
+        assert replaced is not None
+        with pytest.raises(x509.ExtensionNotFound):
+            x509.load_der_x509_crl(replaced.der).extensions.get_extension_for_class(
+                x509.FreshestCRL
+            )
         full, delta = services.crls.publish("device", clock())
         assert delta is None
         crl = x509.load_der_x509_crl(full.der)
