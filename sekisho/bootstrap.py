@@ -39,6 +39,7 @@ from sekisho.services import (
     enable_checkpoints,
     init_state,
 )
+from sekisho.workers import AuditCheckpointer
 
 DEFAULT_ISSUING = ("admin", "device")
 
@@ -227,9 +228,10 @@ def _initialise(
     _journal_event(services, actor, INIT_DONE, {**detail, "resumed": resumed})
     # The init's own records (its CAs, CRLs, responders, INIT_DONE) signed before it returns:
     # they waited unsigned until the next append or serve's refresher, for days on a
-    # deployment served later, and could be rewritten meanwhile unnoticed.
-    with services.db.scope() as session:
-        services.journal.checkpoint(session, services.clock())
+    # deployment served later, and could be rewritten meanwhile unnoticed. INIT_DONE is
+    # journalled: a failure here is logged, not raised (the init is done; a rerun would say
+    # "already initialised"), and the next command or append signs them.
+    AuditCheckpointer(services).seal(services.clock())
     return created
 
 

@@ -18,7 +18,7 @@ import pwd
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -813,7 +813,7 @@ def revoke(
     when = invalidity_date.replace(tzinfo=dt.UTC) if invalidity_date else None
     done = services.revoker.revoke(ca_name, serial, Reason.parse(reason), state.actor(), when)
     cert = done.certificate
-    pending = _crl_pending(services, ca_name)
+    pending = _crl_pending(services, [ca_name, *(ca for ca, _ in done.also_revoked)])
 
     def text() -> str:
         lines = [f"revoked {cert.serial} ({cert.revocation_reason})"]
@@ -840,20 +840,21 @@ def revoke(
     )
 
 
-def _crl_pending(services: Services, ca_name: str) -> bool:
-    """Whether the CA's key is offline, so that no CRL can carry a change just made; said on
-    stderr (the CA's revoked sub-CA, say, is on no CRL until the root is brought back)."""
+def _crl_pending(services: Services, ca_names: Sequence[str]) -> bool:
+    """Whether the key of a CA that just changed a status is offline, so that no CRL can
+    carry the change; said on stderr for each (a sub-CA revoked by the root, say, is on no
+    CRL until the root is brought back)."""
     from ca.registry import ca_row
 
     with services.db.read_scope() as session:
-        offline = not ca_row(session, ca_name).key_online
-    if offline:
+        offline = [n for n in dict.fromkeys(ca_names) if not ca_row(session, n).key_online]
+    for name in offline:
         click.echo(
-            f"note: the key of CA {ca_name} is offline: its CRLs carry this change only once "
-            f"the key is back (`sekisho ca online {ca_name}`) and a CRL is signed",
+            f"note: the key of CA {name} is offline: its CRLs carry this change only once "
+            f"the key is back (`sekisho ca online {name}`) and a CRL is signed",
             err=True,
         )
-    return offline
+    return bool(offline)
 
 
 @cli.command()
@@ -864,7 +865,7 @@ def release(state: State, ca_name: str, serial: int) -> None:
     """Release a certificate from hold."""
     services = state.services()
     cert = services.revoker.release(ca_name, serial, state.actor())
-    pending = _crl_pending(services, ca_name)
+    pending = _crl_pending(services, [ca_name])
     state.emit(
         {"serial": cert.serial, "status": cert.status.value, "crl_pending_key_offline": pending},
         f"released {cert.serial} from hold",

@@ -517,6 +517,28 @@ def test_name_constraints_in_every_rfc_5280_form_are_written(run: Runner) -> Non
     pkilint_cert(cert.public_bytes(serialization.Encoding.DER))
 
 
+def test_a_key_compromise_reaching_a_ca_whose_key_is_offline_says_so(
+    run: Runner, tmp_path: Path
+) -> None:
+    """Revoking for key_compromise revokes every certificate of the key, under any CA: the
+    note names each CA whose key is offline among them, not only the one given."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = tmp_path / "shared.csr"
+    csr.write_bytes(make_csr(name(O="Tenant One", UID="bob", CN="Bob"), key=key))
+    admin = ok(run("--json", "issue", "--ca", "admin", "--profile", "admin-client", "--csr",
+                   str(csr), "--san", "email:bob@tenant1.example.com")).json()  # fmt: skip
+    device = ok(run("--json", "issue", "--ca", "device", "--profile", "device", "--csr",
+                    str(csr), "--subject", "CN=bob.example.com,O=Tenant One",
+                    "--san", "dns:bob.example.com")).json()  # fmt: skip
+    ok(run("ca", "export", "admin", "--key", "--output", str(tmp_path / "admin-key.pem")))
+    ok(run("ca", "offline", "admin", "--yes"))
+    done = run("--json", "revoke", "--ca", "device", device["serial"], "--reason", "key_compromise")
+    doc = ok(done).json()
+    assert doc["also_revoked"] == [{"ca": "admin", "serial": admin["serial"]}]
+    assert doc["crl_pending_key_offline"] is True
+    assert "key of CA admin is offline" in done.err and "CA device" not in done.err
+
+
 # -- issue ------------------------------------------------------------------------------------
 def test_issue_from_csr_file(run: Runner, tmp_path: Path, settings: Settings) -> None:
     csr = tmp_path / "alice.csr"
