@@ -965,7 +965,8 @@ def key_install_weak_lists(
     state: State, debs: Path | None, no_download: bool, target: Path | None
 ) -> None:
     """Install the Debian weak-key lists (CVE-2008-0166) that RSA-2048 and RSA-4096 keys are
-    checked against; until they are, such keys are refused (rule weak-key-list). They come
+    checked against; until they are, such keys received (from a CSR or a public key) are
+    refused (rule weak-key-list); keys made here need no list. They come
     from Debian's openssl-blacklist packages (GPL-3 data, not shipped with Sekisho), read from
     --debs or downloaded from the Ubuntu archive, and are checked against pinned SHA-256
     digests. `make run` and `make test` run this. Nothing is replaced unless every list is
