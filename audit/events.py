@@ -23,12 +23,13 @@ class Outcome(enum.StrEnum):
 
 
 def normalise_mac(value: str | None) -> str | None:
-    """``00-1A-2b-...`` / ``001a.2b..`` / ``001A2B...`` -> ``00:1a:2b:...`` (search and store)."""
+    """``00-1A-2b-...`` / ``001a.2b..`` / ``001A2B...`` -> ``00:1a:2b:...`` (search and store),
+    for EUI-48 (12 hex digits) and EUI-64 (16) alike."""
     if value is None:
         return None
     bare = "".join(ch for ch in value.strip().lower() if ch not in ":-. ")
-    if len(bare) == 12 and all(ch in "0123456789abcdef" for ch in bare):
-        return ":".join(bare[i : i + 2] for i in range(0, 12, 2))
+    if len(bare) in (12, 16) and all(ch in "0123456789abcdef" for ch in bare):
+        return ":".join(bare[i : i + 2] for i in range(0, len(bare), 2))
     return value.strip().lower()
 
 

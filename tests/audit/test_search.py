@@ -140,6 +140,16 @@ def test_mac_notations_find_the_same_records(journal_services: Services, seeded:
     assert found(journal_services, Filter(mac="aa:bb:cc:dd:ee:fe")) == []
 
 
+def test_an_eui64_mac_is_found_in_any_notation(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """`--mac` takes EUI-64 addresses (its check allows 16 hex digits): stored and searched
+    in one notation, as EUI-48 ones are (the search found them only as written)."""
+    seq = append_event(journal_services, clock, event(1, device_mac="00-11-22-FF-FE-33-44-55"))
+    for notation in ("00:11:22:ff:fe:33:44:55", "0011.22ff.fe33.4455", "001122FFFE334455"):
+        assert found(journal_services, Filter(mac=notation)) == [seq], notation
+
+
 def test_serial_matches_object_or_actor_in_any_notation(
     journal_services: Services, seeded: Seeded
 ) -> None:
