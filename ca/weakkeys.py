@@ -21,7 +21,6 @@ does not match its pinned digest: an unchecked key is not taken for a good one (
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -33,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sekisho.errors import InputError, OutputError, PolicyViolation, SekishoError
-from sekisho.files import FileRefused, read_regular, sync_directory, synced_private_temp
+from sekisho.files import FileRefused, read_regular, replace_synced
 
 RECORD = 10  # bytes kept of each SHA-1: the lists' 80 bits
 ENV_DIR = "SEKISHO_WEAK_KEY_LISTS"
@@ -298,19 +297,8 @@ def _package(
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """``path`` replaced whole by ``data``: a new temporary file of a random name beside it
-    (O_EXCL, never through a link planted there), synced, then renamed over it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = synced_private_temp(path.parent, path.name, data)
-        try:
-            tmp.chmod(mode)
-            tmp.replace(path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        sync_directory(path.parent)
+        replace_synced(path, data, mode)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 

@@ -56,6 +56,24 @@ def create_synced(path: Path, data: bytes) -> None:
         raise
 
 
+def replace_synced(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """``path`` replaced whole by ``data`` (its directory made if missing): a synced
+    temporary file of a random name beside it (O_EXCL, never through a link planted there),
+    given ``mode`` whatever the umask, renamed over it, the directory then synced. A failure
+    part way leaves the old file as it was and no temporary behind. OSError as raised."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = synced_private_temp(path.parent, path.name, data)
+    try:
+        if mode != 0o600:
+            tmp.chmod(mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    sync_directory(path.parent)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (a directory as it is; a file created owner-only

@@ -8,7 +8,6 @@ overrides from the command line. Secrets are never values here: settings name a 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import math
@@ -22,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sekisho.errors import ConfigError, shown
-from sekisho.files import FileRefused, read_regular, synced_private_temp
+from sekisho.files import FileRefused, read_regular, replace_synced
 
 ENV_PREFIX = "SEKISHO_"
 CONFIG_NAME = "sekisho.toml"
@@ -400,13 +399,6 @@ def _replace_file(path: Path, data: bytes) -> None:
     """``path`` replaced by a file holding ``data``, owner-only (0600) whatever the umask:
     ``load_settings`` refuses a settings file others may write (0664 under umask 002)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = synced_private_temp(path.parent, path.name, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        replace_synced(path, data)
     except OSError as exc:
         raise ConfigError(f"cannot write settings file {path}: {exc.strerror or exc}") from None
