@@ -21,6 +21,7 @@ does not match its pinned digest: an unchecked key is not taken for a good one (
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import io
@@ -102,16 +103,11 @@ def fingerprint(n: int) -> bytes:
 
 
 def _contains(table: bytes, record: bytes) -> bool:
-    """Binary search of ``record`` in ``table``, sorted records of RECORD bytes (at most
-    log2(count) + 1 steps)."""
-    lo, hi = 0, len(table) // RECORD
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if table[mid * RECORD : (mid + 1) * RECORD] < record:
-            lo = mid + 1
-        else:
-            hi = mid
-    return table[lo * RECORD : (lo + 1) * RECORD] == record
+    """Binary search of ``record`` in ``table``, sorted records of RECORD bytes."""
+    at = bisect.bisect_left(
+        range(len(table) // RECORD), record, key=lambda i: table[i * RECORD : (i + 1) * RECORD]
+    )
+    return table[at * RECORD : (at + 1) * RECORD] == record
 
 
 class _Loaded:
@@ -151,9 +147,7 @@ def _read_table(directory: Path, spec: Table) -> bytes:
     except FileNotFoundError:
         raise PolicyViolation("weak-key-list", missing) from None
     except (OSError, FileRefused):  # unreadable, a FIFO, a device, a directory, too large
-        raise PolicyViolation(
-            "weak-key-list", f"{missing} (the installed list is damaged)"
-        ) from None
+        table = b""  # damaged: fails the digest below
     if hashlib.sha256(table).hexdigest() != spec.sha256:
         raise PolicyViolation("weak-key-list", f"{missing} (the installed list is damaged)")
     return table
