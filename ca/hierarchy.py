@@ -301,9 +301,43 @@ def create_issuing(
             _discard_new_key(service, ref)
         raise
     try:
-        return _record_issuing(
-            service, name, parent, parent_id, subject, ref, key_type, cert, actor
-        )
+        now = service.clock()
+        with service.db.scope() as session:
+            row = CertificateAuthority(
+                name=name,
+                kind=CaKind.ISSUING,
+                parent_id=parent_id,
+                subject_dn=subject.rfc4514_string(),
+                key_ref=ref,
+                key_type=key_type.value,
+                serial=serial_hex(cert.serial_number),
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                certificate_der=cert.public_bytes(serialization.Encoding.DER),
+                active=True,
+                key_online=True,
+                crl_number=0,
+                revocation_epoch=0,
+                created_at=now,
+            )
+            session.add(row)
+            service.journal.append(
+                session,
+                _ca_event(
+                    "ca.create",
+                    actor,
+                    cert,
+                    name,
+                    {
+                        "kind": "issuing",
+                        "parent": parent,
+                        "key_type": key_type.value,
+                        "key_ref": ref,
+                    },
+                ),
+                now,
+            )
+        return row
     except BaseException:
         # Its certificate is issued (and journalled), but no CA row names the key: removed,
         # so that the certificate is of a key nobody holds and a retry is no conflict. Not
@@ -311,51 +345,6 @@ def create_issuing(
         if key_ref is None and not _ca_recorded(service, name):
             _discard_new_key(service, ref)
         raise
-
-
-def _record_issuing(
-    service: CaService,
-    name: str,
-    parent: str,
-    parent_id: int,
-    subject: x509.Name,
-    ref: str,
-    key_type: KeyType,
-    cert: x509.Certificate,
-    actor: Actor,
-) -> CertificateAuthority:
-    now = service.clock()
-    with service.db.scope() as session:
-        row = CertificateAuthority(
-            name=name,
-            kind=CaKind.ISSUING,
-            parent_id=parent_id,
-            subject_dn=subject.rfc4514_string(),
-            key_ref=ref,
-            key_type=key_type.value,
-            serial=serial_hex(cert.serial_number),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            certificate_der=cert.public_bytes(serialization.Encoding.DER),
-            active=True,
-            key_online=True,
-            crl_number=0,
-            revocation_epoch=0,
-            created_at=now,
-        )
-        session.add(row)
-        service.journal.append(
-            session,
-            _ca_event(
-                "ca.create",
-                actor,
-                cert,
-                name,
-                {"kind": "issuing", "parent": parent, "key_type": key_type.value, "key_ref": ref},
-            ),
-            now,
-        )
-    return row
 
 
 def _ca_event(
