@@ -36,12 +36,10 @@ from audit.chain import (
 from audit.events import Event, normalise_mac
 from audit.models import Checkpoint, JournalHead, JournalRecord
 from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
+from sekisho.clock import CLOCK_AHEAD
 from sekisho.db import Prepared, WriteTx
 from sekisho.errors import AuditError, SekishoError
 
-# How far a last checkpoint may lie ahead of an appender's clock before a checkpoint is due
-# (``Journal._checkpoint_due``).
-CLOCK_STEP = dt.timedelta(minutes=5)
 MAX_FIELD = {
     "action": 64,
     "actor_account": 256,
@@ -118,6 +116,18 @@ _SELECT_HEAD = Prepared(
     .with_for_update(),
     (),
 )
+
+
+def _read_head(session: Session) -> _HeadState | None:
+    """The head row, read without a lock (None: the store was not migrated)."""
+    row = session.execute(
+        select(_HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq, _HEAD.c.checkpoint_time).where(
+            _HEAD.c.id == 1
+        )
+    ).first()
+    return None if row is None else _HeadState(*row)
+
+
 _HEAD_KEYS = ("seq", "hash")
 _UPDATE_HEAD = Prepared(update(_HEAD).where(_HEAD.c.id == 1), _HEAD_KEYS, columns=True)
 _UPDATE_HEAD_CHECKPOINT = Prepared(
@@ -260,22 +270,15 @@ class Journal:
         calls :meth:`checkpoint_if_due` in a write transaction)."""
         if self.signer is None:
             return False
-        row = session.execute(
-            select(
-                _HEAD.c.seq, _HEAD.c.hash, _HEAD.c.checkpoint_seq, _HEAD.c.checkpoint_time
-            ).where(_HEAD.c.id == 1)
-        ).first()
-        if row is None:
-            return False
-        head = _HeadState(*row)
-        return head.seq > head.checkpoint_seq and self._checkpoint_due(head, now)
+        head = _read_head(session)
+        return (
+            head is not None and head.seq > head.checkpoint_seq and self._checkpoint_due(head, now)
+        )
 
     def tail_unsigned(self, session: Session) -> bool:
         """Records follow the newest checkpoint (a read, no lock)."""
-        row = session.execute(
-            select(_HEAD.c.seq, _HEAD.c.checkpoint_seq).where(_HEAD.c.id == 1)
-        ).first()
-        return row is not None and row[0] > row[1]
+        head = _read_head(session)
+        return head is not None and head.seq > head.checkpoint_seq
 
     def checkpoint_if_due(self, session: Session, now: dt.datetime) -> Checkpoint | None:
         """The timer half of "every N records or T minutes": appends sign a checkpoint when
@@ -301,7 +304,7 @@ class Journal:
 
     def _checkpoint_due(self, head: JournalHead | _HeadState, now: dt.datetime) -> bool:
         """Every ``every`` records, or once ``interval`` has passed since the last checkpoint.
-        A last checkpoint more than CLOCK_STEP after ``now`` is due as well: the clock stepped
+        A last checkpoint more than CLOCK_AHEAD after ``now`` is due as well: the clock stepped
         back, or the head's time was moved forward, and "not yet" would leave every record
         unsigned until the clock caught up with it, which a time set years ahead makes never.
         (Not any later one: an appender reads its clock before it waits for the head, behind
@@ -309,7 +312,7 @@ class Journal:
         if head.seq - head.checkpoint_seq >= self.every:
             return True
         last = head.checkpoint_time
-        return last is None or now < last - CLOCK_STEP or now - last >= self.interval
+        return last is None or now < last - CLOCK_AHEAD or now - last >= self.interval
 
     def _checkpoint_values(
         self, seq: int, head_hash: str, now: dt.datetime, previous: tuple[int, str]

@@ -38,6 +38,7 @@ from ca import der
 from ca.models import Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
 from ca.revocation import Reason
 from hsm.base import KeyBackend, KeyType, sign_bytes
+from sekisho.clock import CLOCK_AHEAD
 from sekisho.context import SYSTEM, Actor
 from sekisho.db import Database
 from sekisho.errors import Conflict, NotFound, shown
@@ -66,9 +67,6 @@ SORT_WORK_MEM = "256MB"  # PostgreSQL work_mem for sorting a full CRL's serials 
 _CERTS = cast(Table, Certificate.__table__)
 # Snapshot reads of a CA's revocation state before a generator reads it under the CA row lock.
 OPTIMISTIC_READS = 3
-# A previous thisUpdate further ahead of "now" than this was set by a clock that ran ahead
-# (a host out of sync, an NTP step back): not carried forward (see CrlPublisher._plan).
-CLOCK_AHEAD_TOLERANCE = dt.timedelta(minutes=5)
 # CRLs deleted per transaction by ``CrlPublisher.prune``: at most this many, and at most this
 # many entries together (about 10 MB of CRL) unless one CRL alone has more.
 PRUNE_BATCH_ROWS = 100
@@ -300,7 +298,7 @@ class CrlPublisher:
         """Allocate the next CRL number and its thisUpdate under the CA row lock (an UPDATE):
         ``now``, or the previous number's thisUpdate if that is later. ``now`` is read before
         the lock: a generator that waited for another one would otherwise give a higher
-        number an earlier time. But a previous thisUpdate more than CLOCK_AHEAD_TOLERANCE
+        number an earlier time. But a previous thisUpdate more than CLOCK_AHEAD
         ahead came from a clock that ran ahead: carried forward, it would make every later
         CRL "not yet valid" to relying parties until real time caught up, so ``now`` is
         taken (logged as an error) and ``due`` has the full CRL rebuilt. Nothing is
@@ -324,7 +322,7 @@ class CrlPublisher:
         ).one()
         session.refresh(ca)
         previous = ca.crl_this_update or now
-        if previous > now + CLOCK_AHEAD_TOLERANCE:
+        if previous > now + CLOCK_AHEAD:
             log.error(
                 "the previous CRL's thisUpdate is ahead of this clock: a clock ran ahead; "
                 "this CRL takes the present time",
@@ -647,9 +645,9 @@ def latest_by_name(
 
 def due(crl: Crl | None, epoch: int, now: dt.datetime) -> bool:
     """A CRL is due when missing, stale (revocations since), half its validity has passed,
-    or it starts further ahead than CLOCK_AHEAD_TOLERANCE (made by a clock that ran ahead:
+    or it starts further ahead than CLOCK_AHEAD (made by a clock that ran ahead:
     relying parties take it as not yet valid)."""
-    if crl is None or epoch > crl.epoch or crl.this_update > now + CLOCK_AHEAD_TOLERANCE:
+    if crl is None or epoch > crl.epoch or crl.this_update > now + CLOCK_AHEAD:
         return True
     half = crl.this_update + (crl.next_update - crl.this_update) / 2
     return now >= half

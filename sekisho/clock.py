@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+# A stored time further ahead of the present than this was set by a clock that ran ahead (a
+# host out of sync, an NTP step back), not by a peer whose clock is a moment ahead or that
+# read it just after us: not carried forward (CRL thisUpdate, the audit checkpoint timer).
+CLOCK_AHEAD = dt.timedelta(minutes=5)
+
 
 def utcnow() -> dt.datetime:
     """Current UTC time, whole seconds (certificates, CRLs and OCSP carry no fractions)."""
