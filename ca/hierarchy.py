@@ -220,37 +220,11 @@ def create_root(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .sign(key, signature_hash(key_type))  # type: ignore[arg-type]
     )
-    with service.db.scope() as session:
-        row = CertificateAuthority(
-            name=name,
-            kind=CaKind.ROOT,
-            parent_id=None,
-            subject_dn=subject.rfc4514_string(),
-            key_ref=ref,
-            key_type=key_type.value,
-            serial=serial_hex(cert.serial_number),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            certificate_der=cert.public_bytes(serialization.Encoding.DER),
-            active=True,
-            key_online=True,
-            crl_number=0,
-            revocation_epoch=0,
-            created_at=now,
-        )
-        session.add(row)
-        service.journal.append(
-            session,
-            _ca_event(
-                "ca.create",
-                actor,
-                cert,
-                name,
-                {"kind": "root", "key_type": key_type.value, "key_ref": ref},
-            ),
-            now,
-        )
-    return row
+    return _record_ca(
+        service, cert, actor, now, name=name, kind=CaKind.ROOT, parent_id=None,
+        subject=subject, ref=ref, key_type=key_type,
+        detail={"kind": "root", "key_type": key_type.value, "key_ref": ref},
+    )  # fmt: skip
 
 
 def create_issuing(
@@ -301,43 +275,12 @@ def create_issuing(
             _discard_new_key(service, ref)
         raise
     try:
-        now = service.clock()
-        with service.db.scope() as session:
-            row = CertificateAuthority(
-                name=name,
-                kind=CaKind.ISSUING,
-                parent_id=parent_id,
-                subject_dn=subject.rfc4514_string(),
-                key_ref=ref,
-                key_type=key_type.value,
-                serial=serial_hex(cert.serial_number),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                certificate_der=cert.public_bytes(serialization.Encoding.DER),
-                active=True,
-                key_online=True,
-                crl_number=0,
-                revocation_epoch=0,
-                created_at=now,
-            )
-            session.add(row)
-            service.journal.append(
-                session,
-                _ca_event(
-                    "ca.create",
-                    actor,
-                    cert,
-                    name,
-                    {
-                        "kind": "issuing",
-                        "parent": parent,
-                        "key_type": key_type.value,
-                        "key_ref": ref,
-                    },
-                ),
-                now,
-            )
-        return row
+        return _record_ca(
+            service, cert, actor, service.clock(), name=name, kind=CaKind.ISSUING,
+            parent_id=parent_id, subject=subject, ref=ref, key_type=key_type,
+            detail={"kind": "issuing", "parent": parent, "key_type": key_type.value,
+                    "key_ref": ref},
+        )  # fmt: skip
     except BaseException:
         # Its certificate is issued (and journalled), but no CA row names the key: removed,
         # so that the certificate is of a key nobody holds and a retry is no conflict. Not
@@ -345,6 +288,44 @@ def create_issuing(
         if key_ref is None and not _ca_recorded(service, name):
             _discard_new_key(service, ref)
         raise
+
+
+def _record_ca(
+    service: CaService,
+    cert: x509.Certificate,
+    actor: Actor,
+    now: dt.datetime,
+    *,
+    name: str,
+    kind: CaKind,
+    parent_id: int | None,
+    subject: x509.Name,
+    ref: str,
+    key_type: KeyType,
+    detail: dict[str, object],
+) -> CertificateAuthority:
+    """A new CA's row and its ``ca.create`` entry, in one transaction."""
+    with service.db.scope() as session:
+        row = CertificateAuthority(
+            name=name,
+            kind=kind,
+            parent_id=parent_id,
+            subject_dn=subject.rfc4514_string(),
+            key_ref=ref,
+            key_type=key_type.value,
+            serial=serial_hex(cert.serial_number),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            certificate_der=cert.public_bytes(serialization.Encoding.DER),
+            active=True,
+            key_online=True,
+            crl_number=0,
+            revocation_epoch=0,
+            created_at=now,
+        )
+        session.add(row)
+        service.journal.append(session, _ca_event("ca.create", actor, cert, name, detail), now)
+    return row
 
 
 def _ca_event(
