@@ -260,6 +260,11 @@ def _trusted_keys(signer: CheckpointSigner | None, files: tuple[Path, ...]) -> s
                 "give the audit public key with --public-key FILE (PEM, `audit public-key`)"
             )
         return {signer.public_key_der}
+    return load_public_keys(files)
+
+
+def load_public_keys(files: Iterable[Path]) -> set[bytes]:
+    """The public keys (PEM files, e.g. from `audit public-key`) as DER SubjectPublicKeyInfo."""
     keys = set()
     for path in files:
         try:

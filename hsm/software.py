@@ -77,7 +77,7 @@ class SoftwareBackend:
     def __repr__(self) -> str:  # never show the passphrase
         return f"SoftwareBackend({str(self.keys_dir)!r})"
 
-    def _path(self, ref: str) -> Path:
+    def key_path(self, ref: str) -> Path:
         if not ref.startswith("file:"):
             raise KeyBackendError(f"software backend cannot use key reference {ref!r}")
         label = ref[5:]
@@ -103,7 +103,7 @@ class SoftwareBackend:
         its name only once whole: a write that fails part way (disk full) leaves no truncated
         key behind to block the label. ``link`` fails if the name exists, where ``rename``
         would replace it. A failure is a KeyBackendError (exit 69)."""
-        path = self._path(ref)
+        path = self.key_path(ref)
         data = pem_wrap(encrypted_der, PEM_LABEL)
         try:
             self._make_keys_dir()
@@ -146,13 +146,13 @@ class SoftwareBackend:
 
     def export_encrypted(self, ref: str) -> bytes:
         """The key file's PEM, still encrypted under the backend passphrase."""
-        path = self._path(ref)
+        path = self.key_path(ref)
         if not path.exists():
             raise NotFound(f"key {ref} is not in the online store")
         return path.read_bytes()
 
     def remove(self, ref: str) -> None:
-        path = self._path(ref)
+        path = self.key_path(ref)
         with self._lock:
             self._cache.pop(ref, None)
         try:
@@ -170,7 +170,7 @@ class SoftwareBackend:
     def set_aside(self, ref: str, suffix: str) -> Path:
         """Rename the key file of ``ref`` to ``<label>.key.<suffix>`` (kept, out of the way of
         a new key under the label); its new path."""
-        path = self._path(ref)
+        path = self.key_path(ref)
         aside = path.with_name(f"{path.name}.{suffix}")
         with self._lock:
             self._cache.pop(ref, None)
@@ -182,14 +182,14 @@ class SoftwareBackend:
         return aside
 
     def has_key(self, ref: str) -> bool:
-        return self._path(ref).exists()
+        return self.key_path(ref).exists()
 
     def signing_key(self, ref: str) -> CertificateIssuerPrivateKeyTypes:
         with self._lock:
             cached = self._cache.get(ref)
         if cached is not None:
             return cached
-        path = self._path(ref)
+        path = self.key_path(ref)
         try:
             pem = path.read_bytes()
         except FileNotFoundError:

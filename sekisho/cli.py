@@ -1585,6 +1585,132 @@ def run(ctx: click.Context) -> None:
 cli.add_command(audit_group)
 
 
+# -- backup -----------------------------------------------------------------------------------
+_PUBLIC_KEY_OPTION = click.option(
+    "--public-key",
+    "public_key_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Audit public key (PEM, `audit public-key`) the manifest must be signed with; without "
+    "it, the archive's own audit key checks it is whole, not who made it.",
+)
+
+
+@cli.group("backup")
+def backup_group() -> None:
+    """Backups: one signed archive of the store, the CA keys (still encrypted) and settings."""
+
+
+@backup_group.command("create")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@pass_state
+def backup_create(state: State, output: Path) -> None:
+    """Write a backup of this deployment to OUTPUT, a new file (mode 0600), while it runs.
+
+    The archive holds a consistent copy of the SQLite store, the key files it refers to
+    (encrypted under the key passphrase, which is NOT in it: keep the passphrase apart from
+    the backups), the settings file and the audit public key, listed with their SHA-256 in a
+    manifest signed by the audit key. The backup is journalled (ca.backup). A PostgreSQL
+    deployment is backed up with PostgreSQL's tools (a config error, exit 78)."""
+    from sekisho import backup
+
+    done = backup.create(state.services(), output, state.actor())
+    state.emit(
+        done,
+        lambda: (
+            f"wrote {output}: {done['size']:,} bytes, SHA-256 {done['sha256']}\n"
+            f"journal head {done['journal_head_seq']}; CAs {', '.join(done['cas'])}; "
+            f"{len(done['keys'])} key files (encrypted). The key passphrase is not in the "
+            "archive: keep it apart. Check the copy with `sekisho backup verify`."
+        ),
+    )
+
+
+@backup_group.command("verify")
+@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+@_PUBLIC_KEY_OPTION
+@pass_state
+def backup_verify(state: State, archive: Path, public_key_files: tuple[Path, ...]) -> None:
+    """Check ARCHIVE without any secret: the manifest's signature, every member's size and
+    SHA-256, the store's integrity, and its audit journal (hash chain, every checkpoint, the
+    head the manifest names). Exits 0 when whole; 2 when damaged or tampered with; 65 when it
+    is not a Sekisho backup."""
+    from audit.cli import load_public_keys
+    from sekisho import backup
+
+    done = backup.verify_archive(archive, load_public_keys(public_key_files))
+    state.emit(done, lambda: _backup_text("backup intact", done))
+
+
+def _backup_text(first: str, done: dict[str, Any]) -> str:
+    cas = ", ".join(
+        f"{ca['name']}{'' if ca['key_online'] else ' (key offline)'}" for ca in done["cas"]
+    )
+    return (
+        f"{first}: made {done['created_at']} by Sekisho {done['sekisho_version']}; "
+        f"{done['journal_records']} journal records, {done['journal_checkpoints']} signed "
+        f"checkpoints; CAs {cas}; manifest signature checked with the "
+        f"{done['signature_checked_with']}"
+    )
+
+
+@backup_group.command("restore")
+@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The key passphrase (owner-only file), copied into the new data directory's "
+    "secrets/ when the restored settings keep it there (the default).",
+)
+@_PUBLIC_KEY_OPTION
+@click.option(
+    "--unauthenticated",
+    is_flag=True,
+    help="Restore without --public-key: the archive is only checked to be whole, not to be "
+    "this deployment's (its settings name what gets loaded, a PKCS#11 module among them).",
+)
+@pass_state
+def backup_restore(
+    state: State,
+    archive: Path,
+    passphrase_file: Path | None,
+    public_key_files: tuple[Path, ...],
+    unauthenticated: bool,
+) -> None:
+    """Restore ARCHIVE as the deployment of --data-dir, a new or empty directory.
+
+    The archive is checked as `backup verify --public-key` does, and every online CA key against its
+    certificate under the passphrase, before the directory appears (a failure leaves nothing).
+    Each CA's CRL number moves on by 2^32, past any CRL signed after the backup, and the
+    restore is journalled (ca.restore). Certificates issued and revocations made after the
+    backup are not in it: see docs/decisions.md, Backup and restore."""
+    from audit.cli import load_public_keys
+    from sekisho import backup
+
+    if not public_key_files and not unauthenticated:
+        raise click.UsageError(
+            "give --public-key FILE, the audit public key kept off the box (`audit public-key`), "
+            "so that only an archive this deployment signed is restored; or --unauthenticated"
+        )
+    target = state.settings.data_dir
+    done = backup.restore(
+        archive,
+        target,
+        state.actor(),
+        passphrase_file=passphrase_file,
+        trusted_keys=load_public_keys(public_key_files),
+    )
+    state.emit(
+        done,
+        lambda: (
+            _backup_text(f"restored into {target}", done)
+            + f"\nNot in the backup: what happened after {done['created_at']} (certificates "
+            "issued, revocations: revoke again what was revoked since). Publish fresh CRLs now: "
+            "`sekisho crl generate` (or start `sekisho serve`)."
+        ),
+    )
+
+
 def _show_tamed(exc: click.ClickException) -> None:
     """click's own error, its message (which may quote an argument whole, control characters
     and all) passed through ``tamed``; click declares ``message`` final, hence ``vars``."""

@@ -130,6 +130,7 @@ def test_command_tree_is_what_the_docs_promise() -> None:
         ("ca", "offline"), ("ca", "online"), ("ca", "create-issuing"), ("issue",),
         ("revoke",), ("release",), ("cert",), ("cert", "list"), ("cert", "show"), ("cert", "check"),
         ("crl",), ("crl", "generate"), ("crl", "prune"), ("serve",), ("run",),
+        ("backup", "create"), ("backup", "verify"), ("backup", "restore"),
     }  # fmt: skip
     assert expected <= set(COMMAND_PATHS)
 

@@ -1,0 +1,661 @@
+"""Backups of a deployment, and restoring one into a new data directory.
+
+A backup is one tar archive: a consistent copy of the SQLite store (``VACUUM INTO`` inside one
+read transaction: the service keeps running), the key files the copy refers to (still
+encrypted under the key passphrase, which is never in the archive), the settings file, and the
+audit public key. ``MANIFEST.json`` lists every member with its size and SHA-256, the journal
+head and the CAs; ``MANIFEST.sig`` is its signature by the audit key. ``backup verify`` checks
+an archive with no secret at all; ``backup restore`` checks it the same way, then checks every
+CA key against its certificate under the passphrase before the new data directory appears.
+Decisions and limits: docs/decisions.md, "Backup and restore".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select, update
+
+from audit.chain import format_time
+from audit.events import Category, Outcome, by_actor
+from audit.journal import verify_signature
+from audit.models import JournalHead
+from ca.models import CertificateAuthority
+from hsm.secrets import read_secret
+from hsm.software import SoftwareBackend
+from sekisho import __version__
+from sekisho.context import Actor
+from sekisho.db import Database, read_only_sqlite_uri, sqlite_file
+from sekisho.errors import (
+    PATH_SHOWN,
+    ConfigError,
+    Conflict,
+    InputError,
+    KeyBackendError,
+    MalformedInput,
+    SekishoError,
+    StoreError,
+    shown,
+)
+from sekisho.files import FileRefused, NewFiles, read_regular, sync_directory
+from sekisho.settings import CONFIG_NAME, MAX_SETTINGS_FILE, Settings
+
+FORMAT = "sekisho-backup/1"
+MANIFEST = "MANIFEST.json"
+SIGNATURE = "MANIFEST.sig"
+AUDIT_KEY = "audit-public-key.pem"
+DATABASE = "sekisho.db"
+# CRLs the lost deployment signed after the backup are not in the copy; the restored one's
+# next CRL must still carry a higher number than any of them (RFC 5280 5.2.3). A CA signs a
+# few CRLs a minute at most: this lasts for centuries of them, and CRL numbers stay far below
+# 2^63 (the column) and 2^159 (BR 7.2) after thousands of restores.
+CRL_NUMBER_JUMP = 1 << 32
+# The members an archive may hold: the first three in this order, then the others.
+_HEADER = (MANIFEST, SIGNATURE, AUDIT_KEY)
+_KEY_MEMBER = re.compile(r"keys/[a-z0-9][a-z0-9._-]{0,62}\.key")
+_LIMITS = {
+    MANIFEST: 1 << 20,
+    SIGNATURE: 16 << 10,
+    AUDIT_KEY: 64 << 10,
+    CONFIG_NAME: MAX_SETTINGS_FILE,
+}
+MAX_KEY_FILE = 64 << 10
+MAX_MEMBERS = 10_000
+SNAPSHOT_ATTEMPTS = 3
+_SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+class BackupDamaged(SekishoError):
+    """The archive is not what its signed manifest says (or the manifest's signature does not
+    verify): exit 2, as a broken audit chain."""
+
+    code = "backup-damaged"
+    http_status = 422
+    exit_code = 2
+
+
+def _limit(name: str) -> int | None:
+    """The size a member of this name may have (None: the store copy, as large as it is);
+    raises BackupDamaged for a name no backup holds."""
+    if name in _LIMITS:
+        return _LIMITS[name]
+    if name == DATABASE:
+        return None
+    if _KEY_MEMBER.fullmatch(name):
+        return MAX_KEY_FILE
+    raise BackupDamaged(f"the archive holds {shown(name)}, which no Sekisho backup holds")
+
+
+# -- create -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Facts:
+    """What the store copy says the backup must hold."""
+
+    cas: list[dict[str, Any]]
+    responder_refs: list[str]
+    head_seq: int
+    head_hash: str
+    revisions: list[str]
+
+
+def _snapshot(db_path: Path, into: Path) -> None:
+    """A consistent copy of the live store (one read transaction; writers carry on)."""
+    uri, _immutable = read_only_sqlite_uri(db_path)
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=60)) as conn:
+            conn.execute("VACUUM INTO ?", (str(into),))
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot copy the store {db_path}: {exc}") from None
+
+
+def _read_facts(copy: Path) -> _Facts:
+    with contextlib.closing(sqlite3.connect(f"file:{copy}?mode=ro", uri=True)) as conn:
+        cas = [
+            {"name": name, "key_ref": ref, "key_online": bool(online)}
+            for name, ref, online in conn.execute(
+                "SELECT name, key_ref, key_online FROM ca_authorities ORDER BY id"
+            )
+        ]
+        responders = [
+            r for (r,) in conn.execute("SELECT key_ref FROM ocsp_responders WHERE active")
+        ]
+        head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        revisions = sorted(v for (v,) in conn.execute("SELECT version_num FROM alembic_version"))
+    seq, digest = head if head is not None else (0, "")
+    return _Facts(cas, responders, int(seq), str(digest), revisions)
+
+
+def _key_files(backend: Any, facts: _Facts, audit_ref: str) -> tuple[dict[str, bytes], list[str]]:
+    """The key files the store copy refers to (software backend): member name -> content, and
+    the CAs whose key the copy says is online but whose file is gone (taken offline meanwhile).
+    A token's keys stay on the token: nothing to copy."""
+    if not isinstance(backend, SoftwareBackend):
+        return {}, []
+    wanted = [(ca["key_ref"], ca["name"]) for ca in facts.cas if ca["key_online"]]
+    wanted += [(ref, None) for ref in [*facts.responder_refs, audit_ref]]
+    files: dict[str, bytes] = {}
+    missing = []
+    for ref, ca_name in wanted:
+        path = backend.key_path(ref)
+        try:
+            files[f"keys/{path.name}"] = read_regular(path, MAX_KEY_FILE, follow_symlinks=False)
+        except FileNotFoundError:
+            if ca_name is not None:
+                missing.append(ca_name)
+        except (FileRefused, OSError) as exc:
+            raise KeyBackendError(f"cannot read key {ref}: {exc}") from None
+    return files, missing
+
+
+class _Hashing:
+    """A write-only file object that hashes and counts what goes through it (tarfile asks
+    ``tell``)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.fh.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes | Path, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.mode, info.mtime = 0o600, mtime
+    if isinstance(data, Path):
+        info.size = data.stat().st_size
+        with data.open("rb") as fh:
+            tar.addfile(info, fh)
+    else:
+        info.size = len(data)
+        tar.addfile(info, _BytesReader(data))
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._view, self._at = memoryview(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else self._at + n
+        out = bytes(self._view[self._at : end])
+        self._at += len(out)
+        return out
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def create(services: Any, output: Path, actor: Actor) -> dict[str, Any]:
+    """Write a backup of the deployment to the new file ``output`` (0600), signed by the audit
+    key, and journal it (``ca.backup``); the result's summary. Nothing is left at ``output``
+    when any step fails, the journal entry included."""
+    from sekisho.services import audit_key_ref
+
+    settings: Settings = services.settings
+    db_path = sqlite_file(settings.db_url)
+    if db_path is None:
+        raise ConfigError(
+            "`backup create` copies an SQLite store; back a PostgreSQL deployment up with "
+            "PostgreSQL's own tools (pg_dump, or base backups with WAL archiving) together with "
+            "the keys directory and the settings file (docs/decisions.md, Backup and restore)"
+        )
+    signer = services.journal.signer
+    if signer is None:
+        raise KeyBackendError("the audit key is unavailable: the backup could not be signed")
+    now = services.clock()
+    # What the journal holds unsigned goes into the copy signed.
+    with services.db.scope() as session:
+        services.journal.checkpoint(session, now)
+    files = NewFiles([output])
+    with files, tempfile.TemporaryDirectory(prefix=".sekisho-backup-", dir=output.parent) as tmp:
+        copy = Path(tmp) / DATABASE
+        for _attempt in range(SNAPSHOT_ATTEMPTS):
+            copy.unlink(missing_ok=True)
+            _snapshot(db_path, copy)
+            facts = _read_facts(copy)
+            keys, missing = _key_files(services.backend, facts, audit_key_ref(services.backend))
+            if not missing:
+                break
+        else:
+            raise Conflict(
+                f"the key of CA {', '.join(missing)} left the keys directory while the backup "
+                "was taken (`ca offline`?): try again"
+            )
+        audit_pem = serialization.load_der_public_key(signer.public_key_der).public_bytes(
+            serialization.Encoding.PEM, _SPKI
+        )
+        members: dict[str, bytes | Path] = {AUDIT_KEY: audit_pem}
+        config = settings.data_dir / CONFIG_NAME
+        with contextlib.suppress(FileNotFoundError):
+            members[CONFIG_NAME] = read_regular(config, MAX_SETTINGS_FILE)
+        members.update(keys)
+        members[DATABASE] = copy
+        included = {name.removeprefix("keys/") for name in keys}
+        manifest = {
+            "format": FORMAT,
+            "created_at": format_time(now),
+            "sekisho_version": __version__,
+            "database": "sqlite",
+            "schema_revisions": facts.revisions,
+            "key_backend": services.backend.name,
+            "journal_origin": services.journal.origin,
+            "journal_head": {"seq": facts.head_seq, "hash": facts.head_hash},
+            "audit_public_key_sha256": hashlib.sha256(signer.public_key_der).hexdigest(),
+            "cas": [
+                {
+                    **ca,
+                    "key_in_backup": isinstance(services.backend, SoftwareBackend)
+                    and services.backend.key_path(ca["key_ref"]).name in included,
+                }
+                for ca in facts.cas
+            ],
+            "files": [
+                {
+                    "name": name,
+                    "size": data.stat().st_size if isinstance(data, Path) else len(data),
+                    "sha256": _file_digest(data)
+                    if isinstance(data, Path)
+                    else hashlib.sha256(data).hexdigest(),
+                }
+                for name, data in members.items()
+                if name != AUDIT_KEY
+            ],
+        }
+        body = json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8") + b"\n"
+        signature = signer.sign(body)
+        mtime = int(now.timestamp())
+        with files.open_binary(output) as fh:
+            out = _Hashing(fh)
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                _add(tar, MANIFEST, body, mtime)
+                _add(tar, SIGNATURE, signature, mtime)
+                for name, data in members.items():
+                    _add(tar, name, data, mtime)
+        summary = {
+            "file": str(output),
+            "sha256": out.sha256.hexdigest(),
+            "size": out.size,
+            "created_at": manifest["created_at"],
+            "journal_head_seq": facts.head_seq,
+            "cas": [ca["name"] for ca in facts.cas],
+            "keys": sorted(included),
+        }
+        with services.db.scope() as session:
+            services.journal.append(
+                session,
+                by_actor(actor, Category.CA, "ca.backup", Outcome.SUCCESS, detail=summary),
+                services.clock(),
+            )
+    return summary
+
+
+# -- read (verify, restore) -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Extracted:
+    directory: Path
+    manifest: dict[str, Any]
+    audit_key_der: bytes
+    # The manifest's signature was checked with a key the caller gave (--public-key), not only
+    # with the audit key the archive itself carries (integrity, not authenticity).
+    key_given: bool
+
+
+def _manifest(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise MalformedInput("not a Sekisho backup: its manifest is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else None
+        raise MalformedInput(f"not a Sekisho backup of format {FORMAT} (format {shown(got)})")
+    files = doc.get("files")
+    head = doc.get("journal_head")
+    if (
+        not isinstance(files, list)
+        or not all(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and isinstance(f.get("size"), int)
+            and isinstance(f.get("sha256"), str)
+            for f in files
+        )
+        or not isinstance(head, dict)
+        or not isinstance(head.get("seq"), int)
+        or not all(isinstance(doc.get(k), str) for k in ("journal_origin", "created_at"))
+        or not isinstance(doc.get("schema_revisions"), list)
+        or not isinstance(doc.get("cas"), list)
+    ):
+        raise BackupDamaged("the manifest lacks a field every backup has")
+    return doc
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+    if member.size > limit:
+        raise BackupDamaged(f"{shown(member.name)} is larger than a backup's ({member.size} bytes)")
+    fh = tar.extractfile(member)
+    assert fh is not None  # a regular file
+    return fh.read(limit + 1)
+
+
+def _copy_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, into: Path, expected: Mapping[str, Any]
+) -> None:
+    """Write the member under ``into`` (new file, 0600; its directory 0700), checking its size
+    and SHA-256 against the manifest."""
+    limit = _limit(member.name)
+    if limit is not None and member.size > limit:
+        raise BackupDamaged(f"{shown(member.name)} is larger than a backup's ({member.size} bytes)")
+    if member.size != expected["size"]:
+        raise BackupDamaged(f"{shown(member.name)} is not the size the manifest says")
+    path = into / member.name
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    source = tar.extractfile(member)
+    assert source is not None
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if digest.hexdigest() != expected["sha256"]:
+        raise BackupDamaged(f"{shown(member.name)} does not match the manifest's SHA-256")
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    seen: set[str] = set()
+    for count, member in enumerate(tar, 1):
+        if count > MAX_MEMBERS:
+            raise BackupDamaged(f"the archive holds more than {MAX_MEMBERS} members")
+        if not member.isreg():
+            raise BackupDamaged(f"{shown(member.name)} is not a regular file")
+        if member.name in seen:
+            raise BackupDamaged(f"{shown(member.name)} is in the archive twice")
+        seen.add(member.name)
+        yield member
+
+
+def extract(archive: Path, into: Path, trusted_keys: Collection[bytes] = ()) -> Extracted:
+    """Check ``archive`` and write its members under the existing empty directory ``into``.
+
+    The manifest's signature must verify with one of ``trusted_keys`` (DER SPKI: the auditor's
+    copy of the audit public key) or, with none given, with the audit key the archive carries
+    (which shows the archive whole, not who made it). Every member must be one the manifest
+    lists, of its size and SHA-256, and every one it lists must be there."""
+    try:
+        with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            return _extract(tar, into, trusted_keys)
+    except tarfile.TarError as exc:
+        raise MalformedInput(f"{shown(archive, PATH_SHOWN)} is not a tar archive: {exc}") from None
+    except FileNotFoundError:
+        raise InputError(f"no such file: {shown(archive, PATH_SHOWN)}") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise InputError(f"cannot read {shown(archive, PATH_SHOWN)}: {exc.strerror}") from None
+
+
+def _extract(tar: tarfile.TarFile, into: Path, trusted_keys: Collection[bytes]) -> Extracted:
+    members = _members(tar)
+    header: dict[str, bytes] = {}
+    for name in _HEADER:
+        member = next(members, None)
+        if member is None or member.name != name:
+            got = "the end" if member is None else shown(member.name)
+            raise MalformedInput(f"not a Sekisho backup: {got} where {name} should be")
+        header[name] = _read_member(tar, member, _LIMITS[name])
+    manifest = _manifest(header[MANIFEST])
+    try:
+        key = serialization.load_pem_public_key(header[AUDIT_KEY])
+    except (ValueError, UnsupportedAlgorithm):
+        raise BackupDamaged(f"{AUDIT_KEY} is not a PEM public key") from None
+    audit_der = key.public_bytes(serialization.Encoding.DER, _SPKI)
+    if hashlib.sha256(audit_der).hexdigest() != manifest.get("audit_public_key_sha256"):
+        raise BackupDamaged(f"{AUDIT_KEY} is not the audit key the manifest names")
+    keys = list(trusted_keys) or [audit_der]
+    if not any(verify_signature(k, header[SIGNATURE], header[MANIFEST]) for k in keys):
+        whose = "the audit public key given" if trusted_keys else "the archive's own audit key"
+        raise BackupDamaged(f"the manifest's signature does not verify with {whose}")
+    expected = {f["name"]: f for f in manifest["files"]}
+    for name in expected:
+        _limit(name)  # a name no backup holds, even if listed and signed
+    (into / AUDIT_KEY).write_bytes(header[AUDIT_KEY])
+    for member in members:
+        if member.name not in expected:
+            raise BackupDamaged(f"{shown(member.name)} is not in the manifest")
+        _copy_member(tar, member, into, expected[member.name])
+    absent = sorted(n for n in expected if not (into / n).exists())
+    if absent:
+        raise BackupDamaged(f"the archive lacks {', '.join(absent)}, which the manifest lists")
+    if DATABASE not in expected:
+        raise BackupDamaged("the archive holds no store")
+    return Extracted(into, manifest, audit_der, bool(trusted_keys))
+
+
+def check_store(extracted: Extracted) -> dict[str, Any]:
+    """The extracted store: SQLite's integrity check, then the audit journal's hash chain and
+    every checkpoint against the key the manifest was checked with, and the head the manifest
+    names. Raises BackupDamaged or AuditChainBroken (exit 2)."""
+    from audit.verify import verify
+
+    path = extracted.directory / DATABASE
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            result = conn.execute("PRAGMA integrity_check").fetchall()
+    except sqlite3.Error as exc:
+        raise BackupDamaged(f"the store in the archive cannot be read: {exc}") from None
+    if result != [("ok",)]:
+        raise BackupDamaged(
+            f"the store in the archive fails SQLite's integrity check: {result[0][0]}"
+        )
+    db = Database(f"sqlite:///{path}", read_only=True)
+    try:
+        with db.read_scope(snapshot=True) as session:
+            checked = verify(
+                session,
+                extracted.manifest["journal_origin"],
+                trusted_keys=[extracted.audit_key_der],
+                initialised=True,
+            )
+            head = session.get(JournalHead, 1)
+    finally:
+        db.dispose()
+    named = extracted.manifest["journal_head"]
+    if head is None or (head.seq, head.hash) != (named["seq"], named.get("hash")):
+        raise BackupDamaged("the store's journal head is not the one the manifest names")
+    return {"records": checked.records, "checkpoints": checked.checkpoints}
+
+
+def verify_archive(archive: Path, trusted_keys: Collection[bytes] = ()) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=".sekisho-verify-") as tmp:
+        extracted = extract(archive, Path(tmp), trusted_keys)
+        journal = check_store(extracted)
+    return _summary(extracted, journal)
+
+
+def _summary(extracted: Extracted, journal: Mapping[str, Any]) -> dict[str, Any]:
+    manifest = extracted.manifest
+    return {
+        "ok": True,
+        "created_at": manifest["created_at"],
+        "sekisho_version": manifest.get("sekisho_version"),
+        "signature_checked_with": "given public key"
+        if extracted.key_given
+        else "archive's own key",
+        "journal_records": journal["records"],
+        "journal_checkpoints": journal["checkpoints"],
+        "cas": manifest["cas"],
+        "files": len(manifest["files"]),
+    }
+
+
+# -- restore ----------------------------------------------------------------------------------
+def _empty_target(target: Path) -> bool:
+    """Whether ``target`` exists (as an empty directory); anything else there is refused."""
+    try:
+        entries = os.listdir(target)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        raise Conflict(f"{shown(target, PATH_SHOWN)} exists and is not a directory") from None
+    if entries:
+        raise Conflict(
+            f"{shown(target, PATH_SHOWN)} is not empty: a backup is restored only into a new or "
+            "empty data directory, never over a deployment"
+        )
+    return True
+
+
+def _staging_settings(staging: Path, passphrase_file: Path | None) -> Settings:
+    from sekisho.settings import load_settings
+
+    settings = load_settings(None, overrides={"data_dir": staging})
+    if sqlite_file(settings.db_url) != (staging / DATABASE).resolve():
+        raise ConfigError(
+            "database_url is set (in the restored settings or SEKISHO_DATABASE_URL): a backup "
+            "restores an SQLite store into the data directory; unset it to restore"
+        )
+    default_source = not settings.key_passphrase_env and not settings.key_passphrase_file
+    if settings.key_backend != "software" or not default_source:
+        if passphrase_file is not None:
+            raise InputError(
+                "--passphrase-file is for a deployment whose passphrase is in its data "
+                "directory; the restored settings name where the secret comes from"
+            )
+        return settings
+    if passphrase_file is None:
+        raise InputError(
+            "give the key passphrase with --passphrase-file FILE (the backup never holds it; "
+            "it is copied into the new data directory, as `init` keeps it)"
+        )
+    secret = read_secret(passphrase_file)  # owner-only, long enough: as `init` would take it
+    secrets_dir = staging / "secrets"
+    secrets_dir.mkdir(mode=0o700)
+    fd = os.open(secrets_dir / "ca-passphrase", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return settings
+
+
+def _check_keys(services: Any, manifest: Mapping[str, Any]) -> None:
+    """Every CA key the restored store says is online opens under the passphrase (or is on the
+    token) and is the key of its CA's certificate; the audit key is the manifest's."""
+    from sekisho.services import audit_key_ref
+
+    with services.db.read_scope() as session:
+        rows = list(session.scalars(select(CertificateAuthority)))
+    for row in rows:
+        if not row.key_online:
+            continue
+        want = x509.load_der_x509_certificate(row.certificate_der).public_key()
+        got = services.backend.public_key(row.key_ref)
+        if got.public_bytes(serialization.Encoding.DER, _SPKI) != want.public_bytes(
+            serialization.Encoding.DER, _SPKI
+        ):
+            raise KeyBackendError(
+                f"the key of CA {row.name} is not the key its certificate certifies"
+            )
+    signer = services.journal.signer
+    if signer is None or hashlib.sha256(signer.public_key_der).hexdigest() != manifest.get(
+        "audit_public_key_sha256"
+    ):
+        raise KeyBackendError(
+            f"the audit key {audit_key_ref(services.backend)} is not the backup's"
+        )
+
+
+def restore(
+    archive: Path,
+    target: Path,
+    actor: Actor,
+    *,
+    passphrase_file: Path | None = None,
+    trusted_keys: Collection[bytes] = (),
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Restore ``archive`` as the deployment in ``target`` (absent or an empty directory).
+
+    Everything happens in a staging directory beside it, renamed to ``target`` only once the
+    archive, the store, the journal and every CA key have been checked, each CA's CRL number
+    moved on by CRL_NUMBER_JUMP and the restore journalled (``ca.restore``) and signed: a
+    failure leaves nothing at ``target``."""
+    from sekisho.bootstrap import publish_ca_files
+    from sekisho.services import open_deployment
+
+    existed = _empty_target(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.restoring-{secrets.token_hex(4)}"
+    staging.mkdir(mode=0o700)
+    try:
+        extracted = extract(archive, staging, trusted_keys)
+        journal = check_store(extracted)
+        (staging / AUDIT_KEY).unlink()  # (`audit public-key` writes it when wanted)
+        settings = _staging_settings(staging, passphrase_file)
+        services = open_deployment(settings)  # migrates a store of an older version
+        try:
+            _check_keys(services, extracted.manifest)
+            when = now or services.clock()
+            with services.db.scope() as session:
+                session.execute(
+                    update(CertificateAuthority).values(
+                        crl_number=CertificateAuthority.crl_number + CRL_NUMBER_JUMP
+                    )
+                )
+                services.journal.append(
+                    session,
+                    by_actor(
+                        actor,
+                        Category.CA,
+                        "ca.restore",
+                        Outcome.SUCCESS,
+                        detail={
+                            "backup_created_at": extracted.manifest["created_at"],
+                            "backup_journal_head": extracted.manifest["journal_head"],
+                            "crl_number_jump": CRL_NUMBER_JUMP,
+                        },
+                    ),
+                    when,
+                )
+            with services.db.scope() as session:
+                services.journal.checkpoint(session, when)
+            publish_ca_files(services)
+        finally:
+            services.close()
+        if existed:
+            target.rmdir()
+        os.rename(staging, target)
+        sync_directory(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {**_summary(extracted, journal), "data_dir": str(target)}

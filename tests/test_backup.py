@@ -1,0 +1,495 @@
+"""``sekisho backup create | verify | restore`` on real deployments: the archive holds a
+consistent, signed copy (no passphrase, no plaintext key); verification catches every kind of
+damage without a secret; a restore checks everything before the data directory appears, moves
+CRL numbers past anything the lost deployment may have signed, and journals itself. Every
+certificate and CRL the restored deployment makes goes through pkilint and OpenSSL."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca.crl import latest_by_name
+from ca.models import CrlKind
+from ca.revocation import Reason
+from hsm.pbes2 import encrypt_private_key
+from hsm.software import PEM_LABEL, pem_wrap
+from sekisho import backup
+from sekisho.cli import main
+from sekisho.services import Services, build_services
+from tests.ca.helpers import make_csr, name
+from tests.conftest import TEST_ACTOR, Deployment, make_settings
+from tests.support.checkers import (
+    openssl_crl_verify,
+    openssl_verify,
+    openssl_verify_revoked,
+    pkilint_cert,
+    pkilint_crl,
+)
+
+_SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+@dataclasses.dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def cli(capsys: pytest.CaptureFixture[str], data_dir: Path, *args: str) -> Result:
+    capsys.readouterr()
+    code = main(["--data-dir", str(data_dir), *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, out + err
+    return Result(code, out, err)
+
+
+@pytest.fixture
+def source(template_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "source"
+    shutil.copytree(template_dir, target)
+    return target
+
+
+def _services(data_dir: Path) -> Services:
+    return build_services(make_settings(data_dir))
+
+
+def _issue(services: Services, cn: str) -> x509.Certificate:
+    return services.ca.issue_from_csr(
+        make_csr(
+            name(O="Tenant One", UID="alice", CN=cn), [x509.RFC822Name("alice@tenant1.example.com")]
+        ),
+        ca="admin",
+        profile="admin-client",
+        actor=TEST_ACTOR,
+    )
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        out = {}
+        for m in tar.getmembers():
+            fh = tar.extractfile(m)
+            out[m.name] = fh.read() if fh is not None else b""
+        return out
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]], tweak: Any = None) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member_name, data in members:
+            info = tarfile.TarInfo(member_name)
+            info.size = len(data)
+            if tweak is not None:
+                tweak(info)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _resign(members: dict[str, bytes], sign: Callable[[bytes], bytes]) -> None:
+    """Bring the manifest up to date with the members and sign it with ``sign``."""
+    manifest = json.loads(members[backup.MANIFEST])
+    manifest["files"] = [
+        {"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+        for n, d in members.items()
+        if n not in backup._HEADER
+    ]
+    pem = members[backup.AUDIT_KEY]
+    der = serialization.load_pem_public_key(pem).public_bytes(serialization.Encoding.DER, _SPKI)
+    manifest["audit_public_key_sha256"] = hashlib.sha256(der).hexdigest()
+    body = json.dumps(manifest, sort_keys=True, indent=1).encode() + b"\n"
+    members[backup.MANIFEST] = body
+    members[backup.SIGNATURE] = sign(body)
+
+
+def _audit_signer(data_dir: Path) -> Callable[[bytes], bytes]:
+    services = _services(data_dir)
+    signer = services.journal.signer
+    assert signer is not None
+    return signer.sign
+
+
+def _crl(data_dir: Path, ca: str) -> tuple[int, bytes]:
+    services = _services(data_dir)
+    try:
+        with services.db.read_scope() as session:
+            crl = latest_by_name(session, ca, CrlKind.FULL)
+            assert crl is not None
+            return crl.number, crl.der
+    finally:
+        services.close()
+
+
+def _ca_der(data_dir: Path, ca: str) -> bytes:
+    return (data_dir / "public" / f"{ca}.crt").read_bytes()
+
+
+def _der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def test_round_trip(capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path) -> None:
+    services = _services(source)
+    try:
+        kept = _issue(services, "Kept Admin")
+        later = _issue(services, "Revoked After The Backup")
+    finally:
+        services.close()
+    archive = tmp_path / "out" / "backup.tar"
+    archive.parent.mkdir()
+    made = cli(capsys, source, "--json", "backup", "create", str(archive))
+    assert made.code == 0, made.err
+    summary = json.loads(made.out)
+    # A new owner-only file, whose digest the journal records.
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o600
+    assert summary["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert sorted(os.listdir(archive.parent)) == ["backup.tar"]  # no temporary left
+    members = _members(archive)
+    assert list(members)[:3] == [backup.MANIFEST, backup.SIGNATURE, backup.AUDIT_KEY]
+    assert {"keys/ca-root.key", "keys/ca-admin.key", "keys/audit.key", "sekisho.db"} <= set(members)
+    blob = archive.read_bytes()
+    passphrase = (source / "secrets" / "ca-passphrase").read_bytes().strip()
+    assert passphrase not in blob
+    assert b"-----BEGIN PRIVATE KEY" not in blob and b"BEGIN EC PRIVATE KEY" not in blob
+    found = cli(capsys, source, "--json", "audit", "search", "--action", "ca.backup")
+    (record,) = [json.loads(line) for line in found.out.splitlines()]
+    assert record["detail"]["sha256"] == summary["sha256"]
+
+    # Verified with no secret, and against the auditor's copy of the audit key.
+    pub = tmp_path / "audit.pem"
+    assert cli(capsys, source, "audit", "public-key", "-o", str(pub)).code == 0
+    checked = cli(capsys, tmp_path, "backup", "verify", str(archive))
+    assert checked.code == 0 and "archive's own key" in checked.out, checked.err
+    checked = cli(capsys, tmp_path, "backup", "verify", str(archive), "--public-key", str(pub))
+    assert checked.code == 0 and "given public key" in checked.out, checked.err
+
+    # After the backup: a revocation and CRLs the restored deployment will not know of.
+    services = _services(source)
+    try:
+        services.revoker.revoke("admin", later.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    finally:
+        services.close()
+    assert cli(capsys, source, "crl", "generate", "--ca", "admin").code == 0
+    lost_number, _ = _crl(source, "admin")
+
+    restored = tmp_path / "restored"
+    done = cli(
+        capsys,
+        restored,
+        "--json",
+        "backup",
+        "restore",
+        str(archive),
+        "--passphrase-file",
+        str(source / "secrets" / "ca-passphrase"),
+        "--public-key",
+        str(pub),
+    )
+    assert done.code == 0, done.err
+    assert stat.S_IMODE(restored.stat().st_mode) == 0o700
+    assert [p for p in os.listdir(tmp_path) if ".restoring-" in p] == []
+    assert stat.S_IMODE((restored / "secrets" / "ca-passphrase").stat().st_mode) == 0o600
+    assert _ca_der(restored, "admin") == _ca_der(source, "admin")
+    # The journal is whole, and says what happened.
+    assert cli(capsys, restored, "audit", "verify").code == 0
+    found = cli(capsys, restored, "--json", "audit", "search", "--action", "ca.restore")
+    (record,) = [json.loads(line) for line in found.out.splitlines()]
+    assert record["detail"]["crl_number_jump"] == backup.CRL_NUMBER_JUMP
+    # What the backup held: the certificate issued before it, revocable; the revocation made
+    # after it is not there (documented: revoke again what was revoked since).
+    shown = cli(
+        capsys, restored, "--json", "cert", "show", "--ca", "admin", f"{later.serial_number:x}"
+    )
+    assert shown.code == 0 and json.loads(shown.out)["status"] == "issued"
+    assert cli(capsys, restored, "revoke", "--ca", "admin", f"{kept.serial_number:x}").code == 0
+    # The next CRL outnumbers every CRL the lost deployment signed; it lints and verifies, and
+    # OpenSSL finds the revocation on it.
+    assert cli(capsys, restored, "crl", "generate").code == 0
+    number, der = _crl(restored, "admin")
+    assert number > lost_number + 1_000_000
+    pkilint_crl(der)
+    admin_der, root_der = _der(_ca_der(restored, "admin")), _der(_ca_der(restored, "root"))
+    openssl_crl_verify(der, admin_der)
+    root_crl = _crl(restored, "root")[1]
+    pkilint_crl(root_crl)
+    openssl_verify_revoked(
+        kept.public_bytes(serialization.Encoding.DER), [root_der, admin_der], [root_crl, der]
+    )
+    # And it issues again under the restored keys.
+    services = _services(restored)
+    try:
+        cert = _issue(services, "After Restore")
+    finally:
+        services.close()
+    cert_der = cert.public_bytes(serialization.Encoding.DER)
+    pkilint_cert(cert_der)
+    openssl_verify(cert_der, [root_der, admin_der], purpose="sslclient")
+
+
+def _corrupt_store(members: dict[str, bytes]) -> None:
+    db = bytearray(members["sekisho.db"])
+    db[len(db) // 2] ^= 0x01
+    members["sekisho.db"] = bytes(db)
+
+
+def _attacker_key(members: dict[str, bytes]) -> Callable[[bytes], bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    members[backup.AUDIT_KEY] = key.public_key().public_bytes(serialization.Encoding.PEM, _SPKI)
+    return lambda body: key.sign(body, ec.ECDSA(hashes.SHA256()))
+
+
+def _build(
+    archive: Path, out: Path, kind: str, audit_sign: Callable[[bytes], bytes]
+) -> dict[str, bytes]:
+    """A damaged copy of ``archive`` at ``out``, damaged as ``kind`` says."""
+    members = _members(archive)
+    order = list(members)
+    tweak = None
+    if kind == "flipped-byte":
+        _corrupt_store(members)
+    elif kind == "manifest-edited":
+        members[backup.MANIFEST] = members[backup.MANIFEST].replace(b"2026", b"2027", 1)
+    elif kind == "extra-member":
+        members["keys/zz-planted.key"] = b"x"
+        order.append("keys/zz-planted.key")
+    elif kind == "extra-member-resigned":
+        # Listed and signed by the real audit key, but no backup holds such a name.
+        members["../escape.key"] = b"x"
+        order.append("../escape.key")
+        _resign(members, audit_sign)
+    elif kind == "missing-member":
+        order.remove("keys/ca-admin.key")
+    elif kind == "duplicate-member":
+        order.append("keys/ca-admin.key")
+    elif kind == "symlink":
+        tweak = _symlink_tweak
+    elif kind == "attacker-resigned":
+        # Store edited, manifest re-signed with the attacker's own "audit key": whole, but its
+        # journal checkpoints are not that key's.
+        _corrupt_store(members)
+        _resign(members, _attacker_key(members))
+    elif kind == "audit-key-swapped":
+        _attacker_key(members)
+    elif kind == "store-resigned":
+        # Signed by the real audit key (an insider with the key), a journal record edited in
+        # the store: the journal walk (or, if the edit hit an index, SQLite's integrity check)
+        # catches it.
+        db = members["sekisho.db"]
+        assert db.count(b"ca.issue") >= 3
+        members["sekisho.db"] = db.replace(b"ca.issue", b"ca.issuf", 1)
+        _resign(members, audit_sign)
+    _write_tar(out, [(n, members[n]) for n in order], tweak)
+    return members
+
+
+def _symlink_tweak(info: tarfile.TarInfo) -> None:
+    if info.name == "keys/ca-admin.key":
+        info.type, info.linkname, info.size = tarfile.SYMTYPE, "/etc/passwd", 0
+
+
+DAMAGE = [
+    "flipped-byte",
+    "manifest-edited",
+    "extra-member",
+    "extra-member-resigned",
+    "missing-member",
+    "duplicate-member",
+    "symlink",
+    "attacker-resigned",
+    "audit-key-swapped",
+    "store-resigned",
+]
+
+
+@pytest.fixture
+def archive(capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path) -> Path:
+    services = _services(source)
+    try:
+        for i in range(3):
+            _issue(services, f"Admin {i}")
+    finally:
+        services.close()
+    out = tmp_path / "backup.tar"
+    assert cli(capsys, source, "backup", "create", str(out)).code == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_verify_and_restore_refuse_damage(
+    capsys: pytest.CaptureFixture[str], source: Path, archive: Path, tmp_path: Path, kind: str
+) -> None:
+    damaged = tmp_path / f"{kind}.tar"
+    _build(archive, damaged, kind, _audit_signer(source))
+    pub = tmp_path / "audit.pem"
+    assert cli(capsys, source, "audit", "public-key", "-o", str(pub)).code == 0
+    for extra in ((), ("--public-key", str(pub))):
+        result = cli(capsys, tmp_path, "backup", "verify", str(damaged), *extra)
+        assert result.code == 2, (kind, result.err)
+        assert result.err.startswith(("error: backup-damaged", "error: audit-chain-broken"))
+    target = tmp_path / "restored"
+    for extra in (("--unauthenticated",), ("--public-key", str(pub))):
+        result = cli(
+            capsys,
+            target,
+            "backup",
+            "restore",
+            str(damaged),
+            "--passphrase-file",
+            str(source / "secrets" / "ca-passphrase"),
+            *extra,
+        )
+        assert result.code == 2, (kind, result.err)
+    # Nothing at the target, nothing staged, nothing written outside.
+    assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert not (tmp_path / "escape.key").exists()
+
+
+def test_not_a_backup(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(os.urandom(3000))
+    result = cli(capsys, tmp_path, "backup", "verify", str(junk))
+    assert result.code == 65 and "not a tar archive" in result.err
+    other = tmp_path / "other.tar"
+    _write_tar(other, [("README", b"hello")])
+    result = cli(capsys, tmp_path, "backup", "verify", str(other))
+    assert result.code == 65 and "not a Sekisho backup" in result.err
+    assert cli(capsys, tmp_path, "backup", "verify", str(tmp_path / "none.tar")).code == 65
+
+
+def test_restore_refusals_leave_nothing(
+    capsys: pytest.CaptureFixture[str], source: Path, archive: Path, tmp_path: Path
+) -> None:
+    passphrase = source / "secrets" / "ca-passphrase"
+    target = tmp_path / "restored"
+
+    def restore(path: Path, *extra: str) -> Result:
+        return cli(capsys, target, "backup", "restore", str(path), "--unauthenticated", *extra)
+
+    def nothing_left() -> None:
+        assert not target.exists()
+        assert [p for p in os.listdir(tmp_path) if ".restoring-" in p] == []
+
+    # Neither the audit public key nor a word that the archive is trusted as it is.
+    result = cli(capsys, target, "backup", "restore", str(archive), "--passphrase-file", "x")
+    assert result.code == 64 and "--public-key" in result.err
+    nothing_left()
+    # No passphrase: the backup never holds it.
+    result = restore(archive)
+    assert result.code == 65 and "--passphrase-file" in result.err
+    nothing_left()
+    # A wrong one: every key is checked before the directory appears.
+    wrong = tmp_path / "wrong-passphrase"
+    wrong.write_bytes(b"not the passphrase of these keys")
+    wrong.chmod(0o600)
+    result = restore(archive, "--passphrase-file", str(wrong))
+    assert result.code == 77, result.err
+    nothing_left()
+    # A CA key file replaced by another key under the same passphrase, the manifest re-signed
+    # with the real audit key (an insider's archive): the key is not the one its certificate
+    # certifies.
+    members = _members(archive)
+    other = ec.generate_private_key(ec.SECP256R1())
+    members["keys/ca-admin.key"] = pem_wrap(
+        encrypt_private_key(other, passphrase.read_bytes().strip()), PEM_LABEL
+    )
+    _resign(members, _audit_signer(source))
+    swapped = tmp_path / "swapped.tar"
+    _write_tar(swapped, list(members.items()))
+    assert cli(capsys, tmp_path, "backup", "verify", str(swapped)).code == 0
+    result = restore(swapped, "--passphrase-file", str(passphrase))
+    assert result.code == 69 and "CA admin" in result.err, result.err
+    nothing_left()
+    # Never over anything: a non-empty directory stays as it was.
+    target.mkdir()
+    (target / "keep").write_text("mine")
+    result = restore(archive, "--passphrase-file", str(passphrase))
+    assert result.code == 75 and "not empty" in result.err
+    assert os.listdir(target) == ["keep"]
+    # An empty one is taken.
+    (target / "keep").unlink()
+    assert restore(archive, "--passphrase-file", str(passphrase)).code == 0
+    assert (target / "sekisho.db").exists()
+
+
+def test_create_refusals_leave_nothing(
+    capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "backup.tar"
+    out.write_text("earlier")
+    result = cli(capsys, source, "backup", "create", str(out))
+    assert result.code == 65 and "exists" in result.err
+    assert out.read_text() == "earlier"
+    # The store says the admin CA's key is online, but its file is gone (taken offline while
+    # the copy was made, each time): refused, no archive.
+    fresh = tmp_path / "fresh.tar"
+    (source / "keys" / "ca-admin.key").rename(tmp_path / "aside.key")
+    result = cli(capsys, source, "backup", "create", str(fresh))
+    assert result.code == 75 and "admin" in result.err, result.err
+    assert not fresh.exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".sekisho-backup")] == []
+
+
+def test_postgres_deployment_is_refused(
+    capsys: pytest.CaptureFixture[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    if deployment.backend == "sqlite":
+        pytest.skip("the SQLite case is every other test here")
+    out = tmp_path / "backup.tar"
+    result = cli(capsys, deployment.data_dir, "backup", "create", str(out))
+    assert result.code == 78 and "pg_dump" in result.err
+    assert not out.exists()
+
+
+def test_backup_while_issuing(
+    capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path
+) -> None:
+    """The copy is one snapshot: taken while another thread issues, it verifies, and its
+    journal head is one the live journal passed through."""
+    services = _services(source)
+    stop = threading.Event()
+    issued: list[int] = []
+    errors: list[BaseException] = []
+
+    def issue_loop() -> None:
+        try:
+            for i in range(2000):  # bounded
+                if stop.is_set():
+                    return
+                issued.append(_issue(services, f"Busy {i}").serial_number)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=issue_loop)
+    worker.start()
+    try:
+        for _ in range(500):  # bounded wait for issuance to be under way
+            if len(issued) >= 5:
+                break
+            threading.Event().wait(0.01)
+        archive = tmp_path / "busy.tar"
+        result = cli(capsys, source, "--json", "backup", "create", str(archive))
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+        services.close()
+    assert not errors, errors
+    assert result.code == 0, result.err
+    checked = cli(capsys, tmp_path, "--json", "backup", "verify", str(archive))
+    assert checked.code == 0, checked.err
+    assert json.loads(checked.out)["journal_records"] == json.loads(result.out)["journal_head_seq"]
