@@ -546,10 +546,12 @@ def _staging_settings(staging: Path, passphrase_file: Path | None) -> Settings:
     default_source = not settings.key_passphrase_env and not settings.key_passphrase_file
     if settings.key_backend != "software" or not default_source:
         if passphrase_file is not None:
-            raise InputError(
-                "--passphrase-file is for a deployment whose passphrase is in its data "
-                "directory; the restored settings name where the secret comes from"
+            source = (
+                "keys on a PKCS#11 token"
+                if settings.key_backend != "software"
+                else "a passphrase source of their own"
             )
+            raise InputError(f"--passphrase-file is not used: the restored settings name {source}")
         return settings
     if passphrase_file is None:
         raise InputError(

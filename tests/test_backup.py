@@ -493,3 +493,41 @@ def test_backup_while_issuing(
     checked = cli(capsys, tmp_path, "--json", "backup", "verify", str(archive))
     assert checked.code == 0, checked.err
     assert json.loads(checked.out)["journal_records"] == json.loads(result.out)["journal_head_seq"]
+
+
+@pytest.mark.pkcs11
+def test_keys_on_a_token(
+    capsys: pytest.CaptureFixture[str], pkcs11_template_dir: Path, tmp_path: Path
+) -> None:
+    """Keys on a token stay there: the archive holds none, and the restore checks each CA's
+    key on the token against its certificate (no passphrase: the settings name the PIN)."""
+    source = tmp_path / "source"
+    shutil.copytree(pkcs11_template_dir, source)
+    archive = tmp_path / "token.tar"
+    made = cli(capsys, source, "--json", "backup", "create", str(archive))
+    assert made.code == 0, made.err
+    assert json.loads(made.out)["keys"] == []
+    members = _members(archive)
+    assert not [n for n in members if n.startswith("keys/")]
+    assert json.loads(members[backup.MANIFEST])["key_backend"] == "pkcs11"
+    assert cli(capsys, tmp_path, "backup", "verify", str(archive)).code == 0
+    target = tmp_path / "restored"
+    restore = ("backup", "restore", str(archive), "--unauthenticated")
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_bytes(b"x" * 32)
+    passphrase.chmod(0o600)
+    result = cli(capsys, target, *restore, "--passphrase-file", str(passphrase))
+    assert result.code == 65 and "PKCS#11 token" in result.err, result.err
+    assert not target.exists()
+    result = cli(capsys, target, *restore)
+    assert result.code == 0, result.err
+    assert cli(capsys, target, "audit", "verify").code == 0
+    services = build_services(make_settings(target))
+    try:
+        cert = _issue(services, "Token Admin")
+    finally:
+        services.close()
+    chain = [_der(_ca_der(target, "root")), _der(_ca_der(target, "admin"))]
+    cert_der = cert.public_bytes(serialization.Encoding.DER)
+    pkilint_cert(cert_der)
+    openssl_verify(cert_der, chain, purpose="sslclient")
