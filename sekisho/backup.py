@@ -22,9 +22,11 @@ import re
 import secrets
 import shutil
 import sqlite3
+import subprocess
 import tarfile
 import tempfile
-from collections.abc import Collection, Iterator, Mapping
+import tomllib
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +34,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from audit.chain import format_time
 from audit.events import Category, Outcome, by_actor
@@ -42,7 +46,7 @@ from hsm.secrets import read_secret
 from hsm.software import SoftwareBackend
 from sekisho import __version__
 from sekisho.context import Actor
-from sekisho.db import Database, read_only_sqlite_uri, sqlite_file
+from sekisho.db import Database, read_only_sqlite_uri, sqlite_file, store_errors
 from sekisho.errors import (
     PATH_SHOWN,
     ConfigError,
@@ -54,7 +58,7 @@ from sekisho.errors import (
     StoreError,
     shown,
 )
-from sekisho.files import FileRefused, NewFiles, read_regular, sync_directory
+from sekisho.files import FileRefused, NewFiles, read_regular, replace_synced, sync_directory
 from sekisho.settings import CONFIG_NAME, MAX_SETTINGS_FILE, Settings
 
 FORMAT = "sekisho-backup/1"
@@ -62,6 +66,11 @@ MANIFEST = "MANIFEST.json"
 SIGNATURE = "MANIFEST.sig"
 AUDIT_KEY = "audit-public-key.pem"
 DATABASE = "sekisho.db"
+PG_DUMP = "sekisho.pgdump"  # pg_dump's custom format
+_STORES = {"sqlite": DATABASE, "postgresql": PG_DUMP}
+# pg_dump / pg_restore of a large store take minutes; a tool that hangs (a lock it waits for,
+# a server gone) is stopped after this.
+PG_TOOL_SECONDS = 6 * 3600.0
 # CRLs the lost deployment signed after the backup are not in the copy; the restored one's
 # next CRL must still carry a higher number than any of them (RFC 5280 5.2.3). A CA signs a
 # few CRLs a minute at most: this lasts for centuries of them, and CRL numbers stay far below
@@ -96,7 +105,7 @@ def _limit(name: str) -> int | None:
     raises BackupDamaged for a name no backup holds."""
     if name in _LIMITS:
         return _LIMITS[name]
-    if name == DATABASE:
+    if name in (DATABASE, PG_DUMP):
         return None
     if _KEY_MEMBER.fullmatch(name):
         return MAX_KEY_FILE
@@ -125,21 +134,99 @@ def _snapshot(db_path: Path, into: Path) -> None:
         raise StoreError(f"cannot copy the store {db_path}: {exc}") from None
 
 
-def _read_facts(copy: Path) -> _Facts:
-    with contextlib.closing(sqlite3.connect(f"file:{copy}?mode=ro", uri=True)) as conn:
-        cas = [
-            {"name": name, "key_ref": ref, "key_online": bool(online)}
-            for name, ref, online in conn.execute(
-                "SELECT name, key_ref, key_online FROM ca_authorities ORDER BY id"
-            )
-        ]
-        responders = [
-            r for (r,) in conn.execute("SELECT key_ref FROM ocsp_responders WHERE active")
-        ]
-        head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        revisions = sorted(v for (v,) in conn.execute("SELECT version_num FROM alembic_version"))
-    seq, digest = head if head is not None else (0, "")
+def _read_facts(query: Callable[[str], Sequence[Any]]) -> _Facts:
+    """The facts, read by ``query`` (SQL text -> rows) from the copy, or within the snapshot
+    the copy is made of."""
+    cas = [
+        {"name": name, "key_ref": ref, "key_online": bool(online)}
+        for name, ref, online in query(
+            "SELECT name, key_ref, key_online FROM ca_authorities ORDER BY id"
+        )
+    ]
+    responders = [r for (r,) in query("SELECT key_ref FROM ocsp_responders WHERE active")]
+    head = query("SELECT seq, hash FROM audit_head WHERE id = 1")
+    revisions = sorted(v for (v,) in query("SELECT version_num FROM alembic_version"))
+    seq, digest = head[0] if head else (0, "")
     return _Facts(cas, responders, int(seq), str(digest), revisions)
+
+
+def _copy_sqlite(db_path: Path, into: Path) -> _Facts:
+    into.unlink(missing_ok=True)
+    _snapshot(db_path, into)
+    with contextlib.closing(sqlite3.connect(f"file:{into}?mode=ro", uri=True)) as conn:
+        return _read_facts(lambda sql: conn.execute(sql).fetchall())
+
+
+def pg_tool(name: str) -> str:
+    """The path of a PostgreSQL client program (``pg_dump``, ``pg_restore``)."""
+    found = shutil.which(name)
+    if found is None:
+        newest = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=_pg_version)
+        found = str(newest[-1]) if newest else None
+    if found is None:
+        raise ConfigError(f"{name} is not installed: install PostgreSQL's client programs")
+    return found
+
+
+def _pg_version(path: Path) -> int:
+    version = path.parent.parent.name
+    return int(version) if version.isdigit() else 0
+
+
+def _run_pg_tool(args: list[str], url: str | None = None) -> str:
+    """Run a PostgreSQL client program, on the database of ``url`` if given: the connection in
+    libpq's own URI form without the password, which goes through the environment (never
+    argv, where `ps` shows it). Its standard output; StoreError (exit 74) with its last error
+    line."""
+    env = dict(os.environ)
+    env.setdefault("PGCONNECT_TIMEOUT", "5")
+    if url is not None:
+        parsed = make_url(url)
+        if parsed.password is not None:
+            env["PGPASSWORD"] = str(parsed.password)
+        uri = parsed.set(drivername="postgresql", password=None).render_as_string(
+            hide_password=False
+        )
+        args = [*args, f"--dbname={uri}"]
+    tool = Path(args[0]).name
+    try:
+        done = subprocess.run(
+            args,
+            env=env,
+            capture_output=True,
+            timeout=PG_TOOL_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise StoreError(f"{tool} did not finish within {PG_TOOL_SECONDS:.0f} s") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot run {tool}: {exc.strerror or exc}") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"]
+        raise StoreError(f"{tool} failed (exit {done.returncode}): {shown(lines[-1], 300)}")
+    return done.stdout.decode("utf-8", "replace")
+
+
+def _copy_postgres(services: Any, into: Path) -> _Facts:
+    """pg_dump of the snapshot the facts are read in (exported to it: one view of the store)."""
+    tool = pg_tool("pg_dump")
+    into.unlink(missing_ok=True)
+    with services.db.read_scope(snapshot=True) as session:
+        conn = session.connection()
+        snapshot = conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar_one()
+        facts = _read_facts(lambda sql: conn.exec_driver_sql(sql).all())
+        _run_pg_tool(
+            [
+                tool,
+                "--format=custom",
+                "--no-owner",
+                "--no-privileges",
+                f"--snapshot={snapshot}",
+                f"--file={into}",
+            ],
+            services.settings.db_url,
+        )
+    return facts
 
 
 def _key_files(backend: Any, facts: _Facts, audit_ref: str) -> tuple[dict[str, bytes], list[str]]:
@@ -222,12 +309,7 @@ def create(services: Any, output: Path, actor: Actor) -> dict[str, Any]:
 
     settings: Settings = services.settings
     db_path = sqlite_file(settings.db_url)
-    if db_path is None:
-        raise ConfigError(
-            "`backup create` copies an SQLite store; back a PostgreSQL deployment up with "
-            "PostgreSQL's own tools (pg_dump, or base backups with WAL archiving) together with "
-            "the keys directory and the settings file (docs/decisions.md, Backup and restore)"
-        )
+    database = "sqlite" if db_path is not None else "postgresql"
     signer = services.journal.signer
     if signer is None:
         raise KeyBackendError("the audit key is unavailable: the backup could not be signed")
@@ -237,11 +319,12 @@ def create(services: Any, output: Path, actor: Actor) -> dict[str, Any]:
         services.journal.checkpoint(session, now)
     files = NewFiles([output])
     with files, tempfile.TemporaryDirectory(prefix=".sekisho-backup-", dir=output.parent) as tmp:
-        copy = Path(tmp) / DATABASE
+        copy = Path(tmp) / _STORES[database]
         for _attempt in range(SNAPSHOT_ATTEMPTS):
-            copy.unlink(missing_ok=True)
-            _snapshot(db_path, copy)
-            facts = _read_facts(copy)
+            if db_path is not None:
+                facts = _copy_sqlite(db_path, copy)
+            else:
+                facts = _copy_postgres(services, copy)
             keys, missing = _key_files(services.backend, facts, audit_key_ref(services.backend))
             if not missing:
                 break
@@ -258,13 +341,13 @@ def create(services: Any, output: Path, actor: Actor) -> dict[str, Any]:
         with contextlib.suppress(FileNotFoundError):
             members[CONFIG_NAME] = read_regular(config, MAX_SETTINGS_FILE)
         members.update(keys)
-        members[DATABASE] = copy
+        members[copy.name] = copy
         included = {name.removeprefix("keys/") for name in keys}
         manifest = {
             "format": FORMAT,
             "created_at": format_time(now),
             "sekisho_version": __version__,
-            "database": "sqlite",
+            "database": database,
             "schema_revisions": facts.revisions,
             "key_backend": services.backend.name,
             "journal_origin": services.journal.origin,
@@ -353,6 +436,7 @@ def _manifest(body: bytes) -> dict[str, Any]:
         or not all(isinstance(doc.get(k), str) for k in ("journal_origin", "created_at"))
         or not isinstance(doc.get("schema_revisions"), list)
         or not isinstance(doc.get("cas"), list)
+        or doc.get("database") not in _STORES
     ):
         raise BackupDamaged("the manifest lacks a field every backup has")
     return doc
@@ -455,17 +539,26 @@ def _extract(tar: tarfile.TarFile, into: Path, trusted_keys: Collection[bytes]) 
     absent = sorted(n for n in expected if not (into / n).exists())
     if absent:
         raise BackupDamaged(f"the archive lacks {', '.join(absent)}, which the manifest lists")
-    if DATABASE not in expected:
+    if _STORES[manifest["database"]] not in expected:
         raise BackupDamaged("the archive holds no store")
     return Extracted(into, manifest, audit_der, bool(trusted_keys))
 
 
 def check_store(extracted: Extracted) -> dict[str, Any]:
-    """The extracted store: SQLite's integrity check, then the audit journal's hash chain and
-    every checkpoint against the key the manifest was checked with, and the head the manifest
-    names. Raises BackupDamaged or AuditChainBroken (exit 2)."""
-    from audit.verify import verify
-
+    """The extracted store. An SQLite copy: SQLite's integrity check, then its journal
+    (``_check_journal``). A PostgreSQL dump: pg_restore reads its table of contents; its
+    journal is checked once restored (no server to load it into here). Raises
+    BackupDamaged or AuditChainBroken (exit 2)."""
+    if extracted.manifest["database"] == "postgresql":
+        try:
+            listing = _run_pg_tool(
+                [pg_tool("pg_restore"), "--list", str(extracted.directory / PG_DUMP)]
+            )
+        except StoreError as exc:
+            raise BackupDamaged(f"the PostgreSQL dump cannot be read: {exc.message}") from None
+        if "TABLE DATA public audit_records" not in listing:
+            raise BackupDamaged("the PostgreSQL dump holds no audit journal")
+        return {"records": None, "checkpoints": None}
     path = extracted.directory / DATABASE
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
@@ -476,7 +569,15 @@ def check_store(extracted: Extracted) -> dict[str, Any]:
         raise BackupDamaged(
             f"the store in the archive fails SQLite's integrity check: {result[0][0]}"
         )
-    db = Database(f"sqlite:///{path}", read_only=True)
+    return _check_journal(f"sqlite:///{path}", extracted)
+
+
+def _check_journal(url: str, extracted: Extracted) -> dict[str, Any]:
+    """The journal of the store at ``url``: hash chain and every checkpoint, against the
+    audit key the manifest was checked with, up to the head the manifest names."""
+    from audit.verify import verify
+
+    db = Database(url, read_only=True)
     try:
         with db.read_scope(snapshot=True) as session:
             checked = verify(
@@ -534,15 +635,22 @@ def _empty_target(target: Path) -> bool:
     return True
 
 
-def _staging_settings(staging: Path, passphrase_file: Path | None) -> Settings:
+def _staging_settings(staging: Path, passphrase_file: Path | None, database: str) -> Settings:
     from sekisho.settings import load_settings
 
     settings = load_settings(None, overrides={"data_dir": staging})
-    if sqlite_file(settings.db_url) != (staging / DATABASE).resolve():
+    if database == "sqlite" and sqlite_file(settings.db_url) != (staging / DATABASE).resolve():
         raise ConfigError(
-            "database_url is set (in the restored settings or SEKISHO_DATABASE_URL): a backup "
-            "restores an SQLite store into the data directory; unset it to restore"
+            "database_url is set (in the restored settings or SEKISHO_DATABASE_URL): this "
+            "backup restores an SQLite store into the data directory; unset it to restore"
         )
+    if database == "postgresql":
+        if sqlite_file(settings.db_url) is not None:
+            raise ConfigError(
+                "this backup holds a PostgreSQL store: set SEKISHO_DATABASE_URL to the new, "
+                "empty database to restore it into"
+            )
+        _record_database_url(staging / CONFIG_NAME, settings.database_url)
     default_source = not settings.key_passphrase_env and not settings.key_passphrase_file
     if settings.key_backend != "software" or not default_source:
         if passphrase_file is not None:
@@ -567,6 +675,98 @@ def _staging_settings(staging: Path, passphrase_file: Path | None) -> Settings:
         fh.flush()
         os.fsync(fh.fileno())
     return settings
+
+
+def _record_database_url(path: Path, url: str) -> None:
+    """The restored settings file names the database restored into (SEKISHO_DATABASE_URL may
+    name another than the lost one): without it, the new deployment would go back to the old
+    database once the variable is gone. A file this cannot edit safely is a ConfigError."""
+    from sekisho.settings import persist_settings
+
+    if not path.exists():
+        return  # the URL never was in the file: it still comes from the environment
+    text = path.read_text("utf-8")
+    before = tomllib.loads(text)
+    section = before.get("sekisho", before)
+    if section.get("database_url") in (None, url):
+        return
+    kept = "".join(
+        line
+        for line in text.splitlines(keepends=True)
+        if not re.match(r"\s*database_url\s*=", line)
+    )
+    after = tomllib.loads(kept)
+    if {k: v for k, v in section.items() if k != "database_url"} != after.get("sekisho", after):
+        raise ConfigError(f"cannot record database_url in {path}: edit it by hand")
+    replace_synced(path, kept.encode("utf-8"))
+    persist_settings(path, {"database_url": url})
+
+
+def _load_postgres(url: str, dump: Path) -> None:
+    """pg_restore ``dump`` into the database of ``url``, which must hold nothing (in one
+    transaction: a failure leaves it empty)."""
+    db = Database(url)
+    try:
+        with store_errors(), db.engine.connect() as conn:
+            objects = conn.exec_driver_sql(
+                "SELECT (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+                " ON n.oid = c.relnamespace WHERE n.nspname = 'public')"
+                " + (SELECT count(*) FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n"
+                " ON n.oid = p.pronamespace WHERE n.nspname = 'public')"
+            ).scalar_one()
+    finally:
+        db.dispose()
+    if objects:
+        raise Conflict(
+            "the database to restore into is not empty: a backup is restored only into a new, "
+            "empty database, never over a deployment"
+        )
+    _run_pg_tool(
+        [
+            pg_tool("pg_restore"),
+            "--no-owner",
+            "--no-privileges",
+            "--single-transaction",
+            "--exit-on-error",
+            str(dump),
+        ],
+        url,
+    )
+
+
+def _empty_postgres(url: str) -> None:
+    """Take back what ``_load_postgres`` put into the (then empty) database: a later check
+    failed. Best effort: a failure here is logged by the caller's error, not raised."""
+    db = Database(url)
+    try:
+        with db.engine.begin() as conn:
+            tables = (
+                conn.exec_driver_sql(
+                    "SELECT quote_ident(tablename) FROM pg_catalog.pg_tables "
+                    "WHERE schemaname = 'public'"
+                )
+                .scalars()
+                .all()
+            )
+            if tables:
+                conn.exec_driver_sql(
+                    "DROP TABLE " + ", ".join(f"public.{t}" for t in tables) + " CASCADE"
+                )
+            functions = (
+                conn.exec_driver_sql(
+                    "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p "
+                    "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+                    "WHERE n.nspname = 'public'"
+                )
+                .scalars()
+                .all()
+            )
+            for function in functions:
+                conn.exec_driver_sql(f"DROP FUNCTION {function} CASCADE")
+    except (SekishoError, SQLAlchemyError):
+        pass
+    finally:
+        db.dispose()
 
 
 def _check_keys(services: Any, manifest: Mapping[str, Any]) -> None:
@@ -618,11 +818,18 @@ def restore(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.restoring-{secrets.token_hex(4)}"
     staging.mkdir(mode=0o700)
+    loaded: str | None = None  # the PostgreSQL database restored into
     try:
         extracted = extract(archive, staging, trusted_keys)
+        database = extracted.manifest["database"]
         journal = check_store(extracted)
         (staging / AUDIT_KEY).unlink()  # (`audit public-key` writes it when wanted)
-        settings = _staging_settings(staging, passphrase_file)
+        settings = _staging_settings(staging, passphrase_file, database)
+        if database == "postgresql":
+            _load_postgres(settings.db_url, staging / PG_DUMP)
+            loaded = settings.db_url
+            (staging / PG_DUMP).unlink()
+            journal = _check_journal(settings.db_url, extracted)
         services = open_deployment(settings)  # migrates a store of an older version
         try:
             _check_keys(services, extracted.manifest)
@@ -659,5 +866,7 @@ def restore(
         sync_directory(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if loaded is not None:
+            _empty_postgres(loaded)
         raise
     return {**_summary(extracted, journal), "data_dir": str(target)}

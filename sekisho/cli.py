@@ -1607,11 +1607,11 @@ def backup_group() -> None:
 def backup_create(state: State, output: Path) -> None:
     """Write a backup of this deployment to OUTPUT, a new file (mode 0600), while it runs.
 
-    The archive holds a consistent copy of the SQLite store, the key files it refers to
-    (encrypted under the key passphrase, which is NOT in it: keep the passphrase apart from
-    the backups), the settings file and the audit public key, listed with their SHA-256 in a
-    manifest signed by the audit key. The backup is journalled (ca.backup). A PostgreSQL
-    deployment is backed up with PostgreSQL's tools (a config error, exit 78)."""
+    The archive holds a consistent copy of the store (SQLite: VACUUM INTO; PostgreSQL: pg_dump
+    of one snapshot), the key files it refers to (encrypted under the key passphrase, which is
+    NOT in it: keep the passphrase apart from the backups), the settings file and the audit
+    public key, listed with their SHA-256 in a manifest signed by the audit key. The backup is
+    journalled (ca.backup)."""
     from sekisho import backup
 
     done = backup.create(state.services(), output, state.actor())
@@ -1633,8 +1633,9 @@ def backup_create(state: State, output: Path) -> None:
 def backup_verify(state: State, archive: Path, public_key_files: tuple[Path, ...]) -> None:
     """Check ARCHIVE without any secret: the manifest's signature, every member's size and
     SHA-256, the store's integrity, and its audit journal (hash chain, every checkpoint, the
-    head the manifest names). Exits 0 when whole; 2 when damaged or tampered with; 65 when it
-    is not a Sekisho backup."""
+    head the manifest names; of a PostgreSQL dump, only its table of contents: the journal is
+    checked by `backup restore`). Exits 0 when whole; 2 when damaged or tampered with; 65
+    when it is not a Sekisho backup."""
     from audit.cli import load_public_keys
     from sekisho import backup
 
@@ -1646,11 +1647,15 @@ def _backup_text(first: str, done: dict[str, Any]) -> str:
     cas = ", ".join(
         f"{ca['name']}{'' if ca['key_online'] else ' (key offline)'}" for ca in done["cas"]
     )
+    journal = (
+        "journal not checked (a PostgreSQL dump: `backup restore` checks it once loaded)"
+        if done["journal_records"] is None
+        else f"{done['journal_records']} journal records, {done['journal_checkpoints']} signed "
+        "checkpoints"
+    )
     return (
-        f"{first}: made {done['created_at']} by Sekisho {done['sekisho_version']}; "
-        f"{done['journal_records']} journal records, {done['journal_checkpoints']} signed "
-        f"checkpoints; CAs {cas}; manifest signature checked with the "
-        f"{done['signature_checked_with']}"
+        f"{first}: made {done['created_at']} by Sekisho {done['sekisho_version']}; {journal}; "
+        f"CAs {cas}; manifest signature checked with the {done['signature_checked_with']}"
     )
 
 
@@ -1681,8 +1686,10 @@ def backup_restore(
 
     The archive is checked as `backup verify --public-key` does, and every online CA key against its
     certificate under the passphrase, before the directory appears (a failure leaves nothing).
-    Each CA's CRL number moves on by 2^32, past any CRL signed after the backup, and the
-    restore is journalled (ca.restore). Certificates issued and revocations made after the
+    A PostgreSQL store is loaded into the new, empty database SEKISHO_DATABASE_URL names (or
+    the restored settings' database_url), and its journal checked there. Each CA's CRL number
+    moves on by 2^32, past any CRL signed after the backup, and the restore is journalled
+    (ca.restore). Certificates issued and revocations made after the
     backup are not in it: see docs/decisions.md, Backup and restore."""
     from audit.cli import load_public_keys
     from sekisho import backup

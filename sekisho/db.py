@@ -286,7 +286,7 @@ def _store_error(driver_exc: BaseException | None, named: BaseException) -> Stor
 
 
 @contextlib.contextmanager
-def _store_errors() -> Iterator[None]:
+def store_errors() -> Iterator[None]:
     """Driver errors (connection lost, lock timeout, constraint) become StoreError."""
     try:
         yield
@@ -475,7 +475,7 @@ class Database:
         """
         session = self._sessions()
         try:
-            with self._unchanged(), _store_errors():
+            with self._unchanged(), store_errors():
                 try:
                     yield session
                     session.commit()
@@ -493,7 +493,7 @@ class Database:
         snapshot and never queue behind writers (WAL). ``snapshot``: on PostgreSQL too, every
         statement sees the same snapshot (``REPEATABLE READ``), for a reader that compares what
         several statements read. Driver errors become StoreError."""
-        with self._unchanged(), _store_errors(), self.engine.connect() as conn:
+        with self._unchanged(), store_errors(), self.engine.connect() as conn:
             options: dict[str, Any] = {READ_ONLY: True}
             if snapshot and not self._sqlite:
                 options["isolation_level"] = "REPEATABLE READ"
@@ -533,7 +533,7 @@ class Database:
         Same contract as ``scope()`` (commit on success, roll back on any error, driver errors
         become StoreError, domain errors pass through) without a Session's bookkeeping.
         """
-        with _store_errors(), self.engine.begin() as conn:
+        with store_errors(), self.engine.begin() as conn:
             yield conn
 
     @contextlib.contextmanager
@@ -551,7 +551,7 @@ class Database:
         issuance intent).
         """
         with self._writer or contextlib.nullcontext():
-            with _store_errors():
+            with store_errors():
                 fairy = self.engine.raw_connection()  # pool checkout; checkout events run
             autocommit = single and not self._sqlite
             tx = None
@@ -614,7 +614,7 @@ class Database:
         """The migrations the store is at; None when it has no schema (never initialised)."""
         from alembic.runtime.migration import MigrationContext
 
-        with self._unchanged(), _store_errors(), self.engine.connect() as conn:
+        with self._unchanged(), store_errors(), self.engine.connect() as conn:
             conn.execution_options(**{READ_ONLY: True})
             if not inspect(conn).has_table("alembic_version"):
                 return None
@@ -849,7 +849,7 @@ def migration_lock(engine: Engine) -> Iterator[None]:
                 ) from None
             yield
         return
-    with _store_errors(), engine.connect() as conn:
+    with store_errors(), engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         conn.commit()
         try:

@@ -31,6 +31,7 @@ from hsm.pbes2 import encrypt_private_key
 from hsm.software import PEM_LABEL, pem_wrap
 from sekisho import backup
 from sekisho.cli import main
+from sekisho.db import Database
 from sekisho.services import Services, build_services
 from tests.ca.helpers import make_csr, name
 from tests.conftest import TEST_ACTOR, Deployment, make_settings
@@ -445,15 +446,126 @@ def test_create_refusals_leave_nothing(
     assert [p for p in os.listdir(tmp_path) if p.startswith(".sekisho-backup")] == []
 
 
-def test_postgres_deployment_is_refused(
-    capsys: pytest.CaptureFixture[str], deployment: Deployment, tmp_path: Path
+def _objects(url: str) -> int:
+    db = Database(url)
+    try:
+        with db.engine.connect() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                    "ON n.oid = c.relnamespace WHERE n.nspname = 'public'"
+                ).scalar_one()
+            )
+    finally:
+        db.dispose()
+
+
+def test_postgres_round_trip(
+    capsys: pytest.CaptureFixture[str],
+    deployment: Deployment,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """pg_dump of one snapshot in the archive; restored with pg_restore into a new, empty
+    database, its journal checked there, the settings pointed at it; a failure afterwards
+    empties that database again."""
     if deployment.backend == "sqlite":
         pytest.skip("the SQLite case is every other test here")
-    out = tmp_path / "backup.tar"
-    result = cli(capsys, deployment.data_dir, "backup", "create", str(out))
-    assert result.code == 78 and "pg_dump" in result.err
-    assert not out.exists()
+    cluster = request.getfixturevalue("pg_cluster")
+    source = deployment.data_dir
+    settings = make_settings(source, database_url=deployment.database_url)
+    services = build_services(settings)
+    try:
+        kept = _issue(services, "Kept Admin")
+        later = _issue(services, "Revoked After The Backup")
+    finally:
+        services.close()
+    archive = tmp_path / "pg.tar"
+    made = cli(capsys, source, "--json", "backup", "create", str(archive))
+    assert made.code == 0, made.err
+    members = _members(archive)
+    assert "sekisho.pgdump" in members and "sekisho.db" not in members
+    assert json.loads(members[backup.MANIFEST])["database"] == "postgresql"
+    checked = cli(capsys, tmp_path, "backup", "verify", str(archive))
+    assert checked.code == 0 and "journal not checked" in checked.out, checked.err
+    services = build_services(settings)
+    try:
+        services.revoker.revoke("admin", later.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+    finally:
+        services.close()
+    assert cli(capsys, source, "crl", "generate", "--ca", "admin").code == 0
+    services = build_services(settings)
+    try:
+        with services.db.read_scope() as session:
+            crl = latest_by_name(session, "admin", CrlKind.FULL)
+            assert crl is not None
+            lost_number = crl.number
+    finally:
+        services.close()
+    pub = tmp_path / "audit.pem"
+    assert cli(capsys, source, "audit", "public-key", "-o", str(pub)).code == 0
+
+    db_name = f"restored{os.getpid()}"
+    target_url = cluster.create_database(db_name)
+    try:
+        monkeypatch.setenv("SEKISHO_DATABASE_URL", target_url)
+        passphrase = source / "secrets" / "ca-passphrase"
+        restore = ("backup", "restore", str(archive), "--public-key", str(pub))
+        # A wrong passphrase, found once the store is loaded: the database is emptied again.
+        wrong = tmp_path / "wrong"
+        wrong.write_bytes(b"not the passphrase of these keys")
+        wrong.chmod(0o600)
+        failed = tmp_path / "failed"
+        result = cli(capsys, failed, *restore, "--passphrase-file", str(wrong))
+        assert result.code == 77, result.err
+        assert not failed.exists() and _objects(target_url) == 0
+        restored = tmp_path / "restored"
+        result = cli(capsys, restored, *restore, "--passphrase-file", str(passphrase))
+        assert result.code == 0, result.err
+        assert _objects(target_url) > 0
+        # The settings now name the new database, with the variable gone too.
+        monkeypatch.delenv("SEKISHO_DATABASE_URL")
+        assert make_settings(restored).database_url == target_url
+        assert cli(capsys, restored, "audit", "verify").code == 0
+        # Never over a deployment: the database is not empty any more.
+        monkeypatch.setenv("SEKISHO_DATABASE_URL", target_url)
+        again = tmp_path / "again"
+        result = cli(capsys, again, *restore, "--passphrase-file", str(passphrase))
+        assert result.code == 75 and "not empty" in result.err
+        assert not again.exists()
+        assert cli(capsys, restored, "audit", "verify").code == 0
+        monkeypatch.delenv("SEKISHO_DATABASE_URL")
+        shown = cli(
+            capsys, restored, "--json", "cert", "show", "--ca", "admin", f"{later.serial_number:x}"
+        )
+        assert shown.code == 0 and json.loads(shown.out)["status"] == "issued"
+        assert cli(capsys, restored, "revoke", "--ca", "admin", f"{kept.serial_number:x}").code == 0
+        assert cli(capsys, restored, "crl", "generate").code == 0
+        services = build_services(make_settings(restored))
+        try:
+            with services.db.read_scope() as session:
+                crl = latest_by_name(session, "admin", CrlKind.FULL)
+                root_crl = latest_by_name(session, "root", CrlKind.FULL)
+                assert crl is not None and root_crl is not None
+                number, der, root_der_crl = crl.number, crl.der, root_crl.der
+            cert = _issue(services, "After Restore")
+        finally:
+            services.close()
+        assert number > lost_number + 1_000_000
+        admin_der, root_der = _der(_ca_der(restored, "admin")), _der(_ca_der(restored, "root"))
+        pkilint_crl(der)
+        openssl_crl_verify(der, admin_der)
+        openssl_verify_revoked(
+            kept.public_bytes(serialization.Encoding.DER),
+            [root_der, admin_der],
+            [root_der_crl, der],
+        )
+        cert_der = cert.public_bytes(serialization.Encoding.DER)
+        pkilint_cert(cert_der)
+        openssl_verify(cert_der, [root_der, admin_der], purpose="sslclient")
+    finally:
+        cluster.drop_database(db_name)
 
 
 def test_backup_while_issuing(
