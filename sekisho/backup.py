@@ -301,7 +301,13 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def create(services: Any, output: Path, actor: Actor) -> dict[str, Any]:
+def _quiet(_stage: str) -> None:
+    pass
+
+
+def create(
+    services: Any, output: Path, actor: Actor, step: Callable[[str], None] = _quiet
+) -> dict[str, Any]:
     """Write a backup of the deployment to the new file ``output`` (0600), signed by the audit
     key, and journal it (``ca.backup``); the result's summary. Nothing is left at ``output``
     when any step fails, the journal entry included."""
@@ -321,6 +327,7 @@ def create(services: Any, output: Path, actor: Actor) -> dict[str, Any]:
     with files, tempfile.TemporaryDirectory(prefix=".sekisho-backup-", dir=output.parent) as tmp:
         copy = Path(tmp) / _STORES[database]
         for _attempt in range(SNAPSHOT_ATTEMPTS):
+            step(f"copying the store ({database})")
             if db_path is not None:
                 facts = _copy_sqlite(db_path, copy)
             else:
@@ -376,6 +383,7 @@ def create(services: Any, output: Path, actor: Actor) -> dict[str, Any]:
         body = json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8") + b"\n"
         signature = signer.sign(body)
         mtime = int(now.timestamp())
+        step(f"writing {output}")
         with files.open_binary(output) as fh:
             out = _Hashing(fh)
             with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
@@ -489,13 +497,19 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def extract(archive: Path, into: Path, trusted_keys: Collection[bytes] = ()) -> Extracted:
+def extract(
+    archive: Path,
+    into: Path,
+    trusted_keys: Collection[bytes] = (),
+    step: Callable[[str], None] = _quiet,
+) -> Extracted:
     """Check ``archive`` and write its members under the existing empty directory ``into``.
 
     The manifest's signature must verify with one of ``trusted_keys`` (DER SPKI: the auditor's
     copy of the audit public key) or, with none given, with the audit key the archive carries
     (which shows the archive whole, not who made it). Every member must be one the manifest
     lists, of its size and SHA-256, and every one it lists must be there."""
+    step(f"checking {archive}")
     try:
         with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             return _extract(tar, into, trusted_keys)
@@ -595,9 +609,12 @@ def _check_journal(url: str, extracted: Extracted) -> dict[str, Any]:
     return {"records": checked.records, "checkpoints": checked.checkpoints}
 
 
-def verify_archive(archive: Path, trusted_keys: Collection[bytes] = ()) -> dict[str, Any]:
+def verify_archive(
+    archive: Path, trusted_keys: Collection[bytes] = (), step: Callable[[str], None] = _quiet
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=".sekisho-verify-") as tmp:
-        extracted = extract(archive, Path(tmp), trusted_keys)
+        extracted = extract(archive, Path(tmp), trusted_keys, step)
+        step("checking the store and its journal")
         journal = check_store(extracted)
     return _summary(extracted, journal)
 
@@ -804,6 +821,7 @@ def restore(
     passphrase_file: Path | None = None,
     trusted_keys: Collection[bytes] = (),
     now: dt.datetime | None = None,
+    step: Callable[[str], None] = _quiet,
 ) -> dict[str, Any]:
     """Restore ``archive`` as the deployment in ``target`` (absent or an empty directory).
 
@@ -820,18 +838,21 @@ def restore(
     staging.mkdir(mode=0o700)
     loaded: str | None = None  # the PostgreSQL database restored into
     try:
-        extracted = extract(archive, staging, trusted_keys)
+        extracted = extract(archive, staging, trusted_keys, step)
         database = extracted.manifest["database"]
+        step("checking the store and its journal")
         journal = check_store(extracted)
         (staging / AUDIT_KEY).unlink()  # (`audit public-key` writes it when wanted)
         settings = _staging_settings(staging, passphrase_file, database)
         if database == "postgresql":
+            step("loading the store into PostgreSQL")
             _load_postgres(settings.db_url, staging / PG_DUMP)
             loaded = settings.db_url
             (staging / PG_DUMP).unlink()
             journal = _check_journal(settings.db_url, extracted)
         services = open_deployment(settings)  # migrates a store of an older version
         try:
+            step("checking the CA keys")
             _check_keys(services, extracted.manifest)
             when = now or services.clock()
             with services.db.scope() as session:

@@ -1614,7 +1614,7 @@ def backup_create(state: State, output: Path) -> None:
     journalled (ca.backup)."""
     from sekisho import backup
 
-    done = backup.create(state.services(), output, state.actor())
+    done = backup.create(state.services(), output, state.actor(), _stage)
     state.emit(
         done,
         lambda: (
@@ -1635,12 +1635,17 @@ def backup_verify(state: State, archive: Path, public_key_files: tuple[Path, ...
     SHA-256, the store's integrity, and its audit journal (hash chain, every checkpoint, the
     head the manifest names; of a PostgreSQL dump, only its table of contents: the journal is
     checked by `backup restore`). Exits 0 when whole; 2 when damaged or tampered with; 65
-    when it is not a Sekisho backup."""
+    when it is not a Sekisho backup. The store is checked in a copy under $TMPDIR."""
     from audit.cli import load_public_keys
     from sekisho import backup
 
-    done = backup.verify_archive(archive, load_public_keys(public_key_files))
+    done = backup.verify_archive(archive, load_public_keys(public_key_files), _stage)
     state.emit(done, lambda: _backup_text("backup intact", done))
+
+
+def _stage(what: str) -> None:
+    """A long command's progress, on stderr."""
+    click.echo(f"{what}...", err=True)
 
 
 def _backup_text(first: str, done: dict[str, Any]) -> str:
@@ -1706,6 +1711,7 @@ def backup_restore(
         state.actor(),
         passphrase_file=passphrase_file,
         trusted_keys=load_public_keys(public_key_files),
+        step=_stage,
     )
     state.emit(
         done,

@@ -294,6 +294,11 @@ def _build(
         assert db.count(b"ca.issue") >= 3
         members["sekisho.db"] = db.replace(b"ca.issue", b"ca.issuf", 1)
         _resign(members, audit_sign)
+    elif kind == "journal-resigned":
+        # The same edit in the rows and in the index alike: SQLite finds nothing wrong, the
+        # hash chain does.
+        members["sekisho.db"] = members["sekisho.db"].replace(b"ca.issue", b"ca.issuf")
+        _resign(members, audit_sign)
     _write_tar(out, [(n, members[n]) for n in order], tweak)
     return members
 
@@ -314,6 +319,7 @@ DAMAGE = [
     "attacker-resigned",
     "audit-key-swapped",
     "store-resigned",
+    "journal-resigned",
 ]
 
 
@@ -341,7 +347,8 @@ def test_verify_and_restore_refuse_damage(
     for extra in ((), ("--public-key", str(pub))):
         result = cli(capsys, tmp_path, "backup", "verify", str(damaged), *extra)
         assert result.code == 2, (kind, result.err)
-        assert result.err.startswith(("error: backup-damaged", "error: audit-chain-broken"))
+        last = result.err.splitlines()[-1]
+        assert last.startswith(("error: backup-damaged", "error: audit-chain-broken")), last
     target = tmp_path / "restored"
     for extra in (("--unauthenticated",), ("--public-key", str(pub))):
         result = cli(
