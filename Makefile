@@ -52,6 +52,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.issuance
 	$(BIN)/python -m bench.crl
 	$(BIN)/python -m bench.ocsp
+	$(BIN)/python -m bench.backup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
