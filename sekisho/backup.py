@@ -345,8 +345,12 @@ def create(
         )
         members: dict[str, bytes | Path] = {AUDIT_KEY: audit_pem}
         config = settings.data_dir / CONFIG_NAME
-        with contextlib.suppress(FileNotFoundError):
+        try:
             members[CONFIG_NAME] = read_regular(config, MAX_SETTINGS_FILE)
+        except FileNotFoundError:
+            pass  # all defaults, or settings from the environment or a --config elsewhere
+        except (FileRefused, OSError) as exc:
+            raise ConfigError(f"cannot read the settings file {config}: {exc}") from None
         members.update(keys)
         members[copy.name] = copy
         included = {name.removeprefix("keys/") for name in keys}
@@ -638,6 +642,8 @@ def _summary(extracted: Extracted, journal: Mapping[str, Any]) -> dict[str, Any]
 # -- restore ----------------------------------------------------------------------------------
 def _empty_target(target: Path) -> bool:
     """Whether ``target`` exists (as an empty directory); anything else there is refused."""
+    if target.is_symlink():
+        raise Conflict(f"{shown(target, PATH_SHOWN)} is a symbolic link: name the directory itself")
     try:
         entries = os.listdir(target)
     except FileNotFoundError:
@@ -881,9 +887,15 @@ def restore(
             publish_ca_files(services)
         finally:
             services.close()
-        if existed:
-            target.rmdir()
-        os.rename(staging, target)
+        try:
+            if existed:
+                target.rmdir()
+            os.rename(staging, target)
+        except OSError as exc:  # another restore, or a file put there, got there first
+            raise Conflict(
+                f"cannot put the restored deployment at {shown(target, PATH_SHOWN)}: "
+                f"{exc.strerror or exc}"
+            ) from None
         sync_directory(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

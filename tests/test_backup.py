@@ -423,6 +423,14 @@ def test_restore_refusals_leave_nothing(
     result = restore(swapped, "--passphrase-file", str(passphrase))
     assert result.code == 69 and "CA admin" in result.err, result.err
     nothing_left()
+    # Not through a symbolic link, even to an empty directory.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target.symlink_to(elsewhere)
+    result = restore(archive, "--passphrase-file", str(passphrase))
+    assert result.code == 75 and "symbolic link" in result.err
+    assert os.listdir(elsewhere) == []
+    target.unlink()
     # Never over anything: a non-empty directory stays as it was.
     target.mkdir()
     (target / "keep").write_text("mine")
