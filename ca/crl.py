@@ -643,6 +643,40 @@ def latest_by_name(
     return None if ca_id is None else latest(session, ca_id, kind, der=der)
 
 
+def freshness(session: Session, now: dt.datetime, grace: dt.timedelta) -> dict[str, str]:
+    """What is wrong with each active CA's newest full CRL, by CA name; a CA whose CRL is
+    fine is not named. ``missing``: none yet. ``expired``: past its nextUpdate (relying
+    parties refuse it). ``stale``: half its validity passed more than ``grace`` ago, so the
+    refresher, which re-signs it then, could not (security target 17: the alarm). ``pending``:
+    status changes no CRL carries, while the CA's key is offline (nothing signs them until it
+    is brought back). A CA whose certificate has ended publishes no CRL and is left out."""
+    problems: dict[str, str] = {}
+    cas = session.execute(
+        select(
+            CertificateAuthority.id,
+            CertificateAuthority.name,
+            CertificateAuthority.not_after,
+            CertificateAuthority.key_online,
+            CertificateAuthority.revocation_epoch,
+        )
+        .where(CertificateAuthority.active)
+        .order_by(CertificateAuthority.id)
+    ).all()
+    for ca_id, name, not_after, key_online, epoch in cas:
+        if not_after <= now:
+            continue
+        crl = latest(session, ca_id, CrlKind.FULL, der=False)
+        if crl is None:
+            problems[name] = "missing"
+        elif now >= crl.next_update:
+            problems[name] = "expired"
+        elif now >= crl.this_update + (crl.next_update - crl.this_update) / 2 + grace:
+            problems[name] = "stale"
+        elif epoch > crl.epoch and not key_online:
+            problems[name] = "pending"
+    return problems
+
+
 def due(crl: Crl | None, epoch: int, now: dt.datetime) -> bool:
     """A CRL is due when missing, stale (revocations since), half its validity has passed,
     or it starts further ahead than CLOCK_AHEAD (made by a clock that ran ahead:
@@ -659,5 +693,6 @@ __all__: Sequence[str] = (
     "build_crl",
     "check_can_publish",
     "due",
+    "freshness",
     "latest",
 )

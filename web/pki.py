@@ -11,11 +11,12 @@ import datetime as dt
 import hashlib
 import os
 from collections.abc import Callable
+from typing import Any
 
 from flask import Blueprint, Response, abort, current_app
 from sqlalchemy import select, text
 
-from ca.crl import latest_by_name
+from ca.crl import freshness, latest_by_name
 from ca.models import CertificateAuthority, Crl, CrlKind
 from ca.registry import DELTA_SUFFIX, is_ca_name
 from sekisho.workers import heartbeat_age
@@ -27,14 +28,22 @@ CRL_MAX_AGE = 300
 
 
 @bp.get("/healthz")
-def healthz() -> tuple[dict[str, str], int]:
+def healthz() -> tuple[dict[str, Any], int]:
     services = services_of(current_app)
+    grace = dt.timedelta(seconds=services.settings.refresher_stuck_seconds)
     try:
         with services.db.read_scope() as session:
             session.execute(text("SELECT 1"))
+            crls = freshness(session, services.clock(), grace)
     except Exception:  # noqa: BLE001  (health must answer, whatever broke)
         return {"status": "unavailable", "database": "down"}, 503
-    doc = {"status": "ok", "database": "ok"}
+    doc: dict[str, Any] = {"status": "ok", "database": "ok"}
+    if crls:
+        # A CRL past half its validity, expired, missing, or behind status changes that an
+        # offline key cannot sign: still 200 (what is served is what there is), but the probe
+        # that watches this must alarm (ca.crl.freshness says what each word means).
+        doc["crl"] = crls
+        doc["status"] = "degraded"
     if services.journal.signer is None:
         # The audit key was missing at start: operations go on and are journalled, but no
         # checkpoint signs them, so they could be rewritten unnoticed (`audit verify` fails

@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import TestResponse
 
-from ca.hierarchy import create_issuing, create_root
+from ca.hierarchy import create_issuing, create_root, take_offline
 from ca.models import CertificateAuthority
 from ca.revocation import Reason
 from hsm.base import KeyType
@@ -122,6 +122,48 @@ def test_healthz_says_when_the_audit_key_is_missing(services: Services, tmp_path
         keyless.close()
     assert response.status_code == 200
     assert response.get_json() == {"status": "degraded", "database": "ok", "audit_key": "missing"}
+
+
+def test_healthz_alarms_on_crls(settings: Settings) -> None:
+    """Security target 17: an alarm once a CRL is past half its validity (the refresher
+    re-signs it then: past that and the grace, it could not), and for an expired one, and
+    for status changes an offline key leaves unsigned."""
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    services = build_services(settings, clock=clock)  # (software keys: one goes offline)
+    try:
+        client = create_app(services).test_client()
+
+        def health() -> dict[str, object]:
+            response = client.get("/healthz")
+            assert response.status_code == 200
+            doc = response.get_json()
+            assert isinstance(doc, dict)
+            return doc
+
+        assert health() == {"status": "ok", "database": "ok"}
+        clock.advance(days=3.5, minutes=6)  # the 7-day CRLs of init, past half and the grace
+        everyone = ("root", "admin", "device")
+        assert health() == {
+            "status": "degraded",
+            "database": "ok",
+            "crl": dict.fromkeys(everyone, "stale"),
+        }
+        for ca in everyone:
+            services.crls.generate(ca, clock(), actor=TEST_ACTOR)
+        assert health()["status"] == "ok"
+        clock.advance(days=8)
+        assert health()["crl"] == dict.fromkeys(everyone, "expired")
+        for ca in everyone:
+            services.crls.generate(ca, clock(), actor=TEST_ACTOR)
+        # The root's key offline, then a revocation under it: nothing can sign it yet.
+        take_offline(services.ca, "root", TEST_ACTOR)
+        assert health()["status"] == "ok"
+        services.revoker.revoke(
+            "root", ca_cert(services, "device").serial_number, Reason.SUPERSEDED, TEST_ACTOR
+        )
+        assert health()["crl"] == {"root": "pending"}
+    finally:
+        services.close()
 
 
 @pytest.mark.parametrize("ca", ["root", "admin", "device"])
