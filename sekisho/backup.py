@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.chain import format_time
@@ -173,6 +173,29 @@ def _pg_version(path: Path) -> int:
     return int(version) if version.isdigit() else 0
 
 
+def _libpq_uri(url: str, env: dict[str, str]) -> str:
+    """``url`` as a libpq URI without its password, which goes into ``env`` (PGPASSWORD).
+    (``URL.set(password=None)`` kept it: None means "unchanged" there. A ``password`` query
+    parameter, which libpq reads too, goes the same way.)"""
+    parsed = make_url(url)
+    query = dict(parsed.query)
+    password = parsed.password
+    if "password" in query:
+        given = query.pop("password")
+        password = given[-1] if isinstance(given, tuple) else given
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    bare = URL.create(
+        "postgresql",
+        username=parsed.username,
+        host=parsed.host,
+        port=parsed.port,
+        database=parsed.database,
+        query=query,
+    )
+    return bare.render_as_string(hide_password=False)
+
+
 def _run_pg_tool(args: list[str], url: str | None = None) -> str:
     """Run a PostgreSQL client program, on the database of ``url`` if given: the connection in
     libpq's own URI form without the password, which goes through the environment (never
@@ -181,13 +204,7 @@ def _run_pg_tool(args: list[str], url: str | None = None) -> str:
     env = dict(os.environ)
     env.setdefault("PGCONNECT_TIMEOUT", "5")
     if url is not None:
-        parsed = make_url(url)
-        if parsed.password is not None:
-            env["PGPASSWORD"] = str(parsed.password)
-        uri = parsed.set(drivername="postgresql", password=None).render_as_string(
-            hide_password=False
-        )
-        args = [*args, f"--dbname={uri}"]
+        args = [*args, f"--dbname={_libpq_uri(url, env)}"]
     tool = Path(args[0]).name
     try:
         done = subprocess.run(

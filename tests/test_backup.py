@@ -658,3 +658,27 @@ def test_keys_on_a_token(
     cert_der = cert.public_bytes(serialization.Encoding.DER)
     pkilint_cert(cert_der)
     openssl_verify(cert_der, chain, purpose="sslclient")
+
+
+def test_pg_tool_password_never_in_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The password of the database URL reaches pg_dump / pg_restore through PGPASSWORD only:
+    argv shows in `ps` to every local user. (``URL.set(password=None)`` kept it: None means
+    "unchanged" there.) A ``password`` query parameter, which libpq reads too, likewise."""
+    seen: list[tuple[list[str], dict[str, str]]] = []
+
+    def fake_run(args: list[str], env: dict[str, str], **_: Any) -> Any:
+        seen.append((args, env))
+        return backup.subprocess.CompletedProcess(args, 0, b"", b"")
+
+    monkeypatch.setattr(backup.subprocess, "run", fake_run)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    for url in (
+        "postgresql+psycopg://sekisho:s%40cr%3Aet%2F1@127.0.0.1:5432/db",
+        "postgresql+psycopg://sekisho@127.0.0.1:5432/db?password=s%40cr%3Aet%2F1",
+    ):
+        seen.clear()
+        backup._run_pg_tool(["pg_dump", "--format=custom"], url)
+        ((args, env),) = seen
+        assert not any("s@cr" in a or "s%40cr" in a for a in args), args
+        assert env["PGPASSWORD"] == "s@cr:et/1"
+        assert args[-1] == "--dbname=postgresql://sekisho@127.0.0.1:5432/db"
