@@ -682,3 +682,47 @@ def test_pg_tool_password_never_in_argv(monkeypatch: pytest.MonkeyPatch) -> None
         assert not any("s@cr" in a or "s%40cr" in a for a in args), args
         assert env["PGPASSWORD"] == "s@cr:et/1"
         assert args[-1] == "--dbname=postgresql://sekisho@127.0.0.1:5432/db"
+
+
+def test_sparse_member_refused_before_it_is_written(
+    capsys: pytest.CaptureFixture[str],
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sparse member of a few bytes that expands to a GiB of zeros (its size named by a
+    manifest signed with the attacker's own key: `verify` without --public-key takes that)
+    is refused, not written into $TMPDIR (or beside the restore target) before its digest is
+    found wrong."""
+    members = _members(archive)
+    attacker = _attacker_key(members)
+    members[backup.DATABASE] = b""
+    _resign(members, attacker)
+    manifest = json.loads(members[backup.MANIFEST])
+    for entry in manifest["files"]:
+        if entry["name"] == backup.DATABASE:
+            entry["size"] = 1 << 30
+    body = json.dumps(manifest, sort_keys=True, indent=1).encode() + b"\n"
+    members[backup.MANIFEST], members[backup.SIGNATURE] = body, attacker(body)
+
+    def sparse(info: tarfile.TarInfo) -> None:
+        if info.name == backup.DATABASE:
+            info.pax_headers = {"GNU.sparse.map": f"{1 << 30},0", "GNU.sparse.size": str(1 << 30)}
+
+    crafted = tmp_path / "sparse.tar"
+    _write_tar(crafted, list(members.items()), sparse)
+    assert crafted.stat().st_size < 1 << 20
+    written: list[int] = []
+    real = backup._copy_member
+
+    def watch(tar: Any, member: Any, into: Path, expected: Any) -> None:
+        try:
+            real(tar, member, into, expected)
+        finally:
+            if (into / member.name).exists():
+                written.append((into / member.name).stat().st_size)
+
+    monkeypatch.setattr(backup, "_copy_member", watch)
+    result = cli(capsys, tmp_path, "backup", "verify", str(crafted))
+    assert result.code == 2 and "not a regular file" in result.err, result.err
+    assert max(written, default=0) < 1 << 20
