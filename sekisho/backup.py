@@ -29,6 +29,7 @@ import tomllib
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -150,10 +151,17 @@ def _read_facts(query: Callable[[str], Sequence[Any]]) -> _Facts:
     return _Facts(cas, responders, int(seq), str(digest), revisions)
 
 
+def _read_only_uri(path: Path) -> str:
+    """An SQLite URI opening ``path`` read-only: the path quoted, so that a ``#``, ``?`` or
+    ``%`` in a directory name (the output's, $TMPDIR, the target's parent) neither cuts the
+    path short (opening, and creating, another file read-write) nor drops ``mode=ro``."""
+    return f"file:{quote(str(path))}?mode=ro"
+
+
 def _copy_sqlite(db_path: Path, into: Path) -> _Facts:
     into.unlink(missing_ok=True)
     _snapshot(db_path, into)
-    with contextlib.closing(sqlite3.connect(f"file:{into}?mode=ro", uri=True)) as conn:
+    with contextlib.closing(sqlite3.connect(_read_only_uri(into), uri=True)) as conn:
         return _read_facts(lambda sql: conn.execute(sql).fetchall())
 
 
@@ -599,7 +607,7 @@ def check_store(extracted: Extracted) -> dict[str, Any]:
         return {"records": None, "checkpoints": None}
     path = extracted.directory / DATABASE
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(_read_only_uri(path), uri=True)) as conn:
             result = conn.execute("PRAGMA integrity_check").fetchall()
     except sqlite3.Error as exc:
         raise BackupDamaged(f"the store in the archive cannot be read: {exc}") from None
@@ -607,7 +615,7 @@ def check_store(extracted: Extracted) -> dict[str, Any]:
         raise BackupDamaged(
             f"the store in the archive fails SQLite's integrity check: {result[0][0]}"
         )
-    return _check_journal(f"sqlite:///{path}", extracted)
+    return _check_journal(URL.create("sqlite", database=str(path)).render_as_string(), extracted)
 
 
 def _check_journal(url: str, extracted: Extracted) -> dict[str, Any]:

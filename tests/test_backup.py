@@ -12,8 +12,11 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import stat
+import subprocess
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -668,9 +671,9 @@ def test_pg_tool_password_never_in_argv(monkeypatch: pytest.MonkeyPatch) -> None
 
     def fake_run(args: list[str], env: dict[str, str], **_: Any) -> Any:
         seen.append((args, env))
-        return backup.subprocess.CompletedProcess(args, 0, b"", b"")
+        return subprocess.CompletedProcess(args, 0, b"", b"")
 
-    monkeypatch.setattr(backup.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.delenv("PGPASSWORD", raising=False)
     for url in (
         "postgresql+psycopg://sekisho:s%40cr%3Aet%2F1@127.0.0.1:5432/db",
@@ -726,3 +729,49 @@ def test_sparse_member_refused_before_it_is_written(
     result = cli(capsys, tmp_path, "backup", "verify", str(crafted))
     assert result.code == 2 and "not a regular file" in result.err, result.err
     assert max(written, default=0) < 1 << 20
+
+
+@pytest.mark.parametrize("odd", ["#", "?", "%41"])
+def test_odd_characters_in_directory_names(
+    capsys: pytest.CaptureFixture[str],
+    source: Path,
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    odd: str,
+) -> None:
+    """A ``#``, ``?`` or ``%`` in the output's directory or in $TMPDIR: the copy and the
+    integrity check read the right file (an unquoted URI cut the path at ``#``, opened and
+    created ``<dir before #>`` read-write, and ran the check on that empty database)."""
+    out_dir = tmp_path / f"out{odd}1"
+    out_dir.mkdir()
+    made = cli(capsys, source, "backup", "create", str(out_dir / "b.tar"))
+    assert made.code == 0, made.err
+    assert not (tmp_path / "out").exists()
+    # A store that fails SQLite's integrity check (an index that is not its table's), signed
+    # with the real audit key: refused, whatever $TMPDIR is called.
+    members = _members(archive)
+    work = tmp_path / "edit.db"
+    work.write_bytes(members["sekisho.db"])
+    conn = sqlite3.connect(work)
+    conn.execute("CREATE INDEX zz_review ON ca_authorities(name)")
+    conn.commit()
+    conn.execute("PRAGMA writable_schema=ON")
+    conn.execute(
+        "UPDATE sqlite_master SET sql = 'CREATE INDEX zz_review ON ca_authorities(crl_number)'"
+        " WHERE name = 'zz_review'"
+    )
+    conn.commit()
+    conn.close()
+    members["sekisho.db"] = work.read_bytes()
+    _resign(members, _audit_signer(source))
+    damaged = tmp_path / "damaged.tar"
+    _write_tar(damaged, list(members.items()))
+    tmp = tmp_path / f"tmp{odd}v"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    result = cli(capsys, tmp_path, "backup", "verify", str(damaged))
+    assert result.code == 2 and "integrity check" in result.err, result.err
+    assert not (tmp_path / "tmp").exists()
+    assert cli(capsys, tmp_path, "backup", "verify", str(out_dir / "b.tar")).code == 0
