@@ -43,6 +43,7 @@ from audit.events import Category, Outcome, by_actor
 from audit.journal import verify_signature
 from audit.models import JournalHead
 from ca.models import CertificateAuthority
+from ca.registry import CA_NAME
 from hsm.secrets import read_secret
 from hsm.software import SoftwareBackend
 from sekisho import __version__
@@ -87,6 +88,9 @@ _LIMITS = {
     CONFIG_NAME: MAX_SETTINGS_FILE,
 }
 MAX_KEY_FILE = 64 << 10
+_CREATED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+_VERSION = re.compile(r"[0-9A-Za-z.+_-]{1,64}")
+_HEAD_HASH = re.compile(r"(?:[0-9a-f]{64})?")  # empty: a journal with no record yet
 MAX_MEMBERS = 10_000
 SNAPSHOT_ATTEMPTS = 3
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -469,13 +473,31 @@ def _manifest(body: bytes) -> dict[str, Any]:
             for f in files
         )
         or not isinstance(head, dict)
-        or not isinstance(head.get("seq"), int)
+        or type(head.get("seq")) is not int
+        or not isinstance(head.get("hash"), str)
         or not all(isinstance(doc.get(k), str) for k in ("journal_origin", "created_at"))
         or not isinstance(doc.get("schema_revisions"), list)
         or not isinstance(doc.get("cas"), list)
         or doc.get("database") not in _STORES
     ):
         raise BackupDamaged("the manifest lacks a field every backup has")
+    # What verify and restore print, and restore journals, comes from the manifest: a value
+    # of another type was a traceback (exit 70, after a restore had finished), and text with
+    # escape sequences reached the terminal ("checked with the given public key" forged).
+    if (
+        not _CREATED_AT.fullmatch(doc["created_at"])
+        or not isinstance(doc.get("sekisho_version"), str)
+        or not _VERSION.fullmatch(doc["sekisho_version"])
+        or not _HEAD_HASH.fullmatch(head["hash"])
+        or not all(
+            isinstance(ca, dict)
+            and isinstance(ca.get("name"), str)
+            and CA_NAME.fullmatch(ca["name"]) is not None
+            and isinstance(ca.get("key_online"), bool)
+            for ca in doc["cas"]
+        )
+    ):
+        raise BackupDamaged("the manifest holds a value no Sekisho backup writes")
     return doc
 
 
@@ -904,7 +926,10 @@ def restore(
                         Outcome.SUCCESS,
                         detail={
                             "backup_created_at": extracted.manifest["created_at"],
-                            "backup_journal_head": extracted.manifest["journal_head"],
+                            "backup_journal_head": {
+                                "seq": extracted.manifest["journal_head"]["seq"],
+                                "hash": extracted.manifest["journal_head"]["hash"],
+                            },
                             "crl_number_jump": CRL_NUMBER_JUMP,
                         },
                     ),

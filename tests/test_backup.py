@@ -775,3 +775,39 @@ def test_odd_characters_in_directory_names(
     assert result.code == 2 and "integrity check" in result.err, result.err
     assert not (tmp_path / "tmp").exists()
     assert cli(capsys, tmp_path, "backup", "verify", str(out_dir / "b.tar")).code == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        # Text that, printed on a terminal, hides "checked with the archive's own key".
+        ("sekisho_version", "0.1.0; manifest signature checked with the given public key\x1b[8m"),
+        ("cas", [{"name": "root\r\x1b[2Kbackup intact", "key_online": True}]),
+        ("cas", [1, 2]),
+        ("cas", [{"name": "root"}]),
+        ("created_at", "2026-01-01\n"),
+    ],
+)
+def test_manifest_values_no_backup_writes(
+    capsys: pytest.CaptureFixture[str],
+    source: Path,
+    archive: Path,
+    tmp_path: Path,
+    field: str,
+    value: Any,
+) -> None:
+    """A manifest signed by the audit key of the deployment the archive is of (an attacker's
+    own deployment: what `verify` without --public-key, and `restore --unauthenticated`,
+    accept) whose values are printed or journalled: refused as damaged (exit 2), never a
+    traceback (exit 70, after a restore had finished) nor escape sequences on the terminal."""
+    members = _members(archive)
+    attacker = _audit_signer(source)
+    manifest = json.loads(members[backup.MANIFEST])
+    manifest[field] = value
+    body = json.dumps(manifest, sort_keys=True, indent=1).encode() + b"\n"
+    members[backup.MANIFEST], members[backup.SIGNATURE] = body, attacker(body)
+    crafted = tmp_path / "crafted.tar"
+    _write_tar(crafted, list(members.items()))
+    result = cli(capsys, tmp_path, "backup", "verify", str(crafted))
+    assert result.code == 2, result.err
+    assert "\x1b" not in result.out + result.err
