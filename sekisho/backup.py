@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import sqlite3
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -56,6 +57,7 @@ from sekisho.errors import (
     InputError,
     KeyBackendError,
     MalformedInput,
+    OutputError,
     SekishoError,
     StoreError,
     shown,
@@ -524,13 +526,20 @@ def _copy_member(
     source = tar.extractfile(member)
     assert source is not None
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        while chunk := source.read(1 << 20):
-            digest.update(chunk)
-            fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with os.fdopen(fd, "wb") as fh:
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {shown(path, PATH_SHOWN)}: {exc.strerror or exc}"
+        ) from None
     if digest.hexdigest() != expected["sha256"]:
         raise BackupDamaged(f"{shown(member.name)} does not match the manifest's SHA-256")
 
@@ -565,7 +574,7 @@ def extract(
     lists, of its size and SHA-256, and every one it lists must be there."""
     step(f"checking {archive}")
     try:
-        with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        with _open_regular(archive) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             return _extract(tar, into, trusted_keys)
     except tarfile.TarError as exc:
         raise MalformedInput(f"{shown(archive, PATH_SHOWN)} is not a tar archive: {exc}") from None
@@ -573,6 +582,20 @@ def extract(
         raise InputError(f"no such file: {shown(archive, PATH_SHOWN)}") from None
     except (IsADirectoryError, PermissionError) as exc:
         raise InputError(f"cannot read {shown(archive, PATH_SHOWN)}: {exc.strerror}") from None
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file (a FIFO or a device is refused
+    unread, never waited on: InputError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"{shown(path, PATH_SHOWN)} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _extract(tar: tarfile.TarFile, into: Path, trusted_keys: Collection[bytes]) -> Extracted:
@@ -691,15 +714,27 @@ def _summary(extracted: Extracted, journal: Mapping[str, Any]) -> dict[str, Any]
 
 # -- restore ----------------------------------------------------------------------------------
 def _empty_target(target: Path) -> bool:
-    """Whether ``target`` exists (as an empty directory); anything else there is refused."""
+    """Whether ``target`` exists (as an empty directory); anything else there is refused,
+    before any work: a symbolic link (renaming the staging directory over it fails at the
+    very end), a mount point (it cannot be removed and replaced, and the staging directory
+    beside it is on another file system)."""
     if target.is_symlink():
-        raise Conflict(f"{shown(target, PATH_SHOWN)} is a symbolic link: name the directory itself")
+        raise Conflict(
+            f"{shown(target, PATH_SHOWN)} is a symbolic link: give the directory it points to"
+        )
+    if os.path.ismount(target):
+        raise Conflict(
+            f"{shown(target, PATH_SHOWN)} is a mount point: restore into a new directory on it "
+            "(e.g. --data-dir <mount>/var)"
+        )
     try:
         entries = os.listdir(target)
     except FileNotFoundError:
         return False
     except NotADirectoryError:
         raise Conflict(f"{shown(target, PATH_SHOWN)} exists and is not a directory") from None
+    except OSError as exc:
+        raise InputError(f"cannot use {shown(target, PATH_SHOWN)}: {exc.strerror or exc}") from None
     if entries:
         raise Conflict(
             f"{shown(target, PATH_SHOWN)} is not empty: a backup is restored only into a new or "
@@ -888,10 +923,16 @@ def restore(
     from sekisho.bootstrap import publish_ca_files
     from sekisho.services import open_deployment
 
+    target = Path(os.path.abspath(target))  # "." has no name to stage beside
     existed = _empty_target(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.restoring-{secrets.token_hex(4)}"
-    staging.mkdir(mode=0o700)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(mode=0o700)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write in {shown(target.parent, PATH_SHOWN)}: {exc.strerror or exc}"
+        ) from None
     loaded: str | None = None  # the PostgreSQL database restored into
     try:
         extracted = extract(archive, staging, trusted_keys, step)
@@ -944,12 +985,12 @@ def restore(
             if existed:
                 target.rmdir()
             os.rename(staging, target)
-        except OSError as exc:  # another restore, or a file put there, got there first
+            sync_directory(target.parent)
+        except OSError as exc:
             raise Conflict(
-                f"cannot put the restored deployment at {shown(target, PATH_SHOWN)}: "
-                f"{exc.strerror or exc}"
+                f"cannot put the restored deployment at {shown(target, PATH_SHOWN)} "
+                f"(changed meanwhile?): {exc.strerror or exc}"
             ) from None
-        sync_directory(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if loaded is not None:

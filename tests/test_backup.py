@@ -811,3 +811,57 @@ def test_manifest_values_no_backup_writes(
     result = cli(capsys, tmp_path, "backup", "verify", str(crafted))
     assert result.code == 2, result.err
     assert "\x1b" not in result.out + result.err
+
+
+def test_restore_targets_refused_first_or_taken(
+    capsys: pytest.CaptureFixture[str],
+    source: Path,
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A target the final rename cannot replace is refused before any work, with a message
+    (before: every check passed, the journal written, then exit 70 and nothing restored); a
+    FIFO given as the archive is refused unread (before: verify and restore hung); `.` is
+    the current directory."""
+    passphrase = str(source / "secrets" / "ca-passphrase")
+
+    def restore(target: Path | str, path: Path = archive) -> Result:
+        return cli(
+            capsys,
+            Path(target),
+            "backup",
+            "restore",
+            str(path),
+            "--unauthenticated",
+            "--passphrase-file",
+            passphrase,
+        )
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(empty)
+    result = restore(link)
+    assert result.code == 75 and "symbolic link" in result.err, result.err
+    assert "checking" not in result.err  # refused first
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    result = restore(dangling)
+    assert result.code == 75 and "symbolic link" in result.err, result.err
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == empty or real_ismount(p))
+    result = restore(empty)
+    assert result.code == 75 and "mount point" in result.err, result.err
+    monkeypatch.setattr(os.path, "ismount", real_ismount)
+    fifo = tmp_path / "fifo.tar"
+    os.mkfifo(fifo)
+    result = cli(capsys, tmp_path, "backup", "verify", str(fifo))
+    assert result.code == 65 and "not a regular file" in result.err, result.err
+    result = restore(tmp_path / "from-fifo", fifo)
+    assert result.code == 65 and "not a regular file" in result.err, result.err
+    assert [p for p in os.listdir(tmp_path) if ".restoring-" in p] == []
+    monkeypatch.chdir(empty)
+    result = restore(".")
+    assert result.code == 0, result.err
+    assert (empty / "sekisho.db").exists()
