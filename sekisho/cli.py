@@ -16,9 +16,11 @@ import logging
 import os
 import pwd
 import secrets
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1614,7 +1616,8 @@ def backup_create(state: State, output: Path) -> None:
     journalled (ca.backup)."""
     from sekisho import backup
 
-    done = backup.create(state.services(), output, state.actor(), _stage)
+    with _stopped_cleanly():
+        done = backup.create(state.services(), output, state.actor(), _stage)
     state.emit(
         done,
         lambda: (
@@ -1639,13 +1642,35 @@ def backup_verify(state: State, archive: Path, public_key_files: tuple[Path, ...
     from audit.cli import load_public_keys
     from sekisho import backup
 
-    done = backup.verify_archive(archive, load_public_keys(public_key_files), _stage)
+    with _stopped_cleanly():
+        done = backup.verify_archive(archive, load_public_keys(public_key_files), _stage)
     state.emit(done, lambda: _backup_text("backup intact", done))
 
 
 def _stage(what: str) -> None:
     """A long command's progress, on stderr."""
     click.echo(f"{what}...", err=True)
+
+
+@contextlib.contextmanager
+def _stopped_cleanly() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a service manager's stop, a dropped SSH session) raise
+    KeyboardInterrupt while a backup command runs, so that its clean-up runs as for Ctrl-C:
+    by default they end the process at once, leaving the staging directory (the keys and
+    the copied passphrase), a half-written archive and a loaded PostgreSQL database."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # handlers: main only
+        yield
+        return
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _backup_text(first: str, done: dict[str, Any]) -> str:
@@ -1705,14 +1730,15 @@ def backup_restore(
             "so that only an archive this deployment signed is restored; or --unauthenticated"
         )
     target = state.settings.data_dir
-    done = backup.restore(
-        archive,
-        target,
-        state.actor(),
-        passphrase_file=passphrase_file,
-        trusted_keys=load_public_keys(public_key_files),
-        step=_stage,
-    )
+    with _stopped_cleanly():
+        done = backup.restore(
+            archive,
+            target,
+            state.actor(),
+            passphrase_file=passphrase_file,
+            trusted_keys=load_public_keys(public_key_files),
+            step=_stage,
+        )
     state.emit(
         done,
         lambda: (

@@ -12,9 +12,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -865,3 +867,39 @@ def test_restore_targets_refused_first_or_taken(
     result = restore(".")
     assert result.code == 0, result.err
     assert (empty / "sekisho.db").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_restore_stopped_by_a_signal_leaves_nothing(
+    source: Path, archive: Path, tmp_path: Path, sig: int
+) -> None:
+    """A restore stopped by SIGTERM (a service manager, `timeout`) or SIGHUP (the SSH session
+    dropped) while it checks the keys cleans up as for Ctrl-C: before, the process ended at
+    once and left the staging directory beside the target, with every key file and the
+    copy of the passphrase."""
+    target = tmp_path / "restored"
+    child = subprocess.Popen(
+        [
+            sys.executable, "-m", "sekisho", "--data-dir", str(target), "backup", "restore",
+            str(archive), "--unauthenticated",
+            "--passphrase-file", str(source / "secrets" / "ca-passphrase"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    try:
+        assert child.stderr is not None
+        for line in child.stderr:  # bounded: the child ends, and so does its stderr
+            if line.startswith("checking the CA keys"):
+                break
+        assert any(".restoring-" in p for p in os.listdir(tmp_path))
+        child.send_signal(sig)
+        code = child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code == 130
+    assert not target.exists()
+    assert [p for p in os.listdir(tmp_path) if ".restoring-" in p] == []
