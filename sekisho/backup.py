@@ -35,7 +35,7 @@ from urllib.parse import quote
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -80,6 +80,11 @@ PG_TOOL_SECONDS = 6 * 3600.0
 # few CRLs a minute at most: this lasts for centuries of them, and CRL numbers stay far below
 # 2^63 (the column) and 2^159 (BR 7.2) after thousands of restores.
 CRL_NUMBER_JUMP = 1 << 32
+# ... and higher than any CRL an earlier restore of the same archive (or of an older one) has
+# signed since: the jump alone gave a second restore of one archive the very numbers the
+# first had used, on other CRLs. At least the restore's time in seconds times 2^30 (more than
+# any CRL a CA signs in the seconds between two restores; below 2^63 until the year 2242).
+CRL_NUMBER_TIME_SHIFT = 30
 # The members an archive may hold: the first three in this order, then the others.
 _HEADER = (MANIFEST, SIGNATURE, AUDIT_KEY)
 _KEY_MEMBER = re.compile(r"keys/[a-z0-9][a-z0-9._-]{0,62}\.key")
@@ -952,10 +957,12 @@ def restore(
             step("checking the CA keys")
             _check_keys(services, extracted.manifest)
             when = now or services.clock()
+            floor = int(when.timestamp()) << CRL_NUMBER_TIME_SHIFT
+            jumped = CertificateAuthority.crl_number + CRL_NUMBER_JUMP
             with services.db.scope() as session:
                 session.execute(
                     update(CertificateAuthority).values(
-                        crl_number=CertificateAuthority.crl_number + CRL_NUMBER_JUMP
+                        crl_number=case((jumped > floor, jumped), else_=floor)
                     )
                 )
                 services.journal.append(

@@ -903,3 +903,26 @@ def test_restore_stopped_by_a_signal_leaves_nothing(
     assert code == 130
     assert not target.exists()
     assert [p for p in os.listdir(tmp_path) if ".restoring-" in p] == []
+
+
+def test_second_restore_of_one_archive_outnumbers_the_first(
+    capsys: pytest.CaptureFixture[str], source: Path, archive: Path, tmp_path: Path
+) -> None:
+    """The archive restored, the restored deployment publishing CRLs (a revocation on them),
+    lost again, and the same archive restored again (no newer backup yet): the second
+    restore's next CRL outnumbers every CRL the first one signed. With the jump alone it
+    signed the same numbers again, on CRLs without that revocation."""
+    passphrase = str(source / "secrets" / "ca-passphrase")
+    first, second = tmp_path / "first", tmp_path / "second"
+    restore = ("backup", "restore", str(archive), "--unauthenticated")
+    assert cli(capsys, first, *restore, "--passphrase-file", passphrase).code == 0
+    for _ in range(3):
+        assert cli(capsys, first, "crl", "generate", "--ca", "admin").code == 0
+    published, _ = _crl(first, "admin")
+    threading.Event().wait(1.1)  # the clock reads whole seconds
+    assert cli(capsys, second, *restore, "--passphrase-file", passphrase).code == 0
+    assert cli(capsys, second, "crl", "generate", "--ca", "admin").code == 0
+    number, der = _crl(second, "admin")
+    assert number > published
+    pkilint_crl(der)
+    openssl_crl_verify(der, _der(_ca_der(second, "admin")))
