@@ -204,15 +204,21 @@ def _libpq_uri(url: str, env: dict[str, str]) -> str:
         password = given[-1] if isinstance(given, tuple) else given
     if password is not None:
         env["PGPASSWORD"] = str(password)
-    bare = URL.create(
-        "postgresql",
+    bare = _without_password(parsed.set(drivername="postgresql", query=query))
+    return bare.render_as_string(hide_password=False)
+
+
+def _without_password(parsed: URL) -> URL:
+    """``parsed`` without its password (``URL.set(password=None)`` keeps it: None means
+    "unchanged" there)."""
+    return URL.create(
+        parsed.drivername,
         username=parsed.username,
         host=parsed.host,
         port=parsed.port,
         database=parsed.database,
-        query=query,
+        query=parsed.query,
     )
-    return bare.render_as_string(hide_password=False)
 
 
 def _run_pg_tool(args: list[str], url: str | None = None) -> str:
@@ -801,15 +807,26 @@ def _record_database_url(path: Path, url: str) -> None:
     text = path.read_text("utf-8")
     before = tomllib.loads(text)
     section = before.get("sekisho", before)
-    if section.get("database_url") in (None, url):
+    old = section.get("database_url")
+    if isinstance(old, str) and make_url(old).password is None:
+        # The lost deployment's password came from elsewhere (PGPASSWORD, ~/.pgpass), so
+        # does the new one's: written here, it would travel in every later backup's copy of
+        # this file, which `backup verify` lets anyone read.
+        url = _without_password(make_url(url)).render_as_string(hide_password=False)
+    if old in (None, url):
         return
     kept = "".join(
         line
         for line in text.splitlines(keepends=True)
         if not re.match(r"\s*database_url\s*=", line)
     )
-    after = tomllib.loads(kept)
-    if {k: v for k, v in section.items() if k != "database_url"} != after.get("sekisho", after):
+    try:
+        after = tomllib.loads(kept)  # a value over several lines: its first one dropped
+    except tomllib.TOMLDecodeError:
+        after = None
+    if after is None or {k: v for k, v in section.items() if k != "database_url"} != after.get(
+        "sekisho", after
+    ):
         raise ConfigError(f"cannot record database_url in {path}: edit it by hand")
     replace_synced(path, kept.encode("utf-8"))
     persist_settings(path, {"database_url": url})

@@ -37,6 +37,7 @@ from hsm.software import PEM_LABEL, pem_wrap
 from sekisho import backup
 from sekisho.cli import main
 from sekisho.db import Database
+from sekisho.errors import ConfigError
 from sekisho.services import Services, build_services
 from tests.ca.helpers import make_csr, name
 from tests.conftest import TEST_ACTOR, Deployment, make_settings
@@ -926,3 +927,26 @@ def test_second_restore_of_one_archive_outnumbers_the_first(
     assert number > published
     pkilint_crl(der)
     openssl_crl_verify(der, _der(_ca_der(second, "admin")))
+
+
+def test_restore_records_no_database_password(tmp_path: Path) -> None:
+    """The restored settings name the new database; its password is not written there when
+    the lost deployment's URL held none (it came from PGPASSWORD or ~/.pgpass): the settings
+    file goes into every later backup, which anyone may read."""
+    settings = tmp_path / "sekisho.toml"
+    settings.write_text('[sekisho]\ndatabase_url = "postgresql+psycopg://sekisho@old/sekisho"\n')
+    backup._record_database_url(settings, "postgresql+psycopg://sekisho:s%40cret@new:5433/pki")
+    text = settings.read_text()
+    assert "cret" not in text
+    assert 'database_url = "postgresql+psycopg://sekisho@new:5433/pki"' in text
+    # A URL the operator kept with its password stays as they had it.
+    settings.write_text('[sekisho]\ndatabase_url = "postgresql+psycopg://sekisho:pw@old/sekisho"\n')
+    backup._record_database_url(settings, "postgresql+psycopg://sekisho:pw2@new/pki")
+    assert "pw2@new/pki" in settings.read_text()
+    # A value over several lines (a TOML string continued with a backslash): not edited
+    # line by line into a file that no longer parses (that was a traceback, exit 70).
+    settings.write_text(
+        '[sekisho]\ndatabase_url = """postgresql+psycopg://sekisho@old/\\\n    sekisho"""\n'
+    )
+    with pytest.raises(ConfigError, match="edit it by hand"):
+        backup._record_database_url(settings, "postgresql+psycopg://sekisho@new/pki")
