@@ -348,11 +348,16 @@ def _quiet(_stage: str) -> None:
 
 
 def create(
-    services: Any, output: Path, actor: Actor, step: Callable[[str], None] = _quiet
+    services: Any,
+    output: Path,
+    actor: Actor,
+    step: Callable[[str], None] = _quiet,
+    config: Path | None = None,
 ) -> dict[str, Any]:
     """Write a backup of the deployment to the new file ``output`` (0600), signed by the audit
     key, and journal it (``ca.backup``); the result's summary. Nothing is left at ``output``
-    when any step fails, the journal entry included."""
+    when any step fails, the journal entry included. ``config``: the settings file in use
+    (default: the data directory's), archived as the data directory's ``sekisho.toml``."""
     from sekisho.services import audit_key_ref
 
     settings: Settings = services.settings
@@ -386,7 +391,7 @@ def create(
             serialization.Encoding.PEM, _SPKI
         )
         members: dict[str, bytes | Path] = {AUDIT_KEY: audit_pem}
-        config = settings.data_dir / CONFIG_NAME
+        config = config or settings.data_dir / CONFIG_NAME
         try:
             members[CONFIG_NAME] = read_regular(config, MAX_SETTINGS_FILE)
         except FileNotFoundError:
@@ -429,7 +434,7 @@ def create(
         body = json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8") + b"\n"
         signature = signer.sign(body)
         mtime = int(now.timestamp())
-        step(f"writing {output}")
+        step(f"writing {shown(output, PATH_SHOWN)}")
         with files.open_binary(output) as fh:
             out = _Hashing(fh)
             with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
@@ -583,7 +588,7 @@ def extract(
     copy of the audit public key) or, with none given, with the audit key the archive carries
     (which shows the archive whole, not who made it). Every member must be one the manifest
     lists, of its size and SHA-256, and every one it lists must be there."""
-    step(f"checking {archive}")
+    step(f"checking {shown(archive, PATH_SHOWN)}")
     try:
         with _open_regular(archive) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             return _extract(tar, into, trusted_keys)
@@ -716,6 +721,7 @@ def _summary(extracted: Extracted, journal: Mapping[str, Any]) -> dict[str, Any]
         "signature_checked_with": "given public key"
         if extracted.key_given
         else "archive's own key",
+        "audit_key_sha256": hashlib.sha256(extracted.audit_key_der).hexdigest(),
         "journal_records": journal["records"],
         "journal_checkpoints": journal["checkpoints"],
         "cas": manifest["cas"],
@@ -754,7 +760,7 @@ def _empty_target(target: Path) -> bool:
     return True
 
 
-def _staging_settings(staging: Path, passphrase_file: Path | None, database: str) -> Settings:
+def _staging_settings(staging: Path, passphrase: bytes | None, database: str) -> Settings:
     from sekisho.settings import load_settings
 
     settings = load_settings(None, overrides={"data_dir": staging})
@@ -772,7 +778,7 @@ def _staging_settings(staging: Path, passphrase_file: Path | None, database: str
         _record_database_url(staging / CONFIG_NAME, settings.database_url)
     default_source = not settings.key_passphrase_env and not settings.key_passphrase_file
     if settings.key_backend != "software" or not default_source:
-        if passphrase_file is not None:
+        if passphrase is not None:
             source = (
                 "keys on a PKCS#11 token"
                 if settings.key_backend != "software"
@@ -780,17 +786,16 @@ def _staging_settings(staging: Path, passphrase_file: Path | None, database: str
             )
             raise InputError(f"--passphrase-file is not used: the restored settings name {source}")
         return settings
-    if passphrase_file is None:
+    if passphrase is None:
         raise InputError(
             "give the key passphrase with --passphrase-file FILE (the backup never holds it; "
             "it is copied into the new data directory, as `init` keeps it)"
         )
-    secret = read_secret(passphrase_file)  # owner-only, long enough: as `init` would take it
     secrets_dir = staging / "secrets"
     secrets_dir.mkdir(mode=0o700)
     fd = os.open(secrets_dir / "ca-passphrase", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(secret)
+        fh.write(passphrase)
         fh.flush()
         os.fsync(fh.fileno())
     return settings
@@ -947,6 +952,9 @@ def restore(
 
     target = Path(os.path.abspath(target))  # "." has no name to stage beside
     existed = _empty_target(target)
+    # Checked before anything else (owner-only, long enough: as `init` would take it), not
+    # after minutes of extracting and checking a large store.
+    passphrase = read_secret(passphrase_file) if passphrase_file is not None else None
     staging = target.parent / f".{target.name}.restoring-{secrets.token_hex(4)}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -962,7 +970,7 @@ def restore(
         step("checking the store and its journal")
         journal = check_store(extracted)
         (staging / AUDIT_KEY).unlink()  # (`audit public-key` writes it when wanted)
-        settings = _staging_settings(staging, passphrase_file, database)
+        settings = _staging_settings(staging, passphrase, database)
         if database == "postgresql":
             step("loading the store into PostgreSQL")
             _load_postgres(settings.db_url, staging / PG_DUMP)
@@ -1000,6 +1008,8 @@ def restore(
                     ),
                     when,
                 )
+            step("signing fresh CRLs")
+            published, waiting = _fresh_crls(services, when)
             with services.db.scope() as session:
                 services.journal.checkpoint(session, when)
             publish_ca_files(services)
@@ -1020,4 +1030,36 @@ def restore(
         if loaded is not None:
             _empty_postgres(loaded)
         raise
-    return {**_summary(extracted, journal), "data_dir": str(target)}
+    return {
+        **_summary(extracted, journal),
+        "data_dir": str(target),
+        "crls_signed": published,
+        "crls_waiting": waiting,
+    }
+
+
+def _fresh_crls(services: Any, now: dt.datetime) -> tuple[list[str], list[str]]:
+    """A full CRL (and its delta) for each CA that can sign one now, carrying the moved-on
+    numbers: relying parties holding a newer CRL of the lost deployment than the copy's get
+    one that supersedes it at once, not at the refresher's next half-validity. The CAs whose
+    key is offline (or whose certificate ends within the hour) are returned apart."""
+    published, waiting = [], []
+    with services.db.read_scope() as session:
+        rows = session.execute(
+            select(CertificateAuthority.name, CertificateAuthority.key_online)
+            .where(CertificateAuthority.active)
+            .order_by(CertificateAuthority.id)
+        ).all()
+    for name, online in rows:
+        if not online:
+            waiting.append(name)
+            continue
+        try:
+            services.crls.generate(name, now)
+            if services.crls.deltas:
+                services.crls.generate(name, now, delta=True)
+        except Conflict:
+            waiting.append(name)
+            continue
+        published.append(name)
+    return published, waiting

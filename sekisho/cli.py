@@ -42,6 +42,7 @@ from hsm.secrets import read_secret
 from sekisho import __version__
 from sekisho.context import Actor
 from sekisho.errors import (
+    PATH_SHOWN,
     ConfigError,
     Conflict,
     Discrepancies,
@@ -61,7 +62,7 @@ from sekisho.services import (
     open_backend,
     open_deployment,
 )
-from sekisho.settings import Settings, load_settings
+from sekisho.settings import Settings, config_path, load_settings
 
 if TYPE_CHECKING:
     from hsm.pkcs11 import Pkcs11Backend
@@ -1611,17 +1612,20 @@ def backup_create(state: State, output: Path) -> None:
 
     The archive holds a consistent copy of the store (SQLite: VACUUM INTO; PostgreSQL: pg_dump
     of one snapshot), the key files it refers to (encrypted under the key passphrase, which is
-    NOT in it: keep the passphrase apart from the backups), the settings file and the audit
-    public key, listed with their SHA-256 in a manifest signed by the audit key. The backup is
-    journalled (ca.backup)."""
+    NOT in it: keep the passphrase apart from the backups), the settings file in use (--config,
+    SEKISHO_CONFIG or the data directory's) and the audit public key, listed with their SHA-256
+    in a manifest signed by the audit key. The backup is journalled (ca.backup)."""
     from sekisho import backup
 
     with _stopped_cleanly():
-        done = backup.create(state.services(), output, state.actor(), _stage)
+        services = state.services()
+        config = config_path(state.config, services.settings.data_dir, os.environ)
+        done = backup.create(services, output, state.actor(), _stage, config)
     state.emit(
         done,
         lambda: (
-            f"wrote {output}: {done['size']:,} bytes, SHA-256 {done['sha256']}\n"
+            f"wrote {shown(output, PATH_SHOWN)}: {done['size']:,} bytes, SHA-256 "
+            f"{done['sha256']}\n"
             f"journal head {done['journal_head_seq']}; CAs {', '.join(done['cas'])}; "
             f"{len(done['keys'])} key files (encrypted). The key passphrase is not in the "
             "archive: keep it apart. Check the copy with `sekisho backup verify`."
@@ -1685,7 +1689,8 @@ def _backup_text(first: str, done: dict[str, Any]) -> str:
     )
     return (
         f"{first}: made {done['created_at']} by Sekisho {done['sekisho_version']}; {journal}; "
-        f"CAs {cas}; manifest signature checked with the {done['signature_checked_with']}"
+        f"CAs {cas}; manifest signature checked with the {done['signature_checked_with']} "
+        f"(audit key SHA-256 {done['audit_key_sha256']})"
     )
 
 
@@ -1714,13 +1719,14 @@ def backup_restore(
 ) -> None:
     """Restore ARCHIVE as the deployment of --data-dir, a new or empty directory.
 
-    The archive is checked as `backup verify --public-key` does, and every online CA key against its
-    certificate under the passphrase, before the directory appears (a failure leaves nothing).
-    A PostgreSQL store is loaded into the new, empty database SEKISHO_DATABASE_URL names (or
-    the restored settings' database_url), and its journal checked there. Each CA's CRL number
-    moves on by 2^32, past any CRL signed after the backup, and the restore is journalled
-    (ca.restore). Certificates issued and revocations made after the
-    backup are not in it: see docs/decisions.md, Backup and restore."""
+    The archive is checked as `backup verify --public-key` does, and every online CA key
+    against its certificate under the passphrase, before the directory appears (a failure
+    leaves nothing). A PostgreSQL store is loaded into the new, empty database that
+    SEKISHO_DATABASE_URL (or the restored settings' database_url) names, and its journal
+    checked there. Each CA's CRL number moves on past any CRL signed after the backup, the
+    restore is journalled (ca.restore), and each CA whose key is online signs fresh CRLs.
+    Certificates issued and revocations made after the backup are not in it: see
+    docs/decisions.md, Backup and restore."""
     from audit.cli import load_public_keys
     from sekisho import backup
 
@@ -1742,10 +1748,15 @@ def backup_restore(
     state.emit(
         done,
         lambda: (
-            _backup_text(f"restored into {target}", done)
-            + f"\nNot in the backup: what happened after {done['created_at']} (certificates "
-            "issued, revocations: revoke again what was revoked since). Publish fresh CRLs now: "
-            "`sekisho crl generate` (or start `sekisho serve`)."
+            _backup_text(f"restored into {shown(target, PATH_SHOWN)}", done)
+            + f"\nFresh CRLs signed for {', '.join(done['crls_signed']) or 'no CA'}"
+            + (
+                f"; CA {', '.join(done['crls_waiting'])} signs its next once its key is online"
+                if done["crls_waiting"]
+                else ""
+            )
+            + f".\nNot in the backup: what happened after {done['created_at']} (certificates "
+            "issued, revocations: revoke again what was revoked since)."
         ),
     )
 

@@ -287,6 +287,15 @@ def _check_trusted_file(path: Path, st: os.stat_result) -> None:
         raise ConfigError(f"settings file {path} is writable by others; chmod go-w it")
 
 
+def config_path(config_file: Path | None, data_dir: Path, env: Mapping[str, str]) -> Path:
+    """The settings file read: ``--config``, else ``SEKISHO_CONFIG``, else the data
+    directory's ``sekisho.toml`` (which need not exist)."""
+    if config_file is not None:
+        return config_file
+    named = env.get(ENV_PREFIX + "CONFIG")
+    return Path(named) if named else data_dir / CONFIG_NAME
+
+
 def load_settings(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -296,11 +305,7 @@ def load_settings(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     data_dir = (overrides or {}).get("data_dir") or env.get(ENV_PREFIX + "DATA_DIR") or "var"
-    path = config_file or (
-        Path(env[ENV_PREFIX + "CONFIG"])
-        if env.get(ENV_PREFIX + "CONFIG")
-        else Path(data_dir) / CONFIG_NAME
-    )
+    path = config_path(config_file, Path(data_dir), env)
     try:
         exists = path.exists()
     except OSError as exc:  # e.g. a name too long for the file system

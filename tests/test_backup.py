@@ -39,6 +39,7 @@ from sekisho.cli import main
 from sekisho.db import Database
 from sekisho.errors import ConfigError
 from sekisho.services import Services, build_services
+from sekisho.settings import load_settings
 from tests.ca.helpers import make_csr, name
 from tests.conftest import TEST_ACTOR, Deployment, make_settings
 from tests.support.checkers import (
@@ -184,6 +185,11 @@ def test_round_trip(capsys: pytest.CaptureFixture[str], source: Path, tmp_path: 
     assert checked.code == 0 and "archive's own key" in checked.out, checked.err
     checked = cli(capsys, tmp_path, "backup", "verify", str(archive), "--public-key", str(pub))
     assert checked.code == 0 and "given public key" in checked.out, checked.err
+    # The key that checked it, to compare with the one kept off the box.
+    pub_der = serialization.load_pem_public_key(pub.read_bytes()).public_bytes(
+        serialization.Encoding.DER, _SPKI
+    )
+    assert f"audit key SHA-256 {hashlib.sha256(pub_der).hexdigest()}" in checked.out
 
     # After the backup: a revocation and CRLs the restored deployment will not know of.
     services = _services(source)
@@ -208,6 +214,12 @@ def test_round_trip(capsys: pytest.CaptureFixture[str], source: Path, tmp_path: 
         str(pub),
     )
     assert done.code == 0, done.err
+    assert json.loads(done.out)["crls_signed"] == ["root", "admin", "device"]
+    # Fresh CRLs signed by the restore itself, numbered past the lost deployment's.
+    number, der = _crl(restored, "admin")
+    assert number > lost_number + 1_000_000
+    pkilint_crl(der)
+    openssl_crl_verify(der, _der(_ca_der(restored, "admin")))
     assert stat.S_IMODE(restored.stat().st_mode) == 0o700
     assert [p for p in os.listdir(tmp_path) if ".restoring-" in p] == []
     assert stat.S_IMODE((restored / "secrets" / "ca-passphrase").stat().st_mode) == 0o600
@@ -228,7 +240,6 @@ def test_round_trip(capsys: pytest.CaptureFixture[str], source: Path, tmp_path: 
     # OpenSSL finds the revocation on it.
     assert cli(capsys, restored, "crl", "generate").code == 0
     number, der = _crl(restored, "admin")
-    assert number > lost_number + 1_000_000
     pkilint_crl(der)
     admin_der, root_der = _der(_ca_der(restored, "admin")), _der(_ca_der(restored, "root"))
     openssl_crl_verify(der, admin_der)
@@ -447,6 +458,60 @@ def test_restore_refusals_leave_nothing(
     (target / "keep").unlink()
     assert restore(archive, "--passphrase-file", str(passphrase)).code == 0
     assert (target / "sekisho.db").exists()
+
+
+def test_settings_named_elsewhere_and_an_offline_root(
+    capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path
+) -> None:
+    """The settings file in use is archived even when --config names one outside the data
+    directory; a root whose key is offline gets its fresh CRL once the key is back."""
+    conf = tmp_path / "conf.toml"
+    conf.write_text('[sekisho]\nbase_url = "https://pki.example.jp"\n')
+    conf.chmod(0o600)
+    key = tmp_path / "root-key.pem"
+    assert cli(capsys, source, "ca", "export", "root", "--key", "-o", str(key)).code == 0
+    assert cli(capsys, source, "ca", "offline", "root", "--yes").code == 0
+    archive = tmp_path / "b.tar"
+    made = main(
+        ["--data-dir", str(source), "--config", str(conf), "backup", "create", str(archive)]
+    )
+    assert made == 0, capsys.readouterr().err
+    members = _members(archive)
+    assert members["sekisho.toml"] == conf.read_bytes()
+    assert "keys/ca-root.key" not in members
+    restored = tmp_path / "restored"
+    done = cli(
+        capsys,
+        restored,
+        "--json",
+        "backup",
+        "restore",
+        str(archive),
+        "--unauthenticated",
+        "--passphrase-file",
+        str(source / "secrets" / "ca-passphrase"),
+    )
+    assert done.code == 0, done.err
+    doc = json.loads(done.out)
+    assert (doc["crls_signed"], doc["crls_waiting"]) == (["admin", "device"], ["root"])
+    assert load_settings(env={}, overrides={"data_dir": restored}).base_url == (
+        "https://pki.example.jp"
+    )
+    # A passphrase file anyone may read is refused before any work.
+    loose = tmp_path / "loose"
+    loose.write_bytes(b"x" * 32)
+    loose.chmod(0o644)
+    result = cli(
+        capsys,
+        tmp_path / "other",
+        "backup",
+        "restore",
+        str(archive),
+        "--unauthenticated",
+        "--passphrase-file",
+        str(loose),
+    )
+    assert result.code == 78 and "checking" not in result.err, result.err
 
 
 def test_create_refusals_leave_nothing(
