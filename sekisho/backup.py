@@ -209,16 +209,43 @@ def _libpq_uri(url: str, env: dict[str, str]) -> str:
 
 
 def _without_password(parsed: URL) -> URL:
-    """``parsed`` without its password (``URL.set(password=None)`` keeps it: None means
-    "unchanged" there)."""
+    """``parsed`` without its password, nor a ``password`` query parameter (libpq reads one)
+    (``URL.set(password=None)`` keeps it: None means "unchanged" there)."""
     return URL.create(
         parsed.drivername,
         username=parsed.username,
         host=parsed.host,
         port=parsed.port,
         database=parsed.database,
-        query=parsed.query,
+        query={k: v for k, v in parsed.query.items() if k != "password"},
     )
+
+
+def _has_password(url: str) -> bool:
+    parsed = make_url(url)
+    return parsed.password is not None or "password" in parsed.query
+
+
+# Settings that are URLs and may carry a password.
+_URL_SETTINGS = ("database_url", "database_owner_url")
+
+
+def _settings_without_passwords(data: bytes) -> tuple[bytes, list[str]]:
+    """The settings file as archived: database URLs without their passwords (an archive is
+    copied off the box, and `backup verify` extracts it anywhere); the keys changed."""
+    from sekisho.settings import with_setting
+
+    text = data.decode("utf-8")
+    doc = tomllib.loads(text)
+    section = doc.get("sekisho", doc)
+    removed = []
+    for key in _URL_SETTINGS:
+        value = section.get(key)
+        if isinstance(value, str) and _has_password(value):
+            bare = _without_password(make_url(value)).render_as_string(hide_password=False)
+            text = with_setting(text, key, bare)
+            removed.append(key)
+    return text.encode("utf-8"), removed
 
 
 def _run_pg_tool(args: list[str], url: str | None = None) -> str:
@@ -392,11 +419,14 @@ def create(
         )
         members: dict[str, bytes | Path] = {AUDIT_KEY: audit_pem}
         config = config or settings.data_dir / CONFIG_NAME
+        removed: list[str] = []
         try:
-            members[CONFIG_NAME] = read_regular(config, MAX_SETTINGS_FILE)
+            members[CONFIG_NAME], removed = _settings_without_passwords(
+                read_regular(config, MAX_SETTINGS_FILE)
+            )
         except FileNotFoundError:
-            pass  # all defaults, or settings from the environment or a --config elsewhere
-        except (FileRefused, OSError) as exc:
+            pass  # all defaults, or settings from the environment
+        except (FileRefused, OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the settings file {config}: {exc}") from None
         members.update(keys)
         members[copy.name] = copy
@@ -411,6 +441,7 @@ def create(
             "journal_origin": services.journal.origin,
             "journal_head": {"seq": facts.head_seq, "hash": facts.head_hash},
             "audit_public_key_sha256": hashlib.sha256(signer.public_key_der).hexdigest(),
+            "settings_passwords_removed": removed,
             "cas": [
                 {
                     **ca,
@@ -497,6 +528,7 @@ def _manifest(body: bytes) -> dict[str, Any]:
         or not isinstance(doc.get("schema_revisions"), list)
         or not isinstance(doc.get("cas"), list)
         or doc.get("database") not in _STORES
+        or not isinstance(doc.get("settings_passwords_removed", []), list)
     ):
         raise BackupDamaged("the manifest lacks a field every backup has")
     # What verify and restore print, and restore journals, comes from the manifest: a value
@@ -760,10 +792,13 @@ def _empty_target(target: Path) -> bool:
     return True
 
 
-def _staging_settings(staging: Path, passphrase: bytes | None, database: str) -> Settings:
+def _staging_settings(
+    staging: Path, passphrase: bytes | None, manifest: Mapping[str, Any]
+) -> Settings:
     from sekisho.settings import load_settings
 
     settings = load_settings(None, overrides={"data_dir": staging})
+    database = manifest["database"]
     if database == "sqlite" and sqlite_file(settings.db_url) != (staging / DATABASE).resolve():
         raise ConfigError(
             "database_url is set (in the restored settings or SEKISHO_DATABASE_URL): this "
@@ -775,7 +810,8 @@ def _staging_settings(staging: Path, passphrase: bytes | None, database: str) ->
                 "this backup holds a PostgreSQL store: set SEKISHO_DATABASE_URL to the new, "
                 "empty database to restore it into"
             )
-        _record_database_url(staging / CONFIG_NAME, settings.database_url)
+        removed = "database_url" in manifest.get("settings_passwords_removed", [])
+        _record_database_url(staging / CONFIG_NAME, settings.database_url, removed)
     default_source = not settings.key_passphrase_env and not settings.key_passphrase_file
     if settings.key_backend != "software" or not default_source:
         if passphrase is not None:
@@ -801,40 +837,26 @@ def _staging_settings(staging: Path, passphrase: bytes | None, database: str) ->
     return settings
 
 
-def _record_database_url(path: Path, url: str) -> None:
+def _record_database_url(path: Path, url: str, password_removed: bool) -> None:
     """The restored settings file names the database restored into (SEKISHO_DATABASE_URL may
     name another than the lost one): without it, the new deployment would go back to the old
-    database once the variable is gone. A file this cannot edit safely is a ConfigError."""
-    from sekisho.settings import persist_settings
+    database once the variable is gone. The URL's password is written only where the lost
+    deployment's file held one (the archive does not: ``password_removed``). A file this
+    cannot edit safely is a ConfigError."""
+    from sekisho.settings import with_setting
 
     if not path.exists():
         return  # the URL never was in the file: it still comes from the environment
     text = path.read_text("utf-8")
     before = tomllib.loads(text)
-    section = before.get("sekisho", before)
-    old = section.get("database_url")
-    if isinstance(old, str) and make_url(old).password is None:
+    old = before.get("sekisho", before).get("database_url")
+    if not password_removed:
         # The lost deployment's password came from elsewhere (PGPASSWORD, ~/.pgpass), so
-        # does the new one's: written here, it would travel in every later backup's copy of
-        # this file, which `backup verify` lets anyone read.
+        # does the new one's.
         url = _without_password(make_url(url)).render_as_string(hide_password=False)
     if old in (None, url):
         return
-    kept = "".join(
-        line
-        for line in text.splitlines(keepends=True)
-        if not re.match(r"\s*database_url\s*=", line)
-    )
-    try:
-        after = tomllib.loads(kept)  # a value over several lines: its first one dropped
-    except tomllib.TOMLDecodeError:
-        after = None
-    if after is None or {k: v for k, v in section.items() if k != "database_url"} != after.get(
-        "sekisho", after
-    ):
-        raise ConfigError(f"cannot record database_url in {path}: edit it by hand")
-    replace_synced(path, kept.encode("utf-8"))
-    persist_settings(path, {"database_url": url})
+    replace_synced(path, with_setting(text, "database_url", url).encode("utf-8"))
 
 
 def _load_postgres(url: str, dump: Path) -> None:
@@ -970,7 +992,7 @@ def restore(
         step("checking the store and its journal")
         journal = check_store(extracted)
         (staging / AUDIT_KEY).unlink()  # (`audit public-key` writes it when wanted)
-        settings = _staging_settings(staging, passphrase, database)
+        settings = _staging_settings(staging, passphrase, extracted.manifest)
         if database == "postgresql":
             step("loading the store into PostgreSQL")
             _load_postgres(settings.db_url, staging / PG_DUMP)

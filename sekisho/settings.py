@@ -363,6 +363,32 @@ def _toml_value(value: Any) -> str:
     return f'"{escaped}"'
 
 
+def with_setting(text: str, key: str, value: Any) -> str:
+    """A settings file's ``text`` with ``key`` set to ``value``: its line dropped and one
+    appended, every other setting kept as it was (checked by reading both). ConfigError when
+    that cannot be done so (a value over several lines, a table after the settings)."""
+    try:
+        before = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot read the settings file: {exc}") from None
+    try:
+        kept = "".join(
+            line
+            for line in text.splitlines(keepends=True)
+            if not re.match(rf"\s*{re.escape(key)}\s*=", line)
+        )
+        if kept and not kept.endswith("\n"):
+            kept += "\n"
+        kept += f"{key} = {_toml_value(value)}\n"
+        after = tomllib.loads(kept)
+    except tomllib.TOMLDecodeError:
+        after = None
+    wanted = {**before.get("sekisho", before), key: value}
+    if after is None or after.get("sekisho", after) != wanted:
+        raise ConfigError(f"cannot set {key} in the settings file: edit it by hand")
+    return kept
+
+
 def persist_settings(path: Path, values: Mapping[str, Any]) -> list[str]:
     """Record ``values`` in the settings file ``path`` (its ``[sekisho]`` table), so later
     commands find them without repeating options. A key already set there to another value is

@@ -567,10 +567,18 @@ def test_postgres_round_trip(
         later = _issue(services, "Revoked After The Backup")
     finally:
         services.close()
+    # The settings hold the database password (trust authentication here ignores it): the
+    # archive must not.
+    toml = source / "sekisho.toml"
+    with_password = deployment.database_url.replace("://sekisho@", "://sekisho:old-s3cret@")
+    assert with_password != deployment.database_url
+    toml.write_text(f'[sekisho]\ndatabase_url = "{with_password}"\n')
     archive = tmp_path / "pg.tar"
     made = cli(capsys, source, "--json", "backup", "create", str(archive))
     assert made.code == 0, made.err
+    assert b"old-s3cret" not in archive.read_bytes()
     members = _members(archive)
+    assert json.loads(members[backup.MANIFEST])["settings_passwords_removed"] == ["database_url"]
     assert "sekisho.pgdump" in members and "sekisho.db" not in members
     assert json.loads(members[backup.MANIFEST])["database"] == "postgresql"
     checked = cli(capsys, tmp_path, "backup", "verify", str(archive))
@@ -595,7 +603,8 @@ def test_postgres_round_trip(
     db_name = f"restored{os.getpid()}"
     target_url = cluster.create_database(db_name)
     try:
-        monkeypatch.setenv("SEKISHO_DATABASE_URL", target_url)
+        target_with_password = target_url.replace("://sekisho@", "://sekisho:new-s3cret@")
+        monkeypatch.setenv("SEKISHO_DATABASE_URL", target_with_password)
         passphrase = source / "secrets" / "ca-passphrase"
         restore = ("backup", "restore", str(archive), "--public-key", str(pub))
         # A wrong passphrase, found once the store is loaded: the database is emptied again.
@@ -610,9 +619,10 @@ def test_postgres_round_trip(
         result = cli(capsys, restored, *restore, "--passphrase-file", str(passphrase))
         assert result.code == 0, result.err
         assert _objects(target_url) > 0
-        # The settings now name the new database, with the variable gone too.
+        # The settings now name the new database, with the variable gone too, and its password
+        # (the lost deployment's file held one).
         monkeypatch.delenv("SEKISHO_DATABASE_URL")
-        assert make_settings(restored).database_url == target_url
+        assert make_settings(restored).database_url == target_with_password
         assert cli(capsys, restored, "audit", "verify").code == 0
         # Never over a deployment: the database is not empty any more.
         monkeypatch.setenv("SEKISHO_DATABASE_URL", target_url)
