@@ -1010,13 +1010,17 @@ def test_restore_records_no_database_password(tmp_path: Path) -> None:
     file goes into every later backup, which anyone may read."""
     settings = tmp_path / "sekisho.toml"
     settings.write_text('[sekisho]\ndatabase_url = "postgresql+psycopg://sekisho@old/sekisho"\n')
-    backup._record_database_url(settings, "postgresql+psycopg://sekisho:s%40cret@new:5433/pki")
+    backup._record_database_url(
+        settings, "postgresql+psycopg://sekisho:s%40cret@new:5433/pki", password_removed=False
+    )
     text = settings.read_text()
     assert "cret" not in text
     assert 'database_url = "postgresql+psycopg://sekisho@new:5433/pki"' in text
-    # A URL the operator kept with its password stays as they had it.
-    settings.write_text('[sekisho]\ndatabase_url = "postgresql+psycopg://sekisho:pw@old/sekisho"\n')
-    backup._record_database_url(settings, "postgresql+psycopg://sekisho:pw2@new/pki")
+    # A URL the operator kept with its password (which the archive left out) stays so.
+    settings.write_text('[sekisho]\ndatabase_url = "postgresql+psycopg://sekisho@old/sekisho"\n')
+    backup._record_database_url(
+        settings, "postgresql+psycopg://sekisho:pw2@new/pki", password_removed=True
+    )
     assert "pw2@new/pki" in settings.read_text()
     # A value over several lines (a TOML string continued with a backslash): not edited
     # line by line into a file that no longer parses (that was a traceback, exit 70).
@@ -1024,4 +1028,6 @@ def test_restore_records_no_database_password(tmp_path: Path) -> None:
         '[sekisho]\ndatabase_url = """postgresql+psycopg://sekisho@old/\\\n    sekisho"""\n'
     )
     with pytest.raises(ConfigError, match="edit it by hand"):
-        backup._record_database_url(settings, "postgresql+psycopg://sekisho@new/pki")
+        backup._record_database_url(
+            settings, "postgresql+psycopg://sekisho@new/pki", password_removed=False
+        )
