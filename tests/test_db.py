@@ -827,6 +827,49 @@ def test_migration_0006_keeps_one_active_responder_per_ca(services: Services) ->
     command.upgrade(cfg, "head")
 
 
+def test_migration_0007_guards_the_journal_and_its_downgrade_lifts_the_guard(
+    services: Services,
+) -> None:
+    """0007 adds the append-only triggers (and on PostgreSQL their function); its downgrade
+    removes them all, and the upgrade after it guards the journal again."""
+    from alembic import command
+
+    cfg = db_module.alembic_config(services.db.engine)
+    postgres = services.db.engine.dialect.name == "postgresql"
+    change = "UPDATE audit_checkpoints SET key_ref = key_ref WHERE seq = 1"
+
+    def guard() -> list[str]:
+        with services.db.engine.connect() as conn:
+            if postgres:
+                found = conn.execute(
+                    text(
+                        "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal UNION ALL "
+                        "SELECT proname FROM pg_proc WHERE proname = 'sekisho_append_only'"
+                    )
+                )
+            else:
+                found = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+            return sorted(found.scalars())
+
+    tables = ("audit_checkpoints", "audit_records")
+    if postgres:
+        expected = [f"{t}_{w}" for t in tables for w in ("append_only", "no_truncate")]
+        expected.append("sekisho_append_only")
+    else:
+        expected = [f"{t}_{w}" for t in tables for w in ("no_delete", "no_replace", "no_update")]
+    assert guard() == sorted(expected)
+    with pytest.raises(StoreError), services.db.scope() as session:
+        session.execute(text(change))
+    command.downgrade(cfg, "0006")
+    assert guard() == []
+    with services.db.scope() as session:
+        assert session.execute(text(change)).rowcount == 1
+    command.upgrade(cfg, "head")
+    assert guard() == sorted(expected)
+    with pytest.raises(StoreError), services.db.scope() as session:
+        session.execute(text(change))
+
+
 def test_a_postgresql_server_that_never_answers_fails_within_the_connect_timeout() -> None:
     """A server that accepts the TCP connection and then says nothing (a hung server, a
     middlebox swallowing the traffic): the operation fails with StoreError once

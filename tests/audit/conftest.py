@@ -1,5 +1,6 @@
 """Fixtures for the audit journal tests: services on a hand-moved clock, journal helpers,
-raw-SQL tampering and the ``sekisho`` command line run in-process or as a subprocess."""
+raw-SQL tampering (with the append-only guard lifted) and the ``sekisho`` command line run
+in-process or as a subprocess."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from sekisho.cli import main as cli_main
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.conftest import BASE_URL, FakeClock, RecordingBackend
+from tests.support.journal_guard import guard_lifted
 
 CLI_TIMEOUT = 120.0
 
@@ -98,8 +100,9 @@ def append_event(services: Services, clock: FakeClock, ev: Event) -> int:
 
 
 def sql(services: Services, statement: str, params: Mapping[str, Any] | None = None) -> None:
-    """Raw SQL on the store, in its own committed transaction (the attacker's view)."""
-    with services.db.engine.begin() as conn:
+    """Raw SQL on the store, in its own committed transaction (the attacker's view: whoever
+    owns the tables or the SQLite file, who lifts the journal's append-only guard for it)."""
+    with services.db.engine.begin() as conn, guard_lifted(conn):
         conn.execute(text(statement), dict(params or {}))
 
 

@@ -7,7 +7,6 @@ import base64
 import datetime as dt
 import hashlib
 import json
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from tests.audit.conftest import (
     template_seq,
 )
 from tests.conftest import FakeClock
+from tests.support.journal_guard import guard_lifted
 
 # The scenario: the template's records (``init``, which signs its first and its last, INIT)
 # topped up to 107 records, with a checkpoint signed at 51; then, every 50 records, at 101.
@@ -296,7 +296,7 @@ def shift_checkpoint_time(seq: int) -> Callable[[Services], None]:
     so it is stored in the form the journal writes)."""
 
     def tamper(services: Services) -> None:
-        with services.db.engine.begin() as conn:
+        with services.db.engine.begin() as conn, guard_lifted(conn):
             when = conn.execute(select(Checkpoint.time).where(Checkpoint.seq == seq)).scalar_one()
             conn.execute(
                 sa_update(Checkpoint)
@@ -960,8 +960,7 @@ def test_exported_checkpoint_time_must_be_the_signed_time(
 
 
 def write_not_utf8(services: Services, table: str, column: str, seq: int) -> None:
-    """``column`` of row ``seq`` set to the bytes ff 41 as TEXT, with the sqlite3 module on the
-    database file (PostgreSQL refuses them)."""
+    """``column`` of row ``seq`` set to the bytes ff 41 as TEXT (PostgreSQL refuses them)."""
     assert (table, column) in {("audit_records", c) for c in FIELDS} | {
         ("audit_checkpoints", "body")
     }  # fixed names, never input
@@ -970,14 +969,7 @@ def write_not_utf8(services: Services, table: str, column: str, seq: int) -> Non
         with pytest.raises(DBAPIError):
             sql(services, assignment.format("convert_from('\\xff41'::bytea, 'UTF8')"))
         pytest.skip("PostgreSQL refuses text that is not UTF-8")
-    path = services.db.engine.url.database
-    assert path is not None
-    con = sqlite3.connect(path)
-    try:
-        with con:
-            con.execute(assignment.format("CAST(x'ff41' AS TEXT)"))
-    finally:
-        con.close()
+    sql(services, assignment.format("CAST(x'ff41' AS TEXT)"))
 
 
 @pytest.mark.parametrize("column", ["action", "detail", "object_dn", "time"])
