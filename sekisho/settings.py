@@ -37,7 +37,11 @@ AUDIT_ORIGIN = re.compile(r"[\x21-\x7e]{1,255}")
 class Settings:
     data_dir: Path = Path("var")
     base_url: str = "http://127.0.0.1:8080"
-    database_url: str = ""
+    # repr=False: a URL may carry a password, and a Settings printed or logged must not show it.
+    database_url: str = dataclasses.field(default="", repr=False)
+    # PostgreSQL: the schema owner's connection. When set, migrations run through it and then
+    # grant the role of database_url what Sekisho uses, and no more (sekisho.roles).
+    database_owner_url: str = dataclasses.field(default="", repr=False)
     bind_host: str = "127.0.0.1"
     bind_port: int = 8080
     workers: int = 2
@@ -214,12 +218,23 @@ class Settings:
             raise ConfigError("workers must be between 1 and 64")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
-        if self.database_url:
-            _check_database_url(self.database_url)
+        database = (
+            _check_database_url("database_url", self.database_url) if self.database_url else ""
+        )
+        if self.database_owner_url:
+            owner = _check_database_url("database_owner_url", self.database_owner_url)
+            if owner != "postgresql" or database != "postgresql":
+                # SQLite has no roles: whoever may write the file owns the schema.
+                raise ConfigError(
+                    "database_owner_url is for PostgreSQL: it and database_url must both be "
+                    "postgresql:// URLs (the schema owner's and the application's)"
+                )
         return self
 
 
-def _check_database_url(url: str) -> None:
+def _check_database_url(setting: str, url: str) -> str:
+    """The database a URL setting names (``sqlite`` or ``postgresql``). Messages name the
+    setting and never quote the URL, which may carry a password."""
     # Caught here, a bad URL names its setting; caught by SQLAlchemy later, it is a traceback.
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -228,15 +243,17 @@ def _check_database_url(url: str) -> None:
         driver = make_url(url).drivername
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(
-            "database_url is not a database URL (sqlite:/// or postgresql://)"
+            f"{setting} is not a database URL (sqlite:/// or postgresql://)"
         ) from None
-    if driver.split("+", 1)[0] not in {"sqlite", "postgresql"}:
-        raise ConfigError(
-            f"database_url: unsupported database {shown(driver)} (sqlite or postgresql)"
-        )
+    database = driver.split("+", 1)[0]
+    if database not in {"sqlite", "postgresql"}:
+        raise ConfigError(f"{setting}: unsupported database {shown(driver)} (sqlite or postgresql)")
+    return database
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+# Settings whose value may carry a password: no message quotes them.
+URL_SETTINGS = frozenset({"database_url", "database_owner_url"})
 
 
 def _coerce(name: str, raw: Any) -> Any:
@@ -275,7 +292,8 @@ def _coerce(name: str, raw: Any) -> Any:
             raise ValueError(f"expected a string, not {type(raw).__name__}")
         return raw
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name!r}: cannot use {shown(raw)} ({exc})") from None
+        value = "its value" if name in URL_SETTINGS else shown(raw)  # a URL's password
+        raise ConfigError(f"setting {name!r}: cannot use {value} ({exc})") from None
 
 
 def _check_trusted_file(path: Path, st: os.stat_result) -> None:

@@ -268,3 +268,69 @@ def test_base_url_follows_the_serving_port_unless_set(tmp_path: Path) -> None:
         overrides={"data_dir": tmp_path},
     )
     assert explicit.base_url == "https://pki.example.com"
+
+
+SECRET = "pw-never-shown"
+APP_URL = f"postgresql+psycopg://app:{SECRET}@db.example/sekisho"
+OWNER_URL = f"postgresql+psycopg://owner:{SECRET}@db.example/sekisho"
+
+
+def test_database_owner_url_is_read_like_database_url_and_never_shown(tmp_path: Path) -> None:
+    s = load_settings(
+        env={"SEKISHO_DATABASE_URL": APP_URL, "SEKISHO_DATABASE_OWNER_URL": OWNER_URL},
+        overrides={"data_dir": tmp_path},
+    )
+    assert (s.database_url, s.database_owner_url) == (APP_URL, OWNER_URL)
+    assert SECRET not in repr(s) and SECRET not in str(s)
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"database_owner_url": OWNER_URL}, "database_owner_url is for PostgreSQL"),
+        (
+            {"database_url": "sqlite:///x.db", "database_owner_url": OWNER_URL},
+            "database_owner_url is for PostgreSQL",
+        ),
+        (
+            {"database_url": APP_URL, "database_owner_url": "sqlite:///x.db"},
+            "database_owner_url is for PostgreSQL",
+        ),
+        (
+            {"database_url": APP_URL, "database_owner_url": OWNER_URL.replace("/sekisho", ":x/")},
+            "database_owner_url is not a database URL",
+        ),
+        (
+            {
+                "database_url": APP_URL,
+                "database_owner_url": OWNER_URL.replace("postgresql", "mysql"),
+            },
+            "database_owner_url: unsupported database 'mysql+psycopg'",
+        ),
+        (
+            {"database_url": APP_URL, "database_owner_url": OWNER_URL + "\x00"},
+            "setting 'database_owner_url': cannot use its value (holds a NUL character)",
+        ),
+        (
+            {"database_url": APP_URL + "\x00"},
+            "setting 'database_url': cannot use its value (holds a NUL character)",
+        ),
+    ],
+)
+def test_a_bad_database_owner_url_is_refused_without_quoting_it(
+    tmp_path: Path, values: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={}, overrides={"data_dir": tmp_path, **values})
+    assert problem in info.value.message and SECRET not in info.value.message
+
+
+def test_cli_refuses_a_bad_database_owner_url_without_quoting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SEKISHO_DATABASE_URL", APP_URL)
+    monkeypatch.setenv("SEKISHO_DATABASE_OWNER_URL", OWNER_URL.replace("/sekisho", ":x/"))
+    code = main(["--data-dir", str(tmp_path / "d"), "init"])
+    out, err = capfd.readouterr()
+    assert code == 78 and err.startswith("error: config: database_owner_url is not a database")
+    assert SECRET not in out + err and "Traceback" not in out + err
