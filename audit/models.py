@@ -7,7 +7,7 @@ import datetime as dt
 from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from sekisho.db import Base, UTCDateTime
+from sekisho.db import APP_PRIVILEGES, Base, UTCDateTime
 
 _BIGINT = BigInteger().with_variant(Integer, "sqlite")
 
@@ -16,6 +16,9 @@ class JournalRecord(Base):
     """One journal entry. ``hash`` = SHA-256(previous hash || canonical(record))."""
 
     __tablename__ = "audit_records"
+    # Append-only: the application role reads and adds records, never changes one (with an
+    # owner role of its own; the triggers of migration 0007 refuse it to every role).
+    __table_args__ = {"info": {APP_PRIVILEGES: ("SELECT", "INSERT")}}
 
     seq: Mapped[int] = mapped_column(_BIGINT, primary_key=True, autoincrement=False)
     time: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
@@ -38,6 +41,8 @@ class JournalHead(Base):
     """Single row (id=1): the chain head. Appenders lock it to serialise the chain."""
 
     __tablename__ = "audit_head"
+    # The row exists from the first migration on; appenders only move it.
+    __table_args__ = {"info": {APP_PRIVILEGES: ("SELECT", "UPDATE")}}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
@@ -50,6 +55,7 @@ class Checkpoint(Base):
     """A signed statement of the chain head at ``seq`` (C2SP tlog-checkpoint style body)."""
 
     __tablename__ = "audit_checkpoints"
+    __table_args__ = {"info": {APP_PRIVILEGES: ("SELECT", "INSERT")}}  # append-only
 
     seq: Mapped[int] = mapped_column(_BIGINT, primary_key=True, autoincrement=False)
     time: Mapped[dt.datetime] = mapped_column(UTCDateTime)

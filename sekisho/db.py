@@ -44,11 +44,14 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQL
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from sekisho.errors import DuplicateKey, StoreError
+from sekisho.errors import ConfigError, DuplicateKey, StoreError
 from sekisho.files import exclusive_lock
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 READ_ONLY = "sekisho_read_only"  # execution option set by Database.read_scope()
+# Key of ``Table.info``: the privileges the application role is granted on the table when the
+# schema has an owner of its own (``sekisho.roles``); other tables get ``roles.READ_WRITE``.
+APP_PRIVILEGES = "app_privileges"
 # A pooled PostgreSQL connection idle this long (seconds) is pinged before it is handed out.
 IDLE_PING = 5.0
 log = logging.getLogger("sekisho.db")
@@ -273,13 +276,24 @@ def make_engine(
 
 
 _PG_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout expired
+PG_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _pg_message(driver_exc: BaseException | None) -> str:
+    """PostgreSQL's own one-line message of a driver error ("permission denied for table x")."""
+    diag = getattr(driver_exc, "diag", None)
+    return str(getattr(diag, "message_primary", None) or type(driver_exc).__name__)
 
 
 def _store_error(driver_exc: BaseException | None, named: BaseException) -> StoreError:
     """The StoreError for a driver error (``named``: the exception whose class the message
-    names). A lock wait that ran out is "database busy", as on SQLite."""
-    if getattr(driver_exc, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
+    names). A lock wait that ran out is "database busy", as on SQLite; a privilege the
+    database role lacks is named (PostgreSQL's message names the object, never a value)."""
+    sqlstate = getattr(driver_exc, "sqlstate", None)
+    if sqlstate == _PG_LOCK_NOT_AVAILABLE:
         return StoreError("database busy: another session held a lock too long")
+    if sqlstate == PG_INSUFFICIENT_PRIVILEGE:
+        return StoreError(f"database error: {_pg_message(driver_exc)} ({ROLE_HINT})")
     if driver_exc is not None and _unique_violation(driver_exc):
         return DuplicateKey(f"database error: {named.__class__.__name__}")
     return StoreError(f"database error: {named.__class__.__name__}")
@@ -438,12 +452,15 @@ def _flock_within(fd: int, seconds: float) -> None:
 class Database:
     """An engine plus a session factory; ``scope()`` is one transaction."""
 
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
+    def __init__(self, url: str, *, read_only: bool = False, owner_url: str | None = None) -> None:
         """``read_only``: nothing is written through this object (see ``make_engine``); a
         SQLite file is opened with ``read_only_sqlite_uri``, and ``immutable`` says whether it
-        had to be opened as immutable."""
+        had to be opened as immutable. ``owner_url`` (PostgreSQL): the schema owner's
+        connection, through which ``upgrade`` migrates and grants (never kept open; a store
+        opened read-only never migrates and ignores it)."""
         self.url = url
         self.read_only = read_only
+        self.owner_url = None if read_only else owner_url or None
         self.immutable = False
         # An immutable reader takes no lock and trusts its page cache: a writer that starts
         # meanwhile (e.g. the service, seeing the same directory read-write) gives it torn
@@ -608,7 +625,49 @@ class Database:
             raise StoreError("database error: the transaction was lost")
 
     def upgrade(self) -> None:
-        upgrade(self.engine)
+        """Migrate to the newest schema. With ``owner_url``: through an engine of the owner's,
+        made for this call and disposed of after it (no other connection of the process acts
+        as the owner), and then the role this object connects as is granted what Sekisho uses
+        (``sekisho.roles``), every time, so that tables a migration adds are covered."""
+        if self.owner_url is None:
+            upgrade(self.engine)
+            return
+        from sekisho import roles
+
+        with store_errors(), self.engine.connect() as conn:
+            app = roles.whoami(conn)
+        owner_engine = make_engine(self.owner_url)
+        try:
+            with store_errors(), owner_engine.connect() as conn:
+                roles.check_pair(roles.whoami(conn), app)
+            upgrade(owner_engine, grant_to=app.name)
+        finally:
+            owner_engine.dispose()
+
+    def check_roles(self, *, regrant: bool = False) -> None:
+        """PostgreSQL: a ConfigError (exit 78) unless the role this object connects as holds
+        every privilege Sekisho uses on the tables there are and, with ``owner_url``, nothing
+        more (``sekisho.roles.problems``). ``regrant``, with ``owner_url``: a role found
+        wanting is granted again first (by ``upgrade``, which also migrates a schema that is
+        behind, as the command would next). Run before anything reads the tables: a missing
+        privilege is a settings error, not a failed read."""
+        if self._sqlite:
+            return
+        from sekisho import roles
+
+        separate = self.owner_url is not None
+        role, found = self._role_problems(separate)
+        if found and regrant and separate:
+            self.upgrade()
+            role, found = self._role_problems(separate)
+        if found:
+            raise roles.refusal(role, found, separate=separate)
+
+    def _role_problems(self, separate: bool) -> tuple[str, list[str]]:
+        from sekisho import roles
+
+        with store_errors(), self.engine.connect() as conn:
+            return roles.whoami(conn).name, roles.problems(conn, separate=separate)
 
     def schema_revisions(self) -> tuple[str, ...] | None:
         """The migrations the store is at; None when it has no schema (never initialised)."""
@@ -827,6 +886,7 @@ def head_revisions() -> tuple[str, ...]:
 
 
 MIGRATION_LOCK_KEY = 0x5E15_4010  # PostgreSQL advisory lock: one migrating process at a time
+ROLE_HINT = "the database role lacks a privilege: docs/decisions.md, Store"
 
 
 @contextlib.contextmanager
@@ -859,12 +919,29 @@ def migration_lock(engine: Engine) -> Iterator[None]:
             conn.commit()
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest migration (idempotent; one process at a time)."""
+def upgrade(engine: Engine, *, grant_to: str | None = None) -> None:
+    """Bring the schema to the newest migration (idempotent; one process at a time).
+    ``grant_to``: then, under the same lock, grant that role what Sekisho uses and no more
+    (``sekisho.roles.grant``; ``engine`` is the schema owner's)."""
     from alembic import command
 
     with migration_lock(engine):
         try:
             command.upgrade(alembic_config(engine), "head")
         except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None)
+            if getattr(orig, "sqlstate", None) == PG_INSUFFICIENT_PRIVILEGE:
+                # A role that does not own the schema (one set up by a DBA for the application)
+                # cannot migrate it: a settings matter, not a failed store.
+                raise ConfigError(
+                    f"the database role may not migrate the schema ({_pg_message(orig)}): set "
+                    "database_owner_url to the schema owner's connection, through which "
+                    "Sekisho migrates and then grants this role what it uses "
+                    "(docs/decisions.md, Store)"
+                ) from None
             raise StoreError(f"migration failed: {exc}") from exc
+        if grant_to is not None:
+            from sekisho.roles import grant
+
+            with store_errors(), engine.begin() as conn:
+                grant(conn, grant_to)

@@ -326,10 +326,16 @@ def open_deployment(
     secret this user cannot have (SecretUnavailable: a passphrase file of another user, say)
     leaves the command without keys (``UnavailableBackend``); an exposed secret is refused as
     for any command. A schema this version must migrate is migrated only by a command that
-    writes: with ``read_only`` it is a StoreError (exit 74) saying so."""
+    writes: with ``read_only`` it is a StoreError (exit 74) saying so. A command that writes
+    first checks the database role's privileges (``Database.check_roles``: exit 78 when it
+    lacks one; with ``database_owner_url``, when it may do more than Sekisho grants it, after
+    granting again)."""
     require_data_dir(settings)
-    db = Database(settings.db_url, read_only=read_only)
+    db = Database(settings.db_url, read_only=read_only, owner_url=settings.database_owner_url)
     try:
+        if not read_only:
+            # PostgreSQL: the role's privileges (with an owner URL, granted again if wanting).
+            db.check_roles(regrant=migrate)
         revisions = db.schema_revisions()
         if revisions is None:
             raise ConfigError(
@@ -390,9 +396,10 @@ def build_services(
     # The wall clock, looked up when called (a test moves every command's clock at once by
     # replacing ``sekisho.services.utcnow``).
     clock = clock or utcnow
-    db = db or Database(settings.db_url)
+    db = db or Database(settings.db_url, owner_url=settings.database_owner_url)
     if migrate:
         db.upgrade()
+        db.check_roles()
     backend = backend or open_backend(settings)
     audit_ref = audit_key_ref(backend)
     # A store opened read-only appends nothing: a missing key is no news for its journal (a

@@ -1,0 +1,193 @@
+"""PostgreSQL roles: the schema's owner migrates, the application's role only uses the tables.
+
+With ``database_owner_url`` set, ``Database.upgrade`` runs the migrations through the owner's
+connection, so that the owner owns every table, trigger and function, and then ``grant`` gives
+the application's role (the user of ``database_url``) what Sekisho uses and nothing more:
+
+* SELECT, INSERT, UPDATE and DELETE on each table (``READ_WRITE``), unless its model names its
+  own (``Table.info[APP_PRIVILEGES]``): the journal's records and checkpoints SELECT and INSERT
+  only, its head SELECT and UPDATE; SELECT on ``alembic_version``;
+* USAGE and SELECT on the sequences of the tables' serial columns, USAGE on the schema.
+
+Whatever the role, or PUBLIC, held on those tables and sequences is revoked first, so that the
+grants are the whole of it; they run again after every upgrade, so that a table a migration
+adds is covered. Not owning the tables, the role can neither drop the journal's append-only
+triggers nor alter or truncate a table, and PostgreSQL refuses its UPDATE and DELETE of the
+journal (42501) before the triggers would.
+
+``problems`` is what a command that writes checks before it uses the store: the role lacks a
+privilege Sekisho uses (also without an owner URL: a role a DBA set up by hand), or, with an
+owner URL, may do more than the grants (it owns a table or may act as its owner, is a
+superuser, or holds privileges through another role or PUBLIC).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from sekisho.db import APP_PRIVILEGES, Base
+from sekisho.errors import ConfigError, shown
+
+READ_WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
+# The table privileges checked (PostgreSQL 17's MAINTAIN changes no row and is left alone).
+TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+SEQUENCE_PRIVILEGES = ("USAGE", "SELECT")
+ALEMBIC_VERSION = "alembic_version"
+DOCS = "docs/decisions.md, Store"
+
+
+def policy() -> dict[str, tuple[str, ...]]:
+    """Table -> the privileges the application's role is granted on it."""
+    import sekisho.models  # noqa: F401  (every package's tables on Base.metadata)
+
+    granted = {
+        name: tuple(table.info.get(APP_PRIVILEGES, READ_WRITE))
+        for name, table in Base.metadata.tables.items()
+    }
+    granted[ALEMBIC_VERSION] = ("SELECT",)  # the application reads the schema's revision
+    for privileges in granted.values():
+        assert set(privileges) <= set(TABLE_PRIVILEGES), privileges
+    return granted
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """The role a connection acts as, and where."""
+
+    name: str
+    database: str
+    superuser: bool
+
+
+def whoami(conn: Connection) -> Role:
+    name, database, superuser = conn.execute(
+        text(
+            "SELECT current_user, current_database(), "
+            "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+        )
+    ).one()
+    return Role(str(name), str(database), bool(superuser))
+
+
+def check_pair(owner: Role, app: Role) -> None:
+    """The two URLs must name one database and two roles (a ConfigError says which not)."""
+    if owner.database != app.database:
+        raise ConfigError(
+            f"database_owner_url connects to the database {shown(owner.database)}, "
+            f"database_url to {shown(app.database)}: they must name the same database"
+        )
+    if owner.name == app.name:
+        raise ConfigError(
+            f"database_owner_url and database_url both connect as {shown(app.name)}: the "
+            "application needs a role of its own, which does not own the schema (or unset "
+            f"database_owner_url to run with one role) ({DOCS})"
+        )
+
+
+# The sequences that belong to the tables (serial or identity columns), by schema and name.
+_SEQUENCES = text(
+    "SELECT n.nspname, s.relname, has_sequence_privilege(s.oid, 'USAGE'), "
+    "has_sequence_privilege(s.oid, 'UPDATE') "
+    "FROM pg_class s JOIN pg_namespace n ON n.oid = s.relnamespace "
+    "JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = s.oid "
+    "AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') "
+    "WHERE s.relkind = 'S' AND d.refobjid IN "
+    "(SELECT to_regclass(t)::oid FROM unnest(CAST(:tables AS text[])) AS t) "
+    "ORDER BY 1, 2"
+)
+
+
+def grant(conn: Connection, role: str) -> None:
+    """As the schema's owner, in ``conn``'s transaction: ``role`` holds on Sekisho's tables and
+    their sequences what the module docstring lists, and nothing else (run after migrating,
+    under the migration lock: two sessions granting on one table at once can fail)."""
+    from psycopg import sql
+
+    granted = policy()
+    driver: Any = conn.connection.driver_connection  # psycopg: identifiers quoted by its sql
+    who = sql.Identifier(role)
+    schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+    driver.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), who))
+    for name, privileges in granted.items():
+        table = sql.Identifier(name)
+        driver.execute(sql.SQL("REVOKE ALL ON TABLE {} FROM PUBLIC, {}").format(table, who))
+        driver.execute(
+            sql.SQL("GRANT {} ON TABLE {} TO {}").format(_privileges(privileges), table, who)
+        )
+    for namespace, relname, *_ in conn.execute(_SEQUENCES, {"tables": list(granted)}).all():
+        sequence = sql.Identifier(namespace, relname)
+        driver.execute(sql.SQL("REVOKE ALL ON SEQUENCE {} FROM PUBLIC, {}").format(sequence, who))
+        driver.execute(
+            sql.SQL("GRANT {} ON SEQUENCE {} TO {}").format(
+                _privileges(SEQUENCE_PRIVILEGES), sequence, who
+            )
+        )
+
+
+def _privileges(names: Iterable[str]) -> Any:
+    from psycopg import sql
+
+    return sql.SQL(", ").join(sql.SQL(name) for name in names)  # fixed keywords, never input
+
+
+_HELD = ", ".join(f"has_table_privilege(c.oid, '{p}')" for p in TABLE_PRIVILEGES)
+# Per table: whether the role finds it (on its search_path), may act as its owner, and holds
+# each privilege (directly, through another role, or through PUBLIC).
+_TABLES = text(
+    f"SELECT t.name, c.oid IS NOT NULL, pg_has_role(c.relowner, 'MEMBER'), {_HELD} "  # noqa: S608
+    "FROM unnest(CAST(:tables AS text[])) AS t(name) "
+    "LEFT JOIN pg_class c ON c.oid = to_regclass(t.name)::oid"
+)
+
+
+def problems(conn: Connection, *, separate: bool) -> list[str]:
+    """What is wrong with the privileges of the role ``conn`` acts as, one phrase per table
+    (none: nothing). A table the role does not find is skipped: a migration not yet run adds
+    it (if ``alembic_version`` is not found either, there is no schema to check). ``separate``
+    (an owner URL is set): more than ``policy`` grants is wrong too."""
+    granted = policy()
+    if separate and whoami(conn).superuser:
+        return ["it is a superuser, whom no privilege binds"]
+    found: list[str] = []
+    for name, exists, owns, *held in conn.execute(_TABLES, {"tables": list(granted)}).all():
+        if not exists:
+            continue
+        holds = {p for p, yes in zip(TABLE_PRIVILEGES, held, strict=True) if yes}
+        missing = [p for p in granted[name] if p not in holds]
+        if missing:
+            found.append(f"{name}: lacks {', '.join(missing)}")
+        if not separate:
+            continue
+        if owns:
+            found.append(f"{name}: may act as its owner")
+        elif extra := [p for p in TABLE_PRIVILEGES if p in holds and p not in granted[name]]:
+            found.append(f"{name}: may also {', '.join(extra)}")
+    for _namespace, relname, usage, update in conn.execute(
+        _SEQUENCES, {"tables": list(granted)}
+    ).all():
+        if not usage:
+            found.append(f"{relname}: lacks USAGE")
+        elif separate and update:
+            found.append(f"{relname}: may also UPDATE")
+    return found
+
+
+def refusal(role: str, found: list[str], *, separate: bool) -> ConfigError:
+    """The settings error for ``problems`` found for ``role`` (the user of database_url)."""
+    listed = "; ".join(found)
+    if not separate:
+        return ConfigError(
+            f"the database role {shown(role)} lacks privileges Sekisho uses ({listed}): set "
+            "database_owner_url to the schema owner's connection (upgrades then grant them), "
+            f"or grant them as the owner ({DOCS})"
+        )
+    return ConfigError(
+        f"the database role {shown(role)} of database_url must hold only what the schema "
+        f"owner grants it ({listed}): give the application a role of its own, neither a "
+        "superuser nor a member of the owner's role, with no other privileges on Sekisho's "
+        f"tables ({DOCS})"
+    )

@@ -1,0 +1,353 @@
+"""PostgreSQL with two roles (security target 33): the schema owner migrates and grants, the
+application's role may only read and add to the journal, and cannot lift its guard. A role
+that lacks a grant, or could do more, stops a command that writes with a settings error."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import text
+
+from ca.revocation import Reason
+from sekisho import db as db_module
+from sekisho.services import open_deployment
+from sekisho.settings import load_settings
+from tests.audit.conftest import run_cli_process
+from tests.ca.helpers import request_for
+from tests.conftest import BASE_URL, TEST_ACTOR
+from tests.support import pg
+
+pytestmark = pytest.mark.postgres
+
+# Trust authentication in the test cluster ignores passwords; they are in the URLs to show
+# that no output ever quotes them.
+OWNER_PASSWORD = "owner-pw-Xq7"
+APP_PASSWORD = "app-pw-Zr4"
+_NUMBERS = itertools.count(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoRoles:
+    cluster: pg.PgCluster
+    owner: str
+    app: str
+    data_dir: Path
+    database: str
+
+    def url(self, role: str, password: str) -> str:
+        return (
+            f"postgresql+psycopg://{role}:{password}@127.0.0.1:{self.cluster.port}/{self.database}"
+        )
+
+    @property
+    def owner_url(self) -> str:
+        return self.url(self.owner, OWNER_PASSWORD)
+
+    @property
+    def app_url(self) -> str:
+        return self.url(self.app, APP_PASSWORD)
+
+    def write_settings(self, *, owner: bool = True, app_url: str | None = None) -> None:
+        lines = [
+            "[sekisho]",
+            f'base_url = "{BASE_URL}"',
+            f'database_url = "{app_url or self.app_url}"',
+        ]
+        if owner:
+            lines.append(f'database_owner_url = "{self.owner_url}"')
+        (self.data_dir / "sekisho.toml").write_text("\n".join(lines) + "\n")
+
+    def connect(self, role: str) -> psycopg.Connection[Any]:
+        """A plain driver connection as ``role`` (autocommit: each statement stands alone)."""
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=self.cluster.port,
+            user=role,
+            dbname=self.database,
+            autocommit=True,
+            connect_timeout=10,
+        )
+
+    def sekisho(self, *args: str) -> tuple[int, str]:
+        """The CLI as a child process: (exit code, stdout + stderr), which never holds a
+        password."""
+        done = run_cli_process(self.data_dir, *args)
+        output = done.stdout + done.stderr
+        assert OWNER_PASSWORD not in output and APP_PASSWORD not in output
+        assert "Traceback" not in output
+        return done.returncode, output
+
+
+def _create_roles(cluster: pg.PgCluster, *names: str) -> None:
+    for name in names:
+        cluster.execute(f"CREATE ROLE {name} LOGIN")
+
+
+def _drop_roles(cluster: pg.PgCluster, *names: str) -> None:
+    for name in names:
+        cluster.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+@pytest.fixture(scope="module")
+def two_roles_template(
+    pg_cluster: pg.PgCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TwoRoles]:
+    """A deployment initialised with an owner role and an application role (roles and
+    template database made once per module; ``two_roles`` copies it)."""
+    suffix = f"{os.getpid()}"
+    owner, app = f"tr_owner_{suffix}", f"tr_app_{suffix}"
+    _create_roles(pg_cluster, owner, app)
+    database = f"tr_template_{suffix}"
+    pg_cluster.execute(f"CREATE DATABASE {database} OWNER {owner}")
+    roles = TwoRoles(
+        pg_cluster, owner, app, tmp_path_factory.mktemp("two-roles") / "data", database
+    )
+    roles.data_dir.mkdir(mode=0o700)
+    roles.write_settings()
+    try:
+        code, output = roles.sekisho("init", "--org", "Example Corp")
+        assert code == 0, output
+        yield roles
+    finally:
+        pg_cluster.drop_database(database)
+        _drop_roles(pg_cluster, app, owner)
+
+
+@pytest.fixture
+def two_roles(two_roles_template: TwoRoles, tmp_path: Path) -> Iterator[TwoRoles]:
+    """A copy of the two-role deployment for one test."""
+    cluster = two_roles_template.cluster
+    database = f"tr_{os.getpid()}_{next(_NUMBERS)}"
+    cluster.execute(
+        f"CREATE DATABASE {database} TEMPLATE {two_roles_template.database} "
+        f"OWNER {two_roles_template.owner}"
+    )
+    data_dir = tmp_path / "data"
+    shutil.copytree(two_roles_template.data_dir, data_dir)
+    roles = dataclasses.replace(two_roles_template, data_dir=data_dir, database=database)
+    roles.write_settings()
+    try:
+        yield roles
+    finally:
+        cluster.drop_database(database)
+
+
+def sqlstate(roles: TwoRoles, role: str, statement: str) -> str | None:
+    """The SQLSTATE ``statement`` fails with, run as ``role`` (None: it succeeded)."""
+    with roles.connect(role) as conn:
+        try:
+            conn.execute(statement.encode())
+        except psycopg.Error as exc:
+            return exc.sqlstate
+    return None
+
+
+# What the application's role may not do to the journal: change it, or lift its guard.
+REFUSED = [
+    "UPDATE audit_records SET actor_account = 'mallory' WHERE seq = 2",
+    "DELETE FROM audit_records WHERE seq = 2",
+    "TRUNCATE audit_records",
+    "UPDATE audit_checkpoints SET key_ref = 'file:elsewhere' WHERE seq = 1",
+    "DELETE FROM audit_checkpoints WHERE seq = 1",
+    "TRUNCATE audit_checkpoints",
+    "INSERT INTO audit_records SELECT * FROM audit_records WHERE seq = 2 "
+    "ON CONFLICT (seq) DO UPDATE SET actor_account = 'mallory'",
+    "DROP TRIGGER audit_records_append_only ON audit_records",
+    "DROP TRIGGER audit_checkpoints_no_truncate ON audit_checkpoints",
+    "ALTER TABLE audit_records DISABLE TRIGGER audit_records_append_only",
+    "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
+    "ALTER TABLE audit_records ADD COLUMN note text",
+    "ALTER TABLE audit_records RENAME TO audit_records_old",
+    "DROP TABLE audit_checkpoints",
+    "DROP FUNCTION sekisho_append_only() CASCADE",
+    "CREATE OR REPLACE FUNCTION sekisho_append_only() RETURNS trigger LANGUAGE plpgsql "
+    "AS $$ BEGIN RETURN NEW; END $$",
+    "DELETE FROM audit_head",
+]
+
+
+@pytest.mark.parametrize("statement", REFUSED)
+def test_the_application_role_cannot_change_the_journal_or_lift_its_guard(
+    two_roles: TwoRoles, statement: str
+) -> None:
+    assert sqlstate(two_roles, two_roles.app, statement) == db_module.PG_INSUFFICIENT_PRIVILEGE
+    code, output = two_roles.sekisho("audit", "verify")
+    assert code == 0, output
+
+
+def test_the_owner_is_held_by_the_guard_until_it_lifts_it(two_roles: TwoRoles) -> None:
+    """The triggers apply to the owner as well (23001, not a privilege): an owner must lift
+    the guard on purpose, and `audit verify` then catches the change."""
+    change = "UPDATE audit_records SET actor_account = 'mallory' WHERE seq = 2"
+    assert sqlstate(two_roles, two_roles.owner, change) == "23001"
+    assert sqlstate(two_roles, two_roles.owner, "TRUNCATE audit_checkpoints") == "23001"
+    with two_roles.connect(two_roles.owner) as conn, conn.transaction():
+        conn.execute("ALTER TABLE audit_records DISABLE TRIGGER audit_records_append_only")
+        conn.execute(change.encode())
+        conn.execute("ALTER TABLE audit_records ENABLE TRIGGER audit_records_append_only")
+    code, output = two_roles.sekisho("audit", "verify")
+    assert code == 2 and "journal broken at seq 2" in output
+
+
+def test_the_application_role_holds_only_what_it_is_granted(two_roles: TwoRoles) -> None:
+    with two_roles.connect(two_roles.app) as conn:
+        held = dict(
+            conn.execute(
+                "SELECT table_name, string_agg(privilege_type, ',' ORDER BY privilege_type) "
+                "FROM information_schema.table_privileges WHERE grantee = current_user "
+                "GROUP BY table_name"
+            ).fetchall()
+        )
+        sequences = dict(
+            conn.execute(
+                "SELECT relname, has_sequence_privilege(oid, 'USAGE') "
+                "FROM pg_class WHERE relkind = 'S'"
+            ).fetchall()
+        )
+    assert held.pop("audit_records") == "INSERT,SELECT"
+    assert held.pop("audit_checkpoints") == "INSERT,SELECT"
+    assert held.pop("audit_head") == "SELECT,UPDATE"
+    assert held.pop("alembic_version") == "SELECT"
+    assert held.pop("certificates") == "DELETE,INSERT,SELECT,UPDATE"
+    assert set(held.values()) == {"DELETE,INSERT,SELECT,UPDATE"}
+    # The serial columns' sequences (certificates.id, ...): USAGE for their inserts.
+    assert sequences and all(sequences.values()), sequences
+
+
+def test_issuance_and_revocation_run_as_the_application_role(two_roles: TwoRoles) -> None:
+    settings = load_settings(env={}, overrides={"data_dir": two_roles.data_dir})
+    services = open_deployment(settings)
+    try:
+        with services.db.read_scope() as session:
+            assert session.execute(text("SELECT current_user")).scalar() == two_roles.app
+        cert = services.ca.issue(request_for("device"), TEST_ACTOR)
+        services.ca.issue(request_for("admin-client"), TEST_ACTOR)
+        services.revoker.revoke("device", cert.serial_number, Reason.KEY_COMPROMISE, TEST_ACTOR)
+        services.crls.generate("device", services.clock())
+    finally:
+        services.close()
+    with two_roles.connect(two_roles.owner) as conn:
+        # No session of the owner's outlives the command: only an upgrade opens one.
+        owners = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()",
+            (two_roles.owner,),
+        ).fetchone()
+        assert owners == (0,)
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 0, output
+    code, output = two_roles.sekisho("audit", "verify")
+    assert code == 0 and "journal intact" in output, output
+
+
+def test_a_command_that_writes_grants_again_what_is_missing_or_too_much(
+    two_roles: TwoRoles,
+) -> None:
+    with two_roles.connect(two_roles.owner) as conn:
+        conn.execute(f"REVOKE INSERT ON audit_records FROM {two_roles.app}".encode())
+        conn.execute(f"GRANT UPDATE, TRUNCATE ON audit_checkpoints TO {two_roles.app}".encode())
+    assert sqlstate(two_roles, two_roles.app, "TRUNCATE audit_checkpoints") == "23001"  # guard
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 0, output
+    assert sqlstate(two_roles, two_roles.app, "TRUNCATE audit_checkpoints") == "42501"
+    code, output = two_roles.sekisho("audit", "verify")
+    assert code == 0, output
+
+
+def test_without_the_owner_url_a_missing_grant_is_a_settings_error(two_roles: TwoRoles) -> None:
+    """The application role alone (a DBA granted it): a grant it lacks stops `init`, `serve`
+    and every command that writes before they touch the store, with exit 78 and one line."""
+    two_roles.write_settings(owner=False)
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 0, output  # the grants the owner gave are enough
+    with two_roles.connect(two_roles.owner) as conn:
+        conn.execute(f"REVOKE INSERT ON audit_records FROM {two_roles.app}".encode())
+    expected = (
+        f"error: config: the database role '{two_roles.app}' lacks privileges Sekisho uses "
+        "(audit_records: lacks INSERT): set database_owner_url"
+    )
+    for args in (("crl", "generate"), ("init",), ("serve", "--port", str(pg.free_port()))):
+        code, output = two_roles.sekisho(*args)
+        assert code == 78, (args, output)
+        assert output.startswith(expected) and output.count("\n") == 1, (args, output)
+    code, output = two_roles.sekisho("audit", "verify")  # a reader needs SELECT only
+    assert code == 0, output
+
+
+def test_without_the_owner_url_a_role_that_may_not_migrate_is_a_settings_error(
+    two_roles: TwoRoles,
+) -> None:
+    from alembic import command
+
+    engine = db_module.make_engine(two_roles.owner_url)
+    try:
+        command.downgrade(db_module.alembic_config(engine), "0006")
+    finally:
+        engine.dispose()
+    two_roles.write_settings(owner=False)
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 78, output
+    # (0007 creates a function: PostgreSQL 15 lets only the schema's owner create in public.)
+    assert output.startswith(
+        "error: config: the database role may not migrate the schema (permission denied for "
+        "schema public): set database_owner_url to the schema owner's connection"
+    )
+    assert output.count("\n") == 1
+
+
+def test_an_upgrade_grants_the_tables_it_adds(two_roles: TwoRoles, tmp_path: Path) -> None:
+    """Back at 0003 (no blocked_keys table), a command that writes migrates through the owner
+    and grants the table the migration made: blocking a key then works as the application."""
+    from alembic import command
+
+    engine = db_module.make_engine(two_roles.owner_url)
+    try:
+        command.downgrade(db_module.alembic_config(engine), "0003")
+    finally:
+        engine.dispose()
+    assert sqlstate(two_roles, two_roles.app, "SELECT 1 FROM blocked_keys") == "42P01"
+    key = tmp_path / "key.pem"
+    key.write_bytes(
+        request_for("device").public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    code, output = two_roles.sekisho("key", "block", str(key), "--comment", "test")
+    assert code == 0, output
+    assert sqlstate(two_roles, two_roles.app, "SELECT 1 FROM blocked_keys") is None
+    assert sqlstate(two_roles, two_roles.app, "DELETE FROM audit_records") == "42501"
+    code, output = two_roles.sekisho("audit", "verify")
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("case", ["superuser", "same-role", "member-of-owner"])
+def test_an_application_role_that_could_lift_the_guard_is_refused(
+    two_roles: TwoRoles, case: str
+) -> None:
+    """With an owner URL, the application's role must be bound by what it is granted: a
+    superuser, the owner itself, or a member of the owner's role could drop the triggers."""
+    if case == "superuser":
+        two_roles.write_settings(app_url=two_roles.url(pg.SUPERUSER, APP_PASSWORD))
+        expected = "it is a superuser"
+    elif case == "same-role":
+        two_roles.write_settings(app_url=two_roles.url(two_roles.owner, APP_PASSWORD))
+        expected = f"database_owner_url and database_url both connect as '{two_roles.owner}'"
+    else:
+        two_roles.cluster.execute(f"GRANT {two_roles.owner} TO {two_roles.app}")
+        expected = "audit_records: may act as its owner"
+    try:
+        for args in (("crl", "generate"), ("serve", "--port", str(pg.free_port()))):
+            code, output = two_roles.sekisho(*args)
+            assert code == 78, (args, output)
+            assert output.startswith("error: config: ") and expected in output, output
+    finally:
+        if case == "member-of-owner":
+            two_roles.cluster.execute(f"REVOKE {two_roles.owner} FROM {two_roles.app}")
