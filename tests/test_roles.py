@@ -152,34 +152,35 @@ def sqlstate(roles: TwoRoles, role: str, statement: str) -> str | None:
 
 
 # What the application's role may not do to the journal: change it, or lift its guard.
-REFUSED = [
-    "UPDATE audit_records SET actor_account = 'mallory' WHERE seq = 2",
-    "DELETE FROM audit_records WHERE seq = 2",
-    "TRUNCATE audit_records",
-    "UPDATE audit_checkpoints SET key_ref = 'file:elsewhere' WHERE seq = 1",
-    "DELETE FROM audit_checkpoints WHERE seq = 1",
-    "TRUNCATE audit_checkpoints",
-    "INSERT INTO audit_records SELECT * FROM audit_records WHERE seq = 2 "
+REFUSED = {
+    "update-record": "UPDATE audit_records SET actor_account = 'mallory' WHERE seq = 2",
+    "delete-record": "DELETE FROM audit_records WHERE seq = 2",
+    "truncate-records": "TRUNCATE audit_records",
+    "update-checkpoint": "UPDATE audit_checkpoints SET key_ref = 'file:elsewhere' WHERE seq = 1",
+    "delete-checkpoint": "DELETE FROM audit_checkpoints WHERE seq = 1",
+    "truncate-checkpoints": "TRUNCATE audit_checkpoints",
+    "upsert-record": "INSERT INTO audit_records SELECT * FROM audit_records WHERE seq = 2 "
     "ON CONFLICT (seq) DO UPDATE SET actor_account = 'mallory'",
-    "DROP TRIGGER audit_records_append_only ON audit_records",
-    "DROP TRIGGER audit_checkpoints_no_truncate ON audit_checkpoints",
-    "ALTER TABLE audit_records DISABLE TRIGGER audit_records_append_only",
-    "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
-    "ALTER TABLE audit_records ADD COLUMN note text",
-    "ALTER TABLE audit_records RENAME TO audit_records_old",
-    "DROP TABLE audit_checkpoints",
-    "DROP FUNCTION sekisho_append_only() CASCADE",
-    "CREATE OR REPLACE FUNCTION sekisho_append_only() RETURNS trigger LANGUAGE plpgsql "
-    "AS $$ BEGIN RETURN NEW; END $$",
-    "DELETE FROM audit_head",
-]
+    "delete-head": "DELETE FROM audit_head",
+    "drop-trigger": "DROP TRIGGER audit_records_append_only ON audit_records",
+    "drop-truncate-trigger": "DROP TRIGGER audit_checkpoints_no_truncate ON audit_checkpoints",
+    "disable-trigger": "ALTER TABLE audit_records DISABLE TRIGGER audit_records_append_only",
+    "disable-user-triggers": "ALTER TABLE audit_checkpoints DISABLE TRIGGER USER",
+    "add-column": "ALTER TABLE audit_records ADD COLUMN note text",
+    "rename-table": "ALTER TABLE audit_records RENAME TO audit_records_old",
+    "drop-table": "DROP TABLE audit_checkpoints",
+    "drop-function": "DROP FUNCTION sekisho_append_only() CASCADE",
+    "replace-function": "CREATE OR REPLACE FUNCTION sekisho_append_only() RETURNS trigger "
+    "LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$",
+}
 
 
-@pytest.mark.parametrize("statement", REFUSED)
+@pytest.mark.parametrize("case", list(REFUSED))
 def test_the_application_role_cannot_change_the_journal_or_lift_its_guard(
-    two_roles: TwoRoles, statement: str
+    two_roles: TwoRoles, case: str
 ) -> None:
-    assert sqlstate(two_roles, two_roles.app, statement) == db_module.PG_INSUFFICIENT_PRIVILEGE
+    refused = sqlstate(two_roles, two_roles.app, REFUSED[case])
+    assert refused == db_module.PG_INSUFFICIENT_PRIVILEGE
     code, output = two_roles.sekisho("audit", "verify")
     assert code == 0, output
 
@@ -351,3 +352,25 @@ def test_an_application_role_that_could_lift_the_guard_is_refused(
     finally:
         if case == "member-of-owner":
             two_roles.cluster.execute(f"REVOKE {two_roles.owner} FROM {two_roles.app}")
+
+
+def test_a_deployment_of_one_role_moves_to_two(two_roles: TwoRoles) -> None:
+    """One role owning and using the schema (the default) becomes two as docs/decisions.md
+    says: the objects reassigned to a new owner, database_owner_url set; the next command that
+    writes grants the application role its share."""
+    with two_roles.connect(pg.SUPERUSER) as conn:
+        conn.execute(f"REASSIGN OWNED BY {two_roles.owner} TO {two_roles.app}".encode())
+    two_roles.write_settings(owner=False)
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 0, output
+    change = "UPDATE audit_records SET actor_account = 'mallory' WHERE seq = 2"
+    assert sqlstate(two_roles, two_roles.app, change) == "23001"  # the guard, which it owns
+    with two_roles.connect(pg.SUPERUSER) as conn:
+        conn.execute(f"REASSIGN OWNED BY {two_roles.app} TO {two_roles.owner}".encode())
+    two_roles.write_settings()
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 0, output
+    assert sqlstate(two_roles, two_roles.app, change) == "42501"
+    assert sqlstate(two_roles, two_roles.app, REFUSED["drop-trigger"]) == "42501"
+    code, output = two_roles.sekisho("audit", "verify")
+    assert code == 0, output
