@@ -810,8 +810,8 @@ def _staging_settings(
                 "this backup holds a PostgreSQL store: set SEKISHO_DATABASE_URL to the new, "
                 "empty database to restore it into"
             )
-        removed = "database_url" in manifest.get("settings_passwords_removed", [])
-        _record_database_url(staging / CONFIG_NAME, settings.database_url, removed)
+        removed = manifest.get("settings_passwords_removed", [])
+        _record_database_urls(staging / CONFIG_NAME, settings, removed)
     default_source = not settings.key_passphrase_env and not settings.key_passphrase_file
     if settings.key_backend != "software" or not default_source:
         if passphrase is not None:
@@ -837,26 +837,31 @@ def _staging_settings(
     return settings
 
 
-def _record_database_url(path: Path, url: str, password_removed: bool) -> None:
-    """The restored settings file names the database restored into (SEKISHO_DATABASE_URL may
-    name another than the lost one): without it, the new deployment would go back to the old
-    database once the variable is gone. The URL's password is written only where the lost
-    deployment's file held one (the archive does not: ``password_removed``). A file this
-    cannot edit safely is a ConfigError."""
+def _record_database_urls(path: Path, settings: Settings, passwords_removed: list[str]) -> None:
+    """The restored settings file names the database restored into (SEKISHO_DATABASE_URL and
+    SEKISHO_DATABASE_OWNER_URL may name another than the lost one): without it, the new
+    deployment would go back to the old database once the variables are gone. A URL's
+    password is written only where the lost deployment's file held one (the archive does not:
+    ``passwords_removed``). A file this cannot edit safely is a ConfigError."""
     from sekisho.settings import with_setting
 
     if not path.exists():
-        return  # the URL never was in the file: it still comes from the environment
+        return  # the URLs never were in the file: they still come from the environment
     text = path.read_text("utf-8")
-    before = tomllib.loads(text)
-    old = before.get("sekisho", before).get("database_url")
-    if not password_removed:
-        # The lost deployment's password came from elsewhere (PGPASSWORD, ~/.pgpass), so
-        # does the new one's.
-        url = _without_password(make_url(url)).render_as_string(hide_password=False)
-    if old in (None, url):
-        return
-    replace_synced(path, with_setting(text, "database_url", url).encode("utf-8"))
+    section = tomllib.loads(text)
+    section = section.get("sekisho", section)
+    for key in _URL_SETTINGS:
+        old, url = section.get(key), getattr(settings, key)
+        if old is None or not url:
+            continue  # from the environment, as before
+        if key not in passwords_removed:
+            # The lost deployment's password came from elsewhere (PGPASSWORD, ~/.pgpass), so
+            # does the new one's.
+            url = _without_password(make_url(url)).render_as_string(hide_password=False)
+        if old != url:
+            text = with_setting(text, key, url)
+    if text != path.read_text("utf-8"):
+        replace_synced(path, text.encode("utf-8"))
 
 
 def _load_postgres(url: str, dump: Path) -> None:
@@ -995,10 +1000,13 @@ def restore(
         settings = _staging_settings(staging, passphrase, extracted.manifest)
         if database == "postgresql":
             step("loading the store into PostgreSQL")
-            _load_postgres(settings.db_url, staging / PG_DUMP)
-            loaded = settings.db_url
+            # As the schema owner when there is one: the application's role then gets only its
+            # grants (``open_deployment`` below grants them), as on any upgrade.
+            owner = settings.database_owner_url or settings.db_url
+            _load_postgres(owner, staging / PG_DUMP)
+            loaded = owner
             (staging / PG_DUMP).unlink()
-            journal = _check_journal(settings.db_url, extracted)
+            journal = _check_journal(owner, extracted)
         services = open_deployment(settings)  # migrates a store of an older version
         try:
             step("checking the CA keys")

@@ -1008,26 +1008,35 @@ def test_restore_records_no_database_password(tmp_path: Path) -> None:
     """The restored settings name the new database; its password is not written there when
     the lost deployment's URL held none (it came from PGPASSWORD or ~/.pgpass): the settings
     file goes into every later backup, which anyone may read."""
-    settings = tmp_path / "sekisho.toml"
-    settings.write_text('[sekisho]\ndatabase_url = "postgresql+psycopg://sekisho@old/sekisho"\n')
-    backup._record_database_url(
-        settings, "postgresql+psycopg://sekisho:s%40cret@new:5433/pki", password_removed=False
-    )
-    text = settings.read_text()
+    path = tmp_path / "sekisho.toml"
+
+    def record(url: str, removed: list[str], owner_url: str = "") -> str:
+        settings = load_settings(
+            env={},
+            overrides={"data_dir": tmp_path, "database_url": url, "database_owner_url": owner_url},
+        )
+        backup._record_database_urls(path, settings, removed)
+        return path.read_text()
+
+    path.write_text('[sekisho]\ndatabase_url = "postgresql+psycopg://sekisho@old/sekisho"\n')
+    text = record("postgresql+psycopg://sekisho:s%40cret@new:5433/pki", [])
     assert "cret" not in text
     assert 'database_url = "postgresql+psycopg://sekisho@new:5433/pki"' in text
-    # A URL the operator kept with its password (which the archive left out) stays so.
-    settings.write_text('[sekisho]\ndatabase_url = "postgresql+psycopg://sekisho@old/sekisho"\n')
-    backup._record_database_url(
-        settings, "postgresql+psycopg://sekisho:pw2@new/pki", password_removed=True
+    # URLs the operator kept with their passwords (which the archive left out) stay so.
+    path.write_text(
+        '[sekisho]\ndatabase_url = "postgresql+psycopg://app@old/sekisho"\n'
+        'database_owner_url = "postgresql+psycopg://owner@old/sekisho"\n'
     )
-    assert "pw2@new/pki" in settings.read_text()
+    text = record(
+        "postgresql+psycopg://app:pw2@new/pki",
+        ["database_url", "database_owner_url"],
+        "postgresql+psycopg://owner:pw3@new/pki",
+    )
+    assert "app:pw2@new/pki" in text and "owner:pw3@new/pki" in text
     # A value over several lines (a TOML string continued with a backslash): not edited
     # line by line into a file that no longer parses (that was a traceback, exit 70).
-    settings.write_text(
+    path.write_text(
         '[sekisho]\ndatabase_url = """postgresql+psycopg://sekisho@old/\\\n    sekisho"""\n'
     )
     with pytest.raises(ConfigError, match="edit it by hand"):
-        backup._record_database_url(
-            settings, "postgresql+psycopg://sekisho@new/pki", password_removed=False
-        )
+        record("postgresql+psycopg://sekisho@new/pki", [])

@@ -374,3 +374,52 @@ def test_a_deployment_of_one_role_moves_to_two(two_roles: TwoRoles) -> None:
     assert sqlstate(two_roles, two_roles.app, REFUSED["drop-trigger"]) == "42501"
     code, output = two_roles.sekisho("audit", "verify")
     assert code == 0, output
+
+
+def test_backup_and_restore_with_two_roles(
+    two_roles: TwoRoles,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Backed up as the application's role; restored into a new database as its owner, the
+    application's role granted its share again and no more, the settings naming the new
+    database; no password in the archive."""
+    from sekisho.cli import main
+
+    archive = tmp_path / "two-roles.tar"
+    code, output = two_roles.sekisho("backup", "create", str(archive))
+    assert code == 0, output
+    blob = archive.read_bytes()
+    assert OWNER_PASSWORD.encode() not in blob and APP_PASSWORD.encode() not in blob
+    new_db = f"tr_restored_{os.getpid()}_{next(_NUMBERS)}"
+    two_roles.cluster.execute(f"CREATE DATABASE {new_db} OWNER {two_roles.owner}")
+    restored = dataclasses.replace(two_roles, data_dir=tmp_path / "restored", database=new_db)
+    try:
+        monkeypatch.setenv("SEKISHO_DATABASE_URL", restored.app_url)
+        monkeypatch.setenv("SEKISHO_DATABASE_OWNER_URL", restored.owner_url)
+        passphrase = two_roles.data_dir / "secrets" / "ca-passphrase"
+        code = main(
+            ["--data-dir", str(restored.data_dir), "backup", "restore", str(archive),
+             "--unauthenticated", "--passphrase-file", str(passphrase)]
+        )  # fmt: skip
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert OWNER_PASSWORD not in out + err and APP_PASSWORD not in out + err
+        monkeypatch.delenv("SEKISHO_DATABASE_URL")
+        monkeypatch.delenv("SEKISHO_DATABASE_OWNER_URL")
+        settings = load_settings(env={}, overrides={"data_dir": restored.data_dir})
+        assert (settings.database_url, settings.database_owner_url) == (
+            restored.app_url,
+            restored.owner_url,
+        )
+        # The application's role may not change the restored journal, and the tables are
+        # the owner's.
+        update = "UPDATE audit_records SET actor_account = 'mallory' WHERE seq = 2"
+        assert sqlstate(restored, restored.app, update) == "42501"
+        code, output = restored.sekisho("audit", "verify")
+        assert code == 0, output
+        code, output = restored.sekisho("crl", "generate", "--ca", "admin")
+        assert code == 0, output
+    finally:
+        two_roles.cluster.drop_database(new_db)
