@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import re
@@ -193,19 +194,23 @@ def _pg_version(path: Path) -> int:
 
 
 def _libpq_uri(url: str, env: dict[str, str]) -> str:
-    """``url`` as a libpq URI without its password, which goes into ``env`` (PGPASSWORD).
-    (``URL.set(password=None)`` kept it: None means "unchanged" there. A ``password`` query
-    parameter, which libpq reads too, goes the same way.)"""
+    """``url`` as a libpq URI without its password, which goes into ``env`` (PGPASSWORD)."""
     parsed = make_url(url)
-    query = dict(parsed.query)
-    password = parsed.password
-    if "password" in query:
-        given = query.pop("password")
-        password = given[-1] if isinstance(given, tuple) else given
+    password = _password(parsed)
     if password is not None:
-        env["PGPASSWORD"] = str(password)
-    bare = _without_password(parsed.set(drivername="postgresql", query=query))
-    return bare.render_as_string(hide_password=False)
+        env["PGPASSWORD"] = password
+    return _without_password(parsed.set(drivername="postgresql")).render_as_string(
+        hide_password=False
+    )
+
+
+def _password(parsed: URL) -> str | None:
+    """The URL's password: in its authority, or a ``password`` query parameter (libpq reads
+    that too; the last one if repeated)."""
+    given = parsed.query.get("password")
+    if given is not None:
+        return given[-1] if isinstance(given, tuple) else given
+    return None if parsed.password is None else str(parsed.password)
 
 
 def _without_password(parsed: URL) -> URL:
@@ -219,11 +224,6 @@ def _without_password(parsed: URL) -> URL:
         database=parsed.database,
         query={k: v for k, v in parsed.query.items() if k != "password"},
     )
-
-
-def _has_password(url: str) -> bool:
-    parsed = make_url(url)
-    return parsed.password is not None or "password" in parsed.query
 
 
 # Settings that are URLs and may carry a password.
@@ -241,7 +241,7 @@ def _settings_without_passwords(data: bytes) -> tuple[bytes, list[str]]:
     removed = []
     for key in _URL_SETTINGS:
         value = section.get(key)
-        if isinstance(value, str) and _has_password(value):
+        if isinstance(value, str) and _password(make_url(value)) is not None:
             bare = _without_password(make_url(value)).render_as_string(hide_password=False)
             text = with_setting(text, key, bare)
             removed.append(key)
@@ -348,18 +348,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | Path, mtime: int) -> Non
             tar.addfile(info, fh)
     else:
         info.size = len(data)
-        tar.addfile(info, _BytesReader(data))
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._view, self._at = memoryview(data), 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._view) if n < 0 else self._at + n
-        out = bytes(self._view[self._at : end])
-        self._at += len(out)
-        return out
+        tar.addfile(info, io.BytesIO(data))
 
 
 def _file_digest(path: Path) -> str:
@@ -427,7 +416,9 @@ def create(
         except FileNotFoundError:
             pass  # all defaults, or settings from the environment
         except (FileRefused, OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read the settings file {config}: {exc}") from None
+            raise ConfigError(
+                f"cannot read the settings file {shown(config, PATH_SHOWN)}: {exc}"
+            ) from None
         members.update(keys)
         members[copy.name] = copy
         included = {name.removeprefix("keys/") for name in keys}
