@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import shutil
 import sqlite3
 import tempfile
@@ -37,14 +36,6 @@ from sekisho.db import sqlite_file
 from sekisho.services import Services
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bare_copy(services: Services, into: Path) -> float:
     """The floor under a backup: one consistent copy of the store (and, for SQLite, its
     digest: the manifest needs one)."""
@@ -54,7 +45,7 @@ def bare_copy(services: Services, into: Path) -> float:
     if path is not None:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             conn.execute("VACUUM INTO ?", (str(into),))
-        _digest(into)
+        backup.file_digest(into)
     else:
         backup._run_pg_tool(
             [backup.pg_tool("pg_dump"), "--format=custom", f"--file={into}"],

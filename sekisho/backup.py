@@ -351,7 +351,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | Path, mtime: int) -> Non
         tar.addfile(info, io.BytesIO(data))
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -445,7 +445,7 @@ def create(
                 {
                     "name": name,
                     "size": data.stat().st_size if isinstance(data, Path) else len(data),
-                    "sha256": _file_digest(data)
+                    "sha256": file_digest(data)
                     if isinstance(data, Path)
                     else hashlib.sha256(data).hexdigest(),
                 }
