@@ -144,6 +144,39 @@ _TABLES = text(
 )
 
 
+# What lets a role step outside its table grants without owning a table (asked only with an
+# owner URL): a role it may SET ROLE to that is a superuser or may grant itself membership in
+# the owner (CREATEROLE: any non-superuser role before PostgreSQL 16); CREATE in, or ownership
+# of, a schema holding Sekisho's tables or on its search_path (it could drop the journal as
+# the schema's owner, or plant a function or operator that the owner's migrations and grants
+# then run as the owner); CREATE on the database (a schema named like the owner comes first
+# on the owner's search_path, "$user").
+_ESCAPES = text(
+    "SELECT CASE WHEN r.rolname = current_user THEN 'it has '"
+    " ELSE 'it may act as the role ' || quote_ident(r.rolname) || ', which has ' END"
+    " || CASE WHEN r.rolsuper THEN 'SUPERUSER' ELSE 'CREATEROLE' END"
+    " FROM pg_catalog.pg_roles r"
+    " WHERE (r.rolsuper OR r.rolcreaterole) AND pg_catalog.pg_has_role(r.oid, 'MEMBER')"
+    " UNION ALL"
+    " SELECT 'schema ' || quote_ident(n.nspname) || ': may '"
+    " || CASE WHEN pg_catalog.pg_has_role(n.nspowner, 'MEMBER') THEN 'act as its owner'"
+    " ELSE 'CREATE in it' END"
+    " FROM pg_catalog.pg_namespace n"
+    " WHERE (n.oid IN (SELECT c.relnamespace FROM pg_catalog.pg_class c WHERE c.oid IN"
+    " (SELECT pg_catalog.to_regclass(t)::oid FROM pg_catalog.unnest(CAST(:tables AS text[])) t))"
+    " OR n.nspname = ANY (pg_catalog.current_schemas(false)))"
+    " AND (pg_catalog.pg_has_role(n.nspowner, 'MEMBER')"
+    " OR pg_catalog.has_schema_privilege(n.oid, 'CREATE'))"
+    " UNION ALL"
+    " SELECT 'database ' || quote_ident(d.datname) || ': may '"
+    " || CASE WHEN pg_catalog.pg_has_role(d.datdba, 'MEMBER') THEN 'act as its owner'"
+    " ELSE 'CREATE schemas in it' END"
+    " FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()"
+    " AND (pg_catalog.pg_has_role(d.datdba, 'MEMBER')"
+    " OR pg_catalog.has_database_privilege(d.oid, 'CREATE'))"
+)
+
+
 def problems(conn: Connection, *, separate: bool) -> list[str]:
     """What is wrong with the privileges of the role ``conn`` acts as, one phrase per table
     (none: nothing). A table the role does not find is skipped: a migration not yet run adds
@@ -153,6 +186,8 @@ def problems(conn: Connection, *, separate: bool) -> list[str]:
     if separate and whoami(conn).superuser:
         return ["it is a superuser, whom no privilege binds"]
     found: list[str] = []
+    if separate:
+        found += [str(r) for r in conn.execute(_ESCAPES, {"tables": list(granted)}).scalars()]
     for name, exists, owns, *held in conn.execute(_TABLES, {"tables": list(granted)}).all():
         if not exists:
             continue
@@ -189,5 +224,6 @@ def refusal(role: str, found: list[str], *, separate: bool) -> ConfigError:
         f"the database role {shown(role)} of database_url must hold only what the schema "
         f"owner grants it ({listed}): give the application a role of its own, neither a "
         "superuser nor a member of the owner's role, with no other privileges on Sekisho's "
-        f"tables ({DOCS})"
+        "tables, no CREATEROLE, and neither owning nor allowed to CREATE in the database or "
+        f"its schema ({DOCS})"
     )

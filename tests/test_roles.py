@@ -423,3 +423,71 @@ def test_backup_and_restore_with_two_roles(
         assert code == 0, output
     finally:
         two_roles.cluster.drop_database(new_db)
+
+
+# Ways out of the table grants that own no table: each lets the application's role run SQL as
+# the owner (an operator or function in a schema the owner's migrations and grants search),
+# drop the journal (the schema's owner may drop any table in it), or become the owner.
+ESCAPES = {
+    "create-on-schema": (
+        "owner",
+        "GRANT CREATE ON SCHEMA public TO {app}",
+        "REVOKE CREATE ON SCHEMA public FROM {app}",
+        "schema public: may CREATE in it",
+    ),
+    "owns-the-database": (
+        "superuser",
+        "ALTER DATABASE {database} OWNER TO {app}",
+        "ALTER DATABASE {database} OWNER TO {owner}",
+        "schema public: may act as its owner",
+    ),
+    "create-on-database": (
+        "superuser",
+        "GRANT CREATE ON DATABASE {database} TO {app}",
+        "REVOKE CREATE ON DATABASE {database} FROM {app}",
+        ": may CREATE schemas in it",
+    ),
+    "createrole": (
+        "superuser",
+        "ALTER ROLE {app} CREATEROLE",
+        "ALTER ROLE {app} NOCREATEROLE",
+        "it has CREATEROLE",
+    ),
+    "member-of-a-superuser": (
+        "superuser",
+        "GRANT {super} TO {app}",
+        "REVOKE {super} FROM {app}",
+        "it may act as the role {super}, which has SUPERUSER",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_an_application_role_that_can_step_outside_its_grants_is_refused(
+    two_roles: TwoRoles, case: str
+) -> None:
+    as_role, give, take_back, expected = ESCAPES[case]
+    names = {
+        "app": two_roles.app,
+        "owner": two_roles.owner,
+        "database": two_roles.database,
+        "super": f"tr_admins_{os.getpid()}",
+    }
+    runner = two_roles.owner if as_role == "owner" else pg.SUPERUSER
+    if case == "member-of-a-superuser":
+        two_roles.cluster.execute(f"CREATE ROLE {names['super']} NOLOGIN SUPERUSER")
+    try:
+        with two_roles.connect(runner) as conn:
+            conn.execute(give.format(**names).encode())
+        try:
+            code, output = two_roles.sekisho("crl", "generate")
+            assert code == 78, output
+            assert output.startswith("error: config: ") and expected.format(**names) in output
+        finally:
+            with two_roles.connect(runner) as conn:
+                conn.execute(take_back.format(**names).encode())
+        code, output = two_roles.sekisho("crl", "generate")
+        assert code == 0, output
+    finally:
+        if case == "member-of-a-superuser":
+            two_roles.cluster.execute(f"DROP ROLE {names['super']}")
