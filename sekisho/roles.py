@@ -105,10 +105,28 @@ def grant(conn: Connection, role: str) -> None:
     """As the schema's owner, in ``conn``'s transaction: ``role`` holds on Sekisho's tables and
     their sequences what the module docstring lists, and nothing else (run after migrating,
     under the migration lock: two sessions granting on one table at once can fail)."""
-    from psycopg import sql
+    import psycopg
 
     granted = policy()
     driver: Any = conn.connection.driver_connection  # psycopg: identifiers quoted by its sql
+    try:
+        _grant(conn, driver, role, granted)
+    except psycopg.Error as exc:
+        # Statements sent on the driver's connection: SQLAlchemy does not wrap their errors,
+        # and unwrapped they were "internal: a bug in Sekisho" (exit 70).
+        from sekisho.db import PG_INSUFFICIENT_PRIVILEGE, _pg_message, _store_error
+
+        if exc.sqlstate == PG_INSUFFICIENT_PRIVILEGE:
+            raise ConfigError(
+                f"the role of database_owner_url may not grant what Sekisho uses "
+                f"({_pg_message(exc)}): it must own every table of Sekisho's ({DOCS})"
+            ) from None
+        raise _store_error(exc, exc) from exc
+
+
+def _grant(conn: Connection, driver: Any, role: str, granted: dict[str, tuple[str, ...]]) -> None:
+    from psycopg import sql
+
     who = sql.Identifier(role)
     schema = conn.execute(text("SELECT current_schema()")).scalar_one()
     driver.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), who))

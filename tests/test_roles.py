@@ -491,3 +491,27 @@ def test_an_application_role_that_can_step_outside_its_grants_is_refused(
     finally:
         if case == "member-of-a-superuser":
             two_roles.cluster.execute(f"DROP ROLE {names['super']}")
+
+
+def test_an_owner_url_whose_role_does_not_own_a_table_is_a_settings_error(
+    two_roles: TwoRoles,
+) -> None:
+    """A table left with another owner (a move to two roles whose REASSIGN missed it): the
+    grants fail on it, which is exit 78 naming the table, not an internal error (70)."""
+    other = f"tr_other_{os.getpid()}"
+    two_roles.cluster.execute(f"CREATE ROLE {other}")
+    try:
+        with two_roles.connect(pg.SUPERUSER) as conn:
+            conn.execute(f"ALTER TABLE blocked_keys OWNER TO {other}".encode())
+            conn.execute(f"GRANT ALL ON blocked_keys TO {two_roles.app}".encode())
+        code, output = two_roles.sekisho("crl", "generate")
+        assert code == 78, output
+        assert output.startswith(
+            "error: config: the role of database_owner_url may not grant what Sekisho uses "
+            "(permission denied for table blocked_keys)"
+        ), output
+    finally:
+        with two_roles.connect(pg.SUPERUSER) as conn:
+            conn.execute(f"REASSIGN OWNED BY {other} TO {two_roles.owner}".encode())
+            conn.execute(f"DROP OWNED BY {other}".encode())
+        two_roles.cluster.execute(f"DROP ROLE {other}")
