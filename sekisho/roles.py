@@ -152,7 +152,13 @@ def _privileges(names: Iterable[str]) -> Any:
     return sql.SQL(", ").join(sql.SQL(name) for name in names)  # fixed keywords, never input
 
 
-_HELD = ", ".join(f"has_table_privilege(c.oid, '{p}')" for p in TABLE_PRIVILEGES)
+# Privileges PostgreSQL also grants on single columns: held on one column is held too much
+# (``GRANT UPDATE (actor_account) ON audit_records`` passed a table-level check).
+COLUMN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "REFERENCES")
+_HELD = ", ".join(
+    [f"has_table_privilege(c.oid, '{p}')" for p in TABLE_PRIVILEGES]
+    + [f"has_any_column_privilege(c.oid, '{p}')" for p in COLUMN_PRIVILEGES]
+)
 # Per table: whether the role finds it (on its search_path), may act as its owner, and holds
 # each privilege (directly, through another role, or through PUBLIC).
 _TABLES = text(
@@ -209,7 +215,9 @@ def problems(conn: Connection, *, separate: bool) -> list[str]:
     for name, exists, owns, *held in conn.execute(_TABLES, {"tables": list(granted)}).all():
         if not exists:
             continue
-        holds = {p for p, yes in zip(TABLE_PRIVILEGES, held, strict=True) if yes}
+        on_table, on_a_column = held[: len(TABLE_PRIVILEGES)], held[len(TABLE_PRIVILEGES) :]
+        holds = {p for p, yes in zip(TABLE_PRIVILEGES, on_table, strict=True) if yes}
+        some = holds | {p for p, yes in zip(COLUMN_PRIVILEGES, on_a_column, strict=True) if yes}
         missing = [p for p in granted[name] if p not in holds]
         if missing:
             found.append(f"{name}: lacks {', '.join(missing)}")
@@ -217,7 +225,7 @@ def problems(conn: Connection, *, separate: bool) -> list[str]:
             continue
         if owns:
             found.append(f"{name}: may act as its owner")
-        elif extra := [p for p in TABLE_PRIVILEGES if p in holds and p not in granted[name]]:
+        elif extra := [p for p in TABLE_PRIVILEGES if p in some and p not in granted[name]]:
             found.append(f"{name}: may also {', '.join(extra)}")
     for _namespace, relname, usage, update in conn.execute(
         _SEQUENCES, {"tables": list(granted)}

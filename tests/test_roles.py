@@ -515,3 +515,16 @@ def test_an_owner_url_whose_role_does_not_own_a_table_is_a_settings_error(
             conn.execute(f"REASSIGN OWNED BY {other} TO {two_roles.owner}".encode())
             conn.execute(f"DROP OWNED BY {other}".encode())
         two_roles.cluster.execute(f"DROP ROLE {other}")
+
+
+def test_a_column_privilege_on_the_journal_is_granted_away_too(two_roles: TwoRoles) -> None:
+    """UPDATE on one column of the records is more than the grants: a command that writes
+    grants again (REVOKE ALL takes the column's privilege with it), and PostgreSQL refuses the
+    update before the trigger does."""
+    change = "UPDATE audit_records SET actor_account = 'mallory' WHERE seq = 2"
+    with two_roles.connect(two_roles.owner) as conn:
+        conn.execute(f"GRANT UPDATE (actor_account) ON audit_records TO {two_roles.app}".encode())
+    assert sqlstate(two_roles, two_roles.app, change) == "23001"  # only the guard held
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 0, output
+    assert sqlstate(two_roles, two_roles.app, change) == db_module.PG_INSUFFICIENT_PRIVILEGE
