@@ -171,7 +171,7 @@ _TABLES = text(
 # What lets a role step outside its table grants without owning a table (asked only with an
 # owner URL): a role it may SET ROLE to that is a superuser or may grant itself membership in
 # the owner (CREATEROLE: any non-superuser role before PostgreSQL 16); CREATE in, or ownership
-# of, a schema holding Sekisho's tables or on its search_path (it could drop the journal as
+# of, a schema holding Sekisho's tables (it could drop the journal as
 # the schema's owner, or plant a function or operator that the owner's migrations and grants
 # then run as the owner); CREATE on the database (a schema named like the owner comes first
 # on the owner's search_path, "$user").
@@ -187,8 +187,7 @@ _ESCAPES = text(
     " ELSE 'CREATE in it' END"
     " FROM pg_catalog.pg_namespace n"
     " WHERE (n.oid IN (SELECT c.relnamespace FROM pg_catalog.pg_class c WHERE c.oid IN"
-    " (SELECT pg_catalog.to_regclass(t)::oid FROM pg_catalog.unnest(CAST(:tables AS text[])) t))"
-    " OR n.nspname = ANY (pg_catalog.current_schemas(false)))"
+    " (SELECT pg_catalog.to_regclass(t)::oid FROM pg_catalog.unnest(CAST(:tables AS text[])) t)))"
     " AND (pg_catalog.pg_has_role(n.nspowner, 'MEMBER')"
     " OR pg_catalog.has_schema_privilege(n.oid, 'CREATE'))"
     " UNION ALL"
