@@ -640,6 +640,12 @@ class Database:
         try:
             with store_errors(), owner_engine.connect() as conn:
                 roles.check_pair(roles.whoami(conn), app)
+            # Before the owner migrates or grants: what the application's role planted in a
+            # schema it may create in would run as the owner there (docs/decisions.md, Store).
+            with store_errors(), self.engine.connect() as conn:
+                if roles.escapes(conn):
+                    found = roles.problems(conn, separate=True)
+                    raise roles.refusal(app.name, found, separate=True)
             upgrade(owner_engine, grant_to=app.name)
         finally:
             owner_engine.dispose()

@@ -528,3 +528,42 @@ def test_a_column_privilege_on_the_journal_is_granted_away_too(two_roles: TwoRol
     code, output = two_roles.sekisho("crl", "generate")
     assert code == 0, output
     assert sqlstate(two_roles, two_roles.app, change) == db_module.PG_INSUFFICIENT_PRIVILEGE
+
+
+def test_the_owner_never_connects_while_the_application_role_may_plant_code(
+    two_roles: TwoRoles,
+) -> None:
+    """An operator the application's role creates in public (given CREATE there) wins over
+    pg_catalog's for `oid = regclass`, which the grants' sequence query uses: run by the
+    owner, its function runs as the owner. `init` (which upgrades first) and a command that
+    grants again must stop before the owner's session does."""
+    marker = f"planted_{os.getpid()}"
+    with two_roles.connect(two_roles.owner) as conn:
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {two_roles.app}".encode())
+    try:
+        with two_roles.connect(two_roles.app) as conn:
+            conn.execute(
+                f"""CREATE FUNCTION public.planted_eq(oid, regclass) RETURNS boolean
+                LANGUAGE plpgsql AS $$ BEGIN
+                    IF current_user = '{two_roles.owner}' THEN
+                        EXECUTE 'CREATE TABLE IF NOT EXISTS public.{marker} (x int)';
+                    END IF;
+                    RETURN $1 = $2::oid;
+                END $$""".encode()
+            )
+            conn.execute(
+                b"CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = regclass, "
+                b"FUNCTION = public.planted_eq)"
+            )
+        with two_roles.connect(two_roles.owner) as conn:
+            conn.execute(f"REVOKE INSERT ON crls FROM {two_roles.app}".encode())  # regrant
+        for args in (("init",), ("crl", "generate")):
+            code, output = two_roles.sekisho(*args)
+            assert code == 78 and "schema public: may CREATE in it" in output, (args, output)
+        assert sqlstate(two_roles, pg.SUPERUSER, f"SELECT 1 FROM public.{marker}") == "42P01"  # noqa: S608
+    finally:
+        with two_roles.connect(pg.SUPERUSER) as conn:
+            conn.execute(b"DROP OPERATOR IF EXISTS public.= (oid, regclass)")
+            conn.execute(b"DROP FUNCTION IF EXISTS public.planted_eq(oid, regclass)")
+            conn.execute(f"DROP TABLE IF EXISTS public.{marker}".encode())
+            conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {two_roles.app}".encode())
