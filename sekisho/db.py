@@ -640,11 +640,13 @@ class Database:
         try:
             with store_errors(), owner_engine.connect() as conn:
                 roles.check_pair(roles.whoami(conn), app)
+                target = conn.execute(text("SELECT current_schema()")).scalar_one()
             # Before the owner migrates or grants: what the application's role planted in a
-            # schema it may create in would run as the owner there (docs/decisions.md, Store).
+            # schema it may create in would run as the owner there (docs/decisions.md, Store);
+            # the owner's own schema too, where a first migration creates the tables.
             with store_errors(), self.engine.connect() as conn:
-                if roles.escapes(conn):
-                    found = roles.problems(conn, separate=True)
+                if roles.escapes(conn, [target]):
+                    found = roles.problems(conn, separate=True, schemas=[target])
                     raise roles.refusal(app.name, found, separate=True)
             upgrade(owner_engine, grant_to=app.name)
         finally:

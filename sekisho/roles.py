@@ -187,7 +187,8 @@ _ESCAPES = text(
     " ELSE 'CREATE in it' END"
     " FROM pg_catalog.pg_namespace n"
     " WHERE (n.oid IN (SELECT c.relnamespace FROM pg_catalog.pg_class c WHERE c.oid IN"
-    " (SELECT pg_catalog.to_regclass(t)::oid FROM pg_catalog.unnest(CAST(:tables AS text[])) t)))"
+    " (SELECT pg_catalog.to_regclass(t)::oid FROM pg_catalog.unnest(CAST(:tables AS text[])) t))"
+    " OR n.nspname = ANY(CAST(:schemas AS text[])))"
     " AND (pg_catalog.pg_has_role(n.nspowner, 'MEMBER')"
     " OR pg_catalog.has_schema_privilege(n.oid, 'CREATE'))"
     " UNION ALL"
@@ -200,15 +201,17 @@ _ESCAPES = text(
 )
 
 
-def escapes(conn: Connection) -> list[str]:
+def escapes(conn: Connection, schemas: Iterable[str] = ()) -> list[str]:
     """How the role ``conn`` acts as could step outside its table grants (``_ESCAPES``; none:
     it cannot). No grant mends these, and the owner must not migrate or grant while one is
-    open: a function or operator the role planted would run in the owner's session."""
-    tables = list(policy())
-    return [str(found) for found in conn.execute(_ESCAPES, {"tables": tables}).scalars()]
+    open: a function or operator the role planted would run in the owner's session.
+    ``schemas``: more schemas to judge than those holding Sekisho's tables (the owner's, into
+    which a first migration creates them)."""
+    params = {"tables": list(policy()), "schemas": list(schemas)}
+    return [str(found) for found in conn.execute(_ESCAPES, params).scalars()]
 
 
-def problems(conn: Connection, *, separate: bool) -> list[str]:
+def problems(conn: Connection, *, separate: bool, schemas: Iterable[str] = ()) -> list[str]:
     """What is wrong with the privileges of the role ``conn`` acts as, one phrase per table
     (none: nothing). A table the role does not find is skipped: a migration not yet run adds
     it (if ``alembic_version`` is not found either, there is no schema to check). ``separate``
@@ -216,7 +219,7 @@ def problems(conn: Connection, *, separate: bool) -> list[str]:
     granted = policy()
     if separate and whoami(conn).superuser:
         return ["it is a superuser, whom no privilege binds"]
-    found: list[str] = escapes(conn) if separate else []
+    found: list[str] = escapes(conn, schemas) if separate else []
     for name, exists, owns, *held in conn.execute(_TABLES, {"tables": list(granted)}).all():
         if not exists:
             continue

@@ -567,3 +567,28 @@ def test_the_owner_never_connects_while_the_application_role_may_plant_code(
             conn.execute(b"DROP FUNCTION IF EXISTS public.planted_eq(oid, regclass)")
             conn.execute(f"DROP TABLE IF EXISTS public.{marker}".encode())
             conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {two_roles.app}".encode())
+
+
+def test_a_first_init_stops_while_the_application_role_may_plant_code(
+    two_roles_template: TwoRoles, tmp_path: Path
+) -> None:
+    """On a new, empty database the tables' schema holds no table yet: the check also covers
+    the owner's schema, into which the first migration would create them as the owner."""
+    cluster = two_roles_template.cluster
+    database = f"tr_fresh_{os.getpid()}_{next(_NUMBERS)}"
+    cluster.execute(f"CREATE DATABASE {database} OWNER {two_roles_template.owner}")
+    fresh = dataclasses.replace(two_roles_template, data_dir=tmp_path / "data", database=database)
+    fresh.data_dir.mkdir(mode=0o700)
+    fresh.write_settings()
+    try:
+        with fresh.connect(fresh.owner) as conn:
+            conn.execute(f"GRANT CREATE ON SCHEMA public TO {fresh.app}".encode())
+        code, output = fresh.sekisho("init", "--org", "Example Corp")
+        assert code == 78 and "schema public: may CREATE in it" in output, output
+        assert sqlstate(fresh, pg.SUPERUSER, "SELECT 1 FROM audit_records") == "42P01"
+        with fresh.connect(fresh.owner) as conn:
+            conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {fresh.app}".encode())
+        code, output = fresh.sekisho("init", "--org", "Example Corp")
+        assert code == 0, output
+    finally:
+        cluster.drop_database(database)
