@@ -654,7 +654,8 @@ class Database:
 
     def check_roles(self, *, regrant: bool = False) -> None:
         """PostgreSQL: a ConfigError (exit 78) unless the role this object connects as holds
-        every privilege Sekisho uses on the tables there are and, with ``owner_url``, nothing
+        every privilege Sekisho uses on the tables there are and, with ``owner_url`` or when
+        another role owns the journal (two roles, served without the owner's URL), nothing
         more (``sekisho.roles.problems``). ``regrant``, with ``owner_url``: a role found
         wanting is granted again first (by ``upgrade``, which also migrates a schema that is
         behind, as the command would next). Run before anything reads the tables: a missing
@@ -663,13 +664,24 @@ class Database:
             return
         from sekisho import roles
 
-        separate = self.owner_url is not None
+        separate = self.owner_url is not None or self._journal_owned_by_another()
         role, found = self._role_problems(separate)
-        if found and regrant and separate:
+        if found and regrant and self.owner_url is not None:
             self.upgrade()
             role, found = self._role_problems(separate)
         if found:
-            raise roles.refusal(role, found, separate=separate)
+            # (Only grants missing: the one-role wording, which says how to grant them.)
+            surplus = not all(": lacks " in problem for problem in found)
+            raise roles.refusal(role, found, separate=surplus)
+
+    def _journal_owned_by_another(self) -> bool:
+        """The journal's records belong to a role other than this connection's (two roles):
+        then what the role may do beyond the grants is checked without the owner's URL too
+        (a role later made a member of the owner served on unchecked)."""
+        from sekisho import roles
+
+        with store_errors(), self.engine.connect() as conn:
+            return roles.journal_owned_by_another(conn)
 
     def _role_problems(self, separate: bool) -> tuple[str, list[str]]:
         from sekisho import roles

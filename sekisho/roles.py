@@ -211,6 +211,20 @@ def escapes(conn: Connection, schemas: Iterable[str] = ()) -> list[str]:
     return [str(found) for found in conn.execute(_ESCAPES, params).scalars()]
 
 
+def journal_owned_by_another(conn: Connection) -> bool:
+    """``audit_records`` exists and its owner is not the role ``conn`` acts as (a member of
+    that owner still counts as another: that membership is what the check must find)."""
+    return bool(
+        conn.execute(
+            text(
+                "SELECT c.relowner <> (SELECT oid FROM pg_catalog.pg_roles "
+                "WHERE rolname = current_user) FROM pg_catalog.pg_class c "
+                "WHERE c.oid = pg_catalog.to_regclass('audit_records')"
+            )
+        ).scalar()
+    )
+
+
 def problems(conn: Connection, *, separate: bool, schemas: Iterable[str] = ()) -> list[str]:
     """What is wrong with the privileges of the role ``conn`` acts as, one phrase per table
     (none: nothing). A table the role does not find is skipped: a migration not yet run adds

@@ -592,3 +592,24 @@ def test_a_first_init_stops_while_the_application_role_may_plant_code(
         assert code == 0, output
     finally:
         cluster.drop_database(database)
+
+
+def test_served_without_the_owner_url_a_role_made_more_is_still_refused(
+    two_roles: TwoRoles,
+) -> None:
+    """docs/decisions.md advises serving without database_owner_url. Another role owning the
+    journal says the deployment has two roles: what the application's role may do beyond its
+    grants is refused then too (a role later made a member of the owner served on before)."""
+    two_roles.write_settings(owner=False)
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 0, output
+    with two_roles.connect(pg.SUPERUSER) as conn:
+        conn.execute(f"GRANT {two_roles.owner} TO {two_roles.app}".encode())
+    try:
+        code, output = two_roles.sekisho("crl", "generate")
+        assert code == 78 and "audit_records: may act as its owner" in output, output
+    finally:
+        with two_roles.connect(pg.SUPERUSER) as conn:
+            conn.execute(f"REVOKE {two_roles.owner} FROM {two_roles.app}".encode())
+    code, output = two_roles.sekisho("crl", "generate")
+    assert code == 0, output
