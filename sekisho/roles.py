@@ -212,13 +212,15 @@ def escapes(conn: Connection, schemas: Iterable[str] = ()) -> list[str]:
 
 
 def journal_owned_by_another(conn: Connection) -> bool:
-    """``audit_records`` exists and its owner is not the role ``conn`` acts as (a member of
-    that owner still counts as another: that membership is what the check must find)."""
+    """``audit_records`` exists and belongs to a role that the role ``conn`` acts as cannot act
+    as: two roles, whatever the settings say. (A role that may act as the owner, being it or
+    a member of it, is one role by this reading, as a login role using a group role's tables
+    is; only ``database_owner_url`` says two roles for sure.)"""
     return bool(
         conn.execute(
             text(
-                "SELECT c.relowner <> (SELECT oid FROM pg_catalog.pg_roles "
-                "WHERE rolname = current_user) FROM pg_catalog.pg_class c "
+                "SELECT NOT pg_catalog.pg_has_role(c.relowner, 'MEMBER') "
+                "FROM pg_catalog.pg_class c "
                 "WHERE c.oid = pg_catalog.to_regclass('audit_records')"
             )
         ).scalar()

@@ -594,22 +594,40 @@ def test_a_first_init_stops_while_the_application_role_may_plant_code(
         cluster.drop_database(database)
 
 
-def test_served_without_the_owner_url_a_role_made_more_is_still_refused(
+def test_served_without_the_owner_url_a_role_given_more_is_still_refused(
     two_roles: TwoRoles,
 ) -> None:
-    """docs/decisions.md advises serving without database_owner_url. Another role owning the
-    journal says the deployment has two roles: what the application's role may do beyond its
-    grants is refused then too (a role later made a member of the owner served on before)."""
+    """docs/decisions.md advises serving without database_owner_url. A journal owned by a
+    role the application's cannot act as says the deployment has two roles: what the
+    application's role may do beyond its grants is refused then too (it served on before)."""
     two_roles.write_settings(owner=False)
     code, output = two_roles.sekisho("crl", "generate")
     assert code == 0, output
-    with two_roles.connect(pg.SUPERUSER) as conn:
-        conn.execute(f"GRANT {two_roles.owner} TO {two_roles.app}".encode())
-    try:
-        code, output = two_roles.sekisho("crl", "generate")
-        assert code == 78 and "audit_records: may act as its owner" in output, output
-    finally:
+    more = {
+        "createrole": (
+            f"ALTER ROLE {two_roles.app} CREATEROLE",
+            f"ALTER ROLE {two_roles.app} NOCREATEROLE",
+            "it has CREATEROLE",
+        ),
+        "create-in-public": (
+            f"GRANT CREATE ON SCHEMA public TO {two_roles.app}",
+            f"REVOKE CREATE ON SCHEMA public FROM {two_roles.app}",
+            "schema public: may CREATE in it",
+        ),
+        "update-journal": (
+            f"GRANT UPDATE ON audit_records TO {two_roles.app}",
+            f"REVOKE UPDATE ON audit_records FROM {two_roles.app}",
+            "audit_records: may also UPDATE",
+        ),
+    }
+    for grant_more, take_back, said in more.values():
         with two_roles.connect(pg.SUPERUSER) as conn:
-            conn.execute(f"REVOKE {two_roles.owner} FROM {two_roles.app}".encode())
+            conn.execute(grant_more.encode())
+        try:
+            code, output = two_roles.sekisho("crl", "generate")
+            assert code == 78 and said in output, (grant_more, output)
+        finally:
+            with two_roles.connect(pg.SUPERUSER) as conn:
+                conn.execute(take_back.encode())
     code, output = two_roles.sekisho("crl", "generate")
     assert code == 0, output
