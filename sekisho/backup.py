@@ -64,7 +64,7 @@ from sekisho.errors import (
     shown,
 )
 from sekisho.files import FileRefused, NewFiles, read_regular, replace_synced, sync_directory
-from sekisho.settings import CONFIG_NAME, MAX_SETTINGS_FILE, Settings
+from sekisho.settings import CONFIG_NAME, MAX_SETTINGS_FILE, URL_SETTINGS, Settings
 
 FORMAT = "sekisho-backup/1"
 MANIFEST = "MANIFEST.json"
@@ -226,10 +226,6 @@ def _without_password(parsed: URL) -> URL:
     )
 
 
-# Settings that are URLs and may carry a password.
-_URL_SETTINGS = ("database_url", "database_owner_url")
-
-
 def _settings_without_passwords(data: bytes) -> tuple[bytes, list[str]]:
     """The settings file as archived: database URLs without their passwords (an archive is
     copied off the box, and `backup verify` extracts it anywhere); the keys changed."""
@@ -239,7 +235,7 @@ def _settings_without_passwords(data: bytes) -> tuple[bytes, list[str]]:
     doc = tomllib.loads(text)
     section = doc.get("sekisho", doc)
     removed = []
-    for key in _URL_SETTINGS:
+    for key in sorted(URL_SETTINGS):
         value = section.get(key)
         if isinstance(value, str) and _password(make_url(value)) is not None:
             bare = _without_password(make_url(value)).render_as_string(hide_password=False)
@@ -841,7 +837,7 @@ def _record_database_urls(path: Path, settings: Settings, passwords_removed: lis
     text = path.read_text("utf-8")
     section = tomllib.loads(text)
     section = section.get("sekisho", section)
-    for key in _URL_SETTINGS:
+    for key in sorted(URL_SETTINGS):
         old, url = section.get(key), getattr(settings, key)
         if old is None or not url:
             continue  # from the environment, as before
@@ -963,8 +959,9 @@ def restore(
 
     Everything happens in a staging directory beside it, renamed to ``target`` only once the
     archive, the store, the journal and every CA key have been checked, each CA's CRL number
-    moved on by CRL_NUMBER_JUMP and the restore journalled (``ca.restore``) and signed: a
-    failure leaves nothing at ``target``."""
+    moved on (CRL_NUMBER_JUMP, CRL_NUMBER_TIME_SHIFT), fresh CRLs signed where the key is
+    online and the restore journalled (``ca.restore``) and signed: a failure leaves nothing at
+    ``target`` (nor in a PostgreSQL database it loaded)."""
     from sekisho.bootstrap import publish_ca_files
     from sekisho.services import open_deployment
 
