@@ -971,6 +971,8 @@ def restore(
     # after minutes of extracting and checking a large store.
     passphrase = read_secret(passphrase_file) if passphrase_file is not None else None
     staging = target.parent / f".{target.name}.restoring-{secrets.token_hex(4)}"
+    # The directories this makes above the target, removed again on failure (deepest first).
+    made = [p for p in target.parents if not p.exists()]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir(mode=0o700)
@@ -1045,6 +1047,9 @@ def restore(
             ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if still empty
         if loaded is not None:
             _empty_postgres(loaded)
         raise

@@ -418,6 +418,17 @@ def test_restore_refusals_leave_nothing(
     result = restore(archive)
     assert result.code == 65 and "--passphrase-file" in result.err
     nothing_left()
+    # A target deep in directories that did not exist: those made are taken back too.
+    deep = tmp_path / "new" / "deeper" / "data"
+    result = cli(capsys, deep, "backup", "restore", str(archive), "--unauthenticated",
+                 "--passphrase-file", str(tmp_path / "no-such-file"))  # fmt: skip
+    assert result.code != 0 and not (tmp_path / "new").exists(), result.err
+    wrong_deep = tmp_path / "wrong-for-deep"
+    wrong_deep.write_bytes(b"not the passphrase of these keys")
+    wrong_deep.chmod(0o600)
+    result = cli(capsys, deep, "backup", "restore", str(archive), "--unauthenticated",
+                 "--passphrase-file", str(wrong_deep))  # fmt: skip
+    assert result.code == 77 and not (tmp_path / "new").exists(), result.err
     # A wrong one: every key is checked before the directory appears.
     wrong = tmp_path / "wrong-passphrase"
     wrong.write_bytes(b"not the passphrase of these keys")
