@@ -945,6 +945,22 @@ def _check_keys(services: Any, manifest: Mapping[str, Any]) -> None:
         )
 
 
+def _responders_without_key(services: Any) -> list[str]:
+    """The CAs whose active OCSP responder has no key in the restored deployment (its file was
+    already gone when the backup was made): their answers cannot be re-signed until the
+    responder is replaced (`ocsp responders --rotate`)."""
+    from ocsp.models import OcspResponder
+
+    with services.db.read_scope() as session:
+        rows = session.execute(
+            select(CertificateAuthority.name, OcspResponder.key_ref)
+            .join(OcspResponder, OcspResponder.issuer_id == CertificateAuthority.id)
+            .where(OcspResponder.active)
+            .order_by(CertificateAuthority.id)
+        ).all()
+    return [name for name, ref in rows if not services.backend.has_key(ref)]
+
+
 def restore(
     archive: Path,
     target: Path,
@@ -1030,6 +1046,7 @@ def restore(
                 )
             step("signing fresh CRLs")
             published, waiting = _fresh_crls(services, when)
+            keyless = _responders_without_key(services)
             with services.db.scope() as session:
                 services.journal.checkpoint(session, when)
             publish_ca_files(services)
@@ -1058,6 +1075,7 @@ def restore(
         "data_dir": str(target),
         "crls_signed": published,
         "crls_waiting": waiting,
+        "responders_without_key": keyless,
     }
 
 

@@ -1755,6 +1755,13 @@ def backup_restore(
                 if done["crls_waiting"]
                 else ""
             )
+            + (
+                f".\nThe OCSP responder of {', '.join(done['responders_without_key'])} has no "
+                "key (it was missing when the backup was made): `sekisho ocsp responders "
+                "--rotate` replaces it"
+                if done["responders_without_key"]
+                else ""
+            )
             + f".\nNot in the backup: what happened after {done['created_at']} (certificates "
             "issued, revocations: revoke again what was revoked since)."
         ),

@@ -1051,3 +1051,26 @@ def test_restore_records_no_database_password(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="edit it by hand"):
         record("postgresql+psycopg://sekisho@new/pki", [])
+
+
+def test_a_responder_key_missing_at_backup_is_named_at_restore(
+    capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path
+) -> None:
+    """A responder key file already gone when the backup is made cannot be in it: the
+    restore says which CA's responder has no key and how to replace it, which works."""
+    (responder_key,) = (source / "keys").glob("ocsp-admin-*.key")
+    responder_key.unlink()
+    archive = tmp_path / "b.tar"
+    assert cli(capsys, source, "backup", "create", str(archive)).code == 0
+    restored = tmp_path / "restored"
+    restore = ("backup", "restore", str(archive), "--unauthenticated", "--passphrase-file",
+               str(source / "secrets" / "ca-passphrase"))  # fmt: skip
+    done = cli(capsys, restored, "--json", *restore)
+    assert done.code == 0, done.err
+    assert json.loads(done.out)["responders_without_key"] == ["admin"]
+    again = cli(capsys, tmp_path / "again", *restore)
+    assert again.code == 0 and "ocsp responders --rotate" in again.out, again.out
+    rotated = cli(capsys, restored, "ocsp", "responders", "--rotate")
+    assert rotated.code == 0, rotated.err
+    resigned = cli(capsys, restored, "ocsp", "resign")
+    assert resigned.code == 0, resigned.err
