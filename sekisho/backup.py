@@ -23,7 +23,6 @@ import re
 import secrets
 import shutil
 import sqlite3
-import stat
 import subprocess
 import tarfile
 import tempfile
@@ -63,7 +62,14 @@ from sekisho.errors import (
     StoreError,
     shown,
 )
-from sekisho.files import FileRefused, NewFiles, read_regular, replace_synced, sync_directory
+from sekisho.files import (
+    FileRefused,
+    NewFiles,
+    open_regular,
+    read_regular,
+    replace_synced,
+    sync_directory,
+)
 from sekisho.settings import CONFIG_NAME, MAX_SETTINGS_FILE, URL_SETTINGS, Settings
 
 FORMAT = "sekisho-backup/1"
@@ -538,9 +544,13 @@ def _manifest(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
-    if member.size > limit:
+def _within(member: tarfile.TarInfo, limit: int | None) -> None:
+    if limit is not None and member.size > limit:
         raise BackupDamaged(f"{shown(member.name)} is larger than a backup's ({member.size} bytes)")
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+    _within(member, limit)
     fh = tar.extractfile(member)
     assert fh is not None  # a regular file
     return fh.read(limit + 1)
@@ -551,9 +561,7 @@ def _copy_member(
 ) -> None:
     """Write the member under ``into`` (new file, 0600; its directory 0700), checking its size
     and SHA-256 against the manifest."""
-    limit = _limit(member.name)
-    if limit is not None and member.size > limit:
-        raise BackupDamaged(f"{shown(member.name)} is larger than a backup's ({member.size} bytes)")
+    _within(member, _limit(member.name))
     if member.size != expected["size"]:
         raise BackupDamaged(f"{shown(member.name)} is not the size the manifest says")
     path = into / member.name
@@ -609,28 +617,16 @@ def extract(
     lists, of its size and SHA-256, and every one it lists must be there."""
     step(f"checking {shown(archive, PATH_SHOWN)}")
     try:
-        with _open_regular(archive) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        with open_regular(archive) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             return _extract(tar, into, trusted_keys)
     except tarfile.TarError as exc:
         raise MalformedInput(f"{shown(archive, PATH_SHOWN)} is not a tar archive: {exc}") from None
+    except FileRefused as exc:  # a FIFO or a device: refused unread, never waited on
+        raise InputError(f"{shown(archive, PATH_SHOWN)} {exc}") from None
     except FileNotFoundError:
         raise InputError(f"no such file: {shown(archive, PATH_SHOWN)}") from None
     except (IsADirectoryError, PermissionError) as exc:
         raise InputError(f"cannot read {shown(archive, PATH_SHOWN)}: {exc.strerror}") from None
-
-
-def _open_regular(path: Path) -> IO[bytes]:
-    """``path`` opened for reading if it is a regular file (a FIFO or a device is refused
-    unread, never waited on: InputError)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(f"{shown(path, PATH_SHOWN)} is not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _extract(tar: tarfile.TarFile, into: Path, trusted_keys: Collection[bytes]) -> Extracted:

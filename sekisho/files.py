@@ -194,18 +194,17 @@ class FileTooLarge(FileRefused):
     pass
 
 
-def read_regular(
+def open_regular(
     path: Path,
-    limit: int,
     *,
     follow_symlinks: bool = True,
     check: Callable[[os.stat_result], None] | None = None,
-) -> bytes:
-    """The content of a regular file, at most ``limit`` bytes, checked on the descriptor it is
+) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file, checked on the descriptor it is
     read from: a FIFO, a device such as /dev/zero or a directory is refused unread (never
-    waited on), as is a symbolic link when ``follow_symlinks`` is false; ``check`` may refuse
-    by the file's status (raising FileRefused, or an error of its own). Other OS errors pass
-    through (FileNotFoundError for a missing file)."""
+    waited on), as is a symbolic link when ``follow_symlinks`` is false (FileRefused); ``check``
+    may refuse by the file's status (raising FileRefused, or an error of its own). Other OS
+    errors pass through (FileNotFoundError for a missing file)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
@@ -221,18 +220,26 @@ def read_regular(
             raise FileRefused("is not a regular file")
         if check is not None:
             check(st)
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
-    if size > limit:
+        raise
+
+
+def read_regular(
+    path: Path,
+    limit: int,
+    *,
+    follow_symlinks: bool = True,
+    check: Callable[[os.stat_result], None] | None = None,
+) -> bytes:
+    """The content of a regular file (``open_regular``), at most ``limit`` bytes."""
+    with open_regular(path, follow_symlinks=follow_symlinks, check=check) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
         raise FileTooLarge(f"is larger than {limit} bytes")
-    return b"".join(chunks)
+    return data
 
 
 def read_input(path: Path, what: str, limit: int) -> bytes:
