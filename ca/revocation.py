@@ -113,9 +113,10 @@ def check_invalidity_date(when: dt.datetime, now: dt.datetime) -> None:
 def _invalid_before_revoked(
     cert: Certificate, current: Reason | None, invalidity_date: dt.datetime | None
 ) -> None:
-    """A certificate revoked already (a re-revocation to keyCompromise keeps its revocation
-    date) was invalid from that date on: an invalidity date after it says nothing true."""
-    kept = cert.revoked_at if current not in (None, Reason.CERTIFICATE_HOLD) else None
+    """A certificate revoked already, or on hold (a re-revocation to keyCompromise, and a hold
+    made permanent, keep the revocation date) was invalid from that date on: an invalidity
+    date after it says nothing true."""
+    kept = cert.revoked_at if current is not None else None
     if invalidity_date is not None and kept is not None and invalidity_date > kept:
         raise InputError(
             f"the invalidity date {invalidity_date.isoformat()} lies after this certificate's "
@@ -412,7 +413,10 @@ class Revoker:
             epoch, ca_name = bumped[cert.issuer_id]
             cert.status = CertStatus.REVOKED
             cert.revocation_reason = reason.value
-            if cert.revoked_at is None or current is Reason.CERTIFICATE_HOLD:
+            if cert.revoked_at is None:
+                # A hold made permanent keeps the hold's date: the certificate has not been
+                # valid since then, and a relying party checking a signature made during the
+                # hold must not find it valid at that time.
                 cert.revoked_at = now
             if (
                 invalidity_date is not None

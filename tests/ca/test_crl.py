@@ -25,6 +25,7 @@ from ca.hierarchy import create_issuing
 from ca.models import Certificate, Crl, CrlKind
 from ca.registry import ca_row
 from ca.revocation import Reason
+from ca.tbs import serial_hex
 from hsm.base import KeyBackend, KeyType
 from hsm.observed import observed
 from sekisho.errors import Conflict, InputError, KeyBackendError, NotFound, StoreError
@@ -257,6 +258,54 @@ def test_a_re_revocation_never_moves_the_invalidity_date_later(
         start = clock() - dt.timedelta(hours=1)
         assert dates == {first: start - 2 * day, second: clock() - 3 * day}
         checkers.pkilint_crl(row.der)
+    finally:
+        services.close()
+
+
+def test_a_hold_made_permanent_keeps_the_hold_date(
+    settings: Settings, recording_backend: RecordingBackend
+) -> None:
+    """On hold, then keyCompromise a day later: the CRL entry keeps the hold's date (the
+    certificate has not been valid since), and an invalidity date after the hold is refused
+    as it is for a re-revocation. Before: the revocation date moved to the second revocation,
+    so a signature made during the hold looked valid at its time."""
+    clock = FakeClock(dt.datetime.now(dt.UTC).replace(microsecond=0))
+    services = build_services(settings, backend=recording_backend, clock=clock)
+    try:
+        serial = issue(services, "device").serial_number
+        held_at = clock()
+        services.revoker.revoke("device", serial, Reason.CERTIFICATE_HOLD, TEST_ACTOR)
+        clock.advance(hours=24)
+        with pytest.raises(InputError, match="after this certificate's revocation date"):
+            services.revoker.revoke(
+                "device",
+                serial,
+                Reason.KEY_COMPROMISE,
+                TEST_ACTOR,
+                invalidity_date=held_at + dt.timedelta(hours=1),
+            )
+        services.revoker.revoke(
+            "device",
+            serial,
+            Reason.KEY_COMPROMISE,
+            TEST_ACTOR,
+            invalidity_date=held_at - dt.timedelta(hours=1),
+        )
+        row = services.crls.generate("device", clock())
+        entry = x509.load_der_x509_crl(row.der).get_revoked_certificate_by_serial_number(serial)
+        assert entry is not None
+        assert entry.revocation_date_utc == held_at
+        assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is (
+            x509.ReasonFlags.key_compromise
+        )
+        invalid = entry.extensions.get_extension_for_class(x509.InvalidityDate).value
+        assert invalid.invalidity_date_utc == held_at - dt.timedelta(hours=1)
+        checkers.pkilint_crl(row.der)
+        with services.db.scope() as session:
+            stored = session.scalars(
+                select(Certificate).where(Certificate.serial == serial_hex(serial))
+            ).one()
+            assert stored.revoked_at == held_at
     finally:
         services.close()
 
