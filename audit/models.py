@@ -64,3 +64,21 @@ class Checkpoint(Base):
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     key_ref: Mapped[str] = mapped_column(Text)
     public_key_der: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class PurgedRecord(Base):
+    """What is left of a record ``audit purge`` removed once its retention ended: its place in
+    the chain and the tree, never its content. ``leaf_hash`` = SHA-256(0x00 || canonical) keeps
+    every signed Merkle root computable, ``hash`` the chain hash the next record links to;
+    ``purge_seq`` is the ``audit.purge`` record that removed it (which names every seq it
+    removed by digest, so a tombstone added by anyone else is found by ``audit verify``)."""
+
+    __tablename__ = "audit_purged"
+    # Append-only, as the records (migration 0008): SELECT and INSERT for the application.
+    __table_args__ = {"info": {APP_PRIVILEGES: ("SELECT", "INSERT")}}
+
+    seq: Mapped[int] = mapped_column(_BIGINT, primary_key=True, autoincrement=False)
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    leaf_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    purge_seq: Mapped[int] = mapped_column(BigInteger, index=True)

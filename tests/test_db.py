@@ -844,17 +844,20 @@ def test_migration_0007_guards_the_journal_and_its_downgrade_lifts_the_guard(
                 found = conn.execute(
                     text(
                         "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal UNION ALL "
-                        "SELECT proname FROM pg_proc WHERE proname = 'sekisho_append_only'"
+                        "SELECT proname FROM pg_proc WHERE proname LIKE 'sekisho_%'"
                     )
                 )
             else:
                 found = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
             return sorted(found.scalars())
 
-    tables = ("audit_checkpoints", "audit_records")
+    # At the head: 0007's guard of records and checkpoints, and 0008's of the tombstones
+    # (on PostgreSQL the records' DELETE has a trigger of its own there).
+    tables = ("audit_checkpoints", "audit_purged", "audit_records")
     if postgres:
         expected = [f"{t}_{w}" for t in tables for w in ("append_only", "no_truncate")]
-        expected.append("sekisho_append_only")
+        expected += ["audit_purged_for_a_record", "audit_records_purge_only"]
+        expected += ["sekisho_append_only", "sekisho_purge_only", "sekisho_tombstone_for_a_record"]
     else:
         expected = [f"{t}_{w}" for t in tables for w in ("no_delete", "no_replace", "no_update")]
     assert guard() == sorted(expected)

@@ -1,4 +1,5 @@
-"""The journal's append-only guard (migration 0007) lifted for a test that plays the attacker.
+"""The journal's append-only guard (migrations 0007 and 0008) lifted for a test that plays
+the attacker.
 
 The triggers refuse UPDATE and DELETE of journal records and checkpoints to the application's
 role. Whoever owns the tables (PostgreSQL) or can write the database file (SQLite) can take
@@ -13,17 +14,21 @@ from collections.abc import Iterator
 
 from sqlalchemy import Connection, bindparam, text
 
-JOURNAL_TABLES = ("audit_records", "audit_checkpoints")
-# The triggers of migration 0007, by name.
+JOURNAL_TABLES = ("audit_records", "audit_checkpoints", "audit_purged")
+# The triggers of migrations 0007 and 0008, by name.
 SQLITE_GUARD = tuple(
     f"{table}_{what}"
     for table in JOURNAL_TABLES
     for what in ("no_update", "no_delete", "no_replace")
 )
-PG_GUARD = tuple(
-    (table, f"{table}_{what}")
-    for table in JOURNAL_TABLES
-    for what in ("append_only", "no_truncate")
+PG_GUARD = (
+    *(
+        (table, f"{table}_{what}")
+        for table in JOURNAL_TABLES
+        for what in ("append_only", "no_truncate")
+    ),
+    ("audit_records", "audit_records_purge_only"),
+    ("audit_purged", "audit_purged_for_a_record"),
 )
 
 
