@@ -29,7 +29,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 GENESIS = "0" * 64
@@ -78,6 +78,19 @@ def canonical(record: Mapping[str, Any]) -> bytes:
 
 def chain_hash(previous_hex: str, record: Mapping[str, Any]) -> str:
     return hashlib.sha256(bytes.fromhex(previous_hex) + canonical(record)).hexdigest()
+
+
+# ``audit purge`` (``audit.retention``): the record each batch appends, naming what it removed.
+PURGE_ACTION = "audit.purge"
+
+
+def seqs_digest(seqs: Iterable[int]) -> str:
+    """What an ``audit.purge`` record names: SHA-256 of the removed seqs, ascending, each in
+    decimal followed by a newline."""
+    digest = hashlib.sha256()
+    for seq in sorted(seqs):
+        digest.update(b"%d\n" % seq)
+    return digest.hexdigest()
 
 
 _TIME = "time "

@@ -16,6 +16,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
+from audit import retention
 from audit.chain import format_time
 from audit.journal import CheckpointSigner, checkpoint_document
 from audit.models import Checkpoint
@@ -29,8 +30,15 @@ from audit.query import (
     write_jsonl,
 )
 from audit.verify import TailLimit, VerifyResult, claims_from_documents, verify
-from sekisho.db import undecodable_argument, undecodable_text
-from sekisho.errors import AuditError, InputError, KeyBackendError, SekishoError, shown
+from sekisho.db import Database, undecodable_argument, undecodable_text
+from sekisho.errors import (
+    AuditError,
+    ConfigError,
+    InputError,
+    KeyBackendError,
+    SekishoError,
+    shown,
+)
 from sekisho.files import NewFiles, read_input
 from sekisho.services import has_root_ca
 
@@ -369,6 +377,68 @@ def checkpoint_cmd(state: State) -> None:
         {"checkpoint": doc},
         lambda: f"checkpoint at seq {doc['seq']}" if doc else "head already checkpointed",
     )
+
+
+@audit.command("purge")
+@click.option("--dry-run", is_flag=True, help="Count what would leave and why the rest stays.")
+@pass_state
+def purge_cmd(state: State, dry_run: bool) -> None:
+    """Remove the records whose retention has ended (BR 5.4.3; audit_retention_days, two years
+    at least).
+
+    A record stays while it is younger than the retention period; while a certificate it
+    names has not expired or expired less than that ago; while the CA of a CA key lifecycle
+    record does. Only records a signed checkpoint covers leave. Each leaves a tombstone
+    (seq, time, leaf and chain hash), so `audit verify` still checks the chain, every
+    checkpoint and every proof; each batch is recorded as an audit.purge record naming the
+    seqs it removed, and a checkpoint is signed at the end. The journal is verified first: a
+    journal that does not verify is not purged (exit 2).
+
+    With two PostgreSQL roles the records are removed through database_owner_url: the
+    application's role may not delete them.
+    """
+    services = state.services()
+    settings = services.settings
+    trusted = _trusted_keys(services.journal.signer, ())
+    with services.db.read_scope(snapshot=True) as session:
+        verify(session, services.journal.origin, trusted_keys=trusted, initialised=True)
+    db = services.db
+    if settings.database_owner_url and not dry_run:
+        db = Database(settings.database_owner_url)
+    elif not dry_run and db.engine.dialect.name == "postgresql" and db.journal_owned_by_another():
+        raise ConfigError(
+            "the journal belongs to another role (two roles): set database_owner_url to the "
+            "schema owner's connection to purge; the application's role may not delete records"
+        )
+    try:
+        result = retention.purge(
+            db,
+            services.journal,
+            services.clock(),
+            settings.audit_retention_days,
+            state.actor(),
+            dry_run=dry_run,
+        )
+    finally:
+        if db is not services.db:
+            db.engine.dispose()
+    doc = {"dry_run": dry_run, "retention_days": settings.audit_retention_days, **result.as_dict()}
+
+    def text() -> str:
+        verb = "would purge" if dry_run else "purged"
+        lines = [
+            f"{verb} {result.purged} of {result.examined} records older than "
+            f"{format_time(result.limit)} (signed through seq {result.through}); kept "
+            f"{result.kept}"
+        ]
+        lines += [f"  kept: {rule}: {n}" for rule, n in sorted(result.reasons.items())]
+        if result.first_kept is not None:
+            lines.append(f"  first kept: seq {result.first_kept[0]}: {result.first_kept[1]}")
+        if result.checkpoint is not None:
+            lines.append(f"  checkpoint signed at seq {result.checkpoint}")
+        return "\n".join(lines)
+
+    state.emit(doc, text)
 
 
 CHECKPOINT_BATCH = 500  # checkpoint rows read at a time by `audit checkpoints export`

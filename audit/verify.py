@@ -22,6 +22,14 @@ What is detected, and where it is located (the first bad sequence number):
   checkpoint no later than the newest stored one is missing from the store. Located, as a
   rewrite behind one would be, after the newest stored checkpoint before the missing one.
 
+Purged records (``audit purge``, ``audit.retention``): a record removed once its retention ended
+leaves a tombstone (seq, time, leaf and chain hash, the seq of the ``audit.purge`` record that
+removed it). The walk takes the tombstone's chain hash in the record's place (the next record
+links to it, a checkpoint signs it); the purge record must follow its tombstones, be a purge,
+and name exactly their seqs (count, first, last, SHA-256 of the list). A tombstone no purge
+names, or one beside a record still stored, is reported at its seq: a deletion dressed as a
+purge.
+
 Records after the newest checkpoint are signed by nothing yet: verify reports how many and
 since when, and with a ``TailLimit`` raises ``AuditTailUnsigned`` when they have waited for
 longer than the checkpoint interval plus ``TAIL_SLACK`` (the journal stopped signing).
@@ -40,6 +48,7 @@ import bisect
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, NoReturn, cast
 
@@ -50,14 +59,16 @@ from sqlalchemy.types import NullType
 from audit.chain import (
     FIELDS,
     GENESIS,
+    PURGE_ACTION,
     CheckpointBody,
     body_digest,
     chain_hash,
     format_time,
     parse_checkpoint_body,
+    seqs_digest,
 )
 from audit.journal import verify_signature
-from audit.models import Checkpoint, JournalHead, JournalRecord
+from audit.models import Checkpoint, JournalHead, JournalRecord, PurgedRecord
 from sekisho.db import UndecodableText, undecodable_text
 from sekisho.errors import AuditChainBroken, AuditTailUnsigned
 
@@ -66,6 +77,8 @@ BATCH = 5000
 _RECORDS = cast(Table, JournalRecord.__table__)
 _CHECKPOINTS = cast(Table, Checkpoint.__table__)
 _HEAD = cast(Table, JournalHead.__table__)
+_PURGED = cast(Table, PurgedRecord.__table__)
+_HEX64 = frozenset("0123456789abcdef")
 
 
 def _raw(*columns: Column[Any]) -> list[Any]:
@@ -363,33 +376,142 @@ class _Walk:
     unsigned_since: dt.datetime | None = None  # the time of the record after it
 
 
+def _entries(session: Session, after: int, head_seq: int) -> list[RowMapping]:
+    """The next records and tombstones after seq ``after`` (up to the head), merged in seq
+    order: a batch of each at most, cut where either batch ends (what follows comes next
+    call). A tombstone's mapping has ``purge_seq``; a record's does not."""
+    records = (
+        session.execute(
+            select(*_raw(*_RECORDS.columns))
+            .where(_RECORDS.c.seq > after, _RECORDS.c.seq <= head_seq)
+            .order_by(_RECORDS.c.seq)
+            .limit(BATCH)
+        )
+        .mappings()
+        .all()
+    )
+    upper = records[-1]["seq"] if len(records) == BATCH else head_seq
+    stones = (
+        session.execute(
+            select(*_raw(*_PURGED.columns))
+            .where(_PURGED.c.seq > after, _PURGED.c.seq <= upper)
+            .order_by(_PURGED.c.seq)
+            .limit(BATCH)
+        )
+        .mappings()
+        .all()
+    )
+    if len(stones) == BATCH:
+        upper = stones[-1]["seq"]
+    merged = [row for row in (*records, *stones) if row["seq"] <= upper]
+    merged.sort(key=lambda row: (row["seq"], "purge_seq" in row))
+    return merged
+
+
+@dataclasses.dataclass
+class _Purges:
+    """Tombstones seen, by the seq of the purge record they name, until it is reached."""
+
+    pending: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+
+    def tombstone(self, row: RowMapping, seq: int) -> str | None:
+        purge_seq = row["purge_seq"]
+        if not isinstance(purge_seq, int) or purge_seq <= seq:
+            return (
+                f"record {seq} was removed, but it is not among the seqs a purge names "
+                f"(its tombstone names {purge_seq!r}; a purge follows what it removes)"
+            )
+        self.pending.setdefault(purge_seq, []).append(seq)
+        return None
+
+    def record(self, fields: Mapping[str, Any]) -> tuple[int, str] | None:
+        """The record at a purge seq tombstones named: is it that purge, naming them all?"""
+        seqs = self.pending.pop(fields["seq"], None)
+        if seqs is None:
+            return None
+        if fields["action"] != PURGE_ACTION:
+            return seqs[0], self.not_a_purge(seqs[0], fields["seq"])
+        try:
+            named = json.loads(fields["detail"])
+            first, last = int(named["first"]), int(named["last"])
+            count, digest = int(named["count"]), str(named["seqs_sha256"])
+        except (ValueError, TypeError, KeyError):
+            return seqs[0], f"the purge at {fields['seq']} does not say what it removed"
+        outside = [seq for seq in seqs if not first <= seq <= last]
+        if outside or count != len(seqs) or digest != seqs_digest(seqs):
+            at = outside[0] if outside else seqs[0]
+            return at, (
+                f"record {at} was removed, but it is not among the seqs the purge at "
+                f"{fields['seq']} names ({count} from {first} to {last}; {len(seqs)} "
+                "tombstones name it)"
+            )
+        return None
+
+    @staticmethod
+    def not_a_purge(seq: int, purge_seq: int) -> str:
+        return (
+            f"record {seq} was removed, but the record its tombstone names ({purge_seq}) is "
+            "not a purge"
+        )
+
+    def left(self) -> tuple[int, str] | None:
+        """Tombstones whose purge record the walk never reached (none, or purged itself)."""
+        if not self.pending:
+            return None
+        purge_seq, seqs = min(self.pending.items(), key=lambda item: item[1][0])
+        return seqs[0], self.not_a_purge(seqs[0], purge_seq)
+
+
+def _tombstone_hash(row: RowMapping, name: str) -> str:
+    value = row[name]
+    if not isinstance(value, str) or len(value) != 64 or not _HEX64.issuperset(value):
+        raise ValueError(f"the tombstone's {name} is not a SHA-256 in hex")
+    return value
+
+
 def _walk(session: Session, head_seq: int, claims: Mapping[int, list[CheckpointClaim]]) -> _Walk:
     """Follow the chain from seq 1 to the head, in batches, until the first problem."""
     decoder = _Decoder(session.get_bind().dialect)
     walk = _Walk()
-    stmt = select(*_raw(*_RECORDS.columns)).order_by(_RECORDS.c.seq).limit(BATCH)
+    purges = _Purges()
     while True:
-        rows = (
-            session.execute(stmt.where(_RECORDS.c.seq > walk.last_seq, _RECORDS.c.seq <= head_seq))
-            .mappings()
-            .all()
-        )
+        rows = _entries(session, walk.last_seq, head_seq)
         if not rows:
+            walk.failure = purges.left()
             return walk
         for row in rows:
             seq = walk.last_seq + 1
             if row["seq"] != seq:
-                walk.failure = (seq, f"record {seq} is missing (next is {row['seq']})")
+                if row["seq"] == seq - 1:  # a tombstone beside the record (sorted after it)
+                    walk.failure = (row["seq"], f"record {row['seq']} is stored and purged")
+                else:
+                    walk.failure = (seq, f"record {seq} is missing (next is {row['seq']})")
                 return walk
-            try:
-                fields = decoder.fields(row)
-                digest = chain_hash(walk.last_hash, fields)
-            except ValueError as exc:
-                walk.failure = (seq, str(exc))
-                return walk
-            if digest != row["hash"]:
-                walk.failure = (seq, "record content does not match its chain hash")
-                return walk
+            if "purge_seq" in row:
+                try:
+                    digest = _tombstone_hash(row, "hash")
+                    _tombstone_hash(row, "leaf_hash")
+                    fields: dict[str, Any] = {"seq": seq, "time": decoder.time(row["time"])}
+                except ValueError as exc:
+                    walk.failure = (seq, str(exc))
+                    return walk
+                problem = purges.tombstone(row, seq)
+                if problem is not None:
+                    walk.failure = (seq, problem)
+                    return walk
+            else:
+                try:
+                    fields = decoder.fields(row)
+                    digest = chain_hash(walk.last_hash, fields)
+                except ValueError as exc:
+                    walk.failure = (seq, str(exc))
+                    return walk
+                if digest != row["hash"]:
+                    walk.failure = (seq, "record content does not match its chain hash")
+                    return walk
+                walk.failure = purges.record(fields)
+                if walk.failure is not None:
+                    return walk
             for claim in claims.get(seq, ()):
                 if claim.head_hash != digest:
                     walk.failure = (

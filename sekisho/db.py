@@ -664,7 +664,7 @@ class Database:
             return
         from sekisho import roles
 
-        separate = self.owner_url is not None or self._journal_owned_by_another()
+        separate = self.owner_url is not None or self.journal_owned_by_another()
         role, found = self._role_problems(separate)
         if found and regrant and self.owner_url is not None:
             self.upgrade()
@@ -674,7 +674,7 @@ class Database:
             surplus = not all(": lacks " in problem for problem in found)
             raise roles.refusal(role, found, separate=surplus)
 
-    def _journal_owned_by_another(self) -> bool:
+    def journal_owned_by_another(self) -> bool:
         """The journal's records belong to a role other than this connection's (two roles):
         then what the role may do beyond the grants is checked without the owner's URL too
         (a role later made a member of the owner served on unchecked)."""

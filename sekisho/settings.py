@@ -31,6 +31,9 @@ ALLOWED_DATA_LOCATIONS = frozenset({"JP"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The first line of every checkpoint body (C2SP tlog-checkpoint): printable ASCII, no spaces.
 AUDIT_ORIGIN = re.compile(r"[\x21-\x7e]{1,255}")
+# `audit purge` keeps records this many days at least (BR 5.4.3: two years), at most a century.
+MIN_RETENTION_DAYS = 730
+MAX_RETENTION_DAYS = 36500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,9 @@ class Settings:
     audit_checkpoint_every: int = 1000
     audit_checkpoint_minutes: float = 5.0
     audit_origin: str = ""
+    # `audit purge`: how long journal records are kept (BR 5.4.3: two years at least, after the
+    # event, the certificate's expiry, or the CA certificate's expiry for CA key events).
+    audit_retention_days: int = 730
     data_location: str = "JP"
     max_request_bytes: int = 65536
     request_body_seconds: float = 10.0  # a request body must arrive within this (else 408)
@@ -202,6 +208,11 @@ class Settings:
             0 < self.audit_checkpoint_minutes <= 24 * 60
         ):
             raise ConfigError("audit_checkpoint_minutes must be between 0 and 1440 (one day)")
+        if not MIN_RETENTION_DAYS <= self.audit_retention_days <= MAX_RETENTION_DAYS:
+            raise ConfigError(
+                f"audit_retention_days must be between {MIN_RETENTION_DAYS} (two years, the "
+                f"least CA/Browser Forum BR 5.4.3 allows) and {MAX_RETENTION_DAYS}"
+            )
         if not math.isfinite(self.ocsp_validity_hours) or not (
             8 <= self.ocsp_validity_hours <= 240
         ):

@@ -5,6 +5,7 @@ that lacks a grant, or could do more, stops a command that writes with a setting
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import itertools
 import os
 import shutil
@@ -17,8 +18,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import text
 
+from audit import retention
 from ca.revocation import Reason
 from sekisho import db as db_module
+from sekisho.db import Database
+from sekisho.errors import StoreError
 from sekisho.services import open_deployment
 from sekisho.settings import load_settings
 from tests.audit.conftest import run_cli_process
@@ -216,6 +220,7 @@ def test_the_application_role_holds_only_what_it_is_granted(two_roles: TwoRoles)
         )
     assert held.pop("audit_records") == "INSERT,SELECT"
     assert held.pop("audit_checkpoints") == "INSERT,SELECT"
+    assert held.pop("audit_purged") == "INSERT,SELECT"
     assert held.pop("audit_head") == "SELECT,UPDATE"
     assert held.pop("alembic_version") == "SELECT"
     assert held.pop("certificates") == "DELETE,INSERT,SELECT,UPDATE"
@@ -247,6 +252,37 @@ def test_issuance_and_revocation_run_as_the_application_role(two_roles: TwoRoles
     assert code == 0, output
     code, output = two_roles.sekisho("audit", "verify")
     assert code == 0 and "journal intact" in output, output
+
+
+def test_a_purge_runs_as_the_owner_and_the_application_role_cannot_delete(
+    two_roles: TwoRoles,
+) -> None:
+    """Three years on, the journal's old records may leave: through the owner's connection
+    they do (tombstones in place, journal intact); the application's role may not delete them,
+    and `audit purge` served without the owner's URL says so before it starts (exit 78)."""
+    settings = load_settings(env={}, overrides={"data_dir": two_roles.data_dir})
+    services = open_deployment(settings)
+    later = services.clock() + dt.timedelta(days=3 * 365)
+    try:
+        with pytest.raises(StoreError):
+            retention.purge(services.db, services.journal, later, 730, TEST_ACTOR)
+        owner = Database(two_roles.owner_url)
+        try:
+            result = retention.purge(owner, services.journal, later, 730, TEST_ACTOR)
+        finally:
+            owner.engine.dispose()
+        assert result.purged > 0
+    finally:
+        services.close()
+    code, output = two_roles.sekisho("audit", "verify")
+    assert code == 0 and "journal intact" in output, output
+    code, output = two_roles.sekisho("audit", "purge")  # with the owner's URL: nothing is due
+    assert code == 0 and "purged 0 of 0" in output, output
+    two_roles.write_settings(owner=False)
+    code, output = two_roles.sekisho("audit", "purge")
+    assert code == 78 and "set database_owner_url" in output, output
+    code, output = two_roles.sekisho("audit", "purge", "--dry-run")
+    assert code == 0 and "would purge 0" in output, output
 
 
 def test_a_command_that_writes_grants_again_what_is_missing_or_too_much(

@@ -1,0 +1,294 @@
+"""Retention and ``audit purge`` (security target 36, BR 5.4.3): under a moved clock, records
+leave only once their retention has ended, each leaving a tombstone that keeps the journal
+verifiable; a tombstone nobody's purge names is found; the guard lets a record go only with
+its tombstone."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+from typing import cast
+
+import pytest
+from sqlalchemy import Table, insert, select, text
+
+from audit import retention
+from audit.chain import PURGE_ACTION, seqs_digest
+from audit.events import Category, Event, Outcome
+from audit.models import JournalRecord, PurgedRecord
+from audit.verify import verify
+from ca.tbs import serial_hex
+from sekisho.errors import AuditChainBroken, AuditError, StoreError
+from sekisho.services import Services
+from tests.audit.conftest import audit_keys, run_cli, sql
+from tests.ca.helpers import request_for
+from tests.conftest import TEST_ACTOR, FakeClock
+from tests.support.journal_guard import guard_lifted
+
+DAY = dt.timedelta(days=1)
+RECORDS = cast(Table, JournalRecord.__table__)
+R = 730  # the default retention, two years
+
+
+def _verify(services: Services) -> int:
+    with services.db.read_scope(snapshot=True) as session:
+        result = verify(
+            session, services.journal.origin, trusted_keys=audit_keys(services), initialised=True
+        )
+    return result.records
+
+
+def _note(services: Services, clock: FakeClock, n: int) -> int:
+    """A system event naming no certificate; its seq."""
+    with services.db.scope() as session:
+        return services.journal.append(
+            session,
+            Event(Category.SYSTEM, "system.note", Outcome.SUCCESS, detail={"n": n}),
+            clock(),
+        ).seq
+
+
+def _issue(services: Services, days: int) -> str:
+    request = dataclasses.replace(request_for("device"), validity=dt.timedelta(days=days))
+    return serial_hex(services.ca.issue(request, TEST_ACTOR).serial_number)
+
+
+def _seqs(services: Services, model: type[JournalRecord] | type[PurgedRecord]) -> set[int]:
+    with services.db.scope() as session:
+        return set(session.scalars(select(model.seq)))
+
+
+def _issue_seq(services: Services, serial: str) -> int:
+    with services.db.scope() as session:
+        seq = session.scalar(
+            select(JournalRecord.seq).where(
+                JournalRecord.action == "ca.issue", JournalRecord.object_serial == serial
+            )
+        )
+    assert seq is not None
+    return seq
+
+
+def _checkpoint(services: Services, clock: FakeClock) -> None:
+    with services.db.scope() as session:
+        services.journal.checkpoint(session, clock())
+
+
+def _purge(services: Services, clock: FakeClock, **kw: object) -> retention.PurgeResult:
+    return retention.purge(
+        services.db,
+        services.journal,
+        clock(),
+        R,
+        TEST_ACTOR,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_records_leave_only_when_their_retention_has_ended(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    services = journal_services
+    start = clock()
+    short = _issue(services, 1)  # expires tomorrow
+    long = _issue(services, 365)  # expires in a year
+    notes = [_note(services, clock, n) for n in range(3)]
+    with services.db.scope() as session:
+        lifecycle, unknown_ca = (
+            services.journal.append(
+                session,
+                Event(Category.CA, "ca.key.online", Outcome.SUCCESS, detail={"ca": name}),
+                clock(),
+            ).seq
+            for name in ("admin", "gone")
+        )
+    short_seq, long_seq = _issue_seq(services, short), _issue_seq(services, long)
+    _checkpoint(services, clock)
+    unsigned = _note(services, clock, 99)  # after the newest checkpoint: never purged
+    before = _seqs(services, JournalRecord)
+
+    # A year on: everything is younger than two years.
+    clock.now = start + 365 * DAY
+    result = _purge(services, clock)
+    assert result.purged == 0 and result.examined == 0
+    assert _seqs(services, JournalRecord) == before
+
+    # Two years and two days on: the notes and the short certificate's record may leave;
+    # the long certificate's stays (it expired less than two years ago), as does every CA
+    # key lifecycle record (the CAs' certificates are valid for years), and the unsigned one.
+    clock.now = start + (R + 2) * DAY
+    dry = _purge(services, clock, dry_run=True)
+    assert _seqs(services, JournalRecord) == before and not _seqs(services, PurgedRecord)
+    result = _purge(services, clock)
+    assert (dry.purged, dry.kept) == (result.purged, result.kept)
+    gone = before - _seqs(services, JournalRecord)
+    assert set(notes) | {short_seq} <= gone
+    assert long_seq not in gone and unsigned not in gone
+    assert result.reasons["certificate kept"] >= 1
+    assert result.reasons["CA key lifecycle"] == 2  # the admin CA's, and the unknown CA's
+    assert not {lifecycle, unknown_ca} & gone
+    assert _seqs(services, PurgedRecord) == gone
+    assert result.checkpoint is not None and result.checkpoint >= max(result.purge_records)
+
+    # The purge record names what left; the journal verifies with the tombstones in place.
+    with services.db.scope() as session:
+        purge_record = session.get(JournalRecord, result.purge_records[0])
+        assert purge_record is not None and purge_record.action == "audit.purge"
+        detail = json.loads(purge_record.detail)
+        stones = session.scalars(select(PurgedRecord).order_by(PurgedRecord.seq)).all()
+    assert detail["count"] == len(gone) and detail["retention_days"] == R
+    assert detail["seqs_sha256"] == seqs_digest(gone)
+    assert {s.purge_seq for s in stones} == {purge_record.seq}
+    _verify(services)
+
+    # A year after the long certificate expired plus two: its record leaves too; the purge
+    # records stay for good.
+    clock.now = start + (365 + R + 1) * DAY
+    result = _purge(services, clock)
+    assert long_seq in _seqs(services, PurgedRecord)
+    assert PURGE_ACTION in _actions(services)
+    _verify(services)
+
+
+def _actions(services: Services) -> set[str]:
+    with services.db.scope() as session:
+        return set(session.scalars(select(JournalRecord.action)))
+
+
+def test_a_record_never_leaves_without_its_tombstone(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """The guard of migration 0008: DELETE of a record without a tombstone, a tombstone for
+    no stored record, a changed or deleted tombstone, and (SQLite) a purged seq written
+    again are refused."""
+    services = journal_services
+    seq = _note(services, clock, 1)
+    _checkpoint(services, clock)
+    attempts = [
+        "DELETE FROM audit_records WHERE seq = :seq",
+        "INSERT INTO audit_purged (seq, time, leaf_hash, hash, purge_seq) "
+        "VALUES (999999, '2020-01-01 00:00:00', 'x', 'y', 1)",
+    ]
+    for statement in attempts:
+        with pytest.raises(StoreError), services.db.scope() as session:
+            session.execute(text(statement), {"seq": seq})
+    clock.now += (R + 1) * DAY
+    result = _purge(services, clock)
+    assert seq in _seqs(services, PurgedRecord)
+    for statement, target in (
+        ("UPDATE audit_purged SET hash = 'x' WHERE seq = :seq", seq),
+        ("DELETE FROM audit_purged WHERE seq = :seq", seq),
+        ("UPDATE audit_records SET detail = '{}' WHERE seq = :seq", result.purge_records[0]),
+    ):
+        with pytest.raises(StoreError), services.db.scope() as session:
+            session.execute(text(statement), {"seq": target})
+    if services.db.engine.dialect.name == "sqlite":
+        with pytest.raises(StoreError), services.db.scope() as session:
+            session.execute(
+                text(
+                    "INSERT INTO audit_records (seq, time, category, action, outcome, detail, "
+                    "hash) VALUES (:seq, '2020-01-01 00:00:00', 'system', 'x', 'success', "
+                    "'{}', 'h')"
+                ),
+                {"seq": seq},
+            )
+    _verify(services)
+
+
+def test_a_deletion_dressed_as_a_purge_is_found(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """Whoever may write the tables can store a tombstone and then delete its record (the
+    guard lets that through): ``audit verify`` finds a tombstone no purge names, or one a
+    purge's digest does not cover, at its seq."""
+    services = journal_services
+    seqs = [_note(services, clock, n) for n in range(4)]
+    _checkpoint(services, clock)
+    clock.now += (R + 1) * DAY
+    first = _purge(services, clock)
+    assert set(seqs) <= _seqs(services, PurgedRecord)
+    victim = _note(services, clock, 10)
+    _note(services, clock, 11)
+    _checkpoint(services, clock)
+    _verify(services)
+
+    with services.db.engine.connect() as conn:
+        saved = dict(conn.execute(select(RECORDS).where(RECORDS.c.seq == victim)).mappings().one())
+    for purge_seq, why in ((first.purge_records[0], "not among"), (victim + 1, "not a purge")):
+        with services.db.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO audit_purged (seq, time, leaf_hash, hash, purge_seq) "
+                    "SELECT seq, time, :leaf, hash, :purge FROM audit_records WHERE seq = :seq"
+                ),
+                {"leaf": "00" * 32, "purge": purge_seq, "seq": victim},
+            )
+            conn.execute(text("DELETE FROM audit_records WHERE seq = :seq"), {"seq": victim})
+        with pytest.raises(AuditChainBroken) as caught:
+            _verify(services)
+        assert caught.value.seq == victim, str(caught.value)
+        assert why in str(caught.value)
+        # The record put back for the next attempt (what the attacker could not do).
+        with services.db.engine.begin() as conn, guard_lifted(conn):
+            conn.execute(text("DELETE FROM audit_purged WHERE seq = :seq"), {"seq": victim})
+            conn.execute(insert(RECORDS), saved)
+        _verify(services)
+
+
+def test_purge_needs_the_audit_key(journal_services: Services, clock: FakeClock) -> None:
+    services = journal_services
+    _note(services, clock, 1)
+    _checkpoint(services, clock)
+    clock.now += (R + 1) * DAY
+    signer, services.journal.signer = services.journal.signer, None
+    try:
+        with pytest.raises(AuditError, match="nothing is purged unsigned"):
+            _purge(services, clock)
+        assert _purge(services, clock, dry_run=True).purged >= 1
+    finally:
+        services.journal.signer = signer
+    assert not _seqs(services, PurgedRecord)
+
+
+def test_the_command_line_purges_what_is_due_and_nothing_from_a_broken_journal(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`audit purge` on the real clock: records written three years back (the clock moved
+    back for them) leave, the rest stay; `--dry-run` removes nothing; a journal that does not
+    verify is not purged (exit 2)."""
+    services = journal_services
+    clock.now -= 3 * 365 * DAY
+    old = [_note(services, clock, n) for n in range(3)]
+    _checkpoint(services, clock)
+    clock.now += 3 * 365 * DAY
+    recent = _note(services, clock, 9)
+    _checkpoint(services, clock)
+
+    code, out, err = run_cli(capsys, cli_data_dir, "--json", "audit", "purge", "--dry-run")
+    assert code == 0, err
+    dry = json.loads(out)
+    assert dry["dry_run"] is True and dry["purged"] == 3 and not _seqs(services, PurgedRecord)
+
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "purge")
+    assert code == 0, err
+    assert out.startswith("purged 3 of 3 records older than"), out
+    assert _seqs(services, PurgedRecord) == set(old)
+    assert recent in _seqs(services, JournalRecord)
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 0 and "journal intact" in out, out + err
+
+    # A changed byte in the recent record: verify fails, and so does purge, removing nothing.
+    sql(
+        services,
+        "UPDATE audit_records SET client_ip = '10.9.9.9' WHERE seq = :seq",
+        {"seq": recent},
+    )
+    before = _seqs(services, PurgedRecord)
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "purge")
+    assert code == 2 and f"journal broken at seq {recent}" in err, out + err
+    assert _seqs(services, PurgedRecord) == before
