@@ -2,10 +2,15 @@
 
 h_0 = 32 zero bytes; h_i = SHA-256(h_{i-1} || canonical(record_i)). ``canonical`` is UTF-8
 JSON with sorted keys, no whitespace, every field present (null when empty), the time as
-RFC 3339 UTC with microseconds.
+RFC 3339 UTC with microseconds. The fields are those of ``FIELDS`` (an ``audit export``
+record's keys but ``hash``); ``seq`` is a number, ``detail`` the stored canonical JSON text of
+the event's detail object as a JSON string (an export shows it parsed: its canonical encoding
+is that text again), every other value a string or null. Strings are JSON-escaped as Python's
+``json`` does with ``ensure_ascii=False``: ``"`` and ``\\`` backslash-escaped, control
+characters as ``\\n``, ``\\t``... or ``\\u00XX``, everything else as its UTF-8 bytes.
 
 A checkpoint signs a C2SP tlog-checkpoint note body: the origin, the seq and the base64 head
-hash, then two extension lines, so that what verification relies on is signed, not merely
+hash, then extension lines, so that what verification relies on is signed, not merely
 stored beside the signature::
 
     <origin>
@@ -13,12 +18,16 @@ stored beside the signature::
     <base64 head hash>
     time <RFC 3339 UTC, microseconds>
     previous <seq of the previous checkpoint> <base64 SHA-256 of its body>
+    root <seq> <base64 Merkle tree hash of records 1..seq>
 
-``previous 0`` with 32 zero bytes marks the journal's first checkpoint. Bodies written before
-these lines existed have only the first three (they still verify, without a signed time or
-link). Other extension lines are allowed and ignored, as C2SP says: the signature covers them,
-so nobody without the key can add one, and a later version may add lines this one does not
-know. A verifier needs only the body, the signature and the public key.
+``previous 0`` with 32 zero bytes marks the journal's first checkpoint. The ``root`` line
+signs the RFC 6962 tree head over the same records (``audit.merkle``), so that a record's
+inclusion, and a checkpoint's consistency with an earlier one, can be proved without the
+whole journal. Bodies written before it have no root line, and bodies written before the
+time and link only the first three lines: they still verify, without those guarantees. Other
+extension lines are allowed and ignored, as C2SP says: the signature covers them, so nobody
+without the key can add one, and a later version may add lines this one does not know. A
+verifier needs only the body, the signature and the public key.
 """
 
 from __future__ import annotations
@@ -95,6 +104,7 @@ def seqs_digest(seqs: Iterable[int]) -> str:
 
 _TIME = "time "
 _PREVIOUS = "previous "
+_ROOT = "root "
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")  # C2SP: ASCII decimal, no leading zeroes
 
 
@@ -108,6 +118,7 @@ class CheckpointBody:
     head_hash: str  # hex
     time: dt.datetime | None = None
     previous: tuple[int, str] | None = None  # (seq, SHA-256 hex of its body); (0, GENESIS)
+    root: str | None = None  # Merkle tree hash (hex) of records 1..seq; None: not signed
 
 
 def body_digest(body: str) -> str:
@@ -120,19 +131,30 @@ def _b64(hex_digest: str) -> str:
 
 
 def checkpoint_body(
-    origin: str, seq: int, head_hex: str, time: dt.datetime, previous: tuple[int, str]
+    origin: str,
+    seq: int,
+    head_hex: str,
+    time: dt.datetime,
+    previous: tuple[int, str],
+    root: bytes | None = None,
 ) -> str:
     """The body a checkpoint signs at ``time``; ``previous`` is (seq, body digest) of the
-    checkpoint before it, (0, GENESIS) for the first."""
+    checkpoint before it, (0, GENESIS) for the first; ``root`` the Merkle tree hash of records
+    1..seq (None: no root line)."""
     previous_seq, previous_hex = previous
+    root_line = "" if root is None else f"{_ROOT}{seq} {_b64(root.hex())}\n"
     return (
         f"{origin}\n{seq}\n{_b64(head_hex)}\n"
         f"{_TIME}{format_time(time)}\n{_PREVIOUS}{previous_seq} {_b64(previous_hex)}\n"
+        f"{root_line}"
     )
 
 
 def _hash_line(text: str, what: str) -> str:
-    raw = base64.b64decode(text, validate=True)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error
+        raise ValueError(f"checkpoint {what} is not base64") from None
     if len(raw) != 32:
         raise ValueError(f"checkpoint {what} is not 32 bytes")
     return raw.hex()
@@ -168,8 +190,10 @@ def parse_checkpoint_body(body: str) -> CheckpointBody:
     seq = _seq_line(seq_text, "sequence number")
     head_hash = _hash_line(b64, "hash")
     extensions = lines[3:]
+    root = _root_line(extensions, seq)
     if not extensions or not extensions[0].startswith(_TIME):
-        return CheckpointBody(origin, seq, head_hash)  # the three-line form (or unknown lines)
+        # the three-line form (or unknown lines)
+        return CheckpointBody(origin, seq, head_hash, root=root)
     time = _time_line(extensions[0].removeprefix(_TIME))
     if len(extensions) < 2 or not extensions[1].startswith(_PREVIOUS):
         raise ValueError("checkpoint body has a time line but no previous line")
@@ -177,4 +201,20 @@ def parse_checkpoint_body(body: str) -> CheckpointBody:
     if len(parts) != 2:
         raise ValueError("checkpoint previous line must be a seq and a hash")
     previous = (_seq_line(parts[0], "previous seq"), _hash_line(parts[1], "previous hash"))
-    return CheckpointBody(origin, seq, head_hash, time, previous)
+    return CheckpointBody(origin, seq, head_hash, time, previous, root)
+
+
+def _root_line(extensions: list[str], seq: int) -> str | None:
+    """The Merkle root a ``root <size> <base64>`` line signs (hex), None without one. The size
+    must be the checkpoint's seq: the tree covers records 1..seq, no other."""
+    found = [line for line in extensions if line.startswith(_ROOT)]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError("checkpoint body has more than one root line")
+    parts = found[0].removeprefix(_ROOT).split(" ")
+    if len(parts) != 2:
+        raise ValueError("checkpoint root line must be a tree size and a hash")
+    if _seq_line(parts[0], "tree size") != seq:
+        raise ValueError(f"checkpoint root line names tree size {parts[0]}, not its seq {seq}")
+    return _hash_line(parts[1], "root hash")

@@ -9,7 +9,9 @@ processes on one PostgreSQL.
 Every ``every`` records, or when ``interval`` has passed since the last checkpoint, the head is
 signed through the key backend (a ``CheckpointSigner``) in the same transaction. The signed body
 names the time and the checkpoint before it (the one the head names), so a changed checkpoint
-time or a deleted checkpoint shows (``audit.chain``).
+time or a deleted checkpoint shows (``audit.chain``), and the Merkle root of the records up to
+it (``audit.merkle``): the previous checkpoint's stored frontier extended with the records
+after it, read back at checkpoint time (appends themselves do no tree work).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
@@ -26,14 +29,18 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
 from audit.chain import (
+    FIELDS,
     GENESIS,
     body_digest,
+    canonical,
     canonical_json,
     chain_hash,
     checkpoint_body,
     format_time,
+    parse_checkpoint_body,
 )
 from audit.events import Event, normalise_mac
+from audit.merkle import Frontier, leaf_hash
 from audit.models import Checkpoint, JournalHead, JournalRecord
 from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
 from sekisho.clock import CLOCK_AHEAD
@@ -154,13 +161,34 @@ _INSERT_RECORD_ADVANCE_HEAD = Prepared(
 )
 _CHECKPOINTS = cast(Table, Checkpoint.__table__)
 _SELECT_CHECKPOINT_BODY = Prepared(
-    select(_CHECKPOINTS.c.body).where(_CHECKPOINTS.c.seq == bindparam("seq")), ("seq",)
+    select(_CHECKPOINTS.c.body, _CHECKPOINTS.c.merkle_frontier).where(
+        _CHECKPOINTS.c.seq == bindparam("seq")
+    ),
+    ("seq",),
 )
 _INSERT_CHECKPOINT = Prepared(
     insert(_CHECKPOINTS),
-    ("seq", "time", "head_hash", "body", "signature", "key_ref", "public_key_der"),
+    (
+        "seq",
+        "time",
+        "head_hash",
+        "body",
+        "signature",
+        "key_ref",
+        "public_key_der",
+        "merkle_frontier",
+    ),
     columns=True,
 )
+# The records a checkpoint adds to the Merkle tree, a batch at a time.
+TREE_BATCH = 5000
+_SELECT_LEAVES = (
+    select(*(_RECORDS.c[name] for name in FIELDS))
+    .where(_RECORDS.c.seq > bindparam("after"), _RECORDS.c.seq <= bindparam("upto"))
+    .order_by(_RECORDS.c.seq)
+    .limit(TREE_BATCH)
+)
+_SELECT_LEAVES_PREPARED = Prepared(_SELECT_LEAVES, ("after", "upto"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +262,10 @@ class Journal:
         if due:
             found = tx.first(_SELECT_CHECKPOINT_BODY, {"seq": checkpoint_seq})
             previous = _link(checkpoint_seq, found[0] if found else None)
-            tx.execute(_INSERT_CHECKPOINT, self._checkpoint_values(seq, digest, now, previous))
+            tree = _tree(_reader_tx(tx), checkpoint_seq, found, seq)
+            tx.execute(
+                _INSERT_CHECKPOINT, self._checkpoint_values(seq, digest, now, previous, tree)
+            )
             tx.execute(
                 _UPDATE_HEAD_CHECKPOINT,
                 {"seq": seq, "hash": digest, "checkpoint_seq": seq, "checkpoint_time": now},
@@ -315,10 +346,16 @@ class Journal:
         return last is None or now < last - CLOCK_AHEAD or now - last >= self.interval
 
     def _checkpoint_values(
-        self, seq: int, head_hash: str, now: dt.datetime, previous: tuple[int, str]
+        self,
+        seq: int,
+        head_hash: str,
+        now: dt.datetime,
+        previous: tuple[int, str],
+        tree: Frontier | None,
     ) -> dict[str, Any]:
         assert self.signer is not None
-        body = checkpoint_body(self.origin, seq, head_hash, now, previous)
+        root = None if tree is None else tree.root()
+        body = checkpoint_body(self.origin, seq, head_hash, now, previous, root)
         signature = self.signer.sign(body.encode("utf-8"))
         return {
             "seq": seq,
@@ -328,14 +365,19 @@ class Journal:
             "signature": signature,
             "key_ref": self.signer.key_ref,
             "public_key_der": self.signer.public_key_der,
+            "merkle_frontier": None if tree is None else tree.to_bytes(),
         }
 
     def _checkpoint(self, session: Session, head: JournalHead, now: dt.datetime) -> Checkpoint:
-        found = session.scalar(
-            select(_CHECKPOINTS.c.body).where(_CHECKPOINTS.c.seq == head.checkpoint_seq)
-        )
-        previous = _link(head.checkpoint_seq, found)
-        row = Checkpoint(**self._checkpoint_values(head.seq, head.hash, now, previous))
+        found = session.execute(
+            select(_CHECKPOINTS.c.body, _CHECKPOINTS.c.merkle_frontier).where(
+                _CHECKPOINTS.c.seq == head.checkpoint_seq
+            )
+        ).first()
+        previous = _link(head.checkpoint_seq, found[0] if found else None)
+        session.flush()  # the records appended in this transaction, for the tree
+        tree = _tree(_reader_session(session), head.checkpoint_seq, found, head.seq)
+        row = Checkpoint(**self._checkpoint_values(head.seq, head.hash, now, previous, tree))
         session.add(row)
         head.checkpoint_seq = head.seq
         head.checkpoint_time = now
@@ -380,6 +422,64 @@ def _link(previous_seq: int, previous_body: Any) -> tuple[int, str]:
     if previous_seq == 0 or not isinstance(previous_body, str):
         return previous_seq, GENESIS
     return previous_seq, body_digest(previous_body)
+
+
+# read(after, upto): the records after seq ``after`` up to ``upto``, in seq order, at most
+# TREE_BATCH of them, each as (seq, time, ...) in the order of FIELDS.
+_Reader = Callable[[int, int], Sequence[Sequence[Any]]]
+
+
+def _reader_tx(tx: WriteTx) -> _Reader:
+    return lambda after, upto: tx.all(_SELECT_LEAVES_PREPARED, {"after": after, "upto": upto})
+
+
+def _reader_session(session: Session) -> _Reader:
+    def read(after: int, upto: int) -> Sequence[Sequence[Any]]:
+        return session.execute(_SELECT_LEAVES, {"after": after, "upto": upto}).all()
+
+    return read
+
+
+def _resume(previous_seq: int, previous: Sequence[Any] | None) -> Frontier:
+    """The tree as the previous checkpoint left it: its stored frontier, used only when it
+    folds to the root that checkpoint signs; otherwise (none stored: written before frontiers
+    were kept; or not the signed one) the empty tree, rebuilt from record 1."""
+    if previous_seq == 0 or previous is None:
+        return Frontier()
+    body, stored = previous
+    try:
+        signed = parse_checkpoint_body(body).root if isinstance(body, str) else None
+        if signed is None or not isinstance(stored, bytes):
+            return Frontier()
+        frontier = Frontier.from_bytes(previous_seq, stored)
+    except ValueError:
+        return Frontier()
+    return frontier if frontier.root().hex() == signed else Frontier()
+
+
+def _tree(
+    read: _Reader, previous_seq: int, previous: Sequence[Any] | None, seq: int
+) -> Frontier | None:
+    """The Merkle tree of records 1..seq: the previous checkpoint's frontier extended with the
+    records after it. None when the stored records are not 1..seq in order (tampering):
+    the checkpoint then signs no root rather than the operation failing, and ``audit verify``
+    reports the records."""
+    frontier = _resume(previous_seq, previous)
+    if frontier.size > seq:
+        frontier = Frontier()
+    try:
+        while frontier.size < seq:
+            rows = read(frontier.size, seq)
+            if not rows:
+                return None
+            for row in rows:
+                fields = dict(zip(FIELDS, row, strict=True))
+                if fields["seq"] != frontier.size + 1:
+                    return None
+                frontier.append(leaf_hash(canonical(fields)))
+    except (ValueError, TypeError, OverflowError):  # a stored value the journal never wrote
+        return None
+    return frontier
 
 
 def checkpoint_document(row: Checkpoint) -> dict[str, Any]:

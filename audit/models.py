@@ -64,6 +64,11 @@ class Checkpoint(Base):
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     key_ref: Mapped[str] = mapped_column(Text)
     public_key_der: Mapped[bytes] = mapped_column(LargeBinary)
+    # The Merkle tree's frontier at ``seq`` (``audit.merkle.Frontier.to_bytes``), from which
+    # the next checkpoint extends the tree with the records after this one. Not signed: the
+    # next checkpoint uses it only when it folds to the root this body signs, and ``audit
+    # verify`` recomputes every root from the records. None: written before it existed.
+    merkle_frontier: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class PurgedRecord(Base):

@@ -884,6 +884,13 @@ class WriteTx:
         self.cursor.fetchall()
         return plan.row(raw)
 
+    def all(
+        self, prepared: Prepared, values: Mapping[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run a statement that returns rows; every row, converted."""
+        plan = self._run(prepared, values)
+        return [plan.row(raw) for raw in self.cursor.fetchall()]
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.cursor.close()

@@ -873,6 +873,38 @@ def test_migration_0007_guards_the_journal_and_its_downgrade_lifts_the_guard(
         session.execute(text(change))
 
 
+def test_migration_0009_adds_the_frontier_column_and_keeps_the_journal_guarded(
+    services: Services,
+) -> None:
+    """0009 adds ``audit_checkpoints.merkle_frontier`` in place: the append-only triggers of
+    0007 stay (a table rebuild on SQLite would drop them), and its downgrade drops only the
+    column."""
+    from alembic import command
+
+    cfg = db_module.alembic_config(services.db.engine)
+
+    def columns() -> list[str]:
+        with services.db.engine.connect() as conn:
+            return [c["name"] for c in inspect(conn).get_columns("audit_checkpoints")]
+
+    def refused() -> bool:
+        try:
+            with services.db.scope() as session:
+                session.execute(text("UPDATE audit_checkpoints SET key_ref = key_ref"))
+        except StoreError:
+            return True
+        return False
+
+    assert "merkle_frontier" in columns() and refused()
+    command.downgrade(cfg, "0008")
+    assert "merkle_frontier" not in columns() and refused()
+    command.upgrade(cfg, "head")
+    assert columns()[-1] == "merkle_frontier" and refused()
+    with services.db.scope() as session:
+        stored = session.execute(text("SELECT merkle_frontier FROM audit_checkpoints")).scalars()
+        assert set(stored) == {None}  # rows written before keep none: rebuilt from record 1
+
+
 def test_a_postgresql_server_that_never_answers_fails_within_the_connect_timeout() -> None:
     """A server that accepts the TCP connection and then says nothing (a hung server, a
     middlebox swallowing the traffic): the operation fails with StoreError once

@@ -91,8 +91,8 @@ STATEMENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "replace-checkpoint": (
         "INSERT OR REPLACE INTO audit_checkpoints "
-        "SELECT seq, time, head_hash, body, signature, 'file:elsewhere', public_key_der "
-        "FROM audit_checkpoints WHERE seq = 1",
+        "SELECT seq, time, head_hash, body, signature, 'file:elsewhere', public_key_der, "
+        "merkle_frontier FROM audit_checkpoints WHERE seq = 1",
         "audit_checkpoints is append-only: seq already stored",
         ("sqlite",),
     ),

@@ -26,6 +26,7 @@ from sekisho.services import Services, audit_key_ref, build_services
 from sekisho.settings import Settings
 from sekisho.workers import AuditCheckpointer, CrlRefresher
 from tests.audit.conftest import append, audit_keys, run_cli, template_seq
+from tests.audit.test_merkle import naive_mth
 from tests.ca.helpers import request_for
 from tests.conftest import FakeClock, RecordingBackend
 
@@ -155,7 +156,16 @@ def test_checkpoint_every_n_records_is_signed_through_the_backend(
         b64 = base64.b64encode(bytes.fromhex(records[cp.seq].hash)).decode()
         when = cp.time.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         link = f"{previous[0]} {base64.b64encode(previous[1]).decode()}"
-        assert cp.body == f"{origin}\n{cp.seq}\n{b64}\ntime {when}\nprevious {link}\n"
+        # The RFC 6962 tree head of records 1..seq, computed here as the RFC defines it.
+        leaves = [
+            hashlib.sha256(b"\x00" + canonical(as_fields(records[s]))).digest()
+            for s in range(1, cp.seq + 1)
+        ]
+        root = base64.b64encode(naive_mth(leaves)).decode()
+        assert cp.body == (
+            f"{origin}\n{cp.seq}\n{b64}\ntime {when}\nprevious {link}\nroot {cp.seq} {root}\n"
+        )
+        assert cp.merkle_frontier is not None and len(cp.merkle_frontier) == 32 * cp.seq.bit_count()
         previous = (cp.seq, hashlib.sha256(cp.body.encode()).digest())
         assert cp.head_hash == records[cp.seq].hash
         key.verify(cp.signature, cp.body.encode(), ec.ECDSA(hashes.SHA256()))
