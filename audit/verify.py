@@ -22,6 +22,12 @@ What is detected, and where it is located (the first bad sequence number):
   checkpoint no later than the newest stored one is missing from the store. Located, as a
   rewrite behind one would be, after the newest stored checkpoint before the missing one.
 
+Merkle roots: a checkpoint whose body signs one (``root`` line) must sign the RFC 6962 tree
+head of records 1..seq, recomputed from the records (reported at that checkpoint's seq); and
+each signed root must be consistent with the one signed before it: a consistency proof is
+built from the previous root's frontier and the records between the two and checked against
+both signed roots, so two checkpoints that sign forked trees fail at the later one.
+
 Purged records (``audit purge``, ``audit.retention``): a record removed once its retention ended
 leaves a tombstone (seq, time, leaf and chain hash, the seq of the ``audit.purge`` record that
 removed it). The walk takes the tombstone's chain hash in the record's place (the next record
@@ -62,12 +68,19 @@ from audit.chain import (
     PURGE_ACTION,
     CheckpointBody,
     body_digest,
-    chain_hash,
+    canonical,
     format_time,
     parse_checkpoint_body,
     seqs_digest,
 )
 from audit.journal import verify_signature
+from audit.merkle import (
+    Frontier,
+    consistency_proof,
+    extension_node,
+    leaf_hash,
+    verify_consistency,
+)
 from audit.models import Checkpoint, JournalHead, JournalRecord, PurgedRecord
 from sekisho.db import UndecodableText, undecodable_text
 from sekisho.errors import AuditChainBroken, AuditTailUnsigned
@@ -374,6 +387,37 @@ class _Walk:
     failure: tuple[int, str] | None = None
     signed_seq: int = 0  # the newest checkpoint that held
     unsigned_since: dt.datetime | None = None  # the time of the record after it
+    tree: Frontier = dataclasses.field(default_factory=Frontier)  # records 1..last_seq
+    # The newest signed root that held: (its frontier, the root), and the leaves since.
+    signed_root: tuple[Frontier, bytes] | None = None
+    leaves_since: list[bytes] = dataclasses.field(default_factory=list)
+
+    def check_roots(self, seq: int, roots: Iterable[tuple[str, str]]) -> None:
+        """Each root signed at ``seq`` (hex, source) is the tree head of records 1..seq and
+        consistent with the newest root signed before it; a failure ends the walk."""
+        computed = self.tree.root()
+        for root_hex, source in roots:
+            signed = bytes.fromhex(root_hex)
+            at = f"the checkpoint at {seq} ({source})"
+            if self.signed_root is not None:
+                older, older_root = self.signed_root
+                node = extension_node(older, self.leaves_since)
+                proof = consistency_proof(older.size, seq, node)
+                if not verify_consistency(older.size, seq, older_root, signed, proof):
+                    self.failure = (
+                        seq,
+                        f"{at} signs a Merkle root not consistent with the one signed at "
+                        f"{older.size}: a fork of the journal",
+                    )
+                    return
+            if signed != computed:
+                self.failure = (
+                    seq,
+                    f"{at} signs a Merkle root that is not the root of records 1 to {seq}",
+                )
+                return
+        self.signed_root = (self.tree.copy(), computed)
+        self.leaves_since = []
 
 
 def _entries(session: Session, after: int, head_seq: int) -> list[RowMapping]:
@@ -469,7 +513,12 @@ def _tombstone_hash(row: RowMapping, name: str) -> str:
     return value
 
 
-def _walk(session: Session, head_seq: int, claims: Mapping[int, list[CheckpointClaim]]) -> _Walk:
+def _walk(
+    session: Session,
+    head_seq: int,
+    claims: Mapping[int, list[CheckpointClaim]],
+    roots: Mapping[int, list[tuple[str, str]]],
+) -> _Walk:
     """Follow the chain from seq 1 to the head, in batches, until the first problem."""
     decoder = _Decoder(session.get_bind().dialect)
     walk = _Walk()
@@ -490,7 +539,7 @@ def _walk(session: Session, head_seq: int, claims: Mapping[int, list[CheckpointC
             if "purge_seq" in row:
                 try:
                     digest = _tombstone_hash(row, "hash")
-                    _tombstone_hash(row, "leaf_hash")
+                    leaf = bytes.fromhex(_tombstone_hash(row, "leaf_hash"))
                     fields: dict[str, Any] = {"seq": seq, "time": decoder.time(row["time"])}
                 except ValueError as exc:
                     walk.failure = (seq, str(exc))
@@ -502,16 +551,21 @@ def _walk(session: Session, head_seq: int, claims: Mapping[int, list[CheckpointC
             else:
                 try:
                     fields = decoder.fields(row)
-                    digest = chain_hash(walk.last_hash, fields)
+                    data = canonical(fields)
                 except ValueError as exc:
                     walk.failure = (seq, str(exc))
                     return walk
+                digest = hashlib.sha256(bytes.fromhex(walk.last_hash) + data).hexdigest()
+                leaf = leaf_hash(data)
                 if digest != row["hash"]:
                     walk.failure = (seq, "record content does not match its chain hash")
                     return walk
                 walk.failure = purges.record(fields)
                 if walk.failure is not None:
                     return walk
+            walk.tree.append(leaf)
+            if walk.signed_root is not None:
+                walk.leaves_since.append(leaf)
             for claim in claims.get(seq, ()):
                 if claim.head_hash != digest:
                     walk.failure = (
@@ -519,6 +573,10 @@ def _walk(session: Session, head_seq: int, claims: Mapping[int, list[CheckpointC
                         f"records after {walk.signed_seq} differ from the signed "
                         f"checkpoint at {seq} ({claim.source})",
                     )
+                    return walk
+            if seq in roots:
+                walk.check_roots(seq, roots[seq])
+                if walk.failure is not None:
                     return walk
             if seq in claims:
                 walk.signed_seq, walk.unsigned_since = seq, None
@@ -612,7 +670,11 @@ def _verify(
     if outside is not None:
         failures.append(outside)
 
-    walk = _walk(session, head_seq, claims)
+    roots: dict[int, list[tuple[str, str]]] = {}
+    for claim, body in checked:
+        if body.root is not None and (body.root, claim.source) not in roots.get(claim.seq, []):
+            roots.setdefault(claim.seq, []).append((body.root, claim.source))
+    walk = _walk(session, head_seq, claims, roots)
     last_seq = walk.last_seq
     if walk.failure is not None:
         failures.append(walk.failure)

@@ -65,12 +65,12 @@ def test_read_only_commands_do_not_hold_up_writers(
         yield from rows
 
     def slow_walk(
-        session: Any, head_seq: int, claims: Mapping[int, list[CheckpointClaim]]
+        session: Any, head_seq: int, claims: Mapping[int, list[CheckpointClaim]], *rest: Any
     ) -> audit.verify._Walk:
         # The head, the checkpoints and the records around it are read: append a record and
         # a checkpoint before the walk and the checks after it.
         write_meanwhile(journal_services, clock)
-        return walk(session, head_seq, claims)
+        return walk(session, head_seq, claims, *rest)
 
     monkeypatch.setattr(audit.cli, "search", slow_search)
     monkeypatch.setattr(audit.verify, "_walk", slow_walk)
