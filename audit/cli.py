@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from audit import retention
 from audit.chain import format_time
 from audit.journal import CheckpointSigner, checkpoint_document
-from audit.models import Checkpoint
+from audit.models import Checkpoint, JournalRecord
 from audit.query import (
     Filter,
     as_document,
@@ -36,6 +36,7 @@ from sekisho.errors import (
     ConfigError,
     InputError,
     KeyBackendError,
+    NotFound,
     SekishoError,
     shown,
 )
@@ -482,6 +483,90 @@ def checkpoints_export(state: State, output: Path | None, after: int) -> None:
 
         count = export(sys.stdout) if output is None else _write_file(output, export)
     _exported(state, {"file": str(output), "checkpoints": count}, count, "checkpoints")
+
+
+@audit.group("prove")
+def prove() -> None:
+    """Proofs against signed checkpoints (RFC 6962 Merkle tree), as JSON documents a third
+    party checks with the audit public key (tools/verify_journal.py proof FILE)."""
+
+
+_SEQ = click.IntRange(1, 2**63 - 1)
+
+
+def _emit_document(state: State, doc: dict[str, Any]) -> None:
+    """The proof document on stdout: compact with --json, indented without."""
+    state.emit(doc, lambda: json.dumps(doc, indent=2, sort_keys=True))
+
+
+@prove.command("inclusion")
+@click.option("--seq", type=_SEQ, help="The record at this sequence number.")
+@click.option(
+    "--serial", help="Every record whose object is this certificate serial (hex, any case, ':')."
+)
+@click.option(
+    "--checkpoint",
+    "checkpoint_seq",
+    type=_SEQ,
+    help="Prove against the checkpoint at this seq (default: the newest).",
+)
+@pass_state
+def prove_inclusion(
+    state: State, seq: int | None, serial: str | None, checkpoint_seq: int | None
+) -> None:
+    """Print the inclusion proof (leaf index, tree size, audit path) of a record, or of every
+    record about a certificate, in the tree a signed checkpoint signs, with that checkpoint.
+
+    Exits 66 when there is no such record or checkpoint (or the record is after it), 2 when
+    the stored records do not give the root the checkpoint signs."""
+    from audit.prove import inclusion, serial_seqs
+    from audit.query import _serial
+
+    if (seq is None) == (serial is None):
+        raise click.UsageError("give exactly one of --seq and --serial")
+    if serial is not None and not re.fullmatch(r"[0-9a-f]{40}", _serial(serial)):
+        raise click.BadParameter(
+            f"{shown(serial)} is not a certificate serial (up to 40 hex digits)",
+            param_hint="--serial",
+        )
+    services = state.read_services()
+    with services.db.read_scope(snapshot=True) as session, undecodable_text(session, keep=False):
+        if serial is not None:
+            seqs = serial_seqs(session, _serial(serial))
+            if not seqs:
+                raise NotFound(f"no record names certificate serial {_serial(serial)}")
+        else:
+            assert seq is not None
+            seqs = [seq]
+            if session.get(JournalRecord, seq) is None:
+                raise NotFound(f"no record at seq {seq}")
+        doc = _proof(lambda: inclusion(session, services.journal.origin, seqs, checkpoint_seq))
+    _emit_document(state, doc)
+
+
+@prove.command("consistency")
+@click.option("--from", "first", type=_SEQ, required=True, help="The older checkpoint's seq.")
+@click.option("--to", "second", type=_SEQ, required=True, help="The newer checkpoint's seq.")
+@pass_state
+def prove_consistency(state: State, first: int, second: int) -> None:
+    """Print the consistency proof between two signed checkpoints: the tree the older one
+    signs is a prefix of the newer one's (the journal only grew in between).
+
+    Exits 66 when either checkpoint is missing or signs no root, 2 when the stored records do
+    not give the roots they sign."""
+    from audit.prove import consistency
+
+    if first > second:
+        raise click.UsageError("--from must not be after --to")
+    services = state.read_services()
+    with services.db.read_scope(snapshot=True) as session, undecodable_text(session, keep=False):
+        doc = _proof(lambda: consistency(session, services.journal.origin, first, second))
+    _emit_document(state, doc)
+
+
+def _proof(build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``build()``, a stored value the journal never wrote reported as such."""
+    return next(_readable(_lazy(lambda: [build()]), "record"))
 
 
 __all__ = ["SekishoError", "audit"]
