@@ -166,7 +166,9 @@ def test_a_checkpoint_signing_another_root_fails_at_its_seq(journal: Services) -
     assert "Merkle root" in failure.message and "fork" in failure.message
 
 
-def test_a_checkpoint_signing_a_forked_tree_fails_as_a_fork(journal: Services) -> None:
+def test_a_checkpoint_signing_a_forked_tree_fails_as_a_fork(
+    journal: Services, cli_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The root of another history, where record 30 said something else, signed at 101:
     not consistent with the root signed at 51, which holds record 30 as it is."""
     leaves = record_leaves(journal)
@@ -175,6 +177,9 @@ def test_a_checkpoint_signing_a_forked_tree_fails_as_a_fork(journal: Services) -
     failure = broken_at(journal)
     assert failure.seq == 101
     assert "not consistent with the one signed at 51: a fork" in failure.message
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify")
+    assert code == 2 and "journal broken at seq 101:" in err and "a fork" in err
+    assert "intact" not in out
 
 
 def test_the_first_root_signed_is_recomputed_too(journal: Services) -> None:
