@@ -19,16 +19,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from audit import retention
 from audit.chain import format_time
 from audit.journal import CheckpointSigner, checkpoint_document
-from audit.models import Checkpoint, JournalRecord
+from audit.models import Checkpoint, JournalRecord, PurgedRecord
 from audit.query import (
     Filter,
     as_document,
     latest,
     render_line,
     search,
+    with_tombstones,
     write_csv,
     write_jsonl,
 )
+from audit.query import tombstones as query_tombstones
 from audit.verify import TailLimit, VerifyResult, claims_from_documents, verify
 from sekisho.db import Database, undecodable_argument, undecodable_text
 from sekisho.errors import (
@@ -329,17 +331,29 @@ def search_cmd(state: State, /, limit: int, oldest: bool, **kwargs: Any) -> None
     type=click.Path(dir_okay=False, path_type=Path),
     help="File to write (default stdout).",
 )
+@click.option(
+    "--tombstones",
+    is_flag=True,
+    help="JSONL of the whole journal only: a line for each purged record in its place (seq, "
+    '"purged": true, time, leaf_hash, hash, purge_seq), so that the export verifies after a '
+    "purge (tools/verify_journal.py).",
+)
 @pass_state
-def export_cmd(state: State, /, fmt: str, output: Path | None, **kwargs: Any) -> None:
+def export_cmd(
+    state: State, /, fmt: str, output: Path | None, tombstones: bool, **kwargs: Any
+) -> None:
     """Export matching records as JSONL or CSV (control characters escaped)."""
     _json_needs_output(state, output)
+    if tombstones and (fmt != "jsonl" or any(value is not None for value in kwargs.values())):
+        raise click.UsageError("--tombstones goes with a JSONL export of the whole journal")
     services = state.read_services()
-    writer = write_csv if fmt == "csv" else write_jsonl
     with services.db.read_scope() as session, undecodable_text(session, keep=False):
-        rows = _readable(search(session, _filter(kwargs)))
+        rows: Iterator[Any] = _readable(search(session, _filter(kwargs)))
+        if tombstones:
+            rows = _readable(with_tombstones(rows, _readable(query_tombstones(session))))
 
         def export(fh: IO[str]) -> int:
-            count = writer(rows, fh)
+            count = write_csv(rows, fh) if fmt == "csv" else write_jsonl(rows, fh)
             services.db.check_unchanged()  # before the file is kept: torn reads go with it
             return count
 
@@ -539,6 +553,8 @@ def prove_inclusion(
             assert seq is not None
             seqs = [seq]
             if session.get(JournalRecord, seq) is None:
+                if session.get(PurgedRecord, seq) is not None:
+                    raise NotFound(f"record {seq} was purged once its retention ended")
                 raise NotFound(f"no record at seq {seq}")
         doc = _proof(lambda: inclusion(session, services.journal.origin, seqs, checkpoint_seq))
     _emit_document(state, doc)

@@ -41,7 +41,7 @@ from audit.chain import (
 )
 from audit.events import Event, normalise_mac
 from audit.merkle import Frontier, leaf_hash
-from audit.models import Checkpoint, JournalHead, JournalRecord
+from audit.models import Checkpoint, JournalHead, JournalRecord, PurgedRecord
 from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
 from sekisho.clock import CLOCK_AHEAD
 from sekisho.db import Prepared, WriteTx
@@ -189,6 +189,15 @@ _SELECT_LEAVES = (
     .limit(TREE_BATCH)
 )
 _SELECT_LEAVES_PREPARED = Prepared(_SELECT_LEAVES, ("after", "upto"))
+# ... and the tombstones of purged records among them (``audit.retention``): their leaf hash.
+_PURGED = cast(Table, PurgedRecord.__table__)
+_SELECT_STONES = (
+    select(_PURGED.c.seq, _PURGED.c.leaf_hash)
+    .where(_PURGED.c.seq > bindparam("after"), _PURGED.c.seq <= bindparam("upto"))
+    .order_by(_PURGED.c.seq)
+    .limit(TREE_BATCH)
+)
+_SELECT_STONES_PREPARED = Prepared(_SELECT_STONES, ("after", "upto"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +385,7 @@ class Journal:
         ).first()
         previous = _link(head.checkpoint_seq, found[0] if found else None)
         session.flush()  # the records appended in this transaction, for the tree
-        tree = _tree(_reader_session(session), head.checkpoint_seq, found, head.seq)
+        tree = _tree(leaf_reader(session), head.checkpoint_seq, found, head.seq)
         row = Checkpoint(**self._checkpoint_values(head.seq, head.hash, now, previous, tree))
         session.add(row)
         head.checkpoint_seq = head.seq
@@ -424,18 +433,52 @@ def _link(previous_seq: int, previous_body: Any) -> tuple[int, str]:
     return previous_seq, body_digest(previous_body)
 
 
-# read(after, upto): the records after seq ``after`` up to ``upto``, in seq order, at most
-# TREE_BATCH of them, each as (seq, time, ...) in the order of FIELDS.
-_Reader = Callable[[int, int], Sequence[Sequence[Any]]]
+# read(after, upto): (seq, leaf hash) of the records after seq ``after`` up to ``upto``, in
+# seq order, some at a time (a record's from its fields, a purged one's from its tombstone).
+_Reader = Callable[[int, int], list[tuple[int, bytes]]]
+
+
+def _merged(
+    records: Sequence[Sequence[Any]], stones: Sequence[Sequence[Any]], upto: int
+) -> list[tuple[int, bytes]]:
+    """The leaves of a batch of records (FIELDS order) and one of tombstones (seq, leaf hash
+    hex), in seq order, up to where the first full batch ends (what follows is read next).
+    ValueError for a stored value the journal never wrote."""
+    upper = upto
+    for batch in (records, stones):
+        if len(batch) == TREE_BATCH:
+            upper = min(upper, batch[-1][0])
+    out = [
+        (row[0], leaf_hash(canonical(dict(zip(FIELDS, row, strict=True)))))
+        for row in records
+        if row[0] <= upper
+    ]
+    out += [(seq, bytes.fromhex(leaf)) for seq, leaf in stones if seq <= upper]
+    out.sort(key=lambda entry: entry[0])
+    return out
 
 
 def _reader_tx(tx: WriteTx) -> _Reader:
-    return lambda after, upto: tx.all(_SELECT_LEAVES_PREPARED, {"after": after, "upto": upto})
+    def read(after: int, upto: int) -> list[tuple[int, bytes]]:
+        bounds = {"after": after, "upto": upto}
+        return _merged(
+            tx.all(_SELECT_LEAVES_PREPARED, bounds), tx.all(_SELECT_STONES_PREPARED, bounds), upto
+        )
+
+    return read
 
 
-def _reader_session(session: Session) -> _Reader:
-    def read(after: int, upto: int) -> Sequence[Sequence[Any]]:
-        return session.execute(_SELECT_LEAVES, {"after": after, "upto": upto}).all()
+def leaf_reader(session: Session) -> _Reader:
+    """``read(after, upto)``: the leaves of records after ``after`` up to ``upto`` (purged
+    ones' from their tombstones), some at a time, in seq order."""
+
+    def read(after: int, upto: int) -> list[tuple[int, bytes]]:
+        bounds = {"after": after, "upto": upto}
+        return _merged(
+            session.execute(_SELECT_LEAVES, bounds).all(),
+            session.execute(_SELECT_STONES, bounds).all(),
+            upto,
+        )
 
     return read
 
@@ -469,14 +512,13 @@ def _tree(
         frontier = Frontier()
     try:
         while frontier.size < seq:
-            rows = read(frontier.size, seq)
-            if not rows:
+            leaves = read(frontier.size, seq)
+            if not leaves:
                 return None
-            for row in rows:
-                fields = dict(zip(FIELDS, row, strict=True))
-                if fields["seq"] != frontier.size + 1:
+            for at, leaf in leaves:
+                if at != frontier.size + 1:
                     return None
-                frontier.append(leaf_hash(canonical(fields)))
+                frontier.append(leaf)
     except (ValueError, TypeError, OverflowError):  # a stored value the journal never wrote
         return None
     return frontier

@@ -18,12 +18,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from audit.chain import FIELDS, canonical, parse_checkpoint_body
-from audit.journal import checkpoint_document
+from audit.chain import parse_checkpoint_body
+from audit.journal import checkpoint_document, leaf_reader
 from audit.merkle import (
     consistency_proof,
     inclusion_proof,
-    leaf_hash,
     leaves_node,
     tree_hash,
     verify_consistency,
@@ -70,24 +69,23 @@ def signed_root(row: Checkpoint) -> bytes:
 
 
 def leaves(session: Session, size: int) -> list[bytes]:
-    """The leaf hashes of records 1..size; AuditChainBroken when one is missing."""
+    """The leaf hashes of records 1..size (a purged record's from its tombstone);
+    AuditChainBroken when one is missing."""
     out: list[bytes] = []
-    columns = [JournalRecord.__table__.c[name] for name in FIELDS]
+    read = leaf_reader(session)
     while len(out) < size:
-        rows = session.execute(
-            select(*columns)
-            .where(JournalRecord.seq > len(out), JournalRecord.seq <= size)
-            .order_by(JournalRecord.seq)
-            .limit(BATCH)
-        ).all()
-        if not rows or rows[0][0] != len(out) + 1:
+        try:
+            batch = read(len(out), size)
+        except (ValueError, TypeError, OverflowError):
+            batch = []
+        if not batch:
             seq = len(out) + 1
             raise AuditChainBroken(seq, f"record {seq} is missing: run `sekisho audit verify`")
-        for row in rows:
-            if row[0] != len(out) + 1:
+        for seq, leaf in batch:
+            if seq != len(out) + 1:
                 seq = len(out) + 1
                 raise AuditChainBroken(seq, f"record {seq} is missing: run `sekisho audit verify`")
-            out.append(leaf_hash(canonical(dict(zip(FIELDS, row, strict=True)))))
+            out.append(leaf)
     return out
 
 
@@ -117,12 +115,18 @@ def inclusion(
             if checkpoint_seq is None
             else f"record {beyond[0]} is after the checkpoint at {size}"
         )
+    records = {seq: session.get(JournalRecord, seq) for seq in seqs}
+    purged = [seq for seq, record in records.items() if record is None]
+    if purged:
+        # Only its leaf hash is left (a tombstone: ``audit purge``), which proves nothing
+        # about a content nobody holds any more.
+        raise NotFound(f"record {purged[0]} was purged once its retention ended: no content")
     tree, root = _checked_tree(session, row)
     node = leaves_node(tree)
     entries = []
     for seq in seqs:
-        record = session.get(JournalRecord, seq)
-        assert record is not None  # leaves() read it
+        record = records[seq]
+        assert record is not None  # (checked above)
         path = inclusion_proof(seq - 1, size, node)
         if not verify_inclusion(seq - 1, size, tree[seq - 1], path, root):
             raise AuditChainBroken(seq, "its inclusion proof does not verify")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import heapq
 import io
 import ipaddress
 import json
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from audit.chain import FIELDS, format_time
 from audit.events import normalise_mac
-from audit.models import JournalRecord
+from audit.models import JournalRecord, PurgedRecord
 
 PAGE = 2000
 
@@ -227,11 +228,44 @@ def _csv_cell(value: Any) -> str:
     return text
 
 
-def write_jsonl(rows: Iterator[JournalRecord], out: IO[str]) -> int:
-    """One JSON object per line; JSON escapes all C0 controls and we force ASCII for the rest."""
+def tombstones(session: Session) -> Iterator[dict[str, Any]]:
+    """The tombstone of every purged record (``audit purge``), in seq order, paged, as the
+    line ``audit export --tombstones`` writes in the record's place."""
+    after = None
+    while True:
+        stmt = select(PurgedRecord).order_by(PurgedRecord.seq).limit(PAGE)
+        if after is not None:
+            stmt = stmt.where(PurgedRecord.seq > after)
+        rows = list(session.scalars(stmt))
+        if not rows:
+            return
+        for row in rows:
+            yield {
+                "seq": row.seq,
+                "purged": True,
+                "time": format_time(row.time),
+                "leaf_hash": row.leaf_hash,
+                "hash": row.hash,
+                "purge_seq": row.purge_seq,
+            }
+        after = rows[-1].seq
+        session.expunge_all()
+
+
+def with_tombstones(
+    rows: Iterator[JournalRecord], stones: Iterator[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Record documents and tombstones merged in seq order."""
+    return heapq.merge((as_document(row) for row in rows), stones, key=lambda doc: int(doc["seq"]))
+
+
+def write_jsonl(rows: Iterator[JournalRecord | dict[str, Any]], out: IO[str]) -> int:
+    """One JSON object per line; JSON escapes all C0 controls and we force ASCII for the rest.
+    ``rows``: records, or documents made already (``with_tombstones``)."""
     n = 0
     for row in rows:
-        out.write(json.dumps(as_document(row), sort_keys=True, ensure_ascii=True) + "\n")
+        doc = row if isinstance(row, dict) else as_document(row)
+        out.write(json.dumps(doc, sort_keys=True, ensure_ascii=True) + "\n")
         n += 1
     return n
 

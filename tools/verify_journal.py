@@ -23,7 +23,11 @@ Usage::
     verify_journal.py journal RECORDS.jsonl CHECKPOINTS.jsonl --public-key audit-key.pem
     verify_journal.py proof PROOF.json --public-key audit-key.pem
 
-``journal`` takes an unfiltered ``sekisho audit export`` (JSONL) and ``sekisho audit
+``journal`` takes an unfiltered ``sekisho audit export`` (JSONL; after a purge with
+``--tombstones``: a line ``{"seq", "purged": true, "time", "leaf_hash", "hash", "purge_seq"}``
+stands for each removed record, its leaf and chain hash taken as given, and the
+``audit.purge`` record it names must follow it and name exactly those seqs: count, first,
+last, SHA-256 of the seqs in decimal, one per line, ascending) and ``sekisho audit
 checkpoints export``; it recomputes the chain and the Merkle root at every checkpoint and
 checks every checkpoint's signature and link. ``proof`` takes the document of ``sekisho
 audit prove inclusion`` or ``prove consistency``. Exit 0: intact / the proof holds; 1: it
@@ -224,6 +228,7 @@ def verify_journal(records: Path, checkpoints: Path, key: Any) -> str:
     head, tree_size = ZERO, 0
     stack: list[bytes] = []  # the tree's right-edge subtree hashes, largest first
     last_signed = 0
+    purges: dict[int, list[int]] = {}  # purge record's seq -> the purged seqs naming it
     for n, record in jsonl(records):
         seq = tree_size + 1
         if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
@@ -232,13 +237,21 @@ def verify_journal(records: Path, checkpoints: Path, key: Any) -> str:
             raise Bad(
                 seq,
                 f"record {seq} is missing (line {n} holds {record.get('seq')!r}): "
-                "an export with filters cannot be verified",
+                "an export with filters cannot be verified (after a purge, export with "
+                "--tombstones)",
             )
-        data = canonical(record)
-        head = hashlib.sha256(head + data).digest()
-        if head.hex() != record["hash"]:
-            raise Bad(seq, "the record does not match its chain hash")
-        node, size = leaf_hash(data), tree_size
+        if record.get("purged") is True:
+            leaf, head = tombstone(record, seq, purges)
+        else:
+            data = canonical(record)
+            head = hashlib.sha256(head + data).digest()
+            if head.hex() != record["hash"]:
+                raise Bad(seq, "the record does not match its chain hash")
+            leaf = leaf_hash(data)
+            purged = purges.pop(seq, None)
+            if purged is not None:
+                check_purge(record, purged)
+        node, size = leaf, tree_size
         while size & 1:
             node = node_hash(stack.pop(), node)
             size >>= 1
@@ -262,6 +275,9 @@ def verify_journal(records: Path, checkpoints: Path, key: Any) -> str:
                         f"the root of records 1 to {seq}",
                     )
             last_signed = seq
+    if purges:
+        purge_seq, seqs = min(purges.items(), key=lambda item: item[1][0])
+        raise Bad(seqs[0], f"record {seqs[0]} was removed, but record {purge_seq} is no purge")
     beyond = [seq for seq in order if seq > tree_size]
     if beyond:
         raise Bad(
@@ -274,6 +290,41 @@ def verify_journal(records: Path, checkpoints: Path, key: Any) -> str:
         f"({roots} with a Merkle root); {tree_size - last_signed} records after the newest "
         "checkpoint are signed by none"
     )
+
+
+def tombstone(line: dict[str, Any], seq: int, purges: dict[int, list[int]]) -> tuple[bytes, bytes]:
+    """(leaf hash, chain hash) of a purged record's tombstone line; the purge it names is
+    checked when its record comes (it follows what it removes)."""
+    try:
+        leaf, head = bytes.fromhex(line["leaf_hash"]), bytes.fromhex(line["hash"])
+    except (KeyError, TypeError, ValueError):
+        raise Bad(seq, "the tombstone's hashes are not hex") from None
+    purge_seq = line.get("purge_seq")
+    if len(leaf) != 32 or len(head) != 32:
+        raise Bad(seq, "the tombstone's hashes are not SHA-256")
+    if not isinstance(purge_seq, int) or isinstance(purge_seq, bool) or purge_seq <= seq:
+        raise Bad(seq, f"record {seq} was removed, but no purge after it names it")
+    purges.setdefault(purge_seq, []).append(seq)
+    return leaf, head
+
+
+def check_purge(record: dict[str, Any], seqs: list[int]) -> None:
+    """The record tombstones name must be a purge (``audit.purge``) naming exactly their
+    seqs: count, first, last, and SHA-256 of the seqs in decimal, one per line, ascending."""
+    detail = record.get("detail")
+    if record.get("action") != "audit.purge" or not isinstance(detail, dict):
+        raise Bad(seqs[0], f"record {seqs[0]} was removed, but record {record['seq']} is no purge")
+    listed = "".join(f"{seq}\n" for seq in sorted(seqs)).encode("ascii")
+    if (
+        detail.get("count") != len(seqs)
+        or detail.get("first") != min(seqs)
+        or detail.get("last") != max(seqs)
+        or detail.get("seqs_sha256") != hashlib.sha256(listed).hexdigest()
+    ):
+        raise Bad(
+            seqs[0],
+            f"records removed are not those the purge at {record['seq']} names",
+        )
 
 
 # -- proofs ----------------------------------------------------------------------------------

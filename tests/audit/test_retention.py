@@ -17,12 +17,13 @@ from sqlalchemy import Table, insert, select, text
 from audit import retention
 from audit.chain import PURGE_ACTION, seqs_digest
 from audit.events import Category, Event, Outcome
-from audit.models import JournalRecord, PurgedRecord
+from audit.models import JournalHead, JournalRecord, PurgedRecord
 from audit.verify import verify
 from ca.tbs import serial_hex
 from sekisho.errors import AuditChainBroken, AuditError, StoreError
 from sekisho.services import Services
 from tests.audit.conftest import audit_keys, run_cli, sql
+from tests.audit.test_proofs import tool
 from tests.ca.helpers import request_for
 from tests.conftest import TEST_ACTOR, FakeClock
 from tests.support.journal_guard import guard_lifted
@@ -292,3 +293,80 @@ def test_the_command_line_purges_what_is_due_and_nothing_from_a_broken_journal(
     code, out, err = run_cli(capsys, cli_data_dir, "audit", "purge")
     assert code == 2 and f"journal broken at seq {recent}" in err, out + err
     assert _seqs(services, PurgedRecord) == before
+
+
+def test_after_a_purge_exports_proofs_and_the_independent_verifier_still_hold(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Records three years old are purged; the checkpoints signed before the purge (Merkle
+    roots over the records as they were) still verify: through `audit verify`, through
+    `tools/verify_journal.py` on an export with tombstones (not without: the records are
+    missing), and through an inclusion proof of a later record and a consistency proof across
+    the purge. A purged record has no inclusion proof (exit 66). A tombstone line left out of
+    the export, or one naming another purge, fails the verifier at its seq."""
+    services = journal_services
+    clock.now -= 3 * 365 * DAY
+    old = [_note(services, clock, n) for n in range(5)]
+    _checkpoint(services, clock)
+    clock.now += 3 * 365 * DAY
+    _checkpoint_before = _head_checkpoint(services)
+    later = _note(services, clock, 9)
+    _checkpoint(services, clock)
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "purge")
+    assert code == 0 and out.startswith("purged 5 of 5"), out + err
+    after = _head_checkpoint(services)
+
+    def cli(*args: str) -> str:
+        code, out, err = run_cli(capsys, cli_data_dir, *args)
+        assert code == 0, err
+        return out
+
+    key, records, bare, cps = (tmp_path / n for n in ("k.pem", "r.jsonl", "b.jsonl", "c.jsonl"))
+    cli("audit", "public-key", "-o", str(key))
+    cli("audit", "export", "--tombstones", "-o", str(records))
+    cli("audit", "export", "-o", str(bare))
+    cli("audit", "checkpoints", "export", "-o", str(cps))
+    assert "journal intact" in cli("audit", "verify", "--checkpoints", str(cps))
+    docs = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [d["seq"] for d in docs] == list(range(1, len(docs) + 1))
+    assert [d["seq"] for d in docs if d.get("purged")] == old
+
+    done = tool("journal", records, cps, "--public-key", key)
+    assert done.returncode == 0 and "journal intact" in done.stdout, done.stdout + done.stderr
+    done = tool("journal", bare, cps, "--public-key", key)
+    assert done.returncode == 1 and f"first bad seq {old[0]}" in done.stderr, done.stderr
+
+    def broken(lines: list[dict[str, object]], seq: int) -> None:
+        path = tmp_path / "tampered.jsonl"
+        path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+        done = tool("journal", path, cps, "--public-key", key)
+        assert done.returncode == 1 and f"first bad seq {seq}" in done.stderr, done.stderr
+
+    broken([d for d in docs if d["seq"] != old[2]], old[2])
+    renamed = [dict(d, purge_seq=later) if d["seq"] == old[1] else d for d in docs]
+    broken(renamed, old[1])
+
+    proof = tmp_path / "proof.json"
+    proof.write_text(cli("audit", "prove", "inclusion", "--seq", str(later)))
+    done = tool("proof", proof, "--public-key", key)
+    assert done.returncode == 0, done.stdout + done.stderr
+    proof.write_text(
+        cli("audit", "prove", "consistency", "--from", str(_checkpoint_before), "--to", str(after))
+    )
+    done = tool("proof", proof, "--public-key", key)
+    assert done.returncode == 0, done.stdout + done.stderr
+    code, out, err = run_cli(
+        capsys, cli_data_dir, "audit", "prove", "inclusion", "--seq", str(old[0])
+    )
+    assert code == 66 and "was purged" in err, out + err
+
+
+def _head_checkpoint(services: Services) -> int:
+    with services.db.scope() as session:
+        head = session.get(JournalHead, 1)
+        assert head is not None
+        return head.checkpoint_seq
