@@ -53,6 +53,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.crl
 	$(BIN)/python -m bench.ocsp
 	$(BIN)/python -m bench.backup
+	$(BIN)/python -m bench.merkle
+	$(BIN)/python -m bench.retention
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
