@@ -73,8 +73,9 @@ class Checkpoint(Base):
 
 class PurgedRecord(Base):
     """What is left of a record ``audit purge`` removed once its retention ended: its place in
-    the chain and the tree, never its content. ``leaf_hash`` = SHA-256(0x00 || canonical) keeps
-    every signed Merkle root computable, ``hash`` the chain hash the next record links to;
+    the chain and the tree, its action and certificate serial, never the rest. ``leaf_hash`` =
+    SHA-256(0x00 || canonical) keeps every signed Merkle root computable, ``hash`` the chain
+    hash the next record links to;
     ``purge_seq`` is the ``audit.purge`` record that removed it (which names every seq it
     removed by digest, so a tombstone added by anyone else is found by ``audit verify``)."""
 
@@ -84,6 +85,10 @@ class PurgedRecord(Base):
 
     seq: Mapped[int] = mapped_column(_BIGINT, primary_key=True, autoincrement=False)
     time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # What it was about, no more (``cert check`` tells a certificate whose ca.issue record
+    # was purged from one that never had one): the action and the certificate serial.
+    action: Mapped[str] = mapped_column(String(64))
+    object_serial: Mapped[str | None] = mapped_column(String(42), index=True)
     leaf_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
     purge_seq: Mapped[int] = mapped_column(BigInteger, index=True)

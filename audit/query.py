@@ -244,6 +244,8 @@ def tombstones(session: Session) -> Iterator[dict[str, Any]]:
                 "seq": row.seq,
                 "purged": True,
                 "time": format_time(row.time),
+                "action": row.action,
+                "object_serial": row.object_serial,
                 "leaf_hash": row.leaf_hash,
                 "hash": row.hash,
                 "purge_seq": row.purge_seq,

@@ -15,7 +15,8 @@ least):
   deletion.
 
 Only records a signed checkpoint covers are purged. Each removed record leaves a tombstone
-(``audit_purged``: seq, time, leaf hash, chain hash, the purge's seq), so the chain and every
+(``audit_purged``: seq, time, action, certificate serial, leaf hash, chain hash, the purge's
+seq), so the chain and every
 signed Merkle root stay verifiable; each batch appends one ``audit.purge`` record naming how
 many seqs it removed and the SHA-256 of their list (:func:`seqs_digest`), in the transaction
 that removes them; a checkpoint is signed after the last batch.
@@ -268,6 +269,8 @@ def _remove(
             {
                 "seq": record.seq,
                 "time": record.time,
+                "action": record.action,
+                "object_serial": record.object_serial,
                 "leaf_hash": leaf_hash(_fields(record)),
                 "hash": record.hash,
                 "purge_seq": appended.seq,

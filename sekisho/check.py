@@ -70,7 +70,7 @@ from cryptography.x509 import ocsp
 from sqlalchemy import String, and_, select, type_coerce
 from sqlalchemy.orm import Session
 
-from audit.models import JournalRecord
+from audit.models import JournalRecord, PurgedRecord
 from ca.crl import latest
 from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
 from ca.registry import ca_revoked
@@ -149,6 +149,9 @@ class _Journalled:
     last_change: str | None = None  # "ca.revoke" or "ca.release", the newest successful one
     reason: str | None = None  # of that ca.revoke
     changed_at: dt.datetime | None = None
+    # Some of its records were purged once their retention ended (``audit purge``): what the
+    # journal no longer says is not a discrepancy.
+    purged: bool = False
 
 
 class StoreCheck:
@@ -478,6 +481,15 @@ class _CaCheck:
                     reason=reason if isinstance(reason, str) else None,
                     changed_at=when,
                 )
+        for serial in self.session.scalars(
+            select(PurgedRecord.object_serial).where(
+                PurgedRecord.action.in_(("ca.issue", "ca.revoke", "ca.release")),
+                PurgedRecord.object_serial.in_(serials),
+            )
+        ):
+            said[str(serial)] = dataclasses.replace(
+                said.get(str(serial), _Journalled()), purged=True
+            )
         return said
 
     def _status(self, row: _Row, said: _Journalled) -> Iterator[Finding]:
@@ -485,7 +497,8 @@ class _CaCheck:
         revoked_said = said.last_change == "ca.revoke"
         if row.status is CertStatus.REVOKED:
             if not revoked_said:
-                yield self.finding(row.serial, "journal-status", "revoked, no ca.revoke record")
+                if not said.purged:
+                    yield self.finding(row.serial, "journal-status", "revoked, no ca.revoke record")
             elif said.reason != (row.reason.value if row.reason else None):
                 yield self.finding(
                     row.serial,
@@ -515,7 +528,9 @@ class _CaCheck:
             yield self.finding(row.serial, "der-unexpected", f"a {row.status.value} row has DER")
         if hashlib.sha256(row.der).hexdigest() != row.fingerprint_sha256:
             yield self.finding(row.serial, "der-fingerprint", "the DER is not the fingerprint's")
-        if said.fingerprint != row.fingerprint_sha256:
+        if said.fingerprint != row.fingerprint_sha256 and not (
+            said.purged and said.fingerprint is None
+        ):
             yield self.finding(
                 row.serial,
                 "journal",

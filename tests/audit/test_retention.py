@@ -19,7 +19,9 @@ from audit.chain import PURGE_ACTION, seqs_digest
 from audit.events import Category, Event, Outcome
 from audit.models import JournalHead, JournalRecord, PurgedRecord
 from audit.verify import verify
+from ca.revocation import Reason
 from ca.tbs import serial_hex
+from sekisho.check import StoreCheck
 from sekisho.errors import AuditChainBroken, AuditError, StoreError
 from sekisho.services import Services
 from tests.audit.conftest import audit_keys, run_cli, sql
@@ -169,8 +171,8 @@ def test_a_record_never_leaves_without_its_tombstone(
     _checkpoint(services, clock)
     attempts = [
         "DELETE FROM audit_records WHERE seq = :seq",
-        "INSERT INTO audit_purged (seq, time, leaf_hash, hash, purge_seq) "
-        "VALUES (999999, '2020-01-01 00:00:00', 'x', 'y', 1)",
+        "INSERT INTO audit_purged (seq, time, action, leaf_hash, hash, purge_seq) "
+        "VALUES (999999, '2020-01-01 00:00:00', 'x', 'x', 'y', 1)",
     ]
     for statement in attempts:
         with pytest.raises(StoreError), services.db.scope() as session:
@@ -221,8 +223,9 @@ def test_a_deletion_dressed_as_a_purge_is_found(
         with services.db.engine.begin() as conn:
             conn.execute(
                 text(
-                    "INSERT INTO audit_purged (seq, time, leaf_hash, hash, purge_seq) "
-                    "SELECT seq, time, :leaf, hash, :purge FROM audit_records WHERE seq = :seq"
+                    "INSERT INTO audit_purged (seq, time, action, object_serial, leaf_hash, "
+                    "hash, purge_seq) SELECT seq, time, action, object_serial, :leaf, hash, "
+                    ":purge FROM audit_records WHERE seq = :seq"
                 ),
                 {"leaf": "00" * 32, "purge": purge_seq, "seq": victim},
             )
@@ -370,3 +373,33 @@ def _head_checkpoint(services: Services) -> int:
         head = session.get(JournalHead, 1)
         assert head is not None
         return head.checkpoint_seq
+
+
+def test_cert_check_takes_a_purged_record_for_purged_not_missing(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """A certificate revoked and expired more than the retention ago: its ca.issue and
+    ca.revoke records are purged, and `cert check` reports no journal discrepancy for it; a
+    certificate whose records an attacker deleted is still reported."""
+    services = journal_services
+    start = clock()
+    purged, deleted = _issue(services, 1), _issue(services, 1)
+    for serial in (purged, deleted):
+        services.revoker.revoke("device", int(serial, 16), Reason.SUPERSEDED, TEST_ACTOR)
+    _checkpoint(services, clock)
+    with services.db.engine.begin() as conn, guard_lifted(conn):
+        conn.execute(
+            text("DELETE FROM audit_records WHERE object_serial = :serial"), {"serial": deleted}
+        )
+    clock.now = start + (R + 3) * DAY
+    # (the journal no longer verifies after the attack: purged through the API)
+    result = retention.purge(services.db, services.journal, clock(), R, TEST_ACTOR)
+    with services.db.scope() as session:
+        stones = session.execute(
+            select(PurgedRecord.action).where(PurgedRecord.object_serial == purged)
+        ).scalars()
+        assert sorted(stones) == ["ca.issue", "ca.revoke"] and result.purged
+    with services.db.read_scope(snapshot=True) as session:
+        run = StoreCheck(session, clock(), ca_names=("device",))
+        kinds = {(f.serial, f.kind) for f in run.findings() if f.kind.startswith("journal")}
+    assert kinds == {(deleted, "journal"), (deleted, "journal-status")}

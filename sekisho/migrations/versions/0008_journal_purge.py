@@ -109,12 +109,15 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("time", sekisho.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("object_serial", sa.String(42), nullable=True),
         sa.Column("leaf_hash", sa.String(64), nullable=False),
         sa.Column("hash", sa.String(64), nullable=False),
         sa.Column("purge_seq", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("seq"),
     )
     op.create_index(op.f("ix_audit_purged_purge_seq"), "audit_purged", ["purge_seq"])
+    op.create_index(op.f("ix_audit_purged_object_serial"), "audit_purged", ["object_serial"])
     if op.get_bind().dialect.name == "sqlite":
         for name, create in [*_SQLITE_RECORDS.items(), *_SQLITE_PURGED.items()]:
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
@@ -165,5 +168,6 @@ def downgrade() -> None:
         )
         op.execute(f"DROP FUNCTION IF EXISTS {PG_PURGE_FUNCTION}()")
         op.execute(f"DROP FUNCTION IF EXISTS {PG_TOMBSTONE_FUNCTION}()")
+    op.drop_index(op.f("ix_audit_purged_object_serial"), table_name="audit_purged")
     op.drop_index(op.f("ix_audit_purged_purge_seq"), table_name="audit_purged")
     op.drop_table("audit_purged")
