@@ -55,7 +55,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, cast
 
 from sqlalchemy import Column, Dialect, RowMapping, Table, func, or_, select, type_coerce
@@ -420,31 +420,28 @@ class _Walk:
         self.leaves_since = []
 
 
+def _batch(session: Session, table: Table, after: int, upto: int) -> Sequence[RowMapping]:
+    """At most BATCH rows of ``table`` (records or tombstones) after seq ``after`` up to
+    ``upto``, in seq order, as the driver returns them."""
+    return (
+        session.execute(
+            select(*_raw(*table.columns))
+            .where(table.c.seq > after, table.c.seq <= upto)
+            .order_by(table.c.seq)
+            .limit(BATCH)
+        )
+        .mappings()
+        .all()
+    )
+
+
 def _entries(session: Session, after: int, head_seq: int) -> list[RowMapping]:
     """The next records and tombstones after seq ``after`` (up to the head), merged in seq
     order: a batch of each at most, cut where either batch ends (what follows comes next
     call). A tombstone's mapping has ``purge_seq``; a record's does not."""
-    records = (
-        session.execute(
-            select(*_raw(*_RECORDS.columns))
-            .where(_RECORDS.c.seq > after, _RECORDS.c.seq <= head_seq)
-            .order_by(_RECORDS.c.seq)
-            .limit(BATCH)
-        )
-        .mappings()
-        .all()
-    )
+    records = _batch(session, _RECORDS, after, head_seq)
     upper = records[-1]["seq"] if len(records) == BATCH else head_seq
-    stones = (
-        session.execute(
-            select(*_raw(*_PURGED.columns))
-            .where(_PURGED.c.seq > after, _PURGED.c.seq <= upper)
-            .order_by(_PURGED.c.seq)
-            .limit(BATCH)
-        )
-        .mappings()
-        .all()
-    )
+    stones = _batch(session, _PURGED, after, upper)
     if len(stones) == BATCH:
         upper = stones[-1]["seq"]
     merged = [row for row in (*records, *stones) if row["seq"] <= upper]
