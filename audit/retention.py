@@ -14,7 +14,11 @@ least):
 * it records a purge (``audit.purge``), which ``audit verify`` needs to tell a purge from a
   deletion.
 
-Only records a signed checkpoint covers are purged. Each removed record leaves a tombstone
+Only records a checkpoint signed no later than the retention limit covers are purged (the
+purge record names that checkpoint, ``through``), and the checkpoint that signs a purge is
+``R`` after its limit: ``audit verify`` checks both, so a purge record forged without the key
+in the unsigned tail, and signed by the deployment's next checkpoint, removes nothing retention
+keeps for its age. Each removed record leaves a tombstone
 (``audit_purged``: seq, time, action, certificate serial, leaf hash, chain hash, the purge's
 seq), so the chain and every
 signed Merkle root stay verifiable; each batch appends one ``audit.purge`` record naming how
@@ -34,10 +38,17 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
-from audit.chain import FIELDS, PURGE_ACTION, canonical, format_time, seqs_digest
+from audit.chain import (
+    FIELDS,
+    PURGE_ACTION,
+    canonical,
+    format_time,
+    parse_checkpoint_body,
+    seqs_digest,
+)
 from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
-from audit.models import JournalHead, JournalRecord, PurgedRecord
+from audit.models import Checkpoint, JournalHead, JournalRecord, PurgedRecord
 from ca.models import Certificate, CertificateAuthority
 from sekisho.context import Actor
 from sekisho.db import Database
@@ -124,7 +135,9 @@ def _detail_ca(detail: Any) -> str | None:
 class PurgeResult:
     """What a purge did (or, dry, would do)."""
 
-    through: int  # the newest checkpoint: records after it are never purged
+    # The newest checkpoint that signs a time no later than the limit: records after it are
+    # never purged (each purge record names it, and ``audit verify`` checks it).
+    through: int
     limit: dt.datetime
     examined: int = 0  # records older than the limit, up to ``through``
     purged: int = 0
@@ -183,8 +196,8 @@ def purge(
         # naming it would wait unsigned, open to a rewrite that hides more.
         raise AuditError("no audit checkpoint key is configured: nothing is purged unsigned")
     with db.read_scope() as session:
-        through = session.scalar(select(JournalHead.checkpoint_seq).where(JournalHead.id == 1)) or 0
         retention = Retention.load(session, now, days)
+        through = _signed_by(session, retention.limit)
     result = PurgeResult(through=through, limit=retention.limit)
     after = 0
     while True:
@@ -214,6 +227,29 @@ def purge(
                 select(JournalHead.checkpoint_seq).where(JournalHead.id == 1)
             )
     return result
+
+
+def _signed_by(session: Session, limit: dt.datetime) -> int:
+    """The newest checkpoint (up to the one the head names) that signs a time no later than
+    ``limit``, 0 when none: the records up to it were written by then, which ``audit verify``
+    can tell from what is signed. A purge forged by whoever may write the tables (appended to
+    the unsigned tail, then signed by the deployment's next checkpoint) could otherwise remove
+    any record, yesterday's too; naming this checkpoint, it can remove none that retention
+    keeps for its age."""
+    head = session.scalar(select(JournalHead.checkpoint_seq).where(JournalHead.id == 1)) or 0
+    rows = session.execute(
+        select(Checkpoint.seq, Checkpoint.body)
+        .where(Checkpoint.seq <= head, Checkpoint.time <= limit)
+        .order_by(Checkpoint.seq.desc())
+    )
+    for seq, body in rows:
+        try:
+            signed = parse_checkpoint_body(body).time
+        except ValueError:
+            continue
+        if signed is not None and signed <= limit:  # the three-line form signs no time
+            return int(seq)
+    return 0
 
 
 def _sort(
@@ -257,6 +293,7 @@ def _remove(
                 "first": seqs[0],
                 "last": seqs[-1],
                 "seqs_sha256": seqs_digest(seqs),
+                "through": result.through,
                 "retention_days": retention.days,
                 "limit": format_time(retention.limit),
             },

@@ -82,8 +82,10 @@ from audit.merkle import (
     verify_consistency,
 )
 from audit.models import Checkpoint, JournalHead, JournalRecord, PurgedRecord
+from sekisho.clock import CLOCK_AHEAD
 from sekisho.db import UndecodableText, undecodable_text
 from sekisho.errors import AuditChainBroken, AuditTailUnsigned
+from sekisho.settings import MIN_RETENTION_DAYS
 
 BATCH = 5000
 
@@ -451,9 +453,21 @@ def _entries(session: Session, after: int, head_seq: int) -> list[RowMapping]:
 
 @dataclasses.dataclass
 class _Purges:
-    """Tombstones seen, by the seq of the purge record they name, until it is reached."""
+    """Tombstones seen, by the seq of the purge record they name, until it is reached; then
+    the purges whose limit the checkpoint that signs them must show to be R ago.
 
+    A purge record is appended like any other, so whoever may write the tables can append one
+    to the unsigned tail without the key, naming any record, and the deployment's next
+    checkpoint signs it. What a purge removes must therefore follow from what is signed: its
+    ``through`` checkpoint signs a time no later than its ``limit`` (every record it removes
+    is at or before that checkpoint, so was written by then), and the checkpoint that first
+    signs the purge is at least ``MIN_RETENTION_DAYS`` after that limit (its time is the
+    deployment's clock, not the attacker's)."""
+
+    signed_times: Mapping[int, Sequence[dt.datetime]]
     pending: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    # (first removed seq, purge seq, limit) of purges no checkpoint has signed yet
+    unsigned: list[tuple[int, int, dt.datetime]] = dataclasses.field(default_factory=list)
 
     def tombstone(self, row: RowMapping, seq: int) -> str | None:
         purge_seq = row["purge_seq"]
@@ -474,18 +488,42 @@ class _Purges:
             return seqs[0], self.not_a_purge(seqs[0], fields["seq"])
         try:
             named = json.loads(fields["detail"])
-            first, last = int(named["first"]), int(named["last"])
-            count, digest = int(named["count"]), str(named["seqs_sha256"])
+            first, last, count = (_number(named[key]) for key in ("first", "last", "count"))
+            through = _number(named["through"])
+            digest = named["seqs_sha256"]
+            limit = _parse_time(named["limit"])
         except (ValueError, TypeError, KeyError):
             return seqs[0], f"the purge at {fields['seq']} does not say what it removed"
-        outside = [seq for seq in seqs if not first <= seq <= last]
-        if outside or count != len(seqs) or digest != seqs_digest(seqs):
-            at = outside[0] if outside else seqs[0]
-            return at, (
-                f"record {at} was removed, but it is not among the seqs the purge at "
-                f"{fields['seq']} names ({count} from {first} to {last}; {len(seqs)} "
+        if (first, last, count, digest) != (seqs[0], seqs[-1], len(seqs), seqs_digest(seqs)):
+            return seqs[0], (
+                f"record {seqs[0]} was removed, but the seqs the purge at {fields['seq']} names "
+                f"are not those removed ({count} from {first} to {last}; {len(seqs)} "
                 "tombstones name it)"
             )
+        times = self.signed_times.get(through, ())
+        if not (seqs[-1] <= through < fields["seq"] and times and max(times) <= limit):
+            return seqs[0], (
+                f"record {seqs[0]} was removed, but the purge at {fields['seq']} may remove "
+                f"only records a checkpoint signed by its limit {format_time(limit)}: it names "
+                f"the checkpoint at {through}, which is not one"
+            )
+        self.unsigned.append((seqs[0], fields["seq"], limit))
+        return None
+
+    def signed(self, seq: int) -> tuple[int, str] | None:
+        """Checkpoints at ``seq`` sign the purges before them: were they made R after their
+        limit?"""
+        times = self.signed_times.get(seq)
+        if not times or not self.unsigned:
+            return None
+        for first, purge_seq, limit in self.unsigned:
+            if min(times) + CLOCK_AHEAD < limit + dt.timedelta(days=MIN_RETENTION_DAYS):
+                return first, (
+                    f"record {first} was removed, but the purge at {purge_seq} names a limit "
+                    f"{format_time(limit)} less than {MIN_RETENTION_DAYS} days before the "
+                    f"checkpoint at {seq} signed it"
+                )
+        self.unsigned = []
         return None
 
     @staticmethod
@@ -503,6 +541,24 @@ class _Purges:
         return seqs[0], self.not_a_purge(seqs[0], purge_seq)
 
 
+def _number(value: Any) -> int:
+    """An integer as the purge writes it (JSON number, not a bool or a string)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("not an integer")
+    return value
+
+
+def _parse_time(value: Any) -> dt.datetime:
+    text = value if isinstance(value, str) else ""
+    try:
+        parsed = dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise ValueError("not a time") from None
+    if format_time(parsed) != text:
+        raise ValueError("not a time")
+    return parsed
+
+
 def _tombstone_hash(row: RowMapping, name: str) -> str:
     value = row[name]
     if not isinstance(value, str) or len(value) != 64 or not _HEX64.issuperset(value):
@@ -515,11 +571,12 @@ def _walk(
     head_seq: int,
     claims: Mapping[int, list[CheckpointClaim]],
     roots: Mapping[int, list[tuple[str, str]]],
+    signed_times: Mapping[int, Sequence[dt.datetime]],
 ) -> _Walk:
     """Follow the chain from seq 1 to the head, in batches, until the first problem."""
     decoder = _Decoder(session.get_bind().dialect)
     walk = _Walk()
-    purges = _Purges()
+    purges = _Purges(signed_times)
     while True:
         rows = _entries(session, walk.last_seq, head_seq)
         if not rows:
@@ -571,6 +628,9 @@ def _walk(
                         f"checkpoint at {seq} ({claim.source})",
                     )
                     return walk
+            walk.failure = purges.signed(seq)
+            if walk.failure is not None:
+                return walk
             if seq in roots:
                 walk.check_roots(seq, roots[seq])
                 if walk.failure is not None:
@@ -671,7 +731,11 @@ def _verify(
     for claim, body in checked:
         if body.root is not None and (body.root, claim.source) not in roots.get(claim.seq, []):
             roots.setdefault(claim.seq, []).append((body.root, claim.source))
-    walk = _walk(session, head_seq, claims, roots)
+    purge_times: dict[int, list[dt.datetime]] = {}
+    for claim, body in checked:
+        if body.time is not None:  # the three-line form of before signs no time
+            purge_times.setdefault(claim.seq, []).append(body.time)
+    walk = _walk(session, head_seq, claims, roots, purge_times)
     last_seq = walk.last_seq
     if walk.failure is not None:
         failures.append(walk.failure)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import json
 import sys
@@ -51,6 +52,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 ZERO = bytes(32)
+MIN_RETENTION = dt.timedelta(days=730)  # the least audit_retention_days Sekisho accepts
+CLOCK_AHEAD = dt.timedelta(minutes=5)  # how far one appender's clock may trail another's
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 class Bad(Exception):
@@ -96,6 +100,17 @@ def b64_hash(text: Any, what: str) -> bytes:
     return raw
 
 
+def parse_time(text: Any, what: str) -> dt.datetime:
+    """RFC 3339 UTC with microseconds, exactly as Sekisho writes it."""
+    try:
+        value = dt.datetime.strptime(text, TIME_FORMAT).replace(tzinfo=dt.UTC)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} is not RFC 3339 UTC with microseconds") from None
+    if value.strftime(TIME_FORMAT) != text:
+        raise ValueError(f"{what} is not RFC 3339 UTC with microseconds")
+    return value
+
+
 def decimal(text: str, what: str) -> int:
     if not text.isascii() or not text.isdigit() or (text != "0" and text.startswith("0")):
         raise ValueError(f"{what} is not a number")
@@ -114,8 +129,10 @@ class Body:
         self.head = b64_hash(lines[2], "the body's head hash")
         self.previous: tuple[int, bytes] | None = None
         self.root: bytes | None = None
+        self.time: dt.datetime | None = None  # signed; None in the three-line form
         extensions = lines[3:-1]
         if extensions and extensions[0].startswith("time "):
+            self.time = parse_time(extensions[0].removeprefix("time "), "the signed time")
             if len(extensions) < 2 or not extensions[1].startswith("previous "):
                 raise ValueError("a time line without a previous line")
             parts = extensions[1].split(" ")
@@ -229,6 +246,7 @@ def verify_journal(records: Path, checkpoints: Path, key: Any) -> str:
     stack: list[bytes] = []  # the tree's right-edge subtree hashes, largest first
     last_signed = 0
     purges: dict[int, list[int]] = {}  # purge record's seq -> the purged seqs naming it
+    unsigned: list[tuple[int, int, dt.datetime]] = []  # (first removed, purge seq, limit)
     for n, record in jsonl(records):
         seq = tree_size + 1
         if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
@@ -250,7 +268,7 @@ def verify_journal(records: Path, checkpoints: Path, key: Any) -> str:
             leaf = leaf_hash(data)
             purged = purges.pop(seq, None)
             if purged is not None:
-                check_purge(record, purged)
+                unsigned.append(check_purge(record, purged, signed))
         node, size = leaf, tree_size
         while size & 1:
             node = node_hash(stack.pop(), node)
@@ -259,6 +277,15 @@ def verify_journal(records: Path, checkpoints: Path, key: Any) -> str:
         tree_size = seq
         if seq in signed:
             body = signed[seq][0]
+            for first, purge_seq, limit in unsigned if body.time is not None else ():
+                if body.time + CLOCK_AHEAD < limit + MIN_RETENTION:
+                    raise Bad(
+                        first,
+                        f"record {first} was removed, but the purge at {purge_seq} names a "
+                        f"limit less than {MIN_RETENTION.days} days before the checkpoint "
+                        f"at {seq} signed it",
+                    )
+            unsigned = [] if body.time is not None else unsigned
             if body.head != head:
                 raise Bad(
                     last_signed + 1,
@@ -308,23 +335,53 @@ def tombstone(line: dict[str, Any], seq: int, purges: dict[int, list[int]]) -> t
     return leaf, head
 
 
-def check_purge(record: dict[str, Any], seqs: list[int]) -> None:
+def check_purge(
+    record: dict[str, Any], seqs: list[int], signed: dict[int, tuple[Body, str]]
+) -> tuple[int, int, dt.datetime]:
     """The record tombstones name must be a purge (``audit.purge``) naming exactly their
-    seqs: count, first, last, and SHA-256 of the seqs in decimal, one per line, ascending."""
+    seqs: count, first, last, and SHA-256 of the seqs in decimal, one per line, ascending;
+    and ``through``, a checkpoint after them (before the purge) signing a time no later than
+    the purge's ``limit``. Returns (first seq removed, purge seq, limit): the checkpoint that
+    first signs the purge must be at least two years after that limit (a purge forged in the
+    unsigned tail, then signed, would otherwise remove any record)."""
     detail = record.get("detail")
     if record.get("action") != "audit.purge" or not isinstance(detail, dict):
         raise Bad(seqs[0], f"record {seqs[0]} was removed, but record {record['seq']} is no purge")
     listed = "".join(f"{seq}\n" for seq in sorted(seqs)).encode("ascii")
+
+    def number(key: str) -> Any:
+        value = detail.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     if (
-        detail.get("count") != len(seqs)
-        or detail.get("first") != min(seqs)
-        or detail.get("last") != max(seqs)
+        number("count") != len(seqs)
+        or number("first") != min(seqs)
+        or number("last") != max(seqs)
         or detail.get("seqs_sha256") != hashlib.sha256(listed).hexdigest()
     ):
         raise Bad(
             seqs[0],
             f"records removed are not those the purge at {record['seq']} names",
         )
+    try:
+        limit = parse_time(detail.get("limit"), "the purge's limit")
+    except ValueError as exc:
+        raise Bad(seqs[0], f"the purge at {record['seq']}: {exc}") from None
+    through = number("through")
+    body = signed[through][0] if through in signed else None
+    if (
+        through is None
+        or not max(seqs) <= through < record["seq"]
+        or body is None
+        or body.time is None
+        or body.time > limit
+    ):
+        raise Bad(
+            seqs[0],
+            f"record {seqs[0]} was removed, but the purge at {record['seq']} names no "
+            "checkpoint signed by its limit that covers it",
+        )
+    return seqs[0], record["seq"], limit
 
 
 # -- proofs ----------------------------------------------------------------------------------

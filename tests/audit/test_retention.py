@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Table, insert, select, text
 
 from audit import retention
-from audit.chain import PURGE_ACTION, seqs_digest
+from audit.chain import FIELDS, PURGE_ACTION, format_time, seqs_digest
 from audit.events import Category, Event, Outcome
 from audit.models import JournalHead, JournalRecord, PurgedRecord
 from audit.verify import verify
@@ -403,3 +403,100 @@ def test_cert_check_takes_a_purged_record_for_purged_not_missing(
         run = StoreCheck(session, clock(), ca_names=("device",))
         kinds = {(f.serial, f.kind) for f in run.findings() if f.kind.startswith("journal")}
     assert kinds == {(deleted, "journal"), (deleted, "journal-status")}
+
+
+def _forge_purge(
+    services: Services, clock: FakeClock, victims: list[int], limit: str, through: int
+) -> int:
+    """What whoever may write the tables can do without the audit key: append an
+    ``audit.purge`` record naming ``victims`` to the unsigned tail (its chain hash is
+    computable), store their tombstones and delete the records. No trigger stands in the way."""
+    signer, services.journal.signer = services.journal.signer, None  # the attacker signs nothing
+    try:
+        with services.db.scope() as session:
+            fake = services.journal.append(
+                session,
+                Event(
+                    Category.SYSTEM,
+                    PURGE_ACTION,
+                    Outcome.SUCCESS,
+                    detail={
+                        "count": len(victims),
+                        "first": min(victims),
+                        "last": max(victims),
+                        "seqs_sha256": seqs_digest(victims),
+                        "retention_days": R,
+                        "limit": limit,
+                        "through": through,
+                    },
+                ),
+                clock(),
+            ).seq
+    finally:
+        services.journal.signer = signer
+    with services.db.engine.begin() as conn:
+        for victim in victims:
+            row = conn.execute(select(RECORDS).where(RECORDS.c.seq == victim)).mappings().one()
+            fields = {name: row[name] for name in FIELDS}
+            conn.execute(
+                insert(cast(Table, PurgedRecord.__table__)),
+                {
+                    "seq": victim,
+                    "time": row["time"],
+                    "action": row["action"],
+                    "object_serial": row["object_serial"],
+                    "leaf_hash": retention.leaf_hash(fields),
+                    "hash": row["hash"],
+                    "purge_seq": fake,
+                },
+            )
+            conn.execute(text("DELETE FROM audit_records WHERE seq = :seq"), {"seq": victim})
+    return fake
+
+
+def test_a_purge_forged_in_the_unsigned_tail_cannot_remove_signed_records(
+    journal_services: Services,
+    clock: FakeClock,
+    cli_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """A purge record the attacker appends to the unsigned tail, naming a signed record of
+    yesterday (or one that a checkpoint signed only after the purge's limit): once the
+    deployment's next checkpoint signs the tail, it is a signed purge like any other, and
+    `audit verify` took the record for purged. The checkpoint that signs a purge shows when it
+    was made, and the purge names the checkpoint (signed before its limit) whose records it
+    may remove: a purge that removes more is a deletion, at the first record it removes."""
+    services = journal_services
+    victim = _note(services, clock, 1)
+    _checkpoint(services, clock)
+    signed = _head_checkpoint(services)
+    clock.now += DAY
+    _verify(services)
+    with services.db.engine.connect() as conn:
+        saved = dict(conn.execute(select(RECORDS).where(RECORDS.c.seq == victim)).mappings().one())
+    recent, old = format_time(clock() - DAY), "2000-01-01T00:00:00.000000Z"
+    # A limit of a day ago (the checkpoint was signed before it), and one years back that the
+    # checkpoint was signed after.
+    for limit in (recent, old):
+        _forge_purge(services, clock, [victim], limit, signed)
+        _checkpoint(services, clock)  # the deployment signs its tail, as serve does
+        with pytest.raises(AuditChainBroken) as caught:
+            _verify(services)
+        assert caught.value.seq == victim and "purge" in str(caught.value), str(caught.value)
+        # The independent verifier, on the exports, says the same.
+        key, records, cps = (tmp_path / f"{limit[:4]}{n}" for n in ("k.pem", "r.jsonl", "c.jsonl"))
+        for args in (
+            ("audit", "public-key", "-o", str(key)),
+            ("audit", "export", "--tombstones", "-o", str(records)),
+            ("audit", "checkpoints", "export", "-o", str(cps)),
+        ):
+            code, out, err = run_cli(capsys, cli_data_dir, *args)
+            assert code == 0, out + err
+        done = tool("journal", records, cps, "--public-key", key)
+        assert done.returncode == 1 and f"first bad seq {victim}" in done.stderr, done.stderr
+        # Put back for the next attempt: the forged purge stays, now naming nothing.
+        with services.db.engine.begin() as conn, guard_lifted(conn):
+            conn.execute(text("DELETE FROM audit_purged WHERE seq = :seq"), {"seq": victim})
+            conn.execute(insert(RECORDS), saved)
+        _verify(services)
