@@ -42,6 +42,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -322,13 +323,13 @@ def verify_journal(records: Path, checkpoints: Path, key: Any) -> str:
 def tombstone(line: dict[str, Any], seq: int, purges: dict[int, list[int]]) -> tuple[bytes, bytes]:
     """(leaf hash, chain hash) of a purged record's tombstone line; the purge it names is
     checked when its record comes (it follows what it removes)."""
-    try:
-        leaf, head = bytes.fromhex(line["leaf_hash"]), bytes.fromhex(line["hash"])
-    except (KeyError, TypeError, ValueError):
-        raise Bad(seq, "the tombstone's hashes are not hex") from None
+    hashes = (line.get("leaf_hash"), line.get("hash"))
+    # 64 lowercase hex digits, as Sekisho writes and its own verify accepts (bytes.fromhex
+    # would take upper case and spaces too: the two verifiers must accept the same exports).
+    if not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+        raise Bad(seq, "the tombstone's hashes are not SHA-256 in lowercase hex")
+    leaf, head = (bytes.fromhex(str(h)) for h in hashes)
     purge_seq = line.get("purge_seq")
-    if len(leaf) != 32 or len(head) != 32:
-        raise Bad(seq, "the tombstone's hashes are not SHA-256")
     if not isinstance(purge_seq, int) or isinstance(purge_seq, bool) or purge_seq <= seq:
         raise Bad(seq, f"record {seq} was removed, but no purge after it names it")
     purges.setdefault(purge_seq, []).append(seq)

@@ -352,6 +352,9 @@ def test_after_a_purge_exports_proofs_and_the_independent_verifier_still_hold(
     broken([d for d in docs if d["seq"] != old[2]], old[2])
     renamed = [dict(d, purge_seq=later) if d["seq"] == old[1] else d for d in docs]
     broken(renamed, old[1])
+    # The same bytes in upper case: refused, as `audit verify` refuses such a stored hash.
+    upper = [dict(d, hash=d["hash"].upper()) if d["seq"] == old[3] else d for d in docs]
+    broken(upper, old[3])
 
     proof = tmp_path / "proof.json"
     proof.write_text(cli("audit", "prove", "inclusion", "--seq", str(later)))
