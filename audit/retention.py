@@ -18,12 +18,13 @@ Only records a checkpoint signed no later than the retention limit covers are pu
 purge record names that checkpoint, ``through``), and the checkpoint that signs a purge is
 ``R`` after its limit: ``audit verify`` checks both, so a purge record forged without the key
 in the unsigned tail, and signed by the deployment's next checkpoint, removes nothing retention
-keeps for its age. Each removed record leaves a tombstone
-(``audit_purged``: seq, time, action, certificate serial, leaf hash, chain hash, the purge's
-seq), so the chain and every
-signed Merkle root stay verifiable; each batch appends one ``audit.purge`` record naming how
-many seqs it removed and the SHA-256 of their list (:func:`seqs_digest`), in the transaction
-that removes them; a checkpoint is signed after the last batch.
+keeps for its age.
+
+Each removed record leaves a tombstone (``audit_purged``: seq, time, action, certificate
+serial, leaf hash, chain hash, the purge's seq), so the chain and every signed Merkle root
+stay verifiable; each batch appends one ``audit.purge`` record naming how many seqs it
+removed and the SHA-256 of their list (``audit.chain.seqs_digest``), in the transaction that
+removes them; a checkpoint is signed after the last batch.
 """
 
 from __future__ import annotations
