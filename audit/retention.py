@@ -9,8 +9,9 @@ least):
   certificate's (``ca_authorities``) too;
 * it is a CA key lifecycle record (category ``ca``, naming a CA in ``detail.ca``, other than a
   certificate's issuance, revocation or release or a CRL): kept while that CA's certificate
-  has not expired or expired less than ``R`` ago; a CA this store does not know keeps it. The
-  deployment's own creation (``system.init``) is kept while any CA is;
+  has not expired or expired less than ``R`` ago; a CA this store does not know keeps it. One
+  naming no CA (a backup, a restore: every CA's keys) and the deployment's own creation
+  (``system.init``) are kept while any CA is;
 * it records a purge (``audit.purge``), which ``audit verify`` needs to tell a purge from a
   deletion.
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,6 +49,7 @@ from audit.chain import (
 )
 from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
+from audit.merkle import leaf_hash
 from audit.models import Checkpoint, JournalHead, JournalRecord, PurgedRecord
 from ca.models import Certificate, CertificateAuthority
 from sekisho.context import Actor
@@ -59,11 +60,6 @@ BATCH = 5000  # records removed per transaction (and per audit.purge record)
 # Records about one certificate, or one CRL: the certificate's rule (or the time rule) decides.
 _NOT_LIFECYCLE = frozenset({"ca.issue", "ca.revoke", "ca.release", "ca.crl", "ca.crl.prune"})
 _DEPLOYMENT = frozenset({"system.init", "system.init.begin"})
-
-
-def leaf_hash(fields: Mapping[str, Any]) -> str:
-    """RFC 6962 leaf hash of a record: SHA-256(0x00 || canonical(record)), hex."""
-    return hashlib.sha256(b"\x00" + canonical(fields)).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,27 +102,34 @@ class Retention:
                 f"certificate {serial} has not expired, or expired less than {self.days} days ago"
             )
         if action in _DEPLOYMENT:
-            if any(expiry > self.limit for expiry in self.ca_expiry.values()):
+            if self._any_ca_kept():
                 return "records the deployment's creation, and a CA certificate is still kept"
             return None
         if fields["category"] == Category.CA and action not in _NOT_LIFECYCLE:
             name = _detail_ca(fields.get("detail"))
-            if name is not None:
-                expiry = self.ca_expiry.get(name)
-                if expiry is None:
-                    return f"CA key lifecycle record of a CA this store does not hold ({name!r})"
-                if expiry > self.limit:
-                    return (
-                        f"CA key lifecycle record of CA {name!r}, whose certificate has not "
-                        f"expired or expired less than {self.days} days ago"
-                    )
+            if name is None:
+                # Of no one CA (a backup, a restore: every CA's keys): kept while any CA is.
+                if self._any_ca_kept():
+                    return "CA key lifecycle record of every CA, and a CA certificate is kept"
+                return None
+            expiry = self.ca_expiry.get(name)
+            if expiry is None:
+                return f"CA key lifecycle record of a CA this store does not hold ({name!r})"
+            if expiry > self.limit:
+                return (
+                    f"CA key lifecycle record of CA {name!r}, whose certificate has not "
+                    f"expired or expired less than {self.days} days ago"
+                )
         return None
+
+    def _any_ca_kept(self) -> bool:
+        return any(expiry > self.limit for expiry in self.ca_expiry.values())
 
 
 def _detail_ca(detail: Any) -> str | None:
     try:
         value = json.loads(detail) if isinstance(detail, str) else detail
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     name = value.get("ca") if isinstance(value, dict) else None
     return name if isinstance(name, str) else None
@@ -309,7 +312,7 @@ def _remove(
                 "time": record.time,
                 "action": record.action,
                 "object_serial": record.object_serial,
-                "leaf_hash": leaf_hash(_fields(record)),
+                "leaf_hash": leaf_hash(canonical(_fields(record))).hex(),
                 "hash": record.hash,
                 "purge_seq": appended.seq,
             }

@@ -99,13 +99,15 @@ def test_records_leave_only_when_their_retention_has_ended(
     long = _issue(services, 365)  # expires in a year
     notes = [_note(services, clock, n) for n in range(3)]
     with services.db.scope() as session:
-        lifecycle, unknown_ca = (
+        lifecycle, unknown_ca, every_ca = (
             services.journal.append(
-                session,
-                Event(Category.CA, "ca.key.online", Outcome.SUCCESS, detail={"ca": name}),
-                clock(),
+                session, Event(Category.CA, action, Outcome.SUCCESS, detail=detail), clock()
             ).seq
-            for name in ("admin", "gone")
+            for action, detail in (
+                ("ca.key.online", {"ca": "admin"}),
+                ("ca.key.online", {"ca": "gone"}),
+                ("ca.backup", {"file": "b.tar"}),  # every CA's keys
+            )
         )
     short_seq, long_seq = _issue_seq(services, short), _issue_seq(services, long)
     _checkpoint(services, clock)
@@ -130,8 +132,8 @@ def test_records_leave_only_when_their_retention_has_ended(
     assert set(notes) | {short_seq} <= gone
     assert long_seq not in gone and unsigned not in gone
     assert result.reasons["certificate kept"] >= 1
-    assert result.reasons["CA key lifecycle"] == 2  # the admin CA's, and the unknown CA's
-    assert not {lifecycle, unknown_ca} & gone
+    assert result.reasons["CA key lifecycle"] == 3  # admin's, the unknown CA's, every CA's
+    assert not {lifecycle, unknown_ca, every_ca} & gone
     assert _seqs(services, PurgedRecord) == gone
     assert result.checkpoint is not None and result.checkpoint >= max(result.purge_records)
 
