@@ -166,15 +166,23 @@ def _seq_line(text: str, what: str) -> int:
     return int(text)
 
 
-def _time_line(text: str) -> dt.datetime:
-    # Exactly the form ``format_time`` writes: one instant, one spelling.
+def parse_time(text: str) -> dt.datetime:
+    """A time in exactly the form ``format_time`` writes (one instant, one spelling);
+    ValueError for anything else."""
     try:
         value = dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
     except ValueError:
-        raise ValueError("checkpoint time is not RFC 3339 UTC with microseconds") from None
+        raise ValueError("not RFC 3339 UTC with microseconds") from None
     if format_time(value) != text:
-        raise ValueError("checkpoint time is not RFC 3339 UTC with microseconds")
+        raise ValueError("not RFC 3339 UTC with microseconds")
     return value
+
+
+def _time_line(text: str) -> dt.datetime:
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise ValueError("checkpoint time is not RFC 3339 UTC with microseconds") from None
 
 
 def parse_checkpoint_body(body: str) -> CheckpointBody:

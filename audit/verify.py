@@ -71,6 +71,7 @@ from audit.chain import (
     canonical,
     format_time,
     parse_checkpoint_body,
+    parse_time,
     seqs_digest,
 )
 from audit.journal import verify_signature
@@ -549,14 +550,7 @@ def _number(value: Any) -> int:
 
 
 def _parse_time(value: Any) -> dt.datetime:
-    text = value if isinstance(value, str) else ""
-    try:
-        parsed = dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
-    except ValueError:
-        raise ValueError("not a time") from None
-    if format_time(parsed) != text:
-        raise ValueError("not a time")
-    return parsed
+    return parse_time(value if isinstance(value, str) else "")
 
 
 def _tombstone_hash(row: RowMapping, name: str) -> str:
