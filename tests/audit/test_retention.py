@@ -15,8 +15,9 @@ import pytest
 from sqlalchemy import Table, insert, select, text
 
 from audit import retention
-from audit.chain import FIELDS, PURGE_ACTION, format_time, seqs_digest
+from audit.chain import FIELDS, PURGE_ACTION, canonical, format_time, seqs_digest
 from audit.events import Category, Event, Outcome
+from audit.merkle import leaf_hash
 from audit.models import JournalHead, JournalRecord, PurgedRecord
 from audit.verify import verify
 from ca.revocation import Reason
@@ -450,7 +451,7 @@ def _forge_purge(
                     "time": row["time"],
                     "action": row["action"],
                     "object_serial": row["object_serial"],
-                    "leaf_hash": retention.leaf_hash(fields),
+                    "leaf_hash": leaf_hash(canonical(fields)).hex(),
                     "hash": row["hash"],
                     "purge_seq": fake,
                 },
