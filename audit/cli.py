@@ -335,8 +335,8 @@ def search_cmd(state: State, /, limit: int, oldest: bool, **kwargs: Any) -> None
     "--tombstones",
     is_flag=True,
     help="JSONL of the whole journal only: a line for each purged record in its place (seq, "
-    '"purged": true, time, leaf_hash, hash, purge_seq), so that the export verifies after a '
-    "purge (tools/verify_journal.py).",
+    '"purged": true, time, action, object_serial, leaf_hash, hash, purge_seq), so that the '
+    "export verifies after a purge (tools/verify_journal.py).",
 )
 @pass_state
 def export_cmd(
@@ -403,11 +403,11 @@ def purge_cmd(state: State, dry_run: bool) -> None:
 
     A record stays while it is younger than the retention period; while a certificate it
     names has not expired or expired less than that ago; while the CA of a CA key lifecycle
-    record does. Only records a signed checkpoint covers leave. Each leaves a tombstone
-    (seq, time, leaf and chain hash), so `audit verify` still checks the chain, every
-    checkpoint and every proof; each batch is recorded as an audit.purge record naming the
-    seqs it removed, and a checkpoint is signed at the end. The journal is verified first: a
-    journal that does not verify is not purged (exit 2).
+    record does. Only records a checkpoint signed by the retention limit covers leave. Each
+    leaves a tombstone (seq, time, action, certificate serial, leaf and chain hash), so `audit
+    verify` still checks the chain, every checkpoint and every proof; each batch is recorded
+    as an audit.purge record naming the seqs it removed, and a checkpoint is signed at the
+    end. The journal is verified first: a journal that does not verify is not purged (exit 2).
 
     With two PostgreSQL roles the records are removed through database_owner_url: the
     application's role may not delete them.
