@@ -206,6 +206,11 @@ def purge(
     after = 0
     while True:
         with db.scope() as session:
+            if not dry_run:
+                # The head locked first, as an append locks it: a purge running beside this
+                # one waits, then reads what that one left (on PostgreSQL each statement sees
+                # what committed before it; SQLite's writers queue already).
+                session.execute(select(JournalHead.id).where(JournalHead.id == 1).with_for_update())
             records = list(
                 session.scalars(
                     select(JournalRecord)

@@ -136,6 +136,9 @@ BAD_VALUES: list[tuple[dict[str, object], str]] = [
     ({"audit_checkpoint_minutes": -1}, "audit_checkpoint_minutes"),
     ({"audit_checkpoint_minutes": math.nan}, "audit_checkpoint_minutes"),
     ({"audit_checkpoint_minutes": math.inf}, "audit_checkpoint_minutes"),
+    ({"audit_retention_days": 729}, "audit_retention_days"),  # under BR 5.4.3's two years
+    ({"audit_retention_days": 36501}, "audit_retention_days"),
+    ({"audit_retention_days": "abc"}, "audit_retention_days"),
     ({"bind_port": 0}, "bind_port"),
     ({"bind_port": 70000}, "bind_port"),
     ({"bind_port": "http"}, "bind_port"),

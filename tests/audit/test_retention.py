@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import threading
 from pathlib import Path
 from typing import cast
 
@@ -506,3 +507,36 @@ def test_a_purge_forged_in_the_unsigned_tail_cannot_remove_signed_records(
             conn.execute(text("DELETE FROM audit_purged WHERE seq = :seq"), {"seq": victim})
             conn.execute(insert(RECORDS), saved)
         _verify(services)
+
+
+def test_two_purges_at_once_remove_each_record_once(
+    journal_services: Services, clock: FakeClock
+) -> None:
+    """Two purges started together (two operators, a cron job beside a manual run): each due
+    record leaves once, neither fails, and the journal verifies."""
+    services = journal_services
+    seqs = [_note(services, clock, n) for n in range(40)]
+    _checkpoint(services, clock)
+    clock.now += (R + 1) * DAY
+    results: list[retention.PurgeResult] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run() -> None:
+        start.wait(timeout=30)
+        try:
+            results.append(
+                retention.purge(services.db, services.journal, clock(), R, TEST_ACTOR, batch=7)
+            )
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert set(seqs) <= _seqs(services, PurgedRecord)
+    assert sum(r.purged for r in results) == len(_seqs(services, PurgedRecord))
+    _verify(services)
