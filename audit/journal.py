@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
@@ -510,18 +510,27 @@ def _tree(
     frontier = _resume(previous_seq, previous)
     if frontier.size > seq:
         frontier = Frontier()
-    try:
-        while frontier.size < seq:
-            leaves = read(frontier.size, seq)
-            if not leaves:
-                return None
-            for at, leaf in leaves:
-                if at != frontier.size + 1:
-                    return None
-                frontier.append(leaf)
-    except (ValueError, TypeError, OverflowError):  # a stored value the journal never wrote
-        return None
-    return frontier
+    frontier.extend(consecutive_leaves(read, frontier.size, seq))
+    return frontier if frontier.size == seq else None
+
+
+def consecutive_leaves(read: _Reader, after: int, upto: int) -> Iterator[bytes]:
+    """The leaves of records ``after + 1`` .. ``upto`` in order, read a batch at a time; it
+    stops early at the first seq missing or a stored value the journal never wrote (the
+    caller sees fewer than it asked for)."""
+    expected = after + 1
+    while expected <= upto:
+        try:
+            leaves = read(expected - 1, upto)
+        except (ValueError, TypeError, OverflowError):
+            return
+        if not leaves:
+            return
+        for at, leaf in leaves:
+            if at != expected:
+                return
+            yield leaf
+            expected += 1
 
 
 def checkpoint_document(row: Checkpoint) -> dict[str, Any]:

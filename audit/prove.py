@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.chain import parse_checkpoint_body
-from audit.journal import checkpoint_document, leaf_reader
+from audit.journal import checkpoint_document, consecutive_leaves, leaf_reader
 from audit.merkle import (
     consistency_proof,
     inclusion_proof,
@@ -71,21 +71,10 @@ def signed_root(row: Checkpoint) -> bytes:
 def leaves(session: Session, size: int) -> list[bytes]:
     """The leaf hashes of records 1..size (a purged record's from its tombstone);
     AuditChainBroken when one is missing."""
-    out: list[bytes] = []
-    read = leaf_reader(session)
-    while len(out) < size:
-        try:
-            batch = read(len(out), size)
-        except (ValueError, TypeError, OverflowError):
-            batch = []
-        if not batch:
-            seq = len(out) + 1
-            raise AuditChainBroken(seq, f"record {seq} is missing: run `sekisho audit verify`")
-        for seq, leaf in batch:
-            if seq != len(out) + 1:
-                seq = len(out) + 1
-                raise AuditChainBroken(seq, f"record {seq} is missing: run `sekisho audit verify`")
-            out.append(leaf)
+    out = list(consecutive_leaves(leaf_reader(session), 0, size))
+    if len(out) < size:
+        seq = len(out) + 1
+        raise AuditChainBroken(seq, f"record {seq} is missing: run `sekisho audit verify`")
     return out
 
 
