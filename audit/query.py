@@ -20,7 +20,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
@@ -30,6 +30,7 @@ from audit.events import normalise_mac
 from audit.models import JournalRecord, PurgedRecord
 
 PAGE = 2000
+_Row = TypeVar("_Row", JournalRecord, PurgedRecord)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +117,26 @@ def search(
     """Matching records in sequence order (those after seq ``after`` if given), paged
     (bounded memory for large exports). Every stored record is found, one slipped in at seq
     0 or below too (`audit verify` reports it)."""
+    return _paged(session, _statement(f), JournalRecord, limit=limit, after=after)
+
+
+def _paged(
+    session: Session,
+    stmt: Select[_Row],
+    model: type[_Row],
+    *,
+    limit: int | None = None,
+    after: int | None = None,
+) -> Iterator[_Row]:
+    """The rows of ``stmt`` (of ``model``) in seq order, a page at a time (bounded memory:
+    each page is let go of before the next), ``limit`` at most, those after ``after``."""
     remaining = limit
     while remaining is None or remaining > 0:
         page = PAGE if remaining is None else min(PAGE, remaining)
-        stmt = _statement(f).order_by(JournalRecord.seq).limit(page)
+        paged = stmt.order_by(model.seq).limit(page)
         if after is not None:
-            stmt = stmt.where(JournalRecord.seq > after)
-        rows = list(session.scalars(stmt))
+            paged = paged.where(model.seq > after)
+        rows = list(session.scalars(paged))
         if not rows:
             return
         yield from rows
@@ -231,27 +245,17 @@ def _csv_cell(value: Any) -> str:
 def tombstones(session: Session) -> Iterator[dict[str, Any]]:
     """The tombstone of every purged record (``audit purge``), in seq order, paged, as the
     line ``audit export --tombstones`` writes in the record's place."""
-    after = None
-    while True:
-        stmt = select(PurgedRecord).order_by(PurgedRecord.seq).limit(PAGE)
-        if after is not None:
-            stmt = stmt.where(PurgedRecord.seq > after)
-        rows = list(session.scalars(stmt))
-        if not rows:
-            return
-        for row in rows:
-            yield {
-                "seq": row.seq,
-                "purged": True,
-                "time": format_time(row.time),
-                "action": row.action,
-                "object_serial": row.object_serial,
-                "leaf_hash": row.leaf_hash,
-                "hash": row.hash,
-                "purge_seq": row.purge_seq,
-            }
-        after = rows[-1].seq
-        session.expunge_all()
+    for row in _paged(session, select(PurgedRecord), PurgedRecord):
+        yield {
+            "seq": row.seq,
+            "purged": True,
+            "time": format_time(row.time),
+            "action": row.action,
+            "object_serial": row.object_serial,
+            "leaf_hash": row.leaf_hash,
+            "hash": row.hash,
+            "purge_seq": row.purge_seq,
+        }
 
 
 def with_tombstones(
