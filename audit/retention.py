@@ -36,7 +36,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from audit.chain import (
@@ -327,7 +327,3 @@ def _remove(
     session.execute(delete(JournalRecord).where(JournalRecord.seq.in_(seqs)))
     session.flush()
     result.purge_records.append(appended.seq)
-
-
-def purged_count(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(PurgedRecord)) or 0
