@@ -20,6 +20,7 @@ import datetime as dt
 import itertools
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,35 @@ from sekisho.services import (
 from sekisho.settings import Settings, load_settings
 from tests.support import pg
 from tests.support import softhsm as softhsm_support
+
+
+def _remember_decrypted_keys() -> None:
+    """Every test copies the same initialised deployment, so each in-process test would decrypt
+    the same key files again at 600,000 PBKDF2 iterations (0.12 s each on a slow machine; about
+    a fifth of the suite's time). The software backend's decryption is therefore remembered
+    here, per process, by the exact encrypted bytes and passphrase: the first decryption of each
+    file runs the real derivation, a different file, a re-encrypted one or a wrong passphrase is
+    a different key (a wrong one fails the real way), and tests that call ``hsm.pbes2``
+    themselves, child processes (the CLI, servers) and production are untouched."""
+    import hsm.software
+
+    real = hsm.software.decrypt_private_key
+    known: dict[tuple[bytes, bytes], object] = {}
+    lock = threading.Lock()
+
+    def decrypt_private_key(der: bytes, passphrase: bytes):  # type: ignore[no-untyped-def]
+        with lock:
+            key = known.get((der, passphrase))
+        if key is None:
+            key = real(der, passphrase)
+            with lock:
+                known[(der, passphrase)] = key
+        return key
+
+    hsm.software.decrypt_private_key = decrypt_private_key  # type: ignore[assignment]
+
+
+_remember_decrypted_keys()
 
 BASE_URL = "http://pki.example.com"
 TEST_ACTOR = Actor(account="test:operator", client_ip="127.0.0.1")
