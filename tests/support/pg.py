@@ -322,12 +322,19 @@ class PgCluster:
 
     def create_database(self, name: str, template: str | None = None) -> str:
         """Create ``name`` (optionally as a copy of ``template``); return its SQLAlchemy URL."""
+        import psycopg
         from psycopg import sql
 
         stmt = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(_check_name(name)))
-        if template is not None:
-            stmt = sql.SQL("{} TEMPLATE {}").format(stmt, sql.Identifier(_check_name(template)))
-        self.execute(stmt)
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+            if template is not None:
+                stmt = sql.SQL("{} TEMPLATE {}").format(stmt, sql.Identifier(_check_name(template)))
+                # PostgreSQL 15 copies a template block by block through the WAL by default;
+                # copying its files is twice as fast for a small database (a checkpoint, cheap
+                # with fsync off), and what older versions always did.
+                if conn.info.server_version >= 150000:
+                    stmt = sql.SQL("{} STRATEGY FILE_COPY").format(stmt)
+            conn.execute(stmt)
         return self.url_for(name)
 
     def drop_database(self, name: str) -> None:
