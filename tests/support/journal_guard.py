@@ -1,4 +1,4 @@
-"""The journal's append-only guard (migrations 0007 and 0008) lifted for a test that plays
+"""The journal's append-only guard (migrations 0007, 0008 and 0010) lifted for a test that plays
 the attacker.
 
 The triggers refuse UPDATE and DELETE of journal records and checkpoints to the application's
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, bindparam, text
 
 JOURNAL_TABLES = ("audit_records", "audit_checkpoints", "audit_purged")
-# The triggers of migrations 0007 and 0008, by name.
+# The triggers of migrations 0007, 0008 and 0010, by name.
 SQLITE_GUARD = tuple(
     f"{table}_{what}"
     for table in JOURNAL_TABLES
@@ -29,6 +29,7 @@ PG_GUARD = (
     ),
     ("audit_records", "audit_records_purge_only"),
     ("audit_purged", "audit_purged_for_a_record"),
+    ("audit_records", "audit_records_not_purged"),
 )
 
 
