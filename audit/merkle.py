@@ -251,3 +251,45 @@ def verify_consistency(m: int, n: int, first: bytes, second: bytes, proof: Seque
         fn >>= 1
         sn >>= 1
     return fr == first and sr == second and sn == 0
+
+
+# -- proofs from one pass over the leaves ----------------------------------------------------
+def asked_ranges(proof: Callable[[Node], object]) -> set[tuple[int, int]]:
+    """The leaf ranges ``[start, end)`` whose hashes ``proof(node)`` asks for: a proof's shape
+    depends on the tree sizes alone, so it is run once with a node that only takes note."""
+    asked: set[tuple[int, int]] = set()
+
+    def node(start: int, end: int) -> bytes:
+        asked.add((start, end))
+        return EMPTY_ROOT
+
+    proof(node)
+    return asked
+
+
+def range_hashes(
+    ranges: Iterable[tuple[int, int]], leaves: Iterable[bytes]
+) -> tuple[int, dict[tuple[int, int], bytes]]:
+    """The hash of each range ``[start, end)`` (start < end) of ``leaves``, read once in order
+    from leaf 0, holding one frontier per range being read rather than the leaves (at most
+    log2(n) + 1 hashes each). Returns how many leaves there were and the hashes of the ranges
+    they cover; a range past them is left out."""
+    pending = sorted(set(ranges), reverse=True)  # next to open last
+    reading: list[tuple[int, tuple[int, int], Frontier]] = []
+    hashes: dict[tuple[int, int], bytes] = {}
+    count = 0
+    for index, leaf in enumerate(leaves):
+        while pending and pending[-1][0] == index:
+            span = pending.pop()
+            reading.append((span[1], span, Frontier()))
+        if reading:
+            still = []
+            for end, span, frontier in reading:
+                frontier.append(leaf)
+                if index + 1 == end:
+                    hashes[span] = frontier.root()
+                else:
+                    still.append((end, span, frontier))
+            reading = still
+        count = index + 1
+    return count, hashes

@@ -11,12 +11,14 @@ import pytest
 from audit.merkle import (
     EMPTY_ROOT,
     Frontier,
+    asked_ranges,
     consistency_proof,
     extension_node,
     inclusion_proof,
     leaf_hash,
     leaves_node,
     node_hash,
+    range_hashes,
     tree_hash,
     verify_consistency,
     verify_inclusion,
@@ -222,6 +224,32 @@ def test_consistency_proofs_from_a_frontier_and_the_leaves_after_it() -> None:
             older.extend(LEAVES[:m])
             node = extension_node(older, LEAVES[m:n])
             assert consistency_proof(m, n, node) == consistency_proof(m, n, whole), (m, n)
+
+
+def test_proofs_from_one_pass_over_the_leaves_are_the_same_proofs() -> None:
+    """``audit prove`` reads the leaves once and keeps a frontier per range a proof asks for:
+    for every size and leaf (and every pair of sizes), the ranges it notes give the proof the
+    whole list of leaves gives, and each range's hash is the tree hash of its slice."""
+
+    def one_pass(n: int, proof):  # type: ignore[no-untyped-def]
+        ranges = asked_ranges(proof)
+        count, hashes = range_hashes(ranges | {(0, n)}, iter(LEAVES[:n]))
+        assert count == n and hashes[(0, n)] == ROOTS[n]
+        for start, end in ranges:
+            assert hashes[(start, end)] == naive_mth(LEAVES[start:end]), (n, start, end)
+        return proof(lambda start, end: hashes[(start, end)])
+
+    whole = leaves_node(LEAVES)
+    for n in range(1, N + 1):
+        for i in range(n):
+            path = one_pass(n, lambda node, i=i, n=n: inclusion_proof(i, n, node))
+            assert path == inclusion_proof(i, n, whole), (i, n)
+        for m in range(1, n + 1):
+            proof = one_pass(n, lambda node, m=m, n=n: consistency_proof(m, n, node))
+            assert proof == consistency_proof(m, n, whole), (m, n)
+    # A range past the leaves read is left out; the count says how many there were.
+    count, hashes = range_hashes({(0, 8), (8, 16), (2, 3)}, iter(LEAVES[:10]))
+    assert count == 10 and set(hashes) == {(0, 8), (2, 3)} and hashes[(2, 3)] == LEAVES[2]
 
 
 def test_tampered_consistency_proofs_fail() -> None:
