@@ -271,7 +271,7 @@ class Journal:
         if due:
             found = tx.first(_SELECT_CHECKPOINT_BODY, {"seq": checkpoint_seq})
             previous = _link(checkpoint_seq, found[0] if found else None)
-            tree = _tree(_reader_tx(tx), checkpoint_seq, found, seq)
+            tree = checkpoint_tree(_reader_tx(tx), checkpoint_seq, found, seq)
             tx.execute(
                 _INSERT_CHECKPOINT, self._checkpoint_values(seq, digest, now, previous, tree)
             )
@@ -385,7 +385,7 @@ class Journal:
         ).first()
         previous = _link(head.checkpoint_seq, found[0] if found else None)
         session.flush()  # the records appended in this transaction, for the tree
-        tree = _tree(leaf_reader(session), head.checkpoint_seq, found, head.seq)
+        tree = checkpoint_tree(leaf_reader(session), head.checkpoint_seq, found, head.seq)
         row = Checkpoint(**self._checkpoint_values(head.seq, head.hash, now, previous, tree))
         session.add(row)
         head.checkpoint_seq = head.seq
@@ -500,7 +500,7 @@ def _resume(previous_seq: int, previous: Sequence[Any] | None) -> Frontier:
     return frontier if frontier.root().hex() == signed else Frontier()
 
 
-def _tree(
+def checkpoint_tree(
     read: _Reader, previous_seq: int, previous: Sequence[Any] | None, seq: int
 ) -> Frontier | None:
     """The Merkle tree of records 1..seq: the previous checkpoint's frontier extended with the

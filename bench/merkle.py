@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from audit.chain import canonical, canonical_json
 from audit.events import Category, Event, Outcome
-from audit.journal import _tree, leaf_reader
+from audit.journal import checkpoint_tree, leaf_reader
 from audit.merkle import Frontier, leaf_hash
 from audit.models import Checkpoint, JournalHead
 from bench.common import deployment, peak_rss_mib, progress, run_each_database, write_result
@@ -145,7 +145,9 @@ def incremental(database: str, new: int) -> dict[str, Any]:
             tree_runs, sign_runs = [], []
             for _ in range(REPEATS):
                 seconds, tree = _timed(
-                    lambda: _tree(leaf_reader(session), head.checkpoint_seq, previous, head.seq)
+                    lambda: checkpoint_tree(
+                        leaf_reader(session), head.checkpoint_seq, previous, head.seq
+                    )
                 )
                 assert tree is not None and tree.size == head.seq
                 tree_runs.append(seconds)
@@ -154,7 +156,7 @@ def incremental(database: str, new: int) -> dict[str, Any]:
                 signer.sign(body)
                 sign_runs.append(time.perf_counter() - started)
             rebuild_s, _ = _timed(
-                lambda: _tree(leaf_reader(session), head.checkpoint_seq, None, head.seq)
+                lambda: checkpoint_tree(leaf_reader(session), head.checkpoint_seq, None, head.seq)
             )
             checkpoint_s, row = _timed(lambda: journal.checkpoint(session, clock()))
             assert row is not None
