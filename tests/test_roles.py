@@ -285,6 +285,47 @@ def test_a_purge_runs_as_the_owner_and_the_application_role_cannot_delete(
     assert code == 0 and "would purge 0" in output, output
 
 
+def test_temporary_tables_do_not_blind_the_journals_guard(two_roles: TwoRoles) -> None:
+    """The guard's functions run as the invoker: they looked the journal's tables up on its
+    search path, where pg_temp comes first, so the application's role made a temporary table
+    of the same name and the guard looked at that (found by a review): a record written at a
+    purged seq, or a tombstone for a record that is not there. Refused now as without one."""
+    settings = load_settings(env={}, overrides={"data_dir": two_roles.data_dir})
+    services = open_deployment(settings)
+    later = services.clock() + dt.timedelta(days=3 * 365)
+    try:
+        owner = Database(two_roles.owner_url)
+        try:
+            assert retention.purge(owner, services.journal, later, 730, TEST_ACTOR).purged > 0
+        finally:
+            owner.engine.dispose()
+    finally:
+        services.close()
+    with two_roles.connect(two_roles.owner) as conn:
+        purged, head = conn.execute(
+            "SELECT (SELECT min(seq) FROM audit_purged), (SELECT max(seq) FROM audit_records)"
+        ).fetchone()
+    purged, after = int(purged), int(head) + 1  # (numbers, written into the statements)
+    record = (
+        "INSERT INTO audit_records (seq, time, category, action, outcome, detail, hash) "  # noqa: S608
+        f"VALUES ({purged}, '2020-01-01 00:00:00', 'system', 'x', 'success', '{{}}', 'h')"
+    )
+    tombstone = (
+        "INSERT INTO audit_purged (seq, time, action, leaf_hash, hash, purge_seq) "  # noqa: S608
+        f"VALUES ({after}, '2020-01-01 00:00:00', 'x', 'x', 'y', 1)"
+    )
+    planted = f"INSERT INTO audit_records VALUES ({after})"  # noqa: S608
+    for statement, shadow in (
+        (record, "CREATE TEMP TABLE audit_purged (seq bigint)"),
+        (tombstone, f"CREATE TEMP TABLE audit_records (seq bigint); {planted}"),
+    ):
+        assert sqlstate(two_roles, two_roles.app, statement) == "23001", statement
+        shadowed = f"{shadow}; {statement}"
+        assert sqlstate(two_roles, two_roles.app, shadowed) == "23001", shadowed
+    code, output = two_roles.sekisho("audit", "verify")
+    assert code == 0 and "journal intact" in output, output
+
+
 def test_a_command_that_writes_grants_again_what_is_missing_or_too_much(
     two_roles: TwoRoles,
 ) -> None:
