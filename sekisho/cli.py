@@ -1546,6 +1546,85 @@ def hsm_keys(state: State) -> None:
 
 
 # -- serve ------------------------------------------------------------------------------------
+# -- db ---------------------------------------------------------------------------------------
+@cli.group("db")
+def db_group() -> None:
+    """The store's schema: the migrations it is at, and bringing it to this version's."""
+
+
+@db_group.command("status")
+@pass_state
+def db_status(state: State) -> None:
+    """Show the migrations the store is at and those this version of Sekisho would apply
+    (read-only: run it before an upgrade). "current" in --json says whether there are none."""
+    from sekisho.db import Database, head_revisions, pending_migrations
+    from sekisho.services import NO_DEPLOYMENT_HINT, require_data_dir
+
+    settings = state.settings
+    require_data_dir(settings)
+    db = Database(settings.db_url, read_only=True)
+    try:
+        stored = db.schema_revisions()
+        store = db.engine.dialect.name
+    finally:
+        db.dispose()
+    if stored is None:
+        raise ConfigError(
+            f"no Sekisho deployment in {settings.data_dir} (its database has no tables): "
+            f"{NO_DEPLOYMENT_HINT}"
+        )
+    revisions, heads = sorted(stored), sorted(head_revisions())
+    try:
+        pending, known = pending_migrations(revisions), True
+    except ValueError:
+        pending, known = [], False
+    doc = {
+        "store": store,
+        "revisions": revisions,
+        "heads": heads,
+        "current": revisions == heads,
+        "known": known,
+        "pending": [{"revision": r, "description": d} for r, d in pending],
+    }
+
+    def text() -> str:
+        at = ", ".join(revisions) or "no migration"
+        if not known:
+            return (
+                f"the {store} store is at {at}, which this version (up to {', '.join(heads)}) "
+                "does not know: a newer version of Sekisho wrote it"
+            )
+        if not pending:
+            return f"the {store} store is at {at}, this version's schema: nothing to migrate"
+        lines = [f"the {store} store is at {at}; `sekisho db upgrade` would apply:"]
+        lines += [f"  {revision}  {description}" for revision, description in pending]
+        return "\n".join(lines)
+
+    state.emit(doc, text)
+
+
+@db_group.command("upgrade")
+@pass_state
+def db_upgrade(state: State) -> None:
+    """Migrate the store to this version's schema and say what changed: what every command
+    that writes (and `serve`, as it starts) does by itself when it is needed, journalled as
+    system.migrate. With database_owner_url, through the owner's connection, and the
+    application's role is granted again what Sekisho uses."""
+    from sekisho.db import head_revisions
+
+    services = state.services()
+    migrated = services.db.migrated
+    heads = sorted(head_revisions())
+    before = list(migrated.before) if migrated else heads
+    doc = {"migrated": migrated is not None, "from": before, "to": heads}
+    state.emit(
+        doc,
+        f"migrated the store from {', '.join(before)} to {', '.join(heads)}"
+        if migrated
+        else f"the store is at {', '.join(heads)} already: nothing to migrate",
+    )
+
+
 @cli.command()
 @click.option("--host", help="Bind address (default from settings: 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default 8080).")

@@ -13,6 +13,7 @@ sessions are read-only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import enum
 import fcntl
@@ -461,6 +462,7 @@ class Database:
         self.url = url
         self.read_only = read_only
         self.owner_url = None if read_only else owner_url or None
+        self.migrated: Migrated | None = None  # what upgrade() changed, if anything
         self.immutable = False
         # An immutable reader takes no lock and trusts its page cache: a writer that starts
         # meanwhile (e.g. the service, seeing the same directory read-write) gives it torn
@@ -624,14 +626,15 @@ class Database:
         if not open_:
             raise StoreError("database error: the transaction was lost")
 
-    def upgrade(self) -> None:
-        """Migrate to the newest schema. With ``owner_url``: through an engine of the owner's,
-        made for this call and disposed of after it (no other connection of the process acts
-        as the owner), and then the role this object connects as is granted what Sekisho uses
-        (``sekisho.roles``), every time, so that tables a migration adds are covered."""
+    def upgrade(self) -> Migrated | None:
+        """Migrate to the newest schema; what changed (also kept in ``migrated``, for the
+        journal once it is open), None when nothing. With ``owner_url``: through an engine of
+        the owner's, made for this call and disposed of after it (no other connection of the
+        process acts as the owner), and then the role this object connects as is granted what
+        Sekisho uses (``sekisho.roles``), every time, so that tables a migration adds are
+        covered."""
         if self.owner_url is None:
-            upgrade(self.engine)
-            return
+            return self._migrated(upgrade(self.engine))
         from sekisho import roles
 
         with store_errors(), self.engine.connect() as conn:
@@ -648,9 +651,14 @@ class Database:
                 if roles.escapes(conn, [target]):
                     found = roles.problems(conn, separate=True, schemas=[target])
                     raise roles.refusal(app.name, found, separate=True)
-            upgrade(owner_engine, grant_to=app.name)
+            return self._migrated(upgrade(owner_engine, grant_to=app.name))
         finally:
             owner_engine.dispose()
+
+    def _migrated(self, result: Migrated | None) -> Migrated | None:
+        if result is not None:
+            self.migrated = result
+        return result
 
     def check_roles(self, *, regrant: bool = False) -> None:
         """PostgreSQL: a ConfigError (exit 78) unless the role this object connects as holds
@@ -948,28 +956,64 @@ def migration_lock(engine: Engine) -> Iterator[None]:
             conn.commit()
 
 
-def _at_head(engine: Engine) -> bool:
-    """The store is at this code's migrations (stamped by the last step of a migration, so a
-    migration under way elsewhere is not mistaken for done)."""
+def current_revisions(engine: Engine) -> tuple[str, ...] | None:
+    """The migrations the store is at (stamped by the last step of each, so a migration under
+    way elsewhere is not mistaken for done); None when it has no schema."""
     from alembic.runtime.migration import MigrationContext
 
     with store_errors(), engine.connect() as conn:
         if not inspect(conn).has_table("alembic_version"):
-            return False
-        return set(MigrationContext.configure(conn).get_current_heads()) == set(head_revisions())
+            return None
+        return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
 
 
-def upgrade(engine: Engine, *, grant_to: str | None = None) -> None:
-    """Bring the schema to the newest migration (idempotent; one process at a time).
-    ``grant_to``: then, under the same lock, grant that role what Sekisho uses and no more
-    (``sekisho.roles.grant``; ``engine`` is the schema owner's)."""
+@dataclasses.dataclass(frozen=True)
+class Migrated:
+    """What an upgrade changed: the revisions before (empty for a new store) and after."""
+
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+
+
+def pending_migrations(revisions: Sequence[str]) -> list[tuple[str, str]]:
+    """(revision, first line of its description) of each migration this code would apply to
+    a store at ``revisions``, oldest first; ValueError when the store is at one this code
+    does not know (a newer version of Sekisho wrote it)."""
+    from alembic.script import ScriptDirectory
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        steps = list(script.iterate_revisions("heads", tuple(revisions) or "base"))
+    except (CommandError, RevisionError) as exc:
+        raise ValueError(str(exc)) from None
+    return [(step.revision, (step.doc or "").strip().splitlines()[0]) for step in reversed(steps)]
+
+
+def upgrade(engine: Engine, *, grant_to: str | None = None) -> Migrated | None:
+    """Bring the schema to the newest migration (idempotent; one process at a time); what it
+    changed, None when nothing. ``grant_to``: then, under the same lock, grant that role what
+    Sekisho uses and no more (``sekisho.roles.grant``; ``engine`` is the schema owner's)."""
     from alembic import command
 
-    if grant_to is None and _at_head(engine):
-        return  # nothing to migrate and nothing to grant: no lock, no Alembic (16 ms)
+    heads = tuple(sorted(head_revisions()))
+    if grant_to is None and current_revisions(engine) == heads:
+        return None  # nothing to migrate and nothing to grant: no lock, no Alembic (16 ms)
     with migration_lock(engine):
+        before = current_revisions(engine) or ()
+        if before != heads:
+            try:
+                pending_migrations(before)
+            except ValueError:
+                raise StoreError(
+                    f"the database schema is at {', '.join(before)}, which this version of "
+                    "Sekisho does not know (a newer version wrote it): run that version, or "
+                    "restore a backup made with this one"
+                ) from None
         try:
-            command.upgrade(alembic_config(engine), "head")
+            if before != heads:
+                command.upgrade(alembic_config(engine), "head")
         except SQLAlchemyError as exc:
             orig = getattr(exc, "orig", None)
             if getattr(orig, "sqlstate", None) == PG_INSUFFICIENT_PRIVILEGE:
@@ -987,3 +1031,5 @@ def upgrade(engine: Engine, *, grant_to: str | None = None) -> None:
 
             with store_errors(), engine.begin() as conn:
                 grant(conn, grant_to)
+    after = current_revisions(engine) or ()
+    return Migrated(before, after) if after != before else None

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.chain import parse_checkpoint_body
-from audit.events import Outcome
+from audit.events import Category, Event, Outcome
 from audit.journal import CheckpointSigner, Journal
 from audit.models import Checkpoint, JournalRecord
 from ca.crl import CrlPublisher
@@ -40,7 +40,7 @@ from hsm.software import SoftwareBackend
 from ocsp.signers import on_revocation as responder_revoked
 from ocsp.store import OcspService
 from sekisho.clock import utcnow
-from sekisho.db import Database, head_revisions, sqlite_file
+from sekisho.db import Database, Migrated, head_revisions, sqlite_file
 from sekisho.errors import (
     ConfigError,
     KeyBackendError,
@@ -466,7 +466,38 @@ def build_services(
     # A revoked OCSP responder is replaced first, so that what is re-signed next is signed by
     # its successor (ocsp.signers).
     revoker.listeners.insert(0, functools.partial(responder_revoked, services))
+    if db.migrated is not None and db.migrated.before:
+        _journal_migration(services, db.migrated)
     return services
+
+
+MIGRATED = "system.migrate"
+
+
+def _journal_migration(services: Services, migrated: Migrated) -> None:
+    """A store this process migrated says so in its journal (a schema change can change the
+    journal's own guard): the revisions before and after, and the process's user and PID.
+    A new store's first migration is not recorded (its initialisation is)."""
+    try:
+        with services.db.scope() as session:
+            services.journal.append(
+                session,
+                Event(
+                    Category.SYSTEM,
+                    MIGRATED,
+                    Outcome.SUCCESS,
+                    actor_account=f"system:uid {os.getuid()}",
+                    detail={
+                        "from": list(migrated.before),
+                        "to": list(migrated.after),
+                        "pid": os.getpid(),
+                    },
+                ),
+                services.clock(),
+            )
+    except BaseException:
+        services.close()
+        raise
 
 
 def enable_checkpoints(services: Services) -> None:

@@ -131,6 +131,7 @@ def test_command_tree_is_what_the_docs_promise() -> None:
         ("revoke",), ("release",), ("cert",), ("cert", "list"), ("cert", "show"), ("cert", "check"),
         ("crl",), ("crl", "generate"), ("crl", "prune"), ("serve",), ("run",),
         ("backup", "create"), ("backup", "verify"), ("backup", "restore"),
+        ("db", "status"), ("db", "upgrade"),
     }  # fmt: skip
     assert expected <= set(COMMAND_PATHS)
 
@@ -1703,6 +1704,7 @@ def test_read_commands_work_on_a_read_only_copy(template_dir: Path, tmp_path: Pa
         ["--json", "audit", "search", "--limit", "5"],
         ["audit", "export", "--format", "csv", "-o", str(tmp_path / "journal.csv")],
         ["audit", "checkpoints", "export", "-o", str(checkpoints)],
+        ["--json", "db", "status"],
     ):
         done = read_only(copy, *argv)
         assert done.returncode == 0, (argv, done.stderr)
@@ -1848,6 +1850,61 @@ def test_a_read_command_never_migrates_the_store(
     ok(run("crl", "generate"))  # a command that writes migrates it
     assert _schema(copy) == list(head_revisions())
     assert len(ok(run("--json", "ca", "list")).json()) == 3
+
+
+def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
+    run: Runner, settings: Settings
+) -> None:
+    """`db status` (read-only) lists the migrations this version would apply; `db upgrade`
+    applies them, says from and to, and journals system.migrate once; a store a newer version
+    wrote is named as such by both (status exit 0, upgrade and every writer exit 74)."""
+    from alembic import command
+
+    from sekisho.db import Database, alembic_config, head_revisions
+
+    heads = sorted(head_revisions())
+    db = Database(settings.db_url)
+    try:
+        command.downgrade(alembic_config(db.engine), "0008")
+    finally:
+        db.dispose()
+    status = ok(run("--json", "db", "status")).json()
+    assert status["revisions"] == ["0008"] and status["heads"] == heads
+    assert not status["current"] and status["known"]
+    assert [p["revision"] for p in status["pending"]] == ["0009", "0010"]
+    assert all(p["description"] for p in status["pending"])
+    text = ok(run("db", "status")).out
+    assert "`sekisho db upgrade` would apply:" in text
+    assert "  0010  PostgreSQL: a purged seq" in text
+    assert ok(run("--json", "db", "status")).json()["revisions"] == ["0008"]  # read only
+
+    done = ok(run("--json", "db", "upgrade")).json()
+    assert done == {"migrated": True, "from": ["0008"], "to": heads}
+    assert ok(run("--json", "db", "status")).json()["current"]
+    assert "nothing to migrate" in ok(run("db", "status")).out
+    again = ok(run("--json", "db", "upgrade")).json()
+    assert again == {"migrated": False, "from": heads, "to": heads}
+    out = ok(run("--json", "audit", "search", "--action", "system.migrate")).out
+    found = [json.loads(line) for line in out.splitlines()]
+    assert len(found) == 1, found
+    assert found[0]["detail"]["from"] == ["0008"] and found[0]["detail"]["to"] == heads, found
+    assert found[0]["category"] == "system" and found[0]["outcome"] == "success"
+    assert "journal intact" in ok(run("audit", "verify")).out
+
+    db = Database(settings.db_url)
+    try:
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    finally:
+        db.dispose()
+    ahead = ok(run("--json", "db", "status")).json()
+    assert ahead["known"] is False and ahead["current"] is False and ahead["pending"] == []
+    assert "a newer version of Sekisho wrote it" in ok(run("db", "status")).out
+    for argv in (("db", "upgrade"), ("crl", "generate")):
+        refused = run(*argv)
+        assert refused.code == 74, (argv, refused)
+        assert "which this version of Sekisho does not know" in refused.err, refused.err
+        assert refused.err.count("\n") == 1, refused.err
 
 
 def test_read_commands_need_no_key_passphrase(
