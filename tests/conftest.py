@@ -50,7 +50,8 @@ def _remember_decrypted_keys() -> None:
     here, per process, by the exact encrypted bytes and passphrase: the first decryption of each
     file runs the real derivation, a different file, a re-encrypted one or a wrong passphrase is
     a different key (a wrong one fails the real way), and tests that call ``hsm.pbes2``
-    themselves, child processes (the CLI, servers) and production are untouched."""
+    themselves, the CLI and servers run as child processes, and production are untouched
+    (child processes that import the tests' modules, the chaos test's workers, remember too)."""
     import hsm.software
 
     real = hsm.software.decrypt_private_key
