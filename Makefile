@@ -62,6 +62,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.backup
 	$(BIN)/python -m bench.merkle
 	$(BIN)/python -m bench.retention
+	$(BIN)/python -m bench.prove
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
