@@ -1545,7 +1545,6 @@ def hsm_keys(state: State) -> None:
     )
 
 
-# -- serve ------------------------------------------------------------------------------------
 # -- db ---------------------------------------------------------------------------------------
 @cli.group("db")
 def db_group() -> None:
@@ -1625,6 +1624,7 @@ def db_upgrade(state: State) -> None:
     )
 
 
+# -- serve ------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--host", help="Bind address (default from settings: 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default 8080).")

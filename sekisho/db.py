@@ -1031,5 +1031,5 @@ def upgrade(engine: Engine, *, grant_to: str | None = None) -> Migrated | None:
 
             with store_errors(), engine.begin() as conn:
                 grant(conn, grant_to)
-    after = current_revisions(engine) or ()
+        after = current_revisions(engine) or ()
     return Migrated(before, after) if after != before else None
