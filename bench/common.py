@@ -7,6 +7,7 @@ Nothing here is measured; it only builds what the benchmarks measure.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -55,6 +56,18 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     }
     path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def parse_sizes(parser: argparse.ArgumentParser, text: str, minimum: int = 1) -> list[int]:
+    """``--sizes``: numbers separated by commas, each at least ``minimum`` (else a usage
+    error through ``parser``)."""
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        parser.error("--sizes takes numbers separated by commas")
+    if not sizes or any(s < minimum for s in sizes):
+        parser.error(f"--sizes must be at least {minimum}")
+    return sizes
 
 
 def databases(choice: str) -> list[str]:

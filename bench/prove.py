@@ -23,7 +23,14 @@ from audit.journal import consecutive_leaves, leaf_reader
 from audit.merkle import Frontier
 from audit.models import Checkpoint
 from audit.prove import consistency, inclusion
-from bench.common import deployment, peak_rss_mib, progress, run_each_database, write_result
+from bench.common import (
+    deployment,
+    parse_sizes,
+    peak_rss_mib,
+    progress,
+    run_each_database,
+    write_result,
+)
 from bench.retention import fill
 
 
@@ -99,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "--database", choices=("sqlite", "postgres", "both"), default="sqlite", help="(sqlite)"
     )
     args = parser.parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError:
-        parser.error("--sizes takes numbers separated by commas")
-    if not sizes or any(s < 4 for s in sizes):
-        parser.error("--sizes must be at least 4")
+    sizes = parse_sizes(parser, args.sizes, minimum=4)
 
     def each(database: str) -> dict[str, Any]:
         return {"database": database, "runs": [bench_size(database, n) for n in sizes]}

@@ -23,6 +23,7 @@ from audit.verify import verify
 from bench.common import (
     BENCH_ACTOR,
     deployment,
+    parse_sizes,
     peak_rss_mib,
     progress,
     run_each_database,
@@ -102,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "--database", choices=("sqlite", "postgres", "both"), default="both", help="(both)"
     )
     args = parser.parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError:
-        parser.error("--sizes takes numbers separated by commas")
-    if not sizes or any(s <= 0 for s in sizes):
-        parser.error("--sizes must be positive")
+    sizes = parse_sizes(parser, args.sizes)
 
     def each(database: str) -> dict[str, Any]:
         return {"database": database, "runs": [bench_size(database, n) for n in sizes]}
