@@ -92,3 +92,19 @@ class PurgedRecord(Base):
     leaf_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
     purge_seq: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class SchemaChange(Base):
+    """A migration not journalled yet. The migration run writes it in its own transaction
+    (``sekisho/migrations/env.py``); the next process that opens the store to write journals
+    it as ``system.migrate`` and deletes it in one transaction (``sekisho.services``). So a
+    migration is recorded once, even when the process that applied it failed right after."""
+
+    __tablename__ = "audit_schema_changes"
+    __table_args__ = {"info": {APP_PRIVILEGES: ("SELECT", "DELETE")}}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    before: Mapped[str] = mapped_column(String(256))  # revisions, comma-separated
+    after: Mapped[str] = mapped_column(String(256))
+    process: Mapped[str] = mapped_column(String(64))  # "uid N pid M" of the migrating process

@@ -6,7 +6,8 @@ the application's role (the user of ``database_url``) what Sekisho uses and noth
 
 * SELECT, INSERT, UPDATE and DELETE on each table (``READ_WRITE``), unless its model names its
   own (``Table.info[APP_PRIVILEGES]``): the journal's records and checkpoints SELECT and INSERT
-  only, its head SELECT and UPDATE; SELECT on ``alembic_version``;
+  only, its head SELECT and UPDATE, the migrations waiting to be journalled SELECT and DELETE;
+  SELECT on ``alembic_version``;
 * USAGE and SELECT on the sequences of the tables' serial columns, USAGE on the schema.
 
 Whatever the role, or PUBLIC, held on those tables and sequences is revoked first, so that the

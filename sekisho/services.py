@@ -21,13 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificateIssuerPublicKeyTypes,
 )
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.chain import parse_checkpoint_body
 from audit.events import Category, Event, Outcome
 from audit.journal import CheckpointSigner, Journal
-from audit.models import Checkpoint, JournalRecord
+from audit.models import Checkpoint, JournalRecord, SchemaChange
 from ca.crl import CrlPublisher
 from ca.issuance import CaService
 from ca.models import CaKind, CertificateAuthority
@@ -40,7 +40,7 @@ from hsm.software import SoftwareBackend
 from ocsp.signers import on_revocation as responder_revoked
 from ocsp.store import OcspService
 from sekisho.clock import utcnow
-from sekisho.db import Database, Migrated, head_revisions, sqlite_file
+from sekisho.db import Database, head_revisions, sqlite_file
 from sekisho.errors import (
     ConfigError,
     KeyBackendError,
@@ -466,38 +466,55 @@ def build_services(
     # A revoked OCSP responder is replaced first, so that what is re-signed next is signed by
     # its successor (ocsp.signers).
     revoker.listeners.insert(0, functools.partial(responder_revoked, services))
-    if db.migrated is not None and db.migrated.before:
-        _journal_migration(services, db.migrated)
+    if not db.read_only:
+        try:
+            journal_schema_changes(services)
+        except BaseException:
+            services.close()
+            raise
     return services
 
 
 MIGRATED = "system.migrate"
 
 
-def _journal_migration(services: Services, migrated: Migrated) -> None:
-    """A store this process migrated says so in its journal (a schema change can change the
-    journal's own guard): the revisions before and after, and the process's user and PID.
-    A new store's first migration is not recorded (its initialisation is)."""
-    try:
-        with services.db.scope() as session:
+def journal_schema_changes(services: Services) -> int:
+    """Journal the migrations waiting in ``audit_schema_changes`` (a schema change can change
+    the journal's own guard, and an auditor must see when), each as ``system.migrate`` with the
+    revisions before and after, when and by which process; each row is deleted in the
+    transaction of its record, and only a row this transaction deleted is journalled, so two
+    processes starting at once record it once. A new store's first migration leaves no row
+    (its initialisation is journalled). How many were journalled."""
+    done = 0
+    with services.db.scope() as session:
+        pending = session.execute(
+            select(SchemaChange.id, SchemaChange.time, SchemaChange.before,
+                   SchemaChange.after, SchemaChange.process).order_by(SchemaChange.id)
+        ).all()  # fmt: skip
+        for row_id, when, before, after, process in pending:
+            gone = session.connection().execute(
+                delete(SchemaChange).where(SchemaChange.id == row_id)
+            )
+            if gone.rowcount != 1:
+                continue  # another process journalled it
             services.journal.append(
                 session,
                 Event(
                     Category.SYSTEM,
                     MIGRATED,
                     Outcome.SUCCESS,
-                    actor_account=f"system:uid {os.getuid()}",
+                    actor_account="system:migrate",
                     detail={
-                        "from": list(migrated.before),
-                        "to": list(migrated.after),
-                        "pid": os.getpid(),
+                        "from": before.split(","),
+                        "to": after.split(","),
+                        "migrated_at": when.isoformat(),
+                        "process": process,
                     },
                 ),
                 services.clock(),
             )
-    except BaseException:
-        services.close()
-        raise
+            done += 1
+    return done
 
 
 def enable_checkpoints(services: Services) -> None:

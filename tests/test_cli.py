@@ -1871,7 +1871,7 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
     status = ok(run("--json", "db", "status")).json()
     assert status["revisions"] == ["0008"] and status["heads"] == heads
     assert not status["current"] and status["known"]
-    assert [p["revision"] for p in status["pending"]] == ["0009", "0010"]
+    assert [p["revision"] for p in status["pending"]] == ["0009", "0010", "0011"]
     assert all(p["description"] for p in status["pending"])
     text = ok(run("db", "status")).out
     assert "`sekisho db upgrade` would apply:" in text
@@ -1889,6 +1889,7 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
     assert len(found) == 1, found
     assert found[0]["detail"]["from"] == ["0008"] and found[0]["detail"]["to"] == heads, found
     assert found[0]["category"] == "system" and found[0]["outcome"] == "success"
+    assert found[0]["detail"]["process"].startswith(f"uid {os.getuid()} pid "), found
     assert "journal intact" in ok(run("audit", "verify")).out
 
     db = Database(settings.db_url)
@@ -1905,6 +1906,37 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
         assert refused.code == 74, (argv, refused)
         assert "which this version of Sekisho does not know" in refused.err, refused.err
         assert refused.err.count("\n") == 1, refused.err
+
+
+def test_a_migration_whose_command_then_fails_is_still_journalled(
+    run: Runner, settings: Settings
+) -> None:
+    """A writer that migrates the store and then fails before its journal is open (a wrong key
+    passphrase: exit 77) left the migration unrecorded for good: the next writer found the
+    store at this version's revisions (found by a review). The migration's own transaction
+    now leaves a row that the next writer journals, once."""
+    from alembic import command
+
+    from sekisho.db import Database, alembic_config
+
+    db = Database(settings.db_url)
+    try:
+        command.downgrade(alembic_config(db.engine), "0008")
+    finally:
+        db.dispose()
+    secret = settings.passphrase_path
+    assert secret is not None
+    good = secret.read_bytes()
+    secret.write_bytes(b"a-wrong-but-long-enough-passphrase\n")
+    assert run("crl", "generate").code == 77
+    secret.write_bytes(good)
+    ok(run("crl", "generate"))
+    ok(run("crl", "generate"))
+    out = ok(run("--json", "audit", "search", "--action", "system.migrate")).out
+    found = [json.loads(line) for line in out.splitlines()]
+    assert len(found) == 1, "the migration from 0008 was not journalled once"
+    assert found[0]["detail"]["from"] == ["0008"], found
+    assert "journal intact" in ok(run("audit", "verify")).out
 
 
 def test_read_commands_need_no_key_passphrase(

@@ -222,6 +222,7 @@ def test_the_application_role_holds_only_what_it_is_granted(two_roles: TwoRoles)
     assert held.pop("audit_checkpoints") == "INSERT,SELECT"
     assert held.pop("audit_purged") == "INSERT,SELECT"
     assert held.pop("audit_head") == "SELECT,UPDATE"
+    assert held.pop("audit_schema_changes") == "DELETE,SELECT"  # written by the migrations
     assert held.pop("alembic_version") == "SELECT"
     assert held.pop("certificates") == "DELETE,INSERT,SELECT,UPDATE"
     assert set(held.values()) == {"DELETE,INSERT,SELECT,UPDATE"}
