@@ -485,6 +485,9 @@ def journal_schema_changes(services: Services) -> int:
     transaction of its record, and only a row this transaction deleted is journalled, so two
     processes starting at once record it once. A new store's first migration leaves no row
     (its initialisation is journalled). How many were journalled."""
+    with services.db.read_scope() as session:
+        if session.scalar(select(SchemaChange.id).limit(1)) is None:
+            return 0  # the usual case: read without taking the write lock
     done = 0
     with services.db.scope() as session:
         pending = session.execute(
