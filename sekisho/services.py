@@ -469,6 +469,10 @@ def build_services(
     if not db.read_only:
         try:
             journal_schema_changes(services)
+        except StoreError as exc:
+            # The store is down (a web worker starts anyway, and says so on /healthz) or not
+            # migrated yet: the rows wait for the next process that writes.
+            log.warning("migrations not journalled yet", extra={"detail": exc.message})
         except BaseException:
             services.close()
             raise
