@@ -1557,7 +1557,7 @@ def db_status(state: State) -> None:
     """Show the migrations the store is at and those this version of Sekisho would apply
     (read-only: run it before an upgrade). "current" in --json says whether there are none."""
     from sekisho.db import Database, head_revisions, pending_migrations
-    from sekisho.services import NO_DEPLOYMENT_HINT, require_data_dir
+    from sekisho.services import no_tables, require_data_dir
 
     settings = state.settings
     require_data_dir(settings)
@@ -1568,10 +1568,7 @@ def db_status(state: State) -> None:
     finally:
         db.dispose()
     if stored is None:
-        raise ConfigError(
-            f"no Sekisho deployment in {settings.data_dir} (its database has no tables): "
-            f"{NO_DEPLOYMENT_HINT}"
-        )
+        raise no_tables(settings)
     revisions, heads = sorted(stored), sorted(head_revisions())
     try:
         pending, known = pending_migrations(revisions), True

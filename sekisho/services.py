@@ -338,10 +338,7 @@ def open_deployment(
             db.check_roles(regrant=migrate)
         revisions = db.schema_revisions()
         if revisions is None:
-            raise ConfigError(
-                f"no Sekisho deployment in {settings.data_dir} (its database has no tables): "
-                f"{NO_DEPLOYMENT_HINT}"
-            )
+            raise no_tables(settings)
         heads = head_revisions()
         if migrate and set(revisions) != set(heads):
             if read_only:
@@ -363,6 +360,14 @@ def open_deployment(
     except BaseException:
         db.dispose()
         raise
+
+
+def no_tables(settings: Settings) -> ConfigError:
+    """A data directory whose database has no schema: never initialised."""
+    return ConfigError(
+        f"no Sekisho deployment in {settings.data_dir} (its database has no tables): "
+        f"{NO_DEPLOYMENT_HINT}"
+    )
 
 
 def _not_migrated(revisions: tuple[str, ...], heads: tuple[str, ...]) -> str:
