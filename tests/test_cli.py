@@ -1822,6 +1822,19 @@ def _schema(data: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT version_num FROM alembic_version")]
 
 
+def _downgrade(url: str, revision: str) -> None:
+    """The store at ``url`` taken back to ``revision`` (as an older version left it)."""
+    from alembic import command
+
+    from sekisho.db import Database, alembic_config
+
+    db = Database(url)
+    try:
+        command.downgrade(alembic_config(db.engine), revision)
+    finally:
+        db.dispose()
+
+
 def test_a_read_command_never_migrates_the_store(
     template_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1830,16 +1843,10 @@ def test_a_read_command_never_migrates_the_store(
     that write refuse to touch), and a newer Sekisho run to read a store changed it under the
     older one serving it. Reading now refuses (exit 74) and changes nothing; a command that
     writes migrates."""
-    from alembic import command
-
-    from sekisho.db import Database, alembic_config, head_revisions
+    from sekisho.db import head_revisions
 
     copy = _copy(template_dir, tmp_path / "older")
-    db = Database(f"sqlite:///{copy / 'sekisho.db'}")
-    try:
-        command.downgrade(alembic_config(db.engine), "0002")
-    finally:
-        db.dispose()
+    _downgrade(f"sqlite:///{copy / 'sekisho.db'}", "0002")
     run = _runner(capsys, copy)
     for argv in (["ca", "list"], ["audit", "verify"], ["--json", "cert", "list"]):
         refused = run(*argv)
@@ -1858,16 +1865,10 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
     """`db status` (read-only) lists the migrations this version would apply; `db upgrade`
     applies them, says from and to, and journals system.migrate once; a store a newer version
     wrote is named as such by both (status exit 0, upgrade and every writer exit 74)."""
-    from alembic import command
-
-    from sekisho.db import Database, alembic_config, head_revisions
+    from sekisho.db import Database, head_revisions
 
     heads = sorted(head_revisions())
-    db = Database(settings.db_url)
-    try:
-        command.downgrade(alembic_config(db.engine), "0008")
-    finally:
-        db.dispose()
+    _downgrade(settings.db_url, "0008")
     status = ok(run("--json", "db", "status")).json()
     assert status["revisions"] == ["0008"] and status["heads"] == heads
     assert not status["current"] and status["known"]
@@ -1915,15 +1916,7 @@ def test_a_migration_whose_command_then_fails_is_still_journalled(
     passphrase: exit 77) left the migration unrecorded for good: the next writer found the
     store at this version's revisions (found by a review). The migration's own transaction
     now leaves a row that the next writer journals, once."""
-    from alembic import command
-
-    from sekisho.db import Database, alembic_config
-
-    db = Database(settings.db_url)
-    try:
-        command.downgrade(alembic_config(db.engine), "0008")
-    finally:
-        db.dispose()
+    _downgrade(settings.db_url, "0008")
     secret = settings.passphrase_path
     assert secret is not None
     good = secret.read_bytes()
