@@ -49,6 +49,7 @@ from sekisho.errors import (
     InputError,
     KeyBackendError,
     NotFound,
+    SchemaNotCurrent,
     SekishoError,
     shown,
     tamed,
@@ -1552,11 +1553,18 @@ def db_group() -> None:
 
 
 @db_group.command("status")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 2 unless the store is at this version's schema (for deployment scripts).",
+)
 @pass_state
-def db_status(state: State) -> None:
+def db_status(state: State, check: bool) -> None:
     """Show the migrations the store is at and those this version of Sekisho would apply
-    (read-only: run it before an upgrade). "current" in --json says whether there are none."""
-    from sekisho.db import Database, head_revisions, pending_migrations
+    (read-only: run it before an upgrade). "current" in --json says whether there are none;
+    "problem" names a store this version cannot migrate (a newer version's, or damaged
+    bookkeeping)."""
+    from sekisho.db import Database, head_revisions, pending_migrations, schema_problem
     from sekisho.services import no_tables, require_data_dir
 
     settings = state.settings
@@ -1564,32 +1572,29 @@ def db_status(state: State) -> None:
     db = Database(settings.db_url, read_only=True)
     try:
         stored = db.schema_revisions()
+        tables = db.has_tables()
         store = db.engine.dialect.name
     finally:
         db.dispose()
     if stored is None:
         raise no_tables(settings)
     revisions, heads = sorted(stored), sorted(head_revisions())
-    try:
-        pending, known = pending_migrations(revisions), True
-    except ValueError:
-        pending, known = [], False
+    problem = schema_problem(revisions, tables)
+    pending = [] if problem is not None else pending_migrations(revisions)
     doc = {
         "store": store,
         "revisions": revisions,
         "heads": heads,
         "current": revisions == heads,
-        "known": known,
+        "known": problem is None,
+        "problem": problem,
         "pending": [{"revision": r, "description": d} for r, d in pending],
     }
 
     def text() -> str:
         at = ", ".join(revisions) or "no migration"
-        if not known:
-            return (
-                f"the {store} store is at {at}, which this version (up to {', '.join(heads)}) "
-                "does not know: a newer version of Sekisho wrote it"
-            )
+        if problem is not None:
+            return f"the {store} store cannot be migrated by this version: {problem}"
         if not pending:
             return f"the {store} store is at {at}, this version's schema: nothing to migrate"
         lines = [f"the {store} store is at {at}; `sekisho db upgrade` would apply:"]
@@ -1597,6 +1602,10 @@ def db_status(state: State) -> None:
         return "\n".join(lines)
 
     state.emit(doc, text)
+    if check and revisions != heads:
+        raise SchemaNotCurrent(
+            problem or f"{len(pending)} migrations pending: run `sekisho db upgrade`"
+        )
 
 
 @db_group.command("upgrade")

@@ -703,6 +703,12 @@ class Database:
             conn.execution_options(**{READ_ONLY: True})
             return _stamped(conn)
 
+    def has_tables(self) -> bool:
+        """Whether the store holds tables besides ``alembic_version`` (read only)."""
+        with self._unchanged(), store_errors(), self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            return has_tables(conn)
+
     def dispose(self) -> None:
         self.engine.dispose()
         if self._writer is not None:
@@ -982,10 +988,48 @@ class Migrated:
     after: tuple[str, ...]
 
 
+def has_tables(conn: Connection) -> bool:
+    """Whether the store holds tables besides Alembic's ``alembic_version``."""
+    return any(name != "alembic_version" for name in inspect(conn).get_table_names())
+
+
+def schema_problem(revisions: Sequence[str], tables: bool) -> str | None:
+    """Why this code cannot migrate a store stamped ``revisions`` (``tables``: it has tables
+    besides ``alembic_version``); None when it can. A revision it does not know: a newer
+    version of Sekisho wrote the store. No revision over existing tables, or two revisions
+    one of which follows the other: ``alembic_version`` was damaged (edited by hand, a bad
+    restore), and migrating would fail half-way or skip migrations."""
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    advice = "restore a backup, or stamp the revision the schema is at (alembic stamp)"
+    if not revisions:
+        if tables:
+            return f"alembic_version names no migration, yet the store has tables: {advice}"
+        return None
+    try:
+        for revision in revisions:
+            _scripts().get_revision(revision)
+    except (CommandError, RevisionError):
+        return (
+            f"the database schema is at {', '.join(revisions)}, which this version of Sekisho "
+            "does not know (a newer version wrote it): run that version, or restore a backup "
+            "made with this one"
+        )
+    try:
+        list(_scripts().iterate_revisions("heads", tuple(revisions)))
+    except (CommandError, RevisionError):
+        return (
+            f"alembic_version holds {', '.join(revisions)}, one of which follows the other: "
+            f"its bookkeeping is damaged; {advice}"
+        )
+    return None
+
+
 def pending_migrations(revisions: Sequence[str]) -> list[tuple[str, str]]:
     """(revision, first line of its description) of each migration this code would apply to
-    a store at ``revisions``, oldest first; ValueError when the store is at one this code
-    does not know (a newer version of Sekisho wrote it)."""
+    a store at ``revisions``, oldest first (check :func:`schema_problem` first: ValueError
+    for revisions it names)."""
     from alembic.script.revision import RevisionError
     from alembic.util import CommandError
 
@@ -1008,14 +1052,10 @@ def upgrade(engine: Engine, *, grant_to: str | None = None) -> Migrated | None:
     with migration_lock(engine):
         before = current_revisions(engine) or ()
         if before != heads:
-            try:
-                pending_migrations(before)
-            except ValueError:
-                raise StoreError(
-                    f"the database schema is at {', '.join(before)}, which this version of "
-                    "Sekisho does not know (a newer version wrote it): run that version, or "
-                    "restore a backup made with this one"
-                ) from None
+            with store_errors(), engine.connect() as conn:
+                problem = schema_problem(before, has_tables(conn))
+            if problem is not None:
+                raise StoreError(problem)
         try:
             if before != heads:
                 command.upgrade(alembic_config(engine), "head")

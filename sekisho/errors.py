@@ -216,3 +216,11 @@ class Discrepancies(SekishoError):
 
     code = "discrepancies"
     exit_code = 2
+
+
+class SchemaNotCurrent(SekishoError):
+    """``db status --check``: the store is not at this version's schema (migrations pending,
+    or a store this version cannot migrate)."""
+
+    code = "schema-not-current"
+    exit_code = 2

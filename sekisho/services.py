@@ -40,7 +40,7 @@ from hsm.software import SoftwareBackend
 from ocsp.signers import on_revocation as responder_revoked
 from ocsp.store import OcspService
 from sekisho.clock import utcnow
-from sekisho.db import Database, head_revisions, sqlite_file
+from sekisho.db import Database, head_revisions, schema_problem, sqlite_file
 from sekisho.errors import (
     ConfigError,
     KeyBackendError,
@@ -342,7 +342,8 @@ def open_deployment(
         heads = head_revisions()
         if migrate and set(revisions) != set(heads):
             if read_only:
-                raise StoreError(_not_migrated(revisions, heads))
+                problem = schema_problem(revisions, db.has_tables())
+                raise StoreError(problem or _not_migrated(revisions, heads))
             db.upgrade()
         if not has_root_ca(db):
             raise ConfigError(

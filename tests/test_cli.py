@@ -1871,7 +1871,10 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
     _downgrade(settings.db_url, "0008")
     status = ok(run("--json", "db", "status")).json()
     assert status["revisions"] == ["0008"] and status["heads"] == heads
-    assert not status["current"] and status["known"]
+    assert not status["current"] and status["known"] and status["problem"] is None
+    checked = run("--json", "db", "status", "--check")  # for deployment scripts
+    assert checked.code == 2 and json.loads(checked.out)["pending"] == status["pending"]
+    assert "3 migrations pending: run `sekisho db upgrade`" in checked.err, checked
     assert [p["revision"] for p in status["pending"]] == ["0009", "0010", "0011"]
     assert all(p["description"] for p in status["pending"])
     text = ok(run("db", "status")).out
@@ -1882,7 +1885,7 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
     done = ok(run("--json", "db", "upgrade")).json()
     assert done == {"migrated": True, "from": ["0008"], "to": heads}
     assert ok(run("--json", "db", "status")).json()["current"]
-    assert "nothing to migrate" in ok(run("db", "status")).out
+    assert "nothing to migrate" in ok(run("db", "status", "--check")).out
     again = ok(run("--json", "db", "upgrade")).json()
     assert again == {"migrated": False, "from": heads, "to": heads}
     out = ok(run("--json", "audit", "search", "--action", "system.migrate")).out
@@ -1901,12 +1904,56 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
         db.dispose()
     ahead = ok(run("--json", "db", "status")).json()
     assert ahead["known"] is False and ahead["current"] is False and ahead["pending"] == []
-    assert "a newer version of Sekisho wrote it" in ok(run("db", "status")).out
+    assert "a newer version wrote it" in ok(run("db", "status")).out
+    assert run("db", "status", "--check").code == 2
     for argv in (("db", "upgrade"), ("crl", "generate")):
         refused = run(*argv)
         assert refused.code == 74, (argv, refused)
         assert "which this version of Sekisho does not know" in refused.err, refused.err
         assert refused.err.count("\n") == 1, refused.err
+
+
+@pytest.mark.parametrize(
+    ("stamped", "named"),
+    [
+        ([], "alembic_version names no migration, yet the store has tables"),
+        (["0005", "0009"], "alembic_version holds 0005, 0009, one of which follows the other"),
+    ],
+)
+def test_damaged_migration_bookkeeping_is_named_and_nothing_is_migrated(
+    run: Runner, settings: Settings, stamped: list[str], named: str
+) -> None:
+    """An ``alembic_version`` edited by hand or half restored: emptied on a store with tables
+    (`db status` offered to apply 0001.. and `db upgrade` then failed on CREATE TABLE with a
+    multi-line SQL error), or holding two revisions of the one line (called "written by a
+    newer version"). Both are now named as damaged bookkeeping, and nothing is migrated."""
+    from sqlalchemy import text
+
+    from sekisho.db import Database
+
+    db = Database(settings.db_url)
+    try:
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM alembic_version")
+            for revision in stamped:
+                conn.execute(text("INSERT INTO alembic_version VALUES (:r)"), {"r": revision})
+    finally:
+        db.dispose()
+    status = ok(run("--json", "db", "status")).json()
+    assert status["known"] is False and status["pending"] == [], status
+    assert named in status["problem"] and "restore a backup" in status["problem"], status
+    assert named in ok(run("db", "status")).out
+    for argv in (("db", "upgrade"), ("crl", "generate"), ("ca", "list")):
+        refused = run(*argv)
+        assert refused.code == 74, (argv, refused)
+        assert named in refused.err and refused.err.count("\n") == 1, refused.err
+    db = Database(settings.db_url)
+    try:
+        with db.engine.connect() as conn:
+            left = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+            assert sorted(left) == stamped
+    finally:
+        db.dispose()
 
 
 def test_a_migration_whose_command_then_fails_is_still_journalled(
