@@ -220,7 +220,7 @@ def bench_database(database: str, args: argparse.Namespace, csrs: list[bytes]) -
             cert = services.ca.issue_from_csr(pem, ca=CA_NAME, profile=PROFILE, actor=BENCH_ACTOR)
             return cert.public_bytes(serialization.Encoding.PEM)
 
-        # Warm-up (not measured): first use loads the CA key (PBKDF2) and the CA context.
+        # Warm-up (not measured): first use loads the CA key (scrypt) and the CA context.
         t0 = time.perf_counter()
         first = sekisho_issue(csrs[0])
         cold = time.perf_counter() - t0

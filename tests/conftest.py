@@ -2,7 +2,7 @@
 and on a real PostgreSQL), and a key backend that records every signature.
 
 An initialised deployment is built once per session per database and copied for each test:
-key derivation at 600,000 PBKDF2 iterations is deliberately slow, tests should not pay it each
+key derivation (scrypt) is deliberately slow, tests should not pay it each
 time. SQLite: the data directory (keys + ``sekisho.db``) is copied. PostgreSQL: the data
 directory (keys) is copied and the database is cloned with ``CREATE DATABASE ... TEMPLATE``;
 the copy's ``sekisho.toml`` names that database, so anything that loads settings from the data
@@ -45,7 +45,7 @@ from tests.support import softhsm as softhsm_support
 
 def _remember_decrypted_keys() -> None:
     """Every test copies the same initialised deployment, so each in-process test would decrypt
-    the same key files again at 600,000 PBKDF2 iterations (0.12 s each on a slow machine; about
+    the same key files again with a deliberately slow KDF (0.1 s each on a slow machine; about
     a fifth of the suite's time). The software backend's decryption is therefore remembered
     here, per process, by the exact encrypted bytes and passphrase: the first decryption of each
     file runs the real derivation, a different file, a re-encrypted one or a wrong passphrase is

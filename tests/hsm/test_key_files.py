@@ -99,8 +99,8 @@ def test_a_key_file_with_damaged_base64_is_a_key_backend_error(
 
 def test_a_corrupted_key_structure_is_a_key_backend_error() -> None:
     der = encrypt_private_key(ec.generate_private_key(ec.SECP256R1()), PASSPHRASE)
-    # The iteration count's INTEGER tag made a REAL: asn1crypto then raised AttributeError.
-    at = der.index(bytes([0x02, 0x03]) + (600_000).to_bytes(3, "big"))
+    # scrypt's cost parameter's INTEGER tag made a REAL: asn1crypto then raised AttributeError.
+    at = der.index(bytes([0x02, 0x02]) + (2**14).to_bytes(2, "big"))
     corrupted = der[:at] + b"\x09" + der[at + 1 :]
     with pytest.raises(KeyBackendError, match="not a valid EncryptedPrivateKeyInfo"):
         describe(corrupted)

@@ -14,12 +14,18 @@ from pathlib import Path
 
 import click
 import pytest
-from asn1crypto import keys as asn1_keys
+from asn1crypto import core as asn1_core
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from hsm.base import CA_KEY_TYPES, KeyType, sign_bytes, signature_hash
-from hsm.pbes2 import MIN_ITERATIONS, decrypt_private_key, describe, encrypt_private_key
+from hsm.pbes2 import (
+    MIN_ITERATIONS,
+    EncryptedPrivateKeyInfo,
+    decrypt_private_key,
+    describe,
+    encrypt_private_key,
+)
 from hsm.secrets import create_secret_file, read_secret
 from hsm.software import PEM_LABEL, SoftwareBackend, generate_private_key, pem_unwrap
 from sekisho.cli import cli, main
@@ -39,25 +45,70 @@ def _epki_der(path: Path) -> bytes:
     return pem_unwrap(path.read_bytes(), PEM_LABEL)
 
 
-def test_key_file_is_pbes2_aes256_pbkdf2_sha256(backend: SoftwareBackend, tmp_path: Path) -> None:
+def test_key_file_is_pbes2_scrypt_aes256(backend: SoftwareBackend, tmp_path: Path) -> None:
+    """Security target 39: PKCS#8 PBES2 with scrypt, N >= 2^14 and r = 8 (RFC 7914 7), and
+    AES-256; read here with asn1crypto's generic parser (DER tags and OIDs as they are
+    stored), not with Sekisho's own ASN.1 classes."""
     ref = backend.generate("ca-root", KeyType.EC_P256)
     assert ref == "file:ca-root"
     path = tmp_path / "keys" / "ca-root.key"
     text = path.read_text()
     assert text.startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----\n")
-    info = asn1_keys.EncryptedPrivateKeyInfo.load(_epki_der(path))
-    alg = info["encryption_algorithm"]
-    assert alg["algorithm"].native == "pbes2"
-    kdf = alg["parameters"]["key_derivation_func"]
-    assert kdf["algorithm"].native == "pbkdf2"
-    params = kdf["parameters"]
-    assert params["prf"]["algorithm"].native == "sha256"
-    assert params["iteration_count"].native >= 600_000
-    assert len(params["salt"].native) >= 16
-    enc = alg["parameters"]["encryption_scheme"]
-    assert enc["algorithm"].native == "aes256_cbc"
-    assert len(enc["parameters"].native) == 16  # the IV
-    assert describe(_epki_der(path)) == ("pbes2", "pbkdf2-sha256", 600_000, "aes256_cbc")
+    outer = asn1_core.Sequence.load(_epki_der(path))
+    algorithm, _data = outer[0], outer[1]
+    assert algorithm[0].dotted == "1.2.840.113549.1.5.13"  # id-PBES2
+    kdf, cipher = algorithm[1][0], algorithm[1][1]
+    assert kdf[0].dotted == "1.3.6.1.4.1.11591.4.11"  # id-scrypt
+    salt, n, r, p, length = (kdf[1][i] for i in range(5))
+    assert len(salt.native) >= 16
+    assert n.native >= 2**14 and n.native & (n.native - 1) == 0 and r.native == 8
+    assert p.native >= 1 and length.native == 32
+    assert cipher[0].dotted == "2.16.840.1.101.3.4.1.42"  # aes256-CBC
+    assert len(cipher[1].native) == 16  # the IV
+    assert describe(_epki_der(path)) == ("pbes2", "scrypt", 2**14, "aes256_cbc", 8, 2)
+
+
+def _openssl_pkcs8(key: ec.EllipticCurvePrivateKey, tmp_path: Path, *options: str) -> bytes:
+    """``key`` encrypted by ``openssl pkcs8 -topk8`` with ``options`` (DER)."""
+    plain = tmp_path / "plain.pem"
+    plain.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return subprocess.run(
+        ["openssl", "pkcs8", "-topk8", "-in", str(plain), "-outform", "DER", *options,
+         "-passout", f"pass:{PASSPHRASE.decode()}"],
+        capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+
+
+def test_pbkdf2_key_files_of_earlier_versions_and_openssl_scrypt_files_are_read(
+    tmp_path: Path,
+) -> None:
+    """Deployments made before scrypt hold PBKDF2-HMAC-SHA256 files at 600,000 iterations:
+    still read, as a file OpenSSL encrypted with either KDF is (a ceremony's key brought back
+    online); OpenSSL's scrypt below N = 2^14 is refused as weak."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    numbers = key.private_numbers()
+    pbkdf2 = _openssl_pkcs8(
+        key, tmp_path, "-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA256", "-iter", "600000"
+    )
+    assert describe(pbkdf2)[:4] == ("pbes2", "pbkdf2-sha256", 600_000, "aes256_cbc")
+    scrypt = _openssl_pkcs8(key, tmp_path, "-v2", "aes-256-cbc", "-scrypt", "-scrypt_N", "16384")
+    assert describe(scrypt) == ("pbes2", "scrypt", 16384, "aes256_cbc", 8, 1)
+    for der in (pbkdf2, scrypt):
+        loaded = decrypt_private_key(der, PASSPHRASE)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        assert loaded.private_numbers() == numbers
+        with pytest.raises(WrongPassphrase):
+            decrypt_private_key(der, b"not the passphrase at all")
+    small = _openssl_pkcs8(key, tmp_path, "-v2", "aes-256-cbc", "-scrypt", "-scrypt_N", "8192")
+    assert describe(small).cost == 8192
+    with pytest.raises(KeyBackendError, match="weak encryption"):
+        decrypt_private_key(small, PASSPHRASE)
 
 
 def test_key_files_are_owner_only(backend: SoftwareBackend, tmp_path: Path) -> None:
@@ -164,48 +215,49 @@ def test_weak_pkcs8_from_best_available_encryption_is_refused(tmp_path: Path) ->
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(PASSPHRASE),
     )
-    assert describe(weak)[2] < MIN_ITERATIONS
+    assert describe(weak).kdf.startswith("pbkdf2") and describe(weak).cost < MIN_ITERATIONS
     with pytest.raises(KeyBackendError, match="weak encryption"):
         decrypt_private_key(weak, PASSPHRASE)
-    with pytest.raises(ValueError, match="iterations"):
-        encrypt_private_key(key, PASSPHRASE, iterations=2048)
     with pytest.raises(ValueError, match="empty"):
         encrypt_private_key(key, b"")
 
 
-def _with_iterations(der: bytes, iterations: int) -> bytes:
-    info = asn1_keys.EncryptedPrivateKeyInfo.load(der)
+def _with_cost(der: bytes, field: str, value: int) -> bytes:
+    """``der`` with one KDF parameter changed (``iteration_count`` of PBKDF2; ``cost_parameter``,
+    ``block_size`` or ``parallelization_parameter`` of scrypt)."""
+    info = EncryptedPrivateKeyInfo.load(der)
     params = info["encryption_algorithm"]["parameters"]["key_derivation_func"]["parameters"]
-    params["iteration_count"] = iterations
-    return bytes(asn1_keys.EncryptedPrivateKeyInfo.load(info.dump(force=True)).dump())
+    params[field] = value
+    return bytes(EncryptedPrivateKeyInfo.load(info.dump(force=True)).dump())
 
 
-def test_key_files_brought_online_need_sha2_aes256_and_sane_iterations(tmp_path: Path) -> None:
+def test_key_files_brought_online_need_sha2_aes256_and_sane_costs(tmp_path: Path) -> None:
     """A key file re-encrypted elsewhere with 3DES and HMAC-SHA1 (600,000 iterations, which
     the iteration check alone let through) is refused, as is one asking for 2^31 - 1
-    iterations (minutes of CPU before anything could fail): refused at once."""
+    iterations (minutes of CPU before anything could fail), or scrypt with 1 GiB of memory or
+    an hour of work: refused at once. scrypt with r below 8, or N not a power of two: weak."""
     key = ec.generate_private_key(ec.SECP256R1())
-    plain = tmp_path / "plain.pem"
-    plain.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    weak_pem = subprocess.run(
-        ["openssl", "pkcs8", "-topk8", "-in", str(plain), "-v2", "des3", "-v2prf",
-         "hmacWithSHA1", "-iter", "600000", "-passout", f"pass:{PASSPHRASE.decode()}"],
-        capture_output=True, check=True, timeout=60,
-    ).stdout  # fmt: skip
-    weak = pem_unwrap(weak_pem, PEM_LABEL)
-    assert describe(weak) == ("pbes2", "pbkdf2-sha1", 600_000, "tripledes_3key")
+    weak = _openssl_pkcs8(key, tmp_path, "-v2", "des3", "-v2prf", "hmacWithSHA1", "-iter", "600000")
+    assert describe(weak)[:4] == ("pbes2", "pbkdf2-sha1", 600_000, "tripledes_3key")
     with pytest.raises(KeyBackendError, match="weak encryption"):
         decrypt_private_key(weak, PASSPHRASE)
-    endless = _with_iterations(encrypt_private_key(key, PASSPHRASE), 2**31 - 1)
-    assert describe(endless)[2] == 2**31 - 1
+    pbkdf2 = _openssl_pkcs8(
+        key, tmp_path, "-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA256", "-iter", "600000"
+    )
+    endless = _with_cost(pbkdf2, "iteration_count", 2**31 - 1)
+    assert describe(endless).cost == 2**31 - 1
     with pytest.raises(KeyBackendError, match="more than"):
         decrypt_private_key(endless, PASSPHRASE)
+    ours = encrypt_private_key(key, PASSPHRASE)
+    for field, value, refusal in [
+        ("cost_parameter", 2**23, "more than 256 MiB"),  # 1 GiB
+        ("parallelization_parameter", 2**16, "more than 256 MiB or"),  # an hour
+        ("block_size", 1, "weak encryption"),
+        ("cost_parameter", 3 * 2**13, "weak encryption"),
+    ]:
+        changed = _with_cost(ours, field, value)
+        with pytest.raises(KeyBackendError, match=refusal):
+            decrypt_private_key(changed, PASSPHRASE)
 
 
 def test_garbage_key_file_is_a_key_backend_error(tmp_path: Path) -> None:
