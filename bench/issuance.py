@@ -1,6 +1,7 @@
 """End-to-end issuance rate: CSR in (PEM), certificate out (PEM), through Sekisho's real path
-(``services.ca.issue_from_csr``: CSR checks, profile rules, intent row committed before
-signing, issued row + audit entry committed after) on SQLite and/or PostgreSQL, beside a raw
+(``services.ca.issue_from_csr``: CSR checks, profile rules, the lint gate (pkilint on the
+TBS), intent row committed before signing, issued row + audit entry committed after) on
+SQLite and/or PostgreSQL, then the same without the lint gate, beside a raw
 ``cryptography`` loop doing the same CSR parse + signature check + certificate build (BC, KU,
 EKU, SKI, AKI, SAN, CDP, AIA) + sign + PEM in the same run. Prints Sekisho / raw as a ratio.
 
@@ -228,7 +229,8 @@ def bench_database(database: str, args: argparse.Namespace, csrs: list[bytes]) -
             sekisho_issue(pem)
             raw.issue(pem)
         durable = DurableRawIssuer(raw, services.settings.data_dir)
-        raw_runs, durable_runs, sekisho_runs = [], [], []
+        raw_runs, durable_runs, sekisho_runs, unlinted_runs = [], [], [], []
+        linter = services.ca.linter
         for r in range(args.rounds):
             progress(f"{database}: round {r + 1}/{args.rounds}: raw cryptography loop")
             raw_runs.append(run_phase("raw", raw.issue, csrs, args.seconds, args.count))
@@ -244,6 +246,15 @@ def bench_database(database: str, args: argparse.Namespace, csrs: list[bytes]) -
             if profiler is not None:
                 profiler.disable()
                 print_profile(profiler, args.profile)
+            if linter is not None:  # the same path with lint_before_signing = false
+                progress(f"{database}: round {r + 1}/{args.rounds}: Sekisho without the lint gate")
+                services.ca.linter = None
+                try:
+                    unlinted_runs.append(
+                        run_phase("unlinted", sekisho_issue, csrs, args.seconds, args.count)
+                    )
+                finally:
+                    services.ca.linter = linter
         # Sanity: the store holds what we issued, and the certificate has the same extensions.
         with services.db.scope() as session:
             issued = session.scalar(
@@ -259,6 +270,7 @@ def bench_database(database: str, args: argparse.Namespace, csrs: list[bytes]) -
     best_raw = max(r["rate"] for r in raw_runs)
     best_durable = max(r["rate"] for r in durable_runs)
     best_sek = max(r["rate"] for r in sekisho_runs)
+    best_unlinted = max((r["rate"] for r in unlinted_runs), default=None)
     sync_s = durable.sync_seconds / max(durable.syncs, 1)
     return {
         "database": database,
@@ -270,6 +282,12 @@ def bench_database(database: str, args: argparse.Namespace, csrs: list[bytes]) -
         "durable_runs": durable_runs,
         "durable_rate": best_durable,
         "ratio_to_durable": best_sek / best_durable,
+        "lint_gate": linter is not None,
+        "unlinted_runs": unlinted_runs,
+        "unlinted_rate": best_unlinted,
+        "ratio_unlinted": best_unlinted / best_raw if best_unlinted else None,
+        # What the lint gate (pkilint on each TBS) adds to one issuance, in seconds.
+        "lint_seconds_per_issue": 1 / best_sek - 1 / best_unlinted if best_unlinted else None,
         "fdatasync_mean_s": sync_s,
         # The best any issuer with two ordered durable points can reach against the raw loop
         # on this disk, even with no other cost at all: raw time / (raw time + two syncs).
@@ -335,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
             f"other cost, the ratio to the raw loop cannot pass {res['ceiling_two_syncs']:.2f} "
             f"with two durable points, {res['ceiling_one_sync']:.2f} with one)"
         )
+        if res["unlinted_rate"]:
+            print(
+                f"{'':<10}{res['unlinted_rate']:>12,.0f}{res['raw_rate']:>10,.0f}"
+                f"{res['ratio_unlinted']:>8.2f}  with lint_before_signing = false (the lint "
+                f"gate costs {res['lint_seconds_per_issue'] * 1000:.1f} ms per issuance)"
+            )
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
     path = write_result(
         "issuance",

@@ -193,7 +193,7 @@ def create_root(
     ref, key_type = _ca_key(service, name, key_type, key_ref)
     key = service.backend.signing_key(ref)
     public_key = key.public_key()
-    cert = (
+    builder = (
         x509.CertificateBuilder(
             issuer_name=subject,
             subject_name=subject,
@@ -218,8 +218,15 @@ def create_root(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .sign(key, signature_hash(key_type))  # type: ignore[arg-type]
     )
+    try:
+        cert = builder.sign(key, signature_hash(key_type))  # type: ignore[arg-type]
+        if service.linter is not None:  # the lint gate: for a root, once signed (ca/lint.py)
+            service.linter.check_certificate(cert.public_bytes(serialization.Encoding.DER))
+    except BaseException:
+        if key_ref is None:  # refused (the lint gate) or failed: no key outlives it
+            _discard_new_key(service, ref)
+        raise
     return _record_ca(
         service, cert, actor, now, name=name, kind=CaKind.ROOT, parent_id=None,
         subject=subject, ref=ref, key_type=key_type,

@@ -37,6 +37,7 @@ from audit.events import Category, Outcome, by_actor, refused
 from audit.journal import Journal
 from ca import rules
 from ca.csr import parse_csr
+from ca.lint import Linter
 from ca.models import BlockedKey, Certificate, CertStatus
 from ca.profiles import ProfileSet
 from ca.registry import CaRegistry, bump_revocation_epoch
@@ -160,6 +161,7 @@ class CaService:
         registry: CaRegistry,
         profiles: ProfileSet,
         clock: Clock,
+        linter: Linter | None = None,
     ) -> None:
         self.db = db
         self.backend = backend
@@ -167,6 +169,9 @@ class CaService:
         self.registry = registry
         self.profiles = profiles
         self.clock = clock
+        # The lint gate (``lint_before_signing``): the TBS the key is about to sign, linted
+        # before the intent is written; None when the setting turns it off.
+        self.linter = linter
         # Called with (issuer_id, serial) once a certificate is signed, before it is stored;
         # each may return work to run in the store transaction (the OCSP pre-signer signs the
         # first response in the hook and writes it there: it commits with the certificate).
@@ -303,6 +308,8 @@ class CaService:
         def commit_intent(tbs_bytes: bytes) -> None:
             if reserved:
                 raise RuntimeError("the certificate builder signed twice")
+            if self.linter is not None:
+                self.linter.check_tbs(tbs_bytes, tbs.issuer.key_type)  # refused: nothing written
             values = {
                 "issuer_id": tbs.issuer.id,
                 "serial": serial_hex(tbs.serial),

@@ -30,6 +30,7 @@ from audit.journal import CheckpointSigner, Journal
 from audit.models import Checkpoint, JournalRecord, SchemaChange
 from ca.crl import CrlPublisher
 from ca.issuance import CaService
+from ca.lint import Linter
 from ca.models import CaKind, CertificateAuthority
 from ca.profiles import ProfileSet, load_profiles
 from ca.registry import CaRegistry, Urls
@@ -441,7 +442,8 @@ def build_services(
     registry = CaRegistry(urls)
     extra_profiles = settings.data_dir / "profiles.toml"
     profiles = load_profiles(extra_profiles if extra_profiles.exists() else None)
-    ca = CaService(db, backend, journal, registry, profiles, clock)
+    linter = Linter() if settings.lint_before_signing else None
+    ca = CaService(db, backend, journal, registry, profiles, clock, linter)
     revoker = Revoker(db, journal, clock)
     crls = CrlPublisher(
         db,

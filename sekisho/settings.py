@@ -56,6 +56,9 @@ class Settings:
     # Delta CRLs (RFC 5280 5.2.4) and the full CRL's Freshest CRL pointer to them; off for
     # relying parties that misread a delta as a whole list (docs/relying-parties.md).
     crl_deltas: bool = True
+    # Every to-be-signed certificate goes through pkilint before the CA signs it (ca/lint.py;
+    # BR 4.3.1.2); off only where the issuance rate matters more (docs/decisions.md).
+    lint_before_signing: bool = True
     crl_debounce_seconds: float = 2.0
     # CRLs whose nextUpdate passed longer ago than this are deleted (each CA's newest full and
     # delta CRL are kept whatever their age).

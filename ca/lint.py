@@ -1,0 +1,134 @@
+"""The lint gate: every to-be-signed certificate is checked by pkilint before the CA signs it.
+
+Security target 1 and CA/B Forum BR 4.3.1.2 (every TBS certificate SHALL be linted before
+issuance). Sekisho's own rules (``ca.rules``) already decide what may be issued; pkilint is
+someone else's reading of RFC 5280, so a fault in our rules, our profiles or our encoders is
+caught before a signature exists, not after.
+
+What is linted is the exact TBS the CA key is about to sign (the bytes the signing hook
+receives), wrapped with the same signature algorithm and a signature by a throwaway key of
+the issuer's key type: the linted and the signed TBS cannot differ (Boulder lints a second
+TBS and compares the two); a self-signed root alone is linted once signed
+(``Linter.check_certificate``). A finding of NOTICE or above refuses the issuance (rule
+``pkilint``: nothing reserved, nothing signed, the refusal journalled); INFO findings (such
+as "the SKI is the SHA-1 of the key") pass. A linter that fails on the structure refuses
+too: a gate that cannot look does not open.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from asn1crypto import x509 as asn1_x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+from ca import der
+from ca.rules import dns_name_problem
+from hsm.base import KeyType, sign_bytes
+from hsm.software import generate_private_key
+from sekisho.errors import PolicyViolation
+
+LINT_RULE = "pkilint"
+# pkilint's RFC 5280 linter takes a wildcard dNSName for bad syntax: RFC 5280 does not define
+# wildcards, RFC 6125 / 9525 and the CA/B Forum profiles (whose pkilint linter accepts them)
+# do. The tls-server and device profiles issue them (ca.rules: "*" as the whole first label,
+# two labels after it), so this one finding is let through for such a name, and only for it.
+WILDCARD_FINDING = "pkix.invalid_domain_name_syntax"
+MAX_FINDINGS_SHOWN = 5
+
+
+class Linter:
+    """pkilint's RFC 5280 certificate checks (those of its ``lint_pkix_cert``), one set of
+    validators per thread (pkilint does not say its validators may be shared), loaded on
+    first use (importing pkilint costs about 0.3 s)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._keys: dict[KeyType, CertificateIssuerPrivateKeyTypes] = {}
+
+    def check_tbs(self, tbs: bytes, key_type: KeyType) -> None:
+        """Refuse (PolicyViolation, rule ``pkilint``) the TBS certificate ``tbs`` that a CA
+        key of ``key_type`` is about to sign, if pkilint finds anything of NOTICE or above."""
+        try:
+            algorithm = asn1_x509.TbsCertificate.load(tbs)["signature"].dump()
+            signature = sign_bytes(self._throwaway(key_type), key_type, tbs)
+            certificate = der.sequence(tbs, algorithm, der.tlv(0x03, b"\x00" + signature))
+        except Exception as exc:
+            raise _unreadable(exc) from exc
+        self.check_certificate(certificate)
+
+    def check_certificate(self, certificate: bytes) -> None:
+        """Refuse a signed certificate (DER) as :meth:`check_tbs` refuses a TBS. For a
+        self-signed root only: pkilint knows a certificate for self-signed by its signature
+        verifying under its own key, so a root's TBS under a throwaway signature would be
+        judged as a certificate some other CA issued (and its AKI found missing). The root is
+        linted once signed, before anything records it; refused, its signature and its new
+        key are thrown away (``ca.hierarchy.create_root``)."""
+        try:
+            findings = self._findings(certificate)
+        except Exception as exc:  # pkilint or the parser choking: the gate stays shut
+            raise _unreadable(exc) from exc
+        if findings:
+            shown = "; ".join(findings[:MAX_FINDINGS_SHOWN])
+            more = len(findings) - MAX_FINDINGS_SHOWN
+            raise PolicyViolation(
+                LINT_RULE,
+                f"pkilint found {shown}{f' and {more} more' if more > 0 else ''}: not signed",
+            )
+
+    def _throwaway(self, key_type: KeyType) -> CertificateIssuerPrivateKeyTypes:
+        with self._lock:
+            key = self._keys.get(key_type)
+            if key is None:
+                key = self._keys[key_type] = generate_private_key(key_type)
+            return key
+
+    def _validator(self) -> Any:
+        validator = getattr(self._local, "validator", None)
+        if validator is None:
+            from pkilint.pkix import certificate, extension, name
+
+            validator = certificate.create_pkix_certificate_validator_container(
+                certificate.create_decoding_validators(
+                    name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
+                ),
+                [
+                    certificate.create_issuer_validator_container([]),
+                    certificate.create_validity_validator_container(),
+                    certificate.create_subject_validator_container([]),
+                    certificate.create_extensions_validator_container([]),
+                    certificate.create_spki_validator_container([]),
+                ],
+            )
+            self._local.validator = validator
+        return validator
+
+    def _findings(self, certificate: bytes) -> list[str]:
+        from pkilint import loader
+        from pkilint.validation import ValidationFindingSeverity
+
+        document = loader.load_der_certificate(certificate, "to-be-signed")
+        found = []
+        for result in self._validator().validate(document.root):
+            for description in result.finding_descriptions:
+                severity, code = description.finding.severity, description.finding.code
+                if severity > ValidationFindingSeverity.NOTICE:
+                    continue
+                if code == WILDCARD_FINDING and _wildcard(str(result.node.pdu)):
+                    continue
+                found.append(f"{code} ({severity}) at {result.node.path}")
+        return found
+
+
+def _wildcard(value: str) -> bool:
+    """A wildcard dNSName our rules would issue: ``*`` as the whole first label, over a name
+    that is itself good preferred name syntax."""
+    return value.startswith("*.") and dns_name_problem(value[2:], wildcard=False) is None
+
+
+def _unreadable(exc: Exception) -> PolicyViolation:
+    return PolicyViolation(
+        LINT_RULE, f"the certificate could not be linted ({exc.__class__.__name__}): not signed"
+    )

@@ -1,0 +1,191 @@
+"""The lint gate (security target 1, BR 4.3.1.2): pkilint checks the exact TBS certificate the
+CA key is about to sign; a finding of NOTICE or above refuses the issuance before anything is
+reserved or signed, and the refusal is journalled with the rule ``pkilint``."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Iterator
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID
+from sqlalchemy import func, select
+
+from audit.models import JournalRecord
+from ca import tbs as tbs_module
+from ca.hierarchy import create_root
+from ca.lint import LINT_RULE, Linter
+from ca.models import Certificate, CertificateAuthority
+from hsm.base import KeyType
+from sekisho.errors import PolicyViolation
+from sekisho.services import Services, build_services
+from sekisho.settings import Settings
+from tests.ca.helpers import PROFILE_REQUESTS, request_for
+from tests.conftest import TEST_ACTOR, RecordingBackend
+from tests.support.checkers import pkilint_cert
+
+
+def _count(services: Services, model: type[object]) -> int:
+    with services.db.scope() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def _rejections(services: Services) -> list[dict[str, object]]:
+    with services.db.scope() as session:
+        rows = session.scalars(
+            select(JournalRecord.detail).where(
+                JournalRecord.action == "ca.issue", JournalRecord.outcome == "failure"
+            )
+        )
+        return [json.loads(detail) for detail in rows]
+
+
+@pytest.fixture
+def without_aki(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extensions lose the AKI (our rules do not read them): a fault in our encoding that
+    only an independent linter can see (pkilint: ERROR)."""
+    real = tbs_module.build_extensions
+
+    def build_extensions(tbs: tbs_module.Tbs) -> list[x509.Extension[x509.ExtensionType]]:
+        return [e for e in real(tbs) if e.oid != ExtensionOID.AUTHORITY_KEY_IDENTIFIER]
+
+    monkeypatch.setattr(tbs_module, "build_extensions", build_extensions)
+
+
+def test_a_tbs_pkilint_finds_wrong_is_refused_before_anything_is_reserved_or_signed(
+    services: Services, recording_backend: RecordingBackend, without_aki: None
+) -> None:
+    rows, rejected = _count(services, Certificate), len(_rejections(services))
+    signatures = len(recording_backend.signatures_but_checkpoints())
+    with pytest.raises(PolicyViolation) as info:
+        services.ca.issue(request_for("admin-client"), TEST_ACTOR)
+    assert info.value.rule == LINT_RULE and info.value.exit_code == 65
+    assert "pkix.authority_key_identifier_extension_absent (ERROR)" in info.value.message
+    assert _count(services, Certificate) == rows, "a refused TBS left a row (reserved or not)"
+    assert recording_backend.signatures_but_checkpoints()[signatures:] == []
+    journalled = _rejections(services)
+    assert len(journalled) == rejected + 1
+    assert journalled[-1]["rule"] == LINT_RULE and journalled[-1]["code"] == "policy-violation"
+    assert "authority_key_identifier_extension_absent" in str(journalled[-1]["reason"])
+
+
+def test_with_the_gate_off_the_same_fault_is_issued(settings: Settings, without_aki: None) -> None:
+    """The control: what refused the certificate above is the gate, not another rule."""
+    off = build_services(dataclasses.replace(settings, lint_before_signing=False))
+    try:
+        assert off.ca.linter is None
+        cert = off.ca.issue(request_for("admin-client"), TEST_ACTOR)
+        with pytest.raises(x509.ExtensionNotFound):
+            cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    finally:
+        off.close()
+
+
+@pytest.fixture
+def linted(services: Services) -> Iterator[list[bytes]]:
+    """The TBS certificates the gate checked, in order (it still checks them)."""
+    seen: list[bytes] = []
+    linter = services.ca.linter
+    assert isinstance(linter, Linter)
+    real = linter.check_tbs
+
+    def check_tbs(tbs: bytes, key_type: KeyType) -> None:
+        seen.append(tbs)
+        real(tbs, key_type)
+
+    linter.check_tbs = check_tbs  # type: ignore[method-assign]
+    yield seen
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILE_REQUESTS))
+def test_every_profile_passes_and_the_linted_tbs_is_the_signed_one(
+    services: Services, linted: list[bytes], profile: str
+) -> None:
+    """Target 2 (deterministic TBS): the bytes pkilint saw are those the CA signed, byte for
+    byte; the certificate passes pkilint from outside too."""
+    cert = services.ca.issue(request_for(profile), TEST_ACTOR)
+    assert linted == [cert.tbs_certificate_bytes]
+    pkilint_cert(cert.public_bytes(serialization.Encoding.DER))
+
+
+@pytest.fixture
+def software_services(settings: Settings) -> Iterator[Services]:
+    """Services on the software backend itself (which removes a refused CA's new key)."""
+    services = build_services(settings)
+    yield services
+    services.close()
+
+
+def test_a_root_the_gate_refuses_leaves_no_ca_and_no_key(software_services: Services) -> None:
+    """A root is self-signed outside issuance, and linted all the same (once signed: pkilint
+    knows self-signed by the signature): accepted, what was linted is the root; refused, no
+    CA row and no key file are left behind."""
+    services = software_services
+    linter = services.ca.linter
+    assert isinstance(linter, Linter)
+    seen: list[bytes] = []
+    real = linter.check_certificate
+
+    def check_certificate(der: bytes) -> None:
+        seen.append(der)
+        real(der)
+
+    linter.check_certificate = check_certificate  # type: ignore[method-assign]
+    root = create_root(services.ca, "root2", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
+    assert seen == [root.certificate_der]
+    keys = set(services.settings.keys_dir.iterdir())
+    cas = _count(services, CertificateAuthority)
+
+    def refuse(der: bytes) -> None:
+        raise PolicyViolation(LINT_RULE, "pkilint found something: not signed")
+
+    linter.check_certificate = refuse  # type: ignore[method-assign]
+    with pytest.raises(PolicyViolation):
+        create_root(services.ca, "root3", "Example Corp", KeyType.EC_P256, TEST_ACTOR)
+    assert _count(services, CertificateAuthority) == cas
+    assert set(services.settings.keys_dir.iterdir()) == keys
+
+
+def test_a_structure_the_linter_cannot_read_is_refused() -> None:
+    """A gate that cannot look does not open."""
+    with pytest.raises(PolicyViolation, match="could not be linted"):
+        Linter().check_tbs(b"\x30\x03\x02\x01\x00", KeyType.EC_P256)
+
+
+def _tbs_with_dns(value: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "CA")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(value)]), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()), False
+        )
+        .sign(issuer, hashes.SHA256())
+    )
+    return cert.tbs_certificate_bytes
+
+
+def test_only_a_wildcard_our_rules_issue_passes_pkilints_dns_syntax_finding() -> None:
+    """pkilint's RFC 5280 linter calls every wildcard bad dNSName syntax (the CA/B profiles
+    define them); the gate lets that one finding through for "*" over a good name only."""
+    linter = Linter()
+    linter.check_tbs(_tbs_with_dns("*.tenant1.example.com"), KeyType.EC_P256)
+    linter.check_tbs(_tbs_with_dns("radius-1.tenant1.example.com"), KeyType.EC_P256)
+    for bad in ("*.-bad.example.com", "x*.example.com", "-bad.example.com"):
+        with pytest.raises(PolicyViolation, match=r"pkix\.invalid_domain_name_syntax"):
+            linter.check_tbs(_tbs_with_dns(bad), KeyType.EC_P256)
