@@ -556,6 +556,41 @@ def test_many_half_heads_queued_behind_the_threads_cost_one_deadline_not_one_eac
             sock.close()
 
 
+def test_connections_that_send_nothing_take_no_worker_thread(
+    db_backend: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """Twelve clients connect and send nothing: three times the four threads of one worker.
+    gunicorn waited for a new connection's first bytes in a worker thread, up to 5 s each, so
+    /healthz waited about 10 s behind them (two rounds of 5 s), and a client opening a few
+    empty connections a second kept the server from answering at all. They now wait in the
+    worker's poller, and /healthz answers at once. SQLite only: the worker does not depend
+    on the store."""
+    if db_backend != "sqlite":
+        pytest.skip("the worker does not depend on the store: SQLite only")
+    server = Server(data_dir, tmp_path / "server.log", workers=1)
+    idle: list[socket.socket] = []
+    try:
+        server.wait_healthy()
+        for _ in range(12):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=15))
+        time.sleep(0.3)  # every one accepted and handed to the worker
+        started = time.monotonic()
+        res = curl("--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
+                   f"{server.base}/healthz")  # fmt: skip
+        waited = time.monotonic() - started
+        assert res.stdout == "200", res.stdout + res.stderr
+        assert waited < 2.5, waited  # about 10 s before
+        # Still served once they send a request.
+        idle[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _status(_read_until_closed(idle[0])) == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+    log = server.output()
+    assert "Traceback" not in log, log[-3000:]
+
+
 def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(
     body_server: Server,
 ) -> None:

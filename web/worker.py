@@ -1,8 +1,12 @@
 """The gunicorn worker: gthread, with a deadline on each request head, strict chunked bodies and
 the server's own error pages in our style.
 
-gunicorn's threaded worker waits (5 s) for a new connection's first bytes without taking a
-thread, but once they arrive it reads the request head in a worker thread with no time limit:
+gunicorn's threaded worker waited for a new connection's first bytes in a worker thread, up to
+5 s: a client opening a few empty connections a second kept every thread of a two-worker
+server waiting, and /healthz waited 10 s behind twelve of them. Here a new connection with
+nothing to read yet goes back to the worker's poller at once, without waiting in the thread
+(gunicorn closes it there after ``keepalive`` seconds), and is taken up when its first bytes
+arrive. Once they arrive, gunicorn reads the request head in a worker thread with no time limit:
 eight clients that send half a head and stop held every thread of a two-worker server, and
 CRLs, OCSP and /healthz stopped answering for as long as they stayed. Here a request head must
 arrive within ``request_body_seconds`` of its first bytes: the body watchdog (:mod:`web.body`)
@@ -57,7 +61,7 @@ from gunicorn.http.errors import (
     ParseException,
     UnsupportedTransferCoding,
 )
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import _DEFER, ThreadWorker
 
 from sekisho.context import new_request_id
 from web import SECURITY_HEADERS
@@ -166,6 +170,10 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         return max(min(MIN_HEAD_SECONDS, seconds), seconds - (time.monotonic() - queued))
 
     def handle(self, conn: Any) -> Any:
+        if not conn.initialized and not conn.wait_for_data(0.0):
+            # Nothing sent yet: wait in the poller, not in this thread (gunicorn's own wait
+            # here is up to 5 s, and a stream of empty connections held every thread).
+            return _DEFER
         if not getattr(conn, "sekisho_send_limited", False):
             seconds = max(self.request_seconds, 0.001)
             whole = int(seconds)
