@@ -8,7 +8,10 @@
   Content-Length: 400.
 * A body not received in full within ``request_body_seconds``: 408. Under gunicorn a
   watchdog shuts the socket's read side at the deadline, so a client that sends part of a
-  body and goes quiet (or drips it) holds a worker thread for that long at most.
+  body and goes quiet (or drips it) holds a worker thread for that long at most. The time
+  runs from when the request was queued for a thread (:func:`queued_at`, set by
+  :mod:`web.worker`), as a head's does, not from when the app starts reading: 24 clients
+  sending half a body, queued behind four threads, held them for six rounds of it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,30 @@ from werkzeug.wsgi import get_input_stream
 
 log = logging.getLogger("sekisho.web")
 READ_CHUNK = 16 * 1024
+# However long a request waited for a thread, its body has at least this long: a body that
+# waited that long is in the socket by then (at most max_request_bytes), and is read at once.
+MIN_BODY_SECONDS = 0.2
+_REQUEST = threading.local()  # .queued: when this thread's request was queued (monotonic)
+
+
+@contextlib.contextmanager
+def queued_at(when: float | None) -> Iterator[None]:
+    """(The worker, around each request it hands to the app.) The request on this thread was
+    queued for a thread at ``when`` (``time.monotonic()``): its body's time runs from then."""
+    _REQUEST.queued = when
+    try:
+        yield
+    finally:
+        _REQUEST.queued = None
+
+
+def body_seconds(seconds: float) -> float:
+    """How long the body of this thread's request has left: ``seconds`` from when it was
+    queued for a thread, at least ``MIN_BODY_SECONDS``; ``seconds`` outside the worker."""
+    queued: float | None = getattr(_REQUEST, "queued", None)
+    if queued is None:
+        return seconds
+    return max(min(MIN_BODY_SECONDS, seconds), seconds - (time.monotonic() - queued))
 
 
 @dataclasses.dataclass(eq=False)
@@ -129,7 +156,7 @@ def read_body(max_bytes: int, seconds: float) -> bytes:
     stream = get_input_stream(environ, safe_fallback=True, max_content_length=None)
     chunks: list[bytes] = []
     total = 0
-    with WATCHDOG.guard(environ.get("gunicorn.socket"), seconds) as guard:
+    with WATCHDOG.guard(environ.get("gunicorn.socket"), body_seconds(seconds)) as guard:
         try:
             while total <= max_bytes:
                 chunk = stream.read(min(READ_CHUNK, max_bytes + 1 - total))

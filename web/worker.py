@@ -12,7 +12,7 @@ CRLs, OCSP and /healthz stopped answering for as long as they stayed. Here a req
 arrive within ``request_body_seconds`` of its first bytes: the body watchdog (:mod:`web.body`)
 shuts the socket's read side at that deadline, the blocked read ends, and gunicorn closes the
 connection. Once the head is parsed this guard ends; reading the body has its own deadline
-(408).
+(408), also counted from when the request was queued for a thread (:func:`web.body.queued_at`).
 
 Writing the answer must make progress: a client that stops reading (its receive window shut,
 pipelined requests piling answers up) held a thread for as long as it stayed, and eight of
@@ -65,7 +65,7 @@ from gunicorn.workers.gthread import _DEFER, ThreadWorker
 
 from sekisho.context import new_request_id
 from web import SECURITY_HEADERS
-from web.body import WATCHDOG
+from web.body import WATCHDOG, queued_at
 
 log = logging.getLogger("sekisho.web")
 
@@ -194,7 +194,8 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         if type(req.body.reader) is ChunkedReader:  # nothing of the body has been read yet
             req.body.reader = StrictChunkedReader(req, req.unreader)
         try:
-            answered = super().handle_request(req, conn)
+            with queued_at(getattr(conn, "sekisho_queued", None)):  # the body's time too
+                answered = super().handle_request(req, conn)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 raise
