@@ -777,6 +777,8 @@ GUNICORN_REFUSALS = {
     "chunked and length": (OCSP_HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
                            400),
     "expectation": (OCSP_HEAD + b"Expect: " + MARK + b"\r\nContent-Length: 1\r\n\r\nx", 417),
+    # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host (it was 200).
+    "no Host": (b"GET /crl/admin.crl?" + MARK + b" HTTP/1.1\r\nX-A: y\r\n\r\n", 400),
 }  # fmt: skip
 
 
@@ -802,6 +804,15 @@ def test_requests_gunicorn_refuses_get_our_headers_and_no_echo(body_server: Serv
         assert request_id in body_server.output(), label  # the log names the same request
     log = body_server.output()
     assert "Traceback" not in log and "sekisho-mark" not in log, log[-3000:]
+
+
+def test_host_is_required_of_http_1_1_only(body_server: Server) -> None:
+    """HTTP/1.0 predates Host: a request without it is answered (RFC 9112 3.2 requires it of
+    HTTP/1.1 only, and an empty one is a Host field too)."""
+    for request in (b"GET /healthz HTTP/1.0\r\n\r\n",
+                    b"GET /healthz HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n"):  # fmt: skip
+        response = _exchange(body_server.port, request)
+        assert response.split(b" ", 2)[1] == b"200", (request, response[:300])
 
 
 def test_no_redirect_takes_its_location_from_the_host_header(body_server: Server) -> None:

@@ -29,7 +29,8 @@ size of 1000 hex digits was taken as a chunk of 16^1000 octets and the request s
 body at most ``CHUNK_EXTENSION_OCTETS``; beyond either the read fails at once (400).
 
 Requests gunicorn refuses before the app sees them (bad request line, URI or header fields
-too large, unsupported transfer coding ...) are answered by :meth:`handle_error`: gunicorn's
+too large, unsupported transfer coding ...), and HTTP/1.1 requests without a Host field (RFC
+9112 3.2: 400; gunicorn answered them), are answered by :meth:`handle_error`: gunicorn's
 page was HTML without our security headers and quoted the request back. Ours is a short
 text/plain page with the app's security headers, ``Cache-Control: no-store`` and a request
 ID (the one logged), naming the status only: nothing from the request is echoed.
@@ -54,6 +55,7 @@ from gunicorn.http.errors import (
     ForbiddenProxyRequest,
     InvalidChunkExtension,
     InvalidChunkSize,
+    InvalidHeader,
     InvalidResponseHeader,
     InvalidResponseHeaderName,
     LimitRequestHeaders,
@@ -191,6 +193,9 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         guard = getattr(conn, "sekisho_head_guard", None)
         if guard is not None:
             WATCHDOG.release(guard)  # the head is in: the body's own deadline takes over
+        if req.version >= (1, 1) and not any(name == "HOST" for name, _ in req.headers):
+            # RFC 9112 3.2: MUST be 400 (gunicorn answered it); the connection closes.
+            raise InvalidHeader("HOST")
         if type(req.body.reader) is ChunkedReader:  # nothing of the body has been read yet
             req.body.reader = StrictChunkedReader(req, req.unreader)
         try:
