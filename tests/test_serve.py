@@ -815,6 +815,15 @@ def test_host_is_required_of_http_1_1_only(body_server: Server) -> None:
         assert response.split(b" ", 2)[1] == b"200", (request, response[:300])
 
 
+def test_a_later_http_1_minor_version_is_answered_as_http_1_1(body_server: Server) -> None:
+    """RFC 9110 2.5 and 6.2: HTTP/1.2 is processed as HTTP/1.1, the highest 1.x we conform to,
+    and answered as HTTP/1.1. gunicorn echoed the request's version: "HTTP/1.9 200 OK"."""
+    for version in (b"1.2", b"1.9"):
+        request = b"GET /healthz HTTP/" + version + b"\r\nHost: x\r\nConnection: close\r\n\r\n"
+        response = _exchange(body_server.port, request)
+        assert response.startswith(b"HTTP/1.1 200 "), (version, response[:300])
+
+
 def test_no_redirect_takes_its_location_from_the_host_header(body_server: Server) -> None:
     """A doubled slash was a cacheable 308 to http://<the Host header>/crl/admin.crl."""
     paths = [b"/crl//admin.crl", b"/crl//admin-delta.crl", b"/ca//root.crt", b"/crl/admin.crl/",

@@ -193,6 +193,10 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         guard = getattr(conn, "sekisho_head_guard", None)
         if guard is not None:
             WATCHDOG.release(guard)  # the head is in: the body's own deadline takes over
+        if req.version > (1, 1):
+            # RFC 9110 2.5 and 6.2: processed and answered as HTTP/1.1, the highest 1.x we
+            # conform to (gunicorn echoed the request's: "HTTP/1.9 200 OK").
+            req.version = (1, 1)
         if req.version >= (1, 1) and not any(name == "HOST" for name, _ in req.headers):
             # RFC 9112 3.2: MUST be 400 (gunicorn answered it); the connection closes.
             raise InvalidHeader("HOST")
