@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, abort, g, request
 
 from sekisho.context import new_request_id
 from sekisho.services import Services
@@ -39,6 +39,10 @@ def create_app(services: Services) -> Flask:
     @app.before_request
     def _request_id() -> None:
         g.request_id = new_request_id()
+        # werkzeug's routing drops leading slashes: "//crl/admin.crl" was served as
+        # "/crl/admin.crl", another spelling of a URL written exactly into certificates.
+        if request.environ.get("PATH_INFO", "").startswith("//"):
+            abort(404)
 
     @app.after_request
     def _headers(response: Response) -> Response:
