@@ -20,6 +20,7 @@ from ca.issuance import CaService, IssueRequest
 from ca.models import CaKind, CertificateAuthority
 from ca.registry import ca_row, check_ca_name
 from ca.rules import check_public_key, is_dns_name, is_mailbox
+from ca.subject import check_value
 from ca.tbs import new_serial, serial_hex
 from hsm.base import CA_KEY_TYPES, KeyType, key_type_of, signature_hash
 from hsm.software import SoftwareBackend, pem_unwrap
@@ -106,14 +107,20 @@ def issuing_subject(name: str, organization: str) -> x509.Name:
 
 
 def _subject(common_name: str, organization: str) -> x509.Name:
-    """A CA's subject, refused (InputError) before any key exists: an empty organization, or
-    attributes over their X.520 upper bounds (64 characters for O and CN)."""
+    """A CA's subject, refused (InputError) before any key exists: an empty organization,
+    attributes over their X.520 upper bounds (64 characters for O and CN), or a value no
+    certificate may carry (``ca.subject.check_value``: control, bidirectional or invisible
+    characters). The root is signed without the profile rules: without this check it was made
+    with such a name, and only its issuing CAs refused it (an init that could never finish)."""
     if not organization.strip():
         raise InputError("the organization (O) of a CA must not be empty")
     try:
-        return _name(common_name, organization.strip())
+        subject = _name(common_name, organization.strip())
     except ValueError as exc:
         raise InputError(f"CA subject refused: {exc}") from None
+    for attr in subject:
+        check_value(attr.oid, attr.value)
+    return subject
 
 
 def _check_ca_key_type(key_type: KeyType) -> None:

@@ -1430,6 +1430,14 @@ def test_init_refuses_a_bad_organization_before_creating_any_key(tmp_path: Path)
         assert not (data / "keys").exists() or not list((data / "keys").iterdir())
     again = tmp_path / "d0"
     assert main(["--data-dir", str(again), "init", "--org", "Fine Corp"]) == 0
+    # A value no certificate may carry (a control or bidirectional character) was only
+    # refused by the issuing CAs' rules, after the root was made with it: an init that could
+    # never be finished (a resumed init keeps the first plan's organization).
+    for n, org in enumerate(("Evil\x1b[31m Corp", "Trojan\u202e Corp", "Tab\tCorp")):
+        data = tmp_path / f"c{n}"
+        assert main(["--data-dir", str(data), "init", "--org", org]) == 65
+        assert not data.exists()
+        assert main(["--data-dir", str(data), "init", "--org", "Fine Corp"]) == 0
 
 
 def test_inputs_that_are_not_regular_files_are_refused_unread(run: Runner, tmp_path: Path) -> None:
