@@ -1033,6 +1033,8 @@ def cert_list(
     state: State, status: str | None, ca_name: str | None, expiring_within: int | None, limit: int
 ) -> None:
     """List certificates (newest first)."""
+    from ca.registry import ca_row
+
     services = state.read_services()
     stmt = (
         select(Certificate, CertificateAuthority.name)
@@ -1051,6 +1053,8 @@ def cert_list(
             Certificate.not_after <= now + dt.timedelta(days=expiring_within),
         )
     with services.db.scope() as session:
+        if ca_name:
+            ca_row(session, ca_name)  # an unknown (mistyped) CA is NotFound, not "none"
         docs = [_cert_doc(row, name) for row, name in session.execute(stmt)]
     state.emit(
         docs,

@@ -1148,7 +1148,7 @@ def test_cert_list_filters(run: Runner) -> None:
         short, long, revoked, csr_serial, *responders.values()
     }  # fmt: skip
     assert serials("--limit", "1") == [csr_serial]
-    assert serials("--ca", "nope") == []
+    assert run("--json", "cert", "list", "--ca", "nope").code == 66  # not "none"
     text = ok(run("cert", "list", "--status", "revoked")).out
     assert re.search(rf"^device\s+{revoked}\s+revoked\s+\d{{4}}-\d\d-\d\d CN=gone", text, re.M)
 
@@ -1421,6 +1421,16 @@ def test_refusals_come_before_anything_is_issued_or_created(run: Runner, tmp_pat
     # Not UTF-8 in an argument: a usage error, not a traceback (or a half-written row).
     assert main(["--data-dir", str(tmp_path), "ca", "show", "\udcff"]) == 64
     assert main(["--data-dir", "", "ca", "list"]) == 64
+
+
+def test_cert_list_of_an_unknown_ca_is_not_found(run: Runner) -> None:
+    """A mistyped --ca (a cron job's `cert list --ca admn --expiring-within 30`) listed "no
+    certificates" and exited 0, as for a CA with none expiring: an unknown CA is 66, as in
+    `cert show` and `cert check`."""
+    for args in (["cert", "list", "--ca", "admn"], ["--json", "cert", "list", "--ca", "admn"]):
+        refused = run(*args)
+        assert refused.code == 66 and "admn" in refused.err and refused.out == "", refused
+    assert ok(run("--json", "cert", "list", "--ca", "admin")).json()
 
 
 def test_init_refuses_a_bad_organization_before_creating_any_key(tmp_path: Path) -> None:
