@@ -57,6 +57,7 @@ from sekisho.errors import (
     PolicyViolation,
     SekishoError,
     StoreError,
+    shown,
 )
 
 Clock = Callable[[], dt.datetime]
@@ -117,6 +118,27 @@ _MARK_FAILED = (
 )
 # notBefore is backdated slightly so relying parties with a skewed clock accept a fresh cert.
 BACKDATE = dt.timedelta(minutes=1)
+# The widths of the columns that keep them (ca/models.py).
+MAX_OWNER_KIND = 16
+MAX_OWNER_ID = 128
+MAX_TENANT = 128
+
+
+def check_label(what: str, value: str | None, limit: int) -> None:
+    """An owner or tenant as the store keeps it and `cert show` prints it: 1 to ``limit``
+    characters on one line, each printable (no control, bidirectional or other invisible
+    character); else InputError. Unchecked, a longer value failed on PostgreSQL as a store
+    error (after the key was made) and SQLite kept it whole, and an escape sequence reached
+    the terminal of whoever listed the certificate."""
+    if value is None:
+        return
+    if not 1 <= len(value) <= limit:
+        raise InputError(f"{what} {shown(value)} must have 1 to {limit} characters")
+    if not value.isprintable():
+        bad = next(ch for ch in value if not ch.isprintable())
+        raise InputError(
+            f"{what} {shown(value)} holds a control or invisible character ({shown(bad)})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +261,9 @@ class CaService:
 
     # -- steps ----------------------------------------------------------------------------
     def prepare(self, request: IssueRequest) -> Tbs:
+        check_label("owner kind", request.owner_kind, MAX_OWNER_KIND)
+        check_label("owner", request.owner_id, MAX_OWNER_ID)
+        check_label("tenant", request.tenant, MAX_TENANT)
         profile = self.profiles.get(request.profile)
         # The registry caches CA contexts (dropped when a CA row changes here, re-read every
         # few seconds for changes made elsewhere): usually no transaction at all.

@@ -1423,6 +1423,35 @@ def test_refusals_come_before_anything_is_issued_or_created(run: Runner, tmp_pat
     assert main(["--data-dir", "", "ca", "list"]) == 64
 
 
+def test_owner_and_tenant_are_bounded_one_line_text(run: Runner, tmp_path: Path) -> None:
+    """--owner and --tenant went to the store unchecked: over their columns' 128 characters
+    PostgreSQL refused the row (exit 74, "StringDataRightTruncation") and SQLite kept 100,000
+    characters; a terminal escape or a bidi override was stored and printed by `cert show`.
+    Both are refused (65) before any certificate exists, on either store."""
+    base = ["issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
+            "--subject", "CN=o", "--san", "dns:o.example"]  # fmt: skip
+    before = _issued_count(run, "device")
+    cases = [
+        ("--tenant", "t" * 129),
+        ("--owner", "o" * 129),
+        ("--owner", "bob\x1b[31m"),
+        ("--tenant", "acme\u202egpj.exe"),
+        ("--tenant", "two\nlines"),
+        ("--owner", ""),
+    ]
+    for n, (option, value) in enumerate(cases):
+        key = tmp_path / f"k{n}.pem"
+        refused = run(*base, "--key-out", str(key), option, value)
+        assert refused.code == 65 and option[2:] in refused.err and refused.out == "", refused
+        assert "\x1b" not in refused.err and "\u202e" not in refused.err
+        assert not key.exists()
+    assert _issued_count(run, "device") == before
+    fine = ["--owner", "o" * 128, "--tenant", "テナント 1"]
+    doc = ok(run("--json", *base, "--key-out", str(tmp_path / "ok.pem"), *fine)).json()
+    stored = ok(run("--json", "cert", "show", "--ca", "device", doc["serial"])).json()
+    assert stored["owner"] == "o" * 128 and stored["tenant"] == "テナント 1"
+
+
 def test_cert_list_of_an_unknown_ca_is_not_found(run: Runner) -> None:
     """A mistyped --ca (a cron job's `cert list --ca admn --expiring-within 30`) listed "no
     certificates" and exited 0, as for a CA with none expiring: an unknown CA is 66, as in
