@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from sekisho.errors import (
     InputError,
     KeyBackendError,
     NotFound,
+    OutputError,
     SchemaNotCurrent,
     SekishoError,
     shown,
@@ -1904,6 +1906,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: one line for the operator, the traceback in the log
+        if isinstance(exc, OSError) and exc.errno in _WRITE_FAILED:
+            return _write_failed(exc)
         logging.getLogger("sekisho.cli").debug("unexpected error", exc_info=exc)
         click.echo(
             f"error: internal: unexpected {type(exc).__name__} (a bug in Sekisho; run with "
@@ -1912,6 +1916,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EX_SOFTWARE
     return 0
+
+
+# Errors of a write that are the medium's, not Sekisho's: no space, quota, file too large, I/O.
+_WRITE_FAILED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def _write_failed(exc: OSError) -> int:
+    """A write that failed for want of room or a device (`sekisho audit export > file` on a
+    full disk: stdout's ENOSPC, which exited 70 as "a bug"): an I/O error (74), as for a file
+    given with -o. Stdout is left on /dev/null, so that the flush at exit cannot report it
+    again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    where = f" {shown(exc.filename, PATH_SHOWN)}" if exc.filename else " the output"
+    with contextlib.suppress(OSError):
+        click.echo(f"error: {OutputError.code}: cannot write{where}: {exc.strerror}", err=True)
+    return EX_IOERR
 
 
 if __name__ == "__main__":

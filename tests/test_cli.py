@@ -2066,6 +2066,26 @@ def test_a_read_command_on_another_users_deployment_reads_a_write_is_refused(
     assert refused.code == 78 and "belongs to uid 65534" in refused.err, refused
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_output_that_cannot_be_written_exits_74(data_dir: Path) -> None:
+    """`sekisho audit export > file` on a full disk: stdout's write fails with ENOSPC. It
+    exited 70, "a bug in Sekisho"; it is an I/O error (74), said in one line, as for a
+    file given with -o or a reader that went away."""
+    for command in (["audit", "export"], ["cert", "list"], ["--json", "ca", "list"]):
+        with open("/dev/full", "wb") as full:
+            done = subprocess.run(
+                [sys.executable, "-m", "sekisho", "--data-dir", str(data_dir), *command],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                timeout=TIMEOUT,
+                check=False,
+            )
+        err = done.stderr.decode()
+        assert done.returncode == 74, (command, err)
+        assert "No space left on device" in err and "internal" not in err, err
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_output_closed_early_exits_74_quietly(services: Services, data_dir: Path) -> None:
     """`sekisho audit export | head`: the reader goes away; the export stops with 74 (an I/O
     error, sysexits) and no traceback or "Exception ignored" noise. Before: click's own exit
