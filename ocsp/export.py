@@ -35,6 +35,7 @@ from pathlib import Path
 from ocsp import core
 from ocsp.index import StoredLike, rfc5019_request
 from sekisho.errors import ConfigError
+from sekisho.files import replace_synced
 
 
 @dataclasses.dataclass
@@ -85,13 +86,13 @@ def export_responses(
 ) -> ExportResult:
     """Write ``DIR/ocsp/...`` for every unexpired response of a loaded issuer."""
     directory = Path(directory)
+    staging = directory / f".ocsp-staging-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()  # (in a directory that exists but cannot be written: refused here)
     except OSError as exc:
         raise ConfigError(f"cannot create {directory}: {exc.strerror}") from None
-    staging = directory / f".ocsp-staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     result = ExportResult(directory=directory)
     try:
         for stored in responses:
@@ -136,5 +137,9 @@ def export_responses(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     manifest = {"generated_at": now.isoformat(), **result.as_dict()}
-    (directory / "ocsp-manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # Renamed over the old one: never written through a link planted in its place (the
+    # directory is often a web server's); readable by that server, as the responses are.
+    replace_synced(
+        directory / "ocsp-manifest.json", (json.dumps(manifest, indent=2) + "\n").encode(), 0o644
+    )
     return result

@@ -76,6 +76,44 @@ def test_layout(pki: Pki, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["ocsp", "ocsp-manifest.json"]
 
 
+def test_export_writes_through_no_planted_link(pki: Pki, tmp_path: Path) -> None:
+    """The manifest was written with write_text, through a symlink planted in place of it
+    (the export directory is often a web server's, writable by more than Sekisho's user):
+    the file the link named was overwritten. The link is replaced, its target left alone."""
+    issuers = store.load_issuers(pki.services)
+    responses, _ = store.snapshot(pki.services.db)
+    out = tmp_path / "export"
+    out.mkdir()
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    (out / "ocsp-manifest.json").symlink_to(precious)
+    result = export_responses(issuers, responses, out, dt.datetime.now(dt.UTC))
+    assert precious.read_text() == "keep me\n"
+    manifest = out / "ocsp-manifest.json"
+    assert not manifest.is_symlink() and json.loads(manifest.read_text())["written"] == (
+        result.written
+    )
+    assert manifest.stat().st_mode & 0o777 == 0o644  # read by the web server, as before
+    assert sorted(p.name for p in out.iterdir()) == ["ocsp", "ocsp-manifest.json"]
+
+
+def test_cli_export_into_a_directory_it_cannot_write(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """An export directory that exists but cannot be written exited 70 (an unexpected
+    PermissionError, "a bug in Sekisho"); it is refused as one that cannot be created (78)."""
+    if os.geteuid() == 0:
+        target = Path("/sys/kernel")  # root may write any ordinary directory, not sysfs
+        if not target.is_dir():
+            pytest.skip("no /sys/kernel")
+    else:
+        target = tmp_path / "read-only"
+        target.mkdir(mode=0o555)
+    res = sekisho(data_dir, "ocsp", "export", str(target))
+    assert res.returncode == 78 and "cannot create" in res.stderr, res.stderr
+    assert "internal" not in res.stderr
+
+
 def sekisho(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run(
         [
