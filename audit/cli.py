@@ -22,6 +22,7 @@ from audit.journal import CheckpointSigner, checkpoint_document
 from audit.models import Checkpoint, JournalRecord, PurgedRecord
 from audit.query import (
     Filter,
+    _serial,
     as_document,
     latest,
     render_line,
@@ -121,6 +122,18 @@ def _ip_option(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     return value
 
 
+def _serial_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A certificate serial in hex (any case, ':', 0x, leading zeros): anything else matched
+    no record, and "no records" was read into a typo, as for --ip and --mac."""
+    if value is None:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{40}", _serial(value)):
+        raise click.BadParameter(
+            f"{shown(value)} is not a certificate serial (up to 40 hex digits)"
+        )
+    return value
+
+
 def _mac_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
@@ -146,7 +159,11 @@ def _filter_options(fn: Any) -> Any:
         click.option("--action", help="Action, e.g. ca.issue, ca.revoke."),
         click.option("--outcome", type=click.Choice(["success", "failure", "denied"])),
         click.option("--actor", help="Actor account or actor certificate serial."),
-        click.option("--serial", help="Certificate serial (object or actor), hex."),
+        click.option(
+            "--serial",
+            callback=_serial_option,
+            help="Certificate serial (object or actor), hex.",
+        ),
         click.option(
             "--dn",
             help="Substring of the certificate subject DN (any case; a value as the "
@@ -534,7 +551,6 @@ def prove_inclusion(
     Exits 66 when there is no such record or checkpoint (or the record is after it), 2 when
     the stored records do not give the root the checkpoint signs."""
     from audit.prove import inclusion, serial_seqs
-    from audit.query import _serial
 
     if (seq is None) == (serial is None):
         raise click.UsageError("give exactly one of --seq and --serial")

@@ -102,10 +102,13 @@ def _ip(text: str) -> str:
 
 
 def _serial(text: str) -> str:
-    """Serials are stored as 40 lower-case hex digits; accept any case, ':' and short forms."""
+    """Serials are stored as 40 lower-case hex digits; accept any case, ':', leading zeros
+    (as `cert show` does) and short forms."""
     bare = text.strip().lower().replace(":", "")
     if bare.startswith("0x"):
         bare = bare[2:]
+    if bare and all(c in "0123456789abcdef" for c in bare):
+        bare = bare.lstrip("0") or "0"
     if bare and all(c in "0123456789abcdef" for c in bare) and len(bare) <= 40:
         return bare.rjust(40, "0")
     return text

@@ -227,11 +227,18 @@ def test_cli_search_filters(
         s["serial-object"],
         s["serial-actor"],
     ]
+    # Leading zeros, as `cert show` takes them (and an openssl dump may print): the same serial.
+    for spelling in ("00DEADBEEF01234567", "0x00" + "0" * 40 + "deadbeef01234567"):
+        assert cli_seqs(capsys, cli_data_dir, "--serial", spelling) == [
+            s["serial-object"],
+            s["serial-actor"],
+        ]
     assert cli_seqs(capsys, cli_data_dir, "--actor", "robot@tenant2") == [s["actor-cert"]]
     assert cli_seqs(capsys, cli_data_dir, "--ip", "198.51.100.70") == [s["underscore-lookalike"]]
     # A value that is no address could match nothing: a usage error, not "no records".
     bad = [("--ip", "999.1.1.1"), ("--ip", "host.example"), ("--mac", "zz"),
-           ("--mac", "aa:bb:cc:dd:ee"), ("--mac", "aa:bb:cc:dd:ee:ff:00")]  # fmt: skip
+           ("--mac", "aa:bb:cc:dd:ee"), ("--mac", "aa:bb:cc:dd:ee:ff:00"),
+           ("--serial", "zz"), ("--serial", "f" * 41)]  # fmt: skip
     for option, value in bad:
         code, out, err = run_cli(capsys, cli_data_dir, "audit", "search", option, value)
         assert code == 64 and out == "" and repr(value) in err, (option, value, err)
