@@ -295,8 +295,16 @@ def load_public_keys(files: Iterable[Path]) -> set[bytes]:
     """The public keys (PEM files, e.g. from `audit public-key`) as DER SubjectPublicKeyInfo."""
     keys = set()
     for path in files:
+        data = read_input(path, "public key", 64 * 1024)
+        blocks = data.count(b"-----BEGIN ")
+        if blocks > 1:
+            # Only the first would be read: with another key first, the journal or a backup
+            # was reported tampered with (exit 2), a false alarm.
+            raise InputError(
+                f"{path}: holds {blocks} PEM blocks; give one key per --public-key (repeat it)"
+            )
         try:
-            key = serialization.load_pem_public_key(read_input(path, "public key", 64 * 1024))
+            key = serialization.load_pem_public_key(data)
         except (ValueError, UnsupportedAlgorithm):
             raise InputError(f"{path}: not a PEM public key") from None
         keys.add(key.public_bytes(serialization.Encoding.DER, _SPKI))

@@ -715,6 +715,18 @@ def test_verify_refuses_a_public_key_file_that_is_not_one(
     )
     assert code == 65
     assert f"{not_a_key}: not a PEM public key" in err and out == ""
+    # Two keys in one file (a bundle, the old key and the new): only the first was read, and
+    # with another key first the journal was reported broken at seq 1 (exit 2), a false alarm
+    # of tampering. Refused instead: one key per --public-key, which repeats.
+    code, out, _err = run_cli(capsys, cli_data_dir, "audit", "public-key")
+    assert code == 0
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    other_pem = other.public_bytes(serialization.Encoding.PEM, spki).decode()
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(other_pem + out)
+    code, out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--public-key", str(bundle))
+    assert code == 65 and "2 PEM blocks" in err and "--public-key" in err and out == "", err
 
 
 def test_a_quiet_journals_tail_is_signed_by_the_refresher(
