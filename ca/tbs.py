@@ -43,10 +43,11 @@ def parse_serial(text: str) -> int:
     cleaned = text.strip().lower().replace(":", "")
     if cleaned.startswith("0x"):
         cleaned = cleaned[2:]
-    try:
-        value = int(cleaned, 16)
-    except ValueError:
-        raise MalformedInput(f"serial {shown(text)} is not hexadecimal") from None
+    # Hex digits only: int(..., 16) also takes "1_f", "+1f", " 1f" and, after one "0x" was
+    # cut, "0x0x1f".
+    if not cleaned or cleaned.strip("0123456789abcdef"):
+        raise MalformedInput(f"serial {shown(text)} is not hexadecimal")
+    value = int(cleaned, 16)
     if value <= 0 or value >= 1 << 160:
         raise MalformedInput(f"serial {shown(text)} is out of range")
     return value

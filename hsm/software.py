@@ -57,6 +57,10 @@ def pem_unwrap(pem: bytes, label: str) -> bytes:
     begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
     if begin not in text or end not in text:
         raise KeyBackendError(f"not a PEM {label}")
+    if text.count(begin) > 1:
+        # Only the first would be read: a file of two keys brought online would put back
+        # whichever came first, and say nothing of the other.
+        raise KeyBackendError(f"holds {text.count(begin)} PEM {label} blocks: give one")
     body = "".join(text.split(begin, 1)[1].split(end, 1)[0].split())
     try:
         # validate: a character out of the alphabet is refused, not skipped over.

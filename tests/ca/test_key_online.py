@@ -236,6 +236,11 @@ def test_damaged_key_files_are_refused_by_exit_code(
         bad.write_text(begin + body + end)
         code, err = run("ca", "online", "root", "--key-file", str(bad))
         assert code == 65 and why in err, err  # the file given: bad input
+    # Two keys in one file: the first was brought back and the other ignored.
+    double = tmp_path / "double.pem"
+    double.write_bytes(exported.read_bytes() * 2)
+    code, err = run("ca", "online", "root", "--key-file", str(double))
+    assert code == 65 and "holds 2 PEM" in err and "give one" in err, err
     assert not _key_file(settings).exists()
     # A damaged key file in the store: the key backend's fault, not a bug.
     admin = settings.keys_dir / "ca-admin.key"

@@ -5,6 +5,7 @@ normalise is searched for as it is)."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,3 +92,11 @@ def test_audit_filters_never_raise(text: str) -> None:
     assert isinstance(_serial(text), str)
     assert isinstance(_ip(text), str)
     assert isinstance(normalise_mac(text), str)
+
+
+@pytest.mark.parametrize("text", ["18_0d", "0x0x1f", "+1f", "1f ab", "-1", "0x", "", "1g"])
+def test_a_serial_is_hex_digits_only(text: str) -> None:
+    """``int(text, 16)`` alone took "18_0d", "+1f" and (once "0x" was cut) "0x0x1f"."""
+    with pytest.raises(MalformedInput, match="not hexadecimal"):
+        parse_serial(text)
+    assert parse_serial(" 0x00:1F ") == parse_serial("1f") == 0x1F
