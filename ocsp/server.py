@@ -66,10 +66,13 @@ Decisions
 * **Caching (RFC 5019 6.2).** Pre-signed answers carry ``Cache-Control: public,
   max-age=<seconds to nextUpdate, at most 300>, no-transform, must-revalidate`` (a shared
   cache re-checks within 5 minutes, so a revocation shows through it), ``ETag`` (SHA-256 of the
-  DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate). A GET or HEAD whose
-  ``If-None-Match`` (every field line; a list, weak tags, ``*``: RFC 9110 13.1.2, matched by
-  :mod:`sekisho.httpfields`, as on the web endpoint) names the ETag of a pre-signed answer gets a
-  304 with those same fields (RFC 9110 15.4.5) and no Content-Type or Content-Length (8.6).
+  DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate). A GET or HEAD of such an
+  answer has its preconditions evaluated by the web endpoint's code
+  (:func:`sekisho.httpfields.evaluate`, RFC 9110 13.2.2; every field line of a list): a failed
+  ``If-Match`` (strong comparison) or ``If-Unmodified-Since`` is 412 (``no-store``); an
+  ``If-None-Match`` (a list, weak tags, ``*``) naming its ETag gets a 304 with those same
+  fields (RFC 9110 15.4.5) and no Content-Type or Content-Length (8.6). If-Modified-Since is
+  not read, as on the web endpoint.
   Answers with a nonce and OCSP error answers are ``no-store``.
 * **A crash answers internalError.** An unexpected exception while answering one request (a
   bug) is logged as one line (the exception's type, no traceback to the client) and answered
@@ -105,6 +108,7 @@ from ocsp.index import (
     LAST_MODIFIED,
     NEXT_UPDATE_TS,
     SERIAL,
+    THIS_UPDATE,
     CaEntries,
     Entry,
     EntryBuilder,
@@ -113,7 +117,7 @@ from ocsp.index import (
     simple_request,
 )
 from ocsp.store import ChosenFn, IssuersFn, RefusedFn, Signers
-from sekisho.httpfields import etag_matches
+from sekisho.httpfields import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +137,14 @@ ChangesFn = Callable[[object], tuple[list[StoredLike], object]]
 SnapshotFn = Callable[[Iterable[int]], list[StoredLike]]
 Hand = Callable[..., object]  # runs a callable on the loop (call_soon_threadsafe) or now
 ISSUERS_EVERY = 10.0
+# The precondition fields read on GET /ocsp/<b64>, by lower-case name: If-Modified-Since is
+# not (a "good" answer and the "revoked" one replacing it may share a thisUpdate second).
+_CONDITIONS = {
+    b"if-match": "If-Match",
+    b"if-none-match": "If-None-Match",
+    b"if-unmodified-since": "If-Unmodified-Since",
+}
+Conditions = dict[str, str]
 
 _REASONS = {
     200: "OK",
@@ -142,6 +154,7 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     411: "Length Required",
+    412: "Precondition Failed",
     413: "Content Too Large",
     415: "Unsupported Media Type",
     431: "Request Header Fields Too Large",
@@ -645,7 +658,8 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = False
         self.closing = False
         self.deadline = 0.0
-        self.head: tuple[bytes, bytes, bool, bytes | None] | None = None  # method, target, ...
+        # method, target, keep-alive, precondition fields (None: none sent)
+        self.head: tuple[bytes, bytes, bool, Conditions | None] | None = None
         self.body_len = 0
         self.write_paused = False
         self.eof = False  # the client half-closed: answer what it sent, then close
@@ -791,11 +805,11 @@ class HttpProtocol(asyncio.Protocol):
                     continue
             if len(buf) < self.body_len:
                 return
-            method, target, keep_alive, if_none_match = self.head
+            method, target, keep_alive, conditions = self.head
             body = bytes(buf[: self.body_len])
             del buf[: self.body_len]
             self.head = None
-            self._dispatch(method, target, keep_alive, body, if_none_match)
+            self._dispatch(method, target, keep_alive, body, conditions)
             if not self.closing and not self.busy:
                 self.deadline = time.monotonic() + (
                     self.server.request_timeout if buf else self.server.idle_timeout
@@ -825,7 +839,7 @@ class HttpProtocol(asyncio.Protocol):
             return False
         length: bytes | None = None
         content_type = b""
-        if_none_match: bytes | None = None
+        conditions: Conditions | None = None
         expect = False
         hosts = 0
         crlf = len(lines) - 1
@@ -859,8 +873,12 @@ class HttpProtocol(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 self._error(501, b"Transfer-Encoding is not supported\n")
                 return False
-            elif name == b"if-none-match":  # several field lines are one list (RFC 9110 5.3)
-                if_none_match = value if if_none_match is None else if_none_match + b", " + value
+            elif name in _CONDITIONS:  # several field lines are one list (RFC 9110 5.3)
+                if conditions is None:
+                    conditions = {}
+                field, text = _CONDITIONS[name], value.decode("latin-1")
+                before = conditions.get(field)
+                conditions[field] = text if before is None else f"{before}, {text}"
             elif name == b"expect":
                 if value.lower() != b"100-continue":
                     self._error(400, b"unsupported Expect\n")  # RFC 9110 wants 417; rare
@@ -898,7 +916,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._error(405, b"GET or POST\n", extra=b"Allow: GET, HEAD, POST\r\n")
             return False
-        self.head = (method, target, keep_alive, if_none_match)
+        self.head = (method, target, keep_alive, conditions)
         self.body_len = body_len
         return True
 
@@ -909,13 +927,13 @@ class HttpProtocol(asyncio.Protocol):
         target: bytes,
         keep_alive: bool,
         body: bytes,
-        if_none_match: bytes | None,
+        conditions: Conditions | None,
     ) -> None:
         """Answer one request. Whatever it raises is a bug: logged in one line and answered
         internalError, never allowed up to the transport (which would drop the connection and
         the requests pipelined on it without an answer)."""
         try:
-            self._handle(method, target, keep_alive, body, if_none_match)
+            self._handle(method, target, keep_alive, body, conditions)
         except Exception as exc:
             log.error(
                 "OCSP request failed",
@@ -930,7 +948,7 @@ class HttpProtocol(asyncio.Protocol):
         target: bytes,
         keep_alive: bool,
         body: bytes,
-        if_none_match: bytes | None,
+        conditions: Conditions | None,
     ) -> None:
         server = self.server
         now = time.time()
@@ -952,14 +970,31 @@ class HttpProtocol(asyncio.Protocol):
                 return
         entry = server.responder.cached(request_der, now)
         if entry is not None:
-            if (
-                if_none_match is not None
-                and method != b"POST"
-                # weak comparison, lists and "*" as on the web endpoint; ETAG is quoted
-                and etag_matches(if_none_match.decode("latin-1"), entry[ETAG][1:-1], weak=True)
-            ):
-                self._send(304, b"", b"", keep_alive, b"HEAD", now, self._cache_fields(entry, now))
-                return
+            if conditions is not None and method != b"POST":
+                # RFC 9110 13.2.2, by the web endpoint's code; ETAG is quoted
+                status = evaluate(
+                    method.decode("latin-1"),
+                    conditions,
+                    entry[ETAG][1:-1],
+                    entry[THIS_UPDATE],
+                    dt.datetime.fromtimestamp(now, dt.UTC),
+                    modified_since=False,
+                )
+                if status == 304:
+                    fields = self._cache_fields(entry, now)
+                    self._send(304, b"", b"", keep_alive, b"HEAD", now, fields)
+                    return
+                if status == 412:  # not stored by caches, as the web endpoint's problem
+                    self._send(
+                        412,
+                        b"precondition failed\n",
+                        b"text/plain",
+                        keep_alive,
+                        method,
+                        now,
+                        b"Cache-Control: no-store\r\n",
+                    )
+                    return
             self._ocsp(entry[DER], entry, keep_alive, method, now)
             return
         result = server.responder.prepare(request_der)

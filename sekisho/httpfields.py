@@ -1,11 +1,14 @@
 """HTTP header fields both servers read (the Flask app's conditional GETs in
 :mod:`web.conditional`, and ``ocsp serve``'s own HTTP/1.1): HTTP-dates and entity-tag lists
-as RFC 9110 defines them. No Flask here: ``ocsp serve`` does not load it."""
+as RFC 9110 defines them, and the evaluation of a conditional request's preconditions (13.2.2),
+so that both servers answer one request alike. No Flask here: ``ocsp serve`` does not load it."""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
+from typing import Protocol
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -90,3 +93,50 @@ def etag_matches(field: str, etag: str, *, weak: bool) -> bool:
         return True  # the representation exists
     tags = entity_tags(field)
     return tags is not None and any(tag == etag and (weak or not is_weak) for is_weak, tag in tags)
+
+
+class Fields(Protocol):
+    """Request header fields by name (werkzeug's Headers, or a dict in tests)."""
+
+    def get(self, key: str) -> str | None: ...
+
+
+def evaluate(
+    method: str,
+    headers: Fields,
+    etag: str,
+    last_modified: dt.datetime,
+    now: dt.datetime,
+    second_is_own: Callable[[], bool] | None = None,
+    *,
+    modified_since: bool = True,
+) -> int:
+    """200 (answer as usual), 304 or 412 for a request to a representation with the strong
+    entity-tag ``etag`` (unquoted) and ``last_modified``, by RFC 9110 13.2.2.
+
+    ``second_is_own``, when given, says whether no earlier representation has the same
+    Last-Modified (an HTTP-date names a second: two CRLs may share one). When it says no, an
+    If-Modified-Since of that second proves nothing and is not answered 304.
+    ``modified_since`` false: If-Modified-Since is not evaluated at all (a 200 is always a
+    right answer to it), for representations that change within a second of each other
+    with no order a date can tell, as OCSP answers do (signed "good", then "revoked")."""
+    modified = last_modified.astimezone(dt.UTC).replace(microsecond=0)  # as Last-Modified says
+    safe = method in ("GET", "HEAD")
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        if not etag_matches(if_match, etag, weak=False):
+            return 412
+    else:
+        unmodified_since = parse_http_date(headers.get("If-Unmodified-Since"), now)
+        if unmodified_since is not None and modified > unmodified_since:
+            return 412
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        if etag_matches(if_none_match, etag, weak=True):
+            return 304 if safe else 412
+    elif safe and modified_since:
+        since = parse_http_date(headers.get("If-Modified-Since"), now)
+        if since is not None and modified <= since:
+            if modified < since or second_is_own is None or second_is_own():
+                return 304
+    return 200

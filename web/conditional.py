@@ -10,70 +10,26 @@ Order (RFC 9110 13.2.2): If-Match (strong comparison), else If-Unmodified-Since;
 If-None-Match (weak comparison), else If-Modified-Since (GET and HEAD only). A date that is not
 exactly one HTTP-date (5.6.7: IMF-fixdate, rfc850 or asctime) is ignored (13.1.3, 13.1.4). A
 list that is not ``*`` or a list of entity-tags matches nothing: a garbled If-Match fails
-(412) rather than pass, a garbled If-None-Match never yields a 304.
+(412) rather than pass, a garbled If-None-Match never yields a 304. The evaluation itself is
+:func:`sekisho.httpfields.evaluate`, which ``ocsp serve`` runs too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from flask import Response, request
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import PreconditionFailed
 
-from sekisho.httpfields import etag_matches, parse_http_date
+from sekisho.httpfields import evaluate
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-
-class Fields(Protocol):
-    """Request header fields by name (werkzeug's Headers, or a dict in tests)."""
-
-    def get(self, key: str) -> str | None: ...
-
-
-def evaluate(
-    method: str,
-    headers: Fields,
-    etag: str,
-    last_modified: dt.datetime,
-    now: dt.datetime,
-    second_is_own: Callable[[], bool] | None = None,
-    *,
-    modified_since: bool = True,
-) -> int:
-    """200 (answer as usual), 304 or 412 for a request to a representation with the strong
-    entity-tag ``etag`` (unquoted) and ``last_modified``, by RFC 9110 13.2.2.
-
-    ``second_is_own``, when given, says whether no earlier representation has the same
-    Last-Modified (an HTTP-date names a second: two CRLs may share one). When it says no, an
-    If-Modified-Since of that second proves nothing and is not answered 304.
-    ``modified_since`` false: If-Modified-Since is not evaluated at all (a 200 is always a
-    right answer to it), for representations that change within a second of each other
-    with no order a date can tell, as OCSP answers do (signed "good", then "revoked")."""
-    modified = last_modified.astimezone(dt.UTC).replace(microsecond=0)  # as Last-Modified says
-    safe = method in ("GET", "HEAD")
-    if_match = headers.get("If-Match")
-    if if_match is not None:
-        if not etag_matches(if_match, etag, weak=False):
-            return 412
-    else:
-        unmodified_since = parse_http_date(headers.get("If-Unmodified-Since"), now)
-        if unmodified_since is not None and modified > unmodified_since:
-            return 412
-    if_none_match = headers.get("If-None-Match")
-    if if_none_match is not None:
-        if etag_matches(if_none_match, etag, weak=True):
-            return 304 if safe else 412
-    elif safe and modified_since:
-        since = parse_http_date(headers.get("If-Modified-Since"), now)
-        if since is not None and modified <= since:
-            if modified < since or second_is_own is None or second_is_own():
-                return 304
-    return 200
+__all__ = ["NotModified", "conditional_response", "evaluate", "http_date"]
 
 
 class NotModified(Response):

@@ -10,6 +10,8 @@ is a subprocess on loopback, stopped by PID (``tests.ocsp.test_server.running``)
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import email.utils
 import json
 import logging
 import socket
@@ -216,6 +218,53 @@ def test_if_none_match_lists_weak_tags_and_star_get_a_complete_304(
         assert status == 200 and body == der, (method, fields)
         assert headers["content-length"] == str(len(der))
         assert headers["etag"] == etag
+
+
+def test_preconditions_are_evaluated_as_on_the_web_endpoint(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """If-Match and If-Unmodified-Since too, in the order of RFC 9110 13.2.2, by the web
+    endpoint's code: the web app's table of cases gets the web app's answers (If-Modified-Since
+    is read by neither on /ocsp). Before, `If-Match: "nope"` was 200 here and 412 there."""
+    from tests.web.test_pki import CONDITIONAL_CASES
+
+    path = f"/ocsp/{pki.get_path(pki.good)}"
+    with running(data_dir, tmp_path) as server:
+        data, _, _ = _raw(server, request("GET", path, last=True))
+        [(status, full, der)] = replies(data, ["GET"])
+        assert status == 200
+        modified = email.utils.parsedate_to_datetime(full["last-modified"])
+        values = {
+            "etag": full["etag"],
+            "weak": "W/" + full["etag"],
+            "lm": full["last-modified"],
+            "before": email.utils.format_datetime(modified - dt.timedelta(days=1), usegmt=True),
+            "after": email.utils.format_datetime(modified + dt.timedelta(days=1), usegmt=True),
+        }
+        cases = [
+            (method, [f"{name}: {value.format(**values)}" for name, value in fields.items()],
+             200 if wanted == 304 and "If-None-Match" not in fields else wanted)
+            for fields, wanted in CONDITIONAL_CASES
+            for method in ("GET", "HEAD")
+        ]  # fmt: skip
+        sent = b"".join(
+            request(method, path, *lines, last=i == len(cases) - 1)
+            for i, (method, lines, _) in enumerate(cases)
+        )
+        data, _, closed = _raw(server, sent)
+        assert closed
+        got = replies(data, [method for method, _, _ in cases])
+    for (method, lines, wanted), (status, headers, body) in zip(cases, got, strict=True):
+        assert status == wanted, (method, lines, status)
+        if wanted == 412:  # never stored by a cache, no validators of the answer
+            assert headers["cache-control"] == "no-store" and "etag" not in headers
+            assert body != der
+        elif wanted == 304:
+            for name in ("etag", "last-modified", "expires"):
+                assert headers[name] == full[name], (name, lines)
+        else:
+            assert headers["etag"] == full["etag"]
+            assert body == (der if method == "GET" else b""), (method, lines)
 
 
 # -- a client that half-closes ------------------------------------------------------------------
