@@ -56,7 +56,10 @@ Decisions
   process is not served (``unauthorized``) until it does.
 * **HTTP limits.** Request line + headers <= 8 KiB (else 431, close); body <= 64 KiB, judged
   from Content-Length before reading (else 413, close); POST without Content-Length 411;
-  Transfer-Encoding 501 (no chunked bodies, no smuggling); wrong Content-Type 415; a request
+  Transfer-Encoding 501 (no chunked bodies, no smuggling); wrong Content-Type 415; a field
+  name that is not a token (whitespace in or around it, an obsolete line folding) or a control
+  character other than HTAB in the head (a NUL in a field value) 400 (RFC 9110 5.5, 5.6.2;
+  RFC 9112 5.1, 5.2), as gunicorn answers them on the web app; a request
   not complete 10 s after its first byte gets 408 and the connection is closed; a new
   connection must send its first byte within 10 s, idle keep-alive connections are closed
   after 30 s; at most 1,024 connections, 128 from one client address: at the limit a new
@@ -91,6 +94,7 @@ import email.utils
 import gc
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -145,6 +149,10 @@ _CONDITIONS = {
     b"if-unmodified-since": "If-Unmodified-Since",
 }
 Conditions = dict[str, str]
+# RFC 9110 5.6.2: a field name is a token; 5.5: a field value holds no CTL but HTAB (CR and LF
+# are looked at apart: only as line ends). A space inside a name, a NUL in a value: 400.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 _REASONS = {
     200: "OK",
@@ -848,9 +856,12 @@ class HttpProtocol(asyncio.Protocol):
             # front may read it as a line break. (One look at the whole head.)
             self._error(400, b"bad header line\n")
             return False
+        if _CTL.search(raw) is not None:  # in a value (5.5), a name or the request line
+            self._error(400, b"control character in the request head\n")
+            return False
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():
+            if not sep or _TOKEN.fullmatch(name) is None:
                 self._error(400, b"bad header line\n")
                 return False
             name = name.lower()

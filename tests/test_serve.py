@@ -764,6 +764,9 @@ GUNICORN_REFUSALS = {
     "HTTP version": (b"GET /" + MARK + b" HTTP/9.9\r\nHost: x\r\n\r\n", 400),
     "field name": (b"GET / HTTP/1.1\r\nHost: x\r\n" + MARK + b": y\r\n\r\n", 400),
     "field value": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: \x00" + MARK + b"\r\n\r\n", 400),
+    "space in a field name": (b"GET / HTTP/1.1\r\nHost: x\r\nX-" + MARK + b" A: y\r\n\r\n", 400),
+    "control in a field value": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: \x01" + MARK + b"\x7f\r\n\r\n",
+                                 400),
     "folding": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n " + MARK + b"\r\n\r\n", 400),
     "URI too long": (b"GET /" + MARK + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     "too many fields": (

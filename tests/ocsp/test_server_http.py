@@ -402,6 +402,42 @@ def test_request_heads_as_rfc_9112_wants_them() -> None:
         server.close()
 
 
+def test_control_characters_and_spaced_field_names_are_400() -> None:
+    """RFC 9110 5.5 and RFC 9112 5.1: a field value holds no control character but HTAB, a
+    field name is a token. A NUL or DEL in a value and a space inside a name were taken as
+    they came; gunicorn refuses them on the web app (tests/test_serve.py)."""
+    server = Server(Responder(ResponseIndex({}), None))
+    try:
+
+        def answer(*fields: bytes) -> tuple[int, bool]:
+            transport, protocol = _Transport(), HttpProtocol(server)
+            protocol.connection_made(cast(Any, transport))
+            protocol.data_received(b"\r\n".join([b"GET /healthz HTTP/1.1", b"Host: a", *fields]))
+            protocol.data_received(b"\r\n\r\n")
+            status = int(bytes(transport.written).split(b" ", 2)[1])
+            return status, transport.closed
+
+        for bad in (
+            b"X-A: a\x00b",
+            b"X-A: \x00",
+            b"X-A: a\x01b",
+            b"X-A: a\x1fb",
+            b"X-A: a\x7fb",
+            b"X-A: a\x0bb",
+            b"X A: b",
+            b"X-A\t: b",
+            b"X-A : b",
+            b"X\x00A: b",
+            b"X(A): b",
+            b"\tX-A: b",
+        ):
+            assert answer(bad) == (400, True), bad
+        for good in (b"X-A: a\tb\x80\xff", b"X-A:", b"X-A:\t b \t", b"X_!#$%&'*+-.^`|~9: b"):
+            assert answer(good) == (200, False), good
+    finally:
+        server.close()
+
+
 def test_a_connection_whose_last_answers_are_never_taken_is_dropped() -> None:
     """A connection closed after its answers (Connection: close, an error, a half-close)
     whose client reads nothing: asyncio's close() waits for it forever. It keeps its place
