@@ -66,7 +66,7 @@ Decisions
   connection takes the place of the idle one whose deadline is nearest (one client's idle
   sockets held every place, and every new client was refused). Errors that
   leave unread bytes behind close the connection. Pipelined requests are answered in order.
-* **Caching (RFC 5019 6.2).** Pre-signed answers carry ``Cache-Control: public,
+* **Caching (RFC 5019 6.2).** Pre-signed answers to a GET carry ``Cache-Control: public,
   max-age=<seconds to nextUpdate, at most 300>, no-transform, must-revalidate`` (a shared
   cache re-checks within 5 minutes, so a revocation shows through it), ``ETag`` (SHA-256 of the
   DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate). A GET or HEAD of such an
@@ -76,7 +76,10 @@ Decisions
   ``If-None-Match`` (a list, weak tags, ``*``) naming its ETag gets a 304 with those same
   fields (RFC 9110 15.4.5) and no Content-Type or Content-Length (8.6). If-Modified-Since is
   not read, as on the web endpoint.
-  Answers with a nonce and OCSP error answers are ``no-store``.
+  Answers with a nonce, OCSP error answers and every answer to a POST are ``no-store``, with no
+  validators, as on the web endpoint: a POST's answer depends on its body, which no cache key
+  holds (RFC 9110 9.3.3 lets a cache reuse it only under a matching Content-Location, which we
+  do not send), and RFC 5019 5 leaves caching to GET.
 * **A crash answers internalError.** An unexpected exception while answering one request (a
   bug) is logged as one line (the exception's type, no traceback to the client) and answered
   like the web endpoint does: 200 with the ``internalError`` OCSP response, ``no-store``. The
@@ -1006,7 +1009,8 @@ class HttpProtocol(asyncio.Protocol):
                         b"Cache-Control: no-store\r\n",
                     )
                     return
-            self._ocsp(entry[DER], entry, keep_alive, method, now)
+            # A POST's answer is not stored by caches (see _ocsp), nor tagged.
+            self._ocsp(entry[DER], None if method == b"POST" else entry, keep_alive, method, now)
             return
         result = server.responder.prepare(request_der)
         if isinstance(result, bytes):

@@ -44,6 +44,8 @@ def test_get_and_post_equivalent(services: Services, client: FlaskClient, tmp_pa
     ca_id, issuer = issuer_for(services)
     req = request_der(issuer, [leaf.serial_number])
     by_post = post(client, req)
+    res = client.post("/ocsp", data=req, content_type=OCSP_REQUEST)  # as `ocsp serve` answers
+    assert res.headers["Cache-Control"] == "no-store" and "ETag" not in res.headers
     row = stored(services, ca_id, leaf.serial_number)
     assert by_post == row.der
     for encoded in (

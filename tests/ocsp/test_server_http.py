@@ -217,7 +217,10 @@ def test_if_none_match_lists_weak_tags_and_star_get_a_complete_304(
     ):
         assert status == 200 and body == der, (method, fields)
         assert headers["content-length"] == str(len(der))
-        assert headers["etag"] == etag
+        if method == "POST":  # not stored by caches, nor tagged
+            assert headers["cache-control"] == "no-store" and "etag" not in headers
+        else:
+            assert headers["etag"] == etag
 
 
 def test_preconditions_are_evaluated_as_on_the_web_endpoint(
@@ -265,6 +268,26 @@ def test_preconditions_are_evaluated_as_on_the_web_endpoint(
         else:
             assert headers["etag"] == full["etag"]
             assert body == (der if method == "GET" else b""), (method, lines)
+
+
+def test_an_answer_to_a_post_is_not_stored_by_caches(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """A POST for a pre-signed answer got `public, max-age=300` and an ETag here and no-store
+    on the web app. no-store is right: the answer depends on the body, which no cache key
+    holds (RFC 9110 9.3.3), and RFC 5019 leaves caching to GET. The GET keeps its fields."""
+    der = base64.b64decode(pki.get_path(pki.good))
+    with running(data_dir, tmp_path) as server:
+        sent = request("POST", "/ocsp", body=der) + request(
+            "GET", f"/ocsp/{pki.get_path(pki.good)}", last=True
+        )
+        data, _, _ = _raw(server, sent)
+    (post_status, post, answer), (get_status, get, same) = replies(data, ["POST", "GET"])
+    assert post_status == get_status == 200 and answer == same and len(answer) > 5
+    assert post["cache-control"] == "no-store"
+    for name in ("etag", "last-modified", "expires"):
+        assert name not in post and name in get, name
+    assert get["cache-control"].startswith("public, max-age=")
 
 
 # -- a client that half-closes ------------------------------------------------------------------
