@@ -66,12 +66,15 @@ Decisions
   connection takes the place of the idle one whose deadline is nearest (one client's idle
   sockets held every place, and every new client was refused). Errors that
   leave unread bytes behind close the connection. Pipelined requests are answered in order.
-* **Caching (RFC 5019 6.2).** Pre-signed answers to a GET carry ``Cache-Control: public,
-  max-age=<seconds to nextUpdate, at most 300>, no-transform, must-revalidate`` (a shared
-  cache re-checks within 5 minutes, so a revocation shows through it), ``ETag`` (SHA-256 of the
-  DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate). A GET or HEAD of such an
-  answer has its preconditions evaluated by the web endpoint's code
-  (:func:`sekisho.httpfields.evaluate`, RFC 9110 13.2.2; every field line of a list): a failed
+* **Caching (RFC 5019 6.2).** Successful answers to a GET without a nonce, pre-signed or
+  signed live (a SHA-256 CertID, a serial held nowhere in memory), carry ``Cache-Control:
+  public, max-age=<seconds to nextUpdate, at most 300>, no-transform, must-revalidate`` (a
+  shared cache re-checks within 5 minutes, so a revocation shows through it), ``ETag`` (SHA-256
+  of the DER), ``Last-Modified`` (thisUpdate), ``Expires`` (nextUpdate), as on the web
+  endpoint (a live answer's times read by :func:`ocsp.core.response_times`; it was
+  ``no-store`` here). A GET or HEAD of such an answer has its preconditions evaluated by
+  the web endpoint's code (:func:`sekisho.httpfields.evaluate`, RFC 9110 13.2.2; every field
+  line of a list): a failed
   ``If-Match`` (strong comparison) or ``If-Unmodified-Since`` is 412 (``no-store``); an
   ``If-None-Match`` (a list, weak tags, ``*``) naming its ETag gets a 304 with those same
   fields (RFC 9110 15.4.5) and no Content-Type or Content-Length (8.6). If-Modified-Since is
@@ -121,6 +124,7 @@ from ocsp.index import (
     EntryBuilder,
     ResponseIndex,
     StoredLike,
+    http_date,
     simple_request,
 )
 from ocsp.store import ChosenFn, IssuersFn, RefusedFn, Signers
@@ -137,6 +141,7 @@ MAX_PER_CLIENT = 128  # connections from one address (clients behind one NAT sha
 POLL_INTERVAL = 0.5
 DEFAULT_VALIDITY = dt.timedelta(hours=24)
 OCSP_REQUEST_TYPE = b"application/ocsp-request"
+OCSP_RESPONSE_TYPE = b"application/ocsp-response"
 FRESH_POLLS = 4  # the index is "following the store" if it synced within this many polls
 FRESH_MIN = 5.0  # ... or this many seconds, whichever is longer
 
@@ -338,6 +343,19 @@ def initial_index(
         index.apply(rows)
         del rows
     return index, cursor
+
+
+def _cache_fields(
+    etag: str, last_modified: str, expires: str, next_update: float, now: float
+) -> bytes:
+    """The caching fields and validators of an answer a cache may keep (its 200 and its 304):
+    ``etag`` quoted, the HTTP-dates of its thisUpdate and nextUpdate, the POSIX time of the
+    latter."""
+    max_age = max(0, min(int(next_update - now), core.CACHE_MAX_AGE))
+    return (
+        f"Cache-Control: public, max-age={max_age}, no-transform, must-revalidate\r\n"
+        f"ETag: {etag}\r\nLast-Modified: {last_modified}\r\nExpires: {expires}\r\n"
+    ).encode()
 
 
 def _call_now(fn: Callable[..., object], *args: object) -> None:
@@ -954,7 +972,7 @@ class HttpProtocol(asyncio.Protocol):
                 exc_info=exc,
                 extra={"method": method.decode("latin-1"), "error": type(exc).__name__},
             )
-            self._ocsp(core.INTERNAL_ERROR, None, keep_alive, method, time.time())
+            self._ocsp(core.INTERNAL_ERROR, keep_alive, method, time.time())
 
     def _handle(
         self,
@@ -973,7 +991,7 @@ class HttpProtocol(asyncio.Protocol):
             if path.startswith(b"/ocsp/"):
                 decoded = core.decode_get_path(path[6:].decode("latin-1"))
                 if decoded is None:
-                    self._ocsp(core.MALFORMED_REQUEST, None, keep_alive, method, now)
+                    self._ocsp(core.MALFORMED_REQUEST, keep_alive, method, now)
                     return
                 request_der = decoded
             elif path == b"/healthz":
@@ -984,37 +1002,11 @@ class HttpProtocol(asyncio.Protocol):
                 return
         entry = server.responder.cached(request_der, now)
         if entry is not None:
-            if conditions is not None and method != b"POST":
-                # RFC 9110 13.2.2, by the web endpoint's code; ETAG is quoted
-                status = evaluate(
-                    method.decode("latin-1"),
-                    conditions,
-                    entry[ETAG][1:-1],
-                    entry[THIS_UPDATE],
-                    dt.datetime.fromtimestamp(now, dt.UTC),
-                    modified_since=False,
-                )
-                if status == 304:
-                    fields = self._cache_fields(entry, now)
-                    self._send(304, b"", b"", keep_alive, b"HEAD", now, fields)
-                    return
-                if status == 412:  # not stored by caches, as the web endpoint's problem
-                    self._send(
-                        412,
-                        b"precondition failed\n",
-                        b"text/plain",
-                        keep_alive,
-                        method,
-                        now,
-                        b"Cache-Control: no-store\r\n",
-                    )
-                    return
-            # A POST's answer is not stored by caches (see _ocsp), nor tagged.
-            self._ocsp(entry[DER], None if method == b"POST" else entry, keep_alive, method, now)
+            self._reply(entry[DER], keep_alive, method, now, conditions, entry)
             return
         result = server.responder.prepare(request_der)
         if isinstance(result, bytes):
-            self._ocsp(result, None, keep_alive, method, now)
+            self._reply(result, keep_alive, method, now, conditions)
             return
         loop = server.loop or asyncio.get_running_loop()
         future = loop.run_in_executor(server.executor, result)
@@ -1029,7 +1021,7 @@ class HttpProtocol(asyncio.Protocol):
             except Exception:
                 log.exception("OCSP lookup failed")
                 der = core.INTERNAL_ERROR
-            self._ocsp(der, None, keep_alive, method, time.time())
+            self._reply(der, keep_alive, method, time.time(), conditions)
             if not self.closing:
                 if self.transport is not None and not self.write_paused:
                     self.transport.resume_reading()
@@ -1042,26 +1034,66 @@ class HttpProtocol(asyncio.Protocol):
 
         future.add_done_callback(done)
 
-    def _ocsp(
+    def _reply(
         self,
         der: bytes,
-        entry: Entry | None,
         keep_alive: bool,
         method: bytes,
         now: float,
+        conditions: Conditions | None,
+        entry: Entry | None = None,
     ) -> None:
-        extra = b"Cache-Control: no-store\r\n" if entry is None else self._cache_fields(entry, now)
-        self._send(200, der, b"application/ocsp-response", keep_alive, method, now, extra)
+        """Send an OCSP answer: pre-signed (``entry``) or signed live. One a cache may keep (a
+        successful answer to a GET or HEAD, without a nonce) carries the caching fields and
+        validators, and the request's preconditions are evaluated against it (RFC 9110
+        13.2.2, by the web endpoint's code); any other is ``no-store``, as a POST's answer."""
+        if method == b"POST":
+            self._ocsp(der, keep_alive, method, now)
+            return
+        if entry is not None:
+            etag, this_update = entry[ETAG], entry[THIS_UPDATE]
+            fields = _cache_fields(
+                etag, entry[LAST_MODIFIED], entry[EXPIRES], entry[NEXT_UPDATE_TS], now
+            )
+        else:
+            times = core.response_times(der)
+            if times is None:
+                self._ocsp(der, keep_alive, method, now)
+                return
+            this_update, next_update = times
+            etag = f'"{core.entity_tag(der)}"'
+            fields = _cache_fields(
+                etag, http_date(this_update), http_date(next_update), next_update.timestamp(), now
+            )
+        if conditions is not None:
+            status = evaluate(
+                method.decode("latin-1"),
+                conditions,
+                etag[1:-1],  # quoted here
+                this_update,
+                dt.datetime.fromtimestamp(now, dt.UTC),
+                modified_since=False,
+            )
+            if status == 304:
+                self._send(304, b"", b"", keep_alive, b"HEAD", now, fields)
+                return
+            if status == 412:  # not stored by caches, as the web endpoint's problem
+                self._send(
+                    412,
+                    b"precondition failed\n",
+                    b"text/plain",
+                    keep_alive,
+                    method,
+                    now,
+                    b"Cache-Control: no-store\r\n",
+                )
+                return
+        self._send(200, der, OCSP_RESPONSE_TYPE, keep_alive, method, now, fields)
 
-    @staticmethod
-    def _cache_fields(entry: Entry, now: float) -> bytes:
-        """The caching fields and validators of a pre-signed answer (its 200 and its 304)."""
-        max_age = max(0, min(int(entry[NEXT_UPDATE_TS] - now), core.CACHE_MAX_AGE))
-        return (
-            f"Cache-Control: public, max-age={max_age}, no-transform, must-revalidate\r\n"
-            f"ETag: {entry[ETAG]}\r\nLast-Modified: {entry[LAST_MODIFIED]}\r\n"
-            f"Expires: {entry[EXPIRES]}\r\n"
-        ).encode()
+    def _ocsp(self, der: bytes, keep_alive: bool, method: bytes, now: float) -> None:
+        """Send an OCSP answer no cache may keep."""
+        fields = b"Cache-Control: no-store\r\n"
+        self._send(200, der, OCSP_RESPONSE_TYPE, keep_alive, method, now, fields)
 
     def _send(
         self,

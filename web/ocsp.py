@@ -18,10 +18,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
-from asn1crypto import ocsp as asn1_ocsp
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -53,30 +51,6 @@ def _answer(der: bytes) -> bytes:
         return core.INTERNAL_ERROR
 
 
-def response_times(der: bytes) -> tuple[dt.datetime, dt.datetime] | None:
-    """(thisUpdate, nextUpdate) of a successful answer a cache may keep, else None: not an
-    answer to a request with a nonce (made for that one request; `ocsp serve` sends those
-    no-store too)."""
-    if len(der) <= 5:
-        return None
-    try:
-        parsed = asn1_ocsp.OCSPResponse.load(der)
-        if parsed["response_status"].native != "successful":
-            return None
-        basic = parsed["response_bytes"]["response"].parsed
-        extensions = basic["tbs_response_data"]["response_extensions"]
-        if any(e["extn_id"].dotted == core.OID_NONCE for e in extensions or ()):
-            return None
-        singles = basic["tbs_response_data"]["responses"]
-        this = min(s["this_update"].native for s in singles)
-        nexts = [s["next_update"].native for s in singles]
-        if any(n is None for n in nexts):
-            return None
-        return this, min(nexts)
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
 @bp.post("/ocsp")
 @bp.post("/ocsp/")
 def post() -> Response:
@@ -100,7 +74,7 @@ def get(encoded: str) -> Response:
         return response
     body = _answer(der)
     response = _ocsp(body)
-    times = response_times(body)
+    times = core.response_times(body)
     if times is None:
         response.headers["Cache-Control"] = "no-store"
         return response

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import email.utils
+import hashlib
 import json
 import logging
 import socket
@@ -22,6 +23,7 @@ from typing import Any, cast
 import pytest
 from cryptography.x509 import ocsp as x509_ocsp
 
+from ocsp import core
 from ocsp.index import ResponseIndex
 from ocsp.server import HttpProtocol, Responder, Server
 from sekisho.services import Services
@@ -288,6 +290,73 @@ def test_an_answer_to_a_post_is_not_stored_by_caches(
     for name in ("etag", "last-modified", "expires"):
         assert name not in post and name in get, name
     assert get["cache-control"].startswith("public, max-age=")
+
+
+def _directives(cache_control: str) -> set[str]:
+    """The Cache-Control directives but max-age, in any order."""
+    return {d.strip() for d in cache_control.split(",") if not d.strip().startswith("max-age=")}
+
+
+def test_an_answer_signed_live_for_a_get_is_cached_as_on_the_web_app(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """A GET answered live (a SHA-256 CertID, signed on the loop; a serial never issued,
+    looked up in the database) is as cacheable as a pre-signed answer, with its own ETag,
+    Last-Modified and Expires and preconditions evaluated: the web app gave it max-age up to
+    300 s, `ocsp serve` no-store. An answer with a nonce is no-store on both."""
+    from tests.ocsp.test_store import request_der
+    from web import create_app
+
+    issuer = pki.issuer()
+    paths = {
+        "sha256": request_der(issuer, [pki.good.serial_number], hash_algorithm="sha256"),
+        "never issued": request_der(issuer, [0x12345]),
+        "nonce": request_der(issuer, [pki.good.serial_number], nonce=b"\x01" * 16),
+    }
+    paths = {k: "/ocsp/" + base64.b64encode(v).decode() for k, v in paths.items()}
+    web = create_app(pki.services).test_client()
+    with running(data_dir, tmp_path) as server:
+        for label, path in paths.items():
+            cases = [
+                ("GET", []),
+                ("HEAD", []),
+                ("GET", ["If-None-Match: *"]),
+                ("GET", ['If-Match: "nope"']),
+                ("GET", ["If-Unmodified-Since: Thu, 01 Jan 1970 00:00:00 GMT"]),
+            ]
+            sent = b"".join(
+                request(method, path, *lines, last=i == len(cases) - 1)
+                for i, (method, lines) in enumerate(cases)
+            )
+            data, _, _ = _raw(server, sent)
+            got = replies(data, [method for method, _ in cases])
+            (status, fields, der), (head_status, head, _), star, match, unmodified = got
+            assert status == head_status == 200 and len(der) > 5, label
+            from_web = web.get(path)
+            assert from_web.status_code == 200, label
+            if label == "nonce":
+                for answer in (fields, head, from_web.headers):
+                    assert answer.get("cache-control", answer.get("Cache-Control")) == "no-store"
+                assert "etag" not in fields and "ETag" not in from_web.headers
+                # nothing a precondition is evaluated against, as on the web app
+                assert (star[0], match[0], unmodified[0]) == (200, 200, 200)
+                continue
+            assert fields["etag"] == f'"{hashlib.sha256(der).hexdigest()[:32]}"', label
+            loaded = x509_ocsp.load_der_ocsp_response(der)
+            this, next_ = loaded.this_update_utc, loaded.next_update_utc
+            assert next_ is not None and core.response_times(der) == (this, next_)
+            assert fields["last-modified"] == email.utils.format_datetime(this, usegmt=True)
+            assert fields["expires"] == email.utils.format_datetime(next_, usegmt=True)
+            assert fields["cache-control"].startswith("public, max-age=")
+            max_age = int(fields["cache-control"].split("max-age=")[1].split(",")[0])
+            assert 290 <= max_age <= core.CACHE_MAX_AGE, label
+            assert _directives(from_web.headers["Cache-Control"]) == _directives(
+                fields["cache-control"]
+            ), label
+            assert head["etag"].startswith('"') and head["cache-control"].startswith("public")
+            assert star[0] == 304 and star[1]["etag"].startswith('"'), label
+            assert match[0] == unmodified[0] == 412, label
+            assert match[1]["cache-control"] == unmodified[1]["cache-control"] == "no-store"
 
 
 # -- a client that half-closes ------------------------------------------------------------------
