@@ -59,7 +59,9 @@ Decisions
   Transfer-Encoding 501 (no chunked bodies, no smuggling); wrong Content-Type 415; a field
   name that is not a token (whitespace in or around it, an obsolete line folding) or a control
   character other than HTAB in the head (a NUL in a field value) 400 (RFC 9110 5.5, 5.6.2;
-  RFC 9112 5.1, 5.2), as gunicorn answers them on the web app; a request
+  RFC 9112 5.1, 5.2), as gunicorn answers them on the web app; a GET path that is not
+  base64 400 with the malformedRequest answer, ``no-store``, as on the web app (base64 of
+  something that is not a request is an OCSP-level error: 200 malformedRequest); a request
   not complete 10 s after its first byte gets 408 and the connection is closed; a new
   connection must send its first byte within 10 s, idle keep-alive connections are closed
   after 30 s; at most 1,024 connections, 128 from one client address: at the limit a new
@@ -990,8 +992,12 @@ class HttpProtocol(asyncio.Protocol):
             path = target.split(b"?", 1)[0]
             if path.startswith(b"/ocsp/"):
                 decoded = core.decode_get_path(path[6:].decode("latin-1"))
-                if decoded is None:
-                    self._ocsp(core.MALFORMED_REQUEST, keep_alive, method, now)
+                if decoded is None:  # not base64: 400, with the OCSP answer (as the web app)
+                    fields = b"Cache-Control: no-store\r\n"
+                    self._send(
+                        400, core.MALFORMED_REQUEST, OCSP_RESPONSE_TYPE, keep_alive, method, now,
+                        fields,
+                    )  # fmt: skip
                     return
                 request_der = decoded
             elif path == b"/healthz":

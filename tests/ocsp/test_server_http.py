@@ -359,6 +359,31 @@ def test_an_answer_signed_live_for_a_get_is_cached_as_on_the_web_app(
             assert match[1]["cache-control"] == unmodified[1]["cache-control"] == "no-store"
 
 
+def test_a_get_path_that_is_not_base64_is_400_as_on_the_web_app(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """Text that is not base64 is no OCSP request at all: the web app answers 400 with the
+    malformedRequest answer, `ocsp serve` answered 200. Both now 400, no-store, and the
+    connection goes on; base64 of something that is not a request stays 200 malformedRequest
+    (an OCSP-level error) on both."""
+    from web import create_app
+
+    bad = ["!!!!", "a", "%ZZ", "QUJD$", "%%%", "abc$", "A" * 5]
+    junk = base64.b64encode(b"junk").decode()
+    web = create_app(pki.services).test_client()
+    with running(data_dir, tmp_path) as server:
+        sent = b"".join(request("GET", f"/ocsp/{path}") for path in [*bad, junk])
+        data, _, _ = _raw(server, sent + request("GET", "/healthz", last=True))
+    *answers, health = replies(data, ["GET"] * (len(bad) + 2))
+    assert health[0] == 200  # the connection went on
+    for path, (status, fields, body) in zip([*bad, junk], answers, strict=True):
+        from_web = web.get(f"/ocsp/{path}")
+        assert status == from_web.status_code == (200 if path == junk else 400), path
+        assert body == from_web.data == MALFORMED, path
+        assert fields["content-type"] == from_web.mimetype == "application/ocsp-response"
+        assert fields["cache-control"] == from_web.headers["Cache-Control"] == "no-store"
+
+
 # -- a client that half-closes ------------------------------------------------------------------
 def test_requests_sent_before_a_half_close_are_all_answered(
     pki: Pki, data_dir: Path, tmp_path: Path
