@@ -61,7 +61,9 @@ Decisions
   character other than HTAB in the head (a NUL in a field value) 400 (RFC 9110 5.5, 5.6.2;
   RFC 9112 5.1, 5.2), as gunicorn answers them on the web app; a GET path that is not
   base64 400 with the malformedRequest answer, ``no-store``, as on the web app (base64 of
-  something that is not a request is an OCSP-level error: 200 malformedRequest); a request
+  something that is not a request is an OCSP-level error: 200 malformedRequest); ``GET`` or
+  ``HEAD`` of ``/ocsp`` or ``/ocsp/`` (no request in the path) 405 with ``Allow: POST``, as on
+  the web app, the connection kept; a request
   not complete 10 s after its first byte gets 408 and the connection is closed; a new
   connection must send its first byte within 10 s, idle keep-alive connections are closed
   after 30 s; at most 1,024 connections, 128 from one client address: at the limit a new
@@ -990,6 +992,10 @@ class HttpProtocol(asyncio.Protocol):
             request_der = body
         else:
             path = target.split(b"?", 1)[0]
+            if path in (b"/ocsp", b"/ocsp/"):  # POST's resource, no request in the path
+                fields = b"Allow: POST\r\nCache-Control: no-store\r\n"
+                self._send(405, b"POST only\n", b"text/plain", keep_alive, method, now, fields)
+                return
             if path.startswith(b"/ocsp/"):
                 decoded = core.decode_get_path(path[6:].decode("latin-1"))
                 if decoded is None:  # not base64: 400, with the OCSP answer (as the web app)

@@ -384,6 +384,30 @@ def test_a_get_path_that_is_not_base64_is_400_as_on_the_web_app(
         assert fields["cache-control"] == from_web.headers["Cache-Control"] == "no-store"
 
 
+def test_get_of_the_post_resource_is_405_as_on_the_web_app(
+    pki: Pki, data_dir: Path, tmp_path: Path
+) -> None:
+    """`GET /ocsp` and `GET /ocsp/` carry no request: the resource takes POST only. The web
+    app answers 405 with Allow; `ocsp serve` answered 404 (`/ocsp`) or 200 malformedRequest
+    (`/ocsp/`). Both now 405, Allow naming POST, no-store, the connection kept."""
+    from web import create_app
+
+    web = create_app(pki.services).test_client()
+    cases = [("GET", "/ocsp"), ("GET", "/ocsp/"), ("HEAD", "/ocsp"), ("GET", "/ocsp?x=1")]
+    with running(data_dir, tmp_path) as server:
+        sent = b"".join(request(method, path) for method, path in cases)
+        data, _, _ = _raw(server, sent + request("GET", "/healthz", last=True))
+    *answers, health = replies(data, [method for method, _ in cases] + ["GET"])
+    assert health[0] == 200  # the connection went on
+    for (method, path), (status, fields, _body) in zip(cases, answers, strict=True):
+        from_web = web.open(path, method=method)
+        assert status == from_web.status_code == 405, (method, path)
+        assert "POST" in fields["allow"].split(", ")
+        assert "POST" in from_web.headers["Allow"].split(", ")
+        assert "GET" not in fields["allow"] and "GET" not in from_web.headers["Allow"]
+        assert fields["cache-control"] == from_web.headers["Cache-Control"] == "no-store"
+
+
 # -- a client that half-closes ------------------------------------------------------------------
 def test_requests_sent_before_a_half_close_are_all_answered(
     pki: Pki, data_dir: Path, tmp_path: Path
