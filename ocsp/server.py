@@ -70,6 +70,10 @@ Decisions
   connection takes the place of the idle one whose deadline is nearest (one client's idle
   sockets held every place, and every new client was refused). Errors that
   leave unread bytes behind close the connection. Pipelined requests are answered in order.
+  An HTTP/1.0 connection persists only when the client sends the ``keep-alive`` connection
+  option, and the answer then says ``Connection: keep-alive`` (RFC 9112 9.3, as gunicorn
+  answers on the web app; it was kept open without saying so); ``close`` wins, on any field
+  line.
 * **Caching (RFC 5019 6.2).** Successful answers to a GET without a nonce, pre-signed or
   signed live (a SHA-256 CertID, a serial held nowhere in memory), carry ``Cache-Control:
   public, max-age=<seconds to nextUpdate, at most 300>, no-transform, must-revalidate`` (a
@@ -161,6 +165,11 @@ _CONDITIONS = {
     b"if-unmodified-since": "If-Unmodified-Since",
 }
 Conditions = dict[str, str]
+# The Connection field line of an answer: none (HTTP/1.1, the connection persists), keep-alive
+# (an HTTP/1.0 client asked for it: it persists), close (closed once the answer is sent).
+_PERSIST = b""
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_CLOSE = b"Connection: close\r\n"
 # RFC 9110 5.6.2: a field name is a token; 5.5: a field value holds no CTL but HTAB (CR and LF
 # are looked at apart: only as line ends). A space inside a name, a NUL in a value: 400.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -691,8 +700,8 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = False
         self.closing = False
         self.deadline = 0.0
-        # method, target, keep-alive, precondition fields (None: none sent)
-        self.head: tuple[bytes, bytes, bool, Conditions | None] | None = None
+        # method, target, the Connection field of its answer, precondition fields (None: none)
+        self.head: tuple[bytes, bytes, bytes, Conditions | None] | None = None
         self.body_len = 0
         self.write_paused = False
         self.eof = False  # the client half-closed: answer what it sent, then close
@@ -838,11 +847,11 @@ class HttpProtocol(asyncio.Protocol):
                     continue
             if len(buf) < self.body_len:
                 return
-            method, target, keep_alive, conditions = self.head
+            method, target, connection, conditions = self.head
             body = bytes(buf[: self.body_len])
             del buf[: self.body_len]
             self.head = None
-            self._dispatch(method, target, keep_alive, body, conditions)
+            self._dispatch(method, target, connection, body, conditions)
             if not self.closing and not self.busy:
                 self.deadline = time.monotonic() + (
                     self.server.request_timeout if buf else self.server.idle_timeout
@@ -863,17 +872,14 @@ class HttpProtocol(asyncio.Protocol):
             rest = target.split(b"//", 1)[1]
             slash = rest.find(b"/")
             target = rest[slash:] if slash >= 0 else b"/"
-        if version == b"HTTP/1.1":
-            keep_alive = True
-        elif version == b"HTTP/1.0":
-            keep_alive = False
-        else:
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
             self._error(505 if version.startswith(b"HTTP/") else 400, b"HTTP/1.x only\n")
             return False
         length: bytes | None = None
         content_type = b""
         conditions: Conditions | None = None
         expect = False
+        close = keep_alive = False  # the connection options "close", "keep-alive"
         hosts = 0
         crlf = len(lines) - 1
         if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
@@ -900,12 +906,10 @@ class HttpProtocol(asyncio.Protocol):
                 length = value
             elif name == b"content-type":
                 content_type = value
-            elif name == b"connection":
-                tokens = value.lower()
-                if b"close" in tokens:
-                    keep_alive = False
-                elif b"keep-alive" in tokens:
-                    keep_alive = True
+            elif name == b"connection":  # a list of options; every field line counts
+                options = [option.strip(b" \t") for option in value.lower().split(b",")]
+                close = close or b"close" in options
+                keep_alive = keep_alive or b"keep-alive" in options
             elif name == b"transfer-encoding":
                 self._error(501, b"Transfer-Encoding is not supported\n")
                 return False
@@ -952,7 +956,13 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._error(405, b"GET or POST\n", extra=b"Allow: GET, HEAD, POST\r\n")
             return False
-        self.head = (method, target, keep_alive, conditions)
+        # RFC 9112 9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive", and
+        # then the answer says so (before, it did not, and the connection stayed open).
+        if close or (version == b"HTTP/1.0" and not keep_alive):
+            connection = _CLOSE
+        else:
+            connection = _PERSIST if version == b"HTTP/1.1" else _KEEP_ALIVE
+        self.head = (method, target, connection, conditions)
         self.body_len = body_len
         return True
 
@@ -961,7 +971,7 @@ class HttpProtocol(asyncio.Protocol):
         self,
         method: bytes,
         target: bytes,
-        keep_alive: bool,
+        connection: bytes,
         body: bytes,
         conditions: Conditions | None,
     ) -> None:
@@ -969,20 +979,20 @@ class HttpProtocol(asyncio.Protocol):
         internalError, never allowed up to the transport (which would drop the connection and
         the requests pipelined on it without an answer)."""
         try:
-            self._handle(method, target, keep_alive, body, conditions)
+            self._handle(method, target, connection, body, conditions)
         except Exception as exc:
             log.error(
                 "OCSP request failed",
                 exc_info=exc,
                 extra={"method": method.decode("latin-1"), "error": type(exc).__name__},
             )
-            self._ocsp(core.INTERNAL_ERROR, keep_alive, method, time.time())
+            self._ocsp(core.INTERNAL_ERROR, connection, method, time.time())
 
     def _handle(
         self,
         method: bytes,
         target: bytes,
-        keep_alive: bool,
+        connection: bytes,
         body: bytes,
         conditions: Conditions | None,
     ) -> None:
@@ -994,31 +1004,31 @@ class HttpProtocol(asyncio.Protocol):
             path = target.split(b"?", 1)[0]
             if path in (b"/ocsp", b"/ocsp/"):  # POST's resource, no request in the path
                 fields = b"Allow: POST\r\nCache-Control: no-store\r\n"
-                self._send(405, b"POST only\n", b"text/plain", keep_alive, method, now, fields)
+                self._send(405, b"POST only\n", b"text/plain", connection, method, now, fields)
                 return
             if path.startswith(b"/ocsp/"):
                 decoded = core.decode_get_path(path[6:].decode("latin-1"))
                 if decoded is None:  # not base64: 400, with the OCSP answer (as the web app)
                     fields = b"Cache-Control: no-store\r\n"
                     self._send(
-                        400, core.MALFORMED_REQUEST, OCSP_RESPONSE_TYPE, keep_alive, method, now,
+                        400, core.MALFORMED_REQUEST, OCSP_RESPONSE_TYPE, connection, method, now,
                         fields,
                     )  # fmt: skip
                     return
                 request_der = decoded
             elif path == b"/healthz":
-                self._send(200, server.health(), b"application/json", keep_alive, method, now)
+                self._send(200, server.health(), b"application/json", connection, method, now)
                 return
             else:
-                self._send(404, b"not found\n", b"text/plain", keep_alive, method, now)
+                self._send(404, b"not found\n", b"text/plain", connection, method, now)
                 return
         entry = server.responder.cached(request_der, now)
         if entry is not None:
-            self._reply(entry[DER], keep_alive, method, now, conditions, entry)
+            self._reply(entry[DER], connection, method, now, conditions, entry)
             return
         result = server.responder.prepare(request_der)
         if isinstance(result, bytes):
-            self._reply(result, keep_alive, method, now, conditions)
+            self._reply(result, connection, method, now, conditions)
             return
         loop = server.loop or asyncio.get_running_loop()
         future = loop.run_in_executor(server.executor, result)
@@ -1033,7 +1043,7 @@ class HttpProtocol(asyncio.Protocol):
             except Exception:
                 log.exception("OCSP lookup failed")
                 der = core.INTERNAL_ERROR
-            self._reply(der, keep_alive, method, time.time(), conditions)
+            self._reply(der, connection, method, time.time(), conditions)
             if not self.closing:
                 if self.transport is not None and not self.write_paused:
                     self.transport.resume_reading()
@@ -1049,7 +1059,7 @@ class HttpProtocol(asyncio.Protocol):
     def _reply(
         self,
         der: bytes,
-        keep_alive: bool,
+        connection: bytes,
         method: bytes,
         now: float,
         conditions: Conditions | None,
@@ -1060,7 +1070,7 @@ class HttpProtocol(asyncio.Protocol):
         validators, and the request's preconditions are evaluated against it (RFC 9110
         13.2.2, by the web endpoint's code); any other is ``no-store``, as a POST's answer."""
         if method == b"POST":
-            self._ocsp(der, keep_alive, method, now)
+            self._ocsp(der, connection, method, now)
             return
         if entry is not None:
             etag, this_update = entry[ETAG], entry[THIS_UPDATE]
@@ -1070,7 +1080,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             times = core.response_times(der)
             if times is None:
-                self._ocsp(der, keep_alive, method, now)
+                self._ocsp(der, connection, method, now)
                 return
             this_update, next_update = times
             etag = f'"{core.entity_tag(der)}"'
@@ -1087,32 +1097,32 @@ class HttpProtocol(asyncio.Protocol):
                 modified_since=False,
             )
             if status == 304:
-                self._send(304, b"", b"", keep_alive, b"HEAD", now, fields)
+                self._send(304, b"", b"", connection, b"HEAD", now, fields)
                 return
             if status == 412:  # not stored by caches, as the web endpoint's problem
                 self._send(
                     412,
                     b"precondition failed\n",
                     b"text/plain",
-                    keep_alive,
+                    connection,
                     method,
                     now,
                     b"Cache-Control: no-store\r\n",
                 )
                 return
-        self._send(200, der, OCSP_RESPONSE_TYPE, keep_alive, method, now, fields)
+        self._send(200, der, OCSP_RESPONSE_TYPE, connection, method, now, fields)
 
-    def _ocsp(self, der: bytes, keep_alive: bool, method: bytes, now: float) -> None:
+    def _ocsp(self, der: bytes, connection: bytes, method: bytes, now: float) -> None:
         """Send an OCSP answer no cache may keep."""
         fields = b"Cache-Control: no-store\r\n"
-        self._send(200, der, OCSP_RESPONSE_TYPE, keep_alive, method, now, fields)
+        self._send(200, der, OCSP_RESPONSE_TYPE, connection, method, now, fields)
 
     def _send(
         self,
         status: int,
         body: bytes,
         content_type: bytes,
-        keep_alive: bool,
+        connection: bytes,
         method: bytes,
         now: float,
         extra: bytes = b"",
@@ -1130,16 +1140,16 @@ class HttpProtocol(asyncio.Protocol):
             self.server.date.now(now),
             framing,
             extra,
-            b"" if keep_alive else b"Connection: close\r\n",
+            connection,
         )
         transport.write(head if method == b"HEAD" else head + body)
-        if not keep_alive:
+        if connection == _CLOSE:
             self.finish()
 
     def _error(self, status: int, message: bytes, extra: bytes = b"") -> None:
         """An HTTP-level error; the connection is closed (unread bytes may follow)."""
         self.head = None
-        self._send(status, message, b"text/plain", False, b"GET", time.time(), extra)
+        self._send(status, message, b"text/plain", _CLOSE, b"GET", time.time(), extra)
         if not self.closing:
             self.finish()
 

@@ -579,6 +579,40 @@ def test_control_characters_and_spaced_field_names_are_400() -> None:
         server.close()
 
 
+def test_an_http_1_0_connection_kept_alive_says_so() -> None:
+    """RFC 9112 9.3: an HTTP/1.0 connection persists only when the client asks with
+    "keep-alive" and the answer says "keep-alive" too (as gunicorn answers on the web app).
+    `ocsp serve` kept it open without saying so: the client could not know it persisted.
+    Connection options are a list, every field line counts, and "close" wins."""
+    server = Server(Responder(ResponseIndex({}), None))
+    try:
+
+        def answer(version: bytes, *fields: bytes) -> tuple[list[str], bool]:
+            transport, protocol = _Transport(), HttpProtocol(server)
+            protocol.connection_made(cast(Any, transport))
+            head = b"\r\n".join([b"GET /healthz HTTP/" + version, b"Host: a", *fields])
+            protocol.data_received(head + b"\r\n\r\n")
+            if not transport.closed:  # a second request on it is answered too
+                protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            data = bytes(transport.written)
+            assert data.count(b"HTTP/1.1 200 OK\r\n") == (1 if transport.closed else 2)
+            first = data.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")[1:]
+            said = [line.split(": ", 1)[1] for line in first if line.startswith("Connection:")]
+            return said, transport.closed
+
+        assert answer(b"1.0", b"Connection: keep-alive") == (["keep-alive"], False)
+        assert answer(b"1.0", b"Connection: Keep-Alive , x") == (["keep-alive"], False)
+        assert answer(b"1.0") == (["close"], True)
+        assert answer(b"1.0", b"Connection: keep-alive-ish") == (["close"], True)
+        assert answer(b"1.0", b"Connection: keep-alive", b"Connection: close") == (["close"], True)
+        assert answer(b"1.1") == ([], False)
+        assert answer(b"1.1", b"Connection: keep-alive") == ([], False)
+        assert answer(b"1.1", b"Connection: x, close") == (["close"], True)
+        assert answer(b"1.1", b"Connection: close", b"Connection: keep-alive") == (["close"], True)
+    finally:
+        server.close()
+
+
 def test_a_connection_whose_last_answers_are_never_taken_is_dropped() -> None:
     """A connection closed after its answers (Connection: close, an error, a half-close)
     whose client reads nothing: asyncio's close() waits for it forever. It keeps its place
