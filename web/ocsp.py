@@ -72,6 +72,9 @@ def get(encoded: str) -> Response:
         response = _ocsp(core.MALFORMED_REQUEST, 400)
         response.headers["Cache-Control"] = "no-store"
         return response
+    # Signed before the preconditions are evaluated, even for "If-None-Match: *": a 304 must
+    # carry the ETag of the answer (the hash of its bytes), and only the answer tells whether
+    # it is a cacheable success or a tryLater (docs/decisions.md, "An answer signed live").
     body = _answer(der)
     response = _ocsp(body)
     times = core.response_times(body)
