@@ -504,6 +504,21 @@ def _answered_meanwhile(server: Server, path: str) -> float:
     return started
 
 
+def _one_worker(data_dir: Path, tmp_path: Path) -> Server:
+    """A server of one worker (four threads) with the tests' short request_body_seconds."""
+    env = {"SEKISHO_REQUEST_BODY_SECONDS": str(BODY_SECONDS)}
+    return Server(data_dir, tmp_path / "server.log", env, workers=1)
+
+
+def _healthz_seconds(server: Server) -> float:
+    """How long /healthz took to answer (200, within 20 s)."""
+    started = time.monotonic()
+    res = curl("--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
+               f"{server.base}/healthz")  # fmt: skip
+    assert res.stdout == "200", res.stdout + res.stderr
+    return time.monotonic() - started
+
+
 def _read_until_closed(sock: socket.socket) -> bytes:
     response = b""
     with contextlib.suppress(TimeoutError):
@@ -544,11 +559,7 @@ def test_many_half_heads_queued_behind_the_threads_cost_one_deadline_not_one_eac
             sock.sendall(b"GET /crl/admin.crl HTTP/1.1\r\nHost: x\r\n")
             stalled.append(sock)
         time.sleep(0.3)  # every one accepted and queued
-        started = time.monotonic()
-        res = curl("--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
-                   f"{body_server.base}/healthz")  # fmt: skip
-        waited = time.monotonic() - started
-        assert res.stdout == "200", res.stdout + res.stderr
+        waited = _healthz_seconds(body_server)
         # About 3.4 s measured (the first round's 1.5 s, then 0.2 s a round); 17.7 s before.
         assert waited < BODY_SECONDS * 5, waited
     finally:
@@ -574,11 +585,7 @@ def test_connections_that_send_nothing_take_no_worker_thread(
         for _ in range(12):
             idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=15))
         time.sleep(0.3)  # every one accepted and handed to the worker
-        started = time.monotonic()
-        res = curl("--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
-                   f"{server.base}/healthz")  # fmt: skip
-        waited = time.monotonic() - started
-        assert res.stdout == "200", res.stdout + res.stderr
+        waited = _healthz_seconds(server)
         assert waited < 2.5, waited  # about 10 s before
         # Still served once they send a request.
         idle[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -616,12 +623,7 @@ def test_many_half_bodies_queued_behind_the_threads_cost_one_deadline_not_one_ea
     the worker does not depend on the store."""
     if db_backend != "sqlite":
         pytest.skip("the worker does not depend on the store: SQLite only")
-    server = Server(
-        data_dir,
-        tmp_path / "server.log",
-        {"SEKISHO_REQUEST_BODY_SECONDS": str(BODY_SECONDS)},
-        workers=1,
-    )
+    server = _one_worker(data_dir, tmp_path)
     stalled: list[socket.socket] = []
     try:
         server.wait_healthy()
@@ -630,11 +632,7 @@ def test_many_half_bodies_queued_behind_the_threads_cost_one_deadline_not_one_ea
             sock.sendall(OCSP_HEAD + b"Content-Length: 87\r\n\r\n" + b"\x30" * 10)
             stalled.append(sock)
         time.sleep(0.3)  # every one accepted and queued
-        started = time.monotonic()
-        res = curl("--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
-                   f"{server.base}/healthz")  # fmt: skip
-        waited = time.monotonic() - started
-        assert res.stdout == "200", res.stdout + res.stderr
+        waited = _healthz_seconds(server)
         # About 2.5 s (the first round's 1.5 s, then 0.2 s a round); 9 s before.
         assert waited < BODY_SECONDS * 3, waited
         for sock in stalled:  # each still told why
@@ -658,12 +656,7 @@ def test_clients_that_stop_reading_their_answers_do_not_block_the_server(
     same on either store: SQLite only."""
     if db_backend != "sqlite":
         pytest.skip("the worker's writing does not depend on the store: SQLite only")
-    server = Server(
-        data_dir,
-        tmp_path / "server.log",
-        {"SEKISHO_REQUEST_BODY_SECONDS": str(BODY_SECONDS)},
-        workers=1,
-    )
+    server = _one_worker(data_dir, tmp_path)
     pipelined = b"GET /ca/root.crt HTTP/1.1\r\nHost: x\r\n\r\n" * 6000  # 3 MB of answers
     clients: list[socket.socket] = []
     senders: list[threading.Thread] = []
