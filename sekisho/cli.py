@@ -624,6 +624,13 @@ def issue(
         raise click.UsageError("--password-file, --password-env and --legacy-p12 go with --p12")
     if keygen is not None and not (subject or "").strip():
         raise click.UsageError("--keygen needs --subject")
+    if subject is not None and not subject.strip():
+        # It was taken for no --subject, and the CSR's subject was certified instead.
+        raise click.UsageError("--subject is empty: leave it out to certify the CSR's subject")
+    given = [os.path.abspath(p) for p in (out, key_out, p12) if p is not None]
+    if len(set(given)) < len(given):
+        # The second would be refused as existing, naming a file that did not exist.
+        raise click.UsageError("--out, --key-out and --p12 must name different files")
     if keygen is not None and not (key_out or p12):
         # The key exists only in this process: issuing without saving it makes a certificate
         # nobody can use.

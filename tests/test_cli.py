@@ -178,6 +178,27 @@ def test_usage_errors_exit_64(run: Runner, argv: list[str]) -> None:
     assert result.err.strip(), "a usage error must say what is wrong"
 
 
+def test_an_empty_subject_or_one_file_given_twice_is_a_usage_error(
+    run: Runner, tmp_path: Path, settings: Settings
+) -> None:
+    """From the operator review: `--subject ""` with a CSR certified the CSR's subject (an
+    empty value was taken for none), and `--out X --key-out X` was refused as "'X' exists"
+    of a file that did not exist. Both are usage errors now, and nothing is issued."""
+    csr = tmp_path / "req.csr"
+    csr.write_bytes(make_csr(name(O="Tenant One", CN="x")))
+    before = len(ok(run("--json", "cert", "list")).json())
+    empty = run("issue", "--ca", "admin", "--profile", "admin-client", "--csr", str(csr),
+                "--subject", " ", "--san", "email:x@tenant1.example.com")  # fmt: skip
+    assert empty.code == 64 and "--subject is empty" in empty.err, empty
+    same = tmp_path / "alice.pem"
+    twice = run("issue", "--ca", "admin", "--profile", "admin-client", "--keygen", "ec-p256",
+                "--subject", "CN=Alice,O=Tenant One", "--san", "email:a@tenant1.example.com",
+                "--out", str(same), "--key-out", str(tmp_path / "." / "alice.pem"))  # fmt: skip
+    assert twice.code == 64 and "must name different files" in twice.err, twice
+    assert not same.exists()
+    assert len(ok(run("--json", "cert", "list")).json()) == before
+
+
 def test_usage_errors_quote_arguments_escaped_and_cut(run: Runner) -> None:
     """click's own usage errors quote what was given: a 5,000-character value filled the
     screen, and an unexpected argument reached the terminal raw (escape sequences, a line
