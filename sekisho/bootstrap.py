@@ -57,13 +57,15 @@ class InitPlan:
     def check(self) -> None:
         """What can be refused from the plan alone (InputError): before the data directory,
         the store or any key exists."""
-        if len(set(self.issuing)) < 2 or self.root_name in self.issuing:
-            raise InputError(
-                "init needs at least two distinct issuing CAs (administrators, devices), "
-                f"none named as the root: --issuing was {', '.join(map(shown, self.issuing))}"
-            )
         for name in (self.root_name, *self.issuing):
-            check_ca_name(name)
+            check_ca_name(name)  # first: a name refused is named as such
+        if self.root_name in self.issuing:
+            raise InputError(f"--issuing names the root, {shown(self.root_name)}: name it apart")
+        if len(set(self.issuing)) < 2:
+            raise InputError(
+                "init needs at least two distinct issuing CAs (administrators, devices): "
+                f"--issuing was {', '.join(map(shown, self.issuing))}"
+            )
         root_subject(self.organization)
         for name in self.issuing:
             issuing_subject(name, self.organization)

@@ -484,10 +484,17 @@ def test_init_with_one_issuing_ca_is_refused_before_anything_exists(
     """It was exit 75 (a conflict) after the data directory, its store and secrets were
     made; it is bad input, refused from the options alone."""
     run = _runner(capsys, tmp_path / "d")
-    for argv in (("--issuing", "ops"), ("--issuing", "ops", "--issuing", "ops"),
-                 ("--issuing", "root", "--issuing", "ops")):  # fmt: skip
+    for argv, why in [
+        (("--issuing", "ops"), "two distinct issuing CAs"),
+        (("--issuing", "ops", "--issuing", "ops"), "two distinct issuing CAs"),
+        # Each named for what is wrong with it (the operator review: "two distinct issuing
+        # CAs" for a root named as one, or for a name refused).
+        (("--issuing", "root", "--issuing", "ops"), "--issuing names the root, 'root'"),
+        (("--issuing", "root"), "--issuing names the root, 'root'"),
+        (("--issuing", "foo-delta"), "CA name 'foo-delta' refused"),
+    ]:
         result = run("init", *argv)
-        assert result.code == 65 and "two distinct issuing CAs" in result.err, result
+        assert result.code == 65 and why in result.err, (argv, result)
     assert not (tmp_path / "d").exists()
 
 
