@@ -333,12 +333,24 @@ def _check_san(entry: SanEntry) -> None:
             raise PolicyViolation("san-uri-syntax", f"URI {shown(entry.value)} {problem}")
 
 
+def _same_name(entry: SanEntry) -> tuple[str, str]:
+    """What two SANs share when they name the same thing: a DNS name in any case, and a
+    mailbox whose domain differs in case only (RFC 5321 2.4: the domain is case-insensitive;
+    the local part is the receiving host's, kept as it is)."""
+    if entry.kind == "dns":
+        return entry.kind, entry.value.lower()
+    if entry.kind == "email" and "@" in entry.value:
+        local, domain = entry.value.rsplit("@", 1)
+        return entry.kind, f"{local}@{domain.lower()}"
+    return entry.kind, entry.value
+
+
 def subject_alt_names(tbs: Tbs) -> None:
     if tbs.profile.san_required and not tbs.sans:
         raise PolicyViolation("san-required", f"{tbs.profile.name} needs a subjectAltName")
     if len(tbs.sans) > 100:
         raise PolicyViolation("san-count", "at most 100 subjectAltNames")
-    if len(set(tbs.sans)) != len(tbs.sans):
+    if len({_same_name(entry) for entry in tbs.sans}) != len(tbs.sans):
         raise PolicyViolation("san-duplicate", "a subjectAltName appears twice")
     for entry in tbs.sans:
         if entry.kind not in tbs.profile.san_types:

@@ -462,6 +462,8 @@ def test_validity_beyond_issuer(services: Services) -> None:
         ((SanEntry("email", "bob@tenant1.example.com\n"),), "san-email-syntax"),
         ((), "san-required"),
         (ADMIN_SANS + ADMIN_SANS, "san-duplicate"),
+        # The same mailbox: its domain differs in case only (RFC 5321 2.4).
+        ((*ADMIN_SANS, SanEntry("email", "bob@Tenant1.EXAMPLE.com")), "san-duplicate"),
     ],
 )
 def test_san_rules(services: Services, sans: tuple[SanEntry, ...], rule: str) -> None:

@@ -108,3 +108,17 @@ def test_good_san_is_issued_and_verifies(services: Services, profile: str, san: 
     checkers.pkilint_chain(chain[1], der(cert))
     checkers.openssl_verify(der(cert), chain)
     assert checkers.gnutls_verify(der(cert), chain) == "ok"
+
+
+def test_a_dns_name_given_twice_in_other_cases_is_a_duplicate(services: Services) -> None:
+    """DNS names compare without case (RFC 4343): the same name twice, refused as such."""
+    sans = (SanEntry("dns", "radius-1.tenant1.example.com"),
+            SanEntry("dns", "RADIUS-1.tenant1.example.com"))  # fmt: skip
+    _assert_refused(
+        services,
+        lambda: services.ca.issue(
+            dataclasses.replace(_request("device", sans[0]), sans=sans), TEST_ACTOR
+        ),
+        PolicyViolation,
+        "san-duplicate",
+    )
