@@ -1050,8 +1050,12 @@ def upgrade(engine: Engine, *, grant_to: str | None = None) -> Migrated | None:
     if grant_to is None and current_revisions(engine) == heads:
         return None  # nothing to migrate and nothing to grant: no lock, no Alembic (16 ms)
     with migration_lock(engine):
-        before = current_revisions(engine) or ()
-        if before != heads:
+        stamped = current_revisions(engine)
+        before = stamped or ()
+        if stamped is not None and before != heads:
+            # Only a store with an alembic_version is judged: without one it is new, and
+            # tables beside it are not Sekisho's (another application's in a shared database,
+            # an extension's such as PostGIS's spatial_ref_sys), as they always were.
             with store_errors(), engine.connect() as conn:
                 problem = schema_problem(before, has_tables(conn))
             if problem is not None:

@@ -936,3 +936,21 @@ def test_a_postgresql_server_that_never_answers_fails_within_the_connect_timeout
             assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome
         finally:
             store.dispose()
+
+
+def test_a_new_store_beside_tables_not_sekishos_is_still_migrated(tmp_path: Path) -> None:
+    """A database without alembic_version is a new store, whatever other tables it holds (an
+    extension's, another application's in a shared database): it is migrated, as before the
+    check for damaged bookkeeping, which took it for an emptied alembic_version ("names no
+    migration, yet the store has tables") and refused to create the schema."""
+    path = tmp_path / "shared.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE spatial_ref_sys (srid INTEGER PRIMARY KEY)")
+        conn.commit()
+    engine = db_module.make_engine(f"sqlite:///{path}")
+    try:
+        migrated = db_module.upgrade(engine)
+        heads = tuple(sorted(db_module.head_revisions()))
+        assert migrated is not None and migrated.before == () and migrated.after == heads
+    finally:
+        engine.dispose()
