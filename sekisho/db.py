@@ -1007,10 +1007,16 @@ def schema_problem(revisions: Sequence[str], tables: bool) -> str | None:
         if tables:
             return f"alembic_version names no migration, yet the store has tables: {advice}"
         return None
-    try:
-        for revision in revisions:
-            _scripts().get_revision(revision)
-    except (CommandError, RevisionError):
+    # Each one a revision of ours, spelt in full: get_revision also resolved "base" (then
+    # 0001 was applied over the tables), "head" and "heads" (taken for the schema), unique
+    # prefixes, and failed on "" with an AssertionError.
+    known = {script.revision for script in _scripts().walk_revisions()}
+    if any(not revision or revision in {"base", "head", "heads"} for revision in revisions):
+        return (
+            f"alembic_version holds {', '.join(map(repr, revisions))}, which is no revision: "
+            f"its bookkeeping is damaged; {advice}"
+        )
+    if any(revision not in known for revision in revisions):
         return (
             f"the database schema is at {', '.join(revisions)}, which this version of Sekisho "
             "does not know (a newer version wrote it): run that version, or restore a backup "

@@ -954,3 +954,37 @@ def test_a_new_store_beside_tables_not_sekishos_is_still_migrated(tmp_path: Path
         assert migrated is not None and migrated.before == () and migrated.after == heads
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("stamped", "named"),
+    [
+        ("", "which is no revision"),
+        ("base", "which is no revision"),
+        ("head", "which is no revision"),
+        ("heads", "which is no revision"),
+        ("001", "does not know"),  # a prefix of 0010 and 0011: no revision of ours either
+    ],
+)
+def test_an_alembic_version_naming_no_revision_is_damaged_bookkeeping(
+    tmp_path: Path, stamped: str, named: str
+) -> None:
+    """alembic_version edited to a name Alembic resolves itself (or cannot): "base" had 0001
+    applied over the existing tables (a multi-line CREATE TABLE error), "head" and "heads"
+    passed for the schema, "" failed with an AssertionError (exit 70). Each is named, in one
+    line, and nothing is migrated."""
+    path = tmp_path / "store.db"
+    engine = db_module.make_engine(f"sqlite:///{path}")
+    try:
+        db_module.upgrade(engine)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("UPDATE alembic_version SET version_num = ?", (stamped,))
+            conn.commit()
+        problem = db_module.schema_problem((stamped,), True)
+        assert problem is not None and named in problem, problem
+        with pytest.raises(StoreError) as refused:
+            db_module.upgrade(engine)
+        assert refused.value.message == problem
+        assert db_module.current_revisions(engine) == (stamped,)
+    finally:
+        engine.dispose()
