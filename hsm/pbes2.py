@@ -17,6 +17,7 @@ import os
 from typing import NamedTuple
 
 from asn1crypto import algos, core
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import padding, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -223,3 +224,5 @@ def decrypt_private_key(der: bytes, passphrase: bytes) -> PrivateKeyTypes:
         raise WrongPassphrase(
             "cannot decrypt the key: wrong passphrase or corrupt key file"
         ) from None
+    except UnsupportedAlgorithm as exc:  # decrypted, but of a key type cryptography lacks
+        raise KeyBackendError(f"unsupported key type in the key file: {exc}") from None

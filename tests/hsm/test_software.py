@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import click
 import pytest
@@ -258,6 +259,27 @@ def test_key_files_brought_online_need_sha2_aes256_and_sane_costs(tmp_path: Path
         changed = _with_cost(ours, field, value)
         with pytest.raises(KeyBackendError, match=refusal):
             decrypt_private_key(changed, PASSPHRASE)
+
+
+class _PlainKeyInfo:
+    """Stands for a private key: its PKCS#8 PrivateKeyInfo is the DER given."""
+
+    def __init__(self, der: bytes) -> None:
+        self._der = der
+
+    def private_bytes(self, *_args: object) -> bytes:
+        return self._der
+
+
+def test_a_key_of_an_algorithm_cryptography_does_not_know_is_a_key_backend_error() -> None:
+    """A key file under the right passphrase whose key is of another algorithm (a newer
+    OpenSSL's ML-DSA, say, brought to `ca online`): cryptography raises UnsupportedAlgorithm,
+    which is no ValueError, and it went out as an internal error (exit 70)."""
+    # PrivateKeyInfo: version 0, algorithm 1.2.3.4, privateKey OCTET STRING.
+    info = bytes.fromhex("3010020100300506032a0304040404020000")
+    der = encrypt_private_key(cast(ec.EllipticCurvePrivateKey, _PlainKeyInfo(info)), PASSPHRASE)
+    with pytest.raises(KeyBackendError, match="key type"):
+        decrypt_private_key(der, PASSPHRASE)
 
 
 def test_garbage_key_file_is_a_key_backend_error(tmp_path: Path) -> None:
