@@ -124,8 +124,16 @@ class Linter:
 
 def _wildcard(value: str) -> bool:
     """A wildcard dNSName our rules would issue: ``*`` as the whole first label, over a name
-    that is itself good preferred name syntax."""
-    return value.startswith("*.") and dns_name_problem(value[2:], wildcard=False) is None
+    that is itself good preferred name syntax, by our rules and by pkilint's own reading (the
+    one pkilint applies to the name alone: else "*.host.b2" passed where "host.b2" did not)."""
+    from pkilint.pkix import general_name
+
+    base = value[2:]
+    return (
+        value.startswith("*.")
+        and dns_name_problem(base, wildcard=False) is None
+        and bool(general_name.validators_predicate(general_name.validators.domain, base))
+    )
 
 
 def _unreadable(exc: Exception) -> PolicyViolation:
