@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
-from audit.events import Category, Event, Outcome, by_actor
+from audit.events import Category, Event, Outcome, by_actor, refused
 from ca.issuance import CaService, IssueRequest
 from ca.models import CaKind, CertificateAuthority
 from ca.registry import ca_row, check_ca_name
@@ -230,9 +230,16 @@ def create_root(
         cert = builder.sign(key, signature_hash(key_type))  # type: ignore[arg-type]
         if service.linter is not None:  # the lint gate: for a root, once signed (ca/lint.py)
             service.linter.check_certificate(cert.public_bytes(serialization.Encoding.DER))
-    except BaseException:
+    except BaseException as exc:
         if key_ref is None:  # refused (the lint gate) or failed: no key outlives it
             _discard_new_key(service, ref)
+        if isinstance(exc, PolicyViolation):  # journalled as a refused issuance is
+            event = refused(
+                actor, Category.CA, "ca.create", exc, object_dn=subject.rfc4514_string(),
+                detail={"ca": name, "kind": "root"},
+            )  # fmt: skip
+            with service.db.scope() as session:
+                service.journal.append(session, event, service.clock())
         raise
     return _record_ca(
         service, cert, actor, now, name=name, kind=CaKind.ROOT, parent_id=None,

@@ -35,6 +35,11 @@ LINT_RULE = "pkilint"
 # do. The tls-server and device profiles issue them (ca.rules: "*" as the whole first label,
 # two labels after it), so this one finding is let through for such a name, and only for it.
 WILDCARD_FINDING = "pkix.invalid_domain_name_syntax"
+# pkilint takes a URI whose host is one label (http://localhost:8080/..., a container's name)
+# for bad URI syntax; RFC 3986 allows it, and private PKIs publish under such names. Our own
+# CRL and AIA URLs (under base_url, which the settings check) are let through that finding;
+# any other URI (a connector's URI SAN) is not.
+URI_FINDING = "pkix.invalid_uri_syntax"
 MAX_FINDINGS_SHOWN = 5
 
 
@@ -43,7 +48,9 @@ class Linter:
     validators per thread (pkilint does not say its validators may be shared), loaded on
     first use (importing pkilint costs about 0.3 s)."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_url: str | None = None) -> None:
+        # Where our own CRL and AIA URLs start ("<base_url>/"), or None.
+        self._own = base_url.rstrip("/") + "/" if base_url else None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._keys: dict[KeyType, CertificateIssuerPrivateKeyTypes] = {}
@@ -117,6 +124,8 @@ class Linter:
                 if severity > ValidationFindingSeverity.NOTICE:
                     continue
                 if code == WILDCARD_FINDING and _wildcard(str(result.node.pdu)):
+                    continue
+                if code == URI_FINDING and self._own and str(result.node.pdu).startswith(self._own):
                     continue
                 found.append(f"{code} ({severity}) at {result.node.path}")
         return found

@@ -33,7 +33,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 2
 # could fail (1 GiB, or a minute of CPU, for a file planted or damaged).
 MIN_SCRYPT_N, MIN_SCRYPT_R = 2**14, 8
 MAX_SCRYPT_MEMORY = 256 * 2**20  # 128 * r * N bytes
-MAX_SCRYPT_WORK = 2**22  # N * r * p: 32 times what new files ask
+MAX_SCRYPT_WORK = 2**22  # N * r * p: 16 times what new files ask
 # PBKDF2 (key files written before scrypt, or re-encrypted elsewhere): HMAC-SHA-2 only.
 MIN_ITERATIONS = 600_000
 MAX_ITERATIONS = 10_000_000

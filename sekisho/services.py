@@ -442,7 +442,7 @@ def build_services(
     registry = CaRegistry(urls)
     extra_profiles = settings.data_dir / "profiles.toml"
     profiles = load_profiles(extra_profiles if extra_profiles.exists() else None)
-    linter = Linter() if settings.lint_before_signing else None
+    linter = Linter(settings.base_url) if settings.lint_before_signing else None
     ca = CaService(db, backend, journal, registry, profiles, clock, linter)
     revoker = Revoker(db, journal, clock)
     crls = CrlPublisher(

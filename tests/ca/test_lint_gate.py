@@ -157,7 +157,7 @@ def test_a_structure_the_linter_cannot_read_is_refused() -> None:
         Linter().check_tbs(b"\x30\x03\x02\x01\x00", KeyType.EC_P256)
 
 
-def _tbs_with_dns(value: str) -> bytes:
+def _tbs_with_san(san: x509.GeneralName) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     issuer = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -170,7 +170,7 @@ def _tbs_with_dns(value: str) -> bytes:
         .not_valid_before(now)
         .not_valid_after(now + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(value)]), critical=True)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()), False
@@ -184,10 +184,39 @@ def test_only_a_wildcard_our_rules_issue_passes_pkilints_dns_syntax_finding() ->
     """pkilint's RFC 5280 linter calls every wildcard bad dNSName syntax (the CA/B profiles
     define them); the gate lets that one finding through for "*" over a good name only."""
     linter = Linter()
-    linter.check_tbs(_tbs_with_dns("*.tenant1.example.com"), KeyType.EC_P256)
-    linter.check_tbs(_tbs_with_dns("radius-1.tenant1.example.com"), KeyType.EC_P256)
+    linter.check_tbs(_tbs_with_san(x509.DNSName("*.tenant1.example.com")), KeyType.EC_P256)
+    linter.check_tbs(_tbs_with_san(x509.DNSName("radius-1.tenant1.example.com")), KeyType.EC_P256)
     # "host.b2" our rules take and pkilint does not (its last label must end in a letter):
     # under a wildcard it is refused all the same, the exemption being for the "*" alone.
     for bad in ("*.-bad.example.com", "x*.example.com", "-bad.example.com", "host.b2", "*.host.b2"):
         with pytest.raises(PolicyViolation, match=r"pkix\.invalid_domain_name_syntax"):
-            linter.check_tbs(_tbs_with_dns(bad), KeyType.EC_P256)
+            linter.check_tbs(_tbs_with_san(x509.DNSName(bad)), KeyType.EC_P256)
+
+
+@pytest.mark.parametrize("base_url", ["http://sekisho:8080", "http://localhost:8080"])
+def test_a_base_url_of_one_label_does_not_shut_the_gate_on_everything(
+    settings: Settings, base_url: str
+) -> None:
+    """From the review: pkilint calls a URI whose host is one label bad syntax (RFC 3986
+    allows it), so with such a base_url (a container's name, localhost) every certificate's
+    CRL and AIA URLs were refused, init included. Our own URLs pass that finding, and only
+    they."""
+    services = build_services(dataclasses.replace(settings, base_url=base_url).validate())
+    try:
+        cert = services.ca.issue(request_for("admin-client"), TEST_ACTOR)
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        assert str(points[0].full_name[0].value).startswith(base_url + "/crl/")  # type: ignore[index]
+        # Only our own URLs: another URI of that form (which our rules refuse in a SAN) is
+        # still pkilint's finding.
+        linter = services.ca.linter
+        assert linter is not None
+        with pytest.raises(PolicyViolation, match=r"pkix\.invalid_uri_syntax"):
+            linter.check_tbs(
+                _tbs_with_san(x509.UniformResourceIdentifier("https://intranet/id")),
+                KeyType.EC_P256,
+            )
+        linter.check_tbs(
+            _tbs_with_san(x509.UniformResourceIdentifier(f"{base_url}/id")), KeyType.EC_P256
+        )
+    finally:
+        services.close()
