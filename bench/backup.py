@@ -132,11 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{restore}"
             )
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
-    path = write_result(
+    write_result(
         "backup",
         {"args": vars(args), "results": results, "skipped": skipped, "rss": peak_rss_mib()},
     )
-    print(f"results written to {path}")
     return 0
 
 

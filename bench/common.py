@@ -44,6 +44,7 @@ def peak_rss_mib() -> float:
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``bench/results/<name>.json`` (the payload and the machine) and say where."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     doc = {
@@ -55,6 +56,7 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
         **payload,
     }
     path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    print(f"results written to {path}")
     return path
 
 

@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{probe['max_ms']:.0f} ms at most; errors: {probe['errors'] or 'none'}"
                 )
     print(f"peak RSS of the whole run {peak_rss_mib():.0f} MiB")
-    path = write_result(
+    write_result(
         "crl",
         {
             "args": vars(args),
@@ -401,7 +401,6 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": peak_rss_mib(),
         },
     )
-    print(f"results written to {path}")
     return 0
 
 

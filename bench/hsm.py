@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         issuance = bench_issuance(token, args, csrs)
         signing = bench_signing(token, args)
     report(args, issuance, signing)
-    path = write_result(
+    write_result(
         "hsm",
         {
             "args": vars(args),
@@ -457,7 +457,6 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": peak_rss_mib(),
         },
     )
-    print(f"results written to {path}")
     return 0
 
 

@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"gate costs {res['lint_seconds_per_issue'] * 1000:.1f} ms per issuance)"
             )
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
-    path = write_result(
+    write_result(
         "issuance",
         {
             "args": vars(args),
@@ -370,7 +370,6 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": peak_rss_mib(),
         },
     )
-    print(f"results written to {path}")
     if not ok:
         print(f"below the target ratio {TARGET_RATIO}: profile with --profile 30")
     return 0

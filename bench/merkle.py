@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             f"reference, the checkpoint's signature: {run['signature_seconds'] * 1000:.2f} ms; "
             f"whole checkpoint {run['whole_checkpoint_seconds'] * 1000:.1f} ms"
         )
-    path = write_result(
+    write_result(
         "merkle",
         {
             "in_memory": memory,
@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": peak_rss_mib(),
         },
     )
-    print(f"\nresults: {path}")
     return 0
 
 

@@ -423,8 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         if res["non_2xx"] or res["socket_errors"]:
             print(f"warning: {label}: non-2xx {res['non_2xx']:.0f}, socket errors seen")
     print(f"peak RSS (bench process) {peak_rss_mib():.0f} MiB")
-    path = write_result("ocsp", {"args": vars(args), "target_ratio": TARGET_RATIO, **results})
-    print(f"results written to {path}")
+    write_result("ocsp", {"args": vars(args), "target_ratio": TARGET_RATIO, **results})
     print(
         json.dumps(
             {

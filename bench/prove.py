@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run['all_leaves_listed_peak_mib']:>12.1f}"
             )
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
-    path = write_result("prove", {"results": results, "skipped": skipped})
-    print(f"results written to {path}")
+    write_result("prove", {"results": results, "skipped": skipped})
     return 0
 
 

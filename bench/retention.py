@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run['purge_over_verify']:>14.2f}{run['verify_after_purge_s']:>16.2f}"
             )
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
-    path = write_result("retention", {"results": results, "skipped": skipped})
-    print(f"results written to {path}")
+    write_result("retention", {"results": results, "skipped": skipped})
     return 0
 
 
