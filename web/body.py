@@ -34,9 +34,10 @@ from werkzeug.wsgi import get_input_stream
 
 log = logging.getLogger("sekisho.web")
 READ_CHUNK = 16 * 1024
-# However long a request waited for a thread, its body has at least this long: a body that
-# waited that long is in the socket by then (at most max_request_bytes), and is read at once.
-MIN_BODY_SECONDS = 0.2
+# However long a request waited for a thread, its head and then its body have at least this
+# long: what waited that long is in the socket by then (at most max_request_bytes), and is
+# read at once.
+MIN_SECONDS = 0.2
 _REQUEST = threading.local()  # .queued: when this thread's request was queued (monotonic)
 
 
@@ -51,13 +52,19 @@ def queued_at(when: float | None) -> Iterator[None]:
         _REQUEST.queued = None
 
 
-def body_seconds(seconds: float) -> float:
-    """How long the body of this thread's request has left: ``seconds`` from when it was
-    queued for a thread, at least ``MIN_BODY_SECONDS``; ``seconds`` outside the worker."""
-    queued: float | None = getattr(_REQUEST, "queued", None)
+def time_left(seconds: float, queued: float | None) -> float:
+    """``seconds`` counted from ``queued`` (``time.monotonic()``, when the request was queued
+    for a thread; None: from now), at least ``MIN_SECONDS``: a request head's time in the
+    worker, its body's here."""
     if queued is None:
         return seconds
-    return max(min(MIN_BODY_SECONDS, seconds), seconds - (time.monotonic() - queued))
+    return max(min(MIN_SECONDS, seconds), seconds - (time.monotonic() - queued))
+
+
+def body_seconds(seconds: float) -> float:
+    """How long the body of this thread's request has left: ``seconds`` from when it was
+    queued for a thread (:func:`time_left`); ``seconds`` outside the worker."""
+    return time_left(seconds, getattr(_REQUEST, "queued", None))
 
 
 @dataclasses.dataclass(eq=False)

@@ -67,11 +67,10 @@ from gunicorn.workers.gthread import _DEFER, ThreadWorker
 
 from sekisho.context import new_request_id
 from web import SECURITY_HEADERS
-from web.body import WATCHDOG, queued_at
+from web.body import WATCHDOG, queued_at, time_left
 
 log = logging.getLogger("sekisho.web")
 
-MIN_HEAD_SECONDS = 0.2  # however long a connection waited for a thread
 CHUNK_SIZE_DIGITS = 16  # 2^64 - 1: far beyond any body we accept, leading zeros included
 CHUNK_EXTENSION_OCTETS = 1024  # in a whole body: we use none; a body is not to be all framing
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -163,13 +162,9 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         """The time a connection's request head has left: ``request_seconds`` from when it
         was queued for a thread, not from when one took it up (32 clients sending half a
         head, queued behind eight threads, held them for four rounds of 10 s), but at least
-        ``MIN_HEAD_SECONDS``: a head that waited that long for a thread is in the socket by
-        then, and is read at once."""
-        queued: float | None = getattr(conn, "sekisho_queued", None)
-        seconds = float(self.request_seconds)
-        if queued is None:
-            return seconds
-        return max(min(MIN_HEAD_SECONDS, seconds), seconds - (time.monotonic() - queued))
+        ``web.body.MIN_SECONDS``: a head that waited that long for a thread is in the socket
+        by then, and is read at once (:func:`web.body.time_left`)."""
+        return time_left(float(self.request_seconds), getattr(conn, "sekisho_queued", None))
 
     def handle(self, conn: Any) -> Any:
         if not conn.initialized and not conn.wait_for_data(0.0):
