@@ -1889,9 +1889,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`sekisho audit export | head`): nothing more to write, and
         # nothing to flush at exit either (that would report the same broken pipe again).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _stdout_to_devnull()
         return EX_IOERR
     except EOFError:
         click.echo("aborted", err=True)
@@ -1934,13 +1932,19 @@ def _write_failed(exc: OSError) -> int:
     full disk: stdout's ENOSPC, which exited 70 as "a bug"): an I/O error (74), as for a file
     given with -o. Stdout is left on /dev/null, so that the flush at exit cannot report it
     again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    _stdout_to_devnull()
     where = f" {shown(exc.filename, PATH_SHOWN)}" if exc.filename else " the output"
     with contextlib.suppress(OSError):
         click.echo(f"error: {OutputError.code}: cannot write{where}: {exc.strerror}", err=True)
     return EX_IOERR
+
+
+def _stdout_to_devnull() -> None:
+    """Stdout from here on is /dev/null: a write that failed is not reported again by the
+    flush at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":
