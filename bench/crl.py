@@ -156,6 +156,9 @@ def bulk_insert(services: Services, ca_id: int, start: int, n: int, now: dt.date
                 f"VALUES ({', '.join('?' * len(COLUMNS))})"
             )
             cur = raw.cursor()
+            # The store's SQLite connections run in autocommit (Database opens its own
+            # transactions): without this each row was its own synced commit (80,000 took 33 s).
+            cur.execute("BEGIN IMMEDIATE")
             batch: list[tuple[Any, ...]] = []
             done = 0
             for row in rows:
