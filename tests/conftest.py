@@ -15,6 +15,7 @@ fails those tests; set ``SEKISHO_SKIP_PG=1`` to skip them instead (or ``-m "not 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
@@ -247,7 +248,16 @@ def deployment(
 ) -> Iterator[Deployment]:
     """A fresh copy of the initialised deployment for this test, on ``db_backend`` (keys in
     software, or on the SoftHSM token for ``key_backend == "pkcs11"``)."""
-    target = tmp_path / "data"
+    with copied_deployment(request, tmp_path / "data", db_backend, key_backend) as copy:
+        yield copy
+
+
+@contextlib.contextmanager
+def copied_deployment(
+    request: pytest.FixtureRequest, target: Path, db_backend: str, key_backend: str = "software"
+) -> Iterator[Deployment]:
+    """A copy of the initialised deployment in ``target`` (its PostgreSQL database dropped on
+    the way out), for the ``deployment`` fixture and for fixtures of a wider scope."""
     if key_backend == "pkcs11":
         assert db_backend == "sqlite"
         shutil.copytree(request.getfixturevalue("pkcs11_template_dir"), target)

@@ -5,6 +5,7 @@ OpenSSL, and the server stopped by its PID with no worker left behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -26,7 +27,7 @@ from ca.revocation import Reason
 from sekisho.services import Services
 from sekisho.settings import Settings
 from tests.ca.helpers import issue
-from tests.conftest import TEST_ACTOR
+from tests.conftest import TEST_ACTOR, copied_deployment
 from tests.support.checkers import pkilint_crl
 
 VENV_BIN = Path(sys.executable).parent
@@ -100,6 +101,7 @@ class Server:
                  "SEKISHO_BIND_PORT": str(self.port), **(env or {})},
         )  # fmt: skip
         self.workers: set[int] = set()
+        self.since = 0  # where output() starts
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -112,10 +114,13 @@ class Server:
             time.sleep(0.2)
         raise AssertionError(f"no healthy server within {STARTUP_SECONDS}s:\n{self.output()}")
 
-    def output(self) -> str:
+    def output(self, *, whole: bool = False) -> str:
+        """The server's log; from ``since`` on (where the current test began on a shared
+        server) unless ``whole``."""
         if not self._log_fh.closed:
             self._log_fh.flush()
-        return self.log.read_text(errors="replace")
+        text = self.log.read_text(errors="replace")
+        return text if whole else text[self.since :]
 
     def stop(self) -> int:
         """SIGTERM the arbiter by PID, wait (bounded), SIGKILL if it will not go."""
@@ -418,16 +423,46 @@ BODY_SECONDS = 1.5
 OCSP_HEAD = b"POST /ocsp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/ocsp-request\r\n"
 
 
+@dataclasses.dataclass
+class SharedServers:
+    """Servers shared by a module's tests, one per store, and what stops them."""
+
+    stack: contextlib.ExitStack
+    servers: dict[str, Server] = dataclasses.field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def _body_servers() -> Iterator[SharedServers]:
+    """The servers of the tests that only send requests, started on first use and shared by
+    this module's tests (each took 2-3 s to start); stopped by PID at the end, their copies of
+    the deployment removed after."""
+    with contextlib.ExitStack() as stack:
+        shared = SharedServers(stack)
+        stack.callback(lambda: [srv.stop() for srv in shared.servers.values()])
+        yield shared
+
+
 @pytest.fixture
-def body_server(data_dir: Path, tmp_path: Path) -> Iterator[Server]:
-    srv = Server(
-        data_dir, tmp_path / "server.log", {"SEKISHO_REQUEST_BODY_SECONDS": str(BODY_SECONDS)}
-    )
-    try:
+def body_server(
+    db_backend: str,
+    _body_servers: SharedServers,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Server:
+    """This store's shared server (request_body_seconds of BODY_SECONDS); its ``output()``
+    starts where this test began."""
+    srv = _body_servers.servers.get(db_backend)
+    if srv is None:
+        target = tmp_path_factory.mktemp(f"body-{db_backend}") / "data"
+        copy = _body_servers.stack.enter_context(copied_deployment(request, target, db_backend))
+        env = {"SEKISHO_REQUEST_BODY_SECONDS": str(BODY_SECONDS)}
+        srv = Server(copy.data_dir, target.parent / "server.log", env)
+        _body_servers.servers[db_backend] = srv
         srv.wait_healthy()
-        yield srv
-    finally:
-        srv.stop()
+    if srv.proc.poll() is not None:
+        pytest.fail(f"the shared server exited {srv.proc.returncode}:\n{srv.output()[-3000:]}")
+    srv.since = len(srv.output(whole=True))
+    return srv
 
 
 def _exchange(port: int, data: bytes, seconds: float = 10.0) -> bytes:
