@@ -223,7 +223,8 @@ def _label_problem(label: str) -> str | None:
 
 def dns_name_problem(value: str, wildcard: bool = True) -> str | None:
     """Why ``value`` is not a DNS name a certificate may carry, or None: lower-case LDH labels,
-    at least two, the last not all digits (then it is an IP address or nothing), xn-- labels
+    at least two, the last not all digits (then it is an IP address or nothing) and shaped as a
+    top-level domain (two characters or more, ending in a letter), xn-- labels
     valid A-labels (they round-trip through ``idna``); with ``wildcard``, a first label "*"
     followed by at least two labels."""
     if len(value) > 253 or value != value.lower():
@@ -241,6 +242,11 @@ def dns_name_problem(value: str, wildcard: bool = True) -> str | None:
             return problem
     if labels[-1].isdigit():
         return "ends in an all-numeric label (an IP address belongs in an ip: SAN)"
+    if len(labels[-1]) < 2 or not labels[-1][-1].isalpha():
+        # RFC 3696 2: a top-level domain is not all-numeric; every one delegated has two
+        # characters or more and ends in a letter, which pkilint's domain check (the lint gate)
+        # requires too. Refused here, by our rule, with or without the gate.
+        return "does not end in a top-level domain (2 characters or more, the last a letter)"
     return None
 
 

@@ -25,6 +25,8 @@ REFUSED = [
     ("device", SanEntry("dns", "*.*.example.com"), "san-dns-syntax"),
     ("device", SanEntry("dns", "10.0.0.1"), "san-dns-syntax"),
     ("device", SanEntry("dns", "foo.123"), "san-dns-syntax"),
+    ("device", SanEntry("dns", "host.b2"), "san-dns-syntax"),  # no top-level domain: pkilint
+    ("device", SanEntry("dns", "a.b"), "san-dns-syntax"),  # refused them only with the gate on
     ("device", SanEntry("dns", "xn--zzzzzz.example.com"), "san-dns-syntax"),
     ("device", SanEntry("dns", "xn--.example.com"), "san-dns-syntax"),
     ("device", SanEntry("dns", "ab--cd.example.com"), "san-dns-syntax"),
@@ -61,6 +63,7 @@ REFUSED = [
     ("admin-client", SanEntry("email", "a" * 65 + "@tenant1.example.com"), "san-email-syntax"),
     ("admin-client", SanEntry("email", "alice@10.0.0.1"), "san-email-syntax"),
     ("admin-client", SanEntry("email", "alice@xn--zzzzzz.example.com"), "san-email-syntax"),
+    ("admin-client", SanEntry("email", "alice@tenant1.co1"), "san-email-syntax"),
 ]  # fmt: skip
 
 
@@ -87,6 +90,7 @@ ISSUED = [
     ("device", SanEntry("dns", "xn--bcher-kva.example")),
     ("device", SanEntry("dns", "123.tenant1.example.com")),
     ("device", SanEntry("dns", "a-b.tenant1.example.com")),
+    ("device", SanEntry("dns", "router.lan")),
     ("connector", SanEntry("uri", "https://pki.example.com/id/connector/tenant1/1")),
     ("connector", SanEntry("uri", "https://pki.example.com:8443/id/connector?n=1&t=a%20b#x")),
     ("connector", SanEntry("uri", "https://10.0.0.1/id/connector/tenant1/1")),
