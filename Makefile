@@ -52,7 +52,7 @@ test: sysdeps lint typecheck unit
 # issuances (4 processes x 50 threads) killed at random, on SQLite and PostgreSQL; about
 # 10 s a round here. `make test` runs two short rounds of the same test.
 chaos: $(VENV)/.installed-test sysdeps
-	SEKISHO_CHAOS_ROUNDS=20 SEKISHO_CHAOS_PROCESSES=4 SEKISHO_CHAOS_THREADS=50 \
+	CHAOS_ROUNDS=20 CHAOS_PROCESSES=4 CHAOS_THREADS=50 \
 		$(BIN)/pytest -q -p no:cacheprovider -n 0 -s tests/ca/test_chaos.py
 
 bench: $(VENV)/.installed-test

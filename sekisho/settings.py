@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import math
 import os
 import re
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 from sekisho.errors import ConfigError, shown
 from sekisho.files import FileRefused, read_regular, replace_synced
 
+log = logging.getLogger("sekisho.settings")
 ENV_PREFIX = "SEKISHO_"
 CONFIG_NAME = "sekisho.toml"
 MAX_SETTINGS_FILE = 1024 * 1024
@@ -380,7 +382,37 @@ def load_settings(
         if ":" in host:
             host = f"[{host}]"
         values["base_url"] = f"http://{host}:{values.get('bind_port', Settings.bind_port)}"
-    return Settings(**values).validate()
+    settings = Settings(**values).validate()
+    _warn_unknown_env(env, settings)
+    return settings
+
+
+# SEKISHO_* variables read outside the settings: the settings file, the data directory, the
+# log level (sekisho.cli) and the weak-key lists' directory (ca.weakkeys).
+OTHER_ENV = frozenset({"CONFIG", "DATA_DIR", "LOG_LEVEL", "WEAK_KEY_LISTS"})
+_warned: set[str] = set()
+
+
+def unknown_env(env: Mapping[str, str], settings: Settings) -> list[str]:
+    """The ``SEKISHO_*`` variables in ``env`` that nothing reads (a mistyped
+    ``SEKISHO_DATABSE_URL`` left the store on the embedded default, silently), sorted. The
+    variables the settings name for the passphrase and the PIN are read, whatever their names."""
+    known = {ENV_PREFIX + name.upper() for name in (*_FIELDS, *OTHER_ENV)}
+    known |= {settings.key_passphrase_env, settings.pkcs11_pin_env}
+    return sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known)
+
+
+def _warn_unknown_env(env: Mapping[str, str], settings: Settings) -> None:
+    """Log each unknown ``SEKISHO_*`` variable once per process: its name, never its value. A
+    warning, not an error as an unknown key in the settings file is: the environment is shared
+    (an orchestrator adds SEKISHO_PORT and SEKISHO_SERVICE_HOST for a service called sekisho)."""
+    for name in unknown_env(env, settings):
+        if name not in _warned:
+            _warned.add(name)
+            log.warning(
+                "unknown environment variable ignored: no setting is called so",
+                extra={"variable": name},  # the JSON log line escapes what it must
+            )
 
 
 def _toml_value(value: Any) -> str:

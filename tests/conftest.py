@@ -10,7 +10,7 @@ directory (CLI, web app) uses it too.
 
 Every test that uses ``settings`` / ``services`` / ``data_dir`` runs once per database
 (ids ``[sqlite]`` and ``[postgres]``; the latter is marked ``postgres``). A missing PostgreSQL
-fails those tests; set ``SEKISHO_SKIP_PG=1`` to skip them instead (or ``-m "not postgres"``).
+fails those tests; set ``TEST_SKIP_PG=1`` to skip them instead (or ``-m "not postgres"``).
 """
 
 from __future__ import annotations
@@ -144,11 +144,11 @@ def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[pg.PgCluster]:
     """One throwaway PostgreSQL server for the session, stopped (by PID) at the end."""
-    if os.environ.get("SEKISHO_SKIP_PG") == "1":
-        pytest.skip("PostgreSQL tests skipped (SEKISHO_SKIP_PG=1)")
+    if os.environ.get("TEST_SKIP_PG") == "1":
+        pytest.skip("PostgreSQL tests skipped (TEST_SKIP_PG=1)")
     reason = pg.available()
     if reason is not None:
-        pytest.fail(f"{reason}; set SEKISHO_SKIP_PG=1 to skip the PostgreSQL tests", pytrace=False)
+        pytest.fail(f"{reason}; set TEST_SKIP_PG=1 to skip the PostgreSQL tests", pytrace=False)
     with pg.PgCluster() as cluster:
         yield cluster
 

@@ -5,8 +5,11 @@ that names the setting at fault (ConfigError in-process, exit 78 and no tracebac
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -337,3 +340,34 @@ def test_cli_refuses_a_bad_database_owner_url_without_quoting_it(
     out, err = capfd.readouterr()
     assert code == 78 and err.startswith("error: config: database_owner_url is not a database")
     assert SECRET not in out + err and "Traceback" not in out + err
+
+
+def test_unknown_sekisho_variables_are_named_in_a_warning_never_their_values(
+    tmp_path: Path,
+) -> None:
+    """A mistyped SEKISHO_DATABSE_URL left the store on the embedded default without a word.
+    Each SEKISHO_* variable that nothing reads is named in one warning (its value, which may
+    hold a password, never); the settings' own, the other variables Sekisho reads and those the
+    settings name for the passphrase or the PIN are not."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SEKISHO_")},
+        "SEKISHO_DATABSE_URL": "postgresql://app:hunter2-secret@db.example/sekisho",
+        "SEKISHO_PORT": "tcp://10.0.0.1:8080",
+        "SEKISHO_LOG_LEVEL": "WARNING",
+        "SEKISHO_CRL_NEXT_UPDATE_DAYS": "7",
+        "SEKISHO_KEY_PASSPHRASE_ENV": "SEKISHO_VAULT_PASSPHRASE",
+        "SEKISHO_VAULT_PASSPHRASE": "x" * 40,
+    }
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "sekisho"), "--data-dir", str(tmp_path / "d"),
+         "ca", "list"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    warned = [
+        json.loads(line)["variable"]
+        for line in done.stderr.splitlines()
+        if line.startswith("{") and "unknown environment variable" in line
+    ]
+    assert warned == ["SEKISHO_DATABSE_URL", "SEKISHO_PORT"], done.stderr
+    assert "hunter2" not in done.stderr and "10.0.0.1" not in done.stderr
+    assert done.returncode == 78 and "Traceback" not in done.stderr  # no deployment there

@@ -23,8 +23,8 @@ reconciled, and:
   revoked.
 
 The suite runs a few short rounds; ``make chaos`` runs the nightly size (20 rounds of 200
-concurrent issuances: ``SEKISHO_CHAOS_ROUNDS``, ``SEKISHO_CHAOS_PROCESSES``,
-``SEKISHO_CHAOS_THREADS``). A round's random choices come from ``SEKISHO_CHAOS_SEED`` (printed
+concurrent issuances: ``CHAOS_ROUNDS``, ``CHAOS_PROCESSES``,
+``CHAOS_THREADS``). A round's random choices come from ``CHAOS_SEED`` (printed
 on failure) and the round number.
 """
 
@@ -66,10 +66,10 @@ from tests.support.checkers import openssl_crl_verify, pkilint_crl
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = int(os.environ.get("SEKISHO_CHAOS_ROUNDS", "2"))
-PROCESSES = int(os.environ.get("SEKISHO_CHAOS_PROCESSES", "2"))
-THREADS = int(os.environ.get("SEKISHO_CHAOS_THREADS", "4"))
-SEED = int(os.environ.get("SEKISHO_CHAOS_SEED", str(random.SystemRandom().randrange(1 << 32))))
+ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "2"))
+PROCESSES = int(os.environ.get("CHAOS_PROCESSES", "2"))
+THREADS = int(os.environ.get("CHAOS_THREADS", "4"))
+SEED = int(os.environ.get("CHAOS_SEED", str(random.SystemRandom().randrange(1 << 32))))
 PROFILES = (("admin-client", "admin"), ("device", "device"))
 REASONS = (
     Reason.SUPERSEDED,
