@@ -441,9 +441,7 @@ def _body_servers() -> Iterator[SharedServers]:
     this module's tests (each took 2-3 s to start); stopped by PID at the end, their copies of
     the deployment removed after."""
     with contextlib.ExitStack() as stack:
-        shared = SharedServers(stack)
-        stack.callback(lambda: [srv.stop() for srv in shared.servers.values()])
-        yield shared
+        yield SharedServers(stack)
 
 
 @pytest.fixture
@@ -461,6 +459,7 @@ def body_server(
         copy = _body_servers.stack.enter_context(copied_deployment(request, target, db_backend))
         env = {"SEKISHO_REQUEST_BODY_SECONDS": str(BODY_SECONDS)}
         srv = Server(copy.data_dir, target.parent / "server.log", env)
+        _body_servers.stack.callback(srv.stop)  # before its copy goes (last in, first out)
         _body_servers.servers[db_backend] = srv
         srv.wait_healthy()
     if srv.proc.poll() is not None:
