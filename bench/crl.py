@@ -146,9 +146,12 @@ def bulk_insert(services: Services, ca_id: int, start: int, n: int, now: dt.date
                     if done % 100_000 == 0:
                         progress(f"  inserted {done:,}/{n:,}")
         else:
-            # Bind values exactly as the column types would (UTCDateTime text on SQLite).
+            # Bind values exactly as the column types would (UTCDateTime text on SQLite, the
+            # dialect's: without dialect_impl the sqlite3 module's adapter wrote "+00:00" too).
+            dialect = engine.dialect
             procs = [
-                table.c[c].type.bind_processor(engine.dialect) or (lambda v: v) for c in COLUMNS
+                table.c[c].type.dialect_impl(dialect).bind_processor(dialect) or (lambda v: v)
+                for c in COLUMNS
             ]
             # Fixed column names and placeholders only; values are bound.
             sql = (
