@@ -1098,3 +1098,40 @@ def test_the_loop_does_not_spin_while_the_ocsp_step_fails(
         refresher.stop()
     assert "ocsp refresh" in refresher._failing
     assert ticks <= 4, f"{ticks} ticks in 2 s with a 1 s tick: the loop spins"
+
+
+def test_entries_read_from_sqlite_text_encode_as_from_datetimes() -> None:
+    """On SQLite a full CRL reads revocation and invalidity times as the text stored (no
+    column-type processing): byte for byte the entries the datetimes the ORM reads give, for
+    times with and without microseconds, both sides of the UTCTime years (1950-2049), with and
+    without an invalidity date or a reason."""
+    import random
+
+    from sqlalchemy.dialects import sqlite
+
+    from ca.crl import _REASON_CODE, Entry, encode_revoked_rows, entry_der
+
+    dialect = sqlite.dialect()
+    column = Certificate.__table__.c.revoked_at  # type: ignore[attr-defined]
+    to_text = column.type.dialect_impl(dialect).bind_processor(dialect)  # what SQLite stores
+    rng = random.Random(5280)
+    starts = [dt.datetime(y, 1, 1, tzinfo=dt.UTC) for y in (1949, 1950, 2026, 2049, 2050, 2100)]
+    reasons = [None, *(r.value for r in Reason)]
+    rows_dt, rows_text, expected = [], [], b""
+    for i in range(600):
+        when = starts[i % len(starts)] + dt.timedelta(seconds=rng.randrange(-86_400, 86_400))
+        if i % 3:
+            when = when.replace(microsecond=rng.randrange(1, 1_000_000))
+        invalidity = when - dt.timedelta(days=1, microseconds=i) if i % 4 == 0 else None
+        reason = reasons[i % len(reasons)]
+        serial = f"{rng.getrandbits(159) | 1 << 128:040x}"
+        rows_dt.append((serial, reason, when, invalidity))
+        rows_text.append((serial, reason, to_text(when), invalidity and to_text(invalidity)))
+        code = _REASON_CODE.get(Reason(reason) if reason else Reason.UNSPECIFIED)
+        expected += entry_der(Entry(int(serial, 16), when, code, invalidity))
+    assert isinstance(rows_text[1][2], str) and "." in rows_text[1][2]  # microseconds stored
+    default = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
+    from_dt, from_text = bytearray(), bytearray()
+    assert encode_revoked_rows(rows_dt, default, from_dt) == 600
+    assert encode_revoked_rows(rows_text, default, from_text) == 600
+    assert bytes(from_text) == bytes(from_dt) == expected
