@@ -1135,3 +1135,52 @@ def test_entries_read_from_sqlite_text_encode_as_from_datetimes() -> None:
     assert encode_revoked_rows(rows_dt, default, from_dt) == 600
     assert encode_revoked_rows(rows_text, default, from_text) == 600
     assert bytes(from_text) == bytes(from_dt) == expected
+
+
+def test_revocation_times_are_right_whatever_the_servers_time_zone(
+    services: Services, db_backend: str
+) -> None:
+    """The full CRL reads the stored times without the column type's conversion; on a
+    PostgreSQL whose time zone is Asia/Tokyo its entries still carry the UTC times the ORM
+    reads (on SQLite the stored text has no zone)."""
+    if db_backend == "postgres":
+        with services.db.engine.connect() as conn:
+            database = conn.exec_driver_sql("SELECT current_database()").scalar_one()
+            conn.exec_driver_sql(f"ALTER DATABASE \"{database}\" SET TimeZone = 'Asia/Tokyo'")
+            conn.commit()
+        services.db.engine.dispose()  # new connections take the database's setting
+        with services.db.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW TimeZone").scalar_one() == "Asia/Tokyo"
+    now = services.clock()
+    certs = [issue(services, "device") for _ in range(3)]
+    services.revoker.revoke("device", certs[0].serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+    services.revoker.revoke(
+        "device",
+        certs[1].serial_number,
+        Reason.KEY_COMPROMISE,
+        TEST_ACTOR,
+        invalidity_date=now - dt.timedelta(hours=30, microseconds=7),
+    )
+    full = x509.load_der_x509_crl(services.crls.generate("device", now).der)
+    with services.db.read_scope() as session:
+        rows = {
+            int(row.serial, 16): row
+            for row in session.scalars(
+                select(Certificate).where(
+                    Certificate.serial.in_([serial_hex(c.serial_number) for c in certs[:2]])
+                )
+            )
+        }
+    for cert in certs[:2]:
+        entry = full.get_revoked_certificate_by_serial_number(cert.serial_number)
+        assert entry is not None
+        row = rows[cert.serial_number]
+        assert row.revoked_at is not None
+        assert entry.revocation_date_utc == row.revoked_at.replace(microsecond=0)
+    entry = full.get_revoked_certificate_by_serial_number(certs[1].serial_number)
+    assert entry is not None
+    invalidity = entry.extensions.get_extension_for_class(x509.InvalidityDate).value
+    assert invalidity.invalidity_date_utc == (now - dt.timedelta(hours=30, microseconds=7)).replace(
+        microsecond=0
+    )
+    assert full.get_revoked_certificate_by_serial_number(certs[2].serial_number) is None
