@@ -19,7 +19,7 @@ from audit.events import Category, Event, Outcome, by_actor, refused
 from ca.issuance import CaService, IssueRequest
 from ca.models import CaKind, CertificateAuthority
 from ca.registry import ca_row, check_ca_name
-from ca.rules import check_public_key, is_dns_name, is_mailbox
+from ca.rules import check_public_key, ends_in_top_level_domain, is_dns_name, is_mailbox
 from ca.subject import check_value
 from ca.tbs import new_serial, serial_hex
 from hsm.base import CA_KEY_TYPES, KeyType, key_type_of, signature_hash
@@ -51,7 +51,7 @@ class NameConstraintSpec:
 
     def __post_init__(self) -> None:
         for what, values, valid, form in (
-            ("permitted DNS", self.permitted_dns, is_dns_name, _DNS_FORM),
+            ("permitted DNS", self.permitted_dns, _is_permitted_dns, _DNS_FORM),
             ("permitted email", self.permitted_email, _is_email_subtree, _EMAIL_FORM),
             ("excluded DNS", self.excluded_dns, is_dns_name, _DNS_FORM),
         ):
@@ -76,17 +76,23 @@ class NameConstraintSpec:
 
 _DNS_FORM = (
     "a lower-case DNS name such as example.com (it covers its subdomains), without a "
-    "leading dot or wildcard; IDNs as A-labels"
+    "leading dot or wildcard, ending in a top-level domain (permitted ones); IDNs as A-labels"
 )
 _EMAIL_FORM = "an address (a@example.com), a host (example.com) or a domain (.example.com)"
 
 
+def _is_permitted_dns(value: str) -> bool:
+    """A DNS subtree under which the CA can issue: one that ends in no top-level domain
+    (``lab.b2``) would make a CA that issues no DNS name at all (``ca.rules``)."""
+    return is_dns_name(value) and ends_in_top_level_domain(value)
+
+
 def _is_email_subtree(value: str) -> bool:
     """RFC 5280 4.2.1.10: one mailbox, all mailboxes on a host, or (leading dot) all mailboxes
-    in a domain's subdomains."""
+    in a domain's subdomains, under a top-level domain as for DNS subtrees."""
     if "@" in value:
-        return is_mailbox(value)
-    return is_dns_name(value.removeprefix(".").lower())
+        return is_mailbox(value) and ends_in_top_level_domain(value)
+    return _is_permitted_dns(value.removeprefix(".").lower())
 
 
 def _name(common_name: str, organization: str) -> x509.Name:

@@ -242,12 +242,18 @@ def dns_name_problem(value: str, wildcard: bool = True) -> str | None:
             return problem
     if labels[-1].isdigit():
         return "ends in an all-numeric label (an IP address belongs in an ip: SAN)"
-    if len(labels[-1]) < 2 or not labels[-1][-1].isalpha():
-        # RFC 3696 2: a top-level domain is not all-numeric; every one delegated has two
-        # characters or more and ends in a letter, which pkilint's domain check (the lint gate)
-        # requires too. Refused here, by our rule, with or without the gate.
+    if not ends_in_top_level_domain(value):
         return "does not end in a top-level domain (2 characters or more, the last a letter)"
     return None
+
+
+def ends_in_top_level_domain(name: str) -> bool:
+    """Whether the last label of the DNS name ``name`` is shaped as a top-level domain: RFC
+    3696 2 (not all-numeric), and every one delegated has two characters or more and ends in a
+    letter, which pkilint's domain check (the lint gate) requires too. Refused by our rules
+    with or without the gate."""
+    last = name.rsplit(".", 1)[-1]
+    return len(last) >= 2 and last[-1].isalpha()
 
 
 def _check_dns(value: str) -> None:

@@ -514,6 +514,11 @@ def test_init_with_one_issuing_ca_is_refused_before_anything_exists(
         ("--permit-email", "a@b@example.com"),
         ("--permit-dns", "example.com\n"),
         ("--permit-email", "a@example.com\n"),
+        # Under no top-level domain: a CA that could issue no name in it.
+        ("--permit-dns", "lab.b2"),
+        ("--permit-dns", "corp1"),
+        ("--permit-email", ".lab.b2"),
+        ("--permit-email", "a@lab.b2"),
     ],
 )
 def test_name_constraints_empty_or_malformed_are_refused_before_anything_exists(
