@@ -65,7 +65,7 @@ from sekisho.services import (
     open_backend,
     open_deployment,
 )
-from sekisho.settings import Settings, config_path, load_settings
+from sekisho.settings import Settings, config_path, load_settings, note_env_read
 
 if TYPE_CHECKING:
     from hsm.pkcs11 import Pkcs11Backend
@@ -558,6 +558,8 @@ def _read_secret_option(file: Path | None, env_name: str | None) -> bytes | None
     strength is the caller's to judge."""
     if file is None and not env_name:
         return None
+    if env_name:
+        note_env_read(env_name)  # read: no "unknown environment variable" for a SEKISHO_ name
     return read_secret(file, env_name or "", what="password", min_length=1)
 
 

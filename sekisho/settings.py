@@ -391,6 +391,13 @@ def load_settings(
 # log level (sekisho.cli) and the weak-key lists' directory (ca.weakkeys).
 OTHER_ENV = frozenset({"CONFIG", "DATA_DIR", "LOG_LEVEL", "WEAK_KEY_LISTS"})
 _warned: set[str] = set()
+_read_by_name: set[str] = set()
+
+
+def note_env_read(name: str) -> None:
+    """Variable ``name`` is read by the name a command was given (``issue --password-env``):
+    never reported unknown, whatever its prefix."""
+    _read_by_name.add(name)
 
 
 def unknown_env(env: Mapping[str, str], settings: Settings) -> list[str]:
@@ -398,7 +405,7 @@ def unknown_env(env: Mapping[str, str], settings: Settings) -> list[str]:
     ``SEKISHO_DATABSE_URL`` left the store on the embedded default, silently), sorted. The
     variables the settings name for the passphrase and the PIN are read, whatever their names."""
     known = {ENV_PREFIX + name.upper() for name in (*_FIELDS, *OTHER_ENV)}
-    known |= {settings.key_passphrase_env, settings.pkcs11_pin_env}
+    known |= {settings.key_passphrase_env, settings.pkcs11_pin_env, *_read_by_name}
     return sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known)
 
 

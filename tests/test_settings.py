@@ -371,3 +371,14 @@ def test_unknown_sekisho_variables_are_named_in_a_warning_never_their_values(
     assert warned == ["SEKISHO_DATABSE_URL", "SEKISHO_PORT"], done.stderr
     assert "hunter2" not in done.stderr and "10.0.0.1" not in done.stderr
     assert done.returncode == 78 and "Traceback" not in done.stderr  # no deployment there
+    # A variable a command reads by the name it was given is read, whatever its prefix.
+    env["SEKISHO_P12_PW"] = "correct horse battery staple"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "sekisho"), "--data-dir", str(tmp_path / "d"),
+         "issue", "--ca", "admin", "--profile", "admin-client", "--keygen", "ec-p256",
+         "--subject", "CN=Alice,O=Tenant One", "--p12", str(tmp_path / "a.p12"),
+         "--password-env", "SEKISHO_P12_PW"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 78, done.stderr  # read the password, then found no deployment
+    assert "SEKISHO_P12_PW" not in done.stderr and "SEKISHO_PORT" in done.stderr

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 # Deterministic in CI: derandomized, no example database, no per-example deadline (the tests
 # that bound time measure it themselves, on the worst inputs, best of several runs). A longer,
-# random campaign: SEKISHO_FUZZ_EXAMPLES=20000 pytest tests/fuzz (new examples every run).
-_CAMPAIGN = int(os.environ.get("SEKISHO_FUZZ_EXAMPLES", "0"))
+# random campaign: FUZZ_EXAMPLES=20000 pytest tests/fuzz (new examples every run).
+_CAMPAIGN = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
     derandomize=not _CAMPAIGN,
     database=None,
