@@ -433,6 +433,7 @@ class SharedServers:
 
     stack: contextlib.ExitStack
     servers: dict[str, Server] = dataclasses.field(default_factory=dict)
+    healthy: set[str] = dataclasses.field(default_factory=set)  # stores whose server answered
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +462,10 @@ def body_server(
         srv = Server(copy.data_dir, target.parent / "server.log", env)
         _body_servers.stack.callback(srv.stop)  # before its copy goes (last in, first out)
         _body_servers.servers[db_backend] = srv
-        srv.wait_healthy()
+        srv.wait_healthy()  # raises: this test fails, and the next ones say why below
+        _body_servers.healthy.add(db_backend)
+    if db_backend not in _body_servers.healthy:
+        pytest.fail("the shared server never answered /healthz: see the first test that used it")
     if srv.proc.poll() is not None:
         pytest.fail(f"the shared server exited {srv.proc.returncode}:\n{srv.output()[-3000:]}")
     srv.since = len(srv.output(whole=True))
