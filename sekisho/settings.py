@@ -403,7 +403,8 @@ def note_env_read(name: str) -> None:
 def unknown_env(env: Mapping[str, str], settings: Settings) -> list[str]:
     """The ``SEKISHO_*`` variables in ``env`` that nothing reads (a mistyped
     ``SEKISHO_DATABSE_URL`` left the store on the embedded default, silently), sorted. The
-    variables the settings name for the passphrase and the PIN are read, whatever their names."""
+    variables the settings name for the passphrase and the PIN, and those a command was told
+    to read (:func:`note_env_read`), are read, whatever their names."""
     known = {ENV_PREFIX + name.upper() for name in (*_FIELDS, *OTHER_ENV)}
     known |= {settings.key_passphrase_env, settings.pkcs11_pin_env, *_read_by_name}
     return sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known)
