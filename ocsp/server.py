@@ -59,11 +59,12 @@ Decisions
   Transfer-Encoding 501 (no chunked bodies, no smuggling); wrong Content-Type 415; a field
   name that is not a token (whitespace in or around it, an obsolete line folding) or a control
   character other than HTAB in the head (a NUL in a field value) 400 (RFC 9110 5.5, 5.6.2;
-  RFC 9112 5.1, 5.2), as gunicorn answers them on the web app; a GET path that is not
-  base64 400 with the malformedRequest answer, ``no-store``, as on the web app (base64 of
-  something that is not a request is an OCSP-level error: 200 malformedRequest); ``GET`` or
-  ``HEAD`` of ``/ocsp`` or ``/ocsp/`` (no request in the path) 405 with ``Allow: POST``, as on
-  the web app, the connection kept; a request
+  RFC 9112 5.1, 5.2), as gunicorn answers them on the web app; a bare CR or LF in the head 400,
+  a bare LF as soon as it arrives (a head of LF-ended lines waited for its 408); a GET path
+  that is not base64 400 with the malformedRequest answer, ``no-store``, as on the web app
+  (base64 of something that is not a request is an OCSP-level error: 200 malformedRequest);
+  ``GET`` or ``HEAD`` of ``/ocsp`` or ``/ocsp/`` (no request in the path) 405 with ``Allow:
+  POST``, as on the web app, the connection kept; a request
   not complete 10 s after its first byte gets 408 and the connection is closed; a new
   connection must send its first byte within 10 s, idle keep-alive connections are closed
   after 30 s; at most 1,024 connections, 128 from one client address: at the limit a new
@@ -174,6 +175,7 @@ _CLOSE = b"Connection: close\r\n"
 # are looked at apart: only as line ends). A space inside a name, a NUL in a value: 400.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 _REASONS = {
     200: "OK",
@@ -838,6 +840,11 @@ class HttpProtocol(asyncio.Protocol):
                 if end < 0:
                     if len(buf) > MAX_HEAD:
                         self._error(431, b"request head over 8 KiB\n")
+                    elif _BARE_LF.search(buf, 0, MAX_HEAD + 4) is not None:
+                        # Lines ended by LF alone: the head that ends "\n\n" never matched
+                        # the CRLF end above and waited for its 408 (10 s). Refused at once,
+                        # as _parse_head refuses a bare LF inside a head (RFC 9112 2.2).
+                        self._error(400, b"bad header line\n")
                     return
                 raw = bytes(buf[:end])
                 del buf[: end + 4]

@@ -518,8 +518,9 @@ def test_one_address_holds_at_most_max_per_client_connections(
 
 
 def test_request_heads_as_rfc_9112_wants_them() -> None:
-    """Exactly one Host in HTTP/1.1 (3.2); a bare CR inside a field line is refused (2.2);
-    an absolute-form target is accepted (3.2.2). All three were taken as they came."""
+    """Exactly one Host in HTTP/1.1 (3.2); a bare CR inside a field line is refused (2.2),
+    and lines ended by a bare LF as soon as one arrives; an absolute-form target is accepted
+    (3.2.2). All were taken as they came, or (bare LF) waited for the 408."""
     server = Server(Responder(ResponseIndex({}), None))
     try:
 
@@ -539,6 +540,16 @@ def test_request_heads_as_rfc_9112_wants_them() -> None:
         assert answer(absolute) == (200, False)
         bare = b"GET HTTPS://ocsp.example.com HTTP/1.1\r\nHost: ocsp.example.com\r\n\r\n"
         assert answer(bare)[0] == 404  # its path is "/": no such resource, not a 400
+        # Lines ended by LF alone: refused at once, not left to wait for the 408 (10 s later).
+        assert answer(b"GET /healthz HTTP/1.1\nHost: a\n\n") == (400, True)
+        assert answer(b"GET /healthz HTTP/1.1\nHo") == (400, True)
+        assert answer(b"GET /healthz HTTP/1.1\r\nHost: a\n\r\n") == (400, True)
+        transport, protocol = _Transport(), HttpProtocol(server)
+        protocol.connection_made(cast(Any, transport))
+        for piece in (b"GET /healthz HTTP/1.1\r", b"\nHost: a\r", b"\n\r", b"\n"):
+            assert not transport.written and not transport.closed  # CRLF split across reads
+            protocol.data_received(piece)
+        assert bytes(transport.written).startswith(b"HTTP/1.1 200 ")
     finally:
         server.close()
 
