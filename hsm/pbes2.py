@@ -146,6 +146,10 @@ def encrypt_private_key(key: PrivateKeyTypes, passphrase: bytes) -> bytes:
     return bytes(info.dump())
 
 
+# What encrypt_private_key writes: a file described otherwise is re-encrypted by `key rewrap`.
+CURRENT = KeyEncryption("pbes2", "scrypt", SCRYPT_N, "aes256_cbc", SCRYPT_R, SCRYPT_P)
+
+
 def describe(der: bytes) -> KeyEncryption:
     """How an EncryptedPrivateKeyInfo is encrypted, for audits/tests. A structure that is not
     one is a KeyBackendError: asn1crypto parses lazily, and a damaged one fails where it is

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
@@ -22,9 +23,15 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 
 from hsm.base import KeyType
-from hsm.pbes2 import decrypt_private_key, encrypt_private_key
+from hsm.pbes2 import (
+    CURRENT,
+    KeyEncryption,
+    decrypt_private_key,
+    describe,
+    encrypt_private_key,
+)
 from sekisho.errors import Conflict, KeyBackendError, NotFound
-from sekisho.files import create_synced, exclusive_lock, sync_directory
+from sekisho.files import create_synced, exclusive_lock, replace_synced, sync_directory
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole label: fullmatch
 PEM_LABEL = "ENCRYPTED PRIVATE KEY"
@@ -188,6 +195,43 @@ class SoftwareBackend:
     def has_key(self, ref: str) -> bool:
         return self.key_path(ref).exists()
 
+    def labels(self) -> list[str]:
+        """The labels of the key files in the online store, sorted."""
+        if not self.keys_dir.is_dir():
+            return []
+        return sorted(
+            p.name[: -len(".key")]
+            for p in self.keys_dir.glob("*.key")
+            if _LABEL.fullmatch(p.name[: -len(".key")])
+        )
+
+    def rewrap(self, ref: str) -> KeyEncryption | None:
+        """Re-encrypt the key file of ``ref`` the way new files are (``hsm.pbes2.CURRENT``)
+        if it is encrypted otherwise (PBKDF2, written before stop 20); how it was, or None if
+        it was current already. The new encryption is decrypted and compared with the key
+        before it replaces the file (a synced temporary file renamed over it, 0600), under the
+        keys directory's lock; a failure leaves the old file as it was."""
+        with self.exclusive():
+            path = self.key_path(ref)
+            try:
+                der = pem_unwrap(path.read_bytes(), PEM_LABEL)
+            except FileNotFoundError:
+                raise NotFound(f"key {ref} is not in the online store") from None
+            except OSError as exc:
+                raise KeyBackendError(f"cannot read key {ref}: {exc.strerror or exc}") from None
+            before = describe(der)
+            if before == CURRENT:
+                return None
+            key = self.decrypt(der)
+            new = encrypt_private_key(key, self._passphrase)
+            if _private_der(self.decrypt(new)) != _private_der(key):
+                raise KeyBackendError(f"key {ref}: the new encryption does not hold the key")
+            try:
+                replace_synced(path, pem_wrap(new, PEM_LABEL))
+            except OSError as exc:
+                raise KeyBackendError(f"cannot write key {ref}: {exc.strerror or exc}") from None
+            return before
+
     def signing_key(self, ref: str) -> CertificateIssuerPrivateKeyTypes:
         with self._lock:
             cached = self._cache.get(ref)
@@ -211,3 +255,9 @@ class SoftwareBackend:
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+def _private_der(key: CertificateIssuerPrivateKeyTypes) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )

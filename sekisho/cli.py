@@ -890,8 +890,8 @@ def release(state: State, ca_name: str, serial: int) -> None:
 # -- key ---------------------------------------------------------------------------------------
 @cli.group("key")
 def key_group() -> None:
-    """Compromised keys (blocked from issuance, their certificates revoked) and the Debian
-    weak-key lists."""
+    """Compromised keys (blocked from issuance, their certificates revoked), the Debian
+    weak-key lists, and re-encrypting older software key files."""
 
 
 @key_group.command("block")
@@ -960,6 +960,42 @@ def key_list(state: State, limit: int) -> None:
         )
 
     state.emit(docs, text)
+
+
+@key_group.command("rewrap")
+@pass_state
+def key_rewrap(state: State) -> None:
+    """Re-encrypt the software key files that an earlier version wrote with PBKDF2 the way new
+    ones are (scrypt, AES-256): each new file is checked to hold the same key before it
+    replaces the old, and each one rewrapped is journalled (ca.key.rewrap). Files already
+    encrypted so are left as they are. Keys on a PKCS#11 token are the token's to protect."""
+    from hsm.software import SoftwareBackend
+    from sekisho.bootstrap import journal_event
+
+    services = state.services()
+    backend = services.backend
+    if not isinstance(backend, SoftwareBackend):
+        raise click.UsageError("the keys are on the PKCS#11 token: there is no file to rewrap")
+    actor = state.actor()
+    done: list[dict[str, Any]] = []
+    for label in backend.labels():
+        ref = backend.reference(label)
+        before = backend.rewrap(ref)
+        was = None
+        if before is not None:
+            was = f"{before.scheme} {before.kdf} {before.cost} {before.cipher}"
+            journal_event(services, actor, "ca.key.rewrap", {"key_ref": ref, "was": was})
+        done.append({"key_ref": ref, "rewrapped": was is not None, "was": was})
+
+    def text() -> str:
+        if not done:
+            return "no key files in the online store"
+        return "\n".join(
+            f"{d['key_ref']}: " + (f"rewrapped (was {d['was']})" if d["rewrapped"] else "current")
+            for d in done
+        )
+
+    state.emit(done, text)
 
 
 @key_group.command("install-weak-lists")

@@ -2147,3 +2147,55 @@ def test_output_closed_early_exits_74_quietly(services: Services, data_dir: Path
             child.wait()
     assert code == 74, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def _jsonl(text: str) -> list[Any]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _openssl_pkcs8(*args: str) -> None:
+    subprocess.run(["openssl", "pkcs8", *args], check=True, capture_output=True, timeout=60)
+
+
+def test_key_rewrap_re_encrypts_older_pbkdf2_files_with_scrypt_and_journals_each(
+    run: Runner, data_dir: Path, tmp_path: Path
+) -> None:
+    """A key file as a deployment of stop 19 wrote it (PBKDF2-HMAC-SHA256, 600,000
+    iterations): `key rewrap` re-encrypts it with scrypt, the same key, 0600, journalled;
+    the CA still signs with it; files already current are left as they were, and a second
+    run changes nothing."""
+    from hsm.pbes2 import CURRENT, describe
+    from hsm.software import PEM_LABEL, pem_unwrap
+
+    keys, secret = data_dir / "keys", data_dir / "secrets" / "ca-passphrase"
+    target = keys / "ca-device.key"
+    plain = tmp_path / "plain.pem"
+    _openssl_pkcs8("-in", str(target), "-passin", f"file:{secret}", "-out", str(plain))
+    pbkdf2 = ("-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA256", "-iter", "600000")
+    _openssl_pkcs8("-topk8", "-in", str(plain), *pbkdf2, "-passout", f"file:{secret}",
+                   "-out", str(target))  # fmt: skip
+    target.chmod(0o600)
+    assert describe(pem_unwrap(target.read_bytes(), PEM_LABEL)).kdf == "pbkdf2-sha256"
+    others = {p.name: p.read_bytes() for p in keys.glob("*.key") if p != target}
+
+    done = ok(run("--json", "key", "rewrap")).json()
+    assert [d for d in done if d["rewrapped"]] == [
+        {
+            "key_ref": "file:ca-device",
+            "rewrapped": True,
+            "was": "pbes2 pbkdf2-sha256 600000 aes256_cbc",
+        }
+    ]
+    assert len(done) == len(others) + 1
+    assert describe(pem_unwrap(target.read_bytes(), PEM_LABEL)) == CURRENT
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert {p.name: p.read_bytes() for p in keys.glob("*.key") if p != target} == others
+    again = tmp_path / "again.pem"
+    _openssl_pkcs8("-in", str(target), "-passin", f"file:{secret}", "-out", str(again))
+    assert again.read_bytes() == plain.read_bytes()  # the same key, as OpenSSL reads it
+
+    journal = _jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)
+    assert len(journal) == 1 and "file:ca-device" in json.dumps(journal[0])
+    ok(run("crl", "generate", "--ca", "device"))  # the CA signs with the rewrapped key
+    assert not [d for d in ok(run("--json", "key", "rewrap")).json() if d["rewrapped"]]
+    assert len(_jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)) == 1

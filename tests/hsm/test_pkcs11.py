@@ -326,6 +326,9 @@ def test_hsm_status_and_keys(deployment_pkcs11: Path, capsys: pytest.CaptureFixt
         assert key["attributes"]["extractable"] is False and key["uri"].startswith("pkcs11:")
     assert cli_main(["--data-dir", str(deployment_pkcs11), "hsm", "keys"]) == 0
     assert "t-ca-root" in capsys.readouterr().out
+    # Nothing to re-encrypt: the token protects its keys (usage error, nothing journalled).
+    assert cli_main(["--data-dir", str(deployment_pkcs11), "key", "rewrap"]) == 64
+    assert "PKCS#11 token" in capsys.readouterr().err
 
 
 def test_ca_offline_is_refused_on_a_token_before_anything_is_signed(
