@@ -60,7 +60,8 @@ Decisions
   name that is not a token (whitespace in or around it, an obsolete line folding) or a control
   character other than HTAB in the head (a NUL in a field value) 400 (RFC 9110 5.5, 5.6.2;
   RFC 9112 5.1, 5.2), as gunicorn answers them on the web app; a bare CR or LF in the head 400,
-  a bare LF as soon as it arrives (a head of LF-ended lines waited for its 408); a GET path
+  a bare LF as soon as it arrives (a head of LF-ended lines waited for its 408); empty lines
+  before a request line are ignored (RFC 9112 2.2: they were a 400); a GET path
   that is not base64 400 with the malformedRequest answer, ``no-store``, as on the web app
   (base64 of something that is not a request is an OCSP-level error: 200 malformedRequest);
   ``GET`` or ``HEAD`` of ``/ocsp`` or ``/ocsp/`` (no request in the path) 405 with ``Allow:
@@ -834,6 +835,10 @@ class HttpProtocol(asyncio.Protocol):
         buf = self.buf
         while not self.closing and not self.busy:
             if self.head is None:
+                while buf[:2] == b"\r\n":
+                    # RFC 9112 2.2: empty lines before a request line are ignored (a client
+                    # that ends a POST body with CRLF); they were read as an empty request line.
+                    del buf[:2]
                 if not buf:
                     return
                 end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)

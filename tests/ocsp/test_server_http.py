@@ -544,6 +544,14 @@ def test_request_heads_as_rfc_9112_wants_them() -> None:
         assert answer(b"GET /healthz HTTP/1.1\nHost: a\n\n") == (400, True)
         assert answer(b"GET /healthz HTTP/1.1\nHo") == (400, True)
         assert answer(b"GET /healthz HTTP/1.1\r\nHost: a\n\r\n") == (400, True)
+        # Empty lines before a request line are ignored (2.2), at the start and between
+        # pipelined requests (a client that ends a POST body with CRLF).
+        assert answer(b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: a\r\n\r\n") == (200, False)
+        transport, protocol = _Transport(), HttpProtocol(server)
+        protocol.connection_made(cast(Any, transport))
+        one = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+        protocol.data_received(one + b"\r\n" + one)
+        assert bytes(transport.written).count(b"HTTP/1.1 200 ") == 2, bytes(transport.written)
         transport, protocol = _Transport(), HttpProtocol(server)
         protocol.connection_made(cast(Any, transport))
         for piece in (b"GET /healthz HTTP/1.1\r", b"\nHost: a\r", b"\n\r", b"\n"):
