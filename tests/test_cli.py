@@ -92,6 +92,11 @@ def ok(result: Result) -> Result:
     return result
 
 
+def jsonl(text: str) -> list[Any]:
+    """The records of a JSON Lines output (``audit search --json``)."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
 def der_of_pem(pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
 
@@ -839,8 +844,7 @@ def test_a_key_that_reached_no_one_has_its_certificate_revoked(
     assert "revoked (cessation_of_operation)" in err and not bundle.exists()
     row = _cert_row(run, "admin", serial)
     assert (row["status"], row["reason"]) == ("revoked", "cessation_of_operation")
-    journal = [json.loads(line) for line in ok(run("--json", "audit", "search", "--serial",
-                                                    serial)).out.splitlines()]  # fmt: skip
+    journal = jsonl(ok(run("--json", "audit", "search", "--serial", serial)).out)
     assert [(r["action"], r["outcome"]) for r in journal] == [
         ("ca.issue", "success"), ("ca.revoke", "success"),
     ]  # fmt: skip
@@ -1297,7 +1301,7 @@ def test_ocsp_responders_and_resign(run: Runner) -> None:
 
     def journal(action: str) -> list[dict[str, Any]]:
         out = ok(run("--json", "audit", "search", "--action", action)).out
-        return [json.loads(line) for line in out.splitlines()]
+        return jsonl(out)
 
     found = journal("ocsp.resign")
     assert len(found) == 2 and all(r["actor_account"].startswith("cli:") for r in found)
@@ -1355,7 +1359,7 @@ def test_ocsp_resign_fails_for_a_ca_whose_answers_it_could_not_sign(
     assert [(c["ca"], c["action"]) for c in done["responder_changes"]] == [("device", "rotate")]
     assert done["not_resigned"] == {}
     out = ok(run("--json", "audit", "search", "--action", "ocsp.resign")).out
-    outcomes = [json.loads(line)["outcome"] for line in out.splitlines()]
+    outcomes = [r["outcome"] for r in jsonl(out)]
     assert outcomes == ["failure", "failure", "success"]
 
 
@@ -1371,7 +1375,7 @@ def test_the_journalled_actor_is_the_real_user_not_user_variables(
     monkeypatch.setenv("SUDO_USER", "the-auditor")
     ok(run("crl", "generate", "--ca", "admin"))
     out = ok(run("--json", "audit", "search", "--action", "ca.crl")).out
-    actors = {json.loads(line)["actor_account"] for line in out.splitlines()}
+    actors = {r["actor_account"] for r in jsonl(out)}
     expected = f"cli:{me}" + (" sudo:the-auditor" if os.getuid() == 0 else "")
     assert expected in actors and "cli:the-auditor" not in actors, actors
     nobody = pwd.getpwnam("nobody").pw_uid  # not root: SUDO_USER and USER are not read
@@ -1393,7 +1397,7 @@ def test_ocsp_resign_leaves_a_ca_its_parent_revoked_or_holds_without_failing(
     assert done["good"] >= 1  # the device CA's answers
     assert "withheld: CA admin" in ok(run("ocsp", "resign")).out
     out = ok(run("--json", "audit", "search", "--action", "ocsp.resign")).out
-    records = [json.loads(line) for line in out.splitlines()]
+    records = jsonl(out)
     assert {r["outcome"] for r in records} == {"success"}
     assert all(r["detail"]["withheld_revoked_cas"] == ["admin"] for r in records)
 
@@ -1967,7 +1971,7 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
     again = ok(run("--json", "db", "upgrade")).json()
     assert again == {"migrated": False, "from": heads, "to": heads}
     out = ok(run("--json", "audit", "search", "--action", "system.migrate")).out
-    found = [json.loads(line) for line in out.splitlines()]
+    found = jsonl(out)
     assert len(found) == 1, found
     assert found[0]["detail"]["from"] == ["0008"] and found[0]["detail"]["to"] == heads, found
     assert found[0]["category"] == "system" and found[0]["outcome"] == "success"
@@ -2051,7 +2055,7 @@ def test_a_migration_whose_command_then_fails_is_still_journalled(
     ok(run("crl", "generate"))
     ok(run("crl", "generate"))
     out = ok(run("--json", "audit", "search", "--action", "system.migrate")).out
-    found = [json.loads(line) for line in out.splitlines()]
+    found = jsonl(out)
     assert len(found) == 1, "the migration from 0008 was not journalled once"
     assert found[0]["detail"]["from"] == ["0008"], found
     assert "journal intact" in ok(run("audit", "verify")).out
@@ -2149,10 +2153,6 @@ def test_output_closed_early_exits_74_quietly(services: Services, data_dir: Path
     assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
-def _jsonl(text: str) -> list[Any]:
-    return [json.loads(line) for line in text.splitlines()]
-
-
 def _openssl_pkcs8(*args: str) -> None:
     subprocess.run(["openssl", "pkcs8", *args], check=True, capture_output=True, timeout=60)
 
@@ -2194,8 +2194,8 @@ def test_key_rewrap_re_encrypts_older_pbkdf2_files_with_scrypt_and_journals_each
     _openssl_pkcs8("-in", str(target), "-passin", f"file:{secret}", "-out", str(again))
     assert again.read_bytes() == plain.read_bytes()  # the same key, as OpenSSL reads it
 
-    journal = _jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)
+    journal = jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)
     assert len(journal) == 1 and "file:ca-device" in json.dumps(journal[0])
     ok(run("crl", "generate", "--ca", "device"))  # the CA signs with the rewrapped key
     assert not [d for d in ok(run("--json", "key", "rewrap")).json() if d["rewrapped"]]
-    assert len(_jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)) == 1
+    assert len(jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)) == 1
