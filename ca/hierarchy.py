@@ -91,7 +91,7 @@ def _is_email_subtree(value: str) -> bool:
     """RFC 5280 4.2.1.10: one mailbox, all mailboxes on a host, or (leading dot) all mailboxes
     in a domain's subdomains, under a top-level domain as for DNS subtrees."""
     if "@" in value:
-        return is_mailbox(value) and ends_in_top_level_domain(value)
+        return is_mailbox(value) and ends_in_top_level_domain(value.rsplit("@", 1)[1])
     return _is_permitted_dns(value.removeprefix(".").lower())
 
 

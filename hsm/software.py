@@ -199,11 +199,7 @@ class SoftwareBackend:
         """The labels of the key files in the online store, sorted."""
         if not self.keys_dir.is_dir():
             return []
-        return sorted(
-            p.name[: -len(".key")]
-            for p in self.keys_dir.glob("*.key")
-            if _LABEL.fullmatch(p.name[: -len(".key")])
-        )
+        return sorted(p.stem for p in self.keys_dir.glob("*.key") if _LABEL.fullmatch(p.stem))
 
     def rewrap(self, ref: str) -> KeyEncryption | None:
         """Re-encrypt the key file of ``ref`` the way new files are (``hsm.pbes2.CURRENT``)
