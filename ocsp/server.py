@@ -172,6 +172,7 @@ Conditions = dict[str, str]
 _PERSIST = b""
 _KEEP_ALIVE = b"Connection: keep-alive\r\n"
 _CLOSE = b"Connection: close\r\n"
+_NO_STORE = b"Cache-Control: no-store\r\n"  # every answer no cache may keep
 # RFC 9110 5.6.2: a field name is a token; 5.5: a field value holds no CTL but HTAB (CR and LF
 # are looked at apart: only as line ends). A space inside a name, a NUL in a value: 400.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -1015,16 +1016,15 @@ class HttpProtocol(asyncio.Protocol):
         else:
             path = target.split(b"?", 1)[0]
             if path in (b"/ocsp", b"/ocsp/"):  # POST's resource, no request in the path
-                fields = b"Allow: POST\r\nCache-Control: no-store\r\n"
+                fields = b"Allow: POST\r\n" + _NO_STORE
                 self._send(405, b"POST only\n", b"text/plain", connection, method, now, fields)
                 return
             if path.startswith(b"/ocsp/"):
                 decoded = core.decode_get_path(path[6:].decode("latin-1"))
                 if decoded is None:  # not base64: 400, with the OCSP answer (as the web app)
-                    fields = b"Cache-Control: no-store\r\n"
                     self._send(
                         400, core.MALFORMED_REQUEST, OCSP_RESPONSE_TYPE, connection, method, now,
-                        fields,
+                        _NO_STORE,
                     )  # fmt: skip
                     return
                 request_der = decoded
@@ -1119,15 +1119,14 @@ class HttpProtocol(asyncio.Protocol):
                     connection,
                     method,
                     now,
-                    b"Cache-Control: no-store\r\n",
+                    _NO_STORE,
                 )
                 return
         self._send(200, der, OCSP_RESPONSE_TYPE, connection, method, now, fields)
 
     def _ocsp(self, der: bytes, connection: bytes, method: bytes, now: float) -> None:
         """Send an OCSP answer no cache may keep."""
-        fields = b"Cache-Control: no-store\r\n"
-        self._send(200, der, OCSP_RESPONSE_TYPE, connection, method, now, fields)
+        self._send(200, der, OCSP_RESPONSE_TYPE, connection, method, now, _NO_STORE)
 
     def _send(
         self,
