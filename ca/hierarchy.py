@@ -461,3 +461,51 @@ def bring_online(service: CaService, name: str, pem: bytes, actor: Actor) -> Non
                 with contextlib.suppress(KeyBackendError):
                     backend.remove(written)
             raise
+
+
+def rewrap_keys(service: CaService, actor: Actor) -> list[dict[str, object]]:
+    """Re-encrypt every software key file that is not encrypted as new ones are
+    (``SoftwareBackend.rewrapped``); one entry per key file (``key_ref``, the ``ca`` whose key
+    it is or None, ``rewrapped``, how it ``was``), then one per CA whose key is offline: its
+    exported file is not in reach (``offline``), and stays as it was exported.
+
+    Each file is replaced inside the transaction that journals it (``ca.key.rewrap``), as
+    the last step before the commit, and put back as it was if the commit fails: a rewrap is
+    on disk if and only if it is in the journal (short of the put-back failing too). The keys
+    directory's lock is held throughout, so that no `ca online` or `ca offline` acts on a
+    file between its read and its replacement."""
+    backend = software_backend(service)
+    with service.db.scope() as session:
+        cas = {row.key_ref: (row.name, row.key_online) for row in session.scalars(
+            select(CertificateAuthority).order_by(CertificateAuthority.name))}  # fmt: skip
+    done: list[dict[str, object]] = []
+    with backend.exclusive():
+        for label in backend.labels():
+            ref = backend.reference(label)
+            name = cas.get(ref, (None, True))[0]
+            change = backend.rewrapped(ref)
+            was = None
+            if change is not None:
+                was = f"{change.was.scheme} {change.was.kdf} {change.was.cost} {change.was.cipher}"
+                replaced = False
+                try:
+                    with service.db.scope() as session:
+                        event = by_actor(actor, Category.CA, "ca.key.rewrap", Outcome.SUCCESS,
+                                         detail={"key_ref": ref, "was": was})  # fmt: skip
+                        service.journal.append(session, event, service.clock())
+                        session.flush()
+                        backend.replace(ref, change.new)
+                        replaced = True
+                except BaseException:
+                    if replaced:  # the commit failed: the journal does not have it
+                        with contextlib.suppress(KeyBackendError):
+                            backend.replace(ref, change.old)
+                    raise
+            done.append(_rewrap_entry(ref, name, offline=False, was=was))
+        done += [_rewrap_entry(ref, name, offline=True, was=None)
+                 for ref, (name, online) in cas.items() if not online]  # fmt: skip
+    return done
+
+
+def _rewrap_entry(ref: str, ca: str | None, *, offline: bool, was: str | None) -> dict[str, object]:
+    return {"key_ref": ref, "ca": ca, "offline": offline, "rewrapped": was is not None, "was": was}

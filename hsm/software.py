@@ -14,6 +14,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -30,7 +31,7 @@ from hsm.pbes2 import (
     describe,
     encrypt_private_key,
 )
-from sekisho.errors import Conflict, KeyBackendError, NotFound
+from sekisho.errors import Conflict, KeyBackendError, NotFound, SekishoError
 from sekisho.files import create_synced, exclusive_lock, replace_synced, sync_directory
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole label: fullmatch
@@ -74,6 +75,15 @@ def pem_unwrap(pem: bytes, label: str) -> bytes:
         return base64.b64decode(body, validate=True)
     except ValueError:  # binascii.Error: bad padding, a stray character
         raise KeyBackendError(f"not a PEM {label}: its base64 is damaged") from None
+
+
+class Rewrap(NamedTuple):
+    """A key file's re-encryption (``SoftwareBackend.rewrapped``): how the file was
+    encrypted, and its PEM before and after."""
+
+    was: KeyEncryption
+    old: bytes
+    new: bytes
 
 
 class SoftwareBackend:
@@ -201,46 +211,47 @@ class SoftwareBackend:
             return []
         return sorted(p.stem for p in self.keys_dir.glob("*.key") if _LABEL.fullmatch(p.stem))
 
-    def rewrap(self, ref: str) -> KeyEncryption | None:
-        """Re-encrypt the key file of ``ref`` the way new files are (``hsm.pbes2.CURRENT``)
-        if it is encrypted otherwise (PBKDF2, written before stop 20); how it was, or None if
-        it was current already. The new encryption is decrypted and compared with the key
-        before it replaces the file (a synced temporary file renamed over it, 0600), under the
-        keys directory's lock; a failure leaves the old file as it was."""
-        with self.exclusive():
-            path = self.key_path(ref)
-            try:
-                der = pem_unwrap(path.read_bytes(), PEM_LABEL)
-            except FileNotFoundError:
-                raise NotFound(f"key {ref} is not in the online store") from None
-            except OSError as exc:
-                raise KeyBackendError(f"cannot read key {ref}: {exc.strerror or exc}") from None
-            before = describe(der)
-            if before == CURRENT:
-                return None
-            key = self.decrypt(der)
-            new = encrypt_private_key(key, self._passphrase)
-            if _private_der(self.decrypt(new)) != _private_der(key):
-                raise KeyBackendError(f"key {ref}: the new encryption does not hold the key")
-            try:
-                replace_synced(path, pem_wrap(new, PEM_LABEL))
-            except OSError as exc:
-                raise KeyBackendError(f"cannot write key {ref}: {exc.strerror or exc}") from None
-            return before
+    def rewrapped(self, ref: str) -> Rewrap | None:
+        """The key file of ``ref`` encrypted the way new files are (``hsm.pbes2.CURRENT``)
+        if it is encrypted otherwise (PBKDF2, written before stop 20); None if it is current
+        already. The new encryption is decrypted and compared with the key before it is
+        returned. Nothing is written: ``replace`` writes it. Hold ``exclusive()`` from the
+        read to the write, so that no other process removes or replaces the file between."""
+        old = self._read(ref, missing=NotFound)
+        der = pem_unwrap(old, PEM_LABEL)
+        before = describe(der)
+        if before == CURRENT:
+            return None
+        key = self.decrypt(der)
+        new = encrypt_private_key(key, self._passphrase)
+        if _private_der(self.decrypt(new)) != _private_der(key):
+            raise KeyBackendError(f"key {ref}: the new encryption does not hold the key")
+        return Rewrap(before, old, pem_wrap(new, PEM_LABEL))
+
+    def _read(self, ref: str, *, missing: type[SekishoError]) -> bytes:
+        """The key file of ``ref``; ``missing`` (NotFound, or KeyBackendError where a key is
+        needed) if there is none, a KeyBackendError if it cannot be read."""
+        try:
+            return self.key_path(ref).read_bytes()
+        except FileNotFoundError:
+            raise missing(f"key {ref} is not in the online store (offline?)") from None
+        except OSError as exc:
+            raise KeyBackendError(f"cannot read key {ref}: {exc.strerror or exc}") from None
+
+    def replace(self, ref: str, pem: bytes) -> None:
+        """Put ``pem`` in place of the key file of ``ref`` (a synced temporary file renamed
+        over it, 0600): the file is the old or the new one, never a part of either."""
+        try:
+            replace_synced(self.key_path(ref), pem)
+        except OSError as exc:
+            raise KeyBackendError(f"cannot write key {ref}: {exc.strerror or exc}") from None
 
     def signing_key(self, ref: str) -> CertificateIssuerPrivateKeyTypes:
         with self._lock:
             cached = self._cache.get(ref)
         if cached is not None:
             return cached
-        path = self.key_path(ref)
-        try:
-            pem = path.read_bytes()
-        except FileNotFoundError:
-            raise KeyBackendError(f"key {ref} is not in the online store (offline?)") from None
-        except OSError as exc:
-            raise KeyBackendError(f"cannot read key {ref}: {exc.strerror}") from None
-        key = self.decrypt(pem_unwrap(pem, PEM_LABEL))
+        key = self.decrypt(pem_unwrap(self._read(ref, missing=KeyBackendError), PEM_LABEL))
         with self._lock:
             self._cache[ref] = key
         return key

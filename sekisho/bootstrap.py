@@ -186,7 +186,7 @@ def _initialise(
     if not resumed:
         # Before any key, the audit key included: an init stopped from here on is finished by
         # the next one (a token's audit key made by it is then its own, not a conflict).
-        journal_event(services, actor, INIT_BEGUN, detail)
+        _journal_event(services, actor, INIT_BEGUN, detail)
     enable_checkpoints(services)
     with services.db.scope() as session:
         services.journal.checkpoint(session, services.clock())  # the first record signed now
@@ -227,7 +227,7 @@ def _initialise(
     # A delegated OCSP responder per issuing CA (its certificate is pre-signed on issuance).
     ensure_responders(services, now, actor)
     publish_ca_files(services)
-    journal_event(services, actor, INIT_DONE, {**detail, "resumed": resumed})
+    _journal_event(services, actor, INIT_DONE, {**detail, "resumed": resumed})
     # The init's own records (its CAs, CRLs, responders, INIT_DONE) signed before it returns:
     # they waited unsigned until the next append or serve's refresher, for days on a
     # deployment served later, and could be rewritten meanwhile unnoticed. INIT_DONE is
@@ -250,13 +250,13 @@ def _leftover_key(services: Services, actor: Actor, name: str, resumed: bool) ->
         return ref
     stamp = services.clock().strftime("%Y%m%dT%H%M%SZ")
     aside = services.backend.set_aside(ref, f"set-aside-{stamp}")
-    journal_event(
+    _journal_event(
         services, actor, "ca.key.set_aside", {"ca": name, "key_ref": ref, "file": aside.name}
     )
     return None
 
 
-def journal_event(services: Services, actor: Actor, action: str, detail: dict[str, Any]) -> None:
+def _journal_event(services: Services, actor: Actor, action: str, detail: dict[str, Any]) -> None:
     """Journal a successful CA (``ca.*``) or system event of ``actor`` in its own transaction."""
     category = Category.CA if action.startswith("ca.") else Category.SYSTEM
     with services.db.scope() as session:

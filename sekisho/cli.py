@@ -966,34 +966,30 @@ def key_list(state: State, limit: int) -> None:
 @pass_state
 def key_rewrap(state: State) -> None:
     """Re-encrypt the software key files that an earlier version wrote with PBKDF2 the way new
-    ones are (scrypt, AES-256): each new file is checked to hold the same key before it
-    replaces the old, and each one rewrapped is journalled (ca.key.rewrap). Files already
-    encrypted so are left as they are. Keys on a PKCS#11 token are the token's to protect."""
+    ones are (scrypt, AES-256): each new file is checked to hold the same key, and replaces
+    the old in the transaction that journals it (ca.key.rewrap). Files already encrypted so
+    are left as they are. A CA key that is offline is listed: its exported file is out of
+    reach (bring it online, rewrap, export it again, take it offline). Keys on a PKCS#11
+    token are the token's to protect."""
+    from ca.hierarchy import rewrap_keys
     from hsm.software import SoftwareBackend
-    from sekisho.bootstrap import journal_event
 
     services = state.services()
-    backend = services.backend
-    if not isinstance(backend, SoftwareBackend):
+    if not isinstance(services.backend, SoftwareBackend):
         raise click.UsageError("the keys are on the PKCS#11 token: there is no file to rewrap")
-    actor = state.actor()
-    done: list[dict[str, Any]] = []
-    for label in backend.labels():
-        ref = backend.reference(label)
-        before = backend.rewrap(ref)
-        was = None
-        if before is not None:
-            was = f"{before.scheme} {before.kdf} {before.cost} {before.cipher}"
-            journal_event(services, actor, "ca.key.rewrap", {"key_ref": ref, "was": was})
-        done.append({"key_ref": ref, "rewrapped": was is not None, "was": was})
+    done = rewrap_keys(services.ca, state.actor())
+
+    def line(d: dict[str, Any]) -> str:
+        whose = f" (CA {d['ca']})" if d["ca"] else ""
+        if d["offline"]:
+            return (f"{d['key_ref']}{whose}: offline, its exported file is not rewrapped "
+                    f"(ca online, key rewrap, ca export --key, ca offline)")  # fmt: skip
+        return f"{d['key_ref']}{whose}: " + (
+            f"rewrapped (was {d['was']})" if d["rewrapped"] else "current"
+        )
 
     def text() -> str:
-        if not done:
-            return "no key files in the online store"
-        return "\n".join(
-            f"{d['key_ref']}: " + (f"rewrapped (was {d['was']})" if d["rewrapped"] else "current")
-            for d in done
-        )
+        return "\n".join(map(line, done)) if done else "no key files in the online store"
 
     state.emit(done, text)
 

@@ -2182,6 +2182,8 @@ def test_key_rewrap_re_encrypts_older_pbkdf2_files_with_scrypt_and_journals_each
     assert [d for d in done if d["rewrapped"]] == [
         {
             "key_ref": "file:ca-device",
+            "ca": "device",
+            "offline": False,
             "rewrapped": True,
             "was": "pbes2 pbkdf2-sha256 600000 aes256_cbc",
         }
@@ -2199,3 +2201,12 @@ def test_key_rewrap_re_encrypts_older_pbkdf2_files_with_scrypt_and_journals_each
     ok(run("crl", "generate", "--ca", "device"))  # the CA signs with the rewrapped key
     assert not [d for d in ok(run("--json", "key", "rewrap")).json() if d["rewrapped"]]
     assert len(jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)) == 1
+    # An offline CA key is out of reach: listed as such, its exported file left as it was.
+    exported = tmp_path / "root.key"
+    ok(run("ca", "export", "root", "--key", "-o", str(exported)))
+    ok(run("ca", "offline", "root", "--yes"))
+    done = ok(run("--json", "key", "rewrap")).json()
+    assert [d for d in done if d["offline"]] == [
+        {"key_ref": "file:ca-root", "ca": "root", "offline": True, "rewrapped": False, "was": None}
+    ]
+    assert "file:ca-root (CA root): offline" in ok(run("key", "rewrap")).out

@@ -4,6 +4,7 @@ stopped half-way does not block the next, and damaged key files are refused by e
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +62,19 @@ def _sql(services: Services, statements: list[str]) -> None:
             conn.execute(text(stmt))
 
 
+def _inject(
+    services: Services, fault: str, sqlite_commit: list[str], pg_commit: list[str]
+) -> type[Exception]:
+    """Make the journal refuse its entries (``fault`` "journal") or the commit fail (the
+    given statements); the error the operation is then expected to raise."""
+    sqlite = services.db.engine.dialect.name == "sqlite"
+    if fault == "journal":
+        _sql(services, SQLITE_JOURNAL_FAULT if sqlite else PG_JOURNAL_FAULT)
+        return AuditError
+    _sql(services, sqlite_commit if sqlite else pg_commit)
+    return StoreError
+
+
 def _heal(services: Services) -> None:
     if services.db.engine.dialect.name == "sqlite":
         _sql(services, ["DROP TRIGGER fault"])
@@ -78,11 +92,15 @@ def _key_online(services: Services, name: str) -> bool:
     return bool(online)
 
 
-def _online_entries(services: Services) -> int:
+def _entries(services: Services, action: str) -> int:
     with services.db.scope() as session:
         count = session.scalar(text("SELECT count(*) FROM audit_records WHERE action = :a"),
-                               {"a": "ca.key.online"})  # fmt: skip
+                               {"a": action})  # fmt: skip
     return int(count or 0)
+
+
+def _online_entries(services: Services) -> int:
+    return _entries(services, "ca.key.online")
 
 
 def _offline_root(services: Services) -> bytes:
@@ -104,13 +122,7 @@ def test_a_failed_bring_online_leaves_no_key_file_and_the_retry_works(
     svc: Services, settings: Settings, fault: str
 ) -> None:
     pem = _offline_root(svc)
-    sqlite = svc.db.engine.dialect.name == "sqlite"
-    if fault == "journal":
-        _sql(svc, SQLITE_JOURNAL_FAULT if sqlite else PG_JOURNAL_FAULT)
-        expected: type[Exception] = AuditError
-    else:
-        _sql(svc, SQLITE_COMMIT_FAULT if sqlite else PG_COMMIT_FAULT)
-        expected = StoreError
+    expected = _inject(svc, fault, SQLITE_COMMIT_FAULT, PG_COMMIT_FAULT)
     entries = _online_entries(svc)
     with pytest.raises(expected):
         bring_online(svc.ca, "root", pem, TEST_ACTOR)
@@ -162,6 +174,51 @@ def test_a_new_issuing_ca_the_journal_refuses_leaves_no_key_and_the_retry_works(
     _heal(svc)
     row = create_issuing(svc.ca, "partners", "root", None, KeyType.EC_P256, TEST_ACTOR)
     assert row.name == "partners" and key_file.exists()
+
+
+# The statements of a rewrap succeed, its COMMIT fails (as SQLITE_COMMIT_FAULT).
+SQLITE_REWRAP_COMMIT_FAULT = [
+    *SQLITE_COMMIT_FAULT[:2],
+    "CREATE TRIGGER fault AFTER INSERT ON audit_records WHEN NEW.action = 'ca.key.rewrap' "
+    "BEGIN INSERT INTO fault_child VALUES (42); END",
+]
+PG_REWRAP_COMMIT_FAULT = [
+    PG_COMMIT_FAULT[0],
+    "CREATE CONSTRAINT TRIGGER fault AFTER INSERT ON audit_records "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fault()",
+]
+
+
+@pytest.mark.parametrize("fault", ["journal", "commit"])
+def test_a_rewrap_the_journal_does_not_record_leaves_the_key_file_as_it_was(
+    svc: Services, settings: Settings, fault: str
+) -> None:
+    """`key rewrap` replaces a file in the transaction that journals it: when the journal
+    entry or the commit fails, the PBKDF2 file is as it was (before, the file was replaced
+    first and the journal failure left it rewrapped unrecorded); the retry rewraps it."""
+    from ca.hierarchy import rewrap_keys
+    from hsm.pbes2 import CURRENT, describe
+
+    target = settings.keys_dir / "ca-device.key"
+    plain = settings.data_dir / "plain.pem"
+    secret = f"file:{settings.data_dir / 'secrets' / 'ca-passphrase'}"
+    for args in (["-in", str(target), "-passin", secret, "-out", str(plain)],
+                 ["-topk8", "-in", str(plain), "-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA256",
+                  "-iter", "600000", "-passout", secret, "-out", str(target)]):  # fmt: skip
+        subprocess.run(["openssl", "pkcs8", *args], check=True, capture_output=True, timeout=60)
+    plain.unlink()
+    pbkdf2 = target.read_bytes()
+    expected = _inject(svc, fault, SQLITE_REWRAP_COMMIT_FAULT, PG_REWRAP_COMMIT_FAULT)
+    with pytest.raises(expected):
+        rewrap_keys(svc.ca, TEST_ACTOR)
+    assert target.read_bytes() == pbkdf2 and _leftovers(settings) == []
+    assert _entries(svc, "ca.key.rewrap") == 0
+    _heal(svc)
+    done = rewrap_keys(svc.ca, TEST_ACTOR)
+    assert [d["key_ref"] for d in done if d["rewrapped"]] == ["file:ca-device"]
+    assert describe(pem_unwrap(target.read_bytes(), PEM_LABEL)) == CURRENT
+    assert _entries(svc, "ca.key.rewrap") == 1
+    open_backend(settings).signing_key("file:ca-device")  # a whole key, as another process reads it
 
 
 @pytest.mark.parametrize("leftover", ["whole", "truncated"])
