@@ -77,6 +77,9 @@ class Settings:
     data_location: str = "JP"
     max_request_bytes: int = 65536
     request_body_seconds: float = 10.0  # a request body must arrive within this (else 408)
+    # `serve`: connections one client address may hold in each worker (0: no cap, for behind a
+    # reverse proxy, whose own address every connection then has).
+    max_connections_per_client: int = 128
     log_level: str = "INFO"
     # OCSP: validity of each response (BR 4.9.10: 8 h .. 10 d), the share of it after which
     # a pre-signed response is re-signed, and whether the CA key signs instead of a delegate.
@@ -230,6 +233,8 @@ class Settings:
             raise ConfigError("max_request_bytes must be between 1 KiB and 16 MiB")
         if not 1.0 <= self.request_body_seconds <= 300.0:
             raise ConfigError("request_body_seconds must be between 1 and 300")
+        if not 0 <= self.max_connections_per_client <= 1000:
+            raise ConfigError("max_connections_per_client must be between 0 and 1000 (0: no cap)")
         if self.workers < 1 or self.workers > 64:
             raise ConfigError("workers must be between 1 and 64")
         if self.log_level.upper() not in LOG_LEVELS:

@@ -151,6 +151,8 @@ BAD_VALUES: list[tuple[dict[str, object], str]] = [
     ({"max_request_bytes": 10}, "max_request_bytes"),
     ({"request_body_seconds": 0.1}, "request_body_seconds"),
     ({"request_body_seconds": 3600}, "request_body_seconds"),
+    ({"max_connections_per_client": -1}, "max_connections_per_client"),
+    ({"max_connections_per_client": 1001}, "max_connections_per_client"),
     ({"key_backend": "vault"}, "key_backend"),
     ({"data_location": "US"}, "data_location"),
     ({"log_level": "LOUD"}, "log_level"),

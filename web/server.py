@@ -333,6 +333,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     from web.worker import GuardedThreadWorker
 
     GuardedThreadWorker.request_seconds = settings.request_body_seconds
+    GuardedThreadWorker.max_per_client = settings.max_connections_per_client
     options = {
         # gunicorn takes the descriptor over (and closes it when it stops).
         "bind": f"fd://{listener.detach()}",

@@ -22,6 +22,10 @@ closed (logged, no traceback). A slow client that keeps reading is never cut off
 a large CRL takes it, for the limit is on each send, not on the whole answer. gunicorn's
 ``sendfile`` path is off: it would wait for the socket without a limit.
 
+One client address holds at most ``max_per_client`` of a worker's connections (the setting
+``max_connections_per_client``): its next one is closed at once. Before, one address could take
+all of gunicorn's ``worker_connections`` with idle sockets, and every other client waited.
+
 A chunked body is read by :class:`StrictChunkedReader`: gunicorn accepts a chunk-size line of
 any length once its CRLF has arrived (and waits for up to 8 KiB of one that has not), so a
 size of 1000 hex digits was taken as a chunk of 16^1000 octets and the request sat until its
@@ -38,6 +42,7 @@ ID (the one logged), naming the status only: nothing from the request is echoed.
 
 from __future__ import annotations
 
+import collections
 import errno
 import http
 import logging
@@ -74,6 +79,7 @@ log = logging.getLogger("sekisho.web")
 CHUNK_SIZE_DIGITS = 16  # 2^64 - 1: far beyond any body we accept, leading zeros included
 CHUNK_EXTENSION_OCTETS = 1024  # in a whole body: we use none; a body is not to be all framing
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+REFUSED_LOG_SECONDS = 10.0  # connections refused at the per-client cap: one warning at most
 
 # Which status a request gunicorn cannot take gets; any other ParseException is a 400.
 # Checked in order: the first class the exception is an instance of wins.
@@ -153,10 +159,63 @@ class StrictChunkedReader(ChunkedReader):  # type: ignore[misc]
 class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
     # Set by ``web.server`` from the settings before the workers fork.
     request_seconds = 10.0
+    max_per_client = 0  # connections one client address may hold in this worker; 0: no cap
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Run on the worker's main thread only (accept, the poller's callbacks, closes).
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.refused = 0  # connections refused at the cap since the last warning
+        self.refused_logged = 0.0
 
     def enqueue_req(self, conn: Any) -> None:
+        if not hasattr(conn, "sekisho_client") and not self._admit(conn):
+            return
         conn.sekisho_queued = time.monotonic()  # its head's time runs from here (handle)
         super().enqueue_req(conn)
+
+    def _admit(self, conn: Any) -> bool:
+        """Count a new connection against its client address, or close it at once if that
+        address holds ``max_per_client`` of this worker's connections already: one client's
+        idle or slow sockets took every one of the worker's places (gunicorn's
+        ``worker_connections``), and every other client waited. Its count goes down when
+        gunicorn closes it (``TConn.close``, every path); a Unix-socket peer is not capped."""
+        peer = conn.client[0] if isinstance(conn.client, tuple) and conn.client else None
+        conn.sekisho_client = peer
+        if peer is None or self.max_per_client <= 0:
+            return True
+        if self.per_client[peer] >= self.max_per_client:
+            conn.sekisho_client = None
+            self.nr_conns -= 1  # (counted by gunicorn's accept)
+            util.close(conn.sock)
+            self._note_refused(peer)
+            return False
+        self.per_client[peer] += 1
+        close = conn.close
+
+        def closed(graceful: bool = False) -> None:
+            if conn.sekisho_client is not None:
+                self.per_client[peer] -= 1
+                if self.per_client[peer] <= 0:
+                    del self.per_client[peer]
+                conn.sekisho_client = None
+            close(graceful=graceful)
+
+        conn.close = closed
+        return True
+
+    def _note_refused(self, peer: str) -> None:
+        """A warning at most every REFUSED_LOG_SECONDS (the refused are counted, not each
+        logged: a flood of connections must not become a flood of log lines)."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.refused_logged >= REFUSED_LOG_SECONDS:
+            log.warning(
+                "connections refused: too many from one client address",
+                extra={"client_ip": peer, "refused": self.refused,
+                       "max_per_client": self.max_per_client},
+            )  # fmt: skip
+            self.refused, self.refused_logged = 0, now
 
     def head_seconds(self, conn: Any) -> float:
         """The time a connection's request head has left: ``request_seconds`` from when it
