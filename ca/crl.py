@@ -29,7 +29,7 @@ from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from sqlalchemy import Table, delete, select, text, type_coerce, update
+from sqlalchemy import Executable, Table, bindparam, delete, select, text, type_coerce, update
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.types import NullType
 
@@ -127,6 +127,27 @@ for _reason in Reason:
     )
 
 
+# The full CRL's entries on SQLite: the revoked rows found through the status index (in
+# rowid order, so the table is read nearly in order), then sorted by serial. Left to itself,
+# SQLite walked the (issuer, serial) index to spare the sort, and read the row of every
+# certificate of the CA, revoked or not, in the random order of the serials: at 10^6 revoked
+# entries the read took 4.4-6.4 s, through the status index 2.3-3.0 s; with few of many
+# certificates revoked, the common case, it now reads only theirs. Times come as stored.
+_SQLITE_FULL_ENTRIES = text(
+    "SELECT serial, revocation_reason, revoked_at, invalidity_date "
+    "FROM certificates INDEXED BY ix_certificates_status "
+    "WHERE status = :status AND issuer_id = :issuer_id AND not_after >= :horizon "
+    "ORDER BY serial"
+).bindparams(
+    bindparam("status", type_=_CERTS.c.status.type),
+    bindparam("issuer_id", type_=_CERTS.c.issuer_id.type),
+    bindparam("horizon", type_=_CERTS.c.not_after.type),
+)
+
+# Taken out of SQLite's "YYYY-MM-DD HH:MM:SS" to leave the UTCTime's digits.
+_TIME_SEPARATORS = b"-: "
+
+
 def _integer_from_hex(serial: str) -> bytes:
     """DER INTEGER of a stored serial (hex text), as ``der.integer(int(serial, 16))``."""
     try:
@@ -154,39 +175,66 @@ def encode_revoked_rows(
 ) -> int:
     """Append the DER of each (serial hex, reason name, revoked_at, invalidity_date) row to
     ``out``, byte for byte what ``entry_der`` gives; return the number of rows. The times may
-    be the text SQLite stores (read with :func:`stored_time`).
+    be the text SQLite stores.
 
     The common case (UTC time before 2050, no invalidity date) is encoded inline: this loop
-    runs once per revoked certificate, 10^6 times for a large CRL.
+    runs once per revoked certificate, 10^6 times for a large CRL. Its UTCTime digits are cut
+    out of SQLite's text, and its serial's INTEGER made from the hex, without a datetime or
+    an int in between (5.7 us a row became 2.2-2.7 us); anything else (an offset in the
+    text, an invalidity date, a year outside 1950-2049) goes through :func:`stored_time` and
+    :func:`entry_der`.
     """
     exts_by_reason = _ENTRY_EXTS_BY_REASON
     utc = dt.UTC
+    drop = _TIME_SEPARATORS
     count = 0
     for serial, reason, stored_at, stored_invalidity in rows:
         count += 1
-        revoked_at = stored_time(stored_at) if isinstance(stored_at, str) else stored_at
-        invalidity = (
-            stored_time(stored_invalidity)
-            if isinstance(stored_invalidity, str)
-            else stored_invalidity
-        )
-        when = revoked_at or default_time
         exts = exts_by_reason.get(reason)
-        if (
-            exts is None
-            or invalidity is not None
-            or when.tzinfo is not utc
-            or not 1950 <= when.year < 2050
-        ):
+        digits = b""  # the UTCTime's YYMMDDHHMMSS, when this entry takes the common path
+        if exts is not None and stored_invalidity is None:
+            if isinstance(stored_at, str):
+                # SQLite's text, "YYYY-MM-DD HH:MM:SS[.ffffff]" in UTC: the digits are taken
+                # from it as they stand (parsing it into a datetime cost a third of the loop).
+                if (
+                    (len(stored_at) == 26 and stored_at[19] == ".") or len(stored_at) == 19
+                ) and "1950" <= stored_at < "2050":
+                    text_digits = stored_at[2:19].encode("ascii", "replace").translate(None, drop)
+                    if len(text_digits) == 12 and text_digits.isdigit():
+                        digits = text_digits
+            elif (
+                stored_at is not None and stored_at.tzinfo is utc and 1950 <= stored_at.year < 2050
+            ):
+                digits = b"%02d%02d%02d%02d%02d%02d" % (
+                    stored_at.year % 100,
+                    stored_at.month,
+                    stored_at.day,
+                    stored_at.hour,
+                    stored_at.minute,
+                    stored_at.second,
+                )
+        if not digits:
+            revoked_at = stored_time(stored_at) if isinstance(stored_at, str) else stored_at
+            invalidity = (
+                stored_time(stored_invalidity)
+                if isinstance(stored_invalidity, str)
+                else stored_invalidity
+            )
             r = Reason(reason) if reason else Reason.UNSPECIFIED
+            when = revoked_at or default_time
             out += entry_der(Entry(int(serial, 16), when, _REASON_CODE.get(r), invalidity))
             continue
-        body = (
-            _integer_from_hex(serial)
-            + b"\x17\x0d%02d%02d%02d%02d%02d%02dZ"
-            % (when.year % 100, when.month, when.day, when.hour, when.minute, when.second)
-            + exts
-        )
+        try:
+            raw = bytes.fromhex(serial).lstrip(b"\x00")  # (_integer_from_hex, inline)
+        except ValueError:
+            raw = b""
+        if raw and len(raw) < 0x7F:
+            if raw[0] & 0x80:
+                raw = b"\x00" + raw
+            integer = b"\x02" + bytes((len(raw),)) + raw
+        else:
+            integer = _integer_from_hex(serial)
+        body = integer + b"\x17\x0d" + digits + b"Z" + (exts or b"")
         n = len(body)
         out += (b"\x30" + bytes((n,)) if n < 0x80 else b"\x30" + der.length(n)) + body
     return count
@@ -427,10 +475,9 @@ class CrlPublisher:
             # of the serials take 1.1 s. This transaction only.
             session.execute(text("SET LOCAL enable_indexscan = off"))
             session.execute(text(f"SET LOCAL work_mem = '{SORT_WORK_MEM}'"))
-        full_rows = (
-            session.connection()
-            .execution_options(yield_per=STREAM_BATCH)
-            .execute(
+        query: Executable = _SQLITE_FULL_ENTRIES
+        if session.get_bind().dialect.name != "sqlite":
+            query = (
                 select(_CERTS.c.serial, _CERTS.c.revocation_reason, revoked_col, invalidity_col)
                 .where(
                     _CERTS.c.issuer_id == plan.ca_id,
@@ -438,6 +485,13 @@ class CrlPublisher:
                     _CERTS.c.not_after >= horizon,
                 )
                 .order_by(_CERTS.c.serial)
+            )
+        full_rows = (
+            session.connection()
+            .execution_options(yield_per=STREAM_BATCH)
+            .execute(
+                query,
+                {"issuer_id": plan.ca_id, "status": CertStatus.REVOKED, "horizon": horizon},
             )
         )
         entries_der = bytearray()

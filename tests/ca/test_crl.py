@@ -1130,10 +1130,27 @@ def test_entries_read_from_sqlite_text_encode_as_from_datetimes() -> None:
         code = _REASON_CODE.get(Reason(reason) if reason else Reason.UNSPECIFIED)
         expected += entry_der(Entry(int(serial, 16), when, code, invalidity))
     assert isinstance(rows_text[1][2], str) and "." in rows_text[1][2]  # microseconds stored
+    # Text the common path must read right or leave to the general one: no fraction, an
+    # offset, a leading-zero serial, a serial whose first octet has its high bit set.
+    utc = dt.UTC
+    for serial, stored, when in (
+        ("7f" * 20, "2026-11-27 22:31:24", dt.datetime(2026, 11, 27, 22, 31, 24, tzinfo=utc)),
+        ("00" * 19 + "01", "2026-11-28 07:31:24+09:00", dt.datetime(2026, 11, 27, 22, 31, 24,
+                                                                    tzinfo=utc)),
+        ("0080" + "00" * 18, "2049-12-31 23:59:59.999999", dt.datetime(2049, 12, 31, 23, 59, 59,
+                                                                       999999, tzinfo=utc)),
+        ("ff" * 20, "1950-01-01 00:00:00", dt.datetime(1950, 1, 1, tzinfo=utc)),
+    ):  # fmt: skip
+        rows_dt.append((serial, "key_compromise", when, None))
+        rows_text.append((serial, "key_compromise", stored, None))
+        expected += entry_der(Entry(int(serial, 16), when, _REASON_CODE[Reason.KEY_COMPROMISE]))
     default = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
+    rows_dt.append(("01", None, None, None))  # no revocation time stored: the default
+    rows_text.append(("01", None, None, None))
+    expected += entry_der(Entry(1, default, None))
     from_dt, from_text = bytearray(), bytearray()
-    assert encode_revoked_rows(rows_dt, default, from_dt) == 600
-    assert encode_revoked_rows(rows_text, default, from_text) == 600
+    assert encode_revoked_rows(rows_dt, default, from_dt) == 605
+    assert encode_revoked_rows(rows_text, default, from_text) == 605
     assert bytes(from_text) == bytes(from_dt) == expected
 
 
