@@ -18,6 +18,7 @@ import datetime as dt
 import enum
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import sqlite3
@@ -841,6 +842,39 @@ class _Plan:
             fn(value) if fn is not None else value
             for fn, value in zip(self.results, raw, strict=True)
         )
+
+
+def stream_raw(
+    conn: Connection, prepared: Prepared, values: Mapping[str, Any], batch: int
+) -> Iterator[list[Any]]:
+    """The rows of a read in ``conn``'s transaction, ``batch`` at a time, as the driver gives
+    them: no result processing (a caller that reads the stored form itself, such as the full
+    CRL's 10^6 rows, where SQLAlchemy's result streaming cost a tenth of the build). On
+    PostgreSQL through a server-side cursor, so the rows stay on the server until fetched; on
+    SQLite the statement's own stepping. Driver errors become StoreError."""
+    plan = prepared.plan(conn.dialect)
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    driver: Any = conn.connection.driver_connection
+    cursor = None
+    try:
+        if conn.dialect.name == "postgresql":
+            cursor = driver.cursor(name=f"sekisho_stream_{next(_STREAMS)}")
+        else:
+            cursor = driver.cursor()
+        cursor.execute(plan.sql, plan.parameters(values))
+        while rows := cursor.fetchmany(batch):
+            yield rows
+    except dbapi_error as exc:
+        # (A dead connection is invalidated by SQLAlchemy when the transaction's rollback
+        # meets it: the pool does not hand it out again.)
+        raise _store_error(exc, exc) from exc
+    finally:
+        if cursor is not None:
+            with contextlib.suppress(dbapi_error):
+                cursor.close()
+
+
+_STREAMS = itertools.count(1)  # names of server-side cursors, one per stream in a process
 
 
 class WriteTx:

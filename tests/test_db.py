@@ -385,6 +385,69 @@ def test_write_tx_drops_a_dead_connection_behind_a_domain_error(
     assert _names(store) == ["a", "c"]
 
 
+_STREAM = Prepared(
+    select(_ITEMS.c.name, _ITEMS.c.at).where(_ITEMS.c.name >= bindparam("from_name"))
+    .order_by(_ITEMS.c.name),
+    ("from_name",),
+)  # fmt: skip
+
+
+def test_stream_raw_reads_batches_as_the_driver_gives_them(any_store: Database) -> None:
+    """``stream_raw`` (the full CRL's read): every row once, in order, ``batch`` at a time,
+    the values unprocessed (SQLite's stored text, psycopg's datetimes), on the read's own
+    connection; then the pool's connections still work."""
+    at = dt.datetime(2026, 11, 27, 22, 31, 24, 5, tzinfo=dt.UTC)
+    with any_store.write_tx() as tx:
+        for i in range(25):
+            tx.execute(_INSERT, {**_item(f"n{i:02d}"), "at": at})
+    with any_store.read_scope() as session:
+        batches = list(
+            db_module.stream_raw(session.connection(), _STREAM, {"from_name": "n03"}, 10)
+        )
+    assert [len(b) for b in batches] == [10, 10, 2]
+    rows = [tuple(r) for b in batches for r in b]
+    assert [name for name, _ in rows] == [f"n{i:02d}" for i in range(3, 25)]
+    stored = rows[0][1]
+    if any_store.engine.dialect.name == "sqlite":
+        assert stored == "2026-11-27 22:31:24.000005"
+    else:
+        assert stored == at
+    assert _names(any_store)[:2] == ["n00", "n01"]
+
+
+def test_stream_raw_turns_driver_errors_into_store_errors(any_store: Database) -> None:
+    missing = Table("no_such_items", MetaData(), Column("name", String(32)))
+    query = Prepared(select(missing.c.name).where(missing.c.name == bindparam("n")), ("n",))
+    with pytest.raises(StoreError, match="database error"), any_store.read_scope() as session:
+        list(db_module.stream_raw(session.connection(), query, {"n": "x"}, 10))
+    assert _names(any_store) == []  # the pool still serves
+
+
+@pytest.mark.postgres
+def test_stream_raw_on_a_connection_lost_mid_read_fails_then_recovers(
+    pg_store: tuple[pg.PgCluster, Database, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server ends the session between two batches (a restart): StoreError, not the
+    driver's error (a 500 on the web, exit 70 on the CLI), and the dead connection leaves the
+    pool invalidated, not handed back to fail its reset."""
+    cluster, store, name = pg_store
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy.pool")
+    _META.create_all(store.engine)
+    with store.write_tx() as tx:
+        for i in range(30):
+            tx.execute(_INSERT, _item(f"n{i:02d}"))
+    monkeypatch.setattr(db_module, "IDLE_PING", 3600.0)
+    with pytest.raises(StoreError, match="database error"), store.read_scope() as session:
+        stream = db_module.stream_raw(session.connection(), _STREAM, {"from_name": ""}, 10)
+        assert len(next(stream)) == 10
+        _terminate_others(cluster, name)
+        list(stream)
+    assert not [r for r in caplog.records if "reset" in r.getMessage().lower()]
+    assert len(_names(store)) == 30
+
+
 def test_write_tx_never_commits_a_transaction_the_database_ended(any_store: Database) -> None:
     """The database ends the whole transaction (SQLite does that on SQLITE_FULL or an I/O
     error; here a ROLLBACK does it) and the caller goes on: write_tx must fail, not report a
