@@ -157,7 +157,10 @@ def _full_entries(dialect: str) -> Executable:
             _CERTS.c.status == CertStatus.REVOKED,
             _CERTS.c.not_after >= bindparam("horizon"),
         )
-        .order_by(_CERTS.c.serial)
+        # Byte order, which for the stored form (40 lower-case hex digits) is the serials'
+        # order: under a database's linguistic collation (en_US.UTF-8, C.UTF-8) the same
+        # order cost 2.7-3.3 s to sort at 10^6 rows, 1.05 s in "C".
+        .order_by(_CERTS.c.serial.collate("C"))
     )
 
 
