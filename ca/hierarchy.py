@@ -475,11 +475,12 @@ def rewrap_keys(service: CaService, actor: Actor) -> list[dict[str, object]]:
     directory's lock is held throughout, so that no `ca online` or `ca offline` acts on a
     file between its read and its replacement."""
     backend = software_backend(service)
-    with service.db.scope() as session:
-        cas = {row.key_ref: (row.name, row.key_online) for row in session.scalars(
-            select(CertificateAuthority).order_by(CertificateAuthority.name))}  # fmt: skip
     done: list[dict[str, object]] = []
     with backend.exclusive():
+        # Under the lock: no `ca online` or `ca offline` moves a key between this and the files.
+        with service.db.scope() as session:
+            cas = {row.key_ref: (row.name, row.key_online) for row in session.scalars(
+                select(CertificateAuthority).order_by(CertificateAuthority.name))}  # fmt: skip
         for label in backend.labels():
             ref = backend.reference(label)
             name = cas.get(ref, (None, True))[0]
@@ -494,10 +495,12 @@ def rewrap_keys(service: CaService, actor: Actor) -> list[dict[str, object]]:
                                          detail={"key_ref": ref, "was": was})  # fmt: skip
                         service.journal.append(session, event, service.clock())
                         session.flush()
-                        backend.replace(ref, change.new)
+                        # Set first: a replacement that fails after its rename (the directory's
+                        # sync) has put the new file in place all the same.
                         replaced = True
+                        backend.replace(ref, change.new)
                 except BaseException:
-                    if replaced:  # the commit failed: the journal does not have it
+                    if replaced:  # the journal does not have it: the old file goes back
                         with contextlib.suppress(KeyBackendError):
                             backend.replace(ref, change.old)
                     raise

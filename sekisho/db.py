@@ -855,6 +855,7 @@ def stream_raw(
     plan = prepared.plan(conn.dialect)
     dbapi_error = conn.dialect.loaded_dbapi.Error
     driver: Any = conn.connection.driver_connection
+    transaction = conn.get_transaction()
     cursor = None
     try:
         if conn.dialect.name == "postgresql":
@@ -869,7 +870,11 @@ def stream_raw(
         # meets it: the pool does not hand it out again.)
         raise _store_error(exc, exc) from exc
     finally:
-        if cursor is not None:
+        # Only in its own transaction: a stream closed late (collected after the read ended)
+        # would send its CLOSE into whatever transaction the pooled connection runs by then,
+        # fail there, and leave that one aborted, to roll back at its COMMIT without a word.
+        # The end of its own transaction closed the server's cursor already.
+        if cursor is not None and not conn.closed and conn.get_transaction() is transaction:
             with contextlib.suppress(dbapi_error):
                 cursor.close()
 

@@ -60,7 +60,8 @@ def replace_synced(path: Path, data: bytes, mode: int = 0o600) -> None:
     """``path`` replaced whole by ``data`` (its directory made if missing): a synced
     temporary file of a random name beside it (O_EXCL, never through a link planted there),
     given ``mode`` whatever the umask, renamed over it, the directory then synced. A failure
-    part way leaves the old file as it was and no temporary behind. OSError as raised."""
+    before the rename leaves the old file as it was and no temporary behind; one in the
+    directory's sync after it leaves the new file in place. OSError as raised."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = synced_private_temp(path.parent, path.name, data)
     try:

@@ -415,6 +415,25 @@ def test_stream_raw_reads_batches_as_the_driver_gives_them(any_store: Database) 
     assert _names(any_store)[:2] == ["n00", "n01"]
 
 
+def test_a_stream_closed_after_its_transaction_leaves_the_next_one_alone(
+    any_store: Database,
+) -> None:
+    """A stream left unfinished when its read ended, and closed later (collected) while the
+    pooled connection runs another transaction: that transaction commits what it wrote. (On
+    PostgreSQL the late CLOSE of the server-side cursor failed inside it, and its COMMIT then
+    rolled everything back without an error.)"""
+    with any_store.write_tx() as tx:
+        for i in range(25):
+            tx.execute(_INSERT, _item(f"n{i:02d}"))
+    with any_store.read_scope() as session:
+        stream = db_module.stream_raw(session.connection(), _STREAM, {"from_name": ""}, 10)
+        assert len(next(stream)) == 10
+    with any_store.write_tx() as tx:
+        tx.execute(_INSERT, _item("zz"))
+        stream.close()
+    assert "zz" in _names(any_store)
+
+
 def test_stream_raw_turns_driver_errors_into_store_errors(any_store: Database) -> None:
     missing = Table("no_such_items", MetaData(), Column("name", String(32)))
     query = Prepared(select(missing.c.name).where(missing.c.name == bindparam("n")), ("n",))

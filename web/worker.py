@@ -205,8 +205,10 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         return True
 
     def _note_refused(self, peer: str) -> None:
-        """A warning at most every REFUSED_LOG_SECONDS (the refused are counted, not each
-        logged: a flood of connections must not become a flood of log lines)."""
+        """A warning at most every REFUSED_LOG_SECONDS, naming the address refused then and
+        how many connections this worker refused since its last such warning, from any
+        address (they are counted, not each logged: a flood of connections must not become a
+        flood of log lines; the last ones of a burst are counted in the next warning)."""
         self.refused += 1
         now = time.monotonic()
         if now - self.refused_logged >= REFUSED_LOG_SECONDS:

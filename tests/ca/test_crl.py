@@ -1140,6 +1140,15 @@ def test_entries_read_from_sqlite_text_encode_as_from_datetimes() -> None:
         ("0080" + "00" * 18, "2049-12-31 23:59:59.999999", dt.datetime(2049, 12, 31, 23, 59, 59,
                                                                        999999, tzinfo=utc)),
         ("ff" * 20, "1950-01-01 00:00:00", dt.datetime(1950, 1, 1, tzinfo=utc)),
+        # Offsets in text of the common path's lengths (26 and 19 characters): converted.
+        ("0a" * 20, "2024-01-02 03:04:05.1+0900", dt.datetime(2024, 1, 1, 18, 4, 5, 100000,
+                                                               tzinfo=utc)),
+        ("0b" * 20, "2024-01-02 03:04:05.123+09", dt.datetime(2024, 1, 1, 18, 4, 5, 123000,
+                                                               tzinfo=utc)),
+        ("0c" * 20, "2024-01-02 03:04-09", dt.datetime(2024, 1, 2, 12, 4, tzinfo=utc)),
+        ("0d" * 20, "2049-12-31 23:00:00.1-0500", dt.datetime(2050, 1, 1, 4, 0, 0, 100000,
+                                                               tzinfo=utc)),
+        ("0e" * 20, "2024-01-02T03:04:05.000000", dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=utc)),
     ):  # fmt: skip
         rows_dt.append((serial, "key_compromise", when, None))
         rows_text.append((serial, "key_compromise", stored, None))
@@ -1149,9 +1158,12 @@ def test_entries_read_from_sqlite_text_encode_as_from_datetimes() -> None:
     rows_text.append(("01", None, None, None))
     expected += entry_der(Entry(1, default, None))
     from_dt, from_text = bytearray(), bytearray()
-    assert encode_revoked_rows(rows_dt, default, from_dt) == 605
-    assert encode_revoked_rows(rows_text, default, from_text) == 605
+    assert encode_revoked_rows(rows_dt, default, from_dt) == 610
+    assert encode_revoked_rows(rows_text, default, from_text) == 610
     assert bytes(from_text) == bytes(from_dt) == expected
+    for impossible in ("2024-02-30 00:00:00", "2024-01-02 24:00:00.000000"):
+        with pytest.raises(ValueError):  # as the general path refuses it, never encoded
+            encode_revoked_rows([("01", None, impossible, None)], default, bytearray())
 
 
 def test_revocation_times_are_right_whatever_the_servers_time_zone(

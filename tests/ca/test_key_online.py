@@ -4,6 +4,7 @@ stopped half-way does not block the next, and damaged key files are refused by e
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -18,7 +19,7 @@ from ca.models import CertificateAuthority
 from hsm.base import KeyType
 from hsm.software import PEM_LABEL, SoftwareBackend, pem_unwrap
 from sekisho.cli import main
-from sekisho.errors import AuditError, Conflict, StoreError
+from sekisho.errors import AuditError, Conflict, KeyBackendError, StoreError
 from sekisho.services import Services, build_services, open_backend
 from sekisho.settings import Settings
 from tests.conftest import TEST_ACTOR
@@ -189,6 +190,75 @@ PG_REWRAP_COMMIT_FAULT = [
 ]
 
 
+def _pbkdf2_device_key(settings: Settings) -> tuple[Path, bytes]:
+    """The device CA's key file re-encrypted as stop 19 wrote files (PBKDF2-HMAC-SHA256,
+    600,000 iterations), by OpenSSL; its path and bytes."""
+    target = settings.keys_dir / "ca-device.key"
+    plain = settings.data_dir / "plain.pem"
+    secret = f"file:{settings.data_dir / 'secrets' / 'ca-passphrase'}"
+    for args in (["-in", str(target), "-passin", secret, "-out", str(plain)],
+                 ["-topk8", "-in", str(plain), "-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA256",
+                  "-iter", "600000", "-passout", secret, "-out", str(target)]):  # fmt: skip
+        subprocess.run(["openssl", "pkcs8", *args], check=True, capture_output=True, timeout=60)
+    plain.unlink()
+    return target, target.read_bytes()
+
+
+def test_a_rewrap_whose_directory_sync_fails_puts_the_old_file_back(
+    svc: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new file is renamed into place and then the directory's sync fails (EIO): the
+    rewrap fails, the journal has nothing, and the PBKDF2 file is back (before, the new file
+    stayed, unrecorded, for the failure came after the rename)."""
+    import errno
+
+    import sekisho.files as files_module
+    from ca.hierarchy import rewrap_keys
+
+    target, pbkdf2 = _pbkdf2_device_key(settings)
+    real_sync = files_module.sync_directory
+    failed: list[Path] = []
+
+    def sync_fails_once(directory: Path) -> None:
+        if not failed:
+            failed.append(directory)
+            raise OSError(errno.EIO, "Input/output error")
+        real_sync(directory)
+
+    monkeypatch.setattr(files_module, "sync_directory", sync_fails_once)
+    with pytest.raises(KeyBackendError, match="cannot write key file:ca-device"):
+        rewrap_keys(svc.ca, TEST_ACTOR)
+    assert failed == [settings.keys_dir]
+    assert target.read_bytes() == pbkdf2 and _leftovers(settings) == []
+    assert _entries(svc, "ca.key.rewrap") == 0
+
+
+def test_a_rewrap_lists_what_is_offline_once_it_holds_the_lock(
+    svc: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `ca offline root` that ends just before the rewrap takes the keys lock: root is
+    listed once, as offline (the CAs were read before the lock: root was in neither list)."""
+    from ca.hierarchy import rewrap_keys
+
+    backend = svc.ca.backend
+    assert isinstance(backend, SoftwareBackend)
+    real_exclusive = SoftwareBackend.exclusive
+    raced: list[str] = []
+
+    def offline_first(self: SoftwareBackend) -> contextlib.AbstractContextManager[None]:
+        if not raced:  # another process's `ca offline root`, just before our lock
+            raced.append("root")
+            _offline_root(svc)
+        return real_exclusive(self)
+
+    monkeypatch.setattr(SoftwareBackend, "exclusive", offline_first)
+    done = rewrap_keys(svc.ca, TEST_ACTOR)
+    assert raced == ["root"]
+    assert [d for d in done if d["ca"] == "root"] == [
+        {"key_ref": "file:ca-root", "ca": "root", "offline": True, "rewrapped": False, "was": None}
+    ]
+
+
 @pytest.mark.parametrize("fault", ["journal", "commit"])
 def test_a_rewrap_the_journal_does_not_record_leaves_the_key_file_as_it_was(
     svc: Services, settings: Settings, fault: str
@@ -199,15 +269,7 @@ def test_a_rewrap_the_journal_does_not_record_leaves_the_key_file_as_it_was(
     from ca.hierarchy import rewrap_keys
     from hsm.pbes2 import CURRENT, describe
 
-    target = settings.keys_dir / "ca-device.key"
-    plain = settings.data_dir / "plain.pem"
-    secret = f"file:{settings.data_dir / 'secrets' / 'ca-passphrase'}"
-    for args in (["-in", str(target), "-passin", secret, "-out", str(plain)],
-                 ["-topk8", "-in", str(plain), "-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA256",
-                  "-iter", "600000", "-passout", secret, "-out", str(target)]):  # fmt: skip
-        subprocess.run(["openssl", "pkcs8", *args], check=True, capture_output=True, timeout=60)
-    plain.unlink()
-    pbkdf2 = target.read_bytes()
+    target, pbkdf2 = _pbkdf2_device_key(settings)
     expected = _inject(svc, fault, SQLITE_REWRAP_COMMIT_FAULT, PG_REWRAP_COMMIT_FAULT)
     with pytest.raises(expected):
         rewrap_keys(svc.ca, TEST_ACTOR)
