@@ -1956,8 +1956,8 @@ def test_db_status_shows_what_db_upgrade_applies_and_the_journal_records_it(
     assert not status["current"] and status["known"] and status["problem"] is None
     checked = run("--json", "db", "status", "--check")  # for deployment scripts
     assert checked.code == 2 and json.loads(checked.out)["pending"] == status["pending"]
-    assert "3 migrations pending: run `sekisho db upgrade`" in checked.err, checked
-    assert [p["revision"] for p in status["pending"]] == ["0009", "0010", "0011"]
+    assert "4 migrations pending: run `sekisho db upgrade`" in checked.err, checked
+    assert [p["revision"] for p in status["pending"]] == ["0009", "0010", "0011", "0012"]
     assert all(p["description"] for p in status["pending"])
     text = ok(run("db", "status")).out
     assert "`sekisho db upgrade` would apply:" in text
