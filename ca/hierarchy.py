@@ -490,9 +490,12 @@ def rewrap_keys(service: CaService, actor: Actor) -> list[dict[str, object]]:
                 was = f"{change.was.scheme} {change.was.kdf} {change.was.cost} {change.was.cipher}"
                 replaced = False
                 try:
+                    detail: dict[str, object] = {"key_ref": ref, "was": was}
+                    if name is not None:
+                        detail["ca"] = name  # (an OCSP responder's or the journal's key: none)
                     with service.db.scope() as session:
                         event = by_actor(actor, Category.CA, "ca.key.rewrap", Outcome.SUCCESS,
-                                         detail={"key_ref": ref, "was": was})  # fmt: skip
+                                         detail=detail)  # fmt: skip
                         service.journal.append(session, event, service.clock())
                         session.flush()
                         # Set first: a replacement that fails after its rename (the directory's

@@ -2198,6 +2198,7 @@ def test_key_rewrap_re_encrypts_older_pbkdf2_files_with_scrypt_and_journals_each
 
     journal = jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)
     assert len(journal) == 1 and "file:ca-device" in json.dumps(journal[0])
+    assert '"ca": "device"' in json.dumps(journal[0])  # which CA's key
     ok(run("crl", "generate", "--ca", "device"))  # the CA signs with the rewrapped key
     assert not [d for d in ok(run("--json", "key", "rewrap")).json() if d["rewrapped"]]
     assert len(jsonl(ok(run("--json", "audit", "search", "--action", "ca.key.rewrap")).out)) == 1
