@@ -259,17 +259,7 @@ def encode_revoked_rows(
             when = revoked_at or default_time
             out += entry_der(Entry(int(serial, 16), when, _REASON_CODE.get(r), invalidity))
             continue
-        try:
-            raw = bytes.fromhex(serial).lstrip(b"\x00")  # (_integer_from_hex, inline)
-        except ValueError:
-            raw = b""
-        if raw and len(raw) < 0x7F:
-            if raw[0] & 0x80:
-                raw = b"\x00" + raw
-            integer = b"\x02" + bytes((len(raw),)) + raw
-        else:
-            integer = _integer_from_hex(serial)
-        body = integer + b"\x17\x0d" + digits + b"Z" + (exts or b"")
+        body = _integer_from_hex(serial) + b"\x17\x0d" + digits + b"Z" + (exts or b"")
         n = len(body)
         out += (b"\x30" + bytes((n,)) if n < 0x80 else b"\x30" + der.length(n)) + body
     return count
