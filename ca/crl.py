@@ -38,7 +38,7 @@ from ca import der
 from ca.models import Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
 from ca.revocation import Reason
 from hsm.base import KeyBackend, KeyType, sign_bytes
-from sekisho.clock import CLOCK_AHEAD
+from sekisho.clock import CLOCK_AHEAD, as_utc
 from sekisho.context import SYSTEM, Actor
 from sekisho.db import Database, Prepared, stream_raw
 from sekisho.errors import Conflict, NotFound, shown
@@ -184,10 +184,7 @@ def _integer_from_hex(serial: str) -> bytes:
 def stored_time(value: str) -> dt.datetime:
     """A time as SQLite holds it (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC, no zone), as
     ``sekisho.db.UTCDateTime`` reads it: aware, in UTC."""
-    parsed = dt.datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=dt.UTC)
-    return parsed.astimezone(dt.UTC)
+    return as_utc(dt.datetime.fromisoformat(value))
 
 
 def encode_revoked_rows(
