@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, defer
 from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
 from ca import der
+from ca.lint import CRL_LINT_ENTRIES, Linter
 from ca.models import Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
 from ca.revocation import Reason
 from hsm.base import KeyBackend, KeyType, sign_bytes
@@ -275,11 +276,29 @@ class CrlParams:
 
 
 def build_crl(
-    params: CrlParams, entries_der: bytes | bytearray, key: CertificateIssuerPrivateKeyTypes
+    params: CrlParams,
+    entries_der: bytes | bytearray,
+    key: CertificateIssuerPrivateKeyTypes,
+    lint: Linter | None = None,
 ) -> bytes:
-    """Encode TBSCertList, sign it with ``key`` (through the backend), return the CRL DER."""
+    """Encode TBSCertList, sign it with ``key`` (through the backend), return the CRL DER.
+    With ``lint`` (the lint gate), pkilint reads the TBSCertList first, cut to its first
+    ``CRL_LINT_ENTRIES`` entries when longer; a finding refuses it (PolicyViolation, rule
+    ``pkilint``) before anything is signed."""
     if not 0 < params.number < 1 << 159:
         raise ValueError("CRL number out of range (RFC 5280 5.2.3: at most 20 octets)")
+    tbs = encode_tbs(params, entries_der)
+    if lint is not None:
+        head = der.leading(entries_der, CRL_LINT_ENTRIES)
+        linted = tbs if head is entries_der else encode_tbs(params, head)
+        lint.check_crl_tbs(linted, params.key_type)
+    signature = sign_bytes(key, params.key_type, tbs)
+    return der.sequence(tbs, SIGNATURE_ALGORITHM[params.key_type], der.bit_string(signature))
+
+
+def encode_tbs(params: CrlParams, entries_der: bytes | bytearray) -> bytes:
+    """TBSCertList (RFC 5280 5.1.2) with the revokedCertificates ``entries_der`` (DER of each
+    entry, concatenated, in order)."""
     aki = der.sequence(der.tlv(0x80, params.issuer_ski))
     exts = [der.extension(OID_AKI, aki), der.extension(OID_CRL_NUMBER, der.integer(params.number))]
     if params.base_number is not None:
@@ -302,9 +321,7 @@ def build_crl(
         parts.append(b"\x30" + der.length(len(entries_der)))
         parts.append(entries_der)  # type: ignore[arg-type]  # join() takes a bytearray
     parts.append(der.explicit(0, der.sequence(*exts)))
-    tbs = der.sequence(*parts)
-    signature = sign_bytes(key, params.key_type, tbs)
-    return der.sequence(tbs, SIGNATURE_ALGORITHM[params.key_type], der.bit_string(signature))
+    return der.sequence(*parts)
 
 
 def _entry_for(cert: Certificate) -> Entry:
@@ -370,9 +387,12 @@ class CrlPublisher:
         delta_url_for: Callable[[str], str],
         *,
         deltas: bool = True,
+        linter: Linter | None = None,
     ) -> None:
         self.db = db
         self.deltas = deltas  # setting crl_deltas: off, full CRLs only, with no pointer
+        # The lint gate (``lint_before_signing``): each TBSCertList linted before it is signed.
+        self.linter = linter
         self.backend = backend
         self.journal = journal
         self.next_update = next_update
@@ -571,7 +591,9 @@ class CrlPublisher:
             base_number=base_number,
             freshest_url=self.delta_url_for(ca_name) if self.deltas and not delta else None,
         )
-        crl_der = build_crl(params, entries_der, self.backend.signing_key(plan.key_ref))
+        crl_der = build_crl(
+            params, entries_der, self.backend.signing_key(plan.key_ref), self.linter
+        )
         del entries_der
         with self.db.scope() as session:
             row = Crl(
@@ -768,6 +790,7 @@ __all__: Sequence[str] = (
     "build_crl",
     "check_can_publish",
     "due",
+    "encode_tbs",
     "freshness",
     "latest",
 )

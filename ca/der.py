@@ -100,3 +100,24 @@ def extension(oid_dotted: str, value_der: bytes, critical: bool = False) -> byte
         parts.append(b"\x01\x01\xff")
     parts.append(octet_string(value_der))
     return sequence(*parts)
+
+
+def leading(items: bytes | bytearray, count: int) -> bytes | bytearray:
+    """The first ``count`` TLVs of ``items``, a concatenation of DER TLVs with one-octet tags
+    (``items`` itself when it holds no more). ValueError if a length runs past the end."""
+    end, size = 0, len(items)
+    for _ in range(count):
+        if end >= size:
+            return items
+        if end + 2 > size:
+            raise ValueError("truncated TLV")
+        first = items[end + 1]
+        if first < 0x80:
+            end += 2 + first
+        else:
+            octets = first & 0x7F
+            start = end + 2 + octets
+            end = start + int.from_bytes(items[end + 2 : start], "big")
+        if end > size:
+            raise ValueError("a TLV's length runs past the end")
+    return items if end == size else items[:end]

@@ -453,6 +453,7 @@ def build_services(
         settings.delta_crl_next_update,
         urls.delta_crl,
         deltas=settings.crl_deltas,
+        linter=linter,
     )
     # Pre-signed OCSP responses: signed at issuance, re-signed before revoke()/release() return.
     ocsp = OcspService(db, backend, settings, clock)

@@ -54,3 +54,16 @@ def test_oids_round_trip_and_cached_values_stay_right(dotted: str) -> None:
 def test_invalid_oids_are_refused(dotted: str) -> None:
     with pytest.raises(ValueError, match="OBJECT IDENTIFIER"):
         der.oid(dotted)
+
+
+def test_leading_cuts_a_concatenation_after_its_first_tlvs() -> None:
+    long = der.sequence(der.octet_string(b"y" * 70000))
+    items = [der.integer(1), der.octet_string(b"x" * 200), long]
+    joined = b"".join(items)
+    for count in range(4):
+        assert der.leading(joined, count) == b"".join(items[:count])
+    assert der.leading(joined, 3) is joined and der.leading(joined, 9) is joined
+    assert der.leading(bytearray(joined), 2) == joined[: len(items[0]) + len(items[1])]
+    for broken in (joined[:-1], joined[: len(items[0]) + 1]):
+        with pytest.raises(ValueError):
+            der.leading(broken, 3)

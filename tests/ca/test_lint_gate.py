@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from asn1crypto import crl as asn1_crl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,17 +18,19 @@ from cryptography.x509.oid import ExtensionOID
 from sqlalchemy import func, select
 
 from audit.models import JournalRecord
+from ca import crl as crl_module
 from ca import tbs as tbs_module
 from ca.hierarchy import create_root
-from ca.lint import LINT_RULE, Linter
-from ca.models import Certificate, CertificateAuthority
+from ca.lint import CRL_LINT_ENTRIES, LINT_RULE, Linter
+from ca.models import Certificate, CertificateAuthority, Crl
+from ca.revocation import Reason
 from hsm.base import KeyType
 from sekisho.errors import PolicyViolation
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import PROFILE_REQUESTS, request_for
 from tests.conftest import TEST_ACTOR, RecordingBackend
-from tests.support.checkers import pkilint_cert
+from tests.support.checkers import pkilint_cert, pkilint_crl
 
 
 def _count(services: Services, model: type[object]) -> int:
@@ -220,3 +223,125 @@ def test_a_base_url_of_one_label_does_not_shut_the_gate_on_everything(
         )
     finally:
         services.close()
+
+
+# -- CRLs -------------------------------------------------------------------------------------
+@pytest.fixture
+def crl_without_aki(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CRL encoder writes another extension where the AKI goes (RFC 5280 5.2.1: MUST be
+    there): a fault in our encoding that only an independent linter sees."""
+    monkeypatch.setattr(crl_module, "OID_AKI", "2.5.29.99")
+
+
+def test_a_crl_pkilint_finds_wrong_is_refused_before_it_is_signed(
+    services: Services, recording_backend: RecordingBackend, crl_without_aki: None
+) -> None:
+    crls = _count(services, Crl)
+    signatures = len(recording_backend.signatures_but_checkpoints())
+    for delta in (False, True):
+        with pytest.raises(PolicyViolation) as info:
+            services.crls.generate("admin", services.clock(), delta=delta)
+        assert info.value.rule == LINT_RULE and info.value.exit_code == 65
+        assert "pkix.authority_key_identifier_missing (ERROR)" in info.value.message
+        assert "in the CRL: not signed" in info.value.message
+    assert _count(services, Crl) == crls, "a refused CRL was stored"
+    assert recording_backend.signatures_but_checkpoints()[signatures:] == []
+
+
+def test_with_the_gate_off_the_crl_fault_is_signed(
+    settings: Settings, crl_without_aki: None
+) -> None:
+    """The control: what refused the CRL above is the gate."""
+    off = build_services(dataclasses.replace(settings, lint_before_signing=False))
+    try:
+        assert off.crls.linter is None
+        row = off.crls.generate("admin", off.clock())
+        crl = x509.load_der_x509_crl(row.der)
+        with pytest.raises(x509.ExtensionNotFound):
+            crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    finally:
+        off.close()
+
+
+def test_every_crl_the_gate_passes_is_the_one_signed(services: Services) -> None:
+    """Full and delta CRLs with entries of each shape (a reason, none, an invalidity date):
+    pkilint saw the exact TBSCertList the CA signed, and they pass pkilint from outside."""
+    linter = services.crls.linter
+    assert isinstance(linter, Linter) and linter is services.ca.linter
+    seen: list[bytes] = []
+    real = linter.check_crl_tbs
+
+    def check_crl_tbs(tbs: bytes, key_type: KeyType) -> None:
+        seen.append(tbs)
+        real(tbs, key_type)
+
+    linter.check_crl_tbs = check_crl_tbs  # type: ignore[method-assign]
+    now = services.clock()
+    services.crls.publish("admin", now)  # the base the delta counts from
+    serials = []
+    for reason, invalid in (
+        (Reason.KEY_COMPROMISE, now - dt.timedelta(days=2)),
+        (Reason.UNSPECIFIED, None),
+        (Reason.CERTIFICATE_HOLD, None),
+    ):
+        cert = services.ca.issue(request_for("admin-client"), TEST_ACTOR)
+        services.revoker.revoke("admin", cert.serial_number, reason, TEST_ACTOR, invalid)
+        serials.append(cert.serial_number)
+    seen.clear()
+    delta = services.crls.generate("admin", services.clock(), delta=True)  # on the base
+    full = services.crls.generate("admin", services.clock())
+    signed = [x509.load_der_x509_crl(row.der) for row in (delta, full)]
+    assert seen == [crl.tbs_certlist_bytes for crl in signed]
+    assert all(crl.get_revoked_certificate_by_serial_number(s) for crl in signed for s in serials)
+    pkilint_crl(full.der)
+    pkilint_crl(delta.der, delta=True)
+
+
+def _params(key: ec.EllipticCurvePrivateKey) -> crl_module.CrlParams:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    issuer = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Lint CA")])
+    return crl_module.CrlParams(
+        issuer_name_der=issuer.public_bytes(),
+        issuer_ski=x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest,
+        key_type=KeyType.EC_P256,
+        number=7,
+        this_update=now,
+        next_update=now + dt.timedelta(days=7),
+    )
+
+
+def test_a_long_crl_is_linted_on_its_first_entries() -> None:
+    """pkilint takes about 0.2 ms an entry: a CRL longer than CRL_LINT_ENTRIES is linted cut
+    to its first CRL_LINT_ENTRIES entries, with its own header and extensions; a fault there
+    refuses it, and a shorter CRL is linted whole."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    params = _params(key)
+    now = params.this_update
+    seen: list[bytes] = []
+
+    class Spy(Linter):
+        def check_crl_tbs(self, tbs: bytes, key_type: KeyType) -> None:
+            seen.append(tbs)
+            super().check_crl_tbs(tbs, key_type)
+
+    entries = [crl_module.Entry(1000 + i, now, 1 if i % 2 else None) for i in range(300)]
+    for count in (CRL_LINT_ENTRIES, CRL_LINT_ENTRIES + 44):
+        seen.clear()
+        signed = x509.load_der_x509_crl(
+            crl_module.build_crl(params, crl_module.encode_entries(entries[:count]), key, Spy())
+        )
+        assert signed.is_signature_valid(key.public_key())
+        linted = asn1_crl.TbsCertList.load(seen[0])
+        whole = asn1_crl.TbsCertList.load(signed.tbs_certlist_bytes)
+        assert len(linted["revoked_certificates"]) == CRL_LINT_ENTRIES
+        assert [e.dump() for e in linted["revoked_certificates"]] == [
+            e.dump() for e in whole["revoked_certificates"]
+        ][:CRL_LINT_ENTRIES]
+        for field in ("version", "signature", "issuer", "this_update", "next_update"):
+            assert linted[field].dump() == whole[field].dump()
+        assert linted["crl_extensions"].dump() == whole["crl_extensions"].dump()
+        assert (seen[0] == signed.tbs_certlist_bytes) == (count == CRL_LINT_ENTRIES)
+    bad = [crl_module.Entry(0, now, None), *entries]  # serial 0: RFC 5280 4.1.2.2
+    with pytest.raises(PolicyViolation) as info:
+        crl_module.build_crl(params, crl_module.encode_entries(bad), key, Linter())
+    assert "pkix.certificate_serial_number_out_of_range" in info.value.message
