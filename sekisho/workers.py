@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -173,17 +176,18 @@ class CrlRefresher:
         self.tick = tick
         self._pending: dict[str, _Pending] = {}
         self._ended: set[str] = set()  # CAs that can sign no more CRLs, already logged
-        self._ca_failing: dict[str, str] = {}  # CA -> why its CRL was not published, logged
+        self._ca_failing = Failures()  # CA -> why its CRL was not published, logged
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.published = 0
         self.ocsp = OcspRefresher(services)
         self.audit = AuditCheckpointer(services)
-        self._failing: dict[str, str] = {}  # step -> the failure last logged
+        self._failing = Failures()  # step -> the failure last logged
         self._pruned_at: dt.datetime | None = None
-        # Called after every round of the loop (``serve``: touches a file the arbiter watches).
-        self.heartbeat: Callable[[], None] | None = None
+        # Called after every round of the loop with ``failures()`` (``serve``: writes a file
+        # that the arbiter watches and /healthz reads).
+        self.heartbeat: Callable[[dict[str, Any]], None] | None = None
         self._beat_failed = False
 
     def start(self) -> None:
@@ -227,13 +231,19 @@ class CrlRefresher:
         if self.heartbeat is None:
             return
         try:
-            self.heartbeat()
+            self.heartbeat(self.failures())
         except OSError as exc:
             if not self._beat_failed:
                 self._beat_failed = True
                 log.warning("refresher heartbeat not written", extra={"detail": str(exc)})
         else:
             self._beat_failed = False
+
+    def failures(self) -> dict[str, Any]:
+        """What fails as this round ends: {"steps": {step: failure}, "crls": {CA: failure}},
+        each failure {"code": error code, "since": Unix time it began}; the codes only, no
+        messages (/healthz shows them to anyone)."""
+        return {"steps": self._failing.report(), "crls": self._ca_failing.report()}
 
     def _run_step(self, name: str, step: Callable[[dt.datetime], object]) -> None:
         """One step of a tick. A failure is logged when it starts (and when it changes), not
@@ -242,7 +252,7 @@ class CrlRefresher:
         try:
             step(self.services.clock())
         except Exception as exc:
-            if _new_failure(self._failing, name, exc):
+            if self._failing.record(name, exc):
                 if isinstance(exc, SekishoError):
                     log.warning(
                         "refresher step failed",
@@ -251,7 +261,7 @@ class CrlRefresher:
                 else:
                     log.error("refresher step crashed", extra={"step": name}, exc_info=exc)
             return
-        if self._failing.pop(name, None) is not None:
+        if self._failing.clear(name):
             log.info("refresher step works again", extra={"step": name})
 
     def run_once(self, now: dt.datetime) -> list[str]:
@@ -314,8 +324,11 @@ class CrlRefresher:
                 # One CA's CRL that cannot be signed (its key away) stops no other CA's.
                 self._ca_failed(name, exc)
                 continue
-            if self._ca_failing.pop(name, None) is not None:
+            if self._ca_failing.clear(name):
                 log.info("CRLs of a CA published again", extra={"ca": name})
+        # A CA that left the pass (its key taken offline, made inactive) is no longer failing
+        # here: /healthz says "pending" for what waits on an offline key.
+        self._ca_failing.keep({name for name, _, _, _ in cas})
         self.published += len(published)
         if published:
             log.info("published CRLs", extra={"cas": ",".join(published)})
@@ -323,7 +336,7 @@ class CrlRefresher:
 
     def _ca_failed(self, name: str, exc: SekishoError) -> None:
         """Logged when it starts or changes, not every tick while it lasts."""
-        if _new_failure(self._ca_failing, name, exc):
+        if self._ca_failing.record(name, exc):
             log.warning(
                 "CRL of a CA not published",
                 extra={"ca": name, "code": exc.code, "detail": exc.message},
@@ -355,15 +368,40 @@ class CrlRefresher:
         return True
 
 
-def _new_failure(failing: dict[str, str], key: str, exc: Exception) -> bool:
-    """Record ``exc`` as ``key``'s failure in ``failing``: True when that failure starts or
-    changes (log it), False while the same one lasts (a store away for an hour is one
-    warning, not 3,600)."""
-    what = f"{exc.code}: {exc.message}" if isinstance(exc, SekishoError) else type(exc).__name__
-    if failing.get(key) == what:
-        return False
-    failing[key] = what
-    return True
+class Failures:
+    """What is failing (a refresher step, a CA's CRL), how, and since when."""
+
+    def __init__(self) -> None:
+        self._what: dict[str, str] = {}  # key -> the failure last logged
+        self._since: dict[str, tuple[str, float]] = {}  # key -> (error code, Unix time begun)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._what
+
+    def record(self, key: str, exc: Exception) -> bool:
+        """Record ``exc`` as ``key``'s failure: True when that failure starts or changes (log
+        it), False while the same one lasts (a store away for an hour is one warning, not
+        3,600). A failure that changes keeps the time the first began."""
+        code = exc.code if isinstance(exc, SekishoError) else "internal"
+        what = f"{code}: {exc.message}" if isinstance(exc, SekishoError) else type(exc).__name__
+        self._since[key] = (code, self._since.get(key, ("", time.time()))[1])
+        if self._what.get(key) == what:
+            return False
+        self._what[key] = what
+        return True
+
+    def clear(self, key: str) -> bool:
+        """``key`` works (again): True if it was failing."""
+        self._since.pop(key, None)
+        return self._what.pop(key, None) is not None
+
+    def keep(self, keys: set[str]) -> None:
+        """Forget the failures of keys not in ``keys``."""
+        for key in [k for k in self._what if k not in keys]:
+            self.clear(key)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        return {key: {"code": code, "since": since} for key, (code, since) in self._since.items()}
 
 
 def heartbeat_file(settings: Settings, arbiter_pid: int) -> Path:
@@ -371,6 +409,42 @@ def heartbeat_file(settings: Settings, arbiter_pid: int) -> Path:
     loop: the arbiter restarts a refresher stuck past ``refresher_stuck_seconds``, and
     ``/healthz`` (its workers are the arbiter's children) reports its age."""
     return settings.data_dir / "run" / f"refresher-{arbiter_pid}.alive"
+
+
+class HeartbeatWriter:
+    """The refresher's side of the heartbeat file: touched after every round, its body the
+    round's failures (JSON, ``CrlRefresher.failures``), rewritten (a new file renamed over
+    it, never read half-written) only when they change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._body: bytes | None = None
+
+    def __call__(self, failures: dict[str, Any]) -> None:
+        body = json.dumps(failures, sort_keys=True).encode()
+        if body == self._body:
+            self.path.touch()
+            return
+        new = self.path.with_name(self.path.name + ".new")
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, body)
+        finally:
+            os.close(fd)
+        os.replace(new, self.path)
+        self._body = body
+
+
+def heartbeat_failures(settings: Settings, arbiter_pid: int) -> dict[str, dict[str, Any]]:
+    """What that refresher's last round found failing ({"steps": ..., "crls": ...}, see
+    ``CrlRefresher.failures``); empty when it has said nothing readable (not started yet)."""
+    try:
+        doc = json.loads(heartbeat_file(settings, arbiter_pid).read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, dict)}
 
 
 def heartbeat_age(settings: Settings, arbiter_pid: int) -> float | None:

@@ -394,6 +394,12 @@ def test_a_stuck_refresher_is_killed_and_restarted_and_healthz_says_so(
         while time.monotonic() < deadline and health().get("refresher") != "ok":
             time.sleep(0.2)
         assert health() == {"status": "ok", "database": "ok", "refresher": "ok"}, srv.output()
+        # The heartbeat says what the refresher's rounds found failing: nothing.
+        (beat,) = (data_dir / "run").glob("refresher-*.alive")
+        deadline = time.monotonic() + 30  # the arbiter made it empty; the first round writes
+        while time.monotonic() < deadline and not beat.read_bytes():
+            time.sleep(0.2)
+        assert json.loads(beat.read_bytes()) == {"crls": {}, "steps": {}}
         first = _refreshers(srv)
         assert len(first) == 1
         srv.workers |= first

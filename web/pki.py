@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from sqlalchemy import select, text
 from ca.crl import freshness, latest_by_name
 from ca.models import CertificateAuthority, Crl, CrlKind
 from ca.registry import DELTA_SUFFIX, is_ca_name
-from sekisho.workers import heartbeat_age
+from sekisho.workers import heartbeat_age, heartbeat_failures
 from web import services_of
 from web.conditional import conditional_response, http_date
 
@@ -59,7 +60,37 @@ def healthz() -> tuple[dict[str, Any], int]:
         doc["refresher"] = "ok" if fresh else "stale"
         if not fresh:
             doc["status"] = "degraded"
+        else:
+            _lasting_failures(doc, services.settings.refresher_stuck_seconds / 2)
     return doc, 200
+
+
+def _lasting_failures(doc: dict[str, Any], least: float) -> None:
+    """What the refresher's rounds have failed to do for ``least`` seconds or more: a step
+    (``refresher_failing``: step -> error code) or a CA's CRL (``crl``: "failing", where the
+    CRL is not already named stale, expired, missing or pending). Degraded: a CRL that pkilint
+    refuses, or a token that will not sign, is otherwise only in the log until the CRL goes
+    stale, days later. Shorter failures (a database restart) are left to the log."""
+    report = heartbeat_failures(services_of(current_app).settings, os.getppid())
+    now = time.time()
+
+    def lasting(kind: str) -> dict[str, str]:
+        found = {}
+        for key, failure in report.get(kind, {}).items():
+            if not isinstance(failure, dict):
+                continue
+            since, code = failure.get("since"), failure.get("code")
+            if isinstance(since, int | float) and now - since >= least:
+                found[str(key)] = str(code)
+        return found
+
+    steps, crls = lasting("steps"), lasting("crls")
+    if steps:
+        doc["refresher_failing"] = steps
+    for ca in crls:
+        doc.setdefault("crl", {}).setdefault(ca, "failing")
+    if steps or crls:
+        doc["status"] = "degraded"
 
 
 def _cached_response(

@@ -164,8 +164,10 @@ class _RefresherSupervisor:
                 proc.kill()
                 proc.wait(REFRESHER_STOP_TIMEOUT)
         # After it is gone: a round it finished meanwhile would touch the file again.
-        with contextlib.suppress(OSError):
-            heartbeat_file(self.settings, os.getpid()).unlink()
+        beat = heartbeat_file(self.settings, os.getpid())
+        for path in (beat, beat.with_name(beat.name + ".new")):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 class _Arbiter(Arbiter):  # type: ignore[misc]
@@ -214,7 +216,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 def refresher_main(settings: Settings, parent_pid: int) -> None:
     """Entry point of the refresher process: publish CRLs until told to stop or orphaned."""
     from sekisho.logs import setup_logging
-    from sekisho.workers import CrlRefresher
+    from sekisho.workers import CrlRefresher, HeartbeatWriter
 
     setup_logging(settings.log_level)
     stop = threading.Event()
@@ -224,11 +226,7 @@ def refresher_main(settings: Settings, parent_pid: int) -> None:
     refresher = CrlRefresher(services)
     beat = heartbeat_file(settings, parent_pid)
     beat.parent.mkdir(mode=0o700, exist_ok=True)
-
-    def heartbeat() -> None:
-        beat.touch()
-
-    refresher.heartbeat = heartbeat
+    refresher.heartbeat = HeartbeatWriter(beat)
     refresher.start()
     try:
         while not stop.wait(1.0):

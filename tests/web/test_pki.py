@@ -10,9 +10,11 @@ import dataclasses
 import datetime as dt
 import email.utils
 import hashlib
+import json
 import os
 import re
 import shutil
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +27,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import TestResponse
 
+from ca.crl import latest_by_name
 from ca.hierarchy import create_issuing, create_root, take_offline
-from ca.models import CertificateAuthority
+from ca.models import CertificateAuthority, CrlKind
 from ca.revocation import Reason
 from hsm.base import KeyType
 from hsm.secrets import read_secret
@@ -124,6 +127,15 @@ def test_healthz_says_when_the_audit_key_is_missing(services: Services, tmp_path
     assert response.get_json() == {"status": "degraded", "database": "ok", "audit_key": "missing"}
 
 
+def _health(client: FlaskClient) -> dict[str, object]:
+    """/healthz's document (always 200 here: the store is up)."""
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    doc = response.get_json()
+    assert isinstance(doc, dict)
+    return doc
+
+
 def test_healthz_alarms_on_crls(settings: Settings) -> None:
     """Security target 17: an alarm once a CRL is past half its validity (the refresher
     re-signs it then: past that and the grace, it could not), and for an expired one, and
@@ -134,11 +146,7 @@ def test_healthz_alarms_on_crls(settings: Settings) -> None:
         client = create_app(services).test_client()
 
         def health() -> dict[str, object]:
-            response = client.get("/healthz")
-            assert response.status_code == 200
-            doc = response.get_json()
-            assert isinstance(doc, dict)
-            return doc
+            return _health(client)
 
         assert health() == {"status": "ok", "database": "ok"}
         clock.advance(days=3.5, minutes=6)  # the 7-day CRLs of init, past half and the grace
@@ -774,3 +782,72 @@ def test_ocsp_endpoint_loads_each_cas_signer_on_its_own(
             fresh.close()
     finally:
         other.close()
+
+
+def test_healthz_alarms_on_what_the_refresher_keeps_failing_to_do(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA's CRL that cannot be published (pkilint refuses it here; a token that will not
+    sign does the same) and a refresher step that keeps failing were only logged: /healthz
+    called the CRL stale days later, and the step never. Under `serve` the refresher's
+    heartbeat now carries what fails and since when; /healthz names what has failed for half
+    `refresher_stuck_seconds` (degraded, error codes only), and forgets it once it works."""
+    from ca import crl as crl_module
+    from sekisho import workers
+    from sekisho.errors import StoreError
+
+    beat = workers.heartbeat_file(services.settings, os.getppid())
+    beat.parent.mkdir(mode=0o700, exist_ok=True)
+    refresher = workers.CrlRefresher(services, debounce=0.0)
+    refresher.heartbeat = workers.HeartbeatWriter(beat)
+    client = create_app(services).test_client()
+
+    def health() -> dict[str, object]:
+        return _health(client)
+
+    def tick() -> None:
+        for _ in range(2):  # the first sees the change, the second publishes (debounce 0)
+            refresher._run_step("crl refresh", refresher.run_once)
+        refresher._beat()
+
+    tick()
+    assert health() == {"status": "ok", "database": "ok", "refresher": "ok"}
+    with monkeypatch.context() as fault:
+        fault.setattr(crl_module, "OID_AKI", "2.5.29.99")  # what pkilint refuses
+        cert = issue(services, "admin-client")
+        services.revoker.revoke("admin", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
+
+        def audit_down(_now: dt.datetime) -> None:
+            raise StoreError("database error: OperationalError")
+
+        fault.setattr(refresher.audit, "run_once", audit_down)
+        began = time.time()
+        tick()
+        refresher._run_step("audit checkpoint", refresher.audit.run_once)
+        refresher._beat()
+        assert health()["status"] == "ok", "a failure younger than the grace alarmed"
+        said = json.loads(beat.read_bytes())
+        assert set(said["crls"]) == {"admin"} and set(said["steps"]) == {"audit checkpoint"}
+        for failure in (*said["crls"].values(), *said["steps"].values()):
+            assert began <= failure["since"] <= time.time()
+            failure["since"] -= services.settings.refresher_stuck_seconds / 2  # as time passed
+        beat.write_text(json.dumps(said))
+        doc = health()
+        assert doc == {
+            "status": "degraded",
+            "database": "ok",
+            "refresher": "ok",
+            "refresher_failing": {"audit checkpoint": StoreError("x").code},
+            "crl": {"admin": "failing"},
+        }, doc
+        assert "OperationalError" not in beat.read_text()  # codes only: /healthz is public
+    tick()  # the fault gone: the CRL is published
+    refresher._run_step("audit checkpoint", refresher.audit.run_once)
+    refresher._beat()
+    assert health() == {"status": "ok", "database": "ok", "refresher": "ok"}
+    with services.db.scope() as session:
+        row = latest_by_name(session, "admin", CrlKind.FULL)
+        assert row is not None
+        assert x509.load_der_x509_crl(row.der).get_revoked_certificate_by_serial_number(
+            cert.serial_number
+        )
