@@ -4,6 +4,7 @@ OpenSSL, and the server stopped by its PID with no worker left behind.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -720,6 +721,39 @@ def test_one_client_address_holds_at_most_its_cap_of_a_workers_connections(
         server.stop()
     log = server.output()
     assert "too many from one client address" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_counted_connection_is_freed_without_the_cyclic_collector() -> None:
+    """The cap wraps each connection's close in a function that refers to the connection: a
+    reference cycle per connection, left to the cyclic garbage collector. Once closed, the
+    connection is freed by its last reference going, and its place is given back."""
+    import gc
+    import weakref
+
+    from web.worker import GuardedThreadWorker
+
+    class Conn:
+        def __init__(self) -> None:
+            self.client = ("192.0.2.8", 40000)
+            self.closes = 0
+
+        def close(self, graceful: bool = False) -> None:
+            self.closes += 1
+
+    worker = GuardedThreadWorker.__new__(GuardedThreadWorker)  # no arbiter, no sockets
+    worker.per_client = collections.Counter()
+    worker.max_per_client = 4
+    conn = Conn()
+    assert worker._admit(conn) and worker.per_client["192.0.2.8"] == 1
+    gone = weakref.ref(conn)
+    gc.disable()
+    try:
+        conn.close()
+        assert conn.closes == 1 and "192.0.2.8" not in worker.per_client
+        del conn
+        assert gone() is None, "the closed connection waits for the cyclic collector"
+    finally:
+        gc.enable()
 
 
 def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(

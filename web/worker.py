@@ -199,6 +199,9 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
                 if self.per_client[peer] <= 0:
                     del self.per_client[peer]
                 conn.sekisho_client = None
+                # The connection and this function referred to each other: a cycle per
+                # connection, freed only by the cyclic garbage collector.
+                vars(conn).pop("close", None)
             close(graceful=graceful)
 
         conn.close = closed
