@@ -129,7 +129,7 @@ def _serial_option(_ctx: click.Context, _param: click.Parameter, value: str | No
         return None
     if not re.fullmatch(r"[0-9a-f]{40}", _serial(value)):
         raise click.BadParameter(
-            f"{shown(value)} is not a certificate serial (up to 40 hex digits)"
+            f"{shown(value)} is not a certificate serial (a positive number of up to 40 hex digits)"
         )
     return value
 
@@ -541,7 +541,9 @@ def _emit_document(state: State, doc: dict[str, Any]) -> None:
 @prove.command("inclusion")
 @click.option("--seq", type=_SEQ, help="The record at this sequence number.")
 @click.option(
-    "--serial", help="Every record whose object is this certificate serial (hex, any case, ':')."
+    "--serial",
+    callback=_serial_option,
+    help="Every record whose object is this certificate serial (hex, any case, ':').",
 )
 @click.option(
     "--checkpoint",
@@ -562,11 +564,6 @@ def prove_inclusion(
 
     if (seq is None) == (serial is None):
         raise click.UsageError("give exactly one of --seq and --serial")
-    if serial is not None and not re.fullmatch(r"[0-9a-f]{40}", _serial(serial)):
-        raise click.BadParameter(
-            f"{shown(serial)} is not a certificate serial (up to 40 hex digits)",
-            param_hint="--serial",
-        )
     services = state.read_services()
     with services.db.read_scope(snapshot=True) as session, undecodable_text(session, keep=False):
         if serial is not None:

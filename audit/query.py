@@ -28,6 +28,8 @@ from sqlalchemy.orm import Session
 from audit.chain import FIELDS, format_time
 from audit.events import normalise_mac
 from audit.models import JournalRecord, PurgedRecord
+from ca.tbs import parse_serial, serial_hex
+from sekisho.errors import InputError
 
 PAGE = 2000
 _Row = TypeVar("_Row", JournalRecord, PurgedRecord)
@@ -102,16 +104,13 @@ def _ip(text: str) -> str:
 
 
 def _serial(text: str) -> str:
-    """Serials are stored as 40 lower-case hex digits; accept any case, ':', leading zeros
-    (as `cert show` does) and short forms."""
-    bare = text.strip().lower().replace(":", "")
-    if bare.startswith("0x"):
-        bare = bare[2:]
-    if bare and all(c in "0123456789abcdef" for c in bare):
-        bare = bare.lstrip("0") or "0"
-    if bare and all(c in "0123456789abcdef" for c in bare) and len(bare) <= 40:
-        return bare.rjust(40, "0")
-    return text
+    """A certificate serial as stored (40 lower-case hex digits), read as `cert show` reads
+    one (``ca.tbs.parse_serial``: any case, ':', 0x, leading zeros, short forms); ``text``
+    itself when it is none (an account name given as the actor)."""
+    try:
+        return serial_hex(parse_serial(text))
+    except InputError:
+        return text
 
 
 def search(

@@ -444,6 +444,7 @@ def test_a_fork_fails_the_consistency_proof(
         (("inclusion",), 64, "exactly one of --seq and --serial"),
         (("inclusion", "--seq", "3", "--serial", "ab"), 64, "exactly one"),
         (("inclusion", "--serial", "xyz"), 64, "not a certificate serial"),
+        (("inclusion", "--serial", "00"), 64, "a positive number"),
         (("inclusion", "--seq", "0"), 64, ""),
         (("inclusion", "--seq", "5000"), 66, "no record at seq 5000"),
         (("inclusion", "--seq", "105"), 66, "after the checkpoint at 101"),
