@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, defer
 from audit.events import Category, Outcome, by_actor
 from audit.journal import Journal
 from ca import der
-from ca.lint import CRL_LINT_ENTRIES, Linter
+from ca.lint import CRL_LINT_ENTRIES, Linter, lint_unreadable
 from ca.models import Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
 from ca.revocation import Reason
 from hsm.base import KeyBackend, KeyType, sign_bytes
@@ -289,7 +289,10 @@ def build_crl(
         raise ValueError("CRL number out of range (RFC 5280 5.2.3: at most 20 octets)")
     tbs = encode_tbs(params, entries_der)
     if lint is not None:
-        head = der.leading(entries_der, CRL_LINT_ENTRIES)
+        try:
+            head = der.leading(entries_der, CRL_LINT_ENTRIES)
+        except ValueError as exc:  # our own encoding, unreadable: the gate stays shut
+            raise lint_unreadable(exc, "CRL") from exc
         linted = tbs if head is entries_der else encode_tbs(params, head)
         lint.check_crl_tbs(linted, params.key_type)
     signature = sign_bytes(key, params.key_type, tbs)

@@ -104,7 +104,8 @@ def extension(oid_dotted: str, value_der: bytes, critical: bool = False) -> byte
 
 def leading(items: bytes | bytearray, count: int) -> bytes | bytearray:
     """The first ``count`` TLVs of ``items``, a concatenation of DER TLVs with one-octet tags
-    (``items`` itself when it holds no more). ValueError if a length runs past the end."""
+    (``items`` itself when it holds no more). ValueError if a length runs past the end or is
+    not DER's."""
     end, size = 0, len(items)
     for _ in range(count):
         if end >= size:
@@ -114,6 +115,8 @@ def leading(items: bytes | bytearray, count: int) -> bytes | bytearray:
         first = items[end + 1]
         if first < 0x80:
             end += 2 + first
+        elif first == 0x80:
+            raise ValueError("an indefinite length (not DER)")
         else:
             octets = first & 0x7F
             start = end + 2 + octets

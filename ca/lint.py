@@ -86,7 +86,7 @@ class Linter:
             signature = sign_bytes(self._throwaway(key_type), key_type, tbs)
             return der.sequence(tbs, algorithm, der.tlv(0x03, b"\x00" + signature))
         except Exception as exc:
-            raise _unreadable(exc, what) from exc
+            raise lint_unreadable(exc, what) from exc
 
     def check_certificate(self, certificate: bytes) -> None:
         """Refuse a signed certificate (DER) as :meth:`check_tbs` refuses a TBS. For a
@@ -101,7 +101,7 @@ class Linter:
         try:
             findings = self._findings(signed, what)
         except Exception as exc:  # pkilint or the parser choking: the gate stays shut
-            raise _unreadable(exc, what) from exc
+            raise lint_unreadable(exc, what) from exc
         if findings:
             shown = "; ".join(findings[:MAX_FINDINGS_SHOWN])
             more = len(findings) - MAX_FINDINGS_SHOWN
@@ -197,7 +197,7 @@ def _wildcard(value: str) -> bool:
     )
 
 
-def _unreadable(exc: Exception, what: str) -> PolicyViolation:
+def lint_unreadable(exc: Exception, what: str) -> PolicyViolation:
     return PolicyViolation(
         LINT_RULE, f"the {what} could not be linted ({exc.__class__.__name__}): not signed"
     )

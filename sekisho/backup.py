@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -58,6 +59,7 @@ from sekisho.errors import (
     KeyBackendError,
     MalformedInput,
     OutputError,
+    PolicyViolation,
     SekishoError,
     StoreError,
     shown,
@@ -72,6 +74,7 @@ from sekisho.files import (
 )
 from sekisho.settings import CONFIG_NAME, MAX_SETTINGS_FILE, URL_SETTINGS, Settings
 
+log = logging.getLogger("sekisho.backup")
 FORMAT = "sekisho-backup/1"
 MANIFEST = "MANIFEST.json"
 SIGNATURE = "MANIFEST.sig"
@@ -1041,7 +1044,7 @@ def restore(
                     when,
                 )
             step("signing fresh CRLs")
-            published, waiting = _fresh_crls(services, when)
+            published, waiting, refused = _fresh_crls(services, when)
             keyless = _responders_without_key(services)
             with services.db.scope() as session:
                 services.journal.checkpoint(session, when)
@@ -1071,16 +1074,19 @@ def restore(
         "data_dir": str(target),
         "crls_signed": published,
         "crls_waiting": waiting,
+        "crls_refused": refused,
         "responders_without_key": keyless,
     }
 
 
-def _fresh_crls(services: Any, now: dt.datetime) -> tuple[list[str], list[str]]:
+def _fresh_crls(services: Any, now: dt.datetime) -> tuple[list[str], list[str], list[str]]:
     """A full CRL (and its delta) for each CA that can sign one now, carrying the moved-on
     numbers: relying parties holding a newer CRL of the lost deployment than the copy's get
     one that supersedes it at once, not at the refresher's next half-validity. The CAs whose
-    key is offline (or whose certificate ends within the hour) are returned apart."""
-    published, waiting = [], []
+    key is offline (or whose certificate ends within the hour) are returned apart, and so are
+    those whose CRL the lint gate refused (the restore is whole without them: the refresher
+    tries again and /healthz names them)."""
+    published, waiting, refused = [], [], []
     with services.db.read_scope() as session:
         rows = session.execute(
             select(CertificateAuthority.name, CertificateAuthority.key_online)
@@ -1098,5 +1104,10 @@ def _fresh_crls(services: Any, now: dt.datetime) -> tuple[list[str], list[str]]:
         except Conflict:
             waiting.append(name)
             continue
+        except PolicyViolation as exc:
+            log.error("CRL of a CA not published", extra={"ca": name, "code": exc.code,
+                                                          "detail": exc.message})  # fmt: skip
+            refused.append(name)
+            continue
         published.append(name)
-    return published, waiting
+    return published, waiting, refused

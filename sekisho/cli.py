@@ -1888,6 +1888,12 @@ def backup_restore(
                 else ""
             )
             + (
+                f"; the lint gate refused the CRL of CA {', '.join(done['crls_refused'])} "
+                "(`sekisho crl generate --ca NAME` says why)"
+                if done["crls_refused"]
+                else ""
+            )
+            + (
                 f".\nThe OCSP responder of {', '.join(done['responders_without_key'])} has no "
                 "key (it was missing when the backup was made): `sekisho ocsp responders "
                 "--rotate` replaces it"

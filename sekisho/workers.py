@@ -14,6 +14,7 @@ full and delta CRL stay).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -37,6 +38,8 @@ from sekisho.services import Services
 from sekisho.settings import Settings
 
 log = logging.getLogger("sekisho.crl")
+# A CA whose CRL failed is tried again after this, or at once when its revocation state moves.
+CRL_RETRY = dt.timedelta(seconds=30)
 PRUNE_EVERY = dt.timedelta(hours=1)  # how often the refresher deletes CRLs past crl_keep_days
 
 
@@ -185,6 +188,10 @@ class CrlRefresher:
         self.audit = AuditCheckpointer(services)
         self._failing = Failures()  # step -> the failure last logged
         self._pruned_at: dt.datetime | None = None
+        self._prune_failed: SekishoError | None = None  # the last prune's failure, if it failed
+        # CA -> (time, revocation epoch): its CRL failed; not tried again before that time
+        # unless the epoch moves (a CRL the lint gate refuses, read and refused every tick).
+        self._ca_retry: dict[str, tuple[dt.datetime, int]] = {}
         # Called after every round of the loop with ``failures()`` (``serve``: writes a file
         # that the arbiter watches and /healthz reads).
         self.heartbeat: Callable[[dict[str, Any]], None] | None = None
@@ -312,18 +319,28 @@ class CrlRefresher:
                 and delta is not None
                 and delta.base_number == full.number
             )
+            # The delta served names an older full CRL as its base (the full CRL was published
+            # and its delta failed): RFC 5280 5.2.4 clients discard it, so it is due now.
+            old_base = full is not None and delta is not None and delta.base_number != full.number
+            retry = self._ca_retry.get(name)
+            if retry is not None and now < retry[0] and epoch == retry[1]:
+                continue  # failed lately, and nothing changed since
             try:
                 if stale or pointing or due(full, epoch, now):
                     self.services.crls.publish(name, now)
                     self._pending.pop(name, None)
                     published.append(name)
-                elif self.services.crls.deltas and (delta is None or due(delta, epoch, now)):
+                elif self.services.crls.deltas and (
+                    delta is None or old_base or due(delta, epoch, now)
+                ):
                     self.services.crls.generate(name, now, delta=True)
                     published.append(name)
             except SekishoError as exc:
                 # One CA's CRL that cannot be signed (its key away) stops no other CA's.
                 self._ca_failed(name, exc)
+                self._ca_retry[name] = (now + CRL_RETRY, epoch)
                 continue
+            self._ca_retry.pop(name, None)
             if self._ca_failing.clear(name):
                 log.info("CRLs of a CA published again", extra={"ca": name})
         # A CA that left the pass (its key taken offline, made inactive) is no longer failing
@@ -346,9 +363,16 @@ class CrlRefresher:
         """Delete the CRLs past ``crl_keep_days`` (ca.crl.CrlPublisher.prune), at most once
         every PRUNE_EVERY (and at the first tick)."""
         if self._pruned_at is not None and self._pruned_at <= now < self._pruned_at + PRUNE_EVERY:
+            if self._prune_failed is not None:
+                raise self._prune_failed  # still failing (for /healthz) until it is tried again
             return 0
         self._pruned_at = now  # a failure is tried again in an hour, not every tick
-        deleted = self.services.crls.prune(now, self.services.settings.crl_keep)
+        self._prune_failed = None
+        try:
+            deleted = self.services.crls.prune(now, self.services.settings.crl_keep)
+        except SekishoError as exc:
+            self._prune_failed = exc
+            raise
         if deleted:
             log.info("deleted old CRLs", extra={"count": deleted})
         return deleted
@@ -360,6 +384,8 @@ class CrlRefresher:
             check_can_publish(name, not_after, now)
         except Conflict as exc:
             self._pending.pop(name, None)
+            self._ca_failing.clear(name)  # it no longer tries: /healthz leaves it out too
+            self._ca_retry.pop(name, None)
             if name not in self._ended:
                 self._ended.add(name)
                 log.warning("CRLs no longer published", extra={"ca": name, "detail": exc.message})
@@ -426,12 +452,23 @@ class HeartbeatWriter:
             self.path.touch()
             return
         new = self.path.with_name(self.path.name + ".new")
-        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, body)
-        finally:
-            os.close(fd)
-        os.replace(new, self.path)
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(new, self.path)
+        except OSError:
+            # The body cannot be written (a full disk): the round still went round, and the
+            # arbiter must not kill a refresher that works for it. The failure is raised (and
+            # logged once by the refresher); the next round writes the body again.
+            with contextlib.suppress(OSError):
+                new.unlink()
+            self.path.touch()
+            raise
         self._body = body
 
 

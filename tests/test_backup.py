@@ -1074,3 +1074,29 @@ def test_a_responder_key_missing_at_backup_is_named_at_restore(
     assert rotated.code == 0, rotated.err
     resigned = cli(capsys, restored, "ocsp", "resign")
     assert resigned.code == 0, resigned.err
+
+
+def test_a_crl_the_lint_gate_refuses_does_not_undo_the_restore(
+    capsys: pytest.CaptureFixture[str],
+    source: Path,
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The restore signs fresh CRLs last. One the lint gate refuses ended the whole restore
+    with its error and removed everything restored; the deployment is now in place, and the
+    CAs whose CRLs were refused are named (the refresher tries again, /healthz alarms)."""
+    from ca import crl as crl_module
+
+    monkeypatch.setattr(crl_module, "OID_AKI", "2.5.29.99")  # what pkilint refuses
+    target = tmp_path / "restored"
+    passphrase = str(source / "secrets" / "ca-passphrase")
+    done = cli(capsys, target, "--json", "backup", "restore", str(archive), "--unauthenticated",
+               "--passphrase-file", passphrase)  # fmt: skip
+    assert done.code == 0, done.err
+    doc = json.loads(done.out)
+    assert doc["crls_signed"] == [] and sorted(doc["crls_refused"]) == ["admin", "device", "root"]
+    assert "admin" in cli(capsys, target, "ca", "list").out  # in place, and it opens
+    text = cli(capsys, tmp_path / "again", "backup", "restore", str(archive), "--unauthenticated",
+               "--passphrase-file", passphrase)  # fmt: skip
+    assert text.code == 0 and "the lint gate refused the CRL of CA" in text.out, text

@@ -96,13 +96,18 @@ class _RefresherSupervisor:
 
     def _start(self) -> None:
         # The heartbeat counts from this arbiter's first start (a file an older arbiter of the
-        # same PID left is not read as this one's): a refresher that never goes round is
+        # same PID left is not read as this one's, its time nor the failures it holds: PID 1
+        # in a container, after an unclean stop): a refresher that never goes round is
         # stale, and stuck, like one that stopped. A restart leaves its time alone: one that
         # dies at every start shows stale too, the time of the last round it finished.
         beat = heartbeat_file(self.settings, os.getpid())
         beat.parent.mkdir(mode=0o700, exist_ok=True)
         if self.proc is None:
-            beat.touch()
+            with contextlib.suppress(OSError):
+                beat.with_name(beat.name + ".new").unlink()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+            os.close(os.open(beat, flags, 0o600))
+            os.utime(beat)
         else:
             os.close(os.open(beat, os.O_WRONLY | os.O_CREAT, 0o600))
         proc = subprocess.Popen(

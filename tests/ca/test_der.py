@@ -64,6 +64,7 @@ def test_leading_cuts_a_concatenation_after_its_first_tlvs() -> None:
         assert der.leading(joined, count) == b"".join(items[:count])
     assert der.leading(joined, 3) is joined and der.leading(joined, 9) is joined
     assert der.leading(bytearray(joined), 2) == joined[: len(items[0]) + len(items[1])]
-    for broken in (joined[:-1], joined[: len(items[0]) + 1]):
+    indefinite = b"\x30\x80" + der.integer(1) + b"\x00\x00"  # BER, never ours
+    for broken in (joined[:-1], joined[: len(items[0]) + 1], indefinite):
         with pytest.raises(ValueError):
             der.leading(broken, 3)
