@@ -43,7 +43,7 @@ from sekisho.errors import (
     SekishoError,
     shown,
 )
-from sekisho.files import NewFiles, read_input
+from sekisho.files import InputFile, NewFiles, read_input
 from sekisho.services import has_root_ca
 
 if TYPE_CHECKING:
@@ -194,14 +194,14 @@ def audit() -> None:
     "--checkpoints",
     "checkpoint_files",
     multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=InputFile(),
     help="Checkpoints exported earlier (JSONL); detects truncation and rewrites behind them.",
 )
 @click.option(
     "--public-key",
     "public_key_files",
     multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=InputFile(),
     help="Audit public key (PEM, from `audit public-key`) that checkpoints must be signed "
     "with, instead of the deployment's audit key.",
 )

@@ -53,13 +53,38 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     pem = start.startswith(b"-----BEGIN") or (
         start[0] != _DER_SEQUENCE and _PEM_BEGIN.search(data) is not None
     )
+    if not pem and start[0] != _DER_SEQUENCE:
+        raise MalformedInput(
+            "CSR is neither PEM (no -----BEGIN CERTIFICATE REQUEST----- line) nor DER (which "
+            "starts with a SEQUENCE, byte 0x30)"
+        )
     try:
         if pem:
             return x509.load_pem_x509_csr(_one_pem_block(data))
         _nothing_after_der(data)
         return x509.load_der_x509_csr(data)
     except (ValueError, x509.InvalidVersion) as exc:
-        raise MalformedInput(f"CSR cannot be parsed: {exc}") from None
+        raise MalformedInput(f"CSR cannot be parsed: {_parse_problem(exc)}") from None
+
+
+# The ASN.1 parser's errors come as Rust debug text ("ParseError { kind: ShortData { needed:
+# 91 } }"): said in words where the kind is known, else as they are.
+_PARSE_KINDS = (
+    (re.compile(r"ShortData \{ needed: (\d+)"), "truncated ({} more bytes expected)"),
+    (re.compile(r"kind: UnexpectedTag"), "not a PKCS#10 CertificationRequest (unexpected element)"),
+    (re.compile(r"kind: InvalidLength"), "a length is not valid DER"),
+    (re.compile(r"kind: ExtraData"), "bytes follow the CertificationRequest"),
+    (re.compile(r"kind: (InvalidValue|EncodedDefault|IntegerOverflow)"), "a value is not valid"),
+)
+
+
+def _parse_problem(exc: Exception) -> str:
+    text = str(exc)
+    for pattern, words in _PARSE_KINDS:
+        found = pattern.search(text)
+        if found:
+            return words.format(*found.groups())
+    return text
 
 
 def _one_pem_block(data: bytes) -> bytes:

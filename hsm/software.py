@@ -31,7 +31,15 @@ from hsm.pbes2 import (
     describe,
     encrypt_private_key,
 )
-from sekisho.errors import Conflict, KeyBackendError, NotFound, SekishoError
+from sekisho.errors import (
+    PATH_SHOWN,
+    Conflict,
+    KeyBackendError,
+    NotFound,
+    SekishoError,
+    WrongPassphrase,
+    shown,
+)
 from sekisho.files import create_synced, exclusive_lock, replace_synced, sync_directory
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole label: fullmatch
@@ -89,9 +97,12 @@ class Rewrap(NamedTuple):
 class SoftwareBackend:
     name = "software"
 
-    def __init__(self, keys_dir: Path, passphrase: bytes) -> None:
+    def __init__(self, keys_dir: Path, passphrase: bytes, source: str | None = None) -> None:
         self.keys_dir = keys_dir
         self._passphrase = passphrase
+        # Where the passphrase came from ("the file ...", "the environment variable ..."),
+        # named when it does not open a key: which one to check.
+        self.source = source
         self._cache: dict[str, CertificateIssuerPrivateKeyTypes] = {}
         self._lock = threading.Lock()
 
@@ -251,7 +262,14 @@ class SoftwareBackend:
             cached = self._cache.get(ref)
         if cached is not None:
             return cached
-        key = self.decrypt(pem_unwrap(self._read(ref, missing=KeyBackendError), PEM_LABEL))
+        try:
+            key = self.decrypt(pem_unwrap(self._read(ref, missing=KeyBackendError), PEM_LABEL))
+        except WrongPassphrase:
+            where = f" (the key passphrase from {self.source})" if self.source else ""
+            raise WrongPassphrase(
+                f"cannot decrypt key file {shown(self.key_path(ref), PATH_SHOWN)}: wrong "
+                f"passphrase{where} or a corrupt file"
+            ) from None
         with self._lock:
             self._cache[ref] = key
         return key

@@ -370,7 +370,7 @@ def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[in
         status = found.get(signer[ca_id]) if ca_id in signer else None
         own = found.get(ca_own[ca_id]) if ca_id in ca_own else CertStatus.ISSUED
         if own is CertStatus.REVOKED:
-            refused[ca_id] = "the CA's own certificate is revoked (by the CA above it)"
+            refused[ca_id] = CA_REVOKED
         elif own is not CertStatus.ISSUED:
             refused[ca_id] = (
                 "the store holds no issued certificate for the CA itself under the CA above it "
@@ -393,6 +393,13 @@ ChosenFn = Callable[[Sequence[int]], Mapping[int, bytes]]
 _UNSEEN = b""  # no responder certificate is empty
 EXPIRY_MARGIN = 60.0  # a signer whose certificate ends before the next reload + this: none
 WITHHELD = "live answers tryLater; pre-signed answers served until their nextUpdate"
+# A CA its parent revoked is withheld by design (``resign_all`` counts it no failure): said at
+# INFO, not as a warning in every process that loads the issuers (each `issue`, from any CA).
+CA_REVOKED = "the CA's own certificate is revoked (by the CA above it)"
+
+
+def _trouble_level(detail: str) -> int:
+    return logging.INFO if detail.endswith(CA_REVOKED) else logging.WARNING
 
 
 def signer_ending(issuer: core.Issuer, now: float, horizon: float) -> str | None:
@@ -507,7 +514,8 @@ class Signers:
             if failure is not None:
                 detail = f"{failure.reason}; the last good responder: {why}"
             trouble = (detail, WITHHELD)
-            self.log.warning(
+            self.log.log(
+                _trouble_level(detail),
                 "OCSP signer of a CA unavailable",
                 extra={
                     "ca_id": ca_id,
@@ -573,7 +581,8 @@ class Signers:
                 troubles[ca_id] = (f"responder: {why}", WITHHELD)
         for ca_id, (detail, action) in sorted(troubles.items()):
             if self.troubles.get(ca_id) != (detail, action):
-                self.log.warning(
+                self.log.log(
+                    _trouble_level(detail),
                     "OCSP signer of a CA unavailable",
                     extra={
                         "ca_id": ca_id,

@@ -58,6 +58,7 @@ from sekisho.errors import (
     InputError,
     KeyBackendError,
     MalformedInput,
+    NotFound,
     OutputError,
     PolicyViolation,
     SekishoError,
@@ -627,7 +628,7 @@ def extract(
     except FileRefused as exc:  # a FIFO or a device: refused unread, never waited on
         raise InputError(f"{shown(archive, PATH_SHOWN)} {exc}") from None
     except FileNotFoundError:
-        raise InputError(f"no such file: {shown(archive, PATH_SHOWN)}") from None
+        raise NotFound(f"no such file: {shown(archive, PATH_SHOWN)}") from None
     except (IsADirectoryError, PermissionError) as exc:
         raise InputError(f"cannot read {shown(archive, PATH_SHOWN)}: {exc.strerror}") from None
 

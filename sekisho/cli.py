@@ -56,7 +56,7 @@ from sekisho.errors import (
     shown,
     tamed,
 )
-from sekisho.files import NewFiles, read_input
+from sekisho.files import InputFile, NewFiles, read_input
 from sekisho.logs import setup_logging
 from sekisho.services import (
     Services,
@@ -185,7 +185,7 @@ def _data_dir(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     help="Settings file (default <data-dir>/sekisho.toml).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR.")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR, CRITICAL.")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -492,9 +492,7 @@ def ca_offline(state: State, name: str, yes: bool) -> None:
 
 @ca.command("online")
 @click.argument("name")
-@click.option(
-    "--key-file", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False)
-)
+@click.option("--key-file", required=True, type=InputFile())
 @pass_state
 def ca_online(state: State, name: str, key_file: Path) -> None:
     """Bring an exported CA key back into the store (to sign a new CA or the root CRL)."""
@@ -568,7 +566,7 @@ def _read_secret_option(file: Path | None, env_name: str | None) -> bytes | None
 @click.option("--profile", required=True, help="Certificate profile.")
 @click.option(
     "--csr",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
     help="CSR file (PEM or DER).",
 )
 @click.option("--keygen", callback=_key_type, help="Generate the key here (server-side keygen).")
@@ -590,7 +588,7 @@ def _read_secret_option(file: Path | None, env_name: str | None) -> bytes | None
 )
 @click.option(
     "--password-file",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
     help="PKCS#12 password from this file.",
 )
 @click.option("--password-env", help="PKCS#12 password from this environment variable.")
@@ -895,7 +893,7 @@ def key_group() -> None:
 
 
 @key_group.command("block")
-@click.argument("key_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("key_file", type=InputFile())
 @click.option("--comment", help="Why (e.g. the report's reference); journalled.")
 @pass_state
 def key_block(state: State, key_file: Path, comment: str | None) -> None:
@@ -903,7 +901,7 @@ def key_block(state: State, key_file: Path, comment: str | None) -> None:
     or DER; never a private key). No certificate is issued for it again, and every
     certificate of ours that carries it is revoked for key_compromise now. Revoking a
     certificate for key_compromise blocks its key the same way."""
-    key = public_key_of(read_input(key_file, "key file", 64 * 1024))
+    key = public_key_of(read_input(key_file, "certificate, CSR or public key", 64 * 1024))
     if comment is not None and len(comment) > 500:
         raise InputError("--comment is limited to 500 characters")
     blocked, revoked = state.services().revoker.block_key(key, state.actor(), comment)
@@ -1725,7 +1723,7 @@ _PUBLIC_KEY_OPTION = click.option(
     "--public-key",
     "public_key_files",
     multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=InputFile(),
     help="Audit public key (PEM, `audit public-key`) the manifest must be signed with; without "
     "it, the archive's own audit key checks it is whole, not who made it.",
 )
@@ -1909,8 +1907,15 @@ def backup_restore(
 def _show_tamed(exc: click.ClickException) -> None:
     """click's own error, its message (which may quote an argument whole, control characters
     and all) passed through ``tamed``; click declares ``message`` final, hence ``vars``."""
-    vars(exc)["message"] = tamed(exc.message)
+    message = tamed(exc.message)
+    if isinstance(exc, click.NoSuchOption) and exc.option_name in _GLOBAL_OPTIONS:
+        # `sekisho cert list --json`: the option exists, before the command.
+        message += f" ({exc.option_name} goes before the command: sekisho {exc.option_name} ...)"
+    vars(exc)["message"] = message
     exc.show()
+
+
+_GLOBAL_OPTIONS = frozenset({"--json", "--data-dir", "--config", "--log-level"})
 
 
 def main(argv: list[str] | None = None) -> int:

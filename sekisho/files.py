@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from sekisho.errors import PATH_SHOWN, InputError, OutputError, TooLarge, shown
+import click
+
+from sekisho.errors import PATH_SHOWN, InputError, NotFound, OutputError, TooLarge, shown
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -243,11 +245,29 @@ def read_regular(
     return data
 
 
+class InputFile(click.Path):
+    """An input file named on the command line: one that does not exist is not found (exit
+    66, sysexits' EX_NOINPUT, as for every file a command reads), not a usage error (64);
+    a directory is refused by click as before."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path, dir_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        if not os.path.lexists(path):
+            raise NotFound(f"no such file: {shown(path, PATH_SHOWN)}")
+        return path
+
+
 def read_input(path: Path, what: str, limit: int) -> bytes:
-    """The content of a file the operator named (``read_regular``): bad input (exit 65) when
-    it is not a regular file or cannot be read, TooLarge over ``limit`` bytes."""
+    """The content of a file the operator named (``read_regular``): not found (exit 66) when
+    it does not exist, bad input (65) when it is not a regular file or cannot be read,
+    TooLarge over ``limit`` bytes."""
     try:
         return read_regular(path, limit)
+    except FileNotFoundError:
+        raise NotFound(f"no such file: {what} {shown(path, PATH_SHOWN)}") from None
     except FileTooLarge as exc:
         raise TooLarge(f"{what} {shown(path, PATH_SHOWN)} {exc}") from None
     except FileRefused as exc:

@@ -48,7 +48,9 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO") -> None:
     """Log JSON lines on stderr; an unknown level is a ConfigError (exit 78), not a traceback."""
     if not isinstance(logging.getLevelNamesMapping().get(level.upper()), int):
-        raise ConfigError(f"log_level {shown(level)} is not one of DEBUG, INFO, WARNING, ERROR")
+        raise ConfigError(
+            f"log_level {shown(level)} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -43,6 +43,7 @@ from ocsp.store import OcspService
 from sekisho.clock import utcnow
 from sekisho.db import Database, head_revisions, schema_problem, sqlite_file
 from sekisho.errors import (
+    PATH_SHOWN,
     ConfigError,
     KeyBackendError,
     SecretUnavailable,
@@ -160,7 +161,13 @@ def open_backend(settings: Settings) -> KeyBackend:
             label_prefix=settings.pkcs11_label_prefix,
         )
     passphrase = read_secret(settings.passphrase_path, settings.key_passphrase_env)
-    return SoftwareBackend(settings.keys_dir, passphrase)
+    path = settings.passphrase_path
+    source = (
+        f"the file {shown(path, PATH_SHOWN)}"
+        if path is not None
+        else f"the environment variable {shown(settings.key_passphrase_env)}"
+    )
+    return SoftwareBackend(settings.keys_dir, passphrase, source)
 
 
 class UnavailableBackend:
