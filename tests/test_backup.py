@@ -394,7 +394,7 @@ def test_not_a_backup(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     _write_tar(other, [("README", b"hello")])
     result = cli(capsys, tmp_path, "backup", "verify", str(other))
     assert result.code == 65 and "not a Sekisho backup" in result.err
-    assert cli(capsys, tmp_path, "backup", "verify", str(tmp_path / "none.tar")).code == 65
+    assert cli(capsys, tmp_path, "backup", "verify", str(tmp_path / "none.tar")).code == 66
 
 
 def test_restore_refusals_leave_nothing(

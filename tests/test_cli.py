@@ -412,7 +412,7 @@ def test_offline_root_blocks_root_signing_until_brought_back(
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("hello")
     assert run("ca", "online", "root", "--key-file", str(garbage)).code == 65
-    assert run("ca", "online", "root", "--key-file", str(tmp_path / "missing.pem")).code == 64
+    assert run("ca", "online", "root", "--key-file", str(tmp_path / "missing.pem")).code == 66
     ok(run("ca", "online", "root", "--key-file", str(key_file)))
     assert run("ca", "online", "root", "--key-file", str(key_file)).code == 75
     new_ca = ok(run("--json", "ca", "create-issuing", "ops", "--org", "Example Corp")).json()
@@ -1086,7 +1086,7 @@ def test_key_block_revokes_the_keys_certificates_and_refuses_it_from_then_on(
     assert refused.code == 65 and "the file holds 2 PEM blocks" in refused.err
     (tmp_path / "empty").write_bytes(b"")
     assert run("key", "block", str(tmp_path / "empty")).code == 65
-    assert run("key", "block", str(tmp_path / "missing.pem")).code == 65
+    assert run("key", "block", str(tmp_path / "missing.pem")).code == 66
     assert run("key", "block", str(public_der), "--comment", "x" * 501).code == 65
     shown_pem = ok(run("cert", "show", "--ca", "device", serials[0], "--pem")).out.encode()
     cert_der = der_of_pem(shown_pem)
