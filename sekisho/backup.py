@@ -45,7 +45,7 @@ from audit.events import Category, Outcome, by_actor
 from audit.journal import verify_signature
 from audit.models import JournalHead
 from ca.models import CertificateAuthority
-from ca.registry import CA_NAME
+from ca.registry import CA_NAME, bump_revocation_epoch
 from hsm.secrets import read_secret
 from hsm.software import SoftwareBackend
 from sekisho import __version__
@@ -63,6 +63,7 @@ from sekisho.errors import (
     PolicyViolation,
     SekishoError,
     StoreError,
+    WrongPassphrase,
     shown,
 )
 from sekisho.files import (
@@ -779,6 +780,19 @@ def _empty_target(target: Path) -> bool:
     return True
 
 
+def _restore_passphrase_wrong(passphrase_file: Path | None) -> WrongPassphrase:
+    """The keys did not open: named by what the operator gave, not by the staging directory's
+    paths (gone once the restore fails)."""
+    given = (
+        f"the passphrase in {shown(passphrase_file, PATH_SHOWN)}"
+        if passphrase_file is not None
+        else "the key passphrase the restored settings name"
+    )
+    return WrongPassphrase(
+        f"the archive's keys do not open with {given}: wrong passphrase, or a damaged key file"
+    )
+
+
 def _staging_settings(
     staging: Path, passphrase: bytes | None, manifest: Mapping[str, Any]
 ) -> Settings:
@@ -1013,10 +1027,16 @@ def restore(
             loaded = owner
             (staging / PG_DUMP).unlink()
             journal = _check_journal(owner, extracted)
-        services = open_deployment(settings)  # migrates a store of an older version
+        try:
+            services = open_deployment(settings)  # migrates a store of an older version
+        except WrongPassphrase:
+            raise _restore_passphrase_wrong(passphrase_file) from None
         try:
             step("checking the CA keys")
-            _check_keys(services, extracted.manifest)
+            try:
+                _check_keys(services, extracted.manifest)
+            except WrongPassphrase:
+                raise _restore_passphrase_wrong(passphrase_file) from None
             when = now or services.clock()
             floor = int(when.timestamp()) << CRL_NUMBER_TIME_SHIFT
             jumped = CertificateAuthority.crl_number + CRL_NUMBER_JUMP
@@ -1090,11 +1110,13 @@ def _fresh_crls(services: Any, now: dt.datetime) -> tuple[list[str], list[str], 
     published, waiting, refused = [], [], []
     with services.db.read_scope() as session:
         rows = session.execute(
-            select(CertificateAuthority.name, CertificateAuthority.key_online)
+            select(
+                CertificateAuthority.id, CertificateAuthority.name, CertificateAuthority.key_online
+            )
             .where(CertificateAuthority.active)
             .order_by(CertificateAuthority.id)
         ).all()
-    for name, online in rows:
+    for ca_id, name, online in rows:
         if not online:
             waiting.append(name)
             continue
@@ -1108,6 +1130,11 @@ def _fresh_crls(services: Any, now: dt.datetime) -> tuple[list[str], list[str], 
         except PolicyViolation as exc:
             log.error("CRL of a CA not published", extra={"ca": name, "code": exc.code,
                                                           "detail": exc.message})  # fmt: skip
+            # The backup's CRL would otherwise stand until half its validity, nothing due: its
+            # revocation state moved on by one (as a failed issuance does), so the refresher
+            # finds it behind, tries again, and /healthz names the CA failing.
+            with services.db.scope() as session:
+                bump_revocation_epoch(session, ca_id)
             refused.append(name)
             continue
         published.append(name)

@@ -231,7 +231,7 @@ KEY_TYPE_HELP = "Key type: " + ", ".join(k.value for k in CA_KEY_TYPES)
 @click.option("--pkcs11-token", help="Token label (pkcs11 backend).")
 @click.option(
     "--pkcs11-pin-file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=InputFile(),
     help="File (mode 0600) holding the user PIN; or set pkcs11_pin_env in the settings.",
 )
 @click.option("--pkcs11-label-prefix", help="Prefix of the token objects created (sekisho-).")
@@ -1828,7 +1828,7 @@ def _backup_text(first: str, done: dict[str, Any]) -> str:
 @click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--passphrase-file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=InputFile(),
     help="The key passphrase (owner-only file), copied into the new data directory's "
     "secrets/ when the restored settings keep it there (the default).",
 )

@@ -255,8 +255,12 @@ class InputFile(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         path = super().convert(value, param, ctx)
-        if not os.path.lexists(path):
-            raise NotFound(f"no such file: {shown(path, PATH_SHOWN)}")
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            raise NotFound(f"no such file: {shown(path, PATH_SHOWN)}") from None
+        except OSError:
+            pass  # (a directory it cannot search: the command's read says why, 65)
         return path
 
 

@@ -188,7 +188,7 @@ class CrlRefresher:
         self.audit = AuditCheckpointer(services)
         self._failing = Failures()  # step -> the failure last logged
         self._pruned_at: dt.datetime | None = None
-        self._prune_failed: SekishoError | None = None  # the last prune's failure, if it failed
+        self._prune_failed: Exception | None = None  # the last prune's failure, if it failed
         # CA -> (time, revocation epoch): its CRL failed; not tried again before that time
         # unless the epoch moves (a CRL the lint gate refuses, read and refused every tick).
         self._ca_retry: dict[str, tuple[dt.datetime, int]] = {}
@@ -305,6 +305,8 @@ class CrlRefresher:
                 if pending is None:
                     self._pending[name] = _Pending(now, now, epoch)
                     continue
+                if now < pending.last_change:  # the clock stepped back: the burst starts now
+                    pending.first_seen = pending.last_change = now
                 if epoch != pending.epoch:
                     pending.epoch, pending.last_change = epoch, now
                 quiet = now - pending.last_change >= self.debounce
@@ -323,8 +325,8 @@ class CrlRefresher:
             # and its delta failed): RFC 5280 5.2.4 clients discard it, so it is due now.
             old_base = full is not None and delta is not None and delta.base_number != full.number
             retry = self._ca_retry.get(name)
-            if retry is not None and now < retry[0] and epoch == retry[1]:
-                continue  # failed lately, and nothing changed since
+            if retry is not None and retry[0] - CRL_RETRY <= now < retry[0] and epoch == retry[1]:
+                continue  # failed lately (a clock stepped back does not stretch it), no change
             try:
                 if stale or pointing or due(full, epoch, now):
                     self.services.crls.publish(name, now)
@@ -345,7 +347,10 @@ class CrlRefresher:
                 log.info("CRLs of a CA published again", extra={"ca": name})
         # A CA that left the pass (its key taken offline, made inactive) is no longer failing
         # here: /healthz says "pending" for what waits on an offline key.
-        self._ca_failing.keep({name for name, _, _, _ in cas})
+        in_pass = {name for name, _, _, _ in cas}
+        self._ca_failing.keep(in_pass)
+        for name in self._ca_retry.keys() - in_pass:
+            del self._ca_retry[name]
         self.published += len(published)
         if published:
             log.info("published CRLs", extra={"cas": ",".join(published)})
@@ -364,13 +369,15 @@ class CrlRefresher:
         every PRUNE_EVERY (and at the first tick)."""
         if self._pruned_at is not None and self._pruned_at <= now < self._pruned_at + PRUNE_EVERY:
             if self._prune_failed is not None:
-                raise self._prune_failed  # still failing (for /healthz) until it is tried again
+                # Still failing (for /healthz) until it is tried again; without the first
+                # raise's traceback, which each raise would lengthen.
+                raise self._prune_failed.with_traceback(None)
             return 0
         self._pruned_at = now  # a failure is tried again in an hour, not every tick
         self._prune_failed = None
         try:
             deleted = self.services.crls.prune(now, self.services.settings.crl_keep)
-        except SekishoError as exc:
+        except Exception as exc:
             self._prune_failed = exc
             raise
         if deleted:

@@ -411,7 +411,10 @@ def test_restore_refusals_leave_nothing(
         assert [p for p in os.listdir(tmp_path) if ".restoring-" in p] == []
 
     # Neither the audit public key nor a word that the archive is trusted as it is.
-    result = cli(capsys, target, "backup", "restore", str(archive), "--passphrase-file", "x")
+    some = tmp_path / "some-passphrase"
+    some.write_bytes(b"some passphrase or other")
+    some.chmod(0o600)
+    result = cli(capsys, target, "backup", "restore", str(archive), "--passphrase-file", str(some))
     assert result.code == 64 and "--public-key" in result.err
     nothing_left()
     # No passphrase: the backup never holds it.
@@ -435,6 +438,8 @@ def test_restore_refusals_leave_nothing(
     wrong.chmod(0o600)
     result = restore(archive, "--passphrase-file", str(wrong))
     assert result.code == 77, result.err
+    # Named by what was given, not by the staging directory's paths (gone by now).
+    assert str(wrong) in result.err and "restoring-" not in result.err, result.err
     nothing_left()
     # A CA key file replaced by another key under the same passphrase, the manifest re-signed
     # with the real audit key (an insider's archive): the key is not the one its certificate
@@ -1085,8 +1090,12 @@ def test_a_crl_the_lint_gate_refuses_does_not_undo_the_restore(
 ) -> None:
     """The restore signs fresh CRLs last. One the lint gate refuses ended the whole restore
     with its error and removed everything restored; the deployment is now in place, and the
-    CAs whose CRLs were refused are named (the refresher tries again, /healthz alarms)."""
+    CAs whose CRLs were refused are named. Their revocation state is one behind their newest
+    CRL (the backup's), so the refresher tries again and records the failure (/healthz)."""
     from ca import crl as crl_module
+    from sekisho.services import build_services
+    from sekisho.settings import load_settings
+    from sekisho.workers import CrlRefresher
 
     monkeypatch.setattr(crl_module, "OID_AKI", "2.5.29.99")  # what pkilint refuses
     target = tmp_path / "restored"
@@ -1097,6 +1106,14 @@ def test_a_crl_the_lint_gate_refuses_does_not_undo_the_restore(
     doc = json.loads(done.out)
     assert doc["crls_signed"] == [] and sorted(doc["crls_refused"]) == ["admin", "device", "root"]
     assert "admin" in cli(capsys, target, "ca", "list").out  # in place, and it opens
+    restored = build_services(load_settings(None, overrides={"data_dir": target}))
+    try:
+        refresher = CrlRefresher(restored, debounce=0.0)
+        for _ in range(2):
+            refresher._run_step("crl refresh", refresher.run_once)
+        assert set(refresher.failures()["crls"]) == {"admin", "device", "root"}
+    finally:
+        restored.close()
     text = cli(capsys, tmp_path / "again", "backup", "restore", str(archive), "--unauthenticated",
                "--passphrase-file", passphrase)  # fmt: skip
     assert text.code == 0 and "the lint gate refused the CRL of CA" in text.out, text

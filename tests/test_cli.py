@@ -669,6 +669,23 @@ def test_issue_input_errors(run: Runner, tmp_path: Path) -> None:
     assert late.code == 64 and "--json goes before the command" in late.err, late
     nowhere = str(tmp_path / "nothere.pem")
     for argv in (
+        [
+            "issue",
+            "--ca",
+            "admin",
+            "--profile",
+            "admin-client",
+            "--keygen",
+            "ec-p256",
+            "--subject",
+            "CN=x,O=y",
+            "--san",
+            "email:x@y.example",
+            "--p12",
+            str(tmp_path / "x.p12"),
+            "--password-file",
+            nowhere,
+        ],
         ["key", "block", nowhere],
         ["ca", "online", "admin", "--key-file", nowhere],
         ["audit", "verify", "--public-key", nowhere],
@@ -2235,3 +2252,14 @@ def test_key_rewrap_re_encrypts_older_pbkdf2_files_with_scrypt_and_journals_each
         {"key_ref": "file:ca-root", "ca": "root", "offline": True, "rewrapped": False, "was": None}
     ]
     assert "file:ca-root (CA root): offline" in ok(run("key", "rewrap")).out
+
+
+def test_read_input_says_not_found_for_a_missing_file(tmp_path: Path) -> None:
+    """(The commands' own read, behind the option's check: a file gone in between.)"""
+    from sekisho.errors import InputError, NotFound
+    from sekisho.files import read_input
+
+    with pytest.raises(NotFound, match="no such file: CSR"):
+        read_input(tmp_path / "gone.csr", "CSR", 100)
+    with pytest.raises(InputError):
+        read_input(tmp_path, "CSR", 100)  # a directory: bad input, as before

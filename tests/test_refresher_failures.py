@@ -235,3 +235,66 @@ def test_the_arbiter_starts_from_an_empty_heartbeat(
     assert started and beat.read_bytes() == b"" and beat.stat().st_mtime > 1000
     assert not beat.with_name(beat.name + ".new").exists()
     assert workers.heartbeat_failures(settings, os.getpid()) == {}
+
+
+def test_a_delta_behind_a_full_crl_resigned_by_age_is_made_again(
+    clocked: tuple[Services, FakeClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full CRL re-signed at half its validity (no revocation: the epoch unchanged), its
+    delta refused meanwhile: the delta served names the previous full CRL as its base, which
+    RFC 5280 5.2.4 clients discard, and it was not due by age before hours later (here one
+    made off the refresher's rhythm, by `crl generate --delta`)."""
+    services, clock = clocked
+    refresher = workers.CrlRefresher(services, debounce=0.0)
+    for _ in range(13):  # to 78 h, every 6 h: the deltas (24 h) re-signed on time
+        _tick(refresher)
+        clock.advance(hours=6)
+    services.crls.generate("admin", clock(), delta=True)  # an operator's, off the rhythm
+    real = services.crls.generate
+
+    def no_delta(name: str, now: dt.datetime, *, delta: bool = False, **kwargs: Any) -> Any:
+        if delta:
+            raise KeyBackendError("the token went away")
+        return real(name, now, delta=delta, **kwargs)
+
+    clock.advance(hours=6, seconds=1)  # 84 h: the full CRLs (7 days) are half way
+    monkeypatch.setattr(services.crls, "generate", no_delta)
+    _tick(refresher)
+    assert "admin" in refresher._ca_failing
+    with services.db.scope() as session:
+        full = latest_by_name(session, "admin", CrlKind.FULL)
+        delta = latest_by_name(session, "admin", CrlKind.DELTA)
+        assert full is not None and delta is not None and delta.base_number != full.number
+        full_number = full.number
+    monkeypatch.undo()
+    clock.advance(seconds=workers.CRL_RETRY.total_seconds() + 1)
+    _tick(refresher)
+    assert "admin" not in refresher._ca_failing
+    with services.db.scope() as session:
+        delta = latest_by_name(session, "admin", CrlKind.DELTA)
+        assert delta is not None and delta.base_number == full_number
+
+
+def test_a_clock_stepped_back_does_not_stretch_the_retry(
+    clocked: tuple[Services, FakeClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services, clock = clocked
+    refresher = workers.CrlRefresher(services, debounce=0.0)
+    attempts: list[str] = []
+    real = services.crls.publish
+
+    def counted(name: str, now: dt.datetime, **kwargs: Any) -> Any:
+        attempts.append(name)
+        return real(name, now, **kwargs)
+
+    monkeypatch.setattr(services.crls, "publish", counted)
+    monkeypatch.setattr(crl_module, "OID_AKI", "2.5.29.99")
+    _revoke_one(services)
+    for _ in range(2):
+        _tick(refresher)
+        clock.advance(seconds=1)
+    assert attempts == ["admin"]
+    clock.advance(hours=-1)  # NTP steps the clock back
+    _tick(refresher)
+    # (The other CAs' CRLs now start ahead of the clock: re-signed too, as `due` says.)
+    assert attempts.count("admin") == 2, "waited out the step back too"

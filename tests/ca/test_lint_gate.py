@@ -345,3 +345,7 @@ def test_a_long_crl_is_linted_on_its_first_entries() -> None:
     with pytest.raises(PolicyViolation) as info:
         crl_module.build_crl(params, crl_module.encode_entries(bad), key, Linter())
     assert "pkix.certificate_serial_number_out_of_range" in info.value.message
+    truncated = crl_module.encode_entries(entries[:3])[:-2]  # our encoding, cut: unreadable
+    with pytest.raises(PolicyViolation) as info:
+        crl_module.build_crl(params, truncated, key, Linter())
+    assert "the CRL could not be linted" in info.value.message
