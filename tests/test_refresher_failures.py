@@ -45,6 +45,28 @@ def _revoke_one(services: Services) -> None:
     services.revoker.revoke("admin", cert.serial_number, Reason.SUPERSEDED, TEST_ACTOR)
 
 
+def _refused_after_a_revocation(
+    services: Services, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> tuple[workers.CrlRefresher, list[str]]:
+    """A refresher (debounce 0) that has tried the admin CA's CRL once after a revocation,
+    the lint gate refusing it; the CAs whose CRLs it tried to publish, in order."""
+    refresher = workers.CrlRefresher(services, debounce=0.0)
+    attempts: list[str] = []
+    real = services.crls.publish
+
+    def counted(name: str, now: dt.datetime, **kwargs: Any) -> Any:
+        attempts.append(name)
+        return real(name, now, **kwargs)
+
+    monkeypatch.setattr(services.crls, "publish", counted)
+    monkeypatch.setattr(crl_module, "OID_AKI", "2.5.29.99")
+    _revoke_one(services)
+    for _ in range(2):  # the change seen, then the CRL tried
+        _tick(refresher)
+        clock.advance(seconds=1)
+    return refresher, attempts
+
+
 def test_a_failure_keeps_its_start_through_rounds_and_changes() -> None:
     failures = workers.Failures()
     assert failures.record("ocsp refresh", StoreError("database error: A"))
@@ -69,20 +91,7 @@ def test_a_failing_ca_is_not_read_again_every_tick_but_at_once_after_a_change(
     every entry and took the CA row lock, every tick. It is tried again CRL_RETRY later, or at
     once when a revocation moves the CA's state; the failure stays reported meanwhile."""
     services, clock = clocked
-    refresher = workers.CrlRefresher(services, debounce=0.0)
-    attempts: list[str] = []
-    real = services.crls.publish
-
-    def counted(name: str, now: dt.datetime, **kwargs: Any) -> Any:
-        attempts.append(name)
-        return real(name, now, **kwargs)
-
-    monkeypatch.setattr(services.crls, "publish", counted)
-    monkeypatch.setattr(crl_module, "OID_AKI", "2.5.29.99")
-    _revoke_one(services)
-    for _ in range(2):  # the change seen, then the CRL tried (debounce 0)
-        _tick(refresher)
-        clock.advance(seconds=1)
+    refresher, attempts = _refused_after_a_revocation(services, clock, monkeypatch)
     assert attempts == ["admin"] and "admin" in refresher._ca_failing
     for _ in range(5):
         _tick(refresher)
@@ -279,20 +288,7 @@ def test_a_clock_stepped_back_does_not_stretch_the_retry(
     clocked: tuple[Services, FakeClock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     services, clock = clocked
-    refresher = workers.CrlRefresher(services, debounce=0.0)
-    attempts: list[str] = []
-    real = services.crls.publish
-
-    def counted(name: str, now: dt.datetime, **kwargs: Any) -> Any:
-        attempts.append(name)
-        return real(name, now, **kwargs)
-
-    monkeypatch.setattr(services.crls, "publish", counted)
-    monkeypatch.setattr(crl_module, "OID_AKI", "2.5.29.99")
-    _revoke_one(services)
-    for _ in range(2):
-        _tick(refresher)
-        clock.advance(seconds=1)
+    refresher, attempts = _refused_after_a_revocation(services, clock, monkeypatch)
     assert attempts == ["admin"]
     clock.advance(hours=-1)  # NTP steps the clock back
     _tick(refresher)
