@@ -38,12 +38,18 @@ def problem(status: int, code: str, detail: str) -> Response:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(SekishoError)
     def _domain(exc: SekishoError) -> Response:
+        doc = exc.as_problem()
         if exc.http_status >= 500:
             log.warning(
                 "request failed",
                 extra={"code": exc.code, "detail": exc.message, "request_id": g.get("request_id")},
             )
-        return _problem_response(exc.as_problem(), exc.http_status)
+            # The message is the operator's (in the log): a store's or a key file's path, a
+            # driver's error. The client learns what kind of failure, and the request ID.
+            doc["detail"] = (
+                f"the service cannot answer now ({exc.code}); quote the request ID to the operator"
+            )
+        return _problem_response(doc, exc.http_status)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:

@@ -852,3 +852,25 @@ def test_healthz_alarms_on_what_the_refresher_keeps_failing_to_do(
         assert x509.load_der_x509_crl(row.der).get_revoked_certificate_by_serial_number(
             cert.serial_number
         )
+
+
+def test_a_server_side_failure_tells_the_client_its_kind_not_its_internals(
+    app: Flask, services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store or key failure's message is for the operator: a key file's or a database's
+    path, a driver's error. The problem document says what kind of failure and the request
+    ID; the log has the message."""
+    from sekisho.errors import WrongPassphrase
+
+    @app.get("/key-trouble-for-test")
+    def trouble() -> str:
+        raise WrongPassphrase("cannot decrypt key file '/srv/sekisho/keys/ca-admin.key'")
+
+    response = app.test_client().get("/key-trouble-for-test")
+    doc = assert_problem(response, 503)
+    assert "/srv/sekisho" not in response.get_data(as_text=True)
+    assert "wrong-passphrase" in str(doc["detail"]) and "request ID" in str(doc["detail"])
+    assert doc["type"] == "urn:sekisho:error:wrong-passphrase"
+    logged = [r for r in caplog.records if r.getMessage() == "request failed"]
+    assert logged and "/srv/sekisho" in getattr(logged[-1], "detail", "")
+    assert getattr(logged[-1], "request_id", None) == doc["request_id"]
