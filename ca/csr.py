@@ -50,8 +50,11 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     if not data.strip():
         raise MalformedInput("CSR is empty")
     start = data.lstrip()
+    # PEM, unless the input is one DER encoding exactly (whose bytes may hold the text of a
+    # BEGIN line, in a name): explanatory text before the BEGIN line may start with "0", the
+    # octet a DER SEQUENCE starts with.
     pem = start.startswith(b"-----BEGIN") or (
-        start[0] != _DER_SEQUENCE and _PEM_BEGIN.search(data) is not None
+        _PEM_BEGIN.search(data) is not None and not _one_der_encoding(data)
     )
     if not pem and start[0] != _DER_SEQUENCE:
         raise MalformedInput(
@@ -116,6 +119,15 @@ def _one_pem_block(data: bytes) -> bytes:
         # 7468 permits none, and base64 has no colon.
         raise MalformedInput("CSR PEM block holds header lines; RFC 7468 permits none")
     return data[begin.start() : end.end()] + b"\n"
+
+
+def _one_der_encoding(data: bytes) -> bool:
+    if data[0] != _DER_SEQUENCE:
+        return False
+    try:
+        return read_tlv(data, 0, len(data)).end == len(data)
+    except DerError:
+        return False
 
 
 def _nothing_after_der(data: bytes) -> None:

@@ -377,7 +377,9 @@ def refused_signers(db: Database, issuers: Mapping[int, core.Issuer]) -> dict[in
                 "(status unknown)"
             )
         elif status is CertStatus.REVOKED:
-            refused[ca_id] = "its certificate is revoked"
+            # The CA's own key signs (no delegated responder): its certificate is the CA's.
+            delegated = issuers[ca_id].delegated
+            refused[ca_id] = "its certificate is revoked" if delegated else CA_REVOKED
         elif status is not CertStatus.ISSUED:
             refused[ca_id] = "the store holds no issued certificate for it (status unknown)"
     return refused

@@ -183,6 +183,10 @@ def test_pem_csr_with_explanatory_text_before_it_is_accepted(services: Services)
     text = b"Certificate Request:\n    Data:\n        Version: 1 (0x0)\n"
     cert = _from_csr(services, text + _pem(_good_csr_der()) + b"\r\n\n")()
     assert cert.subject == ADMIN
+    # Text that starts with "0", the octet a DER SEQUENCE starts with: still PEM (it was
+    # read as DER "followed by 40 octets").
+    cert = _from_csr(services, b"0 comment, then the request\n" + _pem(_good_csr_der()))()
+    assert cert.subject == ADMIN
 
 
 def test_csr_with_bad_signature(services: Services) -> None:
