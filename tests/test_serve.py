@@ -756,6 +756,41 @@ def test_a_counted_connection_is_freed_without_the_cyclic_collector() -> None:
         gc.enable()
 
 
+def test_the_last_refusals_of_a_burst_are_reported_by_the_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusals at the cap are counted and reported at most every REFUSED_LOG_SECONDS; the
+    last ones of a burst waited for the next refusal, maybe days later. The worker's loop
+    reports them once the interval has passed."""
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from web import worker as web_worker
+
+    monkeypatch.setattr(ThreadWorker, "murder_pending", lambda self: None)  # nothing pending
+    worker = web_worker.GuardedThreadWorker.__new__(web_worker.GuardedThreadWorker)
+    worker.refused, worker.refused_logged, worker.refused_peer = 0, 0.0, ""
+    worker.max_per_client = 4
+
+    def said() -> list[tuple[object, object]]:
+        return [
+            (getattr(r, "client_ip", None), getattr(r, "refused", None))
+            for r in caplog.records
+            if r.getMessage() == "connections refused: too many from one client address"
+        ]
+
+    for peer in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        worker._note_refused(peer)
+    assert said() == [("192.0.2.1", 1)]  # the first at once, the others counted
+    worker.murder_pending()
+    assert said() == [("192.0.2.1", 1)]  # not before the interval
+    worker.refused_logged -= web_worker.REFUSED_LOG_SECONDS  # as if that long had passed
+    worker.murder_pending()
+    assert said() == [("192.0.2.1", 1), ("192.0.2.3", 2)]
+    worker.refused_logged -= web_worker.REFUSED_LOG_SECONDS
+    worker.murder_pending()
+    assert len(said()) == 2  # nothing left to say
+
+
 def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(
     body_server: Server,
 ) -> None:

@@ -166,6 +166,7 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         # Run on the worker's main thread only (accept, the poller's callbacks, closes).
         self.per_client: collections.Counter[str] = collections.Counter()
         self.refused = 0  # connections refused at the cap since the last warning
+        self.refused_peer = ""  # the address refused last
         self.refused_logged = 0.0
 
     def enqueue_req(self, conn: Any) -> None:
@@ -208,19 +209,30 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         return True
 
     def _note_refused(self, peer: str) -> None:
-        """A warning at most every REFUSED_LOG_SECONDS, naming the address refused then and
+        """A warning at most every REFUSED_LOG_SECONDS, naming the address refused last and
         how many connections this worker refused since its last such warning, from any
         address (they are counted, not each logged: a flood of connections must not become a
-        flood of log lines; the last ones of a burst are counted in the next warning)."""
+        flood of log lines). The last ones of a burst are reported by the worker's loop once
+        the interval has passed (``murder_pending``), not with the next refusal, maybe days
+        later."""
         self.refused += 1
+        self.refused_peer = peer
+        self._report_refused()
+
+    def _report_refused(self) -> None:
         now = time.monotonic()
-        if now - self.refused_logged >= REFUSED_LOG_SECONDS:
+        if self.refused and now - self.refused_logged >= REFUSED_LOG_SECONDS:
             log.warning(
                 "connections refused: too many from one client address",
-                extra={"client_ip": peer, "refused": self.refused,
+                extra={"client_ip": self.refused_peer, "refused": self.refused,
                        "max_per_client": self.max_per_client},
             )  # fmt: skip
             self.refused, self.refused_logged = 0, now
+
+    def murder_pending(self) -> None:
+        """(The worker's loop, about once a second.) Also: report refusals left uncounted."""
+        super().murder_pending()
+        self._report_refused()
 
     def head_seconds(self, conn: Any) -> float:
         """The time a connection's request head has left: ``request_seconds`` from when it
