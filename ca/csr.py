@@ -50,12 +50,12 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     if not data.strip():
         raise MalformedInput("CSR is empty")
     start = data.lstrip()
-    # PEM, unless the input is one DER encoding exactly (whose bytes may hold the text of a
-    # BEGIN line, in a name): explanatory text before the BEGIN line may start with "0", the
-    # octet a DER SEQUENCE starts with.
-    pem = start.startswith(b"-----BEGIN") or (
-        _PEM_BEGIN.search(data) is not None and not _one_der_encoding(data)
-    )
+    # PEM when what comes before the first BEGIN line is text (RFC 7468 2: explanatory text,
+    # which may start with "0", the octet a DER SEQUENCE starts with); a DER encoding has
+    # binary octets before any text a name of it holds, and a DER CSR followed by a PEM one is
+    # DER followed by data (refused), never the PEM one issued.
+    begin = _PEM_BEGIN.search(data)
+    pem = begin is not None and _is_text(data[: begin.start()])
     if not pem and start[0] != _DER_SEQUENCE:
         raise MalformedInput(
             "CSR is neither PEM (no -----BEGIN CERTIFICATE REQUEST----- line) nor DER (which "
@@ -121,13 +121,13 @@ def _one_pem_block(data: bytes) -> bytes:
     return data[begin.start() : end.end()] + b"\n"
 
 
-def _one_der_encoding(data: bytes) -> bool:
-    if data[0] != _DER_SEQUENCE:
-        return False
+def _is_text(octets: bytes) -> bool:
+    """UTF-8 (a byte order mark first allowed) with no control character but tab, CR, LF."""
     try:
-        return read_tlv(data, 0, len(data)).end == len(data)
-    except DerError:
+        text = octets.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
         return False
+    return all(ch.isprintable() or ch in "\t\r\n" for ch in text)
 
 
 def _nothing_after_der(data: bytes) -> None:

@@ -401,7 +401,9 @@ CA_REVOKED = "the CA's own certificate is revoked (by the CA above it)"
 
 
 def _trouble_level(detail: str) -> int:
-    return logging.INFO if detail.endswith(CA_REVOKED) else logging.WARNING
+    """INFO for the CA revoked alone; with another failure (its signer that did not load),
+    a warning."""
+    return logging.INFO if detail == f"responder: {CA_REVOKED}" else logging.WARNING
 
 
 def signer_ending(issuer: core.Issuer, now: float, horizon: float) -> str | None:

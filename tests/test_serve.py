@@ -789,6 +789,12 @@ def test_the_last_refusals_of_a_burst_are_reported_by_the_loop(
     worker.refused_logged -= web_worker.REFUSED_LOG_SECONDS
     worker.murder_pending()
     assert len(said()) == 2  # nothing left to say
+    # Refused just before the worker ends (stopped, restarted, orphaned): said at its end.
+    worker._note_refused("192.0.2.4")
+    worker._note_refused("192.0.2.5")
+    monkeypatch.setattr(ThreadWorker, "run", lambda self: None)
+    worker.run()
+    assert said()[-1] == ("192.0.2.5", 1)
 
 
 def test_clients_that_stall_mid_body_get_408_and_do_not_block_the_server(

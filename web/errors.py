@@ -40,6 +40,7 @@ def register_error_handlers(app: Flask) -> None:
     def _domain(exc: SekishoError) -> Response:
         doc = exc.as_problem()
         if exc.http_status >= 500:
+            doc = {k: doc[k] for k in ("type", "title", "status")}  # nothing else of the error
             log.warning(
                 "request failed",
                 extra={"code": exc.code, "detail": exc.message, "request_id": g.get("request_id")},

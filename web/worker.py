@@ -219,9 +219,9 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         self.refused_peer = peer
         self._report_refused()
 
-    def _report_refused(self) -> None:
+    def _report_refused(self, *, at_exit: bool = False) -> None:
         now = time.monotonic()
-        if self.refused and now - self.refused_logged >= REFUSED_LOG_SECONDS:
+        if self.refused and (at_exit or now - self.refused_logged >= REFUSED_LOG_SECONDS):
             log.warning(
                 "connections refused: too many from one client address",
                 extra={"client_ip": self.refused_peer, "refused": self.refused,
@@ -233,6 +233,12 @@ class GuardedThreadWorker(ThreadWorker):  # type: ignore[misc]
         """(The worker's loop, about once a second.) Also: report refusals left uncounted."""
         super().murder_pending()
         self._report_refused()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:  # (a worker stopped, restarted or orphaned: what it counted is still said)
+            self._report_refused(at_exit=True)
 
     def head_seconds(self, conn: Any) -> float:
         """The time a connection's request head has left: ``request_seconds`` from when it

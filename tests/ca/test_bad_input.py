@@ -187,6 +187,22 @@ def test_pem_csr_with_explanatory_text_before_it_is_accepted(services: Services)
     # read as DER "followed by 40 octets").
     cert = _from_csr(services, b"0 comment, then the request\n" + _pem(_good_csr_der()))()
     assert cert.subject == ADMIN
+    cert = _from_csr(services, b"\xef\xbb\xbf" + _pem(_good_csr_der()))()  # a byte order mark
+    assert cert.subject == ADMIN
+
+
+def test_a_der_csr_followed_by_a_pem_csr_is_refused_not_the_second_issued(
+    services: Services,
+) -> None:
+    """A DER CSR, then another CSR in PEM: openssl reads the file as the first; a reading
+    that took the bytes before the BEGIN line for explanatory text issued the second. Only
+    text may come before a BEGIN line: this is a DER CSR followed by data, refused."""
+    other = make_csr(name(CN="mallory.example.com"), [x509.RFC822Name("m@tenant1.example.com")])
+    for between in (b"", b"\n"):
+        exc = _assert_refused(
+            services, _from_csr(services, _good_csr_der() + between + other), MalformedInput
+        )
+        assert "after its DER encoding" in exc.message
 
 
 def test_csr_with_bad_signature(services: Services) -> None:

@@ -670,3 +670,12 @@ def test_signer_ending_says_whether_the_certificate_has_ended(services: Services
     assert store.signer_ending(issuer, soon, 10) == f"its certificate expires at {when}"
     assert store.signer_ending(issuer, soon - 1, 10) is None
     assert store.signer_ending(issuer, end, 10) == f"its certificate expired at {when}"
+
+
+def test_a_revoked_ca_is_said_at_info_only_when_nothing_else_fails() -> None:
+    """The CA revoked by its parent is withheld by design (INFO); with a signer that also did
+    not load, the line names a key failure too: a warning."""
+    assert store._trouble_level(f"responder: {store.CA_REVOKED}") == logging.INFO
+    combined = f"the key is not on the token; the last good responder: {store.CA_REVOKED}"
+    assert store._trouble_level(combined) == logging.WARNING
+    assert store._trouble_level("responder: its certificate is revoked") == logging.WARNING

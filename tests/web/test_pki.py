@@ -860,17 +860,30 @@ def test_a_server_side_failure_tells_the_client_its_kind_not_its_internals(
     """A store or key failure's message is for the operator: a key file's or a database's
     path, a driver's error. The problem document says what kind of failure and the request
     ID; the log has the message."""
-    from sekisho.errors import WrongPassphrase
+    from sekisho.errors import StoreError, WrongPassphrase
 
     @app.get("/key-trouble-for-test")
     def trouble() -> str:
         raise WrongPassphrase("cannot decrypt key file '/srv/sekisho/keys/ca-admin.key'")
+
+    class Detailed(StoreError):  # an error that adds its own fields (as a rule's name)
+        def as_problem(self) -> dict[str, object]:
+            return {**super().as_problem(), "database": "/srv/sekisho/sekisho.db"}
+
+    @app.get("/store-trouble-for-test")
+    def store_trouble() -> str:
+        raise Detailed("database is locked")
 
     response = app.test_client().get("/key-trouble-for-test")
     doc = assert_problem(response, 503)
     assert "/srv/sekisho" not in response.get_data(as_text=True)
     assert "wrong-passphrase" in str(doc["detail"]) and "request ID" in str(doc["detail"])
     assert doc["type"] == "urn:sekisho:error:wrong-passphrase"
+    assert set(doc) == {"type", "title", "status", "detail", "request_id"}  # nothing else
     logged = [r for r in caplog.records if r.getMessage() == "request failed"]
     assert logged and "/srv/sekisho" in getattr(logged[-1], "detail", "")
     assert getattr(logged[-1], "request_id", None) == doc["request_id"]
+
+    response = app.test_client().get("/store-trouble-for-test")
+    doc = assert_problem(response, 503)
+    assert "database" not in doc and "/srv/sekisho" not in response.get_data(as_text=True)
