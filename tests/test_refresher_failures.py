@@ -67,6 +67,26 @@ def _refused_after_a_revocation(
     return refresher, attempts
 
 
+def _fault_gone_delta_made(
+    services: Services,
+    clock: FakeClock,
+    refresher: workers.CrlRefresher,
+    monkeypatch: pytest.MonkeyPatch,
+    full_number: int,
+) -> None:
+    """The fault undone and the retry wait over: the next tick makes the admin CA's delta on
+    the full CRL ``full_number``, and the failure is over."""
+    monkeypatch.undo()
+    clock.advance(seconds=workers.CRL_RETRY.total_seconds() + 1)
+    _tick(refresher)
+    assert "admin" not in refresher._ca_failing
+    with services.db.scope() as session:
+        delta = latest_by_name(session, "admin", CrlKind.DELTA)
+        assert delta is not None and delta.base_number == full_number
+        der = delta.der
+    assert x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+
+
 def test_a_failure_keeps_its_start_through_rounds_and_changes() -> None:
     failures = workers.Failures()
     assert failures.record("ocsp refresh", StoreError("database error: A"))
@@ -139,15 +159,7 @@ def test_a_delta_that_failed_after_its_full_crl_is_made_again(
         assert delta.base_number != full_number
     _tick(refresher)
     assert "admin" in refresher._ca_failing, "cleared with nothing published"
-    monkeypatch.undo()
-    clock.advance(seconds=workers.CRL_RETRY.total_seconds() + 1)
-    _tick(refresher)
-    assert "admin" not in refresher._ca_failing
-    with services.db.scope() as session:
-        delta = latest_by_name(session, "admin", CrlKind.DELTA)
-        assert delta is not None and delta.base_number == full_number
-        der = delta.der
-    assert x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    _fault_gone_delta_made(services, clock, refresher, monkeypatch, full_number)
 
 
 def test_a_ca_that_no_longer_publishes_is_no_longer_failing(
@@ -275,13 +287,7 @@ def test_a_delta_behind_a_full_crl_resigned_by_age_is_made_again(
         delta = latest_by_name(session, "admin", CrlKind.DELTA)
         assert full is not None and delta is not None and delta.base_number != full.number
         full_number = full.number
-    monkeypatch.undo()
-    clock.advance(seconds=workers.CRL_RETRY.total_seconds() + 1)
-    _tick(refresher)
-    assert "admin" not in refresher._ca_failing
-    with services.db.scope() as session:
-        delta = latest_by_name(session, "admin", CrlKind.DELTA)
-        assert delta is not None and delta.base_number == full_number
+    _fault_gone_delta_made(services, clock, refresher, monkeypatch, full_number)
 
 
 def test_a_clock_stepped_back_does_not_stretch_the_retry(
