@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import os
 import secrets
 import stat
@@ -35,6 +36,12 @@ def synced_private_temp(directory: Path, name: str, data: bytes) -> Path:
             tmp.unlink()
         raise
     return tmp
+
+
+def private_temps(path: Path) -> list[Path]:
+    """The temporaries ``synced_private_temp`` made for ``path`` and left behind (a process
+    killed while writing one): for its owner to remove."""
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
 
 
 def create_synced(path: Path, data: bytes) -> None:

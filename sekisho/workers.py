@@ -14,12 +14,10 @@ full and delta CRL stay).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from ca.models import CertificateAuthority, CrlKind
 from ocsp.signers import ensure_responders, replace_revoked_responders
 from sekisho.context import Actor
 from sekisho.errors import AuditError, Conflict, SekishoError, StoreError
+from sekisho.files import replace_synced
 from sekisho.services import Services
 from sekisho.settings import Settings
 
@@ -446,8 +445,8 @@ def heartbeat_file(settings: Settings, arbiter_pid: int) -> Path:
 
 class HeartbeatWriter:
     """The refresher's side of the heartbeat file: touched after every round, its body the
-    round's failures (JSON, ``CrlRefresher.failures``), rewritten (a new file renamed over
-    it, never read half-written) only when they change."""
+    round's failures (JSON, ``CrlRefresher.failures``), replaced whole (``replace_synced``:
+    never read half-written) only when they change."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -458,22 +457,12 @@ class HeartbeatWriter:
         if body == self._body:
             self.path.touch()
             return
-        new = self.path.with_name(self.path.name + ".new")
         try:
-            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            try:
-                view = memoryview(body)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            os.replace(new, self.path)
+            replace_synced(self.path, body)
         except OSError:
             # The body cannot be written (a full disk): the round still went round, and the
             # arbiter must not kill a refresher that works for it. The failure is raised (and
             # logged once by the refresher); the next round writes the body again.
-            with contextlib.suppress(OSError):
-                new.unlink()
             self.path.touch()
             raise
         self._body = body

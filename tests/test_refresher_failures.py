@@ -22,6 +22,7 @@ from ca.models import CrlKind
 from ca.revocation import Reason
 from sekisho import workers
 from sekisho.errors import Conflict, KeyBackendError, StoreError
+from sekisho.files import private_temps
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
 from tests.ca.helpers import issue
@@ -215,17 +216,17 @@ def test_the_heartbeat_is_touched_when_its_body_cannot_be_written(
     os.utime(beat, (1000, 1000))
     writer = workers.HeartbeatWriter(beat)
     failing = {"steps": {"audit checkpoint": {"code": "store", "since": 5.0}}, "crls": {}}
-    real_write = os.write
+    real_fsync = os.fsync
 
-    def full(_fd: int, _data: object) -> int:
+    def full(_fd: int) -> None:  # (the data reaches the disk at the sync: ENOSPC there)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError):
         writer(failing)
     assert beat.stat().st_mtime > 1000 and beat.read_bytes() == b""
-    assert not (tmp_path / "refresher-1.alive.new").exists()
-    monkeypatch.setattr(os, "write", real_write)
+    assert private_temps(beat) == [] and sorted(tmp_path.iterdir()) == [beat]
+    monkeypatch.setattr(os, "fsync", real_fsync)
     writer(failing)
     assert json.loads(beat.read_bytes()) == failing
 
@@ -241,7 +242,9 @@ def test_the_arbiter_starts_from_an_empty_heartbeat(
     beat = workers.heartbeat_file(settings, os.getpid())
     beat.parent.mkdir(mode=0o700, exist_ok=True)
     beat.write_text(json.dumps({"steps": {"ocsp refresh": {"code": "store", "since": 1.0}}}))
-    beat.with_name(beat.name + ".new").write_text("{")
+    leftover = beat.with_name(f".{beat.name}.0123456789abcdef.tmp")  # a body half written
+    leftover.write_text("{")
+    assert private_temps(beat) == [leftover]
     os.utime(beat, (1000, 1000))
     started: list[list[str]] = []
 
@@ -254,7 +257,7 @@ def test_the_arbiter_starts_from_an_empty_heartbeat(
     supervisor = web_server._RefresherSupervisor(settings)
     supervisor._start()
     assert started and beat.read_bytes() == b"" and beat.stat().st_mtime > 1000
-    assert not beat.with_name(beat.name + ".new").exists()
+    assert not leftover.exists()
     assert workers.heartbeat_failures(settings, os.getpid()) == {}
 
 

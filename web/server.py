@@ -42,6 +42,7 @@ from sekisho.errors import (
     StoreError,
     WrongPassphrase,
 )
+from sekisho.files import private_temps
 from sekisho.logs import JsonFormatter
 from sekisho.services import build_services, open_deployment
 from sekisho.settings import Settings, load_settings
@@ -103,8 +104,9 @@ class _RefresherSupervisor:
         beat = heartbeat_file(self.settings, os.getpid())
         beat.parent.mkdir(mode=0o700, exist_ok=True)
         if self.proc is None:
-            with contextlib.suppress(OSError):
-                beat.with_name(beat.name + ".new").unlink()
+            for leftover in private_temps(beat):  # its body's, from a refresher killed writing
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
             os.close(os.open(beat, flags, 0o600))
             os.utime(beat)
@@ -170,7 +172,7 @@ class _RefresherSupervisor:
                 proc.wait(REFRESHER_STOP_TIMEOUT)
         # After it is gone: a round it finished meanwhile would touch the file again.
         beat = heartbeat_file(self.settings, os.getpid())
-        for path in (beat, beat.with_name(beat.name + ".new")):
+        for path in (beat, *private_temps(beat)):
             with contextlib.suppress(OSError):
                 path.unlink()
 
