@@ -20,6 +20,7 @@ from sqlalchemy import select, text
 from ca.crl import freshness, latest_by_name
 from ca.models import CertificateAuthority, Crl, CrlKind
 from ca.registry import DELTA_SUFFIX, is_ca_name
+from sekisho.settings import Settings
 from sekisho.workers import heartbeat_age, heartbeat_failures
 from web import services_of
 from web.conditional import conditional_response, http_date
@@ -61,17 +62,19 @@ def healthz() -> tuple[dict[str, Any], int]:
         if not fresh:
             doc["status"] = "degraded"
         else:
-            _lasting_failures(doc, services.settings.refresher_stuck_seconds / 2)
+            _lasting_failures(doc, services.settings)
     return doc, 200
 
 
-def _lasting_failures(doc: dict[str, Any], least: float) -> None:
-    """What the refresher's rounds have failed to do for ``least`` seconds or more: a step
-    (``refresher_failing``: step -> error code) or a CA's CRL (``crl``: "failing", where the
-    CRL is not already named stale, expired, missing or pending). Degraded: a CRL that pkilint
-    refuses, or a token that will not sign, is otherwise only in the log until the CRL goes
-    stale, days later. Shorter failures (a database restart) are left to the log."""
-    report = heartbeat_failures(services_of(current_app).settings, os.getppid())
+def _lasting_failures(doc: dict[str, Any], settings: Settings) -> None:
+    """What the refresher's rounds have failed to do for half ``refresher_stuck_seconds`` or
+    more: a step (``refresher_failing``: step -> error code) or a CA's CRL (``crl``:
+    "failing", where the CRL is not already named stale, expired, missing or pending).
+    Degraded: a CRL that pkilint refuses, or a token that will not sign, is otherwise only in
+    the log until the CRL goes stale, days later. Shorter failures (a database restart) are
+    left to the log."""
+    report = heartbeat_failures(settings, os.getppid())
+    least = settings.refresher_stuck_seconds / 2
     now = time.time()
 
     def lasting(kind: str) -> dict[str, str]:
