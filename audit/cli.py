@@ -33,6 +33,7 @@ from audit.query import (
 )
 from audit.query import tombstones as query_tombstones
 from audit.verify import TailLimit, VerifyResult, claims_from_documents, verify
+from ca.tbs import parse_serial
 from sekisho.db import Database, undecodable_argument, undecodable_text
 from sekisho.errors import (
     AuditError,
@@ -127,10 +128,12 @@ def _serial_option(_ctx: click.Context, _param: click.Parameter, value: str | No
     no record, and "no records" was read into a typo, as for --ip and --mac."""
     if value is None:
         return None
-    if not re.fullmatch(r"[0-9a-f]{40}", _serial(value)):
+    try:
+        parse_serial(value)  # as `_serial` and `cert show` read it
+    except InputError:
         raise click.BadParameter(
             f"{shown(value)} is not a certificate serial (a positive number of up to 40 hex digits)"
-        )
+        ) from None
     return value
 
 

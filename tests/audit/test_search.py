@@ -239,7 +239,7 @@ def test_cli_search_filters(
     bad = [("--ip", "999.1.1.1"), ("--ip", "host.example"), ("--mac", "zz"),
            ("--mac", "aa:bb:cc:dd:ee"), ("--mac", "aa:bb:cc:dd:ee:ff:00"),
            ("--serial", "zz"), ("--serial", "f" * 41), ("--serial", "0"),
-           ("--serial", "0x00:00"), ("--serial", "1 2")]  # fmt: skip
+           ("--serial", "0x00:00"), ("--serial", "1 2"), ("--serial", "0" * 40)]  # fmt: skip
     for option, value in bad:
         code, out, err = run_cli(capsys, cli_data_dir, "audit", "search", option, value)
         assert code == 64 and out == "" and repr(value) in err, (option, value, err)
