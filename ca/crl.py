@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from sqlalchemy import Executable, Table, bindparam, delete, select, text, update
 from sqlalchemy.orm import Session, defer
 
-from audit.events import Category, Outcome, by_actor
+from audit.events import Category, Outcome, by_actor, refused
 from audit.journal import Journal
 from ca import der
 from ca.lint import CRL_LINT_ENTRIES, Linter, lint_unreadable
@@ -42,7 +42,7 @@ from hsm.base import KeyBackend, KeyType, sign_bytes
 from sekisho.clock import CLOCK_AHEAD, as_utc
 from sekisho.context import SYSTEM, Actor
 from sekisho.db import Database, Prepared, stream_raw
-from sekisho.errors import Conflict, NotFound, shown
+from sekisho.errors import Conflict, NotFound, PolicyViolation, shown
 
 # AlgorithmIdentifier DER per CA key type (RFC 5758 3.2, RFC 4055/8017, RFC 8410 3).
 SIGNATURE_ALGORITHM: dict[KeyType, bytes] = {
@@ -552,7 +552,13 @@ class CrlPublisher:
             return plan, *self._read_entries(session, plan)
 
     def publish(
-        self, ca_name: str, now: dt.datetime, *, actor: Actor = SYSTEM, closing: bool = False
+        self,
+        ca_name: str,
+        now: dt.datetime,
+        *,
+        actor: Actor = SYSTEM,
+        closing: bool = False,
+        journal_refusal: bool = True,
     ) -> tuple[Crl, Crl | None]:
         """A full CRL, then a delta against it: every full CRL points to the delta (Freshest
         CRL), and a delta numbered below the full CRL served beside it, or naming an older
@@ -562,10 +568,12 @@ class CrlPublisher:
         ``closing``: the CA's key is about to leave the store, and nothing will renew the
         delta: it lasts as long as the full CRL (otherwise a client following the pointer
         finds an expired delta for most of the full CRL's life)."""
-        full = self.generate(ca_name, now, actor=actor)
+        full = self.generate(ca_name, now, actor=actor, journal_refusal=journal_refusal)
         if not self.deltas:
             return full, None
-        return full, self.generate(ca_name, now, delta=True, actor=actor, lasting=closing)
+        return full, self.generate(
+            ca_name, now, delta=True, actor=actor, lasting=closing, journal_refusal=journal_refusal
+        )
 
     def generate(
         self,
@@ -575,9 +583,15 @@ class CrlPublisher:
         delta: bool = False,
         actor: Actor = SYSTEM,
         lasting: bool = False,
+        journal_refusal: bool = True,
     ) -> Crl:
         """Build, sign and store a full (or delta) CRL for ``ca_name``. ``lasting`` (delta):
-        valid until its base CRL's nextUpdate, not for the delta validity only."""
+        valid until its base CRL's nextUpdate, not for the delta validity only.
+
+        A CRL the lint gate refuses (PolicyViolation) is neither signed nor stored, and is
+        journalled (``ca.crl``, failure, with the rule and the findings) unless
+        ``journal_refusal`` is false: the refresher, trying again every CRL_RETRY, journals
+        the first refusal of a run of them only."""
         if delta and not self.deltas:
             raise Conflict("delta CRLs are turned off on this deployment (setting crl_deltas)")
         plan, entries_der, entry_count = self._plan_and_read(ca_name, now, delta, lasting)
@@ -594,9 +608,32 @@ class CrlPublisher:
             base_number=base_number,
             freshest_url=self.delta_url_for(ca_name) if self.deltas and not delta else None,
         )
-        crl_der = build_crl(
-            params, entries_der, self.backend.signing_key(plan.key_ref), self.linter
-        )
+        try:
+            crl_der = build_crl(
+                params, entries_der, self.backend.signing_key(plan.key_ref), self.linter
+            )
+        except PolicyViolation as exc:
+            if journal_refusal:
+                with self.db.connection_scope() as conn:
+                    self.journal.append(
+                        conn,
+                        refused(
+                            actor,
+                            Category.CA,
+                            "ca.crl",
+                            exc,
+                            object_dn=plan.cert.subject.rfc4514_string(),
+                            detail={
+                                "ca": ca_name,
+                                "number": plan.number,  # allocated, left unused
+                                "kind": (CrlKind.DELTA if delta else CrlKind.FULL).value,
+                                "entries": entry_count,
+                                "base": base_number,
+                            },
+                        ),
+                        now,
+                    )
+            raise
         del entries_der
         with self.db.scope() as session:
             row = Crl(

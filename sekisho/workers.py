@@ -31,7 +31,7 @@ from ca.crl import check_can_publish, due, latest
 from ca.models import CertificateAuthority, CrlKind
 from ocsp.signers import ensure_responders, replace_revoked_responders
 from sekisho.context import Actor
-from sekisho.errors import AuditError, Conflict, SekishoError, StoreError
+from sekisho.errors import AuditError, Conflict, PolicyViolation, SekishoError, StoreError
 from sekisho.files import replace_synced
 from sekisho.services import Services
 from sekisho.settings import Settings
@@ -326,15 +326,18 @@ class CrlRefresher:
             retry = self._ca_retry.get(name)
             if retry is not None and retry[0] - CRL_RETRY <= now < retry[0] and epoch == retry[1]:
                 continue  # failed lately (a clock stepped back does not stretch it), no change
+            # A CRL the lint gate refuses is journalled once for a run of refusals, not at
+            # every try (CRL_RETRY): each try after the first is refused the same way.
+            journal = self._ca_failing.code(name) != PolicyViolation.code
             try:
                 if stale or pointing or due(full, epoch, now):
-                    self.services.crls.publish(name, now)
+                    self.services.crls.publish(name, now, journal_refusal=journal)
                     self._pending.pop(name, None)
                     published.append(name)
                 elif self.services.crls.deltas and (
                     delta is None or old_base or due(delta, epoch, now)
                 ):
-                    self.services.crls.generate(name, now, delta=True)
+                    self.services.crls.generate(name, now, delta=True, journal_refusal=journal)
                     published.append(name)
             except SekishoError as exc:
                 # One CA's CRL that cannot be signed (its key away) stops no other CA's.
@@ -421,6 +424,11 @@ class Failures:
             return False
         self._what[key] = what
         return True
+
+    def code(self, key: str) -> str | None:
+        """The error code of ``key``'s failure; None when it is not failing."""
+        since = self._since.get(key)
+        return since[0] if since is not None else None
 
     def clear(self, key: str) -> bool:
         """``key`` works (again): True if it was failing."""

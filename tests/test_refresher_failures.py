@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from sqlalchemy import select
 
+from audit.models import JournalRecord
 from ca import crl as crl_module
 from ca.crl import latest_by_name
 from ca.models import CrlKind
@@ -129,6 +131,44 @@ def test_a_failing_ca_is_not_read_again_every_tick_but_at_once_after_a_change(
     clock.advance(seconds=workers.CRL_RETRY.total_seconds() + 1)
     _tick(refresher)
     assert "admin" not in refresher._ca_failing and refresher.failures()["crls"] == {}
+
+
+def _crl_refusals(services: Services) -> int:
+    with services.db.scope() as session:
+        return len(
+            session.scalars(
+                select(JournalRecord.seq).where(
+                    JournalRecord.action == "ca.crl", JournalRecord.outcome == "failure"
+                )
+            ).all()
+        )
+
+
+def test_a_run_of_lint_refusals_is_journalled_once(
+    clocked: tuple[Services, FakeClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first CRL the lint gate refuses is journalled (``ca.crl``, failure); the tries
+    after it, every CRL_RETRY or at each revocation while the fault lasts, are not (2,880
+    entries a day per CA). Once a CRL is published, the next refusal starts a new run."""
+    services, clock = clocked
+    refresher, attempts = _refused_after_a_revocation(services, clock, monkeypatch)
+    assert attempts == ["admin"] and _crl_refusals(services) == 1
+    for _ in range(3):
+        clock.advance(seconds=workers.CRL_RETRY.total_seconds() + 1)
+        _tick(refresher)
+    _revoke_one(services)
+    _tick(refresher)
+    assert len(attempts) == 5 and _crl_refusals(services) == 1
+    monkeypatch.undo()
+    clock.advance(seconds=workers.CRL_RETRY.total_seconds() + 1)
+    _tick(refresher)
+    assert "admin" not in refresher._ca_failing
+    monkeypatch.setattr(crl_module, "OID_AKI", "2.5.29.99")
+    _revoke_one(services)
+    for _ in range(2):
+        clock.advance(seconds=1)
+        _tick(refresher)
+    assert "admin" in refresher._ca_failing and _crl_refusals(services) == 2
 
 
 def test_a_delta_that_failed_after_its_full_crl_is_made_again(

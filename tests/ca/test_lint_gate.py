@@ -38,12 +38,12 @@ def _count(services: Services, model: type[object]) -> int:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def _rejections(services: Services) -> list[dict[str, object]]:
+def _rejections(services: Services, action: str = "ca.issue") -> list[dict[str, object]]:
     with services.db.scope() as session:
         rows = session.scalars(
-            select(JournalRecord.detail).where(
-                JournalRecord.action == "ca.issue", JournalRecord.outcome == "failure"
-            )
+            select(JournalRecord.detail)
+            .where(JournalRecord.action == action, JournalRecord.outcome == "failure")
+            .order_by(JournalRecord.seq)
         )
         return [json.loads(detail) for detail in rows]
 
@@ -236,16 +236,36 @@ def crl_without_aki(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_crl_pkilint_finds_wrong_is_refused_before_it_is_signed(
     services: Services, recording_backend: RecordingBackend, crl_without_aki: None
 ) -> None:
+    """Refused, and journalled (``ca.crl``, failure, with the rule and the finding)."""
     crls = _count(services, Crl)
     signatures = len(recording_backend.signatures_but_checkpoints())
+    assert _rejections(services, "ca.crl") == []
+    numbers = []
     for delta in (False, True):
         with pytest.raises(PolicyViolation) as info:
-            services.crls.generate("admin", services.clock(), delta=delta)
+            services.crls.generate("admin", services.clock(), delta=delta, actor=TEST_ACTOR)
         assert info.value.rule == LINT_RULE and info.value.exit_code == 65
         assert "pkix.authority_key_identifier_missing (ERROR)" in info.value.message
         assert "in the CRL: not signed" in info.value.message
+        refusal = _rejections(services, "ca.crl")[-1]
+        assert refusal["rule"] == LINT_RULE and refusal["code"] == "policy-violation"
+        assert "authority_key_identifier_missing" in str(refusal["reason"])
+        assert refusal["ca"] == "admin" and refusal["kind"] == ("delta" if delta else "full")
+        numbers.append(refusal["number"])
+    assert len(_rejections(services, "ca.crl")) == 2 and numbers[1] == numbers[0] + 1
+    with services.db.scope() as session:
+        actors = session.scalars(
+            select(JournalRecord.actor_account).where(
+                JournalRecord.action == "ca.crl", JournalRecord.outcome == "failure"
+            )
+        ).all()
+    assert actors == [TEST_ACTOR.account] * 2 and TEST_ACTOR.account != "system"
     assert _count(services, Crl) == crls, "a refused CRL was stored"
     assert recording_backend.signatures_but_checkpoints()[signatures:] == []
+    # Without the journal entry (the refresher's tries after its first): refused the same.
+    with pytest.raises(PolicyViolation):
+        services.crls.publish("admin", services.clock(), journal_refusal=False)
+    assert len(_rejections(services, "ca.crl")) == 2
 
 
 def test_with_the_gate_off_the_crl_fault_is_signed(
