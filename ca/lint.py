@@ -20,11 +20,19 @@ checks) before the CA key signs them: the exact TBSCertList when it has at most
 entries (pkilint takes about 0.2 ms per entry: minutes over 10^6): the header, the
 extensions and the entries of the lowest serials are linted, the others (written by the same
 encoder) are not.
+
+OCSP responses go through it too (``Linter.check_ocsp_tbs``, pkilint's ``lint_ocsp_response``
+checks): the first response of each *shape* an issuer signs (the kinds of status it carries,
+with or without a revocation reason, one CertID or more, a nonce or none; ``ocsp.core``)
+is linted before it is signed, the later ones of that shape are not: thousands are signed in
+a re-signing batch, and responses of one shape differ only in values the encoder writes the
+same way (serials, times, hashes, the nonce's bytes).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from asn1crypto import crl as asn1_crl
@@ -77,6 +85,17 @@ class Linter:
         NOTICE or above. The caller cuts a long list (``CRL_LINT_ENTRIES``)."""
         crl = self._signed(asn1_crl.TbsCertList, tbs, key_type, "CRL")
         self._check(crl, "CRL")
+
+    def check_ocsp_tbs(self, tbs: bytes, key_type: KeyType, wrap: Callable[[bytes], bytes]) -> None:
+        """Refuse (PolicyViolation, rule ``pkilint``) the ResponseData ``tbs`` that a key of
+        ``key_type`` is about to sign, if pkilint's OCSP response checks find anything of
+        NOTICE or above. ``wrap`` makes the whole OCSPResponse of a signature over ``tbs``
+        (the signer's algorithm and certificates, as the signed response will carry them)."""
+        try:
+            response = wrap(sign_bytes(self._throwaway(key_type), key_type, tbs))
+        except Exception as exc:
+            raise lint_unreadable(exc, "OCSP response") from exc
+        self._check(response, "OCSP response")
 
     def _signed(self, spec: Any, tbs: bytes, key_type: KeyType, what: str) -> bytes:
         """``tbs`` (parsed as ``spec``) signed by a throwaway key of ``key_type`` under its own
@@ -159,6 +178,24 @@ class Linter:
             self._local.crl_validator = validator
         return validator
 
+    def _ocsp_validator(self) -> Any:
+        validator = getattr(self._local, "ocsp_validator", None)
+        if validator is None:
+            from pkilint import pkix
+            from pkilint.pkix import extension, name, ocsp
+
+            # What ``lint_ocsp_response`` runs (the tests run that command on responses).
+            validator = ocsp.create_pkix_ocsp_response_validator_container(
+                [
+                    ocsp.create_response_decoder(),
+                    pkix.create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
+                    pkix.create_extension_decoder(extension.EXTENSION_MAPPINGS),
+                ],
+                [],
+            )
+            self._local.ocsp_validator = validator
+        return validator
+
     def _findings(self, signed: bytes, what: str) -> list[str]:
         from pkilint import loader
         from pkilint.validation import ValidationFindingSeverity
@@ -166,6 +203,11 @@ class Linter:
         if what == "CRL":
             document = loader.load_der_crl(signed, "to-be-signed")
             validator = self._crl_validator()
+        elif what == "OCSP response":
+            document = loader.RFC6960OCSPResponseDocumentLoader().load_der_document(
+                signed, "to-be-signed"
+            )
+            validator = self._ocsp_validator()
         else:
             document = loader.load_der_certificate(signed, "to-be-signed")
             validator = self._validator()

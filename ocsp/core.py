@@ -42,6 +42,9 @@ Decisions
   :class:`sekisho.errors.StoreError` and signing raising
   :class:`sekisho.errors.KeyBackendError` become ``tryLater``; anything else propagates (the
   shell maps it to ``internalError`` with :func:`error_response`).
+* **Lint gate.** An issuer built with ``lint`` (``ca.lint.Linter.check_ocsp_tbs``) has the
+  first response of each shape (:func:`_shape`) linted by pkilint before it is signed; a
+  finding raises :class:`sekisho.errors.PolicyViolation`, and nothing is signed.
 * **Validity.** ``nextUpdate - thisUpdate`` must lie within ``[MIN_VALIDITY, MAX_VALIDITY]``
   (8 h to 10 d, BR 4.9.10) and ``producedAt >= thisUpdate``; a caller breaking that gets
   ``ValueError`` (a programming error, not a client error).
@@ -406,6 +409,14 @@ class Issuer:
     # Check every signature before it leaves: true unless ``key`` is one of cryptography's own
     # (OpenSSL, in this process), whose match with the certificate ``create`` checked once.
     verify_each: bool = True
+    # The lint gate: (ResponseData DER, a function wrapping a signature over it into the whole
+    # OCSPResponse) -> None, raising PolicyViolation to refuse; None: no gate.
+    lint: Callable[[bytes, Callable[[bytes], bytes]], None] | None = None
+    # The shapes whose first response the gate passed (this object's, so for as long as this
+    # signer is loaded): the later ones of a shape are not linted.
+    linted: set[tuple[bool, bool, frozenset[str]]] = dataclasses.field(
+        default_factory=set, compare=False, repr=False
+    )
 
     @property
     def delegated(self) -> bool:
@@ -434,6 +445,7 @@ class Issuer:
         certificate: x509.Certificate,
         key: CertificateIssuerPrivateKeyTypes,
         responder_certificate: x509.Certificate | None = None,
+        lint: Callable[[bytes, Callable[[bytes], bytes]], None] | None = None,
     ) -> Issuer:
         """``key`` signs the responses: the delegated responder's key when
         ``responder_certificate`` is given, else the CA's own key. Refuses (ConfigError) a key
@@ -453,6 +465,7 @@ class Issuer:
             key_hashes={h: hashlib.new(h, key_bits).digest() for h in SERVED_HASHES},
             responder_key_id=responder_key_hash(signer),
             verify_each=not type(key).__module__.startswith("cryptography."),
+            lint=lint,
         )
 
     def serves(self, cert_id: CertId) -> bool:
@@ -688,13 +701,39 @@ def build_response(
     tbs = w.sequence(*parts)
 
     algorithm, sign = issuer.signing
+    if issuer.lint is not None:
+        shape = _shape(answers, nonce)
+        if shape not in issuer.linted:
+            issuer.lint(tbs, lambda signature: _wrap(tbs, algorithm, signature, issuer.certs_der))
+            issuer.linted.add(shape)
     signature = sign(tbs)
     if issuer.verify_each:
         # A token's fault, or a key object that is not what it says, never reaches a client.
         verify_signature(issuer.responder_certificate, signature, tbs)
-    basic = w.sequence(tbs, algorithm, w.bit_string(signature), issuer.certs_der)
+    return _wrap(tbs, algorithm, signature, issuer.certs_der)
+
+
+def _wrap(tbs: bytes, algorithm: bytes, signature: bytes, certs: bytes) -> bytes:
+    """The successful OCSPResponse of a BasicOCSPResponse: ``tbs`` (ResponseData) signed."""
+    basic = w.sequence(tbs, algorithm, w.bit_string(signature), certs)
     response_bytes = w.sequence(w.oid(OID_BASIC), w.octet_string(basic))
     return w.sequence(b"\x0a\x01\x00", w.explicit(0, response_bytes))  # successful
+
+
+def _shape(
+    answers: Sequence[tuple[CertId, Status]], nonce: bytes | None
+) -> tuple[bool, bool, frozenset[str]]:
+    """What the lint gate tells responses apart by: a nonce or none, one CertID or more, and
+    the kinds of status carried (a revocation with a reason code or without one)."""
+    kinds = frozenset(
+        "revoked-reason"
+        if isinstance(status, Revoked)
+        and status.reason is not None
+        and status.reason is not x509.ReasonFlags.unspecified
+        else type(status).__name__.lower()
+        for _, status in answers
+    )
+    return nonce is not None, len(answers) > 1, kinds
 
 
 def answer(

@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Table, and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -67,11 +68,12 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import Integer
 
 from audit.events import Category, Outcome, by_actor
+from ca.lint import Linter
 from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus
 from ca.registry import ca_revoked
 from ca.revocation import Reason
 from ca.tbs import serial_hex
-from hsm.base import KeyBackend
+from hsm.base import KeyBackend, key_type_of
 from ocsp import core
 from ocsp.models import OcspResponder, OcspResponse
 from sekisho.context import Actor
@@ -265,20 +267,37 @@ def chosen_responders(db: Database, ca_ids: Sequence[int]) -> dict[int, bytes]:
         return {i: der for i, (_ref, der) in _active_responders(session, ca_ids).items()}
 
 
-def _issuer(backend: KeyBackend, ca_cert: x509.Certificate, row: _CaRow) -> core.Issuer:
-    """Who signs for one served CA: its delegated responder, or the CA key."""
+def _issuer(
+    backend: KeyBackend, ca_cert: x509.Certificate, row: _CaRow, linter: Linter | None
+) -> core.Issuer:
+    """Who signs for one served CA: its delegated responder, or the CA key; with the lint gate
+    when ``linter`` is given."""
     key_ref, responder = row[2], row[4]
     if responder is None:
-        return core.Issuer.create(ca_cert, backend.signing_key(key_ref))
+        key = backend.signing_key(key_ref)
+        return core.Issuer.create(ca_cert, key, lint=_gate(linter, key))
     ref, der = responder
+    key = backend.signing_key(ref)
     return core.Issuer.create(
-        ca_cert, backend.signing_key(ref), x509.load_der_x509_certificate(der)
+        ca_cert, key, x509.load_der_x509_certificate(der), lint=_gate(linter, key)
     )
 
 
-def _load_issuers(db: Database, backend: KeyBackend, sign_with_ca: bool) -> dict[int, core.Issuer]:
+def _gate(
+    linter: Linter | None, key: CertificateIssuerPrivateKeyTypes
+) -> Callable[[bytes, Callable[[bytes], bytes]], None] | None:
+    """The lint gate of an issuer signing with ``key`` (``ocsp.core.Issuer.lint``)."""
+    if linter is None:
+        return None
+    key_type = key_type_of(key.public_key())
+    return lambda tbs, wrap: linter.check_ocsp_tbs(tbs, key_type, wrap)
+
+
+def _load_issuers(
+    db: Database, backend: KeyBackend, sign_with_ca: bool, linter: Linter | None
+) -> dict[int, core.Issuer]:
     return {
-        row[0]: _issuer(backend, x509.load_der_x509_certificate(row[3]), row)
+        row[0]: _issuer(backend, x509.load_der_x509_certificate(row[3]), row, linter)
         for row in _served_cas(db, sign_with_ca)
     }
 
@@ -287,7 +306,9 @@ def load_issuers(services: Services) -> dict[int, core.Issuer]:
     """issuer_id -> Issuer for every served CA: the active delegated responder's certificate
     and key, or the CA's own key when ``ocsp_sign_with_ca`` is set (or no responder exists).
     One signer that cannot be loaded fails the call; :func:`load_issuers_each` does not."""
-    return _load_issuers(services.db, services.backend, services.settings.ocsp_sign_with_ca)
+    return _load_issuers(
+        services.db, services.backend, services.settings.ocsp_sign_with_ca, services.ocsp.linter
+    )
 
 
 def _why(exc: Exception) -> str:
@@ -303,18 +324,20 @@ def load_issuers_each(
 ) -> tuple[dict[int, core.Issuer], dict[int, core.SignerDown]]:
     """:func:`load_issuers` one CA at a time: (the served CAs whose signer loaded, the served
     CAs whose signer did not, with why). A store error propagates: then nothing is known."""
-    return _load_each(services.db, services.backend, services.settings.ocsp_sign_with_ca)
+    return _load_each(
+        services.db, services.backend, services.settings.ocsp_sign_with_ca, services.ocsp.linter
+    )
 
 
 def _load_each(
-    db: Database, backend: KeyBackend, sign_with_ca: bool
+    db: Database, backend: KeyBackend, sign_with_ca: bool, linter: Linter | None
 ) -> tuple[dict[int, core.Issuer], dict[int, core.SignerDown]]:
     loaded: dict[int, core.Issuer] = {}
     down: dict[int, core.SignerDown] = {}
     for row in _served_cas(db, sign_with_ca):
         ca_cert = x509.load_der_x509_certificate(row[3])
         try:
-            loaded[row[0]] = _issuer(backend, ca_cert, row)
+            loaded[row[0]] = _issuer(backend, ca_cert, row, linter)
         except (SekishoError, ValueError, TypeError) as exc:
             # A key away or unreadable (KeyBackendError), a responder certificate that does not
             # fit its key or its CA (ConfigError), one that does not parse (ValueError).
@@ -847,9 +870,12 @@ class OcspService:
         backend: KeyBackend,
         settings: Settings,
         clock: Callable[[], dt.datetime],
+        linter: Linter | None = None,
     ) -> None:
         self.db = db
         self.backend = backend
+        # The lint gate (``lint_before_signing``): each issuer's first response of a shape.
+        self.linter = linter
         self.validity = settings.ocsp_validity
         self.refresh_fraction = settings.ocsp_refresh_fraction
         self.sign_with_ca = settings.ocsp_sign_with_ca
@@ -858,7 +884,7 @@ class OcspService:
         # Who signs for which CA, CA by CA, under the standalone server's rules (Signers);
         # ``_issuers``: (every CA served, those whose signer may sign), swapped whole.
         self._signers = Signers(
-            lambda: _load_each(db, backend, self.sign_with_ca),
+            lambda: _load_each(db, backend, self.sign_with_ca, self.linter),
             lambda served: refused_signers(db, served),
             ISSUERS_TTL,
             log,

@@ -463,7 +463,7 @@ def build_services(
         linter=linter,
     )
     # Pre-signed OCSP responses: signed at issuance, re-signed before revoke()/release() return.
-    ocsp = OcspService(db, backend, settings, clock)
+    ocsp = OcspService(db, backend, settings, clock, linter)
     ca.issued_hooks.append(ocsp.on_issued)
     revoker.listeners.append(ocsp.on_revocation)
     services = Services(
