@@ -138,6 +138,7 @@ from ocsp.index import (
     simple_request,
 )
 from ocsp.store import ChosenFn, IssuersFn, RefusedFn, Signers
+from sekisho.errors import SekishoError
 from sekisho.httpfields import evaluate
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,9 @@ class Responder:
                 now=dt.datetime.now(dt.UTC),
                 validity=validity,
             )
+        except SekishoError as exc:  # the lint gate refused the answer (rule pkilint)
+            log.error("OCSP answer not signed", extra={"code": exc.code, "detail": exc.message})
+            return core.INTERNAL_ERROR
         except Exception:  # a bug must not kill the connection handler: internalError
             log.exception("OCSP answer failed")
             return core.INTERNAL_ERROR

@@ -24,6 +24,7 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ocsp import core
+from sekisho.errors import SekishoError
 from web import services_of
 from web.body import read_body
 from web.conditional import conditional_response, http_date
@@ -46,6 +47,9 @@ def _answer(der: bytes) -> bytes:
     services = services_of(current_app)
     try:
         return services.ocsp.answer(der, services.clock())
+    except SekishoError as exc:  # the lint gate refused the answer (rule pkilint)
+        log.error("ocsp answer not signed", extra={"code": exc.code, "detail": exc.message})
+        return core.INTERNAL_ERROR
     except Exception as exc:  # an OCSP client gets an OCSP answer, never a 500
         log.error("ocsp answer crashed", exc_info=exc)
         return core.INTERNAL_ERROR

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from ca.lint import LINT_RULE, Linter
 from ca.revocation import Reason
 from ocsp import core, store
+from ocsp.index import ResponseIndex
+from ocsp.server import Responder
 from sekisho.errors import PolicyViolation
 from sekisho.services import Services, build_services
 from sekisho.settings import Settings
@@ -82,21 +84,29 @@ def test_with_the_gate_off_the_same_fault_is_signed(
 
 
 def test_a_refused_presign_leaves_the_issuance_and_a_live_answer_is_internal_error(
-    services: Services, long_key_hash: None
+    services: Services, long_key_hash: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The certificate is issued (the pre-signed response is the refresher's to repair) but
-    no response is stored for it; asked live over HTTP, the answer is the unsigned
-    internalError, never a 500 and never an unlinted response."""
+    no response is stored for it; asked live over HTTP, or of the standalone server's
+    responder, the answer is the unsigned internalError, never a 500 and never an unlinted
+    response, and the log says why (not as a crash)."""
     ca_id, issuer = issuer_for(services)
     leaf = issue(services, "admin-client")
     assert store.stored_response(services.db, ca_id, leaf.serial_number) is None
     client = create_app(services).test_client()
-    res = client.post(
-        "/ocsp",
-        data=request_der(issuer, [leaf.serial_number], nonce=b"n" * 16),
-        content_type="application/ocsp-request",
-    )
+    request = request_der(issuer, [leaf.serial_number], nonce=b"n" * 16)
+    caplog.clear()
+    res = client.post("/ocsp", data=request, content_type="application/ocsp-request")
     assert res.status_code == 200 and res.data == core.INTERNAL_ERROR
+    responder = Responder(ResponseIndex({}), services.ocsp.lookup)
+    assert (
+        responder._answer(issuer, core.parse_request(request), services.ocsp.lookup, WEEK)
+        == core.INTERNAL_ERROR
+    )
+    refusals = [r for r in caplog.records if "not signed" in r.getMessage()]
+    assert len(refusals) == 2 and all(r.exc_info is None for r in refusals), caplog.text
+    assert all(getattr(r, "code", None) == "policy-violation" for r in refusals)
+    assert "crashed" not in caplog.text and "answer failed" not in caplog.text
 
 
 def test_the_first_response_of_each_shape_is_linted_and_the_rest_are_not(
