@@ -9,9 +9,12 @@ Decisions
 * **Hot path = one dict lookup.** A request whose DER equals the RFC 5019 request for a stored
   response is answered with the stored bytes, no ASN.1 parsing. Anything else is parsed by
   :func:`ocsp.core.parse_request`; if every CertID's status is in memory the response is
-  signed on the event loop with that status (nonces, SHA-256 CertIDs, several CertIDs, a
-  stored response past its nextUpdate); otherwise the statuses come from the database
-  through ``lookup`` in a thread pool and the response is signed there. A database error
+  signed with that status (nonces, SHA-256 CertIDs, several CertIDs, a stored response past
+  its nextUpdate), on the event loop when the key signs in microseconds (``cryptography``'s
+  EC and EdDSA keys), else in the thread pool (a token's key, an RSA key: on the loop, one
+  client's nonce requests stalled every answer for as long as each signature took);
+  otherwise the statuses come from the database through ``lookup`` in a thread pool and the
+  response is signed there. A database error
   there answers ``tryLater`` (``StoreError``, through :func:`ocsp.core.answer`). Nothing is
   ever answered "good" without a stored status or a database answer.
 * **Store unreachable.** A status held in memory is current while the follower keeps up
@@ -117,6 +120,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import cast
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 
 from ocsp import core
 from ocsp.index import (
@@ -264,7 +268,8 @@ class Responder:
         return min(self.validity, dt.timedelta(seconds=int(left)))
 
     def prepare(self, request_der: bytes) -> bytes | Callable[[], bytes]:
-        """The response now, or a function to run off the loop (it consults the database)."""
+        """The response now, or a function to run off the loop (it consults the database, or
+        signs with a key too slow for the loop: :func:`_signs_on_loop`)."""
         now = time.time()
         simple = simple_request(request_der)
         if simple is not None:
@@ -285,7 +290,7 @@ class Responder:
                         )
                         request = core.OcspRequest((cert_id,), simple[1])
                         status = self.index.status(entry)
-                        return self._answer(signer, request, lambda _i, _s: status, validity)
+                        return self._signed(signer, request, lambda _i, _s: status, validity)
         try:
             request = core.parse_request(request_der)
         except core.MalformedRequest:
@@ -301,7 +306,7 @@ class Responder:
             validity = self.held_validity(held, now)
             if validity is not None:
                 known = {e[SERIAL]: self.index.status(e) for e in held}
-                return self._answer(issuer, request, lambda _i, serial: known[serial], validity)
+                return self._signed(issuer, request, lambda _i, serial: known[serial], validity)
         if self.db_lookup is None:
             return core.TRY_LATER
         # Not all in memory, or not vouched for any more: every status from the database (a
@@ -309,6 +314,19 @@ class Responder:
         db_lookup = self.db_lookup
         chosen = issuer
         return lambda: self._answer(chosen, request, db_lookup, self.validity)
+
+    def _signed(
+        self,
+        issuer: core.Issuer,
+        request: core.OcspRequest,
+        lookup: core.Lookup,
+        validity: dt.timedelta,
+    ) -> bytes | Callable[[], bytes]:
+        """An answer from statuses held in memory: signed now when the key signs in
+        microseconds, else a function for the thread pool (see :func:`_signs_on_loop`)."""
+        if _signs_on_loop(issuer):
+            return self._answer(issuer, request, lookup, validity)
+        return lambda: self._answer(issuer, request, lookup, validity)
 
     def _answer(
         self,
@@ -331,6 +349,21 @@ class Responder:
         except Exception:  # a bug must not kill the connection handler: internalError
             log.exception("OCSP answer failed")
             return core.INTERNAL_ERROR
+
+
+def _signs_on_loop(issuer: core.Issuer) -> bool:
+    """Whether ``issuer``'s key signs on the event loop: an EC or EdDSA key held in this
+    process (tens of microseconds). A token's key (:mod:`hsm.pkcs11`: a call into the module
+    under its process-wide lock, a network round trip, maybe a re-initialisation after a
+    device error; then a verification) or an RSA key (3 ms at 3072 bits, 10 ms at 4096) signs
+    in the thread pool: on the loop, one client's nonce requests held up every other answer,
+    the pre-signed hot path and /healthz included, for as long as each signature took."""
+    key = issuer.key
+    if type(key).__module__.startswith("hsm.pkcs11"):
+        return False
+    return isinstance(
+        key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+    )
 
 
 @contextlib.contextmanager

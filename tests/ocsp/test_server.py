@@ -23,10 +23,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
@@ -880,6 +882,72 @@ def test_store_outage_answers_try_later(pki: Pki) -> None:
     parsed = x509_ocsp.load_der_ocsp_response(answer)
     assert parsed.next_update_utc is not None and parsed.this_update_utc is not None
     assert parsed.next_update_utc - parsed.this_update_utc == dt.timedelta(hours=24)
+
+
+class _TokenKey(ec.EllipticCurvePrivateKey):
+    """A PKCS#11 token's key, as far as the server can tell (its class lives in hsm.pkcs11):
+    each signature is a call into the token, which may take long (a network HSM, a
+    re-initialisation after a device error)."""
+
+    def __init__(self, inner: ec.EllipticCurvePrivateKey) -> None:
+        self.inner = inner
+        self.signed_on: list[str] = []
+
+    def sign(self, data: Any, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        self.signed_on.append(threading.current_thread().name)
+        return self.inner.sign(data, signature_algorithm)
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self.inner.public_key()
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self.inner.curve
+
+    @property
+    def key_size(self) -> int:
+        return self.inner.key_size
+
+    def exchange(self, *args: Any) -> bytes:
+        raise NotImplementedError
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        raise NotImplementedError
+
+    def private_bytes(self, *args: Any) -> bytes:
+        raise NotImplementedError
+
+    def __copy__(self) -> _TokenKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _TokenKey:
+        return self
+
+
+_TokenKey.__module__ = "hsm.pkcs11"
+
+
+def test_a_token_key_signs_held_statuses_off_the_loop(pki: Pki) -> None:
+    """An answer from a status held in memory (a nonce) is signed on the loop only with
+    ``cryptography``'s own EC or EdDSA keys; a token's key signs in the thread pool, so that
+    a slow signature does not hold up every other answer (pre-signed ones, /healthz)."""
+    loaded = store.load_issuers(pki.services)
+    key = _TokenKey(cast(ec.EllipticCurvePrivateKey, loaded[pki.ca_id()].key))
+    ca_id = pki.ca_id()
+    issuers = dict(loaded)
+    issuers[ca_id] = dataclasses.replace(loaded[ca_id], key=key, verify_each=True)
+    index = ResponseIndex(issuers)
+    index.apply(store.snapshot(pki.services.db)[0])
+    responder = Responder(index, None, validity=dt.timedelta(hours=24))
+    responder.store_fresh = lambda: True
+    job = responder.prepare(_nonce_request(pki.revoked, pki.ca))
+    assert callable(job) and key.signed_on == []  # nothing signed on the loop
+    assert status_of(job()) is x509_ocsp.OCSPCertStatus.REVOKED
+    # cryptography's own key: signed at once, on the loop.
+    responder = Responder(ResponseIndex(loaded), None, validity=dt.timedelta(hours=24))
+    responder.index.apply(store.snapshot(pki.services.db)[0])
+    responder.store_fresh = lambda: True
+    assert isinstance(responder.prepare(_nonce_request(pki.revoked, pki.ca)), bytes)
 
 
 def test_index_takes_a_snapshot_in_bounded_steps(pki: Pki) -> None:
