@@ -702,7 +702,7 @@ def build_response(
 
     algorithm, sign = issuer.signing
     if issuer.lint is not None:
-        shape = _shape(answers, nonce)
+        shape = _shape([status for _, status in answers], nonce)
         if shape not in issuer.linted:
             issuer.lint(tbs, lambda signature: _wrap(tbs, algorithm, signature, issuer.certs_der))
             issuer.linted.add(shape)
@@ -720,9 +720,7 @@ def _wrap(tbs: bytes, algorithm: bytes, signature: bytes, certs: bytes) -> bytes
     return w.sequence(b"\x0a\x01\x00", w.explicit(0, response_bytes))  # successful
 
 
-def _shape(
-    answers: Sequence[tuple[CertId, Status]], nonce: bytes | None
-) -> tuple[bool, bool, frozenset[str]]:
+def _shape(statuses: Sequence[Status], nonce: bytes | None) -> tuple[bool, bool, frozenset[str]]:
     """What the lint gate tells responses apart by: a nonce or none, one CertID or more, and
     the kinds of status carried (a revocation with a reason code or without one)."""
     kinds = frozenset(
@@ -731,9 +729,16 @@ def _shape(
         and status.reason is not None
         and status.reason is not x509.ReasonFlags.unspecified
         else type(status).__name__.lower()
-        for _, status in answers
+        for status in statuses
     )
-    return nonce is not None, len(answers) > 1, kinds
+    return nonce is not None, len(statuses) > 1, kinds
+
+
+def lint_pending(issuer: Issuer, statuses: Sequence[Status], nonce: bytes | None) -> bool:
+    """Whether a response of ``statuses`` (one per CertID) and ``nonce`` signed by ``issuer``
+    would be linted first: its shape not yet passed by the gate (milliseconds of pkilint, and
+    its import the first time)."""
+    return issuer.lint is not None and _shape(statuses, nonce) not in issuer.linted
 
 
 def answer(

@@ -323,8 +323,11 @@ class Responder:
         validity: dt.timedelta,
     ) -> bytes | Callable[[], bytes]:
         """An answer from statuses held in memory: signed now when the key signs in
-        microseconds, else a function for the thread pool (see :func:`_signs_on_loop`)."""
-        if _signs_on_loop(issuer):
+        microseconds, else a function for the thread pool (see :func:`_signs_on_loop`); in
+        the pool too when the lint gate has yet to pass this answer's shape (pkilint takes
+        milliseconds, and its import 0.3 s the first time)."""
+        statuses = [lookup(issuer, cert_id.serial) for cert_id in request.cert_ids]
+        if _signs_on_loop(issuer) and not core.lint_pending(issuer, statuses, request.nonce):
             return self._answer(issuer, request, lookup, validity)
         return lambda: self._answer(issuer, request, lookup, validity)
 
