@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import glob
 import hashlib
 import io
 import json
@@ -38,7 +39,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import case, select, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from audit.chain import format_time
 from audit.events import Category, Outcome, by_actor
@@ -47,7 +48,7 @@ from audit.models import JournalHead
 from ca.models import CertificateAuthority
 from ca.registry import CA_NAME, bump_revocation_epoch
 from hsm.secrets import read_secret
-from hsm.software import SoftwareBackend
+from hsm.software import PEM_LABEL, SoftwareBackend, pem_unwrap
 from sekisho import __version__
 from sekisho.context import Actor
 from sekisho.db import Database, read_only_sqlite_uri, sqlite_file, store_errors
@@ -315,15 +316,24 @@ def _key_files(backend: Any, facts: _Facts, audit_ref: str) -> tuple[dict[str, b
     wanted += [(ref, None) for ref in [*facts.responder_refs, audit_ref]]
     files: dict[str, bytes] = {}
     missing = []
-    for ref, ca_name in wanted:
-        path = backend.key_path(ref)
-        try:
-            files[f"keys/{path.name}"] = read_regular(path, MAX_KEY_FILE, follow_symlinks=False)
-        except FileNotFoundError:
-            if ca_name is not None:
-                missing.append(ca_name)
-        except (FileRefused, OSError) as exc:
-            raise KeyBackendError(f"cannot read key {ref}: {exc}") from None
+    # Under the keys directory's lock, as `ca offline` removes a key: its removal overwrites
+    # the file before unlinking it, and a file read in between was archived as the key
+    # (random bytes: the archive verified, and no restore of it could open the key).
+    with backend.exclusive():
+        for ref, ca_name in wanted:
+            path = backend.key_path(ref)
+            try:
+                data = read_regular(path, MAX_KEY_FILE, follow_symlinks=False)
+                pem_unwrap(data, PEM_LABEL)
+            except FileNotFoundError:
+                if ca_name is not None:
+                    missing.append(ca_name)
+                continue
+            except (FileRefused, OSError) as exc:
+                raise KeyBackendError(f"cannot read key {ref}: {exc}") from None
+            except KeyBackendError as exc:
+                raise KeyBackendError(f"key file {ref} is damaged: {exc.message}") from None
+            files[f"keys/{path.name}"] = data
     return files, missing
 
 
@@ -621,10 +631,15 @@ def extract(
     (which shows the archive whole, not who made it). Every member must be one the manifest
     lists, of its size and SHA-256, and every one it lists must be there."""
     step(f"checking {shown(archive, PATH_SHOWN)}")
+    seen_manifest: list[bool] = []
     try:
         with open_regular(archive) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            return _extract(tar, into, trusted_keys)
+            return _extract(tar, into, trusted_keys, seen_manifest)
     except tarfile.TarError as exc:
+        if seen_manifest:  # a Sekisho backup, cut short or damaged after its manifest
+            raise BackupDamaged(
+                f"{shown(archive, PATH_SHOWN)} is damaged after its manifest (truncated?): {exc}"
+            ) from None
         raise MalformedInput(f"{shown(archive, PATH_SHOWN)} is not a tar archive: {exc}") from None
     except FileRefused as exc:  # a FIFO or a device: refused unread, never waited on
         raise InputError(f"{shown(archive, PATH_SHOWN)} {exc}") from None
@@ -634,16 +649,24 @@ def extract(
         raise InputError(f"cannot read {shown(archive, PATH_SHOWN)}: {exc.strerror}") from None
 
 
-def _extract(tar: tarfile.TarFile, into: Path, trusted_keys: Collection[bytes]) -> Extracted:
+def _extract(
+    tar: tarfile.TarFile, into: Path, trusted_keys: Collection[bytes], seen_manifest: list[bool]
+) -> Extracted:
     members = _members(tar)
     header: dict[str, bytes] = {}
+    manifest: dict[str, Any] | None = None
     for name in _HEADER:
         member = next(members, None)
         if member is None or member.name != name:
             got = "the end" if member is None else shown(member.name)
+            if manifest is not None:  # a Sekisho manifest was read: damaged, not foreign
+                raise BackupDamaged(f"the archive has {got} where {name} should be")
             raise MalformedInput(f"not a Sekisho backup: {got} where {name} should be")
         header[name] = _read_member(tar, member, _LIMITS[name])
-    manifest = _manifest(header[MANIFEST])
+        if name == MANIFEST:
+            manifest = _manifest(header[MANIFEST])
+            seen_manifest.append(True)
+    assert manifest is not None
     try:
         key = serialization.load_pem_public_key(header[AUDIT_KEY])
     except (ValueError, UnsupportedAlgorithm):
@@ -798,12 +821,15 @@ def _staging_settings(
 ) -> Settings:
     from sekisho.settings import load_settings
 
-    settings = load_settings(None, overrides={"data_dir": staging})
     database = manifest["database"]
+    if database == "sqlite":
+        _drop_sqlite_url(staging / CONFIG_NAME)
+    settings = load_settings(None, overrides={"data_dir": staging})
     if database == "sqlite" and sqlite_file(settings.db_url) != (staging / DATABASE).resolve():
         raise ConfigError(
-            "database_url is set (in the restored settings or SEKISHO_DATABASE_URL): this "
-            "backup restores an SQLite store into the data directory; unset it to restore"
+            "database_url names another database (SEKISHO_DATABASE_URL, or a PostgreSQL URL in "
+            "the restored settings): this backup restores an SQLite store into the data "
+            "directory; unset SEKISHO_DATABASE_URL to restore"
         )
     if database == "postgresql":
         if sqlite_file(settings.db_url) is not None:
@@ -836,6 +862,49 @@ def _staging_settings(
         fh.flush()
         os.fsync(fh.fileno())
     return settings
+
+
+def _drop_sqlite_url(path: Path) -> None:
+    """An SQLite backup's store is restored into the data directory, where the default
+    ``database_url`` names it: a ``database_url`` in the restored settings file naming an
+    SQLite database (the lost deployment's path, or the default spelled out) is dropped. The
+    file is in the signed archive: refusing it (as before) left no way to restore such a
+    backup at all. A file this cannot edit safely is a ConfigError."""
+    if not path.exists():
+        return
+    text = path.read_text("utf-8")
+    try:
+        before = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot read the restored settings file: {exc}") from None
+    section = before.get("sekisho", before)
+    url = section.get("database_url") if isinstance(section, dict) else None
+    if not isinstance(url, str) or not url:
+        return
+    try:
+        if make_url(url).get_backend_name() != "sqlite":
+            return  # a PostgreSQL URL: load_settings' check below refuses it, as before
+    except (ArgumentError, ValueError):  # not a URL: load_settings says so
+        return
+    kept = "".join(
+        line
+        for line in text.splitlines(keepends=True)
+        if not re.match(r"\s*database_url\s*=", line)
+    )
+    try:
+        after = tomllib.loads(kept)
+    except tomllib.TOMLDecodeError:
+        after = None
+    wanted = {k: v for k, v in section.items() if k != "database_url"}
+    if after is None or after.get("sekisho", after) != wanted:
+        raise ConfigError(
+            "the restored settings file names an SQLite database_url that cannot be dropped "
+            "safely: extract the archive and edit it by hand"
+        )
+    log.warning(
+        "database_url dropped from the restored settings: the store is the data directory's"
+    )
+    replace_synced(path, kept.encode("utf-8"))
 
 
 def _record_database_urls(path: Path, settings: Settings, passwords_removed: list[str]) -> None:
@@ -1001,6 +1070,17 @@ def restore(
     # after minutes of extracting and checking a large store.
     passphrase = read_secret(passphrase_file) if passphrase_file is not None else None
     staging = target.parent / f".{target.name}.restoring-{secrets.token_hex(4)}"
+    # A restore killed outright (SIGKILL, a power loss) cannot clean up: its staging directory
+    # holds the key files and the copied passphrase. Named, for the operator to remove (not
+    # removed here: another restore into the same target may be running).
+    with contextlib.suppress(OSError):
+        left = sorted(target.parent.glob(f".{glob.escape(target.name)}.restoring-*"))
+        if left:
+            log.warning(
+                "staging directories of an interrupted restore are left beside the target "
+                "(they hold key files and the passphrase): remove them once no restore runs",
+                extra={"paths": [str(p) for p in left]},
+            )
     # The directories this makes above the target, removed again on failure (deepest first).
     made = [p for p in target.parents if not p.exists()]
     try:
@@ -1073,6 +1153,12 @@ def restore(
         finally:
             services.close()
         try:
+            # The names made in the staging directory on disk before it takes the target's
+            # name (the files themselves were synced as written; SQLite syncs its own).
+            for directory in (staging / "keys", staging / "secrets", staging / "public"):
+                if directory.is_dir():
+                    sync_directory(directory)
+            sync_directory(staging)
             if existed:
                 target.rmdir()
             os.rename(staging, target)

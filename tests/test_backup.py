@@ -1117,3 +1117,62 @@ def test_a_crl_the_lint_gate_refuses_does_not_undo_the_restore(
     text = cli(capsys, tmp_path / "again", "backup", "restore", str(archive), "--unauthenticated",
                "--passphrase-file", passphrase)  # fmt: skip
     assert text.code == 0 and "the lint gate refused the CRL of CA" in text.out, text
+
+
+def test_truncated_archive_is_damaged_not_foreign(
+    capsys: pytest.CaptureFixture[str], archive: Path, tmp_path: Path
+) -> None:
+    """A backup cut short after its manifest (a copy interrupted, a full disk) is a damaged
+    backup (exit 2), not "not a tar archive" (65)."""
+    data = archive.read_bytes()
+    with tarfile.open(archive) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    cuts = [
+        members[backup.SIGNATURE].offset,  # the manifest whole, nothing after it
+        members["keys/ca-admin.key"].offset_data + 10,  # inside a key file
+        members["sekisho.db"].offset_data + 1000,  # inside the store
+    ]
+    for cut in cuts:
+        short = tmp_path / f"short-{cut}.tar"
+        short.write_bytes(data[:cut])
+        result = cli(capsys, tmp_path, "backup", "verify", str(short))
+        assert result.code == 2, (cut, result.err)
+        assert "backup-damaged" in result.err, result.err
+
+
+def test_sqlite_database_url_in_the_settings_file_restores(
+    capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path
+) -> None:
+    """A settings file naming the SQLite store's path (the default spelled out) is archived as
+    it is; the restore drops that line (the store is the new data directory's): before, such a
+    backup verified but could never be restored."""
+    conf = source / "sekisho.toml"
+    conf.write_text(
+        f'database_url = "sqlite:///{source / "sekisho.db"}"\nbase_url = "https://pki.example.jp"\n'
+    )
+    conf.chmod(0o600)
+    archive = tmp_path / "b.tar"
+    assert cli(capsys, source, "backup", "create", str(archive)).code == 0
+    restored = tmp_path / "restored"
+    done = cli(capsys, restored, "backup", "restore", str(archive), "--unauthenticated",
+               "--passphrase-file", str(source / "secrets" / "ca-passphrase"))  # fmt: skip
+    assert done.code == 0, done.err
+    settings = load_settings(env={}, overrides={"data_dir": restored})
+    assert settings.base_url == "https://pki.example.jp"
+    assert settings.db_url == f"sqlite:///{(restored / 'sekisho.db').resolve()}"
+    assert cli(capsys, restored, "audit", "verify").code == 0
+
+
+def test_a_key_file_being_removed_is_not_archived(
+    capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path
+) -> None:
+    """`ca offline` overwrites a key file before unlinking it: a backup reading it then (no
+    lock) archived random bytes as the key; verify passed and no restore could open it.
+    Now a key file that is not an encrypted PEM key is refused, and the read waits for the
+    keys directory's lock."""
+    key = source / "keys" / "ca-admin.key"
+    key.write_bytes(os.urandom(key.stat().st_size))
+    out = tmp_path / "b.tar"
+    result = cli(capsys, source, "backup", "create", str(out))
+    assert result.code == 69 and "damaged" in result.err, result.err
+    assert not out.exists()
