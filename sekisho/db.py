@@ -295,7 +295,18 @@ def _store_error(driver_exc: BaseException | None, named: BaseException) -> Stor
         return StoreError(f"database error: {_pg_message(driver_exc)} ({ROLE_HINT})")
     if driver_exc is not None and _unique_violation(driver_exc):
         return DuplicateKey(f"database error: {named.__class__.__name__}")
-    return StoreError(f"database error: {named.__class__.__name__}")
+    # The driver's code for it (SQLITE_FULL, SQLITE_IOERR_WRITE; PostgreSQL's SQLSTATE, 53100
+    # for a full disk): a name from a fixed list, never data. "OperationalError" alone left
+    # the operator of a full disk guessing.
+    code = getattr(driver_exc, "sqlite_errorname", None) or sqlstate
+    named_code = (
+        isinstance(code, str)
+        and 0 < len(code) <= 40
+        and code.isascii()
+        and code.replace("_", "").isalnum()
+    )
+    suffix = f" ({code})" if named_code else ""
+    return StoreError(f"database error: {named.__class__.__name__}{suffix}")
 
 
 @contextlib.contextmanager

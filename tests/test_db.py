@@ -437,9 +437,47 @@ def test_a_stream_closed_after_its_transaction_leaves_the_next_one_alone(
 def test_stream_raw_turns_driver_errors_into_store_errors(any_store: Database) -> None:
     missing = Table("no_such_items", MetaData(), Column("name", String(32)))
     query = Prepared(select(missing.c.name).where(missing.c.name == bindparam("n")), ("n",))
-    with pytest.raises(StoreError, match="database error"), any_store.read_scope() as session:
+    # The message names the driver's code for it (SQLite's error name, PostgreSQL's
+    # SQLSTATE: 42P01, undefined table), never data.
+    with (
+        pytest.raises(StoreError, match=r"database error: \w+ \((SQLITE_ERROR|42P01)\)$"),
+        any_store.read_scope() as session,
+    ):
         list(db_module.stream_raw(session.connection(), query, {"n": "x"}, 10))
     assert _names(any_store) == []  # the pool still serves
+
+
+def test_a_full_disk_is_named_in_the_store_error(any_store: Database) -> None:
+    """A write that the file system refuses (here: RLIMIT_FSIZE, as a full disk) is a
+    StoreError naming SQLite's code (it said "database error: OperationalError" alone), and
+    nothing of the transaction is kept."""
+    if any_store.engine.dialect.name != "sqlite":
+        pytest.skip("the file-size limit is this process's: SQLite only")
+    import resource
+    import signal
+
+    _META.create_all(any_store.engine)
+    with any_store.write_tx() as tx:
+        tx.execute(_INSERT, _item("before"))
+    path = db_module.sqlite_file(str(any_store.engine.url))
+    assert path is not None
+    limit = max(path.stat().st_size, 1) + 4096
+    wal = path.with_name(path.name + "-wal")
+    limit = max(limit, wal.stat().st_size + 4096 if wal.exists() else 0)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        with (
+            pytest.raises(StoreError, match=r"\((SQLITE_FULL|SQLITE_IOERR\w*)\)") as info,
+            any_store.write_tx() as tx,
+        ):
+            tx.execute(_INSERT, {**_item("big"), "blob": b"x" * (4 * limit)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert "database error" in info.value.message
+    assert _names(any_store) == ["before"]
 
 
 @pytest.mark.postgres
