@@ -75,7 +75,7 @@ from sekisho.files import (
     replace_synced,
     sync_directory,
 )
-from sekisho.settings import CONFIG_NAME, MAX_SETTINGS_FILE, URL_SETTINGS, Settings
+from sekisho.settings import CONFIG_NAME, ENV_PREFIX, MAX_SETTINGS_FILE, URL_SETTINGS, Settings
 
 log = logging.getLogger("sekisho.backup")
 FORMAT = "sekisho-backup/1"
@@ -824,7 +824,10 @@ def _staging_settings(
     database = manifest["database"]
     if database == "sqlite":
         _drop_sqlite_url(staging / CONFIG_NAME)
-    settings = load_settings(None, overrides={"data_dir": staging})
+    # The staging directory's settings file (the archive's), never one SEKISHO_CONFIG names:
+    # that is not what the restored data directory holds (the CLI refuses a restore with it).
+    env = {k: v for k, v in os.environ.items() if k != ENV_PREFIX + "CONFIG"}
+    settings = load_settings(None, env=env, overrides={"data_dir": staging})
     if database == "sqlite" and sqlite_file(settings.db_url) != (staging / DATABASE).resolve():
         raise ConfigError(
             "database_url names another database (SEKISHO_DATABASE_URL, or a PostgreSQL URL in "

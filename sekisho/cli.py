@@ -65,7 +65,7 @@ from sekisho.services import (
     open_backend,
     open_deployment,
 )
-from sekisho.settings import Settings, config_path, load_settings, note_env_read
+from sekisho.settings import CONFIG_NAME, Settings, config_path, load_settings, note_env_read
 
 if TYPE_CHECKING:
     from hsm.pkcs11 import Pkcs11Backend
@@ -264,7 +264,7 @@ def init(
     on the token; the backend settings (never the PIN) are written to <data-dir>/sekisho.toml
     so that later commands use them."""
     from sekisho.bootstrap import DEFAULT_ISSUING, InitPlan, initialise
-    from sekisho.settings import CONFIG_NAME, persist_settings
+    from sekisho.settings import persist_settings
 
     backend_settings = {
         key: value
@@ -1866,6 +1866,15 @@ def backup_restore(
             "so that only an archive this deployment signed is restored; or --unauthenticated"
         )
     target = state.settings.data_dir
+    named = config_path(state.config, target, os.environ)
+    if os.path.abspath(named) != os.path.abspath(target / CONFIG_NAME):
+        # The restore checks, and writes into the data directory, the archive's own settings;
+        # a deployment started with this file would not run on them.
+        raise ConfigError(
+            f"--config or SEKISHO_CONFIG names {shown(named, PATH_SHOWN)}: a restore writes the "
+            f"archive's settings to {shown(target / CONFIG_NAME, PATH_SHOWN)} and checks "
+            "those; restore without them, then point them at that file or edit it"
+        )
     with _stopped_cleanly():
         done = backup.restore(
             archive,

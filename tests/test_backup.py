@@ -907,6 +907,41 @@ def test_manifest_values_no_backup_writes(
     assert "\x1b" not in result.out + result.err
 
 
+def test_restore_with_a_settings_file_named_elsewhere_is_refused(
+    capsys: pytest.CaptureFixture[str],
+    source: Path,
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the review: SEKISHO_CONFIG (or --config) named another settings file, and the
+    restore checked that file instead of the archive's (it refused --passphrase-file for a
+    passphrase source of that file's; or it restored, and the deployment then ran on a file
+    the restore never saw). Refused (78) before anything is made; naming the target's own
+    file is the default, and restores."""
+    passphrase = source / "secrets" / "ca-passphrase"
+    target = tmp_path / "restored"
+    elsewhere = tmp_path / "etc" / "sekisho.toml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text('key_passphrase_file = "/somewhere/else"\n')
+    elsewhere.chmod(0o600)
+    args = ("backup", "restore", str(archive), "--unauthenticated", "--passphrase-file")
+    monkeypatch.setenv("SEKISHO_CONFIG", str(elsewhere))
+    result = cli(capsys, target, *args, str(passphrase))
+    assert result.code == 78 and "SEKISHO_CONFIG names" in result.err, result.err
+    assert not target.exists()
+    monkeypatch.delenv("SEKISHO_CONFIG")
+    capsys.readouterr()
+    code = main(["--config", str(elsewhere), "--data-dir", str(target), *args, str(passphrase)])
+    assert code == 78 and "--config or SEKISHO_CONFIG" in capsys.readouterr().err
+    assert not target.exists()
+    monkeypatch.setenv("SEKISHO_CONFIG", str(target / "sekisho.toml"))
+    result = cli(capsys, target, *args, str(passphrase))
+    assert result.code == 0, result.err
+    restored = (target / "secrets" / "ca-passphrase").read_bytes()
+    assert restored.strip() == passphrase.read_bytes().strip()
+
+
 def test_restore_targets_refused_first_or_taken(
     capsys: pytest.CaptureFixture[str],
     source: Path,
