@@ -976,7 +976,8 @@ class HttpProtocol(asyncio.Protocol):
                 if value.lower() != b"100-continue":
                     self._error(400, b"unsupported Expect\n")  # RFC 9110 wants 417; rare
                     return False
-                expect = True
+                # RFC 9110 10.1.1: MUST be ignored in an HTTP/1.0 request (no 1xx there).
+                expect = version == b"HTTP/1.1"
         if hosts > 1 or (hosts == 0 and version == b"HTTP/1.1"):
             self._error(400, b"an HTTP/1.1 request has exactly one Host field\n")  # RFC 9112 3.2
             return False

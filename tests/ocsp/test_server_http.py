@@ -632,6 +632,28 @@ def test_an_http_1_0_connection_kept_alive_says_so() -> None:
         server.close()
 
 
+def test_100_continue_is_sent_to_http_1_1_clients_only() -> None:
+    """A POST with "Expect: 100-continue" whose body has not arrived: an HTTP/1.1 client is
+    told to go on; an HTTP/1.0 one is not (RFC 9110 10.1.1: the expectation MUST be ignored;
+    it was answered "HTTP/1.1 100 Continue")."""
+    server = Server(Responder(ResponseIndex({}), None))
+    try:
+        for version, told in ((b"1.1", True), (b"1.0", False)):
+            transport, protocol = _Transport(), HttpProtocol(server)
+            protocol.connection_made(cast(Any, transport))
+            head = b"\r\n".join([
+                b"POST /ocsp HTTP/" + version, b"Host: a", b"Expect: 100-continue",
+                b"Content-Type: application/ocsp-request", b"Content-Length: 5",
+            ])  # fmt: skip
+            protocol.data_received(head + b"\r\n\r\n")
+            assert (bytes(transport.written) == b"HTTP/1.1 100 Continue\r\n\r\n") is told
+            assert told or bytes(transport.written) == b""
+            protocol.data_received(b"\x30\x03\x02\x01\x00")
+            assert MALFORMED in bytes(transport.written)
+    finally:
+        server.close()
+
+
 def test_a_connection_whose_last_answers_are_never_taken_is_dropped() -> None:
     """A connection closed after its answers (Connection: close, an error, a half-close)
     whose client reads nothing: asyncio's close() waits for it forever. It keeps its place
