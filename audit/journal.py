@@ -44,7 +44,7 @@ from audit.merkle import Frontier, leaf_hash
 from audit.models import Checkpoint, JournalHead, JournalRecord, PurgedRecord
 from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
 from sekisho.clock import CLOCK_AHEAD
-from sekisho.db import Prepared, WriteTx
+from sekisho.db import Database, Prepared, WriteTx
 from sekisho.errors import AuditError, SekishoError
 
 MAX_FIELD = {
@@ -219,6 +219,11 @@ class Journal:
         self.signer = signer
         self.every = max(1, every)
         self.interval = interval
+
+    def append_alone(self, db: Database, event: Event, now: dt.datetime) -> Appended:
+        """Chain ``event`` in a transaction of its own (a refusal: nothing else to commit)."""
+        with db.connection_scope() as conn:
+            return self.append(conn, event, now)
 
     def append(
         self, session: Session | Connection | WriteTx, event: Event, now: dt.datetime

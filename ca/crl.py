@@ -614,25 +614,19 @@ class CrlPublisher:
             )
         except PolicyViolation as exc:
             if journal_refusal:
-                with self.db.connection_scope() as conn:
-                    self.journal.append(
-                        conn,
-                        refused(
-                            actor,
-                            Category.CA,
-                            "ca.crl",
-                            exc,
-                            object_dn=plan.cert.subject.rfc4514_string(),
-                            detail={
-                                "ca": ca_name,
-                                "number": plan.number,  # allocated, left unused
-                                "kind": (CrlKind.DELTA if delta else CrlKind.FULL).value,
-                                "entries": entry_count,
-                                "base": base_number,
-                            },
-                        ),
-                        now,
-                    )
+                dn = plan.cert.subject.rfc4514_string()
+                detail = {
+                    "ca": ca_name,
+                    "number": plan.number,  # allocated, left unused
+                    "kind": (CrlKind.DELTA if delta else CrlKind.FULL).value,
+                    "entries": entry_count,
+                    "base": base_number,
+                }
+                self.journal.append_alone(
+                    self.db,
+                    refused(actor, Category.CA, "ca.crl", exc, object_dn=dn, detail=detail),
+                    now,
+                )
             raise
         del entries_der
         with self.db.scope() as session:

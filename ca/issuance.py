@@ -429,16 +429,15 @@ class CaService:
     def _journal_rejection(
         self, ca: str, profile: str, subject: x509.Name | None, exc: SekishoError, actor: Actor
     ) -> None:
-        with self.db.connection_scope() as conn:
-            self.journal.append(
-                conn,
-                refused(
-                    actor,
-                    Category.CA,
-                    "ca.issue",
-                    exc,
-                    object_dn=subject.rfc4514_string() if subject is not None else None,
-                    detail={"ca": ca, "profile": profile},
-                ),
-                self.clock(),
-            )
+        self.journal.append_alone(
+            self.db,
+            refused(
+                actor,
+                Category.CA,
+                "ca.issue",
+                exc,
+                object_dn=subject.rfc4514_string() if subject is not None else None,
+                detail={"ca": ca, "profile": profile},
+            ),
+            self.clock(),
+        )

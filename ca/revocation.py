@@ -233,19 +233,18 @@ class Revoker:
         actor: Actor,
         detail: Mapping[str, object] | None = None,
     ) -> None:
-        with self.db.connection_scope() as conn:
-            self.journal.append(
-                conn,
-                refused(
-                    actor,
-                    Category.CA,
-                    action,
-                    exc,
-                    object_serial=serial_hex(serial) if 0 < serial < 1 << 160 else None,
-                    detail={"ca": ca_name, **(detail or {})},
-                ),
-                self.clock(),
-            )
+        self.journal.append_alone(
+            self.db,
+            refused(
+                actor,
+                Category.CA,
+                action,
+                exc,
+                object_serial=serial_hex(serial) if 0 < serial < 1 << 160 else None,
+                detail={"ca": ca_name, **(detail or {})},
+            ),
+            self.clock(),
+        )
 
     def _revoke(
         self,
