@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import idna
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ca.subject import attribute_label, check_value
 from ca.tbs import SanEntry, Tbs, subject_attr_names
@@ -101,6 +102,46 @@ def rsa_key_not_weak(tbs: Tbs) -> None:
     check_public_key(tbs.public_key, generated_here=tbs.key_generated_here)
 
 
+# Ed25519 (RFC 8032 5.1): p = 2^255 - 19, d = -121665/121666. A public key of small order
+# (the identity, the point of order 2, those of order 4 and 8) lets anyone make a signature
+# that verifies for every message (R = A's encoding, S = 0 for the identity): such a key proves
+# possession of nothing, and a certificate for it can be used by whoever holds the certificate.
+_ED_P = 2**255 - 19
+_ED_D = -121665 * pow(121666, -1, _ED_P) % _ED_P
+
+
+def _ed25519_add(
+    a: tuple[int, int], b: tuple[int, int]
+) -> tuple[int, int]:  # affine, complete for a = -1 and non-square d
+    (x1, y1), (x2, y2) = a, b
+    t = _ED_D * x1 * x2 * y1 * y2 % _ED_P
+    x3 = (x1 * y2 + y1 * x2) * pow(1 + t, -1, _ED_P) % _ED_P
+    y3 = (y1 * y2 + x1 * x2) * pow(1 - t, -1, _ED_P) % _ED_P
+    return x3, y3
+
+
+def ed25519_key_problem(encoded: bytes) -> str | None:
+    """Why the 32-octet Ed25519 public key ``encoded`` is unfit for a certificate, or None:
+    a non-canonical encoding (y >= p), not a point of the curve, or a point of small order
+    (its 8th multiple is the identity)."""
+    y = int.from_bytes(encoded, "little") & ((1 << 255) - 1)
+    if y >= _ED_P:
+        return "its encoding is not canonical (y >= p)"
+    u, v = (y * y - 1) % _ED_P, (_ED_D * y * y + 1) % _ED_P
+    x2 = u * pow(v, -1, _ED_P) % _ED_P
+    x = pow(x2, (_ED_P + 3) // 8, _ED_P)
+    if x * x % _ED_P != x2:
+        x = x * pow(2, (_ED_P - 1) // 4, _ED_P) % _ED_P
+    if x * x % _ED_P != x2:
+        return "it is not a point of the curve"
+    point = (x, y)
+    for _ in range(3):
+        point = _ed25519_add(point, point)
+    if point == (0, 1):
+        return "it is a point of small order, for which anyone can make a valid signature"
+    return None
+
+
 def check_public_key(key: object, *, generated_here: bool = False) -> None:
     """An RSA key: exponent 65537, no prime factor below 752, no ROCA fingerprint, not a
     Debian weak key, and no Fermat factorisation within 100 rounds (BR 6.1.1.3: keys known
@@ -108,6 +149,11 @@ def check_public_key(key: object, *, generated_here: bool = False) -> None:
     is missing) are not consulted for a key ``generated_here``, by this process or its key
     backend: Debian's OpenSSL of 2006-2008 made none of those. Also for a CA key adopted from
     a token (``ca.hierarchy.check_adoptable``), which no certificate rule sees for a root."""
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        problem = ed25519_key_problem(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+        if problem:
+            raise PolicyViolation("weak-key", f"Ed25519 public key refused: {problem}")
+        return
     if not isinstance(key, rsa.RSAPublicKey):
         return
     numbers = key.public_numbers()
@@ -134,6 +180,13 @@ def check_public_key(key: object, *, generated_here: bool = False) -> None:
             "RSA key is a Debian weak key (CVE-2008-0166: made by Debian's OpenSSL of"
             " 2006-2008, whose generator was predictable), and its private key is public:"
             " generate a new key",
+        )
+    if not generated_here and pow(2, n - 1, n) == 1:
+        # A prime modulus: phi(n) = n - 1, so anyone who sees the public key computes the
+        # private exponent (a CSR for one passes the proof of possession). One Fermat test:
+        # every prime passes it; an RSA modulus practically never does.
+        raise PolicyViolation(
+            "weak-key", "RSA modulus is prime: anyone can compute its private key"
         )
     a = math.isqrt(n)
     if a * a < n:
@@ -312,6 +365,23 @@ def uri_problem(value: str) -> str | None:
     return f"has a host that {problem}" if problem else None
 
 
+def uri_dns_host(value: str) -> str | None:
+    """The host of URI ``value`` when it is a DNS name (None for an IP literal or a URI the
+    syntax rule refuses), lower-cased."""
+    parts = _URI_PARTS.fullmatch(value)
+    authority = _AUTHORITY.fullmatch(parts["authority"]) if parts else None
+    if authority is None:
+        return None
+    host = authority["host"]
+    if not host or host.startswith("["):
+        return None
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return host.lower()
+    return None
+
+
 def _check_san(entry: SanEntry) -> None:
     if entry.kind == "dns":
         _check_dns(entry.value)
@@ -464,6 +534,14 @@ def within_name_constraints(tbs: Tbs) -> None:
             " which Sekisho does not check",
         )
     names = [(f"SAN {shown(entry)}", entry) for entry in tbs.sans]
+    # A URI's host is the name a relying party connects to or authorises: held to the dNSName
+    # constraints (RFC 5280 checks URIs only against uniformResourceIdentifier subtrees,
+    # which no CA of ours has, so a verifier would let any host through).
+    names += [
+        (f"SAN {shown(entry)} (host {shown(host)})", SanEntry("dns", host))
+        for entry in tbs.sans
+        if entry.kind == "uri" and (host := uri_dns_host(entry.value)) is not None
+    ]
     names += [
         (f"{attr} {shown(entry.value)}", entry) for attr, entry in _subject_names(tbs.subject)
     ]

@@ -90,6 +90,12 @@ REFUSED = [
      None, False),
     ("wildcard-in-excluded", "no-secret", "tls-server", SanEntry("dns", "*.secret.example.com"),
      None, True),
+    # A URI's host is held to the dNSName constraints (verifiers check URIs only against
+    # uniformResourceIdentifier subtrees, which these CAs lack).
+    ("uri-host-outside", "tenant1", "connector",
+     SanEntry("uri", "https://gw.bank.example/id/connector/t1/1"), None, False),
+    ("uri-host-excluded", "no-secret", "connector",
+     SanEntry("uri", "https://a.secret.example.com/id/connector/t1/1"), None, False),
     # Permitted sub.example.com: *.example.com also stands for names outside it.
     ("wildcard-above-permitted", "sub", "tls-server", SanEntry("dns", "*.example.com"),
      None, True),
@@ -154,6 +160,10 @@ ISSUED = [
     ("not-excluded", "no-secret", "tls-server", SanEntry("dns", "notsecret.example.com"), None),
     ("wildcard-beside-excluded", "no-secret", "tls-server",
      SanEntry("dns", "*.www.example.com"), None),
+    ("uri-host-inside", "tenant1", "connector",
+     SanEntry("uri", "https://gw.tenant1.example.com/id/connector/t1/1"), None),
+    ("uri-ip-host", "tenant1", "connector",
+     SanEntry("uri", "https://10.0.0.7/id/connector/t1/1"), None),
     ("wildcard-in-permitted", "sub", "tls-server", SanEntry("dns", "*.sub.example.com"),
      name(CN="*.sub.example.com")),
 ]  # fmt: skip
