@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -48,12 +49,18 @@ class NameConstraintSpec:
     permitted_dns: tuple[str, ...] = ()
     permitted_email: tuple[str, ...] = ()
     excluded_dns: tuple[str, ...] = ()
+    # IPv4 or IPv6 networks in CIDR form ("10.20.0.0/16"): an iPAddress SAN must lie in one
+    # permitted (when any is given) and in none excluded.
+    permitted_ip: tuple[str, ...] = ()
+    excluded_ip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for what, values, valid, form in (
             ("permitted DNS", self.permitted_dns, _is_permitted_dns, _DNS_FORM),
             ("permitted email", self.permitted_email, _is_email_subtree, _EMAIL_FORM),
             ("excluded DNS", self.excluded_dns, is_dns_name, _DNS_FORM),
+            ("permitted IP", self.permitted_ip, _is_network, _IP_FORM),
+            ("excluded IP", self.excluded_ip, _is_network, _IP_FORM),
         ):
             for value in values:
                 if not value.strip():
@@ -66,7 +73,9 @@ class NameConstraintSpec:
     def extension(self) -> x509.NameConstraints | None:
         permitted: list[x509.GeneralName] = [x509.DNSName(d) for d in self.permitted_dns]
         permitted += [x509.RFC822Name(e) for e in self.permitted_email]
+        permitted += [x509.IPAddress(ipaddress.ip_network(n)) for n in self.permitted_ip]
         excluded: list[x509.GeneralName] = [x509.DNSName(d) for d in self.excluded_dns]
+        excluded += [x509.IPAddress(ipaddress.ip_network(n)) for n in self.excluded_ip]
         if not permitted and not excluded:
             return None
         return x509.NameConstraints(
@@ -79,6 +88,21 @@ _DNS_FORM = (
     "leading dot or wildcard, ending in a top-level domain (permitted ones); IDNs as A-labels"
 )
 _EMAIL_FORM = "an address (a@example.com), a host (example.com) or a domain (.example.com)"
+_IP_FORM = (
+    "an IPv4 or IPv6 network in CIDR form with no host bits set, such as 10.20.0.0/16 or "
+    "2001:db8::/32 (a single address: 10.20.0.7/32)"
+)
+
+
+def _is_network(value: str) -> bool:
+    """A network in CIDR form, as typed: a prefix length, no host bits, no zone, ASCII."""
+    if "/" not in value or not value.isascii() or "%" in value or value != value.strip():
+        return False
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_permitted_dns(value: str) -> bool:

@@ -91,6 +91,8 @@ def _plan_detail(plan: InitPlan, key_backend: str) -> dict[str, Any]:
             "permitted_dns": list(plan.constraints.permitted_dns),
             "permitted_email": list(plan.constraints.permitted_email),
             "excluded_dns": list(plan.constraints.excluded_dns),
+            "permitted_ip": list(plan.constraints.permitted_ip),
+            "excluded_ip": list(plan.constraints.excluded_ip),
         },
         "adopt": dict(plan.adopt),
         "key_backend": key_backend,
@@ -119,6 +121,9 @@ def _begun_plan(services: Services) -> InitPlan:
                 tuple(constraints["permitted_dns"]),
                 tuple(constraints["permitted_email"]),
                 tuple(constraints["excluded_dns"]),
+                # (Not in the record of an init begun before stop 24.)
+                permitted_ip=tuple(constraints.get("permitted_ip", ())),
+                excluded_ip=tuple(constraints.get("excluded_ip", ())),
             ),
             adopt={str(k): str(v) for k, v in doc["adopt"].items()},
         )

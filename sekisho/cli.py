@@ -215,13 +215,31 @@ def _key_type(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 KEY_TYPE_HELP = "Key type: " + ", ".join(k.value for k in CA_KEY_TYPES)
 
 
+def name_constraint_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The name constraints (RFC 5280 4.2.1.10) of the issuing CAs a command creates."""
+    for option in reversed(
+        [
+            click.option("--permit-dns", multiple=True, metavar="DOMAIN",
+                         help="Name constraint on issuing CAs: DNS names under DOMAIN only."),
+            click.option("--permit-email", multiple=True, metavar="ADDR|HOST|.DOMAIN",
+                         help="Name constraint on issuing CAs: these mailboxes only."),
+            click.option("--exclude-dns", multiple=True, metavar="DOMAIN",
+                         help="Name constraint on issuing CAs: no DNS name under DOMAIN."),
+            click.option("--permit-ip", multiple=True, metavar="CIDR",
+                         help="Name constraint on issuing CAs: IP addresses in CIDR only."),
+            click.option("--exclude-ip", multiple=True, metavar="CIDR",
+                         help="Name constraint on issuing CAs: no IP address in CIDR."),
+        ]
+    ):  # fmt: skip
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.option("--org", default="Sekisho", show_default=True, help="Organisation name in CA DNs.")
 @click.option("--key-type", default="ec-p256", callback=_key_type, help=KEY_TYPE_HELP)
 @click.option("--issuing", multiple=True, help="Issuing CA names (default: admin, device).")
-@click.option("--permit-dns", multiple=True, help="Name constraint on issuing CAs.")
-@click.option("--permit-email", multiple=True, help="Name constraint on issuing CAs.")
-@click.option("--exclude-dns", multiple=True, help="Name constraint on issuing CAs.")
+@name_constraint_options
 @click.option(
     "--key-backend",
     type=click.Choice(["software", "pkcs11"]),
@@ -251,6 +269,8 @@ def init(
     permit_dns: tuple[str, ...],
     permit_email: tuple[str, ...],
     exclude_dns: tuple[str, ...],
+    permit_ip: tuple[str, ...],
+    exclude_ip: tuple[str, ...],
     key_backend: str | None,
     pkcs11_module: str | None,
     pkcs11_token: str | None,
@@ -284,7 +304,9 @@ def init(
             raise InputError(f"--adopt-key wants CA=URI, not {shown(item)}")
         adopted[name] = uri
     # Checked before the data directory is touched.
-    constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
+    constraints = NameConstraintSpec(
+        permit_dns, permit_email, exclude_dns, permitted_ip=permit_ip, excluded_ip=exclude_ip
+    )
     plan = InitPlan(
         organization=org,
         key_type=key_type,
@@ -508,9 +530,7 @@ def ca_online(state: State, name: str, key_file: Path) -> None:
 @click.option("--parent", default="root", show_default=True)
 @click.option("--org", default=None, help="Organisation name in its DN (default: the parent's).")
 @click.option("--key-type", default="ec-p256", callback=_key_type, help=KEY_TYPE_HELP)
-@click.option("--permit-dns", multiple=True)
-@click.option("--permit-email", multiple=True)
-@click.option("--exclude-dns", multiple=True)
+@name_constraint_options
 @pass_state
 def ca_create_issuing(
     state: State,
@@ -521,6 +541,8 @@ def ca_create_issuing(
     permit_dns: tuple[str, ...],
     permit_email: tuple[str, ...],
     exclude_dns: tuple[str, ...],
+    permit_ip: tuple[str, ...],
+    exclude_ip: tuple[str, ...],
 ) -> None:
     """Create another issuing CA under the root (the root key must be online), its first CRL
     and its OCSP responder."""
@@ -528,7 +550,9 @@ def ca_create_issuing(
     from ocsp.signers import provision_new_ca
     from sekisho.bootstrap import publish_ca_files
 
-    constraints = NameConstraintSpec(permit_dns, permit_email, exclude_dns)
+    constraints = NameConstraintSpec(
+        permit_dns, permit_email, exclude_dns, permitted_ip=permit_ip, excluded_ip=exclude_ip
+    )
     services = state.services()
     row = create_issuing(services.ca, name, parent, org, key_type, state.actor(), constraints)
     services.crls.publish(name, services.clock(), actor=state.actor())

@@ -524,6 +524,10 @@ def test_init_with_one_issuing_ca_is_refused_before_anything_exists(
         ("--permit-dns", "corp1"),
         ("--permit-email", ".lab.b2"),
         ("--permit-email", "a@lab.b2"),
+        # Not a network in CIDR form: host bits, no prefix, empty.
+        ("--permit-ip", "10.20.0.1/16"),
+        ("--permit-ip", "10.20.0.0"),
+        ("--exclude-ip", ""),
     ],
 )
 def test_name_constraints_empty_or_malformed_are_refused_before_anything_exists(
@@ -544,14 +548,17 @@ def test_name_constraints_in_every_rfc_5280_form_are_written(run: Runner) -> Non
     ok(run("ca", "create-issuing", "ops", "--permit-dns", "ops.example.com",
            "--permit-dns", "xn--bcher-kva.example", "--permit-email", "a@example.com",
            "--permit-email", "Example.org", "--permit-email", ".example.net",
-           "--exclude-dns", "bad.ops.example.com"))  # fmt: skip
+           "--exclude-dns", "bad.ops.example.com", "--permit-ip", "10.20.0.0/16",
+           "--permit-ip", "2001:db8::/32", "--exclude-ip", "10.20.99.0/24"))  # fmt: skip
     cert = x509.load_der_x509_certificate(ca_der(run, "ops"))
     nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
-    assert [n.value for n in nc.permitted_subtrees or ()] == [
+    assert [str(n.value) for n in nc.permitted_subtrees or ()] == [
         "ops.example.com", "xn--bcher-kva.example", "a@example.com", "Example.org",
-        ".example.net",
+        ".example.net", "10.20.0.0/16", "2001:db8::/32",
     ]  # fmt: skip
-    assert [n.value for n in nc.excluded_subtrees or ()] == ["bad.ops.example.com"]
+    assert [str(n.value) for n in nc.excluded_subtrees or ()] == [
+        "bad.ops.example.com", "10.20.99.0/24",
+    ]  # fmt: skip
     pkilint_cert(cert.public_bytes(serialization.Encoding.DER))
 
 

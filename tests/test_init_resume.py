@@ -21,8 +21,9 @@ from tests.support.checkers import openssl_verify
 
 TIMEOUT = 120
 
-# Run `sekisho --data-dir D init --org "Kill Corp" --issuing ops --issuing iot`, SIGKILLed
-# when STEP is reached: a function entered, or a key file just written.
+# Run `sekisho --data-dir D init --org "Kill Corp" --issuing ops --issuing iot` with name
+# constraints (--permit-dns example.com --permit-ip 10.20.0.0/16 --exclude-ip 10.20.99.0/24),
+# SIGKILLed when STEP is reached: a function entered, or a key file just written.
 _KILLED_INIT = textwrap.dedent(
     """
     import os, signal, sys
@@ -52,7 +53,8 @@ _KILLED_INIT = textwrap.dedent(
     else:
         setattr(sekisho.bootstrap, step, lambda *a, **k: die())
     sys.exit(main(["--data-dir", data_dir, "init", "--org", "Kill Corp",
-                   "--issuing", "ops", "--issuing", "iot"]))
+                   "--issuing", "ops", "--issuing", "iot", "--permit-dns", "example.com",
+                   "--permit-ip", "10.20.0.0/16", "--exclude-ip", "10.20.99.0/24"]))
     """
 )
 
@@ -105,6 +107,12 @@ def test_an_init_killed_part_way_is_finished_by_the_next_one(
     for name in ("ops", "iot"):
         sub = x509.load_pem_x509_certificate((data / "public" / f"{name}.crt").read_bytes())
         openssl_verify(sub.public_bytes(Encoding.DER), [root.public_bytes(Encoding.DER)])
+        # The first init's name constraints, those of IP networks included.
+        nc = sub.extensions.get_extension_for_class(x509.NameConstraints).value
+        assert [str(n.value) for n in nc.permitted_subtrees or ()] == [
+            "example.com", "10.20.0.0/16",
+        ]  # fmt: skip
+        assert [str(n.value) for n in nc.excluded_subtrees or ()] == ["10.20.99.0/24"]
     code, out, err = _cli(capsys, data, "--json", "ca", "list")
     assert code == 0 and [c["name"] for c in json.loads(out)] == ["root", "ops", "iot"]
     assert _cli(capsys, data, "audit", "verify")[0] == 0

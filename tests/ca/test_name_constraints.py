@@ -5,6 +5,7 @@ verifier would hold against them (SANs, a host-like or mailbox CN) are refused b
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 import pytest
 from cryptography import x509
@@ -14,7 +15,7 @@ from ca.hierarchy import NameConstraintSpec, create_issuing
 from ca.issuance import IssueRequest
 from ca.tbs import SanEntry
 from hsm.base import KeyType
-from sekisho.errors import PolicyViolation
+from sekisho.errors import InputError, PolicyViolation
 from sekisho.services import Services
 from tests.ca.helpers import ca_cert, der, name, request_for
 from tests.ca.test_bad_input import _assert_refused
@@ -32,6 +33,12 @@ SPECS = {
     ),
     "sub": NameConstraintSpec(permitted_dns=("sub.example.com",)),
     "mail-t1": NameConstraintSpec(permitted_email=("tenant1.example.com",)),
+    "net": NameConstraintSpec(
+        permitted_dns=("tenant1.example.com",),
+        permitted_ip=("10.20.0.0/16", "2001:db8:20::/48"),
+        excluded_ip=("10.20.99.0/24",),
+    ),
+    "no-net": NameConstraintSpec(excluded_ip=("192.168.0.0/16",)),
 }
 
 
@@ -99,6 +106,12 @@ REFUSED = [
     # Permitted sub.example.com: *.example.com also stands for names outside it.
     ("wildcard-above-permitted", "sub", "tls-server", SanEntry("dns", "*.example.com"),
      None, True),
+    # iPAddress subtrees (--permit-ip, --exclude-ip): outside every permitted network, in an
+    # excluded one, of the other IP version than any permitted network.
+    ("ip-outside", "net", "device", SanEntry("ip", "10.30.0.1"), None, True),
+    ("ip-excluded", "net", "device", SanEntry("ip", "10.20.99.5"), None, True),
+    ("ip-v6-outside", "net", "device", SanEntry("ip", "2001:db8:21::1"), None, True),
+    ("ip-excluded-only", "no-net", "device", SanEntry("ip", "192.168.1.1"), None, True),
 ]  # fmt: skip
 
 
@@ -166,6 +179,9 @@ ISSUED = [
      SanEntry("uri", "https://10.0.0.7/id/connector/t1/1"), None),
     ("wildcard-in-permitted", "sub", "tls-server", SanEntry("dns", "*.sub.example.com"),
      name(CN="*.sub.example.com")),
+    ("ip-inside", "net", "device", SanEntry("ip", "10.20.0.7"), None),
+    ("ip-v6-inside", "net", "device", SanEntry("ip", "2001:db8:20::7"), None),
+    ("ip-not-excluded", "no-net", "device", SanEntry("ip", "10.0.0.7"), None),
 ]  # fmt: skip
 
 
@@ -189,8 +205,34 @@ def test_name_within_the_constraints_is_issued_and_verifies(
     assert checkers.gnutls_verify(der(cert), chain) == "ok"
 
 
+@pytest.mark.parametrize(
+    "network", ["10.20.0.1/16", "10.20.0.0", "10.020.0.0/16", "fe80::%eth0/64", " 10.0.0.0/8", ""]
+)
+def test_an_ip_constraint_that_is_not_a_network_is_refused(network: str) -> None:
+    """Host bits set (10.20.0.1/16 would be read as 10.20.0.0/16), no prefix length, leading
+    zeros, a zone, spaces: refused before any key exists, saying what is wanted."""
+    with pytest.raises(InputError, match="IP name constraint"):
+        NameConstraintSpec(permitted_ip=(network,))
+    with pytest.raises(InputError, match="IP name constraint"):
+        NameConstraintSpec(excluded_ip=(network,))
+
+
+def test_ip_constraints_are_in_the_ca_certificate(services: Services) -> None:
+    ca = _ca(services, "net")
+    cert = ca_cert(services, ca)
+    nc = cert.extensions.get_extension_for_class(x509.NameConstraints)
+    assert nc.critical
+    assert [g for g in nc.value.permitted_subtrees or () if isinstance(g, x509.IPAddress)] == [
+        x509.IPAddress(ipaddress.ip_network("10.20.0.0/16")),
+        x509.IPAddress(ipaddress.ip_network("2001:db8:20::/48")),
+    ]
+    assert nc.value.excluded_subtrees == [x509.IPAddress(ipaddress.ip_network("10.20.99.0/24"))]
+    checkers.pkilint_cert(der(cert))
+    checkers.pkilint_chain(der(ca_cert(services, "root")), der(cert))
+
+
 def test_constraints_of_a_type_not_checked_refuse_everything(services: Services) -> None:
-    """``ca create-issuing`` makes DNS and email subtrees only; a CA certificate with any other
+    """``ca create-issuing`` makes DNS, email and IP subtrees only; a CA certificate with any other
     kind (here directoryName) is refused from, not signed past: the rules cannot tell what a
     verifier would make of it."""
     request = _request(services, "tenant1", "device", SanEntry("dns", "d.tenant1.example.com"))
