@@ -740,9 +740,15 @@ def _deliver(
 
     serial = f"{cert.serial_number:040x}"
     pem = cert.public_bytes(serialization.Encoding.PEM)
+    try:
+        alt_names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        alt_names = x509.SubjectAlternativeName([])
     doc: dict[str, Any] = {
         "serial": serial,
         "subject": cert.subject.rfc4514_string(),
+        # Said, as the subject is: from a CSR, those not given by --san are the CSR's.
+        "sans": [str(SanEntry.from_general_name(n)) for n in alt_names],
         "not_after": cert.not_valid_after_utc.isoformat(),
     }
     key_delivered = key is None  # from a CSR: the requester holds the key
@@ -778,7 +784,12 @@ def _deliver(
             doc["certificate_pem"] = pem.decode()  # with --json, inside the one document
         elif not out:
             click.echo(pem.decode(), nl=False)
-        state.emit(doc, lambda: "\n".join(f"{k}: {v}" for k, v in doc.items()))
+        state.emit(
+            doc,
+            lambda: "\n".join(
+                f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in doc.items()
+            ),
+        )
     except BaseException as exc:
         if key_delivered:
             outputs.discard_unfinished()

@@ -612,6 +612,25 @@ def test_issue_from_csr_file(run: Runner, tmp_path: Path, settings: Settings) ->
     assert x509.load_pem_x509_certificate(pem.encode()) == cert
 
 
+def test_issue_says_the_sans_the_csr_gave(run: Runner, tmp_path: Path) -> None:
+    """From the review: with --csr and --subject alone, the certificate carries the CSR's
+    SANs, and the output named only the subject. It says the SANs too, whatever gave them."""
+    csr = tmp_path / "dev.csr"
+    csr.write_bytes(
+        make_csr(
+            name(CN="dev1.example.com"),
+            [x509.DNSName("dev1.example.com"), x509.DNSName("secret.example.com")],
+        )
+    )
+    argv = ("issue", "--ca", "device", "--profile", "device", "--csr", str(csr),
+            "--subject", "CN=dev2.example.com")  # fmt: skip
+    doc = ok(run("--json", *argv, "--out", str(tmp_path / "a.pem"))).json()
+    assert doc["subject"] == "CN=dev2.example.com"
+    assert doc["sans"] == ["dns:dev1.example.com", "dns:secret.example.com"]
+    text = ok(run(*argv, "--out", str(tmp_path / "b.pem"))).out
+    assert "sans: dns:dev1.example.com, dns:secret.example.com\n" in text, text
+
+
 def test_issue_der_csr_prints_pem_on_stdout(run: Runner, tmp_path: Path) -> None:
     pem_csr = make_csr(name(CN="dev-7.example.com"))
     csr = tmp_path / "dev.der"
