@@ -206,8 +206,13 @@ def validity_sane(tbs: Tbs) -> None:
         raise PolicyViolation("validity", "validity times carry no fractions of a second")
 
 
+# RFC 5280 4.1.2.5: the validity period runs from notBefore through notAfter, inclusive; CA/B
+# BR 6.3.2 counts it so too. N days of validity end one second before notBefore + N days.
+SECOND = dt.timedelta(seconds=1)
+
+
 def validity_within_profile(tbs: Tbs) -> None:
-    length = tbs.not_after - tbs.not_before
+    length = tbs.not_after - tbs.not_before + SECOND
     if length > tbs.profile.max_validity:
         raise PolicyViolation(
             "max-validity",
@@ -598,8 +603,9 @@ def clamp_validity(
     tbs_default: dt.timedelta,
     issuer_not_after: dt.datetime,
 ) -> dt.datetime:
-    """Default validity is clamped to the issuer's end; an explicit request is not (a rule
+    """notAfter for ``requested`` (or the default) validity, counted inclusively (``SECOND``).
+    Default validity is clamped to the issuer's end; an explicit request is not (a rule
     refuses it instead, so the caller learns why)."""
     if requested is not None:
-        return not_before + requested
-    return min(not_before + tbs_default, issuer_not_after)
+        return not_before + requested - SECOND
+    return min(not_before + tbs_default - SECOND, issuer_not_after)

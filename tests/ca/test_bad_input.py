@@ -443,6 +443,25 @@ def test_validity_beyond_profile_maximum(services: Services) -> None:
     )
 
 
+def test_validity_is_counted_inclusively(services: Services) -> None:
+    """RFC 5280 4.1.2.5 (and BR 6.3.2): notBefore through notAfter, inclusive. The profile's
+    maximum (397 days) asked for is issued as 397 days to the second, notAfter one second
+    before notBefore + 397 days (it was one second more than the maximum); the default too;
+    a validity one second over the maximum is refused."""
+    second = dt.timedelta(seconds=1)
+    for validity in (dt.timedelta(days=397), None):
+        request = dataclasses.replace(request_for("admin-client"), validity=validity)
+        cert = services.ca.issue(request, TEST_ACTOR)
+        length = cert.not_valid_after_utc - cert.not_valid_before_utc + second
+        assert length == (validity or dt.timedelta(days=365)), length
+    tbs = services.ca.prepare(
+        dataclasses.replace(request_for("admin-client"), validity=dt.timedelta(days=397))
+    )
+    over = dataclasses.replace(tbs, not_after=tbs.not_after + second)
+    with pytest.raises(PolicyViolation, match="max-validity"):
+        rules.validity_within_profile(over)
+
+
 def test_validity_beyond_issuer(services: Services) -> None:
     """An issuing CA that ends in 30 days: asking for 60 days is refused by name; the default
     validity is clamped to the issuer's end instead."""
