@@ -207,12 +207,12 @@ class CaService:
         try:
             tbs = self.prepare(request)
         except (InputError, NotFound, Conflict) as exc:
-            self._journal_rejection(request.ca, request.profile, request.subject, exc, actor)
+            self.journal_rejection(request.ca, request.profile, request.subject, exc, actor)
             raise
         try:
             return self._sign_and_store(tbs, request, actor)
         except PolicyViolation as exc:  # the key found blocked as the intent was written
-            self._journal_rejection(request.ca, request.profile, request.subject, exc, actor)
+            self.journal_rejection(request.ca, request.profile, request.subject, exc, actor)
             raise
 
     def issue_from_csr(
@@ -234,7 +234,7 @@ class CaService:
         try:
             parsed = parse_csr(csr_data)
         except InputError as exc:
-            self._journal_rejection(ca, profile, subject, exc, actor)
+            self.journal_rejection(ca, profile, subject, exc, actor)
             raise
         request = IssueRequest(
             ca=ca,
@@ -426,9 +426,11 @@ class CaService:
             # The row stays reserved: revocable, and `cert check` reports it (reserved-stale).
             pass
 
-    def _journal_rejection(
+    def journal_rejection(
         self, ca: str, profile: str, subject: x509.Name | None, exc: SekishoError, actor: Actor
     ) -> None:
+        """Journal a refused issuance (``ca.issue``, failure: the code, the rule, the reason);
+        also for a request its caller refused before it reached this service."""
         self.journal.append_alone(
             self.db,
             refused(

@@ -676,10 +676,14 @@ def issue(
     outputs = NewFiles([p for p in (out, key_out, p12) if p is not None])
     try:
         services = state.services()
-        sans = tuple(SanEntry.parse(s) for s in san) if san else None
-        subject_name = parse_subject(subject) if subject else None
-        validity = dt.timedelta(days=days) if days else None
         actor = state.actor()
+        try:
+            sans = tuple(SanEntry.parse(s) for s in san) if san else None
+            subject_name = parse_subject(subject) if subject else None
+        except InputError as exc:  # journalled as the service's own refusals are
+            services.ca.journal_rejection(ca_name, profile, None, exc, actor)
+            raise
+        validity = dt.timedelta(days=days) if days else None
         key = None
         if csr is not None:
             cert = services.ca.issue_from_csr(

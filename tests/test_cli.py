@@ -612,6 +612,30 @@ def test_issue_from_csr_file(run: Runner, tmp_path: Path, settings: Settings) ->
     assert x509.load_pem_x509_certificate(pem.encode()) == cert
 
 
+def test_a_subject_or_san_the_cli_refuses_is_journalled(run: Runner, tmp_path: Path) -> None:
+    """From the review: a --san or --subject refused as it was read (before the request
+    reached the issuance service) left no rejection in the journal."""
+
+    def rejections() -> list[dict[str, Any]]:
+        found = ok(run("--json", "audit", "search", "--action", "ca.issue", "--limit", "100"))
+        entries = [json.loads(line) for line in found.out.splitlines()]
+        return [e for e in entries if e["outcome"] == "failure"]
+
+    before = len(rejections())
+    base = ("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
+            "--key-out", str(tmp_path / "k.pem"))  # fmt: skip
+    refused = run(*base, "--subject", "CN=d1.example.com", "--san", "foo:bar")
+    assert refused.code == 65 and "foo" in refused.err, refused
+    refused = run(*base, "--subject", "CN=d1\x1b[31m", "--san", "dns:d1.example.com")
+    assert refused.code == 65, refused
+    found = rejections()
+    assert len(found) == before + 2, found
+    assert {e["detail"]["ca"] for e in found[-2:]} == {"device"}
+    assert [e["detail"]["code"] for e in found[-2:]] == ["malformed", "policy-violation"]
+    assert "foo" in found[-2]["detail"]["reason"], found[-2]
+    assert not (tmp_path / "k.pem").exists()
+
+
 def test_issue_says_the_sans_the_csr_gave(run: Runner, tmp_path: Path) -> None:
     """From the review: with --csr and --subject alone, the certificate carries the CSR's
     SANs, and the output named only the subject. It says the SANs too, whatever gave them."""
