@@ -189,6 +189,9 @@ def _no_unknown_critical_request(extensions: x509.Extensions) -> None:
             )
 
 
+_EXTENSION_REQUEST = x509.ObjectIdentifier("1.2.840.113549.1.9.14")
+
+
 def parse_csr(data: bytes) -> CsrRequest:
     """Parse and check proof of possession. Subject and SANs are *requests*: the caller's
     authorisation decides what is used (``ca.issuance`` never takes them blindly)."""
@@ -231,6 +234,14 @@ def parse_csr(data: bytes) -> CsrRequest:
         # (TypeError: a directoryName SAN whose attribute is a BIT STRING, as in a subject.)
         raise MalformedInput(f"CSR extensions cannot be parsed: {exc}") from None
     _no_unknown_critical_request(extensions)
+    try:
+        requests = sum(a.oid == _EXTENSION_REQUEST for a in csr.attributes)
+    except ValueError as exc:
+        raise MalformedInput(f"CSR attributes cannot be parsed: {exc}") from None
+    if requests > 1:
+        # PKCS#9 (RFC 2985 5.4.2): one extensionRequest; with two, which one a reader takes
+        # is its own choice (we, the rules and `openssl req -text` took the first).
+        raise MalformedInput(f"CSR holds {requests} extensionRequest attributes; give one")
     sans: tuple[SanEntry, ...] = ()
     try:
         ext = extensions.get_extension_for_class(x509.SubjectAlternativeName)

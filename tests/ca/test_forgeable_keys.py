@@ -1,7 +1,8 @@
 """Keys for which anyone can sign, whose CSR therefore passes the proof of possession without
 any private key: an Ed25519 key of small order (the identity verifies R = identity, S = 0 for
 every message) and an RSA key whose modulus is prime (phi(n) = n - 1, so the private exponent
-follows from the public key). Both are refused as ``weak-key``, by CSR and by request."""
+follows from the public key). Both are refused as ``weak-key``, by CSR and by request. Also
+from the same review: a CSR with two extensionRequest attributes, malformed."""
 
 from __future__ import annotations
 
@@ -119,3 +120,44 @@ def test_csr_of_a_prime_rsa_modulus_is_refused(services: Services) -> None:
     _assert_refused(
         services, lambda: services.ca.issue(request, TEST_ACTOR), PolicyViolation, "weak-key"
     )
+
+
+def test_a_csr_with_two_extension_requests_is_malformed(services: Services) -> None:
+    """From the review: PKCS#9 gives a request one extensionRequest; with two, the first was
+    used (as OpenSSL shows it), another reader may take the second. Refused as malformed."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sekisho.errors import MalformedInput
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    spki = akeys.PublicKeyInfo.load(
+        key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+    def san(mailbox: str) -> list[dict[str, object]]:
+        return [{"extn_id": "subject_alt_name", "critical": False,
+                 "extn_value": [ax.GeneralName("rfc822_name", mailbox)]}]  # fmt: skip
+
+    info = acsr.CertificationRequestInfo(
+        {
+            "version": 0,
+            "subject": _subject(),
+            "subject_pk_info": spki,
+            "attributes": [
+                {"type": "extension_request", "values": [san("alice@tenant1.example.com")]},
+                {"type": "extension_request", "values": [san("mallory@evil.example")]},
+            ],
+        }
+    )
+    request = acsr.CertificationRequest(
+        {
+            "certification_request_info": info,
+            "signature_algorithm": {"algorithm": "sha256_ecdsa"},
+            "signature": key.sign(info.dump(), ec.ECDSA(hashes.SHA256())),
+        }
+    )
+    exc = _assert_refused(services, _from_csr(services, bytes(request.dump())), MalformedInput)
+    assert "2 extensionRequest attributes" in exc.message
