@@ -875,10 +875,10 @@ def _drop_sqlite_url(path: Path) -> None:
     backup at all. A file this cannot edit safely is a ConfigError."""
     if not path.exists():
         return
-    text = path.read_text("utf-8")
     try:
+        text = path.read_text("utf-8")
         before = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (OSError, ValueError) as exc:  # (UnicodeDecodeError and TOMLDecodeError included)
         raise ConfigError(f"cannot read the restored settings file: {exc}") from None
     section = before.get("sekisho", before)
     url = section.get("database_url") if isinstance(section, dict) else None
