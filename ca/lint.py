@@ -73,6 +73,17 @@ class Linter:
         self._lock = threading.Lock()
         self._keys: dict[KeyType, CertificateIssuerPrivateKeyTypes] = {}
 
+    def warm(self) -> None:
+        """Import pkilint and build this thread's validators now (about 0.45 s here), not in
+        the first request that needs them: ``ocsp serve`` calls it before it listens (its
+        first nonce answers waited for the import, and wrk's p99 over 5 s went from 18 ms to
+        290 ms). Other threads then build theirs in under a millisecond."""
+        from pkilint import loader, validation  # noqa: F401  (the imports are the point)
+
+        self._validator()
+        self._crl_validator()
+        self._ocsp_validator()
+
     def check_tbs(self, tbs: bytes, key_type: KeyType) -> None:
         """Refuse (PolicyViolation, rule ``pkilint``) the TBS certificate ``tbs`` that a CA
         key of ``key_type`` is about to sign, if pkilint finds anything of NOTICE or above."""

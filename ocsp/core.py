@@ -58,6 +58,7 @@ import datetime as dt
 import enum
 import functools
 import hashlib
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
@@ -412,10 +413,15 @@ class Issuer:
     # The lint gate: (ResponseData DER, a function wrapping a signature over it into the whole
     # OCSPResponse) -> None, raising PolicyViolation to refuse; None: no gate.
     lint: Callable[[bytes, Callable[[bytes], bytes]], None] | None = None
-    # The shapes whose first response the gate passed (this object's, so for as long as this
-    # signer is loaded): the later ones of a shape are not linted.
+    # The shapes whose first response the gate passed (for as long as this signer is loaded;
+    # ``ocsp.store.Signers`` hands them on to the same signer reloaded): the later ones of a
+    # shape are not linted. ``lint_lock``: one lint of a shape at a time (32 clients asking at
+    # once linted it 32 times over, and each waited for all of them).
     linted: set[tuple[bool, bool, frozenset[str]]] = dataclasses.field(
         default_factory=set, compare=False, repr=False
+    )
+    lint_lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, compare=False, repr=False
     )
 
     @property
@@ -704,8 +710,12 @@ def build_response(
     if issuer.lint is not None:
         shape = _shape([status for _, status in answers], nonce)
         if shape not in issuer.linted:
-            issuer.lint(tbs, lambda signature: _wrap(tbs, algorithm, signature, issuer.certs_der))
-            issuer.linted.add(shape)
+            with issuer.lint_lock:
+                if shape not in issuer.linted:
+                    issuer.lint(
+                        tbs, lambda signature: _wrap(tbs, algorithm, signature, issuer.certs_der)
+                    )
+                    issuer.linted.add(shape)
     signature = sign(tbs)
     if issuer.verify_each:
         # A token's fault, or a key object that is not what it says, never reaches a client.

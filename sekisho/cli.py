@@ -1395,6 +1395,8 @@ def ocsp_serve(
 
     services = _ocsp_services(state)
     db = services.db
+    if services.ocsp.linter is not None:
+        services.ocsp.linter.warm()  # before the first answer, not in it
     # A CA whose signer does not load is left out here; the server reports it as it starts.
     issuers, _ = store.load_issuers_each(services)
     index, cursor = initial_index(issuers, lambda: store.snapshot(db))

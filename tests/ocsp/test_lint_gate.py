@@ -158,3 +158,29 @@ def test_the_first_response_of_each_shape_is_linted_and_the_rest_are_not(
     # The linted bytes are the signed ones: the ResponseData of the answer sent.
     assert seen[-1] in pair
     services.ocsp.invalidate_issuers()
+
+
+def test_warm_builds_the_validators_before_the_first_lint() -> None:
+    """``ocsp serve`` warms the gate before it listens: pkilint's import (0.45 s here) was
+    paid inside the first nonce answers, and the benchmark's p99 went from 18 ms to 290 ms
+    (bench.ocsp). Once warm, this thread's validators exist, and a lint uses them."""
+    linter = Linter()
+    assert getattr(linter._local, "ocsp_validator", None) is None
+    linter.warm()
+    built = linter._local.ocsp_validator
+    assert built is not None and linter._local.validator is not None
+    assert linter._local.crl_validator is not None
+    assert linter._ocsp_validator() is built
+
+
+def test_a_signer_reloaded_keeps_the_shapes_the_gate_passed(services: Services) -> None:
+    """Signers are reloaded every 10 s: the same signer keeps the shapes its predecessor
+    object passed (each reload had every shape's first answer linted again)."""
+    _, issuer = issuer_for(services)
+    now = services.clock()
+    core.precompute(issuer, 1, core.GOOD, now, now + WEEK)
+    assert issuer.linted
+    services.ocsp.invalidate_issuers()
+    _, again = issuer_for(services)
+    assert again is not issuer and again.responder_certificate == issuer.responder_certificate
+    assert again.linted == issuer.linted
