@@ -6,7 +6,8 @@ What is detected, and where it is located (the first bad sequence number):
   same instant, a blob where text belongs, text that is not UTF-8): that record, as tampering;
 - a deleted record: the gap in the sequence;
 - an inserted or reordered record: the first record whose chained hash breaks;
-- a record outside 1..head (seq 0 or below, or beyond the head): that record;
+- a record, or a purged record's tombstone, outside 1..head (seq 0 or below, or beyond the
+  head): that record;
 - hashes recomputed after a change: the chain is consistent again, but a signed checkpoint
   no longer matches; located as the first record after the last matching checkpoint;
 - truncation: records missing behind the head row or behind a checkpoint (stored, or exported
@@ -367,16 +368,35 @@ def _head_time_problem(
     )
 
 
-def _first_outside(session: Session, where: Any, head: str) -> tuple[int, str] | None:
-    """(seq, problem) for the lowest record matching ``where`` (records the walk of 1..head
-    never reaches), or None."""
-    first, count = session.execute(
-        select(func.min(_RECORDS.c.seq), func.count()).where(where)
-    ).one()
+def _first_outside(
+    session: Session, where: Any, head: str, table: Table = _RECORDS
+) -> tuple[int, str] | None:
+    """(seq, problem) for the lowest record (or, with ``table`` the tombstones, the lowest
+    tombstone) matching ``where``: what the walk of 1..head never reaches, or None."""
+    first, count = session.execute(select(func.min(table.c.seq), func.count()).where(where)).one()
     if not count:
         return None
     more = f" (and {count - 1} more)" if count > 1 else ""
-    return first, f"record {first} is outside the journal ({head}){more}"
+    what = "record" if table is _RECORDS else "tombstone of a purged record"
+    return first, f"{what} {first} is outside the journal ({head}){more}"
+
+
+def _outside(session: Session, head_seq: int | None) -> list[tuple[int, str]]:
+    """Records and tombstones outside 1..head (``head_seq`` None: the head is unreadable, so
+    only those below 1). A tombstone there is no purge's (a purge removes records of the
+    chain), yet `cert check` takes its action and serial for a purged ca.issue or ca.revoke
+    record: a forged one silenced a certificate revoked by hand."""
+    found = []
+    for table in (_RECORDS, _PURGED):
+        if head_seq is None:
+            where, head = table.c.seq < 1, "it starts at seq 1"
+        else:
+            where = or_(table.c.seq < 1, table.c.seq > head_seq)
+            head = f"seq 1 to the head, {head_seq}"
+        outside = _first_outside(session, where, head, table)
+        if outside is not None:
+            found.append(outside)
+    return found
 
 
 @dataclasses.dataclass
@@ -699,9 +719,7 @@ def _verify(
         isinstance(head[0], int) and isinstance(head[1], str) and isinstance(head[2], int)
     ):
         failures.append((1, "the journal head row is missing or malformed"))
-        outside = _first_outside(session, _RECORDS.c.seq < 1, "it starts at seq 1")
-        if outside is not None:
-            failures.append(outside)
+        failures.extend(_outside(session, None))
         _raise_first(failures)
     head_seq, head_hash, head_checkpoint, head_checkpoint_time = head
     problem = _beginning_problem(stored, checked, head_seq, initialised)
@@ -713,13 +731,7 @@ def _verify(
     problem = _head_time_problem(decoder, head_checkpoint, head_checkpoint_time, signed_times)
     if problem is not None:
         failures.append(problem)
-    outside = _first_outside(
-        session,
-        or_(_RECORDS.c.seq < 1, _RECORDS.c.seq > head_seq),
-        f"seq 1 to the head, {head_seq}",
-    )
-    if outside is not None:
-        failures.append(outside)
+    failures.extend(_outside(session, head_seq))
 
     roots: dict[int, list[tuple[str, str]]] = {}
     for claim, body in checked:

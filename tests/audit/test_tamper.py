@@ -265,6 +265,21 @@ def copy_record(seq: int, to: int) -> Callable[[Services], None]:
     return tamper
 
 
+def tombstone_of(seq: int, at: int) -> Callable[[Services], None]:
+    """A tombstone, of record ``seq``'s action and certificate serial, stored at ``at``, outside
+    the chain's 1..head: `cert check` takes one for a purged ca.issue / ca.revoke record."""
+    statement = (
+        "INSERT INTO audit_purged (seq, time, action, object_serial, leaf_hash, hash, purge_seq) "
+        "SELECT :at, time, 'ca.revoke', object_serial, hash, hash, :purge FROM audit_records "
+        "WHERE seq = :s"
+    )
+
+    def tamper(services: Services) -> None:
+        sql(services, statement, {"at": at, "purge": at + 1, "s": seq})
+
+    return tamper
+
+
 def both(*tampers: Callable[[Services], None]) -> Callable[[Services], None]:
     def tamper(services: Services) -> None:
         for one in tampers:
@@ -368,6 +383,9 @@ CASES: dict[str, tuple[Callable[[Services], None], int]] = {
     "copy-at-seq-0": (copy_record(24, 0), 0),
     "copy-at-negative-seq": (copy_record(24, -5), -5),
     "copy-beyond-head": (copy_record(24, LAST + 5), LAST + 5),
+    # ... and tombstones there, which no purge of the chain left (`cert check` trusts them).
+    "tombstone-beyond-head": (tombstone_of(24, 10**6), 10**6),
+    "tombstone-at-negative-seq": (tombstone_of(24, -5), -5),
     # Several problems: the lowest sequence number is named, whatever was checked first.
     "flip-and-bad-later-signature": (both(flip_column("detail", 30), set_signature(51, b"\0")), 30),
     "delete-and-record-below-1": (both(delete(30), copy_record(24, 0)), 0),
