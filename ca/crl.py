@@ -28,7 +28,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificateIssuerPublicKeyTypes,
+)
 from sqlalchemy import Executable, Table, bindparam, delete, select, text, update
 from sqlalchemy.orm import Session, defer
 
@@ -38,11 +41,11 @@ from ca import der
 from ca.lint import CRL_LINT_ENTRIES, Linter, lint_unreadable
 from ca.models import Certificate, CertificateAuthority, CertStatus, Crl, CrlKind
 from ca.revocation import Reason
-from hsm.base import KeyBackend, KeyType, sign_bytes
+from hsm.base import KeyBackend, KeyType, sign_bytes, verify_bytes
 from sekisho.clock import CLOCK_AHEAD, as_utc
 from sekisho.context import SYSTEM, Actor
 from sekisho.db import Database, Prepared, stream_raw
-from sekisho.errors import Conflict, NotFound, PolicyViolation, shown
+from sekisho.errors import Conflict, KeyBackendError, NotFound, PolicyViolation, shown
 
 # AlgorithmIdentifier DER per CA key type (RFC 5758 3.2, RFC 4055/8017, RFC 8410 3).
 SIGNATURE_ALGORITHM: dict[KeyType, bytes] = {
@@ -280,11 +283,15 @@ def build_crl(
     entries_der: bytes | bytearray,
     key: CertificateIssuerPrivateKeyTypes,
     lint: Linter | None = None,
+    verify_with: CertificateIssuerPublicKeyTypes | None = None,
 ) -> bytes:
     """Encode TBSCertList, sign it with ``key`` (through the backend), return the CRL DER.
     With ``lint`` (the lint gate), pkilint reads the TBSCertList first, cut to its first
     ``CRL_LINT_ENTRIES`` entries when longer; a finding refuses it (PolicyViolation, rule
-    ``pkilint``) before anything is signed."""
+    ``pkilint``) before anything is signed. With ``verify_with`` (the CA certificate's public
+    key) the signature is checked: a key backend holding another key under the CA's reference
+    (a token swapped or restored under the same label and id) is a KeyBackendError, and the
+    CRL it signed is never published."""
     if not 0 < params.number < 1 << 159:
         raise ValueError("CRL number out of range (RFC 5280 5.2.3: at most 20 octets)")
     tbs = encode_tbs(params, entries_der)
@@ -296,6 +303,11 @@ def build_crl(
         linted = tbs if head is entries_der else encode_tbs(params, head)
         lint.check_crl_tbs(linted, params.key_type)
     signature = sign_bytes(key, params.key_type, tbs)
+    if verify_with is not None and not verify_bytes(verify_with, params.key_type, signature, tbs):
+        raise KeyBackendError(
+            "the CA key signed a CRL that does not verify under the CA's certificate: the key "
+            "backend holds another key under its reference"
+        )
     return der.sequence(tbs, SIGNATURE_ALGORITHM[params.key_type], der.bit_string(signature))
 
 
@@ -610,7 +622,11 @@ class CrlPublisher:
         )
         try:
             crl_der = build_crl(
-                params, entries_der, self.backend.signing_key(plan.key_ref), self.linter
+                params,
+                entries_der,
+                self.backend.signing_key(plan.key_ref),
+                self.linter,
+                verify_with=plan.cert.public_key(),  # type: ignore[arg-type]
             )
         except PolicyViolation as exc:
             if journal_refusal:

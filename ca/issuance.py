@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
@@ -322,6 +323,20 @@ class CaService:
                     why = f"signing failed: {exc.__class__.__name__}"
                     self._mark_failed(reserved[0], tbs.issuer.id, why)
                 raise KeyBackendError(f"signing failed: {exc.__class__.__name__}") from exc
+            try:
+                # The key the backend signed with must be the CA certificate's: a token key
+                # swapped or restored under the same label and id (public object included)
+                # signs certificates that verify under no CA. Never stored, never handed out.
+                cert.verify_directly_issued_by(tbs.issuer.certificate)
+            except (ValueError, TypeError, InvalidSignature):
+                self._mark_failed(
+                    reserved[0], tbs.issuer.id, "signing failed: signature does not verify"
+                )
+                raise KeyBackendError(
+                    f"the key {tbs.issuer.key_ref} of CA {tbs.issuer.name} signed a certificate "
+                    "that does not verify under the CA's certificate: the key backend holds "
+                    "another key under that reference"
+                ) from None
             extras = [hook(tbs.issuer.id, tbs.serial) for hook in self.issued_hooks]
             self._store_issued(reserved[0], tbs, cert, actor, [e for e in extras if e])
             return cert

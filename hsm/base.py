@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Protocol, runtime_checkable
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -81,6 +82,25 @@ def sign_bytes(key: CertificateIssuerPrivateKeyTypes, key_type: KeyType, data: b
     if isinstance(key, rsa.RSAPrivateKey):
         return key.sign(data, padding.PKCS1v15(), algorithm)
     raise TypeError(f"cannot sign with {type(key).__name__}")
+
+
+def verify_bytes(
+    public: CertificateIssuerPublicKeyTypes, key_type: KeyType, signature: bytes, data: bytes
+) -> bool:
+    """Whether ``signature`` is ``sign_bytes``'s signature of ``data`` under ``public``."""
+    algorithm = signature_hash(key_type)
+    try:
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature, data)
+        elif isinstance(public, ec.EllipticCurvePublicKey) and algorithm is not None:
+            public.verify(signature, data, ec.ECDSA(algorithm))
+        elif isinstance(public, rsa.RSAPublicKey) and algorithm is not None:
+            public.verify(signature, data, padding.PKCS1v15(), algorithm)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 @runtime_checkable

@@ -240,8 +240,15 @@ class Pkcs11EcKey(ec.EllipticCurvePrivateKey):
                 mechanism, payload = _ECDSA[name], raw
             else:
                 mechanism, payload = Mechanism.ECDSA, _HASHES[name](raw).digest()
-        signature = self._backend.sign(self._ref, payload, mechanism, None)
-        return encode_ecdsa_signature(signature)
+        signature = encode_ecdsa_signature(self._backend.sign(self._ref, payload, mechanism, None))
+        # The token's answer is checked before anyone sees it: a fault, or a private object
+        # that is not the public object's pair (swapped or restored under the same label and
+        # id), would otherwise put a signature nothing verifies into a certificate or a CRL.
+        _verified(
+            self._ref,
+            lambda: self._public.verify(signature, raw, ec.ECDSA(algorithm)),
+        )
+        return signature
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
@@ -287,11 +294,15 @@ class Pkcs11RsaKey(rsa.RSAPrivateKey):
         if isinstance(padding, rsa_padding.PKCS1v15):
             on_token = not prehashed and len(raw) <= ON_TOKEN_HASH_LIMIT
             if on_token and self._backend.has_mechanism(_RSA_PKCS[name]):
-                return self._backend.sign(self._ref, raw, _RSA_PKCS[name], None)
-            digest = raw if prehashed else _HASHES[name](raw).digest()
-            return self._backend.sign(
-                self._ref, _DIGEST_INFO[name] + digest, Mechanism.RSA_PKCS, None
-            )
+                signature = self._backend.sign(self._ref, raw, _RSA_PKCS[name], None)
+            else:
+                digest = raw if prehashed else _HASHES[name](raw).digest()
+                signature = self._backend.sign(
+                    self._ref, _DIGEST_INFO[name] + digest, Mechanism.RSA_PKCS, None
+                )
+            # (A faulty RSA-CRT signature also gives the key away: never hand one out.)
+            _verified(self._ref, lambda: self._public.verify(signature, raw, padding, algorithm))
+            return signature
         if isinstance(padding, rsa_padding.PSS):
             if prehashed:
                 raise KeyBackendError("pre-hashed RSA-PSS is not offered")
@@ -299,10 +310,14 @@ class Pkcs11RsaKey(rsa.RSAPrivateKey):
             salt = _pss_salt_length(padding, self._public, hash_algorithm)
             params = (hash_mech, mgf, salt)
             if len(raw) <= ON_TOKEN_HASH_LIMIT and self._backend.has_mechanism(mechanism):
-                return self._backend.sign(self._ref, raw, mechanism, params)
-            # CKM_RSA_PKCS_PSS signs a digest computed here.
-            digest = _HASHES[name](raw).digest()
-            return self._backend.sign(self._ref, digest, Mechanism.RSA_PKCS_PSS, params)
+                signature = self._backend.sign(self._ref, raw, mechanism, params)
+            else:
+                # CKM_RSA_PKCS_PSS signs a digest computed here.
+                digest = _HASHES[name](raw).digest()
+                signature = self._backend.sign(self._ref, digest, Mechanism.RSA_PKCS_PSS, params)
+            check = rsa_padding.PSS(rsa_padding.MGF1(hash_algorithm), salt)
+            _verified(self._ref, lambda: self._public.verify(signature, raw, check, algorithm))
+            return signature
         raise KeyBackendError(f"RSA padding {padding.name} is not offered")
 
     def public_key(self) -> rsa.RSAPublicKey:
@@ -322,6 +337,23 @@ class Pkcs11RsaKey(rsa.RSAPrivateKey):
 
     def __repr__(self) -> str:
         return f"Pkcs11RsaKey({self._ref!r})"
+
+
+class SignatureMismatch(KeyBackendError):
+    """A signature the token made does not verify under the key's public object."""
+
+
+def _verified(ref: str, verify: Callable[[], None]) -> None:
+    """Run ``verify`` (the public key's check of a signature the token just made);
+    KeyBackendError (HTTP 503, exit 69) if the signature does not verify."""
+    try:
+        verify()
+    except InvalidSignature:
+        log.error("token signature does not verify", extra={"key_ref": ref})
+        raise SignatureMismatch(
+            f"the token's signature with key {ref} does not verify under its public key "
+            "(a token fault, or a private key object that is not the pair of the public one)"
+        ) from None
 
 
 def _pss_salt_length(
@@ -374,9 +406,23 @@ class Pkcs11Backend:
         self.logins = 0  # C_Login calls made (status, tests)
         self._token: Any = None
         self._mechanisms: frozenset[Any] = frozenset()
+        # None until the module's C_Initialize has succeeded once in this process: a module
+        # that loads but cannot initialise (SoftHSM2 while its token directory is away, a
+        # network HSM's library while the HSM is unreachable) is an outage, not a
+        # configuration error: this process starts, and initialises it when it can.
+        self._lib: Any = None
         with self._lock:
             try:
                 self._lib = pkcs11.lib(module)
+            except p11e.PKCS11Error as exc:
+                if type(exc) is p11e.PKCS11Error:  # dlopen or C_GetFunctionList: not a module
+                    raise ConfigError(f"cannot load PKCS#11 module {module}: {exc}") from None
+                # (A CKR_* from C_Initialize or C_GetInfo; python-pkcs11 gives no message.)
+                log.warning(
+                    "pkcs11 token unavailable at start",
+                    extra={"error": f"C_Initialize failed ({type(exc).__name__})"},
+                )
+                return
             except (RuntimeError, OSError) as exc:
                 raise ConfigError(f"cannot load PKCS#11 module {module}: {exc}") from None
             try:
@@ -432,19 +478,22 @@ class Pkcs11Backend:
             return True
         if type(exc) is not p11e.PKCS11Error:
             return False
-        return not self._lib.initialized or "not initialized" in str(exc)
+        return self._lib is None or not self._lib.initialized or "not initialized" in str(exc)
 
     def _ensure_initialised(self) -> None:
         """C_Initialize when the library is not initialised (python-pkcs11 marks it so even
         when C_Finalize failed, and a C_Initialize that failed leaves it so): the session and
         the token found before are gone with it. KeyBackendError if C_Initialize fails."""
-        if self._lib.initialized:
+        if self._lib is not None and self._lib.initialized:
             return
         self._session = None  # its handle died with the library state: nothing to close
         self._keys.clear()
         self._token = None
         try:
-            self._lib.initialize()
+            if self._lib is None:  # C_Initialize failed at start: load and initialise now
+                self._lib = pkcs11.lib(self.module)
+            else:
+                self._lib.initialize()
         except p11e.PKCS11Error as exc:
             raise KeyBackendError(
                 f"PKCS#11 module {self.module} cannot be initialised ({type(exc).__name__})"
@@ -454,6 +503,8 @@ class Pkcs11Backend:
         """C_Finalize + C_Initialize, which rescans the slots. Errors are ignored here: a
         library left uninitialised is initialised again by :meth:`_ensure_initialised`
         before the next token call."""
+        if self._lib is None:
+            return  # never initialised: _ensure_initialised loads it
         with contextlib.suppress(p11e.PKCS11Error):
             self._lib.finalize()
         with contextlib.suppress(p11e.PKCS11Error):
@@ -715,6 +766,13 @@ class Pkcs11Backend:
             raise ConfigError(f"token key {ref} cannot sign (CKA_SIGN is false)")
         if attributes.get("extractable") or not attributes.get("sensitive"):
             raise ConfigError(f"token key {ref} is extractable or not sensitive: refused")
+        if not attributes.get("private"):
+            # CKA_PRIVATE false: any session signs with it, no PIN (and SoftHSM2 stores it
+            # unencrypted under the token directory).
+            raise ConfigError(
+                f"token key {ref} is not private (CKA_PRIVATE is false): it signs without the "
+                "PIN; refused"
+            )
         public_type = P11KeyType.EC if isinstance(public, ec.EllipticCurvePublicKey) else None
         public_type = P11KeyType.RSA if isinstance(public, rsa.RSAPublicKey) else public_type
         if private_type != public_type:
@@ -749,7 +807,7 @@ class Pkcs11Backend:
                 pkcs1 = rsa_padding.PKCS1v15()
                 signature = key.sign(challenge, pkcs1, hashes.SHA256())
                 public.verify(signature, challenge, pkcs1, hashes.SHA256())
-        except InvalidSignature:
+        except (InvalidSignature, SignatureMismatch):  # (the key checks its signatures too)
             return False
         return True
 

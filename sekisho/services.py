@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificateIssuerPublicKeyTypes,
@@ -46,6 +47,7 @@ from sekisho.errors import (
     PATH_SHOWN,
     ConfigError,
     KeyBackendError,
+    NotFound,
     SecretUnavailable,
     SekishoError,
     StoreError,
@@ -225,6 +227,38 @@ class UnreadableAuditKey(CheckpointSigner):
 
     def sign(self, body: bytes) -> bytes:
         self._refuse()
+
+
+class DeferredAuditKey(CheckpointSigner):
+    """The audit key of a process that started while the key backend was away: its public
+    key is read when first needed, and every use until then is the backend's error
+    (KeyBackendError, HTTP 503 / exit 69), so that a checkpoint that falls due fails the
+    operation, as it would have in a process started before the outage."""
+
+    def __init__(self, backend: KeyBackend, key_ref: str) -> None:
+        # Not CheckpointSigner.__init__: it reads the public key, which is what fails now.
+        self.backend = backend
+        self.key_ref = key_ref
+        self.key_type = AUDIT_KEY_TYPE
+        self._public_key_der: bytes | None = None
+
+    @property
+    def public_key_der(self) -> bytes:  # type: ignore[override]
+        if self._public_key_der is None:
+            try:
+                public = self.backend.public_key(self.key_ref)
+            except NotFound as exc:  # back, but without the key: fail closed, say so
+                raise KeyBackendError(
+                    f"the audit checkpoint key is missing: {exc.message}"
+                ) from None
+            self._public_key_der = public.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        return self._public_key_der
+
+    def sign(self, body: bytes) -> bytes:
+        self.public_key_der  # noqa: B018 (the key is there, and is the one recorded)
+        return super().sign(body)
 
 
 def audit_key_ref(backend: KeyBackend) -> str:
@@ -420,13 +454,19 @@ def build_services(
     # reading command that needs the key says so itself), where it would print two errors
     # on every listing by an auditor who may not read the passphrase.
     appends = not db.read_only
+    signer: CheckpointSigner | None = None
     try:
         has_audit_key = backend.has_key(audit_ref)
     except KeyBackendError as exc:
         if appends:
             log.error("audit key unavailable", extra={"key_ref": audit_ref, "detail": exc.message})
         has_audit_key = False
-    signer = None
+        if appends and _has_checkpoints(db):
+            # The key backend is away (a token unreachable as this process starts): the key
+            # is looked for again when a checkpoint falls due. Without it the journal would
+            # append unsigned for the life of this process, the token back or not, and what
+            # docs/hsm.md 2.4 says fails a few minutes into an outage would go through.
+            signer = DeferredAuditKey(backend, audit_ref)
     if has_audit_key:
         try:
             signer = CheckpointSigner(backend, audit_ref, AUDIT_KEY_TYPE)

@@ -21,9 +21,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pkcs11 import Attribute
+from pkcs11 import KeyType as P11KeyType
 from pkcs11 import exceptions as p11e
-from sqlalchemy import select
+from pkcs11.util.ec import encode_named_curve_parameters
+from sqlalchemy import func, select
 
+from audit.models import Checkpoint
 from ca.models import Certificate, CertificateAuthority, CertStatus
 from hsm.base import KeyType
 from hsm.pkcs11 import Pkcs11Backend
@@ -544,3 +547,101 @@ def test_serve_checks_the_token_in_a_child_and_workers_sign_on_it(
         assert curl(f"{server.base}/healthz").returncode == 0
     finally:
         server.stop()
+
+
+def test_a_ca_key_pair_replaced_on_the_token_signs_no_certificate_and_no_crl(
+    token_services: Services,
+) -> None:
+    """Both objects of the device CA's key replaced under the same label and id (a token
+    restored from the wrong backup, say): the token's public object matches its private one,
+    only the CA certificate tells. Issuance and CRLs are refused (KeyBackendError, exit 69 /
+    503), the reserved row marked failed; nothing that verifies under no CA is handed out."""
+    services = token_services
+    backend = services.backend
+    assert isinstance(backend, Pkcs11Backend)
+    with services.db.scope() as session:
+        ref = session.scalars(
+            select(CertificateAuthority.key_ref).where(CertificateAuthority.name == "device")
+        ).one()
+    uri = parse(ref)
+    with backend._lock:
+        session = backend._open_session()
+        for obj in list(session.get_objects({Attribute.LABEL: uri.object, Attribute.ID: uri.id})):
+            obj.destroy()
+        params = session.create_domain_parameters(
+            P11KeyType.EC,
+            {Attribute.EC_PARAMS: encode_named_curve_parameters("1.2.840.10045.3.1.7")},
+            local=True,
+        )
+        params.generate_keypair(store=True, label=uri.object, id=uri.id)
+        backend._keys.clear()
+        backend._public_cache.clear()  # as a process started after the swap
+    before = {r.id for r in _rows(services)}
+    with pytest.raises(KeyBackendError, match="does not verify under the CA's certificate"):
+        services.ca.issue(request_for("device"), TEST_ACTOR)
+    new = [r for r in _rows(services) if r.id not in before]
+    assert [r.status for r in new] == [CertStatus.FAILED] and new[0].der is None
+    with pytest.raises(KeyBackendError, match="does not verify under the CA's certificate"):
+        services.crls.publish("device", services.clock(), actor=TEST_ACTOR)
+
+
+def test_a_module_that_cannot_initialise_at_start_is_an_outage_not_a_settings_error(
+    softhsm: softhsm_support.SoftHsm, tmp_path: Path
+) -> None:
+    """C_Initialize fails as the process starts (SoftHSM2 with its token directory away; a
+    network HSM's library with the HSM unreachable): read-only commands work, signing is a
+    key-backend error (69) naming the cause; it used to be exit 78 for every command, with
+    "cannot load PKCS#11 module ...: " and no cause."""
+    data_dir = _deployment(softhsm, tmp_path, FAULT_TOKEN)
+    assert cli_main(["--data-dir", str(data_dir), "init", "--org", "Unready Corp"]) == 0
+    conf = tmp_path / "away.conf"
+    conf.write_text(
+        f"directories.tokendir = {tmp_path / 'no-such-dir'}\nobjectstore.backend = file\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SEKISHO_")},
+        "SOFTHSM2_CONF": str(conf),
+    }
+    exe = [sys.executable, "-m", "sekisho", "--data-dir", str(data_dir)]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*exe, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False
+        )
+
+    listed = run("cert", "list", "--ca", "device")
+    assert listed.returncode == 0, listed.stderr
+    issued = run("issue", "--ca", "device", "--profile", "device", "--keygen", "ec-p256",
+                 "--subject", "CN=unready.example.com", "--san", "dns:unready.example.com",
+                 "--key-out", str(tmp_path / "unready.key"))  # fmt: skip
+    assert issued.returncode == 69, issued.stderr
+    assert "cannot be initialised (GeneralError)" in issued.stderr
+    assert "Traceback" not in issued.stderr and softhsm_support.USER_PIN not in issued.stderr
+
+
+def test_a_process_started_while_the_token_is_away_signs_checkpoints_once_it_is_back(
+    softhsm: softhsm_support.SoftHsm, tmp_path: Path
+) -> None:
+    """Its audit key was unavailable as it started: it used to append unsigned for the rest
+    of its life (no checkpoint ever, the token back or not)."""
+    data_dir = _deployment(softhsm, tmp_path, FAULT_TOKEN)
+    assert cli_main(["--data-dir", str(data_dir), "init", "--org", "Late Corp"]) == 0
+    settings = make_settings(data_dir, audit_checkpoint_every=1)
+    with softhsm.token_away(FAULT_TOKEN):
+        services = build_services(settings)
+        try:
+            # Due at once (every record): the operation fails, as in a process started before.
+            with pytest.raises(KeyBackendError):
+                services.crls.publish("admin", services.clock(), actor=TEST_ACTOR)
+        except BaseException:
+            services.close()
+            raise
+    try:
+        with services.db.scope() as session:
+            before = session.scalar(select(func.count()).select_from(Checkpoint))
+        services.crls.publish("admin", services.clock(), actor=TEST_ACTOR)
+        with services.db.scope() as session:
+            after = session.scalar(select(func.count()).select_from(Checkpoint))
+        assert after is not None and before is not None and after > before
+    finally:
+        services.close()

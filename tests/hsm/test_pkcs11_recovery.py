@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from pkcs11 import Attribute
+from pkcs11 import Attribute, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_named_curve_parameters
@@ -21,7 +21,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 from hsm.base import KeyType
 from hsm.pkcs11 import Pkcs11Backend
 from hsm.uri import parse
-from sekisho.errors import InputError, KeyBackendError, NotFound
+from sekisho.errors import ConfigError, InputError, KeyBackendError, NotFound
 from tests.conftest import FAULT_TOKEN
 from tests.support import softhsm as softhsm_support
 
@@ -281,3 +281,49 @@ def test_adopt_accepts_one_pair_and_pins_its_id(backend: Pkcs11Backend) -> None:
     assert backend.adopt(f"pkcs11:object={label};id=%07") == str(
         parse(f"pkcs11:object={label};id=%07").with_token(FAULT_TOKEN)
     )
+
+
+# -- a token key that is not what it says ---------------------------------------------------
+def test_a_private_object_that_is_not_the_public_ones_pair_signs_nothing(
+    backend: Pkcs11Backend,
+) -> None:
+    """The private object under a key's label and id replaced by another key (a token
+    restored or swapped): its signatures are refused (KeyBackendError), never returned."""
+    ref = backend.generate("swapped", KeyType.EC_P256)
+    key = backend.signing_key(ref)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    key.public_key().verify(key.sign(b"before", ECDSA), b"before", ECDSA)
+    uri = parse(ref)
+    assert uri.object is not None and uri.id is not None
+    other_public, other_private = _pair(backend, backend.label_prefix + "other", b"\x7f")
+    with backend._lock:
+        session = backend._open_session()
+        original = next(
+            session.get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: uri.object}
+            )
+        )
+        original.destroy()
+        other_public.destroy()
+        other_private[Attribute.LABEL] = uri.object
+        other_private[Attribute.ID] = uri.id
+        backend._keys.clear()
+    with pytest.raises(KeyBackendError, match="does not verify under its public key"):
+        key.sign(b"after", ECDSA)
+
+
+def test_adopt_refuses_a_private_key_any_session_may_use(backend: Pkcs11Backend) -> None:
+    """CKA_PRIVATE false: the key signs in a session that never logged in (no PIN), and
+    SoftHSM2 keeps such an object unencrypted in its token directory."""
+    label = backend.label_prefix + "public-private"
+    with backend._lock:
+        session = backend._open_session()
+        params = session.create_domain_parameters(
+            P11KeyType.EC, {Attribute.EC_PARAMS: _P256}, local=True
+        )
+        params.generate_keypair(
+            store=True, label=label, id=b"\x61",
+            private_template={**_ADOPTABLE, Attribute.PRIVATE: False},
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="not private"):
+        backend.adopt(f"pkcs11:object={label}")
