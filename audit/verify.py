@@ -841,6 +841,9 @@ def claims_from_documents(docs: Iterable[Mapping[str, Any]], source: str) -> lis
                 and isinstance(doc["time"], str)
             ):
                 raise TypeError("seq must be a number, head_hash, body and time text")
+            if not 1 <= seq < 1 << 63:
+                # (It was reported as tampering at that seq: "journal broken at seq -5".)
+                raise ValueError(f"seq {seq if abs(seq) < 10**20 else '(too long)'} out of range")
             time = dt.datetime.fromisoformat(doc["time"])
             if time.tzinfo is None:
                 raise ValueError("time without a UTC offset")

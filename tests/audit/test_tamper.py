@@ -795,11 +795,16 @@ def test_checkpoint_documents_with_wrong_types_are_bad_input(
 ) -> None:
     exported = cli_export_checkpoints(capsys, cli_data_dir, tmp_path / "cp.jsonl")
     doc = json.loads(exported.read_text().splitlines()[0])
-    doc["body"] = None
     broken = tmp_path / "broken.jsonl"
-    broken.write_text(json.dumps(doc) + "\n")
-    code, _out, err = run_cli(capsys, cli_data_dir, "audit", "verify", "--checkpoints", str(broken))
-    assert code == 65 and "not a checkpoint document" in err
+    # A seq out of range was reported as tampering there ("journal broken at seq -5", exit
+    # 2; a 400-digit seq printed whole): it is a file that is not a checkpoint export.
+    for field, value in (("body", None), ("seq", -5), ("seq", 0), ("seq", 10**400)):
+        broken.write_text(json.dumps({**doc, field: value}) + "\n")
+        code, _out, err = run_cli(
+            capsys, cli_data_dir, "audit", "verify", "--checkpoints", str(broken)
+        )
+        assert code == 65 and "not a checkpoint document" in err, (field, value, err)
+        assert len(err) < 400, err
 
 
 # -- the checkpoint body signs its time and the checkpoint before it ---------------------------
