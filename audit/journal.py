@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -42,7 +42,7 @@ from audit.chain import (
 from audit.events import Event, normalise_mac
 from audit.merkle import Frontier, leaf_hash
 from audit.models import Checkpoint, JournalHead, JournalRecord, PurgedRecord
-from hsm.base import KeyBackend, KeyType, sign_bytes, signature_hash
+from hsm.base import KeyBackend, KeyType, sign_bytes, verify_bytes
 from sekisho.clock import CLOCK_AHEAD
 from sekisho.db import Database, Prepared, WriteTx
 from sekisho.errors import AuditError, SekishoError
@@ -79,30 +79,19 @@ class CheckpointSigner:
 def verify_signature(public_key_der: bytes, signature: bytes, body: bytes) -> bool:
     """Check a checkpoint signature with ``public_key_der`` (the caller decides whether that
     key is trusted: ``audit.verify`` accepts only pinned keys)."""
-    from cryptography.exceptions import InvalidSignature
-
     try:
         key = serialization.load_der_public_key(public_key_der)
     except ValueError:
         return False
-    try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, body)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            kt = KeyType.EC_P384 if key.curve.name == "secp384r1" else KeyType.EC_P256
-            algorithm = signature_hash(kt)
-            assert algorithm is not None
-            key.verify(signature, body, ec.ECDSA(algorithm))
-        elif isinstance(key, rsa.RSAPublicKey):
-            kt = KeyType.RSA_4096 if key.key_size >= 4096 else KeyType.RSA_3072
-            algorithm = signature_hash(kt)
-            assert algorithm is not None
-            key.verify(signature, body, padding.PKCS1v15(), algorithm)
-        else:
-            return False
-    except InvalidSignature:
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        key_type = KeyType.ED25519
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        key_type = KeyType.EC_P384 if key.curve.name == "secp384r1" else KeyType.EC_P256
+    elif isinstance(key, rsa.RSAPublicKey):
+        key_type = KeyType.RSA_4096 if key.key_size >= 4096 else KeyType.RSA_3072
+    else:
         return False
-    return True
+    return verify_bytes(key, key_type, signature, body)
 
 
 @dataclasses.dataclass(frozen=True)

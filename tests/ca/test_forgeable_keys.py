@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import subprocess
 
 import pytest
 from asn1crypto import csr as acsr
@@ -22,6 +21,7 @@ from sekisho.services import Services
 from tests.ca.helpers import request_for
 from tests.ca.test_bad_input import _assert_refused, _from_csr
 from tests.conftest import TEST_ACTOR
+from tests.support.rsa_keys import openssl_prime
 
 P25519 = 2**255 - 19
 # The identity, (0, -1) of order 2, (0, 0)'s encoding (order 4), the two of order 8 (x sign
@@ -82,14 +82,7 @@ def test_csr_of_the_ed25519_identity_is_refused(services: Services) -> None:
 
 def _prime(bits: int) -> int:
     while True:
-        res = subprocess.run(
-            ["openssl", "prime", "-generate", "-bits", str(bits)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        n = int(res.stdout)
+        n = openssl_prime(bits)
         if (n - 1) % 65537:
             return n
 

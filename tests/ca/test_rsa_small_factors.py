@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import subprocess
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -18,6 +17,7 @@ from tests.ca.helpers import ca_cert, der, issue, request_for
 from tests.ca.test_bad_input import _assert_refused, _csr_with_key, _from_csr
 from tests.conftest import TEST_ACTOR
 from tests.support import checkers
+from tests.support.rsa_keys import openssl_prime
 
 E = 65537
 
@@ -28,14 +28,7 @@ def _modulus_with_factor(small: int) -> tuple[int, int]:
     Miller-Rabin of tests/support takes some 15 s for a prime of this size)."""
     bits = 2048 - small.bit_length()
     while True:
-        res = subprocess.run(
-            ["openssl", "prime", "-generate", "-bits", str(bits)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        q = int(res.stdout)
+        q = openssl_prime(bits)
         n = small * q
         if n.bit_length() == 2048 and (q - 1) % E and (small - 1) % E:
             return n, q

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -38,6 +39,19 @@ def is_probable_prime(n: int) -> bool:
         else:
             return False
     return True
+
+
+def openssl_prime(bits: int) -> int:
+    """A random prime of ``bits`` bits from ``openssl prime -generate`` (this module's
+    Miller-Rabin takes some 15 s to find one of 2048 bits)."""
+    res = subprocess.run(
+        ["openssl", "prime", "-generate", "-bits", str(bits)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return int(res.stdout)
 
 
 def next_prime(n: int) -> int:
