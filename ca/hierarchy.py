@@ -195,11 +195,12 @@ def _ca_recorded(service: CaService, name: str) -> bool:
         return True
 
 
-def _discard_new_key(service: CaService, ref: str) -> None:
-    """A software key file this call made for a CA that was not issued (the journal or the
-    store refused): removed, so that no key outlives its refused CA unrecorded and a retry
-    under the name is not a conflict. A token key stays (keys on a token are not deleted
-    behind the operator's back; `init` adopts it when resumed)."""
+def discard_new_key(service: CaService, ref: str) -> None:
+    """A software key file this call made for a CA (or an OCSP responder) that was not issued
+    (the journal or the store refused): removed, so that no key outlives its refused
+    certificate unrecorded and a retry under the name is not a conflict. A token key stays
+    (keys on a token are not deleted behind the operator's back; `init` adopts it when
+    resumed)."""
     if isinstance(service.backend, SoftwareBackend):
         with contextlib.suppress(KeyBackendError):
             service.backend.remove(ref)
@@ -262,7 +263,7 @@ def create_root(
             service.linter.check_certificate(cert.public_bytes(serialization.Encoding.DER))
     except BaseException as exc:
         if key_ref is None:  # refused (the lint gate) or failed: no key outlives it
-            _discard_new_key(service, ref)
+            discard_new_key(service, ref)
         if isinstance(exc, PolicyViolation):  # journalled as a refused issuance is
             event = refused(
                 actor, Category.CA, "ca.create", exc, object_dn=subject.rfc4514_string(),
@@ -323,7 +324,7 @@ def create_issuing(
         )
     except BaseException:
         if key_ref is None:
-            _discard_new_key(service, ref)
+            discard_new_key(service, ref)
         raise
     try:
         return _record_ca(
@@ -337,7 +338,7 @@ def create_issuing(
         # so that the certificate is of a key nobody holds and a retry is no conflict. Not
         # when the row is there after all (a commit reported failed that went through).
         if key_ref is None and not _ca_recorded(service, name):
-            _discard_new_key(service, ref)
+            discard_new_key(service, ref)
         raise
 
 

@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import select, update
 
 from audit.events import Category, Outcome, by_actor
+from ca.hierarchy import discard_new_key
 from ca.issuance import IssueRequest
 from ca.models import CaKind, Certificate, CertificateAuthority, CertStatus
 from ca.registry import ca_revoked
@@ -262,18 +263,24 @@ def _provision(
     stamp = now.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S")
     label = f"ocsp-{ca.name}-{stamp}-{secrets.token_hex(3)}"
     ref = services.backend.generate(label, key_type)
-    cert = services.ca.issue(
-        IssueRequest(
-            ca=ca.name,
-            profile=PROFILE,
-            subject=_subject(ca),
-            public_key=services.backend.public_key(ref),
-            owner_kind="ocsp",
-            owner_id=ca.name,
-            key_generated_here=True,
-        ),
-        actor,
-    )
+    try:
+        cert = services.ca.issue(
+            IssueRequest(
+                ca=ca.name,
+                profile=PROFILE,
+                subject=_subject(ca),
+                public_key=services.backend.public_key(ref),
+                owner_kind="ocsp",
+                owner_id=ca.name,
+                key_generated_here=True,
+            ),
+            actor,
+        )
+    except BaseException:
+        # Refused (the journal cannot be written, the CA key away): no certificate, so no key
+        # (the hourly rotation piled up a key file per CA per try, for as long as it lasted).
+        discard_new_key(services.ca, ref)
+        raise
     serial = serial_hex(cert.serial_number)
     record = _Record(services, ca, old, cert, ref, key_type, now, actor, revoked)
     try:

@@ -13,7 +13,8 @@ from audit.verify import verify
 from ca.models import Certificate, CertificateAuthority, CertStatus
 from ca.revocation import Reason
 from sekisho.errors import AuditError
-from sekisho.services import Services
+from sekisho.services import Services, build_services
+from sekisho.settings import Settings
 from tests.audit.conftest import append, audit_keys, rows, run_cli, sql, template_seq
 from tests.ca.helpers import issue, request_for
 from tests.conftest import TEST_ACTOR, FakeClock
@@ -164,3 +165,24 @@ def test_operation_fails_when_the_due_checkpoint_cannot_be_stored(
     assert all(c.status is not CertStatus.ISSUED and c.der is None for c in device)
     with journal_services.db.scope() as session:
         assert [c.seq for c in session.scalars(select(Checkpoint))] == [1, start]
+
+
+def test_a_responder_rotation_the_journal_refuses_leaves_no_key_file(settings: Settings) -> None:
+    """From the review: each responder rotation refused for want of the journal left its new
+    key file behind (no certificate, no responder row): one per CA per hourly try. (The
+    software backend itself, not the recording wrapper: only its key files are removed.)"""
+    from ocsp.signers import ensure_responders
+
+    services = build_services(settings)
+    try:
+        keys = settings.data_dir / "keys"
+        before = sorted(p.name for p in keys.iterdir())
+        refuse_inserts(services, "audit_records")
+        with pytest.raises(AuditError):
+            ensure_responders(services, services.clock(), TEST_ACTOR, rotate=True)
+        assert sorted(p.name for p in keys.iterdir()) == before
+        allow_inserts(services, "audit_records")
+        changes = ensure_responders(services, services.clock(), TEST_ACTOR, rotate=True)
+        assert changes and len(list(keys.iterdir())) == len(before) + len(changes)
+    finally:
+        services.close()
