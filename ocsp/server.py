@@ -326,8 +326,11 @@ class Responder:
         microseconds, else a function for the thread pool (see :func:`_signs_on_loop`); in
         the pool too when the lint gate has yet to pass this answer's shape (pkilint takes
         milliseconds, and its import 0.3 s the first time)."""
-        statuses = [lookup(issuer, cert_id.serial) for cert_id in request.cert_ids]
-        if _signs_on_loop(issuer) and not core.lint_pending(issuer, statuses, request.nonce):
+        on_loop = _signs_on_loop(issuer)
+        if on_loop and issuer.lint is not None:  # (the statuses looked up only for the gate)
+            statuses = [lookup(issuer, cert_id.serial) for cert_id in request.cert_ids]
+            on_loop = not core.lint_pending(issuer, statuses, request.nonce)
+        if on_loop:
             return self._answer(issuer, request, lookup, validity)
         return lambda: self._answer(issuer, request, lookup, validity)
 
